@@ -1,0 +1,86 @@
+//! The API's errors and their one mapping to HTTP: every error body has the same shape,
+//! `{"code": "...", "errors": [{"field": ..., "message": ...}]}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use berth_core::validate::{FieldError, ValidationErrors};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not the JSON we expect (syntax, types, unknown fields).
+    #[error("malformed request: {message}")]
+    Malformed { field: String, message: String },
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    #[error("{message}")]
+    NotFound { field: String, message: String },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Conflict(String),
+    /// The scheduler is down or restarting.
+    #[error("the scheduler is unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, Vec<FieldError>) {
+        let fe = |field: &str, message: String| vec![FieldError { field: field.to_owned(), message }];
+        match self {
+            ApiError::Malformed { field, message } => {
+                (StatusCode::BAD_REQUEST, "malformed_request", fe(field, message.clone()))
+            }
+            ApiError::Invalid(v) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", v.0.clone()),
+            ApiError::NotFound { field, message } => (StatusCode::NOT_FOUND, "not_found", fe(field, message.clone())),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                fe("Authorization", self.to_string()),
+            ),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", fe("revision", m.clone())),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", fe("", self.to_string())),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", fe("", self.to_string())),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, errors) = self.parts();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, axum::Json(json!({ "code": code, "errors": errors }))).into_response()
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let message = s.message().to_owned();
+        match s.code() {
+            Code::NotFound => {
+                let field = if message.starts_with("runner ") { "runner_id" } else { "run_id" };
+                ApiError::NotFound { field: field.to_owned(), message }
+            }
+            Code::InvalidArgument => match serde_json::from_str::<Vec<FieldErrorIn>>(&message) {
+                Ok(list) => ApiError::Invalid(ValidationErrors(
+                    list.into_iter().map(|f| FieldError { field: f.field, message: f.message }).collect(),
+                )),
+                Err(_) => ApiError::Invalid(ValidationErrors::single("", message)),
+            },
+            Code::Aborted | Code::FailedPrecondition | Code::AlreadyExists => ApiError::Conflict(message),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ApiError::Unavailable(message),
+            _ => ApiError::Internal(format!("{:?}: {message}", s.code())),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct FieldErrorIn {
+    field: String,
+    message: String,
+}

@@ -1,0 +1,214 @@
+//! HTTP handlers: parse, validate (pure, in `berth_core::validate`), call the control service,
+//! render. No state of their own.
+
+use crate::body::JsonBody;
+use crate::error::ApiError;
+use crate::{views, AppState};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::Json;
+use berth_core::convert::env_to_pb;
+use berth_core::model::{INSTANCE_TYPES, REGIONS};
+use berth_core::validate::{RunInput, RunnerInput, RunnerPatch};
+use berth_core::RunnerSpec;
+use berth_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+const MAX_ID_LEN: usize = 64;
+
+fn check_id(field: &str, id: &str) -> ApiResult<()> {
+    let ok = !id.is_empty() && id.len() <= MAX_ID_LEN && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound { field: field.to_owned(), message: format!("no such {field}: {id}") })
+    }
+}
+
+pub async fn create_runner(State(s): State<AppState>, JsonBody(input): JsonBody<RunnerInput>) -> ApiResult<impl IntoResponse> {
+    let spec = input.into_spec()?;
+    let runner = s.control().create_runner(pb::CreateRunnerRequest { spec: Some((&spec).into()) }).await?.into_inner();
+    Ok((StatusCode::CREATED, Json(json!({ "runner": views::runner(&runner) }))))
+}
+
+pub async fn list_runners(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let list = s.control().list_runners(pb::ListRunnersRequest {}).await?.into_inner();
+    Ok(Json(json!({ "runners": list.runners.iter().map(views::runner).collect::<Vec<_>>() })))
+}
+
+pub async fn get_runner(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &id)?;
+    let runner = s.control().get_runner(pb::GetRunnerRequest { id }).await?.into_inner();
+    Ok(Json(json!({ "runner": views::runner(&runner) })))
+}
+
+/// Read-modify-write with compare-and-set, retried when another update won the race.
+pub async fn update_runner(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(patch): JsonBody<RunnerPatch>,
+) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &id)?;
+    let mut attempts = 0;
+    loop {
+        let current = s.control().get_runner(pb::GetRunnerRequest { id: id.clone() }).await?.into_inner();
+        let spec: RunnerSpec = current.spec.clone().unwrap_or_default().into();
+        let next = patch.clone().apply(&spec)?;
+        let req = pb::UpdateRunnerRequest { id: id.clone(), spec: Some((&next).into()), revision: current.revision };
+        match s.control().update_runner(req).await {
+            Ok(r) => return Ok(Json(json!({ "runner": views::runner(&r.into_inner()) }))),
+            Err(status) if status.code() == tonic::Code::Aborted && attempts < 5 => attempts += 1,
+            Err(status) => return Err(status.into()),
+        }
+    }
+}
+
+pub async fn delete_runner(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    check_id("runner_id", &id)?;
+    s.control().delete_runner(pb::DeleteRunnerRequest { id }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn create_run(
+    State(s): State<AppState>,
+    Path(runner_id): Path<String>,
+    JsonBody(input): JsonBody<RunInput, true>,
+) -> ApiResult<impl IntoResponse> {
+    check_id("runner_id", &runner_id)?;
+    let input = input.validate()?;
+    let req = pb::CreateRunRequest {
+        runner_id,
+        argv_set: input.argv.is_some(),
+        argv: input.argv.unwrap_or_default(),
+        command: input.command,
+        entrypoint: input.entrypoint,
+        env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
+    };
+    let run = s.control().create_run(req).await?.into_inner();
+    Ok((StatusCode::CREATED, Json(json!({ "run": views::run(&run) }))))
+}
+
+pub async fn list_runs(State(s): State<AppState>, Path(runner_id): Path<String>) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &runner_id)?;
+    let list = s.control().list_runs(pb::ListRunsRequest { runner_id }).await?.into_inner();
+    Ok(Json(json!({ "runs": list.runs.iter().map(views::run).collect::<Vec<_>>() })))
+}
+
+pub async fn get_run(State(s): State<AppState>, Path((runner_id, run_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &runner_id)?;
+    check_id("run_id", &run_id)?;
+    let run = s.control().get_run(pb::GetRunRequest { runner_id, run_id }).await?.into_inner();
+    Ok(Json(json!({ "run": views::run(&run) })))
+}
+
+pub async fn stop_run(State(s): State<AppState>, Path((runner_id, run_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &runner_id)?;
+    check_id("run_id", &run_id)?;
+    let run = s.control().stop_run(pb::StopRunRequest { runner_id, run_id }).await?.into_inner();
+    Ok(Json(json!({ "run": views::run(&run) })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    after_id: Option<String>,
+    limit: Option<String>,
+}
+
+pub const LOGS_DEFAULT_LIMIT: u32 = 100;
+pub const LOGS_MAX_LIMIT: u32 = 1000;
+
+fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult<Option<T>> {
+    v.filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<T>().map_err(|_| {
+                ApiError::Invalid(berth_core::validate::ValidationErrors::single(field, "must be a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+pub async fn list_logs(
+    State(s): State<AppState>,
+    Path((runner_id, run_id)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Json<Value>> {
+    check_id("runner_id", &runner_id)?;
+    check_id("run_id", &run_id)?;
+    let after_id = parse_number::<u64>("after_id", q.after_id.as_deref())?.unwrap_or(0);
+    let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(LOGS_DEFAULT_LIMIT);
+    if !(1..=LOGS_MAX_LIMIT).contains(&limit) {
+        return Err(berth_core::validate::ValidationErrors::single("limit", format!("must be between 1 and {LOGS_MAX_LIMIT}")).into());
+    }
+    let page = s.control().list_logs(pb::ListLogsRequest { runner_id, run_id, after_id, limit }).await?.into_inner();
+    let next_after_id = page.logs.last().map_or(after_id, |l| l.id);
+    Ok(Json(json!({
+        "logs": page.logs.iter().map(views::log).collect::<Vec<_>>(),
+        "has_more": page.has_more,
+        "next_after_id": next_after_id,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    after_id: Option<String>,
+}
+
+/// Server-Sent Events: one `log` event per line (SSE id = log id), then one `state` event, then
+/// the stream ends. Resumes after `?after_id=` or the `Last-Event-ID` header.
+pub async fn stream_logs(
+    State(s): State<AppState>,
+    Path((runner_id, run_id)): Path<(String, String)>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    check_id("runner_id", &runner_id)?;
+    check_id("run_id", &run_id)?;
+    let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let after_id = match parse_number::<u64>("after_id", q.after_id.as_deref())? {
+        Some(v) => v,
+        None => parse_number::<u64>("Last-Event-ID", from_header)?.unwrap_or(0),
+    };
+    let events = s.control().watch_logs(pb::WatchLogsRequest { runner_id, run_id, after_id }).await?.into_inner();
+    let stream = events.map(|item| {
+        let event = match item.map(|e| e.event) {
+            Ok(Some(pb::watch_logs_event::Event::Log(l))) => {
+                Event::default().event("log").id(l.id.to_string()).data(views::log(&l).to_string())
+            }
+            Ok(Some(pb::watch_logs_event::Event::State(st))) => Event::default()
+                .event("state")
+                .data(json!({ "status": st.status, "exit_code": st.exit_code }).to_string()),
+            Ok(None) => Event::default().comment("empty"),
+            Err(status) => Event::default()
+                .event("error")
+                .data(json!({ "code": "stream_failed", "message": status.message() }).to_string()),
+        };
+        Ok(event)
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+pub async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let list = s.control().list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+    Ok(Json(json!({ "nodes": list.nodes.iter().map(views::node).collect::<Vec<_>>() })))
+}
+
+pub async fn list_instance_types() -> Json<Value> {
+    Json(json!({ "instance_types": INSTANCE_TYPES }))
+}
+
+pub async fn list_regions() -> Json<Value> {
+    Json(json!({ "regions": REGIONS.iter().map(|r| json!({ "slug": r })).collect::<Vec<_>>() }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound { field: "path".to_owned(), message: "no such route".to_owned() }
+}

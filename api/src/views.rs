@@ -1,0 +1,102 @@
+//! The public JSON shapes (Nodion's field names), built from the control service's messages.
+
+use berth_proto::v1 as pb;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+pub fn timestamp_millis(ms: i64) -> Value {
+    timestamp_nanos(i128::from(ms) * 1_000_000)
+}
+
+pub fn timestamp_nanos(ns: i128) -> Value {
+    OffsetDateTime::from_unix_timestamp_nanos(ns)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .map_or(Value::Null, Value::String)
+}
+
+fn opt_millis(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, timestamp_millis)
+}
+
+fn env(vars: &[pb::EnvVar]) -> Value {
+    Value::Array(vars.iter().map(|e| json!({"env_key": e.key, "env_val": e.value})).collect())
+}
+
+fn argv(a: &[String]) -> Value {
+    if a.is_empty() { Value::Null } else { json!(a) }
+}
+
+pub fn runner(r: &pb::Runner) -> Value {
+    let s = r.spec.clone().unwrap_or_default();
+    json!({
+        "id": r.id,
+        "name": s.name,
+        "image_name": s.image_name,
+        "image_tag": s.image_tag,
+        "run_command": s.run_command,
+        "argv": argv(&s.argv),
+        "entrypoint": s.entrypoint,
+        "timeout_seconds": s.timeout_seconds,
+        "region": s.region,
+        "instance_type": s.instance_type,
+        "env_variables": env(&s.env_variables),
+        "warmed_at": opt_millis(r.warmed_at_unix_millis),
+        "created_at": timestamp_millis(r.created_at_unix_millis),
+        "updated_at": timestamp_millis(r.updated_at_unix_millis),
+    })
+}
+
+pub fn run(r: &pb::Run) -> Value {
+    let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
+        (Some(s), Some(e)) => json!(u64::try_from(e.saturating_sub(s)).unwrap_or(0).div_ceil(1000)),
+        _ => Value::Null,
+    };
+    json!({
+        "id": r.id,
+        "runner_id": r.runner_id,
+        "status": r.status,
+        "exit_code": r.exit_code,
+        "command": r.command,
+        "argv": argv(&r.argv),
+        "entrypoint": r.entrypoint,
+        "node_id": r.node_id,
+        "region": r.region,
+        "instance_type": r.instance_type,
+        "image": r.image,
+        "image_digest": r.image_digest,
+        "timeout_seconds": r.timeout_seconds,
+        "created_at": timestamp_millis(r.created_at_unix_millis),
+        "started_at": opt_millis(r.started_at_unix_millis),
+        "completed_at": opt_millis(r.completed_at_unix_millis),
+        "duration_seconds": duration,
+        "error_code": r.error_code,
+        "error_message": r.error_message,
+        "pending_reason": r.pending_reason,
+        "stop_requested": r.stop_requested,
+    })
+}
+
+pub fn log(l: &pb::LogEntry) -> Value {
+    json!({
+        "id": l.id,
+        "stream": l.stream,
+        "msg": l.msg,
+        "ts": timestamp_nanos(i128::from(l.ts_unix_nanos)),
+    })
+}
+
+pub fn node(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "region": n.region,
+        "status": n.status,
+        "total_memory_mib": n.total_memory_mib,
+        "free_memory_mib": n.free_memory_mib,
+        "cpus": n.cpus,
+        "max_concurrent_runs": n.max_concurrent_runs,
+        "running_runs": n.running_run_ids,
+        "last_heartbeat_age_seconds": n.last_heartbeat_age_millis as f64 / 1000.0,
+    })
+}

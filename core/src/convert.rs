@@ -1,0 +1,106 @@
+//! The one mapping between the domain types and their gRPC (`berth_proto::v1`) forms.
+
+use crate::model::{EnvVar, LogEntry, Run, Runner, RunnerSpec};
+use berth_proto::v1 as pb;
+
+pub fn env_to_pb(env: &[EnvVar]) -> Vec<pb::EnvVar> {
+    env.iter()
+        .map(|e| pb::EnvVar {
+            key: e.env_key.clone(),
+            value: e.env_val.clone(),
+        })
+        .collect()
+}
+
+pub fn env_from_pb(env: Vec<pb::EnvVar>) -> Vec<EnvVar> {
+    env.into_iter()
+        .map(|e| EnvVar {
+            env_key: e.key,
+            env_val: e.value,
+        })
+        .collect()
+}
+
+impl From<&RunnerSpec> for pb::RunnerSpec {
+    fn from(s: &RunnerSpec) -> Self {
+        pb::RunnerSpec {
+            name: s.name.clone(),
+            image_name: s.image_name.clone(),
+            image_tag: s.image_tag.clone(),
+            run_command: s.run_command.clone(),
+            argv: s.argv.clone(),
+            entrypoint: s.entrypoint.clone(),
+            timeout_seconds: s.timeout_seconds,
+            region: s.region.clone(),
+            instance_type: s.instance_type.clone(),
+            env_variables: env_to_pb(&s.env_variables),
+        }
+    }
+}
+
+impl From<pb::RunnerSpec> for RunnerSpec {
+    fn from(s: pb::RunnerSpec) -> Self {
+        RunnerSpec {
+            name: s.name,
+            image_name: s.image_name,
+            image_tag: s.image_tag,
+            run_command: s.run_command,
+            argv: s.argv,
+            entrypoint: s.entrypoint,
+            timeout_seconds: s.timeout_seconds,
+            region: s.region,
+            instance_type: s.instance_type,
+            env_variables: env_from_pb(s.env_variables),
+        }
+    }
+}
+
+/// A runner with the store revision it was read at.
+pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
+    pb::Runner {
+        id: r.id.clone(),
+        spec: Some((&r.spec).into()),
+        warmed_at_unix_millis: r.warmed_at,
+        created_at_unix_millis: r.created_at,
+        updated_at_unix_millis: r.updated_at,
+        revision,
+    }
+}
+
+impl From<&Run> for pb::Run {
+    fn from(r: &Run) -> Self {
+        pb::Run {
+            id: r.id.clone(),
+            runner_id: r.runner_id.clone(),
+            status: r.status.as_str().to_owned(),
+            exit_code: r.exit_code,
+            command: r.command.clone(),
+            argv: r.argv.clone(),
+            entrypoint: r.entrypoint.clone(),
+            node_id: r.node_id.clone(),
+            region: r.region.clone(),
+            instance_type: r.instance_type.clone(),
+            image: r.image.clone(),
+            image_digest: r.image_digest.clone(),
+            timeout_seconds: r.timeout_seconds,
+            created_at_unix_millis: r.created_at,
+            started_at_unix_millis: r.started_at,
+            completed_at_unix_millis: r.completed_at,
+            error_code: r.error_code.clone(),
+            error_message: r.error_message.clone(),
+            pending_reason: r.pending_reason.clone(),
+            stop_requested: r.stop_requested,
+        }
+    }
+}
+
+impl From<&LogEntry> for pb::LogEntry {
+    fn from(l: &LogEntry) -> Self {
+        pb::LogEntry {
+            id: l.id,
+            stream: l.stream.as_str().to_owned(),
+            msg: l.msg.clone(),
+            ts_unix_nanos: l.ts_unix_nanos,
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Where each record lives in the store. All listing is by prefix, and ids are UUIDv7, so a
+//! prefix read returns records in creation order.
+
+pub const RUNNERS: &str = "runners/";
+pub const RUNS: &str = "runs/";
+
+pub fn runner(id: &str) -> String {
+    format!("{RUNNERS}{id}")
+}
+
+pub fn run(id: &str) -> String {
+    format!("{RUNS}{id}")
+}
+
+/// Index entry: run `run_id` belongs to `runner_id`.
+pub fn runner_run(runner_id: &str, run_id: &str) -> String {
+    format!("runner_runs/{runner_id}/{run_id}")
+}
+
+pub fn runner_runs_prefix(runner_id: &str) -> String {
+    format!("runner_runs/{runner_id}/")
+}
+
+/// Log line `seq` of a run; zero-padded so byte order is numeric order.
+pub fn log(run_id: &str, seq: u64) -> String {
+    format!("logs/{run_id}/{seq:020}")
+}
+
+pub fn logs_prefix(run_id: &str) -> String {
+    format!("logs/{run_id}/")
+}
+
+/// The exclusive end of the key range that starts with `prefix`.
+pub fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_owned();
+    end.push(char::MAX);
+    end
+}

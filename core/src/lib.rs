@@ -1,0 +1,30 @@
+//! # Layout
+//! What every Berth process shares, with no I/O of its own except the embedded store:
+//! - [`status`]: the one run lifecycle enum, [`RunStatus`], and its guarded transitions.
+//! - [`model`]: runners, runs, log entries, the instance-type and region catalogue.
+//! - [`validate`]: pure validation of user input; every error names its field.
+//! - [`command`]: how a runner's command, argv and entrypoint (and a run's overrides) become the
+//!   process a container starts.
+//! - [`store`]: the state store trait (etcd-shaped: revisions, compare-and-set, range reads), the
+//!   embedded backend that is the default on one machine, an in-memory fake, and the conformance
+//!   suite every backend must pass.
+//! - [`keys`]: where each record lives in the store.
+
+pub mod command;
+pub mod convert;
+pub mod keys;
+pub mod model;
+pub mod status;
+pub mod store;
+pub mod validate;
+
+pub use model::{EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};
+pub use status::{RunStatus, TransitionError};
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp in the state.
+pub fn now_unix_millis() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,274 @@
+//! The records Berth keeps. They serialise to JSON in the store; the public API has its own
+//! view types so that internal fields (a run's effective environment, lease epochs) never leak.
+
+use crate::status::{RunStatus, TransitionError};
+use serde::{Deserialize, Serialize};
+
+/// One environment variable, in Nodion's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub env_key: String,
+    pub env_val: String,
+}
+
+/// What a user chooses about a runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerSpec {
+    pub name: String,
+    pub image_name: String,
+    pub image_tag: String,
+    /// Shell form, run as `sh -c`.
+    pub run_command: Option<String>,
+    /// Exec form; mutually exclusive with `run_command`. Empty means unset.
+    pub argv: Vec<String>,
+    pub entrypoint: Option<String>,
+    pub timeout_seconds: u32,
+    pub region: String,
+    pub instance_type: String,
+    pub env_variables: Vec<EnvVar>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runner {
+    pub id: String,
+    pub spec: RunnerSpec,
+    pub warmed_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One execution of a runner. Carries a snapshot of everything needed to start it, so a later
+/// change to the runner does not change a run that is already queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: String,
+    pub runner_id: String,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    /// Effective shell-form command, if the run uses one.
+    pub command: Option<String>,
+    /// Effective exec-form argv, if the run uses one.
+    pub argv: Vec<String>,
+    pub entrypoint: Option<String>,
+    pub env: Vec<EnvVar>,
+    pub image: String,
+    pub image_digest: Option<String>,
+    pub region: String,
+    pub instance_type: String,
+    pub memory_mib: u64,
+    pub cpu_millis: u32,
+    pub timeout_seconds: u32,
+    pub node_id: Option<String>,
+    /// Grows every time the run is (re-)assigned; reports carrying an older epoch are stale.
+    pub lease_epoch: u64,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub pending_reason: Option<String>,
+    pub stop_requested: bool,
+}
+
+impl Run {
+    fn set_status(&mut self, next: RunStatus) -> Result<(), TransitionError> {
+        self.status = self.status.transition(next)?;
+        Ok(())
+    }
+
+    /// The run was handed to `node_id` under a new lease.
+    pub fn assign(&mut self, node_id: &str) -> Result<u64, TransitionError> {
+        self.set_status(RunStatus::Pending)?;
+        self.lease_epoch += 1;
+        self.node_id = Some(node_id.to_owned());
+        self.pending_reason = None;
+        Ok(self.lease_epoch)
+    }
+
+    /// Its node went away before it started: back to the queue.
+    pub fn requeue(&mut self, reason: &str) -> Result<(), TransitionError> {
+        self.set_status(RunStatus::Pending)?;
+        self.node_id = None;
+        self.pending_reason = Some(reason.to_owned());
+        Ok(())
+    }
+
+    pub fn start(&mut self, at: i64, image_digest: Option<String>) -> Result<(), TransitionError> {
+        self.set_status(RunStatus::Running)?;
+        self.started_at = Some(at);
+        if image_digest.is_some() {
+            self.image_digest = image_digest;
+        }
+        Ok(())
+    }
+
+    /// The process ended by itself or by timeout.
+    pub fn exit(&mut self, code: i32, at: i64) -> Result<(), TransitionError> {
+        self.set_status(RunStatus::from_exit_code(code))?;
+        self.exit_code = Some(code);
+        self.completed_at = Some(at);
+        Ok(())
+    }
+
+    /// Ended with an error that is not a plain exit code (start failure, node lost).
+    pub fn fail(&mut self, code: &str, message: &str, at: i64) -> Result<(), TransitionError> {
+        self.set_status(RunStatus::Failed)?;
+        self.error_code = Some(code.to_owned());
+        self.error_message = Some(message.to_owned());
+        self.completed_at = Some(at);
+        Ok(())
+    }
+
+    pub fn cancel(&mut self, exit_code: Option<i32>, at: i64) -> Result<(), TransitionError> {
+        self.set_status(RunStatus::Canceled)?;
+        self.exit_code = exit_code;
+        self.completed_at = Some(at);
+        self.pending_reason = None;
+        Ok(())
+    }
+
+    /// Seconds between start and completion, rounded up, as billed.
+    pub fn duration_seconds(&self) -> Option<u64> {
+        let (start, end) = (self.started_at?, self.completed_at?);
+        let millis = u64::try_from(end.saturating_sub(start)).unwrap_or(0);
+        Some(millis.div_ceil(1000))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// One line a run printed. `id` is the agent's per-run sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub id: u64,
+    pub stream: LogStream,
+    pub msg: String,
+    pub ts_unix_nanos: i64,
+}
+
+/// A machine size users pick for a runner.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceType {
+    pub slug: &'static str,
+    pub cpu_millis: u32,
+    pub memory_mib: u64,
+    pub price_per_second_usd: f64,
+}
+
+/// The built-in instance types (a config file replaces them in a later issue).
+pub const INSTANCE_TYPES: &[InstanceType] = &[
+    InstanceType {
+        slug: "standard-xs",
+        cpu_millis: 500,
+        memory_mib: 512,
+        price_per_second_usd: 0.000_002,
+    },
+    InstanceType {
+        slug: "standard-s",
+        cpu_millis: 1000,
+        memory_mib: 1024,
+        price_per_second_usd: 0.000_004,
+    },
+    InstanceType {
+        slug: "standard-m",
+        cpu_millis: 2000,
+        memory_mib: 2048,
+        price_per_second_usd: 0.000_008,
+    },
+    InstanceType {
+        slug: "standard-l",
+        cpu_millis: 2000,
+        memory_mib: 4096,
+        price_per_second_usd: 0.000_016,
+    },
+    InstanceType {
+        slug: "standard-xl",
+        cpu_millis: 4000,
+        memory_mib: 8192,
+        price_per_second_usd: 0.000_032,
+    },
+];
+
+pub fn instance_type(slug: &str) -> Option<&'static InstanceType> {
+    INSTANCE_TYPES.iter().find(|t| t.slug == slug)
+}
+
+/// The built-in regions.
+pub const REGIONS: &[&str] = &["fra", "ams", "lon", "nyc"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> Run {
+        Run {
+            id: "r".into(),
+            runner_id: "x".into(),
+            status: RunStatus::Pending,
+            exit_code: None,
+            command: None,
+            argv: vec![],
+            entrypoint: None,
+            env: vec![],
+            image: "i".into(),
+            image_digest: None,
+            region: "fra".into(),
+            instance_type: "standard-s".into(),
+            memory_mib: 1024,
+            cpu_millis: 1000,
+            timeout_seconds: 10,
+            node_id: None,
+            lease_epoch: 0,
+            created_at: 0,
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            pending_reason: None,
+            stop_requested: false,
+        }
+    }
+
+    #[test]
+    fn duration_rounds_up_to_whole_seconds() {
+        let mut r = run();
+        r.started_at = Some(1_000);
+        r.completed_at = Some(2_001);
+        assert_eq!(r.duration_seconds(), Some(2));
+        r.completed_at = Some(2_000);
+        assert_eq!(r.duration_seconds(), Some(1));
+    }
+
+    #[test]
+    fn each_assignment_gets_a_new_lease_epoch() {
+        let mut r = run();
+        assert_eq!(r.assign("a"), Ok(1));
+        r.requeue("node lost").ok();
+        assert_eq!(r.assign("b"), Ok(2));
+        assert_eq!(r.node_id.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_finished_run_cannot_be_restarted() {
+        let mut r = run();
+        r.start(1, None).ok();
+        r.exit(0, 2).ok();
+        assert!(r.start(3, None).is_err());
+        assert!(r.cancel(None, 4).is_err());
+        assert_eq!(r.status, RunStatus::Succeeded);
+    }
+}

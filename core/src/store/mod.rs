@@ -1,0 +1,143 @@
+//! The state store: a small etcd-shaped key-value interface.
+//!
+//! Every write is a [`Txn`] of puts and deletes, each with an optional precondition on the key's
+//! current revision; the whole transaction applies or none of it does, and it bumps the store's
+//! single revision counter. Reads are by key or by key range. That is exactly what etcd offers,
+//! so the etcd backend (a later issue) maps one to one; [`EmbeddedStore`] is the single-machine
+//! default and [`MemoryStore`] the fake for unit tests. [`conformance`] holds the tests every
+//! backend must pass.
+
+pub mod conformance;
+mod embedded;
+mod memory;
+
+pub use embedded::EmbeddedStore;
+pub use memory::MemoryStore;
+
+use std::future::Future;
+
+/// One stored key with its value and revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Store revision of the last write to this key.
+    pub mod_revision: u64,
+    /// Store revision at which this key was created.
+    pub create_revision: u64,
+}
+
+/// What must be true of a key for a transaction to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// No condition.
+    Any,
+    /// The key must not exist.
+    Absent,
+    /// The key must exist with exactly this mod revision.
+    Revision(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        expect: Expect,
+    },
+    Delete {
+        key: String,
+        expect: Expect,
+    },
+}
+
+/// An all-or-nothing batch of writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    pub fn put(mut self, key: impl Into<String>, value: Vec<u8>, expect: Expect) -> Txn {
+        self.ops.push(Op::Put {
+            key: key.into(),
+            value,
+            expect,
+        });
+        self
+    }
+
+    pub fn delete(mut self, key: impl Into<String>, expect: Expect) -> Txn {
+        self.ops.push(Op::Delete {
+            key: key.into(),
+            expect,
+        });
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A precondition did not hold; nothing was written.
+    #[error("conflict on key {key}: expected {expected:?}, found revision {found:?}")]
+    Conflict {
+        key: String,
+        expected: Expect,
+        found: Option<u64>,
+    },
+    /// The backend failed (disk, network, corruption).
+    #[error("store backend failed: {0}")]
+    Backend(String),
+}
+
+/// The interface every state backend implements.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, StoreError>> + Send;
+
+    /// Keys in `[start, end)`, ascending, at most `limit` of them.
+    fn range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send;
+
+    /// Applies all of `txn` or nothing; returns the new store revision.
+    fn commit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Every key starting with `prefix`.
+    fn list_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send {
+        let end = crate::keys::prefix_end(prefix);
+        let start = prefix.to_owned();
+        async move { self.range(&start, &end, usize::MAX).await }
+    }
+}
+
+/// Checks `expect` against the key's current mod revision (`None` = absent).
+pub(crate) fn check(key: &str, expect: Expect, found: Option<u64>) -> Result<(), StoreError> {
+    let ok = match expect {
+        Expect::Any => true,
+        Expect::Absent => found.is_none(),
+        Expect::Revision(r) => found == Some(r),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key: key.to_owned(),
+            expected: expect,
+            found,
+        })
+    }
+}

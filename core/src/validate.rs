@@ -1,0 +1,537 @@
+//! Pure validation of what users send. Every check names the field it is about, so the API can
+//! answer `{"errors": [{"field": "name", "message": "…"}]}`.
+//!
+//! Inputs arrive as `*Input` structs whose fields are all optional (so a missing field is a
+//! validation error naming it, not a parse error), and leave as checked model values.
+
+use crate::model::{instance_type, EnvVar, RunnerSpec, REGIONS};
+use serde::{Deserialize, Serialize};
+
+pub const NAME_MIN: usize = 3;
+pub const NAME_MAX: usize = 50;
+pub const RUN_COMMAND_MAX: usize = 1_000;
+pub const RUN_OVERRIDE_COMMAND_MAX: usize = 4_000;
+pub const ARGV_MAX_ELEMENTS: usize = 200;
+pub const ARGV_MAX_TOTAL_CHARS: usize = 8_000;
+pub const ENTRYPOINT_MAX: usize = 500;
+pub const TIMEOUT_MIN: i64 = 1;
+pub const TIMEOUT_MAX: i64 = 86_400;
+pub const TIMEOUT_DEFAULT: u32 = 3_600;
+pub const ENV_MAX_VARIABLES: usize = 200;
+pub const ENV_VALUE_MAX: usize = 32_768;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// One or more fields were wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid input: {}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl ValidationErrors {
+    pub fn single(field: &str, message: impl Into<String>) -> Self {
+        ValidationErrors(vec![FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }])
+    }
+}
+
+#[derive(Default)]
+struct Collector(Vec<FieldError>);
+
+impl Collector {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
+}
+
+/// `POST /v1/runners` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerInput {
+    pub name: Option<String>,
+    pub image_name: Option<String>,
+    pub image_tag: Option<String>,
+    pub run_command: Option<String>,
+    pub argv: Option<Vec<String>>,
+    pub entrypoint: Option<String>,
+    pub timeout_seconds: Option<i64>,
+    pub region: Option<String>,
+    pub instance_type: Option<String>,
+    pub env_variables: Option<Vec<EnvVar>>,
+}
+
+impl RunnerInput {
+    pub fn into_spec(self) -> Result<RunnerSpec, ValidationErrors> {
+        let mut c = Collector::default();
+        let mut require = |field: &str, v: Option<String>| {
+            v.unwrap_or_else(|| {
+                c.push(field, "is required");
+                String::new()
+            })
+        };
+        let spec = RunnerSpec {
+            name: require("name", self.name),
+            image_name: require("image_name", self.image_name),
+            image_tag: require("image_tag", self.image_tag),
+            region: require("region", self.region),
+            instance_type: require("instance_type", self.instance_type),
+            run_command: self.run_command,
+            argv: self.argv.unwrap_or_default(),
+            entrypoint: self.entrypoint,
+            timeout_seconds: 0,
+            env_variables: self.env_variables.unwrap_or_default(),
+        };
+        let timeout = check_timeout(&mut c, self.timeout_seconds);
+        let spec = RunnerSpec {
+            timeout_seconds: timeout,
+            ..spec
+        };
+        check_spec(&mut c, &spec, true);
+        c.finish(spec)
+    }
+}
+
+/// `PATCH /v1/runners/{id}` body: present fields replace the runner's. Setting `run_command`
+/// clears `argv` and the other way round, since a runner has one or the other.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerPatch {
+    pub name: Option<String>,
+    pub image_name: Option<String>,
+    pub image_tag: Option<String>,
+    pub run_command: Option<String>,
+    pub argv: Option<Vec<String>>,
+    pub entrypoint: Option<String>,
+    pub timeout_seconds: Option<i64>,
+    pub region: Option<String>,
+    pub instance_type: Option<String>,
+    pub env_variables: Option<Vec<EnvVar>>,
+}
+
+impl RunnerPatch {
+    pub fn apply(self, current: &RunnerSpec) -> Result<RunnerSpec, ValidationErrors> {
+        let mut c = Collector::default();
+        if self.run_command.is_some() && self.argv.is_some() {
+            c.push("argv", "argv and run_command are mutually exclusive");
+        }
+        let mut next = current.clone();
+        if let Some(v) = self.name {
+            next.name = v;
+        }
+        if let Some(v) = self.image_name {
+            next.image_name = v;
+        }
+        if let Some(v) = self.image_tag {
+            next.image_tag = v;
+        }
+        if let Some(v) = self.run_command {
+            next.run_command = Some(v);
+            next.argv.clear();
+        }
+        if let Some(v) = self.argv {
+            next.argv = v;
+            next.run_command = None;
+        }
+        if let Some(v) = self.entrypoint {
+            next.entrypoint = Some(v);
+        }
+        if self.timeout_seconds.is_some() {
+            next.timeout_seconds = check_timeout(&mut c, self.timeout_seconds);
+        }
+        if let Some(v) = self.region {
+            next.region = v;
+        }
+        if let Some(v) = self.instance_type {
+            next.instance_type = v;
+        }
+        if let Some(v) = self.env_variables {
+            next.env_variables = v;
+        }
+        check_spec(&mut c, &next, false);
+        c.finish(next)
+    }
+}
+
+/// `POST /v1/runners/{id}/runs` body: per-run overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunInput {
+    pub argv: Option<Vec<String>>,
+    pub command: Option<String>,
+    pub entrypoint: Option<String>,
+    pub env_variables: Option<Vec<EnvVar>>,
+}
+
+impl RunInput {
+    pub fn validate(self) -> Result<RunInput, ValidationErrors> {
+        let mut c = Collector::default();
+        if self.argv.is_some() && self.command.is_some() {
+            c.push("argv", "argv and command are mutually exclusive");
+        }
+        if let Some(cmd) = &self.command {
+            check_command(&mut c, "command", cmd, RUN_OVERRIDE_COMMAND_MAX);
+        }
+        if let Some(argv) = &self.argv {
+            if argv.is_empty() {
+                c.push("argv", "must not be empty");
+            }
+            check_argv(&mut c, argv);
+        }
+        if let Some(ep) = &self.entrypoint {
+            check_entrypoint(&mut c, ep);
+        }
+        if let Some(env) = &self.env_variables {
+            check_env(&mut c, env);
+        }
+        c.finish(self)
+    }
+}
+
+/// Re-checks a complete spec (the scheduler does this for specs that arrive over gRPC).
+pub fn validate_spec(spec: &RunnerSpec) -> Result<(), ValidationErrors> {
+    let mut c = Collector::default();
+    if !(TIMEOUT_MIN..=TIMEOUT_MAX).contains(&i64::from(spec.timeout_seconds)) {
+        c.push("timeout_seconds", format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"));
+    }
+    check_spec(&mut c, spec, false);
+    c.finish(())
+}
+
+fn check_timeout(c: &mut Collector, v: Option<i64>) -> u32 {
+    match v {
+        None => TIMEOUT_DEFAULT,
+        Some(t) if (TIMEOUT_MIN..=TIMEOUT_MAX).contains(&t) => u32::try_from(t).unwrap_or(0),
+        Some(_) => {
+            c.push(
+                "timeout_seconds",
+                format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"),
+            );
+            0
+        }
+    }
+}
+
+fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool) {
+    let name_len = s.name.chars().count();
+    if !(creating && s.name.is_empty()) && !(NAME_MIN..=NAME_MAX).contains(&name_len) {
+        c.push(
+            "name",
+            format!("must be {NAME_MIN} to {NAME_MAX} characters long"),
+        );
+    }
+    if !(creating && s.image_name.is_empty()) && !is_image_name(&s.image_name) {
+        c.push(
+            "image_name",
+            "must be a repository name such as `busybox` or `registry.example:5000/team/app`",
+        );
+    }
+    if !(creating && s.image_tag.is_empty()) && !is_image_tag(&s.image_tag) {
+        c.push(
+            "image_tag",
+            "must be a tag (letters, digits, `_`, `.`, `-`, at most 128) or a sha256 digest",
+        );
+    }
+    if let Some(cmd) = &s.run_command {
+        check_command(c, "run_command", cmd, RUN_COMMAND_MAX);
+        if !s.argv.is_empty() {
+            c.push("argv", "argv and run_command are mutually exclusive");
+        }
+    }
+    check_argv(c, &s.argv);
+    if let Some(ep) = &s.entrypoint {
+        check_entrypoint(c, ep);
+    }
+    if !(creating && s.region.is_empty()) && !REGIONS.contains(&s.region.as_str()) {
+        c.push(
+            "region",
+            format!("unknown region; known: {}", REGIONS.join(", ")),
+        );
+    }
+    if !(creating && s.instance_type.is_empty()) && instance_type(&s.instance_type).is_none() {
+        let known: Vec<&str> = crate::model::INSTANCE_TYPES
+            .iter()
+            .map(|t| t.slug)
+            .collect();
+        c.push(
+            "instance_type",
+            format!("unknown instance type; known: {}", known.join(", ")),
+        );
+    }
+    check_env(c, &s.env_variables);
+}
+
+fn check_command(c: &mut Collector, field: &str, cmd: &str, max: usize) {
+    let len = cmd.chars().count();
+    if cmd.trim().is_empty() {
+        c.push(field, "must not be empty");
+    } else if len > max {
+        c.push(field, format!("must be at most {max} characters"));
+    }
+}
+
+fn check_argv(c: &mut Collector, argv: &[String]) {
+    if argv.len() > ARGV_MAX_ELEMENTS {
+        c.push(
+            "argv",
+            format!("must have at most {ARGV_MAX_ELEMENTS} elements"),
+        );
+    }
+    let total: usize = argv.iter().map(|a| a.chars().count()).sum();
+    if total > ARGV_MAX_TOTAL_CHARS {
+        c.push(
+            "argv",
+            format!("must have at most {ARGV_MAX_TOTAL_CHARS} characters in total"),
+        );
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        c.push("argv", "must not contain NUL characters");
+    }
+}
+
+fn check_entrypoint(c: &mut Collector, ep: &str) {
+    if ep.chars().count() > ENTRYPOINT_MAX {
+        c.push(
+            "entrypoint",
+            format!("must be at most {ENTRYPOINT_MAX} characters"),
+        );
+    } else if let Err(e) = crate::command::split_words(ep) {
+        c.push("entrypoint", e.to_string());
+    }
+}
+
+fn check_env(c: &mut Collector, env: &[EnvVar]) {
+    if env.len() > ENV_MAX_VARIABLES {
+        c.push(
+            "env_variables",
+            format!("must have at most {ENV_MAX_VARIABLES} variables"),
+        );
+    }
+    for (i, v) in env.iter().enumerate() {
+        if !is_env_key(&v.env_key) {
+            c.push(
+                &format!("env_variables[{i}].env_key"),
+                "must match [A-Za-z_][A-Za-z0-9_]*",
+            );
+        }
+        if v.env_val.len() > ENV_VALUE_MAX || v.env_val.contains('\0') {
+            c.push(
+                &format!("env_variables[{i}].env_val"),
+                format!("must be at most {ENV_VALUE_MAX} bytes without NUL characters"),
+            );
+        }
+    }
+}
+
+pub fn is_env_key(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
+        && chars.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+}
+
+/// `[host[:port]/]path` where path components are lowercase alphanumerics joined by `.`, `_`,
+/// `__` or `-`, as the distribution spec defines repository names.
+pub fn is_image_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > 255 {
+        return false;
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        let looks_like_host = first.contains('.') || first.contains(':') || first == "localhost";
+        if looks_like_host {
+            if !is_host(first) {
+                return false;
+            }
+            parts.remove(0);
+        }
+    }
+    !parts.is_empty() && parts.iter().all(|p| is_path_component(p))
+}
+
+fn is_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (h, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
+    let host_ok = !host.is_empty()
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    port_ok && host_ok
+}
+
+fn is_path_component(p: &str) -> bool {
+    let bytes = p.as_bytes();
+    if bytes.is_empty() {
+        return false;
+    }
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut prev_sep = false;
+    for &b in bytes {
+        if alnum(b) {
+            prev_sep = false;
+        } else if matches!(b, b'.' | b'_' | b'-') {
+            // `__` is allowed, other doubled separators are not (except runs of `-`).
+            if prev_sep && b != b'-' && b != b'_' {
+                return false;
+            }
+            prev_sep = true;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+pub fn is_image_tag(tag: &str) -> bool {
+    if let Some(hex) = tag.strip_prefix("sha256:") {
+        return hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit());
+    }
+    let bytes = tag.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> RunnerInput {
+        RunnerInput {
+            name: Some("hello".into()),
+            image_name: Some("busybox".into()),
+            image_tag: Some("latest".into()),
+            run_command: Some("echo hi".into()),
+            region: Some("fra".into()),
+            instance_type: Some("standard-s".into()),
+            ..Default::default()
+        }
+    }
+
+    fn fields(r: Result<RunnerSpec, ValidationErrors>) -> Vec<String> {
+        match r {
+            Ok(_) => vec![],
+            Err(e) => e.0.into_iter().map(|f| f.field).collect(),
+        }
+    }
+
+    #[test]
+    fn a_good_runner_passes_with_the_default_timeout() {
+        let spec = good().into_spec();
+        assert_eq!(spec.map(|s| s.timeout_seconds), Ok(TIMEOUT_DEFAULT));
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let f = fields(RunnerInput::default().into_spec());
+        for want in ["name", "image_name", "image_tag", "region", "instance_type"] {
+            assert!(f.contains(&want.to_string()), "{want} missing from {f:?}");
+        }
+    }
+
+    #[test]
+    fn name_length_boundaries() {
+        for (name, ok) in [("ab", false), ("abc", true), (&"a".repeat(50), true), (&"a".repeat(51), false)] {
+            let r = RunnerInput { name: Some(name.to_string()), ..good() }.into_spec();
+            assert_eq!(r.is_ok(), ok, "name of {} chars", name.len());
+        }
+    }
+
+    #[test]
+    fn timeout_boundaries() {
+        for (t, ok) in [(0, false), (1, true), (86_400, true), (86_401, false), (-5, false)] {
+            let r = RunnerInput { timeout_seconds: Some(t), ..good() }.into_spec();
+            assert_eq!(r.is_ok(), ok, "timeout {t}");
+        }
+    }
+
+    #[test]
+    fn run_command_and_argv_are_exclusive() {
+        let r = RunnerInput { argv: Some(vec!["echo".into()]), ..good() }.into_spec();
+        assert_eq!(fields(r), vec!["argv".to_string()]);
+    }
+
+    #[test]
+    fn unknown_region_and_instance_type_are_rejected() {
+        let r = RunnerInput {
+            region: Some("mars".into()),
+            instance_type: Some("huge".into()),
+            ..good()
+        }
+        .into_spec();
+        assert_eq!(fields(r), vec!["region".to_string(), "instance_type".to_string()]);
+    }
+
+    #[test]
+    fn env_keys_are_checked() {
+        let r = RunnerInput {
+            env_variables: Some(vec![
+                EnvVar { env_key: "GOOD_1".into(), env_val: "x".into() },
+                EnvVar { env_key: "1BAD".into(), env_val: "x".into() },
+            ]),
+            ..good()
+        }
+        .into_spec();
+        assert_eq!(fields(r), vec!["env_variables[1].env_key".to_string()]);
+    }
+
+    #[test]
+    fn image_names() {
+        for ok in ["busybox", "library/busybox", "127.0.0.1:5000/busybox", "localhost/a/b", "a__b", "a-b.c"] {
+            assert!(is_image_name(ok), "{ok}");
+        }
+        for bad in ["", "Busybox", "busybox/", "/busybox", "a..b", "host:99999/x", "a b"] {
+            assert!(!is_image_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patch_switches_between_command_forms() {
+        let spec = good().into_spec().ok();
+        let patched = spec.as_ref().map(|s| {
+            RunnerPatch { argv: Some(vec!["echo".into(), "x".into()]), ..Default::default() }.apply(s)
+        });
+        let patched = patched.and_then(Result::ok);
+        assert_eq!(patched.as_ref().map(|s| s.run_command.clone()), Some(None));
+        assert_eq!(patched.map(|s| s.argv), Some(vec!["echo".to_string(), "x".to_string()]));
+    }
+
+    #[test]
+    fn run_overrides_are_checked() {
+        let r = RunInput { command: Some("x".repeat(4_001)), ..Default::default() }.validate();
+        assert!(r.is_err());
+        let r = RunInput { command: Some("x".repeat(4_000)), ..Default::default() }.validate();
+        assert!(r.is_ok());
+        let r = RunInput {
+            command: Some("a".into()),
+            argv: Some(vec!["b".into()]),
+            ..Default::default()
+        }
+        .validate();
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Run the whole Berth test suite against a private containerd + registry.
+#
+#   deploy/test.sh [--lint] [CARGO TEST ARGS...]
+#   e.g. deploy/test.sh -p berth-node-agent pull -- --nocapture
+#
+#   --lint   first run `cargo fmt --all --check` and
+#            `cargo clippy --workspace --all-targets -- -D warnings`
+#            (a lint failure fails the run, but the tests still run so one
+#            run reports everything)
+#
+# Starts containerd (data under BERTH_TEST_DATA_DIR, default
+# /var/lib/berth/test — separate from the fleet of deploy/up.sh), a registry
+# on 127.0.0.1:5001 holding busybox:latest, builds the debug binaries, then runs
+# `cargo test --workspace ARGS...` with
+#   BERTH_CONTAINERD_SOCKET  the test containerd's socket
+#   BERTH_TEST_REGISTRY      127.0.0.1:5001
+#   BERTH_BIN_DIR            <target>/debug (berth-scheduler, berth-api, berth-node-agent)
+# containerd and the registry are stopped at the end unless BERTH_KEEP_INFRA=1.
+# The exit status is cargo test's, or 1 if only the lint failed.
+set -euo pipefail
+
+# shellcheck source=deploy/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+LINT=0
+if [[ "${1:-}" == --lint ]]; then
+  LINT=1
+  shift
+fi
+
+DATA_DIR="${BERTH_TEST_DATA_DIR:-/var/lib/berth/test}"
+REGISTRY_ADDR="${BERTH_TEST_REGISTRY_ADDR:-127.0.0.1:5001}"
+mkdir -p "$DATA_DIR/logs"
+TEST_LOG="$DATA_DIR/logs/cargo-test.log"
+START=$SECONDS
+
+declare -A RESULT=()
+STEPS=()
+record() { # STEP RESULT
+  STEPS+=("$1")
+  RESULT[$1]="$2"
+}
+
+summary() {
+  local s
+  echo
+  echo "================================================================ summary"
+  for s in "${STEPS[@]}"; do
+    printf '  %-8s %s\n' "$s" "${RESULT[$s]}"
+  done
+  if [[ -n "${FAILED_NAMES:-}" ]]; then
+    while read -r name; do
+      printf '    failed: %s\n' "$name"
+    done <<<"$FAILED_NAMES"
+  fi
+  printf '  time     %ss\n' "$((SECONDS - START))"
+  printf '  logs     %s/logs (containerd.log, registry.log, cargo-test.log)\n' "$DATA_DIR"
+  echo "================================================================"
+}
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+  local rc=$?
+  if [[ "${BERTH_KEEP_INFRA:-0}" == 1 ]]; then
+    berth_log "leaving the test containerd and registry running (BERTH_KEEP_INFRA=1); stop with: deploy/down.sh --all"
+  else
+    berth_stop_containerd "$DATA_DIR" || true
+    berth_stop_registry "$DATA_DIR" || true
+  fi
+  exit "$rc"
+}
+
+berth_install_packages
+cd "$BERTH_REPO"
+
+# ---------------------------------------------------------------- lint
+LINT_FAILED=0
+if ((LINT)); then
+  berth_log "cargo fmt --all --check"
+  if cargo fmt --all --check -- --color never; then
+    record fmt ok
+  else
+    record fmt FAILED
+    LINT_FAILED=1
+  fi
+  berth_log "cargo clippy --workspace --all-targets -- -D warnings"
+  if cargo clippy --workspace --all-targets -- -D warnings; then
+    record clippy ok
+  else
+    record clippy FAILED
+    LINT_FAILED=1
+  fi
+fi
+
+# ---------------------------------------------------------------- build
+berth_log "cargo build --workspace --bins (target dir $(berth_target_dir))"
+if ! cargo build --workspace --bins; then
+  record build FAILED
+  summary
+  exit 1
+fi
+record build ok
+
+# ---------------------------------------------------------------- services
+trap cleanup EXIT
+berth_start_containerd "$DATA_DIR" >/dev/null
+berth_start_registry "$DATA_DIR" "$REGISTRY_ADDR"
+berth_build_busybox_image "$REGISTRY_ADDR"
+
+export BERTH_CONTAINERD_SOCKET
+BERTH_TEST_REGISTRY="$REGISTRY_ADDR"
+BERTH_BIN_DIR="$(berth_bin_dir debug)"
+BERTH_TEST_DATA_DIR="$DATA_DIR"
+export BERTH_TEST_REGISTRY BERTH_BIN_DIR BERTH_TEST_DATA_DIR
+berth_log "BERTH_CONTAINERD_SOCKET=$BERTH_CONTAINERD_SOCKET"
+berth_log "BERTH_TEST_REGISTRY=$BERTH_TEST_REGISTRY"
+berth_log "BERTH_BIN_DIR=$BERTH_BIN_DIR"
+
+# ---------------------------------------------------------------- tests
+berth_log "cargo test --workspace $* (output also in $TEST_LOG)"
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
+TEST_RC=${PIPESTATUS[0]}
+set -e
+
+# Add up the "test result:" lines of all test binaries.
+read -r PASSED FAILED IGNORED BINARIES < <(awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i) ~ /^passed;?$/)  p += $(i - 1)
+      if ($(i) ~ /^failed;?$/)  f += $(i - 1)
+      if ($(i) ~ /^ignored;?$/) g += $(i - 1)
+    }
+    n++
+  }
+  END { printf "%d %d %d %d\n", p, f, g, n }' "$TEST_LOG")
+if ((TEST_RC == 0)); then
+  record tests "ok: $PASSED passed, $FAILED failed, $IGNORED ignored ($BINARIES test binaries)"
+else
+  record tests "FAILED (exit $TEST_RC): $PASSED passed, $FAILED failed, $IGNORED ignored ($BINARIES test binaries)"
+  FAILED_NAMES="$(grep -E '^test .* \.\.\. FAILED$' "$TEST_LOG" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | sort -u | head -n 30 || true)"
+fi
+summary
+
+if ((TEST_RC != 0)); then
+  exit "$TEST_RC"
+fi
+exit "$LINT_FAILED"

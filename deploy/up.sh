@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# Bring up a local Berth fleet and run a demo job on it.
+#
+#   deploy/up.sh
+#
+# Installs the Debian packages (once), builds the release binaries, starts
+# containerd, a plain-HTTP registry with a busybox image, berth-scheduler,
+# berth-api and two node agents (fra-1, ams-1), then runs a demo runner
+# through the REST API and prints its logs. Safe to run again: running pieces
+# are reused, Berth processes are restarted when their binary changed, and
+# the demo runs again.
+#
+# Environment (all optional):
+#   BERTH_DATA_DIR   data, logs and pid files      (default /var/lib/berth/fleet)
+#   BERTH_SKIP_BUILD=1   use the binaries already built
+#   BERTH_SKIP_DEMO=1    bring the fleet up but do not run the demo
+#   RUST_LOG         log filter for the Berth processes (default info)
+set -euo pipefail
+
+# shellcheck source=deploy/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet}"
+REGISTRY_ADDR=127.0.0.1:5000
+SCHEDULER_ADDR=127.0.0.1:7070
+API_ADDR=127.0.0.1:8080
+API_URL="http://$API_ADDR"
+SCHEDULER_URL="http://$SCHEDULER_ADDR"
+LOG_DIR="$DATA_DIR/logs"
+RUN_DIR="$DATA_DIR/run"
+AGENTS=("fra-1 fra" "ams-1 ams")
+export RUST_LOG="${RUST_LOG:-info}"
+
+mkdir -p "$DATA_DIR" "$LOG_DIR" "$RUN_DIR"
+TMP="$(mktemp -d /tmp/berth-up.XXXXXX)"
+trap 'rm -rf "$TMP"' EXIT
+
+# ---------------------------------------------------------------- infrastructure
+
+berth_install_packages
+if [[ "${BERTH_SKIP_BUILD:-0}" != 1 ]]; then
+  berth_build release
+fi
+BIN_DIR="$(berth_bin_dir release)"
+for b in berth-scheduler berth-api berth-node-agent; do
+  [[ -x "$BIN_DIR/$b" ]] || berth_die "binary $BIN_DIR/$b not found: did 'cargo build --release --bins' build it?"
+done
+
+SOCK="$(berth_start_containerd "$DATA_DIR")"
+berth_start_registry "$DATA_DIR" "$REGISTRY_ADDR"
+berth_build_busybox_image "$REGISTRY_ADDR"
+
+# ---------------------------------------------------------------- token + env file
+
+TOKEN_FILE="$DATA_DIR/token"
+if [[ ! -s "$TOKEN_FILE" ]]; then
+  (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$TOKEN_FILE")
+  berth_log "generated a new API token in $TOKEN_FILE"
+fi
+TOKEN="$(tr -d ' \n' <"$TOKEN_FILE")"
+
+ENV_DIR="$BERTH_REPO/.berth"
+mkdir -p "$ENV_DIR"
+# The directory ignores itself, so it is never committed even without a root
+# .gitignore entry.
+[[ -f "$ENV_DIR/.gitignore" ]] || printf '*\n' >"$ENV_DIR/.gitignore"
+(
+  umask 077
+  cat >"$ENV_DIR/env.new" <<EOF
+BERTH_URL=$API_URL
+BERTH_TOKEN=$TOKEN
+BERTH_REGISTRY=$REGISTRY_ADDR
+EOF
+)
+mv -f "$ENV_DIR/env.new" "$ENV_DIR/env"
+
+# ---------------------------------------------------------------- Berth processes
+
+# stamp NAME CMD... — what identifies a running process as current: the
+# binary's mtime/size/inode and the full command line.
+proc_stamp() {
+  shift
+  printf '%s %s\n' "$(stat -c '%Y.%s.%i' "$1")" "$*"
+}
+
+# proc_current NAME CMD... — true if NAME runs and was started from the
+# same binary with the same arguments.
+proc_current() {
+  local name="$1"
+  berth_pid_alive "$RUN_DIR/$name.pid" "$(basename "$2")" &&
+    [[ "$(cat "$RUN_DIR/$name.stamp" 2>/dev/null)" == "$(proc_stamp "$@")" ]]
+}
+
+# ensure_proc NAME CMD... — reuse NAME if current, else (re)start it.
+ensure_proc() {
+  local name="$1"
+  if proc_current "$@"; then
+    berth_log "$name already running (pid $(head -n1 "$RUN_DIR/$name.pid"))"
+    return 0
+  fi
+  berth_stop_pidfile "$RUN_DIR/$name.pid"
+  berth_log "starting $name (log $LOG_DIR/$name.log)"
+  proc_stamp "$@" >"$RUN_DIR/$name.stamp"
+  shift
+  berth_spawn "$RUN_DIR/$name.pid" "$LOG_DIR/$name.log" "$@"
+}
+
+# check_alive NAME — die with NAME's log if its process is gone.
+check_alive() {
+  berth_pid_alive "$RUN_DIR/$1.pid" || berth_die "$1 exited" "$LOG_DIR/$1.log"
+}
+
+SCHEDULER_CMD=("$BIN_DIR/berth-scheduler"
+  --grpc-listen "$SCHEDULER_ADDR"
+  --data-dir "$DATA_DIR/scheduler"
+  --default-registry "$REGISTRY_ADDR")
+API_CMD=("$BIN_DIR/berth-api"
+  --listen "$API_ADDR"
+  --scheduler "$SCHEDULER_URL"
+  --token "$TOKEN")
+agent_cmd() { # NODE_ID REGION
+  AGENT_CMD=("$BIN_DIR/berth-node-agent"
+    --scheduler "$SCHEDULER_URL"
+    --node-id "$1"
+    --region "$2"
+    --memory-mib 4096
+    --cpus 2
+    --containerd-socket "$SOCK"
+    --state-dir "$DATA_DIR/agent-$1")
+}
+
+# A new scheduler means everybody reconnects: restart its clients with it.
+if ! proc_current scheduler "${SCHEDULER_CMD[@]}"; then
+  berth_stop_pidfile "$RUN_DIR/api.pid"
+  for a in "${AGENTS[@]}"; do
+    read -r node _ <<<"$a"
+    berth_stop_pidfile "$RUN_DIR/agent-$node.pid"
+  done
+fi
+
+mkdir -p "$DATA_DIR/scheduler"
+ensure_proc scheduler "${SCHEDULER_CMD[@]}"
+for ((i = 0; i < 150; i++)); do
+  berth_tcp_open "$SCHEDULER_ADDR" && break
+  check_alive scheduler
+  sleep 0.2
+done
+berth_tcp_open "$SCHEDULER_ADDR" || berth_die "scheduler does not listen on $SCHEDULER_ADDR after 30s" "$LOG_DIR/scheduler.log"
+
+ensure_proc api "${API_CMD[@]}"
+for a in "${AGENTS[@]}"; do
+  read -r node region <<<"$a"
+  mkdir -p "$DATA_DIR/agent-$node"
+  agent_cmd "$node" "$region"
+  ensure_proc "agent-$node" "${AGENT_CMD[@]}"
+done
+
+# ---------------------------------------------------------------- REST helpers
+
+# api METHOD PATH [JSON] — sets HTTP_CODE and BODY.
+HTTP_CODE=000
+BODY=
+api() {
+  local method="$1" path="$2" data="${3:-}"
+  local args=(-sS -o "$TMP/body" -w '%{http_code}' --max-time 10 -X "$method"
+    -H "Authorization: Bearer $TOKEN" -H 'Accept: application/json')
+  if [[ -n "$data" ]]; then
+    args+=(-H 'Content-Type: application/json' --data "$data")
+  fi
+  : >"$TMP/body"
+  HTTP_CODE="$(curl "${args[@]}" "$API_URL$path" 2>"$TMP/curl.err")" || HTTP_CODE=000
+  BODY="$(cat "$TMP/body")"
+}
+
+api_die() { # MESSAGE [LOG...]
+  local msg="$1"
+  shift
+  berth_die "$msg (HTTP $HTTP_CODE: ${BODY:-$(cat "$TMP/curl.err" 2>/dev/null)})" "$@"
+}
+
+ALL_LOGS=("$LOG_DIR/scheduler.log" "$LOG_DIR/api.log")
+for a in "${AGENTS[@]}"; do
+  read -r node _ <<<"$a"
+  ALL_LOGS+=("$LOG_DIR/agent-$node.log")
+done
+
+# ---------------------------------------------------------------- wait for the fleet
+
+berth_log "waiting for the API on $API_URL"
+for ((i = 0; i < 150; i++)); do
+  api GET /v1/runners
+  [[ "$HTTP_CODE" == 200 ]] && break
+  [[ "$HTTP_CODE" == 401 || "$HTTP_CODE" == 403 ]] && api_die "the API rejects our token" "$LOG_DIR/api.log"
+  check_alive api
+  sleep 0.2
+done
+[[ "$HTTP_CODE" == 200 ]] || api_die "the API did not answer GET /v1/runners with 200 within 30s" "$LOG_DIR/api.log"
+
+berth_log "waiting for the nodes to register"
+nodes_ok=0
+for ((i = 0; i < 60; i++)); do
+  api GET /v1/nodes
+  if [[ "$HTTP_CODE" == 404 ]]; then
+    sleep 2 # no node listing in this API version: give the agents a moment
+    nodes_ok=1
+    break
+  fi
+  nodes_missing=0
+  for a in "${AGENTS[@]}"; do
+    read -r node _ <<<"$a"
+    check_alive "agent-$node"
+    [[ "$HTTP_CODE" == 200 && "$BODY" == *"\"$node\""* ]] || nodes_missing=1
+  done
+  if ((nodes_missing == 0)); then
+    nodes_ok=1
+    break
+  fi
+  sleep 0.5
+done
+((nodes_ok)) || api_die "not all nodes registered within 30s (GET /v1/nodes)" "${ALL_LOGS[@]:2}" "$LOG_DIR/scheduler.log"
+berth_log "fleet is up: scheduler $SCHEDULER_ADDR, API $API_URL, nodes ${AGENTS[*]%% *}"
+
+# ---------------------------------------------------------------- demo
+
+print_usage() {
+  cat <<EOF
+
+================================================================ Berth is running
+  API        $API_URL   (token in $TOKEN_FILE)
+  scheduler  $SCHEDULER_URL   (gRPC)
+  registry   http://$REGISTRY_ADDR   (image busybox:latest)
+  nodes      fra-1 (region fra), ams-1 (region ams)
+  logs       $LOG_DIR/{scheduler,api,agent-fra-1,agent-ams-1,containerd,registry}.log
+
+  . .berth/env        # sets BERTH_URL, BERTH_TOKEN, BERTH_REGISTRY
+
+  curl -s -H "Authorization: Bearer \$BERTH_TOKEN" \$BERTH_URL/v1/runners | jq .
+  curl -s -H "Authorization: Bearer \$BERTH_TOKEN" -H 'Content-Type: application/json' \\
+       -d '{"name":"hi","image_name":"busybox","image_tag":"latest","run_command":"echo hi",
+            "region":"ams","instance_type":"standard-s","timeout_seconds":60}' \\
+       \$BERTH_URL/v1/runners | jq .                               # -> runner.id
+  curl -s -H "Authorization: Bearer \$BERTH_TOKEN" -H 'Content-Type: application/json' -d '{}' \\
+       \$BERTH_URL/v1/runners/RUNNER_ID/runs | jq .                # -> run.id
+  curl -s -H "Authorization: Bearer \$BERTH_TOKEN" \$BERTH_URL/v1/runners/RUNNER_ID/runs/RUN_ID/logs | jq .
+
+  stop everything:   deploy/down.sh
+================================================================
+EOF
+}
+
+if [[ "${BERTH_SKIP_DEMO:-0}" == 1 ]]; then
+  print_usage
+  exit 0
+fi
+
+DEMO_NAME=demo-hello
+demo_body() {
+  jq -nc --arg name "$1" '{name: $name, image_name: "busybox", image_tag: "latest",
+    run_command: "echo hello from berth; uname -a; echo done",
+    region: "fra", instance_type: "standard-s", timeout_seconds: 60}'
+}
+
+berth_log "demo: creating runner $DEMO_NAME"
+api POST /v1/runners "$(demo_body "$DEMO_NAME")"
+RUNNER_ID=
+case "$HTTP_CODE" in
+  200 | 201)
+    RUNNER_ID="$(jq -r '.runner.id // empty' <<<"$BODY")"
+    ;;
+  409)
+    # Created by an earlier up.sh: find it in the listing.
+    api GET /v1/runners
+    RUNNER_ID="$(jq -r --arg n "$DEMO_NAME" \
+      '[(.runners? // .)[]? | objects | select(.name == $n) | .id][0] // empty' <<<"$BODY" 2>/dev/null || true)"
+    if [[ -z "$RUNNER_ID" ]]; then
+      DEMO_NAME="demo-hello-$(date +%s)"
+      api POST /v1/runners "$(demo_body "$DEMO_NAME")"
+      [[ "$HTTP_CODE" == 200 || "$HTTP_CODE" == 201 ]] && RUNNER_ID="$(jq -r '.runner.id // empty' <<<"$BODY")"
+    else
+      berth_log "demo: reusing runner $DEMO_NAME ($RUNNER_ID)"
+    fi
+    ;;
+esac
+[[ -n "$RUNNER_ID" ]] || api_die "could not create the demo runner (POST /v1/runners)" "$LOG_DIR/api.log" "$LOG_DIR/scheduler.log"
+
+api POST "/v1/runners/$RUNNER_ID/runs" '{}'
+RUN_ID=
+if [[ "$HTTP_CODE" == 200 || "$HTTP_CODE" == 201 || "$HTTP_CODE" == 202 ]]; then
+  RUN_ID="$(jq -r '.run.id // empty' <<<"$BODY")"
+fi
+[[ -n "$RUN_ID" ]] || api_die "could not start a run (POST /v1/runners/$RUNNER_ID/runs)" "$LOG_DIR/api.log" "$LOG_DIR/scheduler.log"
+berth_log "demo: run $RUN_ID of runner $RUNNER_ID started; waiting for it to finish"
+
+RUN_PATH="/v1/runners/$RUNNER_ID/runs/$RUN_ID"
+STATUS=unknown
+deadline=$((SECONDS + 60))
+while ((SECONDS < deadline)); do
+  api GET "$RUN_PATH"
+  if [[ "$HTTP_CODE" == 200 ]]; then
+    STATUS="$(jq -r '(.run.status // .status // "unknown") | ascii_downcase' <<<"$BODY")"
+    case "$STATUS" in
+      succeeded | failed | canceled | cancelled | timed_out | timedout | error) break ;;
+    esac
+  fi
+  sleep 0.5
+done
+RUN_JSON="$BODY"
+
+# Logs may trail the final status a little.
+for ((i = 0; i < 6; i++)); do
+  api GET "$RUN_PATH/logs"
+  [[ "$HTTP_CODE" == 200 && "$(jq -r '(.logs // []) | length' <<<"$BODY")" != 0 ]] && break
+  sleep 0.5
+done
+echo
+echo "---- logs of run $RUN_ID ($STATUS) ----"
+if [[ "$HTTP_CODE" == 200 ]]; then
+  jq -r '(.logs // [])[] | "\(.ts // "")  \(.stream // "")\t\(.msg // "" | rtrimstr("\n"))"' <<<"$BODY"
+else
+  echo "(GET $RUN_PATH/logs answered HTTP $HTTP_CODE: $BODY)"
+fi
+echo "---- end of logs ----"
+
+case "$STATUS" in
+  succeeded)
+    berth_log "demo run succeeded"
+    ;;
+  failed | canceled | cancelled | timed_out | timedout | error)
+    BODY="$RUN_JSON"
+    api_die "the demo run ended with status $STATUS" "${ALL_LOGS[@]:2}"
+    ;;
+  *)
+    BODY="$RUN_JSON"
+    api_die "the demo run did not finish within 60s (last status: $STATUS)" "${ALL_LOGS[@]}"
+    ;;
+esac
+
+print_usage

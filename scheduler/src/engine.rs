@@ -1,0 +1,819 @@
+//! The scheduler's core: the state it owns (the store, the connected nodes, the runs that have
+//! not ended) and every operation on it. The gRPC services are thin adapters over this.
+//!
+//! All mutations take one async lock, write the store first, and only then change memory and
+//! talk to agents; so what an agent or an API client sees has always been stored. Every run
+//! write is a compare-and-set on the run's store revision.
+
+use crate::error::SchedulerError;
+use crate::placement::{self, Demand, NodeStatus, NodeView};
+use berth_core::command::EffectiveCommand;
+use berth_core::model::{instance_type, LogEntry, LogStream};
+use berth_core::store::{Expect, Store, Txn};
+use berth_core::validate::{validate_spec, RunInput};
+use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
+use berth_proto::v1 as pb;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Mutex};
+
+pub type AgentTx = mpsc::UnboundedSender<pb::SchedulerMessage>;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub heartbeat_interval: Duration,
+    /// Registry for image names that do not name one (e.g. `busybox`).
+    pub default_registry: String,
+    pub stop_grace_seconds: u32,
+    /// How long a stop request waits for the agent to confirm the exit.
+    pub stop_wait: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat_interval: Duration::from_secs(2),
+            default_registry: "docker.io".to_owned(),
+            stop_grace_seconds: 2,
+            stop_wait: Duration::from_secs(15),
+        }
+    }
+}
+
+pub struct Scheduler<S> {
+    store: S,
+    config: Config,
+    state: Mutex<State>,
+    /// Bumped after every stored change to a run or its logs; log watchers wait on it.
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, Node>,
+    /// Runs that have not ended, by id (UUIDv7: iteration order is submission order).
+    active: BTreeMap<String, Cached>,
+    next_connection: u64,
+}
+
+struct Cached {
+    run: Run,
+    revision: u64,
+}
+
+struct Node {
+    id: String,
+    region: String,
+    boot_id: String,
+    total_memory_mib: u64,
+    cpus: u32,
+    max_runs: u32,
+    status: NodeStatus,
+    last_heartbeat: Instant,
+    connection: u64,
+    tx: Option<AgentTx>,
+}
+
+/// A node as `ListNodes` shows it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub view: NodeView,
+    pub cpus: u32,
+    pub running_run_ids: Vec<String>,
+    pub last_heartbeat_age: Duration,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, SchedulerError> {
+    serde_json::from_slice(bytes).map_err(|e| SchedulerError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Serialising our own plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// `busybox` + `latest` → `<default registry>/busybox:latest`; names with a host stay as they are.
+pub fn image_reference(default_registry: &str, name: &str, tag: &str) -> String {
+    let has_host = name.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    });
+    let repo = if has_host {
+        name.to_owned()
+    } else if default_registry == "docker.io" && !name.contains('/') {
+        format!("docker.io/library/{name}")
+    } else {
+        format!("{default_registry}/{name}")
+    };
+    if tag.starts_with("sha256:") {
+        format!("{repo}@{tag}")
+    } else {
+        format!("{repo}:{tag}")
+    }
+}
+
+impl<S: Store> Scheduler<S> {
+    /// Loads every run that has not ended; they wait for their nodes to re-register.
+    pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
+        let mut state = State::default();
+        for kv in store.list_prefix(keys::RUNS).await? {
+            let run: Run = decode(&kv.key, &kv.value)?;
+            if !run.status.is_terminal() {
+                state.active.insert(
+                    run.id.clone(),
+                    Cached {
+                        run,
+                        revision: kv.mod_revision,
+                    },
+                );
+            }
+        }
+        tracing::info!(active_runs = state.active.len(), "scheduler state loaded");
+        let (changes, _) = watch::channel(0);
+        Ok(Arc::new(Scheduler {
+            store,
+            config,
+            state: Mutex::new(state),
+            changes,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    // ---- runners -------------------------------------------------------------------------
+
+    pub async fn create_runner(&self, spec: RunnerSpec) -> Result<(Runner, u64), SchedulerError> {
+        validate_spec(&spec)?;
+        let now = now_unix_millis();
+        let runner = Runner {
+            id: new_id(),
+            spec,
+            warmed_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let rev = self
+            .store
+            .commit(Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent))
+            .await?;
+        tracing::info!(runner_id = %runner.id, name = %runner.spec.name, "runner created");
+        Ok((runner, rev))
+    }
+
+    pub async fn get_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
+        let key = keys::runner(id);
+        let kv = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "runner",
+                id: id.to_owned(),
+            })?;
+        Ok((decode(&key, &kv.value)?, kv.mod_revision))
+    }
+
+    pub async fn list_runners(&self) -> Result<Vec<(Runner, u64)>, SchedulerError> {
+        let kvs = self.store.list_prefix(keys::RUNNERS).await?;
+        kvs.into_iter()
+            .map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.mod_revision)))
+            .collect()
+    }
+
+    pub async fn update_runner(
+        &self,
+        id: &str,
+        spec: RunnerSpec,
+        revision: u64,
+    ) -> Result<(Runner, u64), SchedulerError> {
+        validate_spec(&spec)?;
+        let (mut runner, _) = self.get_runner(id).await?;
+        runner.spec = spec;
+        runner.updated_at = now_unix_millis();
+        let rev = self
+            .store
+            .commit(Txn::new().put(
+                keys::runner(id),
+                encode(&runner),
+                Expect::Revision(revision),
+            ))
+            .await?;
+        Ok((runner, rev))
+    }
+
+    /// Deletes the runner; its runs stay in the store (and running ones finish).
+    pub async fn delete_runner(&self, id: &str) -> Result<(), SchedulerError> {
+        let (_, rev) = self.get_runner(id).await?;
+        self.store
+            .commit(Txn::new().delete(keys::runner(id), Expect::Revision(rev)))
+            .await?;
+        tracing::info!(runner_id = %id, "runner deleted");
+        Ok(())
+    }
+
+    // ---- runs ----------------------------------------------------------------------------
+
+    pub async fn create_run(&self, runner_id: &str, input: RunInput) -> Result<Run, SchedulerError> {
+        let input = input.validate()?;
+        let (runner, _) = self.get_runner(runner_id).await?;
+        let itype = instance_type(&runner.spec.instance_type).ok_or_else(|| {
+            berth_core::validate::ValidationErrors::single("instance_type", "unknown instance type")
+        })?;
+        let effective = EffectiveCommand::resolve(&runner.spec, &input);
+        let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
+        for over in input.env_variables.unwrap_or_default() {
+            env.retain(|e| e.env_key != over.env_key);
+            env.push(over);
+        }
+        let run = Run {
+            id: new_id(),
+            runner_id: runner.id.clone(),
+            status: RunStatus::Pending,
+            exit_code: None,
+            command: effective.command,
+            argv: effective.argv,
+            entrypoint: effective.entrypoint,
+            env,
+            image: image_reference(
+                &self.config.default_registry,
+                &runner.spec.image_name,
+                &runner.spec.image_tag,
+            ),
+            image_digest: None,
+            region: runner.spec.region.clone(),
+            instance_type: itype.slug.to_owned(),
+            memory_mib: itype.memory_mib,
+            cpu_millis: itype.cpu_millis,
+            timeout_seconds: runner.spec.timeout_seconds,
+            node_id: None,
+            lease_epoch: 0,
+            created_at: now_unix_millis(),
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            pending_reason: Some("waiting for placement".to_owned()),
+            stop_requested: false,
+        };
+        let mut st = self.state.lock().await;
+        let revision = self
+            .store
+            .commit(
+                Txn::new()
+                    .put(keys::run(&run.id), encode(&run), Expect::Absent)
+                    .put(keys::runner_run(&runner.id, &run.id), vec![], Expect::Absent),
+            )
+            .await?;
+        tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
+        let id = run.id.clone();
+        st.active.insert(run.id.clone(), Cached { run, revision });
+        self.schedule(&mut st).await?;
+        let out = match st.active.get(&id) {
+            Some(c) => c.run.clone(),
+            None => self.load_run(&id).await?.0,
+        };
+        self.notify();
+        Ok(out)
+    }
+
+    async fn load_run(&self, run_id: &str) -> Result<(Run, u64), SchedulerError> {
+        let key = keys::run(run_id);
+        let kv = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            })?;
+        Ok((decode(&key, &kv.value)?, kv.mod_revision))
+    }
+
+    /// The run, checked to belong to `runner_id`.
+    pub async fn get_run(&self, runner_id: &str, run_id: &str) -> Result<Run, SchedulerError> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.runner_id != runner_id {
+            return Err(SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            });
+        }
+        Ok(run)
+    }
+
+    pub async fn list_runs(&self, runner_id: &str) -> Result<Vec<Run>, SchedulerError> {
+        self.get_runner(runner_id).await?;
+        let index = self.store.list_prefix(&keys::runner_runs_prefix(runner_id)).await?;
+        let mut runs = Vec::with_capacity(index.len());
+        for kv in index {
+            let Some(run_id) = kv.key.rsplit('/').next() else { continue };
+            match self.load_run(run_id).await {
+                Ok((run, _)) => runs.push(run),
+                Err(SchedulerError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Pending → canceled at once. Running → asks its agent to stop and waits (bounded by
+    /// `stop_wait`) for the exit. A finished run is returned unchanged.
+    pub async fn stop_run(&self, runner_id: &str, run_id: &str) -> Result<Run, SchedulerError> {
+        let current = self.get_run(runner_id, run_id).await?;
+        if current.status.is_terminal() {
+            return Ok(current);
+        }
+        let mut changes = self.subscribe();
+        {
+            let mut st = self.state.lock().await;
+            let Some(cached) = st.active.get(run_id) else {
+                drop(st);
+                return self.get_run(runner_id, run_id).await;
+            };
+            let mut run = cached.run.clone();
+            let revision = cached.revision;
+            match run.status {
+                RunStatus::Pending => {
+                    let node = run.node_id.clone();
+                    run.cancel(None, now_unix_millis())?;
+                    self.save(&mut st, run, revision).await?;
+                    if let Some(node) = node {
+                        send_to(&st, &node, stop_msg(run_id));
+                    }
+                    tracing::info!(run_id, "pending run canceled");
+                    self.schedule(&mut st).await?;
+                    drop(st);
+                    self.notify();
+                    return self.get_run(runner_id, run_id).await;
+                }
+                _ => {
+                    run.stop_requested = true;
+                    let node = run.node_id.clone();
+                    self.save(&mut st, run, revision).await?;
+                    if let Some(node) = node {
+                        send_to(&st, &node, stop_msg(run_id));
+                    }
+                    tracing::info!(run_id, "stop requested");
+                }
+            }
+        }
+        self.notify();
+        let deadline = tokio::time::Instant::now() + self.config.stop_wait;
+        loop {
+            let run = self.get_run(runner_id, run_id).await?;
+            if run.status.is_terminal() {
+                return Ok(run);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.get_run(runner_id, run_id).await,
+            }
+        }
+    }
+
+    // ---- logs ----------------------------------------------------------------------------
+
+    /// Lines after `after_id`, oldest first, at most `limit`; and whether more follow.
+    pub async fn list_logs(
+        &self,
+        run_id: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
+        let start = keys::log(run_id, after_id.saturating_add(1));
+        let end = keys::prefix_end(&keys::logs_prefix(run_id));
+        let mut kvs = self.store.range(&start, &end, limit.saturating_add(1)).await?;
+        let has_more = kvs.len() > limit;
+        kvs.truncate(limit);
+        let logs = kvs
+            .iter()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .collect::<Result<Vec<LogEntry>, _>>()?;
+        Ok((logs, has_more))
+    }
+
+    // ---- nodes ---------------------------------------------------------------------------
+
+    pub async fn list_nodes(&self) -> Vec<NodeInfo> {
+        let st = self.state.lock().await;
+        let views = st.snapshot();
+        views
+            .into_iter()
+            .filter_map(|view| {
+                let node = st.nodes.get(&view.id)?;
+                let running_run_ids = st
+                    .active
+                    .values()
+                    .filter(|c| c.run.node_id.as_deref() == Some(node.id.as_str()))
+                    .map(|c| c.run.id.clone())
+                    .collect();
+                Some(NodeInfo {
+                    view,
+                    cpus: node.cpus,
+                    running_run_ids,
+                    last_heartbeat_age: node.last_heartbeat.elapsed(),
+                })
+            })
+            .collect()
+    }
+
+    // ---- agents --------------------------------------------------------------------------
+
+    /// A node (re-)registered on a new stream. Reconciles what it says it is running with what
+    /// the scheduler has leased to it, answers `Registered`, and places waiting runs.
+    pub async fn attach_node(&self, reg: pb::Register, tx: AgentTx) -> Result<u64, SchedulerError> {
+        if reg.node_id.is_empty() || reg.region.is_empty() {
+            return Err(SchedulerError::Protocol(
+                "register needs node_id and region".to_owned(),
+            ));
+        }
+        let mut st = self.state.lock().await;
+        st.next_connection += 1;
+        let connection = st.next_connection;
+        let restarted = st
+            .nodes
+            .get(&reg.node_id)
+            .is_some_and(|n| n.boot_id != reg.boot_id);
+        st.nodes.insert(
+            reg.node_id.clone(),
+            Node {
+                id: reg.node_id.clone(),
+                region: reg.region.clone(),
+                boot_id: reg.boot_id.clone(),
+                total_memory_mib: reg.total_memory_mib,
+                cpus: reg.cpus,
+                max_runs: reg.max_concurrent_runs.max(1),
+                status: NodeStatus::Ready,
+                last_heartbeat: Instant::now(),
+                connection,
+                tx: Some(tx.clone()),
+            },
+        );
+        tracing::info!(
+            node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
+            memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
+            "node registered"
+        );
+
+        let reported: HashSet<&str> = reg.active_run_ids.iter().map(String::as_str).collect();
+        let leased: Vec<(String, RunStatus)> = st
+            .active
+            .values()
+            .filter(|c| c.run.node_id.as_deref() == Some(reg.node_id.as_str()))
+            .map(|c| (c.run.id.clone(), c.run.status))
+            .collect();
+        let now = now_unix_millis();
+        for (run_id, status) in &leased {
+            if reported.contains(run_id.as_str()) {
+                continue;
+            }
+            let Some(cached) = st.active.get(run_id) else { continue };
+            let (mut run, revision) = (cached.run.clone(), cached.revision);
+            if *status == RunStatus::Pending {
+                run.requeue(&format!("node {} restarted before starting it", reg.node_id))?;
+                tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "re-queued: node does not know the run");
+            } else {
+                run.fail(
+                    "node_restarted",
+                    &format!("the agent on node {} restarted and lost the run", reg.node_id),
+                    now,
+                )?;
+                tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "failed: node lost the run");
+            }
+            self.save(&mut st, run, revision).await?;
+        }
+        let leased_ids: HashSet<&str> = leased.iter().map(|(id, _)| id.as_str()).collect();
+        let stale_run_ids: Vec<String> = reg
+            .active_run_ids
+            .iter()
+            .filter(|id| !leased_ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let _ = tx.send(pb::SchedulerMessage {
+            body: Some(pb::scheduler_message::Body::Registered(pb::Registered {
+                heartbeat_interval_seconds: u32::try_from(self.config.heartbeat_interval.as_secs())
+                    .unwrap_or(2)
+                    .max(1),
+                stale_run_ids,
+            })),
+        });
+        // Stops asked for while the node was away.
+        for c in st.active.values() {
+            if c.run.stop_requested && c.run.node_id.as_deref() == Some(reg.node_id.as_str()) {
+                let _ = tx.send(stop_msg(&c.run.id));
+            }
+        }
+        self.schedule(&mut st).await?;
+        drop(st);
+        self.notify();
+        Ok(connection)
+    }
+
+    /// The node's stream ended. Its runs keep their leases until it comes back.
+    pub async fn detach_node(&self, node_id: &str, connection: u64) {
+        let mut st = self.state.lock().await;
+        if let Some(node) = st.nodes.get_mut(node_id) {
+            if node.connection == connection {
+                node.status = NodeStatus::Disconnected;
+                node.tx = None;
+                tracing::warn!(node_id, "node disconnected");
+            }
+        }
+    }
+
+    pub async fn heartbeat(&self, node_id: &str, _hb: pb::Heartbeat) {
+        let mut st = self.state.lock().await;
+        if let Some(node) = st.nodes.get_mut(node_id) {
+            node.last_heartbeat = Instant::now();
+        }
+    }
+
+    pub async fn run_started(&self, node_id: &str, msg: pb::RunStarted) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().await;
+        let current = st
+            .active
+            .get(&msg.run_id)
+            .filter(|c| c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch)
+            .map(|c| (c.run.clone(), c.revision));
+        let Some((mut run, revision)) = current else {
+            // Ended, canceled or re-placed meanwhile: fence the stale lease.
+            tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
+            send_to(&st, node_id, stop_msg(&msg.run_id));
+            return Ok(());
+        };
+        if run.status != RunStatus::Pending {
+            return Ok(()); // a re-sent report
+        }
+        let at = nanos_to_millis(msg.started_at_unix_nanos);
+        let digest = (!msg.image_digest.is_empty()).then_some(msg.image_digest);
+        run.start(at, digest)?;
+        tracing::info!(run_id = %run.id, node_id, "run started");
+        self.save(&mut st, run, revision).await?;
+        drop(st);
+        self.notify();
+        Ok(())
+    }
+
+    pub async fn run_exited(&self, node_id: &str, msg: pb::RunExited) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().await;
+        let current = st
+            .active
+            .get(&msg.run_id)
+            .filter(|c| c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch)
+            .map(|c| (c.run.clone(), c.revision));
+        let Some((mut run, revision)) = current else {
+            tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
+            return Ok(());
+        };
+        let at = if msg.exited_at_unix_nanos > 0 {
+            nanos_to_millis(msg.exited_at_unix_nanos)
+        } else {
+            now_unix_millis()
+        };
+        let reason = pb::ExitReason::try_from(msg.reason).unwrap_or(pb::ExitReason::Unspecified);
+        let code = (msg.exit_code >= 0).then_some(msg.exit_code);
+        if run.status == RunStatus::Pending && reason != pb::ExitReason::StartFailed {
+            run.start(at, None)?;
+        }
+        match reason {
+            pb::ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
+            pb::ExitReason::StartFailed | pb::ExitReason::Unspecified => {
+                let code_name = if msg.error_code.is_empty() { "start_failed" } else { &msg.error_code };
+                run.fail(code_name, &msg.error_message, at)?
+            }
+            pb::ExitReason::Stopped => run.cancel(code, at)?,
+            pb::ExitReason::Timeout => {
+                run.exit(124, at)?;
+                run.error_code = Some("timeout".to_owned());
+                run.error_message = Some(format!(
+                    "the run exceeded its timeout of {} seconds",
+                    run.timeout_seconds
+                ));
+            }
+            pb::ExitReason::Exited => run.exit(msg.exit_code, at)?,
+        }
+        tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
+        self.save(&mut st, run, revision).await?;
+        self.schedule(&mut st).await?;
+        drop(st);
+        self.notify();
+        Ok(())
+    }
+
+    pub async fn append_logs(&self, node_id: &str, batch: pb::LogBatch) -> Result<(), SchedulerError> {
+        if batch.lines.is_empty() {
+            return Ok(());
+        }
+        let owned = {
+            let st = self.state.lock().await;
+            st.active.get(&batch.run_id).map(|c| c.run.node_id.as_deref() == Some(node_id))
+        };
+        let owned = match owned {
+            Some(owned) => owned,
+            // Ended already: accept late re-sends from the node that ran it.
+            None => match self.load_run(&batch.run_id).await {
+                Ok((run, _)) => run.node_id.as_deref() == Some(node_id),
+                Err(SchedulerError::NotFound { .. }) => false,
+                Err(e) => return Err(e),
+            },
+        };
+        if !owned {
+            tracing::warn!(run_id = %batch.run_id, node_id, "dropping logs for a run this node does not hold");
+            return Ok(());
+        }
+        let mut txn = Txn::new();
+        for line in batch.lines {
+            if line.seq == 0 {
+                continue;
+            }
+            let stream = match pb::LogStream::try_from(line.stream) {
+                Ok(pb::LogStream::Stderr) => LogStream::Stderr,
+                _ => LogStream::Stdout,
+            };
+            let entry = LogEntry {
+                id: line.seq,
+                stream,
+                msg: line.msg,
+                ts_unix_nanos: line.ts_unix_nanos,
+            };
+            // Keyed by sequence number: a re-sent line overwrites itself.
+            txn = txn.put(keys::log(&batch.run_id, line.seq), encode(&entry), Expect::Any);
+        }
+        self.store.commit(txn).await?;
+        self.notify();
+        Ok(())
+    }
+
+    // ---- internals -----------------------------------------------------------------------
+
+    /// Stores `run` (compare-and-set on `revision`) and updates the in-memory view.
+    async fn save(&self, st: &mut State, run: Run, revision: u64) -> Result<(), SchedulerError> {
+        let rev = self
+            .store
+            .commit(Txn::new().put(keys::run(&run.id), encode(&run), Expect::Revision(revision)))
+            .await?;
+        if run.status.is_terminal() {
+            st.active.remove(&run.id);
+        } else {
+            st.active.insert(run.id.clone(), Cached { run, revision: rev });
+        }
+        Ok(())
+    }
+
+    /// Places every waiting run that fits, in submission order; a run that does not fit does
+    /// not block later, smaller ones. Runs that stay say why.
+    async fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
+        let waiting: Vec<String> = st
+            .active
+            .values()
+            .filter(|c| c.run.status == RunStatus::Pending && c.run.node_id.is_none() && !c.run.stop_requested)
+            .map(|c| c.run.id.clone())
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut views = st.snapshot();
+        for run_id in waiting {
+            let Some(cached) = st.active.get(&run_id) else { continue };
+            let (mut run, revision) = (cached.run.clone(), cached.revision);
+            let demand = Demand {
+                region: run.region.clone(),
+                memory_mib: run.memory_mib,
+                warm_pin: None,
+            };
+            match placement::place(&demand, &views) {
+                Ok(node) => {
+                    let node_id = node.id.clone();
+                    let epoch = run.assign(&node_id)?;
+                    let spec = self.run_spec(&run);
+                    self.save(st, run, revision).await?;
+                    for v in views.iter_mut().filter(|v| v.id == node_id) {
+                        v.reserved_memory_mib += demand.memory_mib;
+                        v.runs += 1;
+                    }
+                    tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
+                    send_to(
+                        st,
+                        &node_id,
+                        pb::SchedulerMessage {
+                            body: Some(pb::scheduler_message::Body::AssignRun(pb::AssignRun {
+                                run_id: run_id.clone(),
+                                lease_epoch: epoch,
+                                spec: Some(spec),
+                            })),
+                        },
+                    );
+                }
+                Err(why) => {
+                    let reason = why.to_string();
+                    if run.pending_reason.as_deref() != Some(reason.as_str()) {
+                        tracing::info!(run_id = %run_id, reason = %reason, "run waits");
+                        run.pending_reason = Some(reason);
+                        self.save(st, run, revision).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_spec(&self, run: &Run) -> pb::RunSpec {
+        let effective = EffectiveCommand {
+            command: run.command.clone(),
+            argv: run.argv.clone(),
+            entrypoint: run.entrypoint.clone(),
+        };
+        let entrypoint = effective.entrypoint_words();
+        let cmd = effective.cmd();
+        pb::RunSpec {
+            image: run.image.clone(),
+            entrypoint_set: entrypoint.is_some(),
+            entrypoint: entrypoint.unwrap_or_default(),
+            cmd_set: cmd.is_some(),
+            cmd: cmd.unwrap_or_default(),
+            env: run
+                .env
+                .iter()
+                .map(|e| (e.env_key.clone(), e.env_val.clone()))
+                .collect::<HashMap<_, _>>(),
+            timeout_seconds: run.timeout_seconds,
+            memory_mib: run.memory_mib,
+            cpu_millis: run.cpu_millis,
+            stop_grace_seconds: self.config.stop_grace_seconds,
+        }
+    }
+}
+
+impl State {
+    /// The placement view of every known node, with the memory and slots its leases hold.
+    fn snapshot(&self) -> Vec<NodeView> {
+        let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
+        for c in self.active.values() {
+            if let Some(node) = c.run.node_id.as_deref() {
+                let e = held.entry(node).or_default();
+                e.0 += c.run.memory_mib;
+                e.1 += 1;
+            }
+        }
+        self.nodes
+            .values()
+            .map(|n| {
+                let (mem, runs) = held.get(n.id.as_str()).copied().unwrap_or_default();
+                NodeView {
+                    id: n.id.clone(),
+                    region: n.region.clone(),
+                    status: n.status,
+                    total_memory_mib: n.total_memory_mib,
+                    reserved_memory_mib: mem,
+                    max_runs: n.max_runs,
+                    runs,
+                }
+            })
+            .collect()
+    }
+}
+
+fn stop_msg(run_id: &str) -> pb::SchedulerMessage {
+    pb::SchedulerMessage {
+        body: Some(pb::scheduler_message::Body::StopRun(pb::StopRun {
+            run_id: run_id.to_owned(),
+        })),
+    }
+}
+
+/// Sends to a connected node; a disconnected node learns on re-register instead.
+fn send_to(st: &State, node_id: &str, msg: pb::SchedulerMessage) {
+    if let Some(tx) = st.nodes.get(node_id).and_then(|n| n.tx.as_ref()) {
+        if tx.send(msg).is_err() {
+            tracing::warn!(node_id, "node stream closed while sending");
+        }
+    }
+}
+
+fn nanos_to_millis(n: i64) -> i64 {
+    if n > 0 {
+        n / 1_000_000
+    } else {
+        now_unix_millis()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,54 @@
+//! The scheduler's errors and their one mapping to `tonic::Status`.
+
+use berth_core::store::StoreError;
+use berth_core::validate::ValidationErrors;
+use berth_core::TransitionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The named record does not exist.
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    /// A compare-and-set lost against a concurrent writer.
+    #[error("{0} was changed concurrently; retry")]
+    Stale(String),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("stored record {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Store(StoreError),
+    /// An agent broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl From<StoreError> for SchedulerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { key, .. } => SchedulerError::Stale(key),
+            other => SchedulerError::Store(other),
+        }
+    }
+}
+
+impl From<SchedulerError> for tonic::Status {
+    fn from(e: SchedulerError) -> Self {
+        match &e {
+            SchedulerError::NotFound { .. } => tonic::Status::not_found(e.to_string()),
+            // The API decodes the field list from the message.
+            SchedulerError::Invalid(v) => tonic::Status::invalid_argument(
+                serde_json::to_string(&v.0).unwrap_or_else(|_| v.to_string()),
+            ),
+            SchedulerError::Stale(_) => tonic::Status::aborted(e.to_string()),
+            SchedulerError::Transition(_) => tonic::Status::failed_precondition(e.to_string()),
+            SchedulerError::Protocol(_) => tonic::Status::invalid_argument(e.to_string()),
+            SchedulerError::Corrupt { .. } | SchedulerError::Store(_) => {
+                tracing::error!(error = %e, "internal error");
+                tonic::Status::internal(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! # Layout
+//! The control plane. One process owns the state store and serves two gRPC services on one port:
+//! - [`agent_service`]: node agents dial in and keep one bidirectional stream each.
+//! - [`control_service`]: the public API (a separate, stateless process) reads and changes state.
+//!
+//! Both are adapters over [`engine::Scheduler`], which owns the store, the connected nodes and
+//! the runs that have not ended, and decides placement through the pure [`placement`] module.
+//! `README.md` beside this crate walks the pipeline from queue to lease.
+
+pub mod agent_service;
+pub mod control_service;
+pub mod engine;
+pub mod error;
+pub mod placement;
+
+use berth_core::store::Store;
+use berth_proto::v1::agent_service_server::AgentServiceServer;
+use berth_proto::v1::control_service_server::ControlServiceServer;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Serves both services on `listener` until `shutdown` resolves.
+pub async fn serve<S: Store>(
+    scheduler: Arc<engine::Scheduler<S>>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(AgentServiceServer::new(agent_service::AgentApi {
+            scheduler: scheduler.clone(),
+        }))
+        .add_service(ControlServiceServer::new(control_service::ControlApi { scheduler }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

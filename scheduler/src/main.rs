@@ -1,0 +1,65 @@
+use anyhow::Context;
+use berth_core::store::EmbeddedStore;
+use berth_scheduler::engine::{Config, Scheduler};
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Berth's control plane: places runs on nodes and owns the state.
+#[derive(Parser, Debug)]
+#[command(name = "berth-scheduler", version)]
+struct Args {
+    /// Address for the agent and control gRPC services.
+    #[arg(long, env = "BERTH_SCHEDULER_LISTEN", default_value = "127.0.0.1:7070")]
+    grpc_listen: String,
+    /// Where the embedded store lives.
+    #[arg(long, env = "BERTH_SCHEDULER_DATA_DIR", default_value = "/var/lib/berth/scheduler")]
+    data_dir: PathBuf,
+    /// Registry for image names that name none (e.g. `busybox`).
+    #[arg(long, env = "BERTH_DEFAULT_REGISTRY", default_value = "docker.io")]
+    default_registry: String,
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out.
+    #[arg(long, default_value_t = 2)]
+    stop_grace_seconds: u32,
+    /// Seconds between agent heartbeats.
+    #[arg(long, default_value_t = 2)]
+    heartbeat_interval_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let store_path = args.data_dir.join("state.redb");
+    let store = EmbeddedStore::open(&store_path)
+        .with_context(|| format!("opening the store at {}", store_path.display()))?;
+    let config = Config {
+        default_registry: args.default_registry,
+        stop_grace_seconds: args.stop_grace_seconds,
+        heartbeat_interval: Duration::from_secs(args.heartbeat_interval_seconds.max(1)),
+        stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
+    };
+    let scheduler = Scheduler::open(store, config).await?;
+    let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    tracing::info!(addr = %listener.local_addr()?, store = %store_path.display(), "scheduler listening");
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    berth_scheduler::serve(scheduler, listener, shutdown).await?;
+    Ok(())
+}

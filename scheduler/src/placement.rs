@@ -1,0 +1,325 @@
+//! Placement: a pure function from one run's demand and a snapshot of the fleet to a node, or to
+//! the reasons no node fits. No I/O, no clock: everything it needs is in its arguments.
+//!
+//! It is a pipeline of small filters, each with a named reason, then a ranking:
+//! region → ready → free slot → free memory, then warm pin first, then best fit (the node left
+//! with the least free memory, to keep large holes for large runs), then node id for
+//! determinism.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What the scheduler knows about a node at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: String,
+    pub region: String,
+    pub status: NodeStatus,
+    pub total_memory_mib: u64,
+    /// Memory held by runs leased to this node.
+    pub reserved_memory_mib: u64,
+    pub max_runs: u32,
+    /// Runs leased to this node (assigned or running).
+    pub runs: u32,
+}
+
+impl NodeView {
+    pub fn free_memory_mib(&self) -> u64 {
+        self.total_memory_mib.saturating_sub(self.reserved_memory_mib)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    Ready,
+    /// Connected but taking no new runs.
+    Draining,
+    /// Not connected right now (its runs keep their leases until it returns or is lost).
+    Disconnected,
+    Lost,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Disconnected => "disconnected",
+            NodeStatus::Lost => "lost",
+        }
+    }
+}
+
+/// What one run needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    pub region: String,
+    pub memory_mib: u64,
+    /// Preferred node (set by warmup) while it has room.
+    pub warm_pin: Option<String>,
+}
+
+/// Why a node was passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Filtered {
+    /// in another region (not counted in explanations)
+    OtherRegion,
+    NotReady,
+    Draining,
+    NoFreeSlot,
+    NotEnoughMemory,
+}
+
+impl Filtered {
+    fn label(self) -> &'static str {
+        match self {
+            Filtered::OtherRegion => "in another region",
+            Filtered::NotReady => "not connected",
+            Filtered::Draining => "draining",
+            Filtered::NoFreeSlot => "at max concurrent runs",
+            Filtered::NotEnoughMemory => "full",
+        }
+    }
+}
+
+/// No node fits; says why, per reason, for `pending_reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaceable {
+    pub region: String,
+    pub memory_mib: u64,
+    pub filtered: BTreeMap<Filtered, usize>,
+}
+
+impl fmt::Display for Unplaceable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let in_region: usize = self
+            .filtered
+            .iter()
+            .filter(|(k, _)| **k != Filtered::OtherRegion)
+            .map(|(_, v)| v)
+            .sum();
+        if in_region == 0 {
+            return write!(f, "no node in {} is registered", self.region);
+        }
+        write!(
+            f,
+            "no node in {} with {} MiB free: ",
+            self.region, self.memory_mib
+        )?;
+        let parts: Vec<String> = self
+            .filtered
+            .iter()
+            .filter(|(k, _)| **k != Filtered::OtherRegion)
+            .map(|(k, v)| format!("{v} {}", k.label()))
+            .collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
+    if node.region != demand.region {
+        return Err(Filtered::OtherRegion);
+    }
+    match node.status {
+        NodeStatus::Ready => {}
+        NodeStatus::Draining => return Err(Filtered::Draining),
+        NodeStatus::Disconnected | NodeStatus::Lost => return Err(Filtered::NotReady),
+    }
+    if node.runs >= node.max_runs {
+        return Err(Filtered::NoFreeSlot);
+    }
+    if node.free_memory_mib() < demand.memory_mib {
+        return Err(Filtered::NotEnoughMemory);
+    }
+    Ok(())
+}
+
+/// Picks the node for `demand`, or explains why none fits.
+pub fn place<'a>(demand: &Demand, nodes: &'a [NodeView]) -> Result<&'a NodeView, Unplaceable> {
+    let mut filtered: BTreeMap<Filtered, usize> = BTreeMap::new();
+    let mut best: Option<&NodeView> = None;
+    for node in nodes {
+        if let Err(why) = filter(demand, node) {
+            *filtered.entry(why).or_default() += 1;
+            continue;
+        }
+        if demand.warm_pin.as_deref() == Some(node.id.as_str()) {
+            return Ok(node);
+        }
+        best = match best {
+            Some(b) if rank_key(b) <= rank_key(node) => Some(b),
+            _ => Some(node),
+        };
+    }
+    best.ok_or(Unplaceable {
+        region: demand.region.clone(),
+        memory_mib: demand.memory_mib,
+        filtered,
+    })
+}
+
+/// Best fit: least free memory first, then id.
+fn rank_key(node: &NodeView) -> (u64, &str) {
+    (node.free_memory_mib(), node.id.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(id: &str, region: &str, total: u64, reserved: u64) -> NodeView {
+        NodeView {
+            id: id.into(),
+            region: region.into(),
+            status: NodeStatus::Ready,
+            total_memory_mib: total,
+            reserved_memory_mib: reserved,
+            max_runs: 8,
+            runs: 0,
+        }
+    }
+
+    fn demand(region: &str, mem: u64) -> Demand {
+        Demand {
+            region: region.into(),
+            memory_mib: mem,
+            warm_pin: None,
+        }
+    }
+
+    #[test]
+    fn stays_in_region() {
+        let nodes = [node("a", "ams", 4096, 0), node("f", "fra", 4096, 0)];
+        assert_eq!(place(&demand("ams", 1024), &nodes).map(|n| n.id.as_str()), Ok("a"));
+    }
+
+    #[test]
+    fn best_fit_prefers_the_fuller_node() {
+        let nodes = [node("big", "fra", 8192, 0), node("small", "fra", 2048, 0)];
+        assert_eq!(place(&demand("fra", 1024), &nodes).map(|n| n.id.as_str()), Ok("small"));
+    }
+
+    #[test]
+    fn warm_pin_wins_while_it_fits() {
+        let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 8192, 0)];
+        let mut d = demand("fra", 1024);
+        d.warm_pin = Some("b".into());
+        assert_eq!(place(&d, &nodes).map(|n| n.id.as_str()), Ok("b"));
+        let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 8192, 7680)];
+        assert_eq!(place(&d, &nodes).map(|n| n.id.as_str()), Ok("a"), "pin is full");
+    }
+
+    #[test]
+    fn explains_why_nothing_fits() {
+        let mut draining = node("d", "fra", 8192, 0);
+        draining.status = NodeStatus::Draining;
+        let nodes = [
+            node("a", "fra", 4096, 4096),
+            node("b", "fra", 4096, 3072),
+            draining,
+            node("x", "ams", 8192, 0),
+        ];
+        let err = place(&demand("fra", 4096), &nodes).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("no node in fra with 4096 MiB free: 1 draining, 2 full")
+        );
+        let err = place(&demand("lon", 1), &nodes).err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("no node in lon is registered"));
+    }
+
+    #[test]
+    fn slots_are_respected() {
+        let mut n = node("a", "fra", 8192, 0);
+        n.max_runs = 2;
+        n.runs = 2;
+        assert!(place(&demand("fra", 1), &[n]).is_err());
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeView> {
+        (Just(()), prop::sample::select(vec!["fra", "ams"]), 0u64..8192, 0u64..8192, 0u32..4, 0u32..4, 0u8..4)
+            .prop_map(|((), region, total, reserved, max_runs, runs, status)| NodeView {
+                id: String::new(),
+                region: region.to_owned(),
+                status: match status {
+                    0 => NodeStatus::Draining,
+                    1 => NodeStatus::Disconnected,
+                    _ => NodeStatus::Ready,
+                },
+                total_memory_mib: total,
+                reserved_memory_mib: reserved.min(total),
+                max_runs,
+                runs,
+            })
+    }
+
+    /// A fleet with unique node ids.
+    fn arb_fleet(size: std::ops::Range<usize>) -> impl Strategy<Value = Vec<NodeView>> {
+        prop::collection::vec(arb_node(), size).prop_map(|mut nodes| {
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.id = format!("n{i}");
+            }
+            nodes
+        })
+    }
+
+    proptest! {
+        /// Whatever the fleet, a placement never leaves the region, never overcommits memory or
+        /// slots, and never picks a node that is not ready.
+        #[test]
+        fn never_overcommits_or_leaves_the_region(
+            nodes in arb_fleet(0..12),
+            region in prop::sample::select(vec!["fra", "ams", "lon"]),
+            mem in 0u64..8192,
+        ) {
+            let d = demand(region, mem);
+            match place(&d, &nodes) {
+                Ok(n) => {
+                    prop_assert_eq!(&n.region, region);
+                    prop_assert_eq!(n.status, NodeStatus::Ready);
+                    prop_assert!(n.free_memory_mib() >= mem);
+                    prop_assert!(n.runs < n.max_runs);
+                }
+                Err(_) => {
+                    prop_assert!(nodes.iter().all(|n| filter(&d, n).is_err()));
+                }
+            }
+        }
+
+        /// The pin is chosen whenever it passes the filters.
+        #[test]
+        fn prefers_the_pin_while_it_fits(
+            nodes in arb_fleet(1..12),
+            pick in 0usize..12,
+            mem in 0u64..4096,
+        ) {
+            let pin = &nodes[pick % nodes.len()];
+            let d = Demand { region: pin.region.clone(), memory_mib: mem, warm_pin: Some(pin.id.clone()) };
+            if let Ok(chosen) = place(&d, &nodes) {
+                if nodes.iter().any(|n| n.id == pin.id && filter(&d, n).is_ok()) {
+                    prop_assert_eq!(&chosen.id, &pin.id);
+                }
+            }
+        }
+
+        /// Repeatedly placing runs and reserving their memory never exceeds any node's total.
+        #[test]
+        fn sequential_placements_never_exceed_capacity(
+            mut nodes in arb_fleet(1..8),
+            demands in prop::collection::vec((prop::sample::select(vec!["fra", "ams"]), 1u64..3000), 1..40),
+        ) {
+            for (region, mem) in demands {
+                let d = demand(region, mem);
+                let Ok(chosen) = place(&d, &nodes).map(|n| n.id.clone()) else { continue };
+                for n in nodes.iter_mut().filter(|n| n.id == chosen) {
+                    n.reserved_memory_mib += mem;
+                    n.runs += 1;
+                    prop_assert!(n.reserved_memory_mib <= n.total_memory_mib);
+                    prop_assert!(n.runs <= n.max_runs);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The end-to-end harness: starts real `berth-scheduler`, `berth-api` and `berth-node-agent`
+//! processes on loopback ports against the containerd and registry that `deploy/test.sh` starts,
+//! and kills them when dropped. Each fleet uses its own node ids, so its own containerd
+//! namespaces and cgroup directories: tests run in parallel without seeing each other.
+
+#![allow(dead_code)]
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "e2e-test-token-0123456789";
+
+/// What `deploy/test.sh` exports. Missing variables are an error, never a silent skip.
+pub struct Env {
+    pub containerd_socket: String,
+    pub registry: String,
+    pub bin_dir: PathBuf,
+}
+
+pub fn env() -> Result<Env> {
+    let var = |k: &str| {
+        std::env::var(k).map_err(|_| {
+            anyhow!("{k} is not set: run the end-to-end tests through deploy/test.sh, which starts containerd and the registry")
+        })
+    };
+    Ok(Env {
+        containerd_socket: var("BERTH_CONTAINERD_SOCKET")?,
+        registry: var("BERTH_TEST_REGISTRY")?,
+        bin_dir: PathBuf::from(var("BERTH_BIN_DIR")?),
+    })
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+static FLEET_SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct AgentSpec {
+    pub region: &'static str,
+    pub memory_mib: u64,
+    pub max_runs: u32,
+}
+
+impl AgentSpec {
+    pub fn new(region: &'static str) -> AgentSpec {
+        AgentSpec { region, memory_mib: 4096, max_runs: 8 }
+    }
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+pub struct Fleet {
+    pub env: Env,
+    pub dir: tempfile::TempDir,
+    pub api_url: String,
+    pub scheduler_addr: String,
+    /// (node id, region)
+    pub nodes: Vec<(String, String)>,
+    scheduler: Option<Proc>,
+    others: Vec<Proc>,
+    pub http: reqwest::Client,
+}
+
+impl Fleet {
+    /// A scheduler, an API and one agent per spec; waits until every node has registered.
+    pub async fn start(agents: &[AgentSpec]) -> Result<Fleet> {
+        let env = env()?;
+        let dir = tempfile::tempdir()?;
+        let seq = FLEET_SEQ.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("e{}x{}", std::process::id(), seq);
+        let scheduler_addr = format!("127.0.0.1:{}", free_port()?);
+        let api_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut fleet = Fleet {
+            api_url: format!("http://{api_addr}"),
+            scheduler_addr,
+            nodes: vec![],
+            scheduler: None,
+            others: vec![],
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            env,
+            dir,
+        };
+        fleet.start_scheduler()?;
+        let api = fleet.spawn(
+            "api",
+            "berth-api",
+            &["--listen", &api_addr, "--scheduler", &format!("http://{}", fleet.scheduler_addr), "--token", TOKEN],
+        )?;
+        fleet.others.push(api);
+        for (i, a) in agents.iter().enumerate() {
+            let node_id = format!("{tag}-{}{i}", a.region);
+            let state_dir = fleet.dir.path().join(format!("agent-{node_id}"));
+            let (mem, max) = (a.memory_mib.to_string(), a.max_runs.to_string());
+            let args = [
+                "--scheduler",
+                &format!("http://{}", fleet.scheduler_addr),
+                "--node-id",
+                &node_id,
+                "--region",
+                a.region,
+                "--memory-mib",
+                &mem,
+                "--cpus",
+                "2",
+                "--max-runs",
+                &max,
+                "--containerd-socket",
+                &fleet.env.containerd_socket,
+                "--state-dir",
+                &state_dir.to_string_lossy(),
+            ];
+            let p = fleet.spawn(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
+            fleet.others.push(p);
+            fleet.nodes.push((node_id, a.region.to_owned()));
+        }
+        fleet.wait_ready().await?;
+        Ok(fleet)
+    }
+
+    fn spawn(&self, name: &str, bin: &str, args: &[&str]) -> Result<Proc> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
+        let child = Command::new(self.env.bin_dir.join(bin))
+            .args(args)
+            .env("BERTH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin} from {}", self.env.bin_dir.display()))?;
+        Ok(Proc { name: name.to_owned(), child })
+    }
+
+    pub fn start_scheduler(&mut self) -> Result<()> {
+        let data = self.dir.path().join("scheduler");
+        let args = [
+            "--grpc-listen",
+            &self.scheduler_addr,
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--default-registry",
+            &self.env.registry,
+            "--heartbeat-interval-seconds",
+            "1",
+        ];
+        let p = self.spawn("scheduler", "berth-scheduler", &args)?;
+        self.scheduler = Some(p);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_scheduler(&mut self) -> Result<()> {
+        if let Some(mut p) = self.scheduler.take() {
+            p.child.kill()?;
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub async fn wait_ready(&self) -> Result<()> {
+        let want: Vec<&str> = self.nodes.iter().map(|(id, _)| id.as_str()).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(v) = self.get("/v1/nodes").await {
+                let ready: Vec<String> = v["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| n["status"] == "ready")
+                    .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                    .collect();
+                if want.iter().all(|w| ready.iter().any(|r| r == w)) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("fleet not ready after 30 s:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    out.push_str(&format!("---- {}\n", p.display()));
+                    for l in tail.into_iter().rev() {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn node(&self, region: &str) -> &str {
+        self.nodes.iter().find(|(_, r)| r == region).map(|(id, _)| id.as_str()).unwrap_or("")
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.api_url)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        let text = res.text().await?;
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).with_context(|| format!("body: {text}"))? };
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let (status, v) = self.request(reqwest::Method::GET, path, None).await?;
+        if status != 200 {
+            bail!("GET {path} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let (status, v) = self.request(reqwest::Method::POST, path, Some(body)).await?;
+        if !(200..300).contains(&status) {
+            bail!("POST {path} answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a busybox runner; `extra` fields override the defaults.
+    pub async fn runner(&self, region: &str, extra: Value) -> Result<String> {
+        let mut body = json!({
+            "name": "e2e-runner",
+            "image_name": "busybox",
+            "image_tag": "latest",
+            "region": region,
+            "instance_type": "standard-s",
+            "timeout_seconds": 120,
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let v = self.post("/v1/runners", body).await?;
+        v["runner"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no runner id in {v}"))
+    }
+
+    pub async fn start_run(&self, runner: &str, body: Value) -> Result<String> {
+        let v = self.post(&format!("/v1/runners/{runner}/runs"), body).await?;
+        v["run"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no run id in {v}"))
+    }
+
+    pub async fn run(&self, runner: &str, run: &str) -> Result<Value> {
+        Ok(self.get(&format!("/v1/runners/{runner}/runs/{run}")).await?["run"].clone())
+    }
+
+    /// Polls until the run's status satisfies `done`.
+    pub async fn wait_for(&self, runner: &str, run: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.run(runner, run).await?;
+            if done(r["status"].as_str().unwrap_or("")) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!("run {run} still {} after {timeout:?}: {r}\n{}", r["status"], self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_finished(&self, runner: &str, run: &str) -> Result<Value> {
+        self.wait_for(runner, run, Duration::from_secs(60), |s| matches!(s, "succeeded" | "failed" | "canceled")).await
+    }
+
+    /// Every log line of a run, through the paginated endpoint.
+    pub async fn all_logs(&self, runner: &str, run: &str) -> Result<Vec<Value>> {
+        let mut out = vec![];
+        let mut after = 0u64;
+        loop {
+            let v = self.get(&format!("/v1/runners/{runner}/runs/{run}/logs?after_id={after}&limit=1000")).await?;
+            let page = v["logs"].as_array().cloned().unwrap_or_default();
+            if let Some(last) = page.last() {
+                after = last["id"].as_u64().unwrap_or(after);
+            }
+            out.extend(page);
+            if v["has_more"] != json!(true) {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Containers containerd holds in a node's namespace.
+    pub async fn containers(&self, node_id: &str) -> Result<Vec<String>> {
+        use containerd_client::services::v1::{containers_client::ContainersClient, ListContainersRequest};
+        let channel = containerd_client::connect(&self.env.containerd_socket).await?;
+        let mut client = ContainersClient::new(channel);
+        let mut req = tonic::Request::new(ListContainersRequest { filters: vec![] });
+        req.metadata_mut().insert("containerd-namespace", format!("berth-{node_id}").parse()?);
+        let list = client.list(req).await?.into_inner();
+        Ok(list.containers.into_iter().map(|c| c.id).collect())
+    }
+
+    pub fn cgroup_dir(&self, controller: &str, node_id: &str, run_id: &str) -> PathBuf {
+        Path::new("/sys/fs/cgroup").join(controller).join("berth").join(node_id).join(run_id)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let procs = self.others.iter_mut().chain(self.scheduler.iter_mut());
+        for p in procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            let _ = &p.name;
+        }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Reads a whole SSE stream (until the server closes it or `timeout`).
+pub async fn read_sse(fleet: &Fleet, path: &str, last_event_id: Option<&str>, timeout: Duration) -> Result<Vec<SseEvent>> {
+    use futures::StreamExt;
+    let mut req = fleet.http.get(format!("{}{path}", fleet.api_url)).bearer_auth(TOKEN).timeout(timeout);
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    let res = req.send().await?;
+    if res.status() != 200 {
+        bail!("SSE {path} answered {}", res.status());
+    }
+    let mut body = res.bytes_stream();
+    let mut buf = String::new();
+    let mut events = vec![];
+    let mut cur = SseEvent::default();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(pos) = buf.find('\n') {
+            let line: String = buf.drain(..=pos).collect();
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !cur.event.is_empty() || !cur.data.is_empty() {
+                    events.push(std::mem::take(&mut cur));
+                }
+            } else if let Some(v) = line.strip_prefix("event:") {
+                cur.event = v.trim_start().to_owned();
+            } else if let Some(v) = line.strip_prefix("id:") {
+                cur.id = Some(v.trim_start().to_owned());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                cur.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+    }
+    Ok(events)
+}
