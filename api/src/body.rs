@@ -20,10 +20,12 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::Malformed {
-            field: "body".to_owned(),
-            message: e.body_text(),
-        })?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::Malformed {
+                field: "body".to_owned(),
+                message: e.body_text(),
+            })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return if EMPTY_OK {
                 Ok(JsonBody(T::default()))
@@ -74,7 +76,10 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert_eq!(field(r#"{"name": 5}"#), "name");
-        assert_eq!(field(r#"{"env_variables": [{"env_key": 1}]}"#), "env_variables[0].env_key");
+        assert_eq!(
+            field(r#"{"env_variables": [{"env_key": 1}]}"#),
+            "env_variables[0].env_key"
+        );
         assert_eq!(field(r#"{"nme": "x"}"#), "nme");
         assert_eq!(field("{"), "body");
     }

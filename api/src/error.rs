@@ -28,21 +28,44 @@ pub enum ApiError {
 
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, Vec<FieldError>) {
-        let fe = |field: &str, message: String| vec![FieldError { field: field.to_owned(), message }];
+        let fe = |field: &str, message: String| {
+            vec![FieldError {
+                field: field.to_owned(),
+                message,
+            }]
+        };
         match self {
-            ApiError::Malformed { field, message } => {
-                (StatusCode::BAD_REQUEST, "malformed_request", fe(field, message.clone()))
-            }
-            ApiError::Invalid(v) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", v.0.clone()),
-            ApiError::NotFound { field, message } => (StatusCode::NOT_FOUND, "not_found", fe(field, message.clone())),
+            ApiError::Malformed { field, message } => (
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                fe(field, message.clone()),
+            ),
+            ApiError::Invalid(v) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                v.0.clone(),
+            ),
+            ApiError::NotFound { field, message } => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                fe(field, message.clone()),
+            ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 fe("Authorization", self.to_string()),
             ),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", fe("revision", m.clone())),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", fe("", self.to_string())),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", fe("", self.to_string())),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                fe("", self.to_string()),
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                fe("", self.to_string()),
+            ),
         }
     }
 }
@@ -53,7 +76,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, axum::Json(json!({ "code": code, "errors": errors }))).into_response()
+        (
+            status,
+            axum::Json(json!({ "code": code, "errors": errors })),
+        )
+            .into_response()
     }
 }
 
@@ -63,17 +90,33 @@ impl From<tonic::Status> for ApiError {
         let message = s.message().to_owned();
         match s.code() {
             Code::NotFound => {
-                let field = if message.starts_with("runner ") { "runner_id" } else { "run_id" };
-                ApiError::NotFound { field: field.to_owned(), message }
+                let field = if message.starts_with("runner ") {
+                    "runner_id"
+                } else {
+                    "run_id"
+                };
+                ApiError::NotFound {
+                    field: field.to_owned(),
+                    message,
+                }
             }
             Code::InvalidArgument => match serde_json::from_str::<Vec<FieldErrorIn>>(&message) {
                 Ok(list) => ApiError::Invalid(ValidationErrors(
-                    list.into_iter().map(|f| FieldError { field: f.field, message: f.message }).collect(),
+                    list.into_iter()
+                        .map(|f| FieldError {
+                            field: f.field,
+                            message: f.message,
+                        })
+                        .collect(),
                 )),
                 Err(_) => ApiError::Invalid(ValidationErrors::single("", message)),
             },
-            Code::Aborted | Code::FailedPrecondition | Code::AlreadyExists => ApiError::Conflict(message),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ApiError::Unavailable(message),
+            Code::Aborted | Code::FailedPrecondition | Code::AlreadyExists => {
+                ApiError::Conflict(message)
+            }
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                ApiError::Unavailable(message)
+            }
             _ => ApiError::Internal(format!("{:?}: {message}", s.code())),
         }
     }

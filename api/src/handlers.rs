@@ -24,28 +24,58 @@ type ApiResult<T> = Result<T, ApiError>;
 const MAX_ID_LEN: usize = 64;
 
 fn check_id(field: &str, id: &str) -> ApiResult<()> {
-    let ok = !id.is_empty() && id.len() <= MAX_ID_LEN && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if ok {
         Ok(())
     } else {
-        Err(ApiError::NotFound { field: field.to_owned(), message: format!("no such {field}: {id}") })
+        Err(ApiError::NotFound {
+            field: field.to_owned(),
+            message: format!("no such {field}: {id}"),
+        })
     }
 }
 
-pub async fn create_runner(State(s): State<AppState>, JsonBody(input): JsonBody<RunnerInput>) -> ApiResult<impl IntoResponse> {
+pub async fn create_runner(
+    State(s): State<AppState>,
+    JsonBody(input): JsonBody<RunnerInput>,
+) -> ApiResult<impl IntoResponse> {
     let spec = input.into_spec()?;
-    let runner = s.control().create_runner(pb::CreateRunnerRequest { spec: Some((&spec).into()) }).await?.into_inner();
-    Ok((StatusCode::CREATED, Json(json!({ "runner": views::runner(&runner) }))))
+    let runner = s
+        .control()
+        .create_runner(pb::CreateRunnerRequest {
+            spec: Some((&spec).into()),
+        })
+        .await?
+        .into_inner();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "runner": views::runner(&runner) })),
+    ))
 }
 
 pub async fn list_runners(State(s): State<AppState>) -> ApiResult<Json<Value>> {
-    let list = s.control().list_runners(pb::ListRunnersRequest {}).await?.into_inner();
-    Ok(Json(json!({ "runners": list.runners.iter().map(views::runner).collect::<Vec<_>>() })))
+    let list = s
+        .control()
+        .list_runners(pb::ListRunnersRequest {})
+        .await?
+        .into_inner();
+    Ok(Json(
+        json!({ "runners": list.runners.iter().map(views::runner).collect::<Vec<_>>() }),
+    ))
 }
 
-pub async fn get_runner(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn get_runner(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
     check_id("runner_id", &id)?;
-    let runner = s.control().get_runner(pb::GetRunnerRequest { id }).await?.into_inner();
+    let runner = s
+        .control()
+        .get_runner(pb::GetRunnerRequest { id })
+        .await?
+        .into_inner();
     Ok(Json(json!({ "runner": views::runner(&runner) })))
 }
 
@@ -58,10 +88,18 @@ pub async fn update_runner(
     check_id("runner_id", &id)?;
     let mut attempts = 0;
     loop {
-        let current = s.control().get_runner(pb::GetRunnerRequest { id: id.clone() }).await?.into_inner();
+        let current = s
+            .control()
+            .get_runner(pb::GetRunnerRequest { id: id.clone() })
+            .await?
+            .into_inner();
         let spec: RunnerSpec = current.spec.clone().unwrap_or_default().into();
         let next = patch.clone().apply(&spec)?;
-        let req = pb::UpdateRunnerRequest { id: id.clone(), spec: Some((&next).into()), revision: current.revision };
+        let req = pb::UpdateRunnerRequest {
+            id: id.clone(),
+            spec: Some((&next).into()),
+            revision: current.revision,
+        };
         match s.control().update_runner(req).await {
             Ok(r) => return Ok(Json(json!({ "runner": views::runner(&r.into_inner()) }))),
             Err(status) if status.code() == tonic::Code::Aborted && attempts < 5 => attempts += 1,
@@ -70,9 +108,14 @@ pub async fn update_runner(
     }
 }
 
-pub async fn delete_runner(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_runner(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     check_id("runner_id", &id)?;
-    s.control().delete_runner(pb::DeleteRunnerRequest { id }).await?;
+    s.control()
+        .delete_runner(pb::DeleteRunnerRequest { id })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -92,26 +135,52 @@ pub async fn create_run(
         env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
     };
     let run = s.control().create_run(req).await?.into_inner();
-    Ok((StatusCode::CREATED, Json(json!({ "run": views::run(&run) }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "run": views::run(&run) })),
+    ))
 }
 
-pub async fn list_runs(State(s): State<AppState>, Path(runner_id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn list_runs(
+    State(s): State<AppState>,
+    Path(runner_id): Path<String>,
+) -> ApiResult<Json<Value>> {
     check_id("runner_id", &runner_id)?;
-    let list = s.control().list_runs(pb::ListRunsRequest { runner_id }).await?.into_inner();
-    Ok(Json(json!({ "runs": list.runs.iter().map(views::run).collect::<Vec<_>>() })))
+    let list = s
+        .control()
+        .list_runs(pb::ListRunsRequest { runner_id })
+        .await?
+        .into_inner();
+    Ok(Json(
+        json!({ "runs": list.runs.iter().map(views::run).collect::<Vec<_>>() }),
+    ))
 }
 
-pub async fn get_run(State(s): State<AppState>, Path((runner_id, run_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+pub async fn get_run(
+    State(s): State<AppState>,
+    Path((runner_id, run_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     check_id("runner_id", &runner_id)?;
     check_id("run_id", &run_id)?;
-    let run = s.control().get_run(pb::GetRunRequest { runner_id, run_id }).await?.into_inner();
+    let run = s
+        .control()
+        .get_run(pb::GetRunRequest { runner_id, run_id })
+        .await?
+        .into_inner();
     Ok(Json(json!({ "run": views::run(&run) })))
 }
 
-pub async fn stop_run(State(s): State<AppState>, Path((runner_id, run_id)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+pub async fn stop_run(
+    State(s): State<AppState>,
+    Path((runner_id, run_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     check_id("runner_id", &runner_id)?;
     check_id("run_id", &run_id)?;
-    let run = s.control().stop_run(pb::StopRunRequest { runner_id, run_id }).await?.into_inner();
+    let run = s
+        .control()
+        .stop_run(pb::StopRunRequest { runner_id, run_id })
+        .await?
+        .into_inner();
     Ok(Json(json!({ "run": views::run(&run) })))
 }
 
@@ -129,7 +198,10 @@ fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult
     v.filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<T>().map_err(|_| {
-                ApiError::Invalid(berth_core::validate::ValidationErrors::single(field, "must be a non-negative integer"))
+                ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+                    field,
+                    "must be a non-negative integer",
+                ))
             })
         })
         .transpose()
@@ -145,9 +217,22 @@ pub async fn list_logs(
     let after_id = parse_number::<u64>("after_id", q.after_id.as_deref())?.unwrap_or(0);
     let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(LOGS_DEFAULT_LIMIT);
     if !(1..=LOGS_MAX_LIMIT).contains(&limit) {
-        return Err(berth_core::validate::ValidationErrors::single("limit", format!("must be between 1 and {LOGS_MAX_LIMIT}")).into());
+        return Err(berth_core::validate::ValidationErrors::single(
+            "limit",
+            format!("must be between 1 and {LOGS_MAX_LIMIT}"),
+        )
+        .into());
     }
-    let page = s.control().list_logs(pb::ListLogsRequest { runner_id, run_id, after_id, limit }).await?.into_inner();
+    let page = s
+        .control()
+        .list_logs(pb::ListLogsRequest {
+            runner_id,
+            run_id,
+            after_id,
+            limit,
+        })
+        .await?
+        .into_inner();
     let next_after_id = page.logs.last().map_or(after_id, |l| l.id);
     Ok(Json(json!({
         "logs": page.logs.iter().map(views::log).collect::<Vec<_>>(),
@@ -177,12 +262,21 @@ pub async fn stream_logs(
         Some(v) => v,
         None => parse_number::<u64>("Last-Event-ID", from_header)?.unwrap_or(0),
     };
-    let events = s.control().watch_logs(pb::WatchLogsRequest { runner_id, run_id, after_id }).await?.into_inner();
+    let events = s
+        .control()
+        .watch_logs(pb::WatchLogsRequest {
+            runner_id,
+            run_id,
+            after_id,
+        })
+        .await?
+        .into_inner();
     let stream = events.map(|item| {
         let event = match item.map(|e| e.event) {
-            Ok(Some(pb::watch_logs_event::Event::Log(l))) => {
-                Event::default().event("log").id(l.id.to_string()).data(views::log(&l).to_string())
-            }
+            Ok(Some(pb::watch_logs_event::Event::Log(l))) => Event::default()
+                .event("log")
+                .id(l.id.to_string())
+                .data(views::log(&l).to_string()),
             Ok(Some(pb::watch_logs_event::Event::State(st))) => Event::default()
                 .event("state")
                 .data(json!({ "status": st.status, "exit_code": st.exit_code }).to_string()),
@@ -197,8 +291,14 @@ pub async fn stream_logs(
 }
 
 pub async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Value>> {
-    let list = s.control().list_nodes(pb::ListNodesRequest {}).await?.into_inner();
-    Ok(Json(json!({ "nodes": list.nodes.iter().map(views::node).collect::<Vec<_>>() })))
+    let list = s
+        .control()
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner();
+    Ok(Json(
+        json!({ "nodes": list.nodes.iter().map(views::node).collect::<Vec<_>>() }),
+    ))
 }
 
 pub async fn list_instance_types() -> Json<Value> {
@@ -210,5 +310,8 @@ pub async fn list_regions() -> Json<Value> {
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::NotFound { field: "path".to_owned(), message: "no such route".to_owned() }
+    ApiError::NotFound {
+        field: "path".to_owned(),
+        message: "no such route".to_owned(),
+    }
 }

@@ -28,7 +28,10 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(control: ControlServiceClient<Channel>, token: &str) -> AppState {
-        AppState { control, token: Arc::from(token) }
+        AppState {
+            control,
+            token: Arc::from(token),
+        }
     }
 
     fn control(&self) -> ControlServiceClient<Channel> {
@@ -38,10 +41,19 @@ impl AppState {
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
-async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+async fn require_token(
+    State(s): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let given = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -58,12 +70,18 @@ pub fn router(state: AppState) -> Router {
     use handlers::*;
     let v1 = Router::new()
         .route("/v1/runners", get(list_runners).post(create_runner))
-        .route("/v1/runners/{id}", get(get_runner).patch(update_runner).delete(delete_runner))
+        .route(
+            "/v1/runners/{id}",
+            get(get_runner).patch(update_runner).delete(delete_runner),
+        )
         .route("/v1/runners/{id}/runs", get(list_runs).post(create_run))
         .route("/v1/runners/{id}/runs/{run_id}", get(get_run))
         .route("/v1/runners/{id}/runs/{run_id}/stop", post(stop_run))
         .route("/v1/runners/{id}/runs/{run_id}/logs", get(list_logs))
-        .route("/v1/runners/{id}/runs/{run_id}/logs/stream", get(stream_logs))
+        .route(
+            "/v1/runners/{id}/runs/{run_id}/logs/stream",
+            get(stream_logs),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/instance_types", get(list_instance_types))
         .route("/v1/regions", get(list_regions))
@@ -73,25 +91,23 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(v1)
-        .layer(tower_http_trace())
+        .layer(middleware::from_fn(trace_request))
         .with_state(state)
 }
 
-fn tower_http_trace() -> middleware::FromFnLayer<
-    fn(Request, Next) -> std::pin::Pin<Box<dyn Future<Output = Response> + Send>>,
-    (),
-    (Request,),
-> {
-    fn trace(req: Request, next: Next) -> std::pin::Pin<Box<dyn Future<Output = Response> + Send>> {
-        Box::pin(async move {
-            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-            let started = std::time::Instant::now();
-            let res = next.run(req).await;
-            tracing::info!(%method, %path, status = res.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request");
-            res
-        })
-    }
-    middleware::from_fn(trace)
+/// One structured log line per request.
+async fn trace_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::info!(
+        %method,
+        %path,
+        status = res.status().as_u16(),
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "request"
+    );
+    res
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
@@ -100,7 +116,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]

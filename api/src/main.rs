@@ -10,7 +10,11 @@ struct Args {
     #[arg(long, env = "BERTH_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
     /// The scheduler's gRPC address.
-    #[arg(long, env = "BERTH_SCHEDULER_URL", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "BERTH_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:7070"
+    )]
     scheduler: String,
     /// Bearer token clients must send.
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
@@ -22,11 +26,15 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     let args = Args::parse();
-    anyhow::ensure!(args.token.len() >= 16, "--token must be at least 16 characters");
+    anyhow::ensure!(
+        args.token.len() >= 16,
+        "--token must be at least 16 characters"
+    );
     // Lazy: the API starts (and answers 503) while the scheduler is down or restarting.
     let channel = tonic::transport::Endpoint::from_shared(args.scheduler.clone())
         .with_context(|| format!("bad scheduler address {}", args.scheduler))?
@@ -38,10 +46,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, scheduler = %args.scheduler, "api listening");
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -21,11 +21,19 @@ fn opt_millis(ms: Option<i64>) -> Value {
 }
 
 fn env(vars: &[pb::EnvVar]) -> Value {
-    Value::Array(vars.iter().map(|e| json!({"env_key": e.key, "env_val": e.value})).collect())
+    Value::Array(
+        vars.iter()
+            .map(|e| json!({"env_key": e.key, "env_val": e.value}))
+            .collect(),
+    )
 }
 
 fn argv(a: &[String]) -> Value {
-    if a.is_empty() { Value::Null } else { json!(a) }
+    if a.is_empty() {
+        Value::Null
+    } else {
+        json!(a)
+    }
 }
 
 pub fn runner(r: &pb::Runner) -> Value {
@@ -50,7 +58,9 @@ pub fn runner(r: &pb::Runner) -> Value {
 
 pub fn run(r: &pb::Run) -> Value {
     let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
-        (Some(s), Some(e)) => json!(u64::try_from(e.saturating_sub(s)).unwrap_or(0).div_ceil(1000)),
+        (Some(s), Some(e)) => json!(u64::try_from(e.saturating_sub(s))
+            .unwrap_or(0)
+            .div_ceil(1000)),
         _ => Value::Null,
     };
     json!({

@@ -162,7 +162,10 @@ mod tests {
     fn splits_like_a_shell() {
         assert_eq!(
             split_words(r#"/bin/tini -- "a b" 'c d' e\ f"#),
-            Ok(vec!["/bin/tini", "--", "a b", "c d", "e f"].into_iter().map(String::from).collect())
+            Ok(vec!["/bin/tini", "--", "a b", "c d", "e f"]
+                .into_iter()
+                .map(String::from)
+                .collect())
         );
         assert_eq!(split_words("  "), Ok(vec![]));
         assert_eq!(split_words("'x"), Err(SplitError::UnterminatedQuote));
@@ -172,12 +175,18 @@ mod tests {
     #[test]
     fn runner_default_is_shell_form() {
         let c = EffectiveCommand::resolve(&runner(), &RunInput::default());
-        assert_eq!(c.cmd(), Some(vec!["sh".into(), "-c".into(), "echo default".into()]));
+        assert_eq!(
+            c.cmd(),
+            Some(vec!["sh".into(), "-c".into(), "echo default".into()])
+        );
     }
 
     #[test]
     fn run_argv_overrides_runner_command() {
-        let o = RunInput { argv: Some(vec!["echo".into(), "x".into()]), ..Default::default() };
+        let o = RunInput {
+            argv: Some(vec!["echo".into(), "x".into()]),
+            ..Default::default()
+        };
         let c = EffectiveCommand::resolve(&runner(), &o);
         assert_eq!(c.command, None);
         assert_eq!(c.cmd(), Some(vec!["echo".into(), "x".into()]));
@@ -192,7 +201,10 @@ mod tests {
         };
         let c = EffectiveCommand::resolve(&runner(), &o);
         assert_eq!(c.command.as_deref(), Some("exit 3"));
-        assert_eq!(c.entrypoint_words(), Some(vec!["/bin/env".into(), "FOO=1".into()]));
+        assert_eq!(
+            c.entrypoint_words(),
+            Some(vec!["/bin/env".into(), "FOO=1".into()])
+        );
     }
 
     #[test]

@@ -115,7 +115,10 @@ mod tests {
     fn terminal_states_never_change() {
         for from in RunStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
             for to in RunStatus::ALL {
-                assert!(from.transition(to).is_err(), "{from} -> {to} must be refused");
+                assert!(
+                    from.transition(to).is_err(),
+                    "{from} -> {to} must be refused"
+                );
             }
         }
     }

@@ -207,7 +207,10 @@ impl RunInput {
 pub fn validate_spec(spec: &RunnerSpec) -> Result<(), ValidationErrors> {
     let mut c = Collector::default();
     if !(TIMEOUT_MIN..=TIMEOUT_MAX).contains(&i64::from(spec.timeout_seconds)) {
-        c.push("timeout_seconds", format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"));
+        c.push(
+            "timeout_seconds",
+            format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"),
+        );
     }
     check_spec(&mut c, spec, false);
     c.finish(())
@@ -228,20 +231,22 @@ fn check_timeout(c: &mut Collector, v: Option<i64>) -> u32 {
 }
 
 fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool) {
+    // A required field missing on create was already reported as "is required".
+    let given = |v: &str| !(creating && v.is_empty());
     let name_len = s.name.chars().count();
-    if !(creating && s.name.is_empty()) && !(NAME_MIN..=NAME_MAX).contains(&name_len) {
+    if given(&s.name) && !(NAME_MIN..=NAME_MAX).contains(&name_len) {
         c.push(
             "name",
             format!("must be {NAME_MIN} to {NAME_MAX} characters long"),
         );
     }
-    if !(creating && s.image_name.is_empty()) && !is_image_name(&s.image_name) {
+    if given(&s.image_name) && !is_image_name(&s.image_name) {
         c.push(
             "image_name",
             "must be a repository name such as `busybox` or `registry.example:5000/team/app`",
         );
     }
-    if !(creating && s.image_tag.is_empty()) && !is_image_tag(&s.image_tag) {
+    if given(&s.image_tag) && !is_image_tag(&s.image_tag) {
         c.push(
             "image_tag",
             "must be a tag (letters, digits, `_`, `.`, `-`, at most 128) or a sha256 digest",
@@ -257,13 +262,13 @@ fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool) {
     if let Some(ep) = &s.entrypoint {
         check_entrypoint(c, ep);
     }
-    if !(creating && s.region.is_empty()) && !REGIONS.contains(&s.region.as_str()) {
+    if given(&s.region) && !REGIONS.contains(&s.region.as_str()) {
         c.push(
             "region",
             format!("unknown region; known: {}", REGIONS.join(", ")),
         );
     }
-    if !(creating && s.instance_type.is_empty()) && instance_type(&s.instance_type).is_none() {
+    if given(&s.instance_type) && instance_type(&s.instance_type).is_none() {
         let known: Vec<&str> = crate::model::INSTANCE_TYPES
             .iter()
             .map(|t| t.slug)
@@ -455,23 +460,46 @@ mod tests {
 
     #[test]
     fn name_length_boundaries() {
-        for (name, ok) in [("ab", false), ("abc", true), (&"a".repeat(50), true), (&"a".repeat(51), false)] {
-            let r = RunnerInput { name: Some(name.to_string()), ..good() }.into_spec();
+        for (name, ok) in [
+            ("ab", false),
+            ("abc", true),
+            (&"a".repeat(50), true),
+            (&"a".repeat(51), false),
+        ] {
+            let r = RunnerInput {
+                name: Some(name.to_string()),
+                ..good()
+            }
+            .into_spec();
             assert_eq!(r.is_ok(), ok, "name of {} chars", name.len());
         }
     }
 
     #[test]
     fn timeout_boundaries() {
-        for (t, ok) in [(0, false), (1, true), (86_400, true), (86_401, false), (-5, false)] {
-            let r = RunnerInput { timeout_seconds: Some(t), ..good() }.into_spec();
+        for (t, ok) in [
+            (0, false),
+            (1, true),
+            (86_400, true),
+            (86_401, false),
+            (-5, false),
+        ] {
+            let r = RunnerInput {
+                timeout_seconds: Some(t),
+                ..good()
+            }
+            .into_spec();
             assert_eq!(r.is_ok(), ok, "timeout {t}");
         }
     }
 
     #[test]
     fn run_command_and_argv_are_exclusive() {
-        let r = RunnerInput { argv: Some(vec!["echo".into()]), ..good() }.into_spec();
+        let r = RunnerInput {
+            argv: Some(vec!["echo".into()]),
+            ..good()
+        }
+        .into_spec();
         assert_eq!(fields(r), vec!["argv".to_string()]);
     }
 
@@ -483,15 +511,24 @@ mod tests {
             ..good()
         }
         .into_spec();
-        assert_eq!(fields(r), vec!["region".to_string(), "instance_type".to_string()]);
+        assert_eq!(
+            fields(r),
+            vec!["region".to_string(), "instance_type".to_string()]
+        );
     }
 
     #[test]
     fn env_keys_are_checked() {
         let r = RunnerInput {
             env_variables: Some(vec![
-                EnvVar { env_key: "GOOD_1".into(), env_val: "x".into() },
-                EnvVar { env_key: "1BAD".into(), env_val: "x".into() },
+                EnvVar {
+                    env_key: "GOOD_1".into(),
+                    env_val: "x".into(),
+                },
+                EnvVar {
+                    env_key: "1BAD".into(),
+                    env_val: "x".into(),
+                },
             ]),
             ..good()
         }
@@ -501,10 +538,25 @@ mod tests {
 
     #[test]
     fn image_names() {
-        for ok in ["busybox", "library/busybox", "127.0.0.1:5000/busybox", "localhost/a/b", "a__b", "a-b.c"] {
+        for ok in [
+            "busybox",
+            "library/busybox",
+            "127.0.0.1:5000/busybox",
+            "localhost/a/b",
+            "a__b",
+            "a-b.c",
+        ] {
             assert!(is_image_name(ok), "{ok}");
         }
-        for bad in ["", "Busybox", "busybox/", "/busybox", "a..b", "host:99999/x", "a b"] {
+        for bad in [
+            "",
+            "Busybox",
+            "busybox/",
+            "/busybox",
+            "a..b",
+            "host:99999/x",
+            "a b",
+        ] {
             assert!(!is_image_name(bad), "{bad}");
         }
     }
@@ -513,18 +565,33 @@ mod tests {
     fn patch_switches_between_command_forms() {
         let spec = good().into_spec().ok();
         let patched = spec.as_ref().map(|s| {
-            RunnerPatch { argv: Some(vec!["echo".into(), "x".into()]), ..Default::default() }.apply(s)
+            RunnerPatch {
+                argv: Some(vec!["echo".into(), "x".into()]),
+                ..Default::default()
+            }
+            .apply(s)
         });
         let patched = patched.and_then(Result::ok);
         assert_eq!(patched.as_ref().map(|s| s.run_command.clone()), Some(None));
-        assert_eq!(patched.map(|s| s.argv), Some(vec!["echo".to_string(), "x".to_string()]));
+        assert_eq!(
+            patched.map(|s| s.argv),
+            Some(vec!["echo".to_string(), "x".to_string()])
+        );
     }
 
     #[test]
     fn run_overrides_are_checked() {
-        let r = RunInput { command: Some("x".repeat(4_001)), ..Default::default() }.validate();
+        let r = RunInput {
+            command: Some("x".repeat(4_001)),
+            ..Default::default()
+        }
+        .validate();
         assert!(r.is_err());
-        let r = RunInput { command: Some("x".repeat(4_000)), ..Default::default() }.validate();
+        let r = RunInput {
+            command: Some("x".repeat(4_000)),
+            ..Default::default()
+        }
+        .validate();
         assert!(r.is_ok());
         let r = RunInput {
             command: Some("a".into()),

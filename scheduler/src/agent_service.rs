@@ -29,7 +29,11 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         let mut inbound = request.into_inner();
         let register = match inbound.message().await?.and_then(|m| m.body) {
             Some(Body::Register(r)) => r,
-            _ => return Err(Status::invalid_argument("the first message must be Register")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be Register",
+                ))
+            }
         };
         let node_id = register.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();

@@ -23,37 +23,66 @@ type Events = Pin<Box<dyn Stream<Item = Result<pb::WatchLogsEvent, Status>> + Se
 
 #[tonic::async_trait]
 impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
-    async fn create_runner(&self, r: Request<pb::CreateRunnerRequest>) -> Result<Response<pb::Runner>, Status> {
-        let spec = r.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+    async fn create_runner(
+        &self,
+        r: Request<pb::CreateRunnerRequest>,
+    ) -> Result<Response<pb::Runner>, Status> {
+        let spec = r
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let (runner, rev) = self.scheduler.create_runner(spec.into()).await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
-    async fn get_runner(&self, r: Request<pb::GetRunnerRequest>) -> Result<Response<pb::Runner>, Status> {
+    async fn get_runner(
+        &self,
+        r: Request<pb::GetRunnerRequest>,
+    ) -> Result<Response<pb::Runner>, Status> {
         let (runner, rev) = self.scheduler.get_runner(&r.into_inner().id).await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
-    async fn list_runners(&self, _: Request<pb::ListRunnersRequest>) -> Result<Response<pb::ListRunnersResponse>, Status> {
+    async fn list_runners(
+        &self,
+        _: Request<pb::ListRunnersRequest>,
+    ) -> Result<Response<pb::ListRunnersResponse>, Status> {
         let runners = self.scheduler.list_runners().await?;
         Ok(Response::new(pb::ListRunnersResponse {
-            runners: runners.iter().map(|(r, rev)| runner_to_pb(r, *rev)).collect(),
+            runners: runners
+                .iter()
+                .map(|(r, rev)| runner_to_pb(r, *rev))
+                .collect(),
         }))
     }
 
-    async fn update_runner(&self, r: Request<pb::UpdateRunnerRequest>) -> Result<Response<pb::Runner>, Status> {
+    async fn update_runner(
+        &self,
+        r: Request<pb::UpdateRunnerRequest>,
+    ) -> Result<Response<pb::Runner>, Status> {
         let r = r.into_inner();
-        let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let (runner, rev) = self.scheduler.update_runner(&r.id, spec.into(), r.revision).await?;
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let (runner, rev) = self
+            .scheduler
+            .update_runner(&r.id, spec.into(), r.revision)
+            .await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
-    async fn delete_runner(&self, r: Request<pb::DeleteRunnerRequest>) -> Result<Response<pb::DeleteRunnerResponse>, Status> {
+    async fn delete_runner(
+        &self,
+        r: Request<pb::DeleteRunnerRequest>,
+    ) -> Result<Response<pb::DeleteRunnerResponse>, Status> {
         self.scheduler.delete_runner(&r.into_inner().id).await?;
         Ok(Response::new(pb::DeleteRunnerResponse {}))
     }
 
-    async fn create_run(&self, r: Request<pb::CreateRunRequest>) -> Result<Response<pb::Run>, Status> {
+    async fn create_run(
+        &self,
+        r: Request<pb::CreateRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
         let r = r.into_inner();
         let input = RunInput {
             argv: r.argv_set.then_some(r.argv),
@@ -71,9 +100,14 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new((&run).into()))
     }
 
-    async fn list_runs(&self, r: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        r: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let runs = self.scheduler.list_runs(&r.into_inner().runner_id).await?;
-        Ok(Response::new(pb::ListRunsResponse { runs: runs.iter().map(Into::into).collect() }))
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(Into::into).collect(),
+        }))
     }
 
     async fn stop_run(&self, r: Request<pb::StopRunRequest>) -> Result<Response<pb::Run>, Status> {
@@ -82,17 +116,29 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new((&run).into()))
     }
 
-    async fn list_logs(&self, r: Request<pb::ListLogsRequest>) -> Result<Response<pb::ListLogsResponse>, Status> {
+    async fn list_logs(
+        &self,
+        r: Request<pb::ListLogsRequest>,
+    ) -> Result<Response<pb::ListLogsResponse>, Status> {
         let r = r.into_inner();
         self.scheduler.get_run(&r.runner_id, &r.run_id).await?;
         let limit = usize::try_from(r.limit.clamp(1, 1000)).unwrap_or(100);
-        let (logs, has_more) = self.scheduler.list_logs(&r.run_id, r.after_id, limit).await?;
-        Ok(Response::new(pb::ListLogsResponse { logs: logs.iter().map(Into::into).collect(), has_more }))
+        let (logs, has_more) = self
+            .scheduler
+            .list_logs(&r.run_id, r.after_id, limit)
+            .await?;
+        Ok(Response::new(pb::ListLogsResponse {
+            logs: logs.iter().map(Into::into).collect(),
+            has_more,
+        }))
     }
 
     type WatchLogsStream = Events;
 
-    async fn watch_logs(&self, r: Request<pb::WatchLogsRequest>) -> Result<Response<Self::WatchLogsStream>, Status> {
+    async fn watch_logs(
+        &self,
+        r: Request<pb::WatchLogsRequest>,
+    ) -> Result<Response<Self::WatchLogsStream>, Status> {
         let r = r.into_inner();
         self.scheduler.get_run(&r.runner_id, &r.run_id).await?;
         let (tx, rx) = mpsc::channel(WATCH_BATCH);
@@ -105,7 +151,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.scheduler.list_nodes().await;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes
@@ -119,7 +168,8 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
                     max_concurrent_runs: n.view.max_runs,
                     running_run_ids: n.running_run_ids,
                     status: n.view.status.as_str().to_owned(),
-                    last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis()).unwrap_or(u64::MAX),
+                    last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis())
+                        .unwrap_or(u64::MAX),
                 })
                 .collect(),
         }))
@@ -143,7 +193,9 @@ async fn watch<S: Store>(
         let (logs, has_more) = scheduler.list_logs(&r.run_id, after, WATCH_BATCH).await?;
         for line in &logs {
             after = line.id;
-            let event = pb::WatchLogsEvent { event: Some(pb::watch_logs_event::Event::Log(line.into())) };
+            let event = pb::WatchLogsEvent {
+                event: Some(pb::watch_logs_event::Event::Log(line.into())),
+            };
             if tx.send(Ok(event)).await.is_err() {
                 return Ok(()); // the client went away
             }
@@ -152,8 +204,15 @@ async fn watch<S: Store>(
             continue;
         }
         if run.status.is_terminal() {
-            let state = pb::RunState { status: run.status.as_str().to_owned(), exit_code: run.exit_code };
-            let _ = tx.send(Ok(pb::WatchLogsEvent { event: Some(pb::watch_logs_event::Event::State(state)) })).await;
+            let state = pb::RunState {
+                status: run.status.as_str().to_owned(),
+                exit_code: run.exit_code,
+            };
+            let _ = tx
+                .send(Ok(pb::WatchLogsEvent {
+                    event: Some(pb::watch_logs_event::Event::State(state)),
+                }))
+                .await;
             return Ok(());
         }
         tokio::select! {

@@ -230,7 +230,11 @@ impl<S: Store> Scheduler<S> {
 
     // ---- runs ----------------------------------------------------------------------------
 
-    pub async fn create_run(&self, runner_id: &str, input: RunInput) -> Result<Run, SchedulerError> {
+    pub async fn create_run(
+        &self,
+        runner_id: &str,
+        input: RunInput,
+    ) -> Result<Run, SchedulerError> {
         let input = input.validate()?;
         let (runner, _) = self.get_runner(runner_id).await?;
         let itype = instance_type(&runner.spec.instance_type).ok_or_else(|| {
@@ -278,7 +282,11 @@ impl<S: Store> Scheduler<S> {
             .commit(
                 Txn::new()
                     .put(keys::run(&run.id), encode(&run), Expect::Absent)
-                    .put(keys::runner_run(&runner.id, &run.id), vec![], Expect::Absent),
+                    .put(
+                        keys::runner_run(&runner.id, &run.id),
+                        vec![],
+                        Expect::Absent,
+                    ),
             )
             .await?;
         tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
@@ -320,10 +328,15 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn list_runs(&self, runner_id: &str) -> Result<Vec<Run>, SchedulerError> {
         self.get_runner(runner_id).await?;
-        let index = self.store.list_prefix(&keys::runner_runs_prefix(runner_id)).await?;
+        let index = self
+            .store
+            .list_prefix(&keys::runner_runs_prefix(runner_id))
+            .await?;
         let mut runs = Vec::with_capacity(index.len());
         for kv in index {
-            let Some(run_id) = kv.key.rsplit('/').next() else { continue };
+            let Some(run_id) = kv.key.rsplit('/').next() else {
+                continue;
+            };
             match self.load_run(run_id).await {
                 Ok((run, _)) => runs.push(run),
                 Err(SchedulerError::NotFound { .. }) => {}
@@ -399,7 +412,10 @@ impl<S: Store> Scheduler<S> {
     ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
         let start = keys::log(run_id, after_id.saturating_add(1));
         let end = keys::prefix_end(&keys::logs_prefix(run_id));
-        let mut kvs = self.store.range(&start, &end, limit.saturating_add(1)).await?;
+        let mut kvs = self
+            .store
+            .range(&start, &end, limit.saturating_add(1))
+            .await?;
         let has_more = kvs.len() > limit;
         kvs.truncate(limit);
         let logs = kvs
@@ -484,15 +500,23 @@ impl<S: Store> Scheduler<S> {
             if reported.contains(run_id.as_str()) {
                 continue;
             }
-            let Some(cached) = st.active.get(run_id) else { continue };
+            let Some(cached) = st.active.get(run_id) else {
+                continue;
+            };
             let (mut run, revision) = (cached.run.clone(), cached.revision);
             if *status == RunStatus::Pending {
-                run.requeue(&format!("node {} restarted before starting it", reg.node_id))?;
+                run.requeue(&format!(
+                    "node {} restarted before starting it",
+                    reg.node_id
+                ))?;
                 tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "re-queued: node does not know the run");
             } else {
                 run.fail(
                     "node_restarted",
-                    &format!("the agent on node {} restarted and lost the run", reg.node_id),
+                    &format!(
+                        "the agent on node {} restarted and lost the run",
+                        reg.node_id
+                    ),
                     now,
                 )?;
                 tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "failed: node lost the run");
@@ -545,12 +569,18 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    pub async fn run_started(&self, node_id: &str, msg: pb::RunStarted) -> Result<(), SchedulerError> {
+    pub async fn run_started(
+        &self,
+        node_id: &str,
+        msg: pb::RunStarted,
+    ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st
             .active
             .get(&msg.run_id)
-            .filter(|c| c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch)
+            .filter(|c| {
+                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch
+            })
             .map(|c| (c.run.clone(), c.revision));
         let Some((mut run, revision)) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
@@ -571,12 +601,18 @@ impl<S: Store> Scheduler<S> {
         Ok(())
     }
 
-    pub async fn run_exited(&self, node_id: &str, msg: pb::RunExited) -> Result<(), SchedulerError> {
+    pub async fn run_exited(
+        &self,
+        node_id: &str,
+        msg: pb::RunExited,
+    ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st
             .active
             .get(&msg.run_id)
-            .filter(|c| c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch)
+            .filter(|c| {
+                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch
+            })
             .map(|c| (c.run.clone(), c.revision));
         let Some((mut run, revision)) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
@@ -595,7 +631,11 @@ impl<S: Store> Scheduler<S> {
         match reason {
             pb::ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
             pb::ExitReason::StartFailed | pb::ExitReason::Unspecified => {
-                let code_name = if msg.error_code.is_empty() { "start_failed" } else { &msg.error_code };
+                let code_name = if msg.error_code.is_empty() {
+                    "start_failed"
+                } else {
+                    &msg.error_code
+                };
                 run.fail(code_name, &msg.error_message, at)?
             }
             pb::ExitReason::Stopped => run.cancel(code, at)?,
@@ -617,13 +657,19 @@ impl<S: Store> Scheduler<S> {
         Ok(())
     }
 
-    pub async fn append_logs(&self, node_id: &str, batch: pb::LogBatch) -> Result<(), SchedulerError> {
+    pub async fn append_logs(
+        &self,
+        node_id: &str,
+        batch: pb::LogBatch,
+    ) -> Result<(), SchedulerError> {
         if batch.lines.is_empty() {
             return Ok(());
         }
         let owned = {
             let st = self.state.lock().await;
-            st.active.get(&batch.run_id).map(|c| c.run.node_id.as_deref() == Some(node_id))
+            st.active
+                .get(&batch.run_id)
+                .map(|c| c.run.node_id.as_deref() == Some(node_id))
         };
         let owned = match owned {
             Some(owned) => owned,
@@ -654,7 +700,11 @@ impl<S: Store> Scheduler<S> {
                 ts_unix_nanos: line.ts_unix_nanos,
             };
             // Keyed by sequence number: a re-sent line overwrites itself.
-            txn = txn.put(keys::log(&batch.run_id, line.seq), encode(&entry), Expect::Any);
+            txn = txn.put(
+                keys::log(&batch.run_id, line.seq),
+                encode(&entry),
+                Expect::Any,
+            );
         }
         self.store.commit(txn).await?;
         self.notify();
@@ -672,7 +722,8 @@ impl<S: Store> Scheduler<S> {
         if run.status.is_terminal() {
             st.active.remove(&run.id);
         } else {
-            st.active.insert(run.id.clone(), Cached { run, revision: rev });
+            st.active
+                .insert(run.id.clone(), Cached { run, revision: rev });
         }
         Ok(())
     }
@@ -683,7 +734,11 @@ impl<S: Store> Scheduler<S> {
         let waiting: Vec<String> = st
             .active
             .values()
-            .filter(|c| c.run.status == RunStatus::Pending && c.run.node_id.is_none() && !c.run.stop_requested)
+            .filter(|c| {
+                c.run.status == RunStatus::Pending
+                    && c.run.node_id.is_none()
+                    && !c.run.stop_requested
+            })
             .map(|c| c.run.id.clone())
             .collect();
         if waiting.is_empty() {
@@ -691,7 +746,9 @@ impl<S: Store> Scheduler<S> {
         }
         let mut views = st.snapshot();
         for run_id in waiting {
-            let Some(cached) = st.active.get(&run_id) else { continue };
+            let Some(cached) = st.active.get(&run_id) else {
+                continue;
+            };
             let (mut run, revision) = (cached.run.clone(), cached.revision);
             let demand = Demand {
                 region: run.region.clone(),

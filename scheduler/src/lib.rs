@@ -31,7 +31,9 @@ pub async fn serve<S: Store>(
         .add_service(AgentServiceServer::new(agent_service::AgentApi {
             scheduler: scheduler.clone(),
         }))
-        .add_service(ControlServiceServer::new(control_service::ControlApi { scheduler }))
+        .add_service(ControlServiceServer::new(control_service::ControlApi {
+            scheduler,
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

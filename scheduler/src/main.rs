@@ -13,7 +13,11 @@ struct Args {
     #[arg(long, env = "BERTH_SCHEDULER_LISTEN", default_value = "127.0.0.1:7070")]
     grpc_listen: String,
     /// Where the embedded store lives.
-    #[arg(long, env = "BERTH_SCHEDULER_DATA_DIR", default_value = "/var/lib/berth/scheduler")]
+    #[arg(
+        long,
+        env = "BERTH_SCHEDULER_DATA_DIR",
+        default_value = "/var/lib/berth/scheduler"
+    )]
     data_dir: PathBuf,
     /// Registry for image names that name none (e.g. `busybox`).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY", default_value = "docker.io")]
@@ -31,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
@@ -50,10 +55,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(addr = %listener.local_addr()?, store = %store_path.display(), "scheduler listening");
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

@@ -25,7 +25,8 @@ pub struct NodeView {
 
 impl NodeView {
     pub fn free_memory_mib(&self) -> u64 {
-        self.total_memory_mib.saturating_sub(self.reserved_memory_mib)
+        self.total_memory_mib
+            .saturating_sub(self.reserved_memory_mib)
     }
 }
 
@@ -191,13 +192,19 @@ mod tests {
     #[test]
     fn stays_in_region() {
         let nodes = [node("a", "ams", 4096, 0), node("f", "fra", 4096, 0)];
-        assert_eq!(place(&demand("ams", 1024), &nodes).map(|n| n.id.as_str()), Ok("a"));
+        assert_eq!(
+            place(&demand("ams", 1024), &nodes).map(|n| n.id.as_str()),
+            Ok("a")
+        );
     }
 
     #[test]
     fn best_fit_prefers_the_fuller_node() {
         let nodes = [node("big", "fra", 8192, 0), node("small", "fra", 2048, 0)];
-        assert_eq!(place(&demand("fra", 1024), &nodes).map(|n| n.id.as_str()), Ok("small"));
+        assert_eq!(
+            place(&demand("fra", 1024), &nodes).map(|n| n.id.as_str()),
+            Ok("small")
+        );
     }
 
     #[test]
@@ -207,7 +214,11 @@ mod tests {
         d.warm_pin = Some("b".into());
         assert_eq!(place(&d, &nodes).map(|n| n.id.as_str()), Ok("b"));
         let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 8192, 7680)];
-        assert_eq!(place(&d, &nodes).map(|n| n.id.as_str()), Ok("a"), "pin is full");
+        assert_eq!(
+            place(&d, &nodes).map(|n| n.id.as_str()),
+            Ok("a"),
+            "pin is full"
+        );
     }
 
     #[test]
@@ -220,12 +231,16 @@ mod tests {
             draining,
             node("x", "ams", 8192, 0),
         ];
-        let err = place(&demand("fra", 4096), &nodes).err().map(|e| e.to_string());
+        let err = place(&demand("fra", 4096), &nodes)
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some("no node in fra with 4096 MiB free: 1 draining, 2 full")
         );
-        let err = place(&demand("lon", 1), &nodes).err().map(|e| e.to_string());
+        let err = place(&demand("lon", 1), &nodes)
+            .err()
+            .map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("no node in lon is registered"));
     }
 
@@ -238,20 +253,30 @@ mod tests {
     }
 
     fn arb_node() -> impl Strategy<Value = NodeView> {
-        (Just(()), prop::sample::select(vec!["fra", "ams"]), 0u64..8192, 0u64..8192, 0u32..4, 0u32..4, 0u8..4)
-            .prop_map(|((), region, total, reserved, max_runs, runs, status)| NodeView {
-                id: String::new(),
-                region: region.to_owned(),
-                status: match status {
-                    0 => NodeStatus::Draining,
-                    1 => NodeStatus::Disconnected,
-                    _ => NodeStatus::Ready,
+        (
+            Just(()),
+            prop::sample::select(vec!["fra", "ams"]),
+            0u64..8192,
+            0u64..8192,
+            0u32..4,
+            0u32..4,
+            0u8..4,
+        )
+            .prop_map(
+                |((), region, total, reserved, max_runs, runs, status)| NodeView {
+                    id: String::new(),
+                    region: region.to_owned(),
+                    status: match status {
+                        0 => NodeStatus::Draining,
+                        1 => NodeStatus::Disconnected,
+                        _ => NodeStatus::Ready,
+                    },
+                    total_memory_mib: total,
+                    reserved_memory_mib: reserved.min(total),
+                    max_runs,
+                    runs,
                 },
-                total_memory_mib: total,
-                reserved_memory_mib: reserved.min(total),
-                max_runs,
-                runs,
-            })
+            )
     }
 
     /// A fleet with unique node ids.
@@ -312,12 +337,11 @@ mod tests {
             for (region, mem) in demands {
                 let d = demand(region, mem);
                 let Ok(chosen) = place(&d, &nodes).map(|n| n.id.clone()) else { continue };
-                for n in nodes.iter_mut().filter(|n| n.id == chosen) {
+                if let Some(n) = nodes.iter_mut().find(|n| n.id == chosen) {
                     n.reserved_memory_mib += mem;
                     n.runs += 1;
                     prop_assert!(n.reserved_memory_mib <= n.total_memory_mib);
                     prop_assert!(n.runs <= n.max_runs);
-                    break;
                 }
             }
         }

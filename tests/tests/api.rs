@@ -11,9 +11,18 @@ use serde_json::json;
 #[tokio::test]
 async fn requests_without_the_token_are_refused() -> Result<()> {
     let f = Fleet::start(&[]).await?;
-    let res = f.http.get(format!("{}/v1/runners", f.api_url)).send().await?;
+    let res = f
+        .http
+        .get(format!("{}/v1/runners", f.api_url))
+        .send()
+        .await?;
     ensure!(res.status() == 401, "{}", res.status());
-    let res = f.http.get(format!("{}/v1/runners", f.api_url)).bearer_auth("wrong-token-0123456789").send().await?;
+    let res = f
+        .http
+        .get(format!("{}/v1/runners", f.api_url))
+        .bearer_auth("wrong-token-0123456789")
+        .send()
+        .await?;
     ensure!(res.status() == 401);
     let body: serde_json::Value = res.json().await?;
     ensure!(body["errors"][0]["field"] == "Authorization", "{body}");
@@ -24,32 +33,73 @@ async fn requests_without_the_token_are_refused() -> Result<()> {
 async fn runner_crud_in_nodions_shape() -> Result<()> {
     let f = Fleet::start(&[]).await?;
     let (status, created) = f
-        .request(Method::POST, "/v1/runners", Some(json!({
-            "name": "migrate-db", "image_name": "busybox", "image_tag": "latest",
-            "run_command": "echo migrate", "region": "fra", "instance_type": "standard-s",
-            "env_variables": [{"env_key": "DB", "env_val": "postgres"}],
-        })))
+        .request(
+            Method::POST,
+            "/v1/runners",
+            Some(json!({
+                "name": "migrate-db", "image_name": "busybox", "image_tag": "latest",
+                "run_command": "echo migrate", "region": "fra", "instance_type": "standard-s",
+                "env_variables": [{"env_key": "DB", "env_val": "postgres"}],
+            })),
+        )
         .await?;
     ensure!(status == 201, "{status} {created}");
     let r = &created["runner"];
-    for field in ["id", "name", "image_name", "image_tag", "run_command", "argv", "entrypoint", "timeout_seconds",
-                  "region", "instance_type", "env_variables", "warmed_at", "created_at", "updated_at"] {
+    for field in [
+        "id",
+        "name",
+        "image_name",
+        "image_tag",
+        "run_command",
+        "argv",
+        "entrypoint",
+        "timeout_seconds",
+        "region",
+        "instance_type",
+        "env_variables",
+        "warmed_at",
+        "created_at",
+        "updated_at",
+    ] {
         ensure!(r.get(field).is_some(), "runner lacks {field}: {r}");
     }
     ensure!(r["timeout_seconds"] == 3600, "the default timeout: {r}");
     let id = r["id"].as_str().unwrap_or_default().to_owned();
     let list = f.get("/v1/runners").await?;
-    ensure!(list["runners"].as_array().is_some_and(|l| l.iter().any(|x| x["id"] == id.as_str())), "{list}");
+    ensure!(
+        list["runners"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["id"] == id.as_str())),
+        "{list}"
+    );
     let (status, patched) = f
-        .request(Method::PATCH, &format!("/v1/runners/{id}"), Some(json!({"argv": ["echo", "x"], "timeout_seconds": 5})))
+        .request(
+            Method::PATCH,
+            &format!("/v1/runners/{id}"),
+            Some(json!({"argv": ["echo", "x"], "timeout_seconds": 5})),
+        )
         .await?;
     ensure!(status == 200, "{status} {patched}");
-    ensure!(patched["runner"]["argv"] == json!(["echo", "x"]) && patched["runner"]["run_command"].is_null(), "{patched}");
-    ensure!(patched["runner"]["timeout_seconds"] == 5 && patched["runner"]["name"] == "migrate-db", "{patched}");
-    let (status, _) = f.request(Method::DELETE, &format!("/v1/runners/{id}"), None).await?;
+    ensure!(
+        patched["runner"]["argv"] == json!(["echo", "x"])
+            && patched["runner"]["run_command"].is_null(),
+        "{patched}"
+    );
+    ensure!(
+        patched["runner"]["timeout_seconds"] == 5 && patched["runner"]["name"] == "migrate-db",
+        "{patched}"
+    );
+    let (status, _) = f
+        .request(Method::DELETE, &format!("/v1/runners/{id}"), None)
+        .await?;
     ensure!(status == 204, "{status}");
-    let (status, body) = f.request(Method::GET, &format!("/v1/runners/{id}"), None).await?;
-    ensure!(status == 404 && body["errors"][0]["field"] == "runner_id", "{status} {body}");
+    let (status, body) = f
+        .request(Method::GET, &format!("/v1/runners/{id}"), None)
+        .await?;
+    ensure!(
+        status == 404 && body["errors"][0]["field"] == "runner_id",
+        "{status} {body}"
+    );
     Ok(())
 }
 
@@ -64,8 +114,16 @@ async fn bad_input_gets_a_4xx_naming_the_field() -> Result<()> {
         (json!({"timeout_seconds": 0}), 422, "timeout_seconds"),
         (json!({"timeout_seconds": 86401}), 422, "timeout_seconds"),
         (json!({"image_name": "Not Valid"}), 422, "image_name"),
-        (json!({"run_command": "echo", "argv": ["echo"]}), 422, "argv"),
-        (json!({"env_variables": [{"env_key": "1X", "env_val": ""}]}), 422, "env_variables[0].env_key"),
+        (
+            json!({"run_command": "echo", "argv": ["echo"]}),
+            422,
+            "argv",
+        ),
+        (
+            json!({"env_variables": [{"env_key": "1X", "env_val": ""}]}),
+            422,
+            "env_variables[0].env_key",
+        ),
         (json!({"name": 5}), 400, "name"),
         (json!({"surprise": true}), 400, "surprise"),
     ];
@@ -78,14 +136,36 @@ async fn bad_input_gets_a_4xx_naming_the_field() -> Result<()> {
         }
         let (status, res) = f.request(Method::POST, "/v1/runners", Some(body)).await?;
         ensure!(status == want_status, "{patch}: status {status} {res}");
-        let fields: Vec<&str> = res["errors"].as_array().into_iter().flatten().filter_map(|e| e["field"].as_str()).collect();
+        let fields: Vec<&str> = res["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["field"].as_str())
+            .collect();
         ensure!(fields.contains(&want_field), "{patch}: fields {fields:?}");
     }
-    let (status, res) = f.request(Method::POST, "/v1/runners", Some(json!({}))).await?;
-    ensure!(status == 422 && res["errors"].as_array().is_some_and(|e| e.len() == 5), "all required fields named: {res}");
-    let (status, _) = f.request(Method::GET, "/v1/runners/nonexistent/runs/also-missing", None).await?;
+    let (status, res) = f
+        .request(Method::POST, "/v1/runners", Some(json!({})))
+        .await?;
+    ensure!(
+        status == 422 && res["errors"].as_array().is_some_and(|e| e.len() == 5),
+        "all required fields named: {res}"
+    );
+    let (status, _) = f
+        .request(
+            Method::GET,
+            "/v1/runners/nonexistent/runs/also-missing",
+            None,
+        )
+        .await?;
     ensure!(status == 404);
-    let (status, _) = f.request(Method::POST, "/v1/runners/nonexistent/runs", Some(json!({}))).await?;
+    let (status, _) = f
+        .request(
+            Method::POST,
+            "/v1/runners/nonexistent/runs",
+            Some(json!({})),
+        )
+        .await?;
     ensure!(status == 404);
     Ok(())
 }
@@ -94,13 +174,28 @@ async fn bad_input_gets_a_4xx_naming_the_field() -> Result<()> {
 async fn a_pending_run_can_be_stopped_and_says_why_it_waits() -> Result<()> {
     // One ams node only: a fra run can never be placed.
     let f = Fleet::start(&[AgentSpec::new("ams")]).await?;
-    let runner = f.runner("fra", json!({"run_command": "echo never"})).await?;
+    let runner = f
+        .runner("fra", json!({"run_command": "echo never"}))
+        .await?;
     let run = f.start_run(&runner, json!({})).await?;
     let r = f.run(&runner, &run).await?;
-    ensure!(r["status"] == "pending" && r["pending_reason"] == "no node in fra is registered", "{r}");
-    let stopped = f.post(&format!("/v1/runners/{runner}/runs/{run}/stop"), json!({})).await?;
-    ensure!(stopped["run"]["status"] == "canceled" && stopped["run"]["started_at"].is_null(), "{stopped}");
+    ensure!(
+        r["status"] == "pending" && r["pending_reason"] == "no node in fra is registered",
+        "{r}"
+    );
+    let stopped = f
+        .post(&format!("/v1/runners/{runner}/runs/{run}/stop"), json!({}))
+        .await?;
+    ensure!(
+        stopped["run"]["status"] == "canceled" && stopped["run"]["started_at"].is_null(),
+        "{stopped}"
+    );
     let runs = f.get(&format!("/v1/runners/{runner}/runs")).await?;
-    ensure!(runs["runs"].as_array().is_some_and(|l| l.len() == 1 && l[0]["status"] == "canceled"), "{runs}");
+    ensure!(
+        runs["runs"]
+            .as_array()
+            .is_some_and(|l| l.len() == 1 && l[0]["status"] == "canceled"),
+        "{runs}"
+    );
     Ok(())
 }

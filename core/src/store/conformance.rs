@@ -13,9 +13,18 @@ pub async fn run_all<S: Store>(store: &S) {
 }
 
 async fn put_get_and_revisions<S: Store>(s: &S) {
-    assert!(s.get("pg/a").await.expect("get").is_none(), "empty store has no key");
-    let r1 = s.commit(Txn::new().put("pg/a", b"1".to_vec(), Expect::Any)).await.expect("put");
-    let r2 = s.commit(Txn::new().put("pg/a", b"2".to_vec(), Expect::Any)).await.expect("put");
+    assert!(
+        s.get("pg/a").await.expect("get").is_none(),
+        "empty store has no key"
+    );
+    let r1 = s
+        .commit(Txn::new().put("pg/a", b"1".to_vec(), Expect::Any))
+        .await
+        .expect("put");
+    let r2 = s
+        .commit(Txn::new().put("pg/a", b"2".to_vec(), Expect::Any))
+        .await
+        .expect("put");
     assert!(r2 > r1, "revisions grow");
     let kv = s.get("pg/a").await.expect("get").expect("present");
     assert_eq!(kv.value, b"2".to_vec());
@@ -24,40 +33,69 @@ async fn put_get_and_revisions<S: Store>(s: &S) {
 }
 
 async fn preconditions<S: Store>(s: &S) {
-    let r = s.commit(Txn::new().put("pc/a", b"1".to_vec(), Expect::Absent)).await.expect("create");
-    let dup = s.commit(Txn::new().put("pc/a", b"x".to_vec(), Expect::Absent)).await;
-    assert!(matches!(dup, Err(StoreError::Conflict { .. })), "Absent fails when present");
-    let stale = s.commit(Txn::new().put("pc/a", b"x".to_vec(), Expect::Revision(r + 100))).await;
-    assert!(matches!(stale, Err(StoreError::Conflict { .. })), "wrong revision fails");
-    s.commit(Txn::new().put("pc/a", b"2".to_vec(), Expect::Revision(r))).await.expect("cas");
-    let gone = s.commit(Txn::new().put("pc/none", b"x".to_vec(), Expect::Revision(1))).await;
-    assert!(matches!(gone, Err(StoreError::Conflict { .. })), "Revision fails on a missing key");
+    let r = s
+        .commit(Txn::new().put("pc/a", b"1".to_vec(), Expect::Absent))
+        .await
+        .expect("create");
+    let dup = s
+        .commit(Txn::new().put("pc/a", b"x".to_vec(), Expect::Absent))
+        .await;
+    assert!(
+        matches!(dup, Err(StoreError::Conflict { .. })),
+        "Absent fails when present"
+    );
+    let stale = s
+        .commit(Txn::new().put("pc/a", b"x".to_vec(), Expect::Revision(r + 100)))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "wrong revision fails"
+    );
+    s.commit(Txn::new().put("pc/a", b"2".to_vec(), Expect::Revision(r)))
+        .await
+        .expect("cas");
+    let gone = s
+        .commit(Txn::new().put("pc/none", b"x".to_vec(), Expect::Revision(1)))
+        .await;
+    assert!(
+        matches!(gone, Err(StoreError::Conflict { .. })),
+        "Revision fails on a missing key"
+    );
     let kv = s.get("pc/a").await.expect("get").expect("present");
     assert_eq!(kv.value, b"2".to_vec(), "failed writes changed nothing");
 }
 
 async fn transactions_are_atomic<S: Store>(s: &S) {
-    s.commit(Txn::new().put("tx/existing", b"1".to_vec(), Expect::Any)).await.expect("put");
+    s.commit(Txn::new().put("tx/existing", b"1".to_vec(), Expect::Any))
+        .await
+        .expect("put");
     let failed = s
-        .commit(
-            Txn::new()
-                .put("tx/new", b"1".to_vec(), Expect::Any)
-                .put("tx/existing", b"2".to_vec(), Expect::Absent),
-        )
+        .commit(Txn::new().put("tx/new", b"1".to_vec(), Expect::Any).put(
+            "tx/existing",
+            b"2".to_vec(),
+            Expect::Absent,
+        ))
         .await;
     assert!(failed.is_err());
-    assert!(s.get("tx/new").await.expect("get").is_none(), "no partial transaction");
+    assert!(
+        s.get("tx/new").await.expect("get").is_none(),
+        "no partial transaction"
+    );
     let rev = s
-        .commit(
-            Txn::new()
-                .put("tx/new", b"1".to_vec(), Expect::Absent)
-                .put("tx/other", b"2".to_vec(), Expect::Absent),
-        )
+        .commit(Txn::new().put("tx/new", b"1".to_vec(), Expect::Absent).put(
+            "tx/other",
+            b"2".to_vec(),
+            Expect::Absent,
+        ))
         .await
         .expect("both");
     let a = s.get("tx/new").await.expect("get").expect("present");
     let b = s.get("tx/other").await.expect("get").expect("present");
-    assert_eq!((a.mod_revision, b.mod_revision), (rev, rev), "one revision per transaction");
+    assert_eq!(
+        (a.mod_revision, b.mod_revision),
+        (rev, rev),
+        "one revision per transaction"
+    );
 }
 
 async fn ranges<S: Store>(s: &S) {
@@ -69,20 +107,44 @@ async fn ranges<S: Store>(s: &S) {
     s.commit(txn).await.expect("put");
     let all = s.list_prefix("rg/").await.expect("list");
     let keys: Vec<&str> = all.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!(keys, ["rg/001", "rg/002", "rg/003", "rg/010"], "prefix read is ordered and bounded");
+    assert_eq!(
+        keys,
+        ["rg/001", "rg/002", "rg/003", "rg/010"],
+        "prefix read is ordered and bounded"
+    );
     let page = s.range("rg/002", "rg/999", 2).await.expect("range");
     let keys: Vec<&str> = page.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!(keys, ["rg/002", "rg/003"], "range starts inclusive and honours limit");
-    assert!(s.range("rg/5", "rg/1", 10).await.expect("range").is_empty(), "empty when start >= end");
+    assert_eq!(
+        keys,
+        ["rg/002", "rg/003"],
+        "range starts inclusive and honours limit"
+    );
+    assert!(
+        s.range("rg/5", "rg/1", 10).await.expect("range").is_empty(),
+        "empty when start >= end"
+    );
 }
 
 async fn deletes<S: Store>(s: &S) {
-    let r = s.commit(Txn::new().put("dl/a", b"1".to_vec(), Expect::Any)).await.expect("put");
-    let stale = s.commit(Txn::new().delete("dl/a", Expect::Revision(r + 5))).await;
+    let r = s
+        .commit(Txn::new().put("dl/a", b"1".to_vec(), Expect::Any))
+        .await
+        .expect("put");
+    let stale = s
+        .commit(Txn::new().delete("dl/a", Expect::Revision(r + 5)))
+        .await;
     assert!(stale.is_err(), "delete honours its precondition");
-    s.commit(Txn::new().delete("dl/a", Expect::Revision(r))).await.expect("delete");
+    s.commit(Txn::new().delete("dl/a", Expect::Revision(r)))
+        .await
+        .expect("delete");
     assert!(s.get("dl/a").await.expect("get").is_none());
-    let again = s.commit(Txn::new().put("dl/a", b"2".to_vec(), Expect::Absent)).await.expect("recreate");
+    let again = s
+        .commit(Txn::new().put("dl/a", b"2".to_vec(), Expect::Absent))
+        .await
+        .expect("recreate");
     let kv = s.get("dl/a").await.expect("get").expect("present");
-    assert_eq!(kv.create_revision, again, "a re-created key has a new create revision");
+    assert_eq!(
+        kv.create_revision, again,
+        "a re-created key has a new create revision"
+    );
 }

@@ -69,7 +69,12 @@ impl EmbeddedStore {
         found.map(|v| decode(key, v.value())).transpose()
     }
 
-    fn range_blocking(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    fn range_blocking(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         if start >= end {
             return Ok(vec![]);
         }
@@ -91,7 +96,10 @@ impl EmbeddedStore {
         let rev = {
             let mut kv = tx.open_table(KV).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
-            let current = meta.get(REVISION).map_err(backend)?.map_or(0, |v| v.value());
+            let current = meta
+                .get(REVISION)
+                .map_err(backend)?
+                .map_or(0, |v| v.value());
             let mut found = Vec::with_capacity(txn.ops.len());
             for op in &txn.ops {
                 let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
@@ -140,9 +148,15 @@ impl Store for EmbeddedStore {
         self.blocking(move |s| s.get_blocking(&key)).await
     }
 
-    async fn range(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    async fn range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let (start, end) = (start.to_owned(), end.to_owned());
-        self.blocking(move |s| s.range_blocking(&start, &end, limit)).await
+        self.blocking(move |s| s.range_blocking(&start, &end, limit))
+            .await
     }
 
     async fn commit(&self, txn: Txn) -> Result<u64, StoreError> {

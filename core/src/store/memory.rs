@@ -32,7 +32,12 @@ impl Store for MemoryStore {
         Ok(self.lock().kv.get(key).cloned())
     }
 
-    async fn range(&self, start: &str, end: &str, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+    async fn range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         if start >= end {
             return Ok(vec![]);
         }

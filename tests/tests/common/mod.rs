@@ -49,7 +49,11 @@ pub struct AgentSpec {
 
 impl AgentSpec {
     pub fn new(region: &'static str) -> AgentSpec {
-        AgentSpec { region, memory_mib: 4096, max_runs: 8 }
+        AgentSpec {
+            region,
+            memory_mib: 4096,
+            max_runs: 8,
+        }
     }
 }
 
@@ -85,7 +89,9 @@ impl Fleet {
             nodes: vec![],
             scheduler: None,
             others: vec![],
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
             env,
             dir,
         };
@@ -93,7 +99,14 @@ impl Fleet {
         let api = fleet.spawn(
             "api",
             "berth-api",
-            &["--listen", &api_addr, "--scheduler", &format!("http://{}", fleet.scheduler_addr), "--token", TOKEN],
+            &[
+                "--listen",
+                &api_addr,
+                "--scheduler",
+                &format!("http://{}", fleet.scheduler_addr),
+                "--token",
+                TOKEN,
+            ],
         )?;
         fleet.others.push(api);
         for (i, a) in agents.iter().enumerate() {
@@ -139,7 +152,10 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {bin} from {}", self.env.bin_dir.display()))?;
-        Ok(Proc { name: name.to_owned(), child })
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+        })
     }
 
     pub fn start_scheduler(&mut self) -> Result<()> {
@@ -212,18 +228,34 @@ impl Fleet {
     }
 
     pub fn node(&self, region: &str) -> &str {
-        self.nodes.iter().find(|(_, r)| r == region).map(|(id, _)| id.as_str()).unwrap_or("")
+        self.nodes
+            .iter()
+            .find(|(_, r)| r == region)
+            .map(|(id, _)| id.as_str())
+            .unwrap_or("")
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
-        let mut req = self.http.request(method, format!("{}{path}", self.api_url)).bearer_auth(TOKEN);
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.api_url))
+            .bearer_auth(TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let res = req.send().await?;
         let status = res.status().as_u16();
         let text = res.text().await?;
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).with_context(|| format!("body: {text}"))? };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("body: {text}"))?
+        };
         Ok((status, value))
     }
 
@@ -236,7 +268,9 @@ impl Fleet {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
-        let (status, v) = self.request(reqwest::Method::POST, path, Some(body)).await?;
+        let (status, v) = self
+            .request(reqwest::Method::POST, path, Some(body))
+            .await?;
         if !(200..300).contains(&status) {
             bail!("POST {path} answered {status}: {v}");
         }
@@ -259,20 +293,37 @@ impl Fleet {
             }
         }
         let v = self.post("/v1/runners", body).await?;
-        v["runner"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no runner id in {v}"))
+        v["runner"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no runner id in {v}"))
     }
 
     pub async fn start_run(&self, runner: &str, body: Value) -> Result<String> {
-        let v = self.post(&format!("/v1/runners/{runner}/runs"), body).await?;
-        v["run"]["id"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("no run id in {v}"))
+        let v = self
+            .post(&format!("/v1/runners/{runner}/runs"), body)
+            .await?;
+        v["run"]["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no run id in {v}"))
     }
 
     pub async fn run(&self, runner: &str, run: &str) -> Result<Value> {
-        Ok(self.get(&format!("/v1/runners/{runner}/runs/{run}")).await?["run"].clone())
+        Ok(self
+            .get(&format!("/v1/runners/{runner}/runs/{run}"))
+            .await?["run"]
+            .clone())
     }
 
     /// Polls until the run's status satisfies `done`.
-    pub async fn wait_for(&self, runner: &str, run: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> Result<Value> {
+    pub async fn wait_for(
+        &self,
+        runner: &str,
+        run: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let r = self.run(runner, run).await?;
@@ -280,14 +331,21 @@ impl Fleet {
                 return Ok(r);
             }
             if Instant::now() > deadline {
-                bail!("run {run} still {} after {timeout:?}: {r}\n{}", r["status"], self.logs());
+                bail!(
+                    "run {run} still {} after {timeout:?}: {r}\n{}",
+                    r["status"],
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn wait_finished(&self, runner: &str, run: &str) -> Result<Value> {
-        self.wait_for(runner, run, Duration::from_secs(60), |s| matches!(s, "succeeded" | "failed" | "canceled")).await
+        self.wait_for(runner, run, Duration::from_secs(60), |s| {
+            matches!(s, "succeeded" | "failed" | "canceled")
+        })
+        .await
     }
 
     /// Every log line of a run, through the paginated endpoint.
@@ -295,7 +353,11 @@ impl Fleet {
         let mut out = vec![];
         let mut after = 0u64;
         loop {
-            let v = self.get(&format!("/v1/runners/{runner}/runs/{run}/logs?after_id={after}&limit=1000")).await?;
+            let v = self
+                .get(&format!(
+                    "/v1/runners/{runner}/runs/{run}/logs?after_id={after}&limit=1000"
+                ))
+                .await?;
             let page = v["logs"].as_array().cloned().unwrap_or_default();
             if let Some(last) = page.last() {
                 after = last["id"].as_u64().unwrap_or(after);
@@ -309,17 +371,24 @@ impl Fleet {
 
     /// Containers containerd holds in a node's namespace.
     pub async fn containers(&self, node_id: &str) -> Result<Vec<String>> {
-        use containerd_client::services::v1::{containers_client::ContainersClient, ListContainersRequest};
+        use containerd_client::services::v1::{
+            containers_client::ContainersClient, ListContainersRequest,
+        };
         let channel = containerd_client::connect(&self.env.containerd_socket).await?;
         let mut client = ContainersClient::new(channel);
         let mut req = tonic::Request::new(ListContainersRequest { filters: vec![] });
-        req.metadata_mut().insert("containerd-namespace", format!("berth-{node_id}").parse()?);
+        req.metadata_mut()
+            .insert("containerd-namespace", format!("berth-{node_id}").parse()?);
         let list = client.list(req).await?.into_inner();
         Ok(list.containers.into_iter().map(|c| c.id).collect())
     }
 
     pub fn cgroup_dir(&self, controller: &str, node_id: &str, run_id: &str) -> PathBuf {
-        Path::new("/sys/fs/cgroup").join(controller).join("berth").join(node_id).join(run_id)
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("berth")
+            .join(node_id)
+            .join(run_id)
     }
 }
 
@@ -343,9 +412,18 @@ pub struct SseEvent {
 }
 
 /// Reads a whole SSE stream (until the server closes it or `timeout`).
-pub async fn read_sse(fleet: &Fleet, path: &str, last_event_id: Option<&str>, timeout: Duration) -> Result<Vec<SseEvent>> {
+pub async fn read_sse(
+    fleet: &Fleet,
+    path: &str,
+    last_event_id: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<SseEvent>> {
     use futures::StreamExt;
-    let mut req = fleet.http.get(format!("{}{path}", fleet.api_url)).bearer_auth(TOKEN).timeout(timeout);
+    let mut req = fleet
+        .http
+        .get(format!("{}{path}", fleet.api_url))
+        .bearer_auth(TOKEN)
+        .timeout(timeout);
     if let Some(id) = last_event_id {
         req = req.header("Last-Event-ID", id);
     }

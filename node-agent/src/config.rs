@@ -1,0 +1,24 @@
+//! Node settings the agent runs with, after the CLI has filled in defaults.
+
+use std::path::PathBuf;
+
+/// Everything the agent needs to know about its node.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// gRPC endpoint of the scheduler's AgentService, e.g. `http://127.0.0.1:7070`.
+    pub scheduler_url: String,
+    pub node_id: String,
+    pub region: String,
+    pub total_memory_mib: u64,
+    pub cpus: u32,
+    pub max_runs: u32,
+    pub containerd_socket: PathBuf,
+    /// containerd namespace owned by this agent.
+    pub namespace: String,
+    /// cgroup parent without leading slash; runs go to `/<parent>/<run id>`.
+    pub cgroup_parent: String,
+    /// FIFOs live under `<state_dir>/runs/<run id>/`.
+    pub state_dir: PathBuf,
+    /// `host:port` registries reached over plain HTTP (loopback registries always are).
+    pub insecure_registries: Vec<String>,
+}

@@ -1,0 +1,441 @@
+//! The real [`ContainerRuntime`]: containerd 1.6 over its gRPC socket, in the agent's own
+//! namespace. Each run owns a lease `berth-run-<run id>` (protecting its snapshot and container
+//! until cleanup), a snapshot and container named by the run ID, and FIFOs under
+//! `<state dir>/runs/<run id>/`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_client::services::v1::container::Runtime as ContainerRuntimeInfo;
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+    DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, KillRequest,
+    ListContainersRequest, StartRequest, WaitRequest,
+};
+use oci_spec::runtime::Spec;
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::cgroup::remove_run_cgroups;
+use crate::clock::{timestamp_nanos, unix_nanos_now};
+use crate::pull::{Puller, SNAPSHOTTER};
+use crate::runtime::{
+    ContainerRuntime, ExitWatch, PreparedImage, RuntimeError, StopSignal, TaskExit, TaskOutput,
+};
+
+/// The shim every run uses.
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The Any type URL containerd expects for an OCI runtime spec.
+pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// Label put on every container the agent creates.
+pub const RUN_ID_LABEL: &str = "berth.run-id";
+
+/// Connection and layout settings.
+#[derive(Debug, Clone)]
+pub struct ContainerdSettings {
+    pub namespace: String,
+    pub state_dir: PathBuf,
+    pub cgroup_parent: String,
+    /// Normally `/sys/fs/cgroup`; tests may point it elsewhere.
+    pub cgroup_root: PathBuf,
+}
+
+pub struct ContainerdRuntime {
+    channel: Channel,
+    settings: ContainerdSettings,
+    puller: Arc<Puller>,
+}
+
+fn lease_id(run_id: &str) -> String {
+    format!("berth-run-{run_id}")
+}
+
+fn task_error(operation: &'static str) -> impl FnOnce(Status) -> RuntimeError {
+    move |status| RuntimeError::Task {
+        operation,
+        message: status.message().to_string(),
+    }
+}
+
+fn ignore_not_found(result: Result<(), Status>) -> Result<(), Status> {
+    match result {
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+impl ContainerdRuntime {
+    pub fn new(channel: Channel, settings: ContainerdSettings, puller: Arc<Puller>) -> Self {
+        Self {
+            channel,
+            settings,
+            puller,
+        }
+    }
+
+    fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Ok(ns) = self.settings.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", ns);
+        }
+        if let Some(lease) = lease.and_then(|l| l.parse().ok()) {
+            request.metadata_mut().insert("containerd-lease", lease);
+        }
+        request
+    }
+
+    fn fifo_dir(&self, run_id: &str) -> PathBuf {
+        self.settings.state_dir.join("runs").join(run_id)
+    }
+
+    fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+
+    async fn create_inner(
+        &self,
+        run_id: &str,
+        image: &PreparedImage,
+        spec: &Spec,
+    ) -> Result<TaskOutput, RuntimeError> {
+        let create_err = |what: &str, status: Status| {
+            RuntimeError::Create(format!("{what}: {}", status.message()))
+        };
+        let lease = lease_id(run_id);
+        LeasesClient::new(self.channel.clone())
+            .create(self.request(
+                CreateLeaseRequest {
+                    id: lease.clone(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await
+            .or_else(|s| {
+                if s.code() == Code::AlreadyExists {
+                    Ok(tonic::Response::new(Default::default()))
+                } else {
+                    Err(s)
+                }
+            })
+            .map_err(|s| create_err("Leases.Create", s))?;
+        let mounts = SnapshotsClient::new(self.channel.clone())
+            .prepare(self.request(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.to_string(),
+                    key: run_id.to_string(),
+                    parent: image.top_chain_id.clone(),
+                    labels: HashMap::new(),
+                },
+                Some(&lease),
+            ))
+            .await
+            .map_err(|s| create_err("Snapshots.Prepare", s))?
+            .into_inner()
+            .mounts;
+        let spec_json = serde_json::to_vec(spec)
+            .map_err(|e| RuntimeError::Create(format!("serialising the spec: {e}")))?;
+        let mut labels = HashMap::new();
+        labels.insert(RUN_ID_LABEL.to_string(), run_id.to_string());
+        ContainersClient::new(self.channel.clone())
+            .create(self.request(
+                CreateContainerRequest {
+                    container: Some(Container {
+                        id: run_id.to_string(),
+                        labels,
+                        image: String::new(),
+                        runtime: Some(ContainerRuntimeInfo {
+                            name: RUNC_RUNTIME.to_string(),
+                            options: None,
+                        }),
+                        spec: Some(prost_types::Any {
+                            type_url: SPEC_TYPE_URL.to_string(),
+                            value: spec_json,
+                        }),
+                        snapshotter: SNAPSHOTTER.to_string(),
+                        snapshot_key: run_id.to_string(),
+                        created_at: None,
+                        updated_at: None,
+                        extensions: HashMap::new(),
+                        sandbox: String::new(),
+                    }),
+                },
+                Some(&lease),
+            ))
+            .await
+            .map_err(|s| create_err("Containers.Create", s))?;
+
+        let dir = self.fifo_dir(run_id);
+        let stdout_path = dir.join("stdout");
+        let stderr_path = dir.join("stderr");
+        let fifo_err = |e: std::io::Error| {
+            RuntimeError::Create(format!("output FIFOs in {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(fifo_err)?;
+        let (stdout, stdout_keepalive) = open_fifo(&stdout_path).map_err(fifo_err)?;
+        let (stderr, stderr_keepalive) = open_fifo(&stderr_path).map_err(fifo_err)?;
+
+        self.tasks()
+            .create(self.request(
+                CreateTaskRequest {
+                    container_id: run_id.to_string(),
+                    rootfs: mounts,
+                    stdin: String::new(),
+                    stdout: stdout_path.display().to_string(),
+                    stderr: stderr_path.display().to_string(),
+                    terminal: false,
+                    checkpoint: None,
+                    options: None,
+                    runtime_path: String::new(),
+                },
+                Some(&lease),
+            ))
+            .await
+            .map_err(|s| create_err("Tasks.Create", s))?;
+        // The shim now holds its own write ends; dropping ours lets EOF arrive when it closes
+        // them. Until here they kept the readers from seeing a premature EOF.
+        drop(stdout_keepalive);
+        drop(stderr_keepalive);
+        Ok(TaskOutput {
+            stdout: Box::new(stdout),
+            stderr: Box::new(stderr),
+        })
+    }
+
+    async fn remove_everything(&self, run_id: &str) -> Vec<String> {
+        let mut failures = Vec::new();
+        let mut tasks = self.tasks();
+        // A task may still run (stale run, failed start): kill it and give it a moment.
+        let killed = tasks
+            .kill(self.request(
+                KillRequest {
+                    container_id: run_id.to_string(),
+                    exec_id: String::new(),
+                    signal: StopSignal::Kill.number(),
+                    all: true,
+                },
+                None,
+            ))
+            .await;
+        if killed.is_ok() {
+            let wait = tasks.wait(self.request(
+                WaitRequest {
+                    container_id: run_id.to_string(),
+                    exec_id: String::new(),
+                },
+                None,
+            ));
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        }
+        let deleted = tasks
+            .delete(self.request(
+                DeleteTaskRequest {
+                    container_id: run_id.to_string(),
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        if let Err(status) = ignore_not_found(deleted) {
+            failures.push(format!("Tasks.Delete: {}", status.message()));
+        }
+        let deleted = ContainersClient::new(self.channel.clone())
+            .delete(self.request(
+                DeleteContainerRequest {
+                    id: run_id.to_string(),
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        if let Err(status) = ignore_not_found(deleted) {
+            failures.push(format!("Containers.Delete: {}", status.message()));
+        }
+        let removed = SnapshotsClient::new(self.channel.clone())
+            .remove(self.request(
+                RemoveSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.to_string(),
+                    key: run_id.to_string(),
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        if let Err(status) = ignore_not_found(removed) {
+            failures.push(format!("Snapshots.Remove: {}", status.message()));
+        }
+        let deleted = LeasesClient::new(self.channel.clone())
+            .delete(self.request(
+                DeleteLeaseRequest {
+                    id: lease_id(run_id),
+                    sync: false,
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        if let Err(status) = ignore_not_found(deleted) {
+            failures.push(format!("Leases.Delete: {}", status.message()));
+        }
+        match std::fs::remove_dir_all(self.fifo_dir(run_id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(format!("removing FIFO dir: {e}")),
+        }
+        for (path, error) in remove_run_cgroups(
+            &self.settings.cgroup_root,
+            &self.settings.cgroup_parent,
+            run_id,
+        ) {
+            failures.push(format!("removing cgroup {path}: {error}"));
+        }
+        failures
+    }
+}
+
+/// Creates (if needed) and opens a FIFO for reading, plus a write end that keeps the reader from
+/// seeing EOF before the shim has opened its own.
+fn open_fifo(path: &Path) -> std::io::Result<(pipe::Receiver, pipe::Sender)> {
+    match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => {}
+        Err(errno) => return Err(std::io::Error::from(errno)),
+    }
+    let receiver = pipe::OpenOptions::new().open_receiver(path)?;
+    let keepalive = pipe::OpenOptions::new().open_sender(path)?;
+    Ok((receiver, keepalive))
+}
+
+impl ContainerRuntime for ContainerdRuntime {
+    async fn pull_image(&self, image: &str) -> Result<PreparedImage, RuntimeError> {
+        // The pull runs in its own task so a run that is stopped mid-pull does not cut it off
+        // (other runs may wait on it, and its lease must be deleted).
+        let puller = self.puller.clone();
+        let owned = image.to_string();
+        let joined = tokio::spawn(async move { puller.pull(&owned).await }).await;
+        match joined {
+            Ok(Ok(prepared)) => Ok(prepared),
+            Ok(Err(error)) => Err(RuntimeError::ImagePull {
+                image: image.to_string(),
+                message: error.to_string(),
+            }),
+            Err(join) => Err(RuntimeError::ImagePull {
+                image: image.to_string(),
+                message: format!("pull task failed: {join}"),
+            }),
+        }
+    }
+
+    async fn create(
+        &self,
+        run_id: &str,
+        image: &PreparedImage,
+        spec: &Spec,
+    ) -> Result<TaskOutput, RuntimeError> {
+        self.create_inner(run_id, image, spec).await
+    }
+
+    async fn watch_exit(&self, run_id: &str) -> Result<ExitWatch, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        let mut tasks = self.tasks();
+        let request = self.request(
+            WaitRequest {
+                container_id: run_id.to_string(),
+                exec_id: String::new(),
+            },
+            None,
+        );
+        tokio::spawn(async move {
+            let result = tasks
+                .wait(request)
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    TaskExit {
+                        exit_status: r.exit_status,
+                        exited_at_unix_nanos: r
+                            .exited_at
+                            .as_ref()
+                            .map(timestamp_nanos)
+                            .unwrap_or_else(unix_nanos_now),
+                    }
+                })
+                .map_err(task_error("Tasks.Wait"));
+            let _ = tx.send(result);
+        });
+        Ok(rx)
+    }
+
+    async fn start(&self, run_id: &str) -> Result<i64, RuntimeError> {
+        self.tasks()
+            .start(self.request(
+                StartRequest {
+                    container_id: run_id.to_string(),
+                    exec_id: String::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| RuntimeError::Start(s.message().to_string()))?;
+        Ok(unix_nanos_now())
+    }
+
+    async fn kill(&self, run_id: &str, signal: StopSignal, all: bool) -> Result<(), RuntimeError> {
+        let result = self
+            .tasks()
+            .kill(self.request(
+                KillRequest {
+                    container_id: run_id.to_string(),
+                    exec_id: String::new(),
+                    signal: signal.number(),
+                    all,
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        ignore_not_found(result).map_err(task_error("Tasks.Kill"))
+    }
+
+    async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
+        let result = self
+            .tasks()
+            .delete(self.request(
+                DeleteTaskRequest {
+                    container_id: run_id.to_string(),
+                },
+                None,
+            ))
+            .await
+            .map(|_| ());
+        ignore_not_found(result).map_err(task_error("Tasks.Delete"))
+    }
+
+    async fn cleanup(&self, run_id: &str) {
+        let failures = self.remove_everything(run_id).await;
+        if failures.is_empty() {
+            tracing::debug!(run_id, "run cleaned up");
+        } else {
+            tracing::warn!(run_id, ?failures, "cleanup left something behind");
+        }
+    }
+
+    async fn list_containers(&self) -> Result<Vec<String>, RuntimeError> {
+        let containers = ContainersClient::new(self.channel.clone())
+            .list(self.request(ListContainersRequest { filters: vec![] }, None))
+            .await
+            .map_err(task_error("Containers.List"))?
+            .into_inner()
+            .containers;
+        Ok(containers.into_iter().map(|c| c.id).collect())
+    }
+}

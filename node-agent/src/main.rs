@@ -1,0 +1,156 @@
+//! `berth-node-agent`: parses the CLI, connects to containerd and runs the agent until SIGTERM or
+//! SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use berth_node_agent::config::AgentConfig;
+use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
+use berth_node_agent::pull::Puller;
+use berth_node_agent::registry::RegistryClient;
+use berth_node_agent::session::Agent;
+use clap::Parser;
+
+/// Runs containers through containerd for the Berth scheduler.
+#[derive(Debug, Parser)]
+#[command(name = "berth-node-agent", version)]
+struct Cli {
+    /// gRPC endpoint of the scheduler's AgentService.
+    #[arg(
+        long,
+        env = "BERTH_AGENT_SCHEDULER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    scheduler: String,
+    /// This node's ID.
+    #[arg(long, env = "BERTH_AGENT_NODE_ID")]
+    node_id: String,
+    /// Region the node is in.
+    #[arg(long, env = "BERTH_AGENT_REGION")]
+    region: String,
+    /// Memory offered to runs, in MiB (default: host total).
+    #[arg(long, env = "BERTH_AGENT_MEMORY_MIB")]
+    memory_mib: Option<u64>,
+    /// CPUs offered to runs (default: host CPUs).
+    #[arg(long, env = "BERTH_AGENT_CPUS")]
+    cpus: Option<u32>,
+    /// Maximum concurrent runs.
+    #[arg(long, env = "BERTH_AGENT_MAX_RUNS", default_value_t = 8)]
+    max_runs: u32,
+    /// containerd's gRPC socket.
+    #[arg(
+        long,
+        env = "BERTH_AGENT_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd_socket: PathBuf,
+    /// containerd namespace (default: berth-<node-id>).
+    #[arg(long, env = "BERTH_AGENT_NAMESPACE")]
+    namespace: Option<String>,
+    /// cgroup parent for runs (default: berth/<node-id>).
+    #[arg(long, env = "BERTH_AGENT_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+    /// State directory for FIFOs (default: /var/lib/berth/agent-<node-id>).
+    #[arg(long, env = "BERTH_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Registry host:port reached over plain HTTP (repeatable; loopback always is).
+    #[arg(
+        long = "insecure-registry",
+        env = "BERTH_AGENT_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+}
+
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = AgentConfig {
+        scheduler_url: cli.scheduler,
+        total_memory_mib: cli
+            .memory_mib
+            .or_else(host_memory_mib)
+            .context("cannot read host memory; pass --memory-mib")?,
+        cpus: cli.cpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        }),
+        max_runs: cli.max_runs,
+        containerd_socket: cli.containerd_socket,
+        namespace: cli
+            .namespace
+            .unwrap_or_else(|| format!("berth-{}", cli.node_id)),
+        cgroup_parent: cli
+            .cgroup_parent
+            .unwrap_or_else(|| format!("berth/{}", cli.node_id))
+            .trim_matches('/')
+            .to_string(),
+        state_dir: cli
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/berth/agent-{}", cli.node_id))),
+        insecure_registries: cli.insecure_registries,
+        node_id: cli.node_id,
+        region: cli.region,
+    };
+    tracing::info!(?config, "starting node agent");
+    std::fs::create_dir_all(config.state_dir.join("runs"))
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+
+    let channel = containerd_client::connect(&config.containerd_socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to containerd at {}",
+                config.containerd_socket.display()
+            )
+        })?;
+    let registry = RegistryClient::new(config.insecure_registries.clone(), Default::default())?;
+    let puller = Arc::new(Puller::new(
+        channel.clone(),
+        config.namespace.clone(),
+        registry,
+    ));
+    let runtime = Arc::new(ContainerdRuntime::new(
+        channel,
+        ContainerdSettings {
+            namespace: config.namespace.clone(),
+            state_dir: config.state_dir.clone(),
+            cgroup_parent: config.cgroup_parent.clone(),
+            cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
+        },
+        puller,
+    ));
+    // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
+    let shutdown = shutdown_signal()?;
+    let agent = Agent::new(config, runtime);
+    agent.run(shutdown).await;
+    Ok(())
+}
+
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}

@@ -1,0 +1,727 @@
+//! Pulls images into containerd 1.6 by hand (it has no Transfer service): the registry client
+//! fetches manifest, config and layers; each blob is streamed into the content store (skipped when
+//! already there); layers are unpacked into snapshots named by chain ID; GC labels tie the graph
+//! together; the image record is created or updated. Everything runs under a containerd lease that
+//! is deleted on every path. Pulls of the same image are serialised, so concurrent runs of one
+//! image cause one download.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, InfoRequest, ReadContentRequest,
+    UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
+};
+use containerd_client::types::Descriptor as CtrDescriptor;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::manifest::{
+    chain_ids, host_platform, is_index, manifest_gc_labels, parse_config, parse_index,
+    parse_manifest, select_platform, ManifestError,
+};
+use crate::reference::{ImageReference, ReferenceError};
+use crate::registry::{RegistryClient, RegistryError};
+use crate::runtime::PreparedImage;
+
+/// The snapshotter every snapshot of the agent lives in.
+pub const SNAPSHOTTER: &str = "overlayfs";
+/// How long a pull lease may outlive a crashed agent before containerd collects it.
+const LEASE_EXPIRY_SECS: u64 = 3600;
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// a containerd call failed
+    #[error("containerd {operation} failed: {}", status.message())]
+    Containerd {
+        operation: &'static str,
+        status: Status,
+    },
+    /// a blob download broke off
+    #[error("downloading {digest} failed: {message}")]
+    Download { digest: String, message: String },
+}
+
+fn ctr(operation: &'static str) -> impl FnOnce(Status) -> PullError {
+    move |status| PullError::Containerd { operation, status }
+}
+
+/// Pulls and unpacks images into one containerd namespace.
+pub struct Puller {
+    channel: Channel,
+    namespace: String,
+    registry: RegistryClient,
+    per_image: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Puller {
+    pub fn new(channel: Channel, namespace: String, registry: RegistryClient) -> Self {
+        Self {
+            channel,
+            namespace,
+            registry,
+            per_image: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Ok(ns) = self.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", ns);
+        }
+        if let Some(lease) = lease.and_then(|l| l.parse().ok()) {
+            request.metadata_mut().insert("containerd-lease", lease);
+        }
+        request
+    }
+
+    /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
+    pub async fn pull(&self, image: &str) -> Result<PreparedImage, PullError> {
+        let reference = ImageReference::parse(image)?;
+        let name = reference.to_string();
+        let gate = {
+            let mut map = self.per_image.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(name.clone()).or_default().clone()
+        };
+        let _guard = gate.lock().await;
+        let started = std::time::Instant::now();
+        let result = self.pull_locked(&reference, &name).await;
+        match &result {
+            Ok(prepared) => tracing::info!(
+                image = %name,
+                digest = %prepared.digest,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "image ready"
+            ),
+            Err(error) => tracing::warn!(image = %name, %error, "image pull failed"),
+        }
+        result
+    }
+
+    async fn pull_locked(
+        &self,
+        reference: &ImageReference,
+        name: &str,
+    ) -> Result<PreparedImage, PullError> {
+        let local = self.local_image(name).await;
+        if let (Some(local), Some(pinned)) = (&local, &reference.digest) {
+            if &local.digest == pinned {
+                tracing::debug!(image = %name, "pinned image already present");
+                return Ok(local.clone());
+            }
+        }
+        // Resolve the tag (one manifest GET); blobs are only fetched when missing.
+        let top = match self
+            .registry
+            .fetch_manifest(reference, reference.manifest_reference())
+            .await
+        {
+            Ok(top) => top,
+            Err(error) => {
+                if let Some(local) = local {
+                    tracing::warn!(image = %name, %error, "registry unreachable; using the local image");
+                    return Ok(local);
+                }
+                return Err(error.into());
+            }
+        };
+        if let Some(local) = local {
+            if local.digest == top.digest {
+                tracing::debug!(image = %name, digest = %top.digest, "image up to date");
+                return Ok(local);
+            }
+        }
+        let lease = self.create_lease().await?;
+        let result = self.fetch_and_unpack(reference, name, top, &lease).await;
+        let mut leases = LeasesClient::new(self.channel.clone());
+        if let Err(status) = leases
+            .delete(self.request(
+                DeleteLeaseRequest {
+                    id: lease.clone(),
+                    sync: false,
+                },
+                None,
+            ))
+            .await
+        {
+            tracing::warn!(lease = %lease, %status, "deleting pull lease failed");
+        }
+        result
+    }
+
+    async fn create_lease(&self) -> Result<String, PullError> {
+        let id = format!("berth-pull-{}", uuid::Uuid::new_v4());
+        let expire =
+            std::time::SystemTime::now() + std::time::Duration::from_secs(LEASE_EXPIRY_SECS);
+        let mut labels = HashMap::new();
+        labels.insert("containerd.io/gc.expire".to_string(), rfc3339(expire));
+        LeasesClient::new(self.channel.clone())
+            .create(self.request(
+                CreateLeaseRequest {
+                    id: id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(ctr("Leases.Create"))?;
+        Ok(id)
+    }
+
+    async fn fetch_and_unpack(
+        &self,
+        reference: &ImageReference,
+        name: &str,
+        top: crate::registry::FetchedManifest,
+        lease: &str,
+    ) -> Result<PreparedImage, PullError> {
+        let (os, arch) = host_platform();
+        let (manifest_bytes, manifest_digest, manifest_type, index_part) =
+            if is_index(&top.media_type) {
+                let index = parse_index(&top.bytes)?;
+                let chosen = select_platform(&index, os, arch)?.clone();
+                let position = index
+                    .manifests
+                    .iter()
+                    .position(|m| m.digest == chosen.digest)
+                    .unwrap_or(0);
+                let fetched = self
+                    .registry
+                    .fetch_manifest(reference, &chosen.digest)
+                    .await?;
+                (
+                    fetched.bytes,
+                    fetched.digest,
+                    fetched.media_type,
+                    Some((position, chosen.digest)),
+                )
+            } else {
+                (
+                    top.bytes.clone(),
+                    top.digest.clone(),
+                    top.media_type.clone(),
+                    None,
+                )
+            };
+        let manifest = parse_manifest(&manifest_bytes)?;
+
+        let config_bytes = match self.read_content(&manifest.config.digest).await {
+            Some(bytes) => bytes,
+            None => {
+                let response = self
+                    .registry
+                    .fetch_blob(reference, &manifest.config.digest)
+                    .await?;
+                let bytes = response.bytes().await.map_err(|e| PullError::Download {
+                    digest: manifest.config.digest.clone(),
+                    message: e.to_string(),
+                })?;
+                bytes.to_vec()
+            }
+        };
+        let config = parse_config(&config_bytes)?;
+        let diff_ids = config.rootfs.diff_ids.clone();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(ManifestError::LayerCountMismatch {
+                diff_ids: diff_ids.len(),
+                layers: manifest.layers.len(),
+            }
+            .into());
+        }
+        let chains = chain_ids(&diff_ids);
+        let top_chain = chains.last().cloned().unwrap_or_default();
+
+        for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+            let labels = label("containerd.io/uncompressed", diff_id);
+            if self
+                .ensure_labels_if_present(&layer.digest, &labels, lease)
+                .await?
+            {
+                continue;
+            }
+            let response = self.registry.fetch_blob(reference, &layer.digest).await?;
+            self.write_blob(
+                lease,
+                &layer.digest,
+                layer.size,
+                labels,
+                response.bytes_stream(),
+            )
+            .await?;
+        }
+        let mut config_labels = HashMap::new();
+        if !top_chain.is_empty() {
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
+                top_chain.clone(),
+            );
+        }
+        self.store_bytes(
+            lease,
+            &manifest.config.digest,
+            config_bytes.clone(),
+            config_labels,
+        )
+        .await?;
+        self.unpack(&manifest.layers, &chains, lease).await?;
+        self.store_bytes(
+            lease,
+            &manifest_digest,
+            manifest_bytes.clone(),
+            manifest_gc_labels(&manifest),
+        )
+        .await?;
+        let target = match index_part {
+            Some((position, chosen)) => {
+                self.store_bytes(
+                    lease,
+                    &top.digest,
+                    top.bytes.clone(),
+                    label(
+                        &format!("containerd.io/gc.ref.content.m.{position}"),
+                        &chosen,
+                    ),
+                )
+                .await?;
+                descriptor(&top.media_type, &top.digest, top.bytes.len())
+            }
+            None => descriptor(&manifest_type, &manifest_digest, manifest_bytes.len()),
+        };
+        self.put_image(name, target, lease).await?;
+        Ok(PreparedImage {
+            digest: top.digest,
+            top_chain_id: top_chain,
+            config: config.config.unwrap_or_default(),
+        })
+    }
+
+    async fn put_image(
+        &self,
+        name: &str,
+        target: CtrDescriptor,
+        lease: &str,
+    ) -> Result<(), PullError> {
+        let image = Image {
+            name: name.to_string(),
+            labels: HashMap::new(),
+            target: Some(target),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        match images
+            .create(self.request(
+                CreateImageRequest {
+                    image: Some(image.clone()),
+                    source_date_epoch: None,
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::AlreadyExists => images
+                .update(self.request(
+                    UpdateImageRequest {
+                        image: Some(image),
+                        update_mask: None,
+                        source_date_epoch: None,
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map(|_| ())
+                .map_err(ctr("Images.Update")),
+            Err(status) => Err(ctr("Images.Create")(status)),
+        }
+    }
+
+    /// Applies every layer whose chain-ID snapshot does not exist yet.
+    async fn unpack(
+        &self,
+        layers: &[crate::manifest::Descriptor],
+        chains: &[String],
+        lease: &str,
+    ) -> Result<(), PullError> {
+        let mut snapshots = SnapshotsClient::new(self.channel.clone());
+        let mut diff = DiffClient::new(self.channel.clone());
+        for (i, (layer, chain)) in layers.iter().zip(chains).enumerate() {
+            if self.snapshot_exists(chain).await {
+                continue;
+            }
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chains[i - 1].clone()
+            };
+            let key = format!("berth-extract-{}-{chain}", uuid::Uuid::new_v4().simple());
+            let mounts = snapshots
+                .prepare(self.request(
+                    PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.to_string(),
+                        key: key.clone(),
+                        parent,
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(ctr("Snapshots.Prepare"))?
+                .into_inner()
+                .mounts;
+            let applied = diff
+                .apply(self.request(
+                    ApplyRequest {
+                        diff: Some(
+                            descriptor(&layer.media_type, &layer.digest, 0).with_size(layer.size),
+                        ),
+                        mounts,
+                        payloads: HashMap::new(),
+                        sync_fs: false,
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(ctr("Diff.Apply"));
+            let committed = match applied {
+                Ok(_) => snapshots
+                    .commit(self.request(
+                        CommitSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.to_string(),
+                            name: chain.clone(),
+                            key: key.clone(),
+                            labels: HashMap::new(),
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map(|_| ())
+                    .or_else(|status| {
+                        // Another process unpacked the same layer meanwhile: that is fine.
+                        if status.code() == Code::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(ctr("Snapshots.Commit")(status))
+                        }
+                    }),
+                Err(e) => Err(e),
+            };
+            if let Err(error) = committed {
+                let _ = snapshots
+                    .remove(self.request(
+                        RemoveSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.to_string(),
+                            key,
+                        },
+                        Some(lease),
+                    ))
+                    .await;
+                return Err(error);
+            }
+            tracing::debug!(layer = %layer.digest, chain_id = %chain, "layer unpacked");
+        }
+        Ok(())
+    }
+
+    async fn snapshot_exists(&self, key: &str) -> bool {
+        SnapshotsClient::new(self.channel.clone())
+            .stat(self.request(
+                StatSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.to_string(),
+                    key: key.to_string(),
+                },
+                None,
+            ))
+            .await
+            .is_ok()
+    }
+
+    /// If the blob is in the content store, makes sure it carries `labels` and returns true.
+    async fn ensure_labels_if_present(
+        &self,
+        digest: &str,
+        labels: &HashMap<String, String>,
+        lease: &str,
+    ) -> Result<bool, PullError> {
+        let mut content = ContentClient::new(self.channel.clone());
+        let info = match content
+            .info(self.request(
+                InfoRequest {
+                    digest: digest.to_string(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(response) => response.into_inner().info,
+            Err(status) if status.code() == Code::NotFound => return Ok(false),
+            Err(status) => return Err(ctr("Content.Info")(status)),
+        };
+        let Some(mut info) = info else {
+            return Ok(false);
+        };
+        if labels.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
+            return Ok(true);
+        }
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        info.labels.extend(labels.clone());
+        content
+            .update(self.request(
+                UpdateContentRequest {
+                    info: Some(info),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(ctr("Content.Update"))?;
+        Ok(true)
+    }
+
+    async fn store_bytes(
+        &self,
+        lease: &str,
+        digest: &str,
+        bytes: Vec<u8>,
+        labels: HashMap<String, String>,
+    ) -> Result<(), PullError> {
+        if self
+            .ensure_labels_if_present(digest, &labels, lease)
+            .await?
+        {
+            return Ok(());
+        }
+        let size = bytes.len() as i64;
+        let body = futures::stream::once(async move {
+            Ok::<Bytes, std::convert::Infallible>(Bytes::from(bytes))
+        });
+        self.write_blob(lease, digest, size, labels, body).await
+    }
+
+    /// Streams `body` into Content.Write and commits it under `digest` with `labels`.
+    async fn write_blob<S, E>(
+        &self,
+        lease: &str,
+        digest: &str,
+        size: i64,
+        labels: HashMap<String, String>,
+        body: S,
+    ) -> Result<(), PullError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let write_ref = format!("berth-{}", uuid::Uuid::new_v4().simple());
+        let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
+        let mut content = ContentClient::new(self.channel.clone());
+        let request = self.request(ReceiverStream::new(rx), Some(lease));
+        let expected = digest.to_string();
+        let feed = async move {
+            let mut body = std::pin::pin!(body);
+            let mut offset: i64 = 0;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                let len = chunk.len() as i64;
+                let message = WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    r#ref: write_ref.clone(),
+                    total: size,
+                    expected: expected.clone(),
+                    offset,
+                    data: chunk.to_vec(),
+                    labels: HashMap::new(),
+                };
+                if tx.send(message).await.is_err() {
+                    return Err("containerd closed the write".to_string());
+                }
+                offset += len;
+            }
+            let commit = WriteContentRequest {
+                action: WriteAction::Commit as i32,
+                r#ref: write_ref,
+                total: size,
+                expected,
+                offset,
+                data: Vec::new(),
+                labels,
+            };
+            tx.send(commit)
+                .await
+                .map_err(|_| "containerd closed the write".to_string())
+        };
+        let call = async move {
+            let mut responses = content.write(request).await?.into_inner();
+            let mut committed = false;
+            while let Some(response) = responses.message().await? {
+                if response.action == WriteAction::Commit as i32 {
+                    committed = true;
+                }
+            }
+            Ok::<bool, Status>(committed)
+        };
+        let (fed, called) = tokio::join!(feed, call);
+        match called {
+            Ok(true) => {}
+            Err(status) if status.code() == Code::AlreadyExists => {}
+            Ok(false) => {
+                return Err(PullError::Download {
+                    digest: digest.to_string(),
+                    message: fed
+                        .err()
+                        .unwrap_or_else(|| "write ended without commit".into()),
+                })
+            }
+            Err(status) => {
+                if let Err(message) = fed {
+                    return Err(PullError::Download {
+                        digest: digest.to_string(),
+                        message,
+                    });
+                }
+                return Err(ctr("Content.Write")(status));
+            }
+        }
+        tracing::debug!(digest, size, "blob stored");
+        Ok(())
+    }
+
+    /// Reads a whole blob from the content store; None if absent or unreadable.
+    async fn read_content(&self, digest: &str) -> Option<Vec<u8>> {
+        let mut stream = ContentClient::new(self.channel.clone())
+            .read(self.request(
+                ReadContentRequest {
+                    digest: digest.to_string(),
+                    offset: 0,
+                    size: 0,
+                },
+                None,
+            ))
+            .await
+            .ok()?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.message().await.ok()? {
+            out.extend_from_slice(&chunk.data);
+        }
+        Some(out)
+    }
+
+    /// The image as stored in containerd, if it is complete and unpacked.
+    async fn local_image(&self, name: &str) -> Option<PreparedImage> {
+        let image = ImagesClient::new(self.channel.clone())
+            .get(self.request(
+                GetImageRequest {
+                    name: name.to_string(),
+                },
+                None,
+            ))
+            .await
+            .ok()?
+            .into_inner()
+            .image?;
+        let target = image.target?;
+        let mut manifest_bytes = self.read_content(&target.digest).await?;
+        if is_index(&target.media_type) {
+            let index = parse_index(&manifest_bytes).ok()?;
+            let (os, arch) = host_platform();
+            let chosen = select_platform(&index, os, arch).ok()?;
+            manifest_bytes = self.read_content(&chosen.digest).await?;
+        }
+        let manifest = parse_manifest(&manifest_bytes).ok()?;
+        let config = parse_config(&self.read_content(&manifest.config.digest).await?).ok()?;
+        let top_chain = chain_ids(&config.rootfs.diff_ids).last()?.clone();
+        if !self.snapshot_exists(&top_chain).await {
+            return None;
+        }
+        Some(PreparedImage {
+            digest: target.digest,
+            top_chain_id: top_chain,
+            config: config.config.unwrap_or_default(),
+        })
+    }
+}
+
+fn label(key: &str, value: &str) -> HashMap<String, String> {
+    let mut labels = HashMap::new();
+    labels.insert(key.to_string(), value.to_string());
+    labels
+}
+
+fn descriptor(media_type: &str, digest: &str, size: usize) -> CtrDescriptor {
+    CtrDescriptor {
+        media_type: media_type.to_string(),
+        digest: digest.to_string(),
+        size: size as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+trait WithSize {
+    fn with_size(self, size: i64) -> Self;
+}
+
+impl WithSize for CtrDescriptor {
+    fn with_size(mut self, size: i64) -> Self {
+        self.size = size;
+        self
+    }
+}
+
+/// Formats a time as RFC 3339 UTC (`2024-01-02T03:04:05Z`), as containerd's gc.expire wants.
+pub(crate) fn rfc3339(at: std::time::SystemTime) -> String {
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(0);
+        assert_eq!(rfc3339(at), "1970-01-01T00:00:00Z");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_199);
+        assert_eq!(rfc3339(at), "2024-02-29T23:59:59Z");
+    }
+}

@@ -1,0 +1,134 @@
+//! The boundary between run supervision and the container engine. [`ContainerRuntime`] is what a
+//! supervisor needs from containerd; `containerd.rs` implements it for real and the tests use a
+//! scripted fake.
+
+use std::future::Future;
+
+use oci_spec::runtime::Spec;
+use tokio::io::AsyncRead;
+use tokio::sync::oneshot;
+
+use crate::manifest::ImageRunConfig;
+
+/// An image that is present and unpacked, ready to base a container on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedImage {
+    /// The digest the reference resolved to (top-level manifest or index).
+    pub digest: String,
+    /// The chain ID of the top layer: the snapshot parent for containers.
+    pub top_chain_id: String,
+    /// Run defaults from the image config.
+    pub config: ImageRunConfig,
+}
+
+/// The read ends of a task's stdout and stderr.
+pub struct TaskOutput {
+    pub stdout: Box<dyn AsyncRead + Send + Unpin>,
+    pub stderr: Box<dyn AsyncRead + Send + Unpin>,
+}
+
+/// How a task ended, as containerd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskExit {
+    /// Exit status; containerd already reports a death by signal N as 128 + N.
+    pub exit_status: u32,
+    /// containerd's exit timestamp, unix nanoseconds.
+    pub exited_at_unix_nanos: i64,
+}
+
+/// Resolves when the task exits.
+pub type ExitWatch = oneshot::Receiver<Result<TaskExit, RuntimeError>>;
+
+/// Signals the supervisor sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Term,
+    Kill,
+}
+
+impl StopSignal {
+    pub fn number(self) -> u32 {
+        match self {
+            StopSignal::Term => 15,
+            StopSignal::Kill => 9,
+        }
+    }
+}
+
+/// A container-engine failure, named by the step that failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// the image could not be pulled or unpacked
+    #[error("pulling image {image}: {message}")]
+    ImagePull { image: String, message: String },
+    /// the container or task could not be created
+    #[error("creating the container: {0}")]
+    Create(String),
+    /// the task could not be started
+    #[error("starting the task: {0}")]
+    Start(String),
+    /// waiting for, signalling or deleting the task failed
+    #[error("{operation}: {message}")]
+    Task {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl RuntimeError {
+    /// The machine-readable `error_code` reported in `RunExited`.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            RuntimeError::ImagePull { .. } => "image_pull_failed",
+            RuntimeError::Create(_) => "container_create_failed",
+            RuntimeError::Start(_) => "task_start_failed",
+            RuntimeError::Task { .. } => "task_failed",
+        }
+    }
+}
+
+/// What the supervisor needs from the container engine. Every method is keyed by the run ID,
+/// which is also the container ID, snapshot key and FIFO directory name.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Makes `image` present and unpacked (pulling only what is missing).
+    fn pull_image(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<PreparedImage, RuntimeError>> + Send;
+
+    /// Prepares the rootfs, creates the container with `spec` and creates (not starts) its task,
+    /// returning the open read ends of stdout and stderr.
+    fn create(
+        &self,
+        run_id: &str,
+        image: &PreparedImage,
+        spec: &Spec,
+    ) -> impl Future<Output = Result<TaskOutput, RuntimeError>> + Send;
+
+    /// Begins waiting for the task's exit; call before `start`.
+    fn watch_exit(
+        &self,
+        run_id: &str,
+    ) -> impl Future<Output = Result<ExitWatch, RuntimeError>> + Send;
+
+    /// Starts the task; returns the start time in unix nanoseconds.
+    fn start(&self, run_id: &str) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+
+    /// Sends `signal` to the task's init process, or to every process in it when `all`.
+    fn kill(
+        &self,
+        run_id: &str,
+        signal: StopSignal,
+        all: bool,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Deletes the (exited) task, which closes its output FIFOs.
+    fn delete_task(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Removes everything the run left behind: task, container, snapshot, FIFOs, cgroups. Best
+    /// effort and idempotent: failures are logged, missing pieces ignored.
+    fn cleanup(&self, run_id: &str) -> impl Future<Output = ()> + Send;
+
+    /// IDs of containers in this agent's namespace (left over from an earlier process).
+    fn list_containers(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+}

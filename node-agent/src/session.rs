@@ -1,0 +1,315 @@
+//! The agent's side of `AgentService.Attach`: register, heartbeat, take assignments and stops,
+//! deliver the outbox, and reconnect forever with capped backoff when the stream breaks. Runs keep
+//! executing while disconnected; their reports wait in the outbox.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::{
+    agent_message::Body, scheduler_message, AgentMessage, AssignRun, Heartbeat, Register,
+    SchedulerMessage,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::config::AgentConfig;
+use crate::outbox::SharedOutbox;
+use crate::runtime::ContainerRuntime;
+use crate::supervisor::{supervise, Assignment, SupervisorSettings};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Why one connection attempt ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// connecting to the scheduler failed
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    /// the scheduler endpoint URL is not valid
+    #[error("invalid scheduler URL {url:?}")]
+    InvalidUrl { url: String },
+    /// the stream failed
+    #[error("stream error: {0}")]
+    Stream(#[from] tonic::Status),
+    /// the scheduler closed the stream
+    #[error("the scheduler closed the stream")]
+    Closed,
+    /// the scheduler did not answer Register with Registered
+    #[error("no Registered reply: {0}")]
+    NotRegistered(&'static str),
+}
+
+/// A run this agent process is responsible for.
+struct RunEntry {
+    stop: watch::Sender<bool>,
+    memory_mib: u64,
+    /// Set once the supervisor queued RunExited; the entry goes when that seq is acknowledged.
+    exit_seq: Option<u64>,
+}
+
+/// The node agent: owns the runs and the connection to the scheduler.
+pub struct Agent<R: ContainerRuntime> {
+    config: AgentConfig,
+    runtime: Arc<R>,
+    outbox: SharedOutbox,
+    boot_id: String,
+    runs: Arc<Mutex<HashMap<String, RunEntry>>>,
+}
+
+impl<R: ContainerRuntime> Agent<R> {
+    pub fn new(config: AgentConfig, runtime: Arc<R>) -> Self {
+        Self {
+            config,
+            runtime,
+            outbox: SharedOutbox::new(),
+            boot_id: uuid::Uuid::new_v4().to_string(),
+            runs: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn outbox(&self) -> &SharedOutbox {
+        &self.outbox
+    }
+
+    fn runs(&self) -> MutexGuard<'_, HashMap<String, RunEntry>> {
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kills and removes containers an earlier agent process left in the namespace.
+    pub async fn clean_leftovers(&self) {
+        match self.runtime.list_containers().await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::warn!(run_id = %id, "removing container left by an earlier agent process");
+                    self.runtime.cleanup(&id).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not list leftover containers"),
+        }
+    }
+
+    /// Cleans up leftovers, then stays connected to the scheduler until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.clean_leftovers().await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = BACKOFF_START;
+        loop {
+            let mut registered = false;
+            let attempt = self.connect_once(&mut registered);
+            let result = tokio::select! {
+                _ = &mut shutdown => {
+                    tracing::info!("shutting down; containers keep running");
+                    return;
+                }
+                result = attempt => result,
+            };
+            if registered {
+                backoff = BACKOFF_START;
+            }
+            match result {
+                Ok(()) => tracing::info!("scheduler session ended; reconnecting"),
+                Err(error) => {
+                    tracing::warn!(%error, retry_ms = backoff.as_millis() as u64, "scheduler session failed")
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn register_message(&self) -> AgentMessage {
+        let active_run_ids = self.runs().keys().cloned().collect();
+        AgentMessage {
+            seq: 0,
+            body: Some(Body::Register(Register {
+                node_id: self.config.node_id.clone(),
+                boot_id: self.boot_id.clone(),
+                region: self.config.region.clone(),
+                total_memory_mib: self.config.total_memory_mib,
+                cpus: self.config.cpus,
+                max_concurrent_runs: self.config.max_runs,
+                active_run_ids,
+                agent_version: concat!("berth-node-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+            })),
+        }
+    }
+
+    fn heartbeat_message(&self) -> AgentMessage {
+        let runs = self.runs();
+        let running: Vec<(&String, &RunEntry)> =
+            runs.iter().filter(|(_, r)| r.exit_seq.is_none()).collect();
+        let used: u64 = running.iter().map(|(_, r)| r.memory_mib).sum();
+        AgentMessage {
+            seq: 0,
+            body: Some(Body::Heartbeat(Heartbeat {
+                free_memory_mib: self.config.total_memory_mib.saturating_sub(used),
+                running_run_ids: running.iter().map(|(id, _)| (*id).clone()).collect(),
+            })),
+        }
+    }
+
+    async fn connect_once(&self, registered: &mut bool) -> Result<(), SessionError> {
+        let url = self.config.scheduler_url.clone();
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|_| SessionError::InvalidUrl { url: url.clone() })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| SessionError::Connect { url, source })?;
+        let mut client = AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
+        tx.send(self.register_message())
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        let mut inbound = client.attach(ReceiverStream::new(rx)).await?.into_inner();
+
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| SessionError::NotRegistered("timed out"))??;
+        let registered_msg = match first.and_then(|m| m.body) {
+            Some(scheduler_message::Body::Registered(r)) => r,
+            Some(_) => {
+                return Err(SessionError::NotRegistered(
+                    "first message was not Registered",
+                ))
+            }
+            None => return Err(SessionError::Closed),
+        };
+        *registered = true;
+        tracing::info!(
+            node_id = %self.config.node_id,
+            boot_id = %self.boot_id,
+            heartbeat_interval_seconds = registered_msg.heartbeat_interval_seconds,
+            stale_runs = registered_msg.stale_run_ids.len(),
+            outbox = self.outbox.len(),
+            "registered with scheduler"
+        );
+        for stale in registered_msg.stale_run_ids {
+            self.drop_stale_run(stale);
+        }
+        let interval = match registered_msg.heartbeat_interval_seconds {
+            0 => DEFAULT_HEARTBEAT,
+            s => Duration::from_secs(u64::from(s)),
+        };
+
+        // Re-send everything not yet acknowledged, then only what is new.
+        let mut last_sent = 0u64;
+        let mut heartbeat = tokio::time::interval(interval);
+        loop {
+            for message in self.outbox.unsent_after(last_sent) {
+                last_sent = last_sent.max(message.seq);
+                tx.send(message).await.map_err(|_| SessionError::Closed)?;
+            }
+            tokio::select! {
+                message = inbound.message() => match message? {
+                    Some(message) => self.handle(message),
+                    None => return Err(SessionError::Closed),
+                },
+                _ = self.outbox.changed() => {}
+                _ = heartbeat.tick() => {
+                    tx.send(self.heartbeat_message()).await.map_err(|_| SessionError::Closed)?;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, message: SchedulerMessage) {
+        match message.body {
+            Some(scheduler_message::Body::AssignRun(assign)) => self.assign(assign),
+            Some(scheduler_message::Body::StopRun(stop)) => match self.runs().get(&stop.run_id) {
+                Some(entry) => {
+                    tracing::info!(run_id = %stop.run_id, "stop requested by scheduler");
+                    entry.stop.send_replace(true);
+                }
+                None => tracing::debug!(run_id = %stop.run_id, "stop for unknown run ignored"),
+            },
+            Some(scheduler_message::Body::Ack(ack)) => {
+                self.outbox.ack(ack.up_to_seq);
+                self.runs()
+                    .retain(|_, r| r.exit_seq.is_none_or(|seq| seq > ack.up_to_seq));
+            }
+            Some(scheduler_message::Body::Warmup(warmup)) => {
+                let runtime = self.runtime.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = runtime.pull_image(&warmup.image).await {
+                        tracing::warn!(image = %warmup.image, %error, "warmup pull failed");
+                    }
+                });
+            }
+            Some(scheduler_message::Body::Registered(_)) => {
+                tracing::debug!("duplicate Registered ignored");
+            }
+            None => {}
+        }
+    }
+
+    fn drop_stale_run(&self, run_id: String) {
+        match self.runs().get(&run_id) {
+            Some(entry) => {
+                tracing::warn!(run_id = %run_id, "scheduler says run is stale; stopping it");
+                entry.stop.send_replace(true);
+            }
+            None => {
+                tracing::warn!(run_id = %run_id, "scheduler says run is stale; cleaning up");
+                let runtime = self.runtime.clone();
+                tokio::spawn(async move { runtime.cleanup(&run_id).await });
+            }
+        }
+    }
+
+    fn assign(&self, assign: AssignRun) {
+        let run_id = assign.run_id.clone();
+        let spec = assign.spec.unwrap_or_default();
+        let mut runs = self.runs();
+        if runs.contains_key(&run_id) {
+            tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
+            return;
+        }
+        tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        runs.insert(
+            run_id.clone(),
+            RunEntry {
+                stop: stop_tx,
+                memory_mib: spec.memory_mib,
+                exit_seq: None,
+            },
+        );
+        drop(runs);
+        let runtime = self.runtime.clone();
+        let outbox = self.outbox.clone();
+        let registry = self.runs.clone();
+        let settings = SupervisorSettings {
+            cgroup_parent: self.config.cgroup_parent.clone(),
+        };
+        let assignment = Assignment {
+            run_id: run_id.clone(),
+            lease_epoch: assign.lease_epoch,
+            spec,
+        };
+        tokio::spawn(async move {
+            let exit_seq = supervise(runtime, settings, assignment, stop_rx, outbox.clone()).await;
+            let mut runs = registry.lock().unwrap_or_else(|e| e.into_inner());
+            if outbox.is_acked(exit_seq) {
+                // The ack overtook us: the scheduler already has the exit.
+                runs.remove(&run_id);
+            } else if let Some(entry) = runs.get_mut(&run_id) {
+                entry.exit_seq = Some(exit_seq);
+            }
+        });
+    }
+}

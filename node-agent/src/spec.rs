@@ -1,0 +1,367 @@
+//! Builds the OCI runtime spec for one run from the scheduler's `RunSpec` and the image config.
+//! The pure resolution steps (arguments, environment, user) are separate functions so they can be
+//! tested without containerd.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use berth_proto::v1::RunSpec;
+use oci_spec::runtime::{
+    Capability, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxNamespace,
+    LinuxNamespaceType, LinuxPids, LinuxResources, PosixRlimitBuilder, PosixRlimitType, Spec, User,
+};
+
+use crate::manifest::ImageRunConfig;
+
+/// PATH used when neither the image nor the run sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Open-files limit inside containers; must stay below this host's hard limit (20000).
+pub const NOFILE_LIMIT: u64 = 1024;
+/// Upper bound on processes per run, enforced by the pids cgroup.
+pub const PIDS_LIMIT: i64 = 4096;
+const CPU_PERIOD_MICROS: u64 = 100_000;
+
+/// Why a spec could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// neither the run nor the image gives a command to execute
+    #[error("no command to run: the run sets no entrypoint/cmd and the image defines none")]
+    EmptyCommand,
+    /// oci-spec rejected a value
+    #[error("building the runtime spec failed: {0}")]
+    Oci(#[from] oci_spec::OciSpecError),
+}
+
+impl SpecError {
+    /// The machine-readable `error_code` reported to the scheduler.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            SpecError::EmptyCommand => "invalid_command",
+            SpecError::Oci(_) => "invalid_spec",
+        }
+    }
+}
+
+/// Process arguments: entrypoint (run's if set, else image's) followed by the command (run's if
+/// set; else the image's, unless the run replaced the entrypoint).
+pub fn resolve_args(run: &RunSpec, image: &ImageRunConfig) -> Result<Vec<String>, SpecError> {
+    let entrypoint = if run.entrypoint_set {
+        run.entrypoint.clone()
+    } else {
+        image.entrypoint.clone().unwrap_or_default()
+    };
+    let cmd = if run.cmd_set {
+        run.cmd.clone()
+    } else if run.entrypoint_set {
+        Vec::new()
+    } else {
+        image.cmd.clone().unwrap_or_default()
+    };
+    let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(SpecError::EmptyCommand);
+    }
+    Ok(args)
+}
+
+/// Environment: the image's `KEY=VALUE` list with the run's variables overriding or appended (in
+/// key order, so the spec is deterministic), plus a default PATH if nothing set one.
+pub fn resolve_env(run_env: &HashMap<String, String>, image_env: &[String]) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for entry in image_env {
+        let (key, value) = entry.split_once('=').unwrap_or((entry.as_str(), ""));
+        match out.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => out.push((key.to_string(), value.to_string())),
+        }
+    }
+    let mut run_keys: Vec<&String> = run_env.keys().collect();
+    run_keys.sort();
+    for key in run_keys {
+        let value = run_env.get(key).cloned().unwrap_or_default();
+        match out.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => out.push((key.clone(), value)),
+        }
+    }
+    if !out.iter().any(|(k, _)| k == "PATH") {
+        out.insert(0, ("PATH".to_string(), DEFAULT_PATH.to_string()));
+    }
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The user to run as. Only numeric `uid[:gid]` is honoured for now (names need the image's
+/// /etc/passwd); anything else runs as root and the caller logs a warning.
+pub fn resolve_user(image_user: Option<&str>) -> (u32, u32, bool) {
+    let Some(user) = image_user.map(str::trim).filter(|u| !u.is_empty()) else {
+        return (0, 0, true);
+    };
+    let (uid, gid) = match user.split_once(':') {
+        Some((u, g)) => (u.parse::<u32>().ok(), g.parse::<u32>().ok()),
+        None => {
+            let uid = user.parse::<u32>().ok();
+            (uid, uid.map(|_| 0))
+        }
+    };
+    match (uid, gid) {
+        (Some(uid), Some(gid)) => (uid, gid, true),
+        _ => (0, 0, false),
+    }
+}
+
+/// The capability set Docker and containerd give containers by default.
+pub fn default_capabilities() -> HashSet<Capability> {
+    [
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::Fsetid,
+        Capability::Fowner,
+        Capability::Mknod,
+        Capability::NetRaw,
+        Capability::Setgid,
+        Capability::Setuid,
+        Capability::Setfcap,
+        Capability::Setpcap,
+        Capability::NetBindService,
+        Capability::SysChroot,
+        Capability::Kill,
+        Capability::AuditWrite,
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// Everything `build_spec` needs besides the two inputs it resolves.
+pub struct SpecInputs<'a> {
+    pub run_id: &'a str,
+    pub run: &'a RunSpec,
+    pub image: &'a ImageRunConfig,
+    /// cgroup parent without leading slash, e.g. `berth/node-1`.
+    pub cgroup_parent: &'a str,
+}
+
+/// The cgroups path runc uses for a run: `/<parent>/<run id>`.
+pub fn cgroups_path(cgroup_parent: &str, run_id: &str) -> String {
+    format!("/{}/{run_id}", cgroup_parent.trim_matches('/'))
+}
+
+/// Builds the complete runtime spec.
+pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
+    let args = resolve_args(inputs.run, inputs.image)?;
+    let env = resolve_env(
+        &inputs.run.env,
+        inputs.image.env.as_deref().unwrap_or_default(),
+    );
+    let (uid, gid, numeric) = resolve_user(inputs.image.user.as_deref());
+    if !numeric {
+        tracing::warn!(
+            run_id = inputs.run_id,
+            user = inputs.image.user.as_deref().unwrap_or_default(),
+            "image USER is not numeric; running as 0:0"
+        );
+    }
+    let cwd = inputs
+        .image
+        .working_dir
+        .clone()
+        .filter(|w| w.starts_with('/'))
+        .unwrap_or_else(|| "/".to_string());
+
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(inputs.run_id.chars().take(63).collect()));
+
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_terminal(Some(false));
+    process.set_args(Some(args));
+    process.set_env(Some(env));
+    process.set_cwd(PathBuf::from(cwd));
+    let mut user = User::default();
+    user.set_uid(uid);
+    user.set_gid(gid);
+    process.set_user(user);
+    let caps = default_capabilities();
+    let mut capabilities = LinuxCapabilities::default();
+    capabilities.set_bounding(Some(caps.clone()));
+    capabilities.set_effective(Some(caps.clone()));
+    capabilities.set_permitted(Some(caps));
+    capabilities.set_inheritable(Some(HashSet::new()));
+    capabilities.set_ambient(Some(HashSet::new()));
+    process.set_capabilities(Some(capabilities));
+    process.set_no_new_privileges(Some(true));
+    let nofile = PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .soft(NOFILE_LIMIT)
+        .hard(NOFILE_LIMIT)
+        .build()?;
+    process.set_rlimits(Some(vec![nofile]));
+    spec.set_process(Some(process));
+
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(PathBuf::from("rootfs"));
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let namespaces = [
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Network,
+    ]
+    .into_iter()
+    .map(|typ| {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(typ);
+        ns
+    })
+    .collect();
+    linux.set_namespaces(Some(namespaces));
+    linux.set_cgroups_path(Some(PathBuf::from(cgroups_path(
+        inputs.cgroup_parent,
+        inputs.run_id,
+    ))));
+
+    let memory_bytes =
+        i64::try_from(inputs.run.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    let mut resources = LinuxResources::default();
+    if inputs.run.memory_mib > 0 {
+        let mut memory = LinuxMemory::default();
+        memory.set_limit(Some(memory_bytes));
+        memory.set_swap(Some(memory_bytes));
+        resources.set_memory(Some(memory));
+    }
+    if inputs.run.cpu_millis > 0 {
+        let mut cpu = LinuxCpu::default();
+        cpu.set_quota(Some(i64::from(inputs.run.cpu_millis) * 100));
+        cpu.set_period(Some(CPU_PERIOD_MICROS));
+        resources.set_cpu(Some(cpu));
+    }
+    let mut pids = LinuxPids::default();
+    pids.set_limit(PIDS_LIMIT);
+    resources.set_pids(Some(pids));
+    // Deny all devices first; runc then allows its standard set (null, zero, tty, ...).
+    let mut deny_all = LinuxDeviceCgroup::default();
+    deny_all.set_allow(false);
+    deny_all.set_access(Some("rwm".to_string()));
+    resources.set_devices(Some(vec![deny_all]));
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> ImageRunConfig {
+        ImageRunConfig {
+            entrypoint: ep.map(s),
+            cmd: cmd.map(s),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn image_entrypoint_and_cmd_when_run_sets_nothing() {
+        let run = RunSpec::default();
+        let args = resolve_args(&run, &image(Some(&["/ep"]), Some(&["a", "b"]))).expect("args");
+        assert_eq!(args, s(&["/ep", "a", "b"]));
+    }
+
+    #[test]
+    fn run_cmd_replaces_image_cmd_keeps_entrypoint() {
+        let run = RunSpec {
+            cmd_set: true,
+            cmd: s(&["sh", "-c", "echo hi"]),
+            ..Default::default()
+        };
+        let args = resolve_args(&run, &image(Some(&["/ep"]), Some(&["x"]))).expect("args");
+        assert_eq!(args, s(&["/ep", "sh", "-c", "echo hi"]));
+    }
+
+    #[test]
+    fn run_entrypoint_drops_image_cmd() {
+        let run = RunSpec {
+            entrypoint_set: true,
+            entrypoint: s(&["/bin/echo"]),
+            ..Default::default()
+        };
+        let args = resolve_args(&run, &image(Some(&["/ep"]), Some(&["x"]))).expect("args");
+        assert_eq!(args, s(&["/bin/echo"]));
+    }
+
+    #[test]
+    fn explicitly_empty_everything_is_invalid() {
+        let run = RunSpec {
+            entrypoint_set: true,
+            cmd_set: true,
+            ..Default::default()
+        };
+        let err = resolve_args(&run, &image(Some(&["/ep"]), Some(&["x"]))).expect_err("empty");
+        assert_eq!(err.error_code(), "invalid_command");
+        assert!(resolve_args(&RunSpec::default(), &image(None, None)).is_err());
+    }
+
+    #[test]
+    fn env_overlay_overrides_and_adds_path() {
+        let mut run_env = HashMap::new();
+        run_env.insert("B".to_string(), "run".to_string());
+        run_env.insert("C".to_string(), "new".to_string());
+        let env = resolve_env(&run_env, &s(&["A=1", "B=image"]));
+        assert_eq!(
+            env,
+            s(&[&format!("PATH={DEFAULT_PATH}"), "A=1", "B=run", "C=new"])
+        );
+        let env = resolve_env(&HashMap::new(), &s(&["PATH=/x"]));
+        assert_eq!(env, s(&["PATH=/x"]));
+    }
+
+    #[test]
+    fn user_resolution() {
+        assert_eq!(resolve_user(None), (0, 0, true));
+        assert_eq!(resolve_user(Some("1000")), (1000, 0, true));
+        assert_eq!(resolve_user(Some("1000:50")), (1000, 50, true));
+        assert_eq!(resolve_user(Some("nobody")), (0, 0, false));
+    }
+
+    #[test]
+    fn spec_has_limits_and_cgroup_path() {
+        let run = RunSpec {
+            cmd_set: true,
+            cmd: s(&["true"]),
+            memory_mib: 64,
+            cpu_millis: 500,
+            ..Default::default()
+        };
+        let img = ImageRunConfig::default();
+        let spec = build_spec(&SpecInputs {
+            run_id: "r1",
+            run: &run,
+            image: &img,
+            cgroup_parent: "berth/n1",
+        })
+        .expect("spec");
+        let json = serde_json::to_value(&spec).expect("serializes");
+        assert_eq!(json["linux"]["cgroupsPath"], "/berth/n1/r1");
+        assert_eq!(
+            json["linux"]["resources"]["memory"]["limit"],
+            64 * 1024 * 1024
+        );
+        assert_eq!(json["linux"]["resources"]["cpu"]["quota"], 50_000);
+        assert_eq!(json["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT);
+        assert_eq!(json["process"]["rlimits"][0]["hard"], NOFILE_LIMIT);
+        assert_eq!(json["process"]["cwd"], "/");
+        let ns: Vec<String> = json["linux"]["namespaces"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|n| n["type"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert!(ns.contains(&"network".to_string()) && !ns.contains(&"cgroup".to_string()));
+    }
+}
