@@ -260,27 +260,21 @@ demo_body() {
     region: "fra", instance_type: "standard-s", timeout_seconds: 60}'
 }
 
-berth_log "demo: creating runner $DEMO_NAME"
-api POST /v1/runners "$(demo_body "$DEMO_NAME")"
+# Reuse the demo runner an earlier up.sh created, so re-running adds runs, not runners.
+api GET /v1/runners
 RUNNER_ID=
-case "$HTTP_CODE" in
-  200 | 201)
+if [[ "$HTTP_CODE" == 200 ]]; then
+  RUNNER_ID="$(jq -r --arg n "$DEMO_NAME" '[.runners[]? | select(.name == $n) | .id][0] // empty' <<<"$BODY")"
+fi
+if [[ -n "$RUNNER_ID" ]]; then
+  berth_log "demo: reusing runner $DEMO_NAME ($RUNNER_ID)"
+else
+  berth_log "demo: creating runner $DEMO_NAME"
+  api POST /v1/runners "$(demo_body "$DEMO_NAME")"
+  if [[ "$HTTP_CODE" == 201 ]]; then
     RUNNER_ID="$(jq -r '.runner.id // empty' <<<"$BODY")"
-    ;;
-  409)
-    # Created by an earlier up.sh: find it in the listing.
-    api GET /v1/runners
-    RUNNER_ID="$(jq -r --arg n "$DEMO_NAME" \
-      '[(.runners? // .)[]? | objects | select(.name == $n) | .id][0] // empty' <<<"$BODY" 2>/dev/null || true)"
-    if [[ -z "$RUNNER_ID" ]]; then
-      DEMO_NAME="demo-hello-$(date +%s)"
-      api POST /v1/runners "$(demo_body "$DEMO_NAME")"
-      [[ "$HTTP_CODE" == 200 || "$HTTP_CODE" == 201 ]] && RUNNER_ID="$(jq -r '.runner.id // empty' <<<"$BODY")"
-    else
-      berth_log "demo: reusing runner $DEMO_NAME ($RUNNER_ID)"
-    fi
-    ;;
-esac
+  fi
+fi
 [[ -n "$RUNNER_ID" ]] || api_die "could not create the demo runner (POST /v1/runners)" "$LOG_DIR/api.log" "$LOG_DIR/scheduler.log"
 
 api POST "/v1/runners/$RUNNER_ID/runs" '{}'
