@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use berth_core::convert::env_to_pb;
 use berth_core::model::{INSTANCE_TYPES, REGIONS};
-use berth_core::validate::{RunInput, RunnerInput, RunnerPatch};
+use berth_core::validate::{RunInput, RunnerInput};
 use berth_core::RunnerSpec;
 use berth_proto::v1 as pb;
 use futures::{Stream, StreamExt};
@@ -22,6 +22,13 @@ use std::convert::Infallible;
 type ApiResult<T> = Result<T, ApiError>;
 
 const MAX_ID_LEN: usize = 64;
+
+/// The two ids of a run's path, checked.
+fn run_ids(Path((runner_id, run_id)): Path<(String, String)>) -> ApiResult<(String, String)> {
+    check_id("runner_id", &runner_id)?;
+    check_id("run_id", &run_id)?;
+    Ok((runner_id, run_id))
+}
 
 fn check_id(field: &str, id: &str) -> ApiResult<()> {
     let ok = !id.is_empty()
@@ -83,7 +90,7 @@ pub async fn get_runner(
 pub async fn update_runner(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(patch): JsonBody<RunnerPatch>,
+    JsonBody(patch): JsonBody<RunnerInput>,
 ) -> ApiResult<Json<Value>> {
     check_id("runner_id", &id)?;
     let mut attempts = 0;
@@ -158,10 +165,9 @@ pub async fn list_runs(
 
 pub async fn get_run(
     State(s): State<AppState>,
-    Path((runner_id, run_id)): Path<(String, String)>,
+    path: Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_id("runner_id", &runner_id)?;
-    check_id("run_id", &run_id)?;
+    let (runner_id, run_id) = run_ids(path)?;
     let run = s
         .control()
         .get_run(pb::GetRunRequest { runner_id, run_id })
@@ -172,10 +178,9 @@ pub async fn get_run(
 
 pub async fn stop_run(
     State(s): State<AppState>,
-    Path((runner_id, run_id)): Path<(String, String)>,
+    path: Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_id("runner_id", &runner_id)?;
-    check_id("run_id", &run_id)?;
+    let (runner_id, run_id) = run_ids(path)?;
     let run = s
         .control()
         .stop_run(pb::StopRunRequest { runner_id, run_id })
@@ -209,11 +214,10 @@ fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult
 
 pub async fn list_logs(
     State(s): State<AppState>,
-    Path((runner_id, run_id)): Path<(String, String)>,
+    path: Path<(String, String)>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Json<Value>> {
-    check_id("runner_id", &runner_id)?;
-    check_id("run_id", &run_id)?;
+    let (runner_id, run_id) = run_ids(path)?;
     let after_id = parse_number::<u64>("after_id", q.after_id.as_deref())?.unwrap_or(0);
     let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(LOGS_DEFAULT_LIMIT);
     if !(1..=LOGS_MAX_LIMIT).contains(&limit) {
@@ -251,12 +255,11 @@ pub struct StreamQuery {
 /// the stream ends. Resumes after `?after_id=` or the `Last-Event-ID` header.
 pub async fn stream_logs(
     State(s): State<AppState>,
-    Path((runner_id, run_id)): Path<(String, String)>,
+    path: Path<(String, String)>,
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    check_id("runner_id", &runner_id)?;
-    check_id("run_id", &run_id)?;
+    let (runner_id, run_id) = run_ids(path)?;
     let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let after_id = match parse_number::<u64>("after_id", q.after_id.as_deref())? {
         Some(v) => v,

@@ -14,6 +14,7 @@ pub mod command;
 pub mod convert;
 pub mod keys;
 pub mod model;
+pub mod process;
 pub mod status;
 pub mod store;
 pub mod validate;

@@ -60,7 +60,7 @@ impl Collector {
     }
 }
 
-/// `POST /v1/runners` body.
+/// `POST /v1/runners` and `PATCH /v1/runners/{id}` body.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunnerInput {
@@ -107,24 +107,10 @@ impl RunnerInput {
     }
 }
 
-/// `PATCH /v1/runners/{id}` body: present fields replace the runner's. Setting `run_command`
-/// clears `argv` and the other way round, since a runner has one or the other.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunnerPatch {
-    pub name: Option<String>,
-    pub image_name: Option<String>,
-    pub image_tag: Option<String>,
-    pub run_command: Option<String>,
-    pub argv: Option<Vec<String>>,
-    pub entrypoint: Option<String>,
-    pub timeout_seconds: Option<i64>,
-    pub region: Option<String>,
-    pub instance_type: Option<String>,
-    pub env_variables: Option<Vec<EnvVar>>,
-}
-
-impl RunnerPatch {
+impl RunnerInput {
+    /// Applies this as a `PATCH /v1/runners/{id}` body: present fields replace the runner's.
+    /// Setting `run_command` clears `argv` and the other way round, since a runner has one or
+    /// the other.
     pub fn apply(self, current: &RunnerSpec) -> Result<RunnerSpec, ValidationErrors> {
         let mut c = Collector::default();
         if self.run_command.is_some() && self.argv.is_some() {
@@ -565,7 +551,7 @@ mod tests {
     fn patch_switches_between_command_forms() {
         let spec = good().into_spec().ok();
         let patched = spec.as_ref().map(|s| {
-            RunnerPatch {
+            RunnerInput {
                 argv: Some(vec!["echo".into(), "x".into()]),
                 ..Default::default()
             }

@@ -72,13 +72,7 @@ fn host_memory_mib() -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    berth_core::process::init_tracing();
     let cli = Cli::parse();
     let config = AgentConfig {
         scheduler_url: cli.scheduler,
@@ -137,20 +131,8 @@ async fn main() -> anyhow::Result<()> {
         puller,
     ));
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
-    let shutdown = shutdown_signal()?;
+    let shutdown = berth_core::process::shutdown_signal().context("installing signal handlers")?;
     let agent = Agent::new(config, runtime);
     agent.run(shutdown).await;
     Ok(())
-}
-
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
 }

@@ -575,13 +575,7 @@ impl<S: Store> Scheduler<S> {
         msg: pb::RunStarted,
     ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        let current = st
-            .active
-            .get(&msg.run_id)
-            .filter(|c| {
-                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch
-            })
-            .map(|c| (c.run.clone(), c.revision));
+        let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some((mut run, revision)) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
             tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
@@ -607,13 +601,7 @@ impl<S: Store> Scheduler<S> {
         msg: pb::RunExited,
     ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        let current = st
-            .active
-            .get(&msg.run_id)
-            .filter(|c| {
-                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == msg.lease_epoch
-            })
-            .map(|c| (c.run.clone(), c.revision));
+        let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some((mut run, revision)) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
             return Ok(());
@@ -819,6 +807,16 @@ impl<S: Store> Scheduler<S> {
 }
 
 impl State {
+    /// The run (and its revision) if it is still leased to `node_id` under `lease_epoch`.
+    fn leased(&self, run_id: &str, node_id: &str, lease_epoch: u64) -> Option<(Run, u64)> {
+        self.active
+            .get(run_id)
+            .filter(|c| {
+                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == lease_epoch
+            })
+            .map(|c| (c.run.clone(), c.revision))
+    }
+
     /// The placement view of every known node, with the memory and slots its leases hold.
     fn snapshot(&self) -> Vec<NodeView> {
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();

@@ -32,13 +32,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    berth_core::process::init_tracing();
     let args = Args::parse();
     let store_path = args.data_dir.join("state.redb");
     let store = EmbeddedStore::open(&store_path)
@@ -54,18 +48,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(addr = %listener.local_addr()?, store = %store_path.display(), "scheduler listening");
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down");
-    };
+    let shutdown = berth_core::process::shutdown_signal().context("installing signal handlers")?;
     berth_scheduler::serve(scheduler, listener, shutdown).await?;
     Ok(())
 }

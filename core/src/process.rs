@@ -1,0 +1,26 @@
+//! What every Berth binary does at start: structured logging and the shutdown signal.
+
+use std::future::Future;
+
+/// Logs through `tracing`, filtered by `BERTH_LOG` (or `RUST_LOG`), `info` by default.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BERTH_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, not on first poll, so a
+/// signal that arrives during start-up is not fatal.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
