@@ -6,14 +6,14 @@
 //! write is a compare-and-set on the run's store revision.
 
 use crate::error::SchedulerError;
-use crate::placement::{self, Demand, NodeStatus, NodeView};
+use crate::placement::{self, Demand, FitPolicy, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
 use berth_core::model::{instance_type, LogEntry, LogStream};
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::validate::{validate_spec, RunInput};
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
 use berth_proto::v1 as pb;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -28,6 +28,7 @@ pub struct Config {
     pub stop_grace_seconds: u32,
     /// How long a stop request waits for the agent to confirm the exit.
     pub stop_wait: Duration,
+    pub fit_policy: FitPolicy,
 }
 
 impl Default for Config {
@@ -37,6 +38,7 @@ impl Default for Config {
             default_registry: "docker.io".to_owned(),
             stop_grace_seconds: 2,
             stop_wait: Duration::from_secs(15),
+            fit_policy: FitPolicy::BestFit,
         }
     }
 }
@@ -73,6 +75,7 @@ struct Node {
     last_heartbeat: Instant,
     connection: u64,
     tx: Option<AgentTx>,
+    cached_images: Arc<BTreeSet<String>>,
 }
 
 /// A node as `ListNodes` shows it.
@@ -480,6 +483,7 @@ impl<S: Store> Scheduler<S> {
                 last_heartbeat: Instant::now(),
                 connection,
                 tx: Some(tx.clone()),
+                cached_images: Arc::default(),
             },
         );
         tracing::info!(
@@ -739,11 +743,13 @@ impl<S: Store> Scheduler<S> {
             };
             let (mut run, revision) = (cached.run.clone(), cached.revision);
             let demand = Demand {
+                run_id: run.id.clone(),
                 region: run.region.clone(),
                 memory_mib: run.memory_mib,
+                image: run.image.clone(),
                 warm_pin: None,
             };
-            match placement::place(&demand, &views) {
+            match placement::place(&demand, &views, self.config.fit_policy) {
                 Ok(node) => {
                     let node_id = node.id.clone();
                     let epoch = run.assign(&node_id)?;
@@ -839,6 +845,8 @@ impl State {
                     reserved_memory_mib: mem,
                     max_runs: n.max_runs,
                     runs,
+                    cached_images: n.cached_images.clone(),
+                    reserved_for: None,
                 }
             })
             .collect()

@@ -1,6 +1,7 @@
 use anyhow::Context;
 use berth_core::store::EmbeddedStore;
 use berth_scheduler::engine::{Config, Scheduler};
+use berth_scheduler::placement::FitPolicy;
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,9 +26,17 @@ struct Args {
     /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out.
     #[arg(long, default_value_t = 2)]
     stop_grace_seconds: u32,
+    /// How to choose among nodes that fit: `best-fit` (pack) or `spread`.
+    #[arg(long, default_value = "best-fit", value_parser = parse_policy)]
+    placement_policy: FitPolicy,
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_interval_seconds: u64,
+}
+
+fn parse_policy(s: &str) -> Result<FitPolicy, String> {
+    FitPolicy::parse(s)
+        .ok_or_else(|| format!("unknown placement policy {s}; use best-fit or spread"))
 }
 
 #[tokio::main]
@@ -38,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let store = EmbeddedStore::open(&store_path)
         .with_context(|| format!("opening the store at {}", store_path.display()))?;
     let config = Config {
+        fit_policy: args.placement_policy,
         default_registry: args.default_registry,
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(args.heartbeat_interval_seconds.max(1)),

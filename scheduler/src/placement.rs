@@ -2,12 +2,14 @@
 //! the reasons no node fits. No I/O, no clock: everything it needs is in its arguments.
 //!
 //! It is a pipeline of small filters, each with a named reason, then a ranking:
-//! region → ready → free slot → free memory, then warm pin first, then best fit (the node left
-//! with the least free memory, to keep large holes for large runs), then node id for
-//! determinism.
+//! region → ready → not reserved for an older run → free slot → free memory; then the warm pin
+//! first, then nodes that already hold the image, then the fit policy (best fit: the node left
+//! with the least free memory, keeping large holes for large runs; spread: the most free
+//! memory), then node id for determinism.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// What the scheduler knows about a node at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +23,10 @@ pub struct NodeView {
     pub max_runs: u32,
     /// Runs leased to this node (assigned or running).
     pub runs: u32,
+    /// Image references the node holds (shared, the agent reports it rarely changes).
+    pub cached_images: Arc<BTreeSet<String>>,
+    /// Held for the run with this id, which has waited too long (see the queue policy).
+    pub reserved_for: Option<String>,
 }
 
 impl NodeView {
@@ -54,10 +60,33 @@ impl NodeStatus {
 /// What one run needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Demand {
+    /// The run's id (a node reserved for this run accepts it).
+    pub run_id: String,
     pub region: String,
     pub memory_mib: u64,
+    pub image: String,
     /// Preferred node (set by warmup) while it has room.
     pub warm_pin: Option<String>,
+}
+
+/// How to choose among the nodes that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FitPolicy {
+    /// Fill nodes up: the node left with the least free memory.
+    #[default]
+    BestFit,
+    /// Balance load: the node with the most free memory.
+    Spread,
+}
+
+impl FitPolicy {
+    pub fn parse(s: &str) -> Option<FitPolicy> {
+        match s {
+            "best-fit" => Some(FitPolicy::BestFit),
+            "spread" => Some(FitPolicy::Spread),
+            _ => None,
+        }
+    }
 }
 
 /// Why a node was passed over.
@@ -67,6 +96,8 @@ pub enum Filtered {
     OtherRegion,
     NotReady,
     Draining,
+    Lost,
+    ReservedForOlderRun,
     NoFreeSlot,
     NotEnoughMemory,
 }
@@ -77,6 +108,8 @@ impl Filtered {
             Filtered::OtherRegion => "in another region",
             Filtered::NotReady => "not connected",
             Filtered::Draining => "draining",
+            Filtered::Lost => "lost",
+            Filtered::ReservedForOlderRun => "reserved for an older run",
             Filtered::NoFreeSlot => "at max concurrent runs",
             Filtered::NotEnoughMemory => "full",
         }
@@ -124,7 +157,15 @@ fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
     match node.status {
         NodeStatus::Ready => {}
         NodeStatus::Draining => return Err(Filtered::Draining),
-        NodeStatus::Disconnected | NodeStatus::Lost => return Err(Filtered::NotReady),
+        NodeStatus::Disconnected => return Err(Filtered::NotReady),
+        NodeStatus::Lost => return Err(Filtered::Lost),
+    }
+    if node
+        .reserved_for
+        .as_deref()
+        .is_some_and(|r| r != demand.run_id)
+    {
+        return Err(Filtered::ReservedForOlderRun);
     }
     if node.runs >= node.max_runs {
         return Err(Filtered::NoFreeSlot);
@@ -136,9 +177,13 @@ fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
 }
 
 /// Picks the node for `demand`, or explains why none fits.
-pub fn place<'a>(demand: &Demand, nodes: &'a [NodeView]) -> Result<&'a NodeView, Unplaceable> {
+pub fn place<'a>(
+    demand: &Demand,
+    nodes: &'a [NodeView],
+    policy: FitPolicy,
+) -> Result<&'a NodeView, Unplaceable> {
     let mut filtered: BTreeMap<Filtered, usize> = BTreeMap::new();
-    let mut best: Option<&NodeView> = None;
+    let mut best: Option<(RankKey<'a>, &'a NodeView)> = None;
     for node in nodes {
         if let Err(why) = filter(demand, node) {
             *filtered.entry(why).or_default() += 1;
@@ -147,21 +192,29 @@ pub fn place<'a>(demand: &Demand, nodes: &'a [NodeView]) -> Result<&'a NodeView,
         if demand.warm_pin.as_deref() == Some(node.id.as_str()) {
             return Ok(node);
         }
-        best = match best {
-            Some(b) if rank_key(b) <= rank_key(node) => Some(b),
-            _ => Some(node),
-        };
+        let key = rank_key(demand, node, policy);
+        if best.as_ref().is_none_or(|(k, _)| key < *k) {
+            best = Some((key, node));
+        }
     }
-    best.ok_or(Unplaceable {
+    best.map(|(_, n)| n).ok_or(Unplaceable {
         region: demand.region.clone(),
         memory_mib: demand.memory_mib,
         filtered,
     })
 }
 
-/// Best fit: least free memory first, then id.
-fn rank_key(node: &NodeView) -> (u64, &str) {
-    (node.free_memory_mib(), node.id.as_str())
+/// Lower is better: image already on the node, then the policy's memory order, then id.
+type RankKey<'a> = (bool, u64, &'a str);
+
+pub fn rank_key<'a>(demand: &Demand, node: &'a NodeView, policy: FitPolicy) -> RankKey<'a> {
+    let missing_image = !node.cached_images.contains(&demand.image);
+    let free = node.free_memory_mib();
+    let order = match policy {
+        FitPolicy::BestFit => free,
+        FitPolicy::Spread => u64::MAX - free,
+    };
+    (missing_image, order, node.id.as_str())
 }
 
 #[cfg(test)]
@@ -178,22 +231,28 @@ mod tests {
             reserved_memory_mib: reserved,
             max_runs: 8,
             runs: 0,
+            cached_images: Arc::default(),
+            reserved_for: None,
         }
     }
 
     fn demand(region: &str, mem: u64) -> Demand {
         Demand {
+            run_id: "run".into(),
             region: region.into(),
             memory_mib: mem,
+            image: "img".into(),
             warm_pin: None,
         }
     }
+
+    const BF: FitPolicy = FitPolicy::BestFit;
 
     #[test]
     fn stays_in_region() {
         let nodes = [node("a", "ams", 4096, 0), node("f", "fra", 4096, 0)];
         assert_eq!(
-            place(&demand("ams", 1024), &nodes).map(|n| n.id.as_str()),
+            place(&demand("ams", 1024), &nodes, BF).map(|n| n.id.as_str()),
             Ok("a")
         );
     }
@@ -202,7 +261,7 @@ mod tests {
     fn best_fit_prefers_the_fuller_node() {
         let nodes = [node("big", "fra", 8192, 0), node("small", "fra", 2048, 0)];
         assert_eq!(
-            place(&demand("fra", 1024), &nodes).map(|n| n.id.as_str()),
+            place(&demand("fra", 1024), &nodes, BF).map(|n| n.id.as_str()),
             Ok("small")
         );
     }
@@ -212,10 +271,10 @@ mod tests {
         let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 8192, 0)];
         let mut d = demand("fra", 1024);
         d.warm_pin = Some("b".into());
-        assert_eq!(place(&d, &nodes).map(|n| n.id.as_str()), Ok("b"));
+        assert_eq!(place(&d, &nodes, BF).map(|n| n.id.as_str()), Ok("b"));
         let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 8192, 7680)];
         assert_eq!(
-            place(&d, &nodes).map(|n| n.id.as_str()),
+            place(&d, &nodes, BF).map(|n| n.id.as_str()),
             Ok("a"),
             "pin is full"
         );
@@ -231,17 +290,53 @@ mod tests {
             draining,
             node("x", "ams", 8192, 0),
         ];
-        let err = place(&demand("fra", 4096), &nodes)
+        let err = place(&demand("fra", 4096), &nodes, BF)
             .err()
             .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
             Some("no node in fra with 4096 MiB free: 1 draining, 2 full")
         );
-        let err = place(&demand("lon", 1), &nodes)
+        let err = place(&demand("lon", 1), &nodes, BF)
             .err()
             .map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("no node in lon is registered"));
+    }
+
+    #[test]
+    fn a_node_holding_the_image_wins_over_a_better_fit() {
+        let mut cached = node("cached", "fra", 8192, 0);
+        cached.cached_images = Arc::new(["img".to_string()].into_iter().collect());
+        let nodes = [node("tight", "fra", 2048, 0), cached];
+        assert_eq!(
+            place(&demand("fra", 1024), &nodes, BF).map(|n| n.id.as_str()),
+            Ok("cached")
+        );
+    }
+
+    #[test]
+    fn spread_prefers_the_emptiest_node() {
+        let nodes = [node("big", "fra", 8192, 0), node("small", "fra", 2048, 0)];
+        let chosen = place(&demand("fra", 1024), &nodes, FitPolicy::Spread).map(|n| n.id.as_str());
+        assert_eq!(chosen, Ok("big"));
+    }
+
+    #[test]
+    fn a_reserved_node_takes_only_its_run() {
+        let mut n = node("a", "fra", 8192, 0);
+        n.reserved_for = Some("old".into());
+        let err = place(&demand("fra", 1), std::slice::from_ref(&n), BF)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("no node in fra with 1 MiB free: 1 reserved for an older run")
+        );
+        let old = Demand {
+            run_id: "old".into(),
+            ..demand("fra", 1)
+        };
+        assert!(place(&old, std::slice::from_ref(&n), BF).is_ok());
     }
 
     #[test]
@@ -249,32 +344,41 @@ mod tests {
         let mut n = node("a", "fra", 8192, 0);
         n.max_runs = 2;
         n.runs = 2;
-        assert!(place(&demand("fra", 1), &[n]).is_err());
+        assert!(place(&demand("fra", 1), &[n], BF).is_err());
     }
 
     fn arb_node() -> impl Strategy<Value = NodeView> {
         (
-            Just(()),
             prop::sample::select(vec!["fra", "ams"]),
             0u64..8192,
             0u64..8192,
-            0u32..4,
-            0u32..4,
-            0u8..4,
+            (0u32..4, 0u32..4),
+            0u8..5,
+            any::<bool>(),
+            prop::option::weighted(0.1, prop::sample::select(vec!["run", "other"])),
         )
             .prop_map(
-                |((), region, total, reserved, max_runs, runs, status)| NodeView {
-                    id: String::new(),
-                    region: region.to_owned(),
-                    status: match status {
-                        0 => NodeStatus::Draining,
-                        1 => NodeStatus::Disconnected,
-                        _ => NodeStatus::Ready,
-                    },
-                    total_memory_mib: total,
-                    reserved_memory_mib: reserved.min(total),
-                    max_runs,
-                    runs,
+                |(region, total, reserved, (max_runs, runs), status, has_image, reserved_for)| {
+                    NodeView {
+                        id: String::new(),
+                        region: region.to_owned(),
+                        status: match status {
+                            0 => NodeStatus::Draining,
+                            1 => NodeStatus::Disconnected,
+                            2 => NodeStatus::Lost,
+                            _ => NodeStatus::Ready,
+                        },
+                        total_memory_mib: total,
+                        reserved_memory_mib: reserved.min(total),
+                        max_runs,
+                        runs,
+                        cached_images: Arc::new(if has_image {
+                            ["img".to_string()].into_iter().collect()
+                        } else {
+                            BTreeSet::new()
+                        }),
+                        reserved_for: reserved_for.map(str::to_owned),
+                    }
                 },
             )
     }
@@ -299,7 +403,7 @@ mod tests {
             mem in 0u64..8192,
         ) {
             let d = demand(region, mem);
-            match place(&d, &nodes) {
+            match place(&d, &nodes, BF) {
                 Ok(n) => {
                     prop_assert_eq!(&n.region, region);
                     prop_assert_eq!(n.status, NodeStatus::Ready);
@@ -320,8 +424,8 @@ mod tests {
             mem in 0u64..4096,
         ) {
             let pin = &nodes[pick % nodes.len()];
-            let d = Demand { region: pin.region.clone(), memory_mib: mem, warm_pin: Some(pin.id.clone()) };
-            if let Ok(chosen) = place(&d, &nodes) {
+            let d = Demand { warm_pin: Some(pin.id.clone()), ..demand(&pin.region, mem) };
+            if let Ok(chosen) = place(&d, &nodes, BF) {
                 if nodes.iter().any(|n| n.id == pin.id && filter(&d, n).is_ok()) {
                     prop_assert_eq!(&chosen.id, &pin.id);
                 }
@@ -336,7 +440,7 @@ mod tests {
         ) {
             for (region, mem) in demands {
                 let d = demand(region, mem);
-                let Ok(chosen) = place(&d, &nodes).map(|n| n.id.clone()) else { continue };
+                let Ok(chosen) = place(&d, &nodes, BF).map(|n| n.id.clone()) else { continue };
                 if let Some(n) = nodes.iter_mut().find(|n| n.id == chosen) {
                     n.reserved_memory_mib += mem;
                     n.runs += 1;
