@@ -92,6 +92,8 @@ impl From<tonic::Status> for ApiError {
             Code::NotFound => {
                 let field = if message.starts_with("runner ") {
                     "runner_id"
+                } else if message.starts_with("node ") {
+                    "node_id"
                 } else {
                     "run_id"
                 };

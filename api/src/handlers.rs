@@ -10,9 +10,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::Json;
 use berth_core::convert::env_to_pb;
-use berth_core::model::{INSTANCE_TYPES, REGIONS};
 use berth_core::validate::{RunInput, RunnerInput};
-use berth_core::RunnerSpec;
+use berth_core::{Catalog, RunnerSpec};
 use berth_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -48,7 +47,7 @@ pub async fn create_runner(
     State(s): State<AppState>,
     JsonBody(input): JsonBody<RunnerInput>,
 ) -> ApiResult<impl IntoResponse> {
-    let spec = input.into_spec()?;
+    let spec = input.into_spec(&catalog(&s).await?)?;
     let runner = s
         .control()
         .create_runner(pb::CreateRunnerRequest {
@@ -101,7 +100,7 @@ pub async fn update_runner(
             .await?
             .into_inner();
         let spec: RunnerSpec = current.spec.clone().unwrap_or_default().into();
-        let next = patch.clone().apply(&spec)?;
+        let next = patch.clone().apply(&spec, &catalog(&s).await?)?;
         let req = pb::UpdateRunnerRequest {
             id: id.clone(),
             spec: Some((&next).into()),
@@ -304,12 +303,63 @@ pub async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<Value>> {
     ))
 }
 
-pub async fn list_instance_types() -> Json<Value> {
-    Json(json!({ "instance_types": INSTANCE_TYPES }))
+/// The scheduler's catalog: the regions and instance types runners may name.
+async fn catalog(s: &AppState) -> ApiResult<Catalog> {
+    let c = s.control().get_catalog(pb::GetCatalogRequest {}).await?;
+    Ok(c.into_inner().into())
 }
 
-pub async fn list_regions() -> Json<Value> {
-    Json(json!({ "regions": REGIONS.iter().map(|r| json!({ "slug": r })).collect::<Vec<_>>() }))
+pub async fn list_instance_types(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        json!({ "instance_types": catalog(&s).await?.instance_types }),
+    ))
+}
+
+pub async fn list_regions(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let regions = catalog(&s).await?.regions;
+    let regions: Vec<Value> = regions.iter().map(|r| json!({ "slug": r })).collect();
+    Ok(Json(json!({ "regions": regions })))
+}
+
+/// Starts a warmup and answers at once; the runner's `warmup_status` tells how it goes.
+pub async fn warmup_runner(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    check_id("runner_id", &id)?;
+    let runner = s
+        .control()
+        .warmup_runner(pb::WarmupRunnerRequest { id })
+        .await?
+        .into_inner();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "runner": views::runner(&runner) })),
+    ))
+}
+
+pub async fn drain_node(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let node = s
+        .control()
+        .drain_node(pb::NodeRequest { id })
+        .await?
+        .into_inner();
+    Ok(Json(json!({ "node": views::node(&node) })))
+}
+
+pub async fn resume_node(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let node = s
+        .control()
+        .resume_node(pb::NodeRequest { id })
+        .await?
+        .into_inner();
+    Ok(Json(json!({ "node": views::node(&node) })))
 }
 
 pub async fn not_found() -> ApiError {

@@ -82,7 +82,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/runners/{id}/runs/{run_id}/logs/stream",
             get(stream_logs),
         )
+        .route("/v1/runners/{id}/warmup", post(warmup_runner))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}/drain", post(drain_node))
+        .route("/v1/nodes/{id}/resume", post(resume_node))
         .route("/v1/instance_types", get(list_instance_types))
         .route("/v1/regions", get(list_regions))
         .fallback(not_found)

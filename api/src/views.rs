@@ -51,6 +51,9 @@ pub fn runner(r: &pb::Runner) -> Value {
         "instance_type": s.instance_type,
         "env_variables": env(&s.env_variables),
         "warmed_at": opt_millis(r.warmed_at_unix_millis),
+        "warmup_status": r.warmup_status,
+        "warm_node_id": r.warm_node_id,
+        "warmup_error": r.warmup_error,
         "created_at": timestamp_millis(r.created_at_unix_millis),
         "updated_at": timestamp_millis(r.updated_at_unix_millis),
     })
@@ -84,6 +87,8 @@ pub fn run(r: &pb::Run) -> Value {
         "error_code": r.error_code,
         "error_message": r.error_message,
         "pending_reason": r.pending_reason,
+        "queue_position": r.queue_position,
+        "warm_pin": r.warm_pin,
         "stop_requested": r.stop_requested,
     })
 }
@@ -102,11 +107,13 @@ pub fn node(n: &pb::Node) -> Value {
         "id": n.id,
         "region": n.region,
         "status": n.status,
+        "draining": n.draining,
         "total_memory_mib": n.total_memory_mib,
         "free_memory_mib": n.free_memory_mib,
         "cpus": n.cpus,
         "max_concurrent_runs": n.max_concurrent_runs,
         "running_runs": n.running_run_ids,
+        "cached_images": n.cached_images,
         "last_heartbeat_age_seconds": n.last_heartbeat_age_millis as f64 / 1000.0,
     })
 }

@@ -1,6 +1,6 @@
 //! The one mapping between the domain types and their gRPC (`berth_proto::v1`) forms.
 
-use crate::model::{EnvVar, LogEntry, Run, Runner, RunnerSpec};
+use crate::model::{Catalog, EnvVar, InstanceType, LogEntry, Run, Runner, RunnerSpec};
 use berth_proto::v1 as pb;
 
 pub fn env_to_pb(env: &[EnvVar]) -> Vec<pb::EnvVar> {
@@ -64,6 +64,45 @@ pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
         created_at_unix_millis: r.created_at,
         updated_at_unix_millis: r.updated_at,
         revision,
+        warmup_status: r.warmup.as_ref().map(|w| w.status.as_str().to_owned()),
+        warm_node_id: r.warmup.as_ref().map(|w| w.node_id.clone()),
+        warmup_error: r.warmup.as_ref().and_then(|w| w.error.clone()),
+    }
+}
+
+impl From<&Catalog> for pb::Catalog {
+    fn from(c: &Catalog) -> Self {
+        pb::Catalog {
+            regions: c.regions.clone(),
+            instance_types: c
+                .instance_types
+                .iter()
+                .map(|t| pb::InstanceType {
+                    slug: t.slug.clone(),
+                    cpu_millis: t.cpu_millis,
+                    memory_mib: t.memory_mib,
+                    price_per_second_usd: t.price_per_second_usd,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::Catalog> for Catalog {
+    fn from(c: pb::Catalog) -> Self {
+        Catalog {
+            regions: c.regions,
+            instance_types: c
+                .instance_types
+                .into_iter()
+                .map(|t| InstanceType {
+                    slug: t.slug,
+                    cpu_millis: t.cpu_millis,
+                    memory_mib: t.memory_mib,
+                    price_per_second_usd: t.price_per_second_usd,
+                })
+                .collect(),
+        }
     }
 }
 
@@ -90,6 +129,8 @@ impl From<&Run> for pb::Run {
             error_message: r.error_message.clone(),
             pending_reason: r.pending_reason.clone(),
             stop_requested: r.stop_requested,
+            queue_position: r.queue_position,
+            warm_pin: r.warm_pin.clone(),
         }
     }
 }

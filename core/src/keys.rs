@@ -36,3 +36,9 @@ pub fn prefix_end(prefix: &str) -> String {
     end.push(char::MAX);
     end
 }
+
+pub const NODES: &str = "nodes/";
+
+pub fn node(id: &str) -> String {
+    format!("{NODES}{id}")
+}

@@ -1,7 +1,7 @@
 //! # Layout
 //! What every Berth process shares, with no I/O of its own except the embedded store:
 //! - [`status`]: the one run lifecycle enum, [`RunStatus`], and its guarded transitions.
-//! - [`model`]: runners, runs, log entries, the instance-type and region catalogue.
+//! - [`model`]: runners, runs, log entries, the catalogue of regions and instance types.
 //! - [`validate`]: pure validation of user input; every error names its field.
 //! - [`command`]: how a runner's command, argv and entrypoint (and a run's overrides) become the
 //!   process a container starts.
@@ -19,7 +19,7 @@ pub mod status;
 pub mod store;
 pub mod validate;
 
-pub use model::{EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};
+pub use model::{Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};
 pub use status::{RunStatus, TransitionError};
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in the state.

@@ -35,6 +35,45 @@ pub struct Runner {
     pub warmed_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
+}
+
+/// The last warmup of a runner: which node pulls (or pulled) its image, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warmup {
+    pub node_id: String,
+    pub image: String,
+    pub status: WarmupStatus,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmupStatus {
+    Pending,
+    Ready,
+    Failed,
+}
+
+impl WarmupStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WarmupStatus::Pending => "pending",
+            WarmupStatus::Ready => "ready",
+            WarmupStatus::Failed => "failed",
+        }
+    }
+}
+
+impl Runner {
+    /// The node a new run should prefer: the one that finished pulling the image.
+    pub fn warm_pin(&self) -> Option<&str> {
+        self.warmup
+            .as_ref()
+            .filter(|w| w.status == WarmupStatus::Ready)
+            .map(|w| w.node_id.as_str())
+    }
 }
 
 /// One execution of a runner. Carries a snapshot of everything needed to start it, so a later
@@ -68,6 +107,12 @@ pub struct Run {
     pub error_message: Option<String>,
     pub pending_reason: Option<String>,
     pub stop_requested: bool,
+    /// The runner's warm node when the run was created: preferred while it has room.
+    #[serde(default)]
+    pub warm_pin: Option<String>,
+    /// Place among the runs waiting in its region (derived on read, never stored).
+    #[serde(skip)]
+    pub queue_position: Option<u32>,
 }
 
 impl Run {
@@ -161,54 +206,95 @@ pub struct LogEntry {
 }
 
 /// A machine size users pick for a runner.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InstanceType {
-    pub slug: &'static str,
+    pub slug: String,
     pub cpu_millis: u32,
     pub memory_mib: u64,
     pub price_per_second_usd: f64,
 }
 
-/// The built-in instance types (a config file replaces them in a later issue).
-pub const INSTANCE_TYPES: &[InstanceType] = &[
-    InstanceType {
-        slug: "standard-xs",
-        cpu_millis: 500,
-        memory_mib: 512,
-        price_per_second_usd: 0.000_002,
-    },
-    InstanceType {
-        slug: "standard-s",
-        cpu_millis: 1000,
-        memory_mib: 1024,
-        price_per_second_usd: 0.000_004,
-    },
-    InstanceType {
-        slug: "standard-m",
-        cpu_millis: 2000,
-        memory_mib: 2048,
-        price_per_second_usd: 0.000_008,
-    },
-    InstanceType {
-        slug: "standard-l",
-        cpu_millis: 2000,
-        memory_mib: 4096,
-        price_per_second_usd: 0.000_016,
-    },
-    InstanceType {
-        slug: "standard-xl",
-        cpu_millis: 4000,
-        memory_mib: 8192,
-        price_per_second_usd: 0.000_032,
-    },
-];
-
-pub fn instance_type(slug: &str) -> Option<&'static InstanceType> {
-    INSTANCE_TYPES.iter().find(|t| t.slug == slug)
+/// The regions and instance types runners may name. Loaded from a JSON file given to the
+/// scheduler (`--catalog`), or [`Catalog::default`] (the built-in one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub regions: Vec<String>,
+    pub instance_types: Vec<InstanceType>,
 }
 
-/// The built-in regions.
-pub const REGIONS: &[&str] = &["fra", "ams", "lon", "nyc"];
+/// A catalogue file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot read the catalog: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("the catalog is not valid JSON of the expected shape: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("the catalog is inconsistent: {0}")]
+    Invalid(String),
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        let it = |slug: &str, cpu_millis, memory_mib, price| InstanceType {
+            slug: slug.to_owned(),
+            cpu_millis,
+            memory_mib,
+            price_per_second_usd: price,
+        };
+        Catalog {
+            regions: ["fra", "ams", "lon", "nyc"].map(String::from).to_vec(),
+            instance_types: vec![
+                it("standard-xs", 500, 512, 0.000_002),
+                it("standard-s", 1000, 1024, 0.000_004),
+                it("standard-m", 2000, 2048, 0.000_008),
+                it("standard-l", 2000, 4096, 0.000_016),
+                it("standard-xl", 4000, 8192, 0.000_032),
+            ],
+        }
+    }
+}
+
+impl Catalog {
+    pub fn from_json(bytes: &[u8]) -> Result<Catalog, CatalogError> {
+        let catalog: Catalog = serde_json::from_slice(bytes)?;
+        catalog.check()?;
+        Ok(catalog)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Catalog, CatalogError> {
+        Catalog::from_json(&std::fs::read(path)?)
+    }
+
+    fn check(&self) -> Result<(), CatalogError> {
+        let bad = |m: String| Err(CatalogError::Invalid(m));
+        if self.regions.is_empty() || self.instance_types.is_empty() {
+            return bad("it needs at least one region and one instance type".into());
+        }
+        let mut slugs = std::collections::HashSet::new();
+        for t in &self.instance_types {
+            if !slugs.insert(t.slug.as_str()) {
+                return bad(format!("instance type {} is listed twice", t.slug));
+            }
+            if t.memory_mib == 0 || t.cpu_millis == 0 || t.price_per_second_usd < 0.0 {
+                return bad(format!(
+                    "instance type {} needs memory, cpu and a price ≥ 0",
+                    t.slug
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn instance_type(&self, slug: &str) -> Option<&InstanceType> {
+        self.instance_types.iter().find(|t| t.slug == slug)
+    }
+
+    pub fn has_region(&self, region: &str) -> bool {
+        self.regions.iter().any(|r| r == region)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -240,6 +326,8 @@ mod tests {
             error_message: None,
             pending_reason: None,
             stop_requested: false,
+            warm_pin: None,
+            queue_position: None,
         }
     }
 

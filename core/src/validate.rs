@@ -4,7 +4,7 @@
 //! Inputs arrive as `*Input` structs whose fields are all optional (so a missing field is a
 //! validation error naming it, not a parse error), and leave as checked model values.
 
-use crate::model::{instance_type, EnvVar, RunnerSpec, REGIONS};
+use crate::model::{Catalog, EnvVar, RunnerSpec};
 use serde::{Deserialize, Serialize};
 
 pub const NAME_MIN: usize = 3;
@@ -77,7 +77,7 @@ pub struct RunnerInput {
 }
 
 impl RunnerInput {
-    pub fn into_spec(self) -> Result<RunnerSpec, ValidationErrors> {
+    pub fn into_spec(self, catalog: &Catalog) -> Result<RunnerSpec, ValidationErrors> {
         let mut c = Collector::default();
         let mut require = |field: &str, v: Option<String>| {
             v.unwrap_or_else(|| {
@@ -102,7 +102,7 @@ impl RunnerInput {
             timeout_seconds: timeout,
             ..spec
         };
-        check_spec(&mut c, &spec, true);
+        check_spec(&mut c, &spec, true, catalog);
         c.finish(spec)
     }
 }
@@ -111,7 +111,11 @@ impl RunnerInput {
     /// Applies this as a `PATCH /v1/runners/{id}` body: present fields replace the runner's.
     /// Setting `run_command` clears `argv` and the other way round, since a runner has one or
     /// the other.
-    pub fn apply(self, current: &RunnerSpec) -> Result<RunnerSpec, ValidationErrors> {
+    pub fn apply(
+        self,
+        current: &RunnerSpec,
+        catalog: &Catalog,
+    ) -> Result<RunnerSpec, ValidationErrors> {
         let mut c = Collector::default();
         if self.run_command.is_some() && self.argv.is_some() {
             c.push("argv", "argv and run_command are mutually exclusive");
@@ -149,7 +153,7 @@ impl RunnerInput {
         if let Some(v) = self.env_variables {
             next.env_variables = v;
         }
-        check_spec(&mut c, &next, false);
+        check_spec(&mut c, &next, false, catalog);
         c.finish(next)
     }
 }
@@ -190,7 +194,7 @@ impl RunInput {
 }
 
 /// Re-checks a complete spec (the scheduler does this for specs that arrive over gRPC).
-pub fn validate_spec(spec: &RunnerSpec) -> Result<(), ValidationErrors> {
+pub fn validate_spec(spec: &RunnerSpec, catalog: &Catalog) -> Result<(), ValidationErrors> {
     let mut c = Collector::default();
     if !(TIMEOUT_MIN..=TIMEOUT_MAX).contains(&i64::from(spec.timeout_seconds)) {
         c.push(
@@ -198,7 +202,7 @@ pub fn validate_spec(spec: &RunnerSpec) -> Result<(), ValidationErrors> {
             format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"),
         );
     }
-    check_spec(&mut c, spec, false);
+    check_spec(&mut c, spec, false, catalog);
     c.finish(())
 }
 
@@ -216,7 +220,7 @@ fn check_timeout(c: &mut Collector, v: Option<i64>) -> u32 {
     }
 }
 
-fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool) {
+fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool, catalog: &Catalog) {
     // A required field missing on create was already reported as "is required".
     let given = |v: &str| !(creating && v.is_empty());
     let name_len = s.name.chars().count();
@@ -248,16 +252,17 @@ fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool) {
     if let Some(ep) = &s.entrypoint {
         check_entrypoint(c, ep);
     }
-    if given(&s.region) && !REGIONS.contains(&s.region.as_str()) {
+    if given(&s.region) && !catalog.has_region(&s.region) {
         c.push(
             "region",
-            format!("unknown region; known: {}", REGIONS.join(", ")),
+            format!("unknown region; known: {}", catalog.regions.join(", ")),
         );
     }
-    if given(&s.instance_type) && instance_type(&s.instance_type).is_none() {
-        let known: Vec<&str> = crate::model::INSTANCE_TYPES
+    if given(&s.instance_type) && catalog.instance_type(&s.instance_type).is_none() {
+        let known: Vec<&str> = catalog
+            .instance_types
             .iter()
-            .map(|t| t.slug)
+            .map(|t| t.slug.as_str())
             .collect();
         c.push(
             "instance_type",
@@ -432,13 +437,13 @@ mod tests {
 
     #[test]
     fn a_good_runner_passes_with_the_default_timeout() {
-        let spec = good().into_spec();
+        let spec = good().into_spec(&Catalog::default());
         assert_eq!(spec.map(|s| s.timeout_seconds), Ok(TIMEOUT_DEFAULT));
     }
 
     #[test]
     fn missing_fields_are_named() {
-        let f = fields(RunnerInput::default().into_spec());
+        let f = fields(RunnerInput::default().into_spec(&Catalog::default()));
         for want in ["name", "image_name", "image_tag", "region", "instance_type"] {
             assert!(f.contains(&want.to_string()), "{want} missing from {f:?}");
         }
@@ -456,7 +461,7 @@ mod tests {
                 name: Some(name.to_string()),
                 ..good()
             }
-            .into_spec();
+            .into_spec(&Catalog::default());
             assert_eq!(r.is_ok(), ok, "name of {} chars", name.len());
         }
     }
@@ -474,7 +479,7 @@ mod tests {
                 timeout_seconds: Some(t),
                 ..good()
             }
-            .into_spec();
+            .into_spec(&Catalog::default());
             assert_eq!(r.is_ok(), ok, "timeout {t}");
         }
     }
@@ -485,7 +490,7 @@ mod tests {
             argv: Some(vec!["echo".into()]),
             ..good()
         }
-        .into_spec();
+        .into_spec(&Catalog::default());
         assert_eq!(fields(r), vec!["argv".to_string()]);
     }
 
@@ -496,7 +501,7 @@ mod tests {
             instance_type: Some("huge".into()),
             ..good()
         }
-        .into_spec();
+        .into_spec(&Catalog::default());
         assert_eq!(
             fields(r),
             vec!["region".to_string(), "instance_type".to_string()]
@@ -518,7 +523,7 @@ mod tests {
             ]),
             ..good()
         }
-        .into_spec();
+        .into_spec(&Catalog::default());
         assert_eq!(fields(r), vec!["env_variables[1].env_key".to_string()]);
     }
 
@@ -549,13 +554,13 @@ mod tests {
 
     #[test]
     fn patch_switches_between_command_forms() {
-        let spec = good().into_spec().ok();
+        let spec = good().into_spec(&Catalog::default()).ok();
         let patched = spec.as_ref().map(|s| {
             RunnerInput {
                 argv: Some(vec!["echo".into(), "x".into()]),
                 ..Default::default()
             }
-            .apply(s)
+            .apply(s, &Catalog::default())
         });
         let patched = patched.and_then(Result::ok);
         assert_eq!(patched.as_ref().map(|s| s.run_command.clone()), Some(None));

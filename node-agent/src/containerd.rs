@@ -316,6 +316,10 @@ fn open_fifo(path: &Path) -> std::io::Result<(pipe::Receiver, pipe::Sender)> {
 }
 
 impl ContainerRuntime for ContainerdRuntime {
+    fn cached_images(&self) -> Vec<String> {
+        self.puller.cached()
+    }
+
     async fn pull_image(&self, image: &str) -> Result<PreparedImage, RuntimeError> {
         // The pull runs in its own task so a run that is stopped mid-pull does not cut it off
         // (other runs may wait on it, and its lease must be deleted).

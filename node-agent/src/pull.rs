@@ -72,6 +72,8 @@ pub struct Puller {
     namespace: String,
     registry: RegistryClient,
     per_image: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// References (as the scheduler names them) pulled and unpacked by this process.
+    cached: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Puller {
@@ -81,6 +83,7 @@ impl Puller {
             namespace,
             registry,
             per_image: Mutex::new(HashMap::new()),
+            cached: Mutex::default(),
         }
     }
 
@@ -96,6 +99,12 @@ impl Puller {
     }
 
     /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
+    /// The images this process has pulled (or found complete), for image-locality scoring.
+    pub fn cached(&self) -> Vec<String> {
+        let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached.iter().cloned().collect()
+    }
+
     pub async fn pull(&self, image: &str) -> Result<PreparedImage, PullError> {
         let reference = ImageReference::parse(image)?;
         let name = reference.to_string();
@@ -106,6 +115,12 @@ impl Puller {
         let _guard = gate.lock().await;
         let started = std::time::Instant::now();
         let result = self.pull_locked(&reference, &name).await;
+        if result.is_ok() {
+            self.cached
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(image.to_string());
+        }
         match &result {
             Ok(prepared) => tracing::info!(
                 image = %name,

@@ -90,6 +90,9 @@ impl RuntimeError {
 /// What the supervisor needs from the container engine. Every method is keyed by the run ID,
 /// which is also the container ID, snapshot key and FIFO directory name.
 pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Images known to be present and unpacked (reported to the scheduler for placement).
+    fn cached_images(&self) -> Vec<String>;
+
     /// Makes `image` present and unpacked (pulling only what is missing).
     fn pull_image(
         &self,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, AgentMessage, AssignRun, Heartbeat, Register,
-    SchedulerMessage,
+    SchedulerMessage, WarmupResult,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -143,6 +143,7 @@ impl<R: ContainerRuntime> Agent<R> {
                 max_concurrent_runs: self.config.max_runs,
                 active_run_ids,
                 agent_version: concat!("berth-node-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+                cached_images: self.runtime.cached_images(),
             })),
         }
     }
@@ -157,6 +158,7 @@ impl<R: ContainerRuntime> Agent<R> {
             body: Some(Body::Heartbeat(Heartbeat {
                 free_memory_mib: self.config.total_memory_mib.saturating_sub(used),
                 running_run_ids: running.iter().map(|(id, _)| (*id).clone()).collect(),
+                cached_images: self.runtime.cached_images(),
             })),
         }
     }
@@ -244,10 +246,29 @@ impl<R: ContainerRuntime> Agent<R> {
             }
             Some(scheduler_message::Body::Warmup(warmup)) => {
                 let runtime = self.runtime.clone();
+                let outbox = self.outbox.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = runtime.pull_image(&warmup.image).await {
-                        tracing::warn!(image = %warmup.image, %error, "warmup pull failed");
-                    }
+                    let pulled = runtime.pull_image(&warmup.image).await;
+                    let result = match pulled {
+                        Ok(image) => WarmupResult {
+                            runner_id: warmup.runner_id,
+                            image: warmup.image,
+                            ok: true,
+                            image_digest: image.digest,
+                            error_message: String::new(),
+                        },
+                        Err(error) => {
+                            tracing::warn!(image = %warmup.image, %error, "warmup pull failed");
+                            WarmupResult {
+                                runner_id: warmup.runner_id,
+                                image: warmup.image,
+                                ok: false,
+                                image_digest: String::new(),
+                                error_message: error.to_string(),
+                            }
+                        }
+                    };
+                    outbox.push(Body::WarmupResult(result));
                 });
             }
             Some(scheduler_message::Body::Registered(_)) => {

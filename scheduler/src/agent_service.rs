@@ -58,6 +58,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     Some(Body::RunStarted(m)) => scheduler.run_started(&node_id, m).await,
                     Some(Body::RunExited(m)) => scheduler.run_exited(&node_id, m).await,
                     Some(Body::LogBatch(b)) => scheduler.append_logs(&node_id, b).await,
+                    Some(Body::WarmupResult(w)) => scheduler.warmup_result(&node_id, w).await,
                     Some(Body::Register(_)) | None => {
                         tracing::warn!(node_id = %node_id, "unexpected message on an attached stream");
                         Ok(())

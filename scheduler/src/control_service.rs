@@ -1,7 +1,7 @@
 //! `ControlService`: the public API's way in. Each method converts, calls the engine, converts
 //! back; errors map to `tonic::Status` in one place (`error.rs`).
 
-use crate::engine::Scheduler;
+use crate::engine::{NodeInfo, Scheduler};
 use berth_core::convert::{env_from_pb, runner_to_pb};
 use berth_core::store::Store;
 use berth_core::validate::RunInput;
@@ -157,22 +157,58 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.scheduler.list_nodes().await;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes
-                .into_iter()
-                .map(|n| pb::Node {
-                    free_memory_mib: n.view.free_memory_mib(),
-                    id: n.view.id,
-                    region: n.view.region,
-                    total_memory_mib: n.view.total_memory_mib,
-                    cpus: n.cpus,
-                    max_concurrent_runs: n.view.max_runs,
-                    running_run_ids: n.running_run_ids,
-                    status: n.view.status.as_str().to_owned(),
-                    last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis())
-                        .unwrap_or(u64::MAX),
-                })
-                .collect(),
+            nodes: nodes.into_iter().map(node_to_pb).collect(),
         }))
+    }
+
+    async fn drain_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = self
+            .scheduler
+            .set_draining(&r.into_inner().id, true)
+            .await?;
+        Ok(Response::new(node_to_pb(node)))
+    }
+
+    async fn resume_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = self
+            .scheduler
+            .set_draining(&r.into_inner().id, false)
+            .await?;
+        Ok(Response::new(node_to_pb(node)))
+    }
+
+    async fn warmup_runner(
+        &self,
+        r: Request<pb::WarmupRunnerRequest>,
+    ) -> Result<Response<pb::Runner>, Status> {
+        let (runner, rev) = self.scheduler.warmup_runner(&r.into_inner().id).await?;
+        Ok(Response::new(runner_to_pb(&runner, rev)))
+    }
+
+    async fn get_catalog(
+        &self,
+        _: Request<pb::GetCatalogRequest>,
+    ) -> Result<Response<pb::Catalog>, Status> {
+        Ok(Response::new(
+            self.scheduler.config().catalog.as_ref().into(),
+        ))
+    }
+}
+
+fn node_to_pb(n: NodeInfo) -> pb::Node {
+    pb::Node {
+        free_memory_mib: n.view.free_memory_mib(),
+        id: n.view.id,
+        region: n.view.region,
+        total_memory_mib: n.view.total_memory_mib,
+        cpus: n.cpus,
+        max_concurrent_runs: n.view.max_runs,
+        running_run_ids: n.running_run_ids,
+        status: n.view.status.as_str().to_owned(),
+        last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis())
+            .unwrap_or(u64::MAX),
+        draining: n.draining,
+        cached_images: n.view.cached_images.iter().cloned().collect(),
     }
 }
 

@@ -8,7 +8,7 @@
 use crate::error::SchedulerError;
 use crate::placement::{self, Demand, FitPolicy, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
-use berth_core::model::{instance_type, LogEntry, LogStream};
+use berth_core::model::{Catalog, LogEntry, LogStream, Warmup, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::validate::{validate_spec, RunInput};
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
@@ -29,6 +29,12 @@ pub struct Config {
     /// How long a stop request waits for the agent to confirm the exit.
     pub stop_wait: Duration,
     pub fit_policy: FitPolicy,
+    pub catalog: Arc<Catalog>,
+    /// A node whose last heartbeat is older than `node_ttl + lost_grace` is declared lost.
+    pub node_ttl: Duration,
+    pub lost_grace: Duration,
+    /// A run that has waited this long gets capacity reserved for it (see `schedule`).
+    pub reserve_after: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +45,10 @@ impl Default for Config {
             stop_grace_seconds: 2,
             stop_wait: Duration::from_secs(15),
             fit_policy: FitPolicy::BestFit,
+            catalog: Arc::new(Catalog::default()),
+            node_ttl: Duration::from_secs(6),
+            lost_grace: Duration::from_secs(4),
+            reserve_after: Duration::from_secs(60),
         }
     }
 }
@@ -71,17 +81,71 @@ struct Node {
     total_memory_mib: u64,
     cpus: u32,
     max_runs: u32,
-    status: NodeStatus,
+    connected: bool,
+    /// Missed heartbeats past TTL + grace; its leases were revoked.
+    lost: bool,
+    /// An operator asked for no new leases (stored, survives restarts).
+    draining: bool,
     last_heartbeat: Instant,
     connection: u64,
     tx: Option<AgentTx>,
     cached_images: Arc<BTreeSet<String>>,
 }
 
+impl Node {
+    /// Known from the store or from a lease, not (yet) connected since this process started.
+    fn placeholder(id: &str, region: &str, draining: bool) -> Node {
+        Node {
+            id: id.to_owned(),
+            region: region.to_owned(),
+            boot_id: String::new(),
+            total_memory_mib: 0,
+            cpus: 0,
+            max_runs: 0,
+            connected: false,
+            lost: false,
+            draining,
+            last_heartbeat: Instant::now(),
+            connection: 0,
+            tx: None,
+            cached_images: Arc::default(),
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        if self.lost {
+            NodeStatus::Lost
+        } else if !self.connected {
+            NodeStatus::Disconnected
+        } else if self.draining {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Ready
+        }
+    }
+
+    fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id.clone(),
+            region: self.region.clone(),
+            draining: self.draining,
+        }
+    }
+}
+
+/// What the store keeps about a node: what must survive a scheduler restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct NodeRecord {
+    id: String,
+    region: String,
+    draining: bool,
+}
+
 /// A node as `ListNodes` shows it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub view: NodeView,
+    pub draining: bool,
     pub cpus: u32,
     pub running_run_ids: Vec<String>,
     pub last_heartbeat_age: Duration,
@@ -138,7 +202,27 @@ impl<S: Store> Scheduler<S> {
                 );
             }
         }
-        tracing::info!(active_runs = state.active.len(), "scheduler state loaded");
+        for kv in store.list_prefix(keys::NODES).await? {
+            let rec: NodeRecord = decode(&kv.key, &kv.value)?;
+            state.nodes.insert(
+                rec.id.clone(),
+                Node::placeholder(&rec.id, &rec.region, rec.draining),
+            );
+        }
+        // Nodes holding leases must come back within TTL + grace, or they are declared lost.
+        for c in state.active.values() {
+            if let Some(node) = c.run.node_id.as_deref() {
+                if !state.nodes.contains_key(node) {
+                    let placeholder = Node::placeholder(node, &c.run.region, false);
+                    state.nodes.insert(node.to_owned(), placeholder);
+                }
+            }
+        }
+        tracing::info!(
+            active_runs = state.active.len(),
+            known_nodes = state.nodes.len(),
+            "scheduler state loaded"
+        );
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Scheduler {
             store,
@@ -163,7 +247,7 @@ impl<S: Store> Scheduler<S> {
     // ---- runners -------------------------------------------------------------------------
 
     pub async fn create_runner(&self, spec: RunnerSpec) -> Result<(Runner, u64), SchedulerError> {
-        validate_spec(&spec)?;
+        validate_spec(&spec, &self.config.catalog)?;
         let now = now_unix_millis();
         let runner = Runner {
             id: new_id(),
@@ -171,6 +255,7 @@ impl<S: Store> Scheduler<S> {
             warmed_at: None,
             created_at: now,
             updated_at: now,
+            warmup: None,
         };
         let rev = self
             .store
@@ -206,7 +291,7 @@ impl<S: Store> Scheduler<S> {
         spec: RunnerSpec,
         revision: u64,
     ) -> Result<(Runner, u64), SchedulerError> {
-        validate_spec(&spec)?;
+        validate_spec(&spec, &self.config.catalog)?;
         let (mut runner, _) = self.get_runner(id).await?;
         runner.spec = spec;
         runner.updated_at = now_unix_millis();
@@ -240,9 +325,16 @@ impl<S: Store> Scheduler<S> {
     ) -> Result<Run, SchedulerError> {
         let input = input.validate()?;
         let (runner, _) = self.get_runner(runner_id).await?;
-        let itype = instance_type(&runner.spec.instance_type).ok_or_else(|| {
-            berth_core::validate::ValidationErrors::single("instance_type", "unknown instance type")
-        })?;
+        let itype = self
+            .config
+            .catalog
+            .instance_type(&runner.spec.instance_type)
+            .ok_or_else(|| {
+                berth_core::validate::ValidationErrors::single(
+                    "instance_type",
+                    "the runner's instance type is no longer in the catalog",
+                )
+            })?;
         let effective = EffectiveCommand::resolve(&runner.spec, &input);
         let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
         for over in input.env_variables.unwrap_or_default() {
@@ -265,7 +357,7 @@ impl<S: Store> Scheduler<S> {
             ),
             image_digest: None,
             region: runner.spec.region.clone(),
-            instance_type: itype.slug.to_owned(),
+            instance_type: itype.slug.clone(),
             memory_mib: itype.memory_mib,
             cpu_millis: itype.cpu_millis,
             timeout_seconds: runner.spec.timeout_seconds,
@@ -278,6 +370,8 @@ impl<S: Store> Scheduler<S> {
             error_message: None,
             pending_reason: Some("waiting for placement".to_owned()),
             stop_requested: false,
+            warm_pin: runner.warm_pin().map(str::to_owned),
+            queue_position: None,
         };
         let mut st = self.state.lock().await;
         let revision = self
@@ -297,7 +391,7 @@ impl<S: Store> Scheduler<S> {
         st.active.insert(run.id.clone(), Cached { run, revision });
         self.schedule(&mut st).await?;
         let out = match st.active.get(&id) {
-            Some(c) => c.run.clone(),
+            Some(c) => st.with_queue_position(c.run.clone()),
             None => self.load_run(&id).await?.0,
         };
         self.notify();
@@ -317,7 +411,7 @@ impl<S: Store> Scheduler<S> {
         Ok((decode(&key, &kv.value)?, kv.mod_revision))
     }
 
-    /// The run, checked to belong to `runner_id`.
+    /// The run, checked to belong to `runner_id`, with its queue position while it waits.
     pub async fn get_run(&self, runner_id: &str, run_id: &str) -> Result<Run, SchedulerError> {
         let (run, _) = self.load_run(run_id).await?;
         if run.runner_id != runner_id {
@@ -325,6 +419,9 @@ impl<S: Store> Scheduler<S> {
                 kind: "run",
                 id: run_id.to_owned(),
             });
+        }
+        if run.status == RunStatus::Pending {
+            return Ok(self.state.lock().await.with_queue_position(run));
         }
         Ok(run)
     }
@@ -340,8 +437,8 @@ impl<S: Store> Scheduler<S> {
             let Some(run_id) = kv.key.rsplit('/').next() else {
                 continue;
             };
-            match self.load_run(run_id).await {
-                Ok((run, _)) => runs.push(run),
+            match self.get_run(runner_id, run_id).await {
+                Ok(run) => runs.push(run),
                 Err(SchedulerError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -445,6 +542,7 @@ impl<S: Store> Scheduler<S> {
                     .collect();
                 Some(NodeInfo {
                     view,
+                    draining: node.draining,
                     cpus: node.cpus,
                     running_run_ids,
                     last_heartbeat_age: node.last_heartbeat.elapsed(),
@@ -466,26 +564,33 @@ impl<S: Store> Scheduler<S> {
         let mut st = self.state.lock().await;
         st.next_connection += 1;
         let connection = st.next_connection;
-        let restarted = st
-            .nodes
-            .get(&reg.node_id)
-            .is_some_and(|n| n.boot_id != reg.boot_id);
-        st.nodes.insert(
-            reg.node_id.clone(),
-            Node {
-                id: reg.node_id.clone(),
-                region: reg.region.clone(),
-                boot_id: reg.boot_id.clone(),
-                total_memory_mib: reg.total_memory_mib,
-                cpus: reg.cpus,
-                max_runs: reg.max_concurrent_runs.max(1),
-                status: NodeStatus::Ready,
-                last_heartbeat: Instant::now(),
-                connection,
-                tx: Some(tx.clone()),
-                cached_images: Arc::default(),
-            },
-        );
+        let previous = st.nodes.remove(&reg.node_id);
+        let restarted = previous
+            .as_ref()
+            .is_some_and(|n| !n.boot_id.is_empty() && n.boot_id != reg.boot_id);
+        let draining = previous.as_ref().is_some_and(|n| n.draining);
+        let node = Node {
+            id: reg.node_id.clone(),
+            region: reg.region.clone(),
+            boot_id: reg.boot_id.clone(),
+            total_memory_mib: reg.total_memory_mib,
+            cpus: reg.cpus,
+            max_runs: reg.max_concurrent_runs.max(1),
+            connected: true,
+            lost: false,
+            draining,
+            last_heartbeat: Instant::now(),
+            connection,
+            tx: Some(tx.clone()),
+            cached_images: Arc::new(reg.cached_images.iter().cloned().collect()),
+        };
+        if previous.as_ref().map(Node::record) != Some(node.record()) {
+            let rec = node.record();
+            self.store
+                .commit(Txn::new().put(keys::node(&rec.id), encode(&rec), Expect::Any))
+                .await?;
+        }
+        st.nodes.insert(reg.node_id.clone(), node);
         tracing::info!(
             node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
             memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
@@ -559,18 +664,237 @@ impl<S: Store> Scheduler<S> {
         let mut st = self.state.lock().await;
         if let Some(node) = st.nodes.get_mut(node_id) {
             if node.connection == connection {
-                node.status = NodeStatus::Disconnected;
+                node.connected = false;
                 node.tx = None;
                 tracing::warn!(node_id, "node disconnected");
             }
         }
     }
 
-    pub async fn heartbeat(&self, node_id: &str, _hb: pb::Heartbeat) {
+    /// Renews every lease the node holds. Runs it reports running that are no longer leased to
+    /// it (its leases were revoked while it was silent, or the run ended) are fenced: StopRun.
+    pub async fn heartbeat(&self, node_id: &str, hb: pb::Heartbeat) {
         let mut st = self.state.lock().await;
-        if let Some(node) = st.nodes.get_mut(node_id) {
-            node.last_heartbeat = Instant::now();
+        let Some(node) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        node.last_heartbeat = Instant::now();
+        if node.lost {
+            node.lost = false;
+            tracing::warn!(
+                node_id,
+                "lost node is heartbeating again; fencing its old runs"
+            );
         }
+        if node.cached_images.len() != hb.cached_images.len()
+            || !hb
+                .cached_images
+                .iter()
+                .all(|i| node.cached_images.contains(i))
+        {
+            node.cached_images = Arc::new(hb.cached_images.into_iter().collect());
+        }
+        for run_id in &hb.running_run_ids {
+            let leased = st
+                .active
+                .get(run_id)
+                .is_some_and(|c| c.run.node_id.as_deref() == Some(node_id));
+            if !leased {
+                tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
+                send_to(&st, node_id, stop_msg(run_id));
+            }
+        }
+    }
+
+    /// Declares lost every node silent for longer than TTL + grace, and takes its leases back:
+    /// runs that had not started are queued again, runs that had started end `failed` with
+    /// `node_lost`. Called periodically; `now` is a parameter so tests control the clock.
+    pub async fn expire_nodes(&self, now: Instant) -> Result<(), SchedulerError> {
+        let limit = self.config.node_ttl + self.config.lost_grace;
+        let mut st = self.state.lock().await;
+        let expired: Vec<String> = st
+            .nodes
+            .values()
+            .filter(|n| !n.lost && now.saturating_duration_since(n.last_heartbeat) > limit)
+            .map(|n| n.id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let at = now_unix_millis();
+        for node_id in &expired {
+            if let Some(node) = st.nodes.get_mut(node_id) {
+                node.lost = true;
+            }
+            tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost");
+            let leased: Vec<(Run, u64)> = st
+                .active
+                .values()
+                .filter(|c| c.run.node_id.as_deref() == Some(node_id.as_str()))
+                .map(|c| (c.run.clone(), c.revision))
+                .collect();
+            for (mut run, revision) in leased {
+                if run.status == RunStatus::Pending {
+                    run.requeue(&format!(
+                        "node {node_id} was lost before it started the run"
+                    ))?;
+                } else {
+                    run.fail(
+                        "node_lost",
+                        &format!(
+                            "node {node_id} stopped sending heartbeats while the run was running"
+                        ),
+                        at,
+                    )?;
+                }
+                tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
+                self.save(&mut st, run, revision).await?;
+            }
+        }
+        self.schedule(&mut st).await?;
+        drop(st);
+        self.notify();
+        Ok(())
+    }
+
+    /// Drain (no new leases; running runs finish) or resume a node.
+    pub async fn set_draining(
+        &self,
+        node_id: &str,
+        draining: bool,
+    ) -> Result<NodeInfo, SchedulerError> {
+        {
+            let mut st = self.state.lock().await;
+            let node = st
+                .nodes
+                .get_mut(node_id)
+                .ok_or_else(|| SchedulerError::NotFound {
+                    kind: "node",
+                    id: node_id.to_owned(),
+                })?;
+            node.draining = draining;
+            let rec = node.record();
+            self.store
+                .commit(Txn::new().put(keys::node(node_id), encode(&rec), Expect::Any))
+                .await?;
+            tracing::info!(node_id, draining, "node admin state changed");
+            if !draining {
+                self.schedule(&mut st).await?;
+            }
+        }
+        self.notify();
+        self.list_nodes()
+            .await
+            .into_iter()
+            .find(|n| n.view.id == node_id)
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "node",
+                id: node_id.to_owned(),
+            })
+    }
+
+    /// Chooses a node in the runner's region with room for its instance type and asks it to
+    /// pull the image. Returns at once; [`Self::warmup_result`] records the outcome.
+    pub async fn warmup_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
+        let (mut runner, revision) = self.get_runner(id).await?;
+        let memory_mib = self
+            .config
+            .catalog
+            .instance_type(&runner.spec.instance_type)
+            .map_or(0, |t| t.memory_mib);
+        let image = image_reference(
+            &self.config.default_registry,
+            &runner.spec.image_name,
+            &runner.spec.image_tag,
+        );
+        let st = self.state.lock().await;
+        let views = st.snapshot();
+        let demand = Demand {
+            run_id: String::new(),
+            region: runner.spec.region.clone(),
+            memory_mib,
+            image: image.clone(),
+            warm_pin: None,
+        };
+        let chosen =
+            placement::place(&demand, &views, self.config.fit_policy).map(|n| n.id.clone());
+        runner.warmup = Some(match &chosen {
+            Ok(node_id) => Warmup {
+                node_id: node_id.clone(),
+                image: image.clone(),
+                status: WarmupStatus::Pending,
+                error: None,
+            },
+            Err(why) => Warmup {
+                node_id: String::new(),
+                image: image.clone(),
+                status: WarmupStatus::Failed,
+                error: Some(format!("no node to warm up on: {why}")),
+            },
+        });
+        let rev = self
+            .store
+            .commit(Txn::new().put(
+                keys::runner(id),
+                encode(&runner),
+                Expect::Revision(revision),
+            ))
+            .await?;
+        if let Ok(node_id) = &chosen {
+            tracing::info!(runner_id = id, node_id = %node_id, image = %image, "warmup requested");
+            let msg = pb::SchedulerMessage {
+                body: Some(pb::scheduler_message::Body::Warmup(pb::Warmup {
+                    runner_id: id.to_owned(),
+                    image,
+                })),
+            };
+            send_to(&st, node_id, msg);
+        }
+        Ok((runner, rev))
+    }
+
+    /// A node finished (or failed) pulling a runner's image.
+    pub async fn warmup_result(
+        &self,
+        node_id: &str,
+        msg: pb::WarmupResult,
+    ) -> Result<(), SchedulerError> {
+        for _ in 0..5 {
+            let (mut runner, revision) = match self.get_runner(&msg.runner_id).await {
+                Ok(found) => found,
+                Err(SchedulerError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let Some(w) = runner
+                .warmup
+                .as_mut()
+                .filter(|w| w.node_id == node_id && w.image == msg.image)
+            else {
+                return Ok(()); // a newer warmup replaced this one
+            };
+            if msg.ok {
+                w.status = WarmupStatus::Ready;
+                w.error = None;
+                runner.warmed_at = Some(now_unix_millis());
+            } else {
+                w.status = WarmupStatus::Failed;
+                w.error = Some(format!("image_pull_failed: {}", msg.error_message));
+            }
+            let put = Txn::new().put(
+                keys::runner(&runner.id),
+                encode(&runner),
+                Expect::Revision(revision),
+            );
+            match self.store.commit(put).await {
+                Ok(_) => {
+                    tracing::info!(runner_id = %runner.id, node_id, ok = msg.ok, "warmup finished");
+                    return Ok(());
+                }
+                Err(berth_core::store::StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SchedulerError::Stale(format!("runner {}", msg.runner_id)))
     }
 
     pub async fn run_started(
@@ -721,7 +1045,13 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Places every waiting run that fits, in submission order; a run that does not fit does
-    /// not block later, smaller ones. Runs that stay say why.
+    /// not block later, smaller ones (backfill). Runs that stay say why.
+    ///
+    /// Starvation guard: when the oldest waiting run of a region that does not fit has waited
+    /// `reserve_after`, the ready node in its region closest to fitting it (large enough in
+    /// total, most free memory) is reserved for it for this pass: younger runs may not take that
+    /// node, so its capacity drains towards the old run while the rest of the region keeps
+    /// serving small runs. The choice is made again on every pass.
     async fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
         let waiting: Vec<String> = st
             .active
@@ -737,6 +1067,10 @@ impl<S: Store> Scheduler<S> {
             return Ok(());
         }
         let mut views = st.snapshot();
+        let now = now_unix_millis();
+        let reserve_after =
+            i64::try_from(self.config.reserve_after.as_millis()).unwrap_or(i64::MAX);
+        let mut regions_checked: HashSet<String> = HashSet::new();
         for run_id in waiting {
             let Some(cached) = st.active.get(&run_id) else {
                 continue;
@@ -747,7 +1081,7 @@ impl<S: Store> Scheduler<S> {
                 region: run.region.clone(),
                 memory_mib: run.memory_mib,
                 image: run.image.clone(),
-                warm_pin: None,
+                warm_pin: run.warm_pin.clone(),
             };
             match placement::place(&demand, &views, self.config.fit_policy) {
                 Ok(node) => {
@@ -773,7 +1107,13 @@ impl<S: Store> Scheduler<S> {
                     );
                 }
                 Err(why) => {
-                    let reason = why.to_string();
+                    let mut reason = why.to_string();
+                    let oldest_in_region = regions_checked.insert(run.region.clone());
+                    if oldest_in_region && now.saturating_sub(run.created_at) >= reserve_after {
+                        if let Some(node) = reserve_for(&mut views, &demand) {
+                            reason.push_str(&format!("; node {node} is reserved for this run"));
+                        }
+                    }
                     if run.pending_reason.as_deref() != Some(reason.as_str()) {
                         tracing::info!(run_id = %run_id, reason = %reason, "run waits");
                         run.pending_reason = Some(reason);
@@ -812,7 +1152,46 @@ impl<S: Store> Scheduler<S> {
     }
 }
 
+/// Reserves the ready node of `demand`'s region that is closest to fitting it; returns its id.
+fn reserve_for(views: &mut [NodeView], demand: &Demand) -> Option<String> {
+    let node = views
+        .iter_mut()
+        .filter(|v| {
+            v.region == demand.region
+                && v.status == NodeStatus::Ready
+                && v.reserved_for.is_none()
+                && v.total_memory_mib >= demand.memory_mib
+                && v.max_runs > 0
+        })
+        .max_by(|a, b| {
+            a.free_memory_mib()
+                .cmp(&b.free_memory_mib())
+                .then_with(|| b.id.cmp(&a.id))
+        })?;
+    node.reserved_for = Some(demand.run_id.clone());
+    Some(node.id.clone())
+}
+
 impl State {
+    /// Fills in `queue_position` for a run waiting to be placed: its 1-based place among the
+    /// waiting runs of its region, oldest first.
+    fn with_queue_position(&self, mut run: Run) -> Run {
+        run.queue_position = None;
+        if run.status == RunStatus::Pending && run.node_id.is_none() && !run.stop_requested {
+            let ahead = self
+                .active
+                .range::<String, _>(..run.id.clone())
+                .filter(|(_, c)| {
+                    c.run.status == RunStatus::Pending
+                        && c.run.node_id.is_none()
+                        && c.run.region == run.region
+                })
+                .count();
+            run.queue_position = u32::try_from(ahead + 1).ok();
+        }
+        run
+    }
+
     /// The run (and its revision) if it is still leased to `node_id` under `lease_epoch`.
     fn leased(&self, run_id: &str, node_id: &str, lease_epoch: u64) -> Option<(Run, u64)> {
         self.active
@@ -840,7 +1219,7 @@ impl State {
                 NodeView {
                     id: n.id.clone(),
                     region: n.region.clone(),
-                    status: n.status,
+                    status: n.status(),
                     total_memory_mib: n.total_memory_mib,
                     reserved_memory_mib: mem,
                     max_runs: n.max_runs,

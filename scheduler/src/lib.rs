@@ -26,7 +26,8 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
+    let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(AgentServiceServer::new(agent_service::AgentApi {
             scheduler: scheduler.clone(),
@@ -35,5 +36,18 @@ pub async fn serve<S: Store>(
             scheduler,
         }))
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+        .await;
+    expiry.abort();
+    served
+}
+
+/// Checks node liveness twice a second.
+async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Err(e) = scheduler.expire_nodes(std::time::Instant::now()).await {
+            tracing::error!(error = %e, "node expiry failed");
+        }
+    }
 }

@@ -1,9 +1,11 @@
 use anyhow::Context;
 use berth_core::store::EmbeddedStore;
+use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
 use berth_scheduler::placement::FitPolicy;
 use clap::Parser;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Berth's control plane: places runs on nodes and owns the state.
@@ -32,6 +34,17 @@ struct Args {
     /// Seconds between agent heartbeats.
     #[arg(long, default_value_t = 2)]
     heartbeat_interval_seconds: u64,
+    /// A node silent this long (plus the grace) is declared lost (default: 3 heartbeats).
+    #[arg(long)]
+    node_ttl_seconds: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    lost_grace_seconds: u64,
+    /// A run waiting this long gets capacity reserved for it.
+    #[arg(long, default_value_t = 60)]
+    reserve_after_seconds: u64,
+    /// JSON file with `regions` and `instance_types` (default: the built-in catalog).
+    #[arg(long, env = "BERTH_CATALOG")]
+    catalog: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<FitPolicy, String> {
@@ -46,11 +59,21 @@ async fn main() -> anyhow::Result<()> {
     let store_path = args.data_dir.join("state.redb");
     let store = EmbeddedStore::open(&store_path)
         .with_context(|| format!("opening the store at {}", store_path.display()))?;
+    let catalog = match &args.catalog {
+        Some(path) => Catalog::load(path)
+            .with_context(|| format!("loading the catalog {}", path.display()))?,
+        None => Catalog::default(),
+    };
+    let heartbeat = args.heartbeat_interval_seconds.max(1);
     let config = Config {
         fit_policy: args.placement_policy,
+        catalog: Arc::new(catalog),
+        node_ttl: Duration::from_secs(args.node_ttl_seconds.unwrap_or(3 * heartbeat)),
+        lost_grace: Duration::from_secs(args.lost_grace_seconds),
+        reserve_after: Duration::from_secs(args.reserve_after_seconds),
         default_registry: args.default_registry,
         stop_grace_seconds: args.stop_grace_seconds,
-        heartbeat_interval: Duration::from_secs(args.heartbeat_interval_seconds.max(1)),
+        heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
     };
     let scheduler = Scheduler::open(store, config).await?;

@@ -56,6 +56,10 @@ impl FakeRuntime {
 }
 
 impl ContainerRuntime for FakeRuntime {
+    fn cached_images(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     async fn pull_image(&self, image: &str) -> Result<PreparedImage, RuntimeError> {
         self.record(format!("pull {image}"));
         tokio::time::sleep(self.script.pull_delay).await;

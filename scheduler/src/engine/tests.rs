@@ -1,6 +1,7 @@
 //! Engine tests against the in-memory store and fake agent channels.
 
 use super::*;
+use berth_core::model::WarmupStatus;
 use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_proto::v1::scheduler_message::Body;
 
@@ -32,6 +33,7 @@ fn register(node: &str, region: &str, mem: u64, active: &[&str]) -> pb::Register
         max_concurrent_runs: 8,
         active_run_ids: active.iter().map(|s| s.to_string()).collect(),
         agent_version: "test".into(),
+        cached_images: vec![],
     }
 }
 
@@ -356,6 +358,327 @@ async fn runs_survive_a_scheduler_restart() {
         .expect("exit after restart");
     let run = s.get_run(&runner_id, &run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Succeeded);
+}
+
+fn config_fast_expiry() -> Config {
+    Config {
+        node_ttl: Duration::from_secs(2),
+        lost_grace: Duration::from_secs(1),
+        ..config()
+    }
+}
+
+#[tokio::test]
+async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let mut a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let running = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let assigned = next_assign(&mut a);
+    s.run_started("fra-a", started(&assigned))
+        .await
+        .expect("started");
+    let mut b = attach(&s, register("fra-b", "fra", 1024, &[])).await;
+    let unstarted = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let first_b = next_assign(&mut b);
+    assert_eq!(first_b.run_id, unstarted.id);
+
+    // Not yet: within TTL + grace nothing happens.
+    s.expire_nodes(Instant::now() + Duration::from_secs(2))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.get_run(&runner.id, &running.id)
+            .await
+            .expect("get")
+            .status,
+        RunStatus::Running
+    );
+
+    // Both nodes go silent past TTL + grace.
+    s.expire_nodes(Instant::now() + Duration::from_secs(4))
+        .await
+        .expect("expire");
+    let lost = s.get_run(&runner.id, &running.id).await.expect("get");
+    assert_eq!(
+        (lost.status, lost.error_code.as_deref()),
+        (RunStatus::Failed, Some("node_lost"))
+    );
+    let nodes = s.list_nodes().await;
+    assert!(
+        nodes.iter().all(|n| n.view.status == NodeStatus::Lost),
+        "both silent in this test"
+    );
+    let moved = s.get_run(&runner.id, &unstarted.id).await.expect("get");
+    assert_eq!(
+        (moved.status, moved.node_id),
+        (RunStatus::Pending, None),
+        "re-queued"
+    );
+
+    // fra-a comes back with its old container still running: it is fenced.
+    s.heartbeat(
+        "fra-a",
+        pb::Heartbeat {
+            free_memory_mib: 0,
+            running_run_ids: vec![running.id.clone()],
+            cached_images: vec![],
+        },
+    )
+    .await;
+    match a.try_recv().ok().and_then(|m| m.body) {
+        Some(Body::StopRun(stop)) => assert_eq!(stop.run_id, running.id),
+        other => panic!("expected StopRun for the revoked lease, got {other:?}"),
+    }
+    let late_exit = exited(&assigned, 0, pb::ExitReason::Exited);
+    s.run_exited("fra-a", late_exit).await.expect("late exit");
+    let still = s.get_run(&runner.id, &running.id).await.expect("get");
+    assert_eq!(
+        still.status,
+        RunStatus::Failed,
+        "a revoked run never turns succeeded"
+    );
+}
+
+#[tokio::test]
+async fn a_draining_node_takes_no_new_runs_until_resumed() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let info = s.set_draining("fra-1", true).await.expect("drain");
+    assert_eq!(info.view.status, NodeStatus::Draining);
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        run.pending_reason.as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 draining")
+    );
+    assert_eq!(run.queue_position, Some(1));
+    assert!(node.try_recv().is_err());
+    s.set_draining("fra-1", false).await.expect("resume");
+    assert_eq!(next_assign(&mut node).run_id, run.id, "placed once resumed");
+    assert!(matches!(
+        s.set_draining("nope", true).await,
+        Err(SchedulerError::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn queue_positions_count_waiting_runs_per_region() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let (fra, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (ams, _) = s
+        .create_runner(spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    let f1 = s
+        .create_run(&fra.id, RunInput::default())
+        .await
+        .expect("run");
+    let a1 = s
+        .create_run(&ams.id, RunInput::default())
+        .await
+        .expect("run");
+    let f2 = s
+        .create_run(&fra.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(f1.queue_position, Some(1));
+    assert_eq!(a1.queue_position, Some(1));
+    assert_eq!(f2.queue_position, Some(2));
+    s.stop_run(&fra.id, &f1.id).await.expect("stop");
+    assert_eq!(
+        s.get_run(&fra.id, &f2.id)
+            .await
+            .expect("get")
+            .queue_position,
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn a_run_that_waited_too_long_gets_capacity_reserved() {
+    let s = Scheduler::open(
+        MemoryStore::new(),
+        Config {
+            reserve_after: Duration::ZERO,
+            ..config()
+        },
+    )
+    .await
+    .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+    let (small, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (big, _) = s
+        .create_runner(spec("fra", "standard-m"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(&small.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, first.id);
+    let waiting_big = s
+        .create_run(&big.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        waiting_big.pending_reason.as_deref(),
+        Some("no node in fra with 2048 MiB free: 1 full; node fra-1 is reserved for this run")
+    );
+    // Without the reservation this small run would fit in the free 1024 MiB and starve the big one.
+    let small_again = s
+        .create_run(&small.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(small_again.node_id, None);
+    assert_eq!(
+        small_again.pending_reason.as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 reserved for an older run")
+    );
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+        .await
+        .expect("exited");
+    assert_eq!(
+        next_assign(&mut node).run_id,
+        waiting_big.id,
+        "the old big run goes first"
+    );
+}
+
+#[tokio::test]
+async fn warmup_pins_the_node_that_pulled_the_image() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut small = attach(&s, register("fra-small", "fra", 2048, &[])).await;
+    let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    // Spread would not matter: best fit would pick fra-small; make the warmup land on fra-big.
+    s.set_draining("fra-small", true).await.expect("drain");
+    let (warming, _) = s.warmup_runner(&runner.id).await.expect("warmup");
+    let w = warming.warmup.clone().expect("warmup state");
+    assert_eq!(
+        (w.node_id.as_str(), w.status),
+        ("fra-big", WarmupStatus::Pending)
+    );
+    match big.try_recv().ok().and_then(|m| m.body) {
+        Some(Body::Warmup(msg)) => assert_eq!(msg.image, "127.0.0.1:5000/busybox:latest"),
+        other => panic!("expected Warmup, got {other:?}"),
+    }
+    s.set_draining("fra-small", false).await.expect("resume");
+    let result = pb::WarmupResult {
+        runner_id: runner.id.clone(),
+        image: w.image.clone(),
+        ok: true,
+        image_digest: "sha256:x".into(),
+        error_message: String::new(),
+    };
+    s.warmup_result("fra-big", result.clone())
+        .await
+        .expect("result");
+    let (warm, _) = s.get_runner(&runner.id).await.expect("runner");
+    assert!(warm.warmed_at.is_some());
+    assert_eq!(warm.warm_pin(), Some("fra-big"));
+    let run = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        run.node_id.as_deref(),
+        Some("fra-big"),
+        "the pin beats best fit"
+    );
+    assert!(small.try_recv().is_err());
+    let _ = next_assign(&mut big);
+
+    let failed = pb::WarmupResult {
+        ok: false,
+        error_message: "404 not found".into(),
+        ..result
+    };
+    s.warmup_result("fra-big", failed).await.expect("result");
+    let (cold, _) = s.get_runner(&runner.id).await.expect("runner");
+    let w = cold.warmup.clone().expect("warmup");
+    assert_eq!(w.status, WarmupStatus::Failed);
+    assert_eq!(w.error.as_deref(), Some("image_pull_failed: 404 not found"));
+    assert_eq!(cold.warm_pin(), None);
+}
+
+#[tokio::test]
+async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let (runner_id, run_id) = {
+        let s = Scheduler::open(
+            EmbeddedStore::open(&path).expect("store"),
+            config_fast_expiry(),
+        )
+        .await
+        .expect("open");
+        let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+        s.set_draining("fra-1", true).await.expect("drain");
+        s.set_draining("fra-1", false).await.expect("resume");
+        let (runner, _) = s
+            .create_runner(spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(&runner.id, RunInput::default())
+            .await
+            .expect("run");
+        let a = next_assign(&mut node);
+        s.run_started("fra-1", started(&a)).await.expect("started");
+        (runner.id, run.id)
+    };
+    let s = Scheduler::open(
+        EmbeddedStore::open(&path).expect("store"),
+        config_fast_expiry(),
+    )
+    .await
+    .expect("reopen");
+    let nodes = s.list_nodes().await;
+    assert_eq!(nodes.len(), 1, "the node is known from the store");
+    assert_eq!(nodes[0].view.status, NodeStatus::Disconnected);
+    s.expire_nodes(Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("expire");
+    let run = s.get_run(&runner_id, &run_id).await.expect("get");
+    assert_eq!(
+        (run.status, run.error_code.as_deref()),
+        (RunStatus::Failed, Some("node_lost"))
+    );
 }
 
 #[test]
