@@ -98,13 +98,13 @@ impl Puller {
         request
     }
 
-    /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
     /// The images this process has pulled (or found complete), for image-locality scoring.
     pub fn cached(&self) -> Vec<String> {
         let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         cached.iter().cloned().collect()
     }
 
+    /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
     pub async fn pull(&self, image: &str) -> Result<PreparedImage, PullError> {
         let reference = ImageReference::parse(image)?;
         let name = reference.to_string();

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,13 +70,21 @@ pub struct Fleet {
     /// (node id, region)
     pub nodes: Vec<(String, String)>,
     scheduler: Option<Proc>,
+    scheduler_args: Vec<String>,
     others: Vec<Proc>,
+    /// node id → (its process, the arguments to start it again)
+    agents: std::collections::HashMap<String, (Proc, Vec<String>)>,
     pub http: reqwest::Client,
 }
 
 impl Fleet {
     /// A scheduler, an API and one agent per spec; waits until every node has registered.
     pub async fn start(agents: &[AgentSpec]) -> Result<Fleet> {
+        Fleet::start_with(agents, &[]).await
+    }
+
+    /// Like [`Fleet::start`], with extra `berth-scheduler` flags.
+    pub async fn start_with(agents: &[AgentSpec], scheduler_args: &[&str]) -> Result<Fleet> {
         let env = env()?;
         let dir = tempfile::tempdir()?;
         let seq = FLEET_SEQ.fetch_add(1, Ordering::SeqCst);
@@ -88,7 +96,9 @@ impl Fleet {
             scheduler_addr,
             nodes: vec![],
             scheduler: None,
+            scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
             others: vec![],
+            agents: std::collections::HashMap::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
@@ -131,12 +141,50 @@ impl Fleet {
                 "--state-dir",
                 &state_dir.to_string_lossy(),
             ];
-            let p = fleet.spawn(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
-            fleet.others.push(p);
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let p = fleet.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
+            fleet.agents.insert(node_id.clone(), (p, args));
             fleet.nodes.push((node_id, a.region.to_owned()));
         }
         fleet.wait_ready().await?;
         Ok(fleet)
+    }
+
+    fn spawn_owned(&self, name: &str, bin: &str, args: &[String]) -> Result<Proc> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(name, bin, &args)
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT", "KILL") to a node's agent.
+    pub fn signal_agent(&mut self, node_id: &str, signal: &str) -> Result<()> {
+        let (p, _) = self
+            .agents
+            .get_mut(node_id)
+            .with_context(|| format!("no agent {node_id}"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(p.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        if signal == "KILL" {
+            p.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a node's agent again with its original arguments (after `signal_agent(.., "KILL")`).
+    pub fn restart_agent(&mut self, node_id: &str) -> Result<()> {
+        let args = self
+            .agents
+            .get(node_id)
+            .map(|(_, a)| a.clone())
+            .with_context(|| format!("no agent {node_id}"))?;
+        let p = self.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
+        if let Some((mut old, _)) = self.agents.insert(node_id.to_owned(), (p, args)) {
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+        }
+        Ok(())
     }
 
     fn spawn(&self, name: &str, bin: &str, args: &[&str]) -> Result<Proc> {
@@ -160,7 +208,7 @@ impl Fleet {
 
     pub fn start_scheduler(&mut self) -> Result<()> {
         let data = self.dir.path().join("scheduler");
-        let args = [
+        let mut args: Vec<String> = [
             "--grpc-listen",
             &self.scheduler_addr,
             "--data-dir",
@@ -169,8 +217,12 @@ impl Fleet {
             &self.env.registry,
             "--heartbeat-interval-seconds",
             "1",
-        ];
-        let p = self.spawn("scheduler", "berth-scheduler", &args)?;
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(self.scheduler_args.iter().cloned());
+        let p = self.spawn_owned("scheduler", "berth-scheduler", &args)?;
         self.scheduler = Some(p);
         Ok(())
     }
@@ -182,6 +234,35 @@ impl Fleet {
             p.child.wait()?;
         }
         Ok(())
+    }
+
+    /// Waits until `node_id` has `status` in `GET /v1/nodes`.
+    pub async fn wait_node_status(
+        &self,
+        node_id: &str,
+        status: &str,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.get("/v1/nodes").await?;
+            let found = v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["id"] == node_id)
+                .cloned();
+            if let Some(n) = found.filter(|n| n["status"] == status) {
+                return Ok(n);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {node_id} not {status} after {timeout:?}: {v}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub async fn wait_ready(&self) -> Result<()> {
@@ -394,7 +475,12 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        let procs = self.others.iter_mut().chain(self.scheduler.iter_mut());
+        let agents = self.agents.values_mut().map(|(p, _)| p);
+        let procs = self
+            .others
+            .iter_mut()
+            .chain(agents)
+            .chain(self.scheduler.iter_mut());
         for p in procs {
             let _ = p.child.kill();
             let _ = p.child.wait();
