@@ -6,6 +6,46 @@
 //! first, then nodes that already hold the image, then the fit policy (best fit: the node left
 //! with the least free memory, keeping large holes for large runs; spread: the most free
 //! memory), then node id for determinism.
+//!
+//! # Two implementations, one answer
+//! [`place`] scans a snapshot: O(nodes) per decision. It is the reference, and the engine's
+//! scheduling pass uses it on a fresh snapshot.
+//!
+//! [`FleetIndex`] keeps the same nodes between decisions and is told about every change (node
+//! registered or removed, status, a run leased or ended, a reservation, cached images). Per
+//! region it sorts each node into the first filter that stops it *whatever the demand*: not
+//! ready (three counters, one per status), ready but reserved for some run (a counter, plus a map
+//! from run id to those nodes), ready without a free slot (a counter), or *open* (ready,
+//! unreserved, a free slot). Open nodes sit in an ordered set by (free memory, id), and again in
+//! one such set per image they hold. (The sets hold a per-id integer label that sorts like the
+//! id, respread when two labels leave no room between them, and images are interned to small
+//! integers, so the sets compare integers only.) [`FleetIndex::place`] then gives the scan's
+//! answer:
+//!
+//! - The warm pin is looked up by id and put through the same `filter`: the scan returns it
+//!   as soon as it passes, before ranking anything.
+//! - Otherwise the scan ranks the passing nodes by [`rank_key`] = (image missing, policy order,
+//!   id). The passing nodes are the open nodes with enough free memory, plus the nodes reserved
+//!   for this very run that pass `filter` (checked one by one; there are few). Among open
+//!   nodes, a holder of the image outranks every non-holder, so the best is the first fitting
+//!   key of the image's set if there is one, else of the general set: for best fit the first key
+//!   at or above the demand, for spread the lowest id at the largest free memory (if that is
+//!   enough). Both sets are ordered by exactly the policy's (memory, id) tie-break. The best open
+//!   node and the reserved candidates are compared with [`rank_key`] itself.
+//! - When nothing passes, every node of the region failed the filter its class names, except the
+//!   ready nodes reserved for this run, which the scan sends on to the slot and memory filters:
+//!   they are taken out of the "reserved" count and filtered one by one. Every open node failed on
+//!   memory alone (none fitted), so "full" is the size of the open set; nodes of other regions
+//!   are the fleet size minus the region's. Counts of zero are left out, as in the scan.
+//!
+//! The answers are equal for fleets with unique node ids (the index is keyed by id, as the
+//! engine's fleet is). `placement/index/tests.rs` checks it with property tests over random
+//! fleets and random sequences of changes; `bench-placement` measures both (see
+//! `docs/BENCHMARKS.md`).
+
+mod index;
+
+pub use index::{FleetIndex, UnknownNode};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
