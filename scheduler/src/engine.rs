@@ -6,7 +6,7 @@
 //! write is a compare-and-set on the run's store revision.
 
 use crate::error::SchedulerError;
-use crate::placement::{self, Demand, FitPolicy, NodeStatus, NodeView};
+use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
 use berth_core::model::{Catalog, LogEntry, LogStream, Warmup, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
@@ -64,6 +64,8 @@ pub struct Scheduler<S> {
 #[derive(Default)]
 struct State {
     nodes: BTreeMap<String, Node>,
+    /// The placement view of `nodes`, kept in step: node flags by `sync_node`, leases by `save`.
+    index: FleetIndex,
     /// Runs that have not ended, by id (UUIDv7: iteration order is submission order).
     active: BTreeMap<String, Cached>,
     next_connection: u64,
@@ -218,6 +220,18 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
+        let ids: Vec<String> = state.nodes.keys().cloned().collect();
+        for id in &ids {
+            state.sync_node(id);
+        }
+        let leases: Vec<(String, u64)> = state
+            .active
+            .values()
+            .filter_map(|c| Some((c.run.node_id.clone()?, c.run.memory_mib)))
+            .collect();
+        for (node, memory_mib) in leases {
+            state.index_lease(Some(&node), None, memory_mib);
+        }
         tracing::info!(
             active_runs = state.active.len(),
             known_nodes = state.nodes.len(),
@@ -234,6 +248,11 @@ impl<S: Store> Scheduler<S> {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    #[cfg(test)]
+    async fn assert_index_consistent(&self) {
+        self.state.lock().await.assert_index_consistent();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -529,7 +548,8 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn list_nodes(&self) -> Vec<NodeInfo> {
         let st = self.state.lock().await;
-        let views = st.snapshot();
+        let mut views: Vec<NodeView> = st.index.nodes().cloned().collect();
+        views.sort_by(|a, b| a.id.cmp(&b.id));
         views
             .into_iter()
             .filter_map(|view| {
@@ -591,6 +611,7 @@ impl<S: Store> Scheduler<S> {
                 .await?;
         }
         st.nodes.insert(reg.node_id.clone(), node);
+        st.sync_node(&reg.node_id);
         tracing::info!(
             node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
             memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
@@ -667,6 +688,7 @@ impl<S: Store> Scheduler<S> {
                 node.connected = false;
                 node.tx = None;
                 tracing::warn!(node_id, "node disconnected");
+                st.sync_node(node_id);
             }
         }
     }
@@ -694,6 +716,7 @@ impl<S: Store> Scheduler<S> {
         {
             node.cached_images = Arc::new(hb.cached_images.into_iter().collect());
         }
+        st.sync_node(node_id);
         for run_id in &hb.running_run_ids {
             let leased = st
                 .active
@@ -726,6 +749,7 @@ impl<S: Store> Scheduler<S> {
             if let Some(node) = st.nodes.get_mut(node_id) {
                 node.lost = true;
             }
+            st.sync_node(node_id);
             tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost");
             let leased: Vec<(Run, u64)> = st
                 .active
@@ -774,6 +798,7 @@ impl<S: Store> Scheduler<S> {
                 })?;
             node.draining = draining;
             let rec = node.record();
+            st.sync_node(node_id);
             self.store
                 .commit(Txn::new().put(keys::node(node_id), encode(&rec), Expect::Any))
                 .await?;
@@ -808,7 +833,6 @@ impl<S: Store> Scheduler<S> {
             &runner.spec.image_tag,
         );
         let st = self.state.lock().await;
-        let views = st.snapshot();
         let demand = Demand {
             run_id: String::new(),
             region: runner.spec.region.clone(),
@@ -816,8 +840,10 @@ impl<S: Store> Scheduler<S> {
             image: image.clone(),
             warm_pin: None,
         };
-        let chosen =
-            placement::place(&demand, &views, self.config.fit_policy).map(|n| n.id.clone());
+        let chosen = st
+            .index
+            .place(&demand, self.config.fit_policy)
+            .map(|n| n.id.clone());
         runner.warmup = Some(match &chosen {
             Ok(node_id) => Warmup {
                 node_id: node_id.clone(),
@@ -1035,6 +1061,13 @@ impl<S: Store> Scheduler<S> {
             .store
             .commit(Txn::new().put(keys::run(&run.id), encode(&run), Expect::Revision(revision)))
             .await?;
+        let before = st.active.get(&run.id).and_then(|c| c.run.node_id.clone());
+        let after = (!run.status.is_terminal())
+            .then(|| run.node_id.clone())
+            .flatten();
+        if before != after {
+            st.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
+        }
         if run.status.is_terminal() {
             st.active.remove(&run.id);
         } else {
@@ -1066,7 +1099,21 @@ impl<S: Store> Scheduler<S> {
         if waiting.is_empty() {
             return Ok(());
         }
-        let mut views = st.snapshot();
+        // Reservations live for this pass only; clear them whatever happens.
+        let mut held: Vec<String> = Vec::new();
+        let placed = self.place_waiting(st, waiting, &mut held).await;
+        for node in held {
+            let _ = st.index.set_reserved_for(&node, None);
+        }
+        placed
+    }
+
+    async fn place_waiting(
+        &self,
+        st: &mut State,
+        waiting: Vec<String>,
+        held: &mut Vec<String>,
+    ) -> Result<(), SchedulerError> {
         let now = now_unix_millis();
         let reserve_after =
             i64::try_from(self.config.reserve_after.as_millis()).unwrap_or(i64::MAX);
@@ -1083,16 +1130,16 @@ impl<S: Store> Scheduler<S> {
                 image: run.image.clone(),
                 warm_pin: run.warm_pin.clone(),
             };
-            match placement::place(&demand, &views, self.config.fit_policy) {
-                Ok(node) => {
-                    let node_id = node.id.clone();
+            let chosen = st
+                .index
+                .place(&demand, self.config.fit_policy)
+                .map(|n| n.id.clone());
+            match chosen {
+                Ok(node_id) => {
                     let epoch = run.assign(&node_id)?;
                     let spec = self.run_spec(&run);
+                    // `save` records the lease in the index.
                     self.save(st, run, revision).await?;
-                    for v in views.iter_mut().filter(|v| v.id == node_id) {
-                        v.reserved_memory_mib += demand.memory_mib;
-                        v.runs += 1;
-                    }
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
                     send_to(
                         st,
@@ -1110,8 +1157,9 @@ impl<S: Store> Scheduler<S> {
                     let mut reason = why.to_string();
                     let oldest_in_region = regions_checked.insert(run.region.clone());
                     if oldest_in_region && now.saturating_sub(run.created_at) >= reserve_after {
-                        if let Some(node) = reserve_for(&mut views, &demand) {
+                        if let Some(node) = reserve_for(&mut st.index, &demand) {
                             reason.push_str(&format!("; node {node} is reserved for this run"));
+                            held.push(node);
                         }
                     }
                     if run.pending_reason.as_deref() != Some(reason.as_str()) {
@@ -1153,9 +1201,9 @@ impl<S: Store> Scheduler<S> {
 }
 
 /// Reserves the ready node of `demand`'s region that is closest to fitting it; returns its id.
-fn reserve_for(views: &mut [NodeView], demand: &Demand) -> Option<String> {
-    let node = views
-        .iter_mut()
+fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<String> {
+    let node = index
+        .nodes()
         .filter(|v| {
             v.region == demand.region
                 && v.status == NodeStatus::Ready
@@ -1167,9 +1215,13 @@ fn reserve_for(views: &mut [NodeView], demand: &Demand) -> Option<String> {
             a.free_memory_mib()
                 .cmp(&b.free_memory_mib())
                 .then_with(|| b.id.cmp(&a.id))
-        })?;
-    node.reserved_for = Some(demand.run_id.clone());
-    Some(node.id.clone())
+        })?
+        .id
+        .clone();
+    index
+        .set_reserved_for(&node, Some(demand.run_id.clone()))
+        .ok()?;
+    Some(node)
 }
 
 impl State {
@@ -1202,8 +1254,9 @@ impl State {
             .map(|c| (c.run.clone(), c.revision))
     }
 
-    /// The placement view of every known node, with the memory and slots its leases hold.
-    fn snapshot(&self) -> Vec<NodeView> {
+    /// The index's lease totals equal what the active runs add up to (test invariant).
+    #[cfg(test)]
+    fn assert_index_consistent(&self) {
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
         for c in self.active.values() {
             if let Some(node) = c.run.node_id.as_deref() {
@@ -1212,23 +1265,54 @@ impl State {
                 e.1 += 1;
             }
         }
-        self.nodes
-            .values()
-            .map(|n| {
-                let (mem, runs) = held.get(n.id.as_str()).copied().unwrap_or_default();
-                NodeView {
-                    id: n.id.clone(),
-                    region: n.region.clone(),
-                    status: n.status(),
-                    total_memory_mib: n.total_memory_mib,
-                    reserved_memory_mib: mem,
-                    max_runs: n.max_runs,
-                    runs,
-                    cached_images: n.cached_images.clone(),
-                    reserved_for: None,
-                }
-            })
-            .collect()
+        for n in self.nodes.values() {
+            let v = self.index.get(&n.id).expect("every node is indexed");
+            let want = held.get(n.id.as_str()).copied().unwrap_or_default();
+            assert_eq!(
+                (v.reserved_memory_mib, v.runs),
+                want,
+                "index leases of {}",
+                n.id
+            );
+            assert_eq!(v.status, n.status(), "index status of {}", n.id);
+        }
+    }
+
+    /// Brings the index's view of `node_id` in line with its flags and report, keeping the
+    /// memory and slots its leases hold.
+    fn sync_node(&mut self, node_id: &str) {
+        let Some(n) = self.nodes.get(node_id) else {
+            return;
+        };
+        let (reserved_memory_mib, runs) = self
+            .index
+            .get(node_id)
+            .map_or((0, 0), |v| (v.reserved_memory_mib, v.runs));
+        self.index.upsert(NodeView {
+            id: n.id.clone(),
+            region: n.region.clone(),
+            status: n.status(),
+            total_memory_mib: n.total_memory_mib,
+            reserved_memory_mib,
+            max_runs: n.max_runs,
+            runs,
+            cached_images: n.cached_images.clone(),
+            reserved_for: None,
+        });
+    }
+
+    /// Moves one run's lease (its memory and slot) from node `from` to node `to` in the index.
+    fn index_lease(&mut self, to: Option<&str>, from: Option<&str>, memory_mib: u64) {
+        if let Some(from) = from {
+            if let Err(e) = self.index.release(from, memory_mib) {
+                tracing::error!(error = %e, "lease released on a node the index does not know");
+            }
+        }
+        if let Some(to) = to {
+            if let Err(e) = self.index.reserve(to, memory_mib) {
+                tracing::error!(error = %e, "lease taken on a node the index does not know");
+            }
+        }
     }
 }
 

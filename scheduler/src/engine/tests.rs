@@ -143,6 +143,7 @@ async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
     assert_eq!(logs[1].stream, LogStream::Stderr);
     let (page, more) = s.list_logs(&a.run_id, 1, 10).await.expect("logs");
     assert_eq!((page.len(), more), (1, false));
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -186,6 +187,7 @@ async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_fr
         b.run_id, second.id,
         "the waiting run takes the freed capacity"
     );
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -233,6 +235,7 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
             assert_eq!(run.exit_code, Some(124));
         }
     }
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -274,6 +277,7 @@ async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
     );
     let again = s.stop_run(&runner.id, &run.id).await.expect("stop twice");
     assert_eq!(again, run, "a finished run is returned unchanged");
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -324,6 +328,7 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .expect("stale exit");
     let w = s.get_run(&runner.id, &waiting.id).await.expect("get");
     assert_eq!(w.status, RunStatus::Pending);
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -358,6 +363,7 @@ async fn runs_survive_a_scheduler_restart() {
         .expect("exit after restart");
     let run = s.get_run(&runner_id, &run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Succeeded);
+    s.assert_index_consistent().await;
 }
 
 fn config_fast_expiry() -> Config {
@@ -449,6 +455,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         RunStatus::Failed,
         "a revoked run never turns succeeded"
     );
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -479,6 +486,7 @@ async fn a_draining_node_takes_no_new_runs_until_resumed() {
         s.set_draining("nope", true).await,
         Err(SchedulerError::NotFound { .. })
     ));
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -517,6 +525,7 @@ async fn queue_positions_count_waiting_runs_per_region() {
             .queue_position,
         Some(1)
     );
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -572,6 +581,7 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
         waiting_big.id,
         "the old big run goes first"
     );
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -634,6 +644,7 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
     assert_eq!(w.status, WarmupStatus::Failed);
     assert_eq!(w.error.as_deref(), Some("image_pull_failed: 404 not found"));
     assert_eq!(cold.warm_pin(), None);
+    s.assert_index_consistent().await;
 }
 
 #[tokio::test]
@@ -679,6 +690,7 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
         (run.status, run.error_code.as_deref()),
         (RunStatus::Failed, Some("node_lost"))
     );
+    s.assert_index_consistent().await;
 }
 
 #[test]
