@@ -1,5 +1,12 @@
-//! The embedded [`Store`]: one redb file, ACID, fsync on every commit. The default on a single
-//! machine; the scheduler is its only user (one process owns the file).
+//! The embedded [`Store`]: one redb file, ACID, fsync'd before any commit is answered. The
+//! default on a single machine; the scheduler is its only user (one process owns the file).
+//!
+//! Writes go through one writer thread that does *group commit*: it takes every transaction
+//! waiting in its queue, applies them in order inside one redb write transaction (each with its
+//! own revision, its preconditions checked against the state left by the ones before it, a
+//! failed precondition skipping only that transaction), and makes them durable with one fsync.
+//! Concurrent writers therefore share the cost of a disk flush instead of queueing for one each;
+//! a lone writer sees the same latency as before.
 
 use super::{check, KeyValue, Op, Store, StoreError, Txn};
 use redb::{Database, ReadableTable, TableDefinition};
@@ -14,8 +21,34 @@ const HEADER: usize = 16;
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
+    // Declared first so it drops first: the writer thread releases its handle to the database
+    // before this one goes, and the file is closed when the last store handle is dropped.
+    writer: Arc<Writer>,
     db: Arc<Database>,
 }
+
+/// The writer thread's queue; dropping it stops the thread and waits for it.
+struct Writer {
+    queue: Option<std::sync::mpsc::Sender<PendingCommit>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct PendingCommit {
+    txn: Txn,
+    reply: tokio::sync::oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// The most transactions one group commit takes.
+const MAX_GROUP: usize = 1024;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -59,7 +92,18 @@ impl EmbeddedStore {
             tx.open_table(META).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
-        Ok(EmbeddedStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (sender, queue) = std::sync::mpsc::channel();
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("berth-store-writer".to_owned())
+            .spawn(move || write_loop(&writer_db, &queue))
+            .map_err(backend)?;
+        let writer = Arc::new(Writer {
+            queue: Some(sender),
+            thread: Some(thread),
+        });
+        Ok(EmbeddedStore { writer, db })
     }
 
     fn get_blocking(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -91,46 +135,6 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    fn commit_blocking(&self, txn: Txn) -> Result<u64, StoreError> {
-        let tx = self.db.begin_write().map_err(backend)?;
-        let rev = {
-            let mut kv = tx.open_table(KV).map_err(backend)?;
-            let mut meta = tx.open_table(META).map_err(backend)?;
-            let current = meta
-                .get(REVISION)
-                .map_err(backend)?
-                .map_or(0, |v| v.value());
-            let mut found = Vec::with_capacity(txn.ops.len());
-            for op in &txn.ops {
-                let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
-                let existing = kv.get(key.as_str()).map_err(backend)?;
-                let existing = existing.map(|v| decode(key, v.value())).transpose()?;
-                check(key, *expect, existing.as_ref().map(|e| e.mod_revision))?;
-                found.push(existing.map(|e| e.create_revision));
-            }
-            if txn.ops.is_empty() {
-                return Ok(current);
-            }
-            let rev = current + 1;
-            for (op, create) in txn.ops.into_iter().zip(found) {
-                match op {
-                    Op::Put { key, value, .. } => {
-                        let create = create.unwrap_or(rev);
-                        kv.insert(key.as_str(), encode(rev, create, &value).as_slice())
-                            .map_err(backend)?;
-                    }
-                    Op::Delete { key, .. } => {
-                        kv.remove(key.as_str()).map_err(backend)?;
-                    }
-                }
-            }
-            meta.insert(REVISION, rev).map_err(backend)?;
-            rev
-        };
-        tx.commit().map_err(backend)?;
-        Ok(rev)
-    }
-
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(EmbeddedStore) -> Result<T, StoreError> + Send + 'static,
@@ -140,6 +144,93 @@ impl EmbeddedStore {
             .await
             .map_err(backend)?
     }
+}
+
+/// The writer thread: group commits until every handle to the store is gone.
+fn write_loop(db: &Database, queue: &std::sync::mpsc::Receiver<PendingCommit>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let (txns, replies): (Vec<Txn>, Vec<_>) =
+            group.into_iter().map(|p| (p.txn, p.reply)).unzip();
+        match commit_group(db, txns) {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(backend(&e)));
+                }
+            }
+        }
+    }
+}
+
+/// Applies `txns` in order in one write transaction and commits it once. The outer error means
+/// nothing was committed; the inner results are per transaction (a failed precondition there
+/// leaves that transaction out and the others in).
+fn commit_group(db: &Database, txns: Vec<Txn>) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+    let tx = db.begin_write().map_err(backend)?;
+    let mut results = Vec::with_capacity(txns.len());
+    {
+        let mut kv = tx.open_table(KV).map_err(backend)?;
+        let mut meta = tx.open_table(META).map_err(backend)?;
+        let mut revision = meta
+            .get(REVISION)
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        for txn in txns {
+            results.push(apply_one(&mut kv, &mut revision, txn)?);
+        }
+        meta.insert(REVISION, revision).map_err(backend)?;
+    }
+    tx.commit().map_err(backend)?;
+    Ok(results)
+}
+
+/// One transaction inside a group: preconditions first, then every op, at `revision + 1`. The
+/// outer error is a backend failure (the whole group must be abandoned).
+fn apply_one(
+    kv: &mut redb::Table<&str, &[u8]>,
+    revision: &mut u64,
+    txn: Txn,
+) -> Result<Result<u64, StoreError>, StoreError> {
+    let mut created = Vec::with_capacity(txn.ops.len());
+    for op in &txn.ops {
+        let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
+        let existing = kv.get(key.as_str()).map_err(backend)?;
+        let existing = existing.map(|v| decode(key, v.value())).transpose()?;
+        if let Err(conflict) = check(key, *expect, existing.as_ref().map(|e| e.mod_revision)) {
+            return Ok(Err(conflict));
+        }
+        created.push(existing.map(|e| e.create_revision));
+    }
+    if txn.ops.is_empty() {
+        return Ok(Ok(*revision));
+    }
+    let rev = *revision + 1;
+    for (op, create) in txn.ops.into_iter().zip(created) {
+        match op {
+            Op::Put { key, value, .. } => {
+                let create = create.unwrap_or(rev);
+                kv.insert(key.as_str(), encode(rev, create, &value).as_slice())
+                    .map_err(backend)?;
+            }
+            Op::Delete { key, .. } => {
+                kv.remove(key.as_str()).map_err(backend)?;
+            }
+        }
+    }
+    *revision = rev;
+    Ok(Ok(rev))
 }
 
 impl Store for EmbeddedStore {
@@ -160,20 +251,89 @@ impl Store for EmbeddedStore {
     }
 
     async fn commit(&self, txn: Txn) -> Result<u64, StoreError> {
-        self.blocking(move |s| s.commit_blocking(txn)).await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer
+            .queue
+            .as_ref()
+            .ok_or_else(|| backend("the store is closing"))?
+            .send(PendingCommit { txn, reply })
+            .map_err(|_| backend("the store writer has stopped"))?;
+        answer
+            .await
+            .map_err(|_| backend("the store writer dropped a commit"))?
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Expect;
+    use crate::store::{Expect, StoreError};
 
     #[tokio::test]
     async fn conforms() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(&dir.path().join("state.redb")).expect("open");
         crate::store::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_are_grouped_but_stay_all_or_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(&dir.path().join("state.redb")).expect("open");
+        store
+            .commit(Txn::new().put("g/taken", b"x".to_vec(), Expect::Any))
+            .await
+            .expect("seed");
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                // Every tenth transaction fails its precondition on its second op.
+                let second = if i % 10 == 0 { "g/taken" } else { "g/free" };
+                let txn = Txn::new()
+                    .put(
+                        format!("g/{i:03}"),
+                        i.to_le_bytes().to_vec(),
+                        Expect::Absent,
+                    )
+                    .put(
+                        second,
+                        vec![],
+                        if i % 10 == 0 {
+                            Expect::Absent
+                        } else {
+                            Expect::Any
+                        },
+                    );
+                store.commit(txn).await
+            }));
+        }
+        let mut revisions = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let result = t.await.expect("join");
+            if i % 10 == 0 {
+                assert!(
+                    matches!(result, Err(StoreError::Conflict { .. })),
+                    "txn {i}"
+                );
+                let key = format!("g/{i:03}");
+                assert!(
+                    store.get(&key).await.expect("get").is_none(),
+                    "no partial txn {i}"
+                );
+            } else {
+                revisions.push(result.expect("commit"));
+            }
+        }
+        revisions.sort_unstable();
+        revisions.dedup();
+        assert_eq!(
+            revisions.len(),
+            180,
+            "each transaction has its own revision"
+        );
+        let keys = store.list_prefix("g/").await.expect("list");
+        assert_eq!(keys.len(), 180 + 2);
     }
 
     #[tokio::test]
