@@ -38,17 +38,32 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         let node_id = register.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let connection = self.scheduler.attach_node(register, tx.clone()).await?;
-        let scheduler = self.scheduler.clone();
+        // The reader records liveness the moment a message arrives, whatever it is and however
+        // long the engine takes with the messages before it; the processor handles them in
+        // order. A busy scheduler therefore never mistakes a healthy node for a lost one.
+        let (queue, mut queued) = mpsc::unbounded_channel::<pb::AgentMessage>();
+        let reader_scheduler = self.scheduler.clone();
+        let reader_node = node_id.clone();
         tokio::spawn(async move {
             loop {
-                let msg = match inbound.message().await {
-                    Ok(Some(msg)) => msg,
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        reader_scheduler.touch(&reader_node, std::time::Instant::now());
+                        if queue.send(msg).is_err() {
+                            break;
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::warn!(node_id = %node_id, error = %e, "agent stream failed");
+                        tracing::warn!(node_id = %reader_node, error = %e, "agent stream failed");
                         break;
                     }
-                };
+                }
+            }
+        });
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = queued.recv().await {
                 let seq = msg.seq;
                 let handled = match msg.body {
                     Some(Body::Heartbeat(hb)) => {

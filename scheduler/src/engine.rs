@@ -59,6 +59,9 @@ pub struct Scheduler<S> {
     state: Mutex<State>,
     /// Bumped after every stored change to a run or its logs; log watchers wait on it.
     changes: watch::Sender<u64>,
+    /// When each node was last heard from (any message). Kept outside `state` so recording it
+    /// never waits for the engine: liveness must not depend on how busy the scheduler is.
+    liveness: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Default)]
@@ -88,7 +91,6 @@ struct Node {
     lost: bool,
     /// An operator asked for no new leases (stored, survives restarts).
     draining: bool,
-    last_heartbeat: Instant,
     connection: u64,
     tx: Option<AgentTx>,
     cached_images: Arc<BTreeSet<String>>,
@@ -107,7 +109,6 @@ impl Node {
             connected: false,
             lost: false,
             draining,
-            last_heartbeat: Instant::now(),
             connection: 0,
             tx: None,
             cached_images: Arc::default(),
@@ -238,12 +239,30 @@ impl<S: Store> Scheduler<S> {
             "scheduler state loaded"
         );
         let (changes, _) = watch::channel(0);
+        // Nodes known at start get a full TTL + grace to come back.
+        let started = Instant::now();
+        let liveness = state.nodes.keys().map(|id| (id.clone(), started)).collect();
         Ok(Arc::new(Scheduler {
             store,
             config,
             state: Mutex::new(state),
             changes,
+            liveness: std::sync::Mutex::new(liveness),
         }))
+    }
+
+    /// Records that `node_id` was heard from at `at`: every message renews all its leases.
+    pub fn touch(&self, node_id: &str, at: Instant) {
+        let mut live = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = live.entry(node_id.to_owned()).or_insert(at);
+        if at > *seen {
+            *seen = at;
+        }
+    }
+
+    fn last_seen(&self, node_id: &str) -> Option<Instant> {
+        let live = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(node_id).copied()
     }
 
     pub fn config(&self) -> &Config {
@@ -565,7 +584,10 @@ impl<S: Store> Scheduler<S> {
                     draining: node.draining,
                     cpus: node.cpus,
                     running_run_ids,
-                    last_heartbeat_age: node.last_heartbeat.elapsed(),
+                    last_heartbeat_age: self
+                        .last_seen(&node.id)
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default(),
                 })
             })
             .collect()
@@ -599,7 +621,6 @@ impl<S: Store> Scheduler<S> {
             connected: true,
             lost: false,
             draining,
-            last_heartbeat: Instant::now(),
             connection,
             tx: Some(tx.clone()),
             cached_images: Arc::new(reg.cached_images.iter().cloned().collect()),
@@ -612,6 +633,7 @@ impl<S: Store> Scheduler<S> {
         }
         st.nodes.insert(reg.node_id.clone(), node);
         st.sync_node(&reg.node_id);
+        self.touch(&reg.node_id, Instant::now());
         tracing::info!(
             node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
             memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
@@ -700,7 +722,7 @@ impl<S: Store> Scheduler<S> {
         let Some(node) = st.nodes.get_mut(node_id) else {
             return;
         };
-        node.last_heartbeat = Instant::now();
+        self.touch(node_id, Instant::now());
         if node.lost {
             node.lost = false;
             tracing::warn!(
@@ -738,7 +760,10 @@ impl<S: Store> Scheduler<S> {
         let expired: Vec<String> = st
             .nodes
             .values()
-            .filter(|n| !n.lost && now.saturating_duration_since(n.last_heartbeat) > limit)
+            .filter(|n| {
+                let seen = self.last_seen(&n.id).unwrap_or(now);
+                !n.lost && now.saturating_duration_since(seen) > limit
+            })
             .map(|n| n.id.clone())
             .collect();
         if expired.is_empty() {

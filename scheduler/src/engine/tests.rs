@@ -459,6 +459,34 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
 }
 
 #[tokio::test]
+async fn any_message_from_a_node_keeps_it_alive() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let _node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let t0 = Instant::now();
+    // A log batch or a report arriving counts as much as a heartbeat (the stream reader touches).
+    s.touch("fra-1", t0 + Duration::from_secs(3));
+    s.expire_nodes(t0 + Duration::from_secs(5))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.list_nodes().await[0].view.status,
+        NodeStatus::Ready,
+        "2 s since the last message"
+    );
+    s.expire_nodes(t0 + Duration::from_secs(7))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.list_nodes().await[0].view.status,
+        NodeStatus::Lost,
+        "4 s since the last message"
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
 async fn a_draining_node_takes_no_new_runs_until_resumed() {
     let s = Scheduler::open(MemoryStore::new(), config())
         .await
