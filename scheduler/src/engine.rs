@@ -1,22 +1,27 @@
 //! The scheduler's core: the state it owns (the store, the connected nodes, the runs that have
 //! not ended) and every operation on it. The gRPC services are thin adapters over this.
 //!
-//! All mutations take one async lock, write the store first, and only then change memory and
-//! talk to agents; so what an agent or an API client sees has always been stored. Every run
-//! write is a compare-and-set on the run's store revision.
+//! Every mutation runs under one async lock, but never waits for the disk there: it changes
+//! memory, *stages* its store writes and its messages to agents, and submits them
+//! ([`Store::submit`] fixes the commit order at that moment), then releases the lock and waits
+//! for durability. One dispatcher task awaits the commits in submission order and only then
+//! sends the staged messages, so nothing reaches an agent or an API client before it is stored,
+//! and messages keep their order. Concurrent operations share fsyncs (group commit in the
+//! store). If a commit fails, memory may be ahead of the store: the scheduler stops
+//! (fail-stop, [`Scheduler::store_failed`]) and a restart reloads the truth from the store.
 
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
 use berth_core::model::{Catalog, LogEntry, LogStream, Warmup, WarmupStatus};
-use berth_core::store::{Expect, Store, Txn};
+use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::validate::{validate_spec, RunInput};
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
 use berth_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 pub type AgentTx = mpsc::UnboundedSender<pb::SchedulerMessage>;
 
@@ -62,6 +67,9 @@ pub struct Scheduler<S> {
     /// When each node was last heard from (any message). Kept outside `state` so recording it
     /// never waits for the engine: liveness must not depend on how busy the scheduler is.
     liveness: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Staged effects of each operation, in flush order (see `dispatch_loop`).
+    dispatch: mpsc::UnboundedSender<Dispatch>,
+    store_failed: watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -70,13 +78,12 @@ struct State {
     /// The placement view of `nodes`, kept in step: node flags by `sync_node`, leases by `save`.
     index: FleetIndex,
     /// Runs that have not ended, by id (UUIDv7: iteration order is submission order).
-    active: BTreeMap<String, Cached>,
+    active: BTreeMap<String, Run>,
+    /// Store writes staged by the current operation, submitted by `flush`.
+    pending: Txn,
+    /// Messages to agents staged by the current operation, sent once `pending` is durable.
+    outgoing: Vec<(AgentTx, pb::SchedulerMessage)>,
     next_connection: u64,
-}
-
-struct Cached {
-    run: Run,
-    revision: u64,
 }
 
 struct Node {
@@ -196,13 +203,7 @@ impl<S: Store> Scheduler<S> {
         for kv in store.list_prefix(keys::RUNS).await? {
             let run: Run = decode(&kv.key, &kv.value)?;
             if !run.status.is_terminal() {
-                state.active.insert(
-                    run.id.clone(),
-                    Cached {
-                        run,
-                        revision: kv.mod_revision,
-                    },
-                );
+                state.active.insert(run.id.clone(), run);
             }
         }
         for kv in store.list_prefix(keys::NODES).await? {
@@ -214,9 +215,9 @@ impl<S: Store> Scheduler<S> {
         }
         // Nodes holding leases must come back within TTL + grace, or they are declared lost.
         for c in state.active.values() {
-            if let Some(node) = c.run.node_id.as_deref() {
+            if let Some(node) = c.node_id.as_deref() {
                 if !state.nodes.contains_key(node) {
-                    let placeholder = Node::placeholder(node, &c.run.region, false);
+                    let placeholder = Node::placeholder(node, &c.region, false);
                     state.nodes.insert(node.to_owned(), placeholder);
                 }
             }
@@ -228,7 +229,7 @@ impl<S: Store> Scheduler<S> {
         let leases: Vec<(String, u64)> = state
             .active
             .values()
-            .filter_map(|c| Some((c.run.node_id.clone()?, c.run.memory_mib)))
+            .filter_map(|c| Some((c.node_id.clone()?, c.memory_mib)))
             .collect();
         for (node, memory_mib) in leases {
             state.index_lease(Some(&node), None, memory_mib);
@@ -242,12 +243,17 @@ impl<S: Store> Scheduler<S> {
         // Nodes known at start get a full TTL + grace to come back.
         let started = Instant::now();
         let liveness = state.nodes.keys().map(|id| (id.clone(), started)).collect();
+        let (dispatch, queue) = mpsc::unbounded_channel();
+        let (store_failed, _) = watch::channel(false);
+        tokio::spawn(dispatch_loop(queue, store_failed.clone()));
         Ok(Arc::new(Scheduler {
             store,
             config,
             state: Mutex::new(state),
             changes,
             liveness: std::sync::Mutex::new(liveness),
+            dispatch,
+            store_failed,
         }))
     }
 
@@ -411,29 +417,32 @@ impl<S: Store> Scheduler<S> {
             warm_pin: runner.warm_pin().map(str::to_owned),
             queue_position: None,
         };
-        let mut st = self.state.lock().await;
-        let revision = self
-            .store
-            .commit(
-                Txn::new()
-                    .put(keys::run(&run.id), encode(&run), Expect::Absent)
-                    .put(
-                        keys::runner_run(&runner.id, &run.id),
-                        vec![],
-                        Expect::Absent,
-                    ),
-            )
-            .await?;
-        tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
-        let id = run.id.clone();
-        st.active.insert(run.id.clone(), Cached { run, revision });
-        self.schedule(&mut st).await?;
-        let out = match st.active.get(&id) {
-            Some(c) => st.with_queue_position(c.run.clone()),
-            None => self.load_run(&id).await?.0,
+        let (out, done) = {
+            let mut st = self.state.lock().await;
+            st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+            st.write(
+                keys::runner_run(&runner.id, &run.id),
+                vec![],
+                Expect::Absent,
+            );
+            tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
+            let id = run.id.clone();
+            st.stage(run);
+            self.schedule(&mut st)?;
+            let out = st
+                .active
+                .get(&id)
+                .map(|r| st.with_queue_position(r.clone()));
+            (out, self.flush(&mut st))
         };
+        committed(done).await?;
         self.notify();
-        Ok(out)
+        match out {
+            Some(run) => Ok(run),
+            None => Err(SchedulerError::Protocol(
+                "a new run ended at once".to_owned(),
+            )),
+        }
     }
 
     async fn load_run(&self, run_id: &str) -> Result<(Run, u64), SchedulerError> {
@@ -492,40 +501,36 @@ impl<S: Store> Scheduler<S> {
             return Ok(current);
         }
         let mut changes = self.subscribe();
-        {
+        let (was_pending, done) = {
             let mut st = self.state.lock().await;
             let Some(cached) = st.active.get(run_id) else {
                 drop(st);
                 return self.get_run(runner_id, run_id).await;
             };
-            let mut run = cached.run.clone();
-            let revision = cached.revision;
-            match run.status {
-                RunStatus::Pending => {
-                    let node = run.node_id.clone();
-                    run.cancel(None, now_unix_millis())?;
-                    self.save(&mut st, run, revision).await?;
-                    if let Some(node) = node {
-                        send_to(&st, &node, stop_msg(run_id));
-                    }
-                    tracing::info!(run_id, "pending run canceled");
-                    self.schedule(&mut st).await?;
-                    drop(st);
-                    self.notify();
-                    return self.get_run(runner_id, run_id).await;
-                }
-                _ => {
-                    run.stop_requested = true;
-                    let node = run.node_id.clone();
-                    self.save(&mut st, run, revision).await?;
-                    if let Some(node) = node {
-                        send_to(&st, &node, stop_msg(run_id));
-                    }
-                    tracing::info!(run_id, "stop requested");
-                }
+            let mut run = cached.clone();
+            let node = run.node_id.clone();
+            let was_pending = run.status == RunStatus::Pending;
+            if was_pending {
+                run.cancel(None, now_unix_millis())?;
+                tracing::info!(run_id, "pending run canceled");
+            } else {
+                run.stop_requested = true;
+                tracing::info!(run_id, "stop requested");
             }
-        }
+            st.stage(run);
+            if let Some(node) = node {
+                st.send_to(&node, stop_msg(run_id));
+            }
+            if was_pending {
+                self.schedule(&mut st)?;
+            }
+            (was_pending, self.flush(&mut st))
+        };
+        committed(done).await?;
         self.notify();
+        if was_pending {
+            return self.get_run(runner_id, run_id).await;
+        }
         let deadline = tokio::time::Instant::now() + self.config.stop_wait;
         loop {
             let run = self.get_run(runner_id, run_id).await?;
@@ -576,8 +581,8 @@ impl<S: Store> Scheduler<S> {
                 let running_run_ids = st
                     .active
                     .values()
-                    .filter(|c| c.run.node_id.as_deref() == Some(node.id.as_str()))
-                    .map(|c| c.run.id.clone())
+                    .filter(|c| c.node_id.as_deref() == Some(node.id.as_str()))
+                    .map(|c| c.id.clone())
                     .collect();
                 Some(NodeInfo {
                     view,
@@ -627,9 +632,7 @@ impl<S: Store> Scheduler<S> {
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
-            self.store
-                .commit(Txn::new().put(keys::node(&rec.id), encode(&rec), Expect::Any))
-                .await?;
+            st.write(keys::node(&rec.id), encode(&rec), Expect::Any);
         }
         st.nodes.insert(reg.node_id.clone(), node);
         st.sync_node(&reg.node_id);
@@ -644,8 +647,8 @@ impl<S: Store> Scheduler<S> {
         let leased: Vec<(String, RunStatus)> = st
             .active
             .values()
-            .filter(|c| c.run.node_id.as_deref() == Some(reg.node_id.as_str()))
-            .map(|c| (c.run.id.clone(), c.run.status))
+            .filter(|c| c.node_id.as_deref() == Some(reg.node_id.as_str()))
+            .map(|c| (c.id.clone(), c.status))
             .collect();
         let now = now_unix_millis();
         for (run_id, status) in &leased {
@@ -655,7 +658,7 @@ impl<S: Store> Scheduler<S> {
             let Some(cached) = st.active.get(run_id) else {
                 continue;
             };
-            let (mut run, revision) = (cached.run.clone(), cached.revision);
+            let mut run = cached.clone();
             if *status == RunStatus::Pending {
                 run.requeue(&format!(
                     "node {} restarted before starting it",
@@ -673,7 +676,7 @@ impl<S: Store> Scheduler<S> {
                 )?;
                 tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "failed: node lost the run");
             }
-            self.save(&mut st, run, revision).await?;
+            st.stage(run);
         }
         let leased_ids: HashSet<&str> = leased.iter().map(|(id, _)| id.as_str()).collect();
         let stale_run_ids: Vec<String> = reg
@@ -692,12 +695,14 @@ impl<S: Store> Scheduler<S> {
         });
         // Stops asked for while the node was away.
         for c in st.active.values() {
-            if c.run.stop_requested && c.run.node_id.as_deref() == Some(reg.node_id.as_str()) {
-                let _ = tx.send(stop_msg(&c.run.id));
+            if c.stop_requested && c.node_id.as_deref() == Some(reg.node_id.as_str()) {
+                let _ = tx.send(stop_msg(&c.id));
             }
         }
-        self.schedule(&mut st).await?;
+        self.schedule(&mut st)?;
+        let done = self.flush(&mut st);
         drop(st);
+        committed(done).await?;
         self.notify();
         Ok(connection)
     }
@@ -723,6 +728,7 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         self.touch(node_id, Instant::now());
+        let was_lost = node.lost;
         if node.lost {
             node.lost = false;
             tracing::warn!(
@@ -743,11 +749,21 @@ impl<S: Store> Scheduler<S> {
             let leased = st
                 .active
                 .get(run_id)
-                .is_some_and(|c| c.run.node_id.as_deref() == Some(node_id));
+                .is_some_and(|c| c.node_id.as_deref() == Some(node_id));
             if !leased {
                 tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
-                send_to(&st, node_id, stop_msg(run_id));
+                st.send_to(node_id, stop_msg(run_id));
             }
+        }
+        if was_lost {
+            if let Err(e) = self.schedule(&mut st) {
+                tracing::error!(error = %e, "scheduling after a node came back failed");
+            }
+        }
+        let done = self.flush(&mut st);
+        drop(st);
+        if let Err(e) = committed(done).await {
+            tracing::error!(node_id, error = %e, "heartbeat effects not stored");
         }
     }
 
@@ -776,13 +792,13 @@ impl<S: Store> Scheduler<S> {
             }
             st.sync_node(node_id);
             tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost");
-            let leased: Vec<(Run, u64)> = st
+            let leased: Vec<Run> = st
                 .active
                 .values()
-                .filter(|c| c.run.node_id.as_deref() == Some(node_id.as_str()))
-                .map(|c| (c.run.clone(), c.revision))
+                .filter(|c| c.node_id.as_deref() == Some(node_id.as_str()))
+                .cloned()
                 .collect();
-            for (mut run, revision) in leased {
+            for mut run in leased {
                 if run.status == RunStatus::Pending {
                     run.requeue(&format!(
                         "node {node_id} was lost before it started the run"
@@ -797,11 +813,13 @@ impl<S: Store> Scheduler<S> {
                     )?;
                 }
                 tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
-                self.save(&mut st, run, revision).await?;
+                st.stage(run);
             }
         }
-        self.schedule(&mut st).await?;
+        self.schedule(&mut st)?;
+        let done = self.flush(&mut st);
         drop(st);
+        committed(done).await?;
         self.notify();
         Ok(())
     }
@@ -812,7 +830,7 @@ impl<S: Store> Scheduler<S> {
         node_id: &str,
         draining: bool,
     ) -> Result<NodeInfo, SchedulerError> {
-        {
+        let done = {
             let mut st = self.state.lock().await;
             let node = st
                 .nodes
@@ -824,14 +842,14 @@ impl<S: Store> Scheduler<S> {
             node.draining = draining;
             let rec = node.record();
             st.sync_node(node_id);
-            self.store
-                .commit(Txn::new().put(keys::node(node_id), encode(&rec), Expect::Any))
-                .await?;
+            st.write(keys::node(node_id), encode(&rec), Expect::Any);
             tracing::info!(node_id, draining, "node admin state changed");
             if !draining {
-                self.schedule(&mut st).await?;
+                self.schedule(&mut st)?;
             }
-        }
+            self.flush(&mut st)
+        };
+        committed(done).await?;
         self.notify();
         self.list_nodes()
             .await
@@ -857,7 +875,7 @@ impl<S: Store> Scheduler<S> {
             &runner.spec.image_name,
             &runner.spec.image_tag,
         );
-        let st = self.state.lock().await;
+        let mut st = self.state.lock().await;
         let demand = Demand {
             run_id: String::new(),
             region: runner.spec.region.clone(),
@@ -899,8 +917,11 @@ impl<S: Store> Scheduler<S> {
                     image,
                 })),
             };
-            send_to(&st, node_id, msg);
+            st.send_to(node_id, msg);
         }
+        let done = self.flush(&mut st);
+        drop(st);
+        committed(done).await?;
         Ok((runner, rev))
     }
 
@@ -955,11 +976,13 @@ impl<S: Store> Scheduler<S> {
     ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
-        let Some((mut run, revision)) = current else {
+        let Some(mut run) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
             tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
-            send_to(&st, node_id, stop_msg(&msg.run_id));
-            return Ok(());
+            st.send_to(node_id, stop_msg(&msg.run_id));
+            let done = self.flush(&mut st);
+            drop(st);
+            return committed(done).await;
         };
         if run.status != RunStatus::Pending {
             return Ok(()); // a re-sent report
@@ -968,8 +991,10 @@ impl<S: Store> Scheduler<S> {
         let digest = (!msg.image_digest.is_empty()).then_some(msg.image_digest);
         run.start(at, digest)?;
         tracing::info!(run_id = %run.id, node_id, "run started");
-        self.save(&mut st, run, revision).await?;
+        st.stage(run);
+        let done = self.flush(&mut st);
         drop(st);
+        committed(done).await?;
         self.notify();
         Ok(())
     }
@@ -981,7 +1006,7 @@ impl<S: Store> Scheduler<S> {
     ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
-        let Some((mut run, revision)) = current else {
+        let Some(mut run) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
             return Ok(());
         };
@@ -1017,9 +1042,11 @@ impl<S: Store> Scheduler<S> {
             pb::ExitReason::Exited => run.exit(msg.exit_code, at)?,
         }
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
-        self.save(&mut st, run, revision).await?;
-        self.schedule(&mut st).await?;
+        st.stage(run);
+        self.schedule(&mut st)?;
+        let done = self.flush(&mut st);
         drop(st);
+        committed(done).await?;
         self.notify();
         Ok(())
     }
@@ -1036,7 +1063,7 @@ impl<S: Store> Scheduler<S> {
             let st = self.state.lock().await;
             st.active
                 .get(&batch.run_id)
-                .map(|c| c.run.node_id.as_deref() == Some(node_id))
+                .map(|c| c.node_id.as_deref() == Some(node_id))
         };
         let owned = match owned {
             Some(owned) => owned,
@@ -1080,26 +1107,33 @@ impl<S: Store> Scheduler<S> {
 
     // ---- internals -----------------------------------------------------------------------
 
-    /// Stores `run` (compare-and-set on `revision`) and updates the in-memory view.
-    async fn save(&self, st: &mut State, run: Run, revision: u64) -> Result<(), SchedulerError> {
-        let rev = self
-            .store
-            .commit(Txn::new().put(keys::run(&run.id), encode(&run), Expect::Revision(revision)))
-            .await?;
-        let before = st.active.get(&run.id).and_then(|c| c.run.node_id.clone());
-        let after = (!run.status.is_terminal())
-            .then(|| run.node_id.clone())
-            .flatten();
-        if before != after {
-            st.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
+    /// Submits what the current operation staged. The write's place in the commit order, and
+    /// its messages' place in the send order, are fixed now (under the state lock); the
+    /// returned receiver resolves once the write is durable and the messages are sent.
+    fn flush(&self, st: &mut State) -> oneshot::Receiver<Result<(), SchedulerError>> {
+        let txn = std::mem::take(&mut st.pending);
+        let messages = std::mem::take(&mut st.outgoing);
+        let commit = (!txn.is_empty()).then(|| Box::pin(self.store.submit(txn)) as CommitFuture);
+        let (done, receiver) = oneshot::channel();
+        if self
+            .dispatch
+            .send(Dispatch {
+                commit,
+                messages,
+                done,
+            })
+            .is_err()
+        {
+            tracing::error!("the dispatcher has stopped");
         }
-        if run.status.is_terminal() {
-            st.active.remove(&run.id);
-        } else {
-            st.active
-                .insert(run.id.clone(), Cached { run, revision: rev });
-        }
-        Ok(())
+        receiver
+    }
+
+    /// Resolves once the store has failed: the process must stop (fail-stop) and restart from
+    /// the store, since memory may be ahead of it.
+    pub async fn store_failed(&self) {
+        let mut failed = self.store_failed.subscribe();
+        let _ = failed.wait_for(|f| *f).await;
     }
 
     /// Places every waiting run that fits, in submission order; a run that does not fit does
@@ -1110,30 +1144,26 @@ impl<S: Store> Scheduler<S> {
     /// total, most free memory) is reserved for it for this pass: younger runs may not take that
     /// node, so its capacity drains towards the old run while the rest of the region keeps
     /// serving small runs. The choice is made again on every pass.
-    async fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
+    fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
         let waiting: Vec<String> = st
             .active
             .values()
-            .filter(|c| {
-                c.run.status == RunStatus::Pending
-                    && c.run.node_id.is_none()
-                    && !c.run.stop_requested
-            })
-            .map(|c| c.run.id.clone())
+            .filter(|c| c.status == RunStatus::Pending && c.node_id.is_none() && !c.stop_requested)
+            .map(|c| c.id.clone())
             .collect();
         if waiting.is_empty() {
             return Ok(());
         }
         // Reservations live for this pass only; clear them whatever happens.
         let mut held: Vec<String> = Vec::new();
-        let placed = self.place_waiting(st, waiting, &mut held).await;
+        let placed = self.place_waiting(st, waiting, &mut held);
         for node in held {
             let _ = st.index.set_reserved_for(&node, None);
         }
         placed
     }
 
-    async fn place_waiting(
+    fn place_waiting(
         &self,
         st: &mut State,
         waiting: Vec<String>,
@@ -1147,7 +1177,7 @@ impl<S: Store> Scheduler<S> {
             let Some(cached) = st.active.get(&run_id) else {
                 continue;
             };
-            let (mut run, revision) = (cached.run.clone(), cached.revision);
+            let mut run = cached.clone();
             let demand = Demand {
                 run_id: run.id.clone(),
                 region: run.region.clone(),
@@ -1164,10 +1194,9 @@ impl<S: Store> Scheduler<S> {
                     let epoch = run.assign(&node_id)?;
                     let spec = self.run_spec(&run);
                     // `save` records the lease in the index.
-                    self.save(st, run, revision).await?;
+                    st.stage(run);
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
-                    send_to(
-                        st,
+                    st.send_to(
                         &node_id,
                         pb::SchedulerMessage {
                             body: Some(pb::scheduler_message::Body::AssignRun(pb::AssignRun {
@@ -1190,7 +1219,7 @@ impl<S: Store> Scheduler<S> {
                     if run.pending_reason.as_deref() != Some(reason.as_str()) {
                         tracing::info!(run_id = %run_id, reason = %reason, "run waits");
                         run.pending_reason = Some(reason);
-                        self.save(st, run, revision).await?;
+                        st.stage(run);
                     }
                 }
             }
@@ -1259,9 +1288,7 @@ impl State {
                 .active
                 .range::<String, _>(..run.id.clone())
                 .filter(|(_, c)| {
-                    c.run.status == RunStatus::Pending
-                        && c.run.node_id.is_none()
-                        && c.run.region == run.region
+                    c.status == RunStatus::Pending && c.node_id.is_none() && c.region == run.region
                 })
                 .count();
             run.queue_position = u32::try_from(ahead + 1).ok();
@@ -1269,14 +1296,44 @@ impl State {
         run
     }
 
-    /// The run (and its revision) if it is still leased to `node_id` under `lease_epoch`.
-    fn leased(&self, run_id: &str, node_id: &str, lease_epoch: u64) -> Option<(Run, u64)> {
+    /// The run if it is still leased to `node_id` under `lease_epoch`.
+    fn leased(&self, run_id: &str, node_id: &str, lease_epoch: u64) -> Option<Run> {
         self.active
             .get(run_id)
-            .filter(|c| {
-                c.run.node_id.as_deref() == Some(node_id) && c.run.lease_epoch == lease_epoch
-            })
-            .map(|c| (c.run.clone(), c.revision))
+            .filter(|c| c.node_id.as_deref() == Some(node_id) && c.lease_epoch == lease_epoch)
+            .cloned()
+    }
+
+    /// Stages `run`'s new state: memory (the run cache and the index's leases) now, the store
+    /// write with the operation's flush.
+    fn stage(&mut self, run: Run) {
+        let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
+        let after = (!run.status.is_terminal())
+            .then(|| run.node_id.clone())
+            .flatten();
+        if before != after {
+            self.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
+        }
+        // The engine is the only writer of run records: no precondition needed.
+        self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        if run.status.is_terminal() {
+            self.active.remove(&run.id);
+        } else {
+            self.active.insert(run.id.clone(), run);
+        }
+    }
+
+    /// Stages a store write for the operation's flush.
+    fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
+        self.pending = std::mem::take(&mut self.pending).put(key, value, expect);
+    }
+
+    /// Stages a message to a connected node, sent once the operation's writes are durable. A
+    /// disconnected node learns what it must on re-register instead.
+    fn send_to(&mut self, node_id: &str, msg: pb::SchedulerMessage) {
+        if let Some(tx) = self.nodes.get(node_id).and_then(|n| n.tx.clone()) {
+            self.outgoing.push((tx, msg));
+        }
     }
 
     /// The index's lease totals equal what the active runs add up to (test invariant).
@@ -1284,9 +1341,9 @@ impl State {
     fn assert_index_consistent(&self) {
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
         for c in self.active.values() {
-            if let Some(node) = c.run.node_id.as_deref() {
+            if let Some(node) = c.node_id.as_deref() {
                 let e = held.entry(node).or_default();
-                e.0 += c.run.memory_mib;
+                e.0 += c.memory_mib;
                 e.1 += 1;
             }
         }
@@ -1349,13 +1406,51 @@ fn stop_msg(run_id: &str) -> pb::SchedulerMessage {
     }
 }
 
-/// Sends to a connected node; a disconnected node learns on re-register instead.
-fn send_to(st: &State, node_id: &str, msg: pb::SchedulerMessage) {
-    if let Some(tx) = st.nodes.get(node_id).and_then(|n| n.tx.as_ref()) {
-        if tx.send(msg).is_err() {
-            tracing::warn!(node_id, "node stream closed while sending");
+type CommitFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StoreError>> + Send>>;
+
+/// One operation's staged effects, in flush order.
+struct Dispatch {
+    commit: Option<CommitFuture>,
+    messages: Vec<(AgentTx, pb::SchedulerMessage)>,
+    done: oneshot::Sender<Result<(), SchedulerError>>,
+}
+
+/// Awaits each operation's commit in flush order, then sends its messages. Commits complete in
+/// submission order anyway, so waiting in order costs nothing and keeps messages in order.
+async fn dispatch_loop(mut queue: mpsc::UnboundedReceiver<Dispatch>, failed: watch::Sender<bool>) {
+    while let Some(d) = queue.recv().await {
+        if *failed.borrow() {
+            let _ = d.done.send(Err(store_down()));
+            continue;
         }
+        if let Some(commit) = d.commit {
+            if let Err(e) = commit.await {
+                tracing::error!(error = %e, "store commit failed; the scheduler must restart");
+                failed.send_replace(true);
+                let _ = d.done.send(Err(SchedulerError::Store(e)));
+                continue;
+            }
+        }
+        for (tx, msg) in d.messages {
+            // A closed stream: the node learns what it must on re-register.
+            let _ = tx.send(msg);
+        }
+        let _ = d.done.send(Ok(()));
     }
+}
+
+fn store_down() -> SchedulerError {
+    SchedulerError::Store(StoreError::Backend(
+        "an earlier store write failed; the scheduler is stopping".to_owned(),
+    ))
+}
+
+/// Waits for a flushed operation to be durable.
+async fn committed(
+    done: oneshot::Receiver<Result<(), SchedulerError>>,
+) -> Result<(), SchedulerError> {
+    done.await.unwrap_or_else(|_| Err(store_down()))
 }
 
 fn nanos_to_millis(n: i64) -> i64 {

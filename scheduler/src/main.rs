@@ -81,7 +81,25 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(addr = %listener.local_addr()?, store = %store_path.display(), "scheduler listening");
-    let shutdown = berth_core::process::shutdown_signal().context("installing signal handlers")?;
+    let signal = berth_core::process::shutdown_signal().context("installing signal handlers")?;
+    // Fail-stop: after a failed store write memory may be ahead of the store, so stop and let
+    // a restart reload the truth.
+    let store_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let (scheduler, store_failed) = (scheduler.clone(), store_failed.clone());
+        async move {
+            tokio::select! {
+                _ = signal => {}
+                _ = scheduler.store_failed() => {
+                    store_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    };
     berth_scheduler::serve(scheduler, listener, shutdown).await?;
+    anyhow::ensure!(
+        !store_failed.load(std::sync::atomic::Ordering::SeqCst),
+        "a store write failed; stopped so that a restart reloads the state from the store"
+    );
     Ok(())
 }

@@ -250,17 +250,23 @@ impl Store for EmbeddedStore {
             .await
     }
 
-    async fn commit(&self, txn: Txn) -> Result<u64, StoreError> {
+    fn submit(
+        &self,
+        txn: Txn,
+    ) -> impl std::future::Future<Output = Result<u64, StoreError>> + Send + 'static {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writer
-            .queue
-            .as_ref()
-            .ok_or_else(|| backend("the store is closing"))?
-            .send(PendingCommit { txn, reply })
-            .map_err(|_| backend("the store writer has stopped"))?;
-        answer
-            .await
-            .map_err(|_| backend("the store writer dropped a commit"))?
+        let queued = match self.writer.queue.as_ref() {
+            Some(queue) => queue
+                .send(PendingCommit { txn, reply })
+                .map_err(|_| backend("the store writer has stopped")),
+            None => Err(backend("the store is closing")),
+        };
+        async move {
+            queued?;
+            answer
+                .await
+                .map_err(|_| backend("the store writer dropped a commit"))?
+        }
     }
 }
 

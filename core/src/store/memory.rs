@@ -50,7 +50,16 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn commit(&self, txn: Txn) -> Result<u64, StoreError> {
+    fn submit(
+        &self,
+        txn: Txn,
+    ) -> impl std::future::Future<Output = Result<u64, StoreError>> + Send + 'static {
+        std::future::ready(self.apply(txn))
+    }
+}
+
+impl MemoryStore {
+    fn apply(&self, txn: Txn) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         for op in &txn.ops {
             let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;

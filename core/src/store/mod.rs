@@ -111,7 +111,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send;
 
     /// Applies all of `txn` or nothing; returns the new store revision.
-    fn commit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn commit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.submit(txn)
+    }
+
+    /// Like [`Store::commit`], but `txn` takes its place in the commit order when this is
+    /// *called*, not when the returned future is first polled: transactions submitted one after
+    /// the other are applied in that order even if their futures are awaited elsewhere, later,
+    /// or in another order. The future resolves once `txn` is durable (or has failed).
+    fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static;
 
     /// Every key starting with `prefix`.
     fn list_prefix(
