@@ -79,6 +79,9 @@ struct State {
     index: FleetIndex,
     /// Runs that have not ended, by id (UUIDv7: iteration order is submission order).
     active: BTreeMap<String, Run>,
+    /// The ids of the runs waiting for placement (a subset of `active`, kept by `stage`), so
+    /// scheduling and queue positions never scan the runs that are already placed.
+    queue: BTreeSet<String>,
     /// Store writes staged by the current operation, submitted by `flush`.
     pending: Txn,
     /// Messages to agents staged by the current operation, sent once `pending` is durable.
@@ -222,6 +225,12 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
+        state.queue = state
+            .active
+            .values()
+            .filter(|r| is_queued(r))
+            .map(|r| r.id.clone())
+            .collect();
         let ids: Vec<String> = state.nodes.keys().cloned().collect();
         for id in &ids {
             state.sync_node(id);
@@ -1145,12 +1154,7 @@ impl<S: Store> Scheduler<S> {
     /// node, so its capacity drains towards the old run while the rest of the region keeps
     /// serving small runs. The choice is made again on every pass.
     fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
-        let waiting: Vec<String> = st
-            .active
-            .values()
-            .filter(|c| c.status == RunStatus::Pending && c.node_id.is_none() && !c.stop_requested)
-            .map(|c| c.id.clone())
-            .collect();
+        let waiting: Vec<String> = st.queue.iter().cloned().collect();
         if waiting.is_empty() {
             return Ok(());
         }
@@ -1283,13 +1287,11 @@ impl State {
     /// waiting runs of its region, oldest first.
     fn with_queue_position(&self, mut run: Run) -> Run {
         run.queue_position = None;
-        if run.status == RunStatus::Pending && run.node_id.is_none() && !run.stop_requested {
+        if is_queued(&run) {
             let ahead = self
-                .active
+                .queue
                 .range::<String, _>(..run.id.clone())
-                .filter(|(_, c)| {
-                    c.status == RunStatus::Pending && c.node_id.is_none() && c.region == run.region
-                })
+                .filter(|id| self.active.get(*id).is_some_and(|r| r.region == run.region))
                 .count();
             run.queue_position = u32::try_from(ahead + 1).ok();
         }
@@ -1316,6 +1318,11 @@ impl State {
         }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        if is_queued(&run) {
+            self.queue.insert(run.id.clone());
+        } else {
+            self.queue.remove(&run.id);
+        }
         if run.status.is_terminal() {
             self.active.remove(&run.id);
         } else {
@@ -1347,6 +1354,16 @@ impl State {
                 e.1 += 1;
             }
         }
+        let queued: BTreeSet<String> = self
+            .active
+            .values()
+            .filter(|r| is_queued(r))
+            .map(|r| r.id.clone())
+            .collect();
+        assert_eq!(
+            self.queue, queued,
+            "the queue holds exactly the waiting runs"
+        );
         for n in self.nodes.values() {
             let v = self.index.get(&n.id).expect("every node is indexed");
             let want = held.get(n.id.as_str()).copied().unwrap_or_default();
@@ -1438,6 +1455,11 @@ async fn dispatch_loop(mut queue: mpsc::UnboundedReceiver<Dispatch>, failed: wat
         }
         let _ = d.done.send(Ok(()));
     }
+}
+
+/// Waiting for placement: pending, on no node, and not being stopped.
+fn is_queued(run: &Run) -> bool {
+    run.status == RunStatus::Pending && run.node_id.is_none() && !run.stop_requested
 }
 
 fn store_down() -> SchedulerError {
