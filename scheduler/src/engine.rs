@@ -1254,6 +1254,7 @@ impl<S: Store> Scheduler<S> {
             memory_mib: run.memory_mib,
             cpu_millis: run.cpu_millis,
             stop_grace_seconds: self.config.stop_grace_seconds,
+            registry_auth: None,
         }
     }
 }
