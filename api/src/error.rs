@@ -17,8 +17,9 @@ pub enum ApiError {
     NotFound { field: String, message: String },
     #[error("missing or invalid bearer token")]
     Unauthorized,
-    #[error("{0}")]
-    Conflict(String),
+    /// The request conflicts with the current state (a concurrent update, a record in use).
+    #[error("{message}")]
+    Conflict { field: String, message: String },
     /// The scheduler is down or restarting.
     #[error("the scheduler is unavailable: {0}")]
     Unavailable(String),
@@ -55,7 +56,9 @@ impl ApiError {
                 "unauthorized",
                 fe("Authorization", self.to_string()),
             ),
-            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", fe("revision", m.clone())),
+            ApiError::Conflict { field, message } => {
+                (StatusCode::CONFLICT, "conflict", fe(field, message.clone()))
+            }
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -94,6 +97,8 @@ impl From<tonic::Status> for ApiError {
                     "runner_id"
                 } else if message.starts_with("node ") {
                     "node_id"
+                } else if message.starts_with("container registry ") {
+                    "container_registry_id"
                 } else {
                     "run_id"
                 };
@@ -113,9 +118,14 @@ impl From<tonic::Status> for ApiError {
                 )),
                 Err(_) => ApiError::Invalid(ValidationErrors::single("", message)),
             },
-            Code::Aborted | Code::FailedPrecondition | Code::AlreadyExists => {
-                ApiError::Conflict(message)
-            }
+            Code::Aborted => ApiError::Conflict {
+                field: "revision".to_owned(),
+                message,
+            },
+            Code::FailedPrecondition | Code::AlreadyExists => ApiError::Conflict {
+                field: "id".to_owned(),
+                message,
+            },
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 ApiError::Unavailable(message)
             }

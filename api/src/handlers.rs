@@ -10,7 +10,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::Json;
 use berth_core::convert::env_to_pb;
-use berth_core::validate::{RunInput, RunnerInput};
+use berth_core::validate::{RegistryInput, RunInput, RunnerInput};
 use berth_core::{Catalog, RunnerSpec};
 use berth_proto::v1 as pb;
 use futures::{Stream, StreamExt};
@@ -336,6 +336,66 @@ pub async fn warmup_runner(
         StatusCode::ACCEPTED,
         Json(json!({ "runner": views::runner(&runner) })),
     ))
+}
+
+pub async fn create_registry(
+    State(s): State<AppState>,
+    JsonBody(input): JsonBody<RegistryInput>,
+) -> ApiResult<impl IntoResponse> {
+    let spec = input.validate()?;
+    let req = pb::CreateContainerRegistryRequest {
+        name: spec.name,
+        host: spec.host,
+        username: spec.username,
+        password: spec.password,
+    };
+    let reg = s
+        .control()
+        .create_container_registry(req)
+        .await?
+        .into_inner();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "container_registry": views::registry(&reg) })),
+    ))
+}
+
+pub async fn list_registries(State(s): State<AppState>) -> ApiResult<Json<Value>> {
+    let list = s
+        .control()
+        .list_container_registries(pb::ListContainerRegistriesRequest {})
+        .await?
+        .into_inner();
+    let regs: Vec<Value> = list
+        .container_registries
+        .iter()
+        .map(views::registry)
+        .collect();
+    Ok(Json(json!({ "container_registries": regs })))
+}
+
+pub async fn get_registry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    check_id("container_registry_id", &id)?;
+    let reg = s
+        .control()
+        .get_container_registry(pb::ContainerRegistryRequest { id })
+        .await?
+        .into_inner();
+    Ok(Json(json!({ "container_registry": views::registry(&reg) })))
+}
+
+pub async fn delete_registry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    check_id("container_registry_id", &id)?;
+    s.control()
+        .delete_container_registry(pb::ContainerRegistryRequest { id })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn drain_node(

@@ -83,6 +83,14 @@ pub fn router(state: AppState) -> Router {
             get(stream_logs),
         )
         .route("/v1/runners/{id}/warmup", post(warmup_runner))
+        .route(
+            "/v1/container_registries",
+            get(list_registries).post(create_registry),
+        )
+        .route(
+            "/v1/container_registries/{id}",
+            get(get_registry).delete(delete_registry),
+        )
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/resume", post(resume_node))

@@ -50,6 +50,7 @@ pub fn runner(r: &pb::Runner) -> Value {
         "region": s.region,
         "instance_type": s.instance_type,
         "env_variables": env(&s.env_variables),
+        "container_registry_id": s.container_registry_id,
         "warmed_at": opt_millis(r.warmed_at_unix_millis),
         "warmup_status": r.warmup_status,
         "warm_node_id": r.warm_node_id,
@@ -90,6 +91,17 @@ pub fn run(r: &pb::Run) -> Value {
         "queue_position": r.queue_position,
         "warm_pin": r.warm_pin,
         "stop_requested": r.stop_requested,
+    })
+}
+
+/// A registry as the API shows it: the password is never returned.
+pub fn registry(r: &pb::ContainerRegistry) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "host": r.host,
+        "username": r.username,
+        "created_at": timestamp_millis(r.created_at_unix_millis),
     })
 }
 

@@ -155,6 +155,7 @@ mod tests {
             region: "fra".into(),
             instance_type: "standard-s".into(),
             env_variables: vec![],
+            container_registry_id: None,
         }
     }
 

@@ -34,6 +34,7 @@ impl From<&RunnerSpec> for pb::RunnerSpec {
             region: s.region.clone(),
             instance_type: s.instance_type.clone(),
             env_variables: env_to_pb(&s.env_variables),
+            container_registry_id: s.container_registry_id.clone(),
         }
     }
 }
@@ -51,6 +52,7 @@ impl From<pb::RunnerSpec> for RunnerSpec {
             region: s.region,
             instance_type: s.instance_type,
             env_variables: env_from_pb(s.env_variables),
+            container_registry_id: s.container_registry_id.filter(|id| !id.is_empty()),
         }
     }
 }
@@ -131,6 +133,7 @@ impl From<&Run> for pb::Run {
             stop_requested: r.stop_requested,
             queue_position: r.queue_position,
             warm_pin: r.warm_pin.clone(),
+            container_registry_id: r.container_registry_id.clone(),
         }
     }
 }

@@ -42,3 +42,9 @@ pub const NODES: &str = "nodes/";
 pub fn node(id: &str) -> String {
     format!("{NODES}{id}")
 }
+
+pub const REGISTRIES: &str = "registries/";
+
+pub fn registry(id: &str) -> String {
+    format!("{REGISTRIES}{id}")
+}

@@ -15,6 +15,7 @@ pub mod convert;
 pub mod keys;
 pub mod model;
 pub mod process;
+pub mod secrets;
 pub mod status;
 pub mod store;
 pub mod validate;

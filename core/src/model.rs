@@ -26,6 +26,9 @@ pub struct RunnerSpec {
     pub region: String,
     pub instance_type: String,
     pub env_variables: Vec<EnvVar>,
+    /// A private registry (its credentials) to pull the image from.
+    #[serde(default)]
+    pub container_registry_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +113,9 @@ pub struct Run {
     /// The runner's warm node when the run was created: preferred while it has room.
     #[serde(default)]
     pub warm_pin: Option<String>,
+    /// The private registry whose credentials pull the image.
+    #[serde(default)]
+    pub container_registry_id: Option<String>,
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
@@ -203,6 +209,20 @@ pub struct LogEntry {
     pub stream: LogStream,
     pub msg: String,
     pub ts_unix_nanos: i64,
+}
+
+/// A private container registry and the credentials to pull from it. The password is stored
+/// sealed (`crate::secrets`) and never leaves the scheduler except inside the `RunSpec` sent to
+/// the node that pulls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRegistry {
+    pub id: String,
+    pub name: String,
+    /// `host[:port]` of the registry.
+    pub host: String,
+    pub username: String,
+    pub password_sealed: String,
+    pub created_at: i64,
 }
 
 /// A machine size users pick for a runner.
@@ -327,6 +347,7 @@ mod tests {
             pending_reason: None,
             stop_requested: false,
             warm_pin: None,
+            container_registry_id: None,
             queue_position: None,
         }
     }

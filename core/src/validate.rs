@@ -74,6 +74,7 @@ pub struct RunnerInput {
     pub region: Option<String>,
     pub instance_type: Option<String>,
     pub env_variables: Option<Vec<EnvVar>>,
+    pub container_registry_id: Option<String>,
 }
 
 impl RunnerInput {
@@ -96,6 +97,7 @@ impl RunnerInput {
             entrypoint: self.entrypoint,
             timeout_seconds: 0,
             env_variables: self.env_variables.unwrap_or_default(),
+            container_registry_id: self.container_registry_id.filter(|id| !id.is_empty()),
         };
         let timeout = check_timeout(&mut c, self.timeout_seconds);
         let spec = RunnerSpec {
@@ -153,6 +155,10 @@ impl RunnerInput {
         if let Some(v) = self.env_variables {
             next.env_variables = v;
         }
+        if let Some(v) = self.container_registry_id {
+            // An empty string detaches the runner from its registry.
+            next.container_registry_id = (!v.is_empty()).then_some(v);
+        }
         check_spec(&mut c, &next, false, catalog);
         c.finish(next)
     }
@@ -190,6 +196,72 @@ impl RunInput {
             check_env(&mut c, env);
         }
         c.finish(self)
+    }
+}
+
+/// `POST /v1/container_registries` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryInput {
+    pub name: Option<String>,
+    pub host: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A checked `RegistryInput`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySpec {
+    pub name: String,
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+pub const REGISTRY_USERNAME_MAX: usize = 255;
+pub const REGISTRY_PASSWORD_MAX: usize = 4_096;
+
+impl RegistryInput {
+    pub fn validate(self) -> Result<RegistrySpec, ValidationErrors> {
+        let mut c = Collector::default();
+        let mut require = |field: &str, v: Option<String>| {
+            v.unwrap_or_else(|| {
+                c.push(field, "is required");
+                String::new()
+            })
+        };
+        let spec = RegistrySpec {
+            name: require("name", self.name),
+            host: require("host", self.host),
+            username: require("username", self.username),
+            password: require("password", self.password),
+        };
+        let len = spec.name.chars().count();
+        if !spec.name.is_empty() && !(NAME_MIN..=NAME_MAX).contains(&len) {
+            c.push(
+                "name",
+                format!("must be {NAME_MIN} to {NAME_MAX} characters long"),
+            );
+        }
+        if !spec.host.is_empty() && !is_host(&spec.host) {
+            c.push(
+                "host",
+                "must be a registry host such as `registry.example.com` or `10.0.0.5:5000`",
+            );
+        }
+        if spec.username.chars().count() > REGISTRY_USERNAME_MAX || spec.username.contains(':') {
+            c.push(
+                "username",
+                format!("must be at most {REGISTRY_USERNAME_MAX} characters, without `:`"),
+            );
+        }
+        if spec.password.len() > REGISTRY_PASSWORD_MAX {
+            c.push(
+                "password",
+                format!("must be at most {REGISTRY_PASSWORD_MAX} bytes"),
+            );
+        }
+        c.finish(spec)
     }
 }
 
@@ -360,7 +432,7 @@ pub fn is_image_name(name: &str) -> bool {
     !parts.is_empty() && parts.iter().all(|p| is_path_component(p))
 }
 
-fn is_host(h: &str) -> bool {
+pub fn is_host(h: &str) -> bool {
     let (host, port) = match h.rsplit_once(':') {
         Some((host, port)) => (host, Some(port)),
         None => (h, None),
@@ -525,6 +597,28 @@ mod tests {
         }
         .into_spec(&Catalog::default());
         assert_eq!(fields(r), vec!["env_variables[1].env_key".to_string()]);
+    }
+
+    #[test]
+    fn registries_are_checked() {
+        let good = RegistryInput {
+            name: Some("private".into()),
+            host: Some("127.0.0.1:5002".into()),
+            username: Some("berth".into()),
+            password: Some("s3cret".into()),
+        };
+        assert!(good.clone().validate().is_ok());
+        let bad = RegistryInput {
+            host: Some("not a host".into()),
+            password: None,
+            ..good
+        }
+        .validate();
+        let fields: Vec<String> = bad
+            .err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, vec!["password".to_string(), "host".to_string()]);
     }
 
     #[test]

@@ -61,11 +61,14 @@ impl AgentService for FakeScheduler {
         let commands = self.commands.clone();
         tokio::spawn(async move {
             let mut commands = commands.lock().await;
+            // Like the real scheduler, say nothing before the agent's Register has been answered.
+            let mut registered = false;
             loop {
                 tokio::select! {
                     message = inbound.message() => {
                         let Ok(Some(message)) = message else { return };
                         if matches!(message.body, Some(Body::Register(_))) {
+                            registered = true;
                             let _ = tx.send(Ok(SchedulerMessage { body: Some(scheduler_message::Body::Registered(Registered {
                                 heartbeat_interval_seconds: 1,
                                 stale_run_ids: vec![],
@@ -76,7 +79,7 @@ impl AgentService for FakeScheduler {
                         }
                         let _ = seen.send(message);
                     }
-                    Some(command) = commands.recv() => {
+                    Some(command) = commands.recv(), if registered => {
                         if tx.send(Ok(command)).await.is_err() { return; }
                     }
                 }

@@ -2,9 +2,11 @@
 //! back; errors map to `tonic::Status` in one place (`error.rs`).
 
 use crate::engine::{NodeInfo, Scheduler};
+use crate::error::SchedulerError;
 use berth_core::convert::{env_from_pb, runner_to_pb};
+use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
-use berth_core::validate::RunInput;
+use berth_core::validate::{RegistryInput, RunInput};
 use berth_proto::v1 as pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -185,6 +187,48 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
+    async fn create_container_registry(
+        &self,
+        r: Request<pb::CreateContainerRegistryRequest>,
+    ) -> Result<Response<pb::ContainerRegistry>, Status> {
+        let r = r.into_inner();
+        let input = RegistryInput {
+            name: Some(r.name),
+            host: Some(r.host),
+            username: Some(r.username),
+            password: Some(r.password),
+        };
+        let spec = input.validate().map_err(SchedulerError::from)?;
+        let reg = self.scheduler.create_registry(spec).await?;
+        Ok(Response::new(registry_to_pb(&reg)))
+    }
+
+    async fn list_container_registries(
+        &self,
+        _: Request<pb::ListContainerRegistriesRequest>,
+    ) -> Result<Response<pb::ListContainerRegistriesResponse>, Status> {
+        let list = self.scheduler.list_registries().await?;
+        Ok(Response::new(pb::ListContainerRegistriesResponse {
+            container_registries: list.iter().map(registry_to_pb).collect(),
+        }))
+    }
+
+    async fn get_container_registry(
+        &self,
+        r: Request<pb::ContainerRegistryRequest>,
+    ) -> Result<Response<pb::ContainerRegistry>, Status> {
+        let reg = self.scheduler.get_registry(&r.into_inner().id).await?;
+        Ok(Response::new(registry_to_pb(&reg)))
+    }
+
+    async fn delete_container_registry(
+        &self,
+        r: Request<pb::ContainerRegistryRequest>,
+    ) -> Result<Response<pb::DeleteContainerRegistryResponse>, Status> {
+        self.scheduler.delete_registry(&r.into_inner().id).await?;
+        Ok(Response::new(pb::DeleteContainerRegistryResponse {}))
+    }
+
     async fn get_catalog(
         &self,
         _: Request<pb::GetCatalogRequest>,
@@ -192,6 +236,17 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(
             self.scheduler.config().catalog.as_ref().into(),
         ))
+    }
+}
+
+/// The public view of a registry: never the password.
+fn registry_to_pb(r: &ContainerRegistry) -> pb::ContainerRegistry {
+    pb::ContainerRegistry {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        host: r.host.clone(),
+        username: r.username.clone(),
+        created_at_unix_millis: r.created_at,
     }
 }
 

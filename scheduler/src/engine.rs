@@ -13,9 +13,11 @@
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
-use berth_core::model::{Catalog, LogEntry, LogStream, Warmup, WarmupStatus};
+use berth_core::model::{Catalog, ContainerRegistry, LogEntry, LogStream, Warmup, WarmupStatus};
+use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::validate::{validate_spec, RunInput};
+use berth_core::validate::{RegistrySpec, ValidationErrors};
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
 use berth_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -40,6 +42,8 @@ pub struct Config {
     pub lost_grace: Duration,
     /// A run that has waited this long gets capacity reserved for it (see `schedule`).
     pub reserve_after: Duration,
+    /// Seals registry passwords at rest; without it, private registries cannot be created.
+    pub secrets: Option<Arc<SecretKey>>,
 }
 
 impl Default for Config {
@@ -54,6 +58,7 @@ impl Default for Config {
             node_ttl: Duration::from_secs(6),
             lost_grace: Duration::from_secs(4),
             reserve_after: Duration::from_secs(60),
+            secrets: None,
         }
     }
 }
@@ -87,6 +92,8 @@ struct State {
     /// Messages to agents staged by the current operation, sent once `pending` is durable.
     outgoing: Vec<(AgentTx, pb::SchedulerMessage)>,
     next_connection: u64,
+    /// Every private registry with its password unsealed, by id (loaded at start).
+    registries: HashMap<String, pb::RegistryAuth>,
 }
 
 struct Node {
@@ -209,6 +216,23 @@ impl<S: Store> Scheduler<S> {
                 state.active.insert(run.id.clone(), run);
             }
         }
+        for kv in store.list_prefix(keys::REGISTRIES).await? {
+            let reg: ContainerRegistry = decode(&kv.key, &kv.value)?;
+            let key = config.secrets.as_ref().ok_or_else(|| {
+                SchedulerError::Protocol(
+                    "the store holds registry secrets but no secret key was given".to_owned(),
+                )
+            })?;
+            let password = key.open(&reg.password_sealed)?;
+            state.registries.insert(
+                reg.id.clone(),
+                pb::RegistryAuth {
+                    host: reg.host,
+                    username: reg.username,
+                    password,
+                },
+            );
+        }
         for kv in store.list_prefix(keys::NODES).await? {
             let rec: NodeRecord = decode(&kv.key, &kv.value)?;
             state.nodes.insert(
@@ -301,6 +325,7 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn create_runner(&self, spec: RunnerSpec) -> Result<(Runner, u64), SchedulerError> {
         validate_spec(&spec, &self.config.catalog)?;
+        self.check_registry(&spec).await?;
         let now = now_unix_millis();
         let runner = Runner {
             id: new_id(),
@@ -345,6 +370,7 @@ impl<S: Store> Scheduler<S> {
         revision: u64,
     ) -> Result<(Runner, u64), SchedulerError> {
         validate_spec(&spec, &self.config.catalog)?;
+        self.check_registry(&spec).await?;
         let (mut runner, _) = self.get_runner(id).await?;
         runner.spec = spec;
         runner.updated_at = now_unix_millis();
@@ -403,11 +429,7 @@ impl<S: Store> Scheduler<S> {
             argv: effective.argv,
             entrypoint: effective.entrypoint,
             env,
-            image: image_reference(
-                &self.config.default_registry,
-                &runner.spec.image_name,
-                &runner.spec.image_tag,
-            ),
+            image: self.runner_image(&runner.spec).await,
             image_digest: None,
             region: runner.spec.region.clone(),
             instance_type: itype.slug.clone(),
@@ -424,6 +446,7 @@ impl<S: Store> Scheduler<S> {
             pending_reason: Some("waiting for placement".to_owned()),
             stop_requested: false,
             warm_pin: runner.warm_pin().map(str::to_owned),
+            container_registry_id: runner.spec.container_registry_id.clone(),
             queue_position: None,
         };
         let (out, done) = {
@@ -551,6 +574,114 @@ impl<S: Store> Scheduler<S> {
                 _ => return self.get_run(runner_id, run_id).await,
             }
         }
+    }
+
+    // ---- container registries ----------------------------------------------------------
+
+    pub async fn create_registry(
+        &self,
+        spec: RegistrySpec,
+    ) -> Result<ContainerRegistry, SchedulerError> {
+        let key = self.config.secrets.as_ref().ok_or_else(|| {
+            ValidationErrors::single(
+                "password",
+                "this scheduler has no secret key to seal passwords with",
+            )
+        })?;
+        let reg = ContainerRegistry {
+            id: new_id(),
+            name: spec.name,
+            host: spec.host,
+            username: spec.username,
+            password_sealed: key.seal(&spec.password),
+            created_at: now_unix_millis(),
+        };
+        let mut st = self.state.lock().await;
+        self.store
+            .commit(Txn::new().put(keys::registry(&reg.id), encode(&reg), Expect::Absent))
+            .await?;
+        st.registries.insert(
+            reg.id.clone(),
+            pb::RegistryAuth {
+                host: reg.host.clone(),
+                username: reg.username.clone(),
+                password: spec.password,
+            },
+        );
+        tracing::info!(registry_id = %reg.id, host = %reg.host, "container registry created");
+        Ok(reg)
+    }
+
+    pub async fn list_registries(&self) -> Result<Vec<ContainerRegistry>, SchedulerError> {
+        let kvs = self.store.list_prefix(keys::REGISTRIES).await?;
+        kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    pub async fn get_registry(&self, id: &str) -> Result<ContainerRegistry, SchedulerError> {
+        let key = keys::registry(id);
+        let kv = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "container registry",
+                id: id.to_owned(),
+            })?;
+        decode(&key, &kv.value)
+    }
+
+    /// Deletes a registry no runner names.
+    pub async fn delete_registry(&self, id: &str) -> Result<(), SchedulerError> {
+        self.get_registry(id).await?;
+        let users: Vec<String> = self
+            .list_runners()
+            .await?
+            .into_iter()
+            .filter(|(r, _)| r.spec.container_registry_id.as_deref() == Some(id))
+            .map(|(r, _)| r.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(SchedulerError::InUse(format!(
+                "container registry {id} is used by runners {}",
+                users.join(", ")
+            )));
+        }
+        let mut st = self.state.lock().await;
+        self.store
+            .commit(Txn::new().delete(keys::registry(id), Expect::Any))
+            .await?;
+        st.registries.remove(id);
+        tracing::info!(registry_id = id, "container registry deleted");
+        Ok(())
+    }
+
+    async fn check_registry(&self, spec: &RunnerSpec) -> Result<(), SchedulerError> {
+        if let Some(id) = &spec.container_registry_id {
+            if !self.state.lock().await.registries.contains_key(id) {
+                return Err(ValidationErrors::single(
+                    "container_registry_id",
+                    "no such container registry",
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The full image reference of a runner: its registry's host when it names one.
+    async fn runner_image(&self, spec: &RunnerSpec) -> String {
+        let host = match &spec.container_registry_id {
+            Some(id) => self
+                .state
+                .lock()
+                .await
+                .registries
+                .get(id)
+                .map(|r| r.host.clone()),
+            None => None,
+        };
+        let registry = host.as_deref().unwrap_or(&self.config.default_registry);
+        image_reference(registry, &spec.image_name, &spec.image_tag)
     }
 
     // ---- logs ----------------------------------------------------------------------------
@@ -879,12 +1010,13 @@ impl<S: Store> Scheduler<S> {
             .catalog
             .instance_type(&runner.spec.instance_type)
             .map_or(0, |t| t.memory_mib);
-        let image = image_reference(
-            &self.config.default_registry,
-            &runner.spec.image_name,
-            &runner.spec.image_tag,
-        );
+        let image = self.runner_image(&runner.spec).await;
         let mut st = self.state.lock().await;
+        let registry_auth = runner
+            .spec
+            .container_registry_id
+            .as_ref()
+            .and_then(|id| st.registries.get(id).cloned());
         let demand = Demand {
             run_id: String::new(),
             region: runner.spec.region.clone(),
@@ -924,6 +1056,7 @@ impl<S: Store> Scheduler<S> {
                 body: Some(pb::scheduler_message::Body::Warmup(pb::Warmup {
                     runner_id: id.to_owned(),
                     image,
+                    registry_auth,
                 })),
             };
             st.send_to(node_id, msg);
@@ -1196,7 +1329,7 @@ impl<S: Store> Scheduler<S> {
             match chosen {
                 Ok(node_id) => {
                     let epoch = run.assign(&node_id)?;
-                    let spec = self.run_spec(&run);
+                    let spec = self.run_spec(st, &run);
                     // `save` records the lease in the index.
                     st.stage(run);
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
@@ -1231,7 +1364,7 @@ impl<S: Store> Scheduler<S> {
         Ok(())
     }
 
-    fn run_spec(&self, run: &Run) -> pb::RunSpec {
+    fn run_spec(&self, st: &State, run: &Run) -> pb::RunSpec {
         let effective = EffectiveCommand {
             command: run.command.clone(),
             argv: run.argv.clone(),
@@ -1254,7 +1387,10 @@ impl<S: Store> Scheduler<S> {
             memory_mib: run.memory_mib,
             cpu_millis: run.cpu_millis,
             stop_grace_seconds: self.config.stop_grace_seconds,
-            registry_auth: None,
+            registry_auth: run
+                .container_registry_id
+                .as_ref()
+                .and_then(|id| st.registries.get(id).cloned()),
         }
     }
 }

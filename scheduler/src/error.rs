@@ -20,6 +20,11 @@ pub enum SchedulerError {
     Corrupt { key: String, reason: String },
     #[error(transparent)]
     Store(StoreError),
+    #[error(transparent)]
+    Secret(#[from] berth_core::secrets::SecretError),
+    /// The record is still in use (e.g. a registry that runners name).
+    #[error("{0}")]
+    InUse(String),
     /// An agent broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -43,9 +48,13 @@ impl From<SchedulerError> for tonic::Status {
                 serde_json::to_string(&v.0).unwrap_or_else(|_| v.to_string()),
             ),
             SchedulerError::Stale(_) => tonic::Status::aborted(e.to_string()),
-            SchedulerError::Transition(_) => tonic::Status::failed_precondition(e.to_string()),
+            SchedulerError::Transition(_) | SchedulerError::InUse(_) => {
+                tonic::Status::failed_precondition(e.to_string())
+            }
             SchedulerError::Protocol(_) => tonic::Status::invalid_argument(e.to_string()),
-            SchedulerError::Corrupt { .. } | SchedulerError::Store(_) => {
+            SchedulerError::Corrupt { .. }
+            | SchedulerError::Store(_)
+            | SchedulerError::Secret(_) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

@@ -1,4 +1,5 @@
 use anyhow::Context;
+use berth_core::secrets::SecretKey;
 use berth_core::store::EmbeddedStore;
 use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
@@ -42,6 +43,9 @@ struct Args {
     /// A run waiting this long gets capacity reserved for it.
     #[arg(long, default_value_t = 60)]
     reserve_after_seconds: u64,
+    /// The key that seals secrets at rest (created on first start; default: DATA_DIR/secret.key).
+    #[arg(long, env = "BERTH_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
     /// JSON file with `regions` and `instance_types` (default: the built-in catalog).
     #[arg(long, env = "BERTH_CATALOG")]
     catalog: Option<PathBuf>,
@@ -65,12 +69,18 @@ async fn main() -> anyhow::Result<()> {
         None => Catalog::default(),
     };
     let heartbeat = args.heartbeat_interval_seconds.max(1);
+    let key_path = args
+        .secret_key_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("secret.key"));
+    let secrets = SecretKey::load_or_create(&key_path)?;
     let config = Config {
         fit_policy: args.placement_policy,
         catalog: Arc::new(catalog),
         node_ttl: Duration::from_secs(args.node_ttl_seconds.unwrap_or(3 * heartbeat)),
         lost_grace: Duration::from_secs(args.lost_grace_seconds),
         reserve_after: Duration::from_secs(args.reserve_after_seconds),
+        secrets: Some(Arc::new(secrets)),
         default_registry: args.default_registry,
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(heartbeat),
