@@ -36,6 +36,7 @@ stop_instance() {
   berth_stop_pidfile "$data/run/scheduler.pid"
   berth_stop_containerd "$data"
   berth_stop_registry "$data"
+  berth_stop_registry "$data" private-registry
   rm -f "$data"/run/*.stamp
 }
 

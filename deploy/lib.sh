@@ -30,7 +30,7 @@ fi
 BERTH_PACKAGES=(
   containerd runc docker-registry umoci skopeo busybox-static
   protobuf-compiler libprotobuf-dev etcd-server etcd-client jq curl pkg-config gcc libc6-dev
-  ca-certificates
+  ca-certificates apache2-utils
 )
 
 BERTH_OCI_PATH_ENV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -348,20 +348,31 @@ berth_stop_containerd() {
 # ---------------------------------------------------------------- registry
 
 # berth_registry_ping ADDR — true if a registry answers GET /v2/ at ADDR.
+# berth_registry_ping ADDR — true when a registry answers /v2/ (200, or 401 when
+# it requires credentials).
 berth_registry_ping() {
-  curl -fsS --max-time 3 -o /dev/null "http://$1/v2/" 2>/dev/null
+  local code
+  code="$(curl -sS --max-time 3 -o /dev/null -w '%{http_code}' "http://$1/v2/" 2>/dev/null || true)"
+  [[ "$code" == 200 || "$code" == 401 ]]
 }
 
-# berth_start_registry DATA_DIR ADDR — start (or reuse) a plain-HTTP
-# docker-registry on ADDR (HOST:PORT or just PORT; host defaults to
-# 127.0.0.1) with filesystem storage under DATA_DIR/registry.
+# berth_start_registry DATA_DIR ADDR [NAME [HTPASSWD_FILE]] — start (or reuse) a
+# plain-HTTP docker-registry on ADDR (HOST:PORT or just PORT; host defaults to
+# 127.0.0.1) with filesystem storage under DATA_DIR/NAME (NAME defaults to
+# "registry"). With HTPASSWD_FILE it requires those credentials (basic auth).
 berth_start_registry() {
-  local data="$1" addr="$2" pidfile logfile conf i
+  local data="$1" addr="$2" name="${3:-registry}" htpasswd="${4:-}" pidfile logfile conf i auth=""
   [[ "$addr" == *:* ]] || addr="127.0.0.1:$addr"
-  pidfile="$data/run/registry.pid"
-  logfile="$data/logs/registry.log"
-  conf="$data/registry/config.yml"
-  mkdir -p "$data/run" "$data/logs" "$data/registry/storage"
+  pidfile="$data/run/$name.pid"
+  logfile="$data/logs/$name.log"
+  conf="$data/$name/config.yml"
+  mkdir -p "$data/run" "$data/logs" "$data/$name/storage"
+  if [[ -n "$htpasswd" ]]; then
+    auth="auth:
+  htpasswd:
+    realm: berth-test
+    path: $htpasswd"
+  fi
 
   if berth_pid_alive "$pidfile" docker-registry && berth_registry_ping "$addr"; then
     berth_log "registry already running (pid $(head -n1 "$pidfile")) on http://$addr"
@@ -378,9 +389,10 @@ log:
   level: info
   fields:
     service: registry
+$auth
 storage:
   filesystem:
-    rootdirectory: $data/registry/storage
+    rootdirectory: $data/$name/storage
   delete:
     enabled: true
   cache:
@@ -401,9 +413,30 @@ EOF
   berth_log "registry ready (pid $(head -n1 "$pidfile")) on http://$addr"
 }
 
-# berth_stop_registry DATA_DIR
+# berth_stop_registry DATA_DIR [NAME]
 berth_stop_registry() {
-  berth_stop_pidfile "$1/run/registry.pid"
+  berth_stop_pidfile "$1/run/${2:-registry}.pid"
+}
+
+# berth_start_private_registry DATA_DIR ADDR USER PASSWORD FROM_ADDR — a registry
+# on ADDR that requires USER/PASSWORD (htpasswd, bcrypt), holding
+# private/busybox:latest copied from the plain registry at FROM_ADDR.
+berth_start_private_registry() {
+  local data="$1" addr="$2" user="$3" pass="$4" from="$5" htpasswd
+  htpasswd="$data/private-registry.htpasswd"
+  mkdir -p "$data"
+  htpasswd -Bbn "$user" "$pass" >"$htpasswd"
+  berth_start_registry "$data" "$addr" private-registry "$htpasswd"
+  if curl -fsS --max-time 5 -o /dev/null -u "$user:$pass" -H "Accept: $BERTH_MANIFEST_ACCEPT" \
+    "http://$addr/v2/private/busybox/manifests/latest" 2>/dev/null; then
+    berth_log "image $addr/private/busybox:latest already in the private registry"
+    return 0
+  fi
+  skopeo --insecure-policy copy --quiet --src-tls-verify=false --dest-tls-verify=false \
+    --dest-creds "$user:$pass" \
+    "docker://$from/busybox:latest" "docker://$addr/private/busybox:latest" ||
+    berth_die "skopeo could not push to the private registry $addr"
+  berth_log "pushed $addr/private/busybox:latest (credentials required)"
 }
 
 # ---------------------------------------------------------------- image

@@ -67,6 +67,7 @@ cleanup() {
   else
     berth_stop_containerd "$DATA_DIR" || true
     berth_stop_registry "$DATA_DIR" || true
+    berth_stop_registry "$DATA_DIR" private-registry || true
   fi
   exit "$rc"
 }
@@ -107,6 +108,13 @@ trap cleanup EXIT
 berth_start_containerd "$DATA_DIR" >/dev/null
 berth_start_registry "$DATA_DIR" "$REGISTRY_ADDR"
 berth_build_busybox_image "$REGISTRY_ADDR"
+PRIVATE_REGISTRY_ADDR="${BERTH_TEST_PRIVATE_REGISTRY_ADDR:-127.0.0.1:5002}"
+PRIVATE_USER=berth-test
+# A loopback-only test registry: a fixed password keeps a reused registry consistent.
+PRIVATE_PASSWORD=berth-test-password
+berth_start_private_registry "$DATA_DIR" "$PRIVATE_REGISTRY_ADDR" "$PRIVATE_USER" "$PRIVATE_PASSWORD" "$REGISTRY_ADDR"
+export BERTH_TEST_PRIVATE_REGISTRY="$PRIVATE_REGISTRY_ADDR" BERTH_TEST_PRIVATE_USER="$PRIVATE_USER" \
+  BERTH_TEST_PRIVATE_PASSWORD="$PRIVATE_PASSWORD"
 
 export BERTH_CONTAINERD_SOCKET
 BERTH_TEST_REGISTRY="$REGISTRY_ADDR"
