@@ -108,6 +108,7 @@ trap cleanup EXIT
 berth_start_containerd "$DATA_DIR" >/dev/null
 berth_start_registry "$DATA_DIR" "$REGISTRY_ADDR"
 berth_build_busybox_image "$REGISTRY_ADDR"
+python3 "$BERTH_REPO/deploy/format-images.py" "$REGISTRY_ADDR"
 PRIVATE_REGISTRY_ADDR="${BERTH_TEST_PRIVATE_REGISTRY_ADDR:-127.0.0.1:5002}"
 PRIVATE_USER=berth-test
 # A loopback-only test registry: a fixed password keeps a reused registry consistent.
