@@ -91,6 +91,7 @@ pub fn run(r: &pb::Run) -> Value {
         "queue_position": r.queue_position,
         "warm_pin": r.warm_pin,
         "stop_requested": r.stop_requested,
+        "oom_killed": r.oom_killed,
     })
 }
 

@@ -134,6 +134,7 @@ impl From<&Run> for pb::Run {
             queue_position: r.queue_position,
             warm_pin: r.warm_pin.clone(),
             container_registry_id: r.container_registry_id.clone(),
+            oom_killed: r.oom_killed,
         }
     }
 }

@@ -116,6 +116,9 @@ pub struct Run {
     /// The private registry whose credentials pull the image.
     #[serde(default)]
     pub container_registry_id: Option<String>,
+    /// The kernel killed the run for exceeding its memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
@@ -348,6 +351,7 @@ mod tests {
             stop_requested: false,
             warm_pin: None,
             container_registry_id: None,
+            oom_killed: false,
             queue_position: None,
         }
     }

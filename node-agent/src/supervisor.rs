@@ -105,6 +105,8 @@ pub async fn supervise<R: ContainerRuntime>(
         reason: ending.reason as i32,
         error_code: ending.error_code,
         error_message: ending.error_message,
+        // OOM detection comes with the limits work (issue 4 item 3).
+        oom_killed: false,
     }))
 }
 

@@ -447,6 +447,7 @@ impl<S: Store> Scheduler<S> {
             stop_requested: false,
             warm_pin: runner.warm_pin().map(str::to_owned),
             container_registry_id: runner.spec.container_registry_id.clone(),
+            oom_killed: false,
             queue_position: None,
         };
         let (out, done) = {
@@ -1182,6 +1183,14 @@ impl<S: Store> Scheduler<S> {
                 ));
             }
             pb::ExitReason::Exited => run.exit(msg.exit_code, at)?,
+        }
+        if msg.oom_killed {
+            run.oom_killed = true;
+            run.error_code = Some("oom_killed".to_owned());
+            run.error_message = Some(format!(
+                "the run exceeded its memory limit of {} MiB and was killed",
+                run.memory_mib
+            ));
         }
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
         st.stage(run);

@@ -416,6 +416,7 @@ async fn fake_agent(
                                 reason: pb::ExitReason::Exited.into(),
                                 error_code: String::new(),
                                 error_message: String::new(),
+                                oom_killed: false,
                             })),
                         })?;
                         unacked_exits.push_back((seq, a.run_id));
@@ -649,6 +650,7 @@ async fn run_bench(
                     region: region.to_owned(),
                     instance_type: "standard-s".to_owned(),
                     env_variables: vec![],
+                    container_registry_id: None,
                 }),
             })
             .await

@@ -85,6 +85,7 @@ fn exited(a: &pb::AssignRun, code: i32, reason: pb::ExitReason) -> pb::RunExited
         reason: reason as i32,
         error_code: String::new(),
         error_message: String::new(),
+        oom_killed: false,
     }
 }
 
@@ -238,6 +239,36 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
             assert_eq!(run.exit_code, Some(124));
         }
     }
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn an_oom_kill_is_recorded_on_the_run() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let oom = pb::RunExited {
+        oom_killed: true,
+        ..exited(&a, 137, pb::ExitReason::Exited)
+    };
+    s.run_exited("fra-1", oom).await.expect("exited");
+    let run = s.get_run(&runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        (run.status, run.exit_code, run.oom_killed),
+        (RunStatus::Failed, Some(137), true)
+    );
+    assert_eq!(run.error_code.as_deref(), Some("oom_killed"));
     s.assert_index_consistent().await;
 }
 
