@@ -398,6 +398,84 @@ pub async fn delete_registry(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+}
+
+/// `2026-11-01` (midnight UTC) or an RFC 3339 timestamp, as unix millis.
+fn parse_instant(field: &str, v: &str) -> ApiResult<i64> {
+    use time::format_description::well_known::Rfc3339;
+    let invalid = || {
+        ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+            field,
+            "must be a date (YYYY-MM-DD) or an RFC 3339 timestamp",
+        ))
+    };
+    let at = match time::OffsetDateTime::parse(v, &Rfc3339) {
+        Ok(t) => t,
+        Err(_) => {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            time::Date::parse(v, &format)
+                .map_err(|_| invalid())?
+                .midnight()
+                .assume_utc()
+        }
+    };
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).map_err(|_| invalid())
+}
+
+/// Billed usage of the runs that ended in `[from, to)`; defaults: the last 30 days, by runner.
+pub async fn usage(
+    State(s): State<AppState>,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult<Json<Value>> {
+    let now = berth_core::now_unix_millis();
+    let to = match q.to.as_deref() {
+        Some(v) => parse_instant("to", v)?,
+        None => now,
+    };
+    let from = match q.from.as_deref() {
+        Some(v) => parse_instant("from", v)?,
+        None => to - 30 * 86_400_000,
+    };
+    if from >= to {
+        return Err(
+            berth_core::validate::ValidationErrors::single("from", "must be before to").into(),
+        );
+    }
+    let group_by = q.group_by.unwrap_or_else(|| "runner".to_owned());
+    let req = pb::GetUsageRequest {
+        from_unix_millis: from,
+        to_unix_millis: to,
+        group_by: group_by.clone(),
+    };
+    let rows = s.control().get_usage(req).await?.into_inner().rows;
+    let total_cost: u64 = rows.iter().map(|r| r.cost_nano_usd).sum();
+    let total_seconds: u64 = rows.iter().map(|r| r.billed_seconds).sum();
+    let usage: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "key": r.key,
+                "runs": r.runs,
+                "billed_seconds": r.billed_seconds,
+                "cost_usd": views::nano_usd(r.cost_nano_usd),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "from": views::timestamp_millis(from),
+        "to": views::timestamp_millis(to),
+        "group_by": group_by,
+        "usage": usage,
+        "total": { "billed_seconds": total_seconds, "cost_usd": views::nano_usd(total_cost) },
+    })))
+}
+
 pub async fn drain_node(
     State(s): State<AppState>,
     Path(id): Path<String>,

@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/container_registries/{id}",
             get(get_registry).delete(delete_registry),
         )
+        .route("/v1/usage", get(usage))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}/resume", post(resume_node))

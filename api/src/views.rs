@@ -5,6 +5,11 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+/// Billionths of a USD as a JSON number of USD.
+pub fn nano_usd(n: u64) -> Value {
+    json!(n as f64 / 1e9)
+}
+
 pub fn timestamp_millis(ms: i64) -> Value {
     timestamp_nanos(i128::from(ms) * 1_000_000)
 }
@@ -92,6 +97,9 @@ pub fn run(r: &pb::Run) -> Value {
         "warm_pin": r.warm_pin,
         "stop_requested": r.stop_requested,
         "oom_killed": r.oom_killed,
+        "price_per_second_usd": nano_usd(r.price_nano_usd_per_second),
+        "billed_seconds": r.billed_seconds,
+        "cost_usd": r.cost_nano_usd.map(nano_usd),
     })
 }
 

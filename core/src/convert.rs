@@ -135,6 +135,9 @@ impl From<&Run> for pb::Run {
             warm_pin: r.warm_pin.clone(),
             container_registry_id: r.container_registry_id.clone(),
             oom_killed: r.oom_killed,
+            price_nano_usd_per_second: r.price_nano_usd_per_second,
+            billed_seconds: r.duration_seconds(),
+            cost_nano_usd: r.cost_nano_usd(),
         }
     }
 }

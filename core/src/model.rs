@@ -119,6 +119,9 @@ pub struct Run {
     /// The kernel killed the run for exceeding its memory limit.
     #[serde(default)]
     pub oom_killed: bool,
+    /// The instance type's price when the run was created, in billionths of a USD per second.
+    #[serde(default)]
+    pub price_nano_usd_per_second: u64,
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
@@ -186,6 +189,15 @@ impl Run {
         let (start, end) = (self.started_at?, self.completed_at?);
         let millis = u64::try_from(end.saturating_sub(start)).unwrap_or(0);
         Some(millis.div_ceil(1000))
+    }
+
+    /// What the run costs, in billionths of a USD: billed seconds × the price it was created
+    /// at. Only runs that started and ended are billed; time spent pending never is.
+    pub fn cost_nano_usd(&self) -> Option<u64> {
+        Some(
+            self.duration_seconds()?
+                .saturating_mul(self.price_nano_usd_per_second),
+        )
     }
 }
 
@@ -279,6 +291,18 @@ impl Default for Catalog {
     }
 }
 
+impl InstanceType {
+    /// The price in billionths of a USD per second (exact integer arithmetic for billing).
+    pub fn price_nano_usd_per_second(&self) -> u64 {
+        let nanos = (self.price_per_second_usd * 1e9).round();
+        if nanos.is_finite() && nanos > 0.0 {
+            nanos as u64
+        } else {
+            0
+        }
+    }
+}
+
 impl Catalog {
     pub fn from_json(bytes: &[u8]) -> Result<Catalog, CatalogError> {
         let catalog: Catalog = serde_json::from_slice(bytes)?;
@@ -352,6 +376,7 @@ mod tests {
             warm_pin: None,
             container_registry_id: None,
             oom_killed: false,
+            price_nano_usd_per_second: 0,
             queue_position: None,
         }
     }
@@ -364,6 +389,23 @@ mod tests {
         assert_eq!(r.duration_seconds(), Some(2));
         r.completed_at = Some(2_000);
         assert_eq!(r.duration_seconds(), Some(1));
+    }
+
+    #[test]
+    fn billing_rounds_up_and_never_counts_pending_time() {
+        let mut r = run();
+        r.price_nano_usd_per_second = 4_000;
+        r.created_at = 0;
+        assert_eq!(r.cost_nano_usd(), None, "not started: nothing billed");
+        r.started_at = Some(60_000); // a minute pending
+        r.completed_at = Some(62_500);
+        assert_eq!(r.duration_seconds(), Some(3));
+        assert_eq!(r.cost_nano_usd(), Some(12_000));
+        let standard_s = Catalog::default();
+        let price = standard_s
+            .instance_type("standard-s")
+            .map(|t| t.price_nano_usd_per_second());
+        assert_eq!(price, Some(4_000));
     }
 
     #[test]

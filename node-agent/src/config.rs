@@ -17,7 +17,7 @@ pub struct AgentConfig {
     pub namespace: String,
     /// cgroup parent without leading slash; runs go to `/<parent>/<run id>`.
     pub cgroup_parent: String,
-    /// FIFOs live under `<state_dir>/runs/<run id>/`.
+    /// Run journals (and the runs' output files) live under `<state_dir>/runs/<run id>/`.
     pub state_dir: PathBuf,
     /// `host:port` registries reached over plain HTTP (loopback registries always are).
     pub insecure_registries: Vec<String>,

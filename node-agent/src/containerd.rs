@@ -1,13 +1,16 @@
 //! The real [`ContainerRuntime`]: containerd 1.6 over its gRPC socket, in the agent's own
 //! namespace. Each run owns a lease `berth-run-<run id>` (protecting its snapshot and container
-//! until cleanup), a snapshot and container named by the run ID, and FIFOs under
-//! `<state dir>/runs/<run id>/`.
+//! until cleanup), and a snapshot and container named by the run ID. The task's stdout and stderr
+//! go to regular files the caller names (in the run's journal directory): the shim appends to
+//! them itself, so nothing is lost while no agent process is alive to read (a FIFO would lose
+//! what is buffered in it when the shim closes it at the task's exit).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_proto::v1::RegistryAuth;
 use containerd_client::services::v1::container::Runtime as ContainerRuntimeInfo;
 use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
@@ -20,7 +23,6 @@ use containerd_client::services::v1::{
     ListContainersRequest, StartRequest, WaitRequest,
 };
 use oci_spec::runtime::Spec;
-use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -29,7 +31,7 @@ use crate::cgroup::remove_run_cgroups;
 use crate::clock::{timestamp_nanos, unix_nanos_now};
 use crate::pull::{Puller, SNAPSHOTTER};
 use crate::runtime::{
-    ContainerRuntime, ExitWatch, PreparedImage, RuntimeError, StopSignal, TaskExit, TaskOutput,
+    ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
 };
 
 /// The shim every run uses.
@@ -43,7 +45,6 @@ pub const RUN_ID_LABEL: &str = "berth.run-id";
 #[derive(Debug, Clone)]
 pub struct ContainerdSettings {
     pub namespace: String,
-    pub state_dir: PathBuf,
     pub cgroup_parent: String,
     /// Normally `/sys/fs/cgroup`; tests may point it elsewhere.
     pub cgroup_root: PathBuf,
@@ -93,10 +94,6 @@ impl ContainerdRuntime {
         request
     }
 
-    fn fifo_dir(&self, run_id: &str) -> PathBuf {
-        self.settings.state_dir.join("runs").join(run_id)
-    }
-
     fn tasks(&self) -> TasksClient<Channel> {
         TasksClient::new(self.channel.clone())
     }
@@ -106,7 +103,8 @@ impl ContainerdRuntime {
         run_id: &str,
         image: &PreparedImage,
         spec: &Spec,
-    ) -> Result<TaskOutput, RuntimeError> {
+        output: &OutputFiles,
+    ) -> Result<(), RuntimeError> {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
@@ -174,24 +172,14 @@ impl ContainerdRuntime {
             .await
             .map_err(|s| create_err("Containers.Create", s))?;
 
-        let dir = self.fifo_dir(run_id);
-        let stdout_path = dir.join("stdout");
-        let stderr_path = dir.join("stderr");
-        let fifo_err = |e: std::io::Error| {
-            RuntimeError::Create(format!("output FIFOs in {}: {e}", dir.display()))
-        };
-        std::fs::create_dir_all(&dir).map_err(fifo_err)?;
-        let (stdout, stdout_keepalive) = open_fifo(&stdout_path).map_err(fifo_err)?;
-        let (stderr, stderr_keepalive) = open_fifo(&stderr_path).map_err(fifo_err)?;
-
         self.tasks()
             .create(self.request(
                 CreateTaskRequest {
                     container_id: run_id.to_string(),
                     rootfs: mounts,
                     stdin: String::new(),
-                    stdout: stdout_path.display().to_string(),
-                    stderr: stderr_path.display().to_string(),
+                    stdout: output.stdout.display().to_string(),
+                    stderr: output.stderr.display().to_string(),
                     terminal: false,
                     checkpoint: None,
                     options: None,
@@ -201,14 +189,7 @@ impl ContainerdRuntime {
             ))
             .await
             .map_err(|s| create_err("Tasks.Create", s))?;
-        // The shim now holds its own write ends; dropping ours lets EOF arrive when it closes
-        // them. Until here they kept the readers from seeing a premature EOF.
-        drop(stdout_keepalive);
-        drop(stderr_keepalive);
-        Ok(TaskOutput {
-            stdout: Box::new(stdout),
-            stderr: Box::new(stderr),
-        })
+        Ok(())
     }
 
     async fn remove_everything(&self, run_id: &str) -> Vec<String> {
@@ -286,11 +267,6 @@ impl ContainerdRuntime {
         if let Err(status) = ignore_not_found(deleted) {
             failures.push(format!("Leases.Delete: {}", status.message()));
         }
-        match std::fs::remove_dir_all(self.fifo_dir(run_id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(format!("removing FIFO dir: {e}")),
-        }
         for (path, error) in remove_run_cgroups(
             &self.settings.cgroup_root,
             &self.settings.cgroup_parent,
@@ -302,30 +278,22 @@ impl ContainerdRuntime {
     }
 }
 
-/// Creates (if needed) and opens a FIFO for reading, plus a write end that keeps the reader from
-/// seeing EOF before the shim has opened its own.
-fn open_fifo(path: &Path) -> std::io::Result<(pipe::Receiver, pipe::Sender)> {
-    match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EEXIST) => {}
-        Err(errno) => return Err(std::io::Error::from(errno)),
-    }
-    let receiver = pipe::OpenOptions::new().open_receiver(path)?;
-    let keepalive = pipe::OpenOptions::new().open_sender(path)?;
-    Ok((receiver, keepalive))
-}
-
 impl ContainerRuntime for ContainerdRuntime {
     fn cached_images(&self) -> Vec<String> {
         self.puller.cached()
     }
 
-    async fn pull_image(&self, image: &str) -> Result<PreparedImage, RuntimeError> {
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<PreparedImage, RuntimeError> {
         // The pull runs in its own task so a run that is stopped mid-pull does not cut it off
         // (other runs may wait on it, and its lease must be deleted).
         let puller = self.puller.clone();
         let owned = image.to_string();
-        let joined = tokio::spawn(async move { puller.pull(&owned).await }).await;
+        let auth = auth.cloned();
+        let joined = tokio::spawn(async move { puller.pull(&owned, auth.as_ref()).await }).await;
         match joined {
             Ok(Ok(prepared)) => Ok(prepared),
             Ok(Err(error)) => Err(RuntimeError::ImagePull {
@@ -344,8 +312,9 @@ impl ContainerRuntime for ContainerdRuntime {
         run_id: &str,
         image: &PreparedImage,
         spec: &Spec,
-    ) -> Result<TaskOutput, RuntimeError> {
-        self.create_inner(run_id, image, spec).await
+        output: &OutputFiles,
+    ) -> Result<(), RuntimeError> {
+        self.create_inner(run_id, image, spec, output).await
     }
 
     async fn watch_exit(&self, run_id: &str) -> Result<ExitWatch, RuntimeError> {

@@ -10,27 +10,54 @@
 //! - [`containerd`]: the real `ContainerRuntime` over containerd's gRPC API; [`pull`] pulls
 //!   and unpacks images into containerd's content store, [`registry`] is the OCI distribution
 //!   client it uses, [`reference`] and [`manifest`] parse what it fetches.
-//! - [`spec`]: the OCI runtime spec for a run; [`logs`]: FIFO output → numbered log lines;
+//! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`): the
+//!   assignment, start time, raw output, the numbered line log, acknowledged lines, the exit.
+//! - [`spec`]: the OCI runtime spec for a run; [`logs`]: output files → numbered log lines;
 //!   [`cgroup`]: removal of per-run cgroup directories; [`clock`]: timestamps.
 //!
 //! ## The life of a run on a node
 //! 1. `AssignRun` arrives on the session; the agent spawns a supervisor for it.
-//! 2. The image is pulled (de-duplicated per image; skipped when present and unpacked).
+//! 2. The image is pulled (de-duplicated per image; skipped when present and unpacked), with the
+//!    run's registry credentials when it has some (never logged, never written to disk).
 //! 3. The spec is built (entrypoint/cmd/env/user resolution, limits, cgroup
-//!    `/<cgroup-parent>/<run-id>`); a snapshot `<run-id>` is prepared on the image's top chain ID,
-//!    the container created, the stdout/stderr FIFOs opened, the task created.
-//! 4. The exit is watched *before* the task starts; `RunStarted` goes to the outbox.
-//! 5. The run ends by itself (EXITED), by its timeout (SIGTERM, grace, SIGKILL; TIMEOUT, 124) or
+//!    `/<cgroup-parent>/<run-id>`); the run's journal is written (`run.json`, empty output
+//!    files); a snapshot `<run-id>` is prepared on the image's top chain ID, the container
+//!    created, the task created with its stdout/stderr appended by the shim to the journal's
+//!    output files.
+//! 4. The exit is watched *before* the task starts; the start time goes into `run.json`, then
+//!    `RunStarted` into the outbox.
+//! 5. The log pump tails the output files; each line is numbered, appended to the line log and
+//!    only then queued.
+//! 6. The run ends by itself (EXITED), by its timeout (SIGTERM, grace, SIGKILL; TIMEOUT, 124) or
 //!    by `StopRun` (same signals; STOPPED). A stop during the pull ends it as STOPPED, -1.
-//! 6. Output is drained to EOF (bounded), every line queued, then everything is cleaned up
-//!    (task, container, snapshot, FIFOs, cgroups) and `RunExited` is queued last.
-//! 7. The run stays in the agent's active list until the scheduler acknowledges its
-//!    `RunExited`.
+//! 7. The task is deleted (the shim finishes copying output first), the rest of the output is
+//!    numbered and queued, the ending is written to `exit.json`, everything else is cleaned up
+//!    (container, snapshot, lease, cgroups) and `RunExited` is queued last.
+//! 8. The run stays in the agent's active list until the scheduler acknowledges its
+//!    `RunExited`; then its journal is removed.
+//!
+//! ## Recovery after the agent process dies
+//! Containers outlive the agent (`kill -9`, crash). A new process, before it registers, reads
+//! every journal ([`session::Agent::recover`]):
+//! - started, no `exit.json`: the run is re-adopted ([`supervisor::resume`]): `RunStarted` and
+//!   every line above the acknowledged seq are queued again, the pump continues at the line log's
+//!   offsets and next seq (output written meanwhile, and a partial line the old process had read,
+//!   are still in the files), `Wait` gives the real exit (at once if it already happened), the
+//!   timeout counts from the recorded start, then steps 7–8;
+//! - `exit.json` present: its unacknowledged lines and `RunExited` are queued again, cleanup is
+//!   repeated;
+//! - never started: container and journal are removed; the run is not listed in `Register`, so
+//!   the scheduler re-queues it;
+//! - a container without a journal: removed.
+//!
+//! Re-adopted runs are listed in `Register.active_run_ids`, so the scheduler keeps their leases;
+//! it de-duplicates re-sent lines by (run, seq) and re-sent reports by lease epoch and state.
 
 pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod containerd;
+pub mod journal;
 pub mod logs;
 pub mod manifest;
 pub mod outbox;

@@ -51,7 +51,7 @@ struct Cli {
     /// cgroup parent for runs (default: berth/<node-id>).
     #[arg(long, env = "BERTH_AGENT_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
-    /// State directory for FIFOs (default: /var/lib/berth/agent-<node-id>).
+    /// State directory: per-run journals and output (default: /var/lib/berth/agent-<node-id>).
     #[arg(long, env = "BERTH_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Registry host:port reached over plain HTTP (repeatable; loopback always is).
@@ -124,7 +124,6 @@ async fn main() -> anyhow::Result<()> {
         channel,
         ContainerdSettings {
             namespace: config.namespace.clone(),
-            state_dir: config.state_dir.clone(),
             cgroup_parent: config.cgroup_parent.clone(),
             cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
         },

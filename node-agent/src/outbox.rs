@@ -34,12 +34,14 @@ impl Outbox {
         seq
     }
 
-    /// Drops every entry with `seq <= up_to_seq`. Acks are cumulative, so an old (smaller) ack
-    /// arriving late changes nothing.
-    pub fn ack(&mut self, up_to_seq: u64) {
+    /// Drops every entry with `seq <= up_to_seq` and returns them. Acks are cumulative, so an
+    /// old (smaller) ack arriving late changes nothing.
+    pub fn ack(&mut self, up_to_seq: u64) -> Vec<AgentMessage> {
+        let mut acked = Vec::new();
         while self.entries.front().is_some_and(|m| m.seq <= up_to_seq) {
-            self.entries.pop_front();
+            acked.extend(self.entries.pop_front());
         }
+        acked
     }
 
     /// Entries with `seq > after`, in order: `after = 0` gives the whole outbox (used right
@@ -93,8 +95,9 @@ impl SharedOutbox {
         seq
     }
 
-    pub fn ack(&self, up_to_seq: u64) {
-        self.lock().ack(up_to_seq);
+    /// Drops what `up_to_seq` acknowledges and returns it.
+    pub fn ack(&self, up_to_seq: u64) -> Vec<AgentMessage> {
+        self.lock().ack(up_to_seq)
     }
 
     pub fn unsent_after(&self, after: u64) -> Vec<AgentMessage> {
@@ -155,7 +158,10 @@ mod tests {
                 lines: vec![],
             }));
         }
-        o.ack(3);
+        assert_eq!(
+            o.ack(3).iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(
             o.unsent_after(0).iter().map(|m| m.seq).collect::<Vec<_>>(),
             vec![4, 5]

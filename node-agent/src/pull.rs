@@ -34,8 +34,9 @@ use crate::manifest::{
     parse_manifest, select_platform, ManifestError,
 };
 use crate::reference::{ImageReference, ReferenceError};
-use crate::registry::{RegistryClient, RegistryError};
+use crate::registry::{Credentials, RegistryClient, RegistryError};
 use crate::runtime::PreparedImage;
+use berth_proto::v1::RegistryAuth;
 
 /// The snapshotter every snapshot of the agent lives in.
 pub const SNAPSHOTTER: &str = "overlayfs";
@@ -105,16 +106,24 @@ impl Puller {
     }
 
     /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
-    pub async fn pull(&self, image: &str) -> Result<PreparedImage, PullError> {
+    /// `auth` is used when it names the image's registry host.
+    pub async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<PreparedImage, PullError> {
         let reference = ImageReference::parse(image)?;
         let name = reference.to_string();
+        let credentials = credentials_for(&reference, auth);
         let gate = {
             let mut map = self.per_image.lock().unwrap_or_else(|e| e.into_inner());
             map.entry(name.clone()).or_default().clone()
         };
         let _guard = gate.lock().await;
         let started = std::time::Instant::now();
-        let result = self.pull_locked(&reference, &name).await;
+        let result = self
+            .pull_locked(&reference, &name, credentials.as_ref())
+            .await;
         if result.is_ok() {
             self.cached
                 .lock()
@@ -137,6 +146,7 @@ impl Puller {
         &self,
         reference: &ImageReference,
         name: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<PreparedImage, PullError> {
         let local = self.local_image(name).await;
         if let (Some(local), Some(pinned)) = (&local, &reference.digest) {
@@ -148,12 +158,15 @@ impl Puller {
         // Resolve the tag (one manifest GET); blobs are only fetched when missing.
         let top = match self
             .registry
-            .fetch_manifest(reference, reference.manifest_reference())
+            .fetch_manifest(reference, reference.manifest_reference(), credentials)
             .await
         {
             Ok(top) => top,
             Err(error) => {
-                if let Some(local) = local {
+                // A refusal is an answer, not an outage: never run a local copy of an image the
+                // run's credentials do not give access to.
+                let refused = matches!(error, RegistryError::Unauthorized { .. });
+                if let (Some(local), false) = (local, refused) {
                     tracing::warn!(image = %name, %error, "registry unreachable; using the local image");
                     return Ok(local);
                 }
@@ -167,7 +180,9 @@ impl Puller {
             }
         }
         let lease = self.create_lease().await?;
-        let result = self.fetch_and_unpack(reference, name, top, &lease).await;
+        let result = self
+            .fetch_and_unpack(reference, name, top, &lease, credentials)
+            .await;
         let mut leases = LeasesClient::new(self.channel.clone());
         if let Err(status) = leases
             .delete(self.request(
@@ -209,6 +224,7 @@ impl Puller {
         name: &str,
         top: crate::registry::FetchedManifest,
         lease: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<PreparedImage, PullError> {
         let (os, arch) = host_platform();
         let (manifest_bytes, manifest_digest, manifest_type, index_part) =
@@ -222,7 +238,7 @@ impl Puller {
                     .unwrap_or(0);
                 let fetched = self
                     .registry
-                    .fetch_manifest(reference, &chosen.digest)
+                    .fetch_manifest(reference, &chosen.digest, credentials)
                     .await?;
                 (
                     fetched.bytes,
@@ -245,7 +261,7 @@ impl Puller {
             None => {
                 let response = self
                     .registry
-                    .fetch_blob(reference, &manifest.config.digest)
+                    .fetch_blob(reference, &manifest.config.digest, credentials)
                     .await?;
                 let bytes = response.bytes().await.map_err(|e| PullError::Download {
                     digest: manifest.config.digest.clone(),
@@ -274,7 +290,10 @@ impl Puller {
             {
                 continue;
             }
-            let response = self.registry.fetch_blob(reference, &layer.digest).await?;
+            let response = self
+                .registry
+                .fetch_blob(reference, &layer.digest, credentials)
+                .await?;
             self.write_blob(
                 lease,
                 &layer.digest,
@@ -674,6 +693,24 @@ impl Puller {
             config: config.config.unwrap_or_default(),
         })
     }
+}
+
+/// The run's credentials, when they are for the image's registry. Credentials for another host
+/// are ignored (never sent to a registry they were not meant for).
+fn credentials_for(reference: &ImageReference, auth: Option<&RegistryAuth>) -> Option<Credentials> {
+    let auth = auth?;
+    if auth.host != reference.registry {
+        tracing::warn!(
+            image_registry = %reference.registry,
+            credentials_host = %auth.host,
+            "registry credentials are for another host; pulling without them"
+        );
+        return None;
+    }
+    Some(Credentials {
+        username: auth.username.clone(),
+        password: auth.password.clone(),
+    })
 }
 
 fn label(key: &str, value: &str) -> HashMap<String, String> {

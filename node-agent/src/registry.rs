@@ -38,6 +38,9 @@ pub enum RegistryError {
     /// fetching a bearer token failed
     #[error("getting a token from {realm} failed: {message}")]
     Token { realm: String, message: String },
+    /// the registry refused the credentials (or wants some and the run has none)
+    #[error("401 Unauthorized from {host}: {detail}")]
+    Unauthorized { host: String, detail: String },
     /// the content does not hash to the digest it was requested by
     #[error("content digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: String, actual: String },
@@ -52,11 +55,27 @@ pub struct FetchedManifest {
     pub digest: String,
 }
 
-/// Username and password for one registry host.
-#[derive(Debug, Clone)]
+/// Username and password for one registry host. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Tells credentials apart in the token cache without keeping the password in the key.
+    fn fingerprint(&self) -> String {
+        crate::manifest::sha256_digest(format!("{}\0{}", self.username, self.password).as_bytes())
+    }
 }
 
 /// A parsed `WWW-Authenticate` header.
@@ -159,14 +178,21 @@ impl RegistryClient {
     }
 
     /// Fetches a manifest (or index) by tag or digest, verifying the digest when pinned.
+    /// `credentials` (for this call) win over the ones the client was built with.
     pub async fn fetch_manifest(
         &self,
         image: &ImageReference,
         reference: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<FetchedManifest, RegistryError> {
         let url = format!("{}/manifests/{reference}", self.base_url(image));
         let response = self
-            .get(image, &url, Some(&ACCEPTED_MANIFEST_TYPES.join(", ")))
+            .get(
+                image,
+                &url,
+                Some(&ACCEPTED_MANIFEST_TYPES.join(", ")),
+                credentials,
+            )
             .await?;
         let header_type = response
             .headers()
@@ -204,13 +230,27 @@ impl RegistryClient {
         &self,
         image: &ImageReference,
         digest: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<Response, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base_url(image));
-        self.get(image, &url, None).await
+        self.get(image, &url, None, credentials).await
     }
 
-    fn auth_key(image: &ImageReference) -> String {
-        format!("{}/{}", image.registry, image.repository)
+    fn credentials_for<'a>(
+        &'a self,
+        registry: &str,
+        per_call: Option<&'a Credentials>,
+    ) -> Option<&'a Credentials> {
+        per_call.or_else(|| self.credentials.get(registry))
+    }
+
+    /// Cached authorizations are per repository *and* credentials: a token one run obtained
+    /// must never serve a run with other (or wrong) credentials.
+    fn auth_key(image: &ImageReference, credentials: Option<&Credentials>) -> String {
+        let who = credentials
+            .map(Credentials::fingerprint)
+            .unwrap_or_default();
+        format!("{}/{}#{who}", image.registry, image.repository)
     }
 
     async fn get(
@@ -218,12 +258,15 @@ impl RegistryClient {
         image: &ImageReference,
         url: &str,
         accept: Option<&str>,
+        per_call: Option<&Credentials>,
     ) -> Result<Response, RegistryError> {
+        let credentials = self.credentials_for(&image.registry, per_call);
+        let key = Self::auth_key(image, credentials);
         let cached = self
             .authorizations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&Self::auth_key(image))
+            .get(&key)
             .cloned();
         let response = self.send(url, accept, cached.as_deref()).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
@@ -235,12 +278,25 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let authorization = self.authorize(image, url, &challenge).await?;
+        let authorization = self.authorize(image, url, &challenge, credentials).await?;
+        let response = self.send(url, accept, Some(&authorization)).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            self.authorizations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            return Err(RegistryError::Unauthorized {
+                host: image.registry.clone(),
+                detail: match credentials {
+                    Some(c) => format!("the registry rejected the credentials of {:?}", c.username),
+                    None => "the registry wants credentials and the run has none".to_string(),
+                },
+            });
+        }
         self.authorizations
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(Self::auth_key(image), authorization.clone());
-        let response = self.send(url, accept, Some(&authorization)).await?;
+            .insert(key, authorization);
         check_status(url, response).await
     }
 
@@ -268,8 +324,8 @@ impl RegistryClient {
             })
     }
 
-    fn basic(&self, registry: &str) -> Option<String> {
-        self.credentials.get(registry).map(|c| {
+    fn basic(credentials: Option<&Credentials>) -> Option<String> {
+        credentials.map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
                 "Basic {}",
@@ -284,6 +340,7 @@ impl RegistryClient {
         image: &ImageReference,
         url: &str,
         challenge_header: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<String, RegistryError> {
         let unsupported = || RegistryError::UnsupportedAuth {
             url: url.to_string(),
@@ -291,7 +348,10 @@ impl RegistryClient {
         };
         let challenge = parse_challenge(challenge_header).ok_or_else(unsupported)?;
         match challenge.scheme.as_str() {
-            "basic" => self.basic(&image.registry).ok_or_else(unsupported),
+            "basic" => Self::basic(credentials).ok_or_else(|| RegistryError::Unauthorized {
+                host: image.registry.clone(),
+                detail: "the registry wants credentials and the run has none".to_string(),
+            }),
             "bearer" => {
                 let realm = challenge
                     .params
@@ -308,7 +368,7 @@ impl RegistryClient {
                     query.push(("service", service.clone()));
                 }
                 let mut request = self.http.get(&realm).query(&query);
-                if let Some(basic) = self.basic(&image.registry) {
+                if let Some(basic) = Self::basic(credentials) {
                     request = request.header(AUTHORIZATION, basic);
                 }
                 let token_error = |message: String| RegistryError::Token {
@@ -319,6 +379,12 @@ impl RegistryClient {
                     .send()
                     .await
                     .map_err(|e| token_error(e.to_string()))?;
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    return Err(RegistryError::Unauthorized {
+                        host: image.registry.clone(),
+                        detail: format!("the token service {realm} rejected the credentials"),
+                    });
+                }
                 if !response.status().is_success() {
                     return Err(token_error(format!("status {}", response.status())));
                 }
@@ -388,5 +454,106 @@ mod tests {
         assert_eq!(client.scheme_for("reg.lan:5000"), "http");
         assert_eq!(client.scheme_for("reg.lan:5001"), "https");
         assert_eq!(client.scheme_for("ghcr.io"), "https");
+    }
+
+    /// A registry on 127.0.0.1 that wants `user:pass` by basic auth for everything.
+    async fn private_registry() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let expected = format!(
+            "authorization: basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode("user:pass")
+                .to_ascii_lowercase()
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let expected = expected.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    let body = r#"{"schemaVersion":2}"#;
+                    let response = if text.lines().any(|l| l.trim() == expected) {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"test\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                    };
+                    let _ = socket.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn creds(password: &str) -> Credentials {
+        Credentials {
+            username: "user".to_string(),
+            password: password.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn per_call_credentials_authenticate_and_a_wrong_password_is_a_clear_401() {
+        let addr = private_registry().await;
+        let image = ImageReference::parse(&format!("{addr}/private/app:latest")).expect("ref");
+        let client = RegistryClient::new(vec![], HashMap::new()).expect("client");
+
+        let fetched = client
+            .fetch_manifest(&image, "latest", Some(&creds("pass")))
+            .await
+            .expect("right password");
+        assert_eq!(fetched.bytes, br#"{"schemaVersion":2}"#);
+
+        // The authorization cached for the right password must not serve the wrong one.
+        let error = client
+            .fetch_manifest(&image, "latest", Some(&creds("wrong")))
+            .await
+            .expect_err("wrong password");
+        let message = error.to_string();
+        assert!(
+            matches!(error, RegistryError::Unauthorized { .. }),
+            "{message}"
+        );
+        assert!(
+            message.starts_with(&format!("401 Unauthorized from {addr}")),
+            "{message}"
+        );
+        assert!(!message.contains("wrong"), "never the password: {message}");
+
+        let error = client
+            .fetch_manifest(&image, "latest", None)
+            .await
+            .expect_err("no credentials");
+        assert!(
+            error
+                .to_string()
+                .contains("wants credentials and the run has none"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_password() {
+        let shown = format!("{:?}", creds("hunter2"));
+        assert!(
+            shown.contains("user") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

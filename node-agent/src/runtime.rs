@@ -3,9 +3,10 @@
 //! scripted fake.
 
 use std::future::Future;
+use std::path::PathBuf;
 
+use berth_proto::v1::RegistryAuth;
 use oci_spec::runtime::Spec;
-use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 
 use crate::manifest::ImageRunConfig;
@@ -21,10 +22,12 @@ pub struct PreparedImage {
     pub config: ImageRunConfig,
 }
 
-/// The read ends of a task's stdout and stderr.
-pub struct TaskOutput {
-    pub stdout: Box<dyn AsyncRead + Send + Unpin>,
-    pub stderr: Box<dyn AsyncRead + Send + Unpin>,
+/// Regular files (they must exist) that the task's stdout and stderr are appended to. The
+/// shim writes them itself, so output is kept even while no agent process is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFiles {
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
 }
 
 /// How a task ended, as containerd reports it.
@@ -93,22 +96,27 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Images known to be present and unpacked (reported to the scheduler for placement).
     fn cached_images(&self) -> Vec<String>;
 
-    /// Makes `image` present and unpacked (pulling only what is missing).
+    /// Makes `image` present and unpacked (pulling only what is missing), with `auth` for its
+    /// registry when the run has credentials.
     fn pull_image(
         &self,
         image: &str,
+        auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<PreparedImage, RuntimeError>> + Send;
 
     /// Prepares the rootfs, creates the container with `spec` and creates (not starts) its task,
-    /// returning the open read ends of stdout and stderr.
+    /// its stdout and stderr appended to `output`.
     fn create(
         &self,
         run_id: &str,
         image: &PreparedImage,
         spec: &Spec,
-    ) -> impl Future<Output = Result<TaskOutput, RuntimeError>> + Send;
+        output: &OutputFiles,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
-    /// Begins waiting for the task's exit; call before `start`.
+    /// Begins waiting for the task's exit; call before `start`. Also works for a task an earlier
+    /// agent process started (re-adoption after a restart); resolves at once if it already
+    /// exited, and with an error if the task is gone.
     fn watch_exit(
         &self,
         run_id: &str,
@@ -125,11 +133,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         all: bool,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
-    /// Deletes the (exited) task, which closes its output FIFOs.
+    /// Deletes the (exited) task. Returns once the shim has finished copying its output.
     fn delete_task(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
-    /// Removes everything the run left behind: task, container, snapshot, FIFOs, cgroups. Best
-    /// effort and idempotent: failures are logged, missing pieces ignored.
+    /// Removes everything the run left behind in the engine: task, container, snapshot, lease,
+    /// cgroups (not the run's journal directory). Best effort and idempotent: failures are
+    /// logged, missing pieces ignored.
     fn cleanup(&self, run_id: &str) -> impl Future<Output = ()> + Send;
 
     /// IDs of containers in this agent's namespace (left over from an earlier process).

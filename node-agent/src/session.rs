@@ -2,7 +2,7 @@
 //! deliver the outbox, and reconnect forever with capped backoff when the stream breaks. Runs keep
 //! executing while disconnected; their reports wait in the outbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,9 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
+use crate::journal::Journal;
 use crate::outbox::SharedOutbox;
 use crate::runtime::ContainerRuntime;
-use crate::supervisor::{supervise, Assignment, SupervisorSettings};
+use crate::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -62,6 +63,7 @@ pub struct Agent<R: ContainerRuntime> {
     config: AgentConfig,
     runtime: Arc<R>,
     outbox: SharedOutbox,
+    journal: Journal,
     boot_id: String,
     runs: Arc<Mutex<HashMap<String, RunEntry>>>,
 }
@@ -69,6 +71,7 @@ pub struct Agent<R: ContainerRuntime> {
 impl<R: ContainerRuntime> Agent<R> {
     pub fn new(config: AgentConfig, runtime: Arc<R>) -> Self {
         Self {
+            journal: Journal::new(&config.state_dir),
             config,
             runtime,
             outbox: SharedOutbox::new(),
@@ -85,22 +88,71 @@ impl<R: ContainerRuntime> Agent<R> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Kills and removes containers an earlier agent process left in the namespace.
-    pub async fn clean_leftovers(&self) {
+    /// Takes over what an earlier agent process (killed, crashed) left behind, before the first
+    /// `Register`, so the runs it re-adopts are listed there:
+    /// - a run with a recorded exit: its unacknowledged lines and its `RunExited` are re-sent;
+    /// - a run whose task was started: the task is re-adopted (see [`resume`]);
+    /// - a run that never started: its container is removed and the run forgotten, so the
+    ///   scheduler re-queues it;
+    /// - a container without a journal: removed, as before.
+    pub async fn recover(&self) {
+        let mut adopted = HashSet::new();
+        for run_id in self.journal.list() {
+            let run_dir = self.journal.run_dir(&run_id);
+            let record = match run_dir.read_record() {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(run_id = %run_id, %error, "unreadable run journal; removing the run");
+                    self.runtime.cleanup(&run_id).await;
+                    self.journal.remove(&run_id);
+                    continue;
+                }
+            };
+            let recorded_exit = run_dir.read_exit().unwrap_or_else(|error| {
+                tracing::error!(run_id = %run_id, %error, "unreadable exit record; re-adopting the task instead");
+                None
+            });
+            if recorded_exit.is_none() && record.started_at_unix_nanos.is_none() {
+                tracing::warn!(run_id = %run_id, "run had not started before the restart; removing it so the scheduler re-queues it");
+                self.runtime.cleanup(&run_id).await;
+                self.journal.remove(&run_id);
+                continue;
+            }
+            let Some(stop_rx) = self.track(&run_id, record.spec.memory_mib) else {
+                continue;
+            };
+            adopted.insert(run_id.clone());
+            let supervisor = resume(
+                self.runtime.clone(),
+                run_dir,
+                record,
+                recorded_exit,
+                stop_rx,
+                self.outbox.clone(),
+            );
+            self.spawn_supervisor(run_id, supervisor);
+        }
+        if !adopted.is_empty() {
+            tracing::info!(
+                runs = adopted.len(),
+                "re-adopted runs of an earlier agent process"
+            );
+        }
         match self.runtime.list_containers().await {
             Ok(ids) => {
-                for id in ids {
+                for id in ids.into_iter().filter(|id| !adopted.contains(id)) {
                     tracing::warn!(run_id = %id, "removing container left by an earlier agent process");
                     self.runtime.cleanup(&id).await;
+                    self.journal.remove(&id);
                 }
             }
             Err(error) => tracing::warn!(%error, "could not list leftover containers"),
         }
     }
 
-    /// Cleans up leftovers, then stays connected to the scheduler until `shutdown` resolves.
+    /// Takes over leftovers, then stays connected to the scheduler until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        self.clean_leftovers().await;
+        self.recover().await;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = BACKOFF_START;
         loop {
@@ -239,16 +291,14 @@ impl<R: ContainerRuntime> Agent<R> {
                 }
                 None => tracing::debug!(run_id = %stop.run_id, "stop for unknown run ignored"),
             },
-            Some(scheduler_message::Body::Ack(ack)) => {
-                self.outbox.ack(ack.up_to_seq);
-                self.runs()
-                    .retain(|_, r| r.exit_seq.is_none_or(|seq| seq > ack.up_to_seq));
-            }
+            Some(scheduler_message::Body::Ack(ack)) => self.acknowledged(ack.up_to_seq),
             Some(scheduler_message::Body::Warmup(warmup)) => {
                 let runtime = self.runtime.clone();
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
-                    let pulled = runtime.pull_image(&warmup.image).await;
+                    let pulled = runtime
+                        .pull_image(&warmup.image, warmup.registry_auth.as_ref())
+                        .await;
                     let result = match pulled {
                         Ok(image) => WarmupResult {
                             runner_id: warmup.runner_id,
@@ -278,6 +328,77 @@ impl<R: ContainerRuntime> Agent<R> {
         }
     }
 
+    /// The scheduler stored everything up to `up_to_seq`: remember how far each run's lines
+    /// are acknowledged, and forget the runs whose `RunExited` is.
+    fn acknowledged(&self, up_to_seq: u64) {
+        let mut acked_lines: HashMap<String, u64> = HashMap::new();
+        for message in self.outbox.ack(up_to_seq) {
+            if let Some(Body::LogBatch(batch)) = message.body {
+                let top = batch.lines.iter().map(|l| l.seq).max().unwrap_or(0);
+                let entry = acked_lines.entry(batch.run_id).or_default();
+                *entry = (*entry).max(top);
+            }
+        }
+        for (run_id, seq) in acked_lines {
+            if let Err(error) = self.journal.run_dir(&run_id).write_acked(seq) {
+                tracing::warn!(run_id = %run_id, %error, "recording acknowledged lines failed");
+            }
+        }
+        let mut finished = Vec::new();
+        self.runs().retain(|run_id, r| {
+            let keep = r.exit_seq.is_none_or(|seq| seq > up_to_seq);
+            if !keep {
+                finished.push(run_id.clone());
+            }
+            keep
+        });
+        for run_id in finished {
+            self.journal.remove(&run_id);
+        }
+    }
+
+    /// Registers a run this process is responsible for; None if it already is.
+    fn track(&self, run_id: &str, memory_mib: u64) -> Option<watch::Receiver<bool>> {
+        let mut runs = self.runs();
+        if runs.contains_key(run_id) {
+            return None;
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        runs.insert(
+            run_id.to_string(),
+            RunEntry {
+                stop: stop_tx,
+                memory_mib,
+                exit_seq: None,
+            },
+        );
+        Some(stop_rx)
+    }
+
+    /// Runs a supervisor; once it queued `RunExited` the run stays listed until that is
+    /// acknowledged (then its journal goes too).
+    fn spawn_supervisor(
+        &self,
+        run_id: String,
+        supervisor: impl Future<Output = u64> + Send + 'static,
+    ) {
+        let outbox = self.outbox.clone();
+        let registry = self.runs.clone();
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            let exit_seq = supervisor.await;
+            let mut runs = registry.lock().unwrap_or_else(|e| e.into_inner());
+            if outbox.is_acked(exit_seq) {
+                // The ack overtook us: the scheduler already has the exit.
+                runs.remove(&run_id);
+                drop(runs);
+                journal.remove(&run_id);
+            } else if let Some(entry) = runs.get_mut(&run_id) {
+                entry.exit_seq = Some(exit_seq);
+            }
+        });
+    }
+
     fn drop_stale_run(&self, run_id: String) {
         match self.runs().get(&run_id) {
             Some(entry) => {
@@ -287,7 +408,11 @@ impl<R: ContainerRuntime> Agent<R> {
             None => {
                 tracing::warn!(run_id = %run_id, "scheduler says run is stale; cleaning up");
                 let runtime = self.runtime.clone();
-                tokio::spawn(async move { runtime.cleanup(&run_id).await });
+                let journal = self.journal.clone();
+                tokio::spawn(async move {
+                    runtime.cleanup(&run_id).await;
+                    journal.remove(&run_id);
+                });
             }
         }
     }
@@ -295,25 +420,11 @@ impl<R: ContainerRuntime> Agent<R> {
     fn assign(&self, assign: AssignRun) {
         let run_id = assign.run_id.clone();
         let spec = assign.spec.unwrap_or_default();
-        let mut runs = self.runs();
-        if runs.contains_key(&run_id) {
+        let Some(stop_rx) = self.track(&run_id, spec.memory_mib) else {
             tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
             return;
-        }
+        };
         tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
-        let (stop_tx, stop_rx) = watch::channel(false);
-        runs.insert(
-            run_id.clone(),
-            RunEntry {
-                stop: stop_tx,
-                memory_mib: spec.memory_mib,
-                exit_seq: None,
-            },
-        );
-        drop(runs);
-        let runtime = self.runtime.clone();
-        let outbox = self.outbox.clone();
-        let registry = self.runs.clone();
         let settings = SupervisorSettings {
             cgroup_parent: self.config.cgroup_parent.clone(),
         };
@@ -322,15 +433,14 @@ impl<R: ContainerRuntime> Agent<R> {
             lease_epoch: assign.lease_epoch,
             spec,
         };
-        tokio::spawn(async move {
-            let exit_seq = supervise(runtime, settings, assignment, stop_rx, outbox.clone()).await;
-            let mut runs = registry.lock().unwrap_or_else(|e| e.into_inner());
-            if outbox.is_acked(exit_seq) {
-                // The ack overtook us: the scheduler already has the exit.
-                runs.remove(&run_id);
-            } else if let Some(entry) = runs.get_mut(&run_id) {
-                entry.exit_seq = Some(exit_seq);
-            }
-        });
+        let supervisor = supervise(
+            self.runtime.clone(),
+            settings,
+            self.journal.clone(),
+            assignment,
+            stop_rx,
+            self.outbox.clone(),
+        );
+        self.spawn_supervisor(run_id, supervisor);
     }
 }

@@ -1,7 +1,8 @@
 //! Supervises one run from assignment to its final report:
-//! pull → build spec → create task → watch exit → start → (exit | timeout | stop) → drain logs →
-//! clean up → `RunExited`. Every path, failures included, ends with cleanup and exactly one
-//! `RunExited`, and every log line of the run is queued before that `RunExited`.
+//! pull → build spec → journal → create task → watch exit → start → (exit | timeout | stop) →
+//! drain logs → record the exit → clean up → `RunExited`. Every path, failures included, ends
+//! with cleanup and exactly one `RunExited`, and every log line of the run is queued before that
+//! `RunExited`. [`resume`] is the same ending for a run an earlier agent process left behind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,17 +11,18 @@ use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunSt
 use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
+use crate::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::logs::LogPump;
 use crate::outbox::SharedOutbox;
-use crate::runtime::{ContainerRuntime, ExitWatch, RuntimeError, StopSignal, TaskExit};
+use crate::runtime::{
+    ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
+};
 use crate::spec::{build_spec, SpecInputs};
 
 /// Exit code reported when the run's timeout elapsed (as coreutils `timeout` does).
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
 /// Grace period between SIGTERM and SIGKILL when the run does not set one.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
-/// How long to wait for output EOF after the exit before deleting the task.
-pub const LOG_EOF_WAIT: Duration = Duration::from_secs(2);
 /// How long to wait for the exit after SIGKILL before giving up on the task.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound for cleanup, so a hung containerd cannot keep the exit report back forever.
@@ -61,6 +63,26 @@ impl Ending {
         }
     }
 
+    fn to_record(&self) -> ExitRecord {
+        ExitRecord {
+            reason: self.reason as i32,
+            exit_code: self.exit_code,
+            exited_at_unix_nanos: self.exited_at_unix_nanos,
+            error_code: self.error_code.clone(),
+            error_message: self.error_message.clone(),
+        }
+    }
+
+    fn from_record(record: ExitRecord) -> Self {
+        Self {
+            reason: record.reason(),
+            exit_code: record.exit_code,
+            exited_at_unix_nanos: record.exited_at_unix_nanos,
+            error_code: record.error_code,
+            error_message: record.error_message,
+        }
+    }
+
     fn stopped_before_start() -> Self {
         Self {
             reason: ExitReason::Stopped,
@@ -77,20 +99,146 @@ impl Ending {
 pub async fn supervise<R: ContainerRuntime>(
     runtime: Arc<R>,
     settings: SupervisorSettings,
+    journal: Journal,
     assignment: Assignment,
     mut stop: watch::Receiver<bool>,
     outbox: SharedOutbox,
 ) -> u64 {
-    let run_id = assignment.run_id.clone();
-    let ending = run_until_exit(&*runtime, &settings, &assignment, &mut stop, &outbox).await;
-    if tokio::time::timeout(CLEANUP_LIMIT, runtime.cleanup(&run_id))
+    let (ending, run_dir) = run_until_exit(
+        &*runtime,
+        &settings,
+        &journal,
+        &assignment,
+        &mut stop,
+        &outbox,
+    )
+    .await;
+    finish(
+        &*runtime,
+        &assignment.run_id,
+        assignment.lease_epoch,
+        ending,
+        run_dir.as_ref(),
+        &outbox,
+    )
+    .await
+}
+
+/// Takes over a run an earlier agent process left in `run_dir` (it was killed or crashed):
+/// re-queues its `RunStarted` and unacknowledged log lines, and then either re-sends the exit it
+/// had recorded or re-adopts the still-existing task — output tailing resumes where the line
+/// log ends, the timeout counts from the original start — and ends it as [`supervise`] does.
+/// Returns the outbox sequence number of the `RunExited` report.
+pub async fn resume<R: ContainerRuntime>(
+    runtime: Arc<R>,
+    run_dir: RunDir,
+    record: RunRecord,
+    recorded_exit: Option<ExitRecord>,
+    mut stop: watch::Receiver<bool>,
+    outbox: SharedOutbox,
+) -> u64 {
+    let run_id = record.run_id.as_str();
+    if let Some(started_at) = record.started_at_unix_nanos {
+        outbox.push(Body::RunStarted(RunStarted {
+            run_id: run_id.to_string(),
+            lease_epoch: record.lease_epoch,
+            started_at_unix_nanos: started_at,
+            image_digest: record.image_digest.clone(),
+        }));
+    }
+    let mut pump = match LogPump::start(
+        run_id.to_string(),
+        &run_dir,
+        run_dir.read_acked(),
+        outbox.clone(),
+    ) {
+        Ok(pump) => Some(pump),
+        Err(error) => {
+            tracing::error!(run_id, %error, "cannot reopen the run's log; its output is lost");
+            None
+        }
+    };
+    let ending = match recorded_exit {
+        Some(exit) => {
+            tracing::info!(
+                run_id,
+                "run had ended before the restart; re-sending its exit"
+            );
+            if let Some(pump) = pump.as_mut() {
+                pump.finish().await;
+            }
+            Ending::from_record(exit)
+        }
+        None => {
+            tracing::info!(run_id, "re-adopting the run's task");
+            let elapsed = record
+                .started_at_unix_nanos
+                .map(|started| {
+                    let nanos = unix_nanos_now().saturating_sub(started).max(0);
+                    Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
+                })
+                .unwrap_or_default();
+            let ending = match runtime.watch_exit(run_id).await {
+                Ok(exit_watch) => {
+                    watch_running(
+                        &*runtime,
+                        run_id,
+                        &record.spec,
+                        elapsed,
+                        &mut stop,
+                        exit_watch,
+                    )
+                    .await
+                }
+                Err(e) => Ending {
+                    reason: ExitReason::Exited,
+                    exit_code: -1,
+                    exited_at_unix_nanos: unix_nanos_now(),
+                    error_code: e.error_code().to_string(),
+                    error_message: e.to_string(),
+                },
+            };
+            if let Some(pump) = pump.as_mut() {
+                drain_output(&*runtime, run_id, pump).await;
+            }
+            ending
+        }
+    };
+    finish(
+        &*runtime,
+        run_id,
+        record.lease_epoch,
+        ending,
+        Some(&run_dir),
+        &outbox,
+    )
+    .await
+}
+
+/// The common end of every run: record the ending, clean up, queue `RunExited` (last).
+async fn finish<R: ContainerRuntime>(
+    runtime: &R,
+    run_id: &str,
+    lease_epoch: u64,
+    ending: Ending,
+    run_dir: Option<&RunDir>,
+    outbox: &SharedOutbox,
+) -> u64 {
+    // Recorded before cleanup: an agent that dies from here on re-sends this exit after its
+    // restart instead of trying to re-adopt a task that may be gone.
+    if let Some(dir) = run_dir {
+        if let Err(error) = dir.write_exit(&ending.to_record()) {
+            tracing::error!(run_id, %error, "recording the run's exit failed");
+        }
+    }
+    if tokio::time::timeout(CLEANUP_LIMIT, runtime.cleanup(run_id))
         .await
         .is_err()
     {
-        tracing::error!(run_id = %run_id, "cleanup did not finish in time");
+        tracing::error!(run_id, "cleanup did not finish in time");
     }
     tracing::info!(
-        run_id = %run_id,
+        run_id,
         reason = ?ending.reason,
         exit_code = ending.exit_code,
         error_code = %ending.error_code,
@@ -98,8 +246,8 @@ pub async fn supervise<R: ContainerRuntime>(
         "run ended"
     );
     outbox.push(Body::RunExited(RunExited {
-        run_id,
-        lease_epoch: assignment.lease_epoch,
+        run_id: run_id.to_string(),
+        lease_epoch,
         exit_code: ending.exit_code,
         exited_at_unix_nanos: ending.exited_at_unix_nanos,
         reason: ending.reason as i32,
@@ -117,23 +265,26 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Pull, journal, create, start and watch the run. Returns how it ended and its journal (none
+/// if it ended before one was written).
 async fn run_until_exit<R: ContainerRuntime>(
     runtime: &R,
     settings: &SupervisorSettings,
+    journal: &Journal,
     assignment: &Assignment,
     stop: &mut watch::Receiver<bool>,
     outbox: &SharedOutbox,
-) -> Ending {
+) -> (Ending, Option<RunDir>) {
     let run_id = assignment.run_id.as_str();
     let spec = &assignment.spec;
 
     tracing::info!(run_id, image = %spec.image, "pulling image");
     let image = tokio::select! {
         biased;
-        _ = stop_requested(stop) => return Ending::stopped_before_start(),
-        pulled = runtime.pull_image(&spec.image) => match pulled {
+        _ = stop_requested(stop) => return (Ending::stopped_before_start(), None),
+        pulled = runtime.pull_image(&spec.image, spec.registry_auth.as_ref()) => match pulled {
             Ok(image) => image,
-            Err(e) => return Ending::start_failed(e.error_code(), e.to_string()),
+            Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
         },
     };
 
@@ -144,38 +295,87 @@ async fn run_until_exit<R: ContainerRuntime>(
         cgroup_parent: &settings.cgroup_parent,
     }) {
         Ok(s) => s,
-        Err(e) => return Ending::start_failed(e.error_code(), e.to_string()),
+        Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
     };
 
-    let output = match runtime.create(run_id, &image, &oci_spec).await {
-        Ok(o) => o,
-        Err(e) => return Ending::start_failed(e.error_code(), e.to_string()),
+    let mut record = RunRecord {
+        run_id: run_id.to_string(),
+        lease_epoch: assignment.lease_epoch,
+        spec: spec.clone(),
+        image_digest: image.digest.clone(),
+        started_at_unix_nanos: None,
     };
-    let mut pump = LogPump::start(
-        run_id.to_string(),
-        output.stdout,
-        output.stderr,
-        outbox.clone(),
-    );
+    let run_dir = match journal.create(&record) {
+        Ok(dir) => dir,
+        Err(e) => {
+            return (
+                Ending::start_failed("journal_failed", format!("writing the run's journal: {e}")),
+                None,
+            )
+        }
+    };
+    let ending = start_and_watch(
+        runtime,
+        assignment,
+        &image,
+        &oci_spec,
+        &run_dir,
+        &mut record,
+        stop,
+        outbox,
+    )
+    .await;
+    (ending, Some(run_dir))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_and_watch<R: ContainerRuntime>(
+    runtime: &R,
+    assignment: &Assignment,
+    image: &PreparedImage,
+    oci_spec: &oci_spec::runtime::Spec,
+    run_dir: &RunDir,
+    record: &mut RunRecord,
+    stop: &mut watch::Receiver<bool>,
+    outbox: &SharedOutbox,
+) -> Ending {
+    let run_id = assignment.run_id.as_str();
+    let output = OutputFiles {
+        stdout: run_dir.stdout(),
+        stderr: run_dir.stderr(),
+    };
+    if let Err(e) = runtime.create(run_id, image, oci_spec, &output).await {
+        return Ending::start_failed(e.error_code(), e.to_string());
+    }
+    let mut pump = match LogPump::start(run_id.to_string(), run_dir, 0, outbox.clone()) {
+        Ok(pump) => pump,
+        Err(e) => {
+            return Ending::start_failed("journal_failed", format!("opening the run's log: {e}"))
+        }
+    };
 
     if *stop.borrow() {
-        pump.stop_and_flush().await;
+        pump.finish().await;
         return Ending::stopped_before_start();
     }
     let exit_watch = match runtime.watch_exit(run_id).await {
         Ok(w) => w,
         Err(e) => {
-            pump.stop_and_flush().await;
+            pump.finish().await;
             return Ending::start_failed(e.error_code(), e.to_string());
         }
     };
     let started_at = match runtime.start(run_id).await {
         Ok(t) => t,
         Err(e) => {
-            pump.stop_and_flush().await;
+            pump.finish().await;
             return Ending::start_failed(e.error_code(), e.to_string());
         }
     };
+    // From here on a restarted agent re-adopts the task instead of forgetting it.
+    if let Err(error) = run_dir.mark_started(record, started_at) {
+        tracing::error!(run_id, %error, "recording the start failed; a restart would lose the run");
+    }
     tracing::info!(run_id, image_digest = %image.digest, "run started");
     outbox.push(Body::RunStarted(RunStarted {
         run_id: run_id.to_string(),
@@ -184,24 +384,34 @@ async fn run_until_exit<R: ContainerRuntime>(
         image_digest: image.digest.clone(),
     }));
 
-    let ending = watch_running(runtime, assignment, stop, exit_watch).await;
-    drain_logs(runtime, run_id, &mut pump).await;
+    let ending = watch_running(
+        runtime,
+        run_id,
+        &assignment.spec,
+        Duration::ZERO,
+        stop,
+        exit_watch,
+    )
+    .await;
+    drain_output(runtime, run_id, &mut pump).await;
     ending
 }
 
-/// Waits for the exit, enforcing the timeout and honouring stops.
+/// Waits for the exit, enforcing the timeout (of which `elapsed` has already passed) and
+/// honouring stops.
 async fn watch_running<R: ContainerRuntime>(
     runtime: &R,
-    assignment: &Assignment,
+    run_id: &str,
+    spec: &RunSpec,
+    elapsed: Duration,
     stop: &mut watch::Receiver<bool>,
     mut exit_watch: ExitWatch,
 ) -> Ending {
-    let run_id = assignment.run_id.as_str();
-    let timeout = match assignment.spec.timeout_seconds {
+    let timeout = match spec.timeout_seconds {
         0 => None,
-        secs => Some(Duration::from_secs(u64::from(secs))),
+        secs => Some(Duration::from_secs(u64::from(secs)).saturating_sub(elapsed)),
     };
-    let grace = match assignment.spec.stop_grace_seconds {
+    let grace = match spec.stop_grace_seconds {
         0 => DEFAULT_STOP_GRACE,
         secs => Duration::from_secs(u64::from(secs)),
     };
@@ -214,7 +424,7 @@ async fn watch_running<R: ContainerRuntime>(
     let reason = tokio::select! {
         exit = &mut exit_watch => return exited(exit, ExitReason::Exited, None),
         _ = timeout_sleep => {
-            tracing::info!(run_id, timeout_seconds = assignment.spec.timeout_seconds, "run timed out");
+            tracing::info!(run_id, timeout_seconds = spec.timeout_seconds, "run timed out");
             ExitReason::Timeout
         }
         _ = stop_requested(stop) => {
@@ -289,23 +499,13 @@ fn exited(
     }
 }
 
-/// Gets every line into the outbox: wait for EOF, then delete the task (which closes the FIFOs'
-/// write side) and drain again.
-async fn drain_logs<R: ContainerRuntime>(runtime: &R, run_id: &str, pump: &mut LogPump) {
-    if pump.wait_for_eof(LOG_EOF_WAIT).await {
-        return;
-    }
-    tracing::debug!(
-        run_id,
-        "output still open after exit; deleting task to close it"
-    );
+/// Gets every line into the outbox: delete the exited task — the shim finishes copying the
+/// output first — then take what the output files hold, a final unterminated line included.
+async fn drain_output<R: ContainerRuntime>(runtime: &R, run_id: &str, pump: &mut LogPump) {
     if let Err(error) = runtime.delete_task(run_id).await {
         tracing::warn!(run_id, %error, "deleting task failed");
     }
-    if !pump.wait_for_eof(LOG_EOF_WAIT).await {
-        tracing::warn!(run_id, "output did not reach EOF; keeping what was read");
-        pump.stop_and_flush().await;
-    }
+    pump.finish().await;
 }
 
 #[cfg(test)]

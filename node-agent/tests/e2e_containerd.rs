@@ -233,7 +233,6 @@ async fn runs_containers_end_to_end() {
         channel.clone(),
         ContainerdSettings {
             namespace: NAMESPACE.into(),
-            state_dir: state.path().to_path_buf(),
             cgroup_parent: CGROUP_PARENT.into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         },

@@ -1,12 +1,12 @@
 //! `ControlService`: the public API's way in. Each method converts, calls the engine, converts
 //! back; errors map to `tonic::Status` in one place (`error.rs`).
 
-use crate::engine::{NodeInfo, Scheduler};
+use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::convert::{env_from_pb, runner_to_pb};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
-use berth_core::validate::{RegistryInput, RunInput};
+use berth_core::validate::{RegistryInput, RunInput, ValidationErrors};
 use berth_proto::v1 as pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -185,6 +185,34 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::Runner>, Status> {
         let (runner, rev) = self.scheduler.warmup_runner(&r.into_inner().id).await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
+    }
+
+    async fn get_usage(
+        &self,
+        r: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let r = r.into_inner();
+        let group = UsageGroup::parse(&r.group_by).ok_or_else(|| {
+            SchedulerError::from(ValidationErrors::single(
+                "group_by",
+                "must be runner, instance_type or day",
+            ))
+        })?;
+        let rows = self
+            .scheduler
+            .usage(r.from_unix_millis, r.to_unix_millis, group)
+            .await?;
+        Ok(Response::new(pb::GetUsageResponse {
+            rows: rows
+                .into_iter()
+                .map(|u| pb::UsageRow {
+                    key: u.key,
+                    runs: u.runs,
+                    billed_seconds: u.billed_seconds,
+                    cost_nano_usd: u.cost_nano_usd,
+                })
+                .collect(),
+        }))
     }
 
     async fn create_container_registry(

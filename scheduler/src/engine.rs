@@ -448,6 +448,7 @@ impl<S: Store> Scheduler<S> {
             warm_pin: runner.warm_pin().map(str::to_owned),
             container_registry_id: runner.spec.container_registry_id.clone(),
             oom_killed: false,
+            price_nano_usd_per_second: itype.price_nano_usd_per_second(),
             queue_position: None,
         };
         let (out, done) = {
@@ -575,6 +576,44 @@ impl<S: Store> Scheduler<S> {
                 _ => return self.get_run(runner_id, run_id).await,
             }
         }
+    }
+
+    // ---- metering ------------------------------------------------------------------------
+
+    /// Billed usage of the runs that ended in `[from, to)` (unix millis), grouped by `group`.
+    pub async fn usage(
+        &self,
+        from: i64,
+        to: i64,
+        group: UsageGroup,
+    ) -> Result<Vec<UsageRow>, SchedulerError> {
+        let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
+        for kv in self.store.list_prefix(keys::RUNS).await? {
+            let run: Run = decode(&kv.key, &kv.value)?;
+            let (Some(completed), Some(seconds), Some(cost)) = (
+                run.completed_at,
+                run.duration_seconds(),
+                run.cost_nano_usd(),
+            ) else {
+                continue;
+            };
+            if completed < from || completed >= to {
+                continue;
+            }
+            let key = match group {
+                UsageGroup::Runner => run.runner_id.clone(),
+                UsageGroup::InstanceType => run.instance_type.clone(),
+                UsageGroup::Day => utc_day(completed),
+            };
+            let row = rows.entry(key.clone()).or_insert_with(|| UsageRow {
+                key,
+                ..UsageRow::default()
+            });
+            row.runs += 1;
+            row.billed_seconds += seconds;
+            row.cost_nano_usd += cost;
+        }
+        Ok(rows.into_values().collect())
     }
 
     // ---- container registries ----------------------------------------------------------
@@ -1619,6 +1658,49 @@ async fn committed(
     done: oneshot::Receiver<Result<(), SchedulerError>>,
 ) -> Result<(), SchedulerError> {
     done.await.unwrap_or_else(|_| Err(store_down()))
+}
+
+/// How usage is grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    Runner,
+    InstanceType,
+    Day,
+}
+
+impl UsageGroup {
+    pub fn parse(s: &str) -> Option<UsageGroup> {
+        match s {
+            "runner" => Some(UsageGroup::Runner),
+            "instance_type" => Some(UsageGroup::InstanceType),
+            "day" => Some(UsageGroup::Day),
+            _ => None,
+        }
+    }
+}
+
+/// One group of billed usage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    pub key: String,
+    pub runs: u64,
+    pub billed_seconds: u64,
+    pub cost_nano_usd: u64,
+}
+
+/// `YYYY-MM-DD` (UTC) of a unix-millis instant (civil-from-days, proleptic Gregorian).
+fn utc_day(millis: i64) -> String {
+    let days = millis.div_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 fn nanos_to_millis(n: i64) -> i64 {

@@ -76,21 +76,21 @@ async fn a_silent_agent_is_declared_lost_and_its_run_fenced_when_it_returns() ->
 }
 
 #[tokio::test]
-async fn a_killed_agent_that_restarts_reports_its_run_lost_and_leaves_no_container() -> Result<()> {
+async fn a_killed_agent_that_restarts_re_adopts_its_run_and_leaves_no_container() -> Result<()> {
     let mut f = Fleet::start(&[AgentSpec::new("ams")]).await?;
     let node = f.node("ams").to_owned();
-    let runner = f.runner("ams", json!({"run_command": "sleep 60"})).await?;
+    let runner = f
+        .runner("ams", json!({"run_command": "sleep 3; exit 7"}))
+        .await?;
     let run = f.start_run(&runner, json!({})).await?;
     f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
         .await?;
     f.signal_agent(&node, "KILL")?;
     f.restart_agent(&node)?;
-    // The new agent process has a new boot id and does not know the run.
-    let r = f
-        .wait_for(&runner, &run, Duration::from_secs(20), |s| s != "running")
-        .await?;
+    // The new agent process (new boot id) re-adopts the container and reports its real exit.
+    let r = f.wait_finished(&runner, &run).await?;
     ensure!(
-        r["status"] == "failed" && r["error_code"] == "node_restarted",
+        r["status"] == "failed" && r["exit_code"] == 7 && r["error_code"].is_null(),
         "{r}"
     );
     wait_no_containers(&f, &node).await?;

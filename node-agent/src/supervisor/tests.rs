@@ -3,12 +3,20 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use berth_proto::v1::{AgentMessage, LogStream};
-use tokio::io::{AsyncWriteExt, DuplexStream};
+use std::io::Write as _;
+use std::path::Path;
+
+use berth_proto::v1::{AgentMessage, LogStream, RegistryAuth};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
-use crate::runtime::{PreparedImage, TaskOutput};
+use crate::runtime::PreparedImage;
+
+fn append(path: &Path, text: &str) {
+    if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
 
 /// What the fake container does once started.
 #[derive(Clone, Default)]
@@ -21,16 +29,17 @@ struct Script {
     runs_for: Option<Duration>,
     exit_status: u32,
     ignores_sigterm: bool,
-    /// The output stays open after the exit until the task is deleted.
-    holds_output: bool,
+    /// Output the shim only finishes copying when the task is deleted.
+    late_output: Option<&'static str>,
 }
 
 #[derive(Default)]
 struct FakeTask {
-    out: Option<(DuplexStream, DuplexStream)>,
+    out: Option<OutputFiles>,
     exit_tx: Option<oneshot::Sender<Result<TaskExit, RuntimeError>>>,
     kill_tx: Option<mpsc::UnboundedSender<StopSignal>>,
-    held: Option<(DuplexStream, DuplexStream)>,
+    /// A task some earlier agent process started: it is already running.
+    adopted: bool,
 }
 
 struct FakeRuntime {
@@ -55,13 +64,71 @@ impl FakeRuntime {
     }
 }
 
+impl FakeRuntime {
+    /// Plays the script of a started (or adopted) task in the background.
+    fn run_task(&self, run_id: &str) {
+        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
+        let (out, exit_tx) = {
+            let mut tasks = self.tasks.lock().expect("lock");
+            let task = tasks.get_mut(run_id).expect("created");
+            task.kill_tx = Some(kill_tx);
+            let exit_tx = task
+                .exit_tx
+                .take()
+                .expect("watch_exit must come before start");
+            (task.out.clone().expect("output"), exit_tx)
+        };
+        let script = self.script.clone();
+        let tasks = self.tasks.clone();
+        let id = run_id.to_string();
+        tokio::spawn(async move {
+            for line in &script.stdout {
+                append(&out.stdout, &format!("{line}\n"));
+            }
+            for line in &script.stderr {
+                append(&out.stderr, &format!("{line}\n"));
+            }
+            let run = async {
+                match script.runs_for {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(run);
+            let status = loop {
+                tokio::select! {
+                    _ = &mut run => break script.exit_status,
+                    Some(sig) = kill_rx.recv() => match sig {
+                        StopSignal::Term if !script.ignores_sigterm => break 143,
+                        StopSignal::Term => continue,
+                        StopSignal::Kill => break 137,
+                    },
+                }
+            };
+            drop(tasks);
+            let _ = &id;
+            let _ = exit_tx.send(Ok(TaskExit {
+                exit_status: status,
+                exited_at_unix_nanos: 42,
+            }));
+        });
+    }
+}
+
 impl ContainerRuntime for FakeRuntime {
     fn cached_images(&self) -> Vec<String> {
         Vec::new()
     }
 
-    async fn pull_image(&self, image: &str) -> Result<PreparedImage, RuntimeError> {
-        self.record(format!("pull {image}"));
+    async fn pull_image(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<PreparedImage, RuntimeError> {
+        match auth {
+            Some(auth) => self.record(format!("pull {image} as {}", auth.username)),
+            None => self.record(format!("pull {image}")),
+        }
         tokio::time::sleep(self.script.pull_delay).await;
         if let Some(message) = &self.script.pull_error {
             return Err(RuntimeError::ImagePull {
@@ -84,83 +151,45 @@ impl ContainerRuntime for FakeRuntime {
         run_id: &str,
         _image: &PreparedImage,
         _spec: &oci_spec::runtime::Spec,
-    ) -> Result<TaskOutput, RuntimeError> {
+        output: &OutputFiles,
+    ) -> Result<(), RuntimeError> {
         self.record(format!("create {run_id}"));
-        let (out_w, out_r) = tokio::io::duplex(1 << 16);
-        let (err_w, err_r) = tokio::io::duplex(1 << 16);
+        assert!(output.stdout.is_file() && output.stderr.is_file());
         self.tasks.lock().expect("lock").insert(
             run_id.to_string(),
             FakeTask {
-                out: Some((out_w, err_w)),
+                out: Some(output.clone()),
                 ..Default::default()
             },
         );
-        Ok(TaskOutput {
-            stdout: Box::new(out_r),
-            stderr: Box::new(err_r),
-        })
+        Ok(())
     }
 
     async fn watch_exit(&self, run_id: &str) -> Result<ExitWatch, RuntimeError> {
         self.record(format!("watch {run_id}"));
         let (tx, rx) = oneshot::channel();
-        if let Some(task) = self.tasks.lock().expect("lock").get_mut(run_id) {
-            task.exit_tx = Some(tx);
+        let adopted = match self.tasks.lock().expect("lock").get_mut(run_id) {
+            Some(task) => {
+                task.exit_tx = Some(tx);
+                task.adopted
+            }
+            None => {
+                let _ = tx.send(Err(RuntimeError::Task {
+                    operation: "Tasks.Wait",
+                    message: "not found".to_string(),
+                }));
+                false
+            }
+        };
+        if adopted {
+            self.run_task(run_id);
         }
         Ok(rx)
     }
 
     async fn start(&self, run_id: &str) -> Result<i64, RuntimeError> {
         self.record(format!("start {run_id}"));
-        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
-        let (out, exit_tx) = {
-            let mut tasks = self.tasks.lock().expect("lock");
-            let task = tasks.get_mut(run_id).expect("created");
-            task.kill_tx = Some(kill_tx);
-            let exit_tx = task
-                .exit_tx
-                .take()
-                .expect("watch_exit must come before start");
-            (task.out.take().expect("output"), exit_tx)
-        };
-        let script = self.script.clone();
-        let tasks = self.tasks.clone();
-        let id = run_id.to_string();
-        tokio::spawn(async move {
-            let (mut out_w, mut err_w) = out;
-            for line in &script.stdout {
-                let _ = out_w.write_all(format!("{line}\n").as_bytes()).await;
-            }
-            for line in &script.stderr {
-                let _ = err_w.write_all(format!("{line}\n").as_bytes()).await;
-            }
-            let run = async {
-                match script.runs_for {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(run);
-            let status = loop {
-                tokio::select! {
-                    _ = &mut run => break script.exit_status,
-                    Some(sig) = kill_rx.recv() => match sig {
-                        StopSignal::Term if !script.ignores_sigterm => break 143,
-                        StopSignal::Term => continue,
-                        StopSignal::Kill => break 137,
-                    },
-                }
-            };
-            if script.holds_output {
-                if let Some(task) = tasks.lock().expect("lock").get_mut(&id) {
-                    task.held = Some((out_w, err_w));
-                }
-            }
-            let _ = exit_tx.send(Ok(TaskExit {
-                exit_status: status,
-                exited_at_unix_nanos: 42,
-            }));
-        });
+        self.run_task(run_id);
         Ok(7)
     }
 
@@ -180,8 +209,13 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
         self.record(format!("delete_task {run_id}"));
-        if let Some(task) = self.tasks.lock().expect("lock").get_mut(run_id) {
-            task.held = None;
+        if let (Some(late), Some(task)) = (
+            self.script.late_output,
+            self.tasks.lock().expect("lock").get(run_id),
+        ) {
+            if let Some(out) = &task.out {
+                append(&out.stdout, late);
+            }
         }
         Ok(())
     }
@@ -225,13 +259,21 @@ fn exit_of(messages: &[AgentMessage]) -> RunExited {
     exits[0].clone()
 }
 
+fn journal() -> (tempfile::TempDir, Journal) {
+    let state = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::new(state.path());
+    (state, journal)
+}
+
 async fn run(script: Script, spec: RunSpec) -> (Arc<FakeRuntime>, Vec<AgentMessage>) {
     let runtime = FakeRuntime::new(script);
     let outbox = SharedOutbox::new();
     let (_stop_tx, stop_rx) = watch::channel(false);
+    let (_state, journal) = journal();
     supervise(
         runtime.clone(),
         settings(),
+        journal,
         assignment(spec),
         stop_rx,
         outbox.clone(),
@@ -363,9 +405,11 @@ async fn stop_reports_real_exit_code() {
     });
     let outbox = SharedOutbox::new();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (_state, journal) = journal();
     let task = tokio::spawn(supervise(
         runtime.clone(),
         settings(),
+        journal,
         assignment(RunSpec::default()),
         stop_rx,
         outbox.clone(),
@@ -392,9 +436,11 @@ async fn stop_during_pull_aborts_start() {
     });
     let outbox = SharedOutbox::new();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (_state, journal) = journal();
     let task = tokio::spawn(supervise(
         runtime.clone(),
         settings(),
+        journal,
         assignment(RunSpec::default()),
         stop_rx,
         outbox.clone(),
@@ -447,11 +493,10 @@ async fn empty_command_is_invalid_command() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn output_held_open_is_drained_after_task_delete() {
+async fn output_copied_until_task_delete_is_kept() {
     let script = Script {
-        stdout: vec!["late"],
+        late_output: Some("late"),
         runs_for: Some(Duration::from_millis(1)),
-        holds_output: true,
         ..Default::default()
     };
     let (runtime, messages) = run(script, RunSpec::default()).await;
@@ -460,4 +505,246 @@ async fn output_held_open_is_drained_after_task_delete() {
     assert!(matches!(last.body, Some(Body::RunExited(_))));
     assert!(messages.iter().any(|m| matches!(&m.body,
         Some(Body::LogBatch(b)) if b.lines.iter().any(|l| l.msg == "late"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_credentials_reach_the_pull_and_never_the_journal() {
+    let runtime = FakeRuntime::new(Script {
+        runs_for: None,
+        ..Default::default()
+    });
+    let outbox = SharedOutbox::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (state, journal) = journal();
+    let spec = RunSpec {
+        registry_auth: Some(RegistryAuth {
+            host: "127.0.0.1:5055".to_string(),
+            username: "robot".to_string(),
+            password: "hunter2-secret".to_string(),
+        }),
+        ..Default::default()
+    };
+    let task = tokio::spawn(supervise(
+        runtime.clone(),
+        settings(),
+        journal.clone(),
+        assignment(spec),
+        stop_rx,
+        outbox.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(runtime
+        .calls()
+        .contains(&"pull 127.0.0.1:5055/busybox:latest as robot".to_string()));
+    let run_json =
+        std::fs::read_to_string(state.path().join("runs/run-1/run.json")).expect("run.json");
+    assert!(!run_json.contains("hunter2"), "{run_json}");
+    stop_tx.send_replace(true);
+    task.await.expect("supervisor");
+}
+
+fn lines_in(messages: &[AgentMessage]) -> Vec<(u64, i32, String)> {
+    messages
+        .iter()
+        .filter_map(|m| match &m.body {
+            Some(Body::LogBatch(b)) => Some(b.lines.clone()),
+            _ => None,
+        })
+        .flatten()
+        .map(|l| (l.seq, l.stream, l.msg))
+        .collect()
+}
+
+/// What an agent killed mid-run leaves: a journal of a started run, one numbered line (not
+/// acknowledged), more output since, and the task still running in the fake engine.
+fn crashed_run(
+    journal: &Journal,
+    runtime: &FakeRuntime,
+    spec: RunSpec,
+    started_ago: Duration,
+) -> (RunDir, RunRecord) {
+    let mut record = RunRecord {
+        run_id: "run-1".to_string(),
+        lease_epoch: 3,
+        spec,
+        image_digest: "sha256:fake".to_string(),
+        started_at_unix_nanos: None,
+    };
+    let dir = journal.create(&record).expect("journal");
+    let started = unix_nanos_now() - i64::try_from(started_ago.as_nanos()).expect("nanos");
+    dir.mark_started(&mut record, started).expect("mark");
+    let (mut log, _, _) = crate::journal::LineLog::open(&dir.lines()).expect("log");
+    append(&dir.stdout(), "before\nwhile-do");
+    log.append(&[crate::journal::LineRecord {
+        seq: 1,
+        stream: LogStream::Stdout as i32,
+        next: 7,
+        ts: 1,
+        msg: "before".to_string(),
+    }])
+    .expect("append");
+    append(&dir.stdout(), "wn\n");
+    append(&dir.stderr(), "oops\n");
+    runtime.tasks.lock().expect("lock").insert(
+        "run-1".to_string(),
+        FakeTask {
+            out: Some(OutputFiles {
+                stdout: dir.stdout(),
+                stderr: dir.stderr(),
+            }),
+            adopted: true,
+            ..Default::default()
+        },
+    );
+    (dir, record)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_run_reports_its_real_exit_and_every_line_once() {
+    let runtime = FakeRuntime::new(Script {
+        stdout: vec!["after"],
+        runs_for: Some(Duration::from_secs(2)),
+        exit_status: 5,
+        ..Default::default()
+    });
+    let (_state, journal) = journal();
+    let (dir, record) = crashed_run(
+        &journal,
+        &runtime,
+        RunSpec::default(),
+        Duration::from_secs(1),
+    );
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    resume(
+        runtime.clone(),
+        dir.clone(),
+        record,
+        None,
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    let messages = outbox.snapshot();
+    assert!(matches!(&messages[0].body,
+        Some(Body::RunStarted(s)) if s.lease_epoch == 3 && s.image_digest == "sha256:fake"));
+    let lines = lines_in(&messages);
+    let mut seqs: Vec<u64> = lines.iter().map(|l| l.0).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "{lines:?}");
+    let stream = |s: LogStream| -> Vec<&str> {
+        lines
+            .iter()
+            .filter(|l| l.1 == s as i32)
+            .map(|l| l.2.as_str())
+            .collect()
+    };
+    assert_eq!(
+        stream(LogStream::Stdout),
+        vec!["before", "while-down", "after"]
+    );
+    assert_eq!(stream(LogStream::Stderr), vec!["oops"]);
+    let exit = exit_of(&messages);
+    assert_eq!(
+        (exit.reason, exit.exit_code),
+        (ExitReason::Exited as i32, 5)
+    );
+    assert_eq!(
+        dir.read_exit().expect("exit").map(|e| e.exit_code),
+        Some(5),
+        "the exit is recorded before cleanup"
+    );
+    assert_eq!(
+        runtime.calls().last().map(String::as_str),
+        Some("cleanup run-1")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_run_keeps_its_original_timeout() {
+    let runtime = FakeRuntime::new(Script {
+        runs_for: None,
+        ..Default::default()
+    });
+    let (_state, journal) = journal();
+    let spec = RunSpec {
+        timeout_seconds: 3,
+        stop_grace_seconds: 1,
+        ..Default::default()
+    };
+    let (dir, record) = crashed_run(&journal, &runtime, spec, Duration::from_secs(2));
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let begin = tokio::time::Instant::now();
+    resume(runtime.clone(), dir, record, None, stop_rx, outbox.clone()).await;
+    let exit = exit_of(&outbox.snapshot());
+    assert_eq!(
+        (exit.reason, exit.exit_code),
+        (ExitReason::Timeout as i32, 124)
+    );
+    let elapsed = begin.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(2),
+        "about 1 s of the timeout was left: {elapsed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorded_exit_is_re_sent_without_touching_the_task_again() {
+    let runtime = FakeRuntime::new(Script::default());
+    let (_state, journal) = journal();
+    let (dir, record) = crashed_run(
+        &journal,
+        &runtime,
+        RunSpec::default(),
+        Duration::from_secs(1),
+    );
+    dir.write_acked(1).expect("ack");
+    let recorded = crate::journal::ExitRecord {
+        reason: ExitReason::Exited as i32,
+        exit_code: 0,
+        exited_at_unix_nanos: 42,
+        error_code: String::new(),
+        error_message: String::new(),
+    };
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    resume(
+        runtime.clone(),
+        dir,
+        record,
+        Some(recorded),
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    let messages = outbox.snapshot();
+    // Line 1 was acknowledged; the rest of the output is numbered from 2.
+    let mut seqs: Vec<u64> = lines_in(&messages).iter().map(|l| l.0).collect();
+    seqs.sort();
+    assert_eq!(seqs, vec![2, 3]);
+    let exit = exit_of(&messages);
+    assert_eq!((exit.exit_code, exit.exited_at_unix_nanos), (0, 42));
+    let calls = runtime.calls();
+    assert!(!calls.iter().any(|c| c.starts_with("watch")), "{calls:?}");
+    assert_eq!(calls.last().map(String::as_str), Some("cleanup run-1"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_task_still_ends_the_run() {
+    let runtime = FakeRuntime::new(Script::default());
+    let (_state, journal) = journal();
+    let (dir, record) = crashed_run(
+        &journal,
+        &runtime,
+        RunSpec::default(),
+        Duration::from_secs(1),
+    );
+    runtime.tasks.lock().expect("lock").clear();
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    resume(runtime.clone(), dir, record, None, stop_rx, outbox.clone()).await;
+    let exit = exit_of(&outbox.snapshot());
+    assert_eq!(exit.exit_code, -1);
+    assert_eq!(exit.error_code, "task_failed");
 }

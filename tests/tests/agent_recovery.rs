@@ -1,0 +1,188 @@
+//! End-to-end crash recovery of the node agent: `kill -9` of a real agent while its run executes.
+//! The container keeps running under containerd; the restarted agent re-adopts it, keeps
+//! capturing its output and reports its real exit — no run lost, no line lost or duplicated.
+
+mod common;
+
+use anyhow::{ensure, Result};
+use common::{AgentSpec, Fleet};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
+    logs.iter()
+        .filter(|l| l["stream"] == stream)
+        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn wait_no_containers(f: &Fleet, node: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = f.containers(node).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "containers left on {node}: {left:?}\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kills the node's agent with SIGKILL, starts it again and waits until the scheduler has
+/// the new process registered.
+async fn crash_and_restart(f: &mut Fleet, node: &str) -> Result<()> {
+    f.signal_agent(node, "KILL")?;
+    f.restart_agent(node)?;
+    // The old stream may not be noticed as closed yet; give the new process a moment to
+    // register before trusting "ready".
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.wait_node_status(node, "ready", Duration::from_secs(15))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_agent_ten_times_mid_run_loses_no_run_and_no_line() -> Result<()> {
+    const LINES: u64 = 400;
+    const KILLS: u32 = 12;
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let command = format!(
+        "i=1; while [ $i -le {LINES} ]; do echo out$i; echo err$i >&2; i=$((i+1)); sleep 0.04; done"
+    );
+    let runner = f.runner("fra", json!({"run_command": command})).await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+
+    let mut kills_while_running = 0;
+    for i in 0..KILLS {
+        // Random-ish pauses between 250 and 850 ms, different each round.
+        let pause = 250 + (u64::from(i) * 397 + 131) % 600;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let running = f.run(&runner, &run).await?["status"] == "running";
+        crash_and_restart(&mut f, &node).await?;
+        if running {
+            kills_while_running += 1;
+        }
+    }
+    ensure!(
+        kills_while_running >= 10,
+        "the run ended too early: only {kills_while_running} kills hit it running"
+    );
+
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "succeeded" && r["exit_code"] == 0 && r["error_code"].is_null(),
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    let want_out: Vec<String> = (1..=LINES).map(|i| format!("out{i}")).collect();
+    let want_err: Vec<String> = (1..=LINES).map(|i| format!("err{i}")).collect();
+    let out = msgs(&logs, "stdout");
+    let err = msgs(&logs, "stderr");
+    ensure!(
+        out == want_out,
+        "stdout is out1..out{LINES} exactly once, in order: got {} lines: {out:?}",
+        out.len()
+    );
+    ensure!(
+        err == want_err,
+        "stderr is err1..err{LINES} exactly once, in order: got {} lines: {err:?}",
+        err.len()
+    );
+    let mut ids: Vec<u64> = logs.iter().filter_map(|l| l["id"].as_u64()).collect();
+    ids.sort_unstable();
+    let want_ids: Vec<u64> = (1..=2 * LINES).collect();
+    ensure!(
+        ids == want_ids,
+        "every log id 1..={} exactly once",
+        2 * LINES
+    );
+    wait_no_containers(&f, &node).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_agent_reports_the_real_exit_of_a_run_it_re_adopted() -> Result<()> {
+    let mut f = Fleet::start(&[AgentSpec::new("ams")]).await?;
+    let node = f.node("ams").to_owned();
+    let runner = f
+        .runner(
+            "ams",
+            json!({"run_command": "echo begin; sleep 2; echo end >&2; exit 5"}),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    crash_and_restart(&mut f, &node).await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 5 && r["error_code"].is_null(),
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(
+        msgs(&logs, "stdout") == ["begin"] && msgs(&logs, "stderr") == ["end"],
+        "{logs:?}"
+    );
+    wait_no_containers(&f, &node).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_timeout_still_fires_after_the_agent_restarts() -> Result<()> {
+    let mut f = Fleet::start(&[AgentSpec::new("ams")]).await?;
+    let node = f.node("ams").to_owned();
+    let runner = f
+        .runner(
+            "ams",
+            json!({"run_command": "sleep 60", "timeout_seconds": 3}),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    crash_and_restart(&mut f, &node).await?;
+    let r = f
+        .wait_for(&runner, &run, Duration::from_secs(20), |s| s != "running")
+        .await?;
+    let took = started.elapsed();
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 124 && r["error_code"] == "timeout",
+        "{r}\n{}",
+        f.logs()
+    );
+    // 3 s timeout from the start, plus up to the 2 s grace, plus polling slack.
+    ensure!(
+        took < Duration::from_secs(8),
+        "timed out only after {took:?}"
+    );
+    wait_no_containers(&f, &node).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_killed_before_a_run_starts_gets_it_back_and_runs_it() -> Result<()> {
+    // A run that never started on the old process is forgotten by the new one; the scheduler
+    // re-queues it and it runs to completion.
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let runner = f.runner("fra", json!({"run_command": "echo once"})).await?;
+    crash_and_restart(&mut f, &node).await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "{r}");
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(msgs(&logs, "stdout") == ["once"], "{logs:?}");
+    Ok(())
+}
