@@ -1,0 +1,372 @@
+//! The command line: clap's derive types and the parsers for values the API needs split
+//! (`IMAGE[:TAG]`, `KEY=value`). Anything malformed here is a usage error (exit 2) before a
+//! request is sent.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berthctl",
+    version,
+    about = "Command-line client of the Berth container scheduler",
+    after_help = "Configuration: --url/--token, else the BERTH_URL/BERTH_TOKEN environment \
+                  variables, else a .berth/env file in this directory or a parent."
+)]
+pub struct Cli {
+    /// The API's base URL, e.g. http://127.0.0.1:8080 [default: $BERTH_URL, then .berth/env]
+    #[arg(long, global = true, value_name = "URL", display_order = 900)]
+    pub url: Option<String>,
+    /// The API's bearer token [default: $BERTH_TOKEN, then .berth/env]
+    #[arg(long, global = true, value_name = "TOKEN", display_order = 901)]
+    pub token: Option<String>,
+    /// Print the API's JSON as it is instead of tables
+    #[arg(long, global = true, display_order = 902)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, show and delete runners
+    #[command(subcommand)]
+    Runners(RunnersCommand),
+    /// List and show the runs of a runner
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Start a run of a runner (and with --follow, stream it and exit with its exit code)
+    Run(RunArgs),
+    /// Print a run's log lines (stdout lines on stdout, stderr lines on stderr)
+    Logs(LogsArgs),
+    /// Stop a run
+    Stop(RunRef),
+    /// Pull a runner's image onto a node ahead of its runs, and wait for the outcome
+    Warmup(WarmupArgs),
+    /// List nodes, drain and resume them
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Manage private container registries
+    #[command(subcommand)]
+    Registries(RegistriesCommand),
+    /// List the instance types runners may use
+    InstanceTypes,
+    /// List the regions runners may use
+    Regions,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunnersCommand {
+    /// Create a runner
+    Create(Box<CreateRunner>),
+    /// List runners
+    List,
+    /// Show one runner
+    Get { id: String },
+    /// Delete a runner
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateRunner {
+    /// The runner's name (3 to 50 characters)
+    #[arg(long)]
+    pub name: String,
+    /// IMAGE[:TAG] or IMAGE@sha256:DIGEST; the tag defaults to `latest`
+    #[arg(long, value_parser = parse_image, value_name = "IMAGE[:TAG]")]
+    pub image: Image,
+    /// A shell command (run with `sh -c`)
+    #[arg(long, conflicts_with_all = ["argv", "trailing_argv"])]
+    pub command: Option<String>,
+    /// The program and its arguments, taking every argument after it (or give them after `--`)
+    #[arg(long, num_args = 1.., allow_hyphen_values = true, value_name = "ARG", conflicts_with = "trailing_argv")]
+    pub argv: Vec<String>,
+    /// Replaces the image's ENTRYPOINT
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Where its runs are placed (see `berthctl regions`)
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Memory and CPU of its runs (see `berthctl instance-types`)
+    #[arg(long)]
+    pub instance_type: Option<String>,
+    /// The run timeout in seconds (the API's default when absent)
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub timeout: Option<i64>,
+    /// An environment variable, KEY=value (repeatable)
+    #[arg(long, short = 'e', value_parser = parse_env, value_name = "KEY=VALUE")]
+    pub env: Vec<EnvPair>,
+    /// The id of the container registry holding the image
+    #[arg(long, value_name = "ID")]
+    pub registry: Option<String>,
+    #[arg(last = true, value_name = "ARGV", hide = true)]
+    pub trailing_argv: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List a runner's runs
+    List {
+        /// The runner's id
+        runner: String,
+    },
+    /// Show one run
+    Get(RunRef),
+}
+
+#[derive(Debug, Args)]
+pub struct RunRef {
+    /// The runner's id
+    pub runner: String,
+    /// The run's id
+    pub run: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The runner's id
+    pub runner: String,
+    /// An environment variable for this run, KEY=value (repeatable)
+    #[arg(long, short = 'e', value_parser = parse_env, value_name = "KEY=VALUE")]
+    pub env: Vec<EnvPair>,
+    /// A shell command replacing the runner's
+    #[arg(long, conflicts_with = "argv")]
+    pub command: Option<String>,
+    /// Replaces the entrypoint for this run
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Wait for the run, stream its logs, and exit with its exit code (Ctrl-C stops the run)
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// The program and its arguments replacing the runner's command
+    #[arg(last = true, value_name = "ARGV")]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The runner's id
+    pub runner: String,
+    /// The run's id
+    pub run: String,
+    /// Stream new lines until the run ends, then exit with its exit code
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WarmupArgs {
+    /// The runner's id
+    pub runner: String,
+    /// Give up waiting after this long
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    pub wait_seconds: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List nodes
+    List,
+    /// Stop placing new runs on a node (its running runs finish)
+    Drain { id: String },
+    /// Place runs on a drained node again
+    Resume { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistriesCommand {
+    /// Add a registry's credentials
+    Create(CreateRegistry),
+    /// List registries (passwords are never shown)
+    List,
+    /// Show one registry
+    Get { id: String },
+    /// Delete a registry
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateRegistry {
+    /// A name for the registry's credentials
+    #[arg(long)]
+    pub name: String,
+    /// host[:port], e.g. registry.example.com
+    #[arg(long)]
+    pub host: String,
+    /// The user to log in as
+    #[arg(long)]
+    pub username: String,
+    /// Read the password from stdin (otherwise from $BERTH_REGISTRY_PASSWORD)
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+/// An image reference split the way the API stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub tag: String,
+}
+
+/// `busybox` → (`busybox`, `latest`); `host:5000/team/app:1.2` → (`host:5000/team/app`, `1.2`);
+/// `app@sha256:…` → (`app`, `sha256:…`). A colon before the last `/` is a registry port.
+pub fn parse_image(s: &str) -> Result<Image, String> {
+    let (name, tag) = if let Some((name, digest)) = s.split_once('@') {
+        (name, digest)
+    } else {
+        let last_part = s.rfind('/').map_or(0, |i| i + 1);
+        match s[last_part..].rfind(':') {
+            Some(i) => (&s[..last_part + i], &s[last_part + i + 1..]),
+            None => (s, "latest"),
+        }
+    };
+    if name.is_empty() {
+        return Err("the image name is empty".to_owned());
+    }
+    if tag.is_empty() {
+        return Err("the tag after `:` or `@` is empty".to_owned());
+    }
+    Ok(Image {
+        name: name.to_owned(),
+        tag: tag.to_owned(),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvPair {
+    pub key: String,
+    pub value: String,
+}
+
+/// `KEY=value`; the value may be empty or contain `=`.
+pub fn parse_env(s: &str) -> Result<EnvPair, String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok(EnvPair {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        }),
+        _ => Err(format!("expected KEY=value, got `{s}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str, tag: &str) -> Result<Image, String> {
+        Ok(Image {
+            name: name.to_owned(),
+            tag: tag.to_owned(),
+        })
+    }
+
+    #[test]
+    fn images_split_into_name_and_tag() {
+        assert_eq!(parse_image("busybox"), image("busybox", "latest"));
+        assert_eq!(parse_image("busybox:1.36"), image("busybox", "1.36"));
+        assert_eq!(
+            parse_image("127.0.0.1:5000/team/app"),
+            image("127.0.0.1:5000/team/app", "latest")
+        );
+        assert_eq!(
+            parse_image("127.0.0.1:5000/team/app:v2"),
+            image("127.0.0.1:5000/team/app", "v2")
+        );
+        let digest = format!("sha256:{}", "0".repeat(64));
+        assert_eq!(parse_image(&format!("app@{digest}")), image("app", &digest));
+        assert!(parse_image("").is_err());
+        assert!(parse_image("busybox:").is_err());
+        assert!(parse_image(":tag").is_err());
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(
+            parse_env("A=b=c"),
+            Ok(EnvPair {
+                key: "A".into(),
+                value: "b=c".into()
+            })
+        );
+        assert_eq!(parse_env("EMPTY=").map(|e| e.value), Ok(String::new()));
+        assert!(parse_env("NOVALUE").is_err());
+        assert!(parse_env("=x").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("berthctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_takes_argv_after_the_double_dash() -> Result<(), clap::Error> {
+        let cli = parse(&[
+            "run", "r1", "--follow", "-e", "A=1", "--", "sh", "-c", "exit 7",
+        ])?;
+        let Command::Run(a) = cli.command else {
+            panic!("not a run: {cli:?}");
+        };
+        assert_eq!(a.argv, ["sh", "-c", "exit 7"]);
+        assert!(a.follow);
+        assert_eq!(a.env[0].key, "A");
+        Ok(())
+    }
+
+    #[test]
+    fn runner_argv_by_flag_or_double_dash() -> Result<(), clap::Error> {
+        let base = ["runners", "create", "--name", "n", "--image", "busybox"];
+        let with_flag: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(["--timeout", "0", "--argv", "sh", "-c", "echo hi"])
+            .collect();
+        let Command::Runners(RunnersCommand::Create(c)) = parse(&with_flag)?.command else {
+            panic!("not a create");
+        };
+        assert_eq!(c.argv, ["sh", "-c", "echo hi"]);
+        assert_eq!(c.timeout, Some(0));
+        assert_eq!(
+            c.image,
+            Image {
+                name: "busybox".into(),
+                tag: "latest".into()
+            }
+        );
+        let with_dash: Vec<&str> = base.iter().copied().chain(["--", "echo", "hi"]).collect();
+        let Command::Runners(RunnersCommand::Create(c)) = parse(&with_dash)?.command else {
+            panic!("not a create");
+        };
+        assert_eq!(c.trailing_argv, ["echo", "hi"]);
+        Ok(())
+    }
+
+    #[test]
+    fn usage_errors() {
+        let both: &[&str] = &[
+            "runners",
+            "create",
+            "--name",
+            "n",
+            "--image",
+            "b",
+            "--command",
+            "x",
+            "--",
+            "y",
+        ];
+        assert!(parse(both).is_err());
+        assert!(parse(&["run", "r", "--env", "NOEQUALS"]).is_err());
+        assert!(parse(&["runners", "create", "--name", "n", "--image", "b:"]).is_err());
+        assert!(parse(&[
+            "registries",
+            "create",
+            "--name",
+            "n",
+            "--host",
+            "h",
+            "--username",
+            "u",
+            "--password",
+            "p"
+        ])
+        .is_err());
+    }
+}
