@@ -125,12 +125,38 @@ pub async fn delete_runner(
     Ok(StatusCode::NO_CONTENT)
 }
 
+pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+
+/// The optional `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= IDEMPOTENCY_KEY_MAX)
+        .filter(|k| k.bytes().all(|b| b.is_ascii_graphic()));
+    match key {
+        Some(k) => Ok(Some(k.to_owned())),
+        None => Err(berth_core::validate::ValidationErrors::single(
+            "Idempotency-Key",
+            format!("must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters"),
+        )
+        .into()),
+    }
+}
+
+/// Creates a run (201). With an `Idempotency-Key`, a retry returns the first run (200, header
+/// `Idempotent-Replayed: true`).
 pub async fn create_run(
     State(s): State<AppState>,
     Path(runner_id): Path<String>,
+    headers: HeaderMap,
     JsonBody(input): JsonBody<RunInput, true>,
 ) -> ApiResult<impl IntoResponse> {
     check_id("runner_id", &runner_id)?;
+    let idempotency_key = idempotency_key(&headers)?;
     let input = input.validate()?;
     let req = pb::CreateRunRequest {
         runner_id,
@@ -139,12 +165,17 @@ pub async fn create_run(
         command: input.command,
         entrypoint: input.entrypoint,
         env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
+        idempotency_key,
     };
-    let run = s.control().create_run(req).await?.into_inner();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "run": views::run(&run) })),
-    ))
+    let response = s.control().create_run(req).await?;
+    let replayed = response.metadata().get("idempotent-replayed").is_some();
+    let run = response.into_inner();
+    let body = Json(json!({ "run": views::run(&run) }));
+    Ok(if replayed {
+        (StatusCode::OK, [("idempotent-replayed", "true")], body).into_response()
+    } else {
+        (StatusCode::CREATED, body).into_response()
+    })
 }
 
 pub async fn list_runs(

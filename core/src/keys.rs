@@ -48,3 +48,8 @@ pub const REGISTRIES: &str = "registries/";
 pub fn registry(id: &str) -> String {
     format!("{REGISTRIES}{id}")
 }
+
+/// Which run a runner's idempotency key created (the key is hashed: any bytes, fixed length).
+pub fn idempotency(runner_id: &str, key_hash: &str) -> String {
+    format!("idempotency/{runner_id}/{key_hash}")
+}

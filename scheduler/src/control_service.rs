@@ -92,8 +92,18 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             entrypoint: r.entrypoint,
             env_variables: (!r.env_variables.is_empty()).then(|| env_from_pb(r.env_variables)),
         };
-        let run = self.scheduler.create_run(&r.runner_id, input).await?;
-        Ok(Response::new((&run).into()))
+        let (run, replayed) = self
+            .scheduler
+            .create_run_with_key(&r.runner_id, input, r.idempotency_key.as_deref())
+            .await?;
+        let mut response = Response::new((&run).into());
+        if replayed {
+            response.metadata_mut().insert(
+                "idempotent-replayed",
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+        }
+        Ok(response)
     }
 
     async fn get_run(&self, r: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {

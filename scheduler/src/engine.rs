@@ -20,6 +20,7 @@ use berth_core::validate::{validate_spec, RunInput};
 use berth_core::validate::{RegistrySpec, ValidationErrors};
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner, RunnerSpec};
 use berth_proto::v1 as pb;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,6 +93,9 @@ struct State {
     /// Messages to agents staged by the current operation, sent once `pending` is durable.
     outgoing: Vec<(AgentTx, pb::SchedulerMessage)>,
     next_connection: u64,
+    /// Idempotency keys used since start, (runner id, key hash) → run id: a retry that races the
+    /// first request finds it here even before the first one's write is durable.
+    idempotency: HashMap<(String, String), String>,
     /// Every private registry with its password unsealed, by id (loaded at start).
     registries: HashMap<String, pb::RegistryAuth>,
 }
@@ -402,6 +406,25 @@ impl<S: Store> Scheduler<S> {
         runner_id: &str,
         input: RunInput,
     ) -> Result<Run, SchedulerError> {
+        Ok(self.create_run_with_key(runner_id, input, None).await?.0)
+    }
+
+    /// Creates a run. With an idempotency key, a retry (same runner, same key) returns the run
+    /// the first call created instead of a new one; the bool says whether it was such a replay.
+    pub async fn create_run_with_key(
+        &self,
+        runner_id: &str,
+        input: RunInput,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Run, bool), SchedulerError> {
+        let hash = idempotency_key.map(|k| hex::encode(Sha256::digest(k.as_bytes())));
+        if let Some(hash) = &hash {
+            // Committed by an earlier process or request.
+            if let Some(kv) = self.store.get(&keys::idempotency(runner_id, hash)).await? {
+                let run_id = String::from_utf8_lossy(&kv.value).into_owned();
+                return Ok((self.get_run(runner_id, &run_id).await?, true));
+            }
+        }
         let input = input.validate()?;
         let (runner, _) = self.get_runner(runner_id).await?;
         let itype = self
@@ -453,6 +476,23 @@ impl<S: Store> Scheduler<S> {
         };
         let (out, done) = {
             let mut st = self.state.lock().await;
+            if let Some(hash) = &hash {
+                let first = st
+                    .idempotency
+                    .get(&(runner_id.to_owned(), hash.clone()))
+                    .cloned();
+                if let Some(first) = first {
+                    drop(st);
+                    return Ok((self.get_run(runner_id, &first).await?, true));
+                }
+                st.idempotency
+                    .insert((runner_id.to_owned(), hash.clone()), run.id.clone());
+                st.write(
+                    keys::idempotency(runner_id, hash),
+                    run.id.clone().into_bytes(),
+                    Expect::Absent,
+                );
+            }
             st.write(keys::run(&run.id), encode(&run), Expect::Absent);
             st.write(
                 keys::runner_run(&runner.id, &run.id),
@@ -472,7 +512,7 @@ impl<S: Store> Scheduler<S> {
         committed(done).await?;
         self.notify();
         match out {
-            Some(run) => Ok(run),
+            Some(run) => Ok((run, false)),
             None => Err(SchedulerError::Protocol(
                 "a new run ended at once".to_owned(),
             )),

@@ -199,3 +199,40 @@ async fn a_pending_run_can_be_stopped_and_says_why_it_waits() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_retried_post_return_the_same_run() -> Result<()> {
+    let f = Fleet::start(&[]).await?;
+    let runner = f.runner("fra", json!({"run_command": "echo once"})).await?;
+    let post = |key: &'static str| {
+        f.http
+            .post(format!("{}/v1/runners/{runner}/runs", f.api_url))
+            .bearer_auth(common::TOKEN)
+            .header("Idempotency-Key", key)
+            .json(&json!({}))
+            .send()
+    };
+    let first = post("order-42").await?;
+    ensure!(first.status() == 201, "{}", first.status());
+    let first: serde_json::Value = first.json().await?;
+    let again = post("order-42").await?;
+    ensure!(again.status() == 200, "{}", again.status());
+    ensure!(again
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true"));
+    let again: serde_json::Value = again.json().await?;
+    ensure!(
+        again["run"]["id"] == first["run"]["id"],
+        "{first} vs {again}"
+    );
+    let other: serde_json::Value = post("order-43").await?.json().await?;
+    ensure!(other["run"]["id"] != first["run"]["id"]);
+    let runs = f.get(&format!("/v1/runners/{runner}/runs")).await?;
+    ensure!(runs["runs"].as_array().map(Vec::len) == Some(2), "{runs}");
+    let bad = post("has space").await?;
+    ensure!(bad.status() == 422);
+    let body: serde_json::Value = bad.json().await?;
+    ensure!(body["errors"][0]["field"] == "Idempotency-Key", "{body}");
+    Ok(())
+}

@@ -901,6 +901,51 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_one_idempotency_key_create_one_run() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, id) = (s.clone(), runner.id.clone());
+        tasks.push(tokio::spawn(async move {
+            s.create_run_with_key(&id, RunInput::default(), Some("retry-me"))
+                .await
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut replays = 0;
+    for t in tasks {
+        let (run, replayed) = t.await.expect("join").expect("create");
+        ids.insert(run.id);
+        replays += usize::from(replayed);
+    }
+    assert_eq!((ids.len(), replays), (1, 7), "one run, seven replays");
+    let (other, replayed) = s
+        .create_run_with_key(&runner.id, RunInput::default(), Some("another"))
+        .await
+        .expect("create");
+    assert!(!replayed && !ids.contains(&other.id));
+    let (runner2, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (scoped, replayed) = s
+        .create_run_with_key(&runner2.id, RunInput::default(), Some("retry-me"))
+        .await
+        .expect("create");
+    assert!(
+        !replayed && !ids.contains(&scoped.id),
+        "keys are per runner"
+    );
+    assert_eq!(s.list_runs(&runner.id).await.expect("list").len(), 2);
+}
+
 #[test]
 fn utc_days() {
     assert_eq!(super::utc_day(0), "1970-01-01");
