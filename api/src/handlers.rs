@@ -178,6 +178,59 @@ pub async fn create_run(
     })
 }
 
+/// `POST /v1/runners/{id}/runs/batch` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchInput {
+    runs: Option<Vec<RunInput>>,
+}
+
+pub const BATCH_MAX_RUNS: usize = 1_000;
+
+/// Creates one run per item (data-driven fan-out); all are placed together.
+pub async fn create_runs(
+    State(s): State<AppState>,
+    Path(runner_id): Path<String>,
+    JsonBody(input): JsonBody<BatchInput>,
+) -> ApiResult<impl IntoResponse> {
+    check_id("runner_id", &runner_id)?;
+    let items = input.runs.unwrap_or_default();
+    if items.is_empty() || items.len() > BATCH_MAX_RUNS {
+        return Err(berth_core::validate::ValidationErrors::single(
+            "runs",
+            format!("must hold 1 to {BATCH_MAX_RUNS} runs"),
+        )
+        .into());
+    }
+    let mut runs = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match item.validate() {
+            Ok(item) => runs.push(pb::RunOverrides {
+                argv_set: item.argv.is_some(),
+                argv: item.argv.unwrap_or_default(),
+                command: item.command,
+                entrypoint: item.entrypoint,
+                env_variables: env_to_pb(&item.env_variables.unwrap_or_default()),
+            }),
+            Err(e) => errors.extend(e.0.into_iter().map(|f| berth_core::validate::FieldError {
+                field: format!("runs[{i}].{}", f.field),
+                message: f.message,
+            })),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(berth_core::validate::ValidationErrors(errors).into());
+    }
+    let created = s
+        .control()
+        .create_runs(pb::CreateRunsRequest { runner_id, runs })
+        .await?
+        .into_inner();
+    let runs: Vec<Value> = created.runs.iter().map(views::run).collect();
+    Ok((StatusCode::CREATED, Json(json!({ "runs": runs }))))
+}
+
 pub async fn list_runs(
     State(s): State<AppState>,
     Path(runner_id): Path<String>,

@@ -86,12 +86,13 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         r: Request<pb::CreateRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let r = r.into_inner();
-        let input = RunInput {
-            argv: r.argv_set.then_some(r.argv),
+        let input = run_input(pb::RunOverrides {
+            argv_set: r.argv_set,
+            argv: r.argv,
             command: r.command,
             entrypoint: r.entrypoint,
-            env_variables: (!r.env_variables.is_empty()).then(|| env_from_pb(r.env_variables)),
-        };
+            env_variables: r.env_variables,
+        });
         let (run, replayed) = self
             .scheduler
             .create_run_with_key(&r.runner_id, input, r.idempotency_key.as_deref())
@@ -104,6 +105,18 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             );
         }
         Ok(response)
+    }
+
+    async fn create_runs(
+        &self,
+        r: Request<pb::CreateRunsRequest>,
+    ) -> Result<Response<pb::CreateRunsResponse>, Status> {
+        let r = r.into_inner();
+        let inputs = r.runs.into_iter().map(run_input).collect();
+        let runs = self.scheduler.create_runs(&r.runner_id, inputs).await?;
+        Ok(Response::new(pb::CreateRunsResponse {
+            runs: runs.iter().map(Into::into).collect(),
+        }))
     }
 
     async fn get_run(&self, r: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
@@ -274,6 +287,16 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(
             self.scheduler.config().catalog.as_ref().into(),
         ))
+    }
+}
+
+/// Per-run overrides as the engine takes them.
+fn run_input(o: pb::RunOverrides) -> RunInput {
+    RunInput {
+        argv: o.argv_set.then_some(o.argv),
+        command: o.command,
+        entrypoint: o.entrypoint,
+        env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
     }
 }
 

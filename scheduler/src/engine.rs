@@ -427,53 +427,8 @@ impl<S: Store> Scheduler<S> {
         }
         let input = input.validate()?;
         let (runner, _) = self.get_runner(runner_id).await?;
-        let itype = self
-            .config
-            .catalog
-            .instance_type(&runner.spec.instance_type)
-            .ok_or_else(|| {
-                berth_core::validate::ValidationErrors::single(
-                    "instance_type",
-                    "the runner's instance type is no longer in the catalog",
-                )
-            })?;
-        let effective = EffectiveCommand::resolve(&runner.spec, &input);
-        let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
-        for over in input.env_variables.unwrap_or_default() {
-            env.retain(|e| e.env_key != over.env_key);
-            env.push(over);
-        }
-        let run = Run {
-            id: new_id(),
-            runner_id: runner.id.clone(),
-            status: RunStatus::Pending,
-            exit_code: None,
-            command: effective.command,
-            argv: effective.argv,
-            entrypoint: effective.entrypoint,
-            env,
-            image: self.runner_image(&runner.spec).await,
-            image_digest: None,
-            region: runner.spec.region.clone(),
-            instance_type: itype.slug.clone(),
-            memory_mib: itype.memory_mib,
-            cpu_millis: itype.cpu_millis,
-            timeout_seconds: runner.spec.timeout_seconds,
-            node_id: None,
-            lease_epoch: 0,
-            created_at: now_unix_millis(),
-            started_at: None,
-            completed_at: None,
-            error_code: None,
-            error_message: None,
-            pending_reason: Some("waiting for placement".to_owned()),
-            stop_requested: false,
-            warm_pin: runner.warm_pin().map(str::to_owned),
-            container_registry_id: runner.spec.container_registry_id.clone(),
-            oom_killed: false,
-            price_nano_usd_per_second: itype.price_nano_usd_per_second(),
-            queue_position: None,
-        };
+        let image = self.runner_image(&runner.spec).await;
+        let run = self.new_run(&runner, &image, input)?;
         let (out, done) = {
             let mut st = self.state.lock().await;
             if let Some(hash) = &hash {
@@ -517,6 +472,117 @@ impl<S: Store> Scheduler<S> {
                 "a new run ended at once".to_owned(),
             )),
         }
+    }
+
+    /// One run of `runner` with `input`'s overrides applied, ready to queue.
+    fn new_run(
+        &self,
+        runner: &Runner,
+        image: &str,
+        input: RunInput,
+    ) -> Result<Run, SchedulerError> {
+        let itype = self
+            .config
+            .catalog
+            .instance_type(&runner.spec.instance_type)
+            .ok_or_else(|| {
+                ValidationErrors::single(
+                    "instance_type",
+                    "the runner's instance type is no longer in the catalog",
+                )
+            })?;
+        let effective = EffectiveCommand::resolve(&runner.spec, &input);
+        let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
+        for over in input.env_variables.unwrap_or_default() {
+            env.retain(|e| e.env_key != over.env_key);
+            env.push(over);
+        }
+        Ok(Run {
+            id: new_id(),
+            runner_id: runner.id.clone(),
+            status: RunStatus::Pending,
+            exit_code: None,
+            command: effective.command,
+            argv: effective.argv,
+            entrypoint: effective.entrypoint,
+            env,
+            image: image.to_owned(),
+            image_digest: None,
+            region: runner.spec.region.clone(),
+            instance_type: itype.slug.clone(),
+            memory_mib: itype.memory_mib,
+            cpu_millis: itype.cpu_millis,
+            timeout_seconds: runner.spec.timeout_seconds,
+            node_id: None,
+            lease_epoch: 0,
+            created_at: now_unix_millis(),
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            pending_reason: Some("waiting for placement".to_owned()),
+            stop_requested: false,
+            warm_pin: runner.warm_pin().map(str::to_owned),
+            container_registry_id: runner.spec.container_registry_id.clone(),
+            oom_killed: false,
+            price_nano_usd_per_second: itype.price_nano_usd_per_second(),
+            queue_position: None,
+        })
+    }
+
+    /// Creates one run per input in a single operation: all are queued, placed in one pass and
+    /// stored in one commit, so they start together. Any invalid input rejects the whole batch
+    /// (its errors name `runs[i].field`).
+    pub async fn create_runs(
+        &self,
+        runner_id: &str,
+        inputs: Vec<RunInput>,
+    ) -> Result<Vec<Run>, SchedulerError> {
+        let mut errors = Vec::new();
+        let mut checked = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.into_iter().enumerate() {
+            match input.validate() {
+                Ok(input) => checked.push(input),
+                Err(e) => {
+                    errors.extend(e.0.into_iter().map(|f| berth_core::validate::FieldError {
+                        field: format!("runs[{i}].{}", f.field),
+                        message: f.message,
+                    }))
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ValidationErrors(errors).into());
+        }
+        let (runner, _) = self.get_runner(runner_id).await?;
+        let image = self.runner_image(&runner.spec).await;
+        let runs = checked
+            .into_iter()
+            .map(|input| self.new_run(&runner, &image, input))
+            .collect::<Result<Vec<Run>, _>>()?;
+        let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+        let (out, done) = {
+            let mut st = self.state.lock().await;
+            for run in runs {
+                st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+                st.write(
+                    keys::runner_run(&runner.id, &run.id),
+                    vec![],
+                    Expect::Absent,
+                );
+                st.stage(run);
+            }
+            tracing::info!(runner_id = %runner.id, runs = ids.len(), "batch of runs created");
+            self.schedule(&mut st)?;
+            let out: Vec<Run> = ids
+                .iter()
+                .filter_map(|id| st.active.get(id).map(|r| st.with_queue_position(r.clone())))
+                .collect();
+            (out, self.flush(&mut st))
+        };
+        committed(done).await?;
+        self.notify();
+        Ok(out)
     }
 
     async fn load_run(&self, run_id: &str) -> Result<(Run, u64), SchedulerError> {

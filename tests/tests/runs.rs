@@ -442,3 +442,61 @@ async fn restarting_the_control_plane_mid_run_loses_no_run_and_no_line() -> Resu
     ensure!(r["status"] == "succeeded", "{r}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_batch_fans_out_one_run_per_item_with_its_own_env() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = f
+        .runner("fra", json!({"run_command": "echo item=$ITEM"}))
+        .await?;
+    let items: Vec<Value> = (1..=3)
+        .map(|i| json!({"env_variables": [{"env_key": "ITEM", "env_val": format!("n{i}")}]}))
+        .collect();
+    let created = f
+        .post(
+            &format!("/v1/runners/{runner}/runs/batch"),
+            json!({"runs": items}),
+        )
+        .await?;
+    let runs = created["runs"].as_array().context("runs")?;
+    ensure!(runs.len() == 3, "{created}");
+    for (i, run) in runs.iter().enumerate() {
+        let id = run["id"].as_str().context("id")?;
+        let r = f.wait_finished(&runner, id).await?;
+        ensure!(r["status"] == "succeeded", "{r}");
+        let logs = f.all_logs(&runner, id).await?;
+        ensure!(
+            msgs(&logs, "stdout") == [format!("item=n{}", i + 1)],
+            "{logs:?}"
+        );
+    }
+    let bad = json!({"runs": [{}, {"env_variables": [{"env_key": "1X", "env_val": "v"}]}]});
+    let (status, body) = f
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/runners/{runner}/runs/batch"),
+            Some(bad),
+        )
+        .await?;
+    ensure!(
+        status == 422 && body["errors"][0]["field"] == "runs[1].env_variables[0].env_key",
+        "{status} {body}"
+    );
+    let (status, body) = f
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/runners/{runner}/runs/batch"),
+            Some(json!({"runs": []})),
+        )
+        .await?;
+    ensure!(
+        status == 422 && body["errors"][0]["field"] == "runs",
+        "{status} {body}"
+    );
+    let all = f.get(&format!("/v1/runners/{runner}/runs")).await?;
+    ensure!(
+        all["runs"].as_array().map(Vec::len) == Some(3),
+        "a rejected batch creates nothing: {all}"
+    );
+    Ok(())
+}
