@@ -52,6 +52,21 @@ pub enum Command {
     InstanceTypes,
     /// List the regions runners may use
     Regions,
+    /// Billed usage of the runs that ended in a period
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UsageArgs {
+    /// Start of the period: YYYY-MM-DD or an RFC 3339 timestamp (default: 30 days before --to)
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the period, exclusive (default: now)
+    #[arg(long)]
+    pub to: Option<String>,
+    /// runner, instance_type or day
+    #[arg(long, default_value = "runner")]
+    pub group_by: String,
 }
 
 #[derive(Debug, Subcommand)]

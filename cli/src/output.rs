@@ -296,6 +296,27 @@ pub fn instance_types_table(v: &Value) -> String {
     t.render()
 }
 
+pub fn usage_table(v: &Value) -> String {
+    let mut t = Table::new(&["KEY", "RUNS", "BILLED SECONDS", "COST USD"]);
+    let usd = |c: &Value| c.as_f64().map_or("-".to_owned(), |c| format!("{c:.6}"));
+    for u in items(v, "usage") {
+        t.row(vec![
+            cell(&u["key"]),
+            cell(&u["runs"]),
+            cell(&u["billed_seconds"]),
+            usd(&u["cost_usd"]),
+        ]);
+    }
+    let total = &v["total"];
+    t.row(vec![
+        "TOTAL".to_owned(),
+        String::new(),
+        cell(&total["billed_seconds"]),
+        usd(&total["cost_usd"]),
+    ]);
+    t.render()
+}
+
 pub fn regions_table(v: &Value) -> String {
     let mut t = Table::new(&["SLUG"]);
     for r in items(v, "regions") {
@@ -308,6 +329,17 @@ pub fn regions_table(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn usage_rows_and_total() {
+        let v = json!({"usage": [{"key": "standard-s", "runs": 2, "billed_seconds": 5, "cost_usd": 0.00002}],
+                       "total": {"billed_seconds": 5, "cost_usd": 0.00002}});
+        let out = usage_table(&v);
+        assert!(
+            out.contains("standard-s") && out.contains("0.000020") && out.contains("TOTAL"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn columns_align_and_lines_have_no_trailing_spaces() {

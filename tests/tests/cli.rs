@@ -151,6 +151,17 @@ async fn berthctl_runs_follows_and_exits_with_the_runs_exit_code() -> Result<()>
     ensure!(o.code == Some(0), "{o:?}");
     ensure!(o.stdout.contains(f.node("fra")), "{o:?}");
 
+    // The finished runs are billed: usage by instance type lists them.
+    let o = run_cli(&f, &["--json", "usage", "--group-by", "instance_type"]).await?;
+    ensure!(o.code == Some(0), "{o:?}");
+    let usage: serde_json::Value = serde_json::from_str(&o.stdout)?;
+    ensure!(
+        usage["usage"][0]["key"] == "standard-s" && usage["usage"][0]["runs"].as_u64() >= Some(2),
+        "{usage}"
+    );
+    let o = run_cli(&f, &["usage", "--group-by", "planet"]).await?;
+    ensure!(o.code == Some(1) && o.stderr.contains("group_by"), "{o:?}");
+
     // The API refuses a value: exit 1, and the field is named.
     let o = run_cli(
         &f,

@@ -114,6 +114,17 @@ pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
             ctx.show(&a, output::regions_table);
             Ok(0)
         }
+        Command::Usage(u) => {
+            let mut query = vec![format!("group_by={}", u.group_by)];
+            query.extend(u.from.map(|f| format!("from={f}")));
+            query.extend(u.to.map(|t| format!("to={t}")));
+            let a = ctx
+                .client
+                .get(&format!("/v1/usage?{}", query.join("&")))
+                .await?;
+            ctx.show(&a, output::usage_table);
+            Ok(0)
+        }
     }
 }
 
