@@ -25,10 +25,17 @@ fn opt_millis(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, timestamp_millis)
 }
 
+/// Variables as the API shows them: a secret one without its value.
 fn env(vars: &[pb::EnvVar]) -> Value {
     Value::Array(
         vars.iter()
-            .map(|e| json!({"env_key": e.key, "env_val": e.value}))
+            .map(|e| {
+                if e.secret {
+                    json!({"env_key": e.key, "env_val": null, "secret": true})
+                } else {
+                    json!({"env_key": e.key, "env_val": e.value})
+                }
+            })
             .collect(),
     )
 }

@@ -8,6 +8,7 @@ pub fn env_to_pb(env: &[EnvVar]) -> Vec<pb::EnvVar> {
         .map(|e| pb::EnvVar {
             key: e.env_key.clone(),
             value: e.env_val.clone(),
+            secret: e.secret,
         })
         .collect()
 }
@@ -17,6 +18,7 @@ pub fn env_from_pb(env: Vec<pb::EnvVar>) -> Vec<EnvVar> {
         .map(|e| EnvVar {
             env_key: e.key,
             env_val: e.value,
+            secret: e.secret,
         })
         .collect()
 }
@@ -57,11 +59,16 @@ impl From<pb::RunnerSpec> for RunnerSpec {
     }
 }
 
-/// A runner with the store revision it was read at.
+/// A runner with the store revision it was read at, as the control service answers it: secret
+/// values are blanked (they never leave the scheduler except inside a node's `RunSpec`).
 pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
+    let mut spec: pb::RunnerSpec = (&r.spec).into();
+    for e in spec.env_variables.iter_mut().filter(|e| e.secret) {
+        e.value.clear();
+    }
     pb::Runner {
         id: r.id.clone(),
-        spec: Some((&r.spec).into()),
+        spec: Some(spec),
         warmed_at_unix_millis: r.warmed_at,
         created_at_unix_millis: r.created_at,
         updated_at_unix_millis: r.updated_at,

@@ -4,11 +4,21 @@
 use crate::status::{RunStatus, TransitionError};
 use serde::{Deserialize, Serialize};
 
-/// One environment variable, in Nodion's field names.
+/// One environment variable, in Nodion's field names. A `secret` one is never returned by the
+/// API and is redacted from the run's logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EnvVar {
     pub env_key: String,
+    /// `null` (how the API shows a secret) reads as empty: on a PATCH, "keep the stored value".
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub env_val: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 /// What a user chooses about a runner.

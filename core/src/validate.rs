@@ -587,10 +587,12 @@ mod tests {
                 EnvVar {
                     env_key: "GOOD_1".into(),
                     env_val: "x".into(),
+                    secret: false,
                 },
                 EnvVar {
                     env_key: "1BAD".into(),
                     env_val: "x".into(),
+                    secret: false,
                 },
             ]),
             ..good()

@@ -376,6 +376,8 @@ impl<S: Store> Scheduler<S> {
         validate_spec(&spec, &self.config.catalog)?;
         self.check_registry(&spec).await?;
         let (mut runner, _) = self.get_runner(id).await?;
+        let mut spec = spec;
+        keep_secret_values(&mut spec.env_variables, &runner.spec.env_variables);
         runner.spec = spec;
         runner.updated_at = now_unix_millis();
         let rev = self
@@ -1374,10 +1376,16 @@ impl<S: Store> Scheduler<S> {
             tracing::warn!(run_id = %batch.run_id, node_id, "dropping logs for a run this node does not hold");
             return Ok(());
         }
+        let secrets = self.secret_values(&batch.run_id).await;
         let mut txn = Txn::new();
-        for line in batch.lines {
+        for mut line in batch.lines {
             if line.seq == 0 {
                 continue;
+            }
+            for secret in &secrets {
+                if line.msg.contains(secret.as_str()) {
+                    line.msg = line.msg.replace(secret.as_str(), REDACTED);
+                }
             }
             let stream = match pb::LogStream::try_from(line.stream) {
                 Ok(pb::LogStream::Stderr) => LogStream::Stderr,
@@ -1399,6 +1407,23 @@ impl<S: Store> Scheduler<S> {
         self.store.commit(txn).await?;
         self.notify();
         Ok(())
+    }
+
+    /// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
+    async fn secret_values(&self, run_id: &str) -> Vec<String> {
+        let st = self.state.lock().await;
+        let Some(run) = st.active.get(run_id) else {
+            return Vec::new();
+        };
+        let mut values: Vec<String> = run
+            .env
+            .iter()
+            .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
+            .map(|e| e.env_val.clone())
+            .collect();
+        // Longest first, so a secret containing another is redacted whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values
     }
 
     // ---- internals -----------------------------------------------------------------------
@@ -1807,6 +1832,25 @@ fn utc_day(millis: i64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// What a secret value is replaced with in stored log lines.
+pub const REDACTED: &str = "[redacted]";
+/// Shorter secret values are not redacted (redacting every `a` would garble the logs and still
+/// leak nothing a 3-character secret protects).
+pub const REDACT_MIN_LEN: usize = 4;
+
+/// A PATCH sends the runner's variables back; secret values come back blank (the API never
+/// shows them), which means "keep the stored value".
+fn keep_secret_values(next: &mut [EnvVar], current: &[EnvVar]) {
+    for var in next.iter_mut().filter(|v| v.secret && v.env_val.is_empty()) {
+        if let Some(old) = current
+            .iter()
+            .find(|c| c.secret && c.env_key == var.env_key)
+        {
+            var.env_val = old.env_val.clone();
+        }
+    }
 }
 
 fn nanos_to_millis(n: i64) -> i64 {

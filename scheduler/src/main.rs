@@ -1,6 +1,7 @@
 use anyhow::Context;
+use berth_core::keys;
 use berth_core::secrets::SecretKey;
-use berth_core::store::EmbeddedStore;
+use berth_core::store::{EmbeddedStore, SealedStore};
 use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
 use berth_scheduler::placement::FitPolicy;
@@ -73,14 +74,16 @@ async fn main() -> anyhow::Result<()> {
         .secret_key_file
         .clone()
         .unwrap_or_else(|| args.data_dir.join("secret.key"));
-    let secrets = SecretKey::load_or_create(&key_path)?;
+    let secrets = Arc::new(SecretKey::load_or_create(&key_path)?);
+    // Runners and runs hold environment values: seal them at rest.
+    let store = SealedStore::new(store, secrets.clone(), &[keys::RUNNERS, keys::RUNS]);
     let config = Config {
         fit_policy: args.placement_policy,
         catalog: Arc::new(catalog),
         node_ttl: Duration::from_secs(args.node_ttl_seconds.unwrap_or(3 * heartbeat)),
         lost_grace: Duration::from_secs(args.lost_grace_seconds),
         reserve_after: Duration::from_secs(args.reserve_after_seconds),
-        secrets: Some(Arc::new(secrets)),
+        secrets: Some(secrets),
         default_registry: args.default_registry,
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(heartbeat),

@@ -10,9 +10,11 @@
 pub mod conformance;
 mod embedded;
 mod memory;
+mod sealed;
 
 pub use embedded::EmbeddedStore;
 pub use memory::MemoryStore;
+pub use sealed::SealedStore;
 
 use std::future::Future;
 

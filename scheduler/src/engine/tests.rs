@@ -21,6 +21,7 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
         env_variables: vec![EnvVar {
             env_key: "A".into(),
             env_val: "1".into(),
+            secret: false,
         }],
         container_registry_id: None,
     }
