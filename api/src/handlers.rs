@@ -125,6 +125,17 @@ pub async fn delete_runner(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A run's checked overrides in their gRPC form.
+fn overrides(input: RunInput) -> pb::RunOverrides {
+    pb::RunOverrides {
+        argv_set: input.argv.is_some(),
+        argv: input.argv.unwrap_or_default(),
+        command: input.command,
+        entrypoint: input.entrypoint,
+        env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
+    }
+}
+
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
 
 /// The optional `Idempotency-Key` header: 1 to 255 visible ASCII characters.
@@ -158,13 +169,14 @@ pub async fn create_run(
     check_id("runner_id", &runner_id)?;
     let idempotency_key = idempotency_key(&headers)?;
     let input = input.validate()?;
+    let o = overrides(input);
     let req = pb::CreateRunRequest {
         runner_id,
-        argv_set: input.argv.is_some(),
-        argv: input.argv.unwrap_or_default(),
-        command: input.command,
-        entrypoint: input.entrypoint,
-        env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
+        argv_set: o.argv_set,
+        argv: o.argv,
+        command: o.command,
+        entrypoint: o.entrypoint,
+        env_variables: o.env_variables,
         idempotency_key,
     };
     let response = s.control().create_run(req).await?;
@@ -202,26 +214,10 @@ pub async fn create_runs(
         )
         .into());
     }
-    let mut runs = Vec::with_capacity(items.len());
-    let mut errors = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        match item.validate() {
-            Ok(item) => runs.push(pb::RunOverrides {
-                argv_set: item.argv.is_some(),
-                argv: item.argv.unwrap_or_default(),
-                command: item.command,
-                entrypoint: item.entrypoint,
-                env_variables: env_to_pb(&item.env_variables.unwrap_or_default()),
-            }),
-            Err(e) => errors.extend(e.0.into_iter().map(|f| berth_core::validate::FieldError {
-                field: format!("runs[{i}].{}", f.field),
-                message: f.message,
-            })),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(berth_core::validate::ValidationErrors(errors).into());
-    }
+    let runs = berth_core::validate::validate_batch(items)?
+        .into_iter()
+        .map(overrides)
+        .collect();
     let created = s
         .control()
         .create_runs(pb::CreateRunsRequest { runner_id, runs })

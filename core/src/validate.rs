@@ -199,6 +199,26 @@ impl RunInput {
     }
 }
 
+/// Validates every item of a batch; the errors of item `i` are named `runs[i].field`.
+pub fn validate_batch(items: Vec<RunInput>) -> Result<Vec<RunInput>, ValidationErrors> {
+    let mut errors = Vec::new();
+    let mut checked = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        match item.validate() {
+            Ok(item) => checked.push(item),
+            Err(e) => errors.extend(e.0.into_iter().map(|f| FieldError {
+                field: format!("runs[{i}].{}", f.field),
+                message: f.message,
+            })),
+        }
+    }
+    if errors.is_empty() {
+        Ok(checked)
+    } else {
+        Err(ValidationErrors(errors))
+    }
+}
+
 /// `POST /v1/container_registries` body.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -540,22 +540,7 @@ impl<S: Store> Scheduler<S> {
         runner_id: &str,
         inputs: Vec<RunInput>,
     ) -> Result<Vec<Run>, SchedulerError> {
-        let mut errors = Vec::new();
-        let mut checked = Vec::with_capacity(inputs.len());
-        for (i, input) in inputs.into_iter().enumerate() {
-            match input.validate() {
-                Ok(input) => checked.push(input),
-                Err(e) => {
-                    errors.extend(e.0.into_iter().map(|f| berth_core::validate::FieldError {
-                        field: format!("runs[{i}].{}", f.field),
-                        message: f.message,
-                    }))
-                }
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ValidationErrors(errors).into());
-        }
+        let checked = berth_core::validate::validate_batch(inputs)?;
         let (runner, _) = self.get_runner(runner_id).await?;
         let image = self.runner_image(&runner.spec).await;
         let runs = checked

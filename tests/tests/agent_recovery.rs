@@ -16,22 +16,6 @@ fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
         .collect()
 }
 
-async fn wait_no_containers(f: &Fleet, node: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = f.containers(node).await?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "containers left on {node}: {left:?}\n{}",
-            f.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Kills the node's agent with SIGKILL, starts it again and waits until the scheduler has
 /// the new process registered.
 async fn crash_and_restart(f: &mut Fleet, node: &str) -> Result<()> {
@@ -104,7 +88,7 @@ async fn killing_the_agent_ten_times_mid_run_loses_no_run_and_no_line() -> Resul
         "every log id 1..={} exactly once",
         2 * LINES
     );
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     Ok(())
 }
 
@@ -133,7 +117,7 @@ async fn a_restarted_agent_reports_the_real_exit_of_a_run_it_re_adopted() -> Res
         msgs(&logs, "stdout") == ["begin"] && msgs(&logs, "stderr") == ["end"],
         "{logs:?}"
     );
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     Ok(())
 }
 
@@ -167,7 +151,7 @@ async fn the_timeout_still_fires_after_the_agent_restarts() -> Result<()> {
         took < Duration::from_secs(8),
         "timed out only after {took:?}"
     );
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     Ok(())
 }
 

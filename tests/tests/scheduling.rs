@@ -11,22 +11,6 @@ use std::time::{Duration, Instant};
 /// Heartbeat every second; lost after 1 s TTL + 1 s grace of silence.
 const FAST_LOSS: &[&str] = &["--node-ttl-seconds", "1", "--lost-grace-seconds", "1"];
 
-async fn wait_no_containers(f: &Fleet, node: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = f.containers(node).await?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "containers left on {node}: {left:?}\n{}",
-            f.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_silent_agent_is_declared_lost_and_its_run_fenced_when_it_returns() -> Result<()> {
     let mut f = Fleet::start_with(&[AgentSpec::new("fra")], FAST_LOSS).await?;
@@ -55,7 +39,7 @@ async fn a_silent_agent_is_declared_lost_and_its_run_fenced_when_it_returns() ->
 
     f.signal_agent(&node, "CONT")?;
     // Its stale lease is rejected and the container killed, so the run never executes twice.
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     f.wait_node_status(&node, "ready", Duration::from_secs(15))
         .await?;
     let r = f.run(&runner, &run).await?;
@@ -93,7 +77,7 @@ async fn a_killed_agent_that_restarts_re_adopts_its_run_and_leaves_no_container(
         r["status"] == "failed" && r["exit_code"] == 7 && r["error_code"].is_null(),
         "{r}"
     );
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     Ok(())
 }
 

@@ -464,6 +464,23 @@ impl Fleet {
         Ok(list.containers.into_iter().map(|c| c.id).collect())
     }
 
+    /// Waits (up to 15 s) until containerd holds no container in the node's namespace.
+    pub async fn wait_no_containers(&self, node_id: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = self.containers(node_id).await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "containers left on {node_id}: {left:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn cgroup_dir(&self, controller: &str, node_id: &str, run_id: &str) -> PathBuf {
         Path::new("/sys/fs/cgroup")
             .join(controller)
