@@ -1,6 +1,9 @@
 //! Node settings the agent runs with, after the CLI has filled in defaults.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::logs::LogLimits;
 
 /// Everything the agent needs to know about its node.
 #[derive(Debug, Clone)]
@@ -21,4 +24,11 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// `host:port` registries reached over plain HTTP (loopback registries always are).
     pub insecure_registries: Vec<String>,
+    /// Most processes (threads included) one run may have, enforced by the pids cgroup.
+    pub pids_limit: i64,
+    /// How much output of one run is kept as log lines; the rest is dropped.
+    pub log_limits: LogLimits,
+    /// After SIGTERM, how long to wait for running runs to end (and their reports to be
+    /// acknowledged) before exiting anyway; runs still going are re-adopted by the next start.
+    pub shutdown_grace: Duration,
 }

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::cgroup::remove_run_cgroups;
+use crate::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::clock::{timestamp_nanos, unix_nanos_now};
 use crate::pull::{Puller, SNAPSHOTTER};
 use crate::runtime::{
@@ -377,6 +377,14 @@ impl ContainerRuntime for ContainerdRuntime {
             .await
             .map(|_| ());
         ignore_not_found(result).map_err(task_error("Tasks.Kill"))
+    }
+
+    fn oom_kills(&self, run_id: &str) -> Option<u64> {
+        read_oom_kills(
+            &self.settings.cgroup_root,
+            &self.settings.cgroup_parent,
+            run_id,
+        )
     }
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {

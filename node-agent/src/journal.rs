@@ -96,6 +96,9 @@ pub struct ExitRecord {
     pub exited_at_unix_nanos: i64,
     pub error_code: String,
     pub error_message: String,
+    /// Absent in records of older agents.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 impl ExitRecord {
@@ -114,6 +117,13 @@ pub struct LineRecord {
     pub next: u64,
     pub ts: i64,
     pub msg: String,
+    /// The agent's own "log limit reached" line, not output of the run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub marker: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Where the line log left off: the next `seq` and, per stream, the raw offset to continue at.
@@ -435,6 +445,7 @@ mod tests {
             next,
             ts: 7,
             msg: msg.to_string(),
+            marker: false,
         }
     }
 
@@ -469,13 +480,25 @@ mod tests {
         assert_eq!(dir.read_exit().expect("read"), None);
         let exit = ExitRecord {
             reason: ExitReason::Exited as i32,
-            exit_code: 5,
+            exit_code: 137,
             exited_at_unix_nanos: 11,
             error_code: String::new(),
             error_message: String::new(),
+            oom_killed: true,
         };
         dir.write_exit(&exit).expect("write");
-        assert_eq!(dir.read_exit().expect("read"), Some(exit));
+        assert_eq!(dir.read_exit().expect("read"), Some(exit.clone()));
+        // Records written before `oom_killed` existed still read.
+        std::fs::write(
+            dir.dir.join(EXIT_FILE),
+            r#"{"reason":1,"exit_code":0,"exited_at_unix_nanos":1,"error_code":"","error_message":""}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            dir.read_exit().expect("read").map(|e| e.oom_killed),
+            Some(false)
+        );
+        dir.write_exit(&exit).expect("write");
         assert_eq!(dir.read_acked(), 0);
         dir.write_acked(10).expect("ack");
         dir.write_acked(3).expect("ack");

@@ -12,8 +12,11 @@
 //!   client it uses, [`reference`] and [`manifest`] parse what it fetches.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`): the
 //!   assignment, start time, raw output, the numbered line log, acknowledged lines, the exit.
-//! - [`spec`]: the OCI runtime spec for a run; [`logs`]: output files → numbered log lines;
-//!   [`cgroup`]: removal of per-run cgroup directories; [`clock`]: timestamps.
+//! - [`spec`]: the OCI runtime spec for a run (memory limit with no swap beyond it, CPU quota,
+//!   `pids.max` from `--pids-limit`); [`logs`]: output files → numbered log lines, capped per
+//!   run (`--max-log-bytes-per-run`, `--max-log-lines-per-run`), consumed output punched out of
+//!   the files; [`cgroup`]: a run's OOM-kill counter and removal of its cgroup directories;
+//!   [`clock`]: timestamps; [`config`]: the node settings from the CLI.
 //!
 //! ## The life of a run on a node
 //! 1. `AssignRun` arrives on the session; the agent spawns a supervisor for it.
@@ -27,9 +30,12 @@
 //! 4. The exit is watched *before* the task starts; the start time goes into `run.json`, then
 //!    `RunStarted` into the outbox.
 //! 5. The log pump tails the output files; each line is numbered, appended to the line log and
-//!    only then queued.
+//!    only then queued. Past the run's log cap one marker line goes to stderr and the rest of
+//!    the output is skipped unread; the run is never blocked by its output.
 //! 6. The run ends by itself (EXITED), by its timeout (SIGTERM, grace, SIGKILL; TIMEOUT, 124) or
-//!    by `StopRun` (same signals; STOPPED). A stop during the pull ends it as STOPPED, -1.
+//!    by `StopRun` (same signals; STOPPED). A stop during the pull ends it as STOPPED, -1. A
+//!    run that exited non-zero while its memory cgroup counts an OOM kill is reported
+//!    `oom_killed` (read before the task is deleted, which removes the cgroup).
 //! 7. The task is deleted (the shim finishes copying output first), the rest of the output is
 //!    numbered and queued, the ending is written to `exit.json`, everything else is cleaned up
 //!    (container, snapshot, lease, cgroups) and `RunExited` is queued last.
@@ -52,6 +58,14 @@
 //!
 //! Re-adopted runs are listed in `Register.active_run_ids`, so the scheduler keeps their leases;
 //! it de-duplicates re-sent lines by (run, seq) and re-sent reports by lease epoch and state.
+//!
+//! ## Graceful shutdown
+//! SIGTERM (or SIGINT) makes the agent drain ([`session::Agent::drain`]): new assignments are
+//! answered at once with `RunExited { START_FAILED, error_code: "node_draining" }`; the session
+//! stays up so running runs keep reporting lines and exits; once every run has ended and every
+//! report is acknowledged — or `--shutdown-grace-seconds` (default 30) is over — the process
+//! exits 0. Runs still going are left to containerd and re-adopted by the next start, as after a
+//! crash. A second signal exits at once.
 
 pub mod cgroup;
 pub mod clock;

@@ -13,8 +13,22 @@
 //! next `seq` at the right offsets — bytes the old process had read but not yet numbered (a
 //! partial last line included) are simply read again — and re-sends the lines the scheduler has
 //! not acknowledged: no line is lost, renumbered or duplicated.
+//!
+//! ## Volume limits and disk use
+//! A run's logging is capped by [`LogLimits`] (bytes and lines per run; a line costs its text
+//! plus one byte for its line break). The first line that does not fit ends the run's logging:
+//! it and all later output are dropped, and one marker line on stderr says so
+//! ([`LogBudget::marker`]). The run keeps running; from then on the pump only skips to the end of
+//! the output files, so the run is never blocked and its output costs nothing. The budget is
+//! rebuilt from the line log after a restart, so a re-adopted run stays capped.
+//!
+//! The raw output files only grow at their logical end: once a stretch is numbered and in the
+//! line log (or dropped), the pump punches it out of the file (`FALLOC_FL_PUNCH_HOLE`), so the
+//! disk holds only output not yet read, whatever the run writes. Offsets stay valid because
+//! punching keeps the file's size.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +52,138 @@ pub const BATCH_MAX_DELAY: Duration = Duration::from_millis(50);
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes read from an output file at a time.
 const READ_CHUNK: usize = 256 * 1024;
+/// Most bytes read from one output file per poll while the run is still going, so a run that
+/// writes faster than lines can be numbered cannot keep the pump in one poll forever.
+const READ_BUDGET_PER_POLL: u64 = 8 * 1024 * 1024;
+/// Consumed output is punched out of the raw files in steps of at least this many bytes.
+const PUNCH_MIN_BYTES: u64 = 1024 * 1024;
+/// Default of `--max-log-bytes-per-run`.
+pub const DEFAULT_MAX_LOG_BYTES_PER_RUN: u64 = 16 * 1024 * 1024;
+/// Default of `--max-log-lines-per-run`.
+pub const DEFAULT_MAX_LOG_LINES_PER_RUN: u64 = 100_000;
+/// How every "log limit reached" marker line starts.
+pub const LIMIT_MARKER_PREFIX: &str = "[berth] log limit of ";
+
+/// How much of one run's output becomes log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Bytes of line text, each line counted with one extra byte for its line break.
+    pub max_bytes: u64,
+    pub max_lines: u64,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_LOG_BYTES_PER_RUN,
+            max_lines: DEFAULT_MAX_LOG_LINES_PER_RUN,
+        }
+    }
+}
+
+/// Which of the [`LogLimits`] a run reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReached {
+    Bytes,
+    Lines,
+}
+
+/// What a run has logged so far against its [`LogLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBudget {
+    limits: LogLimits,
+    bytes: u64,
+    lines: u64,
+    reached: Option<LimitReached>,
+    /// The marker line has been numbered (it is in the line log).
+    marked: bool,
+}
+
+impl LogBudget {
+    pub fn new(limits: LogLimits) -> Self {
+        Self {
+            limits,
+            bytes: 0,
+            lines: 0,
+            reached: None,
+            marked: false,
+        }
+    }
+
+    /// The budget as the line log left it: its lines charged, and exhausted if it holds the
+    /// marker.
+    pub fn from_records(limits: LogLimits, records: &[LineRecord]) -> Self {
+        let mut budget = Self::new(limits);
+        for record in records {
+            if record.marker {
+                budget.marked = true;
+                budget.reached.get_or_insert(LimitReached::Bytes);
+            } else {
+                budget.bytes = budget.bytes.saturating_add(line_cost(&record.msg));
+                budget.lines = budget.lines.saturating_add(1);
+            }
+        }
+        budget
+    }
+
+    /// Charges a line of text `msg` if it fits. The first line that does not fit exhausts the
+    /// budget for good: it and every later line are refused.
+    pub fn admit(&mut self, msg: &str) -> bool {
+        if self.reached.is_some() {
+            return false;
+        }
+        let cost = line_cost(msg);
+        if self.lines.saturating_add(1) > self.limits.max_lines {
+            self.reached = Some(LimitReached::Lines);
+            return false;
+        }
+        if self.bytes.saturating_add(cost) > self.limits.max_bytes {
+            self.reached = Some(LimitReached::Bytes);
+            return false;
+        }
+        self.bytes += cost;
+        self.lines += 1;
+        true
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.reached.is_some()
+    }
+
+    /// Bytes charged so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The marker line's text, the first time it is asked for after the budget ran out.
+    pub fn take_marker(&mut self) -> Option<String> {
+        if self.marked {
+            return None;
+        }
+        let text = self.marker()?;
+        self.marked = true;
+        Some(text)
+    }
+
+    /// The text of the marker line for the limit that was reached, if one was.
+    pub fn marker(&self) -> Option<String> {
+        Some(match self.reached? {
+            LimitReached::Bytes => format!(
+                "{LIMIT_MARKER_PREFIX}{} bytes reached; further output dropped",
+                self.limits.max_bytes
+            ),
+            LimitReached::Lines => format!(
+                "{LIMIT_MARKER_PREFIX}{} lines reached; further output dropped",
+                self.limits.max_lines
+            ),
+        })
+    }
+}
+
+/// What a line counts against [`LogLimits::max_bytes`]: its text and its line break.
+fn line_cost(msg: &str) -> u64 {
+    msg.len() as u64 + 1
+}
 
 /// One line found in a buffer: its text and where the next line starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +239,11 @@ struct StreamTail {
     stream: LogStream,
     path: PathBuf,
     file: Option<File>,
+    /// The file is open for writing too, so consumed output can be punched out of it.
+    punchable: bool,
     consumed: u64,
+    /// Everything before this offset has been punched out (or never needs to be).
+    punched: u64,
     pending: Vec<u8>,
 }
 
@@ -103,28 +253,62 @@ impl StreamTail {
             stream,
             path,
             file: None,
+            punchable: false,
             consumed,
+            punched: 0,
             pending: Vec::new(),
         }
     }
 
-    /// Reads what is new and numbers the complete lines (all of them with `at_eof`).
-    fn poll(&mut self, at_eof: bool, next_seq: &mut u64, out: &mut Vec<LineRecord>) {
-        if self.file.is_none() {
-            match File::open(&self.path) {
-                Ok(file) => self.file = Some(file),
-                Err(error) => {
-                    if error.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %self.path.display(), %error, "opening run output failed");
-                    }
-                    return;
+    fn open(&mut self) -> bool {
+        if self.file.is_some() {
+            return true;
+        }
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map(|file| (file, true))
+            .or_else(|_| File::open(&self.path).map(|file| (file, false)));
+        match opened {
+            Ok((file, punchable)) => {
+                self.file = Some(file);
+                self.punchable = punchable;
+                true
+            }
+            Err(error) => {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path.display(), %error, "opening run output failed");
                 }
+                false
             }
         }
+    }
+
+    /// Reads what is new and numbers the complete lines the budget admits (all of them with
+    /// `at_eof`). Returns true when it stopped at the per-poll read budget with more to read.
+    fn poll(
+        &mut self,
+        at_eof: bool,
+        next_seq: &mut u64,
+        budget: &mut LogBudget,
+        out: &mut Vec<LineRecord>,
+    ) -> bool {
+        if !self.open() {
+            return false;
+        }
+        if budget.exhausted() {
+            self.skip_to_end();
+            return false;
+        }
         let mut chunk = vec![0u8; READ_CHUNK];
+        let mut read: u64 = 0;
         loop {
+            if !at_eof && read >= READ_BUDGET_PER_POLL {
+                return true;
+            }
             let Some(file) = self.file.as_ref() else {
-                return;
+                return false;
             };
             let at = self.consumed + self.pending.len() as u64;
             let n = match file.read_at(&mut chunk, at) {
@@ -134,34 +318,84 @@ impl StreamTail {
                     0
                 }
             };
+            read += n as u64;
             self.pending.extend_from_slice(&chunk[..n]);
             let done = n == 0;
-            self.take_lines(at_eof && done, next_seq, out);
+            self.take_lines(at_eof && done, next_seq, budget, out);
+            if budget.exhausted() {
+                self.skip_to_end();
+                return false;
+            }
             if done {
-                return;
+                return false;
             }
         }
     }
 
-    fn take_lines(&mut self, at_eof: bool, next_seq: &mut u64, out: &mut Vec<LineRecord>) {
+    fn take_lines(
+        &mut self,
+        at_eof: bool,
+        next_seq: &mut u64,
+        budget: &mut LogBudget,
+        out: &mut Vec<LineRecord>,
+    ) {
         let lines = split_lines(&self.pending, MAX_LINE_BYTES, at_eof);
-        let Some(last) = lines.last() else {
-            return;
-        };
         let ts = unix_nanos_now();
-        let taken = last.next;
+        let mut taken = 0;
         for line in &lines {
+            let msg = String::from_utf8_lossy(&self.pending[line.start..line.end]).into_owned();
+            if !budget.admit(&msg) {
+                break;
+            }
             out.push(LineRecord {
                 seq: *next_seq,
                 stream: self.stream as i32,
                 next: self.consumed + line.next as u64,
                 ts,
-                msg: String::from_utf8_lossy(&self.pending[line.start..line.end]).into_owned(),
+                msg,
+                marker: false,
             });
             *next_seq += 1;
+            taken = line.next;
         }
         self.pending.drain(..taken);
         self.consumed += taken as u64;
+    }
+
+    /// Past the log limit: forget whatever is buffered and everything written so far.
+    fn skip_to_end(&mut self) {
+        self.pending.clear();
+        let len = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .unwrap_or(self.consumed);
+        self.consumed = self.consumed.max(len);
+    }
+
+    /// Frees the disk space of output that is numbered and persisted (or dropped). With
+    /// `all`, however little it is.
+    fn punch_consumed(&mut self, all: bool) {
+        let Some(file) = self.file.as_ref().filter(|_| self.punchable) else {
+            return;
+        };
+        let len = self.consumed.saturating_sub(self.punched);
+        if len == 0 || (!all && len < PUNCH_MIN_BYTES) {
+            return;
+        }
+        let (Ok(offset), Ok(length)) = (i64::try_from(self.punched), i64::try_from(len)) else {
+            return;
+        };
+        let mode = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match nix::fcntl::fallocate(file.as_raw_fd(), mode, offset, length) {
+            Ok(()) => self.punched = self.consumed,
+            Err(errno) => {
+                tracing::warn!(path = %self.path.display(), %errno, "cannot free consumed run output; the file keeps its size on disk");
+                self.punchable = false;
+            }
+        }
     }
 }
 
@@ -175,13 +409,16 @@ impl LogPump {
     /// Opens the run's line log, queues the lines it holds above `acked` (numbered by an earlier
     /// agent process and perhaps never delivered), and starts tailing the output files from
     /// where that log ends.
+    /// `limits` cap what the run may log in all (the lines already in the log included).
     pub fn start(
         run_id: String,
         run_dir: &RunDir,
         acked: u64,
+        limits: LogLimits,
         outbox: SharedOutbox,
     ) -> Result<Self, JournalError> {
         let (line_log, records, cursor) = LineLog::open(&run_dir.lines())?;
+        let budget = LogBudget::from_records(limits, &records);
         let unacked: Vec<LogLine> = records
             .into_iter()
             .filter(|r| r.seq > acked)
@@ -209,7 +446,9 @@ impl LogPump {
                 cursor.offset(LogStream::Stderr),
             ),
         ];
-        let task = tokio::spawn(tail(run_id, tails, cursor, line_log, finish_rx, outbox));
+        let task = tokio::spawn(tail(
+            run_id, tails, cursor, budget, line_log, finish_rx, outbox,
+        ));
         Ok(Self {
             finish,
             task: Some(task),
@@ -247,6 +486,7 @@ async fn tail(
     run_id: String,
     mut tails: [StreamTail; 2],
     cursor: LineCursor,
+    mut budget: LogBudget,
     mut line_log: LineLog,
     mut finish: watch::Receiver<bool>,
     outbox: SharedOutbox,
@@ -254,6 +494,7 @@ async fn tail(
     let mut next_seq = cursor.next_seq;
     let mut batch: Vec<LogLine> = Vec::new();
     let mut batch_since: Option<Instant> = None;
+    let mut behind = false;
     let flush = |batch: &mut Vec<LogLine>| {
         if !batch.is_empty() {
             outbox.push(Body::LogBatch(LogBatch {
@@ -263,29 +504,56 @@ async fn tail(
         }
     };
     loop {
-        let finishing = tokio::select! {
-            // An error means the pump was dropped: finish as well.
-            _ = finish.wait_for(|f| *f) => true,
-            _ = tokio::time::sleep(POLL_INTERVAL) => false,
+        let finishing = if behind {
+            // More output is waiting: read on at once, but let other tasks run first.
+            tokio::task::yield_now().await;
+            *finish.borrow()
+        } else {
+            tokio::select! {
+                // An error means the pump was dropped: finish as well.
+                _ = finish.wait_for(|f| *f) => true,
+                _ = tokio::time::sleep(POLL_INTERVAL) => false,
+            }
         };
         let mut found = Vec::new();
+        behind = false;
         for stream in &mut tails {
-            stream.poll(finishing, &mut next_seq, &mut found);
+            behind |= stream.poll(finishing, &mut next_seq, &mut budget, &mut found);
         }
-        if !found.is_empty() {
-            // Durable first: a line reaches the outbox only once a restart would number it the
-            // same way.
-            if let Err(error) = line_log.append(&found) {
+        if let Some(text) = budget.take_marker() {
+            tracing::warn!(run_id = %run_id, logged_bytes = budget.bytes(), "run reached its log limit; dropping further output");
+            let [_, stderr] = &tails;
+            found.push(LineRecord {
+                seq: next_seq,
+                stream: LogStream::Stderr as i32,
+                next: stderr.consumed,
+                ts: unix_nanos_now(),
+                msg: text,
+                marker: true,
+            });
+            next_seq += 1;
+        }
+        // Durable first: a line reaches the outbox only once a restart would number it the
+        // same way.
+        let persisted = match line_log.append(&found) {
+            Ok(()) => true,
+            Err(error) => {
                 tracing::error!(run_id = %run_id, %error, "persisting log lines failed; a crash now could lose them");
+                false
             }
-            for record in found {
-                if batch.is_empty() {
-                    batch_since = Some(Instant::now());
-                }
-                batch.push(to_log_line(record));
-                if batch.len() >= BATCH_MAX_LINES {
-                    flush(&mut batch);
-                }
+        };
+        if persisted {
+            for stream in &mut tails {
+                stream.punch_consumed(finishing);
+            }
+        }
+        for record in found {
+            if batch.is_empty() {
+                batch_since = Some(Instant::now());
+            }
+            batch.push(to_log_line(record));
+            if batch.len() >= BATCH_MAX_LINES {
+                flush(&mut batch);
             }
         }
         let due = batch_since.is_some_and(|t| t.elapsed() >= BATCH_MAX_DELAY);
@@ -380,7 +648,8 @@ mod tests {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = journal_dir(state.path());
         let outbox = SharedOutbox::new();
-        let mut pump = LogPump::start("r1".into(), &dir, 0, outbox.clone()).expect("pump");
+        let mut pump = LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone())
+            .expect("pump");
         append(dir.stdout(), b"one\n");
         tokio::time::sleep(POLL_INTERVAL * 3).await;
         append(dir.stderr(), b"two\xff\n");
@@ -402,7 +671,8 @@ mod tests {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = journal_dir(state.path());
         let outbox = SharedOutbox::new();
-        let mut pump = LogPump::start("r1".into(), &dir, 0, outbox.clone()).expect("pump");
+        let mut pump = LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone())
+            .expect("pump");
         let text: String = (0..600).map(|i| format!("{i}\n")).collect();
         append(dir.stdout(), text.as_bytes());
         pump.finish().await;
@@ -426,7 +696,8 @@ mod tests {
         let state = tempfile::tempdir().expect("tempdir");
         let dir = journal_dir(state.path());
         let first = SharedOutbox::new();
-        let pump = LogPump::start("r1".into(), &dir, 0, first.clone()).expect("pump");
+        let pump = LogPump::start("r1".into(), &dir, 0, LogLimits::default(), first.clone())
+            .expect("pump");
         append(dir.stdout(), b"out1\nout2\nou");
         append(dir.stderr(), b"err1\n");
         for _ in 0..100 {
@@ -443,7 +714,8 @@ mod tests {
         append(dir.stderr(), b"err2");
 
         let second = SharedOutbox::new();
-        let mut pump = LogPump::start("r1".into(), &dir, 1, second.clone()).expect("pump");
+        let mut pump = LogPump::start("r1".into(), &dir, 1, LogLimits::default(), second.clone())
+            .expect("pump");
         pump.finish().await;
         let after = lines_of(&second);
         assert_eq!(
@@ -463,5 +735,161 @@ mod tests {
         };
         assert_eq!(stream(LogStream::Stdout), vec!["out1", "out2", "out3"]);
         assert_eq!(stream(LogStream::Stderr), vec!["err1", "err2"]);
+    }
+
+    #[test]
+    fn the_budget_admits_until_a_line_does_not_fit_and_then_nothing() {
+        let mut budget = LogBudget::new(LogLimits {
+            max_bytes: 10,
+            max_lines: 100,
+        });
+        assert!(budget.admit("abcd")); // 5
+        assert!(budget.admit("")); // 6
+        assert!(!budget.admit("abcd"), "11 > 10");
+        assert!(!budget.admit(""), "nothing after the first refusal");
+        assert_eq!(budget.bytes(), 6);
+        assert_eq!(
+            budget.take_marker().as_deref(),
+            Some("[berth] log limit of 10 bytes reached; further output dropped")
+        );
+        assert_eq!(budget.take_marker(), None, "one marker only");
+
+        let mut budget = LogBudget::new(LogLimits {
+            max_bytes: 1000,
+            max_lines: 2,
+        });
+        assert!(budget.admit("a") && budget.admit("b"));
+        assert!(!budget.admit("c"));
+        assert_eq!(
+            budget.marker().as_deref(),
+            Some("[berth] log limit of 2 lines reached; further output dropped")
+        );
+        assert_eq!(LogBudget::new(LogLimits::default()).take_marker(), None);
+    }
+
+    #[test]
+    fn the_budget_is_rebuilt_from_the_line_log() {
+        let limits = LogLimits {
+            max_bytes: 10,
+            max_lines: 100,
+        };
+        let record = |msg: &str, marker: bool| LineRecord {
+            seq: 1,
+            stream: LogStream::Stdout as i32,
+            next: 0,
+            ts: 0,
+            msg: msg.to_string(),
+            marker,
+        };
+        let mut budget = LogBudget::from_records(limits, &[record("abc", false)]);
+        assert_eq!(budget.bytes(), 4);
+        assert!(budget.admit("abcde") && !budget.exhausted());
+        let mut budget = LogBudget::from_records(
+            limits,
+            &[record("abc", false), record("[berth] log limit", true)],
+        );
+        assert!(budget.exhausted() && !budget.admit(""));
+        assert_eq!(budget.take_marker(), None, "the marker is already logged");
+    }
+
+    /// A flood past the limit: lines up to the limit, one marker on stderr as the very last line,
+    /// nothing after it, and the consumed output punched out of the raw file.
+    #[tokio::test]
+    async fn output_past_the_limit_is_dropped_after_one_marker_and_freed_on_disk() {
+        use std::os::unix::fs::MetadataExt as _;
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(state.path());
+        let outbox = SharedOutbox::new();
+        let limits = LogLimits {
+            max_bytes: 1000,
+            max_lines: 1000,
+        };
+        let mut pump = LogPump::start("r1".into(), &dir, 0, limits, outbox.clone()).expect("pump");
+        let line = format!("{}\n", "y".repeat(99)); // 100 bytes each
+        append(dir.stdout(), line.repeat(5).as_bytes());
+        append(dir.stderr(), b"warn\n");
+        tokio::time::sleep(POLL_INTERVAL * 5).await;
+        let flood = line.repeat(40_000); // 4 MB
+        append(dir.stdout(), flood.as_bytes());
+        tokio::time::sleep(POLL_INTERVAL * 5).await;
+        append(dir.stdout(), flood.as_bytes());
+        append(dir.stderr(), b"late error\n");
+        pump.finish().await;
+
+        let lines = lines_of(&outbox);
+        let seqs: Vec<u64> = lines.iter().map(|l| l.0).collect();
+        assert_eq!(seqs, (1..=lines.len() as u64).collect::<Vec<_>>());
+        let (marker, kept) = lines.split_last().expect("lines");
+        assert_eq!(marker.1, LogStream::Stderr as i32);
+        assert_eq!(
+            marker.2,
+            "[berth] log limit of 1000 bytes reached; further output dropped"
+        );
+        let bytes: usize = kept.iter().map(|l| l.2.len() + 1).sum();
+        assert!(bytes <= 1000, "{bytes}");
+        assert_eq!(
+            kept.len(),
+            9 + 1,
+            "9 lines of 100 bytes and `warn`: {kept:?}"
+        );
+        assert!(!kept.iter().any(|l| l.2 == "late error"));
+
+        let stdout = std::fs::metadata(dir.stdout()).expect("stdout");
+        assert_eq!(stdout.len(), 500 + 2 * flood.len() as u64, "size is kept");
+        assert!(
+            stdout.blocks() * 512 < 64 * 1024,
+            "consumed output is punched out: {} blocks",
+            stdout.blocks()
+        );
+
+        // A restarted agent keeps the run capped and adds no second marker.
+        append(dir.stdout(), b"after restart\n");
+        let again = SharedOutbox::new();
+        let mut pump = LogPump::start("r1".into(), &dir, lines.len() as u64, limits, again.clone())
+            .expect("pump");
+        pump.finish().await;
+        assert!(lines_of(&again).is_empty(), "{:?}", lines_of(&again));
+    }
+
+    #[tokio::test]
+    async fn the_line_limit_caps_short_lines() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(state.path());
+        let outbox = SharedOutbox::new();
+        let limits = LogLimits {
+            max_bytes: u64::MAX,
+            max_lines: 50,
+        };
+        let mut pump = LogPump::start("r1".into(), &dir, 0, limits, outbox.clone()).expect("pump");
+        append(dir.stdout(), "y\n".repeat(10_000).as_bytes());
+        pump.finish().await;
+        let lines = lines_of(&outbox);
+        assert_eq!(lines.len(), 51);
+        assert!(lines[50].2.contains("50 lines"), "{:?}", lines[50]);
+    }
+
+    #[tokio::test]
+    async fn numbered_output_is_freed_on_disk_below_the_limit_too() {
+        use std::os::unix::fs::MetadataExt as _;
+        let state = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(state.path());
+        let outbox = SharedOutbox::new();
+        let mut pump = LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone())
+            .expect("pump");
+        let text = format!("{}\n", "z".repeat(999)).repeat(3000); // 3 MB, 3000 lines
+        append(dir.stdout(), text.as_bytes());
+        for _ in 0..200 {
+            if lines_of(&outbox).len() == 3000 {
+                break;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        assert_eq!(lines_of(&outbox).len(), 3000);
+        let blocks = std::fs::metadata(dir.stdout()).expect("stdout").blocks();
+        assert!(
+            blocks * 512 < 1024 * 1024,
+            "{blocks} blocks still allocated"
+        );
+        pump.finish().await;
     }
 }

@@ -1,15 +1,21 @@
 //! `berth-node-agent`: parses the CLI, connects to containerd and runs the agent until SIGTERM or
-//! SIGINT.
+//! SIGINT; then it drains (no new runs; running ones may finish within `--shutdown-grace-seconds`)
+//! and exits 0. A second SIGTERM or SIGINT exits at once.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
+use berth_node_agent::logs::{
+    LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
+};
 use berth_node_agent::pull::Puller;
 use berth_node_agent::registry::RegistryClient;
 use berth_node_agent::session::Agent;
+use berth_node_agent::spec::DEFAULT_PIDS_LIMIT;
 use clap::Parser;
 
 /// Runs containers through containerd for the Berth scheduler.
@@ -61,6 +67,23 @@ struct Cli {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
+    /// Most processes (threads included) one run may have (the pids cgroup's pids.max).
+    #[arg(long, env = "BERTH_AGENT_PIDS_LIMIT", default_value_t = DEFAULT_PIDS_LIMIT,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pids_limit: i64,
+    /// Most bytes of log lines kept per run (each line counts its text plus one byte); later
+    /// output is dropped after one marker line on stderr.
+    #[arg(long, env = "BERTH_AGENT_MAX_LOG_BYTES_PER_RUN", default_value_t = DEFAULT_MAX_LOG_BYTES_PER_RUN,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_log_bytes_per_run: u64,
+    /// Most log lines kept per run; later output is dropped after one marker line on stderr.
+    #[arg(long, env = "BERTH_AGENT_MAX_LOG_LINES_PER_RUN", default_value_t = DEFAULT_MAX_LOG_LINES_PER_RUN,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_log_lines_per_run: u64,
+    /// After SIGTERM, seconds to wait for running runs to end and be reported before exiting
+    /// (runs still going are re-adopted by the next start).
+    #[arg(long, env = "BERTH_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -99,6 +122,12 @@ async fn main() -> anyhow::Result<()> {
             .state_dir
             .unwrap_or_else(|| PathBuf::from(format!("/var/lib/berth/agent-{}", cli.node_id))),
         insecure_registries: cli.insecure_registries,
+        pids_limit: cli.pids_limit,
+        log_limits: LogLimits {
+            max_bytes: cli.max_log_bytes_per_run,
+            max_lines: cli.max_log_lines_per_run,
+        },
+        shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         node_id: cli.node_id,
         region: cli.region,
     };
@@ -130,8 +159,31 @@ async fn main() -> anyhow::Result<()> {
         puller,
     ));
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
-    let shutdown = berth_core::process::shutdown_signal().context("installing signal handlers")?;
+    let first_signal =
+        berth_core::process::shutdown_signal().context("installing signal handlers")?;
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        first_signal.await;
+        let _ = signalled_tx.send(());
+    };
+    let second_signal = async move {
+        if signalled_rx.await.is_err() {
+            return std::future::pending().await;
+        }
+        match berth_core::process::shutdown_signal() {
+            Ok(signal) => signal.await,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch for a second signal");
+                std::future::pending().await
+            }
+        }
+    };
     let agent = Agent::new(config, runtime);
-    agent.run(shutdown).await;
+    tokio::select! {
+        _ = agent.run(shutdown) => {}
+        _ = second_signal => {
+            tracing::warn!("second signal: exiting without waiting for runs; the next start re-adopts them");
+        }
+    }
     Ok(())
 }

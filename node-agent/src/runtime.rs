@@ -133,6 +133,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         all: bool,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
+    /// How many of the run's processes the kernel's OOM killer ended, or None when that cannot
+    /// be known (the run's cgroup is already gone). Ask after the exit and before `delete_task`,
+    /// which removes the cgroup.
+    fn oom_kills(&self, run_id: &str) -> Option<u64>;
+
     /// Deletes the (exited) task. Returns once the shim has finished copying its output.
     fn delete_task(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 

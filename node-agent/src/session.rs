@@ -1,16 +1,23 @@
 //! The agent's side of `AgentService.Attach`: register, heartbeat, take assignments and stops,
 //! deliver the outbox, and reconnect forever with capped backoff when the stream breaks. Runs keep
 //! executing while disconnected; their reports wait in the outbox.
+//!
+//! Shutdown is graceful: once the shutdown future resolves (SIGTERM), the agent refuses new
+//! assignments — each is answered at once with `RunExited { START_FAILED, error_code:
+//! "node_draining" }` — and keeps the session up, reporting the running runs' lines and exits,
+//! until every run has ended and every report is acknowledged, or the shutdown grace is over.
+//! Runs still going then stay with containerd; the next agent start re-adopts them.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
-    agent_message::Body, scheduler_message, AgentMessage, AssignRun, Heartbeat, Register,
-    SchedulerMessage, WarmupResult,
+    agent_message::Body, scheduler_message, AgentMessage, AssignRun, ExitReason, Heartbeat,
+    Register, RunExited, SchedulerMessage, WarmupResult,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +33,10 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a draining agent checks whether it is done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// `error_code` of an assignment refused because the agent is shutting down.
+pub const NODE_DRAINING: &str = "node_draining";
 
 /// Why one connection attempt ended.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +77,8 @@ pub struct Agent<R: ContainerRuntime> {
     journal: Journal,
     boot_id: String,
     runs: Arc<Mutex<HashMap<String, RunEntry>>>,
+    /// Set once shutdown began: new assignments are refused.
+    draining: AtomicBool,
 }
 
 impl<R: ContainerRuntime> Agent<R> {
@@ -77,6 +90,7 @@ impl<R: ContainerRuntime> Agent<R> {
             outbox: SharedOutbox::new(),
             boot_id: uuid::Uuid::new_v4().to_string(),
             runs: Arc::new(Mutex::new(HashMap::new())),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -124,6 +138,7 @@ impl<R: ContainerRuntime> Agent<R> {
             adopted.insert(run_id.clone());
             let supervisor = resume(
                 self.runtime.clone(),
+                self.config.log_limits,
                 run_dir,
                 record,
                 recorded_exit,
@@ -150,19 +165,21 @@ impl<R: ContainerRuntime> Agent<R> {
         }
     }
 
-    /// Takes over leftovers, then stays connected to the scheduler until `shutdown` resolves.
+    /// Takes over leftovers, then stays connected to the scheduler until `shutdown` resolves;
+    /// then drains ([`Agent::drain`]) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         self.recover().await;
-        let mut shutdown = std::pin::pin!(shutdown);
+        let drained = async {
+            shutdown.await;
+            self.drain().await;
+        };
+        let mut drained = std::pin::pin!(drained);
         let mut backoff = BACKOFF_START;
         loop {
             let mut registered = false;
             let attempt = self.connect_once(&mut registered);
             let result = tokio::select! {
-                _ = &mut shutdown => {
-                    tracing::info!("shutting down; containers keep running");
-                    return;
-                }
+                _ = &mut drained => return,
                 result = attempt => result,
             };
             if registered {
@@ -175,11 +192,46 @@ impl<R: ContainerRuntime> Agent<R> {
                 }
             }
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut drained => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
+    }
+
+    /// Stops taking runs and waits, at most the shutdown grace, until every run this process
+    /// handles has ended and the scheduler acknowledged every report. The session keeps going
+    /// meanwhile (it runs alongside in [`Agent::run`]).
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let grace = self.config.shutdown_grace;
+        tracing::info!(
+            active_runs = self.runs().len(),
+            grace_seconds = grace.as_secs_f64(),
+            "shutting down: refusing new runs, waiting for the running ones"
+        );
+        let idle = async {
+            while !(self.runs().is_empty() && self.outbox.is_empty()) {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        };
+        match tokio::time::timeout(grace, idle).await {
+            Ok(()) => tracing::info!("every run ended and was reported; exiting"),
+            Err(_) => {
+                let mut left: Vec<String> = self.runs().keys().cloned().collect();
+                left.sort();
+                tracing::warn!(
+                    runs = ?left,
+                    unacknowledged_reports = self.outbox.len(),
+                    "shutdown grace over; exiting anyway: the runs keep running under containerd and the next agent start re-adopts them"
+                );
+            }
+        }
+    }
+
+    /// True once shutdown began.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     fn register_message(&self) -> AgentMessage {
@@ -420,6 +472,18 @@ impl<R: ContainerRuntime> Agent<R> {
     fn assign(&self, assign: AssignRun) {
         let run_id = assign.run_id.clone();
         let spec = assign.spec.unwrap_or_default();
+        if self.is_draining() {
+            if self.runs().contains_key(&run_id) {
+                tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
+            } else {
+                tracing::info!(run_id = %run_id, "refusing an assignment: shutting down");
+                self.outbox.push(Body::RunExited(refused_while_draining(
+                    run_id,
+                    assign.lease_epoch,
+                )));
+            }
+            return;
+        }
         let Some(stop_rx) = self.track(&run_id, spec.memory_mib) else {
             tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
             return;
@@ -427,6 +491,8 @@ impl<R: ContainerRuntime> Agent<R> {
         tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
         let settings = SupervisorSettings {
             cgroup_parent: self.config.cgroup_parent.clone(),
+            pids_limit: self.config.pids_limit,
+            log_limits: self.config.log_limits,
         };
         let assignment = Assignment {
             run_id: run_id.clone(),
@@ -442,5 +508,204 @@ impl<R: ContainerRuntime> Agent<R> {
             self.outbox.clone(),
         );
         self.spawn_supervisor(run_id, supervisor);
+    }
+}
+
+/// The report for an assignment that arrives while the agent shuts down: the run never started
+/// here, so the scheduler can place it elsewhere.
+fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
+    RunExited {
+        run_id,
+        lease_epoch,
+        exit_code: -1,
+        exited_at_unix_nanos: 0,
+        reason: ExitReason::StartFailed as i32,
+        error_code: NODE_DRAINING.to_string(),
+        error_message: "the node agent is shutting down and takes no new runs".to_string(),
+        oom_killed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::LogLimits;
+    use crate::runtime::{ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
+    use berth_proto::v1::{Ack, RegistryAuth, RunSpec};
+
+    /// A runtime whose pulls fail after `pull_takes` (or never end): enough to have runs in
+    /// flight without containers.
+    struct SlowPulls {
+        pull_takes: Option<Duration>,
+    }
+
+    impl ContainerRuntime for SlowPulls {
+        fn cached_images(&self) -> Vec<String> {
+            Vec::new()
+        }
+        async fn pull_image(
+            &self,
+            image: &str,
+            _auth: Option<&RegistryAuth>,
+        ) -> Result<PreparedImage, RuntimeError> {
+            match self.pull_takes {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
+            Err(RuntimeError::ImagePull {
+                image: image.to_string(),
+                message: "unreachable".to_string(),
+            })
+        }
+        async fn create(
+            &self,
+            _run_id: &str,
+            _image: &PreparedImage,
+            _spec: &oci_spec::runtime::Spec,
+            _output: &OutputFiles,
+        ) -> Result<(), RuntimeError> {
+            Err(RuntimeError::Create("not in this test".to_string()))
+        }
+        async fn watch_exit(&self, _run_id: &str) -> Result<ExitWatch, RuntimeError> {
+            Err(RuntimeError::Create("not in this test".to_string()))
+        }
+        async fn start(&self, _run_id: &str) -> Result<i64, RuntimeError> {
+            Err(RuntimeError::Start("not in this test".to_string()))
+        }
+        async fn kill(&self, _: &str, _: StopSignal, _: bool) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        fn oom_kills(&self, _run_id: &str) -> Option<u64> {
+            None
+        }
+        async fn delete_task(&self, _run_id: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn cleanup(&self, _run_id: &str) {}
+        async fn list_containers(&self) -> Result<Vec<String>, RuntimeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<SlowPulls>> {
+        let config = AgentConfig {
+            scheduler_url: "http://127.0.0.1:1".to_string(),
+            node_id: "n1".to_string(),
+            region: "test".to_string(),
+            total_memory_mib: 1024,
+            cpus: 1,
+            max_runs: 4,
+            containerd_socket: state.join("containerd.sock"),
+            namespace: "test".to_string(),
+            cgroup_parent: "berth/n1".to_string(),
+            state_dir: state.to_path_buf(),
+            insecure_registries: vec![],
+            pids_limit: 1024,
+            log_limits: LogLimits::default(),
+            shutdown_grace: Duration::from_secs(30),
+        };
+        Arc::new(Agent::new(config, Arc::new(SlowPulls { pull_takes })))
+    }
+
+    fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
+        agent.handle(SchedulerMessage {
+            body: Some(scheduler_message::Body::AssignRun(AssignRun {
+                run_id: run_id.to_string(),
+                lease_epoch: 2,
+                spec: Some(RunSpec {
+                    image: "127.0.0.1:5/busybox:latest".to_string(),
+                    ..Default::default()
+                }),
+            })),
+        });
+    }
+
+    fn exits(agent: &Agent<SlowPulls>) -> Vec<RunExited> {
+        agent
+            .outbox()
+            .snapshot()
+            .into_iter()
+            .filter_map(|m| match m.body {
+                Some(Body::RunExited(e)) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_agent_refuses_new_runs_as_node_draining() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let agent = agent(state.path(), None);
+        agent.draining.store(true, Ordering::SeqCst);
+        assign(&agent, "r1");
+        let exits = exits(&agent);
+        assert_eq!(exits.len(), 1);
+        let exit = &exits[0];
+        assert_eq!(
+            (exit.reason, exit.exit_code, exit.lease_epoch),
+            (ExitReason::StartFailed as i32, -1, 2)
+        );
+        assert_eq!(exit.error_code, NODE_DRAINING);
+        assert!(agent.runs().is_empty(), "nothing was started");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_returns_once_runs_ended_and_were_acknowledged() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let idle = agent(state.path(), None);
+        let begin = tokio::time::Instant::now();
+        idle.drain().await;
+        assert!(
+            begin.elapsed() < Duration::from_secs(1),
+            "nothing to wait for"
+        );
+
+        let agent = agent(state.path(), Some(Duration::from_secs(3)));
+        assign(&agent, "r1");
+        let acker = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Some(exit) = agent
+                        .outbox()
+                        .snapshot()
+                        .into_iter()
+                        .find(|m| matches!(m.body, Some(Body::RunExited(_))))
+                    {
+                        agent.handle(SchedulerMessage {
+                            body: Some(scheduler_message::Body::Ack(Ack {
+                                up_to_seq: exit.seq,
+                            })),
+                        });
+                        return;
+                    }
+                }
+            })
+        };
+        let begin = tokio::time::Instant::now();
+        agent.drain().await;
+        let waited = begin.elapsed();
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_secs(5),
+            "waited for the run, not the whole grace: {waited:?}"
+        );
+        assert!(agent.runs().is_empty() && agent.outbox().is_empty());
+        acker.await.expect("acker");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_after_the_grace() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let agent = agent(state.path(), None);
+        assign(&agent, "r1");
+        let begin = tokio::time::Instant::now();
+        agent.drain().await;
+        let waited = begin.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+            "{waited:?}"
+        );
+        assert!(agent.runs().contains_key("r1"), "left for the next start");
     }
 }

@@ -17,8 +17,9 @@ use crate::manifest::ImageRunConfig;
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Open-files limit inside containers; must stay below this host's hard limit (20000).
 pub const NOFILE_LIMIT: u64 = 1024;
-/// Upper bound on processes per run, enforced by the pids cgroup.
-pub const PIDS_LIMIT: i64 = 4096;
+/// Default upper bound on processes (and threads) per run, enforced by the pids cgroup: plenty
+/// for real workloads, and a fork bomb stops there instead of exhausting the node's pid space.
+pub const DEFAULT_PIDS_LIMIT: i64 = 1024;
 const CPU_PERIOD_MICROS: u64 = 100_000;
 
 /// Why a spec could not be built.
@@ -138,6 +139,8 @@ pub struct SpecInputs<'a> {
     pub image: &'a ImageRunConfig,
     /// cgroup parent without leading slash, e.g. `berth/node-1`.
     pub cgroup_parent: &'a str,
+    /// `pids.max` of the run's cgroup (values below 1 are raised to 1).
+    pub pids_limit: i64,
 }
 
 /// The cgroups path runc uses for a run: `/<parent>/<run id>`.
@@ -228,6 +231,8 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     if inputs.run.memory_mib > 0 {
         let mut memory = LinuxMemory::default();
         memory.set_limit(Some(memory_bytes));
+        // `swap` is memory + swap (cgroup v1 `memory.memsw.limit_in_bytes`): equal to the limit
+        // means no swap at all, so a run over its limit is OOM-killed instead of swapping.
         memory.set_swap(Some(memory_bytes));
         resources.set_memory(Some(memory));
     }
@@ -238,7 +243,7 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
         resources.set_cpu(Some(cpu));
     }
     let mut pids = LinuxPids::default();
-    pids.set_limit(PIDS_LIMIT);
+    pids.set_limit(inputs.pids_limit.max(1));
     resources.set_pids(Some(pids));
     // Deny all devices first; runc then allows its standard set (null, zero, tty, ...).
     let mut deny_all = LinuxDeviceCgroup::default();
@@ -344,6 +349,7 @@ mod tests {
             run: &run,
             image: &img,
             cgroup_parent: "berth/n1",
+            pids_limit: 321,
         })
         .expect("spec");
         let json = serde_json::to_value(&spec).expect("serializes");
@@ -353,7 +359,12 @@ mod tests {
             64 * 1024 * 1024
         );
         assert_eq!(json["linux"]["resources"]["cpu"]["quota"], 50_000);
-        assert_eq!(json["linux"]["resources"]["pids"]["limit"], PIDS_LIMIT);
+        assert_eq!(
+            json["linux"]["resources"]["memory"]["swap"],
+            64 * 1024 * 1024,
+            "no swap beyond the memory limit"
+        );
+        assert_eq!(json["linux"]["resources"]["pids"]["limit"], 321);
         assert_eq!(json["process"]["rlimits"][0]["hard"], NOFILE_LIMIT);
         assert_eq!(json["process"]["cwd"], "/");
         let ns: Vec<String> = json["linux"]["namespaces"]

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
 use crate::journal::{ExitRecord, Journal, RunDir, RunRecord};
-use crate::logs::LogPump;
+use crate::logs::{LogLimits, LogPump};
 use crate::outbox::SharedOutbox;
 use crate::runtime::{
     ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
@@ -40,6 +40,9 @@ pub struct Assignment {
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
     pub cgroup_parent: String,
+    /// `pids.max` of every run's cgroup.
+    pub pids_limit: i64,
+    pub log_limits: LogLimits,
 }
 
 /// How the run ended, before it becomes a `RunExited`.
@@ -50,6 +53,8 @@ struct Ending {
     exited_at_unix_nanos: i64,
     error_code: String,
     error_message: String,
+    /// The kernel's OOM killer ended a process of the run, and the run failed.
+    oom_killed: bool,
 }
 
 impl Ending {
@@ -60,6 +65,7 @@ impl Ending {
             exited_at_unix_nanos: 0,
             error_code: code.to_string(),
             error_message: message,
+            oom_killed: false,
         }
     }
 
@@ -70,6 +76,7 @@ impl Ending {
             exited_at_unix_nanos: self.exited_at_unix_nanos,
             error_code: self.error_code.clone(),
             error_message: self.error_message.clone(),
+            oom_killed: self.oom_killed,
         }
     }
 
@@ -80,6 +87,7 @@ impl Ending {
             exited_at_unix_nanos: record.exited_at_unix_nanos,
             error_code: record.error_code,
             error_message: record.error_message,
+            oom_killed: record.oom_killed,
         }
     }
 
@@ -90,6 +98,7 @@ impl Ending {
             exited_at_unix_nanos: 0,
             error_code: String::new(),
             error_message: "stopped before the run started".to_string(),
+            oom_killed: false,
         }
     }
 }
@@ -131,6 +140,7 @@ pub async fn supervise<R: ContainerRuntime>(
 /// Returns the outbox sequence number of the `RunExited` report.
 pub async fn resume<R: ContainerRuntime>(
     runtime: Arc<R>,
+    log_limits: LogLimits,
     run_dir: RunDir,
     record: RunRecord,
     recorded_exit: Option<ExitRecord>,
@@ -150,6 +160,7 @@ pub async fn resume<R: ContainerRuntime>(
         run_id.to_string(),
         &run_dir,
         run_dir.read_acked(),
+        log_limits,
         outbox.clone(),
     ) {
         Ok(pump) => Some(pump),
@@ -180,7 +191,7 @@ pub async fn resume<R: ContainerRuntime>(
                 .unwrap_or_default();
             let ending = match runtime.watch_exit(run_id).await {
                 Ok(exit_watch) => {
-                    watch_running(
+                    let mut ending = watch_running(
                         &*runtime,
                         run_id,
                         &record.spec,
@@ -188,7 +199,9 @@ pub async fn resume<R: ContainerRuntime>(
                         &mut stop,
                         exit_watch,
                     )
-                    .await
+                    .await;
+                    note_oom_kill(&*runtime, run_id, &mut ending);
+                    ending
                 }
                 Err(e) => Ending {
                     reason: ExitReason::Exited,
@@ -196,6 +209,7 @@ pub async fn resume<R: ContainerRuntime>(
                     exited_at_unix_nanos: unix_nanos_now(),
                     error_code: e.error_code().to_string(),
                     error_message: e.to_string(),
+                    oom_killed: false,
                 },
             };
             if let Some(pump) = pump.as_mut() {
@@ -253,8 +267,7 @@ async fn finish<R: ContainerRuntime>(
         reason: ending.reason as i32,
         error_code: ending.error_code,
         error_message: ending.error_message,
-        // OOM detection comes with the limits work (issue 4 item 3).
-        oom_killed: false,
+        oom_killed: ending.oom_killed,
     }))
 }
 
@@ -293,6 +306,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         run: spec,
         image: &image.config,
         cgroup_parent: &settings.cgroup_parent,
+        pids_limit: settings.pids_limit,
     }) {
         Ok(s) => s,
         Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
@@ -316,6 +330,7 @@ async fn run_until_exit<R: ContainerRuntime>(
     };
     let ending = start_and_watch(
         runtime,
+        settings,
         assignment,
         &image,
         &oci_spec,
@@ -331,6 +346,7 @@ async fn run_until_exit<R: ContainerRuntime>(
 #[allow(clippy::too_many_arguments)]
 async fn start_and_watch<R: ContainerRuntime>(
     runtime: &R,
+    settings: &SupervisorSettings,
     assignment: &Assignment,
     image: &PreparedImage,
     oci_spec: &oci_spec::runtime::Spec,
@@ -347,7 +363,13 @@ async fn start_and_watch<R: ContainerRuntime>(
     if let Err(e) = runtime.create(run_id, image, oci_spec, &output).await {
         return Ending::start_failed(e.error_code(), e.to_string());
     }
-    let mut pump = match LogPump::start(run_id.to_string(), run_dir, 0, outbox.clone()) {
+    let mut pump = match LogPump::start(
+        run_id.to_string(),
+        run_dir,
+        0,
+        settings.log_limits,
+        outbox.clone(),
+    ) {
         Ok(pump) => pump,
         Err(e) => {
             return Ending::start_failed("journal_failed", format!("opening the run's log: {e}"))
@@ -384,7 +406,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         image_digest: image.digest.clone(),
     }));
 
-    let ending = watch_running(
+    let mut ending = watch_running(
         runtime,
         run_id,
         &assignment.spec,
@@ -393,8 +415,28 @@ async fn start_and_watch<R: ContainerRuntime>(
         exit_watch,
     )
     .await;
+    note_oom_kill(runtime, run_id, &mut ending);
     drain_output(runtime, run_id, &mut pump).await;
     ending
+}
+
+/// Marks a run that exited non-zero as OOM-killed when the kernel's OOM killer ended one of its
+/// processes (the run's memory limit was hit). A run that still exited 0, or that ended by its
+/// timeout or a stop, keeps that ending. Must run before the task is deleted: that removes the
+/// cgroup holding the counter.
+fn note_oom_kill<R: ContainerRuntime>(runtime: &R, run_id: &str, ending: &mut Ending) {
+    if ending.reason != ExitReason::Exited || ending.exit_code == 0 {
+        return;
+    }
+    if let Some(kills) = runtime.oom_kills(run_id).filter(|kills| *kills > 0) {
+        tracing::warn!(
+            run_id,
+            oom_kills = kills,
+            exit_code = ending.exit_code,
+            "the run hit its memory limit and the OOM killer ended it"
+        );
+        ending.oom_killed = true;
+    }
 }
 
 /// Waits for the exit, enforcing the timeout (of which `elapsed` has already passed) and
@@ -460,6 +502,7 @@ async fn watch_running<R: ContainerRuntime>(
                         exited_at_unix_nanos: unix_nanos_now(),
                         error_code: "kill_failed".to_string(),
                         error_message: "the task did not exit after SIGKILL".to_string(),
+                        oom_killed: false,
                     }
                 }
             }
@@ -481,6 +524,7 @@ fn exited(
             exited_at_unix_nanos: exit.exited_at_unix_nanos,
             error_code: String::new(),
             error_message: String::new(),
+            oom_killed: false,
         },
         Ok(Err(e)) => Ending {
             reason,
@@ -488,6 +532,7 @@ fn exited(
             exited_at_unix_nanos: unix_nanos_now(),
             error_code: e.error_code().to_string(),
             error_message: e.to_string(),
+            oom_killed: false,
         },
         Err(_) => Ending {
             reason,
@@ -495,6 +540,7 @@ fn exited(
             exited_at_unix_nanos: unix_nanos_now(),
             error_code: "task_failed".to_string(),
             error_message: "lost track of the task's exit".to_string(),
+            oom_killed: false,
         },
     }
 }

@@ -220,6 +220,9 @@ async fn runs_containers_end_to_end() {
         cgroup_parent: CGROUP_PARENT.into(),
         state_dir: state.path().to_path_buf(),
         insecure_registries: vec![],
+        pids_limit: berth_node_agent::spec::DEFAULT_PIDS_LIMIT,
+        log_limits: Default::default(),
+        shutdown_grace: Duration::from_secs(5),
     };
     let channel = containerd_client::connect(&socket)
         .await

@@ -112,6 +112,9 @@ struct Node {
     lost: bool,
     /// An operator asked for no new leases (stored, survives restarts).
     draining: bool,
+    /// The agent is shutting down (it refused a run with `node_draining`); cleared when it
+    /// registers again.
+    shutting_down: bool,
     connection: u64,
     tx: Option<AgentTx>,
     cached_images: Arc<BTreeSet<String>>,
@@ -130,6 +133,7 @@ impl Node {
             connected: false,
             lost: false,
             draining,
+            shutting_down: false,
             connection: 0,
             tx: None,
             cached_images: Arc::default(),
@@ -141,7 +145,7 @@ impl Node {
             NodeStatus::Lost
         } else if !self.connected {
             NodeStatus::Disconnected
-        } else if self.draining {
+        } else if self.draining || self.shutting_down {
             NodeStatus::Draining
         } else {
             NodeStatus::Ready
@@ -899,6 +903,7 @@ impl<S: Store> Scheduler<S> {
             connected: true,
             lost: false,
             draining,
+            shutting_down: false,
             connection,
             tx: Some(tx.clone()),
             cached_images: Arc::new(reg.cached_images.iter().cloned().collect()),
@@ -1291,6 +1296,25 @@ impl<S: Store> Scheduler<S> {
             now_unix_millis()
         };
         let reason = pb::ExitReason::try_from(msg.reason).unwrap_or(pb::ExitReason::Unspecified);
+        if reason == pb::ExitReason::StartFailed
+            && msg.error_code == NODE_DRAINING
+            && !run.stop_requested
+        {
+            // The agent is shutting down and refused the run: place it elsewhere.
+            run.requeue(&format!("node {node_id} is shutting down"))?;
+            if let Some(node) = st.nodes.get_mut(node_id) {
+                node.shutting_down = true;
+            }
+            st.sync_node(node_id);
+            tracing::info!(run_id = %run.id, node_id, "re-queued: the node is shutting down");
+            st.stage(run);
+            self.schedule(&mut st)?;
+            let done = self.flush(&mut st);
+            drop(st);
+            committed(done).await?;
+            self.notify();
+            return Ok(());
+        }
         let code = (msg.exit_code >= 0).then_some(msg.exit_code);
         if run.status == RunStatus::Pending && reason != pb::ExitReason::StartFailed {
             run.start(at, None)?;
@@ -1818,6 +1842,9 @@ fn utc_day(millis: i64) -> String {
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
 }
+
+/// The error code an agent that is shutting down gives a run it refuses.
+pub const NODE_DRAINING: &str = "node_draining";
 
 /// What a secret value is replaced with in stored log lines.
 pub const REDACTED: &str = "[redacted]";

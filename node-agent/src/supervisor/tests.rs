@@ -10,6 +10,7 @@ use berth_proto::v1::{AgentMessage, LogStream, RegistryAuth};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
+use crate::logs::LogLimits;
 use crate::runtime::PreparedImage;
 
 fn append(path: &Path, text: &str) {
@@ -31,6 +32,8 @@ struct Script {
     ignores_sigterm: bool,
     /// Output the shim only finishes copying when the task is deleted.
     late_output: Option<&'static str>,
+    /// What the run's memory cgroup says about OOM kills (None: the cgroup is gone).
+    oom_kills: Option<u64>,
 }
 
 #[derive(Default)]
@@ -150,10 +153,17 @@ impl ContainerRuntime for FakeRuntime {
         &self,
         run_id: &str,
         _image: &PreparedImage,
-        _spec: &oci_spec::runtime::Spec,
+        spec: &oci_spec::runtime::Spec,
         output: &OutputFiles,
     ) -> Result<(), RuntimeError> {
-        self.record(format!("create {run_id}"));
+        let pids = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.pids().as_ref())
+            .map(|p| p.limit())
+            .unwrap_or_default();
+        self.record(format!("create {run_id} pids={pids}"));
         assert!(output.stdout.is_file() && output.stderr.is_file());
         self.tasks.lock().expect("lock").insert(
             run_id.to_string(),
@@ -207,6 +217,11 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
+    fn oom_kills(&self, run_id: &str) -> Option<u64> {
+        self.record(format!("oom_kills {run_id}"));
+        self.script.oom_kills
+    }
+
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
         self.record(format!("delete_task {run_id}"));
         if let (Some(late), Some(task)) = (
@@ -244,6 +259,8 @@ fn assignment(spec: RunSpec) -> Assignment {
 fn settings() -> SupervisorSettings {
     SupervisorSettings {
         cgroup_parent: "berth/test".to_string(),
+        pids_limit: 1024,
+        log_limits: LogLimits::default(),
     }
 }
 
@@ -581,6 +598,7 @@ fn crashed_run(
         next: 7,
         ts: 1,
         msg: "before".to_string(),
+        marker: false,
     }])
     .expect("append");
     append(&dir.stdout(), "wn\n");
@@ -618,6 +636,7 @@ async fn a_resumed_run_reports_its_real_exit_and_every_line_once() {
     let (_stop_tx, stop_rx) = watch::channel(false);
     resume(
         runtime.clone(),
+        LogLimits::default(),
         dir.clone(),
         record,
         None,
@@ -676,7 +695,16 @@ async fn a_resumed_run_keeps_its_original_timeout() {
     let outbox = SharedOutbox::new();
     let (_stop_tx, stop_rx) = watch::channel(false);
     let begin = tokio::time::Instant::now();
-    resume(runtime.clone(), dir, record, None, stop_rx, outbox.clone()).await;
+    resume(
+        runtime.clone(),
+        LogLimits::default(),
+        dir,
+        record,
+        None,
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
     let exit = exit_of(&outbox.snapshot());
     assert_eq!(
         (exit.reason, exit.exit_code),
@@ -706,11 +734,13 @@ async fn a_recorded_exit_is_re_sent_without_touching_the_task_again() {
         exited_at_unix_nanos: 42,
         error_code: String::new(),
         error_message: String::new(),
+        oom_killed: false,
     };
     let outbox = SharedOutbox::new();
     let (_stop_tx, stop_rx) = watch::channel(false);
     resume(
         runtime.clone(),
+        LogLimits::default(),
         dir,
         record,
         Some(recorded),
@@ -743,8 +773,143 @@ async fn a_vanished_task_still_ends_the_run() {
     runtime.tasks.lock().expect("lock").clear();
     let outbox = SharedOutbox::new();
     let (_stop_tx, stop_rx) = watch::channel(false);
-    resume(runtime.clone(), dir, record, None, stop_rx, outbox.clone()).await;
+    resume(
+        runtime.clone(),
+        LogLimits::default(),
+        dir,
+        record,
+        None,
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
     let exit = exit_of(&outbox.snapshot());
     assert_eq!(exit.exit_code, -1);
     assert_eq!(exit.error_code, "task_failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_reported_when_the_run_failed() {
+    let script = Script {
+        runs_for: Some(Duration::from_millis(5)),
+        exit_status: 137,
+        oom_kills: Some(1),
+        ..Default::default()
+    };
+    let (runtime, messages) = run(script, RunSpec::default()).await;
+    let exit = exit_of(&messages);
+    assert_eq!(
+        (exit.reason, exit.exit_code, exit.oom_killed),
+        (ExitReason::Exited as i32, 137, true)
+    );
+    let calls = runtime.calls();
+    let asked = calls.iter().position(|c| c == "oom_kills run-1");
+    let deleted = calls.iter().position(|c| c == "delete_task run-1");
+    assert!(
+        asked.is_some() && asked < deleted,
+        "the counter is read before the task (and its cgroup) goes: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_oom_kill_is_reported_for_a_success_a_timeout_or_an_empty_counter() {
+    let succeeded = Script {
+        runs_for: Some(Duration::from_millis(5)),
+        exit_status: 0,
+        oom_kills: Some(2),
+        ..Default::default()
+    };
+    let (_, messages) = run(succeeded, RunSpec::default()).await;
+    assert!(
+        !exit_of(&messages).oom_killed,
+        "a run that exits 0 succeeded"
+    );
+    let killed_otherwise = Script {
+        runs_for: Some(Duration::from_millis(5)),
+        exit_status: 137,
+        oom_kills: Some(0),
+        ..Default::default()
+    };
+    let (_, messages) = run(killed_otherwise, RunSpec::default()).await;
+    assert!(!exit_of(&messages).oom_killed);
+    let timed_out = Script {
+        runs_for: None,
+        oom_kills: Some(1),
+        ..Default::default()
+    };
+    let spec = RunSpec {
+        timeout_seconds: 1,
+        ..Default::default()
+    };
+    let (_, messages) = run(timed_out, spec).await;
+    let exit = exit_of(&messages);
+    assert_eq!(
+        (exit.reason, exit.oom_killed),
+        (ExitReason::Timeout as i32, false)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_adopted_run_that_was_oom_killed_is_reported_so() {
+    let runtime = FakeRuntime::new(Script {
+        runs_for: Some(Duration::from_millis(5)),
+        exit_status: 137,
+        oom_kills: Some(1),
+        ..Default::default()
+    });
+    let (_state, journal) = journal();
+    let (dir, record) = crashed_run(
+        &journal,
+        &runtime,
+        RunSpec::default(),
+        Duration::from_secs(1),
+    );
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    resume(
+        runtime.clone(),
+        LogLimits::default(),
+        dir.clone(),
+        record,
+        None,
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    assert!(exit_of(&outbox.snapshot()).oom_killed);
+    assert_eq!(
+        dir.read_exit().expect("exit").map(|e| e.oom_killed),
+        Some(true),
+        "recorded, so a restart re-sends it as it was"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_node_pids_limit_reaches_the_containers_spec() {
+    let runtime = FakeRuntime::new(Script {
+        runs_for: Some(Duration::from_millis(1)),
+        ..Default::default()
+    });
+    let (_state, journal) = journal();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let settings = SupervisorSettings {
+        pids_limit: 77,
+        ..settings()
+    };
+    supervise(
+        runtime.clone(),
+        settings,
+        journal,
+        assignment(RunSpec::default()),
+        stop_rx,
+        SharedOutbox::new(),
+    )
+    .await;
+    assert!(
+        runtime
+            .calls()
+            .contains(&"create run-1 pids=77".to_string()),
+        "{:?}",
+        runtime.calls()
+    );
 }

@@ -274,6 +274,50 @@ async fn an_oom_kill_is_recorded_on_the_run() {
 }
 
 #[tokio::test]
+async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut small = attach(&s, register("fra-small", "fra", 2048, &[])).await;
+    let (runner, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(&runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut small);
+    let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
+    let refused = pb::RunExited {
+        error_code: NODE_DRAINING.into(),
+        ..exited(&a, -1, pb::ExitReason::StartFailed)
+    };
+    s.run_exited("fra-small", refused).await.expect("refused");
+    let b = next_assign(&mut big);
+    assert_eq!(
+        (b.run_id.as_str(), b.lease_epoch),
+        (run.id.as_str(), a.lease_epoch + 1)
+    );
+    let nodes = s.list_nodes().await;
+    let small_node = nodes
+        .iter()
+        .find(|n| n.view.id == "fra-small")
+        .expect("node");
+    assert_eq!(
+        small_node.view.status,
+        NodeStatus::Draining,
+        "no more runs go to it"
+    );
+    let got = s.get_run(&runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        (got.status, got.node_id.as_deref()),
+        (RunStatus::Pending, Some("fra-big"))
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
 async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
     let s = Scheduler::open(MemoryStore::new(), config())
         .await

@@ -1,0 +1,421 @@
+//! End-to-end limits of the node agent (issue 4, items 3 and 9) against real containerd, runc and
+//! the kernel's cgroups: a memory bomb is OOM-killed and reported as such, a fork bomb stays
+//! inside its pids limit while the node keeps serving, a log flood is cut at the per-run cap
+//! without the run blocking or the disk filling, and SIGTERM drains the agent gracefully.
+//!
+//! Every hostile run here has a short timeout and runs inside the memory, CPU and pids limits
+//! the spec sets; the first test checks those limits on a harmless run before any bomb runs.
+
+mod common;
+
+use anyhow::{bail, ensure, Context, Result};
+use common::{AgentSpec, Fleet};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// The per-run log cap every agent of this test binary runs with. The harness starts agents with
+/// fixed flags but they inherit this process's environment, so the cap is set through the
+/// agent's `BERTH_AGENT_MAX_LOG_BYTES_PER_RUN`.
+const LOG_CAP_BYTES: u64 = 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+/// Default of the agent's `--pids-limit`.
+const PIDS_LIMIT: u64 = 1024;
+
+/// Sets the agents' environment once, before any test of this binary starts a fleet.
+fn agent_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var(
+            "BERTH_AGENT_MAX_LOG_BYTES_PER_RUN",
+            LOG_CAP_BYTES.to_string(),
+        );
+    });
+}
+
+fn read_trimmed(path: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+/// Pid of the running process whose command line holds every one of `args`.
+fn pid_with_args(args: &[&str]) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let words: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
+        args.iter()
+            .all(|a| words.iter().any(|w| w.contains(a)))
+            .then_some(pid)
+    })
+}
+
+fn agent_pid(node: &str) -> Result<u32> {
+    pid_with_args(&["berth-node-agent", "--node-id", node])
+        .with_context(|| format!("no agent process for {node}"))
+}
+
+fn rss_mib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024)
+}
+
+/// (state, exit status as waitpid reports it) of a process, from /proc/<pid>/stat; None when
+/// the pid is gone.
+fn proc_state(pid: u32) -> Option<(char, i64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 52 of stat is the exit code; `rest` starts at field 3.
+    let exit_code = fields.get(52 - 3)?.parse().ok()?;
+    Some((state, exit_code))
+}
+
+fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
+    logs.iter()
+        .filter(|l| l["stream"] == stream)
+        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, done: F) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("{what}: not after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+async fn wait_no_containers(f: &Fleet, node: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = f.containers(node).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "containers left on {node}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn echo_succeeds(f: &Fleet, region: &str, word: &str) -> Result<()> {
+    let runner = f
+        .runner(region, json!({"run_command": format!("echo {word}")}))
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "follow-up run: {r}");
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(msgs(&logs, "stdout") == [word], "{logs:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_oom_killed_and_reported_and_the_node_keeps_working() -> Result<()> {
+    agent_env();
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+
+    // First the limits themselves, on a harmless run of the same instance type.
+    let runner = f
+        .runner(
+            "fra",
+            json!({"run_command": "sleep 30", "instance_type": "standard-xs", "timeout_seconds": 60}),
+        )
+        .await?;
+    let calm = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &calm, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let memory = f.cgroup_dir("memory", &node, &calm);
+    let limit = (512 * MIB).to_string();
+    ensure!(read_trimmed(&memory.join("memory.limit_in_bytes"))? == limit);
+    ensure!(
+        read_trimmed(&memory.join("memory.memsw.limit_in_bytes"))? == limit,
+        "memory + swap is capped at the memory limit: no swapping instead of the OOM kill"
+    );
+    let pids = f.cgroup_dir("pids", &node, &calm);
+    ensure!(read_trimmed(&pids.join("pids.max"))? == PIDS_LIMIT.to_string());
+    f.post(&format!("/v1/runners/{runner}/runs/{calm}/stop"), json!({}))
+        .await?;
+
+    // The bomb: the string doubles until it no longer fits in 512 MiB.
+    let bomb_runner = f
+        .runner(
+            "fra",
+            json!({
+                "run_command": "echo growing; x=a; while true; do x=\"$x$x\"; done",
+                "instance_type": "standard-xs",
+                "timeout_seconds": 60,
+            }),
+        )
+        .await?;
+    let bomb = f.start_run(&bomb_runner, json!({})).await?;
+    let r = f.wait_finished(&bomb_runner, &bomb).await?;
+    ensure!(
+        r["status"] == "failed"
+            && r["exit_code"] == 137
+            && r["oom_killed"] == true
+            && r["error_code"] == "oom_killed",
+        "{r}\n{}",
+        f.logs()
+    );
+    let took = r["duration_seconds"].as_u64().unwrap_or(u64::MAX);
+    ensure!(took < 60, "killed by the kernel, not by the timeout: {r}");
+    let logs = f.all_logs(&bomb_runner, &bomb).await?;
+    ensure!(msgs(&logs, "stdout") == ["growing"], "{logs:?}");
+
+    wait_no_containers(&f, &node).await?;
+    ensure!(
+        !f.cgroup_dir("memory", &node, &bomb).exists(),
+        "the run's cgroup is removed"
+    );
+    f.wait_node_status(&node, "ready", Duration::from_secs(5))
+        .await?;
+    echo_succeeds(&f, "fra", "after-the-bomb").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_node_keeps_serving() -> Result<()> {
+    agent_env();
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let runner = f
+        .runner(
+            "fra",
+            json!({
+                // `sleep` first (no fork is left later), then a self-replicating function; the shell waits.
+                "run_command": "sleep 60 & b() { b | b & }; b; wait",
+                "instance_type": "standard-xs",
+                "timeout_seconds": 5,
+            }),
+        )
+        .await?;
+    let bomb = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &bomb, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let pids = f.cgroup_dir("pids", &node, &bomb);
+    ensure!(read_trimmed(&pids.join("pids.max"))? == PIDS_LIMIT.to_string());
+
+    // While it rages: the bomb is at its limit, and the node still runs other work.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let current: u64 = read_trimmed(&pids.join("pids.current"))?.parse()?;
+    eprintln!("fork bomb: {current} processes in its cgroup");
+    ensure!(
+        current > 100 && current <= PIDS_LIMIT,
+        "{current} processes in the bomb's cgroup"
+    );
+    let before = Instant::now();
+    echo_succeeds(&f, "fra", "still-serving").await?;
+    let nodes = f.get("/v1/nodes").await?;
+    ensure!(nodes["nodes"][0]["status"] == "ready", "{nodes}");
+    let still = f.run(&runner, &bomb).await?;
+    ensure!(
+        still["status"] == "running",
+        "the other run finished while the bomb was still running ({:?} after): {still}",
+        before.elapsed()
+    );
+
+    // The timeout ends it; nothing of it remains.
+    let r = f.wait_finished(&runner, &bomb).await?;
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 124 && r["error_code"] == "timeout",
+        "{r}"
+    );
+    wait_no_containers(&f, &node).await?;
+    wait_until(
+        "the bomb's pids cgroup is gone",
+        Duration::from_secs(10),
+        || !pids.exists(),
+    )
+    .await?;
+    echo_succeeds(&f, "fra", "after-the-bomb").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_log_flood_is_cut_at_the_cap_with_one_marker_and_nothing_grows() -> Result<()> {
+    agent_env();
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    // 100-character lines, as fast as `yes` writes them.
+    let line = "0123456789".repeat(10);
+    let runner = f
+        .runner(
+            "fra",
+            json!({
+                "run_command": format!("echo first >&2; sleep 1; yes {line}"),
+                "instance_type": "standard-xs",
+                "timeout_seconds": 10,
+            }),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let agent = agent_pid(&node)?;
+    let scheduler_dir = f.dir.path().join("scheduler");
+    let scheduler = pid_with_args(&["berth-scheduler", &scheduler_dir.to_string_lossy()])
+        .context("no scheduler process")?;
+    let raw_stdout: PathBuf = f
+        .dir
+        .path()
+        .join(format!("agent-{node}"))
+        .join("runs")
+        .join(&run)
+        .join("stdout");
+
+    // While it floods: memory stays flat and the raw output does not pile up on disk.
+    let mut peak_agent = 0;
+    let mut peak_scheduler = 0;
+    let mut written = 0;
+    let mut peak_disk = 0;
+    while f.run(&runner, &run).await?["status"] == "running" {
+        peak_agent = peak_agent.max(rss_mib(agent)?);
+        peak_scheduler = peak_scheduler.max(rss_mib(scheduler)?);
+        if let Ok(meta) = std::fs::metadata(&raw_stdout) {
+            use std::os::unix::fs::MetadataExt as _;
+            written = written.max(meta.len());
+            peak_disk = peak_disk.max(meta.blocks() * 512);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "flood: {written} bytes written, peak {peak_disk} on disk, agent RSS {peak_agent} MiB, scheduler RSS {peak_scheduler} MiB"
+    );
+    ensure!(
+        written > 20 * LOG_CAP_BYTES,
+        "the run wrote only {written} bytes"
+    );
+    ensure!(
+        peak_disk < 256 * MIB,
+        "{peak_disk} bytes of raw output on disk for {written} written"
+    );
+    ensure!(peak_agent < 200, "agent RSS reached {peak_agent} MiB");
+    ensure!(
+        peak_scheduler < 300,
+        "scheduler RSS reached {peak_scheduler} MiB"
+    );
+
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 124,
+        "the run kept running until its timeout: {r}"
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    let (marker, kept) = logs.split_last().context("no log lines")?;
+    let expected =
+        format!("[berth] log limit of {LOG_CAP_BYTES} bytes reached; further output dropped");
+    ensure!(
+        marker["stream"] == "stderr" && marker["msg"] == expected.as_str(),
+        "the last line is the marker: {marker}"
+    );
+    ensure!(
+        msgs(&logs, "stderr") == ["first", expected.as_str()],
+        "one marker, last on stderr: {:?}",
+        msgs(&logs, "stderr")
+    );
+    let bytes: u64 = kept
+        .iter()
+        .map(|l| l["msg"].as_str().map_or(0, |m| m.len() as u64 + 1))
+        .sum();
+    ensure!(
+        bytes <= LOG_CAP_BYTES && bytes > LOG_CAP_BYTES - 2 * 101,
+        "{bytes} bytes of lines kept for a cap of {LOG_CAP_BYTES}"
+    );
+    ensure!(
+        kept.iter().skip(1).all(|l| l["msg"] == line.as_str()),
+        "every kept stdout line is whole"
+    );
+
+    wait_no_containers(&f, &node).await?;
+    let run_dir = raw_stdout
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    wait_until(
+        "the run's state dir is removed",
+        Duration::from_secs(10),
+        || !run_dir.exists(),
+    )
+    .await?;
+    echo_succeeds(&f, "fra", "after-the-flood").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_agent_its_run_finishes_and_it_exits_0() -> Result<()> {
+    agent_env();
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let runner = f
+        .runner("fra", json!({"run_command": "sleep 3; echo done"}))
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let agent = agent_pid(&node)?;
+    let signalled = Instant::now();
+    f.signal_agent(&node, "TERM")?;
+
+    // A run created while the agent drains is not started there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late_runner = f
+        .runner("fra", json!({"run_command": "echo too-late"}))
+        .await?;
+    let late = f.start_run(&late_runner, json!({})).await?;
+
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "succeeded" && r["exit_code"] == 0,
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(msgs(&logs, "stdout") == ["done"], "{logs:?}");
+
+    wait_until("the agent exits", Duration::from_secs(15), || {
+        proc_state(agent).is_none_or(|(state, _)| state == 'Z' || state == 'X')
+    })
+    .await?;
+    let exited_after = signalled.elapsed();
+    ensure!(
+        exited_after < Duration::from_secs(30),
+        "exited {exited_after:?} after SIGTERM, beyond the grace"
+    );
+    if let Some((_, status)) = proc_state(agent) {
+        ensure!(status == 0, "the agent exited with wait status {status}");
+    }
+    let late_run = f.run(&late_runner, &late).await?;
+    ensure!(
+        late_run["status"] == "pending"
+            || (late_run["status"] == "failed" && late_run["error_code"] == "node_draining"),
+        "a run assigned while draining never starts there: {late_run}"
+    );
+    ensure!(
+        f.containers(&node).await?.is_empty(),
+        "nothing is left in containerd"
+    );
+    Ok(())
+}
