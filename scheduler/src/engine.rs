@@ -90,6 +90,8 @@ struct State {
     queue: BTreeSet<String>,
     /// Store writes staged by the current operation, submitted by `flush`.
     pending: Txn,
+    /// Where each key's put sits in `pending`, so a key written twice is stored once.
+    pending_at: HashMap<String, usize>,
     /// Messages to agents staged by the current operation, sent once `pending` is durable.
     outgoing: Vec<(AgentTx, pb::SchedulerMessage)>,
     next_connection: u64,
@@ -1442,6 +1444,7 @@ impl<S: Store> Scheduler<S> {
     /// returned receiver resolves once the write is durable and the messages are sent.
     fn flush(&self, st: &mut State) -> oneshot::Receiver<Result<(), SchedulerError>> {
         let txn = std::mem::take(&mut st.pending);
+        st.pending_at.clear();
         let messages = std::mem::take(&mut st.outgoing);
         let commit = (!txn.is_empty()).then(|| Box::pin(self.store.submit(txn)) as CommitFuture);
         let (done, receiver) = oneshot::channel();
@@ -1656,7 +1659,18 @@ impl State {
     }
 
     /// Stages a store write for the operation's flush.
+    /// A key staged again replaces its earlier put's value (one write per key and
+    /// operation) and keeps that put's precondition: the store checks every precondition
+    /// against the state before the transaction, so the first one is the one that matters.
     fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
+        if let Some(&at) = self.pending_at.get(&key) {
+            if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)
+            {
+                *v = value;
+                return;
+            }
+        }
+        self.pending_at.insert(key.clone(), self.pending.ops.len());
         self.pending = std::mem::take(&mut self.pending).put(key, value, expect);
     }
 
