@@ -8,6 +8,8 @@ use crate::secrets::SecretKey;
 use std::future::Future;
 use std::sync::Arc;
 
+const SEALED_PREFIX: &[u8] = b"v1:";
+
 pub struct SealedStore<S> {
     inner: S,
     key: Arc<SecretKey>,
@@ -28,7 +30,9 @@ impl<S: Store> SealedStore<S> {
     }
 
     fn open(&self, mut kv: KeyValue) -> Result<KeyValue, StoreError> {
-        if self.sealed(&kv.key) {
+        // A value written before sealing was turned on is plain JSON (it cannot start with the
+        // sealed form's `v1:`): read it as it is; the next write of the key seals it.
+        if self.sealed(&kv.key) && kv.value.starts_with(SEALED_PREFIX) {
             let text = std::str::from_utf8(&kv.value).map_err(|_| {
                 StoreError::Backend(format!("sealed value of {} is not text", kv.key))
             })?;
@@ -91,6 +95,32 @@ mod tests {
         let key = Arc::new(SecretKey::generate());
         let store = SealedStore::new(MemoryStore::new(), key, &["pg/", "tx/", "rg/"]);
         crate::store::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test]
+    async fn records_written_before_sealing_are_still_read_and_sealed_on_their_next_write() {
+        let key = Arc::new(SecretKey::generate());
+        let inner = MemoryStore::new();
+        inner
+            .commit(Txn::new().put("runs/old", br#"{"legacy":true}"#.to_vec(), Expect::Absent))
+            .await
+            .expect("seed");
+        let store = SealedStore::new(inner, key, &["runs/"]);
+        let old = store.get("runs/old").await.expect("get").expect("present");
+        assert_eq!(old.value, br#"{"legacy":true}"#.to_vec());
+        store
+            .commit(Txn::new().put("runs/old", br#"{"legacy":false}"#.to_vec(), Expect::Any))
+            .await
+            .expect("rewrite");
+        let raw = store
+            .inner
+            .get("runs/old")
+            .await
+            .expect("get")
+            .expect("present");
+        assert!(raw.value.starts_with(SEALED_PREFIX), "sealed on rewrite");
+        let back = store.get("runs/old").await.expect("get").expect("present");
+        assert_eq!(back.value, br#"{"legacy":false}"#.to_vec());
     }
 
     #[tokio::test]
