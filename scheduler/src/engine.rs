@@ -979,11 +979,7 @@ impl<S: Store> Scheduler<S> {
                 let _ = tx.send(stop_msg(&c.id));
             }
         }
-        self.schedule(&mut st)?;
-        let done = self.flush(&mut st);
-        drop(st);
-        committed(done).await?;
-        self.notify();
+        self.settle(st, true).await?;
         Ok(connection)
     }
 
@@ -1096,12 +1092,7 @@ impl<S: Store> Scheduler<S> {
                 st.stage(run);
             }
         }
-        self.schedule(&mut st)?;
-        let done = self.flush(&mut st);
-        drop(st);
-        committed(done).await?;
-        self.notify();
-        Ok(())
+        self.settle(st, true).await
     }
 
     /// Drain (no new leases; running runs finish) or resume a node.
@@ -1274,11 +1265,7 @@ impl<S: Store> Scheduler<S> {
         run.start(at, digest)?;
         tracing::info!(run_id = %run.id, node_id, "run started");
         st.stage(run);
-        let done = self.flush(&mut st);
-        drop(st);
-        committed(done).await?;
-        self.notify();
-        Ok(())
+        self.settle(st, false).await
     }
 
     pub async fn run_exited(
@@ -1310,12 +1297,7 @@ impl<S: Store> Scheduler<S> {
             st.sync_node(node_id);
             tracing::info!(run_id = %run.id, node_id, "re-queued: the node is shutting down");
             st.stage(run);
-            self.schedule(&mut st)?;
-            let done = self.flush(&mut st);
-            drop(st);
-            committed(done).await?;
-            self.notify();
-            return Ok(());
+            return self.settle(st, true).await;
         }
         let code = (msg.exit_code >= 0).then_some(msg.exit_code);
         if run.status == RunStatus::Pending && reason != pb::ExitReason::StartFailed {
@@ -1352,12 +1334,7 @@ impl<S: Store> Scheduler<S> {
         }
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
         st.stage(run);
-        self.schedule(&mut st)?;
-        let done = self.flush(&mut st);
-        drop(st);
-        committed(done).await?;
-        self.notify();
-        Ok(())
+        self.settle(st, true).await
     }
 
     pub async fn append_logs(
@@ -1438,6 +1415,23 @@ impl<S: Store> Scheduler<S> {
     }
 
     // ---- internals -----------------------------------------------------------------------
+
+    /// Ends an operation: places waiting runs (if `schedule`), submits what it staged, releases
+    /// the lock, waits until it is durable and its messages are sent, and wakes watchers.
+    async fn settle(
+        &self,
+        mut st: tokio::sync::MutexGuard<'_, State>,
+        schedule: bool,
+    ) -> Result<(), SchedulerError> {
+        if schedule {
+            self.schedule(&mut st)?;
+        }
+        let done = self.flush(&mut st);
+        drop(st);
+        committed(done).await?;
+        self.notify();
+        Ok(())
+    }
 
     /// Submits what the current operation staged. The write's place in the commit order, and
     /// its messages' place in the send order, are fixed now (under the state lock); the
