@@ -74,6 +74,17 @@ fn ignore_not_found(result: Result<(), Status>) -> Result<(), Status> {
     }
 }
 
+/// Records a cleanup call's failure under `what`; "already gone" is not a failure.
+fn record_cleanup<T>(
+    failures: &mut Vec<String>,
+    what: &str,
+    result: Result<tonic::Response<T>, Status>,
+) {
+    if let Err(status) = ignore_not_found(result.map(|_| ())) {
+        failures.push(format!("{what}: {}", status.message()));
+    }
+}
+
 impl ContainerdRuntime {
     pub fn new(channel: Channel, settings: ContainerdSettings, puller: Arc<Puller>) -> Self {
         Self {
@@ -217,31 +228,25 @@ impl ContainerdRuntime {
             ));
             let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
         }
-        let deleted = tasks
+        let result = tasks
             .delete(self.request(
                 DeleteTaskRequest {
                     container_id: run_id.to_string(),
                 },
                 None,
             ))
-            .await
-            .map(|_| ());
-        if let Err(status) = ignore_not_found(deleted) {
-            failures.push(format!("Tasks.Delete: {}", status.message()));
-        }
-        let deleted = ContainersClient::new(self.channel.clone())
+            .await;
+        record_cleanup(&mut failures, "Tasks.Delete", result);
+        let result = ContainersClient::new(self.channel.clone())
             .delete(self.request(
                 DeleteContainerRequest {
                     id: run_id.to_string(),
                 },
                 None,
             ))
-            .await
-            .map(|_| ());
-        if let Err(status) = ignore_not_found(deleted) {
-            failures.push(format!("Containers.Delete: {}", status.message()));
-        }
-        let removed = SnapshotsClient::new(self.channel.clone())
+            .await;
+        record_cleanup(&mut failures, "Containers.Delete", result);
+        let result = SnapshotsClient::new(self.channel.clone())
             .remove(self.request(
                 RemoveSnapshotRequest {
                     snapshotter: SNAPSHOTTER.to_string(),
@@ -249,12 +254,9 @@ impl ContainerdRuntime {
                 },
                 None,
             ))
-            .await
-            .map(|_| ());
-        if let Err(status) = ignore_not_found(removed) {
-            failures.push(format!("Snapshots.Remove: {}", status.message()));
-        }
-        let deleted = LeasesClient::new(self.channel.clone())
+            .await;
+        record_cleanup(&mut failures, "Snapshots.Remove", result);
+        let result = LeasesClient::new(self.channel.clone())
             .delete(self.request(
                 DeleteLeaseRequest {
                     id: lease_id(run_id),
@@ -262,11 +264,8 @@ impl ContainerdRuntime {
                 },
                 None,
             ))
-            .await
-            .map(|_| ());
-        if let Err(status) = ignore_not_found(deleted) {
-            failures.push(format!("Leases.Delete: {}", status.message()));
-        }
+            .await;
+        record_cleanup(&mut failures, "Leases.Delete", result);
         for (path, error) in remove_run_cgroups(
             &self.settings.cgroup_root,
             &self.settings.cgroup_parent,

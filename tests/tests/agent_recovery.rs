@@ -5,16 +5,9 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{AgentSpec, Fleet};
-use serde_json::{json, Value};
+use common::{msgs, AgentSpec, Fleet};
+use serde_json::json;
 use std::time::{Duration, Instant};
-
-fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
-    logs.iter()
-        .filter(|l| l["stream"] == stream)
-        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
-        .collect()
-}
 
 /// Kills the node's agent with SIGKILL, starts it again and waits until the scheduler has
 /// the new process registered.

@@ -9,8 +9,8 @@
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{AgentSpec, Fleet};
-use serde_json::{json, Value};
+use common::{msgs, AgentSpec, Fleet};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -84,13 +84,6 @@ fn proc_state(pid: u32) -> Option<(char, i64)> {
     // Field 52 of stat is the exit code; `rest` starts at field 3.
     let exit_code = fields.get(52 - 3)?.parse().ok()?;
     Some((state, exit_code))
-}
-
-fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
-    logs.iter()
-        .filter(|l| l["stream"] == stream)
-        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
-        .collect()
 }
 
 async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, done: F) -> Result<()> {

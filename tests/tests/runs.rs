@@ -3,16 +3,9 @@
 mod common;
 
 use anyhow::{ensure, Context, Result};
-use common::{read_sse, AgentSpec, Fleet};
+use common::{msgs, read_sse, AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
-    logs.iter()
-        .filter(|l| l["stream"] == stream)
-        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
-        .collect()
-}
 
 #[tokio::test]
 async fn echo_succeeds_with_stdout_and_stderr_apart_and_in_order() -> Result<()> {

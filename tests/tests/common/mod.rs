@@ -506,6 +506,14 @@ impl Drop for Fleet {
     }
 }
 
+/// The messages of one stream (`stdout` or `stderr`) among a run's log entries, in order.
+pub fn msgs(logs: &[Value], stream: &str) -> Vec<String> {
+    logs.iter()
+        .filter(|l| l["stream"] == stream)
+        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// One Server-Sent Event.
 #[derive(Debug, Clone, Default)]
 pub struct SseEvent {
