@@ -163,3 +163,47 @@ async fn an_agent_killed_before_a_run_starts_gets_it_back_and_runs_it() -> Resul
     ensure!(msgs(&logs, "stdout") == ["once"], "{logs:?}");
     Ok(())
 }
+
+/// SIGTERM with a shutdown grace shorter than the run: the agent drains, gives up waiting after
+/// the grace and exits 0, leaving the run to containerd; the next agent process re-adopts it and
+/// reports its real exit and every line, once.
+#[tokio::test]
+async fn a_run_outliving_the_shutdown_grace_is_re_adopted_by_the_next_agent() -> Result<()> {
+    const LINES: u32 = 50;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // Only this test sends SIGTERM; the others kill with SIGKILL, where the grace plays no part.
+    ONCE.call_once(|| std::env::set_var("BERTH_AGENT_SHUTDOWN_GRACE_SECONDS", "1"));
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let command = format!(
+        "i=1; while [ $i -le {LINES} ]; do echo line$i; i=$((i+1)); sleep 0.1; done; exit 7"
+    );
+    let runner = f.runner("fra", json!({"run_command": command})).await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+
+    f.signal_agent(&node, "TERM")?;
+    let status = f.wait_agent_exit(&node, Duration::from_secs(15)).await?;
+    ensure!(status.success(), "the draining agent exited with {status}");
+    // The agent is gone but the run goes on under containerd.
+    let r = f.run(&runner, &run).await?;
+    ensure!(r["status"] == "running", "{r}");
+    ensure!(
+        f.containers(&node).await?.len() == 1,
+        "the run's container outlives its agent"
+    );
+
+    f.restart_agent(&node)?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 7 && r["error_code"].is_null(),
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    let want: Vec<String> = (1..=LINES).map(|i| format!("line{i}")).collect();
+    ensure!(msgs(&logs, "stdout") == want, "{logs:?}");
+    f.wait_no_containers(&node).await?;
+    Ok(())
+}

@@ -172,6 +172,29 @@ impl Fleet {
         Ok(())
     }
 
+    /// Waits until a node's agent process has exited by itself (e.g. after SIGTERM) and returns
+    /// its exit status.
+    pub async fn wait_agent_exit(
+        &mut self,
+        node_id: &str,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (p, _) = self
+                .agents
+                .get_mut(node_id)
+                .with_context(|| format!("no agent {node_id}"))?;
+            if let Some(status) = p.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the agent of {node_id} still runs {timeout:?} later");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts a node's agent again with its original arguments (after `signal_agent(.., "KILL")`).
     pub fn restart_agent(&mut self, node_id: &str) -> Result<()> {
         let args = self
