@@ -889,7 +889,7 @@ impl<S: Store> Scheduler<S> {
     async fn check_registry(&self, project: &str, spec: &RunnerSpec) -> Result<(), SchedulerError> {
         if let Some(id) = &spec.container_registry_id {
             let st = self.state.lock().await;
-            if !st.registries.get(id).is_some_and(|r| r.project == project) {
+            if st.registries.get(id).is_none_or(|r| r.project != project) {
                 return Err(ValidationErrors::single(
                     "container_registry_id",
                     "no such container registry",
