@@ -127,6 +127,10 @@ async fn create_key_cli(f: &Fleet, project: &str, name: &str) -> Result<(String,
         .map(|(id, _)| id.to_owned())
         .ok_or_else(|| anyhow!("malformed key {key}"))?;
     ensure!(out.contains(project), "{out}");
+    ensure!(
+        out.matches(&key).count() == 1,
+        "the key is printed once: {out}"
+    );
     Ok((id, key))
 }
 

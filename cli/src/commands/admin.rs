@@ -45,8 +45,8 @@ fn created(v: &Value) -> String {
     let mut text = detail(&v["api_key"], KEY_FIELDS);
     text.push_str(&format!(
         "\nAPI key (shown only now; Berth keeps only its hash):\n{key}\n\n\
-         Use it as the bearer token: BERTH_TOKEN={key} berthctl runners list\n\
-         or: curl -H \"Authorization: Bearer {key}\" $BERTH_URL/v1/runners\n"
+         Use it as the bearer token of the project: BERTH_TOKEN=<key> berthctl runners list\n\
+         or: curl -H \"Authorization: Bearer <key>\" $BERTH_URL/v1/runners\n"
     ));
     text
 }
@@ -72,6 +72,7 @@ mod tests {
             "key": key,
         }));
         assert!(text.lines().any(|l| l == key), "{text}");
+        assert_eq!(text.matches(&key).count(), 1, "printed once: {text}");
         assert!(text.contains("project"));
         assert!(text.contains("alpha"));
     }
