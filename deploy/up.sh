@@ -226,7 +226,7 @@ print_usage() {
   cat <<EOF
 
 ================================================================ Berth is running
-  API        $API_URL   (token in $TOKEN_FILE)
+  API        $API_URL   (admin token in $TOKEN_FILE)
   scheduler  $SCHEDULER_URL   (gRPC)
   registry   http://$REGISTRY_ADDR   (image busybox:latest)
   nodes      fra-1 (region fra), ams-1 (region ams)
@@ -242,6 +242,9 @@ print_usage() {
   curl -s -H "Authorization: Bearer \$BERTH_TOKEN" -H 'Content-Type: application/json' -d '{}' \\
        \$BERTH_URL/v1/runners/RUNNER_ID/runs | jq .                # -> run.id
   curl -s -H "Authorization: Bearer \$BERTH_TOKEN" \$BERTH_URL/v1/runners/RUNNER_ID/runs/RUN_ID/logs | jq .
+
+  a project's API key (the admin token acts in project "default"):
+  target/release/berthctl admin keys create --project demo   # prints the key once
 
   stop everything:   deploy/down.sh
 ================================================================

@@ -15,8 +15,13 @@ pub enum ApiError {
     Invalid(#[from] ValidationErrors),
     #[error("{message}")]
     NotFound { field: String, message: String },
-    #[error("missing or invalid bearer token")]
+    /// No `Authorization: Bearer` header, or a token that is neither the admin token nor a
+    /// valid, unrevoked API key (which of these is not said).
+    #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
+    /// Authenticated, but not allowed (a project key on an admin route).
+    #[error("{0}")]
+    Forbidden(String),
     /// The request conflicts with the current state (a concurrent update, a record in use).
     #[error("{message}")]
     Conflict { field: String, message: String },
@@ -54,7 +59,12 @@ impl ApiError {
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                fe("Authorization", self.to_string()),
+                fe("authorization", self.to_string()),
+            ),
+            ApiError::Forbidden(message) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                fe("authorization", message.clone()),
             ),
             ApiError::Conflict { field, message } => {
                 (StatusCode::CONFLICT, "conflict", fe(field, message.clone()))
@@ -79,11 +89,18 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
+        let mut res = (
             status,
             axum::Json(json!({ "code": code, "errors": errors })),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res
     }
 }
 
@@ -99,6 +116,8 @@ impl From<tonic::Status> for ApiError {
                     "node_id"
                 } else if message.starts_with("container registry ") {
                     "container_registry_id"
+                } else if message.starts_with("api key ") {
+                    "key_id"
                 } else {
                     "run_id"
                 };
@@ -126,6 +145,8 @@ impl From<tonic::Status> for ApiError {
                 field: "id".to_owned(),
                 message,
             },
+            Code::Unauthenticated => ApiError::Unauthorized,
+            Code::PermissionDenied => ApiError::Forbidden(message),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 ApiError::Unavailable(message)
             }

@@ -2,67 +2,52 @@
 //! Berth's public REST API (Nodion's shape) and its SSE log streams. A stateless process: every
 //! request is parsed and validated here ([`body`], `berth_core::validate`), then answered by
 //! the scheduler's control service over gRPC ([`handlers`]); [`views`] renders the public JSON
-//! and [`error`] is the one mapping from errors to HTTP.
+//! and [`error`] is the one mapping from errors to HTTP. [`auth`] authenticates every request
+//! (admin token or a project's API key) and names the caller's project on every control call;
+//! [`admin`] holds the admin-only routes (API keys).
 
+pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod views;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use berth_proto::v1::control_service_client::ControlServiceClient;
-use error::ApiError;
 use std::future::Future;
 use std::sync::Arc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Clone)]
 pub struct AppState {
+    channel: Channel,
+    /// Without the caller: only for `AuthenticateApiKey`, which establishes it.
     control: ControlServiceClient<Channel>,
-    token: Arc<str>,
+    admin_token: Arc<str>,
 }
 
 impl AppState {
-    pub fn new(control: ControlServiceClient<Channel>, token: &str) -> AppState {
+    /// `admin_token` is the operator's token (`--token`): it manages nodes and API keys and acts
+    /// in project `default`.
+    pub fn new(channel: Channel, admin_token: &str) -> AppState {
         AppState {
-            control,
-            token: Arc::from(token),
+            control: ControlServiceClient::new(channel.clone()),
+            channel,
+            admin_token: Arc::from(admin_token),
         }
     }
 
-    fn control(&self) -> ControlServiceClient<Channel> {
-        self.control.clone()
-    }
-}
-
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-async fn require_token(
-    State(s): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if token_matches(t.as_bytes(), s.token.as_bytes()) => Ok(next.run(req).await),
-        _ => Err(ApiError::Unauthorized),
+    /// The control client for the current request: every call carries the caller's project.
+    fn control(
+        &self,
+    ) -> ControlServiceClient<InterceptedService<Channel, auth::CallerInterceptor>> {
+        ControlServiceClient::with_interceptor(self.channel.clone(), auth::CallerInterceptor)
     }
 }
 
@@ -98,8 +83,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/nodes/{id}/resume", post(resume_node))
         .route("/v1/instance_types", get(list_instance_types))
         .route("/v1/regions", get(list_regions))
+        .route(
+            "/v1/admin/api_keys",
+            get(admin::list_api_keys).post(admin::create_api_key),
+        )
+        .route("/v1/admin/api_keys/{key_id}", delete(admin::revoke_api_key))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -132,17 +125,4 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn token_comparison() {
-        assert!(token_matches(b"abc", b"abc"));
-        assert!(!token_matches(b"abd", b"abc"));
-        assert!(!token_matches(b"ab", b"abc"));
-        assert!(!token_matches(b"", b"abc"));
-    }
 }

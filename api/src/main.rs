@@ -1,6 +1,5 @@
 use anyhow::Context;
 use berth_api::AppState;
-use berth_proto::v1::control_service_client::ControlServiceClient;
 use clap::Parser;
 
 /// Berth's public REST API.
@@ -16,7 +15,8 @@ struct Args {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: String,
-    /// Bearer token clients must send.
+    /// The admin token: manages nodes and API keys (`/v1/admin/api_keys`), and acts in project
+    /// `default`. Everyone else sends a project's API key.
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
     token: String,
 }
@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("bad scheduler address {}", args.scheduler))?
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect_lazy();
-    let state = AppState::new(ControlServiceClient::new(channel), &args.token);
+    let state = AppState::new(channel, &args.token);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -54,6 +54,40 @@ pub enum Command {
     Regions,
     /// Billed usage of the runs that ended in a period
     Usage(UsageArgs),
+    /// Operator commands (they need the admin token)
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create, list and revoke projects' API keys
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for a project and print it (the only time it is shown)
+    Create {
+        /// The project the key acts in: a-z, 0-9 and `-`, up to 63 characters
+        #[arg(long)]
+        project: String,
+        /// A label for the key, e.g. who or what uses it
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List API keys (never their secrets)
+    List {
+        /// Only this project's keys
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Revoke an API key: its next request is refused
+    Revoke {
+        /// The key's id (the part after `berth_`, before the next `_`)
+        key_id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -53,3 +53,10 @@ pub fn registry(id: &str) -> String {
 pub fn idempotency(runner_id: &str, key_hash: &str) -> String {
     format!("idempotency/{runner_id}/{key_hash}")
 }
+
+pub const API_KEYS: &str = "apikeys/";
+
+/// An API key's record (its project, name and the hash of its secret), by public key id.
+pub fn api_key(key_id: &str) -> String {
+    format!("{API_KEYS}{key_id}")
+}

@@ -9,7 +9,9 @@
 //!   embedded backend that is the default on one machine, an in-memory fake, and the conformance
 //!   suite every backend must pass.
 //! - [`keys`]: where each record lives in the store.
+//! - [`auth`]: projects, and API keys (their format, hashing and constant-time verification).
 
+pub mod auth;
 pub mod command;
 pub mod convert;
 pub mod keys;

@@ -44,6 +44,9 @@ pub struct RunnerSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runner {
     pub id: String,
+    /// The project it belongs to (records from before projects: `default`).
+    #[serde(default = "crate::auth::default_project")]
+    pub project: String,
     pub spec: RunnerSpec,
     pub warmed_at: Option<i64>,
     pub created_at: i64,
@@ -95,6 +98,9 @@ impl Runner {
 pub struct Run {
     pub id: String,
     pub runner_id: String,
+    /// Its runner's project when it was created.
+    #[serde(default = "crate::auth::default_project")]
+    pub project: String,
     pub status: RunStatus,
     pub exit_code: Option<i32>,
     /// Effective shell-form command, if the run uses one.
@@ -242,6 +248,8 @@ pub struct LogEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRegistry {
     pub id: String,
+    #[serde(default = "crate::auth::default_project")]
+    pub project: String,
     pub name: String,
     /// `host[:port]` of the registry.
     pub host: String,
@@ -361,6 +369,7 @@ mod tests {
         Run {
             id: "r".into(),
             runner_id: "x".into(),
+            project: "default".into(),
             status: RunStatus::Pending,
             exit_code: None,
             command: None,

@@ -1,8 +1,14 @@
 //! `ControlService`: the public API's way in. Each method converts, calls the engine, converts
 //! back; errors map to `tonic::Status` in one place (`error.rs`).
+//!
+//! Every method but `AuthenticateApiKey` and `GetCatalog` acts for the caller the API names in
+//! the request's metadata: its project (`x-berth-project`, required — a request without one is
+//! refused, never defaulted) and, for nodes and API keys, the admin flag (`x-berth-admin`).
+//! The engine takes the project on every call and answers NOT_FOUND for another project's ids.
 
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
+use berth_core::auth::{self, ApiKey};
 use berth_core::convert::{env_from_pb, runner_to_pb};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
@@ -21,6 +27,46 @@ pub struct ControlApi<S> {
 
 const WATCH_BATCH: usize = 500;
 
+/// The caller's project, from the metadata the API sets after authenticating the request.
+fn project<T>(r: &Request<T>) -> Result<String, Status> {
+    let p = r
+        .metadata()
+        .get(auth::PROJECT_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| auth::is_project_name(p))
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "the request names no valid project (metadata {})",
+                auth::PROJECT_METADATA
+            ))
+        })?;
+    Ok(p.to_owned())
+}
+
+/// Nodes and API keys are for the operator (the API's admin token) only.
+fn require_admin<T>(r: &Request<T>) -> Result<(), Status> {
+    let admin = r
+        .metadata()
+        .get(auth::ADMIN_METADATA)
+        .and_then(|v| v.to_str().ok())
+        == Some("true");
+    if admin {
+        Ok(())
+    } else {
+        Err(SchedulerError::Forbidden("this operation needs the admin token".to_owned()).into())
+    }
+}
+
+fn api_key_to_pb(k: &ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        key_id: k.key_id.clone(),
+        project: k.project.clone(),
+        name: k.name.clone(),
+        created_at_unix_millis: k.created_at,
+        revoked_at_unix_millis: k.revoked_at,
+    }
+}
+
 type Events = Pin<Box<dyn Stream<Item = Result<pb::WatchLogsEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -29,11 +75,12 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::CreateRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
+        let project = project(&r)?;
         let spec = r
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let (runner, rev) = self.scheduler.create_runner(spec.into()).await?;
+        let (runner, rev) = self.scheduler.create_runner(&project, spec.into()).await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
@@ -41,15 +88,19 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::GetRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
-        let (runner, rev) = self.scheduler.get_runner(&r.into_inner().id).await?;
+        let project = project(&r)?;
+        let (runner, rev) = self
+            .scheduler
+            .get_runner(&project, &r.into_inner().id)
+            .await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
     async fn list_runners(
         &self,
-        _: Request<pb::ListRunnersRequest>,
+        r: Request<pb::ListRunnersRequest>,
     ) -> Result<Response<pb::ListRunnersResponse>, Status> {
-        let runners = self.scheduler.list_runners().await?;
+        let runners = self.scheduler.list_runners(&project(&r)?).await?;
         Ok(Response::new(pb::ListRunnersResponse {
             runners: runners
                 .iter()
@@ -62,13 +113,14 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::UpdateRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
         let spec = r
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let (runner, rev) = self
             .scheduler
-            .update_runner(&r.id, spec.into(), r.revision)
+            .update_runner(&project, &r.id, spec.into(), r.revision)
             .await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
@@ -77,7 +129,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::DeleteRunnerRequest>,
     ) -> Result<Response<pb::DeleteRunnerResponse>, Status> {
-        self.scheduler.delete_runner(&r.into_inner().id).await?;
+        let project = project(&r)?;
+        self.scheduler
+            .delete_runner(&project, &r.into_inner().id)
+            .await?;
         Ok(Response::new(pb::DeleteRunnerResponse {}))
     }
 
@@ -85,6 +140,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::CreateRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
         let input = run_input(pb::RunOverrides {
             argv_set: r.argv_set,
@@ -95,7 +151,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         });
         let (run, replayed) = self
             .scheduler
-            .create_run_with_key(&r.runner_id, input, r.idempotency_key.as_deref())
+            .create_run_with_key(&project, &r.runner_id, input, r.idempotency_key.as_deref())
             .await?;
         let mut response = Response::new((&run).into());
         if replayed {
@@ -111,17 +167,25 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::CreateRunsRequest>,
     ) -> Result<Response<pb::CreateRunsResponse>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
         let inputs = r.runs.into_iter().map(run_input).collect();
-        let runs = self.scheduler.create_runs(&r.runner_id, inputs).await?;
+        let runs = self
+            .scheduler
+            .create_runs(&project, &r.runner_id, inputs)
+            .await?;
         Ok(Response::new(pb::CreateRunsResponse {
             runs: runs.iter().map(Into::into).collect(),
         }))
     }
 
     async fn get_run(&self, r: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
-        let run = self.scheduler.get_run(&r.runner_id, &r.run_id).await?;
+        let run = self
+            .scheduler
+            .get_run(&project, &r.runner_id, &r.run_id)
+            .await?;
         Ok(Response::new((&run).into()))
     }
 
@@ -129,15 +193,23 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let runs = self.scheduler.list_runs(&r.into_inner().runner_id).await?;
+        let project = project(&r)?;
+        let runs = self
+            .scheduler
+            .list_runs(&project, &r.into_inner().runner_id)
+            .await?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(Into::into).collect(),
         }))
     }
 
     async fn stop_run(&self, r: Request<pb::StopRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
-        let run = self.scheduler.stop_run(&r.runner_id, &r.run_id).await?;
+        let run = self
+            .scheduler
+            .stop_run(&project, &r.runner_id, &r.run_id)
+            .await?;
         Ok(Response::new((&run).into()))
     }
 
@@ -145,12 +217,12 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::ListLogsRequest>,
     ) -> Result<Response<pb::ListLogsResponse>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
-        self.scheduler.get_run(&r.runner_id, &r.run_id).await?;
         let limit = usize::try_from(r.limit.clamp(1, 1000)).unwrap_or(100);
         let (logs, has_more) = self
             .scheduler
-            .list_logs(&r.run_id, r.after_id, limit)
+            .list_logs(&project, &r.runner_id, &r.run_id, r.after_id, limit)
             .await?;
         Ok(Response::new(pb::ListLogsResponse {
             logs: logs.iter().map(Into::into).collect(),
@@ -164,12 +236,15 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::WatchLogsRequest>,
     ) -> Result<Response<Self::WatchLogsStream>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
-        self.scheduler.get_run(&r.runner_id, &r.run_id).await?;
+        self.scheduler
+            .get_run(&project, &r.runner_id, &r.run_id)
+            .await?;
         let (tx, rx) = mpsc::channel(WATCH_BATCH);
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {
-            if let Err(status) = watch(scheduler, r, &tx).await {
+            if let Err(status) = watch(scheduler, project, r, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -178,8 +253,9 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
 
     async fn list_nodes(
         &self,
-        _: Request<pb::ListNodesRequest>,
+        r: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        require_admin(&r)?;
         let nodes = self.scheduler.list_nodes().await;
         Ok(Response::new(pb::ListNodesResponse {
             nodes: nodes.into_iter().map(node_to_pb).collect(),
@@ -187,6 +263,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     }
 
     async fn drain_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
+        require_admin(&r)?;
         let node = self
             .scheduler
             .set_draining(&r.into_inner().id, true)
@@ -195,6 +272,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     }
 
     async fn resume_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
+        require_admin(&r)?;
         let node = self
             .scheduler
             .set_draining(&r.into_inner().id, false)
@@ -206,7 +284,11 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::WarmupRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
-        let (runner, rev) = self.scheduler.warmup_runner(&r.into_inner().id).await?;
+        let project = project(&r)?;
+        let (runner, rev) = self
+            .scheduler
+            .warmup_runner(&project, &r.into_inner().id)
+            .await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }
 
@@ -214,6 +296,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
         let group = UsageGroup::parse(&r.group_by).ok_or_else(|| {
             SchedulerError::from(ValidationErrors::single(
@@ -223,7 +306,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         })?;
         let rows = self
             .scheduler
-            .usage(r.from_unix_millis, r.to_unix_millis, group)
+            .usage(&project, r.from_unix_millis, r.to_unix_millis, group)
             .await?;
         Ok(Response::new(pb::GetUsageResponse {
             rows: rows
@@ -242,6 +325,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::CreateContainerRegistryRequest>,
     ) -> Result<Response<pb::ContainerRegistry>, Status> {
+        let project = project(&r)?;
         let r = r.into_inner();
         let input = RegistryInput {
             name: Some(r.name),
@@ -250,15 +334,15 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             password: Some(r.password),
         };
         let spec = input.validate().map_err(SchedulerError::from)?;
-        let reg = self.scheduler.create_registry(spec).await?;
+        let reg = self.scheduler.create_registry(&project, spec).await?;
         Ok(Response::new(registry_to_pb(&reg)))
     }
 
     async fn list_container_registries(
         &self,
-        _: Request<pb::ListContainerRegistriesRequest>,
+        r: Request<pb::ListContainerRegistriesRequest>,
     ) -> Result<Response<pb::ListContainerRegistriesResponse>, Status> {
-        let list = self.scheduler.list_registries().await?;
+        let list = self.scheduler.list_registries(&project(&r)?).await?;
         Ok(Response::new(pb::ListContainerRegistriesResponse {
             container_registries: list.iter().map(registry_to_pb).collect(),
         }))
@@ -268,7 +352,11 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::ContainerRegistryRequest>,
     ) -> Result<Response<pb::ContainerRegistry>, Status> {
-        let reg = self.scheduler.get_registry(&r.into_inner().id).await?;
+        let project = project(&r)?;
+        let reg = self
+            .scheduler
+            .get_registry(&project, &r.into_inner().id)
+            .await?;
         Ok(Response::new(registry_to_pb(&reg)))
     }
 
@@ -276,7 +364,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         &self,
         r: Request<pb::ContainerRegistryRequest>,
     ) -> Result<Response<pb::DeleteContainerRegistryResponse>, Status> {
-        self.scheduler.delete_registry(&r.into_inner().id).await?;
+        let project = project(&r)?;
+        self.scheduler
+            .delete_registry(&project, &r.into_inner().id)
+            .await?;
         Ok(Response::new(pb::DeleteContainerRegistryResponse {}))
     }
 
@@ -287,6 +378,55 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(
             self.scheduler.config().catalog.as_ref().into(),
         ))
+    }
+
+    async fn create_api_key(
+        &self,
+        r: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        require_admin(&r)?;
+        let r = r.into_inner();
+        let (key, plaintext) = self.scheduler.create_api_key(&r.project, &r.name).await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(api_key_to_pb(&key)),
+            plaintext_key: plaintext,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        r: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        require_admin(&r)?;
+        let r = r.into_inner();
+        let project = (!r.project.is_empty()).then_some(r.project.as_str());
+        let keys = self.scheduler.list_api_keys(project).await?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: keys.iter().map(api_key_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        r: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        require_admin(&r)?;
+        let key = self
+            .scheduler
+            .revoke_api_key(&r.into_inner().key_id)
+            .await?;
+        Ok(Response::new(api_key_to_pb(&key)))
+    }
+
+    async fn authenticate_api_key(
+        &self,
+        r: Request<pb::AuthenticateApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let key = self
+            .scheduler
+            .authenticate_api_key(&r.into_inner().key)
+            .await?;
+        Ok(Response::new(api_key_to_pb(&key)))
     }
 }
 
@@ -334,6 +474,7 @@ fn node_to_pb(n: NodeInfo) -> pb::Node {
 /// means the stream is complete.
 async fn watch<S: Store>(
     scheduler: Arc<Scheduler<S>>,
+    project: String,
     r: pb::WatchLogsRequest,
     tx: &mpsc::Sender<Result<pb::WatchLogsEvent, Status>>,
 ) -> Result<(), Status> {
@@ -341,8 +482,10 @@ async fn watch<S: Store>(
     let mut after = r.after_id;
     loop {
         changes.borrow_and_update();
-        let run = scheduler.get_run(&r.runner_id, &r.run_id).await?;
-        let (logs, has_more) = scheduler.list_logs(&r.run_id, after, WATCH_BATCH).await?;
+        let run = scheduler.get_run(&project, &r.runner_id, &r.run_id).await?;
+        let (logs, has_more) = scheduler
+            .list_logs(&project, &r.runner_id, &r.run_id, after, WATCH_BATCH)
+            .await?;
         for line in &logs {
             after = line.id;
             let event = pb::WatchLogsEvent {

@@ -99,7 +99,13 @@ struct State {
     /// first request finds it here even before the first one's write is durable.
     idempotency: HashMap<(String, String), String>,
     /// Every private registry with its password unsealed, by id (loaded at start).
-    registries: HashMap<String, pb::RegistryAuth>,
+    registries: HashMap<String, RegistryEntry>,
+}
+
+/// A private registry as the engine keeps it in memory.
+struct RegistryEntry {
+    project: String,
+    auth: pb::RegistryAuth,
 }
 
 struct Node {
@@ -236,10 +242,13 @@ impl<S: Store> Scheduler<S> {
             let password = key.open(&reg.password_sealed)?;
             state.registries.insert(
                 reg.id.clone(),
-                pb::RegistryAuth {
-                    host: reg.host,
-                    username: reg.username,
-                    password,
+                RegistryEntry {
+                    project: reg.project,
+                    auth: pb::RegistryAuth {
+                        host: reg.host,
+                        username: reg.username,
+                        password,
+                    },
                 },
             );
         }
@@ -333,12 +342,17 @@ impl<S: Store> Scheduler<S> {
 
     // ---- runners -------------------------------------------------------------------------
 
-    pub async fn create_runner(&self, spec: RunnerSpec) -> Result<(Runner, u64), SchedulerError> {
+    pub async fn create_runner(
+        &self,
+        project: &str,
+        spec: RunnerSpec,
+    ) -> Result<(Runner, u64), SchedulerError> {
         validate_spec(&spec, &self.config.catalog)?;
-        self.check_registry(&spec).await?;
+        self.check_registry(project, &spec).await?;
         let now = now_unix_millis();
         let runner = Runner {
             id: new_id(),
+            project: project.to_owned(),
             spec,
             warmed_at: None,
             created_at: now,
@@ -349,11 +363,41 @@ impl<S: Store> Scheduler<S> {
             .store
             .commit(Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent))
             .await?;
-        tracing::info!(runner_id = %runner.id, name = %runner.spec.name, "runner created");
+        tracing::info!(runner_id = %runner.id, project, name = %runner.spec.name, "runner created");
         Ok((runner, rev))
     }
 
-    pub async fn get_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
+    /// The runner, if it exists in `project` (another project's runner is not found: its
+    /// existence is not revealed).
+    pub async fn get_runner(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<(Runner, u64), SchedulerError> {
+        let not_found = || SchedulerError::NotFound {
+            kind: "runner",
+            id: id.to_owned(),
+        };
+        let key = keys::runner(id);
+        let kv = self.store.get(&key).await?.ok_or_else(not_found)?;
+        let runner: Runner = decode(&key, &kv.value)?;
+        if runner.project != project {
+            return Err(not_found());
+        }
+        Ok((runner, kv.mod_revision))
+    }
+
+    pub async fn list_runners(&self, project: &str) -> Result<Vec<(Runner, u64)>, SchedulerError> {
+        Ok(self
+            .all_runners()
+            .await?
+            .into_iter()
+            .filter(|(r, _)| r.project == project)
+            .collect())
+    }
+
+    /// A runner whatever its project (for agents' reports, which name runners by id).
+    async fn load_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
         let key = keys::runner(id);
         let kv = self
             .store
@@ -366,7 +410,7 @@ impl<S: Store> Scheduler<S> {
         Ok((decode(&key, &kv.value)?, kv.mod_revision))
     }
 
-    pub async fn list_runners(&self) -> Result<Vec<(Runner, u64)>, SchedulerError> {
+    async fn all_runners(&self) -> Result<Vec<(Runner, u64)>, SchedulerError> {
         let kvs = self.store.list_prefix(keys::RUNNERS).await?;
         kvs.into_iter()
             .map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.mod_revision)))
@@ -375,13 +419,14 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn update_runner(
         &self,
+        project: &str,
         id: &str,
         spec: RunnerSpec,
         revision: u64,
     ) -> Result<(Runner, u64), SchedulerError> {
+        let (mut runner, _) = self.get_runner(project, id).await?;
         validate_spec(&spec, &self.config.catalog)?;
-        self.check_registry(&spec).await?;
-        let (mut runner, _) = self.get_runner(id).await?;
+        self.check_registry(project, &spec).await?;
         let mut spec = spec;
         keep_secret_values(&mut spec.env_variables, &runner.spec.env_variables);
         runner.spec = spec;
@@ -398,8 +443,8 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Deletes the runner; its runs stay in the store (and running ones finish).
-    pub async fn delete_runner(&self, id: &str) -> Result<(), SchedulerError> {
-        let (_, rev) = self.get_runner(id).await?;
+    pub async fn delete_runner(&self, project: &str, id: &str) -> Result<(), SchedulerError> {
+        let (_, rev) = self.get_runner(project, id).await?;
         self.store
             .commit(Txn::new().delete(keys::runner(id), Expect::Revision(rev)))
             .await?;
@@ -411,30 +456,37 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn create_run(
         &self,
+        project: &str,
         runner_id: &str,
         input: RunInput,
     ) -> Result<Run, SchedulerError> {
-        Ok(self.create_run_with_key(runner_id, input, None).await?.0)
+        Ok(self
+            .create_run_with_key(project, runner_id, input, None)
+            .await?
+            .0)
     }
 
     /// Creates a run. With an idempotency key, a retry (same runner, same key) returns the run
     /// the first call created instead of a new one; the bool says whether it was such a replay.
+    /// Keys are scoped per runner, and so per project: the runner is looked up in the caller's
+    /// project before any key is, and a replayed run is read in that project too.
     pub async fn create_run_with_key(
         &self,
+        project: &str,
         runner_id: &str,
         input: RunInput,
         idempotency_key: Option<&str>,
     ) -> Result<(Run, bool), SchedulerError> {
+        let (runner, _) = self.get_runner(project, runner_id).await?;
         let hash = idempotency_key.map(|k| hex::encode(Sha256::digest(k.as_bytes())));
         if let Some(hash) = &hash {
             // Committed by an earlier process or request.
             if let Some(kv) = self.store.get(&keys::idempotency(runner_id, hash)).await? {
                 let run_id = String::from_utf8_lossy(&kv.value).into_owned();
-                return Ok((self.get_run(runner_id, &run_id).await?, true));
+                return Ok((self.get_run(project, runner_id, &run_id).await?, true));
             }
         }
         let input = input.validate()?;
-        let (runner, _) = self.get_runner(runner_id).await?;
         let image = self.runner_image(&runner.spec).await;
         let run = self.new_run(&runner, &image, input)?;
         let (out, done) = {
@@ -446,7 +498,7 @@ impl<S: Store> Scheduler<S> {
                     .cloned();
                 if let Some(first) = first {
                     drop(st);
-                    return Ok((self.get_run(runner_id, &first).await?, true));
+                    return Ok((self.get_run(project, runner_id, &first).await?, true));
                 }
                 st.idempotency
                     .insert((runner_id.to_owned(), hash.clone()), run.id.clone());
@@ -508,6 +560,7 @@ impl<S: Store> Scheduler<S> {
         Ok(Run {
             id: new_id(),
             runner_id: runner.id.clone(),
+            project: runner.project.clone(),
             status: RunStatus::Pending,
             exit_code: None,
             command: effective.command,
@@ -543,11 +596,12 @@ impl<S: Store> Scheduler<S> {
     /// (its errors name `runs[i].field`).
     pub async fn create_runs(
         &self,
+        project: &str,
         runner_id: &str,
         inputs: Vec<RunInput>,
     ) -> Result<Vec<Run>, SchedulerError> {
+        let (runner, _) = self.get_runner(project, runner_id).await?;
         let checked = berth_core::validate::validate_batch(inputs)?;
-        let (runner, _) = self.get_runner(runner_id).await?;
         let image = self.runner_image(&runner.spec).await;
         let runs = checked
             .into_iter()
@@ -591,10 +645,16 @@ impl<S: Store> Scheduler<S> {
         Ok((decode(&key, &kv.value)?, kv.mod_revision))
     }
 
-    /// The run, checked to belong to `runner_id`, with its queue position while it waits.
-    pub async fn get_run(&self, runner_id: &str, run_id: &str) -> Result<Run, SchedulerError> {
+    /// The run, checked to belong to `runner_id` and `project`, with its queue position while
+    /// it waits.
+    pub async fn get_run(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+    ) -> Result<Run, SchedulerError> {
         let (run, _) = self.load_run(run_id).await?;
-        if run.runner_id != runner_id {
+        if run.runner_id != runner_id || run.project != project {
             return Err(SchedulerError::NotFound {
                 kind: "run",
                 id: run_id.to_owned(),
@@ -606,8 +666,12 @@ impl<S: Store> Scheduler<S> {
         Ok(run)
     }
 
-    pub async fn list_runs(&self, runner_id: &str) -> Result<Vec<Run>, SchedulerError> {
-        self.get_runner(runner_id).await?;
+    pub async fn list_runs(
+        &self,
+        project: &str,
+        runner_id: &str,
+    ) -> Result<Vec<Run>, SchedulerError> {
+        self.get_runner(project, runner_id).await?;
         let index = self
             .store
             .list_prefix(&keys::runner_runs_prefix(runner_id))
@@ -617,7 +681,7 @@ impl<S: Store> Scheduler<S> {
             let Some(run_id) = kv.key.rsplit('/').next() else {
                 continue;
             };
-            match self.get_run(runner_id, run_id).await {
+            match self.get_run(project, runner_id, run_id).await {
                 Ok(run) => runs.push(run),
                 Err(SchedulerError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -628,8 +692,13 @@ impl<S: Store> Scheduler<S> {
 
     /// Pending → canceled at once. Running → asks its agent to stop and waits (bounded by
     /// `stop_wait`) for the exit. A finished run is returned unchanged.
-    pub async fn stop_run(&self, runner_id: &str, run_id: &str) -> Result<Run, SchedulerError> {
-        let current = self.get_run(runner_id, run_id).await?;
+    pub async fn stop_run(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+    ) -> Result<Run, SchedulerError> {
+        let current = self.get_run(project, runner_id, run_id).await?;
         if current.status.is_terminal() {
             return Ok(current);
         }
@@ -638,7 +707,7 @@ impl<S: Store> Scheduler<S> {
             let mut st = self.state.lock().await;
             let Some(cached) = st.active.get(run_id) else {
                 drop(st);
-                return self.get_run(runner_id, run_id).await;
+                return self.get_run(project, runner_id, run_id).await;
             };
             let mut run = cached.clone();
             let node = run.node_id.clone();
@@ -662,26 +731,28 @@ impl<S: Store> Scheduler<S> {
         committed(done).await?;
         self.notify();
         if was_pending {
-            return self.get_run(runner_id, run_id).await;
+            return self.get_run(project, runner_id, run_id).await;
         }
         let deadline = tokio::time::Instant::now() + self.config.stop_wait;
         loop {
-            let run = self.get_run(runner_id, run_id).await?;
+            let run = self.get_run(project, runner_id, run_id).await?;
             if run.status.is_terminal() {
                 return Ok(run);
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return self.get_run(runner_id, run_id).await,
+                _ => return self.get_run(project, runner_id, run_id).await,
             }
         }
     }
 
     // ---- metering ------------------------------------------------------------------------
 
-    /// Billed usage of the runs that ended in `[from, to)` (unix millis), grouped by `group`.
+    /// Billed usage of `project`'s runs that ended in `[from, to)` (unix millis), grouped by
+    /// `group`.
     pub async fn usage(
         &self,
+        project: &str,
         from: i64,
         to: i64,
         group: UsageGroup,
@@ -689,6 +760,9 @@ impl<S: Store> Scheduler<S> {
         let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
         for kv in self.store.list_prefix(keys::RUNS).await? {
             let run: Run = decode(&kv.key, &kv.value)?;
+            if run.project != project {
+                continue;
+            }
             let (Some(completed), Some(seconds), Some(cost)) = (
                 run.completed_at,
                 run.duration_seconds(),
@@ -719,6 +793,7 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn create_registry(
         &self,
+        project: &str,
         spec: RegistrySpec,
     ) -> Result<ContainerRegistry, SchedulerError> {
         let key = self.config.secrets.as_ref().ok_or_else(|| {
@@ -729,6 +804,7 @@ impl<S: Store> Scheduler<S> {
         })?;
         let reg = ContainerRegistry {
             id: new_id(),
+            project: project.to_owned(),
             name: spec.name,
             host: spec.host,
             username: spec.username,
@@ -741,39 +817,54 @@ impl<S: Store> Scheduler<S> {
             .await?;
         st.registries.insert(
             reg.id.clone(),
-            pb::RegistryAuth {
-                host: reg.host.clone(),
-                username: reg.username.clone(),
-                password: spec.password,
+            RegistryEntry {
+                project: reg.project.clone(),
+                auth: pb::RegistryAuth {
+                    host: reg.host.clone(),
+                    username: reg.username.clone(),
+                    password: spec.password,
+                },
             },
         );
         tracing::info!(registry_id = %reg.id, host = %reg.host, "container registry created");
         Ok(reg)
     }
 
-    pub async fn list_registries(&self) -> Result<Vec<ContainerRegistry>, SchedulerError> {
+    pub async fn list_registries(
+        &self,
+        project: &str,
+    ) -> Result<Vec<ContainerRegistry>, SchedulerError> {
         let kvs = self.store.list_prefix(keys::REGISTRIES).await?;
-        kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+        let all = kvs
+            .iter()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .collect::<Result<Vec<ContainerRegistry>, _>>()?;
+        Ok(all.into_iter().filter(|r| r.project == project).collect())
     }
 
-    pub async fn get_registry(&self, id: &str) -> Result<ContainerRegistry, SchedulerError> {
+    pub async fn get_registry(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<ContainerRegistry, SchedulerError> {
+        let not_found = || SchedulerError::NotFound {
+            kind: "container registry",
+            id: id.to_owned(),
+        };
         let key = keys::registry(id);
-        let kv = self
-            .store
-            .get(&key)
-            .await?
-            .ok_or_else(|| SchedulerError::NotFound {
-                kind: "container registry",
-                id: id.to_owned(),
-            })?;
-        decode(&key, &kv.value)
+        let kv = self.store.get(&key).await?.ok_or_else(not_found)?;
+        let reg: ContainerRegistry = decode(&key, &kv.value)?;
+        if reg.project != project {
+            return Err(not_found());
+        }
+        Ok(reg)
     }
 
     /// Deletes a registry no runner names.
-    pub async fn delete_registry(&self, id: &str) -> Result<(), SchedulerError> {
-        self.get_registry(id).await?;
+    pub async fn delete_registry(&self, project: &str, id: &str) -> Result<(), SchedulerError> {
+        self.get_registry(project, id).await?;
         let users: Vec<String> = self
-            .list_runners()
+            .all_runners()
             .await?
             .into_iter()
             .filter(|(r, _)| r.spec.container_registry_id.as_deref() == Some(id))
@@ -794,9 +885,11 @@ impl<S: Store> Scheduler<S> {
         Ok(())
     }
 
-    async fn check_registry(&self, spec: &RunnerSpec) -> Result<(), SchedulerError> {
+    /// A runner may name only a registry of its own project.
+    async fn check_registry(&self, project: &str, spec: &RunnerSpec) -> Result<(), SchedulerError> {
         if let Some(id) = &spec.container_registry_id {
-            if !self.state.lock().await.registries.contains_key(id) {
+            let st = self.state.lock().await;
+            if st.registries.get(id).is_none_or(|r| r.project != project) {
                 return Err(ValidationErrors::single(
                     "container_registry_id",
                     "no such container registry",
@@ -816,7 +909,7 @@ impl<S: Store> Scheduler<S> {
                 .await
                 .registries
                 .get(id)
-                .map(|r| r.host.clone()),
+                .map(|r| r.auth.host.clone()),
             None => None,
         };
         let registry = host.as_deref().unwrap_or(&self.config.default_registry);
@@ -825,13 +918,23 @@ impl<S: Store> Scheduler<S> {
 
     // ---- logs ----------------------------------------------------------------------------
 
-    /// Lines after `after_id`, oldest first, at most `limit`; and whether more follow.
+    /// Lines after `after_id`, oldest first, at most `limit`; and whether more follow. The run
+    /// must be `runner_id`'s and in `project`.
     pub async fn list_logs(
         &self,
+        project: &str,
+        runner_id: &str,
         run_id: &str,
         after_id: u64,
         limit: usize,
     ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.runner_id != runner_id || run.project != project {
+            return Err(SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            });
+        }
         let start = keys::log(run_id, after_id.saturating_add(1));
         let end = keys::prefix_end(&keys::logs_prefix(run_id));
         let mut kvs = self
@@ -1134,8 +1237,12 @@ impl<S: Store> Scheduler<S> {
 
     /// Chooses a node in the runner's region with room for its instance type and asks it to
     /// pull the image. Returns at once; [`Self::warmup_result`] records the outcome.
-    pub async fn warmup_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
-        let (mut runner, revision) = self.get_runner(id).await?;
+    pub async fn warmup_runner(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<(Runner, u64), SchedulerError> {
+        let (mut runner, revision) = self.get_runner(project, id).await?;
         let memory_mib = self
             .config
             .catalog
@@ -1147,7 +1254,7 @@ impl<S: Store> Scheduler<S> {
             .spec
             .container_registry_id
             .as_ref()
-            .and_then(|id| st.registries.get(id).cloned());
+            .and_then(|id| st.registries.get(id).map(|r| r.auth.clone()));
         let demand = Demand {
             run_id: String::new(),
             region: runner.spec.region.clone(),
@@ -1205,7 +1312,7 @@ impl<S: Store> Scheduler<S> {
         msg: pb::WarmupResult,
     ) -> Result<(), SchedulerError> {
         for _ in 0..5 {
-            let (mut runner, revision) = match self.get_runner(&msg.runner_id).await {
+            let (mut runner, revision) = match self.load_runner(&msg.runner_id).await {
                 Ok(found) => found,
                 Err(SchedulerError::NotFound { .. }) => return Ok(()),
                 Err(e) => return Err(e),
@@ -1575,7 +1682,7 @@ impl<S: Store> Scheduler<S> {
             registry_auth: run
                 .container_registry_id
                 .as_ref()
-                .and_then(|id| st.registries.get(id).cloned()),
+                .and_then(|id| st.registries.get(id).map(|r| r.auth.clone())),
         }
     }
 }
@@ -1881,5 +1988,6 @@ fn nanos_to_millis(n: i64) -> i64 {
     }
 }
 
+mod api_keys;
 #[cfg(test)]
 mod tests;

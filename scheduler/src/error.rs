@@ -25,6 +25,13 @@ pub enum SchedulerError {
     /// The record is still in use (e.g. a registry that runners name).
     #[error("{0}")]
     InUse(String),
+    /// A presented API key is malformed, unknown, revoked, or its secret is wrong (the caller
+    /// is not told which).
+    #[error("invalid API key")]
+    Unauthenticated,
+    /// The caller may not do this (a project key on an admin operation).
+    #[error("{0}")]
+    Forbidden(String),
     /// An agent broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -52,6 +59,8 @@ impl From<SchedulerError> for tonic::Status {
                 tonic::Status::failed_precondition(e.to_string())
             }
             SchedulerError::Protocol(_) => tonic::Status::invalid_argument(e.to_string()),
+            SchedulerError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
+            SchedulerError::Forbidden(_) => tonic::Status::permission_denied(e.to_string()),
             SchedulerError::Corrupt { .. }
             | SchedulerError::Store(_)
             | SchedulerError::Secret(_) => {

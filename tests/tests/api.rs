@@ -25,7 +25,7 @@ async fn requests_without_the_token_are_refused() -> Result<()> {
         .await?;
     ensure!(res.status() == 401);
     let body: serde_json::Value = res.json().await?;
-    ensure!(body["errors"][0]["field"] == "Authorization", "{body}");
+    ensure!(body["errors"][0]["field"] == "authorization", "{body}");
     Ok(())
 }
 

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 const REGIONS: [&str; 3] = ["fra", "ams", "lon"];
@@ -225,7 +226,7 @@ impl SchedulerProcess {
         loop {
             self.check_alive()?;
             if let Ok(channel) = self.endpoint()?.connect().await {
-                let mut client = ControlServiceClient::new(channel.clone());
+                let mut client = control_client(channel.clone());
                 if client.list_nodes(pb::ListNodesRequest {}).await.is_ok() {
                     return Ok(channel);
                 }
@@ -460,8 +461,29 @@ struct Submitted {
     answered: Instant,
 }
 
+type AsOperator = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+type Control = ControlServiceClient<InterceptedService<Channel, AsOperator>>;
+
+/// The benchmark calls the control service as the API does for the admin token: in project
+/// `default`, as admin (for `ListNodes`).
+fn control_client(channel: Channel) -> Control {
+    fn as_operator(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let m = req.metadata_mut();
+        m.insert(
+            berth_core::auth::PROJECT_METADATA,
+            tonic::metadata::MetadataValue::from_static(berth_core::auth::DEFAULT_PROJECT),
+        );
+        m.insert(
+            berth_core::auth::ADMIN_METADATA,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        Ok(req)
+    }
+    ControlServiceClient::with_interceptor(channel, as_operator as AsOperator)
+}
+
 async fn submitter(
-    mut client: ControlServiceClient<Channel>,
+    mut client: Control,
     runners: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
     total: usize,
@@ -634,7 +656,7 @@ async fn run_bench(
     eprintln!("{} agents registered", args.agents);
 
     // Runners, one per region.
-    let mut control = ControlServiceClient::new(control_channel);
+    let mut control = control_client(control_channel);
     let mut runners = Vec::new();
     for region in REGIONS {
         let runner = control
@@ -669,7 +691,7 @@ async fn run_bench(
             .connect()
             .await
             .context("connecting")?;
-        clients.push(ControlServiceClient::new(channel));
+        clients.push(control_client(channel));
     }
     eprintln!(
         "submitting {} runs, {} in flight over {} connections",

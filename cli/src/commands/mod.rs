@@ -2,6 +2,7 @@
 //! the answer (a table, or with `--json` the API's body as it is). Each returns the process's
 //! exit code.
 
+pub mod admin;
 pub mod follow;
 
 use crate::args::{
@@ -114,6 +115,7 @@ pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
             ctx.show(&a, output::regions_table);
             Ok(0)
         }
+        Command::Admin(c) => admin::execute(ctx, c).await,
         Command::Usage(u) => {
             let mut query = vec![format!("group_by={}", u.group_by)];
             query.extend(u.from.map(|f| format!("from={f}")));

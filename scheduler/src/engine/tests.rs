@@ -7,6 +7,9 @@ use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_core::validate::RegistrySpec;
 use berth_proto::v1::scheduler_message::Body;
 
+/// The project every test acts in unless it says otherwise.
+const P: &str = berth_core::auth::DEFAULT_PROJECT;
+
 fn spec(region: &str, itype: &str) -> RunnerSpec {
     RunnerSpec {
         name: "test-runner".into(),
@@ -98,11 +101,11 @@ async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
     let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let mut ams = attach(&s, register("ams-1", "ams", 4096, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("ams", "standard-s"))
+        .create_runner(P, spec("ams", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(run.node_id.as_deref(), Some("ams-1"));
@@ -136,17 +139,23 @@ async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
         .await
         .expect("exited");
 
-    let run = s.get_run(&runner.id, &a.run_id).await.expect("get");
+    let run = s.get_run(P, &runner.id, &a.run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Succeeded);
     assert_eq!(run.exit_code, Some(0));
     assert_eq!(run.image_digest.as_deref(), Some("sha256:abc"));
     assert_eq!(run.duration_seconds(), Some(3));
-    let (logs, more) = s.list_logs(&a.run_id, 0, 10).await.expect("logs");
+    let (logs, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 0, 10)
+        .await
+        .expect("logs");
     assert!(!more);
     let got: Vec<(u64, &str)> = logs.iter().map(|l| (l.id, l.msg.as_str())).collect();
     assert_eq!(got, vec![(1, "out"), (2, "err")]);
     assert_eq!(logs[1].stream, LogStream::Stderr);
-    let (page, more) = s.list_logs(&a.run_id, 1, 10).await.expect("logs");
+    let (page, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 1, 10)
+        .await
+        .expect("logs");
     assert_eq!((page.len(), more), (1, false));
     s.assert_index_consistent().await;
 }
@@ -158,16 +167,16 @@ async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_fr
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let first = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     let second = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(second.status, RunStatus::Pending);
@@ -182,7 +191,7 @@ async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_fr
     s.run_exited("fra-1", exited(&a, 3, pb::ExitReason::Exited))
         .await
         .expect("exited");
-    let first = s.get_run(&runner.id, &first.id).await.expect("get");
+    let first = s.get_run(P, &runner.id, &first.id).await.expect("get");
     assert_eq!(
         (first.status, first.exit_code),
         (RunStatus::Failed, Some(3))
@@ -202,7 +211,7 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     for (reason, code, want, err) in [
@@ -221,7 +230,7 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         ),
     ] {
         let run = s
-            .create_run(&runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunInput::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -233,7 +242,7 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
             e.error_code = "image_pull_failed".into();
         }
         s.run_exited("fra-1", e).await.expect("exited");
-        let run = s.get_run(&runner.id, &run.id).await.expect("get");
+        let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
         assert_eq!(run.status, want, "{reason:?}");
         assert_eq!(run.error_code.as_deref(), err, "{reason:?}");
         if reason == pb::ExitReason::Timeout {
@@ -250,11 +259,11 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
@@ -264,7 +273,7 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         ..exited(&a, 137, pb::ExitReason::Exited)
     };
     s.run_exited("fra-1", oom).await.expect("exited");
-    let run = s.get_run(&runner.id, &run.id).await.expect("get");
+    let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
     assert_eq!(
         (run.status, run.exit_code, run.oom_killed),
         (RunStatus::Failed, Some(137), true)
@@ -280,11 +289,11 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         .expect("open");
     let mut small = attach(&s, register("fra-small", "fra", 2048, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut small);
@@ -309,7 +318,7 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         NodeStatus::Draining,
         "no more runs go to it"
     );
-    let got = s.get_run(&runner.id, &run.id).await.expect("get");
+    let got = s.get_run(P, &runner.id, &run.id).await.expect("get");
     assert_eq!(
         (got.status, got.node_id.as_deref()),
         (RunStatus::Pending, Some("fra-big"))
@@ -324,15 +333,15 @@ async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
-    let stopped = s.stop_run(&runner.id, &run.id).await.expect("stop");
+    let stopped = s.stop_run(P, &runner.id, &run.id).await.expect("stop");
     assert_eq!(stopped.status, RunStatus::Canceled);
     assert!(matches!(
         node.try_recv().ok().and_then(|m| m.body),
@@ -348,13 +357,16 @@ async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
         ),
         "a late start is fenced"
     );
-    let run = s.get_run(&runner.id, &run.id).await.expect("get");
+    let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
     assert_eq!(
         run.status,
         RunStatus::Canceled,
         "a canceled run never runs again"
     );
-    let again = s.stop_run(&runner.id, &run.id).await.expect("stop twice");
+    let again = s
+        .stop_run(P, &runner.id, &run.id)
+        .await
+        .expect("stop twice");
     assert_eq!(again, run, "a finished run is returned unchanged");
     s.assert_index_consistent().await;
 }
@@ -366,17 +378,17 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let started_run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     s.run_started("fra-1", started(&a)).await.expect("started");
     let waiting = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let b = next_assign(&mut node);
@@ -390,7 +402,10 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         Some(Body::Registered(r)) => assert_eq!(r.stale_run_ids, vec!["unknown-run".to_string()]),
         other => panic!("expected Registered, got {other:?}"),
     }
-    let lost = s.get_run(&runner.id, &started_run.id).await.expect("get");
+    let lost = s
+        .get_run(P, &runner.id, &started_run.id)
+        .await
+        .expect("get");
     assert_eq!(
         (lost.status, lost.error_code.as_deref()),
         (RunStatus::Failed, Some("node_restarted"))
@@ -405,7 +420,7 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
     s.run_exited("fra-1", exited(&b, 0, pb::ExitReason::Exited))
         .await
         .expect("stale exit");
-    let w = s.get_run(&runner.id, &waiting.id).await.expect("get");
+    let w = s.get_run(P, &runner.id, &waiting.id).await.expect("get");
     assert_eq!(w.status, RunStatus::Pending);
     s.assert_index_consistent().await;
 }
@@ -420,11 +435,11 @@ async fn runs_survive_a_scheduler_restart() {
             .expect("open");
         let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
         let (runner, _) = s
-            .create_runner(spec("fra", "standard-s"))
+            .create_runner(P, spec("fra", "standard-s"))
             .await
             .expect("runner");
         let run = s
-            .create_run(&runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunInput::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -434,13 +449,13 @@ async fn runs_survive_a_scheduler_restart() {
     let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
         .await
         .expect("reopen");
-    let run = s.get_run(&runner_id, &run_id).await.expect("get");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Running);
     let _node = attach(&s, register("fra-1", "fra", 2048, &[&run_id])).await;
     s.run_exited("fra-1", exited(&assign, 0, pb::ExitReason::Exited))
         .await
         .expect("exit after restart");
-    let run = s.get_run(&runner_id, &run_id).await.expect("get");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Succeeded);
     s.assert_index_consistent().await;
 }
@@ -460,11 +475,11 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("open");
     let mut a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let running = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let assigned = next_assign(&mut a);
@@ -473,7 +488,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("started");
     let mut b = attach(&s, register("fra-b", "fra", 1024, &[])).await;
     let unstarted = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     let first_b = next_assign(&mut b);
@@ -484,7 +499,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .await
         .expect("expire");
     assert_eq!(
-        s.get_run(&runner.id, &running.id)
+        s.get_run(P, &runner.id, &running.id)
             .await
             .expect("get")
             .status,
@@ -495,7 +510,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
     s.expire_nodes(Instant::now() + Duration::from_secs(4))
         .await
         .expect("expire");
-    let lost = s.get_run(&runner.id, &running.id).await.expect("get");
+    let lost = s.get_run(P, &runner.id, &running.id).await.expect("get");
     assert_eq!(
         (lost.status, lost.error_code.as_deref()),
         (RunStatus::Failed, Some("node_lost"))
@@ -505,7 +520,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         nodes.iter().all(|n| n.view.status == NodeStatus::Lost),
         "both silent in this test"
     );
-    let moved = s.get_run(&runner.id, &unstarted.id).await.expect("get");
+    let moved = s.get_run(P, &runner.id, &unstarted.id).await.expect("get");
     assert_eq!(
         (moved.status, moved.node_id),
         (RunStatus::Pending, None),
@@ -528,7 +543,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
     }
     let late_exit = exited(&assigned, 0, pb::ExitReason::Exited);
     s.run_exited("fra-a", late_exit).await.expect("late exit");
-    let still = s.get_run(&runner.id, &running.id).await.expect("get");
+    let still = s.get_run(P, &runner.id, &running.id).await.expect("get");
     assert_eq!(
         still.status,
         RunStatus::Failed,
@@ -574,11 +589,11 @@ async fn a_draining_node_takes_no_new_runs_until_resumed() {
     let info = s.set_draining("fra-1", true).await.expect("drain");
     assert_eq!(info.view.status, NodeStatus::Draining);
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(
@@ -602,31 +617,31 @@ async fn queue_positions_count_waiting_runs_per_region() {
         .await
         .expect("open");
     let (fra, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let (ams, _) = s
-        .create_runner(spec("ams", "standard-s"))
+        .create_runner(P, spec("ams", "standard-s"))
         .await
         .expect("runner");
     let f1 = s
-        .create_run(&fra.id, RunInput::default())
+        .create_run(P, &fra.id, RunInput::default())
         .await
         .expect("run");
     let a1 = s
-        .create_run(&ams.id, RunInput::default())
+        .create_run(P, &ams.id, RunInput::default())
         .await
         .expect("run");
     let f2 = s
-        .create_run(&fra.id, RunInput::default())
+        .create_run(P, &fra.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(f1.queue_position, Some(1));
     assert_eq!(a1.queue_position, Some(1));
     assert_eq!(f2.queue_position, Some(2));
-    s.stop_run(&fra.id, &f1.id).await.expect("stop");
+    s.stop_run(P, &fra.id, &f1.id).await.expect("stop");
     assert_eq!(
-        s.get_run(&fra.id, &f2.id)
+        s.get_run(P, &fra.id, &f2.id)
             .await
             .expect("get")
             .queue_position,
@@ -648,21 +663,21 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
     let (small, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let (big, _) = s
-        .create_runner(spec("fra", "standard-m"))
+        .create_runner(P, spec("fra", "standard-m"))
         .await
         .expect("runner");
     let first = s
-        .create_run(&small.id, RunInput::default())
+        .create_run(P, &small.id, RunInput::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     assert_eq!(a.run_id, first.id);
     let waiting_big = s
-        .create_run(&big.id, RunInput::default())
+        .create_run(P, &big.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(
@@ -671,7 +686,7 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     );
     // Without the reservation this small run would fit in the free 1024 MiB and starve the big one.
     let small_again = s
-        .create_run(&small.id, RunInput::default())
+        .create_run(P, &small.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(small_again.node_id, None);
@@ -699,12 +714,12 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
     let mut small = attach(&s, register("fra-small", "fra", 2048, &[])).await;
     let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     // Spread would not matter: best fit would pick fra-small; make the warmup land on fra-big.
     s.set_draining("fra-small", true).await.expect("drain");
-    let (warming, _) = s.warmup_runner(&runner.id).await.expect("warmup");
+    let (warming, _) = s.warmup_runner(P, &runner.id).await.expect("warmup");
     let w = warming.warmup.clone().expect("warmup state");
     assert_eq!(
         (w.node_id.as_str(), w.status),
@@ -725,11 +740,11 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
     s.warmup_result("fra-big", result.clone())
         .await
         .expect("result");
-    let (warm, _) = s.get_runner(&runner.id).await.expect("runner");
+    let (warm, _) = s.get_runner(P, &runner.id).await.expect("runner");
     assert!(warm.warmed_at.is_some());
     assert_eq!(warm.warm_pin(), Some("fra-big"));
     let run = s
-        .create_run(&runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(
@@ -746,7 +761,7 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
         ..result
     };
     s.warmup_result("fra-big", failed).await.expect("result");
-    let (cold, _) = s.get_runner(&runner.id).await.expect("runner");
+    let (cold, _) = s.get_runner(P, &runner.id).await.expect("runner");
     let w = cold.warmup.clone().expect("warmup");
     assert_eq!(w.status, WarmupStatus::Failed);
     assert_eq!(w.error.as_deref(), Some("image_pull_failed: 404 not found"));
@@ -769,11 +784,11 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
         s.set_draining("fra-1", true).await.expect("drain");
         s.set_draining("fra-1", false).await.expect("resume");
         let (runner, _) = s
-            .create_runner(spec("fra", "standard-s"))
+            .create_runner(P, spec("fra", "standard-s"))
             .await
             .expect("runner");
         let run = s
-            .create_run(&runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunInput::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -792,7 +807,7 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
     s.expire_nodes(Instant::now() + Duration::from_secs(10))
         .await
         .expect("expire");
-    let run = s.get_run(&runner_id, &run_id).await.expect("get");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(
         (run.status, run.error_code.as_deref()),
         (RunStatus::Failed, Some("node_lost"))
@@ -819,25 +834,28 @@ async fn private_registries_seal_passwords_and_hand_credentials_only_to_the_run(
             .await
             .expect("open");
         let reg = s
-            .create_registry(RegistrySpec {
-                name: "private".into(),
-                host: "127.0.0.1:5002".into(),
-                username: "berth".into(),
-                password: "s3cret-pass".into(),
-            })
+            .create_registry(
+                P,
+                RegistrySpec {
+                    name: "private".into(),
+                    host: "127.0.0.1:5002".into(),
+                    username: "berth".into(),
+                    password: "s3cret-pass".into(),
+                },
+            )
             .await
             .expect("registry");
         assert!(!reg.password_sealed.contains("s3cret-pass"));
-        let missing = s.create_runner(spec_private("nope")).await;
+        let missing = s.create_runner(P, spec_private("nope")).await;
         assert!(
             matches!(missing, Err(SchedulerError::Invalid(_))),
             "unknown registry id is a field error"
         );
         let (runner, _) = s
-            .create_runner(spec_private(&reg.id))
+            .create_runner(P, spec_private(&reg.id))
             .await
             .expect("runner");
-        let in_use = s.delete_registry(&reg.id).await;
+        let in_use = s.delete_registry(P, &reg.id).await;
         assert!(matches!(in_use, Err(SchedulerError::InUse(_))));
         (reg.id, runner.id)
     };
@@ -853,7 +871,7 @@ async fn private_registries_seal_passwords_and_hand_credentials_only_to_the_run(
         .expect("reopen");
     let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let run = s
-        .create_run(&runner_id, RunInput::default())
+        .create_run(P, &runner_id, RunInput::default())
         .await
         .expect("run");
     assert_eq!(
@@ -890,16 +908,16 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
     let (small, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let (medium, _) = s
-        .create_runner(spec("fra", "standard-m"))
+        .create_runner(P, spec("fra", "standard-m"))
         .await
         .expect("runner");
     // standard-s: 4,000 nano-USD/s for 2.5 s → 3 s; standard-m: 8,000 for 2.5 s → 3 s.
     for runner in [&small, &medium] {
-        s.create_run(&runner.id, RunInput::default())
+        s.create_run(P, &runner.id, RunInput::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -911,13 +929,13 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
     // A run canceled while pending is never billed.
     s.set_draining("fra-1", true).await.expect("drain");
     let never = s
-        .create_run(&small.id, RunInput::default())
+        .create_run(P, &small.id, RunInput::default())
         .await
         .expect("run");
-    s.stop_run(&small.id, &never.id).await.expect("stop");
+    s.stop_run(P, &small.id, &never.id).await.expect("stop");
 
     let rows = s
-        .usage(0, i64::MAX, UsageGroup::InstanceType)
+        .usage(P, 0, i64::MAX, UsageGroup::InstanceType)
         .await
         .expect("usage");
     let got: Vec<(String, u64, u64, u64)> = rows
@@ -931,14 +949,17 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
             ("standard-s".to_string(), 1, 3, 12_000)
         ]
     );
-    let days = s.usage(0, i64::MAX, UsageGroup::Day).await.expect("usage");
+    let days = s
+        .usage(P, 0, i64::MAX, UsageGroup::Day)
+        .await
+        .expect("usage");
     assert_eq!(days.len(), 1);
     assert_eq!(
         days[0].key, "1970-01-01",
         "the test's runs ended 3.5 s after the epoch"
     );
     assert!(
-        s.usage(0, 3_000, UsageGroup::Runner)
+        s.usage(P, 0, 3_000, UsageGroup::Runner)
             .await
             .expect("usage")
             .is_empty(),
@@ -952,14 +973,14 @@ async fn retries_with_one_idempotency_key_create_one_run() {
         .await
         .expect("open");
     let (runner, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (s, id) = (s.clone(), runner.id.clone());
         tasks.push(tokio::spawn(async move {
-            s.create_run_with_key(&id, RunInput::default(), Some("retry-me"))
+            s.create_run_with_key(P, &id, RunInput::default(), Some("retry-me"))
                 .await
         }));
     }
@@ -972,23 +993,23 @@ async fn retries_with_one_idempotency_key_create_one_run() {
     }
     assert_eq!((ids.len(), replays), (1, 7), "one run, seven replays");
     let (other, replayed) = s
-        .create_run_with_key(&runner.id, RunInput::default(), Some("another"))
+        .create_run_with_key(P, &runner.id, RunInput::default(), Some("another"))
         .await
         .expect("create");
     assert!(!replayed && !ids.contains(&other.id));
     let (runner2, _) = s
-        .create_runner(spec("fra", "standard-s"))
+        .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let (scoped, replayed) = s
-        .create_run_with_key(&runner2.id, RunInput::default(), Some("retry-me"))
+        .create_run_with_key(P, &runner2.id, RunInput::default(), Some("retry-me"))
         .await
         .expect("create");
     assert!(
         !replayed && !ids.contains(&scoped.id),
         "keys are per runner"
     );
-    assert_eq!(s.list_runs(&runner.id).await.expect("list").len(), 2);
+    assert_eq!(s.list_runs(P, &runner.id).await.expect("list").len(), 2);
 }
 
 #[test]
@@ -1018,4 +1039,230 @@ fn image_references() {
         image_reference("r:1", "x/y", &digest),
         format!("r:1/x/y@{digest}")
     );
+}
+
+fn not_found<T: std::fmt::Debug>(r: Result<T, SchedulerError>) -> bool {
+    matches!(r, Err(SchedulerError::NotFound { .. }))
+}
+
+#[tokio::test]
+async fn another_projects_records_are_not_found_and_never_listed() {
+    let key = Arc::new(SecretKey::generate());
+    let s = Scheduler::open(
+        MemoryStore::new(),
+        Config {
+            secrets: Some(key),
+            ..config()
+        },
+    )
+    .await
+    .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let reg = s
+        .create_registry(
+            "alpha",
+            RegistrySpec {
+                name: "private".into(),
+                host: "127.0.0.1:5002".into(),
+                username: "berth".into(),
+                password: "s3cret-pass".into(),
+            },
+        )
+        .await
+        .expect("registry");
+    let (runner, _) = s
+        .create_runner("alpha", spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (run, _) = s
+        .create_run_with_key("alpha", &runner.id, RunInput::default(), Some("k1"))
+        .await
+        .expect("run");
+    assert_eq!(
+        (runner.project.as_str(), run.project.as_str()),
+        ("alpha", "alpha")
+    );
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.append_logs(
+        "fra-1",
+        pb::LogBatch {
+            run_id: a.run_id.clone(),
+            lines: vec![pb::LogLine {
+                seq: 1,
+                stream: pb::LogStream::Stdout as i32,
+                msg: "alpha's line".into(),
+                ts_unix_nanos: 1,
+            }],
+        },
+    )
+    .await
+    .expect("logs");
+    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+        .await
+        .expect("exited");
+
+    // beta sees none of it, by id or in lists.
+    let b = "beta";
+    assert!(not_found(s.get_runner(b, &runner.id).await));
+    assert!(not_found(
+        s.update_runner(b, &runner.id, spec("fra", "standard-s"), 0)
+            .await
+    ));
+    assert!(not_found(s.delete_runner(b, &runner.id).await));
+    assert!(not_found(s.get_run(b, &runner.id, &run.id).await));
+    assert!(not_found(s.list_runs(b, &runner.id).await));
+    assert!(not_found(s.stop_run(b, &runner.id, &run.id).await));
+    assert!(not_found(s.list_logs(b, &runner.id, &run.id, 0, 10).await));
+    assert!(not_found(s.warmup_runner(b, &runner.id).await));
+    assert!(not_found(
+        s.create_run(b, &runner.id, RunInput::default()).await
+    ));
+    assert!(not_found(
+        s.create_run_with_key(b, &runner.id, RunInput::default(), Some("k1"))
+            .await
+    ));
+    assert!(not_found(
+        s.create_runs(b, &runner.id, vec![RunInput::default()])
+            .await
+    ));
+    assert!(not_found(s.get_registry(b, &reg.id).await));
+    assert!(not_found(s.delete_registry(b, &reg.id).await));
+    assert!(s.list_runners(b).await.expect("list").is_empty());
+    assert!(s.list_registries(b).await.expect("list").is_empty());
+    assert!(s
+        .usage(b, 0, i64::MAX, UsageGroup::Runner)
+        .await
+        .expect("usage")
+        .is_empty());
+    // beta's runner may not name alpha's registry: to beta it does not exist.
+    let borrowed = RunnerSpec {
+        container_registry_id: Some(reg.id.clone()),
+        ..spec("fra", "standard-s")
+    };
+    assert!(matches!(
+        s.create_runner(b, borrowed.clone()).await,
+        Err(SchedulerError::Invalid(_))
+    ));
+    // The same idempotency key in beta's own runner creates beta's own run.
+    let (beta_runner, _) = s
+        .create_runner(b, spec("fra", "standard-s"))
+        .await
+        .expect("beta runner");
+    let (beta_run, replayed) = s
+        .create_run_with_key(b, &beta_runner.id, RunInput::default(), Some("k1"))
+        .await
+        .expect("beta run");
+    assert!(!replayed && beta_run.id != run.id && beta_run.project == b);
+
+    // alpha sees its own.
+    assert_eq!(s.list_runners("alpha").await.expect("list").len(), 1);
+    assert_eq!(s.list_registries("alpha").await.expect("list").len(), 1);
+    let (logs, _) = s
+        .list_logs("alpha", &runner.id, &run.id, 0, 10)
+        .await
+        .expect("alpha's logs");
+    assert_eq!(logs.len(), 1);
+    let usage = s
+        .usage("alpha", 0, i64::MAX, UsageGroup::Runner)
+        .await
+        .expect("usage");
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].key, runner.id);
+    assert!(
+        s.create_runner("alpha", borrowed).await.is_ok(),
+        "a runner may name its own project's registry"
+    );
+}
+
+#[tokio::test]
+async fn records_written_before_projects_belong_to_default() {
+    let store = MemoryStore::new();
+    let legacy = serde_json::json!({
+        "id": "0190aaaa-0000-7000-8000-000000000001",
+        "spec": spec("fra", "standard-s"),
+        "warmed_at": null, "created_at": 1, "updated_at": 1
+    });
+    store
+        .commit(Txn::new().put(
+            keys::runner("0190aaaa-0000-7000-8000-000000000001"),
+            serde_json::to_vec(&legacy).expect("json"),
+            Expect::Absent,
+        ))
+        .await
+        .expect("seed");
+    let s = Scheduler::open(store, config()).await.expect("open");
+    let (r, _) = s
+        .get_runner("default", "0190aaaa-0000-7000-8000-000000000001")
+        .await
+        .expect("a legacy runner is in default");
+    assert_eq!(r.project, "default");
+    assert!(not_found(
+        s.get_runner("alpha", "0190aaaa-0000-7000-8000-000000000001")
+            .await
+    ));
+}
+
+#[tokio::test]
+async fn api_keys_are_stored_hashed_verified_and_revoked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("open");
+    let bad = s.create_api_key("Not_A_Project", "x").await;
+    assert!(matches!(bad, Err(SchedulerError::Invalid(ref v)) if v.0[0].field == "project"));
+    let (key, plaintext) = s.create_api_key("alpha", "ci").await.expect("create");
+    let (other, _) = s.create_api_key("beta", "").await.expect("create");
+    let presented = berth_core::auth::parse_key(&plaintext).expect("well-formed");
+    assert_eq!(presented.key_id, key.key_id);
+
+    let who = s.authenticate_api_key(&plaintext).await.expect("valid key");
+    assert_eq!(
+        (who.project.as_str(), who.key_id.as_str()),
+        ("alpha", key.key_id.as_str())
+    );
+    // A wrong secret with a real key id, an unknown id, garbage: all the same refusal.
+    let wrong_secret = format!("berth_{}_{}", key.key_id, "0".repeat(64));
+    let unknown_id = format!("berth_{}_{}", "f".repeat(16), presented.secret);
+    for bad in [wrong_secret.as_str(), unknown_id.as_str(), "garbage", ""] {
+        assert!(
+            matches!(
+                s.authenticate_api_key(bad).await,
+                Err(SchedulerError::Unauthenticated)
+            ),
+            "{bad}"
+        );
+    }
+    assert_eq!(s.list_api_keys(None).await.expect("list").len(), 2);
+    let alpha_keys = s.list_api_keys(Some("alpha")).await.expect("list");
+    assert_eq!(alpha_keys.len(), 1);
+    assert_eq!(alpha_keys[0].key_id, key.key_id);
+
+    let revoked = s.revoke_api_key(&key.key_id).await.expect("revoke");
+    assert!(revoked.revoked_at.is_some());
+    assert!(matches!(
+        s.authenticate_api_key(&plaintext).await,
+        Err(SchedulerError::Unauthenticated)
+    ));
+    let again = s.revoke_api_key(&key.key_id).await.expect("revoke twice");
+    assert_eq!(
+        again.revoked_at, revoked.revoked_at,
+        "revoking is idempotent"
+    );
+    assert!(not_found(s.revoke_api_key("nope").await));
+    assert!(s.authenticate_api_key(&plaintext).await.is_err());
+    assert!(s.list_api_keys(Some("beta")).await.expect("list")[0].key_id == other.key_id);
+
+    // Only the hash is stored: the secret is nowhere in the store file.
+    drop(s);
+    let raw = std::fs::read(&path).expect("read store");
+    assert!(
+        !raw.windows(presented.secret.len())
+            .any(|w| w == presented.secret.as_bytes()),
+        "the secret is stored in clear"
+    );
+    assert!(raw
+        .windows(key.secret_sha256.len())
+        .any(|w| w == key.secret_sha256.as_bytes()));
 }

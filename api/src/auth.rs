@@ -1,0 +1,171 @@
+//! Who is calling. The [`authenticate`] middleware reads `Authorization: Bearer <key>` on every
+//! `/v1` request and decides the caller before any handler runs:
+//! - the admin token (`--token`, compared in constant time) → admin, acting in project
+//!   `default`;
+//! - an API key `berth_<key id>_<secret>` → its project, as the scheduler's
+//!   `AuthenticateApiKey` says (asked on every request, no cache: a revoked key is refused on
+//!   its next request);
+//! - anything else, or no header → 401.
+//!
+//! The caller lives in a task-local for the rest of the request, and [`CallerInterceptor`] puts
+//! it on every control call (`x-berth-project`, `x-berth-admin`), so handlers stay unaware of
+//! it; a control call made outside an authenticated request carries no project and the
+//! scheduler refuses it (fail closed).
+
+use crate::error::ApiError;
+use crate::AppState;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use berth_core::auth::{
+    constant_time_eq, parse_key, ADMIN_METADATA, DEFAULT_PROJECT, PROJECT_METADATA,
+};
+use berth_proto::v1 as pb;
+use tonic::metadata::MetadataValue;
+
+/// The authenticated caller of the current request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub project: String,
+    /// Holds the admin token: may manage nodes and API keys.
+    pub admin: bool,
+}
+
+tokio::task_local! {
+    static CALLER: Caller;
+}
+
+/// The caller of the request being handled, if it was authenticated.
+pub fn current() -> Option<Caller> {
+    CALLER.try_with(Caller::clone).ok()
+}
+
+/// `Bearer <token>` → the token.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+pub async fn authenticate(
+    State(s): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = bearer(&req).ok_or(ApiError::Unauthorized)?;
+    let caller = if constant_time_eq(token.as_bytes(), s.admin_token.as_bytes()) {
+        Caller {
+            project: DEFAULT_PROJECT.to_owned(),
+            admin: true,
+        }
+    } else if parse_key(token).is_some() {
+        let answer = s
+            .control
+            .clone()
+            .authenticate_api_key(pb::AuthenticateApiKeyRequest {
+                key: token.to_owned(),
+            })
+            .await;
+        match answer {
+            Ok(key) => Caller {
+                project: key.into_inner().project,
+                admin: false,
+            },
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                return Err(ApiError::Unauthorized)
+            }
+            // The scheduler is down: 503, not a wrong key.
+            Err(status) => return Err(status.into()),
+        }
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
+    Ok(CALLER.scope(caller, next.run(req)).await)
+}
+
+/// Refuses callers that do not hold the admin token (403).
+pub fn require_admin() -> Result<Caller, ApiError> {
+    match current() {
+        Some(c) if c.admin => Ok(c),
+        Some(_) => Err(ApiError::Forbidden(
+            "this operation needs the admin token; API keys act only within their project"
+                .to_owned(),
+        )),
+        None => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Puts the current caller on a control call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallerInterceptor;
+
+impl tonic::service::Interceptor for CallerInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let caller = current().ok_or_else(|| {
+            tonic::Status::unauthenticated("a control call outside an authenticated request")
+        })?;
+        let project = MetadataValue::try_from(caller.project.as_str())
+            .map_err(|_| tonic::Status::unauthenticated("the caller's project is not ASCII"))?;
+        req.metadata_mut().insert(PROJECT_METADATA, project);
+        if caller.admin {
+            req.metadata_mut()
+                .insert(ADMIN_METADATA, MetadataValue::from_static("true"));
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    #[tokio::test]
+    async fn the_interceptor_names_the_caller_and_fails_closed_without_one() {
+        let outside = CallerInterceptor.call(tonic::Request::new(()));
+        assert!(outside.is_err(), "no caller, no project");
+        let key = Caller {
+            project: "alpha".into(),
+            admin: false,
+        };
+        let req = CALLER
+            .scope(key, async {
+                CallerInterceptor.call(tonic::Request::new(()))
+            })
+            .await
+            .expect("in scope");
+        assert_eq!(
+            req.metadata()
+                .get(PROJECT_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            Some("alpha")
+        );
+        assert!(req.metadata().get(ADMIN_METADATA).is_none());
+        let admin = Caller {
+            project: DEFAULT_PROJECT.into(),
+            admin: true,
+        };
+        let req = CALLER
+            .scope(admin, async {
+                CallerInterceptor.call(tonic::Request::new(()))
+            })
+            .await
+            .expect("in scope");
+        assert!(req.metadata().get(ADMIN_METADATA).is_some());
+    }
+
+    #[tokio::test]
+    async fn only_the_admin_passes_require_admin() {
+        assert!(matches!(require_admin(), Err(ApiError::Unauthorized)));
+        let key = Caller {
+            project: "alpha".into(),
+            admin: false,
+        };
+        let r = CALLER.scope(key, async { require_admin() }).await;
+        assert!(matches!(r, Err(ApiError::Forbidden(_))));
+    }
+}
