@@ -153,15 +153,25 @@ impl<R: ContainerRuntime> Agent<R> {
                 "re-adopted runs of an earlier agent process"
             );
         }
+        let mut removed = HashSet::new();
         match self.runtime.list_containers().await {
             Ok(ids) => {
                 for id in ids.into_iter().filter(|id| !adopted.contains(id)) {
                     tracing::warn!(run_id = %id, "removing container left by an earlier agent process");
                     self.runtime.cleanup(&id).await;
                     self.journal.remove(&id);
+                    removed.insert(id);
                 }
             }
             Err(error) => tracing::warn!(%error, "could not list leftover containers"),
+        }
+        // Network namespaces and addresses of runs that are gone (the agent died between
+        // attaching the network and creating the container, or during a cleanup).
+        for id in self.runtime.list_networks() {
+            if !adopted.contains(&id) && !removed.contains(&id) {
+                tracing::warn!(run_id = %id, "releasing the network of a run left by an earlier agent process");
+                self.runtime.cleanup(&id).await;
+            }
         }
     }
 
