@@ -190,13 +190,34 @@ pub fn install(
 /// Where the kernel switches live (tests point it at a temp dir).
 pub const PROC_SYS: &str = "/proc/sys";
 
-/// Makes the host a router for runs and installs the isolation rules for `bridge`. IPv4 rules
-/// are required; IPv6 ones are installed when `ip6tables` works (a warning otherwise).
+/// Serialises installs of the agents of a host (iptables' own lock covers one command, not
+/// our check-then-add pairs).
+pub const LOCK_FILE: &str = "/run/berth/firewall.lock";
+
+/// Makes the host a router for runs and installs the isolation rules for `bridge`, holding
+/// `lock` (a file) meanwhile. IPv4 rules are required; IPv6 ones are installed when
+/// `ip6tables` works (a warning otherwise).
 pub fn isolate_bridge(
     runner: &dyn IptablesRunner,
     proc_sys: &std::path::Path,
+    lock: &std::path::Path,
     bridge: &str,
 ) -> Result<(), NetworkError> {
+    let lock_err = |e: std::io::Error| NetworkError::Firewall {
+        command: format!("locking {}", lock.display()),
+        message: e.to_string(),
+    };
+    if let Some(dir) = lock.parent() {
+        std::fs::create_dir_all(dir).map_err(lock_err)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock)
+        .map_err(lock_err)?;
+    let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| lock_err(errno.into()))?;
     let forward = proc_sys.join("net/ipv4/ip_forward");
     std::fs::write(&forward, "1").map_err(|e| NetworkError::Firewall {
         command: format!("writing 1 to {}", forward.display()),
@@ -337,7 +358,9 @@ mod tests {
         std::fs::write(dir.path().join("net/ipv4/ip_forward"), "0").expect("write");
         std::fs::write(dir.path().join("net/bridge/bridge-nf-call-iptables"), "0").expect("w");
         let fake = FakeIptables::with_builtins();
-        isolate_bridge(&fake, dir.path(), "berth0").expect("isolate");
+        let lock = dir.path().join("run/firewall.lock");
+        isolate_bridge(&fake, dir.path(), &lock, "berth0").expect("isolate");
+        assert!(lock.exists());
         let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).expect("read");
         assert_eq!(read("net/ipv4/ip_forward"), "1");
         assert_eq!(read("net/bridge/bridge-nf-call-iptables"), "1");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
-use berth_node_agent::firewall::{isolate_bridge, ExecIptables, PROC_SYS};
+use berth_node_agent::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
 use berth_node_agent::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
@@ -145,8 +145,13 @@ fn write_resolv_conf(state_dir: &std::path::Path) -> Option<PathBuf> {
 /// Sets up run networking for `--network bridge`: the host firewall, then the CNI network.
 fn bridge_network(cli: &Cli, state_dir: &std::path::Path) -> anyhow::Result<Arc<dyn RunNetwork>> {
     validate_bridge(&cli.bridge)?;
-    isolate_bridge(&ExecIptables, std::path::Path::new(PROC_SYS), &cli.bridge)
-        .context("installing the host isolation rules (iptables)")?;
+    isolate_bridge(
+        &ExecIptables,
+        std::path::Path::new(PROC_SYS),
+        std::path::Path::new(LOCK_FILE),
+        &cli.bridge,
+    )
+    .context("installing the host isolation rules (iptables)")?;
     for plugin in ["bridge", "host-local", "loopback"] {
         let path = cli.cni_bin_dir.join(plugin);
         anyhow::ensure!(

@@ -317,11 +317,19 @@ impl<P: PluginRunner, N: NamespaceOps> CniNetwork<P, N> {
 
     fn try_attach(&self, run_id: &str, config: &Value) -> Result<NetworkAttachment, NetworkError> {
         let dir = &self.settings.netns_dir;
-        std::fs::create_dir_all(dir).map_err(Self::io("creating", dir))?;
         // Saved first: from here on a restarted agent knows what to detach.
         let saved = self.saved_config_path(run_id);
         let bytes = serde_json::to_vec_pretty(config).unwrap_or_default();
-        std::fs::write(&saved, bytes).map_err(Self::io("writing", &saved))?;
+        // A detach may remove the directory once it is empty (see there): try twice.
+        let mut written = Ok(());
+        for _ in 0..2 {
+            std::fs::create_dir_all(dir).map_err(Self::io("creating", dir))?;
+            written = std::fs::write(&saved, &bytes);
+            if written.is_ok() {
+                break;
+            }
+        }
+        written.map_err(Self::io("writing", &saved))?;
         let netns = self.netns_path(run_id);
         self.namespaces
             .create(&netns)
@@ -387,10 +395,13 @@ impl<P: PluginRunner, N: NamespaceOps> RunNetwork for CniNetwork<P, N> {
         released?;
         match std::fs::remove_file(&saved) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Self::io("removing", &saved)(e))
+                return Err(Self::io("removing", &saved)(e));
             }
-            _ => Ok(()),
+            _ => {}
         }
+        // The node's directory goes with its last run (fails, harmlessly, while others remain).
+        let _ = std::fs::remove_dir(&self.settings.netns_dir);
+        Ok(())
     }
 
     fn attached_runs(&self) -> Vec<String> {
