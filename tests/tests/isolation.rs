@@ -271,13 +271,16 @@ async fn a_run_reaches_a_server_on_another_host() -> Result<()> {
     Ok(())
 }
 
-/// Connects from a run to each `ip:port` and prints `reached ip:port` or `blocked ip:port`.
+/// Connects from a run to each `ip:port` (`GATEWAY` stands for the run's default gateway) and
+/// prints `reached ip:port` or `blocked ip:port`. nc exits once the server closes; one that
+/// connected and waits is ended by `timeout` (exit status 124 and up) and counts as reached.
 fn probe_script(targets: &[String]) -> String {
     format!(
         "gw=$(ip route | awk '/^default/ {{print $3}}'); echo gateway=$gw; \
          for t in {}; do t=$(echo $t | sed \"s/GATEWAY/$gw/\"); \
-           if timeout 5 nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null >/dev/null 2>/tmp/err; \
-           then echo reached $t; else echo blocked $t $(cat /tmp/err); fi; \
+           timeout 5 nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null >/dev/null 2>/tmp/err; rc=$?; \
+           if [ $rc = 0 ] || [ $rc -ge 124 ]; then echo reached $t; \
+           else echo blocked $t $(cat /tmp/err); fi; \
          done",
         targets.join(" ")
     )
