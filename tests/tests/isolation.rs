@@ -504,6 +504,11 @@ async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<
     );
     f.post(&format!("/v1/runners/{runner}/runs/{a}/stop"), json!({}))
         .await?;
+    f.wait_finished(&runner, &a).await?;
+    let node = f.node("fra").to_owned();
+    for run in [&a, &b] {
+        RunNetworkTrace::new(&node, run).wait_released(&f).await?;
+    }
     Ok(())
 }
 
