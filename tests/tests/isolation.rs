@@ -14,7 +14,7 @@ mod common;
 use anyhow::{ensure, Context, Result};
 use common::{msgs, AgentSpec, Fleet, FleetOptions};
 use serde_json::{json, Value};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -271,14 +271,14 @@ async fn a_run_reaches_a_server_on_another_host() -> Result<()> {
     Ok(())
 }
 
-/// Connects from a run to each `ip:port` (`GATEWAY` stands for the run's default gateway) and
-/// prints `reached ip:port` or `blocked ip:port`. nc exits once the server closes; one that
+/// Connects from a run to each `host/port` (`GATEWAY` stands for the run's default gateway) and
+/// prints `reached host/port` or `blocked host/port`. nc exits once the server closes; one that
 /// connected and waits is ended by `timeout` (exit status 124 and up) and counts as reached.
 fn probe_script(targets: &[String]) -> String {
     format!(
         "gw=$(ip route | awk '/^default/ {{print $3}}'); echo gateway=$gw; \
          for t in {}; do t=$(echo $t | sed \"s/GATEWAY/$gw/\"); \
-           timeout 5 nc -w 2 ${{t%:*}} ${{t#*:}} </dev/null >/dev/null 2>/tmp/err; rc=$?; \
+           timeout 5 nc -w 2 ${{t%/*}} ${{t##*/}} </dev/null >/dev/null 2>/tmp/err; rc=$?; \
            if [ $rc = 0 ] || [ $rc -ge 124 ]; then echo reached $t; \
            else echo blocked $t $(cat /tmp/err); fi; \
          done",
@@ -286,34 +286,58 @@ fn probe_script(targets: &[String]) -> String {
     )
 }
 
+/// The IPv6 link-local address of the runs' bridge and its interface index.
+fn bridge_link_local() -> Result<(Ipv6Addr, u32)> {
+    let out = sh(&[
+        "ip", "-6", "-o", "addr", "show", "dev", "berth0", "scope", "link",
+    ])?;
+    let addr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no link-local address on berth0: {out}"))?;
+    let index = std::fs::read_to_string("/sys/class/net/berth0/ifindex")?
+        .trim()
+        .parse()?;
+    Ok((addr, index))
+}
+
 #[tokio::test]
 async fn a_run_reaches_no_port_of_its_host() -> Result<()> {
-    // Scheduler and API listen on every address, so only the firewall keeps runs away.
+    // Scheduler and API listen on every address, IPv4 and IPv6, so only the firewall keeps
+    // runs away.
     let f = Fleet::start_opts(
         &[AgentSpec::new("fra")],
         FleetOptions {
-            listen_host: Some("0.0.0.0".to_string()),
+            listen_host: Some("[::]".to_string()),
             ..Default::default()
         },
     )
     .await?;
     // The agent dials out and listens on no port; a port of our own stands for any other
     // service of the host (registries and containerd listen on loopback or a unix socket).
-    let other = TcpListener::bind("0.0.0.0:0")?;
+    let other = TcpListener::bind("[::]:0")?;
     let ports = [
         ("scheduler", Fleet::port_of(&f.scheduler_addr)?),
         ("api", Fleet::port_of(&f.api_url)?),
         ("other", other.local_addr()?.port()),
     ];
+    let runner = f.runner("fra", json!({"timeout_seconds": 90})).await?;
+    // A first run makes sure the bridge exists, to learn its IPv6 link-local address.
+    let first = f.start_run(&runner, json!({"command": "true"})).await?;
+    f.wait_finished(&runner, &first).await?;
+    let (link_local, bridge_index) = bridge_link_local()?;
     let hosts = host_addresses()?;
     let mut targets = vec![];
     for (_, port) in ports {
-        targets.push(format!("GATEWAY:{port}"));
+        targets.push(format!("GATEWAY/{port}"));
+        targets.push(format!("{link_local}%eth0/{port}"));
         for h in &hosts {
-            targets.push(format!("{h}:{port}"));
+            targets.push(format!("{h}/{port}"));
         }
     }
-    let runner = f.runner("fra", json!({"timeout_seconds": 90})).await?;
     let run = f
         .start_run(&runner, json!({"command": probe_script(&targets)}))
         .await?;
@@ -330,9 +354,19 @@ async fn a_run_reaches_no_port_of_its_host() -> Result<()> {
     );
     // Control: each of those ports answers from the host itself, at the same addresses.
     for (name, port) in ports {
-        for ip in std::iter::once(gateway).chain(hosts.iter().copied()) {
-            TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(2))
-                .with_context(|| format!("{name} port {ip}:{port} reachable from the host"))?;
+        let mut addrs: Vec<SocketAddr> = std::iter::once(gateway)
+            .chain(hosts.iter().copied())
+            .map(|ip| SocketAddr::from((ip, port)))
+            .collect();
+        addrs.push(SocketAddr::V6(SocketAddrV6::new(
+            link_local,
+            port,
+            0,
+            bridge_index,
+        )));
+        for addr in addrs {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("{name} port at {addr} reachable from the host"))?;
         }
     }
     Ok(())
