@@ -137,7 +137,11 @@ fn host_addresses() -> Result<Vec<Ipv4Addr>> {
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             let dev = *words.get(1)?;
-            if dev == "berth0" || dev.starts_with("bo") {
+            let test_veth = dev
+                .strip_prefix("bo")
+                .and_then(|d| d.strip_suffix('h'))
+                .is_some_and(|d| d.chars().all(|c| c.is_ascii_digit()));
+            if dev == "berth0" || test_veth {
                 return None;
             }
             let at = words.iter().position(|w| *w == "inet")?;
