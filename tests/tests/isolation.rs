@@ -599,6 +599,51 @@ async fn every_ending_releases_the_runs_network() -> Result<()> {
     Ok(())
 }
 
+/// Kills a run's task and deletes it and its container behind the agent's back (containerd's
+/// API, the agent's namespace), as if they had vanished while no agent ran.
+async fn remove_container(f: &Fleet, node: &str, id: &str) -> Result<()> {
+    use containerd_client::services::v1::{
+        containers_client::ContainersClient, tasks_client::TasksClient, DeleteContainerRequest,
+        DeleteTaskRequest, KillRequest,
+    };
+    let channel = containerd_client::connect(&f.env.containerd_socket).await?;
+    let ns = format!("berth-{node}");
+    fn in_ns<T>(ns: &str, msg: T) -> Result<tonic::Request<T>> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("containerd-namespace", ns.parse()?);
+        Ok(r)
+    }
+    let mut tasks = TasksClient::new(channel.clone());
+    tasks
+        .kill(in_ns(
+            &ns,
+            KillRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+                signal: 9,
+                all: true,
+            },
+        )?)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(status) = tasks
+        .delete(in_ns(
+            &ns,
+            DeleteTaskRequest {
+                container_id: id.to_owned(),
+            },
+        )?)
+        .await
+    {
+        ensure!(Instant::now() < deadline, "task {id} not deleted: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ContainersClient::new(channel)
+        .delete(in_ns(&ns, DeleteContainerRequest { id: id.to_owned() })?)
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Result<()> {
     let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
@@ -608,20 +653,27 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
         .start_run(&runner, json!({"command": "sleep 4; echo done"}))
         .await?;
     let forgotten = f.start_run(&runner, json!({"command": "sleep 60"})).await?;
-    for run in [&adopted, &forgotten] {
+    let vanished = f.start_run(&runner, json!({"command": "sleep 60"})).await?;
+    for run in [&adopted, &forgotten, &vanished] {
         f.wait_for(&runner, run, Duration::from_secs(30), |s| s == "running")
             .await?;
         RunNetworkTrace::new(&node, run).assert_held()?;
     }
     f.signal_agent(&node, "KILL")?;
-    // The second run's journal goes: the next agent process finds its container and its
-    // network but no record of the run, as if it had never been told about it.
-    let journal = f.agent_state_dir(&node).join("runs").join(&forgotten);
-    std::fs::remove_dir_all(&journal).with_context(|| format!("removing {}", journal.display()))?;
+    // `forgotten` loses its journal: the next agent process finds its container and its
+    // network but no record of the run. `vanished` loses its journal and its container: only
+    // its network namespace and address are left.
+    for run in [&forgotten, &vanished] {
+        let journal = f.agent_state_dir(&node).join("runs").join(run);
+        std::fs::remove_dir_all(&journal)
+            .with_context(|| format!("removing {}", journal.display()))?;
+    }
+    remove_container(&f, &node, &vanished).await?;
+    RunNetworkTrace::new(&node, &vanished).assert_held()?;
     f.restart_agent(&node)?;
-    RunNetworkTrace::new(&node, &forgotten)
-        .wait_released(&f)
-        .await?;
+    for run in [&forgotten, &vanished] {
+        RunNetworkTrace::new(&node, run).wait_released(&f).await?;
+    }
     let r = f.wait_finished(&runner, &adopted).await?;
     ensure!(
         r["status"] == "succeeded",
@@ -631,7 +683,9 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
     RunNetworkTrace::new(&node, &adopted)
         .wait_released(&f)
         .await?;
-    let r = f.wait_finished(&runner, &forgotten).await?;
-    ensure!(r["status"] == "failed", "forgotten run: {r}");
+    for run in [&forgotten, &vanished] {
+        let r = f.wait_finished(&runner, run).await?;
+        ensure!(r["status"] == "failed", "{run}: {r}");
+    }
     Ok(())
 }
