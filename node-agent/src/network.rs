@@ -787,4 +787,87 @@ mod tests {
         );
         assert_eq!(container_resolv_conf("nameserver 127.0.0.53\n"), None);
     }
+
+    /// A plugin binary: a shell script in `dir`.
+    fn script_plugin(dir: &Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write plugin");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// Runs a plugin, retrying while another test thread's fork still holds the freshly
+    /// written script open for writing (ETXTBSY).
+    fn run_plugin(runner: &ExecPlugins, call: &PluginCall) -> Result<Vec<u8>, NetworkError> {
+        for _ in 0..50 {
+            match runner.run(call) {
+                Err(NetworkError::Exec { source, .. }) if source.raw_os_error() == Some(26) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+        runner.run(call)
+    }
+
+    fn call(plugin: &str, command: CniCommand) -> PluginCall {
+        PluginCall {
+            plugin: plugin.to_string(),
+            command,
+            container_id: "run-1".to_string(),
+            netns: PathBuf::from("/run/berth/netns/n1/run-1"),
+            ifname: "eth0".to_string(),
+            config: json!({"cniVersion": CNI_VERSION, "name": "x", "type": plugin}),
+        }
+    }
+
+    #[test]
+    fn plugins_get_the_cni_environment_and_the_config_on_stdin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        script_plugin(
+            dir.path(),
+            "echoer",
+            "printf '{\"env\":\"%s %s %s %s %s\",\"stdin\":%s}' \"$CNI_COMMAND\" \"$CNI_CONTAINERID\" \"$CNI_NETNS\" \"$CNI_IFNAME\" \"$CNI_PATH\" \"$(cat)\"",
+        );
+        let runner = ExecPlugins {
+            bin_dir: dir.path().to_path_buf(),
+        };
+        let out = run_plugin(&runner, &call("echoer", CniCommand::Add)).expect("runs");
+        let value: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(
+            value["env"],
+            format!(
+                "ADD run-1 /run/berth/netns/n1/run-1 eth0 {}",
+                dir.path().display()
+            )
+        );
+        assert_eq!(value["stdin"]["type"], "echoer");
+    }
+
+    #[test]
+    fn a_plugin_error_carries_its_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        script_plugin(
+            dir.path(),
+            "failer",
+            "cat >/dev/null; echo '{\"code\":11,\"msg\":\"failed to allocate\",\"details\":\"range full\"}'; exit 1",
+        );
+        let runner = ExecPlugins {
+            bin_dir: dir.path().to_path_buf(),
+        };
+        let err = run_plugin(&runner, &call("failer", CniCommand::Del)).expect_err("fails");
+        let text = err.to_string();
+        assert!(
+            text.contains("failer DEL failed") && text.contains("failed to allocate: range full"),
+            "{text}"
+        );
+        let missing = runner
+            .run(&call("absent", CniCommand::Add))
+            .expect_err("no binary");
+        assert!(matches!(missing, NetworkError::Exec { .. }), "{missing}");
+        let sneaky = runner
+            .run(&call("../bin/sh", CniCommand::Add))
+            .expect_err("path");
+        assert!(matches!(sneaky, NetworkError::Exec { .. }), "{sneaky}");
+    }
 }
