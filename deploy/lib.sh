@@ -26,9 +26,12 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo"
   export PATH
 fi
 
-# Debian packages the scripts and the build need.
+# Debian packages the scripts and the build need. The node agent runs the CNI plugins of
+# containernetworking-plugins (bridge, host-local, loopback) for each run's network, and
+# iptables for the host isolation rules; the end-to-end tests use iproute2's `ip netns`.
 BERTH_PACKAGES=(
   containerd runc docker-registry umoci skopeo busybox-static
+  containernetworking-plugins iptables iproute2
   protobuf-compiler libprotobuf-dev etcd-server etcd-client jq curl pkg-config gcc libc6-dev
   ca-certificates apache2-utils python3
 )

@@ -29,10 +29,12 @@ use tonic::{Code, Request, Status};
 
 use crate::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::clock::{timestamp_nanos, unix_nanos_now};
+use crate::network::RunNetwork;
 use crate::pull::{Puller, SNAPSHOTTER};
 use crate::runtime::{
     ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
 };
+use crate::spec::join_network;
 
 /// The shim every run uses.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
@@ -54,7 +56,12 @@ pub struct ContainerdRuntime {
     channel: Channel,
     settings: ContainerdSettings,
     puller: Arc<Puller>,
+    /// Each run's own connected network namespace; None: runs get a new, unconnected one.
+    network: Option<Arc<dyn RunNetwork>>,
 }
+
+/// Upper bound for attaching a run's network (plugins wait for the xtables lock).
+const NETWORK_ATTACH_LIMIT: Duration = Duration::from_secs(60);
 
 fn lease_id(run_id: &str) -> String {
     format!("berth-run-{run_id}")
@@ -86,11 +93,51 @@ fn record_cleanup<T>(
 }
 
 impl ContainerdRuntime {
-    pub fn new(channel: Channel, settings: ContainerdSettings, puller: Arc<Puller>) -> Self {
+    pub fn new(
+        channel: Channel,
+        settings: ContainerdSettings,
+        puller: Arc<Puller>,
+        network: Option<Arc<dyn RunNetwork>>,
+    ) -> Self {
         Self {
             channel,
             settings,
             puller,
+            network,
+        }
+    }
+
+    /// The spec the container gets: `spec`, joined to the run's network when runs have one.
+    async fn networked_spec(&self, run_id: &str, spec: &Spec) -> Result<Spec, RuntimeError> {
+        let mut spec = spec.clone();
+        let Some(network) = self.network.clone() else {
+            return Ok(spec);
+        };
+        let id = run_id.to_string();
+        let attach = tokio::task::spawn_blocking(move || network.attach(&id));
+        let attachment = match tokio::time::timeout(NETWORK_ATTACH_LIMIT, attach).await {
+            Ok(Ok(Ok(attachment))) => attachment,
+            Ok(Ok(Err(error))) => return Err(RuntimeError::Network(error.to_string())),
+            Ok(Err(join)) => return Err(RuntimeError::Network(join.to_string())),
+            Err(_) => {
+                return Err(RuntimeError::Network(
+                    "attaching the network timed out".to_string(),
+                ))
+            }
+        };
+        tracing::info!(run_id, address = ?attachment.address, netns = %attachment.netns.display(), "run network attached");
+        join_network(&mut spec, &attachment);
+        Ok(spec)
+    }
+
+    /// Detaches the run's network (address, veth, masquerading, namespace).
+    async fn detach_network(&self, run_id: &str) -> Option<String> {
+        let network = self.network.clone()?;
+        let id = run_id.to_string();
+        match tokio::task::spawn_blocking(move || network.detach(&id)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(format!("network: {error}")),
+            Err(join) => Some(format!("network: {join}")),
         }
     }
 
@@ -119,6 +166,7 @@ impl ContainerdRuntime {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
+        let spec = &self.networked_spec(run_id, spec).await?;
         let lease = lease_id(run_id);
         LeasesClient::new(self.channel.clone())
             .create(self.request(
@@ -273,6 +321,8 @@ impl ContainerdRuntime {
         ) {
             failures.push(format!("removing cgroup {path}: {error}"));
         }
+        // Last: the task is gone, so nothing uses the namespace any more.
+        failures.extend(self.detach_network(run_id).await);
         failures
     }
 }
@@ -417,5 +467,12 @@ impl ContainerRuntime for ContainerdRuntime {
             .into_inner()
             .containers;
         Ok(containers.into_iter().map(|c| c.id).collect())
+    }
+
+    fn list_networks(&self) -> Vec<String> {
+        self.network
+            .as_ref()
+            .map(|n| n.attached_runs())
+            .unwrap_or_default()
     }
 }

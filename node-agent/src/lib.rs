@@ -15,7 +15,10 @@
 //! - [`spec`]: the OCI runtime spec for a run (memory limit with no swap beyond it, CPU quota,
 //!   `pids.max` from `--pids-limit`); [`logs`]: output files → numbered log lines, capped per
 //!   run (`--max-log-bytes-per-run`, `--max-log-lines-per-run`), consumed output punched out of
-//!   the files; [`cgroup`]: a run's OOM-kill counter and removal of its cgroup directories;
+//!   the files; [`seccomp`]: the default seccomp profile; [`network`]: each run's network
+//!   namespace through the CNI plugins, [`firewall`]: the iptables rules that keep runs away
+//!   from the host's ports and from each other;
+//!   [`cgroup`]: a run's OOM-kill counter and removal of its cgroup directories;
 //!   [`clock`]: timestamps; [`config`]: the node settings from the CLI.
 //!
 //! ## The life of a run on a node
@@ -24,8 +27,8 @@
 //!    run's registry credentials when it has some (never logged, never written to disk).
 //! 3. The spec is built (entrypoint/cmd/env/user resolution, limits, cgroup
 //!    `/<cgroup-parent>/<run-id>`); the run's journal is written (`run.json`, empty output
-//!    files); a snapshot `<run-id>` is prepared on the image's top chain ID, the container
-//!    created, the task created with its stdout/stderr appended by the shim to the journal's
+//!    files); the run's network namespace is made and connected, a snapshot `<run-id>` is
+//!    prepared on the image's top chain ID, the container created (joined to that namespace), the task created with its stdout/stderr appended by the shim to the journal's
 //!    output files.
 //! 4. The exit is watched *before* the task starts; the start time goes into `run.json`, then
 //!    `RunStarted` into the outbox.
@@ -38,7 +41,8 @@
 //!    `oom_killed` (read before the task is deleted, which removes the cgroup).
 //! 7. The task is deleted (the shim finishes copying output first), the rest of the output is
 //!    numbered and queued, the ending is written to `exit.json`, everything else is cleaned up
-//!    (container, snapshot, lease, cgroups) and `RunExited` is queued last.
+//!    (container, snapshot, lease, cgroups, network namespace and address) and `RunExited` is
+//!    queued last.
 //! 8. The run stays in the agent's active list until the scheduler acknowledges its
 //!    `RunExited`; then its journal is removed.
 //!
@@ -54,7 +58,8 @@
 //!   repeated;
 //! - never started: container and journal are removed; the run is not listed in `Register`, so
 //!   the scheduler re-queues it;
-//! - a container without a journal: removed.
+//! - a container without a journal: removed;
+//! - a network namespace of a run not re-adopted: released (`DEL`, unmount).
 //!
 //! Re-adopted runs are listed in `Register.active_run_ids`, so the scheduler keeps their leases;
 //! it de-duplicates re-sent lines by (run, seq) and re-sent reports by lease epoch and state.
@@ -71,14 +76,17 @@ pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod containerd;
+pub mod firewall;
 pub mod journal;
 pub mod logs;
 pub mod manifest;
+pub mod network;
 pub mod outbox;
 pub mod pull;
 pub mod reference;
 pub mod registry;
 pub mod runtime;
+pub mod seccomp;
 pub mod session;
 pub mod spec;
 pub mod supervisor;

@@ -9,14 +9,30 @@ use std::time::Duration;
 use anyhow::Context as _;
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
+use berth_node_agent::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
 use berth_node_agent::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
+};
+use berth_node_agent::network::{
+    container_resolv_conf, validate_bridge, BindMountNamespaces, BridgeSettings, CniNetwork,
+    ExecPlugins, RunNetwork, Subnet, DEFAULT_BRIDGE, DEFAULT_CNI_BIN_DIR, DEFAULT_IPAM_DIR,
+    DEFAULT_NETNS_ROOT, DEFAULT_SUBNET,
 };
 use berth_node_agent::pull::Puller;
 use berth_node_agent::registry::RegistryClient;
 use berth_node_agent::session::Agent;
 use berth_node_agent::spec::DEFAULT_PIDS_LIMIT;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+
+/// How runs are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NetworkMode {
+    /// Each run in its own network namespace on the host bridge: outbound connectivity,
+    /// masqueraded; no access to the host's ports or to other runs.
+    Bridge,
+    /// Each run in its own empty network namespace: loopback only, no connectivity at all.
+    None,
+}
 
 /// Runs containers through containerd for the Berth scheduler.
 #[derive(Debug, Parser)]
@@ -84,6 +100,88 @@ struct Cli {
     /// (runs still going are re-adopted by the next start).
     #[arg(long, env = "BERTH_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Run networking: `bridge` (own namespace on the host bridge, outbound only) or `none`
+    /// (own empty namespace).
+    #[arg(long, env = "BERTH_AGENT_NETWORK", value_enum, default_value_t = NetworkMode::Bridge)]
+    network: NetworkMode,
+    /// The host bridge runs are connected to (created if missing; agents of a host share it).
+    #[arg(long, env = "BERTH_AGENT_BRIDGE", default_value = DEFAULT_BRIDGE)]
+    bridge: String,
+    /// The bridge's IPv4 subnet; its first address is the runs' gateway. Every agent on the
+    /// same bridge must use the same subnet.
+    #[arg(long, env = "BERTH_AGENT_SUBNET", default_value = DEFAULT_SUBNET)]
+    subnet: Subnet,
+    /// Directory of the CNI plugin binaries (bridge, host-local, loopback).
+    #[arg(long, env = "BERTH_AGENT_CNI_BIN_DIR", default_value = DEFAULT_CNI_BIN_DIR)]
+    cni_bin_dir: PathBuf,
+    /// host-local's address store, shared by the agents of a host.
+    #[arg(long, env = "BERTH_AGENT_CNI_IPAM_DIR", default_value = DEFAULT_IPAM_DIR)]
+    cni_ipam_dir: PathBuf,
+    /// Where the runs' network namespaces are kept (default: /run/berth/netns/<node-id>).
+    #[arg(long, env = "BERTH_AGENT_NETNS_DIR")]
+    netns_dir: Option<PathBuf>,
+}
+
+/// Writes the runs' resolv.conf (the host's non-loopback nameservers) and returns its path;
+/// None when the host has none a run could use.
+fn write_resolv_conf(state_dir: &std::path::Path) -> Option<PathBuf> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let Some(content) = container_resolv_conf(&host) else {
+        tracing::warn!("the host's resolv.conf has no nameserver runs can reach: runs get no DNS configuration");
+        return None;
+    };
+    let path = state_dir.join("resolv.conf");
+    let tmp = state_dir.join("resolv.conf.new");
+    let written = std::fs::write(&tmp, content).and_then(|()| std::fs::rename(&tmp, &path));
+    match written {
+        Ok(()) => Some(path),
+        Err(error) => {
+            tracing::warn!(%error, "cannot write the runs' resolv.conf: runs get no DNS configuration");
+            None
+        }
+    }
+}
+
+/// Sets up run networking for `--network bridge`: the host firewall, then the CNI network.
+fn bridge_network(cli: &Cli, state_dir: &std::path::Path) -> anyhow::Result<Arc<dyn RunNetwork>> {
+    validate_bridge(&cli.bridge)?;
+    isolate_bridge(
+        &ExecIptables,
+        std::path::Path::new(PROC_SYS),
+        std::path::Path::new(LOCK_FILE),
+        &cli.bridge,
+    )
+    .context("installing the host isolation rules (iptables)")?;
+    for plugin in ["bridge", "host-local", "loopback"] {
+        let path = cli.cni_bin_dir.join(plugin);
+        anyhow::ensure!(
+            path.exists(),
+            "CNI plugin {} is missing (package containernetworking-plugins)",
+            path.display()
+        );
+    }
+    let settings = BridgeSettings {
+        bridge: cli.bridge.clone(),
+        subnet: cli.subnet,
+        cni_bin_dir: cli.cni_bin_dir.clone(),
+        netns_dir: cli
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_NETNS_ROOT).join(&cli.node_id)),
+        ipam_dir: cli.cni_ipam_dir.clone(),
+        resolv_conf: write_resolv_conf(state_dir),
+    };
+    tracing::info!(
+        ?settings,
+        "runs get their own network namespace on the bridge"
+    );
+    Ok(Arc::new(CniNetwork::new(
+        settings,
+        ExecPlugins {
+            bin_dir: cli.cni_bin_dir.clone(),
+        },
+        BindMountNamespaces,
+    )))
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -97,6 +195,22 @@ fn host_memory_mib() -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::init_tracing();
     let cli = Cli::parse();
+    let network_mode = cli.network;
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/var/lib/berth/agent-{}", cli.node_id)));
+    std::fs::create_dir_all(state_dir.join("runs"))
+        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    let network = match network_mode {
+        NetworkMode::Bridge => Some(bridge_network(&cli, &state_dir)?),
+        NetworkMode::None => {
+            tracing::warn!(
+                "--network none: runs get an empty network namespace without connectivity"
+            );
+            None
+        }
+    };
     let config = AgentConfig {
         scheduler_url: cli.scheduler,
         total_memory_mib: cli
@@ -118,9 +232,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("berth/{}", cli.node_id))
             .trim_matches('/')
             .to_string(),
-        state_dir: cli
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(format!("/var/lib/berth/agent-{}", cli.node_id))),
+        state_dir,
         insecure_registries: cli.insecure_registries,
         pids_limit: cli.pids_limit,
         log_limits: LogLimits {
@@ -132,8 +244,6 @@ async fn main() -> anyhow::Result<()> {
         region: cli.region,
     };
     tracing::info!(?config, "starting node agent");
-    std::fs::create_dir_all(config.state_dir.join("runs"))
-        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
 
     let channel = containerd_client::connect(&config.containerd_socket)
         .await
@@ -157,6 +267,7 @@ async fn main() -> anyhow::Result<()> {
             cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
         },
         puller,
+        network,
     ));
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
     let first_signal =

@@ -67,6 +67,9 @@ pub enum RuntimeError {
     /// the container or task could not be created
     #[error("creating the container: {0}")]
     Create(String),
+    /// the run's network could not be set up
+    #[error("setting up the run's network: {0}")]
+    Network(String),
     /// the task could not be started
     #[error("starting the task: {0}")]
     Start(String),
@@ -84,6 +87,7 @@ impl RuntimeError {
         match self {
             RuntimeError::ImagePull { .. } => "image_pull_failed",
             RuntimeError::Create(_) => "container_create_failed",
+            RuntimeError::Network(_) => "network_setup_failed",
             RuntimeError::Start(_) => "task_start_failed",
             RuntimeError::Task { .. } => "task_failed",
         }
@@ -104,8 +108,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<PreparedImage, RuntimeError>> + Send;
 
-    /// Prepares the rootfs, creates the container with `spec` and creates (not starts) its task,
-    /// its stdout and stderr appended to `output`.
+    /// Prepares the rootfs and the run's network, creates the container with `spec` (joined to
+    /// that network) and creates (not starts) its task, its stdout and stderr appended to
+    /// `output`.
     fn create(
         &self,
         run_id: &str,
@@ -142,10 +147,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn delete_task(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Removes everything the run left behind in the engine: task, container, snapshot, lease,
-    /// cgroups (not the run's journal directory). Best effort and idempotent: failures are
+    /// cgroups, network namespace and address (not the run's journal directory). Best effort and idempotent: failures are
     /// logged, missing pieces ignored.
     fn cleanup(&self, run_id: &str) -> impl Future<Output = ()> + Send;
 
     /// IDs of containers in this agent's namespace (left over from an earlier process).
     fn list_containers(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+
+    /// IDs of runs that hold a network namespace or address on this node (left over from an
+    /// earlier process, or current).
+    fn list_networks(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -153,15 +153,25 @@ impl<R: ContainerRuntime> Agent<R> {
                 "re-adopted runs of an earlier agent process"
             );
         }
+        let mut removed = HashSet::new();
         match self.runtime.list_containers().await {
             Ok(ids) => {
                 for id in ids.into_iter().filter(|id| !adopted.contains(id)) {
                     tracing::warn!(run_id = %id, "removing container left by an earlier agent process");
                     self.runtime.cleanup(&id).await;
                     self.journal.remove(&id);
+                    removed.insert(id);
                 }
             }
             Err(error) => tracing::warn!(%error, "could not list leftover containers"),
+        }
+        // Network namespaces and addresses of runs that are gone (the agent died between
+        // attaching the network and creating the container, or during a cleanup).
+        for id in self.runtime.list_networks() {
+            if !adopted.contains(&id) && !removed.contains(&id) {
+                tracing::warn!(run_id = %id, "releasing the network of a run left by an earlier agent process");
+                self.runtime.cleanup(&id).await;
+            }
         }
     }
 
@@ -537,6 +547,9 @@ mod tests {
     /// flight without containers.
     struct SlowPulls {
         pull_takes: Option<Duration>,
+        /// Runs holding a network (what `list_networks` reports).
+        networks: Vec<String>,
+        cleaned: std::sync::Mutex<Vec<String>>,
     }
 
     impl ContainerRuntime for SlowPulls {
@@ -581,9 +594,17 @@ mod tests {
         async fn delete_task(&self, _run_id: &str) -> Result<(), RuntimeError> {
             Ok(())
         }
-        async fn cleanup(&self, _run_id: &str) {}
+        async fn cleanup(&self, run_id: &str) {
+            self.cleaned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(run_id.to_string());
+        }
         async fn list_containers(&self) -> Result<Vec<String>, RuntimeError> {
             Ok(Vec::new())
+        }
+        fn list_networks(&self) -> Vec<String> {
+            self.networks.clone()
         }
     }
 
@@ -604,7 +625,14 @@ mod tests {
             log_limits: LogLimits::default(),
             shutdown_grace: Duration::from_secs(30),
         };
-        Arc::new(Agent::new(config, Arc::new(SlowPulls { pull_takes })))
+        Arc::new(Agent::new(
+            config,
+            Arc::new(SlowPulls {
+                pull_takes,
+                networks: vec![],
+                cleaned: Default::default(),
+            }),
+        ))
     }
 
     fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
@@ -707,5 +735,22 @@ mod tests {
             "{waited:?}"
         );
         assert!(agent.runs().contains_key("r1"), "left for the next start");
+    }
+
+    #[tokio::test]
+    async fn recovery_releases_networks_of_runs_nobody_knows() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut config = agent(state.path(), None).config.clone();
+        config.state_dir = state.path().to_path_buf();
+        let runtime = Arc::new(SlowPulls {
+            pull_takes: None,
+            networks: vec!["gone-1".to_string(), "gone-2".to_string()],
+            cleaned: Default::default(),
+        });
+        let agent = Agent::new(config, runtime.clone());
+        agent.recover().await;
+        let cleaned = runtime.cleaned.lock().expect("lock").clone();
+        assert_eq!(cleaned, vec!["gone-1".to_string(), "gone-2".to_string()]);
+        assert!(agent.runs().is_empty(), "nothing re-adopted");
     }
 }

@@ -3,15 +3,18 @@
 //! tested without containerd.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use berth_proto::v1::RunSpec;
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxNamespace,
-    LinuxNamespaceType, LinuxPids, LinuxResources, PosixRlimitBuilder, PosixRlimitType, Spec, User,
+    LinuxNamespaceType, LinuxPids, LinuxResources, Mount, PosixRlimitBuilder, PosixRlimitType,
+    Spec, User,
 };
 
 use crate::manifest::ImageRunConfig;
+use crate::network::NetworkAttachment;
+use crate::seccomp;
 
 /// PATH used when neither the image nor the run sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -220,6 +223,9 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     })
     .collect();
     linux.set_namespaces(Some(namespaces));
+    // Spec::default() masks /proc/kcore, /proc/keys, /sys/firmware, ... and makes /proc/sys,
+    // /proc/sysrq-trigger, ... read-only; the unit test below keeps that so.
+    linux.set_seccomp(Some(seccomp::default_profile()?));
     linux.set_cgroups_path(Some(PathBuf::from(cgroups_path(
         inputs.cgroup_parent,
         inputs.run_id,
@@ -253,6 +259,39 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Makes the container join the run's network namespace (instead of a new, unconnected one)
+/// and, when there is one, see `resolv_conf` read-only at `/etc/resolv.conf`.
+pub fn join_network(spec: &mut Spec, attachment: &NetworkAttachment) {
+    if let Some(linux) = spec.linux_mut() {
+        let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+        let mut network = LinuxNamespace::default();
+        network.set_typ(LinuxNamespaceType::Network);
+        network.set_path(Some(attachment.netns.clone()));
+        namespaces.push(network);
+        linux.set_namespaces(Some(namespaces));
+    }
+    if let Some(resolv_conf) = attachment.resolv_conf.as_deref() {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        mounts.push(read_only_bind(resolv_conf, Path::new("/etc/resolv.conf")));
+        spec.set_mounts(Some(mounts));
+    }
+}
+
+fn read_only_bind(source: &Path, destination: &Path) -> Mount {
+    let mut mount = Mount::default();
+    mount.set_destination(destination.to_path_buf());
+    mount.set_typ(Some("bind".to_string()));
+    mount.set_source(Some(source.to_path_buf()));
+    mount.set_options(Some(
+        ["rbind", "ro", "nosuid", "nodev", "noexec"]
+            .iter()
+            .map(|o| o.to_string())
+            .collect(),
+    ));
+    mount
 }
 
 #[cfg(test)]
@@ -374,5 +413,113 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap_or_default().to_string())
             .collect();
         assert!(ns.contains(&"network".to_string()) && !ns.contains(&"cgroup".to_string()));
+    }
+
+    fn spec_json(spec: &Spec) -> serde_json::Value {
+        serde_json::to_value(spec).expect("serializes")
+    }
+
+    fn plain_spec() -> Spec {
+        let run = RunSpec {
+            cmd_set: true,
+            cmd: s(&["true"]),
+            ..Default::default()
+        };
+        build_spec(&SpecInputs {
+            run_id: "r1",
+            run: &run,
+            image: &ImageRunConfig::default(),
+            cgroup_parent: "berth/n1",
+            pids_limit: 10,
+        })
+        .expect("spec")
+    }
+
+    #[test]
+    fn spec_confines_the_process() {
+        let json = spec_json(&plain_spec());
+        assert_eq!(json["process"]["noNewPrivileges"], true);
+        let caps = json["process"]["capabilities"]["bounding"]
+            .as_array()
+            .expect("bounding")
+            .len();
+        assert_eq!(caps, default_capabilities().len());
+        assert!(json["process"]["capabilities"]["ambient"]
+            .as_array()
+            .is_some_and(|a| a.is_empty()));
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert!(json["linux"]["seccomp"]["syscalls"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()));
+        let list = |key: &str| -> Vec<String> {
+            json["linux"][key]
+                .as_array()
+                .expect(key)
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let masked = list("maskedPaths");
+        for path in [
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/timer_list",
+            "/sys/firmware",
+        ] {
+            assert!(masked.contains(&path.to_string()), "{path} masked");
+        }
+        let readonly = list("readonlyPaths");
+        for path in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
+            assert!(readonly.contains(&path.to_string()), "{path} read-only");
+        }
+        let sys = json["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .expect("/sys mounted");
+        assert!(sys["options"]
+            .as_array()
+            .is_some_and(|o| o.contains(&"ro".into())));
+        // Without a network attachment the run gets a new, empty network namespace.
+        let netns = json["linux"]["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .find(|n| n["type"] == "network")
+            .expect("network namespace");
+        assert!(netns.get("path").is_none());
+    }
+
+    #[test]
+    fn joining_a_network_sets_the_namespace_path_and_resolv_conf() {
+        let mut spec = plain_spec();
+        join_network(
+            &mut spec,
+            &NetworkAttachment {
+                netns: PathBuf::from("/run/berth/netns/n1/r1"),
+                address: Some("10.213.0.9/16".to_string()),
+                resolv_conf: Some(PathBuf::from("/var/lib/berth/agent-n1/resolv.conf")),
+            },
+        );
+        let json = spec_json(&spec);
+        let networks: Vec<&serde_json::Value> = json["linux"]["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .filter(|n| n["type"] == "network")
+            .collect();
+        assert_eq!(networks.len(), 1);
+        assert_eq!(networks[0]["path"], "/run/berth/netns/n1/r1");
+        let resolv = json["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .expect("resolv.conf mounted");
+        assert_eq!(resolv["source"], "/var/lib/berth/agent-n1/resolv.conf");
+        assert!(resolv["options"]
+            .as_array()
+            .is_some_and(|o| o.contains(&"ro".into())));
     }
 }

@@ -240,6 +240,7 @@ async fn runs_containers_end_to_end() {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
         },
         puller,
+        None,
     ));
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(Agent::new(config, runtime).run(async {

@@ -62,6 +62,16 @@ struct Proc {
     child: Child,
 }
 
+/// How a fleet is started, beyond its agents.
+#[derive(Debug, Clone, Default)]
+pub struct FleetOptions {
+    /// Extra `berth-scheduler` flags.
+    pub scheduler_args: Vec<String>,
+    /// Host the scheduler and the API listen on (default 127.0.0.1; clients always connect
+    /// through 127.0.0.1).
+    pub listen_host: Option<String>,
+}
+
 pub struct Fleet {
     pub env: Env,
     pub dir: tempfile::TempDir,
@@ -71,6 +81,7 @@ pub struct Fleet {
     pub nodes: Vec<(String, String)>,
     scheduler: Option<Proc>,
     scheduler_args: Vec<String>,
+    listen_host: String,
     others: Vec<Proc>,
     /// node id → (its process, the arguments to start it again)
     agents: std::collections::HashMap<String, (Proc, Vec<String>)>,
@@ -85,18 +96,36 @@ impl Fleet {
 
     /// Like [`Fleet::start`], with extra `berth-scheduler` flags.
     pub async fn start_with(agents: &[AgentSpec], scheduler_args: &[&str]) -> Result<Fleet> {
+        Fleet::start_opts(
+            agents,
+            FleetOptions {
+                scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Like [`Fleet::start`], with [`FleetOptions`].
+    pub async fn start_opts(agents: &[AgentSpec], options: FleetOptions) -> Result<Fleet> {
         let env = env()?;
+        let listen_host = options
+            .listen_host
+            .unwrap_or_else(|| "127.0.0.1".to_string());
         let dir = tempfile::tempdir()?;
         let seq = FLEET_SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("e{}x{}", std::process::id(), seq);
         let scheduler_addr = format!("127.0.0.1:{}", free_port()?);
-        let api_addr = format!("127.0.0.1:{}", free_port()?);
+        let api_port = free_port()?;
+        let api_addr = format!("127.0.0.1:{api_port}");
+        let api_listen = format!("{listen_host}:{api_port}");
         let mut fleet = Fleet {
             api_url: format!("http://{api_addr}"),
             scheduler_addr,
             nodes: vec![],
             scheduler: None,
-            scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
+            scheduler_args: options.scheduler_args,
+            listen_host,
             others: vec![],
             agents: std::collections::HashMap::new(),
             http: reqwest::Client::builder()
@@ -111,7 +140,7 @@ impl Fleet {
             "berth-api",
             &[
                 "--listen",
-                &api_addr,
+                &api_listen,
                 "--scheduler",
                 &format!("http://{}", fleet.scheduler_addr),
                 "--token",
@@ -231,9 +260,11 @@ impl Fleet {
 
     pub fn start_scheduler(&mut self) -> Result<()> {
         let data = self.dir.path().join("scheduler");
+        let port = self.scheduler_addr.rsplit(':').next().unwrap_or_default();
+        let listen = format!("{}:{port}", self.listen_host);
         let mut args: Vec<String> = [
             "--grpc-listen",
-            &self.scheduler_addr,
+            &listen,
             "--data-dir",
             &data.to_string_lossy(),
             "--default-registry",
@@ -502,6 +533,20 @@ impl Fleet {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The agent's state directory (journals, resolv.conf).
+    pub fn agent_state_dir(&self, node_id: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{node_id}"))
+    }
+
+    /// The port in an `host:port` address of this fleet (`scheduler_addr`, the API's URL).
+    pub fn port_of(addr: &str) -> Result<u16> {
+        addr.trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("no port in {addr}"))
     }
 
     pub fn cgroup_dir(&self, controller: &str, node_id: &str, run_id: &str) -> PathBuf {
