@@ -14,6 +14,7 @@
 //! Runs cannot reach each other only where bridged traffic passes iptables (`br_netfilter`,
 //! `net.bridge.bridge-nf-call-iptables = 1`, which the agent sets when the module is there).
 
+use std::collections::HashMap;
 use std::process::Command;
 
 use crate::network::NetworkError;
@@ -36,6 +37,9 @@ fn rule(chain: &'static str, spec: &[&str]) -> Rule {
         spec: spec.iter().map(|s| s.to_string()).collect(),
     }
 }
+
+/// IPv4 link-local range, where clouds serve instance metadata and credentials.
+pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
 
 /// The IPv4 rules for `bridge`, in our chains.
 pub fn ipv4_rules(bridge: &str) -> Vec<Rule> {
@@ -65,6 +69,21 @@ pub fn ipv4_rules(bridge: &str) -> Vec<Rule> {
                 bridge,
                 "-o",
                 bridge,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-admin-prohibited",
+            ],
+        ),
+        // Link-local addresses (169.254.0.0/16) hold the cloud metadata service, which hands
+        // out the node's credentials: never for runs.
+        rule(
+            FORWARD_CHAIN,
+            &[
+                "-i",
+                bridge,
+                "-d",
+                LINK_LOCAL_V4,
                 "-j",
                 "REJECT",
                 "--reject-with",
@@ -172,15 +191,21 @@ pub fn install(
             }
         }
     }
+    // A missing rule goes in at its place in its chain, not at the end: a node whose chains came
+    // from an older agent gets a new refusal ahead of the accept that would shadow it.
+    let mut position: HashMap<&str, usize> = HashMap::new();
     for rule in rules {
+        let at = position.entry(rule.chain).or_insert(0);
+        *at += 1;
         if !runner
             .run(binary, &args(&["-C", rule.chain], &rule.spec))?
             .0
         {
-            let append = args(&["-A", rule.chain], &rule.spec);
-            let (ok, stderr) = runner.run(binary, &append)?;
+            let place = at.to_string();
+            let insert = args(&["-I", rule.chain, &place], &rule.spec);
+            let (ok, stderr) = runner.run(binary, &insert)?;
             if !ok {
-                return Err(fail(&append, stderr));
+                return Err(fail(&insert, stderr));
             }
         }
     }
@@ -291,7 +316,8 @@ mod tests {
                 },
                 "-I" => match chains.get_mut(&chain) {
                     Some(c) => {
-                        c.insert(0, spec(4));
+                        let at = args[3].parse::<usize>().expect("position") - 1;
+                        c.insert(at.min(c.len()), spec(4));
                         (true, String::new())
                     }
                     None => (false, "no chain".to_string()),
@@ -322,11 +348,31 @@ mod tests {
             fake.chain(INPUT_CHAIN),
             vec!["-i berth0 -m conntrack ! --ctstate ESTABLISHED,RELATED -j REJECT --reject-with icmp-admin-prohibited"]
         );
-        assert_eq!(fake.chain(FORWARD_CHAIN).len(), 3);
+        assert_eq!(fake.chain(FORWARD_CHAIN).len(), 4);
         // A second bridge adds its own rules beside the first one's.
         install(&fake, "iptables", &ipv4_rules("berth1")).expect("second bridge");
         assert_eq!(fake.chain(INPUT_CHAIN).len(), 2);
         assert_eq!(fake.chain("INPUT").len(), 2);
+    }
+
+    #[test]
+    fn a_rule_missing_from_older_chains_goes_in_at_its_place() {
+        let fake = FakeIptables::with_builtins();
+        let all = ipv4_rules("berth0");
+        // Chains as an agent without the link-local refusal left them.
+        let older: Vec<Rule> = all
+            .iter()
+            .filter(|r| !r.spec.iter().any(|p| p == LINK_LOCAL_V4))
+            .cloned()
+            .collect();
+        install(&fake, "iptables", &older).expect("older");
+        install(&fake, "iptables", &all).expect("upgrade");
+        let want: Vec<String> = all
+            .iter()
+            .filter(|r| r.chain == FORWARD_CHAIN)
+            .map(|r| r.spec.join(" "))
+            .collect();
+        assert_eq!(fake.chain(FORWARD_CHAIN), want);
     }
 
     #[test]
@@ -345,6 +391,12 @@ mod tests {
         // run → run refused; run → elsewhere accepted; elsewhere → run only as answers.
         assert!(forward.iter().any(|r| r.starts_with("-i b -o b -j REJECT")));
         assert!(forward.iter().any(|r| r == "-i b ! -o b -j ACCEPT"));
+        // The link-local refusal comes before the general accept, or it would never match.
+        let link_local = forward
+            .iter()
+            .position(|r| r.starts_with("-i b -d 169.254.0.0/16 -j REJECT"));
+        let accept = forward.iter().position(|r| r == "-i b ! -o b -j ACCEPT");
+        assert!(matches!((link_local, accept), (Some(l), Some(a)) if l < a));
         assert!(forward
             .iter()
             .any(|r| r.starts_with("! -i b -o b -m conntrack --ctstate ESTABLISHED,RELATED")));

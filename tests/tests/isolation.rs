@@ -50,13 +50,19 @@ struct OutsideHost {
 
 impl OutsideHost {
     fn start(port: u16, body: &str) -> Result<OutsideHost> {
-        let pid = std::process::id();
-        let name = format!("berth-e2e-out-{pid}");
-        let host_veth = format!("bo{}h", pid % 1_000_000);
-        let peer = format!("bo{}p", pid % 1_000_000);
         // A /30 out of 198.19.0.0/16 chosen by the pid, so parallel test binaries differ.
-        let n = (pid % 16_384) * 4;
+        let n = (std::process::id() % 16_384) * 4;
         let base = Ipv4Addr::new(198, 19, (n / 256) as u8, (n % 256) as u8);
+        OutsideHost::start_at("o", base, port, body)
+    }
+
+    /// Like `start`, on the /30 at `base`; `tag` (one letter) tells apart the hosts of one test
+    /// binary.
+    fn start_at(tag: &str, base: Ipv4Addr, port: u16, body: &str) -> Result<OutsideHost> {
+        let pid = std::process::id();
+        let name = format!("berth-e2e-{tag}ut-{pid}");
+        let host_veth = format!("b{tag}{}h", pid % 1_000_000);
+        let peer = format!("b{tag}{}p", pid % 1_000_000);
         let host_addr = Ipv4Addr::from(u32::from(base) + 1);
         let addr = Ipv4Addr::from(u32::from(base) + 2);
         let www = tempfile::tempdir()?;
@@ -272,6 +278,35 @@ async fn a_run_reaches_a_server_on_another_host() -> Result<()> {
     {
         ensure!(out.iter().any(|l| l == ns.trim()), "{ns} in {out:?}");
     }
+    Ok(())
+}
+
+/// Cloud metadata services live at link-local addresses (169.254.169.254) and hand out the
+/// node's credentials: a run must not reach any link-local address, while the host can.
+#[tokio::test]
+async fn a_run_reaches_no_link_local_address() -> Result<()> {
+    // A /30 in 169.254.0.0/16 away from 169.254.169.254 itself, so this never talks to a real
+    // metadata service even on a machine with a route to one.
+    let n = (std::process::id() % 64) * 4;
+    let base = Ipv4Addr::new(169, 254, 77, n as u8);
+    let token = format!("metadata-{}", std::process::id());
+    let port = 8080;
+    let metadata = OutsideHost::start_at("m", base, port, &token)?;
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
+    let url = format!("http://{}:{port}/index.html", metadata.addr);
+    let run = f
+        .start_run(
+            &runner,
+            json!({"command": format!("if timeout 5 wget -q -O- {url}; then echo reached; else echo blocked; fi")}),
+        )
+        .await?;
+    let (r, out) = finished_stdout(&f, &runner, &run).await?;
+    ensure!(
+        r["status"] == "succeeded" && out.iter().any(|l| l == "blocked") && !out.contains(&token),
+        "a run fetched {url}: {r}\n{out:?}\n{}",
+        f.logs()
+    );
     Ok(())
 }
 
