@@ -145,6 +145,18 @@ impl From<&Run> for pb::Run {
             price_nano_usd_per_second: r.price_nano_usd_per_second,
             billed_seconds: r.duration_seconds(),
             cost_nano_usd: r.cost_nano_usd(),
+            image_pull: r.image_pull.as_ref().map(pb::ImagePull::from),
+        }
+    }
+}
+
+impl From<&crate::model::ImagePull> for pb::ImagePull {
+    fn from(p: &crate::model::ImagePull) -> Self {
+        pb::ImagePull {
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            layers_done: p.layers_done,
+            layers_total: p.layers_total,
         }
     }
 }

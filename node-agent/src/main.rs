@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
+use berth_node_agent::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
+use berth_node_agent::image_store::ContainerdImages;
 use berth_node_agent::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
@@ -84,6 +86,11 @@ struct Cli {
     /// (runs still going are re-adopted by the next start).
     #[arg(long, env = "BERTH_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Disk budget of the image cache, in bytes: stored blobs plus unpacked layer snapshots,
+    /// shared pieces counted once. Beyond it the least recently used images that no run uses
+    /// and no warmup pinned are deleted.
+    #[arg(long, env = "BERTH_AGENT_IMAGE_CACHE_BYTES", default_value_t = DEFAULT_IMAGE_CACHE_BYTES)]
+    image_cache_bytes: u64,
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -97,6 +104,7 @@ fn host_memory_mib() -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::init_tracing();
     let cli = Cli::parse();
+    let image_cache_bytes = cli.image_cache_bytes;
     let config = AgentConfig {
         scheduler_url: cli.scheduler,
         total_memory_mib: cli
@@ -131,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         node_id: cli.node_id,
         region: cli.region,
     };
-    tracing::info!(?config, "starting node agent");
+    tracing::info!(?config, image_cache_bytes, "starting node agent");
     std::fs::create_dir_all(config.state_dir.join("runs"))
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
 
@@ -149,15 +157,23 @@ async fn main() -> anyhow::Result<()> {
         config.namespace.clone(),
         registry,
     ));
-    let runtime = Arc::new(ContainerdRuntime::new(
-        channel,
-        ContainerdSettings {
-            namespace: config.namespace.clone(),
-            cgroup_parent: config.cgroup_parent.clone(),
-            cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
-        },
-        puller,
+    let image_cache = Arc::new(ImageCache::new(
+        Arc::new(ContainerdImages::new(puller.clone())),
+        image_cache_bytes,
     ));
+    tokio::spawn(image_cache.clone().run());
+    let runtime = Arc::new(
+        ContainerdRuntime::new(
+            channel,
+            ContainerdSettings {
+                namespace: config.namespace.clone(),
+                cgroup_parent: config.cgroup_parent.clone(),
+                cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
+            },
+            puller,
+        )
+        .with_image_cache(image_cache),
+    );
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
     let first_signal =
         berth_core::process::shutdown_signal().context("installing signal handlers")?;

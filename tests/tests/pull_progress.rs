@@ -1,0 +1,115 @@
+//! End-to-end: a run's image pull reports its progress. A 40 MB image is pulled through a proxy
+//! that passes 10 MB/s, so the pull takes seconds; polling the run shows `image_pull` growing
+//! (never backwards) to the total of the manifest's blob sizes, with `pending_reason` saying
+//! the image is being pulled, and the final figures stay on the run once it started.
+
+mod common;
+mod image_builder;
+
+use anyhow::{ensure, Result};
+use common::{AgentSpec, Fleet};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const RANDOM_LAYER_BYTES: usize = 40 * 1024 * 1024;
+const PROXY_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_slow_pull_reports_growing_progress_up_to_the_manifest_total() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let repo = format!("progress-{}", std::process::id());
+    let image = image_builder::push_image(&f.env.registry, &repo, RANDOM_LAYER_BYTES).await?;
+    let proxy = image_builder::throttling_proxy(&f.env.registry, PROXY_BYTES_PER_SECOND).await?;
+    let runner = f
+        .runner(
+            "fra",
+            json!({"image_name": format!("{proxy}/{repo}"), "run_command": "ls -l /random.bin"}),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+
+    let mut samples: Vec<Value> = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = loop {
+        let r = f.run(&runner, &run).await?;
+        if r["status"] != "pending" {
+            break r;
+        }
+        if !r["image_pull"].is_null() {
+            samples.push(r["image_pull"].clone());
+        }
+        if let Some(reason) = r["pending_reason"].as_str() {
+            reasons.push(reason.to_owned());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still pending: {r}\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let done = f.wait_finished(&runner, &run).await?;
+    ensure!(done["status"] == "succeeded", "{done}\n{}", f.logs());
+
+    let total = image.blob_bytes;
+    let field = |v: &Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        samples
+            .iter()
+            .all(|s| field(s, "bytes_total") == total && field(s, "layers_total") == 2),
+        "every report names the manifest's total {total} and 2 layers: {samples:?}"
+    );
+    ensure!(
+        samples
+            .iter()
+            .any(|s| field(s, "bytes_done") > 0 && field(s, "bytes_done") < total),
+        "no report in the middle of the pull: {samples:?}"
+    );
+    ensure!(
+        samples.windows(2).all(|w| {
+            field(&w[1], "bytes_done") >= field(&w[0], "bytes_done")
+                && field(&w[1], "layers_done") >= field(&w[0], "layers_done")
+        }),
+        "progress went backwards: {samples:?}"
+    );
+    ensure!(
+        reasons.iter().any(|r| r == "pulling the image"),
+        "pending_reason never said the image is being pulled: {reasons:?}"
+    );
+    // The final figures: seen while pending or right after, and stored with the run.
+    for r in [&started, &done] {
+        let pull = &r["image_pull"];
+        ensure!(
+            field(pull, "bytes_done") == total
+                && field(pull, "bytes_total") == total
+                && field(pull, "layers_done") == 2,
+            "final figures missing: {r}"
+        );
+    }
+    Ok(())
+}
+
+/// A second run of the same image pulls nothing: it shows no pull at all.
+#[tokio::test]
+async fn a_run_of_a_present_image_shows_no_pull() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let repo = format!("progress-present-{}", std::process::id());
+    image_builder::push_image(&f.env.registry, &repo, 1024).await?;
+    let runner = f
+        .runner("fra", json!({"image_name": repo, "run_command": "true"}))
+        .await?;
+    let first = f.start_run(&runner, json!({})).await?;
+    let first = f.wait_finished(&runner, &first).await?;
+    ensure!(
+        first["status"] == "succeeded" && first["image_pull"]["layers_total"] == 2,
+        "{first}"
+    );
+    let second = f.start_run(&runner, json!({})).await?;
+    let second = f.wait_finished(&runner, &second).await?;
+    ensure!(
+        second["status"] == "succeeded" && second["image_pull"].is_null(),
+        "{second}"
+    );
+    Ok(())
+}
