@@ -324,31 +324,25 @@ mod tests {
     }
 
     fn arb_images() -> impl Strategy<Value = Vec<CachedImage>> {
-        prop::collection::vec(
-            (
-                0i64..20,
-                prop::collection::btree_map(0u8..12, 1u64..100, 1..4),
-            ),
-            0..8,
-        )
-        .prop_map(|specs| {
-            specs
-                .into_iter()
-                .enumerate()
-                .map(|(i, (last_used, parts))| CachedImage {
-                    name: format!("img{i}"),
-                    last_used_millis: last_used,
-                    parts: parts
-                        .into_iter()
-                        // A part's size is a function of its key, as on disk.
-                        .map(|(k, _)| Part {
-                            key: format!("p{k}"),
-                            bytes: u64::from(k) * 7 + 3,
-                        })
-                        .collect(),
-                })
-                .collect()
-        })
+        prop::collection::vec((0i64..20, prop::collection::btree_set(0u8..12, 1..4)), 0..8)
+            .prop_map(|specs| {
+                specs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (last_used, keys))| CachedImage {
+                        name: format!("img{i}"),
+                        last_used_millis: last_used,
+                        parts: keys
+                            .into_iter()
+                            // A part's size is a function of its key, as on disk.
+                            .map(|k| Part {
+                                key: format!("p{k}"),
+                                bytes: u64::from(k) * 7 + 3,
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            })
     }
 
     proptest! {

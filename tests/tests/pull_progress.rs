@@ -1,4 +1,4 @@
-//! End-to-end: a run's image pull reports its progress. A 40 MB image is pulled through a proxy
+//! End-to-end: a run's image pull reports its progress. A 32 MiB image is pulled through a proxy
 //! that passes 10 MB/s, so the pull takes seconds; polling the run shows `image_pull` growing
 //! (never backwards) to the total of the manifest's blob sizes, with `pending_reason` saying
 //! the image is being pulled, and the final figures stay on the run once it started.
@@ -11,7 +11,7 @@ use common::{AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-const RANDOM_LAYER_BYTES: usize = 40 * 1024 * 1024;
+const RANDOM_LAYER_BYTES: usize = 32 * 1024 * 1024;
 const PROXY_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
 
 #[tokio::test]

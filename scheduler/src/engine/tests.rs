@@ -730,7 +730,7 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
             one.try_recv().ok().and_then(|m| m.body),
             Some(Body::Warmup(_))
         ));
-        assert_eq!(next_pins(&mut one), [image.clone()]);
+        assert_eq!(next_pins(&mut one), [image.as_str()]);
         assert!(two.try_recv().is_err(), "fra-2's pins did not change");
         s.set_draining("fra-2", false).await.expect("resume");
         runner.id
@@ -740,7 +740,7 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
         .await
         .expect("reopen");
     let mut one = attach_keeping_pins(&s, register("fra-1", "fra", 4096, &[])).await;
-    assert_eq!(next_pins(&mut one), [image.clone()]);
+    assert_eq!(next_pins(&mut one), [image.as_str()]);
     let mut two = attach(&s, register("fra-2", "fra", 4096, &[])).await;
 
     s.set_draining("fra-1", true).await.expect("drain");
@@ -750,7 +750,7 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
         two.try_recv().ok().and_then(|m| m.body),
         Some(Body::Warmup(_))
     ));
-    assert_eq!(next_pins(&mut two), [image.clone()]);
+    assert_eq!(next_pins(&mut two), [image.as_str()]);
 
     s.delete_runner(&runner_id).await.expect("delete");
     assert!(next_pins(&mut two).is_empty(), "released with the runner");
