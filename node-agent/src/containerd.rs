@@ -308,7 +308,9 @@ impl ContainerRuntime for ContainerdRuntime {
         let joined = tokio::spawn(async move {
             let pulled = puller.pull(&owned, auth.as_ref()).await;
             if let (Ok(_), Some(cache)) = (&pulled, cache) {
-                cache.used(&owned).await;
+                // Off the run's path: the run holds the image anyway.
+                let image = owned.clone();
+                tokio::spawn(async move { cache.used(&image).await });
             }
             pulled
         })

@@ -113,3 +113,60 @@ async fn a_run_of_a_present_image_shows_no_pull() -> Result<()> {
     );
     Ok(())
 }
+
+/// `berthctl run --follow` tells on stderr how far the pull has come while the run waits (a line
+/// per finished layer when stderr is not a terminal), and nothing of it with `--json`.
+#[tokio::test]
+async fn berthctl_follow_shows_the_pull_progress() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let proxy = image_builder::throttling_proxy(&f.env.registry, PROXY_BYTES_PER_SECOND).await?;
+    let mut stderrs = Vec::new();
+    for json_mode in [false, true] {
+        let repo = format!("progress-cli-{json_mode}-{}", std::process::id());
+        image_builder::push_image(&f.env.registry, &repo, 16 * 1024 * 1024).await?;
+        let runner = f
+            .runner(
+                "fra",
+                json!({"image_name": format!("{proxy}/{repo}"), "run_command": "true"}),
+            )
+            .await?;
+        let mut args = vec!["run", runner.as_str(), "--follow"];
+        if json_mode {
+            args.insert(0, "--json");
+        }
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(f.env.bin_dir.join("berthctl"))
+                .args(&args)
+                .env("BERTH_URL", &f.api_url)
+                .env("BERTH_TOKEN", common::TOKEN)
+                .current_dir(f.dir.path())
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await??;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(out.status.success(), "{:?}: {stderr}", out.status);
+        stderrs.push(stderr);
+    }
+    let plain = &stderrs[0];
+    ensure!(
+        plain.lines().any(|l| l.starts_with("pulling image ")
+            && l.contains(" MiB (")
+            && l.ends_with("/2 layers)")),
+        "no progress line: {plain}"
+    );
+    ensure!(
+        plain
+            .lines()
+            .any(|l| l.starts_with("pulling image ") && l.ends_with("(2/2 layers)")),
+        "no final progress line: {plain}"
+    );
+    ensure!(
+        !stderrs[1].contains("pulling image "),
+        "progress shown in --json mode: {}",
+        stderrs[1]
+    );
+    Ok(())
+}
