@@ -67,6 +67,7 @@ pub fn runner(r: &pb::Runner) -> Value {
         "warmup_status": r.warmup_status,
         "warm_node_id": r.warm_node_id,
         "warmup_error": r.warmup_error,
+        "warmup_image_pull": r.warmup_image_pull.as_ref().map(image_pull),
         "created_at": timestamp_millis(r.created_at_unix_millis),
         "updated_at": timestamp_millis(r.updated_at_unix_millis),
     })

@@ -76,6 +76,7 @@ pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
         warmup_status: r.warmup.as_ref().map(|w| w.status.as_str().to_owned()),
         warm_node_id: r.warmup.as_ref().map(|w| w.node_id.clone()),
         warmup_error: r.warmup.as_ref().and_then(|w| w.error.clone()),
+        warmup_image_pull: None,
     }
 }
 

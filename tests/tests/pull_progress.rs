@@ -170,3 +170,47 @@ async fn berthctl_follow_shows_the_pull_progress() -> Result<()> {
     );
     Ok(())
 }
+
+/// A warmup's pull shows its progress on the runner while the warmup is pending.
+#[tokio::test]
+async fn a_warmup_shows_its_pull_progress_on_the_runner() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let repo = format!("progress-warmup-{}", std::process::id());
+    let image = image_builder::push_image(&f.env.registry, &repo, 24 * 1024 * 1024).await?;
+    let proxy = image_builder::throttling_proxy(&f.env.registry, PROXY_BYTES_PER_SECOND).await?;
+    let runner = f
+        .runner(
+            "fra",
+            json!({"image_name": format!("{proxy}/{repo}"), "run_command": "true"}),
+        )
+        .await?;
+    f.post(&format!("/v1/runners/{runner}/warmup"), json!({}))
+        .await?;
+    let mut samples: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready = loop {
+        let r = f.get(&format!("/v1/runners/{runner}")).await?["runner"].clone();
+        if r["warmup_status"] != "pending" {
+            break r;
+        }
+        if !r["warmup_image_pull"].is_null() {
+            samples.push(r["warmup_image_pull"].clone());
+        }
+        ensure!(Instant::now() < deadline, "warmup still pending: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(ready["warmup_status"] == "ready", "{ready}\n{}", f.logs());
+    ensure!(
+        ready["warmup_image_pull"].is_null(),
+        "shown only while pending: {ready}"
+    );
+    let total = image.blob_bytes;
+    ensure!(
+        samples.iter().any(|s| {
+            let done = s["bytes_done"].as_u64().unwrap_or(0);
+            s["bytes_total"] == total && done > 0 && done < total
+        }),
+        "no warmup progress in the middle of the pull: {samples:?}"
+    );
+    Ok(())
+}

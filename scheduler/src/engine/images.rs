@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Debug, Clone)]
 pub(super) struct PullEntry {
     node_id: String,
+    image: String,
     lease_epoch: u64,
     progress: ImagePull,
     complete: bool,
@@ -29,22 +30,21 @@ const MAX_PULL_ENTRIES: usize = 100_000;
 pub(super) type WarmPins = BTreeMap<String, BTreeMap<String, String>>;
 
 impl<S: Store> Scheduler<S> {
-    /// Records a pull report (ephemeral: nothing is stored). Reports for warmups are only
-    /// logged.
+    /// Records a pull report (ephemeral: nothing is stored): a run's by its id, a warmup's by
+    /// `warmup:<runner id>`.
     pub fn pull_progress(&self, node_id: &str, msg: pb::PullProgress) {
-        if msg.run_id.is_empty() {
-            tracing::debug!(
-                node_id, runner_id = %msg.runner_id, image = %msg.image,
-                bytes_done = msg.bytes_done, bytes_total = msg.bytes_total, "warmup pull progress"
-            );
-            return;
-        }
+        let key = if msg.run_id.is_empty() {
+            format!("warmup:{}", msg.runner_id)
+        } else {
+            msg.run_id.clone()
+        };
         let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
-        if pulls.len() >= MAX_PULL_ENTRIES && !pulls.contains_key(&msg.run_id) {
+        if pulls.len() >= MAX_PULL_ENTRIES && !pulls.contains_key(&key) {
             pulls.clear();
         }
         let entry = PullEntry {
             node_id: node_id.to_owned(),
+            image: msg.image,
             lease_epoch: msg.lease_epoch,
             progress: ImagePull {
                 bytes_done: msg.bytes_done,
@@ -54,7 +54,20 @@ impl<S: Store> Scheduler<S> {
             },
             complete: msg.complete,
         };
-        pulls.insert(msg.run_id, entry);
+        pulls.insert(key, entry);
+    }
+
+    /// The progress of the runner's warmup pull while the warmup is pending (memory only).
+    pub fn warmup_pull(&self, runner: &berth_core::Runner) -> Option<ImagePull> {
+        let warmup = runner
+            .warmup
+            .as_ref()
+            .filter(|w| w.status == berth_core::model::WarmupStatus::Pending)?;
+        let pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls
+            .get(&format!("warmup:{}", runner.id))
+            .filter(|e| e.node_id == warmup.node_id && e.image == warmup.image)
+            .map(|e| e.progress)
     }
 
     /// The latest pull report for `run`, if it belongs to the run's current lease.
