@@ -67,6 +67,7 @@ pub fn runner(r: &pb::Runner) -> Value {
         "warmup_status": r.warmup_status,
         "warm_node_id": r.warm_node_id,
         "warmup_error": r.warmup_error,
+        "warmup_image_pull": r.warmup_image_pull.as_ref().map(image_pull),
         "created_at": timestamp_millis(r.created_at_unix_millis),
         "updated_at": timestamp_millis(r.updated_at_unix_millis),
     })
@@ -107,6 +108,17 @@ pub fn run(r: &pb::Run) -> Value {
         "price_per_second_usd": nano_usd(r.price_nano_usd_per_second),
         "billed_seconds": r.billed_seconds,
         "cost_usd": r.cost_nano_usd.map(nano_usd),
+        "image_pull": r.image_pull.as_ref().map(image_pull),
+    })
+}
+
+/// An image pull's progress: config and layer bytes fetched out of the manifest's total.
+fn image_pull(p: &pb::ImagePull) -> Value {
+    json!({
+        "bytes_done": p.bytes_done,
+        "bytes_total": p.bytes_total,
+        "layers_done": p.layers_done,
+        "layers_total": p.layers_total,
     })
 }
 

@@ -86,11 +86,26 @@ pub fn detail(record: &Value, order: &[&str]) -> String {
     for k in keys {
         let value = match k {
             "env_variables" => env_cell(&record[k]),
+            "image_pull" => pull_summary(&record[k]).unwrap_or_else(|| cell(&record[k])),
             _ => cell(&record[k]),
         };
         out.push_str(&format!("{:width$}  {value}\n", format!("{k}:")));
     }
     out
+}
+
+/// A run's `image_pull` for people: `12.3/40.0 MiB (2/5 layers)`.
+pub fn pull_summary(pull: &Value) -> Option<String> {
+    let done = pull["bytes_done"].as_u64()?;
+    let total = pull["bytes_total"].as_u64()?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    Some(format!(
+        "{:.1}/{:.1} MiB ({}/{} layers)",
+        mib(done),
+        mib(total),
+        pull["layers_done"].as_u64().unwrap_or(0),
+        pull["layers_total"].as_u64().unwrap_or(0)
+    ))
 }
 
 fn env_cell(v: &Value) -> String {
@@ -165,6 +180,7 @@ pub const RUN_FIELDS: &[&str] = &[
     "entrypoint",
     "image",
     "image_digest",
+    "image_pull",
     "node_id",
     "region",
     "instance_type",

@@ -76,6 +76,7 @@ pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
         warmup_status: r.warmup.as_ref().map(|w| w.status.as_str().to_owned()),
         warm_node_id: r.warmup.as_ref().map(|w| w.node_id.clone()),
         warmup_error: r.warmup.as_ref().and_then(|w| w.error.clone()),
+        warmup_image_pull: None,
     }
 }
 
@@ -145,6 +146,18 @@ impl From<&Run> for pb::Run {
             price_nano_usd_per_second: r.price_nano_usd_per_second,
             billed_seconds: r.duration_seconds(),
             cost_nano_usd: r.cost_nano_usd(),
+            image_pull: r.image_pull.as_ref().map(pb::ImagePull::from),
+        }
+    }
+}
+
+impl From<&crate::model::ImagePull> for pb::ImagePull {
+    fn from(p: &crate::model::ImagePull) -> Self {
+        pb::ImagePull {
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            layers_done: p.layers_done,
+            layers_total: p.layers_total,
         }
     }
 }

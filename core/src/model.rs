@@ -111,6 +111,10 @@ pub struct Run {
     pub env: Vec<EnvVar>,
     pub image: String,
     pub image_digest: Option<String>,
+    /// The image pull's final figures, stored when the run starts (live progress while it is
+    /// pending is kept in the scheduler's memory only). None when nothing had to be pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull: Option<ImagePull>,
     pub region: String,
     pub instance_type: String,
     pub memory_mib: u64,
@@ -141,6 +145,16 @@ pub struct Run {
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
+}
+
+/// How far an image pull has come: config and layer blobs fetched (downloaded, or already in
+/// the node's content store) out of what the manifest names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePull {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub layers_done: u32,
+    pub layers_total: u32,
 }
 
 impl Run {
@@ -378,6 +392,7 @@ mod tests {
             env: vec![],
             image: "i".into(),
             image_digest: None,
+            image_pull: None,
             region: "fra".into(),
             instance_type: "standard-s".into(),
             memory_mib: 1024,

@@ -23,14 +23,17 @@ use containerd_client::services::v1::{
     ListContainersRequest, StartRequest, WaitRequest,
 };
 use oci_spec::runtime::Spec;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::clock::{timestamp_nanos, unix_nanos_now};
+use crate::image_cache::ImageCache;
+use crate::image_store::ContainerdImages;
 use crate::network::RunNetwork;
 use crate::pull::{Puller, SNAPSHOTTER};
+use crate::pull_progress::PullProgressState;
 use crate::runtime::{
     ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
 };
@@ -58,6 +61,8 @@ pub struct ContainerdRuntime {
     puller: Arc<Puller>,
     /// Each run's own connected network namespace; None: runs get a new, unconnected one.
     network: Option<Arc<dyn RunNetwork>>,
+    /// Keeps the images within the disk budget (see `image_cache`); none: images stay.
+    cache: Option<Arc<ImageCache<ContainerdImages>>>,
 }
 
 /// Upper bound for attaching a run's network (plugins wait for the xtables lock).
@@ -104,6 +109,7 @@ impl ContainerdRuntime {
             settings,
             puller,
             network,
+            cache: None,
         }
     }
 
@@ -139,6 +145,12 @@ impl ContainerdRuntime {
             Ok(Err(error)) => Some(format!("network: {error}")),
             Err(join) => Some(format!("network: {join}")),
         }
+    }
+
+    /// Lets `cache` track image use and evict images beyond its budget.
+    pub fn with_image_cache(mut self, cache: Arc<ImageCache<ContainerdImages>>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
@@ -342,7 +354,17 @@ impl ContainerRuntime for ContainerdRuntime {
         let puller = self.puller.clone();
         let owned = image.to_string();
         let auth = auth.cloned();
-        let joined = tokio::spawn(async move { puller.pull(&owned, auth.as_ref()).await }).await;
+        let cache = self.cache.clone();
+        let joined = tokio::spawn(async move {
+            let pulled = puller.pull(&owned, auth.as_ref()).await;
+            if let (Ok(_), Some(cache)) = (&pulled, cache) {
+                // Off the run's path: the run holds the image anyway.
+                let image = owned.clone();
+                tokio::spawn(async move { cache.used(&image).await });
+            }
+            pulled
+        })
+        .await;
         match joined {
             Ok(Ok(prepared)) => Ok(prepared),
             Ok(Err(error)) => Err(RuntimeError::ImagePull {
@@ -456,6 +478,28 @@ impl ContainerRuntime for ContainerdRuntime {
             tracing::debug!(run_id, "run cleaned up");
         } else {
             tracing::warn!(run_id, ?failures, "cleanup left something behind");
+        }
+    }
+
+    fn watch_pull(&self, image: &str) -> Option<watch::Receiver<PullProgressState>> {
+        Some(self.puller.watch_progress(image))
+    }
+
+    fn hold_image(&self, run_id: &str, image: &str) {
+        if let Some(cache) = &self.cache {
+            cache.hold(run_id, image);
+        }
+    }
+
+    fn release_image(&self, run_id: &str) {
+        if let Some(cache) = &self.cache {
+            cache.release(run_id);
+        }
+    }
+
+    fn set_warm_pins(&self, images: &[String]) {
+        if let Some(cache) = &self.cache {
+            cache.set_pins(images);
         }
     }
 

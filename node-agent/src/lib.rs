@@ -9,7 +9,10 @@
 //!   through [`runtime::ContainerRuntime`].
 //! - [`containerd`]: the real `ContainerRuntime` over containerd's gRPC API; [`pull`] pulls
 //!   and unpacks images into containerd's content store, [`registry`] is the OCI distribution
-//!   client it uses, [`reference`] and [`manifest`] parse what it fetches.
+//!   client it uses, [`reference`] and [`manifest`] parse what it fetches; [`pull_progress`]
+//!   counts a pull's bytes and layers and throttles the reports; [`image_cache`] keeps the
+//!   images within `--image-cache-bytes` (LRU, sparing images in use or pinned by a warmup)
+//!   over [`image_store`], its containerd side.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`): the
 //!   assignment, start time, raw output, the numbered line log, acknowledged lines, the exit.
 //! - [`spec`]: the OCI runtime spec for a run (memory limit with no swap beyond it, CPU quota,
@@ -77,12 +80,15 @@ pub mod clock;
 pub mod config;
 pub mod containerd;
 pub mod firewall;
+pub mod image_cache;
+pub mod image_store;
 pub mod journal;
 pub mod logs;
 pub mod manifest;
 pub mod network;
 pub mod outbox;
 pub mod pull;
+pub mod pull_progress;
 pub mod reference;
 pub mod registry;
 pub mod runtime;

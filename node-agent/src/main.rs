@@ -10,6 +10,8 @@ use anyhow::Context as _;
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
 use berth_node_agent::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
+use berth_node_agent::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
+use berth_node_agent::image_store::ContainerdImages;
 use berth_node_agent::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
@@ -120,6 +122,11 @@ struct Cli {
     /// Where the runs' network namespaces are kept (default: /run/berth/netns/<node-id>).
     #[arg(long, env = "BERTH_AGENT_NETNS_DIR")]
     netns_dir: Option<PathBuf>,
+    /// Disk budget of the image cache, in bytes: stored blobs plus unpacked layer snapshots,
+    /// shared pieces counted once. Beyond it the least recently used images that no run uses
+    /// and no warmup pinned are deleted.
+    #[arg(long, env = "BERTH_AGENT_IMAGE_CACHE_BYTES", default_value_t = DEFAULT_IMAGE_CACHE_BYTES)]
+    image_cache_bytes: u64,
 }
 
 /// Writes the runs' resolv.conf (the host's non-loopback nameservers) and returns its path;
@@ -211,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    let image_cache_bytes = cli.image_cache_bytes;
     let config = AgentConfig {
         scheduler_url: cli.scheduler,
         total_memory_mib: cli
@@ -243,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
         node_id: cli.node_id,
         region: cli.region,
     };
-    tracing::info!(?config, "starting node agent");
+    tracing::info!(?config, image_cache_bytes, "starting node agent");
 
     let channel = containerd_client::connect(&config.containerd_socket)
         .await
@@ -259,16 +267,24 @@ async fn main() -> anyhow::Result<()> {
         config.namespace.clone(),
         registry,
     ));
-    let runtime = Arc::new(ContainerdRuntime::new(
-        channel,
-        ContainerdSettings {
-            namespace: config.namespace.clone(),
-            cgroup_parent: config.cgroup_parent.clone(),
-            cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
-        },
-        puller,
-        network,
+    let image_cache = Arc::new(ImageCache::new(
+        Arc::new(ContainerdImages::new(puller.clone())),
+        image_cache_bytes,
     ));
+    tokio::spawn(image_cache.clone().run());
+    let runtime = Arc::new(
+        ContainerdRuntime::new(
+            channel,
+            ContainerdSettings {
+                namespace: config.namespace.clone(),
+                cgroup_parent: config.cgroup_parent.clone(),
+                cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
+            },
+            puller,
+            network,
+        )
+        .with_image_cache(image_cache),
+    );
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
     let first_signal =
         berth_core::process::shutdown_signal().context("installing signal handlers")?;

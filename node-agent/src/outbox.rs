@@ -73,6 +73,9 @@ impl Outbox {
 pub struct SharedOutbox {
     inner: Arc<Mutex<Outbox>>,
     changed: Arc<Notify>,
+    /// Ephemeral reports (seq 0, never acknowledged or re-sent), the latest per key: a newer
+    /// one replaces an unsent older one, and what is unsent while disconnected is dropped.
+    ephemeral: Arc<Mutex<std::collections::BTreeMap<String, Body>>>,
 }
 
 impl SharedOutbox {
@@ -80,6 +83,7 @@ impl SharedOutbox {
         Self {
             inner: Arc::new(Mutex::new(Outbox::new())),
             changed: Arc::new(Notify::new()),
+            ephemeral: Arc::default(),
         }
     }
 
@@ -121,6 +125,27 @@ impl SharedOutbox {
     /// Resolves after the next `push`.
     pub async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// Queues an ephemeral report under `key`, replacing an unsent one with the same key.
+    pub fn push_ephemeral(&self, key: String, body: Body) {
+        self.ephemeral
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, body);
+        self.changed.notify_one();
+    }
+
+    /// Takes the ephemeral reports to send now (seq 0).
+    pub fn take_ephemeral(&self) -> Vec<AgentMessage> {
+        let taken = std::mem::take(&mut *self.ephemeral.lock().unwrap_or_else(|e| e.into_inner()));
+        taken
+            .into_values()
+            .map(|body| AgentMessage {
+                seq: 0,
+                body: Some(body),
+            })
+            .collect()
     }
 
     /// A copy of every queued message, for tests and diagnostics.
@@ -172,6 +197,27 @@ mod tests {
         assert!(o.is_empty());
         // Sequence numbers keep growing after the queue empties.
         assert_eq!(o.push(started("c")), 6);
+    }
+
+    #[test]
+    fn ephemeral_reports_keep_the_latest_per_key_and_never_enter_the_outbox() {
+        let o = SharedOutbox::new();
+        let progress = |done| {
+            Body::PullProgress(berth_proto::v1::PullProgress {
+                run_id: "r".to_string(),
+                bytes_done: done,
+                ..Default::default()
+            })
+        };
+        o.push_ephemeral("run:r".to_string(), progress(1));
+        o.push_ephemeral("run:r".to_string(), progress(2));
+        o.push_ephemeral("run:s".to_string(), progress(3));
+        assert!(o.is_empty(), "nothing to acknowledge");
+        let sent = o.take_ephemeral();
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|m| m.seq == 0));
+        assert!(matches!(&sent[0].body, Some(Body::PullProgress(p)) if p.bytes_done == 2));
+        assert!(o.take_ephemeral().is_empty());
     }
 
     #[test]

@@ -29,10 +29,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+use crate::image_cache::containerd_name;
 use crate::manifest::{
     chain_ids, host_platform, is_index, manifest_gc_labels, parse_config, parse_index,
     parse_manifest, select_platform, ManifestError,
 };
+use crate::pull_progress::{ProgressHub, PullProgressState};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::registry::{Credentials, RegistryClient, RegistryError};
 use crate::runtime::PreparedImage;
@@ -69,12 +71,14 @@ fn ctr(operation: &'static str) -> impl FnOnce(Status) -> PullError {
 
 /// Pulls and unpacks images into one containerd namespace.
 pub struct Puller {
-    channel: Channel,
+    pub(crate) channel: Channel,
     namespace: String,
     registry: RegistryClient,
     per_image: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// References (as the scheduler names them) pulled and unpacked by this process.
     cached: Mutex<std::collections::BTreeSet<String>>,
+    /// Progress of the pull of each image (by containerd name).
+    progress: ProgressHub,
 }
 
 impl Puller {
@@ -85,10 +89,29 @@ impl Puller {
             registry,
             per_image: Mutex::new(HashMap::new()),
             cached: Mutex::default(),
+            progress: ProgressHub::default(),
         }
     }
 
-    fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
+    /// Changes to the progress of pulls of `image` from now on.
+    pub fn watch_progress(&self, image: &str) -> tokio::sync::watch::Receiver<PullProgressState> {
+        self.progress.subscribe(&containerd_name(image))
+    }
+
+    /// The lock that serialises pulls of the image containerd names `name`; the image cache
+    /// holds it while deleting the image.
+    pub(crate) fn gate(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.per_image.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The image containerd names `name` is gone: stop reporting every reference to it.
+    pub(crate) fn forget(&self, name: &str) {
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached.retain(|image| containerd_name(image) != name);
+    }
+
+    pub(crate) fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
         let mut request = Request::new(message);
         if let Ok(ns) = self.namespace.parse() {
             request.metadata_mut().insert("containerd-namespace", ns);
@@ -115,10 +138,7 @@ impl Puller {
         let reference = ImageReference::parse(image)?;
         let name = reference.to_string();
         let credentials = credentials_for(&reference, auth);
-        let gate = {
-            let mut map = self.per_image.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(name.clone()).or_default().clone()
-        };
+        let gate = self.gate(&name);
         let _guard = gate.lock().await;
         let started = std::time::Instant::now();
         let result = self
@@ -255,9 +275,18 @@ impl Puller {
                 )
             };
         let manifest = parse_manifest(&manifest_bytes)?;
+        let progress = self.progress.tracker(name);
+        let size_of = |d: &crate::manifest::Descriptor| u64::try_from(d.size).unwrap_or(0);
+        progress.begin(
+            size_of(&manifest.config) + manifest.layers.iter().map(size_of).sum::<u64>(),
+            u32::try_from(manifest.layers.len()).unwrap_or(u32::MAX),
+        );
 
         let config_bytes = match self.read_content(&manifest.config.digest).await {
-            Some(bytes) => bytes,
+            Some(bytes) => {
+                progress.add_bytes(size_of(&manifest.config));
+                bytes
+            }
             None => {
                 let response = self
                     .registry
@@ -267,6 +296,7 @@ impl Puller {
                     digest: manifest.config.digest.clone(),
                     message: e.to_string(),
                 })?;
+                progress.add_bytes(bytes.len() as u64);
                 bytes.to_vec()
             }
         };
@@ -288,21 +318,25 @@ impl Puller {
                 .ensure_labels_if_present(&layer.digest, &labels, lease)
                 .await?
             {
+                progress.add_bytes(size_of(layer));
+                progress.layer_done();
                 continue;
             }
             let response = self
                 .registry
                 .fetch_blob(reference, &layer.digest, credentials)
                 .await?;
-            self.write_blob(
-                lease,
-                &layer.digest,
-                layer.size,
-                labels,
-                response.bytes_stream(),
-            )
-            .await?;
+            let counter = progress.clone();
+            let body = response.bytes_stream().inspect(move |chunk| {
+                if let Ok(chunk) = chunk {
+                    counter.add_bytes(chunk.len() as u64);
+                }
+            });
+            self.write_blob(lease, &layer.digest, layer.size, labels, body)
+                .await?;
+            progress.layer_done();
         }
+        progress.complete();
         let mut config_labels = HashMap::new();
         if !top_chain.is_empty() {
             config_labels.insert(
@@ -640,7 +674,7 @@ impl Puller {
     }
 
     /// Reads a whole blob from the content store; None if absent or unreadable.
-    async fn read_content(&self, digest: &str) -> Option<Vec<u8>> {
+    pub(crate) async fn read_content(&self, digest: &str) -> Option<Vec<u8>> {
         let mut stream = ContentClient::new(self.channel.clone())
             .read(self.request(
                 ReadContentRequest {

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use berth_proto::v1::RegistryAuth;
 use oci_spec::runtime::Spec;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::manifest::ImageRunConfig;
+use crate::pull_progress::PullProgressState;
 
 /// An image that is present and unpacked, ready to base a container on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,4 +160,21 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn list_networks(&self) -> Vec<String> {
         Vec::new()
     }
+    // ---- image cache and pull progress (defaults: a runtime without either) ----
+
+    /// Changes to the progress of pulls of `image` from now on (see [`crate::pull_progress`]);
+    /// None when this runtime cannot tell.
+    fn watch_pull(&self, _image: &str) -> Option<watch::Receiver<PullProgressState>> {
+        None
+    }
+
+    /// Run `run_id` uses `image` (from its assignment) until [`Self::release_image`]: the image
+    /// cache never deletes it meanwhile.
+    fn hold_image(&self, _run_id: &str, _image: &str) {}
+
+    /// Run `run_id` has ended and was cleaned up.
+    fn release_image(&self, _run_id: &str) {}
+
+    /// The images warmups pinned on this node (the whole set, from the scheduler).
+    fn set_warm_pins(&self, _images: &[String]) {}
 }

@@ -26,6 +26,7 @@ use tonic::transport::Endpoint;
 use crate::config::AgentConfig;
 use crate::journal::Journal;
 use crate::outbox::SharedOutbox;
+use crate::pull_progress::{pull_reporting, warmup_report};
 use crate::runtime::ContainerRuntime;
 use crate::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 
@@ -135,6 +136,7 @@ impl<R: ContainerRuntime> Agent<R> {
             let Some(stop_rx) = self.track(&run_id, record.spec.memory_mib) else {
                 continue;
             };
+            self.runtime.hold_image(&run_id, &record.spec.image);
             adopted.insert(run_id.clone());
             let supervisor = resume(
                 self.runtime.clone(),
@@ -326,6 +328,11 @@ impl<R: ContainerRuntime> Agent<R> {
         let mut last_sent = 0u64;
         let mut heartbeat = tokio::time::interval(interval);
         loop {
+            // Ephemeral reports first: a pull's last progress report must reach the
+            // scheduler before the run's RunStarted, which was queued after it.
+            for message in self.outbox.take_ephemeral() {
+                tx.send(message).await.map_err(|_| SessionError::Closed)?;
+            }
             for message in self.outbox.unsent_after(last_sent) {
                 last_sent = last_sent.max(message.seq);
                 tx.send(message).await.map_err(|_| SessionError::Closed)?;
@@ -354,13 +361,25 @@ impl<R: ContainerRuntime> Agent<R> {
                 None => tracing::debug!(run_id = %stop.run_id, "stop for unknown run ignored"),
             },
             Some(scheduler_message::Body::Ack(ack)) => self.acknowledged(ack.up_to_seq),
+            Some(scheduler_message::Body::WarmPins(pins)) => {
+                tracing::debug!(images = ?pins.images, "warm pins from the scheduler");
+                self.runtime.set_warm_pins(&pins.images);
+            }
             Some(scheduler_message::Body::Warmup(warmup)) => {
                 let runtime = self.runtime.clone();
                 let outbox = self.outbox.clone();
                 tokio::spawn(async move {
-                    let pulled = runtime
-                        .pull_image(&warmup.image, warmup.registry_auth.as_ref())
-                        .await;
+                    let key = format!("warmup:{}", warmup.runner_id);
+                    let pulled = pull_reporting(
+                        &*runtime,
+                        &warmup.image,
+                        warmup.registry_auth.as_ref(),
+                        |state| {
+                            let report = warmup_report(&warmup.runner_id, &warmup.image, state);
+                            outbox.push_ephemeral(key.clone(), Body::PullProgress(report));
+                        },
+                    )
+                    .await;
                     let result = match pulled {
                         Ok(image) => WarmupResult {
                             runner_id: warmup.runner_id,
@@ -447,8 +466,10 @@ impl<R: ContainerRuntime> Agent<R> {
         let outbox = self.outbox.clone();
         let registry = self.runs.clone();
         let journal = self.journal.clone();
+        let runtime = self.runtime.clone();
         tokio::spawn(async move {
             let exit_seq = supervisor.await;
+            runtime.release_image(&run_id);
             let mut runs = registry.lock().unwrap_or_else(|e| e.into_inner());
             if outbox.is_acked(exit_seq) {
                 // The ack overtook us: the scheduler already has the exit.
@@ -498,6 +519,7 @@ impl<R: ContainerRuntime> Agent<R> {
             tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
             return;
         };
+        self.runtime.hold_image(&run_id, &spec.image);
         tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
         let settings = SupervisorSettings {
             cgroup_parent: self.config.cgroup_parent.clone(),

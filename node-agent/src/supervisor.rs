@@ -14,6 +14,7 @@ use crate::clock::unix_nanos_now;
 use crate::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::logs::{LogLimits, LogPump};
 use crate::outbox::SharedOutbox;
+use crate::pull_progress::{pull_reporting, run_report};
 use crate::runtime::{
     ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
 };
@@ -295,7 +296,10 @@ async fn run_until_exit<R: ContainerRuntime>(
     let image = tokio::select! {
         biased;
         _ = stop_requested(stop) => return (Ending::stopped_before_start(), None),
-        pulled = runtime.pull_image(&spec.image, spec.registry_auth.as_ref()) => match pulled {
+        pulled = pull_reporting(runtime, &spec.image, spec.registry_auth.as_ref(), |state| {
+            let report = run_report(run_id, assignment.lease_epoch, &spec.image, state);
+            outbox.push_ephemeral(format!("run:{run_id}"), Body::PullProgress(report));
+        }) => match pulled {
             Ok(image) => image,
             Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
         },

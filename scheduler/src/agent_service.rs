@@ -74,6 +74,10 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     Some(Body::RunExited(m)) => scheduler.run_exited(&node_id, m).await,
                     Some(Body::LogBatch(b)) => scheduler.append_logs(&node_id, b).await,
                     Some(Body::WarmupResult(w)) => scheduler.warmup_result(&node_id, w).await,
+                    Some(Body::PullProgress(p)) => {
+                        scheduler.pull_progress(&node_id, p);
+                        Ok(())
+                    }
                     Some(Body::Register(_)) | None => {
                         tracing::warn!(node_id = %node_id, "unexpected message on an attached stream");
                         Ok(())

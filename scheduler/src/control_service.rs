@@ -93,7 +93,13 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             .scheduler
             .get_runner(&project, &r.into_inner().id)
             .await?;
-        Ok(Response::new(runner_to_pb(&runner, rev)))
+        let mut out = runner_to_pb(&runner, rev);
+        out.warmup_image_pull = self
+            .scheduler
+            .warmup_pull(&runner)
+            .as_ref()
+            .map(pb::ImagePull::from);
+        Ok(Response::new(out))
     }
 
     async fn list_runners(

@@ -76,6 +76,8 @@ pub struct Scheduler<S> {
     /// Staged effects of each operation, in flush order (see `dispatch_loop`).
     dispatch: mpsc::UnboundedSender<Dispatch>,
     store_failed: watch::Sender<bool>,
+    /// Live image-pull progress per run (memory only; see `images`).
+    pulls: std::sync::Mutex<HashMap<String, images::PullEntry>>,
 }
 
 #[derive(Default)]
@@ -100,6 +102,8 @@ struct State {
     idempotency: HashMap<(String, String), String>,
     /// Every private registry with its password unsealed, by id (loaded at start).
     registries: HashMap<String, RegistryEntry>,
+    /// Images each node must keep because a runner's warmup put them there.
+    warm_pins: images::WarmPins,
 }
 
 /// A private registry as the engine keeps it in memory.
@@ -268,6 +272,7 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
+        state.warm_pins = Self::load_warm_pins(&store).await?;
         state.queue = state
             .active
             .values()
@@ -306,6 +311,7 @@ impl<S: Store> Scheduler<S> {
             liveness: std::sync::Mutex::new(liveness),
             dispatch,
             store_failed,
+            pulls: std::sync::Mutex::default(),
         }))
     }
 
@@ -449,7 +455,12 @@ impl<S: Store> Scheduler<S> {
             .commit(Txn::new().delete(keys::runner(id), Expect::Revision(rev)))
             .await?;
         tracing::info!(runner_id = %id, "runner deleted");
-        Ok(())
+        let done = {
+            let mut st = self.state.lock().await;
+            self.set_warm_pin(&mut st, id, None);
+            self.flush(&mut st)
+        };
+        committed(done).await
     }
 
     // ---- runs ----------------------------------------------------------------------------
@@ -569,6 +580,7 @@ impl<S: Store> Scheduler<S> {
             env,
             image: image.to_owned(),
             image_digest: None,
+            image_pull: None,
             region: runner.spec.region.clone(),
             instance_type: itype.slug.clone(),
             memory_mib: itype.memory_mib,
@@ -661,7 +673,8 @@ impl<S: Store> Scheduler<S> {
             });
         }
         if run.status == RunStatus::Pending {
-            return Ok(self.state.lock().await.with_queue_position(run));
+            let run = self.state.lock().await.with_queue_position(run);
+            return Ok(self.with_pull_progress(run));
         }
         Ok(run)
     }
@@ -1076,6 +1089,7 @@ impl<S: Store> Scheduler<S> {
                 stale_run_ids,
             })),
         });
+        let _ = tx.send(images::warm_pins_msg(&st, &reg.node_id));
         // Stops asked for while the node was away.
         for c in st.active.values() {
             if c.stop_requested && c.node_id.as_deref() == Some(reg.node_id.as_str()) {
@@ -1293,12 +1307,14 @@ impl<S: Store> Scheduler<S> {
             let msg = pb::SchedulerMessage {
                 body: Some(pb::scheduler_message::Body::Warmup(pb::Warmup {
                     runner_id: id.to_owned(),
-                    image,
+                    image: image.clone(),
                     registry_auth,
                 })),
             };
             st.send_to(node_id, msg);
         }
+        let pin = chosen.as_ref().ok().map(|n| (n.as_str(), image.as_str()));
+        self.set_warm_pin(&mut st, id, pin);
         let done = self.flush(&mut st);
         drop(st);
         committed(done).await?;
@@ -1367,6 +1383,7 @@ impl<S: Store> Scheduler<S> {
         if run.status != RunStatus::Pending {
             return Ok(()); // a re-sent report
         }
+        self.take_pull_for_start(&mut run);
         let at = nanos_to_millis(msg.started_at_unix_nanos);
         let digest = (!msg.image_digest.is_empty()).then_some(msg.image_digest);
         run.start(at, digest)?;
@@ -1386,6 +1403,7 @@ impl<S: Store> Scheduler<S> {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
             return Ok(());
         };
+        self.forget_pull(&run.id);
         let at = if msg.exited_at_unix_nanos > 0 {
             nanos_to_millis(msg.exited_at_unix_nanos)
         } else {
@@ -1989,5 +2007,6 @@ fn nanos_to_millis(n: i64) -> i64 {
 }
 
 mod api_keys;
+mod images;
 #[cfg(test)]
 mod tests;

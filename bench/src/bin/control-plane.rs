@@ -430,7 +430,7 @@ async fn fake_agent(
                         }
                     }
                     // Nothing to stop or warm: the fake agent runs nothing.
-                    Some(Down::StopRun(_)) | Some(Down::Warmup(_)) | None => {}
+                    Some(Down::StopRun(_)) | Some(Down::Warmup(_)) | Some(Down::WarmPins(_)) | None => {}
                 }
             }
         }

@@ -72,14 +72,73 @@ pub fn pending_message(run: &Value) -> String {
     }
 }
 
-/// Polls the run while it is pending, telling stderr each time why it waits changes.
+/// The progress line while the run's image is pulled: `pulling image 12.3/40.0 MiB (2/5
+/// layers)`; None when the run shows no pull.
+pub fn pull_line(run: &Value) -> Option<String> {
+    crate::output::pull_summary(&run["image_pull"]).map(|s| format!("pulling image {s}"))
+}
+
+/// Shows pull progress on stderr: one line rewritten in place on a terminal, otherwise a new
+/// line only when another layer is done (so logs stay short).
+struct PullLine {
+    tty: bool,
+    shown: Option<String>,
+    layers_shown: Option<u64>,
+    open: bool,
+}
+
+impl PullLine {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            shown: None,
+            layers_shown: None,
+            open: false,
+        }
+    }
+
+    fn update(&mut self, run: &Value) {
+        let Some(line) = pull_line(run) else {
+            return;
+        };
+        if self.shown.as_deref() == Some(line.as_str()) {
+            return;
+        }
+        let mut stderr = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(stderr, "\r{line}\x1b[K");
+            let _ = stderr.flush();
+            self.open = true;
+        } else {
+            let layers = run["image_pull"]["layers_done"].as_u64();
+            if self.layers_shown.is_none() || layers != self.layers_shown {
+                let _ = writeln!(stderr, "{line}");
+                self.layers_shown = layers;
+            }
+        }
+        self.shown = Some(line);
+    }
+
+    /// Ends a line rewritten in place, before anything else is printed.
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            let _ = writeln!(std::io::stderr().lock());
+        }
+    }
+}
+
+/// Polls the run while it is pending, telling stderr each time why it waits changes, and (with
+/// `show_progress`) how far its image pull has come.
 pub async fn wait_while_pending(
     client: &Client,
     runner: &str,
     run: &str,
+    show_progress: bool,
 ) -> Result<(), CommandError> {
     let path = format!("/v1/runners/{runner}/runs/{run}");
     let mut shown: Option<String> = None;
+    let mut progress = PullLine::new();
     let mut failures = 0;
     loop {
         let v = match client.get(&path).await {
@@ -96,6 +155,10 @@ pub async fn wait_while_pending(
         };
         let status = v["status"].as_str().unwrap_or("");
         if status != "pending" {
+            if show_progress && progress.shown.is_some() {
+                progress.update(&v); // the final figures
+                progress.close();
+            }
             if shown.is_some() && status == "running" {
                 let node = v["node_id"].as_str().unwrap_or("?");
                 err_line(&format!("running on node {node}"));
@@ -104,8 +167,12 @@ pub async fn wait_while_pending(
         }
         let message = pending_message(&v);
         if shown.as_deref() != Some(message.as_str()) {
+            progress.close();
             err_line(&message);
             shown = Some(message);
+        }
+        if show_progress {
+            progress.update(&v);
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
@@ -283,6 +350,16 @@ mod tests {
             status: status.to_owned(),
             exit_code,
         }
+    }
+
+    #[test]
+    fn pull_line_shows_mib_and_layers() {
+        let run = json!({"image_pull": {"bytes_done": 12_897_485u64, "bytes_total": 41_943_040u64, "layers_done": 2, "layers_total": 5}});
+        assert_eq!(
+            pull_line(&run).as_deref(),
+            Some("pulling image 12.3/40.0 MiB (2/5 layers)")
+        );
+        assert_eq!(pull_line(&json!({"image_pull": null})), None);
     }
 
     #[test]

@@ -250,7 +250,7 @@ async fn run(ctx: &Ctx, a: RunArgs) -> Result<u8, CommandError> {
     }
     err_line(&format!("run {run} created"));
     let following = async {
-        follow::wait_while_pending(&ctx.client, &runner, &run).await?;
+        follow::wait_while_pending(&ctx.client, &runner, &run, !ctx.json).await?;
         follow::stream_logs(&ctx.client, &runner, &run, &mut Terminal { json: ctx.json }).await
     };
     tokio::select! {

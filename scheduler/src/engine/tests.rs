@@ -61,6 +61,10 @@ async fn attach<S: Store>(s: &Scheduler<S>, reg: pb::Register) -> Rx {
         Some(Body::Registered(_)) => {}
         other => panic!("expected Registered first, got {other:?}"),
     }
+    match rx.recv().await.and_then(|m| m.body) {
+        Some(Body::WarmPins(_)) => {}
+        other => panic!("expected the warm pins after Registered, got {other:?}"),
+    }
     rx
 }
 
@@ -402,6 +406,10 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         Some(Body::Registered(r)) => assert_eq!(r.stale_run_ids, vec!["unknown-run".to_string()]),
         other => panic!("expected Registered, got {other:?}"),
     }
+    assert!(matches!(
+        rx.try_recv().ok().and_then(|m| m.body),
+        Some(Body::WarmPins(_))
+    ));
     let lost = s
         .get_run(P, &runner.id, &started_run.id)
         .await
@@ -706,6 +714,77 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     s.assert_index_consistent().await;
 }
 
+fn next_pins(rx: &mut Rx) -> Vec<String> {
+    match rx.try_recv().ok().and_then(|m| m.body) {
+        Some(Body::WarmPins(p)) => p.images,
+        other => panic!("expected WarmPins, got {other:?}"),
+    }
+}
+
+/// A warm pin follows its runner's latest warmup: a warmup on another node moves it (both
+/// nodes hear their new set), deleting the runner releases it, and a re-registering node gets
+/// its set again; a scheduler restart rebuilds the pins from the stored runners.
+#[tokio::test]
+async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let image = "127.0.0.1:5000/busybox:latest".to_string();
+    let runner_id = {
+        let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+            .await
+            .expect("open");
+        let mut one = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+        let mut two = attach(&s, register("fra-2", "fra", 4096, &[])).await;
+        let (runner, _) = s
+            .create_runner(P, spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        s.set_draining("fra-2", true).await.expect("drain");
+        s.warmup_runner(P, &runner.id).await.expect("warmup");
+        assert!(matches!(
+            one.try_recv().ok().and_then(|m| m.body),
+            Some(Body::Warmup(_))
+        ));
+        assert_eq!(next_pins(&mut one), [image.as_str()]);
+        assert!(two.try_recv().is_err(), "fra-2's pins did not change");
+        s.set_draining("fra-2", false).await.expect("resume");
+        runner.id
+    };
+    // A restarted scheduler knows the pin from the stored runner.
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("reopen");
+    let mut one = attach_keeping_pins(&s, register("fra-1", "fra", 4096, &[])).await;
+    assert_eq!(next_pins(&mut one), [image.as_str()]);
+    let mut two = attach(&s, register("fra-2", "fra", 4096, &[])).await;
+
+    s.set_draining("fra-1", true).await.expect("drain");
+    s.warmup_runner(P, &runner_id)
+        .await
+        .expect("warmup elsewhere");
+    assert!(next_pins(&mut one).is_empty(), "moved away from fra-1");
+    assert!(matches!(
+        two.try_recv().ok().and_then(|m| m.body),
+        Some(Body::Warmup(_))
+    ));
+    assert_eq!(next_pins(&mut two), [image.as_str()]);
+
+    s.delete_runner(P, &runner_id).await.expect("delete");
+    assert!(next_pins(&mut two).is_empty(), "released with the runner");
+    assert!(one.try_recv().is_err());
+}
+
+/// Like `attach`, but leaves the pin set (sent right after Registered) in the channel.
+async fn attach_keeping_pins<S: Store>(s: &Scheduler<S>, reg: pb::Register) -> Rx {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.attach_node(reg, tx).await.expect("attach");
+    match rx.recv().await.and_then(|m| m.body) {
+        Some(Body::Registered(_)) => {}
+        other => panic!("expected Registered first, got {other:?}"),
+    }
+    rx
+}
+
 #[tokio::test]
 async fn warmup_pins_the_node_that_pulled_the_image() {
     let s = Scheduler::open(MemoryStore::new(), config())
@@ -729,6 +808,11 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
         Some(Body::Warmup(msg)) => assert_eq!(msg.image, "127.0.0.1:5000/busybox:latest"),
         other => panic!("expected Warmup, got {other:?}"),
     }
+    assert_eq!(
+        next_pins(&mut big),
+        ["127.0.0.1:5000/busybox:latest"],
+        "the warmed image is pinned on its node"
+    );
     s.set_draining("fra-small", false).await.expect("resume");
     let result = pb::WarmupResult {
         runner_id: runner.id.clone(),
@@ -1265,4 +1349,52 @@ async fn api_keys_are_stored_hashed_verified_and_revoked() {
     assert!(raw
         .windows(key.secret_sha256.len())
         .any(|w| w == key.secret_sha256.as_bytes()));
+}
+
+/// Pull progress shows on the pending run (with its reason) only for the current lease; the
+/// last report's figures are stored with the run when it starts.
+#[tokio::test]
+async fn pull_progress_shows_while_pending_and_is_kept_at_the_start() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    let report = |done: u64, epoch: u64, complete: bool| pb::PullProgress {
+        run_id: a.run_id.clone(),
+        lease_epoch: epoch,
+        image: "127.0.0.1:5000/busybox:latest".into(),
+        bytes_done: done,
+        bytes_total: 1000,
+        layers_done: u32::from(complete),
+        layers_total: 1,
+        complete,
+        ..Default::default()
+    };
+    s.pull_progress("fra-1", report(400, a.lease_epoch + 1, false));
+    s.pull_progress("fra-2", report(400, a.lease_epoch, false));
+    let shown = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(shown.image_pull, None, "other leases' reports are ignored");
+    s.pull_progress("fra-1", report(400, a.lease_epoch, false));
+    let shown = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(shown.image_pull.map(|p| p.bytes_done), Some(400));
+    assert_eq!(shown.pending_reason.as_deref(), Some("pulling the image"));
+    s.pull_progress("fra-1", report(1000, a.lease_epoch, true));
+    let shown = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(shown.pending_reason, None, "fetched: no longer pulling");
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let running = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    let pull = running.image_pull.expect("stored at the start");
+    assert_eq!(
+        (pull.bytes_done, pull.bytes_total, pull.layers_done),
+        (1000, 1000, 1)
+    );
 }

@@ -239,6 +239,32 @@ impl Fleet {
         Ok(())
     }
 
+    /// Restarts a node's agent with `extra` arguments after its original ones, and waits until
+    /// the new process has registered with the scheduler.
+    pub async fn restart_agent_with(&mut self, node_id: &str, extra: &[&str]) -> Result<()> {
+        let log = self.dir.path().join(format!("agent-{node_id}.log"));
+        let registrations = || {
+            std::fs::read_to_string(&log)
+                .map_or(0, |l| l.matches("registered with scheduler").count())
+        };
+        let before = registrations();
+        if let Some((_, args)) = self.agents.get_mut(node_id) {
+            args.extend(extra.iter().map(|a| a.to_string()));
+        }
+        self.signal_agent(node_id, "KILL")?;
+        self.restart_agent(node_id)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while registrations() <= before {
+            ensure!(
+                Instant::now() < deadline,
+                "agent {node_id} did not register again\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     fn spawn(&self, name: &str, bin: &str, args: &[&str]) -> Result<Proc> {
         let log = std::fs::OpenOptions::new()
             .create(true)

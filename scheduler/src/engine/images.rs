@@ -1,0 +1,163 @@
+//! What the scheduler knows about images on nodes, beyond `cached_images`:
+//! - live pull progress per run (memory only, never stored; the agent re-reports it), shown on
+//!   the run while it is pending on its node and stored as the run's final figures at its start;
+//! - warm pins: which images each node must keep because a runner's warmup put them there.
+//!   The agent gets the node's whole set after `Registered` and whenever it changes.
+
+use super::{Run, RunStatus, Scheduler, State};
+use crate::error::SchedulerError;
+use berth_core::keys;
+use berth_core::model::ImagePull;
+use berth_core::store::Store;
+use berth_proto::v1 as pb;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The latest pull report for one run.
+#[derive(Debug, Clone)]
+pub(super) struct PullEntry {
+    node_id: String,
+    image: String,
+    lease_epoch: u64,
+    progress: ImagePull,
+    complete: bool,
+}
+
+/// Most runs with remembered pull progress; beyond it the oldest reports are forgotten (a run
+/// whose node vanished mid-pull never reports its start or exit).
+const MAX_PULL_ENTRIES: usize = 100_000;
+
+/// The node's warm pins: runner id → image, per node.
+pub(super) type WarmPins = BTreeMap<String, BTreeMap<String, String>>;
+
+impl<S: Store> Scheduler<S> {
+    /// Records a pull report (ephemeral: nothing is stored): a run's by its id, a warmup's by
+    /// `warmup:<runner id>`.
+    pub fn pull_progress(&self, node_id: &str, msg: pb::PullProgress) {
+        let key = if msg.run_id.is_empty() {
+            format!("warmup:{}", msg.runner_id)
+        } else {
+            msg.run_id.clone()
+        };
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        if pulls.len() >= MAX_PULL_ENTRIES && !pulls.contains_key(&key) {
+            pulls.clear();
+        }
+        let entry = PullEntry {
+            node_id: node_id.to_owned(),
+            image: msg.image,
+            lease_epoch: msg.lease_epoch,
+            progress: ImagePull {
+                bytes_done: msg.bytes_done,
+                bytes_total: msg.bytes_total,
+                layers_done: msg.layers_done,
+                layers_total: msg.layers_total,
+            },
+            complete: msg.complete,
+        };
+        pulls.insert(key, entry);
+    }
+
+    /// The progress of the runner's warmup pull while the warmup is pending (memory only).
+    pub fn warmup_pull(&self, runner: &berth_core::Runner) -> Option<ImagePull> {
+        let warmup = runner
+            .warmup
+            .as_ref()
+            .filter(|w| w.status == berth_core::model::WarmupStatus::Pending)?;
+        let pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls
+            .get(&format!("warmup:{}", runner.id))
+            .filter(|e| e.node_id == warmup.node_id && e.image == warmup.image)
+            .map(|e| e.progress)
+    }
+
+    /// The latest pull report for `run`, if it belongs to the run's current lease.
+    fn current_pull(&self, run: &Run) -> Option<PullEntry> {
+        let pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls
+            .get(&run.id)
+            .filter(|e| {
+                run.node_id.as_deref() == Some(e.node_id.as_str())
+                    && run.lease_epoch == e.lease_epoch
+            })
+            .cloned()
+    }
+
+    /// A pending run as the API shows it: with its live pull progress, and `pending_reason`
+    /// saying the image is being pulled while it is (derived on read, never stored).
+    pub(super) fn with_pull_progress(&self, mut run: Run) -> Run {
+        if run.status != RunStatus::Pending {
+            return run;
+        }
+        if let Some(entry) = self.current_pull(&run) {
+            run.image_pull = Some(entry.progress);
+            if !entry.complete {
+                run.pending_reason = Some("pulling the image".to_owned());
+            }
+        }
+        run
+    }
+
+    /// At the run's start: the final pull figures go into the stored run, the memory entry goes.
+    pub(super) fn take_pull_for_start(&self, run: &mut Run) {
+        if let Some(entry) = self.current_pull(run) {
+            run.image_pull = Some(entry.progress);
+        }
+        self.forget_pull(&run.id);
+    }
+
+    pub(super) fn forget_pull(&self, run_id: &str) {
+        let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls.remove(run_id);
+    }
+
+    /// Warm pins from the stored runners, at start.
+    pub(super) async fn load_warm_pins(store: &S) -> Result<WarmPins, SchedulerError> {
+        let mut pins = WarmPins::new();
+        for kv in store.list_prefix(keys::RUNNERS).await? {
+            let runner: berth_core::Runner = super::decode(&kv.key, &kv.value)?;
+            if let Some(w) = runner.warmup.filter(|w| !w.node_id.is_empty()) {
+                pins.entry(w.node_id)
+                    .or_default()
+                    .insert(runner.id, w.image);
+            }
+        }
+        Ok(pins)
+    }
+
+    /// Moves (or with `None` removes) a runner's warm pin and stages the new pin sets for the
+    /// nodes whose set changed.
+    pub(super) fn set_warm_pin(&self, st: &mut State, runner_id: &str, pin: Option<(&str, &str)>) {
+        let mut changed = BTreeSet::new();
+        for (node, runners) in st.warm_pins.iter_mut() {
+            if runners.remove(runner_id).is_some() {
+                changed.insert(node.clone());
+            }
+        }
+        if let Some((node, image)) = pin {
+            st.warm_pins
+                .entry(node.to_owned())
+                .or_default()
+                .insert(runner_id.to_owned(), image.to_owned());
+            changed.insert(node.to_owned());
+        }
+        st.warm_pins.retain(|_, runners| !runners.is_empty());
+        for node in changed {
+            let msg = warm_pins_msg(st, &node);
+            st.send_to(&node, msg);
+        }
+    }
+}
+
+/// The node's whole pin set as a message.
+pub(super) fn warm_pins_msg(st: &State, node_id: &str) -> pb::SchedulerMessage {
+    let images: BTreeSet<String> = st
+        .warm_pins
+        .get(node_id)
+        .map(|runners| runners.values().cloned().collect())
+        .unwrap_or_default();
+    pb::SchedulerMessage {
+        body: Some(pb::scheduler_message::Body::WarmPins(pb::WarmPins {
+            images: images.into_iter().collect(),
+        })),
+    }
+}
