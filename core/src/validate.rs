@@ -20,7 +20,9 @@ pub const TIMEOUT_DEFAULT: u32 = 3_600;
 pub const ENV_MAX_VARIABLES: usize = 200;
 pub const ENV_VALUE_MAX: usize = 32_768;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One wrong field: `field` is its JSON path (`env_variables[1].env_key`), a header or query
+/// parameter name, or `""` when the error concerns no single field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -61,19 +63,34 @@ impl Collector {
 }
 
 /// `POST /v1/runners` and `PATCH /v1/runners/{id}` body.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunnerInput {
+    /// 3 to 50 characters. Required on create.
     pub name: Option<String>,
+    /// A repository name (`busybox`, `registry.example:5000/team/app`). Required on create.
     pub image_name: Option<String>,
+    /// A tag (letters, digits, `_`, `.`, `-`; at most 128) or `sha256:` digest. Required on
+    /// create.
     pub image_tag: Option<String>,
+    /// Shell form, run as `sh -c`: 1 to 1,000 characters, not blank. Mutually exclusive with
+    /// `argv`.
     pub run_command: Option<String>,
+    /// Exec form (no shell): at most 200 elements and 8,000 characters in total. Mutually
+    /// exclusive with `run_command`.
     pub argv: Option<Vec<String>>,
+    /// At most 500 characters, split into words like a shell would (quotes allowed).
     pub entrypoint: Option<String>,
+    /// 1 to 86,400; 3,600 when absent on create.
     pub timeout_seconds: Option<i64>,
+    /// One of `GET /v1/regions`. Required on create.
     pub region: Option<String>,
+    /// One of `GET /v1/instance_types`. Required on create.
     pub instance_type: Option<String>,
+    /// At most 200 variables.
     pub env_variables: Option<Vec<EnvVar>>,
+    /// A private registry (`POST /v1/container_registries`) to pull the image from; `""`
+    /// detaches (PATCH).
     pub container_registry_id: Option<String>,
 }
 
@@ -165,12 +182,18 @@ impl RunnerInput {
 }
 
 /// `POST /v1/runners/{id}/runs` body: per-run overrides.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInput {
+    /// Exec form (no shell): 1 to 200 elements, at most 8,000 characters in total. Mutually
+    /// exclusive with `command`.
     pub argv: Option<Vec<String>>,
+    /// Shell form, run as `sh -c`: 1 to 4,000 characters, not blank. Mutually exclusive with
+    /// `argv`.
     pub command: Option<String>,
+    /// At most 500 characters.
     pub entrypoint: Option<String>,
+    /// Added to (and overriding) the runner's variables; at most 200.
     pub env_variables: Option<Vec<EnvVar>>,
 }
 
@@ -220,12 +243,16 @@ pub fn validate_batch(items: Vec<RunInput>) -> Result<Vec<RunInput>, ValidationE
 }
 
 /// `POST /v1/container_registries` body.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryInput {
+    /// 3 to 50 characters. Required.
     pub name: Option<String>,
+    /// `registry.example.com` or `10.0.0.5:5000`. Required.
     pub host: Option<String>,
+    /// At most 255 characters, without `:`. Required.
     pub username: Option<String>,
+    /// At most 4,096 bytes; never returned. Required.
     pub password: Option<String>,
 }
 
