@@ -105,6 +105,11 @@ RUNNER_ID="$(api POST /v1/runners '{"name": "schemathesis", "image_name": "busyb
   "run_command": "echo one; echo two >&2", "region": "ams", "instance_type": "standard-xs",
   "timeout_seconds": 10}' | jq -r '.runner.id // empty')"
 [[ -n "$RUNNER_ID" ]] || berth_die "could not create the runner" "${LOGS[@]}"
+# DELETE gets a runner of its own, so the one above stays for the other operations.
+DOOMED_ID="$(api POST /v1/runners '{"name": "schemathesis-doomed", "image_name": "busybox",
+  "image_tag": "latest", "run_command": "true", "region": "ams", "instance_type": "standard-xs"}' |
+  jq -r '.runner.id // empty')"
+[[ -n "$DOOMED_ID" ]] || berth_die "could not create the second runner" "${LOGS[@]}"
 RUN_ID="$(api POST "/v1/runners/$RUNNER_ID/runs" | jq -r '.run.id // empty')"
 [[ -n "$RUN_ID" ]] || berth_die "could not start the run" "${LOGS[@]}"
 status=
@@ -119,7 +124,7 @@ berth_log "fleet up: api $API, runner $RUNNER_ID, run $RUN_ID (succeeded)"
 
 # ---------------------------------------------------------------- schemathesis
 # The runner's own operations get the real ids (so they reach the scheduler, not only 404);
-# deleting it does not, so it stays for the others. Every other id is generated.
+# DELETE gets the second runner's. Every other id is generated.
 cat >"$WORK/schemathesis.toml" <<EOF
 [[operations]]
 include-path-regex = '^/v1/runners/\{id\}/'
@@ -128,12 +133,16 @@ parameters = { "path.id" = "\${ST_RUNNER_ID}", "path.run_id" = "\${ST_RUN_ID}" }
 [[operations]]
 include-operation-id = ["get_runner", "update_runner"]
 parameters = { "path.id" = "\${ST_RUNNER_ID}" }
+
+[[operations]]
+include-operation-id = "delete_runner"
+parameters = { "path.id" = "\${ST_DOOMED_ID}" }
 EOF
 
 CHECKS=not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance
 berth_log "schemathesis $SCHEMATHESIS_VERSION: checks $CHECKS, $MAX_EXAMPLES examples per operation, seed $SEED"
 set +e
-ST_RUNNER_ID="$RUNNER_ID" ST_RUN_ID="$RUN_ID" timeout 600 "$VENV/bin/st" \
+ST_RUNNER_ID="$RUNNER_ID" ST_RUN_ID="$RUN_ID" ST_DOOMED_ID="$DOOMED_ID" timeout 600 "$VENV/bin/st" \
   --config-file "$WORK/schemathesis.toml" run "$API/v1/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
   --checks "$CHECKS" \

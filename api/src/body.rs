@@ -132,4 +132,43 @@ mod tests {
         assert_eq!(field(r#"{"nme": "x"}"#), "nme");
         assert_eq!(field("{"), "body");
     }
+
+    fn unknown_field<T: serde::de::DeserializeOwned>(body: &str) -> Option<String> {
+        match parse::<T>(body.as_bytes()) {
+            Err(ApiError::Malformed { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_body_rejects_unknown_fields_naming_them() {
+        use berth_core::validate::{RegistryInput, RunInput};
+        assert_eq!(
+            unknown_field::<RunnerInput>(r#"{"nam": "x"}"#).as_deref(),
+            Some("nam")
+        );
+        assert_eq!(
+            unknown_field::<RunInput>(r#"{"cmd": "x"}"#).as_deref(),
+            Some("cmd")
+        );
+        assert_eq!(
+            unknown_field::<crate::handlers::BatchInput>(r#"{"items": []}"#).as_deref(),
+            Some("items")
+        );
+        assert_eq!(
+            unknown_field::<crate::handlers::BatchInput>(r#"{"runs": [{"x": 1}]}"#).as_deref(),
+            Some("runs[0].x")
+        );
+        assert_eq!(
+            unknown_field::<RegistryInput>(r#"{"pasword": "x"}"#).as_deref(),
+            Some("pasword")
+        );
+        assert_eq!(
+            unknown_field::<RunInput>(r#"{"env_variables": [{"env_key": "A", "value": "x"}]}"#)
+                .as_deref(),
+            Some("env_variables[0].value")
+        );
+        // Known fields alone parse.
+        assert!(parse::<RunInput>(br#"{"command": "x", "env_variables": []}"#).is_ok());
+    }
 }

@@ -21,7 +21,6 @@ use berth_core::{Catalog, RunnerSpec};
 use berth_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
-use serde_json::json;
 use std::convert::Infallible;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -563,13 +562,23 @@ pub async fn stream_logs(
                 .event("log")
                 .id(l.id.to_string())
                 .data(serde_json::to_string(&views::log(&l)).unwrap_or_default()),
-            Ok(Some(pb::watch_logs_event::Event::State(st))) => Event::default()
-                .event("state")
-                .data(json!({ "status": st.status, "exit_code": st.exit_code }).to_string()),
+            Ok(Some(pb::watch_logs_event::Event::State(st))) => {
+                Event::default().event("state").data(
+                    serde_json::to_string(&views::RunStateView {
+                        status: st.status,
+                        exit_code: st.exit_code,
+                    })
+                    .unwrap_or_default(),
+                )
+            }
             Ok(None) => Event::default().comment("empty"),
-            Err(status) => Event::default()
-                .event("error")
-                .data(json!({ "code": "stream_failed", "message": status.message() }).to_string()),
+            Err(status) => Event::default().event("error").data(
+                serde_json::to_string(&views::StreamErrorView {
+                    code: "stream_failed".to_owned(),
+                    message: status.message().to_owned(),
+                })
+                .unwrap_or_default(),
+            ),
         };
         Ok(event)
     });
@@ -615,7 +624,9 @@ async fn catalog(s: &AppState) -> ApiResult<Catalog> {
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )
 )]
-pub async fn list_instance_types(State(s): State<AppState>) -> ApiResult<Json<InstanceTypesResponse>> {
+pub async fn list_instance_types(
+    State(s): State<AppState>,
+) -> ApiResult<Json<InstanceTypesResponse>> {
     Ok(Json(InstanceTypesResponse {
         instance_types: catalog(&s).await?.instance_types,
     }))
@@ -967,7 +978,7 @@ pub async fn healthz() -> &'static str {
         (status = 200, description = "The OpenAPI 3 document", body = Object),
     )
 )]
-pub async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+pub async fn openapi_json() -> Json<&'static serde_json::Value> {
     crate::openapi::json()
 }
 

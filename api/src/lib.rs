@@ -11,9 +11,9 @@ pub mod openapi;
 pub mod views;
 
 use axum::extract::{Request, State};
+use axum::handler::Handler;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use berth_proto::v1::control_service_client::ControlServiceClient;
@@ -147,7 +147,11 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/v1/runners/{id}/runs/{run_id}", get_run),
         route(Post, "/v1/runners/{id}/runs/{run_id}/stop", stop_run),
         route(Get, "/v1/runners/{id}/runs/{run_id}/logs", list_logs),
-        route(Get, "/v1/runners/{id}/runs/{run_id}/logs/stream", stream_logs),
+        route(
+            Get,
+            "/v1/runners/{id}/runs/{run_id}/logs/stream",
+            stream_logs,
+        ),
         route(Post, "/v1/runners/{id}/warmup", warmup_runner),
         route(Get, "/v1/container_registries", list_registries),
         route(Post, "/v1/container_registries", create_registry),

@@ -5,7 +5,9 @@
 //! table ([`crate::routes`]) both ways.
 
 use crate::error::ErrorBody;
-use crate::views::{LogView, NodeView, RegistryView, RunView, RunnerView};
+use crate::views::{
+    LogView, NodeView, RegistryView, RunStateView, RunView, RunnerView, StreamErrorView,
+};
 use axum::Json;
 use berth_core::validate::{FieldError, RegistryInput, RunInput, RunnerInput};
 use berth_core::{EnvVar, InstanceType};
@@ -164,17 +166,208 @@ impl Modify for BearerAuth {
     ),
     components(schemas(
         ErrorBody, FieldError, RunnerInput, RunInput, crate::handlers::BatchInput, RegistryInput, EnvVar,
-        InstanceType,
+        InstanceType, LogView, RunStateView, StreamErrorView,
     ))
 )]
 pub struct ApiDoc;
 
-/// The document, built once.
-pub fn document() -> &'static utoipa::openapi::OpenApi {
-    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
-    DOC.get_or_init(ApiDoc::openapi)
+const LOG_STREAM: &str = "/v1/runners/{id}/runs/{run_id}/logs/stream";
+
+/// The document, built once. The log stream's event schema is added here (one `oneOf` branch
+/// per event type, each event's `data` a JSON document with its own schema), which utoipa's
+/// annotations cannot express.
+pub fn document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        let pointer = format!(
+            "/paths/{}/get/responses/200/content/text~1event-stream",
+            LOG_STREAM.replace('/', "~1")
+        );
+        if let Some(content) = doc.pointer_mut(&pointer) {
+            content["schema"] = log_stream_event_schema();
+        }
+        doc
+    })
 }
 
-pub fn json() -> Json<&'static utoipa::openapi::OpenApi> {
+/// One Server-Sent Event of the log stream, as `{event, id, data}`.
+fn log_stream_event_schema() -> serde_json::Value {
+    let event = |name: &str, id_required: bool, data: &str| {
+        let mut required = vec!["event", "data"];
+        if id_required {
+            required.push("id");
+        }
+        serde_json::json!({
+            "type": "object",
+            "required": required,
+            "properties": {
+                "event": { "const": name },
+                "id": { "type": "string" },
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": { "$ref": format!("#/components/schemas/{data}") },
+                },
+            },
+        })
+    };
+    serde_json::json!({
+        "oneOf": [
+            event("log", true, "LogView"),
+            event("state", false, "RunStateView"),
+            event("error", false, "StreamErrorView"),
+        ]
+    })
+}
+
+pub fn json() -> Json<&'static serde_json::Value> {
     Json(document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// (method, path) of every operation in the document.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc = document();
+        let mut ops = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                if [
+                    "get", "put", "post", "delete", "patch", "head", "options", "trace",
+                ]
+                .contains(&method.as_str())
+                {
+                    ops.insert((method.clone(), path.clone()));
+                }
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_operation_is_served() {
+        let served: BTreeSet<(String, String)> = crate::routes()
+            .iter()
+            .map(|r| (r.verb.as_str().to_owned(), r.path.to_owned()))
+            .collect();
+        let documented = documented();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "documented but not routed: {unserved:?}"
+        );
+        assert_eq!(
+            served.len(),
+            crate::routes().len(),
+            "a route is listed twice"
+        );
+    }
+
+    #[test]
+    fn the_document_says_which_routes_need_the_token() {
+        let doc = document();
+        assert_eq!(doc["security"], serde_json::json!([{ "bearer": [] }]));
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        for r in crate::routes() {
+            let op = &doc["paths"][r.path][r.verb.as_str()];
+            // An operation without its own `security` inherits the document's (the token).
+            let open = op["security"] == serde_json::json!([{}]);
+            assert_eq!(open, !r.authenticated, "{} {}", r.verb.as_str(), r.path);
+        }
+    }
+
+    #[test]
+    fn the_log_stream_documents_each_event() {
+        let doc = document();
+        let op = &doc["paths"][LOG_STREAM]["get"]["responses"]["200"]["content"];
+        let branches = op["text/event-stream"]["schema"]["oneOf"].as_array();
+        assert_eq!(branches.map(Vec::len), Some(3), "{op}");
+        for schema in ["LogView", "RunStateView", "StreamErrorView"] {
+            assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+        }
+    }
+
+    #[test]
+    fn bodies_that_reject_unknown_fields_say_so() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        for name in [
+            "RunnerInput",
+            "RunInput",
+            "BatchInput",
+            "RegistryInput",
+            "EnvVar",
+        ] {
+            assert_eq!(
+                schemas[name]["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_a_view_renders_is_in_its_schema_and_required() {
+        use berth_proto::v1 as pb;
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let run = pb::Run {
+            exit_code: Some(1),
+            started_at_unix_millis: Some(1),
+            completed_at_unix_millis: Some(2),
+            ..Default::default()
+        };
+        let cases = [
+            ("RunView", serde_json::to_value(crate::views::run(&run))),
+            (
+                "RunnerView",
+                serde_json::to_value(crate::views::runner(&pb::Runner::default())),
+            ),
+            (
+                "NodeView",
+                serde_json::to_value(crate::views::node(&pb::Node::default())),
+            ),
+        ];
+        for (name, value) in cases {
+            let value = value.unwrap_or_default();
+            let rendered: BTreeSet<&String> = value
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            let properties: BTreeSet<&String> = schemas[name]["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            let required: BTreeSet<&str> = schemas[name]["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            assert!(!rendered.is_empty(), "{name}");
+            assert_eq!(rendered, properties, "{name}");
+            for key in rendered {
+                assert!(
+                    required.contains(key.as_str()),
+                    "{name}.{key} is always rendered"
+                );
+            }
+        }
+    }
 }

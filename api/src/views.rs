@@ -172,7 +172,11 @@ pub struct RunView {
 
 pub fn run(r: &pb::Run) -> RunView {
     let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
-        (Some(s), Some(e)) => Some(u64::try_from(e.saturating_sub(s)).unwrap_or(0).div_ceil(1000)),
+        (Some(s), Some(e)) => Some(
+            u64::try_from(e.saturating_sub(s))
+                .unwrap_or(0)
+                .div_ceil(1000),
+        ),
         _ => None,
     };
     RunView {
@@ -278,4 +282,19 @@ pub fn node(n: &pb::Node) -> NodeView {
         cached_images: n.cached_images.clone(),
         last_heartbeat_age_seconds: n.last_heartbeat_age_millis as f64 / 1000.0,
     }
+}
+
+/// The log stream's last event: the run has ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunStateView {
+    pub status: String,
+    #[schema(required = true)]
+    pub exit_code: Option<i32>,
+}
+
+/// The log stream's event when the stream broke (the client may resume with `Last-Event-ID`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamErrorView {
+    pub code: String,
+    pub message: String,
 }
