@@ -12,7 +12,7 @@
 # document (body schema, status code, content type) or a run that does not finish in time fails
 # the script. The fleet is stopped and its containerd namespace emptied at the end.
 #
-# Environment: BERTH_SCHEMATHESIS_MAX_EXAMPLES (default 30 per operation),
+# Environment: BERTH_SCHEMATHESIS_MAX_EXAMPLES (default 150 per operation),
 # BERTH_SCHEMATHESIS_SEED (default random; printed for reproduction).
 set -euo pipefail
 
@@ -21,7 +21,7 @@ set -euo pipefail
 
 SCHEMATHESIS_VERSION=4.32.5
 VENV="${BERTH_SCHEMATHESIS_VENV:-/var/lib/berth/schemathesis-$SCHEMATHESIS_VERSION}"
-MAX_EXAMPLES="${BERTH_SCHEMATHESIS_MAX_EXAMPLES:-30}"
+MAX_EXAMPLES="${BERTH_SCHEMATHESIS_MAX_EXAMPLES:-150}"
 SEED="${BERTH_SCHEMATHESIS_SEED:-$((RANDOM * 32768 + RANDOM))}"
 
 : "${BERTH_CONTAINERD_SOCKET:?run through deploy/test.sh (or export the test containerd socket)}"
@@ -124,7 +124,7 @@ berth_log "fleet up: api $API, runner $RUNNER_ID, run $RUN_ID (succeeded)"
 
 # ---------------------------------------------------------------- schemathesis
 # The runner's own operations get the real ids (so they reach the scheduler, not only 404);
-# DELETE gets the second runner's. Every other id is generated.
+# DELETE gets the second runner's, drain/resume the node's. Every other id is generated.
 cat >"$WORK/schemathesis.toml" <<EOF
 [[operations]]
 include-path-regex = '^/v1/runners/\{id\}/'
@@ -135,6 +135,10 @@ include-operation-id = ["get_runner", "update_runner"]
 parameters = { "path.id" = "\${ST_RUNNER_ID}" }
 
 [[operations]]
+include-operation-id = ["drain_node", "resume_node"]
+parameters = { "path.id" = "\${ST_NODE_ID}" }
+
+[[operations]]
 include-operation-id = "delete_runner"
 parameters = { "path.id" = "\${ST_DOOMED_ID}" }
 EOF
@@ -142,14 +146,14 @@ EOF
 CHECKS=not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance
 berth_log "schemathesis $SCHEMATHESIS_VERSION: checks $CHECKS, $MAX_EXAMPLES examples per operation, seed $SEED"
 set +e
-ST_RUNNER_ID="$RUNNER_ID" ST_RUN_ID="$RUN_ID" ST_DOOMED_ID="$DOOMED_ID" timeout 600 "$VENV/bin/st" \
+ST_RUNNER_ID="$RUNNER_ID" ST_RUN_ID="$RUN_ID" ST_DOOMED_ID="$DOOMED_ID" ST_NODE_ID="$NODE_ID" timeout 600 "$VENV/bin/st" \
   --config-file "$WORK/schemathesis.toml" run "$API/v1/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
   --checks "$CHECKS" \
   --phases examples,coverage,fuzzing \
   --max-examples "$MAX_EXAMPLES" \
   --seed "$SEED" \
-  --workers 2 \
+  --workers 1 \
   --request-timeout 30 \
   --generation-database none \
   --no-color \
