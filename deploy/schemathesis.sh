@@ -126,6 +126,10 @@ berth_log "fleet up: api $API, runner $RUNNER_ID, run $RUN_ID (succeeded)"
 # The runner's own operations get the real ids (so they reach the scheduler, not only 404);
 # DELETE gets the second runner's, drain/resume the node's. Every other id is generated.
 cat >"$WORK/schemathesis.toml" <<EOF
+# Each run starts afresh (and writes nothing into the checkout).
+[cache]
+enabled = false
+
 [[operations]]
 include-path-regex = '^/v1/runners/\{id\}/'
 parameters = { "path.id" = "\${ST_RUNNER_ID}", "path.run_id" = "\${ST_RUN_ID}" }
@@ -146,6 +150,7 @@ EOF
 CHECKS=not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance
 berth_log "schemathesis $SCHEMATHESIS_VERSION: checks $CHECKS, $MAX_EXAMPLES examples per operation, seed $SEED"
 set +e
+cd "$WORK"
 ST_RUNNER_ID="$RUNNER_ID" ST_RUN_ID="$RUN_ID" ST_DOOMED_ID="$DOOMED_ID" ST_NODE_ID="$NODE_ID" timeout 600 "$VENV/bin/st" \
   --config-file "$WORK/schemathesis.toml" run "$API/v1/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
