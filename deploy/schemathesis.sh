@@ -52,7 +52,7 @@ NAMESPACE="berth-$NODE_ID"
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 stop_fleet() {
-  local rc=$? sock="$BERTH_CONTAINERD_SOCKET" what id
+  local rc=$? sock="$BERTH_CONTAINERD_SOCKET" what id ids=()
   berth_stop_pidfile "$WORK/run/api.pid" 5
   berth_stop_pidfile "$WORK/run/agent.pid" 10
   berth_stop_pidfile "$WORK/run/scheduler.pid" 5
@@ -62,13 +62,26 @@ stop_fleet() {
     timeout 10 ctr --address "$sock" -n "$NAMESPACE" tasks kill -a -s SIGKILL "$id" >/dev/null 2>&1 || true
     timeout 10 ctr --address "$sock" -n "$NAMESPACE" tasks delete -f "$id" >/dev/null 2>&1 || true
   done < <(timeout 10 ctr --address "$sock" -n "$NAMESPACE" tasks ls -q 2>/dev/null || true)
-  for what in containers images snapshots leases; do
+  for what in containers images leases; do
     while read -r id; do
       [[ -n "$id" ]] || continue
       timeout 10 ctr --address "$sock" -n "$NAMESPACE" "$what" rm "$id" >/dev/null 2>&1 || true
     done < <(timeout 10 ctr --address "$sock" -n "$NAMESPACE" "$what" ls -q 2>/dev/null || true)
   done
-  timeout 10 ctr --address "$sock" namespaces rm "$NAMESPACE" >/dev/null 2>&1 || true
+  # Snapshots form chains and go child first: a few passes remove a chain of any layer order.
+  for _ in 1 2 3 4 5 6 7 8; do
+    mapfile -t ids < <(timeout 10 ctr --address "$sock" -n "$NAMESPACE" snapshots ls 2>/dev/null |
+      awk 'NR > 1 {print $1}')
+    ((${#ids[@]} > 0)) || break
+    for id in "${ids[@]}"; do
+      timeout 10 ctr --address "$sock" -n "$NAMESPACE" snapshots rm "$id" >/dev/null 2>&1 || true
+    done
+  done
+  # The agent's cgroup directories (empty once its runs are gone), deepest first.
+  find /sys/fs/cgroup/*/berth/"$NODE_ID" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  if ! timeout 10 ctr --address "$sock" namespaces rm "$NAMESPACE" >/dev/null 2>&1; then
+    berth_warn "containerd namespace $NAMESPACE is not empty; left in place"
+  fi
   exit "$rc"
 }
 trap stop_fleet EXIT

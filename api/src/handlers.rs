@@ -2,8 +2,7 @@
 //! render. No state of their own.
 
 use crate::body::{JsonBody, Path, Query};
-use crate::error::ApiError;
-use crate::error::ErrorBody;
+use crate::error::{ApiError, ErrorBody};
 use crate::openapi::{
     InstanceTypesResponse, LogsPage, NodeResponse, NodesResponse, Region, RegionsResponse,
     RegistriesResponse, RegistryResponse, RunResponse, RunnerResponse, RunnersResponse,
