@@ -247,7 +247,7 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     path = "/v1/runners/{id}/runs",
     tag = "runs",
     summary = "Start a run, with optional overrides",
-    params(("id" = String, Path, description = "The runner's id"), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a retry with the same key (per runner) returns the first run")),
+    params(("id" = String, Path, description = "The runner's id"), ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "1 to 255 visible ASCII characters; a retry with the same key (per runner) returns the first run")),
     request_body(content = Option<RunInput>, description = "Per-run overrides; an empty body means none"),
     responses(
         (status = 201, description = "Created", body = RunResponse),
@@ -297,6 +297,7 @@ pub async fn create_run(
 #[serde(deny_unknown_fields)]
 pub struct BatchInput {
     /// 1 to 1,000 run overrides; an invalid item rejects the batch, naming `runs[i].field`.
+    #[schema(min_items = 1, max_items = 1000)]
     runs: Option<Vec<RunInput>>,
 }
 
@@ -437,7 +438,7 @@ pub async fn stop_run(
 #[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Only lines with a larger id (default 0).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     after_id: Option<String>,
     /// 1 to 1,000 (default 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
@@ -451,6 +452,20 @@ fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult
     v.filter(|s| !s.is_empty())
         .map(|s| {
             s.parse::<T>().map_err(|_| {
+                ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+                    field,
+                    "must be a non-negative integer",
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// A log id from a query or header: a non-negative integer up to `i64::MAX` (as documented).
+fn parse_after_id(field: &str, v: Option<&str>) -> ApiResult<Option<u64>> {
+    parse_number::<i64>(field, v)?
+        .map(|n| {
+            u64::try_from(n).map_err(|_| {
                 ApiError::Invalid(berth_core::validate::ValidationErrors::single(
                     field,
                     "must be a non-negative integer",
@@ -481,7 +496,7 @@ pub async fn list_logs(
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Json<LogsPage>> {
     let (runner_id, run_id) = run_ids(path)?;
-    let after_id = parse_number::<u64>("after_id", q.after_id.as_deref())?.unwrap_or(0);
+    let after_id = parse_after_id("after_id", q.after_id.as_deref())?.unwrap_or(0);
     let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(LOGS_DEFAULT_LIMIT);
     if !(1..=LOGS_MAX_LIMIT).contains(&limit) {
         return Err(berth_core::validate::ValidationErrors::single(
@@ -513,7 +528,7 @@ pub async fn list_logs(
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// Only lines with a larger id; overrides `Last-Event-ID`.
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = Option<i64>, minimum = 0)]
     after_id: Option<String>,
 }
 
@@ -542,9 +557,9 @@ pub async fn stream_logs(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let (runner_id, run_id) = run_ids(path)?;
     let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let after_id = match parse_number::<u64>("after_id", q.after_id.as_deref())? {
+    let after_id = match parse_after_id("after_id", q.after_id.as_deref())? {
         Some(v) => v,
-        None => parse_number::<u64>("Last-Event-ID", from_header)?.unwrap_or(0),
+        None => parse_after_id("Last-Event-ID", from_header)?.unwrap_or(0),
     };
     let events = s
         .control()

@@ -299,6 +299,87 @@ mod tests {
         }
     }
 
+    /// The limits the document states are the ones `berth_core::validate` enforces.
+    #[test]
+    fn documented_limits_are_the_enforced_ones() {
+        use berth_core::validate as v;
+        let doc = document();
+        let prop = |schema: &str, field: &str, key: &str| {
+            doc["components"]["schemas"][schema]["properties"][field][key].as_u64()
+        };
+        let n = |x: usize| u64::try_from(x).ok();
+        let cases = [
+            (prop("RunnerInput", "name", "minLength"), n(v::NAME_MIN)),
+            (prop("RunnerInput", "name", "maxLength"), n(v::NAME_MAX)),
+            (
+                prop("RunnerInput", "run_command", "maxLength"),
+                n(v::RUN_COMMAND_MAX),
+            ),
+            (
+                prop("RunnerInput", "argv", "maxItems"),
+                n(v::ARGV_MAX_ELEMENTS),
+            ),
+            (
+                prop("RunnerInput", "entrypoint", "maxLength"),
+                n(v::ENTRYPOINT_MAX),
+            ),
+            (
+                prop("RunnerInput", "env_variables", "maxItems"),
+                n(v::ENV_MAX_VARIABLES),
+            ),
+            (
+                prop("RunnerInput", "timeout_seconds", "minimum"),
+                u64::try_from(v::TIMEOUT_MIN).ok(),
+            ),
+            (
+                prop("RunnerInput", "timeout_seconds", "maximum"),
+                u64::try_from(v::TIMEOUT_MAX).ok(),
+            ),
+            (
+                prop("RunInput", "command", "maxLength"),
+                n(v::RUN_OVERRIDE_COMMAND_MAX),
+            ),
+            (
+                prop("RunInput", "argv", "maxItems"),
+                n(v::ARGV_MAX_ELEMENTS),
+            ),
+            (
+                prop("RunInput", "entrypoint", "maxLength"),
+                n(v::ENTRYPOINT_MAX),
+            ),
+            (
+                prop("RunInput", "env_variables", "maxItems"),
+                n(v::ENV_MAX_VARIABLES),
+            ),
+            (prop("RegistryInput", "name", "minLength"), n(v::NAME_MIN)),
+            (prop("RegistryInput", "name", "maxLength"), n(v::NAME_MAX)),
+            (
+                prop("RegistryInput", "username", "maxLength"),
+                n(v::REGISTRY_USERNAME_MAX),
+            ),
+            (
+                prop("BatchInput", "runs", "maxItems"),
+                n(crate::handlers::BATCH_MAX_RUNS),
+            ),
+        ];
+        for (i, (documented, enforced)) in cases.iter().enumerate() {
+            assert!(
+                documented.is_some() && documented == enforced,
+                "case {i}: {documented:?} vs {enforced:?}"
+            );
+        }
+        let key = doc["paths"]["/v1/runners/{id}/runs"]["post"]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "Idempotency-Key")
+            .map(|p| p["schema"]["maxLength"].as_u64());
+        assert_eq!(key, Some(n(crate::handlers::IDEMPOTENCY_KEY_MAX)));
+        // The env key pattern is the one `is_env_key` implements.
+        let pattern = &doc["components"]["schemas"]["EnvVar"]["properties"]["env_key"]["pattern"];
+        assert_eq!(pattern, "^[A-Za-z_][A-Za-z0-9_]*$");
+    }
+
     #[test]
     fn bodies_that_reject_unknown_fields_say_so() {
         let doc = document();

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct EnvVar {
     /// Matches `[A-Za-z_][A-Za-z0-9_]*`.
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]*$")]
     pub env_key: String,
     /// `null` (how the API shows a secret) reads as empty: on a PATCH, "keep the stored value".
     #[serde(default, deserialize_with = "null_as_empty")]

@@ -67,27 +67,34 @@ impl Collector {
 #[serde(deny_unknown_fields)]
 pub struct RunnerInput {
     /// 3 to 50 characters. Required on create.
+    #[schema(min_length = 3, max_length = 50)]
     pub name: Option<String>,
     /// A repository name (`busybox`, `registry.example:5000/team/app`). Required on create.
     pub image_name: Option<String>,
     /// A tag (letters, digits, `_`, `.`, `-`; at most 128) or `sha256:` digest. Required on
     /// create.
+    #[schema(pattern = r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-fA-F]{64})$")]
     pub image_tag: Option<String>,
     /// Shell form, run as `sh -c`: 1 to 1,000 characters, not blank. Mutually exclusive with
     /// `argv`.
+    #[schema(min_length = 1, max_length = 1000)]
     pub run_command: Option<String>,
     /// Exec form (no shell): at most 200 elements and 8,000 characters in total. Mutually
     /// exclusive with `run_command`.
+    #[schema(max_items = 200)]
     pub argv: Option<Vec<String>>,
     /// At most 500 characters, split into words like a shell would (quotes allowed).
+    #[schema(max_length = 500)]
     pub entrypoint: Option<String>,
     /// 1 to 86,400; 3,600 when absent on create.
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<i64>,
     /// One of `GET /v1/regions`. Required on create.
     pub region: Option<String>,
     /// One of `GET /v1/instance_types`. Required on create.
     pub instance_type: Option<String>,
     /// At most 200 variables.
+    #[schema(max_items = 200)]
     pub env_variables: Option<Vec<EnvVar>>,
     /// A private registry (`POST /v1/container_registries`) to pull the image from; `""`
     /// detaches (PATCH).
@@ -189,13 +196,17 @@ impl RunnerInput {
 pub struct RunInput {
     /// Exec form (no shell): 1 to 200 elements, at most 8,000 characters in total. Mutually
     /// exclusive with `command`.
+    #[schema(min_items = 1, max_items = 200)]
     pub argv: Option<Vec<String>>,
     /// Shell form, run as `sh -c`: 1 to 4,000 characters, not blank. Mutually exclusive with
     /// `argv`.
+    #[schema(min_length = 1, max_length = 4000)]
     pub command: Option<String>,
     /// At most 500 characters.
+    #[schema(max_length = 500)]
     pub entrypoint: Option<String>,
     /// Added to (and overriding) the runner's variables; at most 200.
+    #[schema(max_items = 200)]
     pub env_variables: Option<Vec<EnvVar>>,
 }
 
@@ -249,10 +260,12 @@ pub fn validate_batch(items: Vec<RunInput>) -> Result<Vec<RunInput>, ValidationE
 #[serde(deny_unknown_fields)]
 pub struct RegistryInput {
     /// 3 to 50 characters. Required.
+    #[schema(min_length = 3, max_length = 50)]
     pub name: Option<String>,
     /// `registry.example.com` or `10.0.0.5:5000`. Required.
     pub host: Option<String>,
     /// At most 255 characters, without `:`. Required.
+    #[schema(max_length = 255, pattern = "^[^:]*$")]
     pub username: Option<String>,
     /// At most 4,096 bytes; never returned. Required.
     pub password: Option<String>,
