@@ -441,6 +441,27 @@ async fn every_limit_holds_through_http_on_both_sides() -> Result<()> {
         ),
         (
             Method::GET,
+            format!("{runs}/no-such-run/logs?after_id=9223372036854775808"),
+            None,
+            422,
+            "after_id",
+        ),
+        (
+            Method::GET,
+            format!("{runs}/no-such-run/logs?after_id=-1"),
+            None,
+            422,
+            "after_id",
+        ),
+        (
+            Method::GET,
+            format!("{runs}/no-such-run/logs?limit=1001"),
+            None,
+            422,
+            "limit",
+        ),
+        (
+            Method::GET,
             "/v1/usage?from=yesterday".to_owned(),
             None,
             422,
