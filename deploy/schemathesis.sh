@@ -12,7 +12,7 @@
 # document (body schema, status code, content type) or a run that does not finish in time fails
 # the script. The fleet is stopped and its containerd namespace emptied at the end.
 #
-# Environment: BERTH_SCHEMATHESIS_MAX_EXAMPLES (default 150 per operation),
+# Environment: BERTH_SCHEMATHESIS_MAX_EXAMPLES (default 100 per operation),
 # BERTH_SCHEMATHESIS_SEED (default random; printed for reproduction).
 set -euo pipefail
 
@@ -21,7 +21,7 @@ set -euo pipefail
 
 SCHEMATHESIS_VERSION=4.32.5
 VENV="${BERTH_SCHEMATHESIS_VENV:-/var/lib/berth/schemathesis-$SCHEMATHESIS_VERSION}"
-MAX_EXAMPLES="${BERTH_SCHEMATHESIS_MAX_EXAMPLES:-150}"
+MAX_EXAMPLES="${BERTH_SCHEMATHESIS_MAX_EXAMPLES:-100}"
 SEED="${BERTH_SCHEMATHESIS_SEED:-$((RANDOM * 32768 + RANDOM))}"
 
 : "${BERTH_CONTAINERD_SOCKET:?run through deploy/test.sh (or export the test containerd socket)}"
