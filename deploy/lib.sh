@@ -33,7 +33,7 @@ BERTH_PACKAGES=(
   containerd runc docker-registry umoci skopeo busybox-static
   containernetworking-plugins iptables iproute2
   protobuf-compiler libprotobuf-dev etcd-server etcd-client jq curl pkg-config gcc libc6-dev
-  ca-certificates apache2-utils python3
+  ca-certificates apache2-utils python3 python3-venv
 )
 
 BERTH_OCI_PATH_ENV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -16,8 +16,10 @@
 #   BERTH_CONTAINERD_SOCKET  the test containerd's socket
 #   BERTH_TEST_REGISTRY      127.0.0.1:5001
 #   BERTH_BIN_DIR            <target>/debug (berth-scheduler, berth-api, berth-node-agent)
-# containerd and the registry are stopped at the end unless BERTH_KEEP_INFRA=1.
-# The exit status is cargo test's, or 1 if only the lint failed.
+# then (for a full run) deploy/schemathesis.sh: schemathesis against a live fleet's
+# /v1/openapi.json. containerd and the registry are stopped at the end unless
+# BERTH_KEEP_INFRA=1. The exit status is cargo test's, else schemathesis's, or 1 if only the
+# lint failed.
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -55,7 +57,7 @@ summary() {
     done <<<"$FAILED_NAMES"
   fi
   printf '  time     %ss\n' "$((SECONDS - START))"
-  printf '  logs     %s/logs (containerd.log, registry.log, cargo-test.log)\n' "$DATA_DIR"
+  printf '  logs     %s/logs (containerd.log, registry.log, cargo-test.log, schemathesis.log)\n' "$DATA_DIR"
   echo "================================================================"
 }
 
@@ -150,9 +152,29 @@ else
   record tests "FAILED (exit $TEST_RC): $PASSED passed, $FAILED failed, $IGNORED ignored ($BINARIES test binaries)"
   FAILED_NAMES="$(grep -E '^test .* \.\.\. FAILED$' "$TEST_LOG" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | sort -u | head -n 30 || true)"
 fi
+
+# ---------------------------------------------------------------- schemathesis
+# The live API against its own OpenAPI document (deploy/schemathesis.sh). Skipped when cargo
+# test was given a filter (a partial run), and with BERTH_SKIP_SCHEMATHESIS=1.
+ST_RC=0
+if (($# == 0)) && [[ "${BERTH_SKIP_SCHEMATHESIS:-0}" != 1 ]]; then
+  # Its report goes to the log (shown whole on failure), so cargo test's closing lines stay the
+  # last test-runner output.
+  berth_log "schemathesis against /v1/openapi.json (log: $DATA_DIR/logs/schemathesis.log)"
+  bash "$BERTH_REPO/deploy/schemathesis.sh" >"$DATA_DIR/logs/schemathesis.log" 2>&1 || ST_RC=$?
+  if ((ST_RC == 0)); then
+    record openapi "ok: $(grep -Eo '[0-9]+ generated, [0-9]+ passed' "$DATA_DIR/logs/schemathesis.log" | tail -n1)"
+  else
+    cat "$DATA_DIR/logs/schemathesis.log"
+    record openapi "FAILED (exit $ST_RC): see $DATA_DIR/logs/schemathesis.log"
+  fi
+fi
 summary
 
 if ((TEST_RC != 0)); then
   exit "$TEST_RC"
+fi
+if ((ST_RC != 0)); then
+  exit "$ST_RC"
 fi
 exit "$LINT_FAILED"

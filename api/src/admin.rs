@@ -3,37 +3,86 @@
 //! `GET /v1/admin/api_keys[?project=]`; `DELETE /v1/admin/api_keys/{key_id}` revokes.
 
 use crate::auth::require_admin;
-use crate::body::JsonBody;
-use crate::error::ApiError;
+use crate::body::{JsonBody, Path, Query};
+use crate::error::{ApiError, ErrorBody};
 use crate::{views, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use berth_core::auth::{is_key_id, validate_key_name, validate_project};
 use berth_core::validate::ValidationErrors;
 use berth_proto::v1 as pb;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `POST /v1/admin/api_keys` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyInput {
+    /// The project the key belongs to: `[a-z0-9][a-z0-9-]{0,62}`.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     project: Option<String>,
+    /// A label for people (who or what uses the key).
     name: Option<String>,
 }
 
-pub fn api_key_view(k: &pb::ApiKey) -> Value {
-    json!({
-        "key_id": k.key_id,
-        "project": k.project,
-        "name": k.name,
-        "created_at": views::timestamp_millis(k.created_at_unix_millis),
-        "revoked_at": k.revoked_at_unix_millis.map_or(Value::Null, views::timestamp_millis),
-    })
+/// An API key as the admin sees it: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    pub key_id: String,
+    pub project: String,
+    pub name: String,
+    #[schema(required = true, format = DateTime)]
+    pub created_at: Option<String>,
+    /// When it was revoked; `null` while it is valid.
+    #[schema(required = true, format = DateTime)]
+    pub revoked_at: Option<String>,
 }
 
+pub fn api_key_view(k: &pb::ApiKey) -> ApiKeyView {
+    ApiKeyView {
+        key_id: k.key_id.clone(),
+        project: k.project.clone(),
+        name: k.name.clone(),
+        created_at: views::timestamp_millis(k.created_at_unix_millis),
+        revoked_at: k.revoked_at_unix_millis.and_then(views::timestamp_millis),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyResponse {
+    pub api_key: ApiKeyView,
+}
+
+/// The answer to a create: the only time the plaintext key is shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKeyResponse {
+    pub api_key: ApiKeyView,
+    /// The key itself (`berth_<key_id>_<secret>`); only its hash is stored.
+    pub key: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeysResponse {
+    pub api_keys: Vec<ApiKeyView>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/admin/api_keys",
+    tag = "admin",
+    summary = "Create an API key for a project (admin token only)",
+    request_body = ApiKeyInput,
+    responses(
+        (status = 201, description = "Created; `key` is shown this once", body = CreatedApiKeyResponse),
+        (status = 400, description = "Malformed JSON or unknown fields", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A project key on an admin route", body = ErrorBody),
+        (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
+        (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
+    )
+)]
 pub async fn create_api_key(
     State(s): State<AppState>,
     JsonBody(input): JsonBody<ApiKeyInput>,
@@ -53,24 +102,41 @@ pub async fn create_api_key(
     let key = created.api_key.unwrap_or_default();
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "api_key": api_key_view(&key),
-            // The only time the key is shown: the scheduler keeps only its hash.
-            "key": created.plaintext_key,
-        })),
+        // The only time the key is shown: the scheduler keeps only its hash.
+        Json(CreatedApiKeyResponse {
+            api_key: api_key_view(&key),
+            key: created.plaintext_key,
+        }),
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this project's keys.
     project: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/api_keys",
+    tag = "admin",
+    summary = "List API keys, revoked ones included (admin token only)",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The keys, without their secrets", body = ApiKeysResponse),
+        (status = 400, description = "Unknown query parameters", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A project key on an admin route", body = ErrorBody),
+        (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
+        (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
+    )
+)]
 pub async fn list_api_keys(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiKeysResponse>, ApiError> {
     require_admin()?;
     let project = q.project.unwrap_or_default();
     if !project.is_empty() {
@@ -81,15 +147,30 @@ pub async fn list_api_keys(
         .list_api_keys(pb::ListApiKeysRequest { project })
         .await?
         .into_inner();
-    let keys: Vec<Value> = list.api_keys.iter().map(api_key_view).collect();
-    Ok(Json(json!({ "api_keys": keys })))
+    Ok(Json(ApiKeysResponse {
+        api_keys: list.api_keys.iter().map(api_key_view).collect(),
+    }))
 }
 
 /// Revokes a key (it stays listed, with `revoked_at`); its next request gets 401.
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/api_keys/{key_id}",
+    tag = "admin",
+    summary = "Revoke an API key (admin token only)",
+    params(("key_id" = String, Path, description = "The key's public id")),
+    responses(
+        (status = 200, description = "Revoked (again: unchanged)", body = ApiKeyResponse),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A project key on an admin route", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
+    )
+)]
 pub async fn revoke_api_key(
     State(s): State<AppState>,
     Path(key_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiKeyResponse>, ApiError> {
     require_admin()?;
     if !is_key_id(&key_id) {
         return Err(ApiError::NotFound {
@@ -102,5 +183,7 @@ pub async fn revoke_api_key(
         .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
         .await?
         .into_inner();
-    Ok(Json(json!({ "api_key": api_key_view(&key) })))
+    Ok(Json(ApiKeyResponse {
+        api_key: api_key_view(&key),
+    }))
 }

@@ -1,11 +1,62 @@
-//! A JSON body extractor whose errors name the offending field.
+//! Extractors whose failures are the API's JSON errors naming the field: a JSON body, a query
+//! string, path parameters (axum's own answer such failures in plain text).
 
 use crate::error::ApiError;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-/// Like `axum::Json`, but an empty body is `T::default()` when `EMPTY_OK`, and every failure is
+/// Like `axum::extract::Query`; a bad or unknown parameter is a 400 naming it.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                ApiError::Malformed {
+                    field: unknown_field(&message).unwrap_or(path),
+                    message,
+                }
+            })
+    }
+}
+
+/// Like `axum::extract::Path`; a parameter that cannot be decoded (not UTF-8) names no record
+/// that exists, so it is a 404 like any other unknown id.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| ApiError::NotFound {
+                field: "path".to_owned(),
+                message: e.body_text(),
+            })
+    }
+}
+
+/// serde names an unknown field only in its message: "unknown field `x`, expected …".
+fn unknown_field(message: &str) -> Option<String> {
+    message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("unknown field"))
+        .map(str::to_owned)
+}
+
+/// Like `axum::Json`, but an empty body (or `null`) is `T::default()` when `EMPTY_OK`, and every failure is
 /// an [`ApiError::Malformed`] that names the field (its JSON path).
 pub struct JsonBody<T, const EMPTY_OK: bool = false>(pub T);
 
@@ -36,6 +87,10 @@ where
                 })
             };
         }
+        if EMPTY_OK {
+            // `null` is the same as no body.
+            return parse::<Option<T>>(&bytes).map(|v| JsonBody(v.unwrap_or_default()));
+        }
         parse(&bytes).map(JsonBody)
     }
 }
@@ -46,14 +101,8 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
-        // serde names an unknown field only in its message: "unknown field `x`, expected …".
         let field = if path == "." || path == "?" {
-            message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field"))
-                .unwrap_or("body")
-                .to_owned()
+            unknown_field(&message).unwrap_or_else(|| "body".to_owned())
         } else {
             path
         };
@@ -82,5 +131,44 @@ mod tests {
         );
         assert_eq!(field(r#"{"nme": "x"}"#), "nme");
         assert_eq!(field("{"), "body");
+    }
+
+    fn unknown_field<T: serde::de::DeserializeOwned>(body: &str) -> Option<String> {
+        match parse::<T>(body.as_bytes()) {
+            Err(ApiError::Malformed { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_body_rejects_unknown_fields_naming_them() {
+        use berth_core::validate::{RegistryInput, RunInput};
+        assert_eq!(
+            unknown_field::<RunnerInput>(r#"{"nam": "x"}"#).as_deref(),
+            Some("nam")
+        );
+        assert_eq!(
+            unknown_field::<RunInput>(r#"{"cmd": "x"}"#).as_deref(),
+            Some("cmd")
+        );
+        assert_eq!(
+            unknown_field::<crate::handlers::BatchInput>(r#"{"items": []}"#).as_deref(),
+            Some("items")
+        );
+        assert_eq!(
+            unknown_field::<crate::handlers::BatchInput>(r#"{"runs": [{"x": 1}]}"#).as_deref(),
+            Some("runs[0].x")
+        );
+        assert_eq!(
+            unknown_field::<RegistryInput>(r#"{"pasword": "x"}"#).as_deref(),
+            Some("pasword")
+        );
+        assert_eq!(
+            unknown_field::<RunInput>(r#"{"env_variables": [{"env_key": "A", "value": "x"}]}"#)
+                .as_deref(),
+            Some("env_variables[0].value")
+        );
+        // Known fields alone parse.
+        assert!(parse::<RunInput>(br#"{"command": "x", "env_variables": []}"#).is_ok());
     }
 }

@@ -4,7 +4,19 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_core::validate::{FieldError, ValidationErrors};
-use serde_json::json;
+use serde::Serialize;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// `malformed_request` (400), `unauthorized` (401), `not_found` (404),
+    /// `method_not_allowed` (405), `conflict` (409),
+    /// `validation_failed` (422), `internal` (500) or `unavailable` (503).
+    #[schema(value_type = String)]
+    pub code: &'static str,
+    /// At least one; each names the field it is about.
+    pub errors: Vec<FieldError>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -22,6 +34,9 @@ pub enum ApiError {
     /// Authenticated, but not allowed (a project key on an admin route).
     #[error("{0}")]
     Forbidden(String),
+    /// The path exists, the method does not.
+    #[error("this method is not allowed on this path")]
+    MethodNotAllowed,
     /// The request conflicts with the current state (a concurrent update, a record in use).
     #[error("{message}")]
     Conflict { field: String, message: String },
@@ -66,6 +81,11 @@ impl ApiError {
                 "forbidden",
                 fe("authorization", message.clone()),
             ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                fe("method", self.to_string()),
+            ),
             ApiError::Conflict { field, message } => {
                 (StatusCode::CONFLICT, "conflict", fe(field, message.clone()))
             }
@@ -89,11 +109,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let mut res = (
-            status,
-            axum::Json(json!({ "code": code, "errors": errors })),
-        )
-            .into_response();
+        let mut res = (status, axum::Json(ErrorBody { code, errors })).into_response();
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

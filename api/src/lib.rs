@@ -11,12 +11,14 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod handlers;
+pub mod openapi;
 pub mod views;
 
 use axum::extract::Request;
+use axum::handler::Handler;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use berth_proto::v1::control_service_client::ControlServiceClient;
 use std::future::Future;
@@ -51,52 +53,125 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
+/// An HTTP method a route answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verb {
+    Get,
+    Post,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Patch => MethodFilter::PATCH,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+
+    /// Lower case, as OpenAPI names operations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Post => "post",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
+/// One entry of [`routes`].
+pub struct Route {
+    pub verb: Verb,
+    pub path: &'static str,
+    /// Whether the bearer token is required.
+    pub authenticated: bool,
+    handler: MethodRouter<AppState>,
+}
+
+fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    Route {
+        verb,
+        path,
+        authenticated: true,
+        handler: axum::routing::on(verb.filter(), handler),
+    }
+}
+
+fn public(r: Route) -> Route {
+    Route {
+        authenticated: false,
+        ..r
+    }
+}
+
+/// Every route of the API. [`router`] is built from this table alone, and a test checks it
+/// against the OpenAPI document ([`openapi`]) both ways: a route without its `#[utoipa::path]`
+/// (or a documented path that is not served) fails it.
+pub fn routes() -> Vec<Route> {
     use handlers::*;
-    let v1 = Router::new()
-        .route("/v1/runners", get(list_runners).post(create_runner))
-        .route(
-            "/v1/runners/{id}",
-            get(get_runner).patch(update_runner).delete(delete_runner),
-        )
-        .route("/v1/runners/{id}/runs", get(list_runs).post(create_run))
-        .route("/v1/runners/{id}/runs/batch", post(create_runs))
-        .route("/v1/runners/{id}/runs/{run_id}", get(get_run))
-        .route("/v1/runners/{id}/runs/{run_id}/stop", post(stop_run))
-        .route("/v1/runners/{id}/runs/{run_id}/logs", get(list_logs))
-        .route(
+    use Verb::*;
+    vec![
+        public(route(Get, "/healthz", healthz)),
+        public(route(Get, "/v1/openapi.json", openapi_json)),
+        route(Get, "/v1/runners", list_runners),
+        route(Post, "/v1/runners", create_runner),
+        route(Get, "/v1/runners/{id}", get_runner),
+        route(Patch, "/v1/runners/{id}", update_runner),
+        route(Delete, "/v1/runners/{id}", delete_runner),
+        route(Get, "/v1/runners/{id}/runs", list_runs),
+        route(Post, "/v1/runners/{id}/runs", create_run),
+        route(Post, "/v1/runners/{id}/runs/batch", create_runs),
+        route(Get, "/v1/runners/{id}/runs/{run_id}", get_run),
+        route(Post, "/v1/runners/{id}/runs/{run_id}/stop", stop_run),
+        route(Get, "/v1/runners/{id}/runs/{run_id}/logs", list_logs),
+        route(
+            Get,
             "/v1/runners/{id}/runs/{run_id}/logs/stream",
-            get(stream_logs),
-        )
-        .route("/v1/runners/{id}/warmup", post(warmup_runner))
-        .route(
-            "/v1/container_registries",
-            get(list_registries).post(create_registry),
-        )
-        .route(
-            "/v1/container_registries/{id}",
-            get(get_registry).delete(delete_registry),
-        )
-        .route("/v1/usage", get(usage))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}/drain", post(drain_node))
-        .route("/v1/nodes/{id}/resume", post(resume_node))
-        .route("/v1/instance_types", get(list_instance_types))
-        .route("/v1/regions", get(list_regions))
-        .route(
-            "/v1/admin/api_keys",
-            get(admin::list_api_keys).post(admin::create_api_key),
-        )
-        .route("/v1/admin/api_keys/{key_id}", delete(admin::revoke_api_key))
-        .fallback(not_found)
+            stream_logs,
+        ),
+        route(Post, "/v1/runners/{id}/warmup", warmup_runner),
+        route(Get, "/v1/container_registries", list_registries),
+        route(Post, "/v1/container_registries", create_registry),
+        route(Get, "/v1/container_registries/{id}", get_registry),
+        route(Delete, "/v1/container_registries/{id}", delete_registry),
+        route(Get, "/v1/usage", usage),
+        route(Get, "/v1/nodes", list_nodes),
+        route(Post, "/v1/nodes/{id}/drain", drain_node),
+        route(Post, "/v1/nodes/{id}/resume", resume_node),
+        route(Get, "/v1/instance_types", list_instance_types),
+        route(Get, "/v1/regions", list_regions),
+        route(Get, "/v1/admin/api_keys", admin::list_api_keys),
+        route(Post, "/v1/admin/api_keys", admin::create_api_key),
+        route(Delete, "/v1/admin/api_keys/{key_id}", admin::revoke_api_key),
+    ]
+}
+
+pub fn router(state: AppState) -> Router {
+    let (mut open, mut v1) = (Router::new(), Router::new());
+    for r in routes() {
+        if r.authenticated {
+            v1 = v1.route(r.path, r.handler);
+        } else {
+            open = open.route(r.path, r.handler);
+        }
+    }
+    let v1 = v1
+        .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .merge(v1)
+    open.merge(v1)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
 }

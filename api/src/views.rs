@@ -1,159 +1,327 @@
 //! The public JSON shapes (Nodion's field names), built from the control service's messages.
+//!
+//! Each shape is a struct, so the OpenAPI document ([`crate::openapi`]) is generated from the
+//! same types the responses are serialised from. Every key is always present: an `Option` is
+//! `null`, never missing (hence `required = true` on them).
 
 use berth_proto::v1 as pb;
-use serde_json::{json, Value};
+use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 /// Billionths of a USD as a JSON number of USD.
-pub fn nano_usd(n: u64) -> Value {
-    json!(n as f64 / 1e9)
+pub fn nano_usd(n: u64) -> f64 {
+    n as f64 / 1e9
 }
 
-pub fn timestamp_millis(ms: i64) -> Value {
+/// RFC 3339; `None` only for an instant outside the years 0–9999.
+pub fn timestamp_millis(ms: i64) -> Option<String> {
     timestamp_nanos(i128::from(ms) * 1_000_000)
 }
 
-pub fn timestamp_nanos(ns: i128) -> Value {
+pub fn timestamp_nanos(ns: i128) -> Option<String> {
     OffsetDateTime::from_unix_timestamp_nanos(ns)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
-        .map_or(Value::Null, Value::String)
 }
 
-fn opt_millis(ms: Option<i64>) -> Value {
-    ms.map_or(Value::Null, timestamp_millis)
+fn opt_millis(ms: Option<i64>) -> Option<String> {
+    ms.and_then(timestamp_millis)
 }
 
-/// Variables as the API shows them: a secret one without its value.
-fn env(vars: &[pb::EnvVar]) -> Value {
-    Value::Array(
-        vars.iter()
-            .map(|e| {
-                if e.secret {
-                    json!({"env_key": e.key, "env_val": null, "secret": true})
-                } else {
-                    json!({"env_key": e.key, "env_val": e.value})
-                }
-            })
-            .collect(),
-    )
+/// An environment variable as the API shows it: a secret one without its value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvVarView {
+    pub env_key: String,
+    /// `null` for a secret variable (its value is never returned).
+    #[schema(required = true)]
+    pub env_val: Option<String>,
+    /// Present (and `true`) only for a secret variable.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
 }
 
-fn argv(a: &[String]) -> Value {
-    if a.is_empty() {
-        Value::Null
-    } else {
-        json!(a)
+fn env(vars: &[pb::EnvVar]) -> Vec<EnvVarView> {
+    vars.iter()
+        .map(|e| EnvVarView {
+            env_key: e.key.clone(),
+            env_val: (!e.secret).then(|| e.value.clone()),
+            secret: e.secret,
+        })
+        .collect()
+}
+
+/// `null` when unset (a runner or run has `run_command`/`command` instead).
+fn argv(a: &[String]) -> Option<Vec<String>> {
+    (!a.is_empty()).then(|| a.to_vec())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunnerView {
+    pub id: String,
+    pub name: String,
+    pub image_name: String,
+    pub image_tag: String,
+    /// Shell form, run as `sh -c`.
+    #[schema(required = true)]
+    pub run_command: Option<String>,
+    /// Exec form (no shell); `null` when unset.
+    #[schema(required = true)]
+    pub argv: Option<Vec<String>>,
+    #[schema(required = true)]
+    pub entrypoint: Option<String>,
+    pub timeout_seconds: u32,
+    pub region: String,
+    pub instance_type: String,
+    pub env_variables: Vec<EnvVarView>,
+    #[schema(required = true)]
+    pub container_registry_id: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub warmed_at: Option<String>,
+    /// `pending`, `ready` or `failed`; `null` before the first warmup.
+    #[schema(required = true)]
+    pub warmup_status: Option<String>,
+    #[schema(required = true)]
+    pub warm_node_id: Option<String>,
+    #[schema(required = true)]
+    pub warmup_error: Option<String>,
+    /// The progress of the pending warmup's image pull; `null` when none is going on.
+    #[schema(required = true)]
+    pub warmup_image_pull: Option<ImagePullView>,
+    #[schema(required = true, format = DateTime)]
+    pub created_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub updated_at: Option<String>,
+}
+
+pub fn runner(r: &pb::Runner) -> RunnerView {
+    let s = r.spec.clone().unwrap_or_default();
+    RunnerView {
+        id: r.id.clone(),
+        name: s.name,
+        image_name: s.image_name,
+        image_tag: s.image_tag,
+        run_command: s.run_command,
+        argv: argv(&s.argv),
+        entrypoint: s.entrypoint,
+        timeout_seconds: s.timeout_seconds,
+        region: s.region,
+        instance_type: s.instance_type,
+        env_variables: env(&s.env_variables),
+        container_registry_id: s.container_registry_id,
+        warmed_at: opt_millis(r.warmed_at_unix_millis),
+        warmup_status: r.warmup_status.clone(),
+        warm_node_id: r.warm_node_id.clone(),
+        warmup_error: r.warmup_error.clone(),
+        warmup_image_pull: r.warmup_image_pull.as_ref().map(image_pull),
+        created_at: timestamp_millis(r.created_at_unix_millis),
+        updated_at: timestamp_millis(r.updated_at_unix_millis),
     }
 }
 
-pub fn runner(r: &pb::Runner) -> Value {
-    let s = r.spec.clone().unwrap_or_default();
-    json!({
-        "id": r.id,
-        "name": s.name,
-        "image_name": s.image_name,
-        "image_tag": s.image_tag,
-        "run_command": s.run_command,
-        "argv": argv(&s.argv),
-        "entrypoint": s.entrypoint,
-        "timeout_seconds": s.timeout_seconds,
-        "region": s.region,
-        "instance_type": s.instance_type,
-        "env_variables": env(&s.env_variables),
-        "container_registry_id": s.container_registry_id,
-        "warmed_at": opt_millis(r.warmed_at_unix_millis),
-        "warmup_status": r.warmup_status,
-        "warm_node_id": r.warm_node_id,
-        "warmup_error": r.warmup_error,
-        "warmup_image_pull": r.warmup_image_pull.as_ref().map(image_pull),
-        "created_at": timestamp_millis(r.created_at_unix_millis),
-        "updated_at": timestamp_millis(r.updated_at_unix_millis),
-    })
-}
-
-pub fn run(r: &pb::Run) -> Value {
-    let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
-        (Some(s), Some(e)) => json!(u64::try_from(e.saturating_sub(s))
-            .unwrap_or(0)
-            .div_ceil(1000)),
-        _ => Value::Null,
-    };
-    json!({
-        "id": r.id,
-        "runner_id": r.runner_id,
-        "status": r.status,
-        "exit_code": r.exit_code,
-        "command": r.command,
-        "argv": argv(&r.argv),
-        "entrypoint": r.entrypoint,
-        "node_id": r.node_id,
-        "region": r.region,
-        "instance_type": r.instance_type,
-        "image": r.image,
-        "image_digest": r.image_digest,
-        "timeout_seconds": r.timeout_seconds,
-        "created_at": timestamp_millis(r.created_at_unix_millis),
-        "started_at": opt_millis(r.started_at_unix_millis),
-        "completed_at": opt_millis(r.completed_at_unix_millis),
-        "duration_seconds": duration,
-        "error_code": r.error_code,
-        "error_message": r.error_message,
-        "pending_reason": r.pending_reason,
-        "queue_position": r.queue_position,
-        "warm_pin": r.warm_pin,
-        "stop_requested": r.stop_requested,
-        "oom_killed": r.oom_killed,
-        "price_per_second_usd": nano_usd(r.price_nano_usd_per_second),
-        "billed_seconds": r.billed_seconds,
-        "cost_usd": r.cost_nano_usd.map(nano_usd),
-        "image_pull": r.image_pull.as_ref().map(image_pull),
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunView {
+    pub id: String,
+    pub runner_id: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `canceled`.
+    pub status: String,
+    #[schema(required = true)]
+    pub exit_code: Option<i32>,
+    /// The shell-form command the run executes (`sh -c`), if it has one.
+    #[schema(required = true)]
+    pub command: Option<String>,
+    /// The exec-form command, if it has one; `null` otherwise.
+    #[schema(required = true)]
+    pub argv: Option<Vec<String>>,
+    #[schema(required = true)]
+    pub entrypoint: Option<String>,
+    #[schema(required = true)]
+    pub node_id: Option<String>,
+    pub region: String,
+    pub instance_type: String,
+    pub image: String,
+    #[schema(required = true)]
+    pub image_digest: Option<String>,
+    pub timeout_seconds: u32,
+    #[schema(required = true, format = DateTime)]
+    pub created_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub completed_at: Option<String>,
+    /// Whole seconds from start to end, rounded up; `null` until the run has started and ended.
+    #[schema(required = true)]
+    pub duration_seconds: Option<u64>,
+    #[schema(required = true)]
+    pub error_code: Option<String>,
+    #[schema(required = true)]
+    pub error_message: Option<String>,
+    /// Why a pending run waits.
+    #[schema(required = true)]
+    pub pending_reason: Option<String>,
+    /// 1-based place among the runs waiting in the same region; set only while queued.
+    #[schema(required = true)]
+    pub queue_position: Option<u32>,
+    #[schema(required = true)]
+    pub warm_pin: Option<String>,
+    pub stop_requested: bool,
+    pub oom_killed: bool,
+    pub price_per_second_usd: f64,
+    #[schema(required = true)]
+    pub billed_seconds: Option<u64>,
+    #[schema(required = true)]
+    pub cost_usd: Option<f64>,
+    /// The image pull: its progress while the run is pending, its final figures once started;
+    /// `null` when nothing had to be pulled.
+    #[schema(required = true)]
+    pub image_pull: Option<ImagePullView>,
 }
 
 /// An image pull's progress: config and layer bytes fetched out of the manifest's total.
-fn image_pull(p: &pb::ImagePull) -> Value {
-    json!({
-        "bytes_done": p.bytes_done,
-        "bytes_total": p.bytes_total,
-        "layers_done": p.layers_done,
-        "layers_total": p.layers_total,
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagePullView {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub layers_done: u32,
+    pub layers_total: u32,
+}
+
+fn image_pull(p: &pb::ImagePull) -> ImagePullView {
+    ImagePullView {
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        layers_done: p.layers_done,
+        layers_total: p.layers_total,
+    }
+}
+
+pub fn run(r: &pb::Run) -> RunView {
+    let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
+        (Some(s), Some(e)) => Some(
+            u64::try_from(e.saturating_sub(s))
+                .unwrap_or(0)
+                .div_ceil(1000),
+        ),
+        _ => None,
+    };
+    RunView {
+        id: r.id.clone(),
+        runner_id: r.runner_id.clone(),
+        status: r.status.clone(),
+        exit_code: r.exit_code,
+        command: r.command.clone(),
+        argv: argv(&r.argv),
+        entrypoint: r.entrypoint.clone(),
+        node_id: r.node_id.clone(),
+        region: r.region.clone(),
+        instance_type: r.instance_type.clone(),
+        image: r.image.clone(),
+        image_digest: r.image_digest.clone(),
+        timeout_seconds: r.timeout_seconds,
+        created_at: timestamp_millis(r.created_at_unix_millis),
+        started_at: opt_millis(r.started_at_unix_millis),
+        completed_at: opt_millis(r.completed_at_unix_millis),
+        duration_seconds: duration,
+        error_code: r.error_code.clone(),
+        error_message: r.error_message.clone(),
+        pending_reason: r.pending_reason.clone(),
+        queue_position: r.queue_position,
+        warm_pin: r.warm_pin.clone(),
+        stop_requested: r.stop_requested,
+        oom_killed: r.oom_killed,
+        price_per_second_usd: nano_usd(r.price_nano_usd_per_second),
+        billed_seconds: r.billed_seconds,
+        cost_usd: r.cost_nano_usd.map(nano_usd),
+        image_pull: r.image_pull.as_ref().map(image_pull),
+    }
 }
 
 /// A registry as the API shows it: the password is never returned.
-pub fn registry(r: &pb::ContainerRegistry) -> Value {
-    json!({
-        "id": r.id,
-        "name": r.name,
-        "host": r.host,
-        "username": r.username,
-        "created_at": timestamp_millis(r.created_at_unix_millis),
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegistryView {
+    pub id: String,
+    pub name: String,
+    pub host: String,
+    pub username: String,
+    #[schema(required = true, format = DateTime)]
+    pub created_at: Option<String>,
 }
 
-pub fn log(l: &pb::LogEntry) -> Value {
-    json!({
-        "id": l.id,
-        "stream": l.stream,
-        "msg": l.msg,
-        "ts": timestamp_nanos(i128::from(l.ts_unix_nanos)),
-    })
+pub fn registry(r: &pb::ContainerRegistry) -> RegistryView {
+    RegistryView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        host: r.host.clone(),
+        username: r.username.clone(),
+        created_at: timestamp_millis(r.created_at_unix_millis),
+    }
 }
 
-pub fn node(n: &pb::Node) -> Value {
-    json!({
-        "id": n.id,
-        "region": n.region,
-        "status": n.status,
-        "draining": n.draining,
-        "total_memory_mib": n.total_memory_mib,
-        "free_memory_mib": n.free_memory_mib,
-        "cpus": n.cpus,
-        "max_concurrent_runs": n.max_concurrent_runs,
-        "running_runs": n.running_run_ids,
-        "cached_images": n.cached_images,
-        "last_heartbeat_age_seconds": n.last_heartbeat_age_millis as f64 / 1000.0,
-    })
+/// One output line of a run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogView {
+    pub id: u64,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub msg: String,
+    #[schema(required = true, format = DateTime)]
+    pub ts: Option<String>,
+}
+
+pub fn log(l: &pb::LogEntry) -> LogView {
+    LogView {
+        id: l.id,
+        stream: l.stream.clone(),
+        msg: l.msg.clone(),
+        ts: timestamp_nanos(i128::from(l.ts_unix_nanos)),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeView {
+    pub id: String,
+    pub region: String,
+    /// `ready`, `draining`, `disconnected` or `lost`.
+    pub status: String,
+    pub draining: bool,
+    pub total_memory_mib: u64,
+    pub free_memory_mib: u64,
+    pub cpus: u32,
+    pub max_concurrent_runs: u32,
+    /// The ids of the runs the node is running.
+    pub running_runs: Vec<String>,
+    pub cached_images: Vec<String>,
+    pub last_heartbeat_age_seconds: f64,
+}
+
+pub fn node(n: &pb::Node) -> NodeView {
+    NodeView {
+        id: n.id.clone(),
+        region: n.region.clone(),
+        status: n.status.clone(),
+        draining: n.draining,
+        total_memory_mib: n.total_memory_mib,
+        free_memory_mib: n.free_memory_mib,
+        cpus: n.cpus,
+        max_concurrent_runs: n.max_concurrent_runs,
+        running_runs: n.running_run_ids.clone(),
+        cached_images: n.cached_images.clone(),
+        last_heartbeat_age_seconds: n.last_heartbeat_age_millis as f64 / 1000.0,
+    }
+}
+
+/// The log stream's last event: the run has ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunStateView {
+    pub status: String,
+    #[schema(required = true)]
+    pub exit_code: Option<i32>,
+}
+
+/// The log stream's event when the stream broke (the client may resume with `Last-Event-ID`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamErrorView {
+    pub code: String,
+    pub message: String,
 }

@@ -6,12 +6,15 @@ use serde::{Deserialize, Serialize};
 
 /// One environment variable, in Nodion's field names. A `secret` one is never returned by the
 /// API and is redacted from the run's logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvVar {
+    /// Matches `[A-Za-z_][A-Za-z0-9_]*`.
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]*$")]
     pub env_key: String,
     /// `null` (how the API shows a secret) reads as empty: on a PATCH, "keep the stored value".
     #[serde(default, deserialize_with = "null_as_empty")]
+    #[schema(nullable)]
     pub env_val: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secret: bool,
@@ -273,7 +276,7 @@ pub struct ContainerRegistry {
 }
 
 /// A machine size users pick for a runner.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceType {
     pub slug: String,

@@ -20,7 +20,9 @@ pub const TIMEOUT_DEFAULT: u32 = 3_600;
 pub const ENV_MAX_VARIABLES: usize = 200;
 pub const ENV_VALUE_MAX: usize = 32_768;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One wrong field: `field` is its JSON path (`env_variables[1].env_key`), a header or query
+/// parameter name, or `""` when the error concerns no single field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -61,28 +63,52 @@ impl Collector {
 }
 
 /// `POST /v1/runners` and `PATCH /v1/runners/{id}` body.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunnerInput {
+    /// 3 to 50 characters. Required on create.
+    #[schema(min_length = 3, max_length = 50)]
     pub name: Option<String>,
+    /// A repository name (`busybox`, `registry.example:5000/team/app`). Required on create.
     pub image_name: Option<String>,
+    /// A tag (letters, digits, `_`, `.`, `-`; at most 128) or `sha256:` digest. Required on
+    /// create.
+    #[schema(pattern = r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|sha256:[0-9a-fA-F]{64})$")]
     pub image_tag: Option<String>,
+    /// Shell form, run as `sh -c`: 1 to 1,000 characters, not blank. Mutually exclusive with
+    /// `argv`.
+    #[schema(min_length = 1, max_length = 1000)]
     pub run_command: Option<String>,
+    /// Exec form (no shell): at most 200 elements and 8,000 characters in total. Mutually
+    /// exclusive with `run_command`.
+    #[schema(max_items = 200)]
     pub argv: Option<Vec<String>>,
+    /// At most 500 characters, split into words like a shell would (quotes allowed).
+    #[schema(max_length = 500)]
     pub entrypoint: Option<String>,
+    /// 1 to 86,400; 3,600 when absent on create.
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_seconds: Option<i64>,
+    /// One of `GET /v1/regions`. Required on create.
     pub region: Option<String>,
+    /// One of `GET /v1/instance_types`. Required on create.
     pub instance_type: Option<String>,
+    /// At most 200 variables.
+    #[schema(max_items = 200)]
     pub env_variables: Option<Vec<EnvVar>>,
+    /// A private registry (`POST /v1/container_registries`) to pull the image from; `""`
+    /// detaches (PATCH).
     pub container_registry_id: Option<String>,
 }
 
 impl RunnerInput {
     pub fn into_spec(self, catalog: &Catalog) -> Result<RunnerSpec, ValidationErrors> {
         let mut c = Collector::default();
-        let mut require = |field: &str, v: Option<String>| {
+        let mut missing = Vec::new();
+        let mut require = |field: &'static str, v: Option<String>| {
             v.unwrap_or_else(|| {
                 c.push(field, "is required");
+                missing.push(field);
                 String::new()
             })
         };
@@ -104,7 +130,7 @@ impl RunnerInput {
             timeout_seconds: timeout,
             ..spec
         };
-        check_spec(&mut c, &spec, true, catalog);
+        check_spec(&mut c, &spec, &missing, catalog);
         c.finish(spec)
     }
 }
@@ -159,18 +185,28 @@ impl RunnerInput {
             // An empty string detaches the runner from its registry.
             next.container_registry_id = (!v.is_empty()).then_some(v);
         }
-        check_spec(&mut c, &next, false, catalog);
+        check_spec(&mut c, &next, &[], catalog);
         c.finish(next)
     }
 }
 
 /// `POST /v1/runners/{id}/runs` body: per-run overrides.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInput {
+    /// Exec form (no shell): 1 to 200 elements, at most 8,000 characters in total. Mutually
+    /// exclusive with `command`.
+    #[schema(min_items = 1, max_items = 200)]
     pub argv: Option<Vec<String>>,
+    /// Shell form, run as `sh -c`: 1 to 4,000 characters, not blank. Mutually exclusive with
+    /// `argv`.
+    #[schema(min_length = 1, max_length = 4000)]
     pub command: Option<String>,
+    /// At most 500 characters.
+    #[schema(max_length = 500)]
     pub entrypoint: Option<String>,
+    /// Added to (and overriding) the runner's variables; at most 200.
+    #[schema(max_items = 200)]
     pub env_variables: Option<Vec<EnvVar>>,
 }
 
@@ -220,12 +256,18 @@ pub fn validate_batch(items: Vec<RunInput>) -> Result<Vec<RunInput>, ValidationE
 }
 
 /// `POST /v1/container_registries` body.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryInput {
+    /// 3 to 50 characters. Required.
+    #[schema(min_length = 3, max_length = 50)]
     pub name: Option<String>,
+    /// `registry.example.com` or `10.0.0.5:5000`. Required.
     pub host: Option<String>,
+    /// At most 255 characters, without `:`. Required.
+    #[schema(max_length = 255, pattern = "^[^:]*$")]
     pub username: Option<String>,
+    /// At most 4,096 bytes; never returned. Required.
     pub password: Option<String>,
 }
 
@@ -244,6 +286,7 @@ pub const REGISTRY_PASSWORD_MAX: usize = 4_096;
 impl RegistryInput {
     pub fn validate(self) -> Result<RegistrySpec, ValidationErrors> {
         let mut c = Collector::default();
+        let (name_given, host_given) = (self.name.is_some(), self.host.is_some());
         let mut require = |field: &str, v: Option<String>| {
             v.unwrap_or_else(|| {
                 c.push(field, "is required");
@@ -257,13 +300,13 @@ impl RegistryInput {
             password: require("password", self.password),
         };
         let len = spec.name.chars().count();
-        if !spec.name.is_empty() && !(NAME_MIN..=NAME_MAX).contains(&len) {
+        if name_given && !(NAME_MIN..=NAME_MAX).contains(&len) {
             c.push(
                 "name",
                 format!("must be {NAME_MIN} to {NAME_MAX} characters long"),
             );
         }
-        if !spec.host.is_empty() && !is_host(&spec.host) {
+        if host_given && !is_host(&spec.host) {
             c.push(
                 "host",
                 "must be a registry host such as `registry.example.com` or `10.0.0.5:5000`",
@@ -294,7 +337,7 @@ pub fn validate_spec(spec: &RunnerSpec, catalog: &Catalog) -> Result<(), Validat
             format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"),
         );
     }
-    check_spec(&mut c, spec, false, catalog);
+    check_spec(&mut c, spec, &[], catalog);
     c.finish(())
 }
 
@@ -312,23 +355,24 @@ fn check_timeout(c: &mut Collector, v: Option<i64>) -> u32 {
     }
 }
 
-fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool, catalog: &Catalog) {
-    // A required field missing on create was already reported as "is required".
-    let given = |v: &str| !(creating && v.is_empty());
+/// `missing`: the required fields absent from a create, already reported as "is required".
+/// A field given as `""` is checked like any other value (and fails).
+fn check_spec(c: &mut Collector, s: &RunnerSpec, missing: &[&str], catalog: &Catalog) {
+    let given = |field: &str| !missing.contains(&field);
     let name_len = s.name.chars().count();
-    if given(&s.name) && !(NAME_MIN..=NAME_MAX).contains(&name_len) {
+    if given("name") && !(NAME_MIN..=NAME_MAX).contains(&name_len) {
         c.push(
             "name",
             format!("must be {NAME_MIN} to {NAME_MAX} characters long"),
         );
     }
-    if given(&s.image_name) && !is_image_name(&s.image_name) {
+    if given("image_name") && !is_image_name(&s.image_name) {
         c.push(
             "image_name",
             "must be a repository name such as `busybox` or `registry.example:5000/team/app`",
         );
     }
-    if given(&s.image_tag) && !is_image_tag(&s.image_tag) {
+    if given("image_tag") && !is_image_tag(&s.image_tag) {
         c.push(
             "image_tag",
             "must be a tag (letters, digits, `_`, `.`, `-`, at most 128) or a sha256 digest",
@@ -344,13 +388,13 @@ fn check_spec(c: &mut Collector, s: &RunnerSpec, creating: bool, catalog: &Catal
     if let Some(ep) = &s.entrypoint {
         check_entrypoint(c, ep);
     }
-    if given(&s.region) && !catalog.has_region(&s.region) {
+    if given("region") && !catalog.has_region(&s.region) {
         c.push(
             "region",
             format!("unknown region; known: {}", catalog.regions.join(", ")),
         );
     }
-    if given(&s.instance_type) && catalog.instance_type(&s.instance_type).is_none() {
+    if given("instance_type") && catalog.instance_type(&s.instance_type).is_none() {
         let known: Vec<&str> = catalog
             .instance_types
             .iter()
@@ -707,5 +751,282 @@ mod tests {
         }
         .validate();
         assert!(r.is_err());
+    }
+    /// The fields a result's errors name (empty when it passed).
+    fn named<T>(r: Result<T, ValidationErrors>) -> Vec<String> {
+        r.err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default()
+    }
+
+    fn runner_with(f: impl FnOnce(&mut RunnerInput)) -> Vec<String> {
+        let mut input = good();
+        f(&mut input);
+        named(input.into_spec(&Catalog::default()))
+    }
+
+    fn run_with(f: impl FnOnce(&mut RunInput)) -> Vec<String> {
+        let mut input = RunInput::default();
+        f(&mut input);
+        named(input.validate())
+    }
+
+    /// `(value, ok)` pairs: an ok one passes, a bad one fails naming exactly `field`.
+    fn boundaries<V: Clone + std::fmt::Debug>(
+        field: &str,
+        cases: &[(V, bool)],
+        check: impl Fn(V) -> Vec<String>,
+    ) {
+        for (v, ok) in cases {
+            let got = check(v.clone());
+            let want: Vec<String> = if *ok { vec![] } else { vec![field.to_owned()] };
+            let shown = format!("{v:?}");
+            assert_eq!(got, want, "{field} = {}", &shown[..shown.len().min(60)]);
+        }
+    }
+
+    #[test]
+    fn name_is_3_to_50_characters_and_the_error_names_it() {
+        boundaries(
+            "name",
+            &[
+                ("ab".to_owned(), false),
+                ("abc".to_owned(), true),
+                ("a".repeat(50), true),
+                ("a".repeat(51), false),
+                ("é".repeat(50), true), // characters, not bytes
+                ("é".repeat(51), false),
+            ],
+            |v| runner_with(|r| r.name = Some(v)),
+        );
+    }
+
+    #[test]
+    fn image_name_and_tag_are_required_and_well_formed() {
+        assert_eq!(runner_with(|r| r.image_name = None), vec!["image_name"]);
+        assert_eq!(runner_with(|r| r.image_tag = None), vec!["image_tag"]);
+        boundaries(
+            "image_name",
+            &[
+                ("busybox".to_owned(), true),
+                ("127.0.0.1:5001/team/app".to_owned(), true),
+                ("Busybox".to_owned(), false),
+                ("".to_owned(), false),
+                ("a b".to_owned(), false),
+                ("busybox:latest".to_owned(), false),
+            ],
+            |v| runner_with(|r| r.image_name = Some(v)),
+        );
+        let digest = format!("sha256:{}", "a".repeat(64));
+        boundaries(
+            "image_tag",
+            &[
+                ("latest".to_owned(), true),
+                ("v1.2_3-rc".to_owned(), true),
+                ("_x".to_owned(), true),
+                ("a".repeat(128), true),
+                ("a".repeat(129), false),
+                ("".to_owned(), false),
+                (".x".to_owned(), false),
+                ("-x".to_owned(), false),
+                ("a/b".to_owned(), false),
+                (digest.clone(), true),
+                (format!("sha256:{}", "a".repeat(63)), false),
+                (format!("sha256:{}", "g".repeat(64)), false),
+            ],
+            |v| runner_with(|r| r.image_tag = Some(v)),
+        );
+    }
+
+    #[test]
+    fn run_command_is_at_most_1000_characters() {
+        boundaries(
+            "run_command",
+            &[
+                ("x".repeat(1_000), true),
+                ("x".repeat(1_001), false),
+                ("é".repeat(1_000), true),
+                ("".to_owned(), false),
+                ("   ".to_owned(), false),
+            ],
+            |v| runner_with(|r| r.run_command = Some(v)),
+        );
+    }
+
+    #[test]
+    fn a_run_command_override_is_at_most_4000_characters() {
+        boundaries(
+            "command",
+            &[
+                ("x".repeat(4_000), true),
+                ("x".repeat(4_001), false),
+                ("é".repeat(4_000), true),
+                ("".to_owned(), false),
+            ],
+            |v| run_with(|r| r.command = Some(v)),
+        );
+    }
+
+    /// `n` elements of `each` characters.
+    fn argv(n: usize, each: usize) -> Vec<String> {
+        vec!["a".repeat(each); n]
+    }
+
+    #[test]
+    fn argv_is_at_most_200_elements_and_8000_characters() {
+        let cases = [
+            (argv(200, 1), true),
+            (argv(201, 1), false),
+            (argv(200, 40), true), // 8,000 characters in total
+            (
+                argv(199, 40)
+                    .into_iter()
+                    .chain([("a".repeat(41))])
+                    .collect(),
+                false,
+            ), // 8,001
+            (argv(1, 8_000), true),
+            (argv(1, 8_001), false),
+        ];
+        boundaries("argv", &cases, |v| {
+            runner_with(|r| {
+                r.run_command = None;
+                r.argv = Some(v);
+            })
+        });
+        boundaries("argv", &cases, |v| run_with(|r| r.argv = Some(v)));
+        // A run's argv replaces the runner's command, so it cannot be empty.
+        assert_eq!(run_with(|r| r.argv = Some(vec![])), vec!["argv"]);
+    }
+
+    #[test]
+    fn argv_excludes_run_command_and_command() {
+        assert_eq!(
+            runner_with(|r| r.argv = Some(vec!["echo".into()])),
+            vec!["argv"]
+        );
+        assert_eq!(
+            run_with(|r| {
+                r.argv = Some(vec!["echo".into()]);
+                r.command = Some("echo".into());
+            }),
+            vec!["argv"]
+        );
+        let spec = good().into_spec(&Catalog::default());
+        let both = RunnerInput {
+            run_command: Some("echo".into()),
+            argv: Some(vec!["echo".into()]),
+            ..Default::default()
+        };
+        let patched = spec.map(|s| named(both.apply(&s, &Catalog::default())));
+        assert_eq!(patched, Ok(vec!["argv".to_owned()]));
+    }
+
+    #[test]
+    fn entrypoint_is_at_most_500_characters() {
+        let cases = [
+            ("x".repeat(500), true),
+            ("x".repeat(501), false),
+            ("é".repeat(500), true),
+            ("sh -c 'unterminated".to_owned(), false),
+        ];
+        boundaries("entrypoint", &cases, |v| {
+            runner_with(|r| r.entrypoint = Some(v))
+        });
+        boundaries("entrypoint", &cases, |v| {
+            run_with(|r| r.entrypoint = Some(v))
+        });
+    }
+
+    #[test]
+    fn timeout_is_1_to_86400_and_defaults_to_3600() {
+        boundaries(
+            "timeout_seconds",
+            &[
+                (-1_i64, false),
+                (0, false),
+                (1, true),
+                (86_400, true),
+                (86_401, false),
+                (i64::MAX, false),
+            ],
+            |v| runner_with(|r| r.timeout_seconds = Some(v)),
+        );
+        let spec = good().into_spec(&Catalog::default());
+        assert_eq!(spec.map(|s| s.timeout_seconds), Ok(3_600));
+    }
+
+    #[test]
+    fn env_keys_match_the_identifier_pattern() {
+        let var = |k: &str| EnvVar {
+            env_key: k.to_owned(),
+            env_val: "v".to_owned(),
+            secret: false,
+        };
+        for (key, ok) in [
+            ("A", true),
+            ("_", true),
+            ("a1", true),
+            ("_A_1_b", true),
+            ("PATH", true),
+            ("", false),
+            ("1A", false),
+            ("A-B", false),
+            ("A B", false),
+            ("A.B", false),
+            ("É", false),
+            ("A=", false),
+        ] {
+            let want: Vec<String> = if ok {
+                vec![]
+            } else {
+                vec!["env_variables[0].env_key".to_owned()]
+            };
+            assert_eq!(
+                runner_with(|r| r.env_variables = Some(vec![var(key)])),
+                want,
+                "runner env key {key:?}"
+            );
+            assert_eq!(
+                run_with(|r| r.env_variables = Some(vec![var(key)])),
+                want,
+                "run env key {key:?}"
+            );
+        }
+    }
+    #[test]
+    fn an_empty_string_is_a_value_that_fails_not_an_absent_field() {
+        for field in ["name", "image_name", "image_tag", "region", "instance_type"] {
+            let got = runner_with(|r| {
+                let slot = match field {
+                    "name" => &mut r.name,
+                    "image_name" => &mut r.image_name,
+                    "image_tag" => &mut r.image_tag,
+                    "region" => &mut r.region,
+                    _ => &mut r.instance_type,
+                };
+                *slot = Some(String::new());
+            });
+            assert_eq!(got, vec![field.to_owned()], "{field}: \"\"");
+        }
+        let registry = |name: &str, host: &str| {
+            named(
+                RegistryInput {
+                    name: Some(name.into()),
+                    host: Some(host.into()),
+                    username: Some("u".into()),
+                    password: Some("p".into()),
+                }
+                .validate(),
+            )
+        };
+        assert_eq!(registry("", "127.0.0.1:5002"), vec!["name"]);
+        assert_eq!(registry("abc", ""), vec!["host"]);
+        assert_eq!(registry("ab", "127.0.0.1:5002"), vec!["name"]);
+        assert_eq!(
+            registry(&"a".repeat(50), "127.0.0.1:5002"),
+            Vec::<String>::new()
+        );
+        assert_eq!(registry(&"a".repeat(51), "127.0.0.1:5002"), vec!["name"]);
     }
 }

@@ -1,0 +1,457 @@
+//! The OpenAPI 3 document, served at `GET /v1/openapi.json`. It is generated (utoipa) from the
+//! types the handlers parse and render: the request bodies of `berth_core::validate`, the
+//! response structs of [`crate::views`] and [`crate::error::ErrorBody`], and the
+//! `#[utoipa::path]` annotation on every handler. A test checks it against the router's route
+//! table ([`crate::routes`]) both ways.
+
+use crate::error::ErrorBody;
+use crate::views::{
+    LogView, NodeView, RegistryView, RunStateView, RunView, RunnerView, StreamErrorView,
+};
+use axum::Json;
+use berth_core::validate::{FieldError, RegistryInput, RunInput, RunnerInput};
+use berth_core::{EnvVar, InstanceType};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// `{"runner": …}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunnerResponse {
+    pub runner: RunnerView,
+}
+
+/// `{"runners": […]}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunnersResponse {
+    pub runners: Vec<RunnerView>,
+}
+
+/// `{"run": …}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunResponse {
+    pub run: RunView,
+}
+
+/// `{"runs": […]}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunsResponse {
+    pub runs: Vec<RunView>,
+}
+
+/// A page of a run's output lines.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogsPage {
+    pub logs: Vec<LogView>,
+    pub has_more: bool,
+    /// Pass as `after_id` to get the next page.
+    pub next_after_id: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeResponse {
+    pub node: NodeView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodesResponse {
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegistryResponse {
+    pub container_registry: RegistryView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegistriesResponse {
+    pub container_registries: Vec<RegistryView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstanceTypesResponse {
+    pub instance_types: Vec<InstanceType>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Region {
+    pub slug: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegionsResponse {
+    pub regions: Vec<Region>,
+}
+
+/// One group of `GET /v1/usage`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageRow {
+    /// The runner id, instance type slug or day (`YYYY-MM-DD`), by `group_by`.
+    pub key: String,
+    pub runs: u64,
+    pub billed_seconds: u64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageTotal {
+    pub billed_seconds: u64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageResponse {
+    #[schema(required = true, format = DateTime)]
+    pub from: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub to: Option<String>,
+    pub group_by: String,
+    pub usage: Vec<UsageRow>,
+    pub total: UsageTotal,
+}
+
+/// Adds the bearer scheme every `/v1` route but this document requires.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The API token (`berth-api --token`)"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Berth",
+        description = "Berth's public REST API: runners, runs, their logs (paged and as Server-Sent Events), nodes, private registries, usage. Every error is `{\"code\", \"errors\": [{\"field\", \"message\"}]}` naming the field.",
+        license(name = "Apache-2.0"),
+    ),
+    security(("bearer" = [])),
+    modifiers(&BearerAuth),
+    paths(
+        crate::handlers::healthz,
+        crate::handlers::openapi_json,
+        crate::handlers::list_runners,
+        crate::handlers::create_runner,
+        crate::handlers::get_runner,
+        crate::handlers::update_runner,
+        crate::handlers::delete_runner,
+        crate::handlers::list_runs,
+        crate::handlers::create_run,
+        crate::handlers::create_runs,
+        crate::handlers::get_run,
+        crate::handlers::stop_run,
+        crate::handlers::list_logs,
+        crate::handlers::stream_logs,
+        crate::handlers::warmup_runner,
+        crate::handlers::list_registries,
+        crate::handlers::create_registry,
+        crate::handlers::get_registry,
+        crate::handlers::delete_registry,
+        crate::handlers::usage,
+        crate::handlers::list_nodes,
+        crate::handlers::drain_node,
+        crate::handlers::resume_node,
+        crate::handlers::list_instance_types,
+        crate::handlers::list_regions,
+        crate::admin::create_api_key,
+        crate::admin::list_api_keys,
+        crate::admin::revoke_api_key,
+    ),
+    components(schemas(
+        ErrorBody, FieldError, RunnerInput, RunInput, crate::handlers::BatchInput, RegistryInput, EnvVar,
+        InstanceType, LogView, RunStateView, StreamErrorView,
+    ))
+)]
+pub struct ApiDoc;
+
+const LOG_STREAM: &str = "/v1/runners/{id}/runs/{run_id}/logs/stream";
+
+/// The document, built once. The log stream's event schema is added here (one `oneOf` branch
+/// per event type, each event's `data` a JSON document with its own schema), which utoipa's
+/// annotations cannot express.
+pub fn document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        let pointer = format!(
+            "/paths/{}/get/responses/200/content/text~1event-stream",
+            LOG_STREAM.replace('/', "~1")
+        );
+        if let Some(content) = doc.pointer_mut(&pointer) {
+            content["schema"] = log_stream_event_schema();
+        }
+        doc
+    })
+}
+
+/// One Server-Sent Event of the log stream, as `{event, id, data}`.
+fn log_stream_event_schema() -> serde_json::Value {
+    let event = |name: &str, id_required: bool, data: &str| {
+        let mut required = vec!["event", "data"];
+        if id_required {
+            required.push("id");
+        }
+        serde_json::json!({
+            "type": "object",
+            "required": required,
+            "properties": {
+                "event": { "const": name },
+                "id": { "type": "string" },
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": { "$ref": format!("#/components/schemas/{data}") },
+                },
+            },
+        })
+    };
+    serde_json::json!({
+        "oneOf": [
+            event("log", true, "LogView"),
+            event("state", false, "RunStateView"),
+            event("error", false, "StreamErrorView"),
+        ]
+    })
+}
+
+pub fn json() -> Json<&'static serde_json::Value> {
+    Json(document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// (method, path) of every operation in the document.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc = document();
+        let mut ops = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                if [
+                    "get", "put", "post", "delete", "patch", "head", "options", "trace",
+                ]
+                .contains(&method.as_str())
+                {
+                    ops.insert((method.clone(), path.clone()));
+                }
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_operation_is_served() {
+        let served: BTreeSet<(String, String)> = crate::routes()
+            .iter()
+            .map(|r| (r.verb.as_str().to_owned(), r.path.to_owned()))
+            .collect();
+        let documented = documented();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "documented but not routed: {unserved:?}"
+        );
+        assert_eq!(
+            served.len(),
+            crate::routes().len(),
+            "a route is listed twice"
+        );
+    }
+
+    #[test]
+    fn the_document_says_which_routes_need_the_token() {
+        let doc = document();
+        assert_eq!(doc["security"], serde_json::json!([{ "bearer": [] }]));
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        for r in crate::routes() {
+            let op = &doc["paths"][r.path][r.verb.as_str()];
+            // An operation without its own `security` inherits the document's (the token).
+            let open = op["security"] == serde_json::json!([{}]);
+            assert_eq!(open, !r.authenticated, "{} {}", r.verb.as_str(), r.path);
+        }
+    }
+
+    #[test]
+    fn the_log_stream_documents_each_event() {
+        let doc = document();
+        let op = &doc["paths"][LOG_STREAM]["get"]["responses"]["200"]["content"];
+        let branches = op["text/event-stream"]["schema"]["oneOf"].as_array();
+        assert_eq!(branches.map(Vec::len), Some(3), "{op}");
+        for schema in ["LogView", "RunStateView", "StreamErrorView"] {
+            assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+        }
+    }
+
+    /// The limits the document states are the ones `berth_core::validate` enforces.
+    #[test]
+    fn documented_limits_are_the_enforced_ones() {
+        use berth_core::validate as v;
+        let doc = document();
+        let prop = |schema: &str, field: &str, key: &str| {
+            doc["components"]["schemas"][schema]["properties"][field][key].as_u64()
+        };
+        let n = |x: usize| u64::try_from(x).ok();
+        let cases = [
+            (prop("RunnerInput", "name", "minLength"), n(v::NAME_MIN)),
+            (prop("RunnerInput", "name", "maxLength"), n(v::NAME_MAX)),
+            (
+                prop("RunnerInput", "run_command", "maxLength"),
+                n(v::RUN_COMMAND_MAX),
+            ),
+            (
+                prop("RunnerInput", "argv", "maxItems"),
+                n(v::ARGV_MAX_ELEMENTS),
+            ),
+            (
+                prop("RunnerInput", "entrypoint", "maxLength"),
+                n(v::ENTRYPOINT_MAX),
+            ),
+            (
+                prop("RunnerInput", "env_variables", "maxItems"),
+                n(v::ENV_MAX_VARIABLES),
+            ),
+            (
+                prop("RunnerInput", "timeout_seconds", "minimum"),
+                u64::try_from(v::TIMEOUT_MIN).ok(),
+            ),
+            (
+                prop("RunnerInput", "timeout_seconds", "maximum"),
+                u64::try_from(v::TIMEOUT_MAX).ok(),
+            ),
+            (
+                prop("RunInput", "command", "maxLength"),
+                n(v::RUN_OVERRIDE_COMMAND_MAX),
+            ),
+            (
+                prop("RunInput", "argv", "maxItems"),
+                n(v::ARGV_MAX_ELEMENTS),
+            ),
+            (
+                prop("RunInput", "entrypoint", "maxLength"),
+                n(v::ENTRYPOINT_MAX),
+            ),
+            (
+                prop("RunInput", "env_variables", "maxItems"),
+                n(v::ENV_MAX_VARIABLES),
+            ),
+            (prop("RegistryInput", "name", "minLength"), n(v::NAME_MIN)),
+            (prop("RegistryInput", "name", "maxLength"), n(v::NAME_MAX)),
+            (
+                prop("RegistryInput", "username", "maxLength"),
+                n(v::REGISTRY_USERNAME_MAX),
+            ),
+            (
+                prop("BatchInput", "runs", "maxItems"),
+                n(crate::handlers::BATCH_MAX_RUNS),
+            ),
+        ];
+        for (i, (documented, enforced)) in cases.iter().enumerate() {
+            assert!(
+                documented.is_some() && documented == enforced,
+                "case {i}: {documented:?} vs {enforced:?}"
+            );
+        }
+        let key = doc["paths"]["/v1/runners/{id}/runs"]["post"]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "Idempotency-Key")
+            .map(|p| p["schema"]["maxLength"].as_u64());
+        assert_eq!(key, Some(n(crate::handlers::IDEMPOTENCY_KEY_MAX)));
+        // The env key pattern is the one `is_env_key` implements.
+        let pattern = &doc["components"]["schemas"]["EnvVar"]["properties"]["env_key"]["pattern"];
+        assert_eq!(pattern, "^[A-Za-z_][A-Za-z0-9_]*$");
+    }
+
+    #[test]
+    fn bodies_that_reject_unknown_fields_say_so() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        for name in [
+            "RunnerInput",
+            "RunInput",
+            "BatchInput",
+            "RegistryInput",
+            "EnvVar",
+        ] {
+            assert_eq!(
+                schemas[name]["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_a_view_renders_is_in_its_schema_and_required() {
+        use berth_proto::v1 as pb;
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let run = pb::Run {
+            exit_code: Some(1),
+            started_at_unix_millis: Some(1),
+            completed_at_unix_millis: Some(2),
+            ..Default::default()
+        };
+        let cases = [
+            ("RunView", serde_json::to_value(crate::views::run(&run))),
+            (
+                "RunnerView",
+                serde_json::to_value(crate::views::runner(&pb::Runner::default())),
+            ),
+            (
+                "NodeView",
+                serde_json::to_value(crate::views::node(&pb::Node::default())),
+            ),
+        ];
+        for (name, value) in cases {
+            let value = value.unwrap_or_default();
+            let rendered: BTreeSet<&String> = value
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            let properties: BTreeSet<&String> = schemas[name]["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            let required: BTreeSet<&str> = schemas[name]["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            assert!(!rendered.is_empty(), "{name}");
+            assert_eq!(rendered, properties, "{name}");
+            for key in rendered {
+                assert!(
+                    required.contains(key.as_str()),
+                    "{name}.{key} is always rendered"
+                );
+            }
+        }
+    }
+}
