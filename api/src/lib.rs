@@ -74,7 +74,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/runners/{id}",
             get(get_runner).patch(update_runner).delete(delete_runner),
         )
-        .route("/v1/runners/{id}/runs", get(list_runs).post(create_run))
+        .route(
+            "/v1/runners/{id}/runs",
+            get(list_runs).post(create_run).layer(axum::extract::DefaultBodyLimit::max(
+                body::MAX_RUN_BODY_BYTES,
+            )),
+        )
         .route("/v1/runners/{id}/runs/batch", post(create_runs))
         .route("/v1/runners/{id}/runs/{run_id}", get(get_run))
         .route("/v1/runners/{id}/runs/{run_id}/stop", post(stop_run))

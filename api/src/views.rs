@@ -63,6 +63,7 @@ pub fn runner(r: &pb::Runner) -> Value {
         "instance_type": s.instance_type,
         "env_variables": env(&s.env_variables),
         "container_registry_id": s.container_registry_id,
+        "stop_grace_seconds": s.stop_grace_seconds,
         "warmed_at": opt_millis(r.warmed_at_unix_millis),
         "warmup_status": r.warmup_status,
         "warm_node_id": r.warm_node_id,
@@ -107,7 +108,26 @@ pub fn run(r: &pb::Run) -> Value {
         "price_per_second_usd": nano_usd(r.price_nano_usd_per_second),
         "billed_seconds": r.billed_seconds,
         "cost_usd": r.cost_nano_usd.map(nano_usd),
+        "stop_grace_seconds": r.stop_grace_seconds,
+        "files": files(&r.files),
     })
+}
+
+/// A run's uploaded files as the API shows them: never their content.
+fn files(files: &[pb::RunFileInfo]) -> Value {
+    Value::Array(
+        files
+            .iter()
+            .map(|f| {
+                json!({
+                    "path": f.path,
+                    "mode": f.mode,
+                    "size_bytes": f.size_bytes,
+                    "sha256": f.sha256,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// A registry as the API shows it: the password is never returned.

@@ -39,6 +39,9 @@ pub struct RunnerSpec {
     /// A private registry (its credentials) to pull the image from.
     #[serde(default)]
     pub container_registry_id: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL on timeout or stop; None: the scheduler's default.
+    #[serde(default)]
+    pub stop_grace_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +138,57 @@ pub struct Run {
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
+    /// Files placed read-only in the container. Kept with the (sealed) record; the control
+    /// service only ever returns their path, mode, size and digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<RunFile>,
+    /// Seconds between SIGTERM and SIGKILL on timeout or stop, fixed when the run was created
+    /// (None for runs stored before it existed: the scheduler's default).
+    #[serde(default)]
+    pub stop_grace_seconds: Option<u32>,
+}
+
+/// A small file uploaded with a run, placed read-only at `path` inside its container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFile {
+    /// Absolute, normalised path inside the container.
+    pub path: String,
+    /// Permission bits, 0 to 0o777.
+    pub mode: u32,
+    #[serde(with = "base64_bytes")]
+    pub content: Vec<u8>,
+    /// Hex SHA-256 of `content`, what the API shows instead of it.
+    pub sha256: String,
+}
+
+impl RunFile {
+    pub fn new(path: String, mode: u32, content: Vec<u8>) -> RunFile {
+        use sha2::Digest as _;
+        let sha256 = hex::encode(sha2::Sha256::digest(&content));
+        RunFile {
+            path,
+            mode,
+            content,
+            sha256,
+        }
+    }
+}
+
+/// Bytes as standard base64 in JSON (a JSON array of numbers would quadruple them).
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Run {
@@ -388,7 +442,31 @@ mod tests {
             oom_killed: false,
             price_nano_usd_per_second: 0,
             queue_position: None,
+            files: vec![],
+            stop_grace_seconds: None,
         }
+    }
+
+    #[test]
+    fn files_are_stored_as_base64_with_their_digest() {
+        let mut r = run();
+        r.files = vec![RunFile::new("/etc/x".into(), 0o444, b"hello".to_vec())];
+        let json = serde_json::to_string(&r).unwrap_or_default();
+        assert!(json.contains("\"content\":\"aGVsbG8=\""), "{json}");
+        assert_eq!(
+            r.files[0].sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let back: Run = serde_json::from_str(&json).unwrap_or_else(|_| run());
+        assert_eq!(back.files, r.files);
+        // Records stored before files existed still read.
+        let mut old: serde_json::Value = serde_json::to_value(run()).unwrap_or_default();
+        if let Some(o) = old.as_object_mut() {
+            o.remove("files");
+            o.remove("stop_grace_seconds");
+        }
+        let back: Result<Run, _> = serde_json::from_value(old);
+        assert!(back.is_ok_and(|r| r.files.is_empty() && r.stop_grace_seconds.is_none()));
     }
 
     #[test]

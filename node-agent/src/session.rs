@@ -110,6 +110,7 @@ impl<R: ContainerRuntime> Agent<R> {
     ///   scheduler re-queues it;
     /// - a container without a journal: removed, as before.
     pub async fn recover(&self) {
+        self.journal.remove_orphans();
         let mut adopted = HashSet::new();
         for run_id in self.journal.list() {
             let run_dir = self.journal.run_dir(&run_id);

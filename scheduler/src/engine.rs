@@ -12,6 +12,7 @@
 
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
+use berth_core::convert::files_to_spec_pb;
 use berth_core::command::EffectiveCommand;
 use berth_core::model::{Catalog, ContainerRegistry, LogEntry, LogStream, Warmup, WarmupStatus};
 use berth_core::secrets::SecretKey;
@@ -499,6 +500,12 @@ impl<S: Store> Scheduler<S> {
                     "the runner's instance type is no longer in the catalog",
                 )
             })?;
+        let files = input.decoded_files()?;
+        let stop_grace_seconds = input
+            .stop_grace_seconds
+            .and_then(|g| u32::try_from(g).ok())
+            .or(runner.spec.stop_grace_seconds)
+            .unwrap_or(self.config.stop_grace_seconds);
         let effective = EffectiveCommand::resolve(&runner.spec, &input);
         let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
         for over in input.env_variables.unwrap_or_default() {
@@ -535,6 +542,8 @@ impl<S: Store> Scheduler<S> {
             oom_killed: false,
             price_nano_usd_per_second: itype.price_nano_usd_per_second(),
             queue_position: None,
+            files,
+            stop_grace_seconds: Some(stop_grace_seconds),
         })
     }
 
@@ -664,7 +673,14 @@ impl<S: Store> Scheduler<S> {
         if was_pending {
             return self.get_run(runner_id, run_id).await;
         }
-        let deadline = tokio::time::Instant::now() + self.config.stop_wait;
+        // A run with a longer grace than the scheduler's default gets that much longer.
+        let extra_grace = current
+            .stop_grace_seconds
+            .unwrap_or(self.config.stop_grace_seconds)
+            .saturating_sub(self.config.stop_grace_seconds);
+        let deadline = tokio::time::Instant::now()
+            + self.config.stop_wait
+            + Duration::from_secs(u64::from(extra_grace));
         loop {
             let run = self.get_run(runner_id, run_id).await?;
             if run.status.is_terminal() {
@@ -1571,11 +1587,14 @@ impl<S: Store> Scheduler<S> {
             timeout_seconds: run.timeout_seconds,
             memory_mib: run.memory_mib,
             cpu_millis: run.cpu_millis,
-            stop_grace_seconds: self.config.stop_grace_seconds,
+            stop_grace_seconds: run
+                .stop_grace_seconds
+                .unwrap_or(self.config.stop_grace_seconds),
             registry_auth: run
                 .container_registry_id
                 .as_ref()
                 .and_then(|id| st.registries.get(id).cloned()),
+            files: files_to_spec_pb(&run.files),
         }
     }
 }

@@ -24,6 +24,7 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
             secret: false,
         }],
         container_registry_id: None,
+        stop_grace_seconds: None,
     }
 }
 
