@@ -135,9 +135,7 @@ fn overrides(input: RunInput) -> ApiResult<pb::RunOverrides> {
         entrypoint: input.entrypoint,
         env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
         files,
-        stop_grace_seconds: input
-            .stop_grace_seconds
-            .and_then(|g| u32::try_from(g).ok()),
+        stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
     })
 }
 

@@ -76,9 +76,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/runners/{id}/runs",
-            get(list_runs).post(create_run).layer(axum::extract::DefaultBodyLimit::max(
-                body::MAX_RUN_BODY_BYTES,
-            )),
+            get(list_runs)
+                .post(create_run)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    body::MAX_RUN_BODY_BYTES,
+                )),
         )
         .route("/v1/runners/{id}/runs/batch", post(create_runs))
         .route("/v1/runners/{id}/runs/{run_id}", get(get_run))

@@ -476,9 +476,7 @@ pub fn file_path_problem(p: &str) -> Option<String> {
     for part in rest.split('/') {
         match part {
             "" => return Some("must not contain empty components (`//`)".to_owned()),
-            "." | ".." => {
-                return Some("must be normalised: no `.` or `..` components".to_owned())
-            }
+            "." | ".." => return Some("must be normalised: no `.` or `..` components".to_owned()),
             long if long.len() > FILE_NAME_MAX => {
                 return Some(format!(
                     "must not have a component longer than {FILE_NAME_MAX} bytes"
@@ -967,13 +965,21 @@ mod tests {
             ("/sys/x", false),
             ("/dev/shm/x", false),
         ] {
-            let f = run_fields(with_files(vec![file("/ok", "", None), file(path, "", None)]));
+            let f = run_fields(with_files(vec![
+                file("/ok", "", None),
+                file(path, "", None),
+            ]));
             let want: Vec<String> = if ok {
                 vec![]
             } else {
                 vec!["files[1].path".into()]
             };
-            assert_eq!(f, want, "path {:?}", path.chars().take(20).collect::<String>());
+            assert_eq!(
+                f,
+                want,
+                "path {:?}",
+                path.chars().take(20).collect::<String>()
+            );
         }
         // Exactly FILE_PATH_MAX bytes, in components of at most FILE_NAME_MAX, passes.
         let mut exact = String::new();
@@ -984,9 +990,15 @@ mod tests {
         exact.push('/');
         exact.push_str(&"e".repeat(FILE_PATH_MAX - exact.len()));
         assert_eq!(exact.len(), FILE_PATH_MAX);
-        assert_eq!(run_fields(with_files(vec![file(&exact, "", None)])), Vec::<String>::new());
+        assert_eq!(
+            run_fields(with_files(vec![file(&exact, "", None)])),
+            Vec::<String>::new()
+        );
         let over = format!("{exact}e");
-        assert_eq!(run_fields(with_files(vec![file(&over, "", None)])), vec!["files[0].path".to_string()]);
+        assert_eq!(
+            run_fields(with_files(vec![file(&over, "", None)])),
+            vec!["files[0].path".to_string()]
+        );
     }
 
     #[test]
@@ -1033,13 +1045,22 @@ mod tests {
         };
         assert_eq!(
             run_fields(with_files(vec![missing])),
-            vec!["files[0].path".to_string(), "files[0].content_base64".to_string()]
+            vec![
+                "files[0].path".to_string(),
+                "files[0].content_base64".to_string()
+            ]
         );
     }
 
     #[test]
     fn file_mode_boundaries() {
-        for (mode, ok) in [(0, true), (0o777, true), (0o1000, false), (-1, false), (0o4755, false)] {
+        for (mode, ok) in [
+            (0, true),
+            (0o777, true),
+            (0o1000, false),
+            (-1, false),
+            (0o4755, false),
+        ] {
             let f = run_fields(with_files(vec![file("/x", "", Some(mode))]));
             assert_eq!(f.is_empty(), ok, "mode {mode:o}");
             if !ok {
@@ -1052,12 +1073,18 @@ mod tests {
     fn file_count_and_total_size_boundaries() {
         let many = |n: usize| (0..n).map(|i| file(&format!("/f{i}"), "", None)).collect();
         assert!(run_fields(with_files(many(FILES_MAX))).is_empty());
-        assert_eq!(run_fields(with_files(many(FILES_MAX + 1))), vec!["files".to_string()]);
+        assert_eq!(
+            run_fields(with_files(many(FILES_MAX + 1))),
+            vec!["files".to_string()]
+        );
         let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
         let half = FILES_MAX_TOTAL_BYTES / 2;
         let exact = vec![file("/a", &b64(half), None), file("/b", &b64(half), None)];
         assert!(run_fields(with_files(exact)).is_empty());
-        let over = vec![file("/a", &b64(half), None), file("/b", &b64(half + 1), None)];
+        let over = vec![
+            file("/a", &b64(half), None),
+            file("/b", &b64(half + 1), None),
+        ];
         assert_eq!(run_fields(with_files(over)), vec!["files".to_string()]);
     }
 
@@ -1076,7 +1103,13 @@ mod tests {
 
     #[test]
     fn stop_grace_boundaries() {
-        for (g, ok) in [(0, false), (1, true), (300, true), (301, false), (-1, false)] {
+        for (g, ok) in [
+            (0, false),
+            (1, true),
+            (300, true),
+            (301, false),
+            (-1, false),
+        ] {
             let r = RunInput {
                 stop_grace_seconds: Some(g),
                 ..Default::default()

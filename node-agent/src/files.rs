@@ -152,10 +152,7 @@ mod tests {
         ];
         let mounts = write_files(run_dir.path(), &files).expect("write");
         let dir = run_dir.path().join(FILES_DIR);
-        assert_eq!(
-            std::fs::metadata(&dir).expect("dir").mode() & 0o777,
-            0o700
-        );
+        assert_eq!(std::fs::metadata(&dir).expect("dir").mode() & 0o777, 0o700);
         for (i, (m, f)) in mounts.iter().zip(&files).enumerate() {
             assert_eq!(m.source, dir.join(i.to_string()));
             assert_eq!(m.destination, PathBuf::from(&f.path));

@@ -12,8 +12,8 @@
 
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
-use berth_core::convert::files_to_spec_pb;
 use berth_core::command::EffectiveCommand;
+use berth_core::convert::files_to_spec_pb;
 use berth_core::model::{Catalog, ContainerRegistry, LogEntry, LogStream, Warmup, WarmupStatus};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
