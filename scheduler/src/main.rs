@@ -27,7 +27,8 @@ struct Args {
     /// Registry for image names that name none (e.g. `busybox`).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY", default_value = "docker.io")]
     default_registry: String,
-    /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out.
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out, unless the run or
+    /// its runner sets `stop_grace_seconds`.
     #[arg(long, default_value_t = 2)]
     stop_grace_seconds: u32,
     /// How to choose among nodes that fit: `best-fit` (pack) or `spread`.

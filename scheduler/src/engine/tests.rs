@@ -1020,3 +1020,73 @@ fn image_references() {
         format!("r:1/x/y@{digest}")
     );
 }
+
+#[tokio::test]
+async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_the_api() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let (plain, _) = s
+        .create_runner(spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (graceful, _) = s
+        .create_runner(RunnerSpec {
+            stop_grace_seconds: Some(30),
+            ..spec("fra", "standard-s")
+        })
+        .await
+        .expect("runner");
+    let file = |path: &str| berth_core::validate::FileInput {
+        path: Some(path.into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: None,
+    };
+    // The scheduler's flag, the runner's grace, the run's own.
+    let cases = [
+        (&plain, None, 2),
+        (&graceful, None, 30),
+        (&graceful, Some(5), 5),
+    ];
+    for (runner, run_grace, want) in cases {
+        let run = s
+            .create_run(
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file("/etc/app.conf")]),
+                    stop_grace_seconds: run_grace,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        assert_eq!(run.stop_grace_seconds, Some(want));
+        let a = next_assign(&mut fra);
+        let sent = a.spec.expect("spec");
+        assert_eq!(sent.stop_grace_seconds, want);
+        assert_eq!(
+            sent.files,
+            vec![pb::RunFile {
+                path: "/etc/app.conf".into(),
+                content: b"hello".to_vec(),
+                mode: 0o444,
+            }]
+        );
+        let shown: pb::Run = (&s.get_run(&runner.id, &run.id).await.expect("get")).into();
+        assert_eq!(shown.files.len(), 1);
+        assert_eq!(shown.files[0].size_bytes, 5);
+        assert_eq!(shown.stop_grace_seconds, Some(want));
+    }
+    // The scheduler re-checks what arrives over gRPC.
+    let bad = s
+        .create_run(
+            &plain.id,
+            RunInput {
+                files: Some(vec![file("/proc/x")]),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(SchedulerError::Invalid(_))), "{bad:?}");
+}
