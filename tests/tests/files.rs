@@ -326,3 +326,54 @@ async fn bad_files_are_refused_naming_the_field() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_re_adopted_run_keeps_its_files_until_its_end_and_leftovers_go_at_agent_start(
+) -> Result<()> {
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    // On SIGTERM it reads its file once more: after the agent's restart, the mount still works.
+    let runner = f
+        .runner(
+            "fra",
+            json!({"run_command": "trap 'cat /etc/berth/config.json; echo; exit 0' TERM; echo ready; sleep 1000 & wait"}),
+        )
+        .await?;
+    let run = f
+        .start_run(
+            &runner,
+            json!({"files": [{"path": "/etc/berth/config.json", "content_base64": b64(CONFIG.as_bytes())}]}),
+        )
+        .await?;
+    wait_line(&f, &runner, &run, "ready").await?;
+    let host = f.run_state_dir(&node, &run).join("files");
+    ensure!(host.join("0").is_file());
+    // Something an agent died while creating: a run directory without a journal.
+    let orphan = f.agent_state_dir(&node).join("runs/orphan-run");
+    std::fs::create_dir_all(orphan.join("files"))?;
+    std::fs::write(orphan.join("files/0"), "left over")?;
+
+    f.signal_agent(&node, "KILL")?;
+    f.restart_agent(&node)?;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.wait_node_status(&node, "ready", Duration::from_secs(15))
+        .await?;
+    ensure!(!orphan.exists(), "leftovers are removed at start");
+    ensure!(
+        std::fs::read(host.join("0"))? == CONFIG.as_bytes(),
+        "the re-adopted run keeps its files"
+    );
+
+    f.post(&format!("/v1/runners/{runner}/runs/{run}/stop"), json!({}))
+        .await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "canceled" && r["exit_code"] == 0, "{r}");
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(msgs(&logs, "stdout") == ["ready", CONFIG], "{logs:?}");
+    ensure!(
+        !host.exists(),
+        "uploaded files left after the re-adopted run ended"
+    );
+    f.assert_run_cleaned(&node, &run).await?;
+    Ok(())
+}
