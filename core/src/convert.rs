@@ -11,7 +11,7 @@ pub fn files_to_upload_pb(files: &[RunFile]) -> Vec<pb::FileUpload> {
         .iter()
         .map(|f| pb::FileUpload {
             path: f.path.clone(),
-            content: f.content.clone(),
+            content: f.content.to_vec(),
             mode: f.mode,
         })
         .collect()
@@ -36,7 +36,7 @@ pub fn files_to_spec_pb(files: &[RunFile]) -> Vec<pb::RunFile> {
         .iter()
         .map(|f| pb::RunFile {
             path: f.path.clone(),
-            content: f.content.clone(),
+            content: f.content.to_vec(),
             mode: f.mode,
         })
         .collect()
@@ -49,7 +49,7 @@ pub fn file_infos_pb(files: &[RunFile]) -> Vec<pb::RunFileInfo> {
         .map(|f| pb::RunFileInfo {
             path: f.path.clone(),
             mode: f.mode,
-            size_bytes: f.content.len() as u64,
+            size_bytes: f.size_bytes,
             sha256: f.sha256.clone(),
         })
         .collect()

@@ -219,7 +219,12 @@ impl RunInput {
     pub fn decoded_files(&self) -> Result<Vec<RunFile>, ValidationErrors> {
         let mut c = Collector::default();
         let files = check_files(&mut c, self.files.as_deref().unwrap_or_default());
-        c.finish(files)
+        c.finish(files).map(|files| {
+            files
+                .into_iter()
+                .map(|(path, mode, content)| RunFile::new(path, mode, content))
+                .collect()
+        })
     }
 
     pub fn validate(self) -> Result<RunInput, ValidationErrors> {
@@ -379,12 +384,12 @@ fn check_stop_grace(c: &mut Collector, v: Option<i64>) -> Option<u32> {
 }
 
 /// Checks every file (errors name `files[i].field`) and the limits of the whole set; returns
-/// the files that are valid, decoded.
-fn check_files(c: &mut Collector, files: &[FileInput]) -> Vec<RunFile> {
+/// the files that are valid, decoded, as (path, mode, content).
+fn check_files(c: &mut Collector, files: &[FileInput]) -> Vec<(String, u32, Vec<u8>)> {
     if files.len() > FILES_MAX {
         c.push("files", format!("must hold at most {FILES_MAX} files"));
     }
-    let mut out: Vec<RunFile> = Vec::with_capacity(files.len());
+    let mut out: Vec<(String, u32, Vec<u8>)> = Vec::with_capacity(files.len());
     let mut paths: Vec<(usize, &str)> = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
         let field = |name: &str| format!("files[{i}].{name}");
@@ -441,10 +446,10 @@ fn check_files(c: &mut Collector, files: &[FileInput]) -> Vec<RunFile> {
             }
         };
         if let (Some(path), Some(content), Some(mode)) = (path, content, mode) {
-            out.push(RunFile::new(path.to_owned(), mode, content));
+            out.push((path.to_owned(), mode, content));
         }
     }
-    let total: usize = out.iter().map(|f| f.content.len()).sum();
+    let total: usize = out.iter().map(|(_, _, content)| content.len()).sum();
     if total > FILES_MAX_TOTAL_BYTES {
         c.push(
             "files",
@@ -929,7 +934,7 @@ mod tests {
         assert_eq!(run_fields(input.clone()), Vec::<String>::new());
         let files = input.decoded_files().unwrap_or_default();
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].content, br#"{"a":1}"#.to_vec());
+        assert_eq!(&files[0].content[..], br#"{"a":1}"#);
         assert_eq!(files[0].mode, FILE_MODE_DEFAULT);
         assert_eq!(files[1].mode, 0o755);
         assert!(files[1].content.is_empty());

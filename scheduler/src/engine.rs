@@ -222,8 +222,18 @@ impl<S: Store> Scheduler<S> {
     pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
         let mut state = State::default();
         for kv in store.list_prefix(keys::RUNS).await? {
-            let run: Run = decode(&kv.key, &kv.value)?;
+            let mut run: Run = decode(&kv.key, &kv.value)?;
             if !run.status.is_terminal() {
+                // The node that runs it needs the files' contents (stored beside the record).
+                if !run.files.is_empty() {
+                    let key = keys::run_files(&run.id);
+                    let value = store.get(&key).await?.map(|kv| kv.value);
+                    run.restore_file_contents(value.as_deref().unwrap_or_default())
+                        .map_err(|e| SchedulerError::Corrupt {
+                            key,
+                            reason: e.to_string(),
+                        })?;
+                }
                 state.active.insert(run.id.clone(), run);
             }
         }
@@ -458,6 +468,7 @@ impl<S: Store> Scheduler<S> {
                 );
             }
             st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+            st.write_file_contents(&run);
             st.write(
                 keys::runner_run(&runner.id, &run.id),
                 vec![],
@@ -567,6 +578,7 @@ impl<S: Store> Scheduler<S> {
             let mut st = self.state.lock().await;
             for run in runs {
                 st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+                st.write_file_contents(&run);
                 st.write(
                     keys::runner_run(&runner.id, &run.id),
                     vec![],
@@ -1675,6 +1687,13 @@ impl State {
     /// A key staged again replaces its earlier put's value (one write per key and
     /// operation) and keeps that put's precondition: the store checks every precondition
     /// against the state before the transaction, so the first one is the one that matters.
+    /// Stages the contents of a new run's files, stored once beside its record.
+    fn write_file_contents(&mut self, run: &Run) {
+        if let Some(value) = run.file_contents_value() {
+            self.write(keys::run_files(&run.id), value, Expect::Absent);
+        }
+    }
+
     fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
         if let Some(&at) = self.pending_at.get(&key) {
             if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)

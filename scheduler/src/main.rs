@@ -77,7 +77,11 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| args.data_dir.join("secret.key"));
     let secrets = Arc::new(SecretKey::load_or_create(&key_path)?);
     // Runners and runs hold environment values: seal them at rest.
-    let store = SealedStore::new(store, secrets.clone(), &[keys::RUNNERS, keys::RUNS]);
+    let store = SealedStore::new(
+        store,
+        secrets.clone(),
+        &[keys::RUNNERS, keys::RUNS, keys::RUN_FILES],
+    );
     let config = Config {
         fit_policy: args.placement_policy,
         catalog: Arc::new(catalog),

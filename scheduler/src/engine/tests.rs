@@ -1090,3 +1090,53 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
         .await;
     assert!(matches!(bad, Err(SchedulerError::Invalid(_))), "{bad:?}");
 }
+
+#[tokio::test]
+async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let file = berth_core::validate::FileInput {
+        path: Some("/etc/app.conf".into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: Some(0o600),
+    };
+    let (runner_id, run_id) = {
+        let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+            .await
+            .expect("open");
+        let (runner, _) = s
+            .create_runner(spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        // The record itself holds no content; it is stored once beside it.
+        let raw = s.store.get(&keys::run(&run.id)).await.expect("get");
+        let raw = String::from_utf8(raw.map(|kv| kv.value).unwrap_or_default()).unwrap_or_default();
+        assert!(
+            raw.contains("/etc/app.conf") && !raw.contains("aGVsbG8"),
+            "{raw}"
+        );
+        (runner.id, run.id)
+    };
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("reopen");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let a = next_assign(&mut fra);
+    assert_eq!(a.run_id, run_id);
+    let sent = a.spec.expect("spec");
+    assert_eq!(sent.files.len(), 1);
+    assert_eq!(sent.files[0].content, b"hello".to_vec());
+    assert_eq!(sent.files[0].mode, 0o600);
+    let shown = s.get_run(&runner_id, &run_id).await.expect("get");
+    assert_eq!(shown.files[0].size_bytes, 5);
+}
