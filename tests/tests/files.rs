@@ -170,6 +170,17 @@ async fn uploaded_files_are_read_only_with_their_mode_and_content_and_go_with_th
         "uploaded files left on the node after the run"
     );
     f.assert_run_cleaned(&node, &run).await?;
+
+    // Sealed at rest: neither the content nor its base64 is in the store file; nor in any log.
+    let store = std::fs::read(f.dir.path().join("scheduler/state.redb")).context("store")?;
+    let b64_config = b64(CONFIG.as_bytes());
+    for needle in [CONFIG, &b64_config[..40], &b64(SCRIPT.as_bytes())[..20]] {
+        ensure!(
+            !store.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "file content in clear in the store: {needle}"
+        );
+        ensure!(!f.logs().contains(needle), "file content in a process log");
+    }
     Ok(())
 }
 
