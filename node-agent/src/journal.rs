@@ -501,6 +501,20 @@ mod tests {
     }
 
     #[test]
+    fn directories_without_a_journal_are_removed_and_journals_kept() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::new(state.path());
+        let kept = journal.create(&record()).expect("create");
+        let orphan = state.path().join("runs/half-created/files");
+        std::fs::create_dir_all(&orphan).expect("mkdir");
+        std::fs::write(orphan.join("0"), "x").expect("write");
+        journal.remove_orphans();
+        assert!(!state.path().join("runs/half-created").exists());
+        assert!(kept.dir.join(RUN_FILE).is_file());
+        assert_eq!(journal.list(), vec!["r1".to_string()]);
+    }
+
+    #[test]
     fn exit_and_acked_survive_and_acked_never_goes_down() {
         let state = tempfile::tempdir().expect("tempdir");
         let journal = Journal::new(state.path());

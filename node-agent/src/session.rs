@@ -108,7 +108,8 @@ impl<R: ContainerRuntime> Agent<R> {
     /// - a run whose task was started: the task is re-adopted (see [`resume`]);
     /// - a run that never started: its container is removed and the run forgotten, so the
     ///   scheduler re-queues it;
-    /// - a container without a journal: removed, as before.
+    /// - a container without a journal: removed, as before;
+    /// - a run directory without a journal (`run.json`): removed with what it holds.
     pub async fn recover(&self) {
         self.journal.remove_orphans();
         let mut adopted = HashSet::new();

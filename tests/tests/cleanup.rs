@@ -234,14 +234,14 @@ async fn a_run_that_cannot_start_leaves_nothing_behind() -> Result<()> {
 
 #[tokio::test]
 async fn the_timeout_counts_from_the_process_start_not_from_the_run_creation() -> Result<()> {
-    // One slot: the timed run waits behind a 4 s run before it starts.
+    // One slot: the timed run waits behind a 6 s run before it starts.
     let f = Fleet::start(&[AgentSpec {
         max_runs: 1,
         ..AgentSpec::new("fra")
     }])
     .await?;
     let node = f.node("fra").to_owned();
-    let blocker = f.runner("fra", json!({"run_command": "sleep 4"})).await?;
+    let blocker = f.runner("fra", json!({"run_command": "sleep 6"})).await?;
     let first = f.start_run(&blocker, json!({})).await?;
     f.wait_for(&blocker, &first, Duration::from_secs(30), |s| {
         s == "running"
