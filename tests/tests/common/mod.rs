@@ -578,8 +578,13 @@ impl Fleet {
                 left.push(format!("shim bundle {}", bundle.display()));
             }
         }
-        for controller in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-            let dir = controller.path().join("berth").join(node_id).join(run_id);
+        // Every cgroup v1 controller, and the unified (v2) hierarchy itself.
+        let roots = std::fs::read_dir("/sys/fs/cgroup")?
+            .flatten()
+            .map(|c| c.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in roots {
+            let dir = root.join("berth").join(node_id).join(run_id);
             if dir.exists() {
                 left.push(format!("cgroup {}", dir.display()));
             }
