@@ -60,8 +60,11 @@ fn unknown_field(message: &str) -> Option<String> {
 /// an [`ApiError::Malformed`] that names the field (its JSON path).
 pub struct JsonBody<T, const EMPTY_OK: bool = false>(pub T);
 
-/// Request bodies above this are refused.
+/// Request bodies above this are refused…
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// …except a single run's (`POST /v1/runners/{id}/runs`), which may carry up to
+/// `FILES_MAX_TOTAL_BYTES` (1 MiB) of uploaded files, base64-encoded (4/3 of that) in JSON.
+pub const MAX_RUN_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 impl<S, T, const EMPTY_OK: bool> FromRequest<S> for JsonBody<T, EMPTY_OK>
 where

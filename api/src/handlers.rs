@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::Json;
-use berth_core::convert::env_to_pb;
+use berth_core::convert::{env_to_pb, files_to_upload_pb};
 use berth_core::validate::{RegistryInput, RunInput, RunnerInput};
 use berth_core::{Catalog, RunnerSpec};
 use berth_proto::v1 as pb;
@@ -207,15 +207,18 @@ pub async fn delete_runner(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A run's checked overrides in their gRPC form.
-fn overrides(input: RunInput) -> pb::RunOverrides {
-    pb::RunOverrides {
+/// A run's checked overrides in their gRPC form (uploaded files decoded).
+fn overrides(input: RunInput) -> ApiResult<pb::RunOverrides> {
+    let files = files_to_upload_pb(&input.decoded_files()?);
+    Ok(pb::RunOverrides {
         argv_set: input.argv.is_some(),
         argv: input.argv.unwrap_or_default(),
         command: input.command,
         entrypoint: input.entrypoint,
         env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
-    }
+        files,
+        stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
+    })
 }
 
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
@@ -269,7 +272,7 @@ pub async fn create_run(
     check_id("runner_id", &runner_id)?;
     let idempotency_key = idempotency_key(&headers)?;
     let input = input.validate()?;
-    let o = overrides(input);
+    let o = overrides(input)?;
     let req = pb::CreateRunRequest {
         runner_id,
         argv_set: o.argv_set,
@@ -278,6 +281,8 @@ pub async fn create_run(
         entrypoint: o.entrypoint,
         env_variables: o.env_variables,
         idempotency_key,
+        files: o.files,
+        stop_grace_seconds: o.stop_grace_seconds,
     };
     let response = s.control().create_run(req).await?;
     let replayed = response.metadata().get("idempotent-replayed").is_some();
@@ -338,7 +343,7 @@ pub async fn create_runs(
     let runs = berth_core::validate::validate_batch(items)?
         .into_iter()
         .map(overrides)
-        .collect();
+        .collect::<ApiResult<_>>()?;
     let created = s
         .control()
         .create_runs(pb::CreateRunsRequest { runner_id, runs })

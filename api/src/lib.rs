@@ -112,6 +112,14 @@ fn public(r: Route) -> Route {
     }
 }
 
+/// `r` with its own request body limit instead of [`body::MAX_BODY_BYTES`].
+fn body_limit(r: Route, bytes: usize) -> Route {
+    Route {
+        handler: r.handler.layer(axum::extract::DefaultBodyLimit::max(bytes)),
+        ..r
+    }
+}
+
 /// Every route of the API. [`router`] is built from this table alone, and a test checks it
 /// against the OpenAPI document ([`openapi`]) both ways: a route without its `#[utoipa::path]`
 /// (or a documented path that is not served) fails it.
@@ -127,7 +135,11 @@ pub fn routes() -> Vec<Route> {
         route(Patch, "/v1/runners/{id}", update_runner),
         route(Delete, "/v1/runners/{id}", delete_runner),
         route(Get, "/v1/runners/{id}/runs", list_runs),
-        route(Post, "/v1/runners/{id}/runs", create_run),
+        // Uploaded files make a run's body larger than the others.
+        body_limit(
+            route(Post, "/v1/runners/{id}/runs", create_run),
+            body::MAX_RUN_BODY_BYTES,
+        ),
         route(Post, "/v1/runners/{id}/runs/batch", create_runs),
         route(Get, "/v1/runners/{id}/runs/{run_id}", get_run),
         route(Post, "/v1/runners/{id}/runs/{run_id}/stop", stop_run),

@@ -77,6 +77,9 @@ pub struct RunnerView {
     pub env_variables: Vec<EnvVarView>,
     #[schema(required = true)]
     pub container_registry_id: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL for this runner's runs; `null`: the scheduler's default.
+    #[schema(required = true)]
+    pub stop_grace_seconds: Option<u32>,
     #[schema(required = true, format = DateTime)]
     pub warmed_at: Option<String>,
     /// `pending`, `ready` or `failed`; `null` before the first warmup.
@@ -110,6 +113,7 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         instance_type: s.instance_type,
         env_variables: env(&s.env_variables),
         container_registry_id: s.container_registry_id,
+        stop_grace_seconds: s.stop_grace_seconds,
         warmed_at: opt_millis(r.warmed_at_unix_millis),
         warmup_status: r.warmup_status.clone(),
         warm_node_id: r.warm_node_id.clone(),
@@ -176,6 +180,33 @@ pub struct RunView {
     /// `null` when nothing had to be pulled.
     #[schema(required = true)]
     pub image_pull: Option<ImagePullView>,
+    /// Seconds between SIGTERM and SIGKILL on timeout or stop; `null`: the scheduler's default.
+    #[schema(required = true)]
+    pub stop_grace_seconds: Option<u32>,
+    /// The run's uploaded files: never their content.
+    pub files: Vec<RunFileView>,
+}
+
+/// An uploaded file as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunFileView {
+    pub path: String,
+    pub mode: u32,
+    pub size_bytes: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+fn files(files: &[pb::RunFileInfo]) -> Vec<RunFileView> {
+    files
+        .iter()
+        .map(|f| RunFileView {
+            path: f.path.clone(),
+            mode: f.mode,
+            size_bytes: f.size_bytes,
+            sha256: f.sha256.clone(),
+        })
+        .collect()
 }
 
 /// An image pull's progress: config and layer bytes fetched out of the manifest's total.
@@ -234,6 +265,8 @@ pub fn run(r: &pb::Run) -> RunView {
         billed_seconds: r.billed_seconds,
         cost_usd: r.cost_nano_usd.map(nano_usd),
         image_pull: r.image_pull.as_ref().map(image_pull),
+        stop_grace_seconds: r.stop_grace_seconds,
+        files: files(&r.files),
     }
 }
 

@@ -156,6 +156,7 @@ mod tests {
             instance_type: "standard-s".into(),
             env_variables: vec![],
             container_registry_id: None,
+            stop_grace_seconds: None,
         }
     }
 

@@ -1,7 +1,59 @@
 //! The one mapping between the domain types and their gRPC (`berth_proto::v1`) forms.
 
-use crate::model::{Catalog, EnvVar, InstanceType, LogEntry, Run, Runner, RunnerSpec};
+use crate::model::{Catalog, EnvVar, InstanceType, LogEntry, Run, RunFile, Runner, RunnerSpec};
+use crate::validate::FileInput;
+use base64::Engine as _;
 use berth_proto::v1 as pb;
+
+/// Checked files as the API hands them to the control service.
+pub fn files_to_upload_pb(files: &[RunFile]) -> Vec<pb::FileUpload> {
+    files
+        .iter()
+        .map(|f| pb::FileUpload {
+            path: f.path.clone(),
+            content: f.content.to_vec(),
+            mode: f.mode,
+        })
+        .collect()
+}
+
+/// Uploaded files back into the input form, so the scheduler re-checks them with the same
+/// validation as the API.
+pub fn file_inputs_from_pb(files: Vec<pb::FileUpload>) -> Vec<FileInput> {
+    files
+        .into_iter()
+        .map(|f| FileInput {
+            path: Some(f.path),
+            content_base64: Some(base64::engine::general_purpose::STANDARD.encode(f.content)),
+            mode: Some(i64::from(f.mode)),
+        })
+        .collect()
+}
+
+/// A run's files as the node that runs it gets them.
+pub fn files_to_spec_pb(files: &[RunFile]) -> Vec<pb::RunFile> {
+    files
+        .iter()
+        .map(|f| pb::RunFile {
+            path: f.path.clone(),
+            content: f.content.to_vec(),
+            mode: f.mode,
+        })
+        .collect()
+}
+
+/// What the control service tells about a run's files: never their content.
+pub fn file_infos_pb(files: &[RunFile]) -> Vec<pb::RunFileInfo> {
+    files
+        .iter()
+        .map(|f| pb::RunFileInfo {
+            path: f.path.clone(),
+            mode: f.mode,
+            size_bytes: f.size_bytes,
+            sha256: f.sha256.clone(),
+        })
+        .collect()
+}
 
 pub fn env_to_pb(env: &[EnvVar]) -> Vec<pb::EnvVar> {
     env.iter()
@@ -37,6 +89,7 @@ impl From<&RunnerSpec> for pb::RunnerSpec {
             instance_type: s.instance_type.clone(),
             env_variables: env_to_pb(&s.env_variables),
             container_registry_id: s.container_registry_id.clone(),
+            stop_grace_seconds: s.stop_grace_seconds,
         }
     }
 }
@@ -55,6 +108,7 @@ impl From<pb::RunnerSpec> for RunnerSpec {
             instance_type: s.instance_type,
             env_variables: env_from_pb(s.env_variables),
             container_registry_id: s.container_registry_id.filter(|id| !id.is_empty()),
+            stop_grace_seconds: s.stop_grace_seconds,
         }
     }
 }
@@ -146,6 +200,8 @@ impl From<&Run> for pb::Run {
             price_nano_usd_per_second: r.price_nano_usd_per_second,
             billed_seconds: r.duration_seconds(),
             cost_nano_usd: r.cost_nano_usd(),
+            files: file_infos_pb(&r.files),
+            stop_grace_seconds: r.stop_grace_seconds,
             image_pull: r.image_pull.as_ref().map(pb::ImagePull::from),
         }
     }

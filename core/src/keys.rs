@@ -12,6 +12,13 @@ pub fn run(id: &str) -> String {
     format!("{RUNS}{id}")
 }
 
+pub const RUN_FILES: &str = "run_files/";
+
+/// The contents of a run's uploaded files (its record holds only their metadata).
+pub fn run_files(run_id: &str) -> String {
+    format!("{RUN_FILES}{run_id}")
+}
+
 /// Index entry: run `run_id` belongs to `runner_id`.
 pub fn runner_run(runner_id: &str, run_id: &str) -> String {
     format!("runner_runs/{runner_id}/{run_id}")

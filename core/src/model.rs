@@ -3,6 +3,7 @@
 
 use crate::status::{RunStatus, TransitionError};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// One environment variable, in Nodion's field names. A `secret` one is never returned by the
 /// API and is redacted from the run's logs.
@@ -42,6 +43,9 @@ pub struct RunnerSpec {
     /// A private registry (its credentials) to pull the image from.
     #[serde(default)]
     pub container_registry_id: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL on timeout or stop; None: the scheduler's default.
+    #[serde(default)]
+    pub stop_grace_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +152,117 @@ pub struct Run {
     /// Place among the runs waiting in its region (derived on read, never stored).
     #[serde(skip)]
     pub queue_position: Option<u32>,
+    /// Files placed read-only in the container. Kept with the (sealed) record; the control
+    /// service only ever returns their path, mode, size and digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<RunFile>,
+    /// Seconds between SIGTERM and SIGKILL on timeout or stop, fixed when the run was created
+    /// (None for runs stored before it existed: the scheduler's default).
+    #[serde(default)]
+    pub stop_grace_seconds: Option<u32>,
+}
+
+/// A small file uploaded with a run, placed read-only at `path` inside its container. The run
+/// record holds only what the API may show; the content is stored once, beside it, under
+/// `run_files/<run id>` ([`Run::file_contents_value`]), and kept in memory while the run is
+/// active, so the record's many rewrites and reads never carry it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFile {
+    /// Absolute, normalised path inside the container.
+    pub path: String,
+    /// Permission bits, 0 to 0o777.
+    pub mode: u32,
+    pub size_bytes: u64,
+    /// Hex SHA-256 of the content, what the API shows instead of it.
+    pub sha256: String,
+    #[serde(skip)]
+    pub content: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for RunFile {
+    // Never the content: it may be a secret, and it may be a megabyte.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunFile")
+            .field("path", &self.path)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("size_bytes", &self.size_bytes)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+impl RunFile {
+    pub fn new(path: String, mode: u32, content: Vec<u8>) -> RunFile {
+        RunFile {
+            path,
+            mode,
+            size_bytes: content.len() as u64,
+            sha256: sha256_hex(&content),
+            content: content.into(),
+        }
+    }
+}
+
+/// A stored `run_files/<run id>` value that does not match its run's files.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored contents of run {run_id}'s files are unusable: {message}")]
+pub struct FileContentsError {
+    pub run_id: String,
+    pub message: String,
+}
+
+impl Run {
+    /// The value stored under `run_files/<run id>`: the files' contents in order, as a JSON
+    /// array of base64 strings. None for a run without files.
+    pub fn file_contents_value(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        if self.files.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| base64::engine::general_purpose::STANDARD.encode(&f.content))
+            .collect();
+        serde_json::to_vec(&list).ok()
+    }
+
+    /// Puts the contents stored by [`Run::file_contents_value`] back into the files, checking
+    /// that each matches its recorded size and digest.
+    pub fn restore_file_contents(&mut self, value: &[u8]) -> Result<(), FileContentsError> {
+        use base64::Engine as _;
+        let fail = |message: String| FileContentsError {
+            run_id: self.id.clone(),
+            message,
+        };
+        let list: Vec<String> = serde_json::from_slice(value).map_err(|e| fail(e.to_string()))?;
+        if list.len() != self.files.len() {
+            return Err(fail(format!(
+                "{} contents for {} files",
+                list.len(),
+                self.files.len()
+            )));
+        }
+        let mut contents = Vec::with_capacity(list.len());
+        for (f, b64) in self.files.iter().zip(list) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| fail(format!("{}: {e}", f.path)))?;
+            if bytes.len() as u64 != f.size_bytes || sha256_hex(&bytes) != f.sha256 {
+                return Err(fail(format!("{}: size or digest differs", f.path)));
+            }
+            contents.push(bytes);
+        }
+        for (f, bytes) in self.files.iter_mut().zip(contents) {
+            f.content = bytes.into();
+        }
+        Ok(())
+    }
 }
 
 /// How far an image pull has come: config and layer blobs fetched (downloaded, or already in
@@ -415,7 +530,50 @@ mod tests {
             oom_killed: false,
             price_nano_usd_per_second: 0,
             queue_position: None,
+            files: vec![],
+            stop_grace_seconds: None,
         }
+    }
+
+    #[test]
+    fn file_contents_are_stored_apart_from_the_record_and_restored_checked() {
+        let mut r = run();
+        r.files = vec![
+            RunFile::new("/etc/x".into(), 0o444, b"hello".to_vec()),
+            RunFile::new("/etc/y".into(), 0o755, vec![]),
+        ];
+        assert_eq!(
+            r.files[0].sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let record = serde_json::to_string(&r).unwrap_or_default();
+        assert!(
+            !record.contains("aGVsbG8") && record.contains("\"size_bytes\":5"),
+            "{record}"
+        );
+        assert!(
+            !format!("{r:?}").contains("104, 101"),
+            "Debug shows no content"
+        );
+        let value = r.file_contents_value().unwrap_or_default();
+        assert_eq!(value, br#"["aGVsbG8=",""]"#.to_vec());
+
+        let mut back: Run = serde_json::from_str(&record).unwrap_or_else(|_| run());
+        assert!(back.files[0].content.is_empty());
+        assert!(back.restore_file_contents(&value).is_ok());
+        assert_eq!(back, r);
+        assert!(back.restore_file_contents(br#"["aGVsbG9v",""]"#).is_err());
+        assert!(back.restore_file_contents(br#"["aGVsbG8="]"#).is_err());
+        assert_eq!(run().file_contents_value(), None);
+
+        // Records stored before files existed still read.
+        let mut old: serde_json::Value = serde_json::to_value(run()).unwrap_or_default();
+        if let Some(o) = old.as_object_mut() {
+            o.remove("files");
+            o.remove("stop_grace_seconds");
+        }
+        let back: Result<Run, _> = serde_json::from_value(old);
+        assert!(back.is_ok_and(|r| r.files.is_empty() && r.stop_grace_seconds.is_none()));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Inputs arrive as `*Input` structs whose fields are all optional (so a missing field is a
 //! validation error naming it, not a parse error), and leave as checked model values.
 
-use crate::model::{Catalog, EnvVar, RunnerSpec};
+use crate::model::{Catalog, EnvVar, RunFile, RunnerSpec};
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 pub const NAME_MIN: usize = 3;
@@ -19,6 +20,22 @@ pub const TIMEOUT_MAX: i64 = 86_400;
 pub const TIMEOUT_DEFAULT: u32 = 3_600;
 pub const ENV_MAX_VARIABLES: usize = 200;
 pub const ENV_VALUE_MAX: usize = 32_768;
+/// Seconds between SIGTERM and SIGKILL a runner or run may ask for (`stop_grace_seconds`).
+pub const STOP_GRACE_MIN: i64 = 1;
+pub const STOP_GRACE_MAX: i64 = 300;
+/// Uploaded files (`files` of a run): at most this many per run…
+pub const FILES_MAX: usize = 64;
+/// …of at most this many bytes in total, decoded.
+pub const FILES_MAX_TOTAL_BYTES: usize = 1024 * 1024;
+/// The longest file path, in bytes (Linux `PATH_MAX`), and the longest path component.
+pub const FILE_PATH_MAX: usize = 4_096;
+pub const FILE_NAME_MAX: usize = 255;
+/// The largest `mode` (permission bits only: no setuid, setgid or sticky bit).
+pub const FILE_MODE_MAX: i64 = 0o777;
+/// `mode` when a file does not give one: read-only for everyone.
+pub const FILE_MODE_DEFAULT: u32 = 0o444;
+/// Top-level directories files may not be placed under (the kernel's, mounted over anyway).
+pub const FILE_FORBIDDEN_ROOTS: [&str; 3] = ["proc", "sys", "dev"];
 
 /// One wrong field: `field` is its JSON path (`env_variables[1].env_key`), a header or query
 /// parameter name, or `""` when the error concerns no single field.
@@ -99,6 +116,10 @@ pub struct RunnerInput {
     /// A private registry (`POST /v1/container_registries`) to pull the image from; `""`
     /// detaches (PATCH).
     pub container_registry_id: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL for this runner's runs, 1 to 300; unset: the
+    /// scheduler's default.
+    #[schema(minimum = 1, maximum = 300)]
+    pub stop_grace_seconds: Option<i64>,
 }
 
 impl RunnerInput {
@@ -124,6 +145,7 @@ impl RunnerInput {
             timeout_seconds: 0,
             env_variables: self.env_variables.unwrap_or_default(),
             container_registry_id: self.container_registry_id.filter(|id| !id.is_empty()),
+            stop_grace_seconds: check_stop_grace(&mut c, self.stop_grace_seconds),
         };
         let timeout = check_timeout(&mut c, self.timeout_seconds);
         let spec = RunnerSpec {
@@ -185,6 +207,9 @@ impl RunnerInput {
             // An empty string detaches the runner from its registry.
             next.container_registry_id = (!v.is_empty()).then_some(v);
         }
+        if self.stop_grace_seconds.is_some() {
+            next.stop_grace_seconds = check_stop_grace(&mut c, self.stop_grace_seconds);
+        }
         check_spec(&mut c, &next, &[], catalog);
         c.finish(next)
     }
@@ -208,9 +233,47 @@ pub struct RunInput {
     /// Added to (and overriding) the runner's variables; at most 200.
     #[schema(max_items = 200)]
     pub env_variables: Option<Vec<EnvVar>>,
+    /// Small files placed read-only in the container (see [`FileInput`]): at most 64, 1 MiB
+    /// decoded in total.
+    #[schema(max_items = 64)]
+    pub files: Option<Vec<FileInput>>,
+    /// Overrides the runner's `stop_grace_seconds` (1 to 300).
+    #[schema(minimum = 1, maximum = 300)]
+    pub stop_grace_seconds: Option<i64>,
+}
+
+/// One item of a run's `files`: `{"path": "/etc/app/config.json", "content_base64": "…",
+/// "mode": 420}`. `path` is absolute and normalised (no `.`, `..` or empty components, no
+/// trailing slash, no NUL, at most [`FILE_PATH_MAX`] bytes, not `/`, not under `/proc`, `/sys`
+/// or `/dev`, unique within the run); `content_base64` is standard base64 (with padding);
+/// `mode` holds permission bits, 0 to 0o777 (511), default [`FILE_MODE_DEFAULT`] (0o444 = 292).
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileInput {
+    /// Absolute, normalised, at most 4,096 bytes; not under `/proc`, `/sys` or `/dev`.
+    #[schema(pattern = "^/", max_length = 4096)]
+    pub path: Option<String>,
+    /// The content, standard base64 with padding.
+    pub content_base64: Option<String>,
+    /// Permission bits, 0 to 511 (0o777); default 292 (0o444).
+    #[schema(minimum = 0, maximum = 511)]
+    pub mode: Option<i64>,
 }
 
 impl RunInput {
+    /// The uploaded files, checked and decoded. Fails exactly when [`RunInput::validate`]
+    /// reports a `files…` error.
+    pub fn decoded_files(&self) -> Result<Vec<RunFile>, ValidationErrors> {
+        let mut c = Collector::default();
+        let files = check_files(&mut c, self.files.as_deref().unwrap_or_default());
+        c.finish(files).map(|files| {
+            files
+                .into_iter()
+                .map(|(path, mode, content)| RunFile::new(path, mode, content))
+                .collect()
+        })
+    }
+
     pub fn validate(self) -> Result<RunInput, ValidationErrors> {
         let mut c = Collector::default();
         if self.argv.is_some() && self.command.is_some() {
@@ -231,6 +294,10 @@ impl RunInput {
         if let Some(env) = &self.env_variables {
             check_env(&mut c, env);
         }
+        if let Some(files) = &self.files {
+            check_files(&mut c, files);
+        }
+        check_stop_grace(&mut c, self.stop_grace_seconds);
         c.finish(self)
     }
 }
@@ -337,6 +404,7 @@ pub fn validate_spec(spec: &RunnerSpec, catalog: &Catalog) -> Result<(), Validat
             format!("must be between {TIMEOUT_MIN} and {TIMEOUT_MAX}"),
         );
     }
+    check_stop_grace(&mut c, spec.stop_grace_seconds.map(i64::from));
     check_spec(&mut c, spec, &[], catalog);
     c.finish(())
 }
@@ -353,6 +421,143 @@ fn check_timeout(c: &mut Collector, v: Option<i64>) -> u32 {
             0
         }
     }
+}
+
+fn check_stop_grace(c: &mut Collector, v: Option<i64>) -> Option<u32> {
+    let v = v?;
+    match u32::try_from(v) {
+        Ok(g) if (STOP_GRACE_MIN..=STOP_GRACE_MAX).contains(&v) => Some(g),
+        _ => {
+            c.push(
+                "stop_grace_seconds",
+                format!("must be between {STOP_GRACE_MIN} and {STOP_GRACE_MAX}"),
+            );
+            None
+        }
+    }
+}
+
+/// Checks every file (errors name `files[i].field`) and the limits of the whole set; returns
+/// the files that are valid, decoded, as (path, mode, content).
+fn check_files(c: &mut Collector, files: &[FileInput]) -> Vec<(String, u32, Vec<u8>)> {
+    if files.len() > FILES_MAX {
+        c.push("files", format!("must hold at most {FILES_MAX} files"));
+    }
+    let mut out: Vec<(String, u32, Vec<u8>)> = Vec::with_capacity(files.len());
+    let mut paths: Vec<(usize, &str)> = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        let field = |name: &str| format!("files[{i}].{name}");
+        let path = match f.path.as_deref() {
+            None => {
+                c.push(&field("path"), "is required");
+                None
+            }
+            Some(p) => match file_path_problem(p) {
+                Some(problem) => {
+                    c.push(&field("path"), problem);
+                    None
+                }
+                None => Some(p),
+            },
+        };
+        if let Some(p) = path {
+            match paths.iter().find(|(_, other)| paths_clash(p, other)) {
+                Some((j, other)) if *other == p => {
+                    c.push(&field("path"), format!("duplicates files[{j}].path"));
+                }
+                Some((j, _)) => c.push(
+                    &field("path"),
+                    format!("conflicts with files[{j}].path: a file cannot also be a directory"),
+                ),
+                None => paths.push((i, p)),
+            }
+        }
+        let content = match f.content_base64.as_deref() {
+            None => {
+                c.push(&field("content_base64"), "is required");
+                None
+            }
+            Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    c.push(
+                        &field("content_base64"),
+                        format!("must be standard base64 (with padding): {e}"),
+                    );
+                    None
+                }
+            },
+        };
+        let mode = match f.mode {
+            None => Some(FILE_MODE_DEFAULT),
+            Some(m) if (0..=FILE_MODE_MAX).contains(&m) => u32::try_from(m).ok(),
+            Some(_) => {
+                c.push(
+                    &field("mode"),
+                    format!("must be permission bits between 0 and {FILE_MODE_MAX} (0o777)"),
+                );
+                None
+            }
+        };
+        if let (Some(path), Some(content), Some(mode)) = (path, content, mode) {
+            out.push((path.to_owned(), mode, content));
+        }
+    }
+    let total: usize = out.iter().map(|(_, _, content)| content.len()).sum();
+    if total > FILES_MAX_TOTAL_BYTES {
+        c.push(
+            "files",
+            format!(
+                "must hold at most {FILES_MAX_TOTAL_BYTES} bytes in total (decoded), not {total}"
+            ),
+        );
+    }
+    out
+}
+
+/// Why `p` cannot be an uploaded file's path, if it cannot.
+pub fn file_path_problem(p: &str) -> Option<String> {
+    if p.len() > FILE_PATH_MAX {
+        return Some(format!("must be at most {FILE_PATH_MAX} bytes long"));
+    }
+    if p.contains('\0') {
+        return Some("must not contain NUL characters".to_owned());
+    }
+    let Some(rest) = p.strip_prefix('/') else {
+        return Some("must be an absolute path".to_owned());
+    };
+    if rest.is_empty() {
+        return Some("must name a file, not `/`".to_owned());
+    }
+    if rest.ends_with('/') {
+        return Some("must not end with `/`".to_owned());
+    }
+    for part in rest.split('/') {
+        match part {
+            "" => return Some("must not contain empty components (`//`)".to_owned()),
+            "." | ".." => return Some("must be normalised: no `.` or `..` components".to_owned()),
+            long if long.len() > FILE_NAME_MAX => {
+                return Some(format!(
+                    "must not have a component longer than {FILE_NAME_MAX} bytes"
+                ))
+            }
+            _ => {}
+        }
+    }
+    let top = rest.split('/').next().unwrap_or_default();
+    if FILE_FORBIDDEN_ROOTS.contains(&top) {
+        return Some(format!("must not be `/{top}` or under it"));
+    }
+    None
+}
+
+/// Two normalised paths that cannot both be files: equal, or one a directory of the other.
+fn paths_clash(a: &str, b: &str) -> bool {
+    let under = |long: &str, short: &str| {
+        long.strip_prefix(short)
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    a == b || under(a, b) || under(b, a)
 }
 
 /// `missing`: the required fields absent from a create, already reported as "is required".
@@ -785,6 +990,28 @@ mod tests {
         }
     }
 
+    fn file(path: &str, b64: &str, mode: Option<i64>) -> FileInput {
+        FileInput {
+            path: Some(path.into()),
+            content_base64: Some(b64.into()),
+            mode,
+        }
+    }
+
+    fn run_fields(input: RunInput) -> Vec<String> {
+        match input.validate() {
+            Ok(_) => vec![],
+            Err(e) => e.0.into_iter().map(|f| f.field).collect(),
+        }
+    }
+
+    fn with_files(files: Vec<FileInput>) -> RunInput {
+        RunInput {
+            files: Some(files),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn name_is_3_to_50_characters_and_the_error_names_it() {
         boundaries(
@@ -1028,5 +1255,215 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(registry(&"a".repeat(51), "127.0.0.1:5002"), vec!["name"]);
+    }
+
+    #[test]
+    fn files_decode_with_the_default_mode() {
+        let input = with_files(vec![
+            file("/etc/berth/config.json", "eyJhIjoxfQ==", None),
+            file("/work/run.sh", "", Some(0o755)),
+        ]);
+        assert_eq!(run_fields(input.clone()), Vec::<String>::new());
+        let files = input.decoded_files().unwrap_or_default();
+        assert_eq!(files.len(), 2);
+        assert_eq!(&files[0].content[..], br#"{"a":1}"#);
+        assert_eq!(files[0].mode, FILE_MODE_DEFAULT);
+        assert_eq!(files[1].mode, 0o755);
+        assert!(files[1].content.is_empty());
+    }
+
+    #[test]
+    fn bad_file_paths_are_named_by_index() {
+        let longest_name = format!("/{}", "b".repeat(FILE_NAME_MAX));
+        let name_too_long = format!("/{}", "b".repeat(FILE_NAME_MAX + 1));
+        let one_long_component = format!("/{}", "a".repeat(FILE_PATH_MAX - 1));
+        let too_long = format!("/{}", "a".repeat(FILE_PATH_MAX));
+        for (path, ok) in [
+            ("/a", true),
+            ("/etc/x.conf", true),
+            ("/.hidden/..x", true),
+            ("/procfs/x", true),
+            ("/device", true),
+            (longest_name.as_str(), true),
+            (name_too_long.as_str(), false),
+            (one_long_component.as_str(), false),
+            (too_long.as_str(), false),
+            ("", false),
+            ("/", false),
+            ("relative/x", false),
+            ("/etc/", false),
+            ("/etc//x", false),
+            ("/etc/./x", false),
+            ("/etc/../x", false),
+            ("/a/..", false),
+            ("/a\0b", false),
+            ("/proc", false),
+            ("/proc/self/x", false),
+            ("/sys/x", false),
+            ("/dev/shm/x", false),
+        ] {
+            let f = run_fields(with_files(vec![
+                file("/ok", "", None),
+                file(path, "", None),
+            ]));
+            let want: Vec<String> = if ok {
+                vec![]
+            } else {
+                vec!["files[1].path".into()]
+            };
+            assert_eq!(
+                f,
+                want,
+                "path {:?}",
+                path.chars().take(20).collect::<String>()
+            );
+        }
+        // Exactly FILE_PATH_MAX bytes, in components of at most FILE_NAME_MAX, passes.
+        let mut exact = String::new();
+        while exact.len() + 201 <= FILE_PATH_MAX {
+            exact.push('/');
+            exact.push_str(&"d".repeat(200));
+        }
+        exact.push('/');
+        exact.push_str(&"e".repeat(FILE_PATH_MAX - exact.len()));
+        assert_eq!(exact.len(), FILE_PATH_MAX);
+        assert_eq!(
+            run_fields(with_files(vec![file(&exact, "", None)])),
+            Vec::<String>::new()
+        );
+        let over = format!("{exact}e");
+        assert_eq!(
+            run_fields(with_files(vec![file(&over, "", None)])),
+            vec!["files[0].path".to_string()]
+        );
+    }
+
+    #[test]
+    fn duplicate_and_nested_file_paths_are_rejected() {
+        let f = run_fields(with_files(vec![
+            file("/a/b", "", None),
+            file("/a/b", "", None),
+            file("/a/b/c", "", None),
+            file("/a", "", None),
+            file("/a/bc", "", None),
+        ]));
+        assert_eq!(
+            f,
+            vec![
+                "files[1].path".to_string(),
+                "files[2].path".to_string(),
+                "files[3].path".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn file_content_must_be_standard_base64() {
+        for (b64, ok) in [
+            ("aGVsbG8=", true),
+            ("", true),
+            ("aGVsbG8", false),  // padding missing
+            ("aGVsbG8*", false), // not in the alphabet
+            ("aGV-bG8_", false), // URL-safe alphabet
+            ("a", false),
+        ] {
+            let f = run_fields(with_files(vec![file("/x", b64, None)]));
+            let want: Vec<String> = if ok {
+                vec![]
+            } else {
+                vec!["files[0].content_base64".into()]
+            };
+            assert_eq!(f, want, "{b64:?}");
+        }
+        let missing = FileInput {
+            path: None,
+            content_base64: None,
+            mode: None,
+        };
+        assert_eq!(
+            run_fields(with_files(vec![missing])),
+            vec![
+                "files[0].path".to_string(),
+                "files[0].content_base64".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn file_mode_boundaries() {
+        for (mode, ok) in [
+            (0, true),
+            (0o777, true),
+            (0o1000, false),
+            (-1, false),
+            (0o4755, false),
+        ] {
+            let f = run_fields(with_files(vec![file("/x", "", Some(mode))]));
+            assert_eq!(f.is_empty(), ok, "mode {mode:o}");
+            if !ok {
+                assert_eq!(f, vec!["files[0].mode".to_string()]);
+            }
+        }
+    }
+
+    #[test]
+    fn file_count_and_total_size_boundaries() {
+        let many = |n: usize| (0..n).map(|i| file(&format!("/f{i}"), "", None)).collect();
+        assert!(run_fields(with_files(many(FILES_MAX))).is_empty());
+        assert_eq!(
+            run_fields(with_files(many(FILES_MAX + 1))),
+            vec!["files".to_string()]
+        );
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let half = FILES_MAX_TOTAL_BYTES / 2;
+        let exact = vec![file("/a", &b64(half), None), file("/b", &b64(half), None)];
+        assert!(run_fields(with_files(exact)).is_empty());
+        let over = vec![
+            file("/a", &b64(half), None),
+            file("/b", &b64(half + 1), None),
+        ];
+        assert_eq!(run_fields(with_files(over)), vec!["files".to_string()]);
+    }
+
+    #[test]
+    fn batch_file_errors_name_the_item() {
+        let items = vec![
+            RunInput::default(),
+            with_files(vec![file("/ok", "", None), file("/x", "!", None)]),
+        ];
+        let fields: Vec<String> = validate_batch(items)
+            .err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, vec!["runs[1].files[1].content_base64".to_string()]);
+    }
+
+    #[test]
+    fn stop_grace_boundaries() {
+        for (g, ok) in [
+            (0, false),
+            (1, true),
+            (300, true),
+            (301, false),
+            (-1, false),
+        ] {
+            let r = RunInput {
+                stop_grace_seconds: Some(g),
+                ..Default::default()
+            };
+            assert_eq!(run_fields(r).is_empty(), ok, "run grace {g}");
+            let r = RunnerInput {
+                stop_grace_seconds: Some(g),
+                ..good()
+            }
+            .into_spec(&Catalog::default());
+            assert_eq!(r.is_ok(), ok, "runner grace {g}");
+        }
+        let spec = RunnerInput {
+            stop_grace_seconds: Some(30),
+            ..good()
+        }
+        .into_spec(&Catalog::default());
+        assert_eq!(spec.map(|s| s.stop_grace_seconds), Ok(Some(30)));
     }
 }

@@ -13,6 +13,8 @@
 //! - `acked`: the highest line `seq` the scheduler acknowledged (an optimisation: lines above it
 //!   are re-sent after a restart, and the scheduler de-duplicates anyway).
 //! - `exit.json`: how the run ended, written before cleanup, so the `RunExited` survives too.
+//! - `files/`: the run's uploaded files (`crate::files`), mounted read-only into the container;
+//!   removed at cleanup. `run.json` keeps the spec without them.
 //!
 //! The directory is removed once the scheduler acknowledged the run's `RunExited`.
 //!
@@ -271,11 +273,18 @@ impl RunDir {
         self.write_record(record)
     }
 
+    /// Writes `run.json`, always without registry credentials and without the uploaded files'
+    /// content (they live in `files/`, see `crate::files`; a re-adopted task has them mounted).
     fn write_record(&self, record: &RunRecord) -> Result<(), JournalError> {
+        let spec = RunSpec {
+            registry_auth: None,
+            files: Vec::new(),
+            ..record.spec.clone()
+        };
         let file = RunRecordFile {
             run_id: record.run_id.clone(),
             lease_epoch: record.lease_epoch,
-            spec: base64::engine::general_purpose::STANDARD.encode(record.spec.encode_to_vec()),
+            spec: base64::engine::general_purpose::STANDARD.encode(spec.encode_to_vec()),
             image_digest: record.image_digest.clone(),
             started_at_unix_nanos: record.started_at_unix_nanos,
         };
@@ -378,9 +387,7 @@ impl Journal {
         let run_dir = self.run_dir(&record.run_id);
         self.remove(&record.run_id);
         std::fs::create_dir_all(&run_dir.dir).map_err(io_error(&run_dir.dir))?;
-        let mut record = record.clone();
-        record.spec.registry_auth = None;
-        run_dir.write_record(&record)?;
+        run_dir.write_record(record)?;
         for path in [run_dir.stdout(), run_dir.stderr()] {
             File::create(&path).map_err(io_error(&path))?;
         }
@@ -399,6 +406,23 @@ impl Journal {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// Removes run directories without a `run.json` (an agent died while creating one); what
+    /// they hold (output files, uploaded files) belongs to no run this agent can re-adopt.
+    pub fn remove_orphans(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() && !path.join(RUN_FILE).is_file() {
+                tracing::warn!(path = %path.display(), "removing a run directory without a journal");
+                if let Err(error) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), %error, "removing it failed");
+                }
+            }
+        }
     }
 
     /// Forgets a run: removes its directory (missing is fine).
@@ -461,6 +485,10 @@ mod tests {
         assert_eq!(loaded.spec.registry_auth, None);
         assert_eq!(loaded.spec.timeout_seconds, 30);
         assert_eq!(loaded.started_at_unix_nanos, None);
+        // The supervisor's in-memory record still holds the credentials: never written.
+        let mut in_memory = record();
+        dir.mark_started(&mut in_memory, 99).expect("mark");
+        assert_eq!(dir.read_record().expect("load").spec.registry_auth, None);
         dir.mark_started(&mut loaded, 99).expect("mark");
         assert_eq!(
             dir.read_record().expect("load").started_at_unix_nanos,
@@ -470,6 +498,20 @@ mod tests {
         journal.remove("r1");
         assert!(journal.list().is_empty());
         journal.remove("r1");
+    }
+
+    #[test]
+    fn directories_without_a_journal_are_removed_and_journals_kept() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::new(state.path());
+        let kept = journal.create(&record()).expect("create");
+        let orphan = state.path().join("runs/half-created/files");
+        std::fs::create_dir_all(&orphan).expect("mkdir");
+        std::fs::write(orphan.join("0"), "x").expect("write");
+        journal.remove_orphans();
+        assert!(!state.path().join("runs/half-created").exists());
+        assert!(kept.dir.join(RUN_FILE).is_file());
+        assert_eq!(journal.list(), vec!["r1".to_string()]);
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   over [`image_store`], its containerd side.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`): the
 //!   assignment, start time, raw output, the numbered line log, acknowledged lines, the exit.
+//! - [`files`]: a run's uploaded files, written under its journal directory (`files/`, 0700)
+//!   before the container exists, bind-mounted read-only at their paths, removed at cleanup.
 //! - [`spec`]: the OCI runtime spec for a run (memory limit with no swap beyond it, CPU quota,
 //!   `pids.max` from `--pids-limit`); [`logs`]: output files → numbered log lines, capped per
 //!   run (`--max-log-bytes-per-run`, `--max-log-lines-per-run`), consumed output punched out of
@@ -79,6 +81,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod containerd;
+pub mod files;
 pub mod firewall;
 pub mod image_cache;
 pub mod image_store;

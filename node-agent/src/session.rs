@@ -109,8 +109,10 @@ impl<R: ContainerRuntime> Agent<R> {
     /// - a run whose task was started: the task is re-adopted (see [`resume`]);
     /// - a run that never started: its container is removed and the run forgotten, so the
     ///   scheduler re-queues it;
-    /// - a container without a journal: removed, as before.
+    /// - a container without a journal: removed, as before;
+    /// - a run directory without a journal (`run.json`): removed with what it holds.
     pub async fn recover(&self) {
+        self.journal.remove_orphans();
         let mut adopted = HashSet::new();
         for run_id in self.journal.list() {
             let run_dir = self.journal.run_dir(&run_id);

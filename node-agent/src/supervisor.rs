@@ -11,6 +11,7 @@ use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunSt
 use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
+use crate::files::{add_mounts, remove_files, write_files};
 use crate::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::logs::{LogLimits, LogPump};
 use crate::outbox::SharedOutbox;
@@ -252,6 +253,9 @@ async fn finish<R: ContainerRuntime>(
     {
         tracing::error!(run_id, "cleanup did not finish in time");
     }
+    if let Some(dir) = run_dir {
+        remove_files(run_id, &dir.dir);
+    }
     tracing::info!(
         run_id,
         reason = ?ending.reason,
@@ -305,7 +309,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         },
     };
 
-    let oci_spec = match build_spec(&SpecInputs {
+    let mut oci_spec = match build_spec(&SpecInputs {
         run_id,
         run: spec,
         image: &image.config,
@@ -332,6 +336,16 @@ async fn run_until_exit<R: ContainerRuntime>(
             )
         }
     };
+    // The files go in place before the container exists; the spec mounts them read-only.
+    match write_files(&run_dir.dir, &spec.files) {
+        Ok(mounts) => add_mounts(&mut oci_spec, &mounts),
+        Err(e) => {
+            return (
+                Ending::start_failed(e.error_code(), e.to_string()),
+                Some(run_dir),
+            )
+        }
+    }
     let ending = start_and_watch(
         runtime,
         settings,

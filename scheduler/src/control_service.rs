@@ -9,7 +9,7 @@
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
-use berth_core::convert::{env_from_pb, runner_to_pb};
+use berth_core::convert::{env_from_pb, file_inputs_from_pb, runner_to_pb};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
 use berth_core::validate::{RegistryInput, RunInput, ValidationErrors};
@@ -154,6 +154,8 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             command: r.command,
             entrypoint: r.entrypoint,
             env_variables: r.env_variables,
+            files: r.files,
+            stop_grace_seconds: r.stop_grace_seconds,
         });
         let (run, replayed) = self
             .scheduler
@@ -443,6 +445,8 @@ fn run_input(o: pb::RunOverrides) -> RunInput {
         command: o.command,
         entrypoint: o.entrypoint,
         env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
+        files: (!o.files.is_empty()).then(|| file_inputs_from_pb(o.files)),
+        stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
     }
 }
 

@@ -13,6 +13,7 @@
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FitPolicy, FleetIndex, NodeStatus, NodeView};
 use berth_core::command::EffectiveCommand;
+use berth_core::convert::files_to_spec_pb;
 use berth_core::model::{Catalog, ContainerRegistry, LogEntry, LogStream, Warmup, WarmupStatus};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
@@ -231,8 +232,18 @@ impl<S: Store> Scheduler<S> {
     pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
         let mut state = State::default();
         for kv in store.list_prefix(keys::RUNS).await? {
-            let run: Run = decode(&kv.key, &kv.value)?;
+            let mut run: Run = decode(&kv.key, &kv.value)?;
             if !run.status.is_terminal() {
+                // The node that runs it needs the files' contents (stored beside the record).
+                if !run.files.is_empty() {
+                    let key = keys::run_files(&run.id);
+                    let value = store.get(&key).await?.map(|kv| kv.value);
+                    run.restore_file_contents(value.as_deref().unwrap_or_default())
+                        .map_err(|e| SchedulerError::Corrupt {
+                            key,
+                            reason: e.to_string(),
+                        })?;
+                }
                 state.active.insert(run.id.clone(), run);
             }
         }
@@ -520,6 +531,7 @@ impl<S: Store> Scheduler<S> {
                 );
             }
             st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+            st.write_file_contents(&run);
             st.write(
                 keys::runner_run(&runner.id, &run.id),
                 vec![],
@@ -562,6 +574,12 @@ impl<S: Store> Scheduler<S> {
                     "the runner's instance type is no longer in the catalog",
                 )
             })?;
+        let files = input.decoded_files()?;
+        let stop_grace_seconds = input
+            .stop_grace_seconds
+            .and_then(|g| u32::try_from(g).ok())
+            .or(runner.spec.stop_grace_seconds)
+            .unwrap_or(self.config.stop_grace_seconds);
         let effective = EffectiveCommand::resolve(&runner.spec, &input);
         let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
         for over in input.env_variables.unwrap_or_default() {
@@ -600,6 +618,8 @@ impl<S: Store> Scheduler<S> {
             oom_killed: false,
             price_nano_usd_per_second: itype.price_nano_usd_per_second(),
             queue_position: None,
+            files,
+            stop_grace_seconds: Some(stop_grace_seconds),
         })
     }
 
@@ -624,6 +644,7 @@ impl<S: Store> Scheduler<S> {
             let mut st = self.state.lock().await;
             for run in runs {
                 st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+                st.write_file_contents(&run);
                 st.write(
                     keys::runner_run(&runner.id, &run.id),
                     vec![],
@@ -746,7 +767,14 @@ impl<S: Store> Scheduler<S> {
         if was_pending {
             return self.get_run(project, runner_id, run_id).await;
         }
-        let deadline = tokio::time::Instant::now() + self.config.stop_wait;
+        // A run with a longer grace than the scheduler's default gets that much longer.
+        let extra_grace = current
+            .stop_grace_seconds
+            .unwrap_or(self.config.stop_grace_seconds)
+            .saturating_sub(self.config.stop_grace_seconds);
+        let deadline = tokio::time::Instant::now()
+            + self.config.stop_wait
+            + Duration::from_secs(u64::from(extra_grace));
         loop {
             let run = self.get_run(project, runner_id, run_id).await?;
             if run.status.is_terminal() {
@@ -1696,11 +1724,14 @@ impl<S: Store> Scheduler<S> {
             timeout_seconds: run.timeout_seconds,
             memory_mib: run.memory_mib,
             cpu_millis: run.cpu_millis,
-            stop_grace_seconds: self.config.stop_grace_seconds,
+            stop_grace_seconds: run
+                .stop_grace_seconds
+                .unwrap_or(self.config.stop_grace_seconds),
             registry_auth: run
                 .container_registry_id
                 .as_ref()
                 .and_then(|id| st.registries.get(id).map(|r| r.auth.clone())),
+            files: files_to_spec_pb(&run.files),
         }
     }
 }
@@ -1781,6 +1812,13 @@ impl State {
     /// A key staged again replaces its earlier put's value (one write per key and
     /// operation) and keeps that put's precondition: the store checks every precondition
     /// against the state before the transaction, so the first one is the one that matters.
+    /// Stages the contents of a new run's files, stored once beside its record.
+    fn write_file_contents(&mut self, run: &Run) {
+        if let Some(value) = run.file_contents_value() {
+            self.write(keys::run_files(&run.id), value, Expect::Absent);
+        }
+    }
+
     fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
         if let Some(&at) = self.pending_at.get(&key) {
             if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)

@@ -27,7 +27,8 @@ struct Args {
     /// Registry for image names that name none (e.g. `busybox`).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY", default_value = "docker.io")]
     default_registry: String,
-    /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out.
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out, unless the run or
+    /// its runner sets `stop_grace_seconds`.
     #[arg(long, default_value_t = 2)]
     stop_grace_seconds: u32,
     /// How to choose among nodes that fit: `best-fit` (pack) or `spread`.
@@ -76,7 +77,11 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| args.data_dir.join("secret.key"));
     let secrets = Arc::new(SecretKey::load_or_create(&key_path)?);
     // Runners and runs hold environment values: seal them at rest.
-    let store = SealedStore::new(store, secrets.clone(), &[keys::RUNNERS, keys::RUNS]);
+    let store = SealedStore::new(
+        store,
+        secrets.clone(),
+        &[keys::RUNNERS, keys::RUNS, keys::RUN_FILES],
+    );
     let config = Config {
         fit_policy: args.placement_policy,
         catalog: Arc::new(catalog),

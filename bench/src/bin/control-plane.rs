@@ -673,6 +673,7 @@ async fn run_bench(
                     instance_type: "standard-s".to_owned(),
                     env_variables: vec![],
                     container_registry_id: None,
+                    stop_grace_seconds: None,
                 }),
             })
             .await

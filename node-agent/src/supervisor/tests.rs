@@ -164,6 +164,20 @@ impl ContainerRuntime for FakeRuntime {
             .map(|p| p.limit())
             .unwrap_or_default();
         self.record(format!("create {run_id} pids={pids}"));
+        // Uploaded files: their host copies must exist before the container is created.
+        for m in spec.mounts().iter().flatten() {
+            if m.typ().as_deref() == Some("bind") {
+                let source = m.source().clone().unwrap_or_default();
+                let content = std::fs::read(&source).unwrap_or_default();
+                self.record(format!(
+                    "bind {} -> {} {:?} {}",
+                    source.display(),
+                    m.destination().display(),
+                    m.options().clone().unwrap_or_default(),
+                    String::from_utf8_lossy(&content)
+                ));
+            }
+        }
         assert!(output.stdout.is_file() && output.stderr.is_file());
         self.tasks.lock().expect("lock").insert(
             run_id.to_string(),
@@ -911,5 +925,72 @@ async fn the_node_pids_limit_reaches_the_containers_spec() {
             .contains(&"create run-1 pids=77".to_string()),
         "{:?}",
         runtime.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn uploaded_files_are_in_place_before_create_and_gone_after_cleanup() {
+    let runtime = FakeRuntime::new(Script {
+        runs_for: Some(Duration::from_millis(10)),
+        ..Default::default()
+    });
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let (state, journal) = journal();
+    let spec = RunSpec {
+        files: vec![berth_proto::v1::RunFile {
+            path: "/etc/berth/config.json".to_string(),
+            content: b"{\"a\":1}".to_vec(),
+            mode: 0o444,
+        }],
+        ..Default::default()
+    };
+    supervise(
+        runtime.clone(),
+        settings(),
+        journal.clone(),
+        assignment(spec),
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    let files_dir = state.path().join("runs/run-1/files");
+    let calls = runtime.calls();
+    let want = format!(
+        "bind {} -> /etc/berth/config.json [\"rbind\", \"ro\", \"nosuid\", \"nodev\"] {{\"a\":1}}",
+        files_dir.join("0").display()
+    );
+    let bind = calls.iter().position(|c| *c == want);
+    let create = calls.iter().position(|c| c.starts_with("create"));
+    assert!(bind.is_some() && create < bind, "{calls:?}");
+    assert_eq!(calls.last().map(String::as_str), Some("cleanup run-1"));
+    assert!(!files_dir.exists(), "the host copy goes with the run");
+    // The journal (kept until the exit is acknowledged) does not hold the content either.
+    let record = journal.run_dir("run-1").read_record().expect("record");
+    assert!(record.spec.files.is_empty());
+    assert_eq!(exit_of(&outbox.snapshot()).exit_code, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_timeout_counts_from_the_process_start_not_the_pull() {
+    let script = Script {
+        pull_delay: Duration::from_secs(5),
+        runs_for: Some(Duration::from_secs(3)),
+        exit_status: 0,
+        ..Default::default()
+    };
+    let (_, messages) = run(
+        script,
+        RunSpec {
+            timeout_seconds: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Pull (5 s) + run (3 s) is past the 4 s timeout, yet the process finished in time.
+    let exit = exit_of(&messages);
+    assert_eq!(
+        (exit.reason, exit.exit_code),
+        (ExitReason::Exited as i32, 0)
     );
 }

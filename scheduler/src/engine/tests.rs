@@ -27,6 +27,7 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
             secret: false,
         }],
         container_registry_id: None,
+        stop_grace_seconds: None,
     }
 }
 
@@ -1397,4 +1398,130 @@ async fn pull_progress_shows_while_pending_and_is_kept_at_the_start() {
         (pull.bytes_done, pull.bytes_total, pull.layers_done),
         (1000, 1000, 1)
     );
+}
+
+#[tokio::test]
+async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_the_api() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let (plain, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (graceful, _) = s
+        .create_runner(
+            P,
+            RunnerSpec {
+                stop_grace_seconds: Some(30),
+                ..spec("fra", "standard-s")
+            },
+        )
+        .await
+        .expect("runner");
+    let file = |path: &str| berth_core::validate::FileInput {
+        path: Some(path.into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: None,
+    };
+    // The scheduler's flag, the runner's grace, the run's own.
+    let cases = [
+        (&plain, None, 2),
+        (&graceful, None, 30),
+        (&graceful, Some(5), 5),
+    ];
+    for (runner, run_grace, want) in cases {
+        let run = s
+            .create_run(
+                P,
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file("/etc/app.conf")]),
+                    stop_grace_seconds: run_grace,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        assert_eq!(run.stop_grace_seconds, Some(want));
+        let a = next_assign(&mut fra);
+        let sent = a.spec.expect("spec");
+        assert_eq!(sent.stop_grace_seconds, want);
+        assert_eq!(
+            sent.files,
+            vec![pb::RunFile {
+                path: "/etc/app.conf".into(),
+                content: b"hello".to_vec(),
+                mode: 0o444,
+            }]
+        );
+        let shown: pb::Run = (&s.get_run(P, &runner.id, &run.id).await.expect("get")).into();
+        assert_eq!(shown.files.len(), 1);
+        assert_eq!(shown.files[0].size_bytes, 5);
+        assert_eq!(shown.stop_grace_seconds, Some(want));
+    }
+    // The scheduler re-checks what arrives over gRPC.
+    let bad = s
+        .create_run(
+            P,
+            &plain.id,
+            RunInput {
+                files: Some(vec![file("/proc/x")]),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(SchedulerError::Invalid(_))), "{bad:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let file = berth_core::validate::FileInput {
+        path: Some("/etc/app.conf".into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: Some(0o600),
+    };
+    let (runner_id, run_id) = {
+        let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+            .await
+            .expect("open");
+        let (runner, _) = s
+            .create_runner(P, spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(
+                P,
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        // The record itself holds no content; it is stored once beside it.
+        let raw = s.store.get(&keys::run(&run.id)).await.expect("get");
+        let raw = String::from_utf8(raw.map(|kv| kv.value).unwrap_or_default()).unwrap_or_default();
+        assert!(
+            raw.contains("/etc/app.conf") && !raw.contains("aGVsbG8"),
+            "{raw}"
+        );
+        (runner.id, run.id)
+    };
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("reopen");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let a = next_assign(&mut fra);
+    assert_eq!(a.run_id, run_id);
+    let sent = a.spec.expect("spec");
+    assert_eq!(sent.files.len(), 1);
+    assert_eq!(sent.files[0].content, b"hello".to_vec());
+    assert_eq!(sent.files[0].mode, 0o600);
+    let shown = s.get_run(P, &runner_id, &run_id).await.expect("get");
+    assert_eq!(shown.files[0].size_bytes, 5);
 }

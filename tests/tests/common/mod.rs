@@ -561,7 +561,7 @@ impl Fleet {
         }
     }
 
-    /// The agent's state directory (journals, resolv.conf).
+    /// A node agent's state directory (per-run journals, output and uploaded files, resolv.conf).
     pub fn agent_state_dir(&self, node_id: &str) -> PathBuf {
         self.dir.path().join(format!("agent-{node_id}"))
     }
@@ -581,6 +581,135 @@ impl Fleet {
             .join("berth")
             .join(node_id)
             .join(run_id)
+    }
+
+    /// The directory an agent keeps a run's journal, output and uploaded files in.
+    pub fn run_state_dir(&self, node_id: &str, run_id: &str) -> PathBuf {
+        self.agent_state_dir(node_id).join("runs").join(run_id)
+    }
+
+    /// What a run left behind on its node, one description per thing: its task, container,
+    /// snapshot or lease in containerd, the shim's bundle directory, a cgroup directory in any
+    /// controller, its directory in the agent's state dir (output files, line log, uploaded
+    /// files). Empty once the run is fully cleaned up.
+    pub async fn run_leftovers(&self, node_id: &str, run_id: &str) -> Result<Vec<String>> {
+        use containerd_client::services::v1::{
+            containers_client::ContainersClient, leases_client::LeasesClient,
+            snapshots::snapshots_client::SnapshotsClient, snapshots::StatSnapshotRequest,
+            tasks_client::TasksClient, GetContainerRequest, GetRequest, ListRequest,
+        };
+        let channel = containerd_client::connect(&self.env.containerd_socket).await?;
+        let ns: tonic::metadata::MetadataValue<_> = format!("berth-{node_id}").parse()?;
+        fn in_ns<T>(
+            ns: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+            m: T,
+        ) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(m);
+            r.metadata_mut().insert("containerd-namespace", ns.clone());
+            r
+        }
+        let mut left = vec![];
+        let mut note = |what: &str, res: std::result::Result<(), tonic::Status>| match res {
+            Ok(()) => left.push(what.to_owned()),
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => left.push(format!("{what}: cannot tell: {s}")),
+        };
+        let task = TasksClient::new(channel.clone())
+            .get(in_ns(
+                &ns,
+                GetRequest {
+                    container_id: run_id.to_owned(),
+                    exec_id: String::new(),
+                },
+            ))
+            .await;
+        note("task", task.map(|_| ()));
+        let container = ContainersClient::new(channel.clone())
+            .get(in_ns(
+                &ns,
+                GetContainerRequest {
+                    id: run_id.to_owned(),
+                },
+            ))
+            .await;
+        note("container", container.map(|_| ()));
+        let snapshot = SnapshotsClient::new(channel.clone())
+            .stat(in_ns(
+                &ns,
+                StatSnapshotRequest {
+                    snapshotter: "overlayfs".to_owned(),
+                    key: run_id.to_owned(),
+                },
+            ))
+            .await;
+        note("snapshot", snapshot.map(|_| ()));
+        let leases = LeasesClient::new(channel)
+            .list(in_ns(
+                &ns,
+                ListRequest {
+                    filters: vec![format!("id==berth-run-{run_id}")],
+                },
+            ))
+            .await?
+            .into_inner()
+            .leases;
+        if !leases.is_empty() {
+            left.push(format!("lease berth-run-{run_id}"));
+        }
+        // The shim's bundle (with its FIFOs and runc state), where deploy/lib.sh puts
+        // containerd's state: next to its socket.
+        if let Some(dir) = Path::new(&self.env.containerd_socket).parent() {
+            let bundle = dir
+                .join("state/io.containerd.runtime.v2.task")
+                .join(format!("berth-{node_id}"))
+                .join(run_id);
+            if bundle.exists() {
+                left.push(format!("shim bundle {}", bundle.display()));
+            }
+        }
+        // Every cgroup v1 controller, and the unified (v2) hierarchy itself.
+        let roots = std::fs::read_dir("/sys/fs/cgroup")?
+            .flatten()
+            .map(|c| c.path())
+            .chain([PathBuf::from("/sys/fs/cgroup")]);
+        for root in roots {
+            let dir = root.join("berth").join(node_id).join(run_id);
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+        let state = self.run_state_dir(node_id, run_id);
+        if state.exists() {
+            let inside: Vec<String> = std::fs::read_dir(&state)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            left.push(format!("agent state {} {inside:?}", state.display()));
+        }
+        Ok(left)
+    }
+
+    /// Asserts that a run which ended left nothing behind on its node (see [`run_leftovers`]):
+    /// no task, container, snapshot, lease, shim bundle, cgroup directory, output file or
+    /// uploaded file. The agent forgets a run's directory once the scheduler acknowledged its
+    /// exit, so this waits (up to 15 s) for that before failing.
+    pub async fn assert_run_cleaned(&self, node_id: &str, run_id: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = self.run_leftovers(node_id, run_id).await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "run {run_id} left behind on {node_id}: {left:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
