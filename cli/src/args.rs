@@ -183,6 +183,13 @@ pub struct RunArgs {
     /// Replaces the entrypoint for this run
     #[arg(long)]
     pub entrypoint: Option<String>,
+    /// A local file placed read-only in the run's container: LOCAL:/ABSOLUTE/PATH[:MODE], MODE
+    /// in octal (default 0444) (repeatable)
+    #[arg(long = "file", value_parser = parse_file, value_name = "LOCAL:PATH[:MODE]")]
+    pub files: Vec<FileArg>,
+    /// Seconds between SIGTERM and SIGKILL when this run is stopped or times out (1-300)
+    #[arg(long, value_name = "SECONDS")]
+    pub stop_grace_seconds: Option<u32>,
     /// Wait for the run, stream its logs, and exit with its exit code (Ctrl-C stops the run)
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -287,6 +294,40 @@ pub struct EnvPair {
 }
 
 /// `KEY=value`; the value may be empty or contain `=`.
+/// `--file LOCAL:PATH[:MODE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileArg {
+    pub local: std::path::PathBuf,
+    pub path: String,
+    /// Permission bits; None: the API's default (0444).
+    pub mode: Option<u32>,
+}
+
+pub fn parse_file(s: &str) -> Result<FileArg, String> {
+    let usage = || format!("expected LOCAL:/absolute/path[:MODE] (MODE in octal), got `{s}`");
+    let (local, rest) = s.split_once(':').ok_or_else(usage)?;
+    if local.is_empty() || !rest.starts_with('/') {
+        return Err(usage());
+    }
+    let (path, mode) = match rest.rsplit_once(':') {
+        Some((path, mode)) => {
+            let mode = u32::from_str_radix(mode, 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    format!("MODE must be octal permission bits (e.g. 0644), got `{mode}`")
+                })?;
+            (path, Some(mode))
+        }
+        None => (rest, None),
+    };
+    Ok(FileArg {
+        local: local.into(),
+        path: path.to_owned(),
+        mode,
+    })
+}
+
 pub fn parse_env(s: &str) -> Result<EnvPair, String> {
     match s.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok(EnvPair {
@@ -306,6 +347,33 @@ mod tests {
             name: name.to_owned(),
             tag: tag.to_owned(),
         })
+    }
+
+    #[test]
+    fn files_are_local_colon_path_with_an_optional_octal_mode() {
+        assert_eq!(
+            parse_file("conf.json:/etc/app/conf.json"),
+            Ok(FileArg {
+                local: "conf.json".into(),
+                path: "/etc/app/conf.json".into(),
+                mode: None
+            })
+        );
+        assert_eq!(
+            parse_file("./run.sh:/work/run.sh:0755").map(|f| (f.path, f.mode)),
+            Ok(("/work/run.sh".to_owned(), Some(0o755)))
+        );
+        for bad in [
+            "",
+            "x",
+            ":/a",
+            "x:relative",
+            "x:/a:999",
+            "x:/a:rw",
+            "x:/a:1000",
+        ] {
+            assert!(parse_file(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

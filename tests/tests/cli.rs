@@ -284,3 +284,39 @@ async fn missing_configuration_and_bad_usage_are_explained() -> Result<()> {
     ensure!(out.status.code() == Some(2), "{out:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn berthctl_run_uploads_local_files_read_only() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = create_runner(&f, "cli-e2e-files", "fra").await?;
+    let local = f.dir.path().join("settings.conf");
+    std::fs::write(&local, "answer=42\nmode=cli\n")?;
+    let file = format!("{}:/etc/app/settings.conf:0640", local.display());
+    let o = run_cli(
+        &f,
+        &[
+            "run",
+            &runner,
+            "--file",
+            &file,
+            "--follow",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/app/settings.conf; stat -c %a /etc/app/settings.conf; \
+             echo x >> /etc/app/settings.conf || echo read-only",
+        ],
+    )
+    .await?;
+    ensure!(o.code == Some(0), "{o:?}\n{}", f.logs());
+    let out: Vec<&str> = o.stdout.lines().collect();
+    ensure!(
+        out == ["answer=42", "mode=cli", "640", "read-only"],
+        "{o:?}"
+    );
+    // A file that is not there is refused before any request.
+    let missing = format!("{}:/etc/x", f.dir.path().join("nope").display());
+    let o = run_cli(&f, &["run", &runner, "--file", &missing]).await?;
+    ensure!(o.code != Some(0) && o.stderr.contains("nope"), "{o:?}");
+    Ok(())
+}

@@ -184,8 +184,31 @@ pub fn runner_body(c: &CreateRunner) -> Value {
 }
 
 /// The `POST /v1/runners/{id}/runs` body: only the overrides given.
-pub fn run_body(a: &RunArgs) -> Value {
+/// The run's body; reads the `--file`s.
+pub fn run_body(a: &RunArgs) -> Result<Value, CommandError> {
+    use base64::Engine as _;
     let mut b = Map::new();
+    if !a.files.is_empty() {
+        let mut files = Vec::with_capacity(a.files.len());
+        for f in &a.files {
+            let content = std::fs::read(&f.local)
+                .map_err(|e| CommandError::Input(format!("--file {}: {e}", f.local.display())))?;
+            let mut item = Map::new();
+            item.insert("path".into(), json!(f.path));
+            item.insert(
+                "content_base64".into(),
+                json!(base64::engine::general_purpose::STANDARD.encode(content)),
+            );
+            if let Some(mode) = f.mode {
+                item.insert("mode".into(), json!(mode));
+            }
+            files.push(Value::Object(item));
+        }
+        b.insert("files".into(), Value::Array(files));
+    }
+    if let Some(grace) = a.stop_grace_seconds {
+        b.insert("stop_grace_seconds".into(), json!(grace));
+    }
     if !a.argv.is_empty() {
         b.insert("argv".into(), json!(a.argv));
     }
@@ -198,7 +221,7 @@ pub fn run_body(a: &RunArgs) -> Value {
     if !a.env.is_empty() {
         b.insert("env_variables".into(), env_json(&a.env));
     }
-    Value::Object(b)
+    Ok(Value::Object(b))
 }
 
 async fn runners(ctx: &Ctx, c: RunnersCommand) -> Result<u8, CommandError> {
@@ -235,7 +258,7 @@ async fn run(ctx: &Ctx, a: RunArgs) -> Result<u8, CommandError> {
     let runner = id("runner", &a.runner)?;
     let created = ctx
         .client
-        .post(&format!("/v1/runners/{runner}/runs"), Some(&run_body(&a)))
+        .post(&format!("/v1/runners/{runner}/runs"), Some(&run_body(&a)?))
         .await?;
     if !a.follow {
         ctx.show(&created, |v| detail(&v["run"], output::RUN_FIELDS));
@@ -536,13 +559,37 @@ mod tests {
             panic!("does not parse");
         };
         assert_eq!(
-            run_body(&a),
-            json!({"command": "echo hi", "env_variables": [{"env_key": "X", "env_val": ""}]})
+            run_body(&a).ok(),
+            Some(json!({"command": "echo hi", "env_variables": [{"env_key": "X", "env_val": ""}]}))
         );
         let Some(Command::Run(a)) = cli(&["run", "r"]) else {
             panic!("does not parse");
         };
-        assert_eq!(run_body(&a), json!({}));
+        assert_eq!(run_body(&a).ok(), Some(json!({})));
+    }
+
+    #[test]
+    fn run_files_are_read_and_sent_as_base64() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = dir.path().join("conf");
+        std::fs::write(&local, "a=1\n").expect("write");
+        let arg = format!("{}:/etc/app/conf:0600", local.display());
+        let Some(Command::Run(a)) = cli(&["run", "r", "--file", &arg, "--stop-grace-seconds", "9"])
+        else {
+            panic!("does not parse");
+        };
+        assert_eq!(
+            run_body(&a).ok(),
+            Some(json!({
+                "files": [{"path": "/etc/app/conf", "content_base64": "YT0xCg==", "mode": 0o600}],
+                "stop_grace_seconds": 9,
+            }))
+        );
+        let missing = format!("{}:/etc/x", dir.path().join("nope").display());
+        let Some(Command::Run(a)) = cli(&["run", "r", "--file", &missing]) else {
+            panic!("does not parse");
+        };
+        assert!(matches!(run_body(&a), Err(CommandError::Input(m)) if m.contains("nope")));
     }
 
     #[test]
