@@ -428,3 +428,55 @@ async fn sigterm_drains_the_agent_its_run_finishes_and_it_exits_0() -> Result<()
     );
     Ok(())
 }
+
+/// The instance type's CPU share becomes the run's CFS quota: standard-xs has 500 millicores,
+/// so 50 ms of CPU time per 100 ms period; a run that spins is throttled at it.
+#[tokio::test]
+async fn a_run_gets_its_instance_types_cpu_quota_and_is_throttled_at_it() -> Result<()> {
+    agent_env();
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    // Spins for 4 s of wall time (a single process wants a whole core), then says so.
+    let runner = f
+        .runner(
+            "fra",
+            json!({
+                "run_command": "end=$(( $(date +%s) + 4 )); while [ $(date +%s) -lt $end ]; do :; done; echo spun",
+                "instance_type": "standard-xs",
+                "timeout_seconds": 60,
+            }),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    let cpu = f.cgroup_dir("cpu", &node, &run);
+    ensure!(read_trimmed(&cpu.join("cpu.cfs_period_us"))? == "100000");
+    ensure!(
+        read_trimmed(&cpu.join("cpu.cfs_quota_us"))? == "50000",
+        "500 millicores = 50 ms per 100 ms period"
+    );
+    // Watch the cgroup's own count of periods in which it hit the quota while the run spins.
+    let mut throttled = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while throttled == 0 && Instant::now() < deadline {
+        let Ok(stat) = std::fs::read_to_string(cpu.join("cpu.stat")) else {
+            break; // the run ended and its cgroup is gone
+        };
+        throttled = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(
+        throttled > 0,
+        "a spinning run on half a core is throttled at its quota"
+    );
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "{r}\n{}", f.logs());
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(msgs(&logs, "stdout") == ["spun"], "{logs:?}");
+    Ok(())
+}
