@@ -317,7 +317,7 @@ fn probe_script(targets: &[String]) -> String {
     format!(
         "gw=$(ip route | awk '/^default/ {{print $3}}'); echo gateway=$gw; \
          for t in {}; do t=$(echo $t | sed \"s/GATEWAY/$gw/\"); \
-           timeout 5 nc -w 2 ${{t%/*}} ${{t##*/}} </dev/null >/dev/null 2>/tmp/err; rc=$?; \
+           timeout 20 nc -w 2 ${{t%/*}} ${{t##*/}} </dev/null >/dev/null 2>/tmp/err; rc=$?; \
            if [ $rc = 0 ] || [ $rc -ge 124 ]; then echo reached $t; \
            else echo blocked $t $(cat /tmp/err); fi; \
          done",
@@ -404,7 +404,7 @@ async fn a_run_reaches_no_port_of_its_host() -> Result<()> {
             bridge_index,
         )));
         for addr in addrs {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10))
                 .with_context(|| format!("{name} port at {addr} reachable from the host"))?;
         }
     }
