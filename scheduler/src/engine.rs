@@ -1796,6 +1796,11 @@ impl State {
         }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        if run.status.is_terminal() && !run.files.is_empty() {
+            // No node needs the files any more: their contents go, their digests stay in the
+            // record. (Deleting an absent key is no error, so a run staged twice is fine.)
+            self.delete(keys::run_files(&run.id));
+        }
         if is_queued(&run) {
             self.queue.insert(run.id.clone());
         } else {
@@ -1808,10 +1813,6 @@ impl State {
         }
     }
 
-    /// Stages a store write for the operation's flush.
-    /// A key staged again replaces its earlier put's value (one write per key and
-    /// operation) and keeps that put's precondition: the store checks every precondition
-    /// against the state before the transaction, so the first one is the one that matters.
     /// Stages the contents of a new run's files, stored once beside its record.
     fn write_file_contents(&mut self, run: &Run) {
         if let Some(value) = run.file_contents_value() {
@@ -1819,6 +1820,17 @@ impl State {
         }
     }
 
+    /// Stages the removal of `key` with the operation's flush, after any write of it staged
+    /// earlier in the same operation.
+    fn delete(&mut self, key: String) {
+        self.pending_at.remove(&key);
+        self.pending = std::mem::take(&mut self.pending).delete(key, Expect::Any);
+    }
+
+    /// Stages a store write for the operation's flush.
+    /// A key staged again replaces its earlier put's value (one write per key and
+    /// operation) and keeps that put's precondition: the store checks every precondition
+    /// against the state before the transaction, so the first one is the one that matters.
     fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
         if let Some(&at) = self.pending_at.get(&key) {
             if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)

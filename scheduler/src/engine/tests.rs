@@ -1461,6 +1461,32 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
         assert_eq!(shown.files[0].size_bytes, 5);
         assert_eq!(shown.stop_grace_seconds, Some(want));
     }
+    // Once a run has ended its files' contents leave the store; the digests stay.
+    let run = s
+        .create_run(
+            P,
+            &plain.id,
+            RunInput {
+                files: Some(vec![file("/etc/ends.conf")]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    let a = next_assign(&mut fra);
+    let stored = |id: String| {
+        let s = &s;
+        async move { s.store.get(&keys::run_files(&id)).await.expect("get") }
+    };
+    assert!(stored(run.id.clone()).await.is_some(), "kept while active");
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+        .await
+        .expect("exited");
+    assert!(stored(run.id.clone()).await.is_none(), "gone once ended");
+    let ended = s.get_run(P, &plain.id, &run.id).await.expect("get");
+    assert_eq!(ended.status, RunStatus::Succeeded);
+    assert_eq!(ended.files.len(), 1, "the record still names the file");
     // The scheduler re-checks what arrives over gRPC.
     let bad = s
         .create_run(
