@@ -267,6 +267,8 @@ async fn main() -> anyhow::Result<()> {
         config.namespace.clone(),
         registry,
     ));
+    let recalled = puller.recall_cached().await;
+    tracing::info!(images = recalled, "images already on this node");
     let image_cache = Arc::new(ImageCache::new(
         Arc::new(ContainerdImages::new(puller.clone())),
         image_cache_bytes,

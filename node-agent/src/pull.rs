@@ -128,6 +128,36 @@ impl Puller {
         cached.iter().cloned().collect()
     }
 
+    /// Adds every complete (present and unpacked) image of the namespace to [`Self::cached`], so
+    /// a restarted agent reports what it already holds from its first heartbeat instead of
+    /// only what it pulls again. Returns how many it found; errors only cost locality.
+    pub async fn recall_cached(&self) -> usize {
+        let listed = ImagesClient::new(self.channel.clone())
+            .list(self.request(
+                containerd_client::services::v1::ListImagesRequest { filters: vec![] },
+                None,
+            ))
+            .await;
+        let images = match listed {
+            Ok(list) => list.into_inner().images,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the images already here");
+                return 0;
+            }
+        };
+        let mut found = 0;
+        for image in images {
+            if self.local_image(&image.name).await.is_some() {
+                self.cached
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(image.name);
+                found += 1;
+            }
+        }
+        found
+    }
+
     /// Makes `image` present and unpacked; concurrent calls for the same image wait for one pull.
     /// `auth` is used when it names the image's registry host.
     pub async fn pull(

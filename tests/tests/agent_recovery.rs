@@ -207,3 +207,30 @@ async fn a_run_outliving_the_shutdown_grace_is_re_adopted_by_the_next_agent() ->
     f.wait_no_containers(&node).await?;
     Ok(())
 }
+
+/// A restarted agent reports the images it already holds (for image-locality scoring) from its
+/// registration on, not only the ones it pulls again.
+#[tokio::test]
+async fn a_restarted_agent_reports_the_images_it_already_holds() -> Result<()> {
+    let mut f = Fleet::start(&[AgentSpec::new("ams")]).await?;
+    let node = f.node("ams").to_owned();
+    let runner = f.runner("ams", json!({"run_command": "true"})).await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "{r}");
+    crash_and_restart(&mut f, &node).await?;
+    let image = json!(format!("{}/busybox:latest", f.env.registry));
+    let nodes = f.get("/v1/nodes").await?;
+    let held = nodes["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["id"] == node.as_str())
+        .map(|n| n["cached_images"].clone())
+        .unwrap_or_default();
+    ensure!(
+        held.as_array().is_some_and(|a| a.contains(&image)),
+        "the restarted agent registered without {image}: {held}"
+    );
+    Ok(())
+}
