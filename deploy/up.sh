@@ -58,6 +58,14 @@ if [[ ! -s "$TOKEN_FILE" ]]; then
   berth_log "generated a new API token in $TOKEN_FILE"
 fi
 TOKEN="$(tr -d ' \n' <"$TOKEN_FILE")"
+# The scheduler serves only callers presenting the cluster token (the API and the agents); it
+# travels in the environment, not on command lines.
+CLUSTER_TOKEN_FILE="$DATA_DIR/cluster.token"
+if [[ ! -s "$CLUSTER_TOKEN_FILE" ]]; then
+  (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$CLUSTER_TOKEN_FILE")
+fi
+BERTH_CLUSTER_TOKEN="$(tr -d ' \n' <"$CLUSTER_TOKEN_FILE")"
+export BERTH_CLUSTER_TOKEN
 
 ENV_DIR="$BERTH_REPO/.berth"
 mkdir -p "$ENV_DIR"

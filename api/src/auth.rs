@@ -18,7 +18,8 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use berth_core::auth::{
-    constant_time_eq, parse_key, ADMIN_METADATA, DEFAULT_PROJECT, PROJECT_METADATA,
+    constant_time_eq, parse_key, ADMIN_METADATA, CLUSTER_TOKEN_METADATA, DEFAULT_PROJECT,
+    PROJECT_METADATA,
 };
 use berth_proto::v1 as pb;
 use tonic::metadata::MetadataValue;
@@ -99,12 +100,45 @@ pub fn require_admin() -> Result<Caller, ApiError> {
     }
 }
 
-/// Puts the current caller on a control call.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CallerInterceptor;
+/// The scheduler's cluster token (`--cluster-token`), put on every call to it when set.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl ClusterToken {
+    /// Fails for a token that cannot travel as gRPC metadata (not visible ASCII).
+    pub fn new(
+        token: Option<&str>,
+    ) -> Result<ClusterToken, tonic::metadata::errors::InvalidMetadataValue> {
+        token
+            .map(MetadataValue::try_from)
+            .transpose()
+            .map(ClusterToken)
+    }
+
+    fn stamp(&self, req: &mut tonic::Request<()>) {
+        if let Some(token) = &self.0 {
+            req.metadata_mut()
+                .insert(CLUSTER_TOKEN_METADATA, token.clone());
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ClusterToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.stamp(&mut req);
+        Ok(req)
+    }
+}
+
+/// Puts the current caller (and the cluster token) on a control call.
+#[derive(Debug, Clone, Default)]
+pub struct CallerInterceptor {
+    pub cluster: ClusterToken,
+}
 
 impl tonic::service::Interceptor for CallerInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.cluster.stamp(&mut req);
         let caller = current().ok_or_else(|| {
             tonic::Status::unauthenticated("a control call outside an authenticated request")
         })?;
@@ -126,7 +160,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_interceptor_names_the_caller_and_fails_closed_without_one() {
-        let outside = CallerInterceptor.call(tonic::Request::new(()));
+        let outside = CallerInterceptor::default().call(tonic::Request::new(()));
         assert!(outside.is_err(), "no caller, no project");
         let key = Caller {
             project: "alpha".into(),
@@ -134,7 +168,7 @@ mod tests {
         };
         let req = CALLER
             .scope(key, async {
-                CallerInterceptor.call(tonic::Request::new(()))
+                CallerInterceptor::default().call(tonic::Request::new(()))
             })
             .await
             .expect("in scope");
@@ -151,7 +185,7 @@ mod tests {
         };
         let req = CALLER
             .scope(admin, async {
-                CallerInterceptor.call(tonic::Request::new(()))
+                CallerInterceptor::default().call(tonic::Request::new(()))
             })
             .await
             .expect("in scope");

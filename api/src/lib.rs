@@ -30,17 +30,19 @@ use tonic::transport::Channel;
 pub struct AppState {
     channel: Channel,
     /// Without the caller: only for `AuthenticateApiKey`, which establishes it.
-    control: ControlServiceClient<Channel>,
+    control: ControlServiceClient<InterceptedService<Channel, auth::ClusterToken>>,
+    cluster: auth::ClusterToken,
     admin_token: Arc<str>,
 }
 
 impl AppState {
     /// `admin_token` is the operator's token (`--token`): it manages nodes and API keys and acts
-    /// in project `default`.
-    pub fn new(channel: Channel, admin_token: &str) -> AppState {
+    /// in project `default`. `cluster` goes on every call to the scheduler.
+    pub fn new(channel: Channel, admin_token: &str, cluster: auth::ClusterToken) -> AppState {
         AppState {
-            control: ControlServiceClient::new(channel.clone()),
+            control: ControlServiceClient::with_interceptor(channel.clone(), cluster.clone()),
             channel,
+            cluster,
             admin_token: Arc::from(admin_token),
         }
     }
@@ -49,7 +51,12 @@ impl AppState {
     fn control(
         &self,
     ) -> ControlServiceClient<InterceptedService<Channel, auth::CallerInterceptor>> {
-        ControlServiceClient::with_interceptor(self.channel.clone(), auth::CallerInterceptor)
+        ControlServiceClient::with_interceptor(
+            self.channel.clone(),
+            auth::CallerInterceptor {
+                cluster: self.cluster.clone(),
+            },
+        )
     }
 }
 

@@ -19,6 +19,9 @@ struct Args {
     /// `default`. Everyone else sends a project's API key.
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
     token: String,
+    /// The scheduler's cluster token (its `--cluster-token`), sent on every call to it.
+    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
 }
 
 #[tokio::main]
@@ -34,7 +37,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("bad scheduler address {}", args.scheduler))?
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect_lazy();
-    let state = AppState::new(channel, &args.token);
+    let cluster = berth_api::auth::ClusterToken::new(args.cluster_token.as_deref())
+        .context("--cluster-token must be visible ASCII")?;
+    let state = AppState::new(channel, &args.token, cluster);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

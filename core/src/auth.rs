@@ -20,6 +20,18 @@ pub const DEFAULT_PROJECT: &str = "default";
 pub const PROJECT_METADATA: &str = "x-berth-project";
 /// gRPC metadata the API sets (to `true`) only for callers holding the admin token.
 pub const ADMIN_METADATA: &str = "x-berth-admin";
+/// gRPC metadata carrying the cluster token: the shared secret the API and the node agents
+/// present on every call to the scheduler when it runs with `--cluster-token`.
+pub const CLUSTER_TOKEN_METADATA: &str = "x-berth-cluster-token";
+
+/// Whether a call presenting `presented` passes a scheduler that requires `required` (none:
+/// every call passes).
+pub fn cluster_token_ok(required: Option<&str>, presented: Option<&[u8]>) -> bool {
+    match required {
+        None => true,
+        Some(want) => presented.is_some_and(|got| constant_time_eq(got, want.as_bytes())),
+    }
+}
 
 pub const PROJECT_MAX: usize = 63;
 pub const KEY_NAME_MAX: usize = 64;
@@ -155,6 +167,22 @@ pub fn verify_secret(secret: &str, secret_sha256: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_token_is_required_only_when_set() {
+        assert!(cluster_token_ok(None, None));
+        assert!(cluster_token_ok(None, Some(b"anything")));
+        assert!(cluster_token_ok(
+            Some("s3cret-token"),
+            Some(b"s3cret-token")
+        ));
+        assert!(!cluster_token_ok(Some("s3cret-token"), None));
+        assert!(!cluster_token_ok(
+            Some("s3cret-token"),
+            Some(b"s3cret-tokeN")
+        ));
+        assert!(!cluster_token_ok(Some("s3cret-token"), Some(b"s3cret")));
+    }
 
     #[test]
     fn project_names() {

@@ -31,4 +31,16 @@ pub struct AgentConfig {
     /// After SIGTERM, how long to wait for running runs to end (and their reports to be
     /// acknowledged) before exiting anyway; runs still going are re-adopted by the next start.
     pub shutdown_grace: Duration,
+    /// The scheduler's cluster token, presented on the session when set.
+    pub cluster_token: Option<Secret>,
+}
+
+/// A string that never shows in logs (`Debug` prints `[redacted]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }

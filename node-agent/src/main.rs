@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use berth_node_agent::config::AgentConfig;
+use berth_node_agent::config::{AgentConfig, Secret};
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
 use berth_node_agent::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
 use berth_node_agent::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
@@ -47,6 +47,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: String,
+    /// The scheduler's cluster token (its `--cluster-token`), presented on the session.
+    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
     /// This node's ID.
     #[arg(long, env = "BERTH_AGENT_NODE_ID")]
     node_id: String,
@@ -248,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
             max_lines: cli.max_log_lines_per_run,
         },
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+        cluster_token: cli.cluster_token.map(Secret),
         node_id: cli.node_id,
         region: cli.region,
     };

@@ -51,6 +51,9 @@ pub enum SessionError {
     /// the scheduler endpoint URL is not valid
     #[error("invalid scheduler URL {url:?}")]
     InvalidUrl { url: String },
+    /// the cluster token cannot travel as gRPC metadata
+    #[error("the cluster token must be visible ASCII")]
+    InvalidClusterToken,
     /// the stream failed
     #[error("stream error: {0}")]
     Stream(#[from] tonic::Status),
@@ -290,7 +293,21 @@ impl<R: ContainerRuntime> Agent<R> {
             .connect()
             .await
             .map_err(|source| SessionError::Connect { url, source })?;
-        let mut client = AgentServiceClient::new(channel);
+        let token = self
+            .config
+            .cluster_token
+            .as_ref()
+            .map(|t| tonic::metadata::MetadataValue::try_from(t.0.as_str()))
+            .transpose()
+            .map_err(|_| SessionError::InvalidClusterToken)?;
+        let mut client =
+            AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(token) = &token {
+                    req.metadata_mut()
+                        .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+                }
+                Ok(req)
+            });
         let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
         tx.send(self.register_message())
             .await
@@ -648,6 +665,7 @@ mod tests {
             pids_limit: 1024,
             log_limits: LogLimits::default(),
             shutdown_grace: Duration::from_secs(30),
+            cluster_token: None,
         };
         Arc::new(Agent::new(
             config,

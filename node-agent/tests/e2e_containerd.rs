@@ -223,6 +223,7 @@ async fn runs_containers_end_to_end() {
         pids_limit: berth_node_agent::spec::DEFAULT_PIDS_LIMIT,
         log_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
+        cluster_token: None,
     };
     let channel = containerd_client::connect(&socket)
         .await

@@ -19,22 +19,60 @@ use berth_proto::v1::control_service_server::ControlServiceServer;
 use std::future::Future;
 use std::sync::Arc;
 
-/// Serves both services on `listener` until `shutdown` resolves.
+/// Refuses every call that does not present the cluster token, when the scheduler has one:
+/// without it anyone who reaches the port could register as a node (and receive runs, their
+/// secrets and registry credentials) or call the control service as the admin.
+#[derive(Clone)]
+pub struct ClusterGate {
+    token: Option<Arc<str>>,
+}
+
+impl ClusterGate {
+    pub fn new(token: Option<&str>) -> ClusterGate {
+        ClusterGate {
+            token: token.map(Arc::from),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ClusterGate {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let presented = req
+            .metadata()
+            .get(berth_core::auth::CLUSTER_TOKEN_METADATA)
+            .map(|v| v.as_bytes());
+        if berth_core::auth::cluster_token_ok(self.token.as_deref(), presented) {
+            Ok(req)
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "missing or wrong cluster token (x-berth-cluster-token)",
+            ))
+        }
+    }
+}
+
+/// Serves both services on `listener` until `shutdown` resolves; with `gate` holding a token,
+/// only callers presenting it are served.
 pub async fn serve<S: Store>(
     scheduler: Arc<engine::Scheduler<S>>,
     listener: tokio::net::TcpListener,
+    gate: ClusterGate,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(agent_service::AgentApi {
-            scheduler: scheduler.clone(),
-        }))
-        .add_service(ControlServiceServer::new(control_service::ControlApi {
-            scheduler,
-        }))
+        .add_service(AgentServiceServer::with_interceptor(
+            agent_service::AgentApi {
+                scheduler: scheduler.clone(),
+            },
+            gate.clone(),
+        ))
+        .add_service(ControlServiceServer::with_interceptor(
+            control_service::ControlApi { scheduler },
+            gate,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     expiry.abort();

@@ -51,6 +51,11 @@ struct Args {
     /// JSON file with `regions` and `instance_types` (default: the built-in catalog).
     #[arg(long, env = "BERTH_CATALOG")]
     catalog: Option<PathBuf>,
+    /// Shared secret the API and every node agent must present on each gRPC call
+    /// (`x-berth-cluster-token`, at least 16 characters). Without it anyone who reaches the
+    /// port is served: only for a port on loopback.
+    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
 }
 
 fn parse_policy(s: &str) -> Result<FitPolicy, String> {
@@ -114,7 +119,19 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    berth_scheduler::serve(scheduler, listener, shutdown).await?;
+    match args.cluster_token.as_deref() {
+        Some(token) => anyhow::ensure!(
+            token.len() >= 16,
+            "--cluster-token must be at least 16 characters"
+        ),
+        None if !listener.local_addr()?.ip().is_loopback() => tracing::warn!(
+            addr = %listener.local_addr()?,
+            "no --cluster-token: anyone who reaches this port can register as a node or act as the API"
+        ),
+        None => {}
+    }
+    let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());
+    berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;
     anyhow::ensure!(
         !store_failed.load(std::sync::atomic::Ordering::SeqCst),
         "a store write failed; stopped so that a restart reloads the state from the store"

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "e2e-test-token-0123456789";
+/// The scheduler's `--cluster-token`; the harness's API and agents present it.
+pub const CLUSTER_TOKEN: &str = "e2e-cluster-token-9876543210";
 
 /// What `deploy/test.sh` exports. Missing variables are an error, never a silent skip.
 pub struct Env {
@@ -145,6 +147,8 @@ impl Fleet {
                 &format!("http://{}", fleet.scheduler_addr),
                 "--token",
                 TOKEN,
+                "--cluster-token",
+                CLUSTER_TOKEN,
             ],
         )?;
         fleet.others.push(api);
@@ -169,6 +173,8 @@ impl Fleet {
                 &fleet.env.containerd_socket,
                 "--state-dir",
                 &state_dir.to_string_lossy(),
+                "--cluster-token",
+                CLUSTER_TOKEN,
             ];
             let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             let p = fleet.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
@@ -297,6 +303,8 @@ impl Fleet {
             &self.env.registry,
             "--heartbeat-interval-seconds",
             "1",
+            "--cluster-token",
+            CLUSTER_TOKEN,
         ]
         .iter()
         .map(|a| a.to_string())
