@@ -11,6 +11,11 @@ API and the standard library:
                                and /data/dir/y only
   formats/index:latest         OCI image index: arm64 first, then amd64; /platform says which
   formats/docker-list:latest   Docker manifest list: the same, with Docker media types
+  formats/zstd:latest          OCI, every layer zstd-compressed (by the `zstd` tool): busybox,
+                               then files, a whiteout and an opaque directory like formats/layers;
+                               the container must see /data/keep, /data/new and /data/dir/y only
+  formats/lz4:latest           OCI, a layer with media type .tar+lz4, which the agent refuses
+  formats/bad-diff-id:latest   OCI, a second layer whose config diff id is not its tar's digest
 
 Usage: format-images.py HOST:PORT   (idempotent: pushing the same content twice is harmless)
 """
@@ -18,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import subprocess
 import sys
 import tarfile
 import urllib.error
@@ -28,6 +34,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 OCI_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_TZST = "application/vnd.oci.image.layer.v1.tar+zstd"
+OCI_TLZ4 = "application/vnd.oci.image.layer.v1.tar+lz4"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -100,6 +108,13 @@ def gz(data):
     return gzip.compress(data, mtime=0)
 
 
+def zst(data):
+    """zstd-compresses with the command-line tool (the standard library has no zstd); the same
+    input and level give the same bytes, so pushing again stays idempotent."""
+    return subprocess.run(["zstd", "-q", "-c", "-3", "--no-progress"], input=data,
+                          stdout=subprocess.PIPE, check=True).stdout
+
+
 def main(addr):
     reg = Registry(addr)
     base = json.loads(reg.get("/busybox/manifests/latest", OCI_MANIFEST))
@@ -108,12 +123,12 @@ def main(addr):
     layer_tar = gzip.decompress(layer_gz)
     base_diff = config["rootfs"]["diff_ids"][0]
 
-    def image(repo, layers, arch="amd64", docker=False):
+    def image(repo, layers, arch="amd64", docker=False, diff_ids=None):
         """layers: list of (blob bytes, uncompressed tar bytes, media type). Pushes config and
-        layers; returns the manifest body and its media type."""
+        layers; returns the manifest body and its media type. `diff_ids` overrides the config's."""
         cfg = dict(config)
         cfg["architecture"] = arch
-        cfg["rootfs"] = {"type": "layers", "diff_ids": [sha(t) for _, t, _ in layers]}
+        cfg["rootfs"] = {"type": "layers", "diff_ids": diff_ids or [sha(t) for _, t, _ in layers]}
         cfg_bytes = json.dumps(cfg, separators=(",", ":")).encode()
         cfg_digest = reg.put_blob(repo, cfg_bytes)
         descs = []
@@ -144,6 +159,25 @@ def main(addr):
     body, media = image("formats/layers", [busybox_gz, (gz(second), second, OCI_TGZ), (third, third, OCI_TAR)])
     reg.put_manifest("formats/layers", "latest", body, media)
 
+    zfirst = tar_of([("data", None), ("data/keep", b"zstd-keep\n"), ("data/gone", b"gone\n"),
+                     ("data/dir", None), ("data/dir/x", b"x\n")])
+    zsecond = tar_of([("data", None), ("data/.wh.gone", b""), ("data/new", b"new\n"),
+                      ("data/dir", None), ("data/dir/.wh..wh..opq", b""), ("data/dir/y", b"y\n")])
+    zlayers = [(zst(t), t, OCI_TZST) for t in (layer_tar, zfirst, zsecond)]
+    for blob, tar, _ in zlayers:
+        assert blob[:4] == b"\x28\xb5\x2f\xfd", "zstd did not write a zstd frame"
+        assert sha(tar) != sha(blob)
+    body, media = image("formats/zstd", zlayers)
+    reg.put_manifest("formats/zstd", "latest", body, media)
+
+    body, media = image("formats/lz4", [busybox_gz, (zst(zfirst), zfirst, OCI_TLZ4)])
+    reg.put_manifest("formats/lz4", "latest", body, media)
+
+    marker = tar_of([("bad-diff-id", b"x\n")])
+    body, media = image("formats/bad-diff-id", [busybox_gz, (gz(marker), marker, OCI_TGZ)],
+                        diff_ids=[base_diff, sha(marker + b"not this")])
+    reg.put_manifest("formats/bad-diff-id", "latest", body, media)
+
     for repo, docker in (("formats/index", False), ("formats/docker-list", True)):
         entries = []
         for arch in ("arm64", "amd64"):
@@ -155,7 +189,7 @@ def main(addr):
                             "platform": {"architecture": arch, "os": "linux"}})
         list_media = DOCKER_LIST if docker else OCI_INDEX
         reg.put_manifest(repo, "latest", {"schemaVersion": 2, "mediaType": list_media, "manifests": entries}, list_media)
-    print(f"pushed formats/{{uncompressed,docker-v2,layers,index,docker-list}}:latest to {addr}")
+    print(f"pushed formats/{{uncompressed,docker-v2,layers,zstd,lz4,bad-diff-id,index,docker-list}}:latest to {addr}")
 
 
 if __name__ == "__main__":

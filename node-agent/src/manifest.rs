@@ -11,6 +11,12 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
 /// Every manifest kind the agent can pull, for the `Accept` header.
 pub const ACCEPTED_MANIFEST_TYPES: &[&str] = &[
     OCI_MANIFEST,
@@ -34,6 +40,58 @@ pub enum ManifestError {
     /// the config's diff ids do not match the manifest's layers
     #[error("image config lists {diff_ids} diff ids but the manifest has {layers} layers")]
     LayerCountMismatch { diff_ids: usize, layers: usize },
+    /// a layer's media type is not one containerd's Diff service can apply here
+    #[error(
+        "layer {digest} has unsupported media type \"{media_type}\" (supported: tar, tar+gzip \
+         and tar+zstd, OCI or Docker)"
+    )]
+    UnsupportedLayerMediaType { digest: String, media_type: String },
+}
+
+/// How a layer blob is compressed, as its media type says. containerd's Diff service
+/// decompresses it while applying; the agent only checks the type up front so an image it cannot
+/// unpack fails before anything is downloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    Uncompressed,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerCompression::Uncompressed => "none",
+            LayerCompression::Gzip => "gzip",
+            LayerCompression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The compression of a layer with this media type, or None if the agent cannot apply it.
+/// Foreign and non-distributable layers (blobs that live outside the registry) are not supported.
+pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
+    match media_type {
+        OCI_LAYER | DOCKER_LAYER => Some(LayerCompression::Uncompressed),
+        OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Some(LayerCompression::Gzip),
+        OCI_LAYER_ZSTD => Some(LayerCompression::Zstd),
+        _ => None,
+    }
+}
+
+/// Checks that every layer of `manifest` has a media type the agent can apply.
+pub fn check_layer_media_types(manifest: &ImageManifest) -> Result<(), ManifestError> {
+    match manifest
+        .layers
+        .iter()
+        .find(|layer| layer_compression(&layer.media_type).is_none())
+    {
+        Some(layer) => Err(ManifestError::UnsupportedLayerMediaType {
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A content descriptor (media type, digest, size).
@@ -263,6 +321,69 @@ mod tests {
             "sha256:amd"
         );
         assert!(select_platform(&index, "linux", "s390x").is_err());
+    }
+
+    #[test]
+    fn layer_media_types_map_to_their_compression() {
+        use LayerCompression::*;
+        for (media_type, expected) in [
+            (OCI_LAYER, Some(Uncompressed)),
+            (OCI_LAYER_GZIP, Some(Gzip)),
+            (OCI_LAYER_ZSTD, Some(Zstd)),
+            (DOCKER_LAYER, Some(Uncompressed)),
+            (DOCKER_LAYER_GZIP, Some(Gzip)),
+            ("application/vnd.oci.image.layer.v1.tar+lz4", None),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                None,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                None,
+            ),
+            ("", None),
+        ] {
+            assert_eq!(layer_compression(media_type), expected, "{media_type:?}");
+        }
+    }
+
+    fn manifest_with_layers(media_types: &[&str]) -> ImageManifest {
+        let layers: Vec<_> = media_types
+            .iter()
+            .enumerate()
+            .map(|(i, m)| serde_json::json!({"mediaType": m, "digest": format!("sha256:{i}"), "size": 1}))
+            .collect();
+        let doc = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:c", "size": 1},
+            "layers": layers,
+        });
+        parse_manifest(doc.to_string().as_bytes()).expect("parses")
+    }
+
+    #[test]
+    fn mixed_supported_layers_pass_the_check() {
+        let manifest = manifest_with_layers(&[OCI_LAYER_ZSTD, OCI_LAYER_GZIP, OCI_LAYER]);
+        assert!(check_layer_media_types(&manifest).is_ok());
+        assert!(check_layer_media_types(&manifest_with_layers(&[])).is_ok());
+    }
+
+    #[test]
+    fn an_unsupported_layer_is_named_with_its_media_type() {
+        let manifest =
+            manifest_with_layers(&[OCI_LAYER_ZSTD, "application/vnd.oci.image.layer.v1.tar+lz4"]);
+        let error = check_layer_media_types(&manifest).expect_err("lz4 is not supported");
+        assert!(
+            matches!(&error, ManifestError::UnsupportedLayerMediaType { digest, media_type }
+                if digest == "sha256:1" && media_type == "application/vnd.oci.image.layer.v1.tar+lz4"),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("\"application/vnd.oci.image.layer.v1.tar+lz4\"")
+                && message.contains("sha256:1"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -31,8 +31,8 @@ use tonic::{Code, Request, Status};
 
 use crate::image_cache::containerd_name;
 use crate::manifest::{
-    chain_ids, host_platform, is_index, manifest_gc_labels, parse_config, parse_index,
-    parse_manifest, select_platform, ManifestError,
+    chain_ids, check_layer_media_types, host_platform, is_index, layer_compression,
+    manifest_gc_labels, parse_config, parse_index, parse_manifest, select_platform, ManifestError,
 };
 use crate::pull_progress::{ProgressHub, PullProgressState};
 use crate::reference::{ImageReference, ReferenceError};
@@ -63,6 +63,13 @@ pub enum PullError {
     /// a blob download broke off
     #[error("downloading {digest} failed: {message}")]
     Download { digest: String, message: String },
+    /// the uncompressed layer containerd applied is not the one the image config names
+    #[error("layer {layer} unpacks to {actual}, but the image config says {expected}")]
+    DiffIdMismatch {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
 }
 
 fn ctr(operation: &'static str) -> impl FnOnce(Status) -> PullError {
@@ -305,6 +312,8 @@ impl Puller {
                 )
             };
         let manifest = parse_manifest(&manifest_bytes)?;
+        // Before any download: a layer containerd cannot apply fails the pull by its media type.
+        check_layer_media_types(&manifest)?;
         let progress = self.progress.tracker(name);
         let size_of = |d: &crate::manifest::Descriptor| u64::try_from(d.size).unwrap_or(0);
         progress.begin(
@@ -381,7 +390,8 @@ impl Puller {
             config_labels,
         )
         .await?;
-        self.unpack(&manifest.layers, &chains, lease).await?;
+        self.unpack(&manifest.layers, &diff_ids, &chains, lease)
+            .await?;
         self.store_bytes(
             lease,
             &manifest_digest,
@@ -454,16 +464,20 @@ impl Puller {
         }
     }
 
-    /// Applies every layer whose chain-ID snapshot does not exist yet.
+    /// Applies every layer whose chain-ID snapshot does not exist yet. containerd decompresses
+    /// the layer (gzip, zstd or none, by its media type) and reports the digest of the tar it
+    /// applied; that must be the layer's diff ID, or the snapshot would be named by a chain ID
+    /// that is not its content's.
     async fn unpack(
         &self,
         layers: &[crate::manifest::Descriptor],
+        diff_ids: &[String],
         chains: &[String],
         lease: &str,
     ) -> Result<(), PullError> {
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         let mut diff = DiffClient::new(self.channel.clone());
-        for (i, (layer, chain)) in layers.iter().zip(chains).enumerate() {
+        for (i, ((layer, diff_id), chain)) in layers.iter().zip(diff_ids).zip(chains).enumerate() {
             if self.snapshot_exists(chain).await {
                 continue;
             }
@@ -500,7 +514,14 @@ impl Puller {
                     Some(lease),
                 ))
                 .await
-                .map_err(ctr("Diff.Apply"));
+                .map_err(ctr("Diff.Apply"))
+                .and_then(|response| {
+                    verify_applied(
+                        &layer.digest,
+                        diff_id,
+                        response.into_inner().applied.as_ref(),
+                    )
+                });
             let committed = match applied {
                 Ok(_) => snapshots
                     .commit(self.request(
@@ -536,7 +557,12 @@ impl Puller {
                     .await;
                 return Err(error);
             }
-            tracing::debug!(layer = %layer.digest, chain_id = %chain, "layer unpacked");
+            tracing::debug!(
+                layer = %layer.digest,
+                compression = layer_compression(&layer.media_type).map_or("unknown", |c| c.as_str()),
+                chain_id = %chain,
+                "layer unpacked"
+            );
         }
         Ok(())
     }
@@ -777,6 +803,28 @@ fn credentials_for(reference: &ImageReference, auth: Option<&RegistryAuth>) -> O
     })
 }
 
+/// Checks the descriptor `Diff.Apply` answered for `layer`: its digest is the uncompressed tar's,
+/// which must be the config's `diff_id`.
+fn verify_applied(
+    layer: &str,
+    diff_id: &str,
+    applied: Option<&CtrDescriptor>,
+) -> Result<(), PullError> {
+    let actual = applied.map(|d| d.digest.as_str()).unwrap_or_default();
+    if actual == diff_id {
+        return Ok(());
+    }
+    Err(PullError::DiffIdMismatch {
+        layer: layer.to_string(),
+        expected: diff_id.to_string(),
+        actual: if actual.is_empty() {
+            "nothing (containerd named no digest)".to_string()
+        } else {
+            actual.to_string()
+        },
+    })
+}
+
 fn label(key: &str, value: &str) -> HashMap<String, String> {
     let mut labels = HashMap::new();
     labels.insert(key.to_string(), value.to_string());
@@ -832,6 +880,28 @@ pub(crate) fn rfc3339(at: std::time::SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_applied_layer_must_unpack_to_its_diff_id() {
+        let applied = descriptor(crate::manifest::OCI_LAYER, "sha256:tar", 10);
+        assert!(verify_applied("sha256:zst", "sha256:tar", Some(&applied)).is_ok());
+        let error = verify_applied("sha256:zst", "sha256:other", Some(&applied))
+            .expect_err("a different tar digest is refused");
+        assert!(
+            matches!(&error, PullError::DiffIdMismatch { layer, expected, actual }
+                if layer == "sha256:zst" && expected == "sha256:other" && actual == "sha256:tar"),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("sha256:zst") && message.contains("sha256:other"),
+            "{message}"
+        );
+        assert!(matches!(
+            verify_applied("sha256:zst", "sha256:tar", None),
+            Err(PullError::DiffIdMismatch { .. })
+        ));
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {
