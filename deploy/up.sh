@@ -252,7 +252,7 @@ print_usage() {
   curl -s -H "Authorization: Bearer \$BERTH_TOKEN" \$BERTH_URL/v1/runners/RUNNER_ID/runs/RUN_ID/logs | jq .
 
   a project's API key (the admin token acts in project "default"):
-  target/release/berthctl admin keys create --project demo   # prints the key once
+  $BIN_DIR/berthctl admin keys create --project demo   # prints the key once
 
   stop everything:   deploy/down.sh
 ================================================================
