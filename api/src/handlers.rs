@@ -5,7 +5,7 @@ use crate::body::{JsonBody, Path, Query};
 use crate::error::{ApiError, ErrorBody};
 use crate::openapi::{
     InstanceTypesResponse, LogsPage, NodeResponse, NodesResponse, Region, RegionsResponse,
-    RegistriesResponse, RegistryResponse, RunResponse, RunnerResponse, RunnersResponse,
+    RegistriesResponse, RegistryResponse, RunResponse, RunnerResponse, RunnersResponse, RunsPage,
     RunsResponse, UsageResponse, UsageRow, UsageTotal,
 };
 use crate::{views, AppState};
@@ -357,29 +357,69 @@ pub async fn create_runs(
     get,
     path = "/v1/runners/{id}/runs",
     tag = "runs",
-    summary = "List a runner's runs",
-    params(("id" = String, Path, description = "The runner's id")),
+    summary = "A page of a runner's runs, oldest first",
+    params(("id" = String, Path, description = "The runner's id"), RunsQuery),
     responses(
-        (status = 200, description = "The runner's runs", body = RunsResponse),
+        (status = 200, description = "The runner's runs after `after`", body = RunsPage),
+        (status = 400, description = "Unknown query parameters", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner", body = ErrorBody),
+        (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )
 )]
 pub async fn list_runs(
     State(s): State<AppState>,
     Path(runner_id): Path<String>,
-) -> ApiResult<Json<RunsResponse>> {
+    Query(q): Query<RunsQuery>,
+) -> ApiResult<Json<RunsPage>> {
     check_id("runner_id", &runner_id)?;
+    let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(RUNS_DEFAULT_LIMIT);
+    if !(1..=RUNS_MAX_LIMIT).contains(&limit) {
+        return Err(berth_core::validate::ValidationErrors::single(
+            "limit",
+            format!("must be between 1 and {RUNS_MAX_LIMIT}"),
+        )
+        .into());
+    }
+    let after_id = q.after.unwrap_or_default();
+    if !after_id.is_empty() {
+        // A cursor is a run id; anything else cannot be one.
+        check_id("after", &after_id).map_err(|_| {
+            ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+                "after",
+                "must be a run id (the `next_after` of the previous page)",
+            ))
+        })?;
+    }
     let list = s
         .control()
-        .list_runs(pb::ListRunsRequest { runner_id })
+        .list_runs(pb::ListRunsRequest {
+            runner_id,
+            limit,
+            after_id,
+        })
         .await?
         .into_inner();
-    Ok(Json(RunsResponse {
+    Ok(Json(RunsPage {
         runs: list.runs.iter().map(views::run).collect(),
+        next_after: (!list.next_after_id.is_empty()).then_some(list.next_after_id),
     }))
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RunsQuery {
+    /// Only runs created after this run (the previous page's `next_after`).
+    after: Option<String>,
+    /// 1 to 1,000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
+pub const RUNS_DEFAULT_LIMIT: u32 = 100;
+pub const RUNS_MAX_LIMIT: u32 = 1000;
 
 #[utoipa::path(
     get,

@@ -39,6 +39,15 @@ pub struct RunsResponse {
     pub runs: Vec<RunView>,
 }
 
+/// A page of a runner's runs, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunsPage {
+    pub runs: Vec<RunView>,
+    /// Pass as `after` for the next page; `null` on the last one.
+    #[schema(required = true)]
+    pub next_after: Option<String>,
+}
+
 /// A page of a run's output lines.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LogsPage {

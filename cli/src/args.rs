@@ -157,6 +157,12 @@ pub enum RunsCommand {
     List {
         /// The runner's id
         runner: String,
+        /// At most this many runs, oldest first (1-1000; default 100)
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Only runs created after this one (a page's `next_after`)
+        #[arg(long, value_name = "RUN_ID")]
+        after: Option<String>,
     },
     /// Show one run
     Get(RunRef),

@@ -202,12 +202,19 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         r: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let project = project(&r)?;
-        let runs = self
+        let req = r.into_inner();
+        let limit = match req.limit {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let after = (!req.after_id.is_empty()).then_some(req.after_id.as_str());
+        let (runs, next) = self
             .scheduler
-            .list_runs(&project, &r.into_inner().runner_id)
+            .list_runs_page(&project, &req.runner_id, after, limit)
             .await?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(Into::into).collect(),
+            next_after_id: next.unwrap_or_default(),
         }))
     }
 

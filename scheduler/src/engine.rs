@@ -705,23 +705,46 @@ impl<S: Store> Scheduler<S> {
         project: &str,
         runner_id: &str,
     ) -> Result<Vec<Run>, SchedulerError> {
+        Ok(self
+            .list_runs_page(project, runner_id, None, usize::MAX)
+            .await?
+            .0)
+    }
+
+    /// Up to `limit` of the runner's runs created after `after` (a run id; ids order by
+    /// creation), oldest first, and the cursor of the next page when there are more. Only the
+    /// index keys are read before the page is chosen, so a page costs its own runs.
+    pub async fn list_runs_page(
+        &self,
+        project: &str,
+        runner_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
         self.get_runner(project, runner_id).await?;
         let index = self
             .store
             .list_prefix(&keys::runner_runs_prefix(runner_id))
             .await?;
-        let mut runs = Vec::with_capacity(index.len());
-        for kv in index {
-            let Some(run_id) = kv.key.rsplit('/').next() else {
-                continue;
-            };
+        let ids: Vec<&str> = index
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next())
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        let mut runs = Vec::with_capacity(ids.len().min(limit));
+        let mut next = None;
+        for run_id in ids {
+            if runs.len() == limit {
+                next = runs.last().map(|r: &Run| r.id.clone());
+                break;
+            }
             match self.get_run(project, runner_id, run_id).await {
                 Ok(run) => runs.push(run),
                 Err(SchedulerError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(runs)
+        Ok((runs, next))
     }
 
     /// Pending → canceled at once. Running → asks its agent to stop and waits (bounded by

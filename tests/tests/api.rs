@@ -507,3 +507,74 @@ async fn the_openapi_document_is_served_without_the_token() -> Result<()> {
     }
     Ok(())
 }
+
+/// A runner's runs come in pages, oldest first: `limit` (1 to 1,000, default 100) and `after`
+/// (the previous page's `next_after`, `null` on the last page).
+#[tokio::test]
+async fn runs_are_listed_in_pages_oldest_first() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    // No node in ams: the runs wait, which is all a listing needs.
+    let runner = f.runner("ams", json!({})).await?;
+    let created = f
+        .post(
+            &format!("/v1/runners/{runner}/runs/batch"),
+            json!({"runs": [{}, {}, {}, {}, {}]}),
+        )
+        .await?;
+    let mut want: Vec<String> = created["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["id"].as_str().map(str::to_owned))
+        .collect();
+    want.sort(); // ids order by creation
+    ensure!(want.len() == 5, "{created}");
+
+    let base = format!("/v1/runners/{runner}/runs");
+    let all = f.get(&base).await?;
+    ensure!(all["next_after"].is_null(), "{all}");
+    let ids = |page: &serde_json::Value| -> Vec<String> {
+        page["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    ensure!(ids(&all) == want, "{all}");
+
+    let mut seen = vec![];
+    let mut path = format!("{base}?limit=2");
+    let mut pages = 0;
+    loop {
+        let page = f.get(&path).await?;
+        pages += 1;
+        seen.extend(ids(&page));
+        match page["next_after"].as_str() {
+            Some(next) => path = format!("{base}?limit=2&after={next}"),
+            None => break,
+        }
+        ensure!(pages < 10, "the pages never end: {page}");
+    }
+    ensure!(pages == 3 && seen == want, "{pages} pages: {seen:?}");
+
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=x", "limit"),
+        ("after=not%20an%20id", "after"),
+    ] {
+        let (status, v) = f
+            .request(Method::GET, &format!("{base}?{query}"), None)
+            .await?;
+        ensure!(
+            status == 422 && v["errors"][0]["field"] == field,
+            "{query}: {status} {v}"
+        );
+    }
+    let (status, v) = f
+        .request(Method::GET, &format!("{base}?limit=1000"), None)
+        .await?;
+    ensure!(status == 200 && ids(&v) == want, "{status} {v}");
+    Ok(())
+}

@@ -734,14 +734,24 @@ async fn run_bench(
     // How the runs ended, as the API would show them (read after the measurement).
     let mut final_status: BTreeMap<String, usize> = BTreeMap::new();
     for runner_id in runners.iter() {
-        let runs = control
-            .list_runs(pb::ListRunsRequest {
-                runner_id: runner_id.clone(),
-            })
-            .await
-            .context("ListRuns")?
-            .into_inner()
-            .runs;
+        let mut runs = Vec::new();
+        let mut after_id = String::new();
+        loop {
+            let page = control
+                .list_runs(pb::ListRunsRequest {
+                    runner_id: runner_id.clone(),
+                    limit: 1000,
+                    after_id,
+                })
+                .await
+                .context("ListRuns")?
+                .into_inner();
+            runs.extend(page.runs);
+            if page.next_after_id.is_empty() {
+                break;
+            }
+            after_id = page.next_after_id;
+        }
         for run in runs {
             let key = match run.error_code {
                 Some(code) => format!("{}:{code}", run.status),

@@ -79,12 +79,27 @@ fn id(what: &str, v: &str) -> Result<String, CommandError> {
 pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
     match command {
         Command::Runners(c) => runners(ctx, c).await,
-        Command::Runs(RunsCommand::List { runner }) => {
-            let a = ctx
-                .client
-                .get(&format!("/v1/runners/{}/runs", id("runner", &runner)?))
-                .await?;
+        Command::Runs(RunsCommand::List {
+            runner,
+            limit,
+            after,
+        }) => {
+            let mut query = Vec::new();
+            if let Some(limit) = limit {
+                query.push(format!("limit={limit}"));
+            }
+            if let Some(after) = after {
+                query.push(format!("after={}", id("after", &after)?));
+            }
+            let mut path = format!("/v1/runners/{}/runs", id("runner", &runner)?);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            let a = ctx.client.get(&path).await?;
             ctx.show(&a, output::runs_table);
+            if let (false, Some(next)) = (ctx.json, a.json["next_after"].as_str()) {
+                err_line(&format!("more: berthctl runs list {runner} --after {next}"));
+            }
             Ok(0)
         }
         Command::Runs(RunsCommand::Get(r)) => {
