@@ -493,17 +493,17 @@ pub struct LogsQuery {
 pub const LOGS_DEFAULT_LIMIT: u32 = 100;
 pub const LOGS_MAX_LIMIT: u32 = 1000;
 
+/// A query number; present but empty (`?limit=`) is an invalid value, not an absent one.
 fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult<Option<T>> {
-    v.filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<T>().map_err(|_| {
-                ApiError::Invalid(berth_core::validate::ValidationErrors::single(
-                    field,
-                    "must be a non-negative integer",
-                ))
-            })
+    v.map(|s| {
+        s.parse::<T>().map_err(|_| {
+            ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+                field,
+                "must be a non-negative integer",
+            ))
         })
-        .transpose()
+    })
+    .transpose()
 }
 
 /// A log id from a query or header: a non-negative integer up to `i64::MAX` (as documented).

@@ -562,6 +562,7 @@ async fn runs_are_listed_in_pages_oldest_first() -> Result<()> {
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
         ("limit=x", "limit"),
+        ("limit=", "limit"),
         ("after=not%20an%20id", "after"),
     ] {
         let (status, v) = f
