@@ -374,14 +374,7 @@ pub async fn list_runs(
     Query(q): Query<RunsQuery>,
 ) -> ApiResult<Json<RunsPage>> {
     check_id("runner_id", &runner_id)?;
-    let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(RUNS_DEFAULT_LIMIT);
-    if !(1..=RUNS_MAX_LIMIT).contains(&limit) {
-        return Err(berth_core::validate::ValidationErrors::single(
-            "limit",
-            format!("must be between 1 and {RUNS_MAX_LIMIT}"),
-        )
-        .into());
-    }
+    let limit = parse_limit(q.limit.as_deref(), RUNS_DEFAULT_LIMIT, RUNS_MAX_LIMIT)?;
     let after_id = q.after.unwrap_or_default();
     if !after_id.is_empty() {
         // A cursor is a run id; anything else cannot be one.
@@ -506,6 +499,19 @@ fn parse_number<T: std::str::FromStr>(field: &str, v: Option<&str>) -> ApiResult
     .transpose()
 }
 
+/// A page size from the `limit` query parameter: 1 to `max`, `default` when absent.
+fn parse_limit(v: Option<&str>, default: u32, max: u32) -> ApiResult<u32> {
+    let limit = parse_number::<u32>("limit", v)?.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(berth_core::validate::ValidationErrors::single(
+            "limit",
+            format!("must be between 1 and {max}"),
+        )
+        .into());
+    }
+    Ok(limit)
+}
+
 /// A log id from a query or header: a non-negative integer up to `i64::MAX` (as documented).
 fn parse_after_id(field: &str, v: Option<&str>) -> ApiResult<Option<u64>> {
     parse_number::<i64>(field, v)?
@@ -542,14 +548,7 @@ pub async fn list_logs(
 ) -> ApiResult<Json<LogsPage>> {
     let (runner_id, run_id) = run_ids(path)?;
     let after_id = parse_after_id("after_id", q.after_id.as_deref())?.unwrap_or(0);
-    let limit = parse_number::<u32>("limit", q.limit.as_deref())?.unwrap_or(LOGS_DEFAULT_LIMIT);
-    if !(1..=LOGS_MAX_LIMIT).contains(&limit) {
-        return Err(berth_core::validate::ValidationErrors::single(
-            "limit",
-            format!("must be between 1 and {LOGS_MAX_LIMIT}"),
-        )
-        .into());
-    }
+    let limit = parse_limit(q.limit.as_deref(), LOGS_DEFAULT_LIMIT, LOGS_MAX_LIMIT)?;
     let page = s
         .control()
         .list_logs(pb::ListLogsRequest {

@@ -38,6 +38,14 @@ fn rule(chain: &'static str, spec: &[&str]) -> Rule {
     }
 }
 
+/// A rule refusing what `matches` selects, telling the sender (no silent drop, no hung probe).
+fn reject(chain: &'static str, matches: &[&str]) -> Rule {
+    let mut r = rule(chain, matches);
+    r.spec
+        .extend(["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"].map(str::to_string));
+    r
+}
+
 /// IPv4 link-local range, where clouds serve instance metadata and credentials.
 pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
 
@@ -45,7 +53,7 @@ pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
 pub fn ipv4_rules(bridge: &str) -> Vec<Rule> {
     vec![
         // To the host itself: only answers to what the host started.
-        rule(
+        reject(
             INPUT_CHAIN,
             &[
                 "-i",
@@ -55,41 +63,13 @@ pub fn ipv4_rules(bridge: &str) -> Vec<Rule> {
                 "!",
                 "--ctstate",
                 "ESTABLISHED,RELATED",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-admin-prohibited",
             ],
         ),
         // Run to run: refused.
-        rule(
-            FORWARD_CHAIN,
-            &[
-                "-i",
-                bridge,
-                "-o",
-                bridge,
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-admin-prohibited",
-            ],
-        ),
+        reject(FORWARD_CHAIN, &["-i", bridge, "-o", bridge]),
         // Link-local addresses (169.254.0.0/16) hold the cloud metadata service, which hands
         // out the node's credentials: never for runs.
-        rule(
-            FORWARD_CHAIN,
-            &[
-                "-i",
-                bridge,
-                "-d",
-                LINK_LOCAL_V4,
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-admin-prohibited",
-            ],
-        ),
+        reject(FORWARD_CHAIN, &["-i", bridge, "-d", LINK_LOCAL_V4]),
         // Out to other hosts, and the answers back in.
         rule(
             FORWARD_CHAIN,

@@ -210,7 +210,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         let after = (!req.after_id.is_empty()).then_some(req.after_id.as_str());
         let (runs, next) = self
             .scheduler
-            .list_runs_page(&project, &req.runner_id, after, limit)
+            .list_runs(&project, &req.runner_id, after, limit)
             .await?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(Into::into).collect(),

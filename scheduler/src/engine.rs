@@ -700,21 +700,10 @@ impl<S: Store> Scheduler<S> {
         Ok(run)
     }
 
-    pub async fn list_runs(
-        &self,
-        project: &str,
-        runner_id: &str,
-    ) -> Result<Vec<Run>, SchedulerError> {
-        Ok(self
-            .list_runs_page(project, runner_id, None, usize::MAX)
-            .await?
-            .0)
-    }
-
     /// Up to `limit` of the runner's runs created after `after` (a run id; ids order by
     /// creation), oldest first, and the cursor of the next page when there are more. Only the
     /// index keys are read before the page is chosen, so a page costs its own runs.
-    pub async fn list_runs_page(
+    pub async fn list_runs(
         &self,
         project: &str,
         runner_id: &str,

@@ -219,18 +219,11 @@ async fn a_restarted_agent_reports_the_images_it_already_holds() -> Result<()> {
     let r = f.wait_finished(&runner, &run).await?;
     ensure!(r["status"] == "succeeded", "{r}");
     crash_and_restart(&mut f, &node).await?;
-    let image = json!(format!("{}/busybox:latest", f.env.registry));
-    let nodes = f.get("/v1/nodes").await?;
-    let held = nodes["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|n| n["id"] == node.as_str())
-        .map(|n| n["cached_images"].clone())
-        .unwrap_or_default();
+    let image = format!("{}/busybox:latest", f.env.registry);
+    let held = f.cached_images(&node).await?;
     ensure!(
-        held.as_array().is_some_and(|a| a.contains(&image)),
-        "the restarted agent registered without {image}: {held}"
+        held.contains(&image),
+        "the restarted agent registered without {image}: {held:?}"
     );
     Ok(())
 }

@@ -12,7 +12,7 @@ mod image_builder;
 use anyhow::{bail, ensure, Result};
 use common::{AgentSpec, Fleet};
 use image_builder::{BuiltImage, Containerd};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 const RANDOM_LAYER_BYTES: usize = 8 * 1024 * 1024;
@@ -106,15 +106,7 @@ impl Setup {
     async fn wait_node_lists(&self, gone: &[usize], kept: &[usize]) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let nodes = self.f.get("/v1/nodes").await?;
-            let cached: Vec<String> = nodes["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| n["id"] == self.node.as_str())
-                .flat_map(|n| n["cached_images"].as_array().cloned().unwrap_or_default())
-                .filter_map(|v: Value| v.as_str().map(str::to_owned))
-                .collect();
+            let cached = self.f.cached_images(&self.node).await?;
             let listed = |i: usize| cached.contains(&self.images[i].0);
             if gone.iter().all(|&i| !listed(i)) && kept.iter().all(|&i| listed(i)) {
                 return Ok(());

@@ -3,7 +3,7 @@
 
 mod common;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use common::{AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -202,24 +202,11 @@ async fn warmup_pulls_on_a_node_and_pins_the_next_run_there() -> Result<()> {
     let image = format!("{}/busybox:latest", f.env.registry);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let nodes = f.get("/v1/nodes").await?;
-        let big_node = nodes["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["id"] == big.as_str())
-            .cloned()
-            .context("big node")?;
-        if big_node["cached_images"]
-            .as_array()
-            .is_some_and(|a| a.contains(&json!(image)))
-        {
+        let held = f.cached_images(&big).await?;
+        if held.contains(&image) {
             break;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "image never reported: {big_node}"
-        );
+        ensure!(Instant::now() < deadline, "image never reported: {held:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 

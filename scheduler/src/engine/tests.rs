@@ -1094,7 +1094,14 @@ async fn retries_with_one_idempotency_key_create_one_run() {
         !replayed && !ids.contains(&scoped.id),
         "keys are per runner"
     );
-    assert_eq!(s.list_runs(P, &runner.id).await.expect("list").len(), 2);
+    assert_eq!(
+        s.list_runs(P, &runner.id, None, usize::MAX)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -1196,7 +1203,9 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     ));
     assert!(not_found(s.delete_runner(b, &runner.id).await));
     assert!(not_found(s.get_run(b, &runner.id, &run.id).await));
-    assert!(not_found(s.list_runs(b, &runner.id).await));
+    assert!(not_found(
+        s.list_runs(b, &runner.id, None, usize::MAX).await
+    ));
     assert!(not_found(s.stop_run(b, &runner.id, &run.id).await));
     assert!(not_found(s.list_logs(b, &runner.id, &run.id, 0, 10).await));
     assert!(not_found(s.warmup_runner(b, &runner.id).await));

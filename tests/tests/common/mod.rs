@@ -324,6 +324,28 @@ impl Fleet {
         Ok(())
     }
 
+    /// `node_id` as `GET /v1/nodes` shows it; None when it is not listed.
+    pub async fn node_view(&self, node_id: &str) -> Result<Option<Value>> {
+        let v = self.get("/v1/nodes").await?;
+        Ok(v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == node_id)
+            .cloned())
+    }
+
+    /// The images `node_id` reports holding (the scheduler's view, for image locality).
+    pub async fn cached_images(&self, node_id: &str) -> Result<Vec<String>> {
+        let node = self.node_view(node_id).await?.unwrap_or_default();
+        Ok(node["cached_images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect())
+    }
+
     /// Waits until `node_id` has `status` in `GET /v1/nodes`.
     pub async fn wait_node_status(
         &self,
@@ -333,19 +355,13 @@ impl Fleet {
     ) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let v = self.get("/v1/nodes").await?;
-            let found = v["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["id"] == node_id)
-                .cloned();
-            if let Some(n) = found.filter(|n| n["status"] == status) {
-                return Ok(n);
+            let found = self.node_view(node_id).await?;
+            if let Some(n) = found.as_ref().filter(|n| n["status"] == status) {
+                return Ok(n.clone());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "node {node_id} not {status} after {timeout:?}: {v}\n{}",
+                    "node {node_id} not {status} after {timeout:?}: {found:?}\n{}",
                     self.logs()
                 );
             }
