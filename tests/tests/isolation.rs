@@ -12,7 +12,7 @@
 mod common;
 
 use anyhow::{ensure, Context, Result};
-use common::{msgs, AgentSpec, Fleet, FleetOptions};
+use common::{msgs, pid_with_args, AgentSpec, Fleet, FleetOptions};
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -486,16 +486,6 @@ async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<
     Ok(())
 }
 
-/// Pid of the host process whose command line holds every one of `args`.
-fn host_pid_with(args: &[&str]) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        args.iter().all(|a| line.contains(a)).then_some(pid)
-    })
-}
-
 #[tokio::test]
 async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<()> {
     let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
@@ -528,7 +518,7 @@ async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<
     };
     // Controls: A is running on the host, and its server answers the host.
     ensure!(
-        host_pid_with(&["sleep", "4711"]).is_some(),
+        pid_with_args(&["sleep", "4711"]).is_some(),
         "A's process runs"
     );
     let deadline = Instant::now() + Duration::from_secs(10);

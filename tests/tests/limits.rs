@@ -9,7 +9,7 @@
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{msgs, AgentSpec, Fleet};
+use common::{msgs, pid_with_args, AgentSpec, Fleet};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -39,22 +39,6 @@ fn read_trimmed(path: &Path) -> Result<String> {
         .with_context(|| format!("reading {}", path.display()))?
         .trim()
         .to_owned())
-}
-
-/// Pid of the running process whose command line holds every one of `args`.
-fn pid_with_args(args: &[&str]) -> Option<u32> {
-    let entries = std::fs::read_dir("/proc").ok()?;
-    entries.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let words: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|w| String::from_utf8_lossy(w).into_owned())
-            .collect();
-        args.iter()
-            .all(|a| words.iter().any(|w| w.contains(a)))
-            .then_some(pid)
-    })
 }
 
 fn agent_pid(node: &str) -> Result<u32> {

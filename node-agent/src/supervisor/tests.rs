@@ -586,6 +586,29 @@ fn lines_in(messages: &[AgentMessage]) -> Vec<(u64, i32, String)> {
         .collect()
 }
 
+/// Resumes a crashed run as a restarted agent does (default log limits, no stop requested) and
+/// returns its outbox.
+async fn resume_crashed(
+    runtime: &Arc<FakeRuntime>,
+    dir: RunDir,
+    record: RunRecord,
+    recorded_exit: Option<ExitRecord>,
+) -> SharedOutbox {
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    resume(
+        runtime.clone(),
+        LogLimits::default(),
+        dir,
+        record,
+        recorded_exit,
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    outbox
+}
+
 /// What an agent killed mid-run leaves: a journal of a started run, one numbered line (not
 /// acknowledged), more output since, and the task still running in the fake engine.
 fn crashed_run(
@@ -646,18 +669,7 @@ async fn a_resumed_run_reports_its_real_exit_and_every_line_once() {
         RunSpec::default(),
         Duration::from_secs(1),
     );
-    let outbox = SharedOutbox::new();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    resume(
-        runtime.clone(),
-        LogLimits::default(),
-        dir.clone(),
-        record,
-        None,
-        stop_rx,
-        outbox.clone(),
-    )
-    .await;
+    let outbox = resume_crashed(&runtime, dir.clone(), record, None).await;
     let messages = outbox.snapshot();
     assert!(matches!(&messages[0].body,
         Some(Body::RunStarted(s)) if s.lease_epoch == 3 && s.image_digest == "sha256:fake"));
@@ -706,19 +718,8 @@ async fn a_resumed_run_keeps_its_original_timeout() {
         ..Default::default()
     };
     let (dir, record) = crashed_run(&journal, &runtime, spec, Duration::from_secs(2));
-    let outbox = SharedOutbox::new();
-    let (_stop_tx, stop_rx) = watch::channel(false);
     let begin = tokio::time::Instant::now();
-    resume(
-        runtime.clone(),
-        LogLimits::default(),
-        dir,
-        record,
-        None,
-        stop_rx,
-        outbox.clone(),
-    )
-    .await;
+    let outbox = resume_crashed(&runtime, dir, record, None).await;
     let exit = exit_of(&outbox.snapshot());
     assert_eq!(
         (exit.reason, exit.exit_code),
@@ -750,18 +751,7 @@ async fn a_recorded_exit_is_re_sent_without_touching_the_task_again() {
         error_message: String::new(),
         oom_killed: false,
     };
-    let outbox = SharedOutbox::new();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    resume(
-        runtime.clone(),
-        LogLimits::default(),
-        dir,
-        record,
-        Some(recorded),
-        stop_rx,
-        outbox.clone(),
-    )
-    .await;
+    let outbox = resume_crashed(&runtime, dir, record, Some(recorded)).await;
     let messages = outbox.snapshot();
     // Line 1 was acknowledged; the rest of the output is numbered from 2.
     let mut seqs: Vec<u64> = lines_in(&messages).iter().map(|l| l.0).collect();
@@ -785,18 +775,7 @@ async fn a_vanished_task_still_ends_the_run() {
         Duration::from_secs(1),
     );
     runtime.tasks.lock().expect("lock").clear();
-    let outbox = SharedOutbox::new();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    resume(
-        runtime.clone(),
-        LogLimits::default(),
-        dir,
-        record,
-        None,
-        stop_rx,
-        outbox.clone(),
-    )
-    .await;
+    let outbox = resume_crashed(&runtime, dir, record, None).await;
     let exit = exit_of(&outbox.snapshot());
     assert_eq!(exit.exit_code, -1);
     assert_eq!(exit.error_code, "task_failed");
@@ -878,18 +857,7 @@ async fn a_re_adopted_run_that_was_oom_killed_is_reported_so() {
         RunSpec::default(),
         Duration::from_secs(1),
     );
-    let outbox = SharedOutbox::new();
-    let (_stop_tx, stop_rx) = watch::channel(false);
-    resume(
-        runtime.clone(),
-        LogLimits::default(),
-        dir.clone(),
-        record,
-        None,
-        stop_rx,
-        outbox.clone(),
-    )
-    .await;
+    let outbox = resume_crashed(&runtime, dir.clone(), record, None).await;
     assert!(exit_of(&outbox.snapshot()).oom_killed);
     assert_eq!(
         dir.read_exit().expect("exit").map(|e| e.oom_killed),

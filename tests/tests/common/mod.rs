@@ -813,3 +813,19 @@ pub async fn read_sse(
     }
     Ok(events)
 }
+
+/// Pid of the running process whose command line holds every one of `args`.
+pub fn pid_with_args(args: &[&str]) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let words: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
+        args.iter()
+            .all(|a| words.iter().any(|w| w.contains(a)))
+            .then_some(pid)
+    })
+}

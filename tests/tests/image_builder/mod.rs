@@ -314,11 +314,7 @@ impl Containerd {
                 name: name.to_owned(),
             })?)
             .await;
-        match got {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(s.into()),
-        }
+        exists(got)
     }
 
     pub async fn has_content(&self, digest: &str) -> Result<bool> {
@@ -328,11 +324,7 @@ impl Containerd {
                 digest: digest.to_owned(),
             })?)
             .await;
-        match got {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(s.into()),
-        }
+        exists(got)
     }
 
     pub async fn has_snapshot(&self, key: &str) -> Result<bool> {
@@ -345,11 +337,7 @@ impl Containerd {
                 key: key.to_owned(),
             })?)
             .await;
-        match got {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(s.into()),
-        }
+        exists(got)
     }
 
     /// Whether the image record and the pieces only it has (its config, random layer, manifest
@@ -368,5 +356,14 @@ impl Containerd {
         let none = present.iter().all(|(_, p)| !*p);
         ensure!(all || none, "{name} is half there: {present:?}");
         Ok(all)
+    }
+}
+
+/// Whether a containerd lookup found its object (NOT_FOUND: no; any other error: an error).
+fn exists<T>(got: std::result::Result<T, tonic::Status>) -> Result<bool> {
+    match got {
+        Ok(_) => Ok(true),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+        Err(s) => Err(s.into()),
     }
 }
