@@ -1,10 +1,14 @@
 //! Engine tests against the in-memory store and fake agent channels.
 
 use super::*;
+use crate::placement::NodeStatus;
+use berth_core::model::LogStream;
 use berth_core::model::WarmupStatus;
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_core::validate::RegistrySpec;
+use berth_core::validate::RunInput;
+use berth_core::{EnvVar, RunnerSpec};
 use berth_proto::v1::scheduler_message::Body;
 
 /// The project every test acts in unless it says otherwise.
@@ -1106,10 +1110,11 @@ async fn retries_with_one_idempotency_key_create_one_run() {
 
 #[test]
 fn utc_days() {
-    assert_eq!(super::utc_day(0), "1970-01-01");
-    assert_eq!(super::utc_day(1_795_000_000_000), "2026-11-18");
-    assert_eq!(super::utc_day(951_782_400_000), "2000-02-29");
-    assert_eq!(super::utc_day(-1), "1969-12-31");
+    assert_eq!(usage::utc_day(0), "1970-01-01");
+    assert_eq!(usage::utc_day(1_795_000_000_000), "2026-11-18");
+    assert_eq!(usage::utc_day(951_782_400_000), "2000-02-29");
+    assert_eq!(usage::utc_day(-1), "1969-12-31");
+    assert_eq!(usage::utc_day(i64::MAX), "9999-12-31", "beyond the calendar clamps");
 }
 
 #[test]
