@@ -12,17 +12,18 @@
 
 use crate::error::SchedulerError;
 use crate::placement::{FitPolicy, FleetIndex};
+use berth_core::agent::{AgentCommand, AgentLink, RegistryAuth};
 use berth_core::model::{Catalog, ContainerRegistry};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::{keys, Run, RunStatus};
-use berth_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
-pub type AgentTx = mpsc::UnboundedSender<pb::SchedulerMessage>;
+/// A connected agent, as the engine reaches it.
+pub type Link = Arc<dyn AgentLink>;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -90,8 +91,8 @@ struct State {
     pending: Txn,
     /// Where each key's put sits in `pending`, so a key written twice is stored once.
     pending_at: HashMap<String, usize>,
-    /// Messages to agents staged by the current operation, sent once `pending` is durable.
-    outgoing: Vec<(AgentTx, pb::SchedulerMessage)>,
+    /// Commands to agents staged by the current operation, sent once `pending` is durable.
+    outgoing: Vec<(Link, AgentCommand)>,
     next_connection: u64,
     /// Idempotency keys used since start, (runner id, key hash) → run id: a retry that races the
     /// first request finds it here even before the first one's write is durable.
@@ -150,7 +151,7 @@ impl<S: Store> Scheduler<S> {
                 reg.id.clone(),
                 RegistryEntry {
                     project: reg.project,
-                    auth: pb::RegistryAuth {
+                    auth: RegistryAuth {
                         host: reg.host,
                         username: reg.username,
                         password,
@@ -352,9 +353,9 @@ impl State {
 
     /// Stages a message to a connected node, sent once the operation's writes are durable. A
     /// disconnected node learns what it must on re-register instead.
-    fn send_to(&mut self, node_id: &str, msg: pb::SchedulerMessage) {
-        if let Some(tx) = self.nodes.get(node_id).and_then(|n| n.tx.clone()) {
-            self.outgoing.push((tx, msg));
+    fn send_to(&mut self, node_id: &str, command: AgentCommand) {
+        if let Some(link) = self.nodes.get(node_id).and_then(|n| n.link.clone()) {
+            self.outgoing.push((link, command));
         }
     }
 
@@ -393,11 +394,9 @@ impl State {
     }
 }
 
-fn stop_msg(run_id: &str) -> pb::SchedulerMessage {
-    pb::SchedulerMessage {
-        body: Some(pb::scheduler_message::Body::StopRun(pb::StopRun {
-            run_id: run_id.to_owned(),
-        })),
+fn stop(run_id: &str) -> AgentCommand {
+    AgentCommand::StopRun {
+        run_id: run_id.to_owned(),
     }
 }
 
@@ -407,7 +406,7 @@ type CommitFuture =
 /// One operation's staged effects, in flush order.
 struct Dispatch {
     commit: Option<CommitFuture>,
-    messages: Vec<(AgentTx, pb::SchedulerMessage)>,
+    messages: Vec<(Link, AgentCommand)>,
     done: oneshot::Sender<Result<(), SchedulerError>>,
 }
 
@@ -427,9 +426,9 @@ async fn dispatch_loop(mut queue: mpsc::UnboundedReceiver<Dispatch>, failed: wat
                 continue;
             }
         }
-        for (tx, msg) in d.messages {
+        for (link, command) in d.messages {
             // A closed stream: the node learns what it must on re-register.
-            let _ = tx.send(msg);
+            let _ = link.send(command);
         }
         let _ = d.done.send(Ok(()));
     }

@@ -3,12 +3,12 @@
 //! draining, and the node list the API shows. Every message from a node renews all its leases
 //! ([`Scheduler::touch`]), recorded outside the engine lock.
 
-use super::{committed, encode, images, stop_msg, AgentTx, Scheduler, State};
+use super::{committed, encode, images, stop, Link, Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::{NodeStatus, NodeView};
+use berth_core::agent::{AgentCommand, Registered, Registration};
 use berth_core::store::{Expect, Store};
 use berth_core::{keys, now_unix_millis, Run, RunStatus};
-use berth_proto::v1 as pb;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,8 @@ pub(super) struct Node {
     /// registers again.
     pub(super) shutting_down: bool,
     pub(super) connection: u64,
-    pub(super) tx: Option<AgentTx>,
+    /// How to reach the agent while it is connected.
+    pub(super) link: Option<Link>,
     pub(super) cached_images: Arc<BTreeSet<String>>,
 }
 
@@ -48,7 +49,7 @@ impl Node {
             draining,
             shutting_down: false,
             connection: 0,
-            tx: None,
+            link: None,
             cached_images: Arc::default(),
         }
     }
@@ -136,8 +137,9 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// A node (re-)registered on a new stream. Reconciles what it says it is running with what
-    /// the scheduler has leased to it, answers `Registered`, and places waiting runs.
-    pub async fn attach_node(&self, reg: pb::Register, tx: AgentTx) -> Result<u64, SchedulerError> {
+    /// the scheduler has leased to it, answers `Registered` (then the node's warm pins and the
+    /// stops asked for while it was away) on `link` at once, and places waiting runs.
+    pub async fn attach_node(&self, reg: Registration, link: Link) -> Result<u64, SchedulerError> {
         if reg.node_id.is_empty() || reg.region.is_empty() {
             return Err(SchedulerError::Protocol(
                 "register needs node_id and region".to_owned(),
@@ -163,8 +165,8 @@ impl<S: Store> Scheduler<S> {
             draining,
             shutting_down: false,
             connection,
-            tx: Some(tx.clone()),
-            cached_images: Arc::new(reg.cached_images.iter().cloned().collect()),
+            link: Some(link.clone()),
+            cached_images: Arc::new(reg.cached_images.into_iter().collect()),
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
@@ -221,19 +223,17 @@ impl<S: Store> Scheduler<S> {
             .filter(|id| !leased_ids.contains(id.as_str()))
             .cloned()
             .collect();
-        let _ = tx.send(pb::SchedulerMessage {
-            body: Some(pb::scheduler_message::Body::Registered(pb::Registered {
-                heartbeat_interval_seconds: u32::try_from(self.config.heartbeat_interval.as_secs())
-                    .unwrap_or(2)
-                    .max(1),
-                stale_run_ids,
-            })),
-        });
-        let _ = tx.send(images::warm_pins_msg(&st, &reg.node_id));
+        let _ = link.send(AgentCommand::Registered(Registered {
+            heartbeat_interval_seconds: u32::try_from(self.config.heartbeat_interval.as_secs())
+                .unwrap_or(2)
+                .max(1),
+            stale_run_ids,
+        }));
+        let _ = link.send(images::warm_pins(&st, &reg.node_id));
         // Stops asked for while the node was away.
         for c in st.active.values() {
             if c.stop_requested && c.node_id.as_deref() == Some(reg.node_id.as_str()) {
-                let _ = tx.send(stop_msg(&c.id));
+                let _ = link.send(stop(&c.id));
             }
         }
         self.settle(st, true).await?;
@@ -246,7 +246,7 @@ impl<S: Store> Scheduler<S> {
         if let Some(node) = st.nodes.get_mut(node_id) {
             if node.connection == connection {
                 node.connected = false;
-                node.tx = None;
+                node.link = None;
                 tracing::warn!(node_id, "node disconnected");
                 st.sync_node(node_id);
             }

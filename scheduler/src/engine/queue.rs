@@ -5,11 +5,10 @@
 use super::{Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FleetIndex, NodeStatus};
+use berth_core::agent::{AgentCommand, AssignRun, RunSpec};
 use berth_core::command::EffectiveCommand;
-use berth_core::convert::files_to_spec_pb;
 use berth_core::store::Store;
 use berth_core::{now_unix_millis, Run, RunStatus};
-use berth_proto::v1 as pb;
 use std::collections::{HashMap, HashSet};
 
 impl<S: Store> Scheduler<S> {
@@ -70,13 +69,11 @@ impl<S: Store> Scheduler<S> {
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
                     st.send_to(
                         &node_id,
-                        pb::SchedulerMessage {
-                            body: Some(pb::scheduler_message::Body::AssignRun(pb::AssignRun {
-                                run_id: run_id.clone(),
-                                lease_epoch: epoch,
-                                spec: Some(spec),
-                            })),
-                        },
+                        AgentCommand::AssignRun(AssignRun {
+                            run_id,
+                            lease_epoch: epoch,
+                            spec,
+                        }),
                     );
                 }
                 Err(why) => {
@@ -99,20 +96,18 @@ impl<S: Store> Scheduler<S> {
         Ok(())
     }
 
-    pub(super) fn run_spec(&self, st: &State, run: &Run) -> pb::RunSpec {
+    /// What the node that runs `run` needs to start it (secrets and registry credentials
+    /// included: they leave the scheduler only this way).
+    pub(super) fn run_spec(&self, st: &State, run: &Run) -> RunSpec {
         let effective = EffectiveCommand {
             command: run.command.clone(),
             argv: run.argv.clone(),
             entrypoint: run.entrypoint.clone(),
         };
-        let entrypoint = effective.entrypoint_words();
-        let cmd = effective.cmd();
-        pb::RunSpec {
+        RunSpec {
             image: run.image.clone(),
-            entrypoint_set: entrypoint.is_some(),
-            entrypoint: entrypoint.unwrap_or_default(),
-            cmd_set: cmd.is_some(),
-            cmd: cmd.unwrap_or_default(),
+            entrypoint: effective.entrypoint_words(),
+            cmd: effective.cmd(),
             env: run
                 .env
                 .iter()
@@ -128,7 +123,7 @@ impl<S: Store> Scheduler<S> {
                 .container_registry_id
                 .as_ref()
                 .and_then(|id| st.registries.get(id).map(|r| r.auth.clone())),
-            files: files_to_spec_pb(&run.files),
+            files: run.files.clone(),
         }
     }
 }

@@ -3,16 +3,16 @@
 
 use super::{decode, encode, new_id, Scheduler};
 use crate::error::SchedulerError;
+use berth_core::agent::RegistryAuth;
 use berth_core::model::ContainerRegistry;
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::validate::{RegistrySpec, ValidationErrors};
 use berth_core::{keys, now_unix_millis, RunnerSpec};
-use berth_proto::v1 as pb;
 
 /// A private registry as the engine keeps it in memory.
 pub(super) struct RegistryEntry {
     pub(super) project: String,
-    pub(super) auth: pb::RegistryAuth,
+    pub(super) auth: RegistryAuth,
 }
 
 /// `busybox` + `latest` → `<default registry>/busybox:latest`; names with a host stay as they are.
@@ -63,7 +63,7 @@ impl<S: Store> Scheduler<S> {
             reg.id.clone(),
             RegistryEntry {
                 project: reg.project.clone(),
-                auth: pb::RegistryAuth {
+                auth: RegistryAuth {
                     host: reg.host.clone(),
                     username: reg.username.clone(),
                     password: spec.password,

@@ -1,20 +1,42 @@
-//! What agents report after registering: heartbeats, run starts and exits, log lines (with
-//! secret values redacted), and warmup results. Every report about a run is checked against
-//! the run's current lease first: a stale one is ignored or fenced with a stop.
+//! What agents report after registering ([`AgentReport`]): heartbeats, run starts and exits,
+//! log lines (with secret values redacted), warmup results and pull progress. Every report
+//! about a run is checked against the run's current lease first: a stale one is ignored or
+//! fenced with a stop.
 
-use super::{committed, encode, stop_msg, Scheduler};
+use super::{committed, encode, stop, Scheduler};
 use crate::error::SchedulerError;
-use berth_core::model::{LogEntry, LogStream, WarmupStatus};
+use berth_core::agent::{
+    AgentReport, ExitReason, Heartbeat, LogBatch, RunExited, RunStarted, WarmupResult,
+};
+use berth_core::model::{LogEntry, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::{keys, now_unix_millis, RunStatus};
-use berth_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::Instant;
 
 impl<S: Store> Scheduler<S> {
+    /// Handles one report from `node_id`'s agent. An error means it was not handled (nor
+    /// stored): the agent must send it again.
+    pub async fn report(&self, node_id: &str, report: AgentReport) -> Result<(), SchedulerError> {
+        match report {
+            AgentReport::Heartbeat(hb) => {
+                self.heartbeat(node_id, hb).await;
+                Ok(())
+            }
+            AgentReport::RunStarted(m) => self.run_started(node_id, m).await,
+            AgentReport::RunExited(m) => self.run_exited(node_id, m).await,
+            AgentReport::Logs(batch) => self.append_logs(node_id, batch).await,
+            AgentReport::WarmupResult(w) => self.warmup_result(node_id, w).await,
+            AgentReport::PullProgress(p) => {
+                self.pull_progress(node_id, p);
+                Ok(())
+            }
+        }
+    }
+
     /// Renews every lease the node holds. Runs it reports running that are no longer leased to
     /// it (its leases were revoked while it was silent, or the run ended) are fenced: StopRun.
-    pub async fn heartbeat(&self, node_id: &str, hb: pb::Heartbeat) {
+    pub async fn heartbeat(&self, node_id: &str, hb: Heartbeat) {
         let mut st = self.state.lock().await;
         let Some(node) = st.nodes.get_mut(node_id) else {
             return;
@@ -44,7 +66,7 @@ impl<S: Store> Scheduler<S> {
                 .is_some_and(|c| c.node_id.as_deref() == Some(node_id));
             if !leased {
                 tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
-                st.send_to(node_id, stop_msg(run_id));
+                st.send_to(node_id, stop(run_id));
             }
         }
         if was_lost {
@@ -63,7 +85,7 @@ impl<S: Store> Scheduler<S> {
     pub async fn warmup_result(
         &self,
         node_id: &str,
-        msg: pb::WarmupResult,
+        msg: WarmupResult,
     ) -> Result<(), SchedulerError> {
         for _ in 0..5 {
             let (mut runner, revision) = match self.load_runner(&msg.runner_id).await {
@@ -78,13 +100,16 @@ impl<S: Store> Scheduler<S> {
             else {
                 return Ok(()); // a newer warmup replaced this one
             };
-            if msg.ok {
-                w.status = WarmupStatus::Ready;
-                w.error = None;
-                runner.warmed_at = Some(now_unix_millis());
-            } else {
-                w.status = WarmupStatus::Failed;
-                w.error = Some(format!("image_pull_failed: {}", msg.error_message));
+            match &msg.outcome {
+                Ok(_digest) => {
+                    w.status = WarmupStatus::Ready;
+                    w.error = None;
+                    runner.warmed_at = Some(now_unix_millis());
+                }
+                Err(error) => {
+                    w.status = WarmupStatus::Failed;
+                    w.error = Some(format!("image_pull_failed: {error}"));
+                }
             }
             let put = Txn::new().put(
                 keys::runner(&runner.id),
@@ -93,7 +118,7 @@ impl<S: Store> Scheduler<S> {
             );
             match self.store.commit(put).await {
                 Ok(_) => {
-                    tracing::info!(runner_id = %runner.id, node_id, ok = msg.ok, "warmup finished");
+                    tracing::info!(runner_id = %runner.id, node_id, ok = msg.outcome.is_ok(), "warmup finished");
                     return Ok(());
                 }
                 Err(berth_core::store::StoreError::Conflict { .. }) => continue,
@@ -103,17 +128,13 @@ impl<S: Store> Scheduler<S> {
         Err(SchedulerError::Stale(format!("runner {}", msg.runner_id)))
     }
 
-    pub async fn run_started(
-        &self,
-        node_id: &str,
-        msg: pb::RunStarted,
-    ) -> Result<(), SchedulerError> {
+    pub async fn run_started(&self, node_id: &str, msg: RunStarted) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
             tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
-            st.send_to(node_id, stop_msg(&msg.run_id));
+            st.send_to(node_id, stop(&msg.run_id));
             let done = self.flush(&mut st);
             drop(st);
             return committed(done).await;
@@ -123,18 +144,13 @@ impl<S: Store> Scheduler<S> {
         }
         self.take_pull_for_start(&mut run);
         let at = nanos_to_millis(msg.started_at_unix_nanos);
-        let digest = (!msg.image_digest.is_empty()).then_some(msg.image_digest);
-        run.start(at, digest)?;
+        run.start(at, msg.image_digest)?;
         tracing::info!(run_id = %run.id, node_id, "run started");
         st.stage(run);
         self.settle(st, false).await
     }
 
-    pub async fn run_exited(
-        &self,
-        node_id: &str,
-        msg: pb::RunExited,
-    ) -> Result<(), SchedulerError> {
+    pub async fn run_exited(&self, node_id: &str, msg: RunExited) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
@@ -147,8 +163,8 @@ impl<S: Store> Scheduler<S> {
         } else {
             now_unix_millis()
         };
-        let reason = pb::ExitReason::try_from(msg.reason).unwrap_or(pb::ExitReason::Unspecified);
-        if reason == pb::ExitReason::StartFailed
+        let reason = msg.reason;
+        if reason == ExitReason::StartFailed
             && msg.error_code == NODE_DRAINING
             && !run.stop_requested
         {
@@ -163,12 +179,12 @@ impl<S: Store> Scheduler<S> {
             return self.settle(st, true).await;
         }
         let code = (msg.exit_code >= 0).then_some(msg.exit_code);
-        if run.status == RunStatus::Pending && reason != pb::ExitReason::StartFailed {
+        if run.status == RunStatus::Pending && reason != ExitReason::StartFailed {
             run.start(at, None)?;
         }
         match reason {
-            pb::ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
-            pb::ExitReason::StartFailed | pb::ExitReason::Unspecified => {
+            ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
+            ExitReason::StartFailed | ExitReason::Unspecified => {
                 let code_name = if msg.error_code.is_empty() {
                     "start_failed"
                 } else {
@@ -176,8 +192,8 @@ impl<S: Store> Scheduler<S> {
                 };
                 run.fail(code_name, &msg.error_message, at)?
             }
-            pb::ExitReason::Stopped => run.cancel(code, at)?,
-            pb::ExitReason::Timeout => {
+            ExitReason::Stopped => run.cancel(code, at)?,
+            ExitReason::Timeout => {
                 run.exit(124, at)?;
                 run.error_code = Some("timeout".to_owned());
                 run.error_message = Some(format!(
@@ -185,7 +201,7 @@ impl<S: Store> Scheduler<S> {
                     run.timeout_seconds
                 ));
             }
-            pb::ExitReason::Exited => run.exit(msg.exit_code, at)?,
+            ExitReason::Exited => run.exit(msg.exit_code, at)?,
         }
         if msg.oom_killed {
             run.oom_killed = true;
@@ -200,11 +216,7 @@ impl<S: Store> Scheduler<S> {
         self.settle(st, true).await
     }
 
-    pub async fn append_logs(
-        &self,
-        node_id: &str,
-        batch: pb::LogBatch,
-    ) -> Result<(), SchedulerError> {
+    pub async fn append_logs(&self, node_id: &str, batch: LogBatch) -> Result<(), SchedulerError> {
         if batch.lines.is_empty() {
             return Ok(());
         }
@@ -238,13 +250,9 @@ impl<S: Store> Scheduler<S> {
                     line.msg = line.msg.replace(secret.as_str(), REDACTED);
                 }
             }
-            let stream = match pb::LogStream::try_from(line.stream) {
-                Ok(pb::LogStream::Stderr) => LogStream::Stderr,
-                _ => LogStream::Stdout,
-            };
             let entry = LogEntry {
                 id: line.seq,
-                stream,
+                stream: line.stream,
                 msg: line.msg,
                 ts_unix_nanos: line.ts_unix_nanos,
             };

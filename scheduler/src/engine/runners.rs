@@ -4,11 +4,11 @@
 use super::{committed, decode, encode, new_id, Scheduler};
 use crate::error::SchedulerError;
 use crate::placement::Demand;
+use berth_core::agent::{self, AgentCommand};
 use berth_core::model::{Warmup, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::validate::validate_spec;
 use berth_core::{keys, now_unix_millis, EnvVar, Runner, RunnerSpec};
-use berth_proto::v1 as pb;
 
 impl<S: Store> Scheduler<S> {
     pub async fn create_runner(
@@ -181,14 +181,12 @@ impl<S: Store> Scheduler<S> {
             .await?;
         if let Ok(node_id) = &chosen {
             tracing::info!(runner_id = id, node_id = %node_id, image = %image, "warmup requested");
-            let msg = pb::SchedulerMessage {
-                body: Some(pb::scheduler_message::Body::Warmup(pb::Warmup {
-                    runner_id: id.to_owned(),
-                    image: image.clone(),
-                    registry_auth,
-                })),
-            };
-            st.send_to(node_id, msg);
+            let command = AgentCommand::Warmup(agent::Warmup {
+                runner_id: id.to_owned(),
+                image: image.clone(),
+                registry_auth,
+            });
+            st.send_to(node_id, command);
         }
         let pin = chosen.as_ref().ok().map(|n| (n.as_str(), image.as_str()));
         self.set_warm_pin(&mut st, id, pin);

@@ -1,7 +1,7 @@
 //! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
 //! with their queue position and pull progress, paged listing, stopping, and log pages.
 
-use super::{committed, decode, encode, new_id, stop_msg, Scheduler};
+use super::{committed, decode, encode, new_id, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
 use berth_core::model::LogEntry;
@@ -303,7 +303,7 @@ impl<S: Store> Scheduler<S> {
             }
             st.stage(run);
             if let Some(node) = node {
-                st.send_to(&node, stop_msg(run_id));
+                st.send_to(&node, stop(run_id));
             }
             if was_pending {
                 self.schedule(&mut st)?;

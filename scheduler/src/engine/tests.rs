@@ -1,7 +1,12 @@
-//! Engine tests against the in-memory store and fake agent channels.
+//! Engine tests against the in-memory store, with a recorder standing in for each agent.
 
 use super::*;
 use crate::placement::NodeStatus;
+use berth_core::agent::{
+    AgentCommand, AgentLink, AssignRun, ExitReason, Heartbeat, LinkClosed, LogBatch, LogLine,
+    PullFor, PullProgress, Registration, RunExited, RunStarted, WarmupResult,
+};
+use berth_core::model::ImagePull;
 use berth_core::model::LogStream;
 use berth_core::model::WarmupStatus;
 use berth_core::secrets::SecretKey;
@@ -9,7 +14,6 @@ use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_core::validate::RegistrySpec;
 use berth_core::validate::RunInput;
 use berth_core::{EnvVar, RunnerSpec};
-use berth_proto::v1::scheduler_message::Body;
 
 /// The project every test acts in unless it says otherwise.
 const P: &str = berth_core::auth::DEFAULT_PROJECT;
@@ -35,8 +39,8 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
     }
 }
 
-fn register(node: &str, region: &str, mem: u64, active: &[&str]) -> pb::Register {
-    pb::Register {
+fn register(node: &str, region: &str, mem: u64, active: &[&str]) -> Registration {
+    Registration {
         node_id: node.into(),
         boot_id: "boot-1".into(),
         region: region.into(),
@@ -57,45 +61,60 @@ fn config() -> Config {
     }
 }
 
-type Rx = mpsc::UnboundedReceiver<pb::SchedulerMessage>;
+/// The fake agent: records every command the engine sends it, in order, for the test to read
+/// from the other end.
+struct Recorder(mpsc::UnboundedSender<AgentCommand>);
 
-async fn attach<S: Store>(s: &Scheduler<S>, reg: pb::Register) -> Rx {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    s.attach_node(reg, tx).await.expect("attach");
-    match rx.recv().await.and_then(|m| m.body) {
-        Some(Body::Registered(_)) => {}
+impl AgentLink for Recorder {
+    fn send(&self, command: AgentCommand) -> Result<(), LinkClosed> {
+        self.0.send(command).map_err(|_| LinkClosed)
+    }
+}
+
+type Rx = mpsc::UnboundedReceiver<AgentCommand>;
+
+fn recorder() -> (Link, Rx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Arc::new(Recorder(tx)), rx)
+}
+
+async fn attach<S: Store>(s: &Scheduler<S>, reg: Registration) -> Rx {
+    let (link, mut rx) = recorder();
+    s.attach_node(reg, link).await.expect("attach");
+    match rx.recv().await {
+        Some(AgentCommand::Registered(_)) => {}
         other => panic!("expected Registered first, got {other:?}"),
     }
-    match rx.recv().await.and_then(|m| m.body) {
-        Some(Body::WarmPins(_)) => {}
+    match rx.recv().await {
+        Some(AgentCommand::WarmPins { .. }) => {}
         other => panic!("expected the warm pins after Registered, got {other:?}"),
     }
     rx
 }
 
-fn next_assign(rx: &mut Rx) -> pb::AssignRun {
-    match rx.try_recv().ok().and_then(|m| m.body) {
-        Some(Body::AssignRun(a)) => a,
+fn next_assign(rx: &mut Rx) -> AssignRun {
+    match rx.try_recv().ok() {
+        Some(AgentCommand::AssignRun(a)) => a,
         other => panic!("expected an assignment, got {other:?}"),
     }
 }
 
-fn started(a: &pb::AssignRun) -> pb::RunStarted {
-    pb::RunStarted {
+fn started(a: &AssignRun) -> RunStarted {
+    RunStarted {
         run_id: a.run_id.clone(),
         lease_epoch: a.lease_epoch,
         started_at_unix_nanos: 1_000_000_000,
-        image_digest: "sha256:abc".into(),
+        image_digest: Some("sha256:abc".into()),
     }
 }
 
-fn exited(a: &pb::AssignRun, code: i32, reason: pb::ExitReason) -> pb::RunExited {
-    pb::RunExited {
+fn exited(a: &AssignRun, code: i32, reason: ExitReason) -> RunExited {
+    RunExited {
         run_id: a.run_id.clone(),
         lease_epoch: a.lease_epoch,
         exit_code: code,
         exited_at_unix_nanos: 3_500_000_000,
-        reason: reason as i32,
+        reason,
         error_code: String::new(),
         error_message: String::new(),
         oom_killed: false,
@@ -120,31 +139,35 @@ async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
     assert_eq!(run.node_id.as_deref(), Some("ams-1"));
     assert!(fra.try_recv().is_err(), "nothing goes to fra");
     let a = next_assign(&mut ams);
-    let spec = a.spec.clone().expect("spec");
+    let spec = a.spec.clone();
     assert_eq!(spec.image, "127.0.0.1:5000/busybox:latest");
-    assert_eq!(spec.cmd, vec!["sh", "-c", "echo hi"]);
+    assert_eq!(
+        spec.cmd,
+        Some(vec!["sh".into(), "-c".into(), "echo hi".into()])
+    );
+    assert_eq!(spec.entrypoint, None, "the image's entrypoint stays");
     assert_eq!(spec.memory_mib, 1024);
     assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
 
     s.run_started("ams-1", started(&a)).await.expect("started");
-    let line = |seq, stream: pb::LogStream, msg: &str| pb::LogLine {
+    let line = |seq, stream, msg: &str| LogLine {
         seq,
-        stream: stream as i32,
+        stream,
         msg: msg.into(),
         ts_unix_nanos: 5,
     };
-    let batch = pb::LogBatch {
+    let batch = LogBatch {
         run_id: a.run_id.clone(),
         lines: vec![
-            line(1, pb::LogStream::Stdout, "out"),
-            line(2, pb::LogStream::Stderr, "err"),
+            line(1, LogStream::Stdout, "out"),
+            line(2, LogStream::Stderr, "err"),
         ],
     };
     s.append_logs("ams-1", batch.clone()).await.expect("logs");
     s.append_logs("ams-1", batch)
         .await
         .expect("a re-send is harmless");
-    s.run_exited("ams-1", exited(&a, 0, pb::ExitReason::Exited))
+    s.run_exited("ams-1", exited(&a, 0, ExitReason::Exited))
         .await
         .expect("exited");
 
@@ -197,7 +220,7 @@ async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_fr
     assert!(node.try_recv().is_err());
 
     s.run_started("fra-1", started(&a)).await.expect("started");
-    s.run_exited("fra-1", exited(&a, 3, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&a, 3, ExitReason::Exited))
         .await
         .expect("exited");
     let first = s.get_run(P, &runner.id, &first.id).await.expect("get");
@@ -224,15 +247,10 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         .await
         .expect("runner");
     for (reason, code, want, err) in [
+        (ExitReason::Timeout, 124, RunStatus::Failed, Some("timeout")),
+        (ExitReason::Stopped, 143, RunStatus::Canceled, None),
         (
-            pb::ExitReason::Timeout,
-            124,
-            RunStatus::Failed,
-            Some("timeout"),
-        ),
-        (pb::ExitReason::Stopped, 143, RunStatus::Canceled, None),
-        (
-            pb::ExitReason::StartFailed,
+            ExitReason::StartFailed,
             -1,
             RunStatus::Failed,
             Some("image_pull_failed"),
@@ -243,18 +261,18 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
             .await
             .expect("run");
         let a = next_assign(&mut node);
-        if reason != pb::ExitReason::StartFailed {
+        if reason != ExitReason::StartFailed {
             s.run_started("fra-1", started(&a)).await.expect("started");
         }
         let mut e = exited(&a, code, reason);
-        if reason == pb::ExitReason::StartFailed {
+        if reason == ExitReason::StartFailed {
             e.error_code = "image_pull_failed".into();
         }
         s.run_exited("fra-1", e).await.expect("exited");
         let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
         assert_eq!(run.status, want, "{reason:?}");
         assert_eq!(run.error_code.as_deref(), err, "{reason:?}");
-        if reason == pb::ExitReason::Timeout {
+        if reason == ExitReason::Timeout {
             assert_eq!(run.exit_code, Some(124));
         }
     }
@@ -277,9 +295,9 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         .expect("run");
     let a = next_assign(&mut node);
     s.run_started("fra-1", started(&a)).await.expect("started");
-    let oom = pb::RunExited {
+    let oom = RunExited {
         oom_killed: true,
-        ..exited(&a, 137, pb::ExitReason::Exited)
+        ..exited(&a, 137, ExitReason::Exited)
     };
     s.run_exited("fra-1", oom).await.expect("exited");
     let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
@@ -307,9 +325,9 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         .expect("run");
     let a = next_assign(&mut small);
     let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
-    let refused = pb::RunExited {
+    let refused = RunExited {
         error_code: NODE_DRAINING.into(),
-        ..exited(&a, -1, pb::ExitReason::StartFailed)
+        ..exited(&a, -1, ExitReason::StartFailed)
     };
     s.run_exited("fra-small", refused).await.expect("refused");
     let b = next_assign(&mut big);
@@ -353,17 +371,14 @@ async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
     let stopped = s.stop_run(P, &runner.id, &run.id).await.expect("stop");
     assert_eq!(stopped.status, RunStatus::Canceled);
     assert!(matches!(
-        node.try_recv().ok().and_then(|m| m.body),
-        Some(Body::StopRun(_))
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
     ));
     s.run_started("fra-1", started(&a))
         .await
         .expect("late start");
     assert!(
-        matches!(
-            node.try_recv().ok().and_then(|m| m.body),
-            Some(Body::StopRun(_))
-        ),
+        matches!(node.try_recv().ok(), Some(AgentCommand::StopRun { .. })),
         "a late start is fenced"
     );
     let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
@@ -405,15 +420,17 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
 
     let mut reg = register("fra-1", "fra", 2048, &["unknown-run"]);
     reg.boot_id = "boot-2".into();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    s.attach_node(reg, tx).await.expect("re-register");
-    match rx.try_recv().ok().and_then(|m| m.body) {
-        Some(Body::Registered(r)) => assert_eq!(r.stale_run_ids, vec!["unknown-run".to_string()]),
+    let (link, mut rx) = recorder();
+    s.attach_node(reg, link).await.expect("re-register");
+    match rx.try_recv().ok() {
+        Some(AgentCommand::Registered(r)) => {
+            assert_eq!(r.stale_run_ids, vec!["unknown-run".to_string()])
+        }
         other => panic!("expected Registered, got {other:?}"),
     }
     assert!(matches!(
-        rx.try_recv().ok().and_then(|m| m.body),
-        Some(Body::WarmPins(_))
+        rx.try_recv().ok(),
+        Some(AgentCommand::WarmPins { .. })
     ));
     let lost = s
         .get_run(P, &runner.id, &started_run.id)
@@ -430,7 +447,7 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
     );
     assert_eq!(again.lease_epoch, b.lease_epoch + 1, "under a new lease");
     // The old lease's reports are ignored.
-    s.run_exited("fra-1", exited(&b, 0, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&b, 0, ExitReason::Exited))
         .await
         .expect("stale exit");
     let w = s.get_run(P, &runner.id, &waiting.id).await.expect("get");
@@ -465,7 +482,7 @@ async fn runs_survive_a_scheduler_restart() {
     let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(run.status, RunStatus::Running);
     let _node = attach(&s, register("fra-1", "fra", 2048, &[&run_id])).await;
-    s.run_exited("fra-1", exited(&assign, 0, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&assign, 0, ExitReason::Exited))
         .await
         .expect("exit after restart");
     let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
@@ -543,18 +560,18 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
     // fra-a comes back with its old container still running: it is fenced.
     s.heartbeat(
         "fra-a",
-        pb::Heartbeat {
+        Heartbeat {
             free_memory_mib: 0,
             running_run_ids: vec![running.id.clone()],
             cached_images: vec![],
         },
     )
     .await;
-    match a.try_recv().ok().and_then(|m| m.body) {
-        Some(Body::StopRun(stop)) => assert_eq!(stop.run_id, running.id),
+    match a.try_recv().ok() {
+        Some(AgentCommand::StopRun { run_id }) => assert_eq!(run_id, running.id),
         other => panic!("expected StopRun for the revoked lease, got {other:?}"),
     }
-    let late_exit = exited(&assigned, 0, pb::ExitReason::Exited);
+    let late_exit = exited(&assigned, 0, ExitReason::Exited);
     s.run_exited("fra-a", late_exit).await.expect("late exit");
     let still = s.get_run(P, &runner.id, &running.id).await.expect("get");
     assert_eq!(
@@ -708,7 +725,7 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
         Some("no node in fra with 1024 MiB free: 1 reserved for an older run")
     );
     s.run_started("fra-1", started(&a)).await.expect("started");
-    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
         .await
         .expect("exited");
     assert_eq!(
@@ -720,8 +737,8 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
 }
 
 fn next_pins(rx: &mut Rx) -> Vec<String> {
-    match rx.try_recv().ok().and_then(|m| m.body) {
-        Some(Body::WarmPins(p)) => p.images,
+    match rx.try_recv().ok() {
+        Some(AgentCommand::WarmPins { images }) => images,
         other => panic!("expected WarmPins, got {other:?}"),
     }
 }
@@ -746,10 +763,7 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
             .expect("runner");
         s.set_draining("fra-2", true).await.expect("drain");
         s.warmup_runner(P, &runner.id).await.expect("warmup");
-        assert!(matches!(
-            one.try_recv().ok().and_then(|m| m.body),
-            Some(Body::Warmup(_))
-        ));
+        assert!(matches!(one.try_recv().ok(), Some(AgentCommand::Warmup(_))));
         assert_eq!(next_pins(&mut one), [image.as_str()]);
         assert!(two.try_recv().is_err(), "fra-2's pins did not change");
         s.set_draining("fra-2", false).await.expect("resume");
@@ -768,10 +782,7 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
         .await
         .expect("warmup elsewhere");
     assert!(next_pins(&mut one).is_empty(), "moved away from fra-1");
-    assert!(matches!(
-        two.try_recv().ok().and_then(|m| m.body),
-        Some(Body::Warmup(_))
-    ));
+    assert!(matches!(two.try_recv().ok(), Some(AgentCommand::Warmup(_))));
     assert_eq!(next_pins(&mut two), [image.as_str()]);
 
     s.delete_runner(P, &runner_id).await.expect("delete");
@@ -780,11 +791,11 @@ async fn warm_pins_move_with_the_warmup_and_go_with_the_runner() {
 }
 
 /// Like `attach`, but leaves the pin set (sent right after Registered) in the channel.
-async fn attach_keeping_pins<S: Store>(s: &Scheduler<S>, reg: pb::Register) -> Rx {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    s.attach_node(reg, tx).await.expect("attach");
-    match rx.recv().await.and_then(|m| m.body) {
-        Some(Body::Registered(_)) => {}
+async fn attach_keeping_pins<S: Store>(s: &Scheduler<S>, reg: Registration) -> Rx {
+    let (link, mut rx) = recorder();
+    s.attach_node(reg, link).await.expect("attach");
+    match rx.recv().await {
+        Some(AgentCommand::Registered(_)) => {}
         other => panic!("expected Registered first, got {other:?}"),
     }
     rx
@@ -809,8 +820,8 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
         (w.node_id.as_str(), w.status),
         ("fra-big", WarmupStatus::Pending)
     );
-    match big.try_recv().ok().and_then(|m| m.body) {
-        Some(Body::Warmup(msg)) => assert_eq!(msg.image, "127.0.0.1:5000/busybox:latest"),
+    match big.try_recv().ok() {
+        Some(AgentCommand::Warmup(msg)) => assert_eq!(msg.image, "127.0.0.1:5000/busybox:latest"),
         other => panic!("expected Warmup, got {other:?}"),
     }
     assert_eq!(
@@ -819,12 +830,10 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
         "the warmed image is pinned on its node"
     );
     s.set_draining("fra-small", false).await.expect("resume");
-    let result = pb::WarmupResult {
+    let result = WarmupResult {
         runner_id: runner.id.clone(),
         image: w.image.clone(),
-        ok: true,
-        image_digest: "sha256:x".into(),
-        error_message: String::new(),
+        outcome: Ok("sha256:x".into()),
     };
     s.warmup_result("fra-big", result.clone())
         .await
@@ -844,9 +853,8 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
     assert!(small.try_recv().is_err());
     let _ = next_assign(&mut big);
 
-    let failed = pb::WarmupResult {
-        ok: false,
-        error_message: "404 not found".into(),
+    let failed = WarmupResult {
+        outcome: Err("404 not found".into()),
         ..result
     };
     s.warmup_result("fra-big", failed).await.expect("result");
@@ -968,10 +976,7 @@ async fn private_registries_seal_passwords_and_hand_credentials_only_to_the_run(
         "the registry's host names the image"
     );
     let a = next_assign(&mut node);
-    let auth = a
-        .spec
-        .and_then(|sp| sp.registry_auth)
-        .expect("credentials in the spec");
+    let auth = a.spec.registry_auth.expect("credentials in the spec");
     assert_eq!(
         (
             auth.host.as_str(),
@@ -1011,7 +1016,7 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
             .expect("run");
         let a = next_assign(&mut node);
         s.run_started("fra-1", started(&a)).await.expect("started");
-        s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+        s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
             .await
             .expect("exited");
     }
@@ -1114,7 +1119,11 @@ fn utc_days() {
     assert_eq!(usage::utc_day(1_795_000_000_000), "2026-11-18");
     assert_eq!(usage::utc_day(951_782_400_000), "2000-02-29");
     assert_eq!(usage::utc_day(-1), "1969-12-31");
-    assert_eq!(usage::utc_day(i64::MAX), "9999-12-31", "beyond the calendar clamps");
+    assert_eq!(
+        usage::utc_day(i64::MAX),
+        "9999-12-31",
+        "beyond the calendar clamps"
+    );
 }
 
 #[test]
@@ -1183,11 +1192,11 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     s.run_started("fra-1", started(&a)).await.expect("started");
     s.append_logs(
         "fra-1",
-        pb::LogBatch {
+        LogBatch {
             run_id: a.run_id.clone(),
-            lines: vec![pb::LogLine {
+            lines: vec![LogLine {
                 seq: 1,
-                stream: pb::LogStream::Stdout as i32,
+                stream: LogStream::Stdout,
                 msg: "alpha's line".into(),
                 ts_unix_nanos: 1,
             }],
@@ -1195,7 +1204,7 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     )
     .await
     .expect("logs");
-    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
         .await
         .expect("exited");
 
@@ -1383,16 +1392,19 @@ async fn pull_progress_shows_while_pending_and_is_kept_at_the_start() {
         .await
         .expect("run");
     let a = next_assign(&mut node);
-    let report = |done: u64, epoch: u64, complete: bool| pb::PullProgress {
-        run_id: a.run_id.clone(),
-        lease_epoch: epoch,
+    let report = |done: u64, epoch: u64, complete: bool| PullProgress {
+        pull_for: PullFor::Run {
+            run_id: a.run_id.clone(),
+            lease_epoch: epoch,
+        },
         image: "127.0.0.1:5000/busybox:latest".into(),
-        bytes_done: done,
-        bytes_total: 1000,
-        layers_done: u32::from(complete),
-        layers_total: 1,
+        progress: ImagePull {
+            bytes_done: done,
+            bytes_total: 1000,
+            layers_done: u32::from(complete),
+            layers_total: 1,
+        },
         complete,
-        ..Default::default()
     };
     s.pull_progress("fra-1", report(400, a.lease_epoch + 1, false));
     s.pull_progress("fra-2", report(400, a.lease_epoch, false));
@@ -1460,19 +1472,19 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
             .expect("run");
         assert_eq!(run.stop_grace_seconds, Some(want));
         let a = next_assign(&mut fra);
-        let sent = a.spec.expect("spec");
+        let sent = a.spec;
         assert_eq!(sent.stop_grace_seconds, want);
-        assert_eq!(
-            sent.files,
-            vec![pb::RunFile {
-                path: "/etc/app.conf".into(),
-                content: b"hello".to_vec(),
-                mode: 0o444,
-            }]
-        );
-        let shown: pb::Run = (&s.get_run(P, &runner.id, &run.id).await.expect("get")).into();
+        let sent_files: Vec<(&str, &[u8], u32)> = sent
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), &*f.content, f.mode))
+            .collect();
+        assert_eq!(sent_files, [("/etc/app.conf", &b"hello"[..], 0o444)]);
+        // The API shows the file by its digest (its gRPC form has no field for content).
+        let shown = s.get_run(P, &runner.id, &run.id).await.expect("get");
         assert_eq!(shown.files.len(), 1);
         assert_eq!(shown.files[0].size_bytes, 5);
+        assert_eq!(shown.files[0].sha256, sent.files[0].sha256);
         assert_eq!(shown.stop_grace_seconds, Some(want));
     }
     // Once a run has ended its files' contents leave the store; the digests stay.
@@ -1494,7 +1506,7 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
     };
     assert!(stored(run.id.clone()).await.is_some(), "kept while active");
     s.run_started("fra-1", started(&a)).await.expect("started");
-    s.run_exited("fra-1", exited(&a, 0, pb::ExitReason::Exited))
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
         .await
         .expect("exited");
     assert!(stored(run.id.clone()).await.is_none(), "gone once ended");
@@ -1558,9 +1570,9 @@ async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
     let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let a = next_assign(&mut fra);
     assert_eq!(a.run_id, run_id);
-    let sent = a.spec.expect("spec");
+    let sent = a.spec;
     assert_eq!(sent.files.len(), 1);
-    assert_eq!(sent.files[0].content, b"hello".to_vec());
+    assert_eq!(&*sent.files[0].content, b"hello");
     assert_eq!(sent.files[0].mode, 0o600);
     let shown = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(shown.files[0].size_bytes, 5);
