@@ -1,12 +1,33 @@
 //! The scheduler's core: the state it owns (the store, the connected nodes, the runs that have
-//! not ended) and every operation on it. The gRPC services are thin adapters over this.
+//! not ended) and every operation on it. The gRPC services are thin adapters over this; the
+//! engine itself speaks only domain types (agents' reports and commands are
+//! [`berth_core::agent`] types, agents are reached through an [`AgentLink`]).
 //!
+//! # Layout
+//! This file is the core: [`Config`], [`Scheduler`] and its `State`, loading the state from the
+//! store ([`Scheduler::open`]), and the staging pipeline every operation ends with (`stage`,
+//! `write`, `send_to`, then `flush`/`settle` and the dispatcher, below). Each concern adds its
+//! operations in a child module, as further `impl Scheduler` blocks:
+//! - `runners`: runner CRUD and warmup requests.
+//! - `runs`: creating (idempotent, batched), reading, listing and stopping runs; log pages.
+//! - `queue`: placing waiting runs (backfill, starvation guard), the spec a node receives,
+//!   queue positions.
+//! - `nodes`: registration and its lease reconciliation, liveness and expiry, draining, the
+//!   node list.
+//! - `reports`: what agents report once registered: heartbeats, run starts and exits, logs,
+//!   warmup results.
+//! - `images`: pull progress (memory only) and warm pins.
+//! - `registries`: private container registries and image references.
+//! - `usage`: billed usage.
+//! - `api_keys`: API keys.
+//!
+//! # Staging
 //! Every mutation runs under one async lock, but never waits for the disk there: it changes
-//! memory, *stages* its store writes and its messages to agents, and submits them
+//! memory, *stages* its store writes and its commands to agents, and submits them
 //! ([`Store::submit`] fixes the commit order at that moment), then releases the lock and waits
 //! for durability. One dispatcher task awaits the commits in submission order and only then
-//! sends the staged messages, so nothing reaches an agent or an API client before it is stored,
-//! and messages keep their order. Concurrent operations share fsyncs (group commit in the
+//! sends the staged commands, so nothing reaches an agent or an API client before it is stored,
+//! and commands keep their order. Concurrent operations share fsyncs (group commit in the
 //! store). If a commit fails, memory may be ahead of the store: the scheduler stops
 //! (fail-stop, [`Scheduler::store_failed`]) and a restart reloads the truth from the store.
 
