@@ -11,8 +11,11 @@
 //!   embedded backend that is the default on one machine, an in-memory fake, and the conformance
 //!   suite every backend must pass.
 //! - [`keys`]: where each record lives in the store.
+//! - [`agent`]: what node agents report and what the scheduler commands them, as domain types,
+//!   and the [`agent::AgentLink`] trait the scheduler reaches an agent through.
 //! - [`auth`]: projects, and API keys (their format, hashing and constant-time verification).
 
+pub mod agent;
 pub mod auth;
 pub mod codes;
 pub mod command;
