@@ -4,8 +4,10 @@
 //! end-to-end suite under `tests/`.
 
 mod auth;
+mod files;
 mod harness;
 mod limits;
 mod openapi;
+mod registries;
 mod runners;
 mod runs;
