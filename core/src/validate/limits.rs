@@ -29,6 +29,7 @@ pub const FILE_MODE_MAX: i64 = 0o777;
 pub const FILE_MODE_DEFAULT: u32 = 0o444;
 /// Top-level directories files may not be placed under (the kernel's, mounted over anyway).
 pub const FILE_FORBIDDEN_ROOTS: [&str; 3] = ["proc", "sys", "dev"];
-/// A registry's `username`, in characters, and `password`, in bytes.
+/// The longest registry `username`, in characters…
 pub const REGISTRY_USERNAME_MAX: usize = 255;
+/// …and `password`, in bytes.
 pub const REGISTRY_PASSWORD_MAX: usize = 4_096;

@@ -261,3 +261,22 @@ fn with_files(files: Vec<FileInput>) -> RunInput {
         ..Default::default()
     }
 }
+
+#[test]
+fn a_run_input_lends_its_command_overrides() {
+    use crate::command::CommandOverrides;
+    let argv = vec!["echo".to_owned(), "x".to_owned()];
+    let input = RunInput {
+        argv: Some(argv.clone()),
+        entrypoint: Some("/bin/env FOO=1".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        CommandOverrides::from(&input),
+        CommandOverrides {
+            command: None,
+            argv: Some(&argv),
+            entrypoint: Some("/bin/env FOO=1"),
+        }
+    );
+}
