@@ -3,7 +3,8 @@
 //! command and printing its figures as one JSON object on its last line (see
 //! `docs/BENCHMARKS.md`):
 //! - `control-plane`: the real `berth-scheduler` process, fake agents over real gRPC, runs
-//!   submitted through `ControlService`.
+//!   submitted through `ControlService` (one module per part under
+//!   `src/bin/control-plane/`: `scheduler`, `agents`, `submit`, `report`).
 //!
 //! This library holds the pieces that are not specific to one benchmark: latency percentiles
 //! ([`stats`]) and what `/proc` says about a process ([`proc_stats`]).

@@ -3,8 +3,8 @@
 //! - [`args`]: the command line (clap) and the parsers for `IMAGE[:TAG]` and `KEY=value`;
 //! - [`config`]: the API's URL and token from flags, environment, or `.berth/env`;
 //! - [`client`]: HTTP with bearer auth and the API's error body decoded;
-//! - [`commands`]: one function per command; [`commands::follow`] follows a run live;
-//! - [`sse`]: the Server-Sent Events parser for log streams;
+//! - [`commands`]: one function per command; [`commands::follow`] follows a run live (its SSE
+//!   stream parsed by `eventsource-stream`, reconnects spaced by `backon` with jitter);
 //! - [`output`]: tables and `key: value` blocks.
 //!
 //! Exit codes: 0 success, 1 an API, network or input error, 2 a usage error, and for a
@@ -15,7 +15,6 @@ mod client;
 mod commands;
 mod config;
 mod output;
-mod sse;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -7,7 +7,17 @@
 //! image's CMD. A shell-form command becomes the cmd `["sh", "-c", command]`.
 
 use crate::model::RunnerSpec;
-use crate::validate::RunInput;
+
+/// What a run may override of its runner's command. `validate::RunInput` converts into it, so
+/// this module needs nothing from the validation (which depends on [`split_words`] here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommandOverrides<'a> {
+    /// Shell form.
+    pub command: Option<&'a str>,
+    /// Exec form; wins over `command`.
+    pub argv: Option<&'a [String]>,
+    pub entrypoint: Option<&'a str>,
+}
 
 /// The command a run will execute, as recorded on the run.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -21,21 +31,25 @@ pub struct EffectiveCommand {
 
 impl EffectiveCommand {
     /// The run's overrides on top of the runner's defaults.
-    pub fn resolve(runner: &RunnerSpec, overrides: &RunInput) -> EffectiveCommand {
+    pub fn resolve<'a>(
+        runner: &RunnerSpec,
+        overrides: impl Into<CommandOverrides<'a>>,
+    ) -> EffectiveCommand {
+        let overrides = overrides.into();
         let entrypoint = overrides
             .entrypoint
-            .clone()
+            .map(str::to_owned)
             .or_else(|| runner.entrypoint.clone());
-        if let Some(argv) = &overrides.argv {
+        if let Some(argv) = overrides.argv {
             return EffectiveCommand {
                 command: None,
-                argv: argv.clone(),
+                argv: argv.to_vec(),
                 entrypoint,
             };
         }
-        if let Some(cmd) = &overrides.command {
+        if let Some(cmd) = overrides.command {
             return EffectiveCommand {
-                command: Some(cmd.clone()),
+                command: Some(cmd.to_owned()),
                 argv: vec![],
                 entrypoint,
             };
@@ -176,7 +190,7 @@ mod tests {
 
     #[test]
     fn runner_default_is_shell_form() {
-        let c = EffectiveCommand::resolve(&runner(), &RunInput::default());
+        let c = EffectiveCommand::resolve(&runner(), CommandOverrides::default());
         assert_eq!(
             c.cmd(),
             Some(vec!["sh".into(), "-c".into(), "echo default".into()])
@@ -185,23 +199,24 @@ mod tests {
 
     #[test]
     fn run_argv_overrides_runner_command() {
-        let o = RunInput {
-            argv: Some(vec!["echo".into(), "x".into()]),
+        let argv = vec!["echo".to_owned(), "x".to_owned()];
+        let o = CommandOverrides {
+            argv: Some(&argv),
             ..Default::default()
         };
-        let c = EffectiveCommand::resolve(&runner(), &o);
+        let c = EffectiveCommand::resolve(&runner(), o);
         assert_eq!(c.command, None);
         assert_eq!(c.cmd(), Some(vec!["echo".into(), "x".into()]));
     }
 
     #[test]
     fn run_command_and_entrypoint_override() {
-        let o = RunInput {
-            command: Some("exit 3".into()),
-            entrypoint: Some("/bin/env FOO=1".into()),
+        let o = CommandOverrides {
+            command: Some("exit 3"),
+            entrypoint: Some("/bin/env FOO=1"),
             ..Default::default()
         };
-        let c = EffectiveCommand::resolve(&runner(), &o);
+        let c = EffectiveCommand::resolve(&runner(), o);
         assert_eq!(c.command.as_deref(), Some("exit 3"));
         assert_eq!(
             c.entrypoint_words(),
@@ -213,7 +228,7 @@ mod tests {
     fn no_command_anywhere_uses_the_image_default() {
         let mut r = runner();
         r.run_command = None;
-        let c = EffectiveCommand::resolve(&r, &RunInput::default());
+        let c = EffectiveCommand::resolve(&r, CommandOverrides::default());
         assert_eq!(c.cmd(), None);
         assert_eq!(c.entrypoint_words(), None);
     }

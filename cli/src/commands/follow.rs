@@ -4,7 +4,8 @@
 
 use super::{err_line, out, CommandError};
 use crate::client::{Client, ClientError};
-use crate::sse::{SseEvent, SseParser};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use eventsource_stream::{Event as SseEvent, EventStreamError, Eventsource};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
@@ -49,9 +50,23 @@ pub fn is_transient(e: &ClientError) -> bool {
     }
 }
 
-fn backoff(failures: u32) -> Duration {
-    let ms = 200u64.saturating_mul(1 << failures.min(5));
-    Duration::from_millis(ms.min(5_000))
+/// The shortest wait before a retry, and the longest.
+const RETRY_FLOOR: Duration = Duration::from_millis(400);
+const RETRY_CEILING: Duration = Duration::from_secs(5);
+
+/// The waits between consecutive retries: doubling from [`RETRY_FLOOR`], with jitter so that
+/// many clients cut off together do not come back together, never above [`RETRY_CEILING`].
+/// The jitter adds up to the delay itself (`d..2d`), so the delays before jitter stop at half
+/// the ceiling. Endless: [`MAX_FAILURES`] decides when to give up. Start a new one after a
+/// success.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(RETRY_FLOOR)
+        .with_max_delay(RETRY_CEILING / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(|d| d.clamp(RETRY_FLOOR, RETRY_CEILING))
 }
 
 /// What a waiting run shows: why it waits and where it is in the queue.
@@ -140,15 +155,19 @@ pub async fn wait_while_pending(
     let mut shown: Option<String> = None;
     let mut progress = PullLine::new();
     let mut failures = 0;
+    let mut delays = retry_delays();
     loop {
         let v = match client.get(&path).await {
             Ok(a) => {
-                failures = 0;
+                if failures > 0 {
+                    failures = 0;
+                    delays = retry_delays();
+                }
                 a.json["run"].clone()
             }
             Err(e) if is_transient(&e) && failures < MAX_FAILURES => {
                 failures += 1;
-                tokio::time::sleep(backoff(failures)).await;
+                tokio::time::sleep(delays.next().unwrap_or(RETRY_CEILING)).await;
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -239,15 +258,12 @@ enum Step {
 fn on_event(ev: &SseEvent, last_id: &mut Option<u64>, sink: &mut dyn Sink) -> Step {
     match ev.event.as_str() {
         "log" => {
-            let id = ev
-                .id
-                .as_deref()
-                .and_then(|i| i.parse::<u64>().ok())
-                .or_else(|| {
-                    serde_json::from_str::<LogLine>(&ev.data)
-                        .ok()
-                        .and_then(|l| l.id)
-                });
+            // The stream's last event id (the parser carries it over events that set none).
+            let id = ev.id.parse::<u64>().ok().or_else(|| {
+                serde_json::from_str::<LogLine>(&ev.data)
+                    .ok()
+                    .and_then(|l| l.id)
+            });
             // A resumed stream starts after `last_id`; this guards against a repeat anyway.
             if let (Some(id), Some(last)) = (id, *last_id) {
                 if id <= last {
@@ -284,36 +300,44 @@ pub async fn stream_logs(
     let path = format!("/v1/runners/{runner}/runs/{run}/logs/stream");
     let mut last_id: Option<u64> = None;
     let mut failures = 0;
+    let mut delays = retry_delays();
     loop {
         let problem = match client
             .open_stream(&path, last_id.map(|i| i.to_string()).as_deref())
             .await
         {
             Ok(res) => {
-                let mut parser = SseParser::new();
-                let mut body = res.bytes_stream();
+                let mut events = res.bytes_stream().eventsource();
                 let mut problem = ClientError::Network {
                     url: client.url(&path),
                     reason: "the stream ended before the run's final state".to_owned(),
                 };
-                while let Some(chunk) = body.next().await {
-                    let chunk = match chunk {
-                        Ok(c) => c,
-                        Err(e) => {
+                while let Some(ev) = events.next().await {
+                    let ev = match ev {
+                        Ok(ev) => ev,
+                        Err(EventStreamError::Transport(e)) => {
                             problem = client.stream_error(&path, &e);
                             break;
                         }
+                        Err(e) => {
+                            problem = ClientError::Network {
+                                url: client.url(&path),
+                                reason: format!("unreadable event stream: {e}"),
+                            };
+                            break;
+                        }
                     };
-                    for ev in parser.feed(&chunk) {
+                    if failures > 0 {
                         failures = 0;
-                        match on_event(&ev, &mut last_id, sink) {
-                            Step::Continue => {}
-                            Step::Done(s) => return Ok(s),
-                            Step::Broken(reason) => {
-                                problem = ClientError::Network {
-                                    url: client.url(&path),
-                                    reason,
-                                }
+                        delays = retry_delays();
+                    }
+                    match on_event(&ev, &mut last_id, sink) {
+                        Step::Continue => {}
+                        Step::Done(s) => return Ok(s),
+                        Step::Broken(reason) => {
+                            problem = ClientError::Network {
+                                url: client.url(&path),
+                                reason,
                             }
                         }
                     }
@@ -329,7 +353,7 @@ pub async fn stream_logs(
         }
         let after = last_id.map_or("the start".to_owned(), |i| format!("line {i}"));
         err_line(&format!("{problem}; resuming after {after}"));
-        tokio::time::sleep(backoff(failures)).await;
+        tokio::time::sleep(delays.next().unwrap_or(RETRY_CEILING)).await;
     }
 }
 
@@ -399,8 +423,9 @@ mod tests {
     fn ev(event: &str, id: Option<&str>, data: &str) -> SseEvent {
         SseEvent {
             event: event.to_owned(),
-            id: id.map(str::to_owned),
+            id: id.unwrap_or_default().to_owned(),
             data: data.to_owned(),
+            retry: None,
         }
     }
 
@@ -463,8 +488,55 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_millis(400));
-        assert_eq!(backoff(30), Duration::from_millis(5_000));
+    fn retry_delays_stay_between_floor_and_ceiling_and_grow() {
+        for _ in 0..20 {
+            let delays: Vec<Duration> = retry_delays().take(30).collect();
+            assert_eq!(delays.len(), 30, "endless");
+            for d in &delays {
+                assert!((RETRY_FLOOR..=RETRY_CEILING).contains(d), "{d:?}");
+            }
+            // Before jitter the first wait is the floor and the fourth 1.6 s; jitter adds less
+            // than the delay itself.
+            assert!(delays[0] < RETRY_FLOOR * 2, "{:?}", delays[0]);
+            assert!(delays[3] >= Duration::from_millis(1_600), "{:?}", delays[3]);
+            // Late waits sit in the top half, where the doubling stops.
+            assert!(delays[29] >= RETRY_CEILING / 2, "{:?}", delays[29]);
+        }
+    }
+
+    #[test]
+    fn retry_delays_are_jittered() {
+        let firsts: std::collections::BTreeSet<Duration> =
+            (0..20).filter_map(|_| retry_delays().next()).collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
+    }
+
+    /// The stream parser is fed in chunks that split lines and characters anywhere.
+    #[tokio::test]
+    async fn events_parse_across_chunk_boundaries() {
+        let text = "event: log\r\nid: 7\r\ndata: {\"msg\":\"grüße\"}\r\n\r\n:keep-alive\n\nevent: state\ndata: {}\n\n";
+        let bytes = text.as_bytes();
+        for cut in 0..bytes.len() {
+            let chunks: Vec<Result<Vec<u8>, std::convert::Infallible>> =
+                vec![Ok(bytes[..cut].to_vec()), Ok(bytes[cut..].to_vec())];
+            let got: Vec<SseEvent> = futures::stream::iter(chunks)
+                .eventsource()
+                .filter_map(|e| async move { e.ok() })
+                .collect()
+                .await;
+            let shape: Vec<(&str, &str, &str)> = got
+                .iter()
+                .map(|e| (e.event.as_str(), e.id.as_str(), e.data.as_str()))
+                .collect();
+            assert_eq!(
+                shape,
+                [
+                    ("log", "7", "{\"msg\":\"grüße\"}"),
+                    // The last event id carries over to an event that sets none.
+                    ("state", "7", "{}")
+                ],
+                "cut {cut}"
+            );
+        }
     }
 }

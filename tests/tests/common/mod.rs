@@ -1,5 +1,6 @@
 //! The end-to-end harness: starts real `berth-scheduler`, `berth-api` and `berth-node-agent`
-//! processes on loopback ports against the containerd and registry that `deploy/test.sh` starts,
+//! processes on loopback ports (each binds port 0 and the harness reads the port it logs)
+//! against the containerd and registry that `deploy/test.sh` starts,
 //! and kills them when dropped. Each fleet uses its own node ids, so its own containerd
 //! namespaces and cgroup directories: tests run in parallel without seeing each other.
 
@@ -36,9 +37,32 @@ pub fn env() -> Result<Env> {
     })
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// The port a child bound, from the line it logs once listening (`<what> listening
+/// addr=HOST:PORT …`; both `berth-scheduler` and `berth-api` log it). The children are started
+/// on port 0, so no port is picked here and released for them to take (which races).
+async fn bound_port(log: &Path, what: &str) -> Result<u16> {
+    let marker = format!("{what} listening");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let port = text
+            .lines()
+            .filter(|l| l.contains(&marker))
+            .filter_map(|l| l.split_once("addr=").map(|(_, rest)| rest))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .filter_map(|addr| addr.rsplit(':').next().and_then(|p| p.parse().ok()))
+            .next_back();
+        if let Some(port) = port {
+            return Ok(port);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no `{marker} addr=` line in {} after 20 s:\n{text}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 static FLEET_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -117,13 +141,10 @@ impl Fleet {
         let dir = tempfile::tempdir()?;
         let seq = FLEET_SEQ.fetch_add(1, Ordering::SeqCst);
         let tag = format!("e{}x{}", std::process::id(), seq);
-        let scheduler_addr = format!("127.0.0.1:{}", free_port()?);
-        let api_port = free_port()?;
-        let api_addr = format!("127.0.0.1:{api_port}");
-        let api_listen = format!("{listen_host}:{api_port}");
         let mut fleet = Fleet {
-            api_url: format!("http://{api_addr}"),
-            scheduler_addr,
+            // Both known once the processes have bound port 0 and said which port they got.
+            api_url: String::new(),
+            scheduler_addr: String::new(),
             nodes: vec![],
             scheduler: None,
             scheduler_args: options.scheduler_args,
@@ -137,6 +158,10 @@ impl Fleet {
             dir,
         };
         fleet.start_scheduler()?;
+        let port = bound_port(&fleet.log_path("scheduler"), "scheduler").await?;
+        // Restarts reuse this port: the API and the agents know the scheduler by it.
+        fleet.scheduler_addr = format!("127.0.0.1:{port}");
+        let api_listen = format!("{}:0", fleet.listen_host);
         let api = fleet.spawn(
             "api",
             "berth-api",
@@ -152,6 +177,9 @@ impl Fleet {
             ],
         )?;
         fleet.others.push(api);
+        let port = bound_port(&fleet.log_path("api"), "api").await?;
+        // Clients always connect through 127.0.0.1, whatever host the API listens on.
+        fleet.api_url = format!("http://127.0.0.1:{port}");
         for (i, a) in agents.iter().enumerate() {
             let node_id = format!("{tag}-{}{i}", a.region);
             let state_dir = fleet.dir.path().join(format!("agent-{node_id}"));
@@ -271,14 +299,20 @@ impl Fleet {
         Ok(())
     }
 
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
     fn spawn(&self, name: &str, bin: &str, args: &[&str]) -> Result<Proc> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))?;
+            .open(self.log_path(name))?;
         let child = Command::new(self.env.bin_dir.join(bin))
             .args(args)
             .env("BERTH_LOG", "info")
+            // Plain log lines: `bound_port` reads `addr=` from them.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -292,7 +326,9 @@ impl Fleet {
 
     pub fn start_scheduler(&mut self) -> Result<()> {
         let data = self.dir.path().join("scheduler");
-        let port = self.scheduler_addr.rsplit(':').next().unwrap_or_default();
+        // Port 0 on the first start; a restart takes the port the first start was given.
+        let port = self.scheduler_addr.rsplit(':').next().unwrap_or("0");
+        let port = if port.is_empty() { "0" } else { port };
         let listen = format!("{}:{port}", self.listen_host);
         let mut args: Vec<String> = [
             "--grpc-listen",
