@@ -1,4 +1,6 @@
-//! The one mapping between the domain types and their gRPC (`berth_proto::v1`) forms.
+//! The one mapping between the domain types and their gRPC (`berth_proto::v1`) forms on the
+//! control side (API ↔ scheduler). The agent side's (reports and commands, see [`crate::agent`])
+//! is in the scheduler's agent service, where those messages enter and leave the scheduler.
 
 use crate::model::{Catalog, EnvVar, InstanceType, LogEntry, Run, RunFile, Runner, RunnerSpec};
 use crate::validate::FileInput;
@@ -26,18 +28,6 @@ pub fn file_inputs_from_pb(files: Vec<pb::FileUpload>) -> Vec<FileInput> {
             path: Some(f.path),
             content_base64: Some(base64::engine::general_purpose::STANDARD.encode(f.content)),
             mode: Some(i64::from(f.mode)),
-        })
-        .collect()
-}
-
-/// A run's files as the node that runs it gets them.
-pub fn files_to_spec_pb(files: &[RunFile]) -> Vec<pb::RunFile> {
-    files
-        .iter()
-        .map(|f| pb::RunFile {
-            path: f.path.clone(),
-            content: f.content.to_vec(),
-            mode: f.mode,
         })
         .collect()
 }

@@ -1,6 +1,8 @@
 //! # Layout
 //! What every Berth process shares, with no I/O of its own except the embedded store:
 //! - [`status`]: the one run lifecycle enum, [`RunStatus`], and its guarded transitions.
+//! - [`codes`]: the other words the wire carries: run error codes and node states.
+//! - [`defaults`]: each default that more than one process needs, written once.
 //! - [`model`]: runners, runs, log entries, the catalogue of regions and instance types.
 //! - [`validate`]: pure validation of user input; every error names its field.
 //! - [`command`]: how a runner's command, argv and entrypoint (and a run's overrides) become the
@@ -9,11 +11,16 @@
 //!   embedded backend that is the default on one machine, an in-memory fake, and the conformance
 //!   suite every backend must pass.
 //! - [`keys`]: where each record lives in the store.
+//! - [`agent`]: what node agents report and what the scheduler commands them, as domain types,
+//!   and the [`agent::AgentLink`] trait the scheduler reaches an agent through.
 //! - [`auth`]: projects, and API keys (their format, hashing and constant-time verification).
 
+pub mod agent;
 pub mod auth;
+pub mod codes;
 pub mod command;
 pub mod convert;
+pub mod defaults;
 pub mod keys;
 pub mod model;
 pub mod process;

@@ -14,6 +14,9 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The exit code of a run ended by its timeout (as `timeout(1)` reports it).
+pub const TIMEOUT_EXIT_CODE: i32 = 124;
+
 /// Where a run is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -5,7 +5,14 @@
 //!
 //! Both are adapters over [`engine::Scheduler`], which owns the store, the connected nodes and
 //! the runs that have not ended, and decides placement through the pure [`placement`] module.
-//! `README.md` beside this crate walks the pipeline from queue to lease.
+//! Each service is the one place that converts its protocol's protobuf types to and from the
+//! domain types the engine speaks: [`agent_service`] for agents' reports and commands
+//! ([`berth_core::agent`], sent through an [`berth_core::agent::AgentLink`]),
+//! [`control_service`] for the API's requests. The engine is a small core
+//! (`engine.rs`: state, store loading, the staged commit-then-dispatch pipeline) with one
+//! child module per concern under `engine/` (runners, runs, queue, nodes, reports, images,
+//! registries, usage, API keys). `README.md` beside this crate walks the pipeline from queue
+//! to lease.
 
 pub mod agent_service;
 pub mod control_service;

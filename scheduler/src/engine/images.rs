@@ -6,10 +6,10 @@
 
 use super::{Run, RunStatus, Scheduler, State};
 use crate::error::SchedulerError;
+use berth_core::agent::{AgentCommand, PullFor, PullProgress};
 use berth_core::keys;
 use berth_core::model::ImagePull;
 use berth_core::store::Store;
-use berth_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The latest pull report for one run.
@@ -32,11 +32,13 @@ pub(super) type WarmPins = BTreeMap<String, BTreeMap<String, String>>;
 impl<S: Store> Scheduler<S> {
     /// Records a pull report (ephemeral: nothing is stored): a run's by its id, a warmup's by
     /// `warmup:<runner id>`.
-    pub fn pull_progress(&self, node_id: &str, msg: pb::PullProgress) {
-        let key = if msg.run_id.is_empty() {
-            format!("warmup:{}", msg.runner_id)
-        } else {
-            msg.run_id.clone()
+    pub fn pull_progress(&self, node_id: &str, msg: PullProgress) {
+        let (key, lease_epoch) = match msg.pull_for {
+            PullFor::Run {
+                run_id,
+                lease_epoch,
+            } => (run_id, lease_epoch),
+            PullFor::Warmup { runner_id } => (format!("warmup:{runner_id}"), 0),
         };
         let mut pulls = self.pulls.lock().unwrap_or_else(|p| p.into_inner());
         if pulls.len() >= MAX_PULL_ENTRIES && !pulls.contains_key(&key) {
@@ -45,13 +47,8 @@ impl<S: Store> Scheduler<S> {
         let entry = PullEntry {
             node_id: node_id.to_owned(),
             image: msg.image,
-            lease_epoch: msg.lease_epoch,
-            progress: ImagePull {
-                bytes_done: msg.bytes_done,
-                bytes_total: msg.bytes_total,
-                layers_done: msg.layers_done,
-                layers_total: msg.layers_total,
-            },
+            lease_epoch,
+            progress: msg.progress,
             complete: msg.complete,
         };
         pulls.insert(key, entry);
@@ -142,22 +139,20 @@ impl<S: Store> Scheduler<S> {
         }
         st.warm_pins.retain(|_, runners| !runners.is_empty());
         for node in changed {
-            let msg = warm_pins_msg(st, &node);
-            st.send_to(&node, msg);
+            let command = warm_pins(st, &node);
+            st.send_to(&node, command);
         }
     }
 }
 
-/// The node's whole pin set as a message.
-pub(super) fn warm_pins_msg(st: &State, node_id: &str) -> pb::SchedulerMessage {
+/// The node's whole pin set as a command.
+pub(super) fn warm_pins(st: &State, node_id: &str) -> AgentCommand {
     let images: BTreeSet<String> = st
         .warm_pins
         .get(node_id)
         .map(|runners| runners.values().cloned().collect())
         .unwrap_or_default();
-    pb::SchedulerMessage {
-        body: Some(pb::scheduler_message::Body::WarmPins(pb::WarmPins {
-            images: images.into_iter().collect(),
-        })),
+    AgentCommand::WarmPins {
+        images: images.into_iter().collect(),
     }
 }

@@ -1,0 +1,383 @@
+//! Nodes and their liveness: what the engine knows of each node, (re-)registration and its
+//! reconciliation of leases, disconnection, expiry of silent nodes (their leases are revoked),
+//! draining, and the node list the API shows. Every message from a node renews all its leases
+//! ([`Scheduler::touch`]), recorded outside the engine lock.
+
+use super::{committed, encode, images, stop, Link, Scheduler, State};
+use crate::error::SchedulerError;
+use crate::placement::{NodeStatus, NodeView};
+use berth_core::agent::{AgentCommand, Registered, Registration};
+use berth_core::store::{Expect, Store};
+use berth_core::{keys, now_unix_millis, Run, RunStatus};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(super) struct Node {
+    pub(super) id: String,
+    pub(super) region: String,
+    pub(super) boot_id: String,
+    pub(super) total_memory_mib: u64,
+    pub(super) cpus: u32,
+    pub(super) max_runs: u32,
+    pub(super) connected: bool,
+    /// Missed heartbeats past TTL + grace; its leases were revoked.
+    pub(super) lost: bool,
+    /// An operator asked for no new leases (stored, survives restarts).
+    pub(super) draining: bool,
+    /// The agent is shutting down (it refused a run with `node_draining`); cleared when it
+    /// registers again.
+    pub(super) shutting_down: bool,
+    pub(super) connection: u64,
+    /// How to reach the agent while it is connected.
+    pub(super) link: Option<Link>,
+    pub(super) cached_images: Arc<BTreeSet<String>>,
+}
+
+impl Node {
+    /// Known from the store or from a lease, not (yet) connected since this process started.
+    pub(super) fn placeholder(id: &str, region: &str, draining: bool) -> Node {
+        Node {
+            id: id.to_owned(),
+            region: region.to_owned(),
+            boot_id: String::new(),
+            total_memory_mib: 0,
+            cpus: 0,
+            max_runs: 0,
+            connected: false,
+            lost: false,
+            draining,
+            shutting_down: false,
+            connection: 0,
+            link: None,
+            cached_images: Arc::default(),
+        }
+    }
+
+    pub(super) fn status(&self) -> NodeStatus {
+        if self.lost {
+            NodeStatus::Lost
+        } else if !self.connected {
+            NodeStatus::Disconnected
+        } else if self.draining || self.shutting_down {
+            NodeStatus::Draining
+        } else {
+            NodeStatus::Ready
+        }
+    }
+
+    pub(super) fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id.clone(),
+            region: self.region.clone(),
+            draining: self.draining,
+        }
+    }
+}
+
+/// What the store keeps about a node: what must survive a scheduler restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct NodeRecord {
+    pub(super) id: String,
+    pub(super) region: String,
+    pub(super) draining: bool,
+}
+
+/// A node as `ListNodes` shows it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub view: NodeView,
+    pub draining: bool,
+    pub cpus: u32,
+    pub running_run_ids: Vec<String>,
+    pub last_heartbeat_age: Duration,
+}
+
+impl<S: Store> Scheduler<S> {
+    /// Records that `node_id` was heard from at `at`: every message renews all its leases.
+    pub fn touch(&self, node_id: &str, at: Instant) {
+        let mut live = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = live.entry(node_id.to_owned()).or_insert(at);
+        if at > *seen {
+            *seen = at;
+        }
+    }
+
+    pub(super) fn last_seen(&self, node_id: &str) -> Option<Instant> {
+        let live = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(node_id).copied()
+    }
+
+    pub async fn list_nodes(&self) -> Vec<NodeInfo> {
+        let st = self.state.lock().await;
+        let mut views: Vec<NodeView> = st.index.nodes().cloned().collect();
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        views
+            .into_iter()
+            .filter_map(|view| {
+                let node = st.nodes.get(&view.id)?;
+                let running_run_ids = st
+                    .active
+                    .values()
+                    .filter(|c| c.node_id.as_deref() == Some(node.id.as_str()))
+                    .map(|c| c.id.clone())
+                    .collect();
+                Some(NodeInfo {
+                    view,
+                    draining: node.draining,
+                    cpus: node.cpus,
+                    running_run_ids,
+                    last_heartbeat_age: self
+                        .last_seen(&node.id)
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// A node (re-)registered on a new stream. Reconciles what it says it is running with what
+    /// the scheduler has leased to it, answers `Registered` (then the node's warm pins and the
+    /// stops asked for while it was away) on `link` at once, and places waiting runs.
+    pub async fn attach_node(&self, reg: Registration, link: Link) -> Result<u64, SchedulerError> {
+        if reg.node_id.is_empty() || reg.region.is_empty() {
+            return Err(SchedulerError::Protocol(
+                "register needs node_id and region".to_owned(),
+            ));
+        }
+        let mut st = self.state.lock().await;
+        st.next_connection += 1;
+        let connection = st.next_connection;
+        let previous = st.nodes.remove(&reg.node_id);
+        let restarted = previous
+            .as_ref()
+            .is_some_and(|n| !n.boot_id.is_empty() && n.boot_id != reg.boot_id);
+        let draining = previous.as_ref().is_some_and(|n| n.draining);
+        let node = Node {
+            id: reg.node_id.clone(),
+            region: reg.region.clone(),
+            boot_id: reg.boot_id.clone(),
+            total_memory_mib: reg.total_memory_mib,
+            cpus: reg.cpus,
+            max_runs: reg.max_concurrent_runs.max(1),
+            connected: true,
+            lost: false,
+            draining,
+            shutting_down: false,
+            connection,
+            link: Some(link.clone()),
+            cached_images: Arc::new(reg.cached_images.into_iter().collect()),
+        };
+        if previous.as_ref().map(Node::record) != Some(node.record()) {
+            let rec = node.record();
+            st.write(keys::node(&rec.id), encode(&rec), Expect::Any);
+        }
+        st.nodes.insert(reg.node_id.clone(), node);
+        st.sync_node(&reg.node_id);
+        self.touch(&reg.node_id, Instant::now());
+        tracing::info!(
+            node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
+            memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
+            "node registered"
+        );
+
+        let reported: HashSet<&str> = reg.active_run_ids.iter().map(String::as_str).collect();
+        let leased: Vec<(String, RunStatus)> = st
+            .active
+            .values()
+            .filter(|c| c.node_id.as_deref() == Some(reg.node_id.as_str()))
+            .map(|c| (c.id.clone(), c.status))
+            .collect();
+        let now = now_unix_millis();
+        for (run_id, status) in &leased {
+            if reported.contains(run_id.as_str()) {
+                continue;
+            }
+            let Some(cached) = st.active.get(run_id) else {
+                continue;
+            };
+            let mut run = cached.clone();
+            if *status == RunStatus::Pending {
+                run.requeue(&format!(
+                    "node {} restarted before starting it",
+                    reg.node_id
+                ))?;
+                tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "re-queued: node does not know the run");
+            } else {
+                run.fail(
+                    "node_restarted",
+                    &format!(
+                        "the agent on node {} restarted and lost the run",
+                        reg.node_id
+                    ),
+                    now,
+                )?;
+                tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "failed: node lost the run");
+            }
+            st.stage(run);
+        }
+        let leased_ids: HashSet<&str> = leased.iter().map(|(id, _)| id.as_str()).collect();
+        let stale_run_ids: Vec<String> = reg
+            .active_run_ids
+            .iter()
+            .filter(|id| !leased_ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let _ = link.send(AgentCommand::Registered(Registered {
+            heartbeat_interval_seconds: u32::try_from(self.config.heartbeat_interval.as_secs())
+                .unwrap_or(2)
+                .max(1),
+            stale_run_ids,
+        }));
+        let _ = link.send(images::warm_pins(&st, &reg.node_id));
+        // Stops asked for while the node was away.
+        for c in st.active.values() {
+            if c.stop_requested && c.node_id.as_deref() == Some(reg.node_id.as_str()) {
+                let _ = link.send(stop(&c.id));
+            }
+        }
+        self.settle(st, true).await?;
+        Ok(connection)
+    }
+
+    /// The node's stream ended. Its runs keep their leases until it comes back.
+    pub async fn detach_node(&self, node_id: &str, connection: u64) {
+        let mut st = self.state.lock().await;
+        if let Some(node) = st.nodes.get_mut(node_id) {
+            if node.connection == connection {
+                node.connected = false;
+                node.link = None;
+                tracing::warn!(node_id, "node disconnected");
+                st.sync_node(node_id);
+            }
+        }
+    }
+
+    /// Declares lost every node silent for longer than TTL + grace, and takes its leases back:
+    /// runs that had not started are queued again, runs that had started end `failed` with
+    /// `node_lost`. Called periodically; `now` is a parameter so tests control the clock.
+    pub async fn expire_nodes(&self, now: Instant) -> Result<(), SchedulerError> {
+        let limit = self.config.node_ttl + self.config.lost_grace;
+        let mut st = self.state.lock().await;
+        let expired: Vec<String> = st
+            .nodes
+            .values()
+            .filter(|n| {
+                let seen = self.last_seen(&n.id).unwrap_or(now);
+                !n.lost && now.saturating_duration_since(seen) > limit
+            })
+            .map(|n| n.id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let at = now_unix_millis();
+        for node_id in &expired {
+            if let Some(node) = st.nodes.get_mut(node_id) {
+                node.lost = true;
+            }
+            st.sync_node(node_id);
+            tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost");
+            let leased: Vec<Run> = st
+                .active
+                .values()
+                .filter(|c| c.node_id.as_deref() == Some(node_id.as_str()))
+                .cloned()
+                .collect();
+            for mut run in leased {
+                if run.status == RunStatus::Pending {
+                    run.requeue(&format!(
+                        "node {node_id} was lost before it started the run"
+                    ))?;
+                } else {
+                    run.fail(
+                        "node_lost",
+                        &format!(
+                            "node {node_id} stopped sending heartbeats while the run was running"
+                        ),
+                        at,
+                    )?;
+                }
+                tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
+                st.stage(run);
+            }
+        }
+        self.settle(st, true).await
+    }
+
+    /// Drain (no new leases; running runs finish) or resume a node.
+    pub async fn set_draining(
+        &self,
+        node_id: &str,
+        draining: bool,
+    ) -> Result<NodeInfo, SchedulerError> {
+        let done = {
+            let mut st = self.state.lock().await;
+            let node = st
+                .nodes
+                .get_mut(node_id)
+                .ok_or_else(|| SchedulerError::NotFound {
+                    kind: "node",
+                    id: node_id.to_owned(),
+                })?;
+            node.draining = draining;
+            let rec = node.record();
+            st.sync_node(node_id);
+            st.write(keys::node(node_id), encode(&rec), Expect::Any);
+            tracing::info!(node_id, draining, "node admin state changed");
+            if !draining {
+                self.schedule(&mut st)?;
+            }
+            self.flush(&mut st)
+        };
+        committed(done).await?;
+        self.notify();
+        self.list_nodes()
+            .await
+            .into_iter()
+            .find(|n| n.view.id == node_id)
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "node",
+                id: node_id.to_owned(),
+            })
+    }
+}
+
+impl State {
+    /// Brings the index's view of `node_id` in line with its flags and report, keeping the
+    /// memory and slots its leases hold.
+    pub(super) fn sync_node(&mut self, node_id: &str) {
+        let Some(n) = self.nodes.get(node_id) else {
+            return;
+        };
+        let (reserved_memory_mib, runs) = self
+            .index
+            .get(node_id)
+            .map_or((0, 0), |v| (v.reserved_memory_mib, v.runs));
+        self.index.upsert(NodeView {
+            id: n.id.clone(),
+            region: n.region.clone(),
+            status: n.status(),
+            total_memory_mib: n.total_memory_mib,
+            reserved_memory_mib,
+            max_runs: n.max_runs,
+            runs,
+            cached_images: n.cached_images.clone(),
+            reserved_for: None,
+        });
+    }
+
+    /// Moves one run's lease (its memory and slot) from node `from` to node `to` in the index.
+    pub(super) fn index_lease(&mut self, to: Option<&str>, from: Option<&str>, memory_mib: u64) {
+        if let Some(from) = from {
+            if let Err(e) = self.index.release(from, memory_mib) {
+                tracing::error!(error = %e, "lease released on a node the index does not know");
+            }
+        }
+        if let Some(to) = to {
+            if let Err(e) = self.index.reserve(to, memory_mib) {
+                tracing::error!(error = %e, "lease taken on a node the index does not know");
+            }
+        }
+    }
+}

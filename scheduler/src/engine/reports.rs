@@ -1,0 +1,304 @@
+//! What agents report after registering ([`AgentReport`]): heartbeats, run starts and exits,
+//! log lines (with secret values redacted), warmup results and pull progress. Every report
+//! about a run is checked against the run's current lease first: a stale one is ignored or
+//! fenced with a stop.
+
+use super::{committed, encode, stop, Scheduler};
+use crate::error::SchedulerError;
+use berth_core::agent::{
+    AgentReport, ExitReason, Heartbeat, LogBatch, RunExited, RunStarted, WarmupResult,
+};
+use berth_core::model::{LogEntry, WarmupStatus};
+use berth_core::store::{Expect, Store, Txn};
+use berth_core::{keys, now_unix_millis, RunStatus};
+use std::sync::Arc;
+use std::time::Instant;
+
+impl<S: Store> Scheduler<S> {
+    /// Handles one report from `node_id`'s agent. An error means it was not handled (nor
+    /// stored): the agent must send it again.
+    pub async fn report(&self, node_id: &str, report: AgentReport) -> Result<(), SchedulerError> {
+        match report {
+            AgentReport::Heartbeat(hb) => {
+                self.heartbeat(node_id, hb).await;
+                Ok(())
+            }
+            AgentReport::RunStarted(m) => self.run_started(node_id, m).await,
+            AgentReport::RunExited(m) => self.run_exited(node_id, m).await,
+            AgentReport::Logs(batch) => self.append_logs(node_id, batch).await,
+            AgentReport::WarmupResult(w) => self.warmup_result(node_id, w).await,
+            AgentReport::PullProgress(p) => {
+                self.pull_progress(node_id, p);
+                Ok(())
+            }
+        }
+    }
+
+    /// Renews every lease the node holds. Runs it reports running that are no longer leased to
+    /// it (its leases were revoked while it was silent, or the run ended) are fenced: StopRun.
+    pub async fn heartbeat(&self, node_id: &str, hb: Heartbeat) {
+        let mut st = self.state.lock().await;
+        let Some(node) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        self.touch(node_id, Instant::now());
+        let was_lost = node.lost;
+        if node.lost {
+            node.lost = false;
+            tracing::warn!(
+                node_id,
+                "lost node is heartbeating again; fencing its old runs"
+            );
+        }
+        if node.cached_images.len() != hb.cached_images.len()
+            || !hb
+                .cached_images
+                .iter()
+                .all(|i| node.cached_images.contains(i))
+        {
+            node.cached_images = Arc::new(hb.cached_images.into_iter().collect());
+        }
+        st.sync_node(node_id);
+        for run_id in &hb.running_run_ids {
+            let leased = st
+                .active
+                .get(run_id)
+                .is_some_and(|c| c.node_id.as_deref() == Some(node_id));
+            if !leased {
+                tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
+                st.send_to(node_id, stop(run_id));
+            }
+        }
+        if was_lost {
+            if let Err(e) = self.schedule(&mut st) {
+                tracing::error!(error = %e, "scheduling after a node came back failed");
+            }
+        }
+        let done = self.flush(&mut st);
+        drop(st);
+        if let Err(e) = committed(done).await {
+            tracing::error!(node_id, error = %e, "heartbeat effects not stored");
+        }
+    }
+
+    /// A node finished (or failed) pulling a runner's image.
+    pub async fn warmup_result(
+        &self,
+        node_id: &str,
+        msg: WarmupResult,
+    ) -> Result<(), SchedulerError> {
+        for _ in 0..5 {
+            let (mut runner, revision) = match self.load_runner(&msg.runner_id).await {
+                Ok(found) => found,
+                Err(SchedulerError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let Some(w) = runner
+                .warmup
+                .as_mut()
+                .filter(|w| w.node_id == node_id && w.image == msg.image)
+            else {
+                return Ok(()); // a newer warmup replaced this one
+            };
+            match &msg.outcome {
+                Ok(_digest) => {
+                    w.status = WarmupStatus::Ready;
+                    w.error = None;
+                    runner.warmed_at = Some(now_unix_millis());
+                }
+                Err(error) => {
+                    w.status = WarmupStatus::Failed;
+                    w.error = Some(format!("image_pull_failed: {error}"));
+                }
+            }
+            let put = Txn::new().put(
+                keys::runner(&runner.id),
+                encode(&runner),
+                Expect::Revision(revision),
+            );
+            match self.store.commit(put).await {
+                Ok(_) => {
+                    tracing::info!(runner_id = %runner.id, node_id, ok = msg.outcome.is_ok(), "warmup finished");
+                    return Ok(());
+                }
+                Err(berth_core::store::StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SchedulerError::Stale(format!("runner {}", msg.runner_id)))
+    }
+
+    pub async fn run_started(&self, node_id: &str, msg: RunStarted) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().await;
+        let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
+        let Some(mut run) = current else {
+            // Ended, canceled or re-placed meanwhile: fence the stale lease.
+            tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
+            st.send_to(node_id, stop(&msg.run_id));
+            let done = self.flush(&mut st);
+            drop(st);
+            return committed(done).await;
+        };
+        if run.status != RunStatus::Pending {
+            return Ok(()); // a re-sent report
+        }
+        self.take_pull_for_start(&mut run);
+        let at = nanos_to_millis(msg.started_at_unix_nanos);
+        run.start(at, msg.image_digest)?;
+        tracing::info!(run_id = %run.id, node_id, "run started");
+        st.stage(run);
+        self.settle(st, false).await
+    }
+
+    pub async fn run_exited(&self, node_id: &str, msg: RunExited) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().await;
+        let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
+        let Some(mut run) = current else {
+            tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
+            return Ok(());
+        };
+        self.forget_pull(&run.id);
+        let at = if msg.exited_at_unix_nanos > 0 {
+            nanos_to_millis(msg.exited_at_unix_nanos)
+        } else {
+            now_unix_millis()
+        };
+        let reason = msg.reason;
+        if reason == ExitReason::StartFailed
+            && msg.error_code == NODE_DRAINING
+            && !run.stop_requested
+        {
+            // The agent is shutting down and refused the run: place it elsewhere.
+            run.requeue(&format!("node {node_id} is shutting down"))?;
+            if let Some(node) = st.nodes.get_mut(node_id) {
+                node.shutting_down = true;
+            }
+            st.sync_node(node_id);
+            tracing::info!(run_id = %run.id, node_id, "re-queued: the node is shutting down");
+            st.stage(run);
+            return self.settle(st, true).await;
+        }
+        let code = (msg.exit_code >= 0).then_some(msg.exit_code);
+        if run.status == RunStatus::Pending && reason != ExitReason::StartFailed {
+            run.start(at, None)?;
+        }
+        match reason {
+            ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
+            ExitReason::StartFailed | ExitReason::Unspecified => {
+                let code_name = if msg.error_code.is_empty() {
+                    "start_failed"
+                } else {
+                    &msg.error_code
+                };
+                run.fail(code_name, &msg.error_message, at)?
+            }
+            ExitReason::Stopped => run.cancel(code, at)?,
+            ExitReason::Timeout => {
+                run.exit(124, at)?;
+                run.error_code = Some("timeout".to_owned());
+                run.error_message = Some(format!(
+                    "the run exceeded its timeout of {} seconds",
+                    run.timeout_seconds
+                ));
+            }
+            ExitReason::Exited => run.exit(msg.exit_code, at)?,
+        }
+        if msg.oom_killed {
+            run.oom_killed = true;
+            run.error_code = Some("oom_killed".to_owned());
+            run.error_message = Some(format!(
+                "the run exceeded its memory limit of {} MiB and was killed",
+                run.memory_mib
+            ));
+        }
+        tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
+        st.stage(run);
+        self.settle(st, true).await
+    }
+
+    pub async fn append_logs(&self, node_id: &str, batch: LogBatch) -> Result<(), SchedulerError> {
+        if batch.lines.is_empty() {
+            return Ok(());
+        }
+        let owned = {
+            let st = self.state.lock().await;
+            st.active
+                .get(&batch.run_id)
+                .map(|c| c.node_id.as_deref() == Some(node_id))
+        };
+        let owned = match owned {
+            Some(owned) => owned,
+            // Ended already: accept late re-sends from the node that ran it.
+            None => match self.load_run(&batch.run_id).await {
+                Ok((run, _)) => run.node_id.as_deref() == Some(node_id),
+                Err(SchedulerError::NotFound { .. }) => false,
+                Err(e) => return Err(e),
+            },
+        };
+        if !owned {
+            tracing::warn!(run_id = %batch.run_id, node_id, "dropping logs for a run this node does not hold");
+            return Ok(());
+        }
+        let secrets = self.secret_values(&batch.run_id).await;
+        let mut txn = Txn::new();
+        for mut line in batch.lines {
+            if line.seq == 0 {
+                continue;
+            }
+            for secret in &secrets {
+                if line.msg.contains(secret.as_str()) {
+                    line.msg = line.msg.replace(secret.as_str(), REDACTED);
+                }
+            }
+            let entry = LogEntry {
+                id: line.seq,
+                stream: line.stream,
+                msg: line.msg,
+                ts_unix_nanos: line.ts_unix_nanos,
+            };
+            // Keyed by sequence number: a re-sent line overwrites itself.
+            txn = txn.put(
+                keys::log(&batch.run_id, line.seq),
+                encode(&entry),
+                Expect::Any,
+            );
+        }
+        self.store.commit(txn).await?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
+    pub(super) async fn secret_values(&self, run_id: &str) -> Vec<String> {
+        let st = self.state.lock().await;
+        let Some(run) = st.active.get(run_id) else {
+            return Vec::new();
+        };
+        let mut values: Vec<String> = run
+            .env
+            .iter()
+            .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
+            .map(|e| e.env_val.clone())
+            .collect();
+        // Longest first, so a secret containing another is redacted whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values
+    }
+}
+
+/// The error code an agent that is shutting down gives a run it refuses.
+pub const NODE_DRAINING: &str = "node_draining";
+
+/// What a secret value is replaced with in stored log lines.
+pub const REDACTED: &str = "[redacted]";
+/// Shorter secret values are not redacted (redacting every `a` would garble the logs and still
+/// leak nothing a 3-character secret protects).
+pub const REDACT_MIN_LEN: usize = 4;
+
+pub(super) fn nanos_to_millis(n: i64) -> i64 {
+    if n > 0 {
+        n / 1_000_000
+    } else {
+        now_unix_millis()
+    }
+}

@@ -1,0 +1,369 @@
+//! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
+//! with their queue position and pull progress, paged listing, stopping, and log pages.
+
+use super::{committed, decode, encode, new_id, stop, Scheduler};
+use crate::error::SchedulerError;
+use berth_core::command::EffectiveCommand;
+use berth_core::model::LogEntry;
+use berth_core::store::{Expect, Store};
+use berth_core::validate::{RunInput, ValidationErrors};
+use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+impl<S: Store> Scheduler<S> {
+    pub async fn create_run(
+        &self,
+        project: &str,
+        runner_id: &str,
+        input: RunInput,
+    ) -> Result<Run, SchedulerError> {
+        Ok(self
+            .create_run_with_key(project, runner_id, input, None)
+            .await?
+            .0)
+    }
+
+    /// Creates a run. With an idempotency key, a retry (same runner, same key) returns the run
+    /// the first call created instead of a new one; the bool says whether it was such a replay.
+    /// Keys are scoped per runner, and so per project: the runner is looked up in the caller's
+    /// project before any key is, and a replayed run is read in that project too.
+    pub async fn create_run_with_key(
+        &self,
+        project: &str,
+        runner_id: &str,
+        input: RunInput,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Run, bool), SchedulerError> {
+        let (runner, _) = self.get_runner(project, runner_id).await?;
+        let hash = idempotency_key.map(|k| hex::encode(Sha256::digest(k.as_bytes())));
+        if let Some(hash) = &hash {
+            // Committed by an earlier process or request.
+            if let Some(kv) = self.store.get(&keys::idempotency(runner_id, hash)).await? {
+                let run_id = String::from_utf8_lossy(&kv.value).into_owned();
+                return Ok((self.get_run(project, runner_id, &run_id).await?, true));
+            }
+        }
+        let input = input.validate()?;
+        let image = self.runner_image(&runner.spec).await;
+        let run = self.new_run(&runner, &image, input)?;
+        let (out, done) = {
+            let mut st = self.state.lock().await;
+            if let Some(hash) = &hash {
+                let first = st
+                    .idempotency
+                    .get(&(runner_id.to_owned(), hash.clone()))
+                    .cloned();
+                if let Some(first) = first {
+                    drop(st);
+                    return Ok((self.get_run(project, runner_id, &first).await?, true));
+                }
+                st.idempotency
+                    .insert((runner_id.to_owned(), hash.clone()), run.id.clone());
+                st.write(
+                    keys::idempotency(runner_id, hash),
+                    run.id.clone().into_bytes(),
+                    Expect::Absent,
+                );
+            }
+            st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+            st.write_file_contents(&run);
+            st.write(
+                keys::runner_run(&runner.id, &run.id),
+                vec![],
+                Expect::Absent,
+            );
+            tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
+            let id = run.id.clone();
+            st.stage(run);
+            self.schedule(&mut st)?;
+            let out = st
+                .active
+                .get(&id)
+                .map(|r| st.with_queue_position(r.clone()));
+            (out, self.flush(&mut st))
+        };
+        committed(done).await?;
+        self.notify();
+        match out {
+            Some(run) => Ok((run, false)),
+            None => Err(SchedulerError::Protocol(
+                "a new run ended at once".to_owned(),
+            )),
+        }
+    }
+
+    /// One run of `runner` with `input`'s overrides applied, ready to queue.
+    pub(super) fn new_run(
+        &self,
+        runner: &Runner,
+        image: &str,
+        input: RunInput,
+    ) -> Result<Run, SchedulerError> {
+        let itype = self
+            .config
+            .catalog
+            .instance_type(&runner.spec.instance_type)
+            .ok_or_else(|| {
+                ValidationErrors::single(
+                    "instance_type",
+                    "the runner's instance type is no longer in the catalog",
+                )
+            })?;
+        let files = input.decoded_files()?;
+        let stop_grace_seconds = input
+            .stop_grace_seconds
+            .and_then(|g| u32::try_from(g).ok())
+            .or(runner.spec.stop_grace_seconds)
+            .unwrap_or(self.config.stop_grace_seconds);
+        let effective = EffectiveCommand::resolve(&runner.spec, &input);
+        let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
+        for over in input.env_variables.unwrap_or_default() {
+            env.retain(|e| e.env_key != over.env_key);
+            env.push(over);
+        }
+        Ok(Run {
+            id: new_id(),
+            runner_id: runner.id.clone(),
+            project: runner.project.clone(),
+            status: RunStatus::Pending,
+            exit_code: None,
+            command: effective.command,
+            argv: effective.argv,
+            entrypoint: effective.entrypoint,
+            env,
+            image: image.to_owned(),
+            image_digest: None,
+            image_pull: None,
+            region: runner.spec.region.clone(),
+            instance_type: itype.slug.clone(),
+            memory_mib: itype.memory_mib,
+            cpu_millis: itype.cpu_millis,
+            timeout_seconds: runner.spec.timeout_seconds,
+            node_id: None,
+            lease_epoch: 0,
+            created_at: now_unix_millis(),
+            started_at: None,
+            completed_at: None,
+            error_code: None,
+            error_message: None,
+            pending_reason: Some("waiting for placement".to_owned()),
+            stop_requested: false,
+            warm_pin: runner.warm_pin().map(str::to_owned),
+            container_registry_id: runner.spec.container_registry_id.clone(),
+            oom_killed: false,
+            price_nano_usd_per_second: itype.price_nano_usd_per_second(),
+            queue_position: None,
+            files,
+            stop_grace_seconds: Some(stop_grace_seconds),
+        })
+    }
+
+    /// Creates one run per input in a single operation: all are queued, placed in one pass and
+    /// stored in one commit, so they start together. Any invalid input rejects the whole batch
+    /// (its errors name `runs[i].field`).
+    pub async fn create_runs(
+        &self,
+        project: &str,
+        runner_id: &str,
+        inputs: Vec<RunInput>,
+    ) -> Result<Vec<Run>, SchedulerError> {
+        let (runner, _) = self.get_runner(project, runner_id).await?;
+        let checked = berth_core::validate::validate_batch(inputs)?;
+        let image = self.runner_image(&runner.spec).await;
+        let runs = checked
+            .into_iter()
+            .map(|input| self.new_run(&runner, &image, input))
+            .collect::<Result<Vec<Run>, _>>()?;
+        let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+        let (out, done) = {
+            let mut st = self.state.lock().await;
+            for run in runs {
+                st.write(keys::run(&run.id), encode(&run), Expect::Absent);
+                st.write_file_contents(&run);
+                st.write(
+                    keys::runner_run(&runner.id, &run.id),
+                    vec![],
+                    Expect::Absent,
+                );
+                st.stage(run);
+            }
+            tracing::info!(runner_id = %runner.id, runs = ids.len(), "batch of runs created");
+            self.schedule(&mut st)?;
+            let out: Vec<Run> = ids
+                .iter()
+                .filter_map(|id| st.active.get(id).map(|r| st.with_queue_position(r.clone())))
+                .collect();
+            (out, self.flush(&mut st))
+        };
+        committed(done).await?;
+        self.notify();
+        Ok(out)
+    }
+
+    pub(super) async fn load_run(&self, run_id: &str) -> Result<(Run, u64), SchedulerError> {
+        let key = keys::run(run_id);
+        let kv = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            })?;
+        Ok((decode(&key, &kv.value)?, kv.mod_revision))
+    }
+
+    /// The run, checked to belong to `runner_id` and `project`, with its queue position while
+    /// it waits.
+    pub async fn get_run(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+    ) -> Result<Run, SchedulerError> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.runner_id != runner_id || run.project != project {
+            return Err(SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            });
+        }
+        if run.status == RunStatus::Pending {
+            let run = self.state.lock().await.with_queue_position(run);
+            return Ok(self.with_pull_progress(run));
+        }
+        Ok(run)
+    }
+
+    /// Up to `limit` of the runner's runs created after `after` (a run id; ids order by
+    /// creation), oldest first, and the cursor of the next page when there are more. Only the
+    /// index keys are read before the page is chosen, so a page costs its own runs.
+    pub async fn list_runs(
+        &self,
+        project: &str,
+        runner_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
+        self.get_runner(project, runner_id).await?;
+        let index = self
+            .store
+            .list_prefix(&keys::runner_runs_prefix(runner_id))
+            .await?;
+        let ids: Vec<&str> = index
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next())
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        let mut runs = Vec::with_capacity(ids.len().min(limit));
+        let mut next = None;
+        for run_id in ids {
+            if runs.len() == limit {
+                next = runs.last().map(|r: &Run| r.id.clone());
+                break;
+            }
+            match self.get_run(project, runner_id, run_id).await {
+                Ok(run) => runs.push(run),
+                Err(SchedulerError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((runs, next))
+    }
+
+    /// Pending → canceled at once. Running → asks its agent to stop and waits (bounded by
+    /// `stop_wait`) for the exit. A finished run is returned unchanged.
+    pub async fn stop_run(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+    ) -> Result<Run, SchedulerError> {
+        let current = self.get_run(project, runner_id, run_id).await?;
+        if current.status.is_terminal() {
+            return Ok(current);
+        }
+        let mut changes = self.subscribe();
+        let (was_pending, done) = {
+            let mut st = self.state.lock().await;
+            let Some(cached) = st.active.get(run_id) else {
+                drop(st);
+                return self.get_run(project, runner_id, run_id).await;
+            };
+            let mut run = cached.clone();
+            let node = run.node_id.clone();
+            let was_pending = run.status == RunStatus::Pending;
+            if was_pending {
+                run.cancel(None, now_unix_millis())?;
+                tracing::info!(run_id, "pending run canceled");
+            } else {
+                run.stop_requested = true;
+                tracing::info!(run_id, "stop requested");
+            }
+            st.stage(run);
+            if let Some(node) = node {
+                st.send_to(&node, stop(run_id));
+            }
+            if was_pending {
+                self.schedule(&mut st)?;
+            }
+            (was_pending, self.flush(&mut st))
+        };
+        committed(done).await?;
+        self.notify();
+        if was_pending {
+            return self.get_run(project, runner_id, run_id).await;
+        }
+        // A run with a longer grace than the scheduler's default gets that much longer.
+        let extra_grace = current
+            .stop_grace_seconds
+            .unwrap_or(self.config.stop_grace_seconds)
+            .saturating_sub(self.config.stop_grace_seconds);
+        let deadline = tokio::time::Instant::now()
+            + self.config.stop_wait
+            + Duration::from_secs(u64::from(extra_grace));
+        loop {
+            let run = self.get_run(project, runner_id, run_id).await?;
+            if run.status.is_terminal() {
+                return Ok(run);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.get_run(project, runner_id, run_id).await,
+            }
+        }
+    }
+
+    /// Lines after `after_id`, oldest first, at most `limit`; and whether more follow. The run
+    /// must be `runner_id`'s and in `project`.
+    pub async fn list_logs(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.runner_id != runner_id || run.project != project {
+            return Err(SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            });
+        }
+        let start = keys::log(run_id, after_id.saturating_add(1));
+        let end = keys::prefix_end(&keys::logs_prefix(run_id));
+        let mut kvs = self
+            .store
+            .range(&start, &end, limit.saturating_add(1))
+            .await?;
+        let has_more = kvs.len() > limit;
+        kvs.truncate(limit);
+        let logs = kvs
+            .iter()
+            .map(|kv| decode(&kv.key, &kv.value))
+            .collect::<Result<Vec<LogEntry>, _>>()?;
+        Ok((logs, has_more))
+    }
+}

@@ -1,0 +1,252 @@
+//! Nodes: re-registration, liveness and loss, draining.
+
+use super::*;
+
+#[tokio::test]
+async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let started_run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let waiting = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let b = next_assign(&mut node);
+    assert_eq!(b.run_id, waiting.id);
+
+    let mut reg = register("fra-1", "fra", 2048, &["unknown-run"]);
+    reg.boot_id = "boot-2".into();
+    let (link, mut rx) = recorder();
+    s.attach_node(reg, link).await.expect("re-register");
+    match rx.try_recv().ok() {
+        Some(AgentCommand::Registered(r)) => {
+            assert_eq!(r.stale_run_ids, vec!["unknown-run".to_string()])
+        }
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    assert!(matches!(
+        rx.try_recv().ok(),
+        Some(AgentCommand::WarmPins { .. })
+    ));
+    let lost = s
+        .get_run(P, &runner.id, &started_run.id)
+        .await
+        .expect("get");
+    assert_eq!(
+        (lost.status, lost.error_code.as_deref()),
+        (RunStatus::Failed, Some("node_restarted"))
+    );
+    let again = next_assign(&mut rx);
+    assert_eq!(
+        again.run_id, waiting.id,
+        "the unstarted run is placed again"
+    );
+    assert_eq!(again.lease_epoch, b.lease_epoch + 1, "under a new lease");
+    // The old lease's reports are ignored.
+    s.run_exited("fra-1", exited(&b, 0, ExitReason::Exited))
+        .await
+        .expect("stale exit");
+    let w = s.get_run(P, &runner.id, &waiting.id).await.expect("get");
+    assert_eq!(w.status, RunStatus::Pending);
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let mut a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let running = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let assigned = next_assign(&mut a);
+    s.run_started("fra-a", started(&assigned))
+        .await
+        .expect("started");
+    let mut b = attach(&s, register("fra-b", "fra", 1024, &[])).await;
+    let unstarted = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let first_b = next_assign(&mut b);
+    assert_eq!(first_b.run_id, unstarted.id);
+
+    // Not yet: within TTL + grace nothing happens.
+    s.expire_nodes(Instant::now() + Duration::from_secs(2))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.get_run(P, &runner.id, &running.id)
+            .await
+            .expect("get")
+            .status,
+        RunStatus::Running
+    );
+
+    // Both nodes go silent past TTL + grace.
+    s.expire_nodes(Instant::now() + Duration::from_secs(4))
+        .await
+        .expect("expire");
+    let lost = s.get_run(P, &runner.id, &running.id).await.expect("get");
+    assert_eq!(
+        (lost.status, lost.error_code.as_deref()),
+        (RunStatus::Failed, Some("node_lost"))
+    );
+    let nodes = s.list_nodes().await;
+    assert!(
+        nodes.iter().all(|n| n.view.status == NodeStatus::Lost),
+        "both silent in this test"
+    );
+    let moved = s.get_run(P, &runner.id, &unstarted.id).await.expect("get");
+    assert_eq!(
+        (moved.status, moved.node_id),
+        (RunStatus::Pending, None),
+        "re-queued"
+    );
+
+    // fra-a comes back with its old container still running: it is fenced.
+    s.heartbeat(
+        "fra-a",
+        Heartbeat {
+            free_memory_mib: 0,
+            running_run_ids: vec![running.id.clone()],
+            cached_images: vec![],
+        },
+    )
+    .await;
+    match a.try_recv().ok() {
+        Some(AgentCommand::StopRun { run_id }) => assert_eq!(run_id, running.id),
+        other => panic!("expected StopRun for the revoked lease, got {other:?}"),
+    }
+    let late_exit = exited(&assigned, 0, ExitReason::Exited);
+    s.run_exited("fra-a", late_exit).await.expect("late exit");
+    let still = s.get_run(P, &runner.id, &running.id).await.expect("get");
+    assert_eq!(
+        still.status,
+        RunStatus::Failed,
+        "a revoked run never turns succeeded"
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn any_message_from_a_node_keeps_it_alive() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let _node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let t0 = Instant::now();
+    // A log batch or a report arriving counts as much as a heartbeat (the stream reader touches).
+    s.touch("fra-1", t0 + Duration::from_secs(3));
+    s.expire_nodes(t0 + Duration::from_secs(5))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.list_nodes().await[0].view.status,
+        NodeStatus::Ready,
+        "2 s since the last message"
+    );
+    s.expire_nodes(t0 + Duration::from_secs(7))
+        .await
+        .expect("expire");
+    assert_eq!(
+        s.list_nodes().await[0].view.status,
+        NodeStatus::Lost,
+        "4 s since the last message"
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_draining_node_takes_no_new_runs_until_resumed() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let info = s.set_draining("fra-1", true).await.expect("drain");
+    assert_eq!(info.view.status, NodeStatus::Draining);
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        run.pending_reason.as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 draining")
+    );
+    assert_eq!(run.queue_position, Some(1));
+    assert!(node.try_recv().is_err());
+    s.set_draining("fra-1", false).await.expect("resume");
+    assert_eq!(next_assign(&mut node).run_id, run.id, "placed once resumed");
+    assert!(matches!(
+        s.set_draining("nope", true).await,
+        Err(SchedulerError::NotFound { .. })
+    ));
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let (runner_id, run_id) = {
+        let s = Scheduler::open(
+            EmbeddedStore::open(&path).expect("store"),
+            config_fast_expiry(),
+        )
+        .await
+        .expect("open");
+        let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+        s.set_draining("fra-1", true).await.expect("drain");
+        s.set_draining("fra-1", false).await.expect("resume");
+        let (runner, _) = s
+            .create_runner(P, spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(P, &runner.id, RunInput::default())
+            .await
+            .expect("run");
+        let a = next_assign(&mut node);
+        s.run_started("fra-1", started(&a)).await.expect("started");
+        (runner.id, run.id)
+    };
+    let s = Scheduler::open(
+        EmbeddedStore::open(&path).expect("store"),
+        config_fast_expiry(),
+    )
+    .await
+    .expect("reopen");
+    let nodes = s.list_nodes().await;
+    assert_eq!(nodes.len(), 1, "the node is known from the store");
+    assert_eq!(nodes[0].view.status, NodeStatus::Disconnected);
+    s.expire_nodes(Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("expire");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
+    assert_eq!(
+        (run.status, run.error_code.as_deref()),
+        (RunStatus::Failed, Some("node_lost"))
+    );
+    s.assert_index_consistent().await;
+}

@@ -1,0 +1,142 @@
+//! Waiting runs: reasons, queue positions, the starvation guard.
+
+use super::*;
+
+#[tokio::test]
+async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_frees() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    let second = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(second.status, RunStatus::Pending);
+    assert_eq!(second.node_id, None);
+    assert_eq!(
+        second.pending_reason.as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 full")
+    );
+    assert!(node.try_recv().is_err());
+
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 3, ExitReason::Exited))
+        .await
+        .expect("exited");
+    let first = s.get_run(P, &runner.id, &first.id).await.expect("get");
+    assert_eq!(
+        (first.status, first.exit_code),
+        (RunStatus::Failed, Some(3))
+    );
+    let b = next_assign(&mut node);
+    assert_eq!(
+        b.run_id, second.id,
+        "the waiting run takes the freed capacity"
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn queue_positions_count_waiting_runs_per_region() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let (fra, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (ams, _) = s
+        .create_runner(P, spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    let f1 = s
+        .create_run(P, &fra.id, RunInput::default())
+        .await
+        .expect("run");
+    let a1 = s
+        .create_run(P, &ams.id, RunInput::default())
+        .await
+        .expect("run");
+    let f2 = s
+        .create_run(P, &fra.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(f1.queue_position, Some(1));
+    assert_eq!(a1.queue_position, Some(1));
+    assert_eq!(f2.queue_position, Some(2));
+    s.stop_run(P, &fra.id, &f1.id).await.expect("stop");
+    assert_eq!(
+        s.get_run(P, &fra.id, &f2.id)
+            .await
+            .expect("get")
+            .queue_position,
+        Some(1)
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_run_that_waited_too_long_gets_capacity_reserved() {
+    let s = Scheduler::open(
+        MemoryStore::new(),
+        Config {
+            reserve_after: Duration::ZERO,
+            ..config()
+        },
+    )
+    .await
+    .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+    let (small, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (big, _) = s
+        .create_runner(P, spec("fra", "standard-m"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &small.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, first.id);
+    let waiting_big = s
+        .create_run(P, &big.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(
+        waiting_big.pending_reason.as_deref(),
+        Some("no node in fra with 2048 MiB free: 1 full; node fra-1 is reserved for this run")
+    );
+    // Without the reservation this small run would fit in the free 1024 MiB and starve the big one.
+    let small_again = s
+        .create_run(P, &small.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(small_again.node_id, None);
+    assert_eq!(
+        small_again.pending_reason.as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 reserved for an older run")
+    );
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
+        .await
+        .expect("exited");
+    assert_eq!(
+        next_assign(&mut node).run_id,
+        waiting_big.id,
+        "the old big run goes first"
+    );
+    s.assert_index_consistent().await;
+}

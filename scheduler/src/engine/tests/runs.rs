@@ -1,0 +1,472 @@
+//! Runs from creation to their end: statuses, exits, stops, logs, idempotency, files, restarts.
+
+use super::*;
+
+#[tokio::test]
+async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let mut ams = attach(&s, register("ams-1", "ams", 4096, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    assert_eq!(run.node_id.as_deref(), Some("ams-1"));
+    assert!(fra.try_recv().is_err(), "nothing goes to fra");
+    let a = next_assign(&mut ams);
+    let spec = a.spec.clone();
+    assert_eq!(spec.image, "127.0.0.1:5000/busybox:latest");
+    assert_eq!(
+        spec.cmd,
+        Some(vec!["sh".into(), "-c".into(), "echo hi".into()])
+    );
+    assert_eq!(spec.entrypoint, None, "the image's entrypoint stays");
+    assert_eq!(spec.memory_mib, 1024);
+    assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
+
+    s.run_started("ams-1", started(&a)).await.expect("started");
+    let line = |seq, stream, msg: &str| LogLine {
+        seq,
+        stream,
+        msg: msg.into(),
+        ts_unix_nanos: 5,
+    };
+    let batch = LogBatch {
+        run_id: a.run_id.clone(),
+        lines: vec![
+            line(1, LogStream::Stdout, "out"),
+            line(2, LogStream::Stderr, "err"),
+        ],
+    };
+    s.append_logs("ams-1", batch.clone()).await.expect("logs");
+    s.append_logs("ams-1", batch)
+        .await
+        .expect("a re-send is harmless");
+    s.run_exited("ams-1", exited(&a, 0, ExitReason::Exited))
+        .await
+        .expect("exited");
+
+    let run = s.get_run(P, &runner.id, &a.run_id).await.expect("get");
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.exit_code, Some(0));
+    assert_eq!(run.image_digest.as_deref(), Some("sha256:abc"));
+    assert_eq!(run.duration_seconds(), Some(3));
+    let (logs, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 0, 10)
+        .await
+        .expect("logs");
+    assert!(!more);
+    let got: Vec<(u64, &str)> = logs.iter().map(|l| (l.id, l.msg.as_str())).collect();
+    assert_eq!(got, vec![(1, "out"), (2, "err")]);
+    assert_eq!(logs[1].stream, LogStream::Stderr);
+    let (page, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 1, 10)
+        .await
+        .expect("logs");
+    assert_eq!((page.len(), more), (1, false));
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn timeouts_stops_and_start_failures_map_to_statuses() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    for (reason, code, want, err) in [
+        (ExitReason::Timeout, 124, RunStatus::Failed, Some("timeout")),
+        (ExitReason::Stopped, 143, RunStatus::Canceled, None),
+        (
+            ExitReason::StartFailed,
+            -1,
+            RunStatus::Failed,
+            Some("image_pull_failed"),
+        ),
+    ] {
+        let run = s
+            .create_run(P, &runner.id, RunInput::default())
+            .await
+            .expect("run");
+        let a = next_assign(&mut node);
+        if reason != ExitReason::StartFailed {
+            s.run_started("fra-1", started(&a)).await.expect("started");
+        }
+        let mut e = exited(&a, code, reason);
+        if reason == ExitReason::StartFailed {
+            e.error_code = "image_pull_failed".into();
+        }
+        s.run_exited("fra-1", e).await.expect("exited");
+        let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
+        assert_eq!(run.status, want, "{reason:?}");
+        assert_eq!(run.error_code.as_deref(), err, "{reason:?}");
+        if reason == ExitReason::Timeout {
+            assert_eq!(run.exit_code, Some(124));
+        }
+    }
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn an_oom_kill_is_recorded_on_the_run() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let oom = RunExited {
+        oom_killed: true,
+        ..exited(&a, 137, ExitReason::Exited)
+    };
+    s.run_exited("fra-1", oom).await.expect("exited");
+    let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        (run.status, run.exit_code, run.oom_killed),
+        (RunStatus::Failed, Some(137), true)
+    );
+    assert_eq!(run.error_code.as_deref(), Some("oom_killed"));
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut small = attach(&s, register("fra-small", "fra", 2048, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut small);
+    let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
+    let refused = RunExited {
+        error_code: NODE_DRAINING.into(),
+        ..exited(&a, -1, ExitReason::StartFailed)
+    };
+    s.run_exited("fra-small", refused).await.expect("refused");
+    let b = next_assign(&mut big);
+    assert_eq!(
+        (b.run_id.as_str(), b.lease_epoch),
+        (run.id.as_str(), a.lease_epoch + 1)
+    );
+    let nodes = s.list_nodes().await;
+    let small_node = nodes
+        .iter()
+        .find(|n| n.view.id == "fra-small")
+        .expect("node");
+    assert_eq!(
+        small_node.view.status,
+        NodeStatus::Draining,
+        "no more runs go to it"
+    );
+    let got = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        (got.status, got.node_id.as_deref()),
+        (RunStatus::Pending, Some("fra-big"))
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunInput::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    let stopped = s.stop_run(P, &runner.id, &run.id).await.expect("stop");
+    assert_eq!(stopped.status, RunStatus::Canceled);
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    s.run_started("fra-1", started(&a))
+        .await
+        .expect("late start");
+    assert!(
+        matches!(node.try_recv().ok(), Some(AgentCommand::StopRun { .. })),
+        "a late start is fenced"
+    );
+    let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        run.status,
+        RunStatus::Canceled,
+        "a canceled run never runs again"
+    );
+    let again = s
+        .stop_run(P, &runner.id, &run.id)
+        .await
+        .expect("stop twice");
+    assert_eq!(again, run, "a finished run is returned unchanged");
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn runs_survive_a_scheduler_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let (runner_id, run_id, assign) = {
+        let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+            .await
+            .expect("open");
+        let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+        let (runner, _) = s
+            .create_runner(P, spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(P, &runner.id, RunInput::default())
+            .await
+            .expect("run");
+        let a = next_assign(&mut node);
+        s.run_started("fra-1", started(&a)).await.expect("started");
+        (runner.id, run.id, a)
+    };
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("reopen");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
+    assert_eq!(run.status, RunStatus::Running);
+    let _node = attach(&s, register("fra-1", "fra", 2048, &[&run_id])).await;
+    s.run_exited("fra-1", exited(&assign, 0, ExitReason::Exited))
+        .await
+        .expect("exit after restart");
+    let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
+    assert_eq!(run.status, RunStatus::Succeeded);
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_with_one_idempotency_key_create_one_run() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, id) = (s.clone(), runner.id.clone());
+        tasks.push(tokio::spawn(async move {
+            s.create_run_with_key(P, &id, RunInput::default(), Some("retry-me"))
+                .await
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut replays = 0;
+    for t in tasks {
+        let (run, replayed) = t.await.expect("join").expect("create");
+        ids.insert(run.id);
+        replays += usize::from(replayed);
+    }
+    assert_eq!((ids.len(), replays), (1, 7), "one run, seven replays");
+    let (other, replayed) = s
+        .create_run_with_key(P, &runner.id, RunInput::default(), Some("another"))
+        .await
+        .expect("create");
+    assert!(!replayed && !ids.contains(&other.id));
+    let (runner2, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (scoped, replayed) = s
+        .create_run_with_key(P, &runner2.id, RunInput::default(), Some("retry-me"))
+        .await
+        .expect("create");
+    assert!(
+        !replayed && !ids.contains(&scoped.id),
+        "keys are per runner"
+    );
+    assert_eq!(
+        s.list_runs(P, &runner.id, None, usize::MAX)
+            .await
+            .expect("list")
+            .0
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_the_api() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let (plain, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (graceful, _) = s
+        .create_runner(
+            P,
+            RunnerSpec {
+                stop_grace_seconds: Some(30),
+                ..spec("fra", "standard-s")
+            },
+        )
+        .await
+        .expect("runner");
+    let file = |path: &str| berth_core::validate::FileInput {
+        path: Some(path.into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: None,
+    };
+    // The scheduler's flag, the runner's grace, the run's own.
+    let cases = [
+        (&plain, None, 2),
+        (&graceful, None, 30),
+        (&graceful, Some(5), 5),
+    ];
+    for (runner, run_grace, want) in cases {
+        let run = s
+            .create_run(
+                P,
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file("/etc/app.conf")]),
+                    stop_grace_seconds: run_grace,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        assert_eq!(run.stop_grace_seconds, Some(want));
+        let a = next_assign(&mut fra);
+        let sent = a.spec;
+        assert_eq!(sent.stop_grace_seconds, want);
+        let sent_files: Vec<(&str, &[u8], u32)> = sent
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), &*f.content, f.mode))
+            .collect();
+        assert_eq!(sent_files, [("/etc/app.conf", &b"hello"[..], 0o444)]);
+        // The API shows the file by its digest (its gRPC form has no field for content).
+        let shown = s.get_run(P, &runner.id, &run.id).await.expect("get");
+        assert_eq!(shown.files.len(), 1);
+        assert_eq!(shown.files[0].size_bytes, 5);
+        assert_eq!(shown.files[0].sha256, sent.files[0].sha256);
+        assert_eq!(shown.stop_grace_seconds, Some(want));
+    }
+    // Once a run has ended its files' contents leave the store; the digests stay.
+    let run = s
+        .create_run(
+            P,
+            &plain.id,
+            RunInput {
+                files: Some(vec![file("/etc/ends.conf")]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("run");
+    let a = next_assign(&mut fra);
+    let stored = |id: String| {
+        let s = &s;
+        async move { s.store.get(&keys::run_files(&id)).await.expect("get") }
+    };
+    assert!(stored(run.id.clone()).await.is_some(), "kept while active");
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
+        .await
+        .expect("exited");
+    assert!(stored(run.id.clone()).await.is_none(), "gone once ended");
+    let ended = s.get_run(P, &plain.id, &run.id).await.expect("get");
+    assert_eq!(ended.status, RunStatus::Succeeded);
+    assert_eq!(ended.files.len(), 1, "the record still names the file");
+    // The scheduler re-checks what arrives over gRPC.
+    let bad = s
+        .create_run(
+            P,
+            &plain.id,
+            RunInput {
+                files: Some(vec![file("/proc/x")]),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(SchedulerError::Invalid(_))), "{bad:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let file = berth_core::validate::FileInput {
+        path: Some("/etc/app.conf".into()),
+        content_base64: Some("aGVsbG8=".into()),
+        mode: Some(0o600),
+    };
+    let (runner_id, run_id) = {
+        let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+            .await
+            .expect("open");
+        let (runner, _) = s
+            .create_runner(P, spec("fra", "standard-s"))
+            .await
+            .expect("runner");
+        let run = s
+            .create_run(
+                P,
+                &runner.id,
+                RunInput {
+                    files: Some(vec![file]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("run");
+        // The record itself holds no content; it is stored once beside it.
+        let raw = s.store.get(&keys::run(&run.id)).await.expect("get");
+        let raw = String::from_utf8(raw.map(|kv| kv.value).unwrap_or_default()).unwrap_or_default();
+        assert!(
+            raw.contains("/etc/app.conf") && !raw.contains("aGVsbG8"),
+            "{raw}"
+        );
+        (runner.id, run.id)
+    };
+    let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
+        .await
+        .expect("reopen");
+    let mut fra = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let a = next_assign(&mut fra);
+    assert_eq!(a.run_id, run_id);
+    let sent = a.spec;
+    assert_eq!(sent.files.len(), 1);
+    assert_eq!(&*sent.files[0].content, b"hello");
+    assert_eq!(sent.files[0].mode, 0o600);
+    let shown = s.get_run(P, &runner_id, &run_id).await.expect("get");
+    assert_eq!(shown.files[0].size_bytes, 5);
+}
