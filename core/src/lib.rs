@@ -5,6 +5,8 @@
 //! - [`defaults`]: each default that more than one process needs, written once.
 //! - [`model`]: runners, runs, log entries, the catalogue of regions and instance types.
 //! - [`validate`]: pure validation of user input; every error names its field.
+//! - [`convert`]: the one mapping between the domain types and their gRPC forms, including every
+//!   enum the wire carries.
 //! - [`command`]: how a runner's command, argv and entrypoint (and a run's overrides) become the
 //!   process a container starts.
 //! - [`store`]: the state store trait (etcd-shaped: revisions, compare-and-set, range reads), the

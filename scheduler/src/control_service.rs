@@ -9,7 +9,9 @@
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
-use berth_core::convert::{env_from_pb, file_inputs_from_pb, runner_to_pb};
+use berth_core::convert::{
+    env_from_pb, file_inputs_from_pb, node_state_to_pb, run_status_to_pb, runner_to_pb,
+};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
 use berth_core::validate::{RegistryInput, RunInput, ValidationErrors};
@@ -148,15 +150,8 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::Run>, Status> {
         let project = project(&r)?;
         let r = r.into_inner();
-        let input = run_input(pb::RunOverrides {
-            argv_set: r.argv_set,
-            argv: r.argv,
-            command: r.command,
-            entrypoint: r.entrypoint,
-            env_variables: r.env_variables,
-            files: r.files,
-            stop_grace_seconds: r.stop_grace_seconds,
-        });
+        // No overrides message: no overrides, like an empty batch item.
+        let input = run_input(r.overrides.unwrap_or_default());
         let (run, replayed) = self
             .scheduler
             .create_run_with_key(&project, &r.runner_id, input, r.idempotency_key.as_deref())
@@ -477,7 +472,7 @@ fn node_to_pb(n: NodeInfo) -> pb::Node {
         cpus: n.cpus,
         max_concurrent_runs: n.view.max_runs,
         running_run_ids: n.running_run_ids,
-        status: n.view.status.as_str().to_owned(),
+        status: node_state_to_pb(n.view.status).into(),
         last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis())
             .unwrap_or(u64::MAX),
         draining: n.draining,
@@ -517,7 +512,7 @@ async fn watch<S: Store>(
         }
         if run.status.is_terminal() {
             let state = pb::RunState {
-                status: run.status.as_str().to_owned(),
+                status: run_status_to_pb(run.status).into(),
                 exit_code: run.exit_code,
             };
             let _ = tx

@@ -485,5 +485,5 @@ use nodes::{Node, NodeRecord};
 use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
-pub use reports::{NODE_DRAINING, REDACTED, REDACT_MIN_LEN};
+pub use reports::{REDACTED, REDACT_MIN_LEN};
 pub use usage::{UsageGroup, UsageRow};

@@ -2,11 +2,12 @@
 //! shared fixtures here, the tests by concern in the child modules.
 
 use super::*;
-use crate::placement::NodeStatus;
+use crate::placement::NodeState;
 use berth_core::agent::{
     AgentCommand, AgentLink, AssignRun, ExitReason, Heartbeat, LinkClosed, LogBatch, LogLine,
     PullFor, PullProgress, Registration, RunExited, RunStarted, WarmupResult,
 };
+use berth_core::codes::ErrorCode;
 use berth_core::model::{ImagePull, LogStream, WarmupStatus};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, MemoryStore};
@@ -121,7 +122,7 @@ fn exited(a: &AssignRun, code: i32, reason: ExitReason) -> RunExited {
         exit_code: code,
         exited_at_unix_nanos: 3_500_000_000,
         reason,
-        error_code: String::new(),
+        error_code: None,
         error_message: String::new(),
         oom_killed: false,
     }

@@ -44,7 +44,7 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .await
         .expect("get");
     assert_eq!(
-        (lost.status, lost.error_code.as_deref()),
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_restarted"))
     );
     let again = next_assign(&mut rx);
@@ -106,12 +106,12 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("expire");
     let lost = s.get_run(P, &runner.id, &running.id).await.expect("get");
     assert_eq!(
-        (lost.status, lost.error_code.as_deref()),
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_lost"))
     );
     let nodes = s.list_nodes().await;
     assert!(
-        nodes.iter().all(|n| n.view.status == NodeStatus::Lost),
+        nodes.iter().all(|n| n.view.status == NodeState::Lost),
         "both silent in this test"
     );
     let moved = s.get_run(P, &runner.id, &unstarted.id).await.expect("get");
@@ -160,7 +160,7 @@ async fn any_message_from_a_node_keeps_it_alive() {
         .expect("expire");
     assert_eq!(
         s.list_nodes().await[0].view.status,
-        NodeStatus::Ready,
+        NodeState::Ready,
         "2 s since the last message"
     );
     s.expire_nodes(t0 + Duration::from_secs(7))
@@ -168,7 +168,7 @@ async fn any_message_from_a_node_keeps_it_alive() {
         .expect("expire");
     assert_eq!(
         s.list_nodes().await[0].view.status,
-        NodeStatus::Lost,
+        NodeState::Lost,
         "4 s since the last message"
     );
     s.assert_index_consistent().await;
@@ -181,7 +181,7 @@ async fn a_draining_node_takes_no_new_runs_until_resumed() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let info = s.set_draining("fra-1", true).await.expect("drain");
-    assert_eq!(info.view.status, NodeStatus::Draining);
+    assert_eq!(info.view.status, NodeState::Draining);
     let (runner, _) = s
         .create_runner(P, spec("fra", "standard-s"))
         .await
@@ -239,13 +239,13 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
     .expect("reopen");
     let nodes = s.list_nodes().await;
     assert_eq!(nodes.len(), 1, "the node is known from the store");
-    assert_eq!(nodes[0].view.status, NodeStatus::Disconnected);
+    assert_eq!(nodes[0].view.status, NodeState::Disconnected);
     s.expire_nodes(Instant::now() + Duration::from_secs(10))
         .await
         .expect("expire");
     let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(
-        (run.status, run.error_code.as_deref()),
+        (run.status, run.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_lost"))
     );
     s.assert_index_consistent().await;

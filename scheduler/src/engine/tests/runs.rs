@@ -86,6 +86,13 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
     for (reason, code, want, err) in [
         (ExitReason::Timeout, 124, RunStatus::Failed, Some("timeout")),
         (ExitReason::Stopped, 143, RunStatus::Canceled, None),
+        // An agent that gives no reason and no code: a failure to start.
+        (
+            ExitReason::Unspecified,
+            -1,
+            RunStatus::Failed,
+            Some("start_failed"),
+        ),
         (
             ExitReason::StartFailed,
             -1,
@@ -103,12 +110,12 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         }
         let mut e = exited(&a, code, reason);
         if reason == ExitReason::StartFailed {
-            e.error_code = "image_pull_failed".into();
+            e.error_code = Some(ErrorCode::ImagePullFailed);
         }
         s.run_exited("fra-1", e).await.expect("exited");
         let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
         assert_eq!(run.status, want, "{reason:?}");
-        assert_eq!(run.error_code.as_deref(), err, "{reason:?}");
+        assert_eq!(run.error_code.map(ErrorCode::as_str), err, "{reason:?}");
         if reason == ExitReason::Timeout {
             assert_eq!(run.exit_code, Some(124));
         }
@@ -142,7 +149,7 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         (run.status, run.exit_code, run.oom_killed),
         (RunStatus::Failed, Some(137), true)
     );
-    assert_eq!(run.error_code.as_deref(), Some("oom_killed"));
+    assert_eq!(run.error_code.map(ErrorCode::as_str), Some("oom_killed"));
     s.assert_index_consistent().await;
 }
 
@@ -163,7 +170,7 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
     let a = next_assign(&mut small);
     let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
     let refused = RunExited {
-        error_code: NODE_DRAINING.into(),
+        error_code: Some(ErrorCode::NodeDraining),
         ..exited(&a, -1, ExitReason::StartFailed)
     };
     s.run_exited("fra-small", refused).await.expect("refused");
@@ -179,7 +186,7 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         .expect("node");
     assert_eq!(
         small_node.view.status,
-        NodeStatus::Draining,
+        NodeState::Draining,
         "no more runs go to it"
     );
     let got = s.get_run(P, &runner.id, &run.id).await.expect("get");
