@@ -17,9 +17,9 @@ use crate::model::{
     Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, RunFile, Runner, RunnerSpec,
     WarmupStatus,
 };
+use crate::overrides::RunOverrides;
 use crate::status::RunStatus;
-use crate::validate::FileInput;
-use base64::Engine as _;
+use crate::validate::RunInput;
 use berth_proto::v1 as pb;
 
 /// A required enum field held `UNSPECIFIED` or a value this build does not know.
@@ -211,17 +211,39 @@ pub fn files_to_upload_pb(files: &[RunFile]) -> Vec<pb::FileUpload> {
         .collect()
 }
 
-/// Uploaded files back into the input form, so the scheduler re-checks them with the same
-/// validation as the API.
-pub fn file_inputs_from_pb(files: Vec<pb::FileUpload>) -> Vec<FileInput> {
-    files
+/// A run's overrides as the API sends them (a `CreateRunRequest`'s or a batch item): the
+/// files travel as the bytes the API decoded.
+pub fn overrides_to_pb(overrides: RunOverrides) -> pb::RunOverrides {
+    let (input, files) = overrides.into_parts();
+    pb::RunOverrides {
+        argv_set: input.argv.is_some(),
+        argv: input.argv.unwrap_or_default(),
+        command: input.command,
+        entrypoint: input.entrypoint,
+        env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
+        files: files_to_upload_pb(&files),
+        stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
+    }
+}
+
+/// A run's overrides as the scheduler receives them (a `CreateRunRequest`'s, where a missing
+/// message is `pb::RunOverrides::default()`, or a batch item), the files kept as the bytes they
+/// arrive as. Not checked yet: [`RunOverrides::validate`].
+pub fn overrides_from_pb(o: pb::RunOverrides) -> RunOverrides {
+    let input = RunInput {
+        argv: o.argv_set.then_some(o.argv),
+        command: o.command,
+        entrypoint: o.entrypoint,
+        env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
+        files: None,
+        stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
+    };
+    let files = o
+        .files
         .into_iter()
-        .map(|f| FileInput {
-            path: Some(f.path),
-            content_base64: Some(base64::engine::general_purpose::STANDARD.encode(f.content)),
-            mode: Some(i64::from(f.mode)),
-        })
-        .collect()
+        .map(|f| RunFile::new(f.path, f.mode, f.content))
+        .collect();
+    RunOverrides::decoded(input, files)
 }
 
 /// What the control service tells about a run's files: never their content.
@@ -541,5 +563,66 @@ mod tests {
         let wire = pb::Run::from(&running);
         assert_eq!(wire.status(), pb::RunStatus::Running);
         assert_eq!(wire.error_code, 0, "no error is UNSPECIFIED");
+    }
+
+    #[test]
+    fn overrides_survive_the_wire_with_their_files_as_bytes() {
+        use crate::validate::FileInput;
+        let input = RunInput {
+            argv: Some(vec!["a".into()]),
+            env_variables: Some(vec![EnvVar {
+                env_key: "K".into(),
+                env_val: "v".into(),
+                secret: true,
+            }]),
+            files: Some(vec![FileInput {
+                path: Some("/etc/x".into()),
+                content_base64: Some("aGVsbG8=".into()),
+                mode: Some(0o600),
+            }]),
+            stop_grace_seconds: Some(9),
+            ..Default::default()
+        };
+        let wire = overrides_to_pb(RunOverrides::from_input(input).expect("valid"));
+        assert!(wire.argv_set);
+        assert_eq!(wire.files[0].content, b"hello", "bytes, not base64");
+        assert_eq!(wire.stop_grace_seconds, Some(9));
+        let back = overrides_from_pb(wire).validate().expect("still valid");
+        assert_eq!(back.input().argv.as_deref(), Some(&["a".to_owned()][..]));
+        assert_eq!(back.input().stop_grace_seconds, Some(9));
+        assert!(back
+            .input()
+            .env_variables
+            .as_ref()
+            .is_some_and(|e| e[0].secret));
+        assert_eq!(back.files()[0].mode, 0o600);
+        assert_eq!(&*back.files()[0].content, b"hello");
+
+        // No overrides at all: nothing set.
+        let none = overrides_from_pb(pb::RunOverrides::default());
+        assert!(none.input().argv.is_none() && none.input().env_variables.is_none());
+        assert!(none.files().is_empty());
+
+        // What arrives is checked again, the files as bytes, named as the API names them.
+        let bad = pb::RunOverrides {
+            argv_set: true,
+            command: Some("x".into()),
+            files: vec![pb::FileUpload {
+                path: "/proc/x".into(),
+                content: vec![],
+                mode: 0o1777,
+            }],
+            ..Default::default()
+        };
+        let fields: Vec<String> = overrides_from_pb(bad)
+            .validate()
+            .err()
+            .map(|e| e.0.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            fields,
+            ["argv", "argv", "files[0].path", "files[0].mode"],
+            "argv with command, empty argv; then the file"
+        );
     }
 }

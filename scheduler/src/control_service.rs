@@ -9,12 +9,10 @@
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
-use berth_core::convert::{
-    env_from_pb, file_inputs_from_pb, node_state_to_pb, run_status_to_pb, runner_to_pb,
-};
+use berth_core::convert::{node_state_to_pb, overrides_from_pb, run_status_to_pb, runner_to_pb};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
-use berth_core::validate::{RegistryInput, RunInput, ValidationErrors};
+use berth_core::validate::{RegistryInput, ValidationErrors};
 use berth_proto::v1 as pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -151,10 +149,15 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         let project = project(&r)?;
         let r = r.into_inner();
         // No overrides message: no overrides, like an empty batch item.
-        let input = run_input(r.overrides.unwrap_or_default());
+        let overrides = overrides_from_pb(r.overrides.unwrap_or_default());
         let (run, replayed) = self
             .scheduler
-            .create_run_with_key(&project, &r.runner_id, input, r.idempotency_key.as_deref())
+            .create_run_with_key(
+                &project,
+                &r.runner_id,
+                overrides,
+                r.idempotency_key.as_deref(),
+            )
             .await?;
         let mut response = Response::new((&run).into());
         if replayed {
@@ -172,10 +175,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::CreateRunsResponse>, Status> {
         let project = project(&r)?;
         let r = r.into_inner();
-        let inputs = r.runs.into_iter().map(run_input).collect();
+        let items = r.runs.into_iter().map(overrides_from_pb).collect();
         let runs = self
             .scheduler
-            .create_runs(&project, &r.runner_id, inputs)
+            .create_runs(&project, &r.runner_id, items)
             .await?;
         Ok(Response::new(pb::CreateRunsResponse {
             runs: runs.iter().map(Into::into).collect(),
@@ -437,18 +440,6 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             .authenticate_api_key(&r.into_inner().key)
             .await?;
         Ok(Response::new(api_key_to_pb(&key)))
-    }
-}
-
-/// Per-run overrides as the engine takes them.
-fn run_input(o: pb::RunOverrides) -> RunInput {
-    RunInput {
-        argv: o.argv_set.then_some(o.argv),
-        command: o.command,
-        entrypoint: o.entrypoint,
-        env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
-        files: (!o.files.is_empty()).then(|| file_inputs_from_pb(o.files)),
-        stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
     }
 }
 

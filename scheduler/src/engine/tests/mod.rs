@@ -9,9 +9,10 @@ use berth_core::agent::{
 };
 use berth_core::codes::ErrorCode;
 use berth_core::model::{ImagePull, LogStream, WarmupStatus};
+use berth_core::overrides::RunOverrides;
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, MemoryStore};
-use berth_core::validate::{RegistrySpec, RunInput};
+use berth_core::validate::RegistrySpec;
 use berth_core::{EnvVar, RunnerSpec};
 
 mod images;
@@ -126,6 +127,24 @@ fn exited(a: &AssignRun, code: i32, reason: ExitReason) -> RunExited {
         error_message: String::new(),
         oom_killed: false,
     }
+}
+
+/// Overrides as the control service receives them: files of `hello` as bytes, at `path` with
+/// `mode`, and the stop grace.
+fn received(files: &[(&str, u32)], stop_grace_seconds: Option<u32>) -> RunOverrides {
+    use berth_proto::v1 as pb;
+    berth_core::convert::overrides_from_pb(pb::RunOverrides {
+        files: files
+            .iter()
+            .map(|&(path, mode)| pb::FileUpload {
+                path: path.to_owned(),
+                content: b"hello".to_vec(),
+                mode,
+            })
+            .collect(),
+        stop_grace_seconds,
+        ..Default::default()
+    })
 }
 
 fn config_fast_expiry() -> Config {

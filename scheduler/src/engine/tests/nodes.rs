@@ -13,13 +13,13 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .await
         .expect("runner");
     let started_run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     s.run_started("fra-1", started(&a)).await.expect("started");
     let waiting = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let b = next_assign(&mut node);
@@ -73,7 +73,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .await
         .expect("runner");
     let running = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let assigned = next_assign(&mut a);
@@ -82,7 +82,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("started");
     let mut b = attach(&s, register("fra-b", "fra", 1024, &[])).await;
     let unstarted = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let first_b = next_assign(&mut b);
@@ -187,7 +187,7 @@ async fn a_draining_node_takes_no_new_runs_until_resumed() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(
@@ -224,7 +224,7 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
             .await
             .expect("runner");
         let run = s
-            .create_run(P, &runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunOverrides::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
