@@ -10,6 +10,7 @@ use berth_core::agent::{
 };
 use berth_core::codes::ErrorCode;
 use berth_core::model::{LogEntry, WarmupStatus};
+use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::{keys, now_unix_millis, RunStatus};
 use std::sync::Arc;
@@ -192,7 +193,7 @@ impl<S: Store> Scheduler<S> {
             )?,
             ExitReason::Stopped => run.cancel(code, at)?,
             ExitReason::Timeout => {
-                run.exit(124, at)?;
+                run.exit(TIMEOUT_EXIT_CODE, at)?;
                 run.error_code = Some(ErrorCode::Timeout);
                 run.error_message = Some(format!(
                     "the run exceeded its timeout of {} seconds",

@@ -348,7 +348,7 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
         .expect("runner");
     // The scheduler's flag, the runner's grace, the run's own.
     let cases = [
-        (&plain, None, 2),
+        (&plain, None, berth_core::defaults::STOP_GRACE_SECONDS),
         (&graceful, None, 30),
         (&graceful, Some(5), 5),
     ];
