@@ -1,6 +1,10 @@
 //! Generates the gRPC code for every file in `PROTOS`.
 
-const PROTOS: &[&str] = &["berth/v1/agent.proto", "berth/v1/control.proto"];
+const PROTOS: &[&str] = &[
+    "berth/v1/common.proto",
+    "berth/v1/agent.proto",
+    "berth/v1/control.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -8,6 +8,7 @@
 //! details stay at the edge too: message sequence numbers and their acknowledgements are the
 //! stream's business, not the engine's.
 
+use crate::codes::ErrorCode;
 use crate::model::{ImagePull, LogStream, RunFile};
 use std::collections::HashMap;
 
@@ -83,8 +84,9 @@ pub struct RunExited {
     /// When it ended; 0 when the agent did not say (the scheduler's clock is used).
     pub exited_at_unix_nanos: i64,
     pub reason: ExitReason,
-    /// Machine-readable cause of a start failure (e.g. `node_draining`); may be empty.
-    pub error_code: String,
+    /// Machine-readable cause of a failure (e.g. [`ErrorCode::NodeDraining`]); None when the
+    /// agent gave none.
+    pub error_code: Option<ErrorCode>,
     pub error_message: String,
     pub oom_killed: bool,
 }

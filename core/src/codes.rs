@@ -38,6 +38,8 @@ pub enum ErrorCode {
     StartFailed,
     /// The run's node stopped answering after the run started.
     NodeLost,
+    /// The run's node came back under a new agent that no longer knew the run (it had started).
+    NodeRestarted,
     /// The node is shutting down and refused the run (the scheduler re-queues it elsewhere; a
     /// run only keeps this code when it was also asked to stop).
     NodeDraining,
@@ -50,7 +52,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::ImagePullFailed,
         ErrorCode::ContainerCreateFailed,
         ErrorCode::NetworkSetupFailed,
@@ -63,6 +65,7 @@ impl ErrorCode {
         ErrorCode::KillFailed,
         ErrorCode::StartFailed,
         ErrorCode::NodeLost,
+        ErrorCode::NodeRestarted,
         ErrorCode::NodeDraining,
         ErrorCode::Timeout,
         ErrorCode::OomKilled,
@@ -82,6 +85,7 @@ impl ErrorCode {
             ErrorCode::KillFailed => "kill_failed",
             ErrorCode::StartFailed => "start_failed",
             ErrorCode::NodeLost => "node_lost",
+            ErrorCode::NodeRestarted => "node_restarted",
             ErrorCode::NodeDraining => "node_draining",
             ErrorCode::Timeout => "timeout",
             ErrorCode::OomKilled => "oom_killed",

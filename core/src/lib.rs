@@ -5,6 +5,11 @@
 //! - [`defaults`]: each default that more than one process needs, written once.
 //! - [`model`]: runners, runs, log entries, the catalogue of regions and instance types.
 //! - [`validate`]: pure validation of user input; every error names its field.
+//! - [`overrides`]: what a run changes from its runner ([`overrides::RunOverrides`]), its files
+//!   decoded once (from the API's JSON, or as the gRPC message's bytes), and its checks;
+//!   [`files`]: the checks on uploaded files as bytes.
+//! - [`convert`]: the one mapping between the domain types and their gRPC forms, including every
+//!   enum the wire carries.
 //! - [`command`]: how a runner's command, argv and entrypoint (and a run's overrides) become the
 //!   process a container starts.
 //! - [`store`]: the state store trait (etcd-shaped: revisions, compare-and-set, range reads), the
@@ -21,8 +26,10 @@ pub mod codes;
 pub mod command;
 pub mod convert;
 pub mod defaults;
+pub mod files;
 pub mod keys;
 pub mod model;
+pub mod overrides;
 pub mod process;
 pub mod secrets;
 pub mod status;

@@ -1,6 +1,7 @@
 //! The records Berth keeps. They serialise to JSON in the store; the public API has its own
 //! view types so that internal fields (a run's effective environment, lease epochs) never leak.
 
+use crate::codes::ErrorCode;
 use crate::status::{RunStatus, TransitionError};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -71,7 +72,8 @@ pub struct Warmup {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How a runner's last warmup went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WarmupStatus {
     Pending,
@@ -133,7 +135,9 @@ pub struct Run {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
-    pub error_code: Option<String>,
+    /// Why it failed or was stopped, beside its status and exit code (stored as its
+    /// `snake_case` name, as before the enum existed).
+    pub error_code: Option<ErrorCode>,
     pub error_message: Option<String>,
     pub pending_reason: Option<String>,
     pub stop_requested: bool,
@@ -316,9 +320,9 @@ impl Run {
     }
 
     /// Ended with an error that is not a plain exit code (start failure, node lost).
-    pub fn fail(&mut self, code: &str, message: &str, at: i64) -> Result<(), TransitionError> {
+    pub fn fail(&mut self, code: ErrorCode, message: &str, at: i64) -> Result<(), TransitionError> {
         self.set_status(RunStatus::Failed)?;
-        self.error_code = Some(code.to_owned());
+        self.error_code = Some(code);
         self.error_message = Some(message.to_owned());
         self.completed_at = Some(at);
         Ok(())
@@ -349,7 +353,8 @@ impl Run {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Which of a run's output streams a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     Stdout,
@@ -574,6 +579,29 @@ mod tests {
         }
         let back: Result<Run, _> = serde_json::from_value(old);
         assert!(back.is_ok_and(|r| r.files.is_empty() && r.stop_grace_seconds.is_none()));
+    }
+
+    #[test]
+    fn error_codes_are_stored_by_the_names_they_always_had() {
+        // A record stored when `error_code` was a string.
+        let mut old = serde_json::to_value(run()).unwrap_or_default();
+        old["status"] = "failed".into();
+        old["error_code"] = "image_pull_failed".into();
+        let back: Run = serde_json::from_value(old.clone()).expect("an old record reads");
+        assert_eq!(back.error_code, Some(ErrorCode::ImagePullFailed));
+        assert_eq!(
+            serde_json::to_value(&back).unwrap_or_default(),
+            old,
+            "written back the same"
+        );
+        old["error_code"] = serde_json::Value::Null;
+        let back: Run = serde_json::from_value(old).expect("no code reads");
+        assert_eq!(back.error_code, None);
+
+        let mut r = run();
+        assert!(r.fail(ErrorCode::NodeLost, "gone", 5).is_ok());
+        let json = serde_json::to_string(&r).unwrap_or_default();
+        assert!(json.contains(r#""error_code":"node_lost""#), "{json}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::fmt;
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
 /// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Queued, or assigned to a node that has not started it yet.
@@ -162,6 +162,15 @@ mod tests {
         assert_eq!(RunStatus::from_exit_code(0), RunStatus::Succeeded);
         assert_eq!(RunStatus::from_exit_code(3), RunStatus::Failed);
         assert_eq!(RunStatus::from_exit_code(124), RunStatus::Failed);
+    }
+
+    #[test]
+    fn the_openapi_schema_lists_the_json_names() {
+        let schema = <RunStatus as utoipa::PartialSchema>::schema();
+        let json = serde_json::to_string(&schema).unwrap_or_default();
+        for s in RunStatus::ALL {
+            assert!(json.contains(&format!("\"{}\"", s.as_str())), "{json}");
+        }
     }
 
     #[test]

@@ -5,12 +5,16 @@
 //! by [`GrpcLink`]. Sequence numbers and their acks are this stream's business only.
 
 use crate::engine::{Link, Scheduler};
+use crate::error::SchedulerError;
 use berth_core::agent::{
-    AgentCommand, AgentLink, AgentReport, AssignRun, ExitReason, Heartbeat, LinkClosed, LogBatch,
-    LogLine, PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited, RunSpec,
-    RunStarted, Warmup, WarmupResult,
+    AgentCommand, AgentLink, AgentReport, AssignRun, Heartbeat, LinkClosed, LogBatch, LogLine,
+    PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited, RunSpec, RunStarted,
+    Warmup, WarmupResult,
 };
-use berth_core::model::{ImagePull, LogStream};
+use berth_core::convert::{
+    error_code_from_pb, exit_reason_from_pb, log_stream_from_pb, UnknownEnumValue,
+};
+use berth_core::model::ImagePull;
 use berth_core::store::Store;
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_message::Body;
@@ -20,7 +24,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct AgentApi<S> {
@@ -33,12 +36,14 @@ type Outbound = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> 
 /// is sent (after its operation is durable), outside the engine's lock.
 #[derive(Clone)]
 pub struct GrpcLink {
-    tx: mpsc::UnboundedSender<pb::SchedulerMessage>,
+    tx: mpsc::UnboundedSender<Result<pb::SchedulerMessage, Status>>,
 }
 
 impl AgentLink for GrpcLink {
     fn send(&self, command: AgentCommand) -> Result<(), LinkClosed> {
-        self.tx.send(command_to_pb(command)).map_err(|_| LinkClosed)
+        self.tx
+            .send(Ok(command_to_pb(command)))
+            .map_err(|_| LinkClosed)
     }
 }
 
@@ -90,11 +95,19 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         tokio::spawn(async move {
             while let Some(msg) = queued.recv().await {
                 let seq = msg.seq;
-                let handled = match msg.body.and_then(report_from_pb) {
-                    Some(report) => scheduler.report(&node_id, report).await,
-                    None => {
+                let handled = match msg.body.map(report_from_pb).transpose() {
+                    Ok(Some(Some(report))) => scheduler.report(&node_id, report).await,
+                    Ok(_) => {
                         tracing::warn!(node_id = %node_id, "unexpected message on an attached stream");
                         Ok(())
+                    }
+                    Err(e) => {
+                        // A message this scheduler cannot read: the agent hears why, and the
+                        // message stays unacknowledged.
+                        let e = SchedulerError::from(e);
+                        tracing::error!(node_id = %node_id, seq, error = %e, "unreadable agent message");
+                        let _ = tx.send(Err(e.into()));
+                        break;
                     }
                 };
                 if let Err(e) = handled {
@@ -103,9 +116,9 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     break;
                 }
                 if seq > 0 {
-                    let ack = pb::SchedulerMessage {
+                    let ack = Ok(pb::SchedulerMessage {
                         body: Some(Command::Ack(pb::Ack { up_to_seq: seq })),
-                    };
+                    });
                     if tx.send(ack).is_err() {
                         break;
                     }
@@ -113,7 +126,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
             }
             scheduler.detach_node(&node_id, connection).await;
         });
-        let outbound = UnboundedReceiverStream::new(rx).map(Ok);
+        let outbound = UnboundedReceiverStream::new(rx);
         Ok(Response::new(Box::pin(outbound)))
     }
 }
@@ -134,10 +147,11 @@ fn registration_from_pb(r: pb::Register) -> Registration {
     }
 }
 
-/// A report, or `None` for a message that is no report (a second `Register`).
-fn report_from_pb(body: Body) -> Option<AgentReport> {
-    Some(match body {
-        Body::Register(_) => return None,
+/// A report, or `None` for a message that is no report (a second `Register`); an error when a
+/// required field holds no value this scheduler knows.
+fn report_from_pb(body: Body) -> Result<Option<AgentReport>, UnknownEnumValue> {
+    Ok(Some(match body {
+        Body::Register(_) => return Ok(None),
         Body::Heartbeat(h) => AgentReport::Heartbeat(Heartbeat {
             free_memory_mib: h.free_memory_mib,
             running_run_ids: h.running_run_ids,
@@ -155,7 +169,7 @@ fn report_from_pb(body: Body) -> Option<AgentReport> {
             lease_epoch: e.lease_epoch,
             exit_code: e.exit_code,
             exited_at_unix_nanos: e.exited_at_unix_nanos,
-            error_code: e.error_code,
+            error_code: error_code_from_pb(e.error_code),
             error_message: e.error_message,
             oom_killed: e.oom_killed,
         }),
@@ -164,13 +178,15 @@ fn report_from_pb(body: Body) -> Option<AgentReport> {
             lines: b
                 .lines
                 .into_iter()
-                .map(|l| LogLine {
-                    seq: l.seq,
-                    stream: log_stream_from_pb(l.stream),
-                    msg: l.msg,
-                    ts_unix_nanos: l.ts_unix_nanos,
+                .map(|l| {
+                    Ok(LogLine {
+                        seq: l.seq,
+                        stream: log_stream_from_pb(l.stream)?,
+                        msg: l.msg,
+                        ts_unix_nanos: l.ts_unix_nanos,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, UnknownEnumValue>>()?,
         }),
         Body::WarmupResult(w) => AgentReport::WarmupResult(WarmupResult {
             runner_id: w.runner_id,
@@ -202,26 +218,7 @@ fn report_from_pb(body: Body) -> Option<AgentReport> {
             },
             complete: p.complete,
         }),
-    })
-}
-
-/// An unknown reason (a newer agent's) counts as unspecified: a failure.
-fn exit_reason_from_pb(reason: i32) -> ExitReason {
-    match pb::ExitReason::try_from(reason) {
-        Ok(pb::ExitReason::Exited) => ExitReason::Exited,
-        Ok(pb::ExitReason::Timeout) => ExitReason::Timeout,
-        Ok(pb::ExitReason::Stopped) => ExitReason::Stopped,
-        Ok(pb::ExitReason::StartFailed) => ExitReason::StartFailed,
-        Ok(pb::ExitReason::Unspecified) | Err(_) => ExitReason::Unspecified,
-    }
-}
-
-/// Anything but stderr (unspecified included) is stdout.
-fn log_stream_from_pb(stream: i32) -> LogStream {
-    match pb::LogStream::try_from(stream) {
-        Ok(pb::LogStream::Stderr) => LogStream::Stderr,
-        _ => LogStream::Stdout,
-    }
+    }))
 }
 
 // ---- encoding what the scheduler commands ------------------------------------------------
@@ -296,7 +293,9 @@ fn registry_auth_to_pb(auth: RegistryAuth) -> pb::RegistryAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_core::model::RunFile;
+    use berth_core::agent::ExitReason;
+    use berth_core::codes::ErrorCode;
+    use berth_core::model::{LogStream, RunFile};
     use std::collections::HashMap;
 
     #[test]
@@ -308,7 +307,7 @@ mod tests {
             ..Default::default()
         });
         match report_from_pb(warmup_pull) {
-            Some(AgentReport::PullProgress(p)) => {
+            Ok(Some(AgentReport::PullProgress(p))) => {
                 assert_eq!(
                     p.pull_for,
                     PullFor::Warmup {
@@ -325,27 +324,9 @@ mod tests {
             ..Default::default()
         });
         match report_from_pb(started) {
-            Some(AgentReport::RunStarted(s)) => assert_eq!(s.image_digest, None),
+            Ok(Some(AgentReport::RunStarted(s))) => assert_eq!(s.image_digest, None),
             other => panic!("expected a start, got {other:?}"),
         }
-        for (reason, want) in [
-            (pb::ExitReason::Exited as i32, ExitReason::Exited),
-            (pb::ExitReason::Timeout as i32, ExitReason::Timeout),
-            (pb::ExitReason::Stopped as i32, ExitReason::Stopped),
-            (pb::ExitReason::StartFailed as i32, ExitReason::StartFailed),
-            (pb::ExitReason::Unspecified as i32, ExitReason::Unspecified),
-            (99, ExitReason::Unspecified),
-        ] {
-            assert_eq!(exit_reason_from_pb(reason), want, "{reason}");
-        }
-        assert_eq!(
-            log_stream_from_pb(pb::LogStream::Stderr as i32),
-            LogStream::Stderr
-        );
-        assert_eq!(
-            log_stream_from_pb(pb::LogStream::Unspecified as i32),
-            LogStream::Stdout
-        );
         let failed = Body::WarmupResult(pb::WarmupResult {
             ok: false,
             error_message: "404".into(),
@@ -353,15 +334,86 @@ mod tests {
             ..Default::default()
         });
         match report_from_pb(failed) {
-            Some(AgentReport::WarmupResult(w)) => assert_eq!(w.outcome, Err("404".into())),
+            Ok(Some(AgentReport::WarmupResult(w))) => assert_eq!(w.outcome, Err("404".into())),
             other => panic!("expected a warmup result, got {other:?}"),
         }
         let again = Body::Register(pb::Register::default());
         assert_eq!(
             report_from_pb(again),
-            None,
+            Ok(None),
             "a second Register is no report"
         );
+    }
+
+    #[test]
+    fn exits_carry_their_reason_and_code_as_enums() {
+        let exit = |reason: pb::ExitReason, code: pb::ErrorCode| {
+            Body::RunExited(pb::RunExited {
+                run_id: "r".into(),
+                reason: reason.into(),
+                error_code: code.into(),
+                ..Default::default()
+            })
+        };
+        let decoded = |body| match report_from_pb(body) {
+            Ok(Some(AgentReport::RunExited(e))) => (e.reason, e.error_code),
+            other => panic!("expected an exit, got {other:?}"),
+        };
+        assert_eq!(
+            decoded(exit(
+                pb::ExitReason::StartFailed,
+                pb::ErrorCode::NodeDraining
+            )),
+            (ExitReason::StartFailed, Some(ErrorCode::NodeDraining))
+        );
+        assert_eq!(
+            decoded(exit(pb::ExitReason::Exited, pb::ErrorCode::Unspecified)),
+            (ExitReason::Exited, None),
+            "no code"
+        );
+        let newer = Body::RunExited(pb::RunExited {
+            reason: 99,
+            error_code: 99,
+            ..Default::default()
+        });
+        assert_eq!(
+            decoded(newer),
+            (ExitReason::Unspecified, None),
+            "a newer agent's reason and code"
+        );
+    }
+
+    #[test]
+    fn a_log_line_without_a_stream_is_refused() {
+        let line = |stream: i32| pb::LogLine {
+            seq: 1,
+            stream,
+            msg: "m".into(),
+            ts_unix_nanos: 5,
+        };
+        let batch = |lines| {
+            Body::LogBatch(pb::LogBatch {
+                run_id: "r".into(),
+                lines,
+            })
+        };
+        match report_from_pb(batch(vec![line(pb::LogStream::Stderr.into())])) {
+            Ok(Some(AgentReport::Logs(b))) => {
+                assert_eq!(b.lines[0].stream, LogStream::Stderr);
+            }
+            other => panic!("expected logs, got {other:?}"),
+        }
+        let unspecified = batch(vec![
+            line(pb::LogStream::Stdout.into()),
+            line(pb::LogStream::Unspecified.into()),
+        ]);
+        let err = report_from_pb(unspecified).err();
+        assert_eq!(err.map(|e| e.value), Some(0));
+        let status = tonic::Status::from(SchedulerError::from(
+            report_from_pb(batch(vec![line(7)])).expect_err("unknown stream"),
+        ));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("stream"), "{status:?}");
     }
 
     #[test]

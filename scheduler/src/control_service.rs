@@ -9,10 +9,10 @@
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
-use berth_core::convert::{env_from_pb, file_inputs_from_pb, runner_to_pb};
+use berth_core::convert::{node_state_to_pb, overrides_from_pb, run_status_to_pb, runner_to_pb};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
-use berth_core::validate::{RegistryInput, RunInput, ValidationErrors};
+use berth_core::validate::{RegistryInput, ValidationErrors};
 use berth_proto::v1 as pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -148,18 +148,16 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::Run>, Status> {
         let project = project(&r)?;
         let r = r.into_inner();
-        let input = run_input(pb::RunOverrides {
-            argv_set: r.argv_set,
-            argv: r.argv,
-            command: r.command,
-            entrypoint: r.entrypoint,
-            env_variables: r.env_variables,
-            files: r.files,
-            stop_grace_seconds: r.stop_grace_seconds,
-        });
+        // No overrides message: no overrides, like an empty batch item.
+        let overrides = overrides_from_pb(r.overrides.unwrap_or_default());
         let (run, replayed) = self
             .scheduler
-            .create_run_with_key(&project, &r.runner_id, input, r.idempotency_key.as_deref())
+            .create_run_with_key(
+                &project,
+                &r.runner_id,
+                overrides,
+                r.idempotency_key.as_deref(),
+            )
             .await?;
         let mut response = Response::new((&run).into());
         if replayed {
@@ -177,10 +175,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     ) -> Result<Response<pb::CreateRunsResponse>, Status> {
         let project = project(&r)?;
         let r = r.into_inner();
-        let inputs = r.runs.into_iter().map(run_input).collect();
+        let items = r.runs.into_iter().map(overrides_from_pb).collect();
         let runs = self
             .scheduler
-            .create_runs(&project, &r.runner_id, inputs)
+            .create_runs(&project, &r.runner_id, items)
             .await?;
         Ok(Response::new(pb::CreateRunsResponse {
             runs: runs.iter().map(Into::into).collect(),
@@ -445,18 +443,6 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
     }
 }
 
-/// Per-run overrides as the engine takes them.
-fn run_input(o: pb::RunOverrides) -> RunInput {
-    RunInput {
-        argv: o.argv_set.then_some(o.argv),
-        command: o.command,
-        entrypoint: o.entrypoint,
-        env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
-        files: (!o.files.is_empty()).then(|| file_inputs_from_pb(o.files)),
-        stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
-    }
-}
-
 /// The public view of a registry: never the password.
 fn registry_to_pb(r: &ContainerRegistry) -> pb::ContainerRegistry {
     pb::ContainerRegistry {
@@ -477,7 +463,7 @@ fn node_to_pb(n: NodeInfo) -> pb::Node {
         cpus: n.cpus,
         max_concurrent_runs: n.view.max_runs,
         running_run_ids: n.running_run_ids,
-        status: n.view.status.as_str().to_owned(),
+        status: node_state_to_pb(n.view.status).into(),
         last_heartbeat_age_millis: u64::try_from(n.last_heartbeat_age.as_millis())
             .unwrap_or(u64::MAX),
         draining: n.draining,
@@ -517,7 +503,7 @@ async fn watch<S: Store>(
         }
         if run.status.is_terminal() {
             let state = pb::RunState {
-                status: run.status.as_str().to_owned(),
+                status: run_status_to_pb(run.status).into(),
                 exit_code: run.exit_code,
             };
             let _ = tx

@@ -70,7 +70,7 @@ impl Default for Config {
         Config {
             heartbeat_interval: Duration::from_secs(2),
             default_registry: "docker.io".to_owned(),
-            stop_grace_seconds: 2,
+            stop_grace_seconds: berth_core::defaults::STOP_GRACE_SECONDS,
             stop_wait: Duration::from_secs(15),
             fit_policy: FitPolicy::BestFit,
             catalog: Arc::new(Catalog::default()),
@@ -485,5 +485,5 @@ use nodes::{Node, NodeRecord};
 use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
-pub use reports::{NODE_DRAINING, REDACTED, REDACT_MIN_LEN};
+pub use reports::{REDACTED, REDACT_MIN_LEN};
 pub use usage::{UsageGroup, UsageRow};

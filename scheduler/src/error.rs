@@ -35,6 +35,9 @@ pub enum SchedulerError {
     /// An agent broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A message held no known value where one is required (an `UNSPECIFIED` or newer enum).
+    #[error("protocol violation: {0}")]
+    UnknownEnum(#[from] berth_core::convert::UnknownEnumValue),
 }
 
 impl From<StoreError> for SchedulerError {
@@ -58,7 +61,9 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::Transition(_) | SchedulerError::InUse(_) => {
                 tonic::Status::failed_precondition(e.to_string())
             }
-            SchedulerError::Protocol(_) => tonic::Status::invalid_argument(e.to_string()),
+            SchedulerError::Protocol(_) | SchedulerError::UnknownEnum(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
             SchedulerError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
             SchedulerError::Forbidden(_) => tonic::Status::permission_denied(e.to_string()),
             SchedulerError::Corrupt { .. }

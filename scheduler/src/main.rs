@@ -29,7 +29,7 @@ struct Args {
     default_registry: String,
     /// Seconds between SIGTERM and SIGKILL when a run is stopped or times out, unless the run or
     /// its runner sets `stop_grace_seconds`.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = berth_core::defaults::STOP_GRACE_SECONDS)]
     stop_grace_seconds: u32,
     /// How to choose among nodes that fit: `best-fit` (pack) or `spread`.
     #[arg(long, default_value = "best-fit", value_parser = parse_policy)]

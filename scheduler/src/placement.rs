@@ -45,6 +45,8 @@
 
 mod index;
 
+/// A node's state is the fleet's word for it, one enum shared with the wire and the API.
+pub use berth_core::codes::NodeState;
 pub use index::{FleetIndex, UnknownNode};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,7 +58,7 @@ use std::sync::Arc;
 pub struct NodeView {
     pub id: String,
     pub region: String,
-    pub status: NodeStatus,
+    pub status: NodeState,
     pub total_memory_mib: u64,
     /// Memory held by runs leased to this node.
     pub reserved_memory_mib: u64,
@@ -73,27 +75,6 @@ impl NodeView {
     pub fn free_memory_mib(&self) -> u64 {
         self.total_memory_mib
             .saturating_sub(self.reserved_memory_mib)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeStatus {
-    Ready,
-    /// Connected but taking no new runs.
-    Draining,
-    /// Not connected right now (its runs keep their leases until it returns or is lost).
-    Disconnected,
-    Lost,
-}
-
-impl NodeStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeStatus::Ready => "ready",
-            NodeStatus::Draining => "draining",
-            NodeStatus::Disconnected => "disconnected",
-            NodeStatus::Lost => "lost",
-        }
     }
 }
 
@@ -195,10 +176,10 @@ fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
         return Err(Filtered::OtherRegion);
     }
     match node.status {
-        NodeStatus::Ready => {}
-        NodeStatus::Draining => return Err(Filtered::Draining),
-        NodeStatus::Disconnected => return Err(Filtered::NotReady),
-        NodeStatus::Lost => return Err(Filtered::Lost),
+        NodeState::Ready => {}
+        NodeState::Draining => return Err(Filtered::Draining),
+        NodeState::Disconnected => return Err(Filtered::NotReady),
+        NodeState::Lost => return Err(Filtered::Lost),
     }
     if node
         .reserved_for
@@ -266,7 +247,7 @@ mod tests {
         NodeView {
             id: id.into(),
             region: region.into(),
-            status: NodeStatus::Ready,
+            status: NodeState::Ready,
             total_memory_mib: total,
             reserved_memory_mib: reserved,
             max_runs: 8,
@@ -323,7 +304,7 @@ mod tests {
     #[test]
     fn explains_why_nothing_fits() {
         let mut draining = node("d", "fra", 8192, 0);
-        draining.status = NodeStatus::Draining;
+        draining.status = NodeState::Draining;
         let nodes = [
             node("a", "fra", 4096, 4096),
             node("b", "fra", 4096, 3072),
@@ -403,10 +384,10 @@ mod tests {
                         id: String::new(),
                         region: region.to_owned(),
                         status: match status {
-                            0 => NodeStatus::Draining,
-                            1 => NodeStatus::Disconnected,
-                            2 => NodeStatus::Lost,
-                            _ => NodeStatus::Ready,
+                            0 => NodeState::Draining,
+                            1 => NodeState::Disconnected,
+                            2 => NodeState::Lost,
+                            _ => NodeState::Ready,
                         },
                         total_memory_mib: total,
                         reserved_memory_mib: reserved.min(total),
@@ -446,7 +427,7 @@ mod tests {
             match place(&d, &nodes, BF) {
                 Ok(n) => {
                     prop_assert_eq!(&n.region, region);
-                    prop_assert_eq!(n.status, NodeStatus::Ready);
+                    prop_assert_eq!(n.status, NodeState::Ready);
                     prop_assert!(n.free_memory_mib() >= mem);
                     prop_assert!(n.runs < n.max_runs);
                 }

@@ -17,7 +17,7 @@
 use anyhow::Context;
 use berth_core::model::Catalog;
 use berth_scheduler::placement::{
-    self, Demand, FitPolicy, FleetIndex, NodeStatus, NodeView, Unplaceable,
+    self, Demand, FitPolicy, FleetIndex, NodeState, NodeView, Unplaceable,
 };
 use clap::Parser;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -174,7 +174,7 @@ impl Sim {
             index.upsert(NodeView {
                 id: id.clone(),
                 region: REGIONS[i as usize % REGIONS.len()].to_owned(),
-                status: NodeStatus::Ready,
+                status: NodeState::Ready,
                 total_memory_mib: gib * 1024,
                 reserved_memory_mib: 0,
                 max_runs,
@@ -214,7 +214,7 @@ impl Sim {
         self.mirror.as_mut()?.get_mut(node as usize)
     }
 
-    fn set_status(&mut self, node: u32, status: NodeStatus) -> anyhow::Result<()> {
+    fn set_status(&mut self, node: u32, status: NodeState) -> anyhow::Result<()> {
         self.index.set_status(&self.ids[node as usize], status)?;
         if let Some(n) = self.mirror_node(node) {
             n.status = status;
@@ -290,7 +290,7 @@ impl Sim {
     fn churn(&mut self, i: usize) -> anyhow::Result<()> {
         while self.outages.front().is_some_and(|(due, _)| *due <= i) {
             if let Some((_, node)) = self.outages.pop_front() {
-                self.set_status(node, NodeStatus::Ready)?;
+                self.set_status(node, NodeState::Ready)?;
             }
         }
         while self.holds.front().is_some_and(|(due, _)| *due <= i) {
@@ -301,15 +301,15 @@ impl Sim {
         let is_free = |sim: &Sim, node: u32| {
             sim.index
                 .get(&sim.ids[node as usize])
-                .is_some_and(|n| n.status == NodeStatus::Ready && n.reserved_for.is_none())
+                .is_some_and(|n| n.status == NodeState::Ready && n.reserved_for.is_none())
         };
         if i.checked_rem(OUTAGE_EVERY) == Some(0) {
             let node = self.rng.below(self.ids.len()) as u32;
             if is_free(self, node) {
                 let status = if self.rng.below(2) == 0 {
-                    NodeStatus::Draining
+                    NodeState::Draining
                 } else {
-                    NodeStatus::Disconnected
+                    NodeState::Disconnected
                 };
                 self.set_status(node, status)?;
                 self.outages.push_back((i + OUTAGE_RUNS, node));

@@ -5,8 +5,9 @@
 
 use super::{committed, encode, images, stop, Link, Scheduler, State};
 use crate::error::SchedulerError;
-use crate::placement::{NodeStatus, NodeView};
+use crate::placement::{NodeState, NodeView};
 use berth_core::agent::{AgentCommand, Registered, Registration};
+use berth_core::codes::ErrorCode;
 use berth_core::store::{Expect, Store};
 use berth_core::{keys, now_unix_millis, Run, RunStatus};
 use std::collections::{BTreeSet, HashSet};
@@ -54,15 +55,15 @@ impl Node {
         }
     }
 
-    pub(super) fn status(&self) -> NodeStatus {
+    pub(super) fn status(&self) -> NodeState {
         if self.lost {
-            NodeStatus::Lost
+            NodeState::Lost
         } else if !self.connected {
-            NodeStatus::Disconnected
+            NodeState::Disconnected
         } else if self.draining || self.shutting_down {
-            NodeStatus::Draining
+            NodeState::Draining
         } else {
-            NodeStatus::Ready
+            NodeState::Ready
         }
     }
 
@@ -205,7 +206,7 @@ impl<S: Store> Scheduler<S> {
                 tracing::warn!(run_id = %run_id, node_id = %reg.node_id, "re-queued: node does not know the run");
             } else {
                 run.fail(
-                    "node_restarted",
+                    ErrorCode::NodeRestarted,
                     &format!(
                         "the agent on node {} restarted and lost the run",
                         reg.node_id
@@ -291,7 +292,7 @@ impl<S: Store> Scheduler<S> {
                     ))?;
                 } else {
                     run.fail(
-                        "node_lost",
+                        ErrorCode::NodeLost,
                         &format!(
                             "node {node_id} stopped sending heartbeats while the run was running"
                         ),

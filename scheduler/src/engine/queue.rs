@@ -4,7 +4,7 @@
 
 use super::{Scheduler, State};
 use crate::error::SchedulerError;
-use crate::placement::{Demand, FleetIndex, NodeStatus};
+use crate::placement::{Demand, FleetIndex, NodeState};
 use berth_core::agent::{AgentCommand, AssignRun, RunSpec};
 use berth_core::command::EffectiveCommand;
 use berth_core::store::Store;
@@ -134,7 +134,7 @@ pub(super) fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<Str
         .nodes()
         .filter(|v| {
             v.region == demand.region
-                && v.status == NodeStatus::Ready
+                && v.status == NodeState::Ready
                 && v.reserved_for.is_none()
                 && v.total_memory_mib >= demand.memory_mib
                 && v.max_runs > 0

@@ -8,7 +8,9 @@ use crate::error::SchedulerError;
 use berth_core::agent::{
     AgentReport, ExitReason, Heartbeat, LogBatch, RunExited, RunStarted, WarmupResult,
 };
+use berth_core::codes::ErrorCode;
 use berth_core::model::{LogEntry, WarmupStatus};
+use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::{keys, now_unix_millis, RunStatus};
 use std::sync::Arc;
@@ -108,7 +110,7 @@ impl<S: Store> Scheduler<S> {
                 }
                 Err(error) => {
                     w.status = WarmupStatus::Failed;
-                    w.error = Some(format!("image_pull_failed: {error}"));
+                    w.error = Some(format!("{}: {error}", ErrorCode::ImagePullFailed));
                 }
             }
             let put = Txn::new().put(
@@ -165,7 +167,7 @@ impl<S: Store> Scheduler<S> {
         };
         let reason = msg.reason;
         if reason == ExitReason::StartFailed
-            && msg.error_code == NODE_DRAINING
+            && msg.error_code == Some(ErrorCode::NodeDraining)
             && !run.stop_requested
         {
             // The agent is shutting down and refused the run: place it elsewhere.
@@ -184,18 +186,15 @@ impl<S: Store> Scheduler<S> {
         }
         match reason {
             ExitReason::StartFailed if run.stop_requested => run.cancel(None, at)?,
-            ExitReason::StartFailed | ExitReason::Unspecified => {
-                let code_name = if msg.error_code.is_empty() {
-                    "start_failed"
-                } else {
-                    &msg.error_code
-                };
-                run.fail(code_name, &msg.error_message, at)?
-            }
+            ExitReason::StartFailed | ExitReason::Unspecified => run.fail(
+                msg.error_code.unwrap_or(ErrorCode::StartFailed),
+                &msg.error_message,
+                at,
+            )?,
             ExitReason::Stopped => run.cancel(code, at)?,
             ExitReason::Timeout => {
-                run.exit(124, at)?;
-                run.error_code = Some("timeout".to_owned());
+                run.exit(TIMEOUT_EXIT_CODE, at)?;
+                run.error_code = Some(ErrorCode::Timeout);
                 run.error_message = Some(format!(
                     "the run exceeded its timeout of {} seconds",
                     run.timeout_seconds
@@ -205,7 +204,7 @@ impl<S: Store> Scheduler<S> {
         }
         if msg.oom_killed {
             run.oom_killed = true;
-            run.error_code = Some("oom_killed".to_owned());
+            run.error_code = Some(ErrorCode::OomKilled);
             run.error_message = Some(format!(
                 "the run exceeded its memory limit of {} MiB and was killed",
                 run.memory_mib
@@ -285,9 +284,6 @@ impl<S: Store> Scheduler<S> {
         values
     }
 }
-
-/// The error code an agent that is shutting down gives a run it refuses.
-pub const NODE_DRAINING: &str = "node_draining";
 
 /// What a secret value is replaced with in stored log lines.
 pub const REDACTED: &str = "[redacted]";

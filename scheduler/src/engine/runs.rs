@@ -5,8 +5,9 @@ use super::{committed, decode, encode, new_id, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
 use berth_core::model::LogEntry;
+use berth_core::overrides::{check_batch, RunOverrides};
 use berth_core::store::{Expect, Store};
-use berth_core::validate::{RunInput, ValidationErrors};
+use berth_core::validate::ValidationErrors;
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -16,10 +17,10 @@ impl<S: Store> Scheduler<S> {
         &self,
         project: &str,
         runner_id: &str,
-        input: RunInput,
+        overrides: RunOverrides,
     ) -> Result<Run, SchedulerError> {
         Ok(self
-            .create_run_with_key(project, runner_id, input, None)
+            .create_run_with_key(project, runner_id, overrides, None)
             .await?
             .0)
     }
@@ -32,7 +33,7 @@ impl<S: Store> Scheduler<S> {
         &self,
         project: &str,
         runner_id: &str,
-        input: RunInput,
+        overrides: RunOverrides,
         idempotency_key: Option<&str>,
     ) -> Result<(Run, bool), SchedulerError> {
         let (runner, _) = self.get_runner(project, runner_id).await?;
@@ -44,9 +45,9 @@ impl<S: Store> Scheduler<S> {
                 return Ok((self.get_run(project, runner_id, &run_id).await?, true));
             }
         }
-        let input = input.validate()?;
+        let overrides = overrides.validate()?;
         let image = self.runner_image(&runner.spec).await;
-        let run = self.new_run(&runner, &image, input)?;
+        let run = self.new_run(&runner, &image, overrides)?;
         let (out, done) = {
             let mut st = self.state.lock().await;
             if let Some(hash) = &hash {
@@ -93,12 +94,12 @@ impl<S: Store> Scheduler<S> {
         }
     }
 
-    /// One run of `runner` with `input`'s overrides applied, ready to queue.
+    /// One run of `runner` with its (checked) `overrides` applied, ready to queue.
     pub(super) fn new_run(
         &self,
         runner: &Runner,
         image: &str,
-        input: RunInput,
+        overrides: RunOverrides,
     ) -> Result<Run, SchedulerError> {
         let itype = self
             .config
@@ -110,7 +111,7 @@ impl<S: Store> Scheduler<S> {
                     "the runner's instance type is no longer in the catalog",
                 )
             })?;
-        let files = input.decoded_files()?;
+        let (input, files) = overrides.into_parts();
         let stop_grace_seconds = input
             .stop_grace_seconds
             .and_then(|g| u32::try_from(g).ok())
@@ -166,14 +167,14 @@ impl<S: Store> Scheduler<S> {
         &self,
         project: &str,
         runner_id: &str,
-        inputs: Vec<RunInput>,
+        items: Vec<RunOverrides>,
     ) -> Result<Vec<Run>, SchedulerError> {
         let (runner, _) = self.get_runner(project, runner_id).await?;
-        let checked = berth_core::validate::validate_batch(inputs)?;
+        let checked = check_batch(items, RunOverrides::validate)?;
         let image = self.runner_image(&runner.spec).await;
         let runs = checked
             .into_iter()
-            .map(|input| self.new_run(&runner, &image, input))
+            .map(|overrides| self.new_run(&runner, &image, overrides))
             .collect::<Result<Vec<Run>, _>>()?;
         let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
         let (out, done) = {

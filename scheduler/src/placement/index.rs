@@ -2,7 +2,7 @@
 //! set look-ups instead of a pass over every node. See the module doc of [`super`] for why its
 //! answers are exactly those of [`super::place`].
 
-use super::{filter, rank_key, Demand, Filtered, FitPolicy, NodeStatus, NodeView, Unplaceable};
+use super::{filter, rank_key, Demand, Filtered, FitPolicy, NodeState, NodeView, Unplaceable};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
@@ -48,12 +48,12 @@ enum Class {
 
 fn class(node: &NodeView) -> Class {
     match node.status {
-        NodeStatus::Draining => Class::Draining,
-        NodeStatus::Disconnected => Class::NotReady,
-        NodeStatus::Lost => Class::Lost,
-        NodeStatus::Ready if node.reserved_for.is_some() => Class::Reserved,
-        NodeStatus::Ready if node.runs >= node.max_runs => Class::NoSlot,
-        NodeStatus::Ready => Class::Open,
+        NodeState::Draining => Class::Draining,
+        NodeState::Disconnected => Class::NotReady,
+        NodeState::Lost => Class::Lost,
+        NodeState::Ready if node.reserved_for.is_some() => Class::Reserved,
+        NodeState::Ready if node.runs >= node.max_runs => Class::NoSlot,
+        NodeState::Ready => Class::Open,
     }
 }
 
@@ -210,7 +210,7 @@ impl FleetIndex {
         Some(entry.view)
     }
 
-    pub fn set_status(&mut self, id: &str, status: NodeStatus) -> Result<(), UnknownNode> {
+    pub fn set_status(&mut self, id: &str, status: NodeState) -> Result<(), UnknownNode> {
         self.update(id, |n| n.status = status)
     }
 
@@ -313,7 +313,7 @@ impl FleetIndex {
             // under its status, as the scan would).
             let mut reserved_for_other = region.ready_reserved;
             for node in self.reserved_for_run(region, demand) {
-                if node.status == NodeStatus::Ready {
+                if node.status == NodeState::Ready {
                     reserved_for_other = reserved_for_other.saturating_sub(1);
                     if let Err(why) = filter(demand, node) {
                         add(why, 1);

@@ -90,7 +90,7 @@ async fn warmup_pins_the_node_that_pulled_the_image() {
     assert!(warm.warmed_at.is_some());
     assert_eq!(warm.warm_pin(), Some("fra-big"));
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(
@@ -127,7 +127,7 @@ async fn pull_progress_shows_while_pending_and_is_kept_at_the_start() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);

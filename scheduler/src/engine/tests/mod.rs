@@ -2,15 +2,17 @@
 //! shared fixtures here, the tests by concern in the child modules.
 
 use super::*;
-use crate::placement::NodeStatus;
+use crate::placement::NodeState;
 use berth_core::agent::{
     AgentCommand, AgentLink, AssignRun, ExitReason, Heartbeat, LinkClosed, LogBatch, LogLine,
     PullFor, PullProgress, Registration, RunExited, RunStarted, WarmupResult,
 };
+use berth_core::codes::ErrorCode;
 use berth_core::model::{ImagePull, LogStream, WarmupStatus};
+use berth_core::overrides::RunOverrides;
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, MemoryStore};
-use berth_core::validate::{RegistrySpec, RunInput};
+use berth_core::validate::RegistrySpec;
 use berth_core::{EnvVar, RunnerSpec};
 
 mod images;
@@ -121,10 +123,28 @@ fn exited(a: &AssignRun, code: i32, reason: ExitReason) -> RunExited {
         exit_code: code,
         exited_at_unix_nanos: 3_500_000_000,
         reason,
-        error_code: String::new(),
+        error_code: None,
         error_message: String::new(),
         oom_killed: false,
     }
+}
+
+/// Overrides as the control service receives them: files of `hello` as bytes, at `path` with
+/// `mode`, and the stop grace.
+fn received(files: &[(&str, u32)], stop_grace_seconds: Option<u32>) -> RunOverrides {
+    use berth_proto::v1 as pb;
+    berth_core::convert::overrides_from_pb(pb::RunOverrides {
+        files: files
+            .iter()
+            .map(|&(path, mode)| pb::FileUpload {
+                path: path.to_owned(),
+                content: b"hello".to_vec(),
+                mode,
+            })
+            .collect(),
+        stop_grace_seconds,
+        ..Default::default()
+    })
 }
 
 fn config_fast_expiry() -> Config {

@@ -13,13 +13,13 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .await
         .expect("runner");
     let started_run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     s.run_started("fra-1", started(&a)).await.expect("started");
     let waiting = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let b = next_assign(&mut node);
@@ -44,7 +44,7 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         .await
         .expect("get");
     assert_eq!(
-        (lost.status, lost.error_code.as_deref()),
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_restarted"))
     );
     let again = next_assign(&mut rx);
@@ -73,7 +73,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .await
         .expect("runner");
     let running = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let assigned = next_assign(&mut a);
@@ -82,7 +82,7 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("started");
     let mut b = attach(&s, register("fra-b", "fra", 1024, &[])).await;
     let unstarted = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let first_b = next_assign(&mut b);
@@ -106,12 +106,12 @@ async fn a_silent_node_is_lost_its_started_runs_fail_and_unstarted_runs_move() {
         .expect("expire");
     let lost = s.get_run(P, &runner.id, &running.id).await.expect("get");
     assert_eq!(
-        (lost.status, lost.error_code.as_deref()),
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_lost"))
     );
     let nodes = s.list_nodes().await;
     assert!(
-        nodes.iter().all(|n| n.view.status == NodeStatus::Lost),
+        nodes.iter().all(|n| n.view.status == NodeState::Lost),
         "both silent in this test"
     );
     let moved = s.get_run(P, &runner.id, &unstarted.id).await.expect("get");
@@ -160,7 +160,7 @@ async fn any_message_from_a_node_keeps_it_alive() {
         .expect("expire");
     assert_eq!(
         s.list_nodes().await[0].view.status,
-        NodeStatus::Ready,
+        NodeState::Ready,
         "2 s since the last message"
     );
     s.expire_nodes(t0 + Duration::from_secs(7))
@@ -168,7 +168,7 @@ async fn any_message_from_a_node_keeps_it_alive() {
         .expect("expire");
     assert_eq!(
         s.list_nodes().await[0].view.status,
-        NodeStatus::Lost,
+        NodeState::Lost,
         "4 s since the last message"
     );
     s.assert_index_consistent().await;
@@ -181,13 +181,13 @@ async fn a_draining_node_takes_no_new_runs_until_resumed() {
         .expect("open");
     let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let info = s.set_draining("fra-1", true).await.expect("drain");
-    assert_eq!(info.view.status, NodeStatus::Draining);
+    assert_eq!(info.view.status, NodeState::Draining);
     let (runner, _) = s
         .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(
@@ -224,7 +224,7 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
             .await
             .expect("runner");
         let run = s
-            .create_run(P, &runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunOverrides::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -239,13 +239,13 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
     .expect("reopen");
     let nodes = s.list_nodes().await;
     assert_eq!(nodes.len(), 1, "the node is known from the store");
-    assert_eq!(nodes[0].view.status, NodeStatus::Disconnected);
+    assert_eq!(nodes[0].view.status, NodeState::Disconnected);
     s.expire_nodes(Instant::now() + Duration::from_secs(10))
         .await
         .expect("expire");
     let run = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(
-        (run.status, run.error_code.as_deref()),
+        (run.status, run.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_lost"))
     );
     s.assert_index_consistent().await;

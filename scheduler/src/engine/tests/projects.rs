@@ -32,7 +32,7 @@ async fn another_projects_records_are_not_found_and_never_listed() {
         .await
         .expect("runner");
     let (run, _) = s
-        .create_run_with_key("alpha", &runner.id, RunInput::default(), Some("k1"))
+        .create_run_with_key("alpha", &runner.id, RunOverrides::default(), Some("k1"))
         .await
         .expect("run");
     assert_eq!(
@@ -75,14 +75,14 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     assert!(not_found(s.list_logs(b, &runner.id, &run.id, 0, 10).await));
     assert!(not_found(s.warmup_runner(b, &runner.id).await));
     assert!(not_found(
-        s.create_run(b, &runner.id, RunInput::default()).await
+        s.create_run(b, &runner.id, RunOverrides::default()).await
     ));
     assert!(not_found(
-        s.create_run_with_key(b, &runner.id, RunInput::default(), Some("k1"))
+        s.create_run_with_key(b, &runner.id, RunOverrides::default(), Some("k1"))
             .await
     ));
     assert!(not_found(
-        s.create_runs(b, &runner.id, vec![RunInput::default()])
+        s.create_runs(b, &runner.id, vec![RunOverrides::default()])
             .await
     ));
     assert!(not_found(s.get_registry(b, &reg.id).await));
@@ -109,7 +109,7 @@ async fn another_projects_records_are_not_found_and_never_listed() {
         .await
         .expect("beta runner");
     let (beta_run, replayed) = s
-        .create_run_with_key(b, &beta_runner.id, RunInput::default(), Some("k1"))
+        .create_run_with_key(b, &beta_runner.id, RunOverrides::default(), Some("k1"))
         .await
         .expect("beta run");
     assert!(!replayed && beta_run.id != run.id && beta_run.project == b);

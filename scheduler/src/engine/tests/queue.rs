@@ -13,12 +13,12 @@ async fn a_run_that_does_not_fit_waits_with_a_reason_and_starts_when_capacity_fr
         .await
         .expect("runner");
     let first = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     let second = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(second.status, RunStatus::Pending);
@@ -60,15 +60,15 @@ async fn queue_positions_count_waiting_runs_per_region() {
         .await
         .expect("runner");
     let f1 = s
-        .create_run(P, &fra.id, RunInput::default())
+        .create_run(P, &fra.id, RunOverrides::default())
         .await
         .expect("run");
     let a1 = s
-        .create_run(P, &ams.id, RunInput::default())
+        .create_run(P, &ams.id, RunOverrides::default())
         .await
         .expect("run");
     let f2 = s
-        .create_run(P, &fra.id, RunInput::default())
+        .create_run(P, &fra.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(f1.queue_position, Some(1));
@@ -106,13 +106,13 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
         .await
         .expect("runner");
     let first = s
-        .create_run(P, &small.id, RunInput::default())
+        .create_run(P, &small.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
     assert_eq!(a.run_id, first.id);
     let waiting_big = s
-        .create_run(P, &big.id, RunInput::default())
+        .create_run(P, &big.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(
@@ -121,7 +121,7 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     );
     // Without the reservation this small run would fit in the free 1024 MiB and starve the big one.
     let small_again = s
-        .create_run(P, &small.id, RunInput::default())
+        .create_run(P, &small.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(small_again.node_id, None);

@@ -58,7 +58,7 @@ async fn private_registries_seal_passwords_and_hand_credentials_only_to_the_run(
         .expect("reopen");
     let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
     let run = s
-        .create_run(P, &runner_id, RunInput::default())
+        .create_run(P, &runner_id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(

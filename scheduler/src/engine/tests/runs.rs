@@ -14,7 +14,7 @@ async fn a_run_goes_to_its_region_and_ends_succeeded_with_its_logs() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     assert_eq!(run.node_id.as_deref(), Some("ams-1"));
@@ -86,6 +86,13 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
     for (reason, code, want, err) in [
         (ExitReason::Timeout, 124, RunStatus::Failed, Some("timeout")),
         (ExitReason::Stopped, 143, RunStatus::Canceled, None),
+        // An agent that gives no reason and no code: a failure to start.
+        (
+            ExitReason::Unspecified,
+            -1,
+            RunStatus::Failed,
+            Some("start_failed"),
+        ),
         (
             ExitReason::StartFailed,
             -1,
@@ -94,7 +101,7 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         ),
     ] {
         let run = s
-            .create_run(P, &runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunOverrides::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -103,12 +110,12 @@ async fn timeouts_stops_and_start_failures_map_to_statuses() {
         }
         let mut e = exited(&a, code, reason);
         if reason == ExitReason::StartFailed {
-            e.error_code = "image_pull_failed".into();
+            e.error_code = Some(ErrorCode::ImagePullFailed);
         }
         s.run_exited("fra-1", e).await.expect("exited");
         let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
         assert_eq!(run.status, want, "{reason:?}");
-        assert_eq!(run.error_code.as_deref(), err, "{reason:?}");
+        assert_eq!(run.error_code.map(ErrorCode::as_str), err, "{reason:?}");
         if reason == ExitReason::Timeout {
             assert_eq!(run.exit_code, Some(124));
         }
@@ -127,7 +134,7 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
@@ -142,7 +149,7 @@ async fn an_oom_kill_is_recorded_on_the_run() {
         (run.status, run.exit_code, run.oom_killed),
         (RunStatus::Failed, Some(137), true)
     );
-    assert_eq!(run.error_code.as_deref(), Some("oom_killed"));
+    assert_eq!(run.error_code.map(ErrorCode::as_str), Some("oom_killed"));
     s.assert_index_consistent().await;
 }
 
@@ -157,13 +164,13 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut small);
     let mut big = attach(&s, register("fra-big", "fra", 8192, &[])).await;
     let refused = RunExited {
-        error_code: NODE_DRAINING.into(),
+        error_code: Some(ErrorCode::NodeDraining),
         ..exited(&a, -1, ExitReason::StartFailed)
     };
     s.run_exited("fra-small", refused).await.expect("refused");
@@ -179,7 +186,7 @@ async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
         .expect("node");
     assert_eq!(
         small_node.view.status,
-        NodeStatus::Draining,
+        NodeState::Draining,
         "no more runs go to it"
     );
     let got = s.get_run(P, &runner.id, &run.id).await.expect("get");
@@ -201,7 +208,7 @@ async fn stopping_a_pending_run_cancels_it_and_fences_a_late_start() {
         .await
         .expect("runner");
     let run = s
-        .create_run(P, &runner.id, RunInput::default())
+        .create_run(P, &runner.id, RunOverrides::default())
         .await
         .expect("run");
     let a = next_assign(&mut node);
@@ -246,7 +253,7 @@ async fn runs_survive_a_scheduler_restart() {
             .await
             .expect("runner");
         let run = s
-            .create_run(P, &runner.id, RunInput::default())
+            .create_run(P, &runner.id, RunOverrides::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -280,7 +287,7 @@ async fn retries_with_one_idempotency_key_create_one_run() {
     for _ in 0..8 {
         let (s, id) = (s.clone(), runner.id.clone());
         tasks.push(tokio::spawn(async move {
-            s.create_run_with_key(P, &id, RunInput::default(), Some("retry-me"))
+            s.create_run_with_key(P, &id, RunOverrides::default(), Some("retry-me"))
                 .await
         }));
     }
@@ -293,7 +300,7 @@ async fn retries_with_one_idempotency_key_create_one_run() {
     }
     assert_eq!((ids.len(), replays), (1, 7), "one run, seven replays");
     let (other, replayed) = s
-        .create_run_with_key(P, &runner.id, RunInput::default(), Some("another"))
+        .create_run_with_key(P, &runner.id, RunOverrides::default(), Some("another"))
         .await
         .expect("create");
     assert!(!replayed && !ids.contains(&other.id));
@@ -302,7 +309,7 @@ async fn retries_with_one_idempotency_key_create_one_run() {
         .await
         .expect("runner");
     let (scoped, replayed) = s
-        .create_run_with_key(P, &runner2.id, RunInput::default(), Some("retry-me"))
+        .create_run_with_key(P, &runner2.id, RunOverrides::default(), Some("retry-me"))
         .await
         .expect("create");
     assert!(
@@ -339,14 +346,9 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
         )
         .await
         .expect("runner");
-    let file = |path: &str| berth_core::validate::FileInput {
-        path: Some(path.into()),
-        content_base64: Some("aGVsbG8=".into()),
-        mode: None,
-    };
     // The scheduler's flag, the runner's grace, the run's own.
     let cases = [
-        (&plain, None, 2),
+        (&plain, None, berth_core::defaults::STOP_GRACE_SECONDS),
         (&graceful, None, 30),
         (&graceful, Some(5), 5),
     ];
@@ -355,11 +357,7 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
             .create_run(
                 P,
                 &runner.id,
-                RunInput {
-                    files: Some(vec![file("/etc/app.conf")]),
-                    stop_grace_seconds: run_grace,
-                    ..Default::default()
-                },
+                received(&[("/etc/app.conf", 0o444)], run_grace),
             )
             .await
             .expect("run");
@@ -382,14 +380,7 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
     }
     // Once a run has ended its files' contents leave the store; the digests stay.
     let run = s
-        .create_run(
-            P,
-            &plain.id,
-            RunInput {
-                files: Some(vec![file("/etc/ends.conf")]),
-                ..Default::default()
-            },
-        )
+        .create_run(P, &plain.id, received(&[("/etc/ends.conf", 0o444)], None))
         .await
         .expect("run");
     let a = next_assign(&mut fra);
@@ -406,29 +397,36 @@ async fn files_and_the_stop_grace_reach_the_node_and_only_their_digest_reaches_t
     let ended = s.get_run(P, &plain.id, &run.id).await.expect("get");
     assert_eq!(ended.status, RunStatus::Succeeded);
     assert_eq!(ended.files.len(), 1, "the record still names the file");
-    // The scheduler re-checks what arrives over gRPC.
+    // The scheduler re-checks what arrives over gRPC, the files as the bytes they are.
     let bad = s
-        .create_run(
+        .create_run(P, &plain.id, received(&[("/proc/x", 0o444)], None))
+        .await;
+    let fields: Vec<String> = match bad {
+        Err(SchedulerError::Invalid(e)) => e.0.into_iter().map(|f| f.field).collect(),
+        other => panic!("expected invalid files, got {other:?}"),
+    };
+    assert_eq!(fields, ["files[0].path"]);
+    let bad = s
+        .create_runs(
             P,
             &plain.id,
-            RunInput {
-                files: Some(vec![file("/proc/x")]),
-                ..Default::default()
-            },
+            vec![
+                RunOverrides::default(),
+                received(&[("/etc/x", 0o1000)], None),
+            ],
         )
         .await;
-    assert!(matches!(bad, Err(SchedulerError::Invalid(_))), "{bad:?}");
+    let fields: Vec<String> = match bad {
+        Err(SchedulerError::Invalid(e)) => e.0.into_iter().map(|f| f.field).collect(),
+        other => panic!("expected invalid files, got {other:?}"),
+    };
+    assert_eq!(fields, ["runs[1].files[0].mode"]);
 }
 
 #[tokio::test]
 async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("state.redb");
-    let file = berth_core::validate::FileInput {
-        path: Some("/etc/app.conf".into()),
-        content_base64: Some("aGVsbG8=".into()),
-        mode: Some(0o600),
-    };
     let (runner_id, run_id) = {
         let s = Scheduler::open(EmbeddedStore::open(&path).expect("store"), config())
             .await
@@ -438,14 +436,7 @@ async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
             .await
             .expect("runner");
         let run = s
-            .create_run(
-                P,
-                &runner.id,
-                RunInput {
-                    files: Some(vec![file]),
-                    ..Default::default()
-                },
-            )
+            .create_run(P, &runner.id, received(&[("/etc/app.conf", 0o600)], None))
             .await
             .expect("run");
         // The record itself holds no content; it is stored once beside it.

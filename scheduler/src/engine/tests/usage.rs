@@ -19,7 +19,7 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
         .expect("runner");
     // standard-s: 4,000 nano-USD/s for 2.5 s → 3 s; standard-m: 8,000 for 2.5 s → 3 s.
     for runner in [&small, &medium] {
-        s.create_run(P, &runner.id, RunInput::default())
+        s.create_run(P, &runner.id, RunOverrides::default())
             .await
             .expect("run");
         let a = next_assign(&mut node);
@@ -31,7 +31,7 @@ async fn usage_bills_started_runs_by_the_second_grouped() {
     // A run canceled while pending is never billed.
     s.set_draining("fra-1", true).await.expect("drain");
     let never = s
-        .create_run(P, &small.id, RunInput::default())
+        .create_run(P, &small.id, RunOverrides::default())
         .await
         .expect("run");
     s.stop_run(P, &small.id, &never.id).await.expect("stop");

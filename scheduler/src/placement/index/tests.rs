@@ -6,7 +6,7 @@ fn node(id: &str, region: &str, total: u64, reserved: u64) -> NodeView {
     NodeView {
         id: id.into(),
         region: region.into(),
-        status: NodeStatus::Ready,
+        status: NodeState::Ready,
         total_memory_mib: total,
         reserved_memory_mib: reserved,
         max_runs: 8,
@@ -141,7 +141,7 @@ fn assert_consistent(index: &FleetIndex) {
 #[test]
 fn answers_like_the_scan_on_the_reference_examples() {
     let mut draining = node("d", "fra", 8192, 0);
-    draining.status = NodeStatus::Draining;
+    draining.status = NodeState::Draining;
     let index: FleetIndex = [
         node("a", "fra", 4096, 4096),
         node("b", "fra", 4096, 3072),
@@ -184,7 +184,7 @@ fn follows_changes() {
         Ok("big"),
         "image wins"
     );
-    assert_eq!(index.set_status("big", NodeStatus::Draining), Ok(()));
+    assert_eq!(index.set_status("big", NodeState::Draining), Ok(()));
     assert_eq!(index.place(&d, BF).map(|n| n.id.as_str()), Ok("small"));
     assert_eq!(index.set_reserved_for("small", Some("old".into())), Ok(()));
     let err = index.place(&d, BF).err().map(|e| e.to_string());
@@ -254,12 +254,12 @@ fn arb_memory() -> impl Strategy<Value = u64> {
     prop_oneof![3 => (0u64..12).prop_map(|x| x * 1024), 1 => 0u64..12288]
 }
 
-fn arb_status() -> impl Strategy<Value = NodeStatus> {
+fn arb_status() -> impl Strategy<Value = NodeState> {
     prop_oneof![
-        4 => Just(NodeStatus::Ready),
-        1 => Just(NodeStatus::Draining),
-        1 => Just(NodeStatus::Disconnected),
-        1 => Just(NodeStatus::Lost),
+        4 => Just(NodeState::Ready),
+        1 => Just(NodeState::Draining),
+        1 => Just(NodeState::Disconnected),
+        1 => Just(NodeState::Lost),
     ]
 }
 
@@ -345,7 +345,7 @@ enum Op {
     Place(DemandSpec),
     /// The `n`th leased run (modulo their number) ends.
     Finish(usize),
-    SetStatus(usize, NodeStatus),
+    SetStatus(usize, NodeState),
     ReserveFor(usize, Option<&'static str>),
     Cache(usize, Vec<&'static str>),
     Remove(usize),
@@ -394,7 +394,7 @@ proptest! {
                     if let Ok(id) = got {
                         let n = index.get(&id).expect("placed on a known node");
                         prop_assert_eq!(&n.region, &d.region);
-                        prop_assert_eq!(n.status, NodeStatus::Ready);
+                        prop_assert_eq!(n.status, NodeState::Ready);
                         prop_assert!(n.free_memory_mib() >= d.memory_mib);
                         prop_assert!(n.runs < n.max_runs);
                         let pin = d.warm_pin.as_deref().and_then(|p| index.get(p));
