@@ -120,6 +120,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The scheduler answered with an enum value this API does not know (a newer scheduler).
+impl From<berth_core::convert::UnknownEnumValue> for ApiError {
+    fn from(e: berth_core::convert::UnknownEnumValue) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
 impl From<tonic::Status> for ApiError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;

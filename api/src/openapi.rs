@@ -263,20 +263,30 @@ mod tests {
         let doc = document();
         let schemas = &doc["components"]["schemas"];
         let run = pb::Run {
+            status: pb::RunStatus::Failed.into(),
             exit_code: Some(1),
             started_at_unix_millis: Some(1),
             completed_at_unix_millis: Some(2),
             ..Default::default()
         };
         let cases = [
-            ("RunView", serde_json::to_value(crate::views::run(&run))),
+            (
+                "RunView",
+                serde_json::to_value(crate::views::run(&run).expect("a known status")),
+            ),
             (
                 "RunnerView",
                 serde_json::to_value(crate::views::runner(&pb::Runner::default())),
             ),
             (
                 "NodeView",
-                serde_json::to_value(crate::views::node(&pb::Node::default())),
+                serde_json::to_value(
+                    crate::views::node(&pb::Node {
+                        status: pb::NodeState::Ready.into(),
+                        ..Default::default()
+                    })
+                    .expect("a known state"),
+                ),
             ),
         ];
         for (name, value) in cases {

@@ -4,6 +4,13 @@
 //! same types the responses are serialised from. Every key is always present: an `Option` is
 //! `null`, never missing (hence `required = true` on them).
 
+use berth_core::codes::{ErrorCode, NodeState};
+use berth_core::convert::{
+    error_code_from_pb, log_stream_from_pb, node_state_from_pb, run_status_from_pb,
+    warmup_status_from_pb, UnknownEnumValue,
+};
+use berth_core::model::{LogStream, WarmupStatus};
+use berth_core::RunStatus;
 use berth_proto::v1 as pb;
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
@@ -82,9 +89,9 @@ pub struct RunnerView {
     pub stop_grace_seconds: Option<u32>,
     #[schema(required = true, format = DateTime)]
     pub warmed_at: Option<String>,
-    /// `pending`, `ready` or `failed`; `null` before the first warmup.
+    /// `null` before the first warmup.
     #[schema(required = true)]
-    pub warmup_status: Option<String>,
+    pub warmup_status: Option<WarmupStatus>,
     #[schema(required = true)]
     pub warm_node_id: Option<String>,
     #[schema(required = true)]
@@ -115,7 +122,7 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         container_registry_id: s.container_registry_id,
         stop_grace_seconds: s.stop_grace_seconds,
         warmed_at: opt_millis(r.warmed_at_unix_millis),
-        warmup_status: r.warmup_status.clone(),
+        warmup_status: warmup_status_from_pb(r.warmup_status),
         warm_node_id: r.warm_node_id.clone(),
         warmup_error: r.warmup_error.clone(),
         warmup_image_pull: r.warmup_image_pull.as_ref().map(image_pull),
@@ -128,8 +135,7 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
 pub struct RunView {
     pub id: String,
     pub runner_id: String,
-    /// `pending`, `running`, `succeeded`, `failed` or `canceled`.
-    pub status: String,
+    pub status: RunStatus,
     #[schema(required = true)]
     pub exit_code: Option<i32>,
     /// The shell-form command the run executes (`sh -c`), if it has one.
@@ -158,7 +164,7 @@ pub struct RunView {
     #[schema(required = true)]
     pub duration_seconds: Option<u64>,
     #[schema(required = true)]
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     #[schema(required = true)]
     pub error_message: Option<String>,
     /// Why a pending run waits.
@@ -227,7 +233,8 @@ fn image_pull(p: &pb::ImagePull) -> ImagePullView {
     }
 }
 
-pub fn run(r: &pb::Run) -> RunView {
+/// Fails only when the scheduler sends a status this API does not know (a newer scheduler).
+pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
     let duration = match (r.started_at_unix_millis, r.completed_at_unix_millis) {
         (Some(s), Some(e)) => Some(
             u64::try_from(e.saturating_sub(s))
@@ -236,10 +243,10 @@ pub fn run(r: &pb::Run) -> RunView {
         ),
         _ => None,
     };
-    RunView {
+    Ok(RunView {
         id: r.id.clone(),
         runner_id: r.runner_id.clone(),
-        status: r.status.clone(),
+        status: run_status_from_pb(r.status)?,
         exit_code: r.exit_code,
         command: r.command.clone(),
         argv: argv(&r.argv),
@@ -254,7 +261,7 @@ pub fn run(r: &pb::Run) -> RunView {
         started_at: opt_millis(r.started_at_unix_millis),
         completed_at: opt_millis(r.completed_at_unix_millis),
         duration_seconds: duration,
-        error_code: r.error_code.clone(),
+        error_code: error_code_from_pb(r.error_code),
         error_message: r.error_message.clone(),
         pending_reason: r.pending_reason.clone(),
         queue_position: r.queue_position,
@@ -267,7 +274,7 @@ pub fn run(r: &pb::Run) -> RunView {
         image_pull: r.image_pull.as_ref().map(image_pull),
         stop_grace_seconds: r.stop_grace_seconds,
         files: files(&r.files),
-    }
+    })
 }
 
 /// A registry as the API shows it: the password is never returned.
@@ -295,28 +302,26 @@ pub fn registry(r: &pb::ContainerRegistry) -> RegistryView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LogView {
     pub id: u64,
-    /// `stdout` or `stderr`.
-    pub stream: String,
+    pub stream: LogStream,
     pub msg: String,
     #[schema(required = true, format = DateTime)]
     pub ts: Option<String>,
 }
 
-pub fn log(l: &pb::LogEntry) -> LogView {
-    LogView {
+pub fn log(l: &pb::LogEntry) -> Result<LogView, UnknownEnumValue> {
+    Ok(LogView {
         id: l.id,
-        stream: l.stream.clone(),
+        stream: log_stream_from_pb(l.stream)?,
         msg: l.msg.clone(),
         ts: timestamp_nanos(i128::from(l.ts_unix_nanos)),
-    }
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
     pub id: String,
     pub region: String,
-    /// `ready`, `draining`, `disconnected` or `lost`.
-    pub status: String,
+    pub status: NodeState,
     pub draining: bool,
     pub total_memory_mib: u64,
     pub free_memory_mib: u64,
@@ -328,11 +333,11 @@ pub struct NodeView {
     pub last_heartbeat_age_seconds: f64,
 }
 
-pub fn node(n: &pb::Node) -> NodeView {
-    NodeView {
+pub fn node(n: &pb::Node) -> Result<NodeView, UnknownEnumValue> {
+    Ok(NodeView {
         id: n.id.clone(),
         region: n.region.clone(),
-        status: n.status.clone(),
+        status: node_state_from_pb(n.status)?,
         draining: n.draining,
         total_memory_mib: n.total_memory_mib,
         free_memory_mib: n.free_memory_mib,
@@ -341,13 +346,13 @@ pub fn node(n: &pb::Node) -> NodeView {
         running_runs: n.running_run_ids.clone(),
         cached_images: n.cached_images.clone(),
         last_heartbeat_age_seconds: n.last_heartbeat_age_millis as f64 / 1000.0,
-    }
+    })
 }
 
 /// The log stream's last event: the run has ended.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RunStateView {
-    pub status: String,
+    pub status: RunStatus,
     #[schema(required = true)]
     pub exit_code: Option<i32>,
 }

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
+use berth_core::convert::run_status_from_pb;
 use berth_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -74,7 +75,7 @@ pub async fn list_logs(
         .into_inner();
     let next_after_id = page.logs.last().map_or(after_id, |l| l.id);
     Ok(Json(LogsPage {
-        logs: page.logs.iter().map(views::log).collect(),
+        logs: page.logs.iter().map(views::log).collect::<Result<_, _>>()?,
         has_more: page.has_more,
         next_after_id,
     }))
@@ -129,29 +130,40 @@ pub async fn stream_logs(
         .into_inner();
     let stream = events.map(|item| {
         let event = match item.map(|e| e.event) {
-            Ok(Some(pb::watch_logs_event::Event::Log(l))) => Event::default()
-                .event("log")
-                .id(l.id.to_string())
-                .data(serde_json::to_string(&views::log(&l)).unwrap_or_default()),
+            Ok(Some(pb::watch_logs_event::Event::Log(l))) => match views::log(&l) {
+                Ok(view) => Event::default()
+                    .event("log")
+                    .id(l.id.to_string())
+                    .data(serde_json::to_string(&view).unwrap_or_default()),
+                Err(e) => stream_error(e.to_string()),
+            },
             Ok(Some(pb::watch_logs_event::Event::State(st))) => {
-                Event::default().event("state").data(
-                    serde_json::to_string(&views::RunStateView {
-                        status: st.status,
-                        exit_code: st.exit_code,
-                    })
-                    .unwrap_or_default(),
-                )
+                match run_status_from_pb(st.status) {
+                    Ok(status) => Event::default().event("state").data(
+                        serde_json::to_string(&views::RunStateView {
+                            status,
+                            exit_code: st.exit_code,
+                        })
+                        .unwrap_or_default(),
+                    ),
+                    Err(e) => stream_error(e.to_string()),
+                }
             }
             Ok(None) => Event::default().comment("empty"),
-            Err(status) => Event::default().event("error").data(
-                serde_json::to_string(&views::StreamErrorView {
-                    code: "stream_failed".to_owned(),
-                    message: status.message().to_owned(),
-                })
-                .unwrap_or_default(),
-            ),
+            Err(status) => stream_error(status.message().to_owned()),
         };
         Ok(event)
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The stream's `error` event: the client may resume with `Last-Event-ID`.
+fn stream_error(message: String) -> Event {
+    Event::default().event("error").data(
+        serde_json::to_string(&views::StreamErrorView {
+            code: "stream_failed".to_owned(),
+            message,
+        })
+        .unwrap_or_default(),
+    )
 }

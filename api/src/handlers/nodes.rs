@@ -40,7 +40,11 @@ pub async fn list_nodes(State(s): State<AppState>) -> ApiResult<Json<NodesRespon
         .await?
         .into_inner();
     Ok(Json(NodesResponse {
-        nodes: list.nodes.iter().map(views::node).collect(),
+        nodes: list
+            .nodes
+            .iter()
+            .map(views::node)
+            .collect::<Result<_, _>>()?,
     }))
 }
 
@@ -69,7 +73,7 @@ pub async fn drain_node(
         .await?
         .into_inner();
     Ok(Json(NodeResponse {
-        node: views::node(&node),
+        node: views::node(&node)?,
     }))
 }
 
@@ -98,6 +102,6 @@ pub async fn resume_node(
         .await?
         .into_inner();
     Ok(Json(NodeResponse {
-        node: views::node(&node),
+        node: views::node(&node)?,
     }))
 }

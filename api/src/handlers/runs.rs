@@ -9,7 +9,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
-use berth_core::convert::{env_to_pb, files_to_upload_pb};
+use berth_core::convert::overrides_to_pb;
+use berth_core::overrides::{check_batch, RunOverrides};
 use berth_core::validate::RunInput;
 use berth_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -34,20 +35,6 @@ pub struct RunsPage {
     /// Pass as `after` for the next page; `null` on the last one.
     #[schema(required = true)]
     pub next_after: Option<String>,
-}
-
-/// A run's checked overrides in their gRPC form (uploaded files decoded).
-fn overrides(input: RunInput) -> ApiResult<pb::RunOverrides> {
-    let files = files_to_upload_pb(&input.decoded_files()?);
-    Ok(pb::RunOverrides {
-        argv_set: input.argv.is_some(),
-        argv: input.argv.unwrap_or_default(),
-        command: input.command,
-        entrypoint: input.entrypoint,
-        env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
-        files,
-        stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
-    })
 }
 
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
@@ -100,24 +87,17 @@ pub async fn create_run(
 ) -> ApiResult<impl IntoResponse> {
     check_id("runner_id", &runner_id)?;
     let idempotency_key = idempotency_key(&headers)?;
-    let input = input.validate()?;
-    let o = overrides(input)?;
+    let overrides = overrides_to_pb(RunOverrides::from_input(input)?);
     let req = pb::CreateRunRequest {
         runner_id,
-        argv_set: o.argv_set,
-        argv: o.argv,
-        command: o.command,
-        entrypoint: o.entrypoint,
-        env_variables: o.env_variables,
+        overrides: Some(overrides),
         idempotency_key,
-        files: o.files,
-        stop_grace_seconds: o.stop_grace_seconds,
     };
     let response = s.control().create_run(req).await?;
     let replayed = response.metadata().get("idempotent-replayed").is_some();
     let run = response.into_inner();
     let body = Json(RunResponse {
-        run: views::run(&run),
+        run: views::run(&run)?,
     });
     Ok(if replayed {
         (StatusCode::OK, [("idempotent-replayed", "true")], body).into_response()
@@ -169,16 +149,20 @@ pub async fn create_runs(
         )
         .into());
     }
-    let runs = berth_core::validate::validate_batch(items)?
+    let runs = check_batch(items, RunOverrides::from_input)?
         .into_iter()
-        .map(overrides)
-        .collect::<ApiResult<_>>()?;
+        .map(overrides_to_pb)
+        .collect();
     let created = s
         .control()
         .create_runs(pb::CreateRunsRequest { runner_id, runs })
         .await?
         .into_inner();
-    let runs = created.runs.iter().map(views::run).collect();
+    let runs = created
+        .runs
+        .iter()
+        .map(views::run)
+        .collect::<Result<_, _>>()?;
     Ok((StatusCode::CREATED, Json(RunsResponse { runs })))
 }
 
@@ -224,7 +208,7 @@ pub async fn list_runs(
         .await?
         .into_inner();
     Ok(Json(RunsPage {
-        runs: list.runs.iter().map(views::run).collect(),
+        runs: list.runs.iter().map(views::run).collect::<Result<_, _>>()?,
         next_after: (!list.next_after_id.is_empty()).then_some(list.next_after_id),
     }))
 }
@@ -267,7 +251,7 @@ pub async fn get_run(
         .await?
         .into_inner();
     Ok(Json(RunResponse {
-        run: views::run(&run),
+        run: views::run(&run)?,
     }))
 }
 
@@ -296,7 +280,7 @@ pub async fn stop_run(
         .await?
         .into_inner();
     Ok(Json(RunResponse {
-        run: views::run(&run),
+        run: views::run(&run)?,
     }))
 }
 

@@ -9,7 +9,7 @@
 //!   check reports into;
 //! - [`limits`]: every documented limit, one constant each (the OpenAPI document states them);
 //! - `runner`: [`RunnerInput`] (create and patch) and [`validate_spec`];
-//! - `run`: [`RunInput`] (a run's overrides) and [`validate_batch`];
+//! - `run`: [`RunInput`] (a run's overrides; batches: [`crate::overrides::check_batch`]);
 //! - `files`: [`FileInput`], the files a run uploads, and [`file_path_problem`];
 //! - `registry`: [`RegistryInput`] → [`RegistrySpec`];
 //! - `fields`: checks shared by runners and runs (command, argv, entrypoint, env, stop grace);
@@ -31,7 +31,7 @@ pub use files::{file_path_problem, FileInput};
 pub use limits::*;
 pub use names::{is_env_key, is_host, is_image_name, is_image_tag};
 pub use registry::{RegistryInput, RegistrySpec};
-pub use run::{validate_batch, RunInput};
+pub use run::RunInput;
 pub use runner::{validate_spec, RunnerInput};
 
 use serde::Serialize;

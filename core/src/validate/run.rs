@@ -1,9 +1,9 @@
-//! A run's overrides: [`RunInput`] and [`validate_batch`].
+//! A run's overrides: [`RunInput`] (a batch of them: [`crate::overrides::check_batch`]).
 
 use super::fields::{check_argv, check_command, check_entrypoint, check_env, check_stop_grace};
 use super::files::{check_files, FileInput};
 use super::limits::*;
-use super::{Collector, FieldError, ValidationErrors};
+use super::{Collector, ValidationErrors};
 use crate::command::CommandOverrides;
 use crate::model::{EnvVar, RunFile};
 use serde::Deserialize;
@@ -74,26 +74,6 @@ impl RunInput {
         }
         check_stop_grace(&mut c, self.stop_grace_seconds);
         c.finish(self)
-    }
-}
-
-/// Validates every item of a batch; the errors of item `i` are named `runs[i].field`.
-pub fn validate_batch(items: Vec<RunInput>) -> Result<Vec<RunInput>, ValidationErrors> {
-    let mut errors = Vec::new();
-    let mut checked = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        match item.validate() {
-            Ok(item) => checked.push(item),
-            Err(e) => errors.extend(e.0.into_iter().map(|f| FieldError {
-                field: format!("runs[{i}].{}", f.field),
-                message: f.message,
-            })),
-        }
-    }
-    if errors.is_empty() {
-        Ok(checked)
-    } else {
-        Err(ValidationErrors(errors))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Uploaded files, batches and stop grace.
 
 use super::*;
+use crate::overrides::{check_batch, RunOverrides};
 use base64::Engine as _;
 
 #[test]
@@ -177,7 +178,7 @@ fn batch_file_errors_name_the_item() {
         RunInput::default(),
         with_files(vec![file("/ok", "", None), file("/x", "!", None)]),
     ];
-    let fields: Vec<String> = validate_batch(items)
+    let fields: Vec<String> = check_batch(items, RunOverrides::from_input)
         .err()
         .map(|e| e.0.into_iter().map(|f| f.field).collect())
         .unwrap_or_default();
