@@ -9,8 +9,8 @@ use berth_proto::v1::RegistryAuth;
 use oci_spec::runtime::Spec;
 use tokio::sync::{oneshot, watch};
 
-use crate::manifest::ImageRunConfig;
-use crate::pull_progress::PullProgressState;
+use crate::image::manifest::ImageRunConfig;
+use crate::image::progress::PullProgressState;
 
 /// An image that is present and unpacked, ready to base a container on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +162,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     }
     // ---- image cache and pull progress (defaults: a runtime without either) ----
 
-    /// Changes to the progress of pulls of `image` from now on (see [`crate::pull_progress`]);
+    /// Changes to the progress of pulls of `image` from now on (see [`crate::image::progress`]);
     /// None when this runtime cannot tell.
     fn watch_pull(&self, _image: &str) -> Option<watch::Receiver<PullProgressState>> {
         None

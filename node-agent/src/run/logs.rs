@@ -2,7 +2,7 @@
 //! outbox.
 //!
 //! containerd's shim appends the container's output straight into two regular files in the
-//! run's journal directory (see [`crate::journal`]); the [`LogPump`] tails them. Lines are split
+//! run's journal directory (see [`crate::run::journal`]); the [`LogPump`] tails them. Lines are split
 //! on `\n` (the newline is stripped), lines longer than [`MAX_LINE_BYTES`] are split, bytes are
 //! decoded lossily as UTF-8, and a final unterminated line is only taken when the run is over
 //! (until then it may still grow). `seq` starts at 1 and grows across both streams in the order
@@ -39,8 +39,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::clock::unix_nanos_now;
-use crate::journal::{JournalError, LineCursor, LineLog, LineRecord, RunDir};
 use crate::outbox::SharedOutbox;
+use crate::run::journal::{JournalError, LineCursor, LineLog, LineRecord, RunDir};
 
 /// Longest line kept in one piece; longer lines are split into chunks of this size.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -570,7 +570,7 @@ async fn tail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Journal, RunRecord};
+    use crate::run::journal::{Journal, RunRecord};
     use std::io::Write as _;
 
     fn texts(buf: &[u8], max: usize, at_eof: bool) -> Vec<&[u8]> {

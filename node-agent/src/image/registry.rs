@@ -12,8 +12,8 @@ use reqwest::header::{
 use reqwest::{Response, StatusCode};
 use serde::Deserialize;
 
-use crate::manifest::{sha256_digest, sniff_media_type, ACCEPTED_MANIFEST_TYPES};
-use crate::reference::{host_without_port, ImageReference};
+use crate::image::manifest::{sha256_digest, sniff_media_type, ACCEPTED_MANIFEST_TYPES};
+use crate::image::reference::{host_without_port, ImageReference};
 
 /// Registry failures.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,9 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// Tells credentials apart in the token cache without keeping the password in the key.
     fn fingerprint(&self) -> String {
-        crate::manifest::sha256_digest(format!("{}\0{}", self.username, self.password).as_bytes())
+        crate::image::manifest::sha256_digest(
+            format!("{}\0{}", self.username, self.password).as_bytes(),
+        )
     }
 }
 

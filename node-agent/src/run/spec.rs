@@ -12,9 +12,9 @@ use oci_spec::runtime::{
     Spec, User,
 };
 
-use crate::manifest::ImageRunConfig;
-use crate::network::NetworkAttachment;
-use crate::seccomp;
+use crate::image::manifest::ImageRunConfig;
+use crate::network::cni::NetworkAttachment;
+use crate::run::seccomp;
 
 /// PATH used when neither the image nor the run sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -29,14 +29,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::image_cache::containerd_name;
-use crate::manifest::{
+use crate::image::cache::containerd_name;
+use crate::image::manifest::{
     chain_ids, check_layer_media_types, host_platform, is_index, layer_compression,
     manifest_gc_labels, parse_config, parse_index, parse_manifest, select_platform, ManifestError,
 };
-use crate::pull_progress::{ProgressHub, PullProgressState};
-use crate::reference::{ImageReference, ReferenceError};
-use crate::registry::{Credentials, RegistryClient, RegistryError};
+use crate::image::progress::{ProgressHub, PullProgressState};
+use crate::image::reference::{ImageReference, ReferenceError};
+use crate::image::registry::{Credentials, RegistryClient, RegistryError};
 use crate::runtime::PreparedImage;
 use berth_proto::v1::RegistryAuth;
 
@@ -279,7 +279,7 @@ impl Puller {
         &self,
         reference: &ImageReference,
         name: &str,
-        top: crate::registry::FetchedManifest,
+        top: crate::image::registry::FetchedManifest,
         lease: &str,
         credentials: Option<&Credentials>,
     ) -> Result<PreparedImage, PullError> {
@@ -315,7 +315,7 @@ impl Puller {
         // Before any download: a layer containerd cannot apply fails the pull by its media type.
         check_layer_media_types(&manifest)?;
         let progress = self.progress.tracker(name);
-        let size_of = |d: &crate::manifest::Descriptor| u64::try_from(d.size).unwrap_or(0);
+        let size_of = |d: &crate::image::manifest::Descriptor| u64::try_from(d.size).unwrap_or(0);
         progress.begin(
             size_of(&manifest.config) + manifest.layers.iter().map(size_of).sum::<u64>(),
             u32::try_from(manifest.layers.len()).unwrap_or(u32::MAX),
@@ -470,7 +470,7 @@ impl Puller {
     /// that is not its content's.
     async fn unpack(
         &self,
-        layers: &[crate::manifest::Descriptor],
+        layers: &[crate::image::manifest::Descriptor],
         diff_ids: &[String],
         chains: &[String],
         lease: &str,
@@ -883,7 +883,7 @@ mod tests {
 
     #[test]
     fn an_applied_layer_must_unpack_to_its_diff_id() {
-        let applied = descriptor(crate::manifest::OCI_LAYER, "sha256:tar", 10);
+        let applied = descriptor(crate::image::manifest::OCI_LAYER, "sha256:tar", 10);
         assert!(verify_applied("sha256:zst", "sha256:tar", Some(&applied)).is_ok());
         let error = verify_applied("sha256:zst", "sha256:other", Some(&applied))
             .expect_err("a different tar digest is refused");

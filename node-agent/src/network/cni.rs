@@ -1,6 +1,6 @@
 //! Each run's network: its own network namespace, plugged into a host bridge by the standard CNI
 //! plugins (`bridge` with `host-local` addresses and masquerading, `loopback`), so it reaches
-//! other hosts but — with [`crate::firewall`] — no port of the host itself.
+//! other hosts but — with [`crate::network::firewall`] — no port of the host itself.
 //!
 //! The namespace is a file `<netns dir>/<run id>` (a bind mount of the namespace, so it outlives
 //! every process in it and containerd can join it by path); next to it, `<run id>.json` holds the

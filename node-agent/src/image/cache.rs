@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, OwnedMutexGuard};
 
-use crate::reference::ImageReference;
+use crate::image::reference::ImageReference;
 
 /// containerd label holding an image's last use, unix millis.
 pub const LAST_USED_LABEL: &str = "berth.dev/last-used";

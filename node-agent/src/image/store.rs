@@ -18,11 +18,11 @@ use containerd_client::services::v1::{
 use tokio::sync::OwnedMutexGuard;
 use tonic::{Code, Status};
 
-use crate::image_cache::{CacheError, CachedImage, ImageStore, Part, LAST_USED_LABEL};
-use crate::manifest::{
+use crate::image::cache::{CacheError, CachedImage, ImageStore, Part, LAST_USED_LABEL};
+use crate::image::manifest::{
     chain_ids, host_platform, is_index, parse_config, parse_index, parse_manifest, select_platform,
 };
-use crate::pull::{Puller, SNAPSHOTTER};
+use crate::image::pull::{Puller, SNAPSHOTTER};
 
 fn ctr(operation: &'static str) -> impl FnOnce(Status) -> CacheError {
     move |status| CacheError::Containerd {

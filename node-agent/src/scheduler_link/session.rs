@@ -24,11 +24,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
-use crate::journal::Journal;
+use crate::image::progress::{pull_reporting, warmup_report};
 use crate::outbox::SharedOutbox;
-use crate::pull_progress::{pull_reporting, warmup_report};
+use crate::run::journal::Journal;
+use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 use crate::runtime::ContainerRuntime;
-use crate::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -580,7 +580,7 @@ fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logs::LogLimits;
+    use crate::run::logs::LogLimits;
     use crate::runtime::{ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
     use berth_proto::v1::{Ack, RegistryAuth, RunSpec};
 
