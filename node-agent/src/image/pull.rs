@@ -32,13 +32,24 @@ use tonic::{Code, Request, Status};
 use crate::image::cache::containerd_name;
 use crate::image::manifest::{
     chain_ids, check_layer_media_types, host_platform, is_index, layer_compression,
-    manifest_gc_labels, parse_config, parse_index, parse_manifest, select_platform, ManifestError,
+    manifest_gc_labels, parse_config, parse_index, parse_manifest, select_platform, ImageRunConfig,
+    ManifestError,
 };
 use crate::image::progress::{ProgressHub, PullProgressState};
 use crate::image::reference::{ImageReference, ReferenceError};
 use crate::image::registry::{Credentials, RegistryClient, RegistryError};
-use crate::runtime::PreparedImage;
 use berth_proto::v1::RegistryAuth;
+
+/// An image that is present and unpacked, ready to base a container on: what a pull gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedImage {
+    /// The digest the reference resolved to (top-level manifest or index).
+    pub digest: String,
+    /// The chain ID of the top layer: the snapshot parent for containers.
+    pub top_chain_id: String,
+    /// Run defaults from the image config.
+    pub config: ImageRunConfig,
+}
 
 /// The snapshotter every snapshot of the agent lives in.
 pub const SNAPSHOTTER: &str = "overlayfs";

@@ -11,14 +11,15 @@ use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunSt
 use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
-use crate::image::progress::{pull_reporting, run_report};
+use crate::image::progress::run_report;
 use crate::outbox::SharedOutbox;
 use crate::run::files::{add_mounts, remove_files, write_files};
 use crate::run::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::run::logs::{LogLimits, LogPump};
 use crate::run::spec::{build_spec, SpecInputs};
 use crate::runtime::{
-    ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
+    pull_reporting, ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
+    StopSignal, TaskExit,
 };
 
 /// Exit code reported when the run's timeout elapsed (as coreutils `timeout` does).

@@ -24,11 +24,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
-use crate::image::progress::{pull_reporting, warmup_report};
+use crate::image::progress::warmup_report;
 use crate::outbox::SharedOutbox;
 use crate::run::journal::Journal;
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{pull_reporting, ContainerRuntime};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
