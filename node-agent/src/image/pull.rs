@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::images_client::ImagesClient;
@@ -272,7 +271,9 @@ impl Puller {
         let expire =
             std::time::SystemTime::now() + std::time::Duration::from_secs(LEASE_EXPIRY_SECS);
         let mut labels = HashMap::new();
-        labels.insert("containerd.io/gc.expire".to_string(), rfc3339(expire));
+        if let Some(expire) = rfc3339(expire) {
+            labels.insert("containerd.io/gc.expire".to_string(), expire);
+        }
         LeasesClient::new(self.channel.clone())
             .create(self.request(
                 CreateLeaseRequest {
@@ -647,14 +648,12 @@ impl Puller {
             return Ok(());
         }
         let size = bytes.len() as i64;
-        let body = futures::stream::once(async move {
-            Ok::<Bytes, std::convert::Infallible>(Bytes::from(bytes))
-        });
+        let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });
         self.write_blob(lease, digest, size, labels, body).await
     }
 
     /// Streams `body` into Content.Write and commits it under `digest` with `labels`.
-    async fn write_blob<S, E>(
+    async fn write_blob<S, B, E>(
         &self,
         lease: &str,
         digest: &str,
@@ -663,7 +662,8 @@ impl Puller {
         body: S,
     ) -> Result<(), PullError>
     where
-        S: Stream<Item = Result<Bytes, E>> + Send,
+        S: Stream<Item = Result<B, E>> + Send,
+        B: AsRef<[u8]>,
         E: std::fmt::Display,
     {
         let write_ref = format!("berth-{}", uuid::Uuid::new_v4().simple());
@@ -676,6 +676,7 @@ impl Puller {
             let mut offset: i64 = 0;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| e.to_string())?;
+                let chunk = chunk.as_ref();
                 let len = chunk.len() as i64;
                 let message = WriteContentRequest {
                     action: WriteAction::Write as i32,
@@ -862,30 +863,12 @@ impl WithSize for CtrDescriptor {
     }
 }
 
-/// Formats a time as RFC 3339 UTC (`2024-01-02T03:04:05Z`), as containerd's gc.expire wants.
-pub(crate) fn rfc3339(at: std::time::SystemTime) -> String {
-    let secs = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// Formats a time as RFC 3339 UTC in whole seconds (`2024-01-02T03:04:05Z`), as containerd's
+/// `gc.expire` label wants; None for a time RFC 3339 cannot write (beyond the year 9999).
+pub(crate) fn rfc3339(at: std::time::SystemTime) -> Option<String> {
+    let at = time::OffsetDateTime::from(at).replace_nanosecond(0).ok()?;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 #[cfg(test)]
@@ -917,8 +900,8 @@ mod tests {
     #[test]
     fn rfc3339_formats_known_instants() {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(0);
-        assert_eq!(rfc3339(at), "1970-01-01T00:00:00Z");
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_251_199);
-        assert_eq!(rfc3339(at), "2024-02-29T23:59:59Z");
+        assert_eq!(rfc3339(at).as_deref(), Some("1970-01-01T00:00:00Z"));
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_709_251_199_750);
+        assert_eq!(rfc3339(at).as_deref(), Some("2024-02-29T23:59:59Z"));
     }
 }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, AgentMessage, AssignRun, ExitReason, Heartbeat,
@@ -30,7 +31,9 @@ use crate::run::journal::Journal;
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 use crate::runtime::{pull_reporting, ContainerRuntime};
 
+/// The shortest wait before reconnecting (the first retry after a session that registered).
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest wait before reconnecting.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -191,7 +194,7 @@ impl<R: ContainerRuntime> Agent<R> {
             self.drain().await;
         };
         let mut drained = std::pin::pin!(drained);
-        let mut backoff = BACKOFF_START;
+        let mut backoff = reconnect_backoff();
         loop {
             let mut registered = false;
             let attempt = self.connect_once(&mut registered);
@@ -200,19 +203,19 @@ impl<R: ContainerRuntime> Agent<R> {
                 result = attempt => result,
             };
             if registered {
-                backoff = BACKOFF_START;
+                backoff = reconnect_backoff();
             }
+            let delay = backoff.next().unwrap_or(BACKOFF_MAX);
             match result {
                 Ok(()) => tracing::info!("scheduler session ended; reconnecting"),
                 Err(error) => {
-                    tracing::warn!(%error, retry_ms = backoff.as_millis() as u64, "scheduler session failed")
+                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "scheduler session failed")
                 }
             }
             tokio::select! {
                 _ = &mut drained => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -564,6 +567,19 @@ impl<R: ContainerRuntime> Agent<R> {
 
 /// The report for an assignment that arrives while the agent shuts down: the run never started
 /// here, so the scheduler can place it elsewhere.
+/// The waits between reconnection attempts: doubling from [`BACKOFF_START`], each stretched by a
+/// random share of up to 100 % so that the agents of a fleet that lost the scheduler together do
+/// not all come back at the same moment. The doubling stops at half of [`BACKOFF_MAX`], so even
+/// stretched no wait is longer than the cap; none is shorter than the floor. Never runs out.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_START)
+        .with_max_delay(BACKOFF_MAX / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
     RunExited {
         run_id,
@@ -700,6 +716,28 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn reconnect_waits_grow_with_jitter_between_the_floor_and_the_cap() {
+        let waits: Vec<Duration> = reconnect_backoff().take(40).collect();
+        assert_eq!(waits.len(), 40, "the backoff never runs out");
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w >= BACKOFF_START && *w <= BACKOFF_MAX),
+            "{waits:?}"
+        );
+        assert!(
+            waits[0] < BACKOFF_START * 2,
+            "starts at the floor: {waits:?}"
+        );
+        assert!(waits[5] >= BACKOFF_MAX / 2, "reaches the cap: {waits:?}");
+        let tail = &waits[10..];
+        assert!(
+            tail.iter().any(|w| w != &tail[0]),
+            "jittered, not one fixed wait: {tail:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
