@@ -38,6 +38,7 @@ use crate::image::progress::{ProgressHub, PullProgressState};
 use crate::image::reference::{ImageReference, ReferenceError};
 use crate::image::registry::{Credentials, RegistryClient, RegistryError};
 use berth_proto::v1::RegistryAuth;
+use oci_spec::image::Descriptor;
 
 /// An image that is present and unpacked, ready to base a container on: what a pull gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,19 +302,20 @@ impl Puller {
                 let index = parse_index(&top.bytes)?;
                 let chosen = select_platform(&index, os, arch)?.clone();
                 let position = index
-                    .manifests
+                    .manifests()
                     .iter()
-                    .position(|m| m.digest == chosen.digest)
+                    .position(|m| m.digest() == chosen.digest())
                     .unwrap_or(0);
+                let chosen = chosen.digest().to_string();
                 let fetched = self
                     .registry
-                    .fetch_manifest(reference, &chosen.digest, credentials)
+                    .fetch_manifest(reference, &chosen, credentials)
                     .await?;
                 (
                     fetched.bytes,
                     fetched.digest,
                     fetched.media_type,
-                    Some((position, chosen.digest)),
+                    Some((position, chosen)),
                 )
             } else {
                 (
@@ -327,24 +329,25 @@ impl Puller {
         // Before any download: a layer containerd cannot apply fails the pull by its media type.
         check_layer_media_types(&manifest)?;
         let progress = self.progress.tracker(name);
-        let size_of = |d: &crate::image::manifest::Descriptor| u64::try_from(d.size).unwrap_or(0);
+        let config_digest = manifest.config().digest().to_string();
+        let layers = manifest.layers();
         progress.begin(
-            size_of(&manifest.config) + manifest.layers.iter().map(size_of).sum::<u64>(),
-            u32::try_from(manifest.layers.len()).unwrap_or(u32::MAX),
+            manifest.config().size() + layers.iter().map(|l| l.size()).sum::<u64>(),
+            u32::try_from(layers.len()).unwrap_or(u32::MAX),
         );
 
-        let config_bytes = match self.read_content(&manifest.config.digest).await {
+        let config_bytes = match self.read_content(&config_digest).await {
             Some(bytes) => {
-                progress.add_bytes(size_of(&manifest.config));
+                progress.add_bytes(manifest.config().size());
                 bytes
             }
             None => {
                 let response = self
                     .registry
-                    .fetch_blob(reference, &manifest.config.digest, credentials)
+                    .fetch_blob(reference, &config_digest, credentials)
                     .await?;
                 let bytes = response.bytes().await.map_err(|e| PullError::Download {
-                    digest: manifest.config.digest.clone(),
+                    digest: config_digest.clone(),
                     message: e.to_string(),
                 })?;
                 progress.add_bytes(bytes.len() as u64);
@@ -352,30 +355,31 @@ impl Puller {
             }
         };
         let config = parse_config(&config_bytes)?;
-        let diff_ids = config.rootfs.diff_ids.clone();
-        if diff_ids.len() != manifest.layers.len() {
+        let diff_ids = config.rootfs().diff_ids().clone();
+        if diff_ids.len() != layers.len() {
             return Err(ManifestError::LayerCountMismatch {
                 diff_ids: diff_ids.len(),
-                layers: manifest.layers.len(),
+                layers: layers.len(),
             }
             .into());
         }
         let chains = chain_ids(&diff_ids);
         let top_chain = chains.last().cloned().unwrap_or_default();
 
-        for (layer, diff_id) in manifest.layers.iter().zip(&diff_ids) {
+        for (layer, diff_id) in layers.iter().zip(&diff_ids) {
+            let digest = layer.digest().to_string();
             let labels = label("containerd.io/uncompressed", diff_id);
             if self
-                .ensure_labels_if_present(&layer.digest, &labels, lease)
+                .ensure_labels_if_present(&digest, &labels, lease)
                 .await?
             {
-                progress.add_bytes(size_of(layer));
+                progress.add_bytes(layer.size());
                 progress.layer_done();
                 continue;
             }
             let response = self
                 .registry
-                .fetch_blob(reference, &layer.digest, credentials)
+                .fetch_blob(reference, &digest, credentials)
                 .await?;
             let counter = progress.clone();
             let body = response.bytes_stream().inspect(move |chunk| {
@@ -383,7 +387,7 @@ impl Puller {
                     counter.add_bytes(chunk.len() as u64);
                 }
             });
-            self.write_blob(lease, &layer.digest, layer.size, labels, body)
+            self.write_blob(lease, &digest, layer.size(), labels, body)
                 .await?;
             progress.layer_done();
         }
@@ -395,15 +399,9 @@ impl Puller {
                 top_chain.clone(),
             );
         }
-        self.store_bytes(
-            lease,
-            &manifest.config.digest,
-            config_bytes.clone(),
-            config_labels,
-        )
-        .await?;
-        self.unpack(&manifest.layers, &diff_ids, &chains, lease)
+        self.store_bytes(lease, &config_digest, config_bytes.clone(), config_labels)
             .await?;
+        self.unpack(layers, &diff_ids, &chains, lease).await?;
         self.store_bytes(
             lease,
             &manifest_digest,
@@ -423,15 +421,19 @@ impl Puller {
                     ),
                 )
                 .await?;
-                descriptor(&top.media_type, &top.digest, top.bytes.len())
+                descriptor(&top.media_type, &top.digest, top.bytes.len() as u64)
             }
-            None => descriptor(&manifest_type, &manifest_digest, manifest_bytes.len()),
+            None => descriptor(
+                &manifest_type,
+                &manifest_digest,
+                manifest_bytes.len() as u64,
+            ),
         };
         self.put_image(name, target, lease).await?;
         Ok(PreparedImage {
             digest: top.digest,
             top_chain_id: top_chain,
-            config: config.config.unwrap_or_default(),
+            config: config.config().clone().unwrap_or_default(),
         })
     }
 
@@ -482,7 +484,7 @@ impl Puller {
     /// that is not its content's.
     async fn unpack(
         &self,
-        layers: &[crate::image::manifest::Descriptor],
+        layers: &[Descriptor],
         diff_ids: &[String],
         chains: &[String],
         lease: &str,
@@ -516,9 +518,11 @@ impl Puller {
             let applied = diff
                 .apply(self.request(
                     ApplyRequest {
-                        diff: Some(
-                            descriptor(&layer.media_type, &layer.digest, 0).with_size(layer.size),
-                        ),
+                        diff: Some(descriptor(
+                            layer.media_type().as_ref(),
+                            layer.digest().as_ref(),
+                            layer.size(),
+                        )),
                         mounts,
                         payloads: HashMap::new(),
                         sync_fs: false,
@@ -529,7 +533,7 @@ impl Puller {
                 .map_err(ctr("Diff.Apply"))
                 .and_then(|response| {
                     verify_applied(
-                        &layer.digest,
+                        layer.digest().as_ref(),
                         diff_id,
                         response.into_inner().applied.as_ref(),
                     )
@@ -570,8 +574,8 @@ impl Puller {
                 return Err(error);
             }
             tracing::debug!(
-                layer = %layer.digest,
-                compression = layer_compression(&layer.media_type).map_or("unknown", |c| c.as_str()),
+                layer = %layer.digest(),
+                compression = layer_compression(layer.media_type()).map_or("unknown", |c| c.as_str()),
                 chain_id = %chain,
                 "layer unpacked"
             );
@@ -647,7 +651,7 @@ impl Puller {
         {
             return Ok(());
         }
-        let size = bytes.len() as i64;
+        let size = bytes.len() as u64;
         let body = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(bytes) });
         self.write_blob(lease, digest, size, labels, body).await
     }
@@ -657,7 +661,7 @@ impl Puller {
         &self,
         lease: &str,
         digest: &str,
-        size: i64,
+        size: u64,
         labels: HashMap<String, String>,
         body: S,
     ) -> Result<(), PullError>
@@ -667,6 +671,7 @@ impl Puller {
         E: std::fmt::Display,
     {
         let write_ref = format!("berth-{}", uuid::Uuid::new_v4().simple());
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
         let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
         let mut content = ContentClient::new(self.channel.clone());
         let request = self.request(ReceiverStream::new(rx), Some(lease));
@@ -781,18 +786,23 @@ impl Puller {
             let index = parse_index(&manifest_bytes).ok()?;
             let (os, arch) = host_platform();
             let chosen = select_platform(&index, os, arch).ok()?;
-            manifest_bytes = self.read_content(&chosen.digest).await?;
+            manifest_bytes = self.read_content(chosen.digest().as_ref()).await?;
         }
         let manifest = parse_manifest(&manifest_bytes).ok()?;
-        let config = parse_config(&self.read_content(&manifest.config.digest).await?).ok()?;
-        let top_chain = chain_ids(&config.rootfs.diff_ids).last()?.clone();
+        let config = parse_config(
+            &self
+                .read_content(manifest.config().digest().as_ref())
+                .await?,
+        )
+        .ok()?;
+        let top_chain = chain_ids(config.rootfs().diff_ids()).last()?.clone();
         if !self.snapshot_exists(&top_chain).await {
             return None;
         }
         Some(PreparedImage {
             digest: target.digest,
             top_chain_id: top_chain,
-            config: config.config.unwrap_or_default(),
+            config: config.config().clone().unwrap_or_default(),
         })
     }
 }
@@ -843,23 +853,12 @@ fn label(key: &str, value: &str) -> HashMap<String, String> {
     labels
 }
 
-fn descriptor(media_type: &str, digest: &str, size: usize) -> CtrDescriptor {
+fn descriptor(media_type: &str, digest: &str, size: u64) -> CtrDescriptor {
     CtrDescriptor {
         media_type: media_type.to_string(),
         digest: digest.to_string(),
-        size: size as i64,
+        size: i64::try_from(size).unwrap_or(i64::MAX),
         annotations: HashMap::new(),
-    }
-}
-
-trait WithSize {
-    fn with_size(self, size: i64) -> Self;
-}
-
-impl WithSize for CtrDescriptor {
-    fn with_size(mut self, size: i64) -> Self {
-        self.size = size;
-        self
     }
 }
 
@@ -877,7 +876,7 @@ mod tests {
 
     #[test]
     fn an_applied_layer_must_unpack_to_its_diff_id() {
-        let applied = descriptor(crate::image::manifest::OCI_LAYER, "sha256:tar", 10);
+        let applied = descriptor("application/vnd.oci.image.layer.v1.tar", "sha256:tar", 10);
         assert!(verify_applied("sha256:zst", "sha256:tar", Some(&applied)).is_ok());
         let error = verify_applied("sha256:zst", "sha256:other", Some(&applied))
             .expect_err("a different tar digest is refused");

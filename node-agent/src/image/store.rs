@@ -98,10 +98,10 @@ impl ContainerdImages {
                 return (parts, false);
             };
             add(
-                format!("content:{}", chosen.digest),
-                self.content_size(&chosen.digest).await,
+                format!("content:{}", chosen.digest()),
+                self.content_size(chosen.digest().as_ref()).await,
             );
-            match self.puller.read_content(&chosen.digest).await {
+            match self.puller.read_content(chosen.digest().as_ref()).await {
                 Some(bytes) => manifest_bytes = bytes,
                 None => return (parts, false),
             }
@@ -109,20 +109,24 @@ impl ContainerdImages {
         let Ok(manifest) = parse_manifest(&manifest_bytes) else {
             return (parts, false);
         };
-        for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             add(
-                format!("content:{}", blob.digest),
-                self.content_size(&blob.digest).await,
+                format!("content:{}", blob.digest()),
+                self.content_size(blob.digest().as_ref()).await,
             );
         }
-        let config = match self.puller.read_content(&manifest.config.digest).await {
+        let config = match self
+            .puller
+            .read_content(manifest.config().digest().as_ref())
+            .await
+        {
             Some(bytes) => parse_config(&bytes).ok(),
             None => None,
         };
         let Some(config) = config else {
             return (parts, false);
         };
-        for chain in chain_ids(&config.rootfs.diff_ids) {
+        for chain in chain_ids(config.rootfs().diff_ids()) {
             let usage = self.snapshot_usage(&chain).await;
             add(format!("snapshot:{chain}"), usage);
         }

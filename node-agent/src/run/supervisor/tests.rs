@@ -142,9 +142,10 @@ impl ContainerRuntime for FakeRuntime {
         Ok(PreparedImage {
             digest: "sha256:fake".to_string(),
             top_chain_id: "sha256:chain".to_string(),
-            config: crate::image::manifest::ImageRunConfig {
-                cmd: Some(vec!["sh".to_string()]),
-                ..Default::default()
+            config: {
+                let mut config = crate::image::manifest::ImageRunConfig::default();
+                config.set_cmd(Some(vec!["sh".to_string()]));
+                config
             },
         })
     }
