@@ -29,8 +29,9 @@ use tonic::{Code, Request, Status};
 
 use crate::clock::{timestamp_nanos, unix_nanos_now};
 use crate::image::cache::ImageCache;
+use crate::image::content::SNAPSHOTTER;
 use crate::image::progress::PullProgressState;
-use crate::image::pull::{Puller, SNAPSHOTTER};
+use crate::image::pull::Puller;
 use crate::image::store::ContainerdImages;
 use crate::network::cni::RunNetwork;
 use crate::run::cgroup::{read_oom_kills, remove_run_cgroups};
