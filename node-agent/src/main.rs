@@ -265,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 config.containerd_socket.display()
             )
         })?;
-    let registry = RegistryClient::new(config.insecure_registries.clone(), Default::default())?;
+    let registry = RegistryClient::new(config.insecure_registries.clone());
     let puller = Arc::new(Puller::new(
         channel.clone(),
         config.namespace.clone(),

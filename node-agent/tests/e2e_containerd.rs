@@ -231,7 +231,7 @@ async fn runs_containers_end_to_end() {
     let puller = Arc::new(Puller::new(
         channel.clone(),
         NAMESPACE.into(),
-        RegistryClient::new(vec![], HashMap::new()).expect("registry client"),
+        RegistryClient::new(vec![]),
     ));
     let runtime = Arc::new(ContainerdRuntime::new(
         channel.clone(),

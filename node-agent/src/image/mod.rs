@@ -1,8 +1,8 @@
 //! Images: from a reference the scheduler sends to a present, unpacked image in containerd, and
 //! the cache that keeps the node's disk within budget.
 //!
-//! - [`reference`]: image references (`127.0.0.1:5001/busybox:latest`, `…@sha256:…`).
-//! - [`registry`]: the registry (OCI distribution) client: manifests, blobs, basic and bearer auth.
+//! - [`registry`]: the registry side, over `oci-client` (which also parses image references):
+//!   raw manifests, streamed blobs, basic and bearer auth, one client per credentials.
 //! - [`manifest`]: manifests, indexes and configs (OCI and Docker v2), platform choice, chain IDs.
 //! - [`pull`]: the pull itself: resolve the reference, fetch what is missing, unpack, record the
 //!   image; one pull per image at a time.
@@ -18,7 +18,6 @@ pub mod content;
 pub mod manifest;
 pub mod progress;
 pub mod pull;
-pub mod reference;
 pub mod registry;
 pub mod store;
 pub mod unpack;

@@ -20,10 +20,10 @@ use crate::image::manifest::{
     parse_index, parse_manifest, select_platform, ImageRunConfig, ManifestError,
 };
 use crate::image::progress::{ProgressHub, PullProgressState};
-use crate::image::reference::{ImageReference, ReferenceError};
 use crate::image::registry::{Credentials, RegistryClient, RegistryError};
 use crate::image::unpack::{unpack, UnpackError};
 use berth_proto::v1::RegistryAuth;
+use oci_client::Reference;
 
 /// An image that is present and unpacked, ready to base a container on: what a pull gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +39,9 @@ pub struct PreparedImage {
 /// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error(transparent)]
-    Reference(#[from] ReferenceError),
+    /// the image reference does not parse
+    #[error("invalid image reference: {0}")]
+    Reference(#[from] oci_client::ParseError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -142,7 +143,7 @@ impl Puller {
         image: &str,
         auth: Option<&RegistryAuth>,
     ) -> Result<PreparedImage, PullError> {
-        let reference = ImageReference::parse(image)?;
+        let reference: Reference = image.parse()?;
         let name = reference.to_string();
         let credentials = credentials_for(&reference, auth);
         let gate = self.gate(&name);
@@ -171,23 +172,19 @@ impl Puller {
 
     async fn pull_locked(
         &self,
-        reference: &ImageReference,
+        reference: &Reference,
         name: &str,
         credentials: Option<&Credentials>,
     ) -> Result<PreparedImage, PullError> {
         let local = self.local_image(name).await;
-        if let (Some(local), Some(pinned)) = (&local, &reference.digest) {
-            if &local.digest == pinned {
+        if let (Some(local), Some(pinned)) = (&local, reference.digest()) {
+            if local.digest == pinned {
                 tracing::debug!(image = %name, "pinned image already present");
                 return Ok(local.clone());
             }
         }
         // Resolve the tag (one manifest GET); blobs are only fetched when missing.
-        let top = match self
-            .registry
-            .fetch_manifest(reference, reference.manifest_reference(), credentials)
-            .await
-        {
+        let top = match self.registry.fetch_manifest(reference, credentials).await {
             Ok(top) => top,
             Err(error) => {
                 // A refusal is an answer, not an outage: never run a local copy of an image the
@@ -216,7 +213,7 @@ impl Puller {
 
     async fn fetch_and_unpack(
         &self,
-        reference: &ImageReference,
+        reference: &Reference,
         name: &str,
         top: crate::image::registry::FetchedManifest,
         lease: &str,
@@ -235,7 +232,7 @@ impl Puller {
                 let chosen = chosen.digest().to_string();
                 let fetched = self
                     .registry
-                    .fetch_manifest(reference, &chosen, credentials)
+                    .fetch_manifest(&reference.clone_with_digest(chosen.clone()), credentials)
                     .await?;
                 (
                     fetched.bytes,
@@ -268,16 +265,21 @@ impl Puller {
                 bytes
             }
             None => {
-                let response = self
-                    .registry
-                    .fetch_blob(reference, &config_digest, credentials)
-                    .await?;
-                let bytes = response.bytes().await.map_err(|e| PullError::Download {
-                    digest: config_digest.clone(),
-                    message: e.to_string(),
-                })?;
+                let mut body = std::pin::pin!(
+                    self.registry
+                        .fetch_blob(reference, &config_digest, credentials)
+                        .await?
+                );
+                let mut bytes = Vec::new();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(|e| PullError::Download {
+                        digest: config_digest.clone(),
+                        message: e.to_string(),
+                    })?;
+                    bytes.extend_from_slice(chunk.as_ref());
+                }
                 progress.add_bytes(bytes.len() as u64);
-                bytes.to_vec()
+                bytes
             }
         };
         let config = parse_config(&config_bytes)?;
@@ -304,16 +306,16 @@ impl Puller {
                 progress.layer_done();
                 continue;
             }
-            let response = self
+            let counter = progress.clone();
+            let body = self
                 .registry
                 .fetch_blob(reference, &digest, credentials)
-                .await?;
-            let counter = progress.clone();
-            let body = response.bytes_stream().inspect(move |chunk| {
-                if let Ok(chunk) = chunk {
-                    counter.add_bytes(chunk.len() as u64);
-                }
-            });
+                .await?
+                .inspect(move |chunk| {
+                    if let Ok(chunk) = chunk {
+                        counter.add_bytes(chunk.as_ref().len() as u64);
+                    }
+                });
             self.content
                 .write_blob(lease, &digest, layer.size(), labels, body)
                 .await?;
@@ -411,11 +413,11 @@ impl Puller {
 
 /// The run's credentials, when they are for the image's registry. Credentials for another host
 /// are ignored (never sent to a registry they were not meant for).
-fn credentials_for(reference: &ImageReference, auth: Option<&RegistryAuth>) -> Option<Credentials> {
+fn credentials_for(reference: &Reference, auth: Option<&RegistryAuth>) -> Option<Credentials> {
     let auth = auth?;
-    if auth.host != reference.registry {
+    if auth.host != reference.registry() {
         tracing::warn!(
-            image_registry = %reference.registry,
+            image_registry = %reference.registry(),
             credentials_host = %auth.host,
             "registry credentials are for another host; pulling without them"
         );
