@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::logs::LogLimits;
+use crate::run::logs::LogLimits;
 
 /// Everything the agent needs to know about its node.
 #[derive(Debug, Clone)]

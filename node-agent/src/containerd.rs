@@ -27,17 +27,18 @@ use tokio::sync::{oneshot, watch};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::clock::{timestamp_nanos, unix_nanos_now};
-use crate::image_cache::ImageCache;
-use crate::image_store::ContainerdImages;
-use crate::network::RunNetwork;
-use crate::pull::{Puller, SNAPSHOTTER};
-use crate::pull_progress::PullProgressState;
+use crate::image::cache::ImageCache;
+use crate::image::content::SNAPSHOTTER;
+use crate::image::progress::PullProgressState;
+use crate::image::pull::Puller;
+use crate::image::store::ContainerdImages;
+use crate::network::cni::RunNetwork;
+use crate::run::cgroup::{read_oom_kills, remove_run_cgroups};
+use crate::run::spec::join_network;
 use crate::runtime::{
     ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
 };
-use crate::spec::join_network;
 
 /// The shim every run uses.
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";

@@ -1,24 +1,11 @@
 #![doc = include_str!("../README.md")]
 
-pub mod cgroup;
 pub mod clock;
 pub mod config;
 pub mod containerd;
-pub mod files;
-pub mod firewall;
-pub mod image_cache;
-pub mod image_store;
-pub mod journal;
-pub mod logs;
-pub mod manifest;
+pub mod image;
 pub mod network;
 pub mod outbox;
-pub mod pull;
-pub mod pull_progress;
-pub mod reference;
-pub mod registry;
+pub mod run;
 pub mod runtime;
-pub mod seccomp;
-pub mod session;
-pub mod spec;
-pub mod supervisor;
+pub mod scheduler_link;

@@ -9,21 +9,21 @@ use std::time::Duration;
 use anyhow::Context as _;
 use berth_node_agent::config::{AgentConfig, Secret};
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
-use berth_node_agent::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
-use berth_node_agent::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
-use berth_node_agent::image_store::ContainerdImages;
-use berth_node_agent::logs::{
-    LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
-};
-use berth_node_agent::network::{
+use berth_node_agent::image::cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
+use berth_node_agent::image::pull::Puller;
+use berth_node_agent::image::registry::RegistryClient;
+use berth_node_agent::image::store::ContainerdImages;
+use berth_node_agent::network::cni::{
     container_resolv_conf, validate_bridge, BindMountNamespaces, BridgeSettings, CniNetwork,
     ExecPlugins, RunNetwork, Subnet, DEFAULT_BRIDGE, DEFAULT_CNI_BIN_DIR, DEFAULT_IPAM_DIR,
     DEFAULT_NETNS_ROOT, DEFAULT_SUBNET,
 };
-use berth_node_agent::pull::Puller;
-use berth_node_agent::registry::RegistryClient;
-use berth_node_agent::session::Agent;
-use berth_node_agent::spec::DEFAULT_PIDS_LIMIT;
+use berth_node_agent::network::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
+use berth_node_agent::run::logs::{
+    LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
+};
+use berth_node_agent::run::spec::DEFAULT_PIDS_LIMIT;
+use berth_node_agent::scheduler_link::session::Agent;
 use clap::{Parser, ValueEnum};
 
 /// How runs are networked.
@@ -265,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 config.containerd_socket.display()
             )
         })?;
-    let registry = RegistryClient::new(config.insecure_registries.clone(), Default::default())?;
+    let registry = RegistryClient::new(config.insecure_registries.clone());
     let puller = Arc::new(Puller::new(
         channel.clone(),
         config.namespace.clone(),
@@ -284,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
             ContainerdSettings {
                 namespace: config.namespace.clone(),
                 cgroup_parent: config.cgroup_parent.clone(),
-                cgroup_root: PathBuf::from(berth_node_agent::cgroup::CGROUP_ROOT),
+                cgroup_root: PathBuf::from(berth_node_agent::run::cgroup::CGROUP_ROOT),
             },
             puller,
             network,

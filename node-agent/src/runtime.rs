@@ -9,19 +9,8 @@ use berth_proto::v1::RegistryAuth;
 use oci_spec::runtime::Spec;
 use tokio::sync::{oneshot, watch};
 
-use crate::manifest::ImageRunConfig;
-use crate::pull_progress::PullProgressState;
-
-/// An image that is present and unpacked, ready to base a container on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PreparedImage {
-    /// The digest the reference resolved to (top-level manifest or index).
-    pub digest: String,
-    /// The chain ID of the top layer: the snapshot parent for containers.
-    pub top_chain_id: String,
-    /// Run defaults from the image config.
-    pub config: ImageRunConfig,
-}
+use crate::image::progress::{forward, PullProgressState, REPORT_EVERY};
+pub use crate::image::pull::PreparedImage;
 
 /// Regular files (they must exist) that the task's stdout and stderr are appended to. The
 /// shim writes them itself, so output is kept even while no agent process is running.
@@ -162,7 +151,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     }
     // ---- image cache and pull progress (defaults: a runtime without either) ----
 
-    /// Changes to the progress of pulls of `image` from now on (see [`crate::pull_progress`]);
+    /// Changes to the progress of pulls of `image` from now on (see [`crate::image::progress`]);
     /// None when this runtime cannot tell.
     fn watch_pull(&self, _image: &str) -> Option<watch::Receiver<PullProgressState>> {
         None
@@ -177,4 +166,20 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// The images warmups pinned on this node (the whole set, from the scheduler).
     fn set_warm_pins(&self, _images: &[String]) {}
+}
+
+/// Pulls `image` through `runtime`, calling `report` with throttled progress while the pull
+/// runs (nothing when the image was already present). The last state seen is always reported
+/// before returning, so the final figures are never lost to throttling.
+pub async fn pull_reporting<R: ContainerRuntime>(
+    runtime: &R,
+    image: &str,
+    auth: Option<&RegistryAuth>,
+    mut report: impl FnMut(PullProgressState),
+) -> Result<PreparedImage, RuntimeError> {
+    let Some(mut progress) = runtime.watch_pull(image) else {
+        return runtime.pull_image(image, auth).await;
+    };
+    let pull = runtime.pull_image(image, auth);
+    forward(pull, &mut progress, REPORT_EVERY, &mut report).await
 }

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use berth_node_agent::config::AgentConfig;
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
-use berth_node_agent::pull::Puller;
-use berth_node_agent::registry::RegistryClient;
-use berth_node_agent::session::Agent;
+use berth_node_agent::image::pull::Puller;
+use berth_node_agent::image::registry::RegistryClient;
+use berth_node_agent::scheduler_link::session::Agent;
 use berth_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, Ack, AgentMessage, AssignRun, ExitReason, LogLine,
@@ -220,7 +220,7 @@ async fn runs_containers_end_to_end() {
         cgroup_parent: CGROUP_PARENT.into(),
         state_dir: state.path().to_path_buf(),
         insecure_registries: vec![],
-        pids_limit: berth_node_agent::spec::DEFAULT_PIDS_LIMIT,
+        pids_limit: berth_node_agent::run::spec::DEFAULT_PIDS_LIMIT,
         log_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
         cluster_token: None,
@@ -231,7 +231,7 @@ async fn runs_containers_end_to_end() {
     let puller = Arc::new(Puller::new(
         channel.clone(),
         NAMESPACE.into(),
-        RegistryClient::new(vec![], HashMap::new()).expect("registry client"),
+        RegistryClient::new(vec![]),
     ));
     let runtime = Arc::new(ContainerdRuntime::new(
         channel.clone(),

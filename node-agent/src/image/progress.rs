@@ -1,6 +1,6 @@
 //! Image pull progress: the puller counts what it fetches into a [`PullProgressState`] per image
 //! (a `watch` channel anyone can subscribe to, so every run waiting on one pull sees it), and
-//! [`pull_reporting`] turns the changes into throttled reports while a caller's pull runs.
+//! [`forward`] turns the changes into throttled reports while a caller's pull runs.
 //!
 //! Accounting: `bytes_total` is the sum of the sizes the manifest gives for the config and the
 //! layers; `bytes_done` counts the bytes actually downloaded so far plus the full size of every
@@ -12,11 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_proto::v1::{PullProgress, RegistryAuth};
+use berth_proto::v1::PullProgress;
 use tokio::sync::watch;
 use tokio::time::Instant;
-
-use crate::runtime::{ContainerRuntime, PreparedImage, RuntimeError};
 
 /// Least time between two reports of one pull (the final report is never held back).
 pub const REPORT_EVERY: Duration = Duration::from_millis(300);
@@ -134,23 +132,11 @@ impl Throttle {
     }
 }
 
-/// Pulls `image` through `runtime`, calling `report` with throttled progress while the pull
-/// runs (nothing when the image was already present). The last state seen is always reported
-/// before returning, so the final figures are never lost to throttling.
-pub async fn pull_reporting<R: ContainerRuntime>(
-    runtime: &R,
-    image: &str,
-    auth: Option<&RegistryAuth>,
-    mut report: impl FnMut(PullProgressState),
-) -> Result<PreparedImage, RuntimeError> {
-    let Some(mut progress) = runtime.watch_pull(image) else {
-        return runtime.pull_image(image, auth).await;
-    };
-    let pull = runtime.pull_image(image, auth);
-    forward(pull, &mut progress, REPORT_EVERY, &mut report).await
-}
-
-async fn forward<T>(
+/// Runs `pull` while turning the changes `progress` sees into throttled calls of `report` (at
+/// most one per `every`, the first and the complete one at once), and reports the last state seen
+/// before returning, so the final figures are never lost to throttling. Nothing is reported when
+/// the pull changed nothing (the image was already present).
+pub async fn forward<T>(
     pull: impl Future<Output = T>,
     progress: &mut watch::Receiver<PullProgressState>,
     every: Duration,

@@ -10,7 +10,7 @@ use berth_proto::v1::{AgentMessage, LogStream, RegistryAuth};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
-use crate::logs::LogLimits;
+use crate::run::logs::LogLimits;
 use crate::runtime::PreparedImage;
 
 fn append(path: &Path, text: &str) {
@@ -142,9 +142,10 @@ impl ContainerRuntime for FakeRuntime {
         Ok(PreparedImage {
             digest: "sha256:fake".to_string(),
             top_chain_id: "sha256:chain".to_string(),
-            config: crate::manifest::ImageRunConfig {
-                cmd: Some(vec!["sh".to_string()]),
-                ..Default::default()
+            config: {
+                let mut config = crate::image::manifest::ImageRunConfig::default();
+                config.set_cmd(Some(vec!["sh".to_string()]));
+                config
             },
         })
     }
@@ -627,9 +628,9 @@ fn crashed_run(
     let dir = journal.create(&record).expect("journal");
     let started = unix_nanos_now() - i64::try_from(started_ago.as_nanos()).expect("nanos");
     dir.mark_started(&mut record, started).expect("mark");
-    let (mut log, _, _) = crate::journal::LineLog::open(&dir.lines()).expect("log");
+    let (mut log, _, _) = crate::run::journal::LineLog::open(&dir.lines()).expect("log");
     append(&dir.stdout(), "before\nwhile-do");
-    log.append(&[crate::journal::LineRecord {
+    log.append(&[crate::run::journal::LineRecord {
         seq: 1,
         stream: LogStream::Stdout as i32,
         next: 7,
@@ -743,7 +744,7 @@ async fn a_recorded_exit_is_re_sent_without_touching_the_task_again() {
         Duration::from_secs(1),
     );
     dir.write_acked(1).expect("ack");
-    let recorded = crate::journal::ExitRecord {
+    let recorded = crate::run::journal::ExitRecord {
         reason: ExitReason::Exited as i32,
         exit_code: 0,
         exited_at_unix_nanos: 42,

@@ -13,7 +13,7 @@
 //! - `acked`: the highest line `seq` the scheduler acknowledged (an optimisation: lines above it
 //!   are re-sent after a restart, and the scheduler de-duplicates anyway).
 //! - `exit.json`: how the run ended, written before cleanup, so the `RunExited` survives too.
-//! - `files/`: the run's uploaded files (`crate::files`), mounted read-only into the container;
+//! - `files/`: the run's uploaded files (`crate::run::files`), mounted read-only into the container;
 //!   removed at cleanup. `run.json` keeps the spec without them.
 //!
 //! The directory is removed once the scheduler acknowledged the run's `RunExited`.
@@ -274,7 +274,7 @@ impl RunDir {
     }
 
     /// Writes `run.json`, always without registry credentials and without the uploaded files'
-    /// content (they live in `files/`, see `crate::files`; a re-adopted task has them mounted).
+    /// content (they live in `files/`, see `crate::run::files`; a re-adopted task has them mounted).
     fn write_record(&self, record: &RunRecord) -> Result<(), JournalError> {
         let spec = RunSpec {
             registry_auth: None,

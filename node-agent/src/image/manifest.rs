@@ -1,19 +1,27 @@
-//! The parts of OCI / Docker v2 manifests, indexes and image configs the agent reads, plus the
-//! layer chain-ID computation that names unpacked snapshots.
+//! What the agent reads from manifests, indexes and image configs. The documents themselves are
+//! `oci_spec::image` types ([`ImageManifest`], [`ImageIndex`], [`ImageConfiguration`]); Docker
+//! schema 2 manifests and manifest lists have the same JSON shape, and their media types come
+//! through as `MediaType::Other`. Added here: which manifest kinds the agent asks for, the choice
+//! of the host's platform in an index, the layer media types containerd can apply, and the layer
+//! chain IDs and GC labels that name and keep unpacked images.
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use oci_spec::image::{
+    Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os,
+};
 use sha2::{Digest as _, Sha256};
+
+/// The run defaults inside the image config (its `config` key: entrypoint, cmd, env, working
+/// directory, user).
+pub use oci_spec::image::Config as ImageRunConfig;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
-pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Docker's layer media types (oci-spec names only the OCI ones).
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
@@ -70,11 +78,13 @@ impl LayerCompression {
 
 /// The compression of a layer with this media type, or None if the agent cannot apply it.
 /// Foreign and non-distributable layers (blobs that live outside the registry) are not supported.
-pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
+pub fn layer_compression(media_type: &MediaType) -> Option<LayerCompression> {
     match media_type {
-        OCI_LAYER | DOCKER_LAYER => Some(LayerCompression::Uncompressed),
-        OCI_LAYER_GZIP | DOCKER_LAYER_GZIP => Some(LayerCompression::Gzip),
-        OCI_LAYER_ZSTD => Some(LayerCompression::Zstd),
+        MediaType::ImageLayer => Some(LayerCompression::Uncompressed),
+        MediaType::ImageLayerGzip => Some(LayerCompression::Gzip),
+        MediaType::ImageLayerZstd => Some(LayerCompression::Zstd),
+        MediaType::Other(other) if other == DOCKER_LAYER => Some(LayerCompression::Uncompressed),
+        MediaType::Other(other) if other == DOCKER_LAYER_GZIP => Some(LayerCompression::Gzip),
         _ => None,
     }
 }
@@ -82,84 +92,16 @@ pub fn layer_compression(media_type: &str) -> Option<LayerCompression> {
 /// Checks that every layer of `manifest` has a media type the agent can apply.
 pub fn check_layer_media_types(manifest: &ImageManifest) -> Result<(), ManifestError> {
     match manifest
-        .layers
+        .layers()
         .iter()
-        .find(|layer| layer_compression(&layer.media_type).is_none())
+        .find(|layer| layer_compression(layer.media_type()).is_none())
     {
         Some(layer) => Err(ManifestError::UnsupportedLayerMediaType {
-            digest: layer.digest.clone(),
-            media_type: layer.media_type.clone(),
+            digest: layer.digest().to_string(),
+            media_type: layer.media_type().to_string(),
         }),
         None => Ok(()),
     }
-}
-
-/// A content descriptor (media type, digest, size).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub size: i64,
-    #[serde(default)]
-    pub platform: Option<Platform>,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    #[serde(default)]
-    pub variant: Option<String>,
-}
-
-/// An image manifest (OCI or Docker schema 2; their JSON is the same shape).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageManifest {
-    #[serde(default)]
-    pub media_type: Option<String>,
-    pub config: Descriptor,
-    pub layers: Vec<Descriptor>,
-}
-
-/// An image index / manifest list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageIndex {
-    pub manifests: Vec<Descriptor>,
-}
-
-/// The image config blob.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct ImageConfigFile {
-    #[serde(default)]
-    pub config: Option<ImageRunConfig>,
-    pub rootfs: RootFs,
-}
-
-/// The run defaults inside the image config (`config` key).
-#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "PascalCase")]
-pub struct ImageRunConfig {
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub env: Option<Vec<String>>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct RootFs {
-    #[serde(default)]
-    pub diff_ids: Vec<String>,
 }
 
 /// Is this media type an index / manifest list?
@@ -167,20 +109,15 @@ pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
 }
 
-/// Reads the `mediaType` field of a manifest document, if any.
+/// Reads the `mediaType` field of a manifest document; without one, a document listing
+/// `manifests` is an (OCI) index and anything else an OCI manifest.
 pub fn sniff_media_type(bytes: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Probe {
-        media_type: Option<String>,
-        manifests: Option<serde_json::Value>,
-    }
-    let probe: Probe = serde_json::from_slice(bytes).ok()?;
-    probe.media_type.or_else(|| {
-        probe
-            .manifests
-            .map(|_| OCI_INDEX.to_string())
-            .or(Some(OCI_MANIFEST.to_string()))
+    let document: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let declared = document.get("mediaType").and_then(|t| t.as_str());
+    Some(match declared {
+        Some(media_type) => media_type.to_string(),
+        None if document.get("manifests").is_some() => OCI_INDEX.to_string(),
+        None => OCI_MANIFEST.to_string(),
     })
 }
 
@@ -198,7 +135,7 @@ pub fn parse_index(bytes: &[u8]) -> Result<ImageIndex, ManifestError> {
     })
 }
 
-pub fn parse_config(bytes: &[u8]) -> Result<ImageConfigFile, ManifestError> {
+pub fn parse_config(bytes: &[u8]) -> Result<ImageConfiguration, ManifestError> {
     serde_json::from_slice(bytes).map_err(|source| ManifestError::Malformed {
         what: "image config",
         source,
@@ -215,19 +152,20 @@ pub fn host_platform() -> (&'static str, &'static str) {
     ("linux", arch)
 }
 
-/// Picks the manifest for `os`/`architecture` out of an index.
+/// Picks the manifest for `os`/`architecture` out of an index, wherever it is listed.
 pub fn select_platform<'a>(
     index: &'a ImageIndex,
     os: &str,
     architecture: &str,
 ) -> Result<&'a Descriptor, ManifestError> {
+    let (want_os, want_arch) = (Os::from(os), Arch::from(architecture));
     index
-        .manifests
+        .manifests()
         .iter()
         .find(|m| {
-            m.platform
+            m.platform()
                 .as_ref()
-                .is_some_and(|p| p.os == os && p.architecture == architecture)
+                .is_some_and(|p| p.os() == &want_os && p.architecture() == &want_arch)
         })
         .ok_or_else(|| ManifestError::NoMatchingPlatform {
             os: os.to_string(),
@@ -260,12 +198,12 @@ pub fn manifest_gc_labels(manifest: &ImageManifest) -> HashMap<String, String> {
     let mut labels = HashMap::new();
     labels.insert(
         "containerd.io/gc.ref.content.config".to_string(),
-        manifest.config.digest.clone(),
+        manifest.config().digest().to_string(),
     );
-    for (i, layer) in manifest.layers.iter().enumerate() {
+    for (i, layer) in manifest.layers().iter().enumerate() {
         labels.insert(
             format!("containerd.io/gc.ref.content.l.{i}"),
-            layer.digest.clone(),
+            layer.digest().to_string(),
         );
     }
     labels
@@ -274,6 +212,16 @@ pub fn manifest_gc_labels(manifest: &ImageManifest) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+    const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    const LZ4_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+lz4";
+
+    /// A well-formed sha256 digest numbered `n` (oci-spec checks the form).
+    fn digest(n: u32) -> String {
+        format!("sha256:{n:064x}")
+    }
 
     #[test]
     fn chain_id_of_one_layer_is_its_diff_id() {
@@ -304,23 +252,50 @@ mod tests {
         );
     }
 
+    /// An index (OCI or a Docker manifest list) whose amd64 entry is not the first.
+    fn index_document(media_type: &str, entry_type: &str) -> Vec<u8> {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": [
+                {"mediaType": entry_type, "digest": digest(1), "size": 1,
+                 "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+                {"mediaType": entry_type, "digest": digest(2), "size": 1,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+            ],
+        })
+        .to_string()
+        .into_bytes()
+    }
+
     #[test]
-    fn selects_platform_from_index() {
-        let doc = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json",
-            "manifests":[
-              {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:arm","size":1,
-               "platform":{"os":"linux","architecture":"arm64"}},
-              {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:amd","size":1,
-               "platform":{"os":"linux","architecture":"amd64"}}]}"#;
-        assert_eq!(sniff_media_type(doc).as_deref(), Some(OCI_INDEX));
-        let index = parse_index(doc).expect("parses");
+    fn selects_the_platform_from_an_oci_index_or_a_docker_manifest_list() {
+        for (media_type, entry_type) in [
+            (OCI_INDEX, OCI_MANIFEST),
+            (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST),
+        ] {
+            let doc = index_document(media_type, entry_type);
+            assert_eq!(sniff_media_type(&doc).as_deref(), Some(media_type));
+            assert!(is_index(media_type));
+            let index = parse_index(&doc).expect("parses");
+            let chosen = select_platform(&index, "linux", "amd64").expect("found");
+            assert_eq!(chosen.digest().to_string(), digest(2), "{media_type}");
+            assert_eq!(chosen.media_type().to_string(), entry_type);
+            assert!(select_platform(&index, "linux", "s390x").is_err());
+        }
+    }
+
+    #[test]
+    fn a_document_without_media_type_is_sniffed_by_its_shape() {
         assert_eq!(
-            select_platform(&index, "linux", "amd64")
-                .expect("found")
-                .digest,
-            "sha256:amd"
+            sniff_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
         );
-        assert!(select_platform(&index, "linux", "s390x").is_err());
+        assert_eq!(
+            sniff_media_type(br#"{"schemaVersion":2,"layers":[]}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(sniff_media_type(b"not json"), None);
     }
 
     #[test]
@@ -332,7 +307,7 @@ mod tests {
             (OCI_LAYER_ZSTD, Some(Zstd)),
             (DOCKER_LAYER, Some(Uncompressed)),
             (DOCKER_LAYER_GZIP, Some(Gzip)),
-            ("application/vnd.oci.image.layer.v1.tar+lz4", None),
+            (LZ4_LAYER, None),
             (
                 "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                 None,
@@ -343,19 +318,23 @@ mod tests {
             ),
             ("", None),
         ] {
-            assert_eq!(layer_compression(media_type), expected, "{media_type:?}");
+            assert_eq!(
+                layer_compression(&MediaType::from(media_type)),
+                expected,
+                "{media_type:?}"
+            );
         }
     }
 
-    fn manifest_with_layers(media_types: &[&str]) -> ImageManifest {
-        let layers: Vec<_> = media_types
-            .iter()
-            .enumerate()
-            .map(|(i, m)| serde_json::json!({"mediaType": m, "digest": format!("sha256:{i}"), "size": 1}))
+    fn manifest_with_layers(manifest_type: &str, layer_types: &[&str]) -> ImageManifest {
+        let layers: Vec<_> = (0u32..)
+            .zip(layer_types)
+            .map(|(i, m)| serde_json::json!({"mediaType": m, "digest": digest(i), "size": 1}))
             .collect();
         let doc = serde_json::json!({
             "schemaVersion": 2,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:c", "size": 1},
+            "mediaType": manifest_type,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(99), "size": 1},
             "layers": layers,
         });
         parse_manifest(doc.to_string().as_bytes()).expect("parses")
@@ -363,25 +342,29 @@ mod tests {
 
     #[test]
     fn mixed_supported_layers_pass_the_check() {
-        let manifest = manifest_with_layers(&[OCI_LAYER_ZSTD, OCI_LAYER_GZIP, OCI_LAYER]);
+        let manifest =
+            manifest_with_layers(OCI_MANIFEST, &[OCI_LAYER_ZSTD, OCI_LAYER_GZIP, OCI_LAYER]);
         assert!(check_layer_media_types(&manifest).is_ok());
-        assert!(check_layer_media_types(&manifest_with_layers(&[])).is_ok());
+        assert!(check_layer_media_types(&manifest_with_layers(OCI_MANIFEST, &[])).is_ok());
+        let docker = manifest_with_layers(DOCKER_MANIFEST, &[DOCKER_LAYER_GZIP, DOCKER_LAYER]);
+        assert!(check_layer_media_types(&docker).is_ok());
+        let labels = manifest_gc_labels(&docker);
+        assert_eq!(labels["containerd.io/gc.ref.content.config"], digest(99));
+        assert_eq!(labels["containerd.io/gc.ref.content.l.1"], digest(1));
     }
 
     #[test]
     fn an_unsupported_layer_is_named_with_its_media_type() {
-        let manifest =
-            manifest_with_layers(&[OCI_LAYER_ZSTD, "application/vnd.oci.image.layer.v1.tar+lz4"]);
+        let manifest = manifest_with_layers(OCI_MANIFEST, &[OCI_LAYER_ZSTD, LZ4_LAYER]);
         let error = check_layer_media_types(&manifest).expect_err("lz4 is not supported");
         assert!(
-            matches!(&error, ManifestError::UnsupportedLayerMediaType { digest, media_type }
-                if digest == "sha256:1" && media_type == "application/vnd.oci.image.layer.v1.tar+lz4"),
+            matches!(&error, ManifestError::UnsupportedLayerMediaType { digest: d, media_type }
+                if *d == digest(1) && media_type == LZ4_LAYER),
             "{error:?}"
         );
         let message = error.to_string();
         assert!(
-            message.contains("\"application/vnd.oci.image.layer.v1.tar+lz4\"")
-                && message.contains("sha256:1"),
+            message.contains(&format!("\"{LZ4_LAYER}\"")) && message.contains(&digest(1)),
             "{message}"
         );
     }
@@ -392,9 +375,9 @@ mod tests {
             "config":{"Env":["PATH=/bin"],"Entrypoint":["/ep"],"Cmd":["a"],"WorkingDir":"/w","User":"1000:1000"},
             "rootfs":{"type":"layers","diff_ids":["sha256:x"]}}"#;
         let cfg = parse_config(doc).expect("parses");
-        let run = cfg.config.expect("has config");
-        assert_eq!(run.entrypoint, Some(vec!["/ep".to_string()]));
-        assert_eq!(run.user.as_deref(), Some("1000:1000"));
-        assert_eq!(cfg.rootfs.diff_ids, vec!["sha256:x".to_string()]);
+        let run = cfg.config().clone().expect("has config");
+        assert_eq!(run.entrypoint(), &Some(vec!["/ep".to_string()]));
+        assert_eq!(run.user().as_deref(), Some("1000:1000"));
+        assert_eq!(cfg.rootfs().diff_ids(), &vec!["sha256:x".to_string()]);
     }
 }

@@ -56,7 +56,7 @@ pub fn remove_run_cgroups(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             // The symlinked aliases (cpu -> cpu,cpuacct) see the same directory twice, and a
             // non-directory entry (e.g. a stray file) is not a controller.
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {}
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTDIR as i32) => {}
             Err(e) => failures.push((dir.display().to_string(), e)),
         }
     }

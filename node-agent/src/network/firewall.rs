@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use crate::network::NetworkError;
+use crate::network::error::NetworkError;
 
 /// The chain INPUT jumps to.
 pub const INPUT_CHAIN: &str = "BERTH-ISOLATION";

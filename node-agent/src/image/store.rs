@@ -18,11 +18,12 @@ use containerd_client::services::v1::{
 use tokio::sync::OwnedMutexGuard;
 use tonic::{Code, Status};
 
-use crate::image_cache::{CacheError, CachedImage, ImageStore, Part, LAST_USED_LABEL};
-use crate::manifest::{
+use crate::image::cache::{CacheError, CachedImage, ImageStore, Part, LAST_USED_LABEL};
+use crate::image::content::SNAPSHOTTER;
+use crate::image::manifest::{
     chain_ids, host_platform, is_index, parse_config, parse_index, parse_manifest, select_platform,
 };
-use crate::pull::{Puller, SNAPSHOTTER};
+use crate::image::pull::Puller;
 
 fn ctr(operation: &'static str) -> impl FnOnce(Status) -> CacheError {
     move |status| CacheError::Containerd {
@@ -47,8 +48,8 @@ impl ContainerdImages {
     }
 
     async fn content_size(&self, digest: &str) -> Option<u64> {
-        let info = ContentClient::new(self.puller.channel.clone())
-            .info(self.puller.request(
+        let info = ContentClient::new(self.puller.content().channel.clone())
+            .info(self.puller.content().request(
                 InfoRequest {
                     digest: digest.to_string(),
                 },
@@ -62,8 +63,8 @@ impl ContainerdImages {
     }
 
     async fn snapshot_usage(&self, chain_id: &str) -> Option<u64> {
-        let usage = SnapshotsClient::new(self.puller.channel.clone())
-            .usage(self.puller.request(
+        let usage = SnapshotsClient::new(self.puller.content().channel.clone())
+            .usage(self.puller.content().request(
                 UsageRequest {
                     snapshotter: SNAPSHOTTER.to_string(),
                     key: chain_id.to_string(),
@@ -86,7 +87,7 @@ impl ContainerdImages {
             None => complete = false,
         };
         add(format!("content:{digest}"), self.content_size(digest).await);
-        let Some(mut manifest_bytes) = self.puller.read_content(digest).await else {
+        let Some(mut manifest_bytes) = self.puller.content().read_content(digest).await else {
             return (parts, false);
         };
         if is_index(media_type) {
@@ -98,10 +99,15 @@ impl ContainerdImages {
                 return (parts, false);
             };
             add(
-                format!("content:{}", chosen.digest),
-                self.content_size(&chosen.digest).await,
+                format!("content:{}", chosen.digest()),
+                self.content_size(chosen.digest().as_ref()).await,
             );
-            match self.puller.read_content(&chosen.digest).await {
+            match self
+                .puller
+                .content()
+                .read_content(chosen.digest().as_ref())
+                .await
+            {
                 Some(bytes) => manifest_bytes = bytes,
                 None => return (parts, false),
             }
@@ -109,20 +115,25 @@ impl ContainerdImages {
         let Ok(manifest) = parse_manifest(&manifest_bytes) else {
             return (parts, false);
         };
-        for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
             add(
-                format!("content:{}", blob.digest),
-                self.content_size(&blob.digest).await,
+                format!("content:{}", blob.digest()),
+                self.content_size(blob.digest().as_ref()).await,
             );
         }
-        let config = match self.puller.read_content(&manifest.config.digest).await {
+        let config = match self
+            .puller
+            .content()
+            .read_content(manifest.config().digest().as_ref())
+            .await
+        {
             Some(bytes) => parse_config(&bytes).ok(),
             None => None,
         };
         let Some(config) = config else {
             return (parts, false);
         };
-        for chain in chain_ids(&config.rootfs.diff_ids) {
+        for chain in chain_ids(config.rootfs().diff_ids()) {
             let usage = self.snapshot_usage(&chain).await;
             add(format!("snapshot:{chain}"), usage);
         }
@@ -146,9 +157,10 @@ fn last_used_millis(image: &Image) -> i64 {
 
 impl ImageStore for ContainerdImages {
     async fn list(&self) -> Result<Vec<CachedImage>, CacheError> {
-        let images = ImagesClient::new(self.puller.channel.clone())
+        let images = ImagesClient::new(self.puller.content().channel.clone())
             .list(
                 self.puller
+                    .content()
                     .request(ListImagesRequest { filters: vec![] }, None),
             )
             .await
@@ -189,9 +201,9 @@ impl ImageStore for ContainerdImages {
     }
 
     async fn touch(&self, name: &str, at_millis: i64) -> Result<(), CacheError> {
-        let mut images = ImagesClient::new(self.puller.channel.clone());
+        let mut images = ImagesClient::new(self.puller.content().channel.clone());
         let current = images
-            .get(self.puller.request(
+            .get(self.puller.content().request(
                 GetImageRequest {
                     name: name.to_string(),
                 },
@@ -210,7 +222,7 @@ impl ImageStore for ContainerdImages {
             .labels
             .insert(LAST_USED_LABEL.to_string(), at_millis.to_string());
         images
-            .update(self.puller.request(
+            .update(self.puller.content().request(
                 UpdateImageRequest {
                     image: Some(image),
                     update_mask: Some(prost_types::FieldMask {
@@ -226,8 +238,8 @@ impl ImageStore for ContainerdImages {
     }
 
     async fn delete(&self, name: &str) -> Result<(), CacheError> {
-        let result = ImagesClient::new(self.puller.channel.clone())
-            .delete(self.puller.request(
+        let result = ImagesClient::new(self.puller.content().channel.clone())
+            .delete(self.puller.content().request(
                 DeleteImageRequest {
                     name: name.to_string(),
                     sync: true,

@@ -11,15 +11,16 @@ use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunSt
 use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
-use crate::files::{add_mounts, remove_files, write_files};
-use crate::journal::{ExitRecord, Journal, RunDir, RunRecord};
-use crate::logs::{LogLimits, LogPump};
+use crate::image::progress::run_report;
 use crate::outbox::SharedOutbox;
-use crate::pull_progress::{pull_reporting, run_report};
+use crate::run::files::{add_mounts, remove_files, write_files};
+use crate::run::journal::{ExitRecord, Journal, RunDir, RunRecord};
+use crate::run::logs::{LogLimits, LogPump};
+use crate::run::spec::{build_spec, SpecInputs};
 use crate::runtime::{
-    ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
+    pull_reporting, ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
+    StopSignal, TaskExit,
 };
-use crate::spec::{build_spec, SpecInputs};
 
 /// Exit code reported when the run's timeout elapsed (as coreutils `timeout` does).
 pub const TIMEOUT_EXIT_CODE: i32 = 124;

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, OwnedMutexGuard};
 
-use crate::reference::ImageReference;
+use oci_client::Reference;
 
 /// containerd label holding an image's last use, unix millis.
 pub const LAST_USED_LABEL: &str = "berth.dev/last-used";
@@ -100,7 +100,9 @@ pub fn select_evictions(
 /// The name containerd knows an image by (what the puller creates); unparsable references are
 /// kept as they are.
 pub fn containerd_name(image: &str) -> String {
-    ImageReference::parse(image).map_or_else(|_| image.to_string(), |r| r.to_string())
+    image
+        .parse::<Reference>()
+        .map_or_else(|_| image.to_string(), |r| r.to_string())
 }
 
 /// Why a cache operation failed.

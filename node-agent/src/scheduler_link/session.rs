@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, AgentMessage, AssignRun, ExitReason, Heartbeat,
@@ -24,13 +25,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
-use crate::journal::Journal;
+use crate::image::progress::warmup_report;
 use crate::outbox::SharedOutbox;
-use crate::pull_progress::{pull_reporting, warmup_report};
-use crate::runtime::ContainerRuntime;
-use crate::supervisor::{resume, supervise, Assignment, SupervisorSettings};
+use crate::run::journal::Journal;
+use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
+use crate::runtime::{pull_reporting, ContainerRuntime};
 
+/// The shortest wait before reconnecting (the first retry after a session that registered).
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest wait before reconnecting.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -191,7 +194,7 @@ impl<R: ContainerRuntime> Agent<R> {
             self.drain().await;
         };
         let mut drained = std::pin::pin!(drained);
-        let mut backoff = BACKOFF_START;
+        let mut backoff = reconnect_backoff();
         loop {
             let mut registered = false;
             let attempt = self.connect_once(&mut registered);
@@ -200,19 +203,19 @@ impl<R: ContainerRuntime> Agent<R> {
                 result = attempt => result,
             };
             if registered {
-                backoff = BACKOFF_START;
+                backoff = reconnect_backoff();
             }
+            let delay = backoff.next().unwrap_or(BACKOFF_MAX);
             match result {
                 Ok(()) => tracing::info!("scheduler session ended; reconnecting"),
                 Err(error) => {
-                    tracing::warn!(%error, retry_ms = backoff.as_millis() as u64, "scheduler session failed")
+                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "scheduler session failed")
                 }
             }
             tokio::select! {
                 _ = &mut drained => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -564,6 +567,19 @@ impl<R: ContainerRuntime> Agent<R> {
 
 /// The report for an assignment that arrives while the agent shuts down: the run never started
 /// here, so the scheduler can place it elsewhere.
+/// The waits between reconnection attempts: doubling from [`BACKOFF_START`], each stretched by a
+/// random share of up to 100 % so that the agents of a fleet that lost the scheduler together do
+/// not all come back at the same moment. The doubling stops at half of [`BACKOFF_MAX`], so even
+/// stretched no wait is longer than the cap; none is shorter than the floor. Never runs out.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_START)
+        .with_max_delay(BACKOFF_MAX / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
     RunExited {
         run_id,
@@ -578,221 +594,4 @@ fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::logs::LogLimits;
-    use crate::runtime::{ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
-    use berth_proto::v1::{Ack, RegistryAuth, RunSpec};
-
-    /// A runtime whose pulls fail after `pull_takes` (or never end): enough to have runs in
-    /// flight without containers.
-    struct SlowPulls {
-        pull_takes: Option<Duration>,
-        /// Runs holding a network (what `list_networks` reports).
-        networks: Vec<String>,
-        cleaned: std::sync::Mutex<Vec<String>>,
-    }
-
-    impl ContainerRuntime for SlowPulls {
-        fn cached_images(&self) -> Vec<String> {
-            Vec::new()
-        }
-        async fn pull_image(
-            &self,
-            image: &str,
-            _auth: Option<&RegistryAuth>,
-        ) -> Result<PreparedImage, RuntimeError> {
-            match self.pull_takes {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending::<()>().await,
-            }
-            Err(RuntimeError::ImagePull {
-                image: image.to_string(),
-                message: "unreachable".to_string(),
-            })
-        }
-        async fn create(
-            &self,
-            _run_id: &str,
-            _image: &PreparedImage,
-            _spec: &oci_spec::runtime::Spec,
-            _output: &OutputFiles,
-        ) -> Result<(), RuntimeError> {
-            Err(RuntimeError::Create("not in this test".to_string()))
-        }
-        async fn watch_exit(&self, _run_id: &str) -> Result<ExitWatch, RuntimeError> {
-            Err(RuntimeError::Create("not in this test".to_string()))
-        }
-        async fn start(&self, _run_id: &str) -> Result<i64, RuntimeError> {
-            Err(RuntimeError::Start("not in this test".to_string()))
-        }
-        async fn kill(&self, _: &str, _: StopSignal, _: bool) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        fn oom_kills(&self, _run_id: &str) -> Option<u64> {
-            None
-        }
-        async fn delete_task(&self, _run_id: &str) -> Result<(), RuntimeError> {
-            Ok(())
-        }
-        async fn cleanup(&self, run_id: &str) {
-            self.cleaned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(run_id.to_string());
-        }
-        async fn list_containers(&self) -> Result<Vec<String>, RuntimeError> {
-            Ok(Vec::new())
-        }
-        fn list_networks(&self) -> Vec<String> {
-            self.networks.clone()
-        }
-    }
-
-    fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<SlowPulls>> {
-        let config = AgentConfig {
-            scheduler_url: "http://127.0.0.1:1".to_string(),
-            node_id: "n1".to_string(),
-            region: "test".to_string(),
-            total_memory_mib: 1024,
-            cpus: 1,
-            max_runs: 4,
-            containerd_socket: state.join("containerd.sock"),
-            namespace: "test".to_string(),
-            cgroup_parent: "berth/n1".to_string(),
-            state_dir: state.to_path_buf(),
-            insecure_registries: vec![],
-            pids_limit: 1024,
-            log_limits: LogLimits::default(),
-            shutdown_grace: Duration::from_secs(30),
-            cluster_token: None,
-        };
-        Arc::new(Agent::new(
-            config,
-            Arc::new(SlowPulls {
-                pull_takes,
-                networks: vec![],
-                cleaned: Default::default(),
-            }),
-        ))
-    }
-
-    fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
-        agent.handle(SchedulerMessage {
-            body: Some(scheduler_message::Body::AssignRun(AssignRun {
-                run_id: run_id.to_string(),
-                lease_epoch: 2,
-                spec: Some(RunSpec {
-                    image: "127.0.0.1:5/busybox:latest".to_string(),
-                    ..Default::default()
-                }),
-            })),
-        });
-    }
-
-    fn exits(agent: &Agent<SlowPulls>) -> Vec<RunExited> {
-        agent
-            .outbox()
-            .snapshot()
-            .into_iter()
-            .filter_map(|m| match m.body {
-                Some(Body::RunExited(e)) => Some(e),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_draining_agent_refuses_new_runs_as_node_draining() {
-        let state = tempfile::tempdir().expect("tempdir");
-        let agent = agent(state.path(), None);
-        agent.draining.store(true, Ordering::SeqCst);
-        assign(&agent, "r1");
-        let exits = exits(&agent);
-        assert_eq!(exits.len(), 1);
-        let exit = &exits[0];
-        assert_eq!(
-            (exit.reason, exit.exit_code, exit.lease_epoch),
-            (ExitReason::StartFailed as i32, -1, 2)
-        );
-        assert_eq!(exit.error_code, NODE_DRAINING);
-        assert!(agent.runs().is_empty(), "nothing was started");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn drain_returns_once_runs_ended_and_were_acknowledged() {
-        let state = tempfile::tempdir().expect("tempdir");
-        let idle = agent(state.path(), None);
-        let begin = tokio::time::Instant::now();
-        idle.drain().await;
-        assert!(
-            begin.elapsed() < Duration::from_secs(1),
-            "nothing to wait for"
-        );
-
-        let agent = agent(state.path(), Some(Duration::from_secs(3)));
-        assign(&agent, "r1");
-        let acker = {
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    if let Some(exit) = agent
-                        .outbox()
-                        .snapshot()
-                        .into_iter()
-                        .find(|m| matches!(m.body, Some(Body::RunExited(_))))
-                    {
-                        agent.handle(SchedulerMessage {
-                            body: Some(scheduler_message::Body::Ack(Ack {
-                                up_to_seq: exit.seq,
-                            })),
-                        });
-                        return;
-                    }
-                }
-            })
-        };
-        let begin = tokio::time::Instant::now();
-        agent.drain().await;
-        let waited = begin.elapsed();
-        assert!(
-            waited >= Duration::from_secs(3) && waited < Duration::from_secs(5),
-            "waited for the run, not the whole grace: {waited:?}"
-        );
-        assert!(agent.runs().is_empty() && agent.outbox().is_empty());
-        acker.await.expect("acker");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn drain_gives_up_after_the_grace() {
-        let state = tempfile::tempdir().expect("tempdir");
-        let agent = agent(state.path(), None);
-        assign(&agent, "r1");
-        let begin = tokio::time::Instant::now();
-        agent.drain().await;
-        let waited = begin.elapsed();
-        assert!(
-            waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
-            "{waited:?}"
-        );
-        assert!(agent.runs().contains_key("r1"), "left for the next start");
-    }
-
-    #[tokio::test]
-    async fn recovery_releases_networks_of_runs_nobody_knows() {
-        let state = tempfile::tempdir().expect("tempdir");
-        let mut config = agent(state.path(), None).config.clone();
-        config.state_dir = state.path().to_path_buf();
-        let runtime = Arc::new(SlowPulls {
-            pull_takes: None,
-            networks: vec!["gone-1".to_string(), "gone-2".to_string()],
-            cleaned: Default::default(),
-        });
-        let agent = Agent::new(config, runtime.clone());
-        agent.recover().await;
-        let cleaned = runtime.cleaned.lock().expect("lock").clone();
-        assert_eq!(cleaned, vec!["gone-1".to_string(), "gone-2".to_string()]);
-        assert!(agent.runs().is_empty(), "nothing re-adopted");
-    }
-}
+mod tests;

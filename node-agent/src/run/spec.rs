@@ -12,9 +12,9 @@ use oci_spec::runtime::{
     Spec, User,
 };
 
-use crate::manifest::ImageRunConfig;
-use crate::network::NetworkAttachment;
-use crate::seccomp;
+use crate::image::manifest::ImageRunConfig;
+use crate::network::cni::NetworkAttachment;
+use crate::run::seccomp;
 
 /// PATH used when neither the image nor the run sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -52,14 +52,14 @@ pub fn resolve_args(run: &RunSpec, image: &ImageRunConfig) -> Result<Vec<String>
     let entrypoint = if run.entrypoint_set {
         run.entrypoint.clone()
     } else {
-        image.entrypoint.clone().unwrap_or_default()
+        image.entrypoint().clone().unwrap_or_default()
     };
     let cmd = if run.cmd_set {
         run.cmd.clone()
     } else if run.entrypoint_set {
         Vec::new()
     } else {
-        image.cmd.clone().unwrap_or_default()
+        image.cmd().clone().unwrap_or_default()
     };
     let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if args.is_empty() || args[0].is_empty() {
@@ -156,19 +156,19 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     let args = resolve_args(inputs.run, inputs.image)?;
     let env = resolve_env(
         &inputs.run.env,
-        inputs.image.env.as_deref().unwrap_or_default(),
+        inputs.image.env().as_deref().unwrap_or_default(),
     );
-    let (uid, gid, numeric) = resolve_user(inputs.image.user.as_deref());
+    let (uid, gid, numeric) = resolve_user(inputs.image.user().as_deref());
     if !numeric {
         tracing::warn!(
             run_id = inputs.run_id,
-            user = inputs.image.user.as_deref().unwrap_or_default(),
+            user = inputs.image.user().as_deref().unwrap_or_default(),
             "image USER is not numeric; running as 0:0"
         );
     }
     let cwd = inputs
         .image
-        .working_dir
+        .working_dir()
         .clone()
         .filter(|w| w.starts_with('/'))
         .unwrap_or_else(|| "/".to_string());
@@ -303,11 +303,10 @@ mod tests {
     }
 
     fn image(ep: Option<&[&str]>, cmd: Option<&[&str]>) -> ImageRunConfig {
-        ImageRunConfig {
-            entrypoint: ep.map(s),
-            cmd: cmd.map(s),
-            ..Default::default()
-        }
+        let mut config = ImageRunConfig::default();
+        config.set_entrypoint(ep.map(s));
+        config.set_cmd(cmd.map(s));
+        config
     }
 
     #[test]

@@ -1,0 +1,238 @@
+use super::*;
+use crate::run::logs::LogLimits;
+use crate::runtime::{ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
+use berth_proto::v1::{Ack, RegistryAuth, RunSpec};
+
+/// A runtime whose pulls fail after `pull_takes` (or never end): enough to have runs in
+/// flight without containers.
+struct SlowPulls {
+    pull_takes: Option<Duration>,
+    /// Runs holding a network (what `list_networks` reports).
+    networks: Vec<String>,
+    cleaned: std::sync::Mutex<Vec<String>>,
+}
+
+impl ContainerRuntime for SlowPulls {
+    fn cached_images(&self) -> Vec<String> {
+        Vec::new()
+    }
+    async fn pull_image(
+        &self,
+        image: &str,
+        _auth: Option<&RegistryAuth>,
+    ) -> Result<PreparedImage, RuntimeError> {
+        match self.pull_takes {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending::<()>().await,
+        }
+        Err(RuntimeError::ImagePull {
+            image: image.to_string(),
+            message: "unreachable".to_string(),
+        })
+    }
+    async fn create(
+        &self,
+        _run_id: &str,
+        _image: &PreparedImage,
+        _spec: &oci_spec::runtime::Spec,
+        _output: &OutputFiles,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Create("not in this test".to_string()))
+    }
+    async fn watch_exit(&self, _run_id: &str) -> Result<ExitWatch, RuntimeError> {
+        Err(RuntimeError::Create("not in this test".to_string()))
+    }
+    async fn start(&self, _run_id: &str) -> Result<i64, RuntimeError> {
+        Err(RuntimeError::Start("not in this test".to_string()))
+    }
+    async fn kill(&self, _: &str, _: StopSignal, _: bool) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    fn oom_kills(&self, _run_id: &str) -> Option<u64> {
+        None
+    }
+    async fn delete_task(&self, _run_id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    async fn cleanup(&self, run_id: &str) {
+        self.cleaned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(run_id.to_string());
+    }
+    async fn list_containers(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
+    fn list_networks(&self) -> Vec<String> {
+        self.networks.clone()
+    }
+}
+
+fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<SlowPulls>> {
+    let config = AgentConfig {
+        scheduler_url: "http://127.0.0.1:1".to_string(),
+        node_id: "n1".to_string(),
+        region: "test".to_string(),
+        total_memory_mib: 1024,
+        cpus: 1,
+        max_runs: 4,
+        containerd_socket: state.join("containerd.sock"),
+        namespace: "test".to_string(),
+        cgroup_parent: "berth/n1".to_string(),
+        state_dir: state.to_path_buf(),
+        insecure_registries: vec![],
+        pids_limit: 1024,
+        log_limits: LogLimits::default(),
+        shutdown_grace: Duration::from_secs(30),
+        cluster_token: None,
+    };
+    Arc::new(Agent::new(
+        config,
+        Arc::new(SlowPulls {
+            pull_takes,
+            networks: vec![],
+            cleaned: Default::default(),
+        }),
+    ))
+}
+
+fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
+    agent.handle(SchedulerMessage {
+        body: Some(scheduler_message::Body::AssignRun(AssignRun {
+            run_id: run_id.to_string(),
+            lease_epoch: 2,
+            spec: Some(RunSpec {
+                image: "127.0.0.1:5/busybox:latest".to_string(),
+                ..Default::default()
+            }),
+        })),
+    });
+}
+
+fn exits(agent: &Agent<SlowPulls>) -> Vec<RunExited> {
+    agent
+        .outbox()
+        .snapshot()
+        .into_iter()
+        .filter_map(|m| match m.body {
+            Some(Body::RunExited(e)) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn reconnect_waits_grow_with_jitter_between_the_floor_and_the_cap() {
+    let waits: Vec<Duration> = reconnect_backoff().take(40).collect();
+    assert_eq!(waits.len(), 40, "the backoff never runs out");
+    assert!(
+        waits
+            .iter()
+            .all(|w| *w >= BACKOFF_START && *w <= BACKOFF_MAX),
+        "{waits:?}"
+    );
+    assert!(
+        waits[0] < BACKOFF_START * 2,
+        "starts at the floor: {waits:?}"
+    );
+    assert!(waits[5] >= BACKOFF_MAX / 2, "reaches the cap: {waits:?}");
+    let tail = &waits[10..];
+    assert!(
+        tail.iter().any(|w| w != &tail[0]),
+        "jittered, not one fixed wait: {tail:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_agent_refuses_new_runs_as_node_draining() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = agent(state.path(), None);
+    agent.draining.store(true, Ordering::SeqCst);
+    assign(&agent, "r1");
+    let exits = exits(&agent);
+    assert_eq!(exits.len(), 1);
+    let exit = &exits[0];
+    assert_eq!(
+        (exit.reason, exit.exit_code, exit.lease_epoch),
+        (ExitReason::StartFailed as i32, -1, 2)
+    );
+    assert_eq!(exit.error_code, NODE_DRAINING);
+    assert!(agent.runs().is_empty(), "nothing was started");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_returns_once_runs_ended_and_were_acknowledged() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let idle = agent(state.path(), None);
+    let begin = tokio::time::Instant::now();
+    idle.drain().await;
+    assert!(
+        begin.elapsed() < Duration::from_secs(1),
+        "nothing to wait for"
+    );
+
+    let agent = agent(state.path(), Some(Duration::from_secs(3)));
+    assign(&agent, "r1");
+    let acker = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(exit) = agent
+                    .outbox()
+                    .snapshot()
+                    .into_iter()
+                    .find(|m| matches!(m.body, Some(Body::RunExited(_))))
+                {
+                    agent.handle(SchedulerMessage {
+                        body: Some(scheduler_message::Body::Ack(Ack {
+                            up_to_seq: exit.seq,
+                        })),
+                    });
+                    return;
+                }
+            }
+        })
+    };
+    let begin = tokio::time::Instant::now();
+    agent.drain().await;
+    let waited = begin.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(5),
+        "waited for the run, not the whole grace: {waited:?}"
+    );
+    assert!(agent.runs().is_empty() && agent.outbox().is_empty());
+    acker.await.expect("acker");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_gives_up_after_the_grace() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = agent(state.path(), None);
+    assign(&agent, "r1");
+    let begin = tokio::time::Instant::now();
+    agent.drain().await;
+    let waited = begin.elapsed();
+    assert!(
+        waited >= Duration::from_secs(30) && waited < Duration::from_secs(31),
+        "{waited:?}"
+    );
+    assert!(agent.runs().contains_key("r1"), "left for the next start");
+}
+
+#[tokio::test]
+async fn recovery_releases_networks_of_runs_nobody_knows() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = agent(state.path(), None).config.clone();
+    config.state_dir = state.path().to_path_buf();
+    let runtime = Arc::new(SlowPulls {
+        pull_takes: None,
+        networks: vec!["gone-1".to_string(), "gone-2".to_string()],
+        cleaned: Default::default(),
+    });
+    let agent = Agent::new(config, runtime.clone());
+    agent.recover().await;
+    let cleaned = runtime.cleaned.lock().expect("lock").clone();
+    assert_eq!(cleaned, vec!["gone-1".to_string(), "gone-2".to_string()]);
+    assert!(agent.runs().is_empty(), "nothing re-adopted");
+}
