@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+use berth_core::codes::ErrorCode;
 use berth_proto::v1::RegistryAuth;
 use oci_spec::runtime::Spec;
 use tokio::sync::{oneshot, watch};
@@ -73,13 +74,13 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     /// The machine-readable `error_code` reported in `RunExited`.
-    pub fn error_code(&self) -> &'static str {
+    pub fn error_code(&self) -> ErrorCode {
         match self {
-            RuntimeError::ImagePull { .. } => "image_pull_failed",
-            RuntimeError::Create(_) => "container_create_failed",
-            RuntimeError::Network(_) => "network_setup_failed",
-            RuntimeError::Start(_) => "task_start_failed",
-            RuntimeError::Task { .. } => "task_failed",
+            RuntimeError::ImagePull { .. } => ErrorCode::ImagePullFailed,
+            RuntimeError::Create(_) => ErrorCode::ContainerCreateFailed,
+            RuntimeError::Network(_) => ErrorCode::NetworkSetupFailed,
+            RuntimeError::Start(_) => ErrorCode::TaskStartFailed,
+            RuntimeError::Task { .. } => ErrorCode::TaskFailed,
         }
     }
 }

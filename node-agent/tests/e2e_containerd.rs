@@ -365,8 +365,8 @@ async fn runs_containers_end_to_end() {
     let exit = h.exit_of("e2e-nopull", Duration::from_secs(20)).await;
     assert_eq!(exit.reason, ExitReason::StartFailed as i32);
     assert_eq!(
-        (exit.exit_code, exit.error_code.as_str()),
-        (-1, "image_pull_failed"),
+        (exit.exit_code, exit.error_code()),
+        (-1, berth_proto::v1::ErrorCode::ImagePullFailed),
         "{exit:?}"
     );
 

@@ -10,6 +10,7 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use berth_core::codes::ErrorCode;
 use berth_proto::v1::RunFile;
 use oci_spec::runtime::{Mount, Spec};
 
@@ -40,8 +41,8 @@ pub enum FilesError {
 
 impl FilesError {
     /// The machine-readable `error_code` reported to the scheduler.
-    pub fn error_code(&self) -> &'static str {
-        "files_failed"
+    pub fn error_code(&self) -> ErrorCode {
+        ErrorCode::FilesFailed
     }
 }
 
@@ -184,7 +185,7 @@ mod tests {
         assert!(!run_dir.path().join(FILES_DIR).exists());
         let err = write_files(run_dir.path(), &[file("/a/../../etc/passwd", b"x", 0o644)])
             .expect_err("refused");
-        assert_eq!(err.error_code(), "files_failed");
+        assert_eq!(err.error_code(), ErrorCode::FilesFailed);
         assert!(!run_dir.path().join(FILES_DIR).exists());
     }
 }

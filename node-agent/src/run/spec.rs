@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use berth_core::codes::ErrorCode;
 use berth_proto::v1::RunSpec;
 use oci_spec::runtime::{
     Capability, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxNamespace,
@@ -38,10 +39,10 @@ pub enum SpecError {
 
 impl SpecError {
     /// The machine-readable `error_code` reported to the scheduler.
-    pub fn error_code(&self) -> &'static str {
+    pub fn error_code(&self) -> ErrorCode {
         match self {
-            SpecError::EmptyCommand => "invalid_command",
-            SpecError::Oci(_) => "invalid_spec",
+            SpecError::EmptyCommand => ErrorCode::InvalidCommand,
+            SpecError::Oci(_) => ErrorCode::InvalidSpec,
         }
     }
 }
@@ -346,7 +347,7 @@ mod tests {
             ..Default::default()
         };
         let err = resolve_args(&run, &image(Some(&["/ep"]), Some(&["x"]))).expect_err("empty");
-        assert_eq!(err.error_code(), "invalid_command");
+        assert_eq!(err.error_code(), ErrorCode::InvalidCommand);
         assert!(resolve_args(&RunSpec::default(), &image(None, None)).is_err());
     }
 

@@ -7,6 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_core::codes::ErrorCode;
+use berth_core::convert::error_code_to_pb;
+use berth_core::defaults::STOP_GRACE_SECONDS;
+use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunStarted};
 use tokio::sync::watch;
 
@@ -22,10 +26,8 @@ use crate::runtime::{
     StopSignal, TaskExit,
 };
 
-/// Exit code reported when the run's timeout elapsed (as coreutils `timeout` does).
-pub const TIMEOUT_EXIT_CODE: i32 = 124;
 /// Grace period between SIGTERM and SIGKILL when the run does not set one.
-pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(2);
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(STOP_GRACE_SECONDS as u64);
 /// How long to wait for the exit after SIGKILL before giving up on the task.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Upper bound for cleanup, so a hung containerd cannot keep the exit report back forever.
@@ -54,19 +56,19 @@ struct Ending {
     reason: ExitReason,
     exit_code: i32,
     exited_at_unix_nanos: i64,
-    error_code: String,
+    error_code: Option<ErrorCode>,
     error_message: String,
     /// The kernel's OOM killer ended a process of the run, and the run failed.
     oom_killed: bool,
 }
 
 impl Ending {
-    fn start_failed(code: &str, message: String) -> Self {
+    fn start_failed(code: ErrorCode, message: String) -> Self {
         Self {
             reason: ExitReason::StartFailed,
             exit_code: -1,
             exited_at_unix_nanos: 0,
-            error_code: code.to_string(),
+            error_code: Some(code),
             error_message: message,
             oom_killed: false,
         }
@@ -77,7 +79,10 @@ impl Ending {
             reason: self.reason as i32,
             exit_code: self.exit_code,
             exited_at_unix_nanos: self.exited_at_unix_nanos,
-            error_code: self.error_code.clone(),
+            error_code: self
+                .error_code
+                .map(|c| c.as_str().to_owned())
+                .unwrap_or_default(),
             error_message: self.error_message.clone(),
             oom_killed: self.oom_killed,
         }
@@ -88,7 +93,8 @@ impl Ending {
             reason: record.reason(),
             exit_code: record.exit_code,
             exited_at_unix_nanos: record.exited_at_unix_nanos,
-            error_code: record.error_code,
+            // "" (no error) and a code this agent does not know both read as none.
+            error_code: record.error_code.parse().ok(),
             error_message: record.error_message,
             oom_killed: record.oom_killed,
         }
@@ -99,7 +105,7 @@ impl Ending {
             reason: ExitReason::Stopped,
             exit_code: -1,
             exited_at_unix_nanos: 0,
-            error_code: String::new(),
+            error_code: None,
             error_message: "stopped before the run started".to_string(),
             oom_killed: false,
         }
@@ -210,7 +216,7 @@ pub async fn resume<R: ContainerRuntime>(
                     reason: ExitReason::Exited,
                     exit_code: -1,
                     exited_at_unix_nanos: unix_nanos_now(),
-                    error_code: e.error_code().to_string(),
+                    error_code: Some(e.error_code()),
                     error_message: e.to_string(),
                     oom_killed: false,
                 },
@@ -261,7 +267,7 @@ async fn finish<R: ContainerRuntime>(
         run_id,
         reason = ?ending.reason,
         exit_code = ending.exit_code,
-        error_code = %ending.error_code,
+        error_code = ?ending.error_code,
         error_message = %ending.error_message,
         "run ended"
     );
@@ -271,7 +277,7 @@ async fn finish<R: ContainerRuntime>(
         exit_code: ending.exit_code,
         exited_at_unix_nanos: ending.exited_at_unix_nanos,
         reason: ending.reason as i32,
-        error_code: ending.error_code,
+        error_code: error_code_to_pb(ending.error_code).into(),
         error_message: ending.error_message,
         oom_killed: ending.oom_killed,
     }))
@@ -332,7 +338,10 @@ async fn run_until_exit<R: ContainerRuntime>(
         Ok(dir) => dir,
         Err(e) => {
             return (
-                Ending::start_failed("journal_failed", format!("writing the run's journal: {e}")),
+                Ending::start_failed(
+                    ErrorCode::JournalFailed,
+                    format!("writing the run's journal: {e}"),
+                ),
                 None,
             )
         }
@@ -391,7 +400,10 @@ async fn start_and_watch<R: ContainerRuntime>(
     ) {
         Ok(pump) => pump,
         Err(e) => {
-            return Ending::start_failed("journal_failed", format!("opening the run's log: {e}"))
+            return Ending::start_failed(
+                ErrorCode::JournalFailed,
+                format!("opening the run's log: {e}"),
+            )
         }
     };
 
@@ -519,7 +531,7 @@ async fn watch_running<R: ContainerRuntime>(
                             -1
                         },
                         exited_at_unix_nanos: unix_nanos_now(),
-                        error_code: "kill_failed".to_string(),
+                        error_code: Some(ErrorCode::KillFailed),
                         error_message: "the task did not exit after SIGKILL".to_string(),
                         oom_killed: false,
                     }
@@ -541,7 +553,7 @@ fn exited(
             reason,
             exit_code: forced_code.unwrap_or_else(|| i32::try_from(exit.exit_status).unwrap_or(-1)),
             exited_at_unix_nanos: exit.exited_at_unix_nanos,
-            error_code: String::new(),
+            error_code: None,
             error_message: String::new(),
             oom_killed: false,
         },
@@ -549,7 +561,7 @@ fn exited(
             reason,
             exit_code: forced_code.unwrap_or(-1),
             exited_at_unix_nanos: unix_nanos_now(),
-            error_code: e.error_code().to_string(),
+            error_code: Some(e.error_code()),
             error_message: e.to_string(),
             oom_killed: false,
         },
@@ -557,7 +569,7 @@ fn exited(
             reason,
             exit_code: forced_code.unwrap_or(-1),
             exited_at_unix_nanos: unix_nanos_now(),
-            error_code: "task_failed".to_string(),
+            error_code: Some(ErrorCode::TaskFailed),
             error_message: "lost track of the task's exit".to_string(),
             oom_killed: false,
         },

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
+use berth_core::codes::ErrorCode;
+use berth_core::convert::error_code_to_pb;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, AgentMessage, AssignRun, ExitReason, Heartbeat,
@@ -39,8 +41,6 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a draining agent checks whether it is done.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
-/// `error_code` of an assignment refused because the agent is shutting down.
-pub const NODE_DRAINING: &str = "node_draining";
 
 /// Why one connection attempt ended.
 #[derive(Debug, thiserror::Error)]
@@ -587,7 +587,7 @@ fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
         exit_code: -1,
         exited_at_unix_nanos: 0,
         reason: ExitReason::StartFailed as i32,
-        error_code: NODE_DRAINING.to_string(),
+        error_code: error_code_to_pb(Some(ErrorCode::NodeDraining)).into(),
         error_message: "the node agent is shutting down and takes no new runs".to_string(),
         oom_killed: false,
     }

@@ -175,7 +175,7 @@ pub(crate) async fn fake_agent(
                                 exit_code: 0,
                                 exited_at_unix_nanos: nanos,
                                 reason: pb::ExitReason::Exited.into(),
-                                error_code: String::new(),
+                                error_code: pb::ErrorCode::Unspecified.into(),
                                 error_message: String::new(),
                                 oom_killed: false,
                             })),

@@ -32,6 +32,7 @@ use agents::{fake_agent, AgentIdentity, Assignment, Observed};
 use anyhow::{bail, Context};
 use berth_bench::proc_stats;
 use berth_bench::stats::{millis, Summary};
+use berth_core::convert::{error_code_from_pb, run_status_from_pb};
 use berth_proto::v1 as pb;
 use clap::Parser;
 use report::Report;
@@ -286,9 +287,10 @@ async fn run_bench(
             after_id = page.next_after_id;
         }
         for run in runs {
-            let key = match run.error_code {
-                Some(code) => format!("{}:{code}", run.status),
-                None => run.status,
+            let status = run_status_from_pb(run.status).map_or("unknown", |s| s.as_str());
+            let key = match error_code_from_pb(run.error_code) {
+                Some(code) => format!("{status}:{code}"),
+                None => status.to_owned(),
             };
             *final_status.entry(key).or_default() += 1;
         }

@@ -502,7 +502,10 @@ async fn pull_failure_is_start_failed() {
     let exit = exit_of(&messages);
     assert_eq!(exit.reason, ExitReason::StartFailed as i32);
     assert_eq!(exit.exit_code, -1);
-    assert_eq!(exit.error_code, "image_pull_failed");
+    assert_eq!(
+        exit.error_code(),
+        berth_proto::v1::ErrorCode::ImagePullFailed
+    );
     assert!(exit.error_message.contains("manifest unknown"));
     assert_eq!(
         runtime.calls().last().map(String::as_str),
@@ -520,7 +523,10 @@ async fn empty_command_is_invalid_command() {
     let (runtime, messages) = run(Script::default(), spec).await;
     let exit = exit_of(&messages);
     assert_eq!(exit.reason, ExitReason::StartFailed as i32);
-    assert_eq!(exit.error_code, "invalid_command");
+    assert_eq!(
+        exit.error_code(),
+        berth_proto::v1::ErrorCode::InvalidCommand
+    );
     assert!(!runtime.calls().iter().any(|c| c.starts_with("create")));
 }
 
@@ -779,7 +785,7 @@ async fn a_vanished_task_still_ends_the_run() {
     let outbox = resume_crashed(&runtime, dir, record, None).await;
     let exit = exit_of(&outbox.snapshot());
     assert_eq!(exit.exit_code, -1);
-    assert_eq!(exit.error_code, "task_failed");
+    assert_eq!(exit.error_code(), berth_proto::v1::ErrorCode::TaskFailed);
 }
 
 #[tokio::test(start_paused = true)]

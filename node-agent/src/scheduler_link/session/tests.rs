@@ -156,7 +156,7 @@ async fn a_draining_agent_refuses_new_runs_as_node_draining() {
         (exit.reason, exit.exit_code, exit.lease_epoch),
         (ExitReason::StartFailed as i32, -1, 2)
     );
-    assert_eq!(exit.error_code, NODE_DRAINING);
+    assert_eq!(exit.error_code(), berth_proto::v1::ErrorCode::NodeDraining);
     assert!(agent.runs().is_empty(), "nothing was started");
 }
 
