@@ -5,17 +5,38 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_core::validate::{FieldError, ValidationErrors};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    /// `malformed_request` (400), `unauthorized` (401), `not_found` (404),
-    /// `method_not_allowed` (405), `conflict` (409),
-    /// `validation_failed` (422), `internal` (500) or `unavailable` (503).
-    #[schema(value_type = String)]
-    pub code: &'static str,
+    pub code: ApiErrorCode,
     /// At least one; each names the field it is about.
     pub errors: Vec<FieldError>,
+}
+
+/// What kind of refusal an error body is; each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorCode {
+    /// 400: not JSON, wrong types, unknown fields or query parameters.
+    MalformedRequest,
+    /// 401: no bearer token, or neither the admin token nor a valid, unrevoked API key.
+    Unauthorized,
+    /// 403: a project key on a route for the admin.
+    Forbidden,
+    /// 404: no such record (in the caller's project).
+    NotFound,
+    /// 405: the path exists, the method does not.
+    MethodNotAllowed,
+    /// 409: conflicts with the current state.
+    Conflict,
+    /// 422: validation failed; each error names its field.
+    ValidationFailed,
+    /// 500.
+    Internal,
+    /// 503: the scheduler is unavailable.
+    Unavailable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +69,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn parts(&self) -> (StatusCode, &'static str, Vec<FieldError>) {
+    fn parts(&self) -> (StatusCode, ApiErrorCode, Vec<FieldError>) {
         let fe = |field: &str, message: String| {
             vec![FieldError {
                 field: field.to_owned(),
@@ -58,45 +79,47 @@ impl ApiError {
         match self {
             ApiError::Malformed { field, message } => (
                 StatusCode::BAD_REQUEST,
-                "malformed_request",
+                ApiErrorCode::MalformedRequest,
                 fe(field, message.clone()),
             ),
             ApiError::Invalid(v) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
+                ApiErrorCode::ValidationFailed,
                 v.0.clone(),
             ),
             ApiError::NotFound { field, message } => (
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ApiErrorCode::NotFound,
                 fe(field, message.clone()),
             ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ApiErrorCode::Unauthorized,
                 fe("authorization", self.to_string()),
             ),
             ApiError::Forbidden(message) => (
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                ApiErrorCode::Forbidden,
                 fe("authorization", message.clone()),
             ),
             ApiError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ApiErrorCode::MethodNotAllowed,
                 fe("method", self.to_string()),
             ),
-            ApiError::Conflict { field, message } => {
-                (StatusCode::CONFLICT, "conflict", fe(field, message.clone()))
-            }
+            ApiError::Conflict { field, message } => (
+                StatusCode::CONFLICT,
+                ApiErrorCode::Conflict,
+                fe(field, message.clone()),
+            ),
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ApiErrorCode::Unavailable,
                 fe("", self.to_string()),
             ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
+                ApiErrorCode::Internal,
                 fe("", self.to_string()),
             ),
         }

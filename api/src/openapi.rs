@@ -146,6 +146,62 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
+    /// The wire's words are enums in the document, listing exactly the values the code has.
+    #[test]
+    fn statuses_and_error_codes_are_enums_of_the_domains_values() {
+        use berth_core::codes::{ErrorCode, NodeState};
+        use berth_core::RunStatus;
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        let values = |schema: &str| -> Vec<String> {
+            schemas[schema]["enum"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            values("RunStatus"),
+            names(&RunStatus::ALL.map(RunStatus::as_str))
+        );
+        assert_eq!(
+            values("ErrorCode"),
+            names(&ErrorCode::ALL.map(ErrorCode::as_str))
+        );
+        assert_eq!(
+            values("NodeState"),
+            names(&NodeState::ALL.map(NodeState::as_str))
+        );
+        assert_eq!(
+            values("ApiErrorCode"),
+            names(&[
+                "malformed_request",
+                "unauthorized",
+                "forbidden",
+                "not_found",
+                "method_not_allowed",
+                "conflict",
+                "validation_failed",
+                "internal",
+                "unavailable"
+            ])
+        );
+        let reference = |schema: &str, field: &str| {
+            serde_json::to_string(&schemas[schema]["properties"][field]).unwrap_or_default()
+        };
+        assert!(reference("RunView", "status").contains("#/components/schemas/RunStatus"));
+        assert!(reference("RunView", "error_code").contains("#/components/schemas/ErrorCode"));
+        assert!(reference("RunStateView", "status").contains("#/components/schemas/RunStatus"));
+        assert!(reference("NodeView", "status").contains("#/components/schemas/NodeState"));
+        assert!(reference("LogView", "stream").contains("#/components/schemas/LogStream"));
+        assert!(
+            reference("RunnerView", "warmup_status").contains("#/components/schemas/WarmupStatus")
+        );
+        assert!(reference("ErrorBody", "code").contains("#/components/schemas/ApiErrorCode"));
+    }
+
     #[test]
     fn the_log_stream_documents_each_event() {
         let doc = document();
