@@ -380,7 +380,8 @@ impl State {
         }
     }
 
-    /// The index's lease totals equal what the active runs add up to (test invariant).
+    /// The index's lease totals equal what the active runs and the nodes' stale runs add up to
+    /// (test invariant).
     #[cfg(test)]
     fn assert_index_consistent(&self) {
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
@@ -388,6 +389,14 @@ impl State {
             if let Some(node) = c.node_id.as_deref() {
                 let e = held.entry(node).or_default();
                 e.0 += c.memory_mib;
+                e.1 += 1;
+            }
+        }
+        // Containers a node may still run without a lease hold capacity too.
+        for n in self.nodes.values() {
+            for memory_mib in n.stale.values() {
+                let e = held.entry(n.id.as_str()).or_default();
+                e.0 += memory_mib;
                 e.1 += 1;
             }
         }
