@@ -1,7 +1,8 @@
 //! End-to-end node loss with real agents (issue #10): a node declared lost ends its runs
 //! `node_lost` for good — when its agent speaks again it kills and cleans up their containers,
 //! none of their later lines is stored, and the node takes no new run while the stale container
-//! still holds its capacity.
+//! still holds its capacity — and an agent whose scheduler is gone still stops on SIGTERM within
+//! its grace.
 
 mod common;
 
@@ -116,6 +117,96 @@ async fn a_lost_node_kills_its_stale_run_stores_none_of_its_late_lines_and_is_ne
     ensure!(
         stored_later == stored_at_end,
         "lines stored after the run's final state: {stored_at_end} at the end, {stored_later} later"
+    );
+    f.wait_no_containers(&node).await?;
+    Ok(())
+}
+
+/// Sends SIGTERM to the node's agent and returns how long it took to exit.
+async fn terminate(f: &mut Fleet, node: &str, at_most: Duration) -> Result<Duration> {
+    let begin = Instant::now();
+    f.signal_agent(node, "TERM")?;
+    let status = f.wait_agent_exit(node, at_most).await?;
+    ensure!(status.success(), "the agent exited with {status}");
+    Ok(begin.elapsed())
+}
+
+#[tokio::test]
+async fn an_agent_without_a_scheduler_stops_on_sigterm_within_its_grace() -> Result<()> {
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let runner = f
+        .runner(
+            "fra",
+            json!({"run_command": "echo begin; sleep 3; echo end >&2"}),
+        )
+        .await?;
+
+    // 1. Its run ends while the scheduler is down, so its exit cannot be acknowledged. With
+    //    nothing left running the agent exits at once (not after its 30 s default grace); the
+    //    next start reports the run from its journal.
+    let run = f.start_run(&runner, json!({})).await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    f.kill_scheduler()?;
+    f.wait_no_containers(&node).await?;
+    let took = terminate(&mut f, &node, Duration::from_secs(8)).await?;
+    ensure!(
+        took < Duration::from_secs(8),
+        "waited {took:?} for a scheduler that is not there"
+    );
+    f.start_scheduler()?;
+    f.restart_agent(&node)?;
+    f.wait_ready().await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(
+        r["status"] == "succeeded" && r["exit_code"] == 0,
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &run).await?;
+    ensure!(
+        msgs(&logs, "stdout") == ["begin"] && msgs(&logs, "stderr") == ["end"],
+        "{logs:?}"
+    );
+
+    // 2. A run still going when the scheduler is gone: the agent gives it its grace (3 s
+    //    here), then exits and leaves it to containerd; the next start re-adopts it.
+    f.restart_agent_with(&node, &["--shutdown-grace-seconds", "3"])
+        .await?;
+    f.wait_node_status(&node, "ready", Duration::from_secs(15))
+        .await?;
+    let long = f
+        .start_run(
+            &runner,
+            json!({"command": "echo begin; sleep 8; echo end >&2"}),
+        )
+        .await?;
+    f.wait_for(&runner, &long, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    f.kill_scheduler()?;
+    let took = terminate(&mut f, &node, Duration::from_secs(10)).await?;
+    ensure!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "the run got its grace, then the agent exited: {took:?}"
+    );
+    ensure!(
+        f.containers(&node).await? == vec![long.clone()],
+        "the run keeps going under containerd"
+    );
+    f.start_scheduler()?;
+    f.restart_agent(&node)?;
+    f.wait_ready().await?;
+    let r = f.wait_finished(&runner, &long).await?;
+    ensure!(
+        r["status"] == "succeeded" && r["exit_code"] == 0,
+        "{r}\n{}",
+        f.logs()
+    );
+    let logs = f.all_logs(&runner, &long).await?;
+    ensure!(
+        msgs(&logs, "stdout") == ["begin"] && msgs(&logs, "stderr") == ["end"],
+        "{logs:?}"
     );
     f.wait_no_containers(&node).await?;
     Ok(())
