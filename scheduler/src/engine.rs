@@ -323,6 +323,13 @@ impl State {
         if before != after {
             self.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
         }
+        if run.status == RunStatus::Canceled && run.started_at.is_none() {
+            if let Some(node) = before.as_deref() {
+                // Canceled while assigned: its node may be starting it right now. What it
+                // holds there stays held until the node says it is gone (`Node::stale`).
+                self.hold_stale(node, &run.id, run.memory_mib);
+            }
+        }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
         if run.status.is_terminal() && !run.files.is_empty() {

@@ -34,7 +34,8 @@ pub(super) struct Node {
     pub(super) link: Option<Link>,
     pub(super) cached_images: Arc<BTreeSet<String>>,
     /// Containers the agent still runs, or may still run, for runs no longer leased to it (leases
-    /// revoked while it was lost, runs it reports without holding their lease), with the memory
+    /// revoked while it was lost, runs canceled while assigned to it, runs it reports without
+    /// holding their lease), with the memory
     /// each holds (the whole node when the scheduler does not know). They count against the
     /// node's capacity in the index, like leases, until the agent says they are gone: a
     /// heartbeat or registration that no longer lists them, or their `RunExited` (the agent

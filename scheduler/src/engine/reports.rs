@@ -212,7 +212,10 @@ impl<S: Store> Scheduler<S> {
             ));
         }
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
+        let run_id = run.id.clone();
         st.stage(run);
+        // The node itself reports the end: nothing of the run is left there.
+        st.release_stale(node_id, &run_id);
         self.settle(st, true).await
     }
 

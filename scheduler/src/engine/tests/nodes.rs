@@ -426,3 +426,61 @@ async fn lines_of_a_run_whose_node_was_lost_are_not_stored_after_its_end() {
         .expect("list");
     assert!(stored.is_empty(), "{stored:?}");
 }
+
+#[tokio::test]
+async fn a_run_canceled_while_assigned_holds_its_node_until_the_node_says_it_is_gone() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    // Room for one standard-s run.
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, first.id);
+    let stopped = s.stop_run(P, &runner.id, &first.id).await.expect("stop");
+    assert_eq!(stopped.status, RunStatus::Canceled);
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    // The agent may have started it already: the next run waits for its word.
+    let second = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert!(
+        node.try_recv().is_err(),
+        "placed while the canceled run may run"
+    );
+    s.assert_index_consistent().await;
+    // It had started and was stopped: its exit report frees the node.
+    s.run_exited("fra-1", exited(&a, 137, ExitReason::Stopped))
+        .await
+        .expect("exit");
+    assert_eq!(next_assign(&mut node).run_id, second.id);
+    let second_a = s.get_run(P, &runner.id, &second.id).await.expect("get");
+    assert_eq!(second_a.node_id.as_deref(), Some("fra-1"));
+    s.assert_index_consistent().await;
+
+    // Canceled before the agent ever had it: the next heartbeat, not listing it, frees it.
+    let third = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    s.stop_run(P, &runner.id, &second.id).await.expect("stop");
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    assert!(node.try_recv().is_err());
+    s.heartbeat("fra-1", Heartbeat::default()).await;
+    assert_eq!(next_assign(&mut node).run_id, third.id);
+    s.assert_index_consistent().await;
+}
