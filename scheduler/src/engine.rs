@@ -323,6 +323,13 @@ impl State {
         if before != after {
             self.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
         }
+        if run.status == RunStatus::Canceled && run.started_at.is_none() {
+            if let Some(node) = before.as_deref() {
+                // Canceled while assigned: its node may be starting it right now. What it
+                // holds there stays held until the node says it is gone (`Node::stale`).
+                self.hold_stale(node, &run.id, run.memory_mib);
+            }
+        }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
         if run.status.is_terminal() && !run.files.is_empty() {
@@ -380,7 +387,8 @@ impl State {
         }
     }
 
-    /// The index's lease totals equal what the active runs add up to (test invariant).
+    /// The index's lease totals equal what the active runs and the nodes' stale runs add up to
+    /// (test invariant).
     #[cfg(test)]
     fn assert_index_consistent(&self) {
         let mut held: HashMap<&str, (u64, u32)> = HashMap::new();
@@ -388,6 +396,14 @@ impl State {
             if let Some(node) = c.node_id.as_deref() {
                 let e = held.entry(node).or_default();
                 e.0 += c.memory_mib;
+                e.1 += 1;
+            }
+        }
+        // Containers a node may still run without a lease hold capacity too.
+        for n in self.nodes.values() {
+            for memory_mib in n.stale.values() {
+                let e = held.entry(n.id.as_str()).or_default();
+                e.0 += memory_mib;
                 e.1 += 1;
             }
         }

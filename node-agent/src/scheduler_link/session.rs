@@ -6,7 +6,9 @@
 //! assignments — each is answered at once with `RunExited { START_FAILED, error_code:
 //! "node_draining" }` — and keeps the session up, reporting the running runs' lines and exits,
 //! until every run has ended and every report is acknowledged, or the shutdown grace is over.
-//! Runs still going then stay with containerd; the next agent start re-adopts them.
+//! With no scheduler connected it waits only for the runs to end (their journals keep the
+//! reports for the next start). Runs still going then stay with containerd; the next agent
+//! start re-adopts them.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -86,6 +88,18 @@ pub struct Agent<R: ContainerRuntime> {
     runs: Arc<Mutex<HashMap<String, RunEntry>>>,
     /// Set once shutdown began: new assignments are refused.
     draining: AtomicBool,
+    /// Set while a session is registered with the scheduler: only then can reports be
+    /// acknowledged, so only then is a draining agent worth waiting for acknowledgements.
+    connected: AtomicBool,
+}
+
+/// Clears [`Agent::connected`] however the session ends (error, close, or dropped by shutdown).
+struct ConnectedGuard<'a>(&'a AtomicBool);
+
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl<R: ContainerRuntime> Agent<R> {
@@ -98,6 +112,7 @@ impl<R: ContainerRuntime> Agent<R> {
             boot_id: uuid::Uuid::new_v4().to_string(),
             runs: Arc::new(Mutex::new(HashMap::new())),
             draining: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
         }
     }
 
@@ -221,31 +236,58 @@ impl<R: ContainerRuntime> Agent<R> {
 
     /// Stops taking runs and waits, at most the shutdown grace, until every run this process
     /// handles has ended and the scheduler acknowledged every report. The session keeps going
-    /// meanwhile (it runs alongside in [`Agent::run`]).
+    /// meanwhile (it runs alongside in [`Agent::run`]). With no scheduler connected nothing can
+    /// be acknowledged, so it only waits for the runs to end: an ended run's lines and exit are
+    /// in its journal, and the next start re-sends them (as after a crash). With no run going
+    /// it therefore returns at once, whether or not a scheduler is there.
     pub async fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let grace = self.config.shutdown_grace;
         tracing::info!(
             active_runs = self.runs().len(),
+            connected = self.connected.load(Ordering::SeqCst),
             grace_seconds = grace.as_secs_f64(),
             "shutting down: refusing new runs, waiting for the running ones"
         );
         let idle = async {
-            while !(self.runs().is_empty() && self.outbox.is_empty()) {
-                tokio::time::sleep(DRAIN_POLL).await;
+            loop {
+                match self.drain_state() {
+                    DrainState::Reported => {
+                        tracing::info!("every run ended and was reported; exiting");
+                        return;
+                    }
+                    DrainState::EndedUnreported => {
+                        tracing::warn!(
+                            unacknowledged_reports = self.outbox.len(),
+                            "every run ended but no scheduler is connected to acknowledge the reports; exiting: the next start re-sends them from the run journals"
+                        );
+                        return;
+                    }
+                    DrainState::Busy => tokio::time::sleep(DRAIN_POLL).await,
+                }
             }
         };
-        match tokio::time::timeout(grace, idle).await {
-            Ok(()) => tracing::info!("every run ended and was reported; exiting"),
-            Err(_) => {
-                let mut left: Vec<String> = self.runs().keys().cloned().collect();
-                left.sort();
-                tracing::warn!(
-                    runs = ?left,
-                    unacknowledged_reports = self.outbox.len(),
-                    "shutdown grace over; exiting anyway: the runs keep running under containerd and the next agent start re-adopts them"
-                );
-            }
+        if tokio::time::timeout(grace, idle).await.is_err() {
+            let mut left: Vec<String> = self.runs().keys().cloned().collect();
+            left.sort();
+            tracing::warn!(
+                runs = ?left,
+                unacknowledged_reports = self.outbox.len(),
+                "shutdown grace over; exiting anyway: the runs keep running under containerd and the next agent start re-adopts them"
+            );
+        }
+    }
+
+    fn drain_state(&self) -> DrainState {
+        let runs = self.runs();
+        if runs.is_empty() && self.outbox.is_empty() {
+            DrainState::Reported
+        } else if !self.connected.load(Ordering::SeqCst)
+            && runs.values().all(|r| r.exit_seq.is_some())
+        {
+            DrainState::EndedUnreported
+        } else {
+            DrainState::Busy
         }
     }
 
@@ -330,6 +372,8 @@ impl<R: ContainerRuntime> Agent<R> {
             None => return Err(SessionError::Closed),
         };
         *registered = true;
+        self.connected.store(true, Ordering::SeqCst);
+        let _connected = ConnectedGuard(&self.connected);
         tracing::info!(
             node_id = %self.config.node_id,
             boot_id = %self.boot_id,
@@ -563,6 +607,17 @@ impl<R: ContainerRuntime> Agent<R> {
         );
         self.spawn_supervisor(run_id, supervisor);
     }
+}
+
+/// How far a draining agent has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainState {
+    /// Every run ended and every report was acknowledged.
+    Reported,
+    /// Every run ended (its exit is journaled), but no scheduler is connected to acknowledge.
+    EndedUnreported,
+    /// A run is still going, or a connected scheduler has yet to acknowledge reports.
+    Busy,
 }
 
 /// The report for an assignment that arrives while the agent shuts down: the run never started

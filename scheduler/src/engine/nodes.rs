@@ -10,7 +10,7 @@ use berth_core::agent::{AgentCommand, Registered, Registration};
 use berth_core::codes::ErrorCode;
 use berth_core::store::{Expect, Store};
 use berth_core::{keys, now_unix_millis, Run, RunStatus};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,15 @@ pub(super) struct Node {
     /// How to reach the agent while it is connected.
     pub(super) link: Option<Link>,
     pub(super) cached_images: Arc<BTreeSet<String>>,
+    /// Containers the agent still runs, or may still run, for runs no longer leased to it (leases
+    /// revoked while it was lost, runs canceled while assigned to it, runs it reports without
+    /// holding their lease), with the memory
+    /// each holds (the whole node when the scheduler does not know). They count against the
+    /// node's capacity in the index, like leases, until the agent says they are gone: a
+    /// heartbeat or registration that no longer lists them, or their `RunExited` (the agent
+    /// sends it once the container is cleaned up). So a node that comes back is never handed
+    /// more than it can hold while it still kills what it ran before.
+    pub(super) stale: BTreeMap<String, u64>,
 }
 
 impl Node {
@@ -52,6 +61,7 @@ impl Node {
             connection: 0,
             link: None,
             cached_images: Arc::default(),
+            stale: BTreeMap::new(),
         }
     }
 
@@ -154,6 +164,11 @@ impl<S: Store> Scheduler<S> {
             .as_ref()
             .is_some_and(|n| !n.boot_id.is_empty() && n.boot_id != reg.boot_id);
         let draining = previous.as_ref().is_some_and(|n| n.draining);
+        // Still held in the index: carried over, reconciled with the runs reported below.
+        let stale = previous
+            .as_ref()
+            .map(|n| n.stale.clone())
+            .unwrap_or_default();
         let node = Node {
             id: reg.node_id.clone(),
             region: reg.region.clone(),
@@ -168,6 +183,7 @@ impl<S: Store> Scheduler<S> {
             connection,
             link: Some(link.clone()),
             cached_images: Arc::new(reg.cached_images.into_iter().collect()),
+            stale,
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
@@ -217,13 +233,8 @@ impl<S: Store> Scheduler<S> {
             }
             st.stage(run);
         }
-        let leased_ids: HashSet<&str> = leased.iter().map(|(id, _)| id.as_str()).collect();
-        let stale_run_ids: Vec<String> = reg
-            .active_run_ids
-            .iter()
-            .filter(|id| !leased_ids.contains(id.as_str()))
-            .cloned()
-            .collect();
+        // What it runs without a lease is stopped, and held against its capacity until gone.
+        let (stale_run_ids, _) = st.reconcile_stale(&reg.node_id, &reg.active_run_ids);
         let _ = link.send(AgentCommand::Registered(Registered {
             heartbeat_interval_seconds: u32::try_from(self.config.heartbeat_interval.as_secs())
                 .unwrap_or(2)
@@ -257,6 +268,12 @@ impl<S: Store> Scheduler<S> {
     /// Declares lost every node silent for longer than TTL + grace, and takes its leases back:
     /// runs that had not started are queued again, runs that had started end `failed` with
     /// `node_lost`. Called periodically; `now` is a parameter so tests control the clock.
+    ///
+    /// Started runs are not retried: a run may have had effects outside its container (a
+    /// payment, a message) and the silent node may still be running it, so running it again
+    /// unasked could do them twice. The caller sees `node_lost` and decides; a per-runner
+    /// retry policy is issue #15. Every revoked run keeps its memory and slot held on the
+    /// node (see `Node::stale`) until the node says the container is gone.
     pub async fn expire_nodes(&self, now: Instant) -> Result<(), SchedulerError> {
         let limit = self.config.node_ttl + self.config.lost_grace;
         let mut st = self.state.lock().await;
@@ -300,7 +317,10 @@ impl<S: Store> Scheduler<S> {
                     )?;
                 }
                 tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
+                let (run_id, memory_mib) = (run.id.clone(), run.memory_mib);
                 st.stage(run);
+                // The silent node may still run it: its capacity stays held until it says not.
+                st.hold_stale(node_id, &run_id, memory_mib);
             }
         }
         self.settle(st, true).await
@@ -366,6 +386,87 @@ impl State {
             cached_images: n.cached_images.clone(),
             reserved_for: None,
         });
+    }
+
+    /// Holds `memory_mib` and a slot of `node_id` for a container of `run_id` that the node may
+    /// still run without a lease (see [`Node::stale`]). Held once per run.
+    pub(super) fn hold_stale(&mut self, node_id: &str, run_id: &str, memory_mib: u64) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        if node.stale.contains_key(run_id) {
+            return;
+        }
+        node.stale.insert(run_id.to_owned(), memory_mib);
+        tracing::info!(
+            node_id,
+            run_id,
+            memory_mib,
+            "capacity held for a run the node may still run"
+        );
+        self.index_lease(Some(node_id), None, memory_mib);
+    }
+
+    /// The node no longer runs `run_id`: what it held is free again. False if nothing was held.
+    pub(super) fn release_stale(&mut self, node_id: &str, run_id: &str) -> bool {
+        let Some(memory_mib) = self
+            .nodes
+            .get_mut(node_id)
+            .and_then(|n| n.stale.remove(run_id))
+        else {
+            return false;
+        };
+        tracing::info!(
+            node_id,
+            run_id,
+            memory_mib,
+            "stale run gone; capacity free again"
+        );
+        self.index_lease(None, Some(node_id), memory_mib);
+        true
+    }
+
+    /// Brings the node's stale runs in line with `running`, every run the agent says it
+    /// supervises: those not leased to it are held (and returned: the agent must stop them),
+    /// held ones it no longer lists are released (the second value: whether any was).
+    pub(super) fn reconcile_stale(
+        &mut self,
+        node_id: &str,
+        running: &[String],
+    ) -> (Vec<String>, bool) {
+        let Some(node) = self.nodes.get(node_id) else {
+            return (Vec::new(), false);
+        };
+        let whole_node = node.total_memory_mib;
+        let listed: HashSet<&str> = running.iter().map(String::as_str).collect();
+        let gone: Vec<String> = node
+            .stale
+            .keys()
+            .filter(|id| !listed.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let mut released = false;
+        for run_id in &gone {
+            released |= self.release_stale(node_id, run_id);
+        }
+        let mut stale = Vec::new();
+        for run_id in running {
+            let run = self.active.get(run_id);
+            if run.is_some_and(|r| r.node_id.as_deref() == Some(node_id)) {
+                continue;
+            }
+            // A run still waiting or placed elsewhere says how much it holds; for one that has
+            // ended the scheduler no longer knows, so the whole node is held until it is gone.
+            let memory_mib = self
+                .nodes
+                .get(node_id)
+                .and_then(|n| n.stale.get(run_id).copied())
+                .or_else(|| run.map(|r| r.memory_mib))
+                .unwrap_or(whole_node);
+            self.hold_stale(node_id, run_id, memory_mib);
+            stale.push(run_id.clone());
+        }
+        (stale, released)
     }
 
     /// Moves one run's lease (its memory and slot) from node `from` to node `to` in the index.

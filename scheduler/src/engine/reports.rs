@@ -12,7 +12,7 @@ use berth_core::codes::ErrorCode;
 use berth_core::model::{LogEntry, WarmupStatus};
 use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_core::store::{Expect, Store, Txn};
-use berth_core::{keys, now_unix_millis, RunStatus};
+use berth_core::{keys, now_unix_millis, Run, RunStatus};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,7 +37,8 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// Renews every lease the node holds. Runs it reports running that are no longer leased to
-    /// it (its leases were revoked while it was silent, or the run ended) are fenced: StopRun.
+    /// it (its leases were revoked while it was silent, or the run ended) are fenced: StopRun,
+    /// and their capacity stays held until a heartbeat no longer lists them (see `Node::stale`).
     pub async fn heartbeat(&self, node_id: &str, hb: Heartbeat) {
         let mut st = self.state.lock().await;
         let Some(node) = st.nodes.get_mut(node_id) else {
@@ -61,17 +62,12 @@ impl<S: Store> Scheduler<S> {
             node.cached_images = Arc::new(hb.cached_images.into_iter().collect());
         }
         st.sync_node(node_id);
-        for run_id in &hb.running_run_ids {
-            let leased = st
-                .active
-                .get(run_id)
-                .is_some_and(|c| c.node_id.as_deref() == Some(node_id));
-            if !leased {
-                tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
-                st.send_to(node_id, stop(run_id));
-            }
+        let (stale, released) = st.reconcile_stale(node_id, &hb.running_run_ids);
+        for run_id in &stale {
+            tracing::warn!(node_id, run_id = %run_id, "node runs a run it holds no lease for; stopping it");
+            st.send_to(node_id, stop(run_id));
         }
-        if was_lost {
+        if was_lost || released {
             if let Err(e) = self.schedule(&mut st) {
                 tracing::error!(error = %e, "scheduling after a node came back failed");
             }
@@ -157,6 +153,11 @@ impl<S: Store> Scheduler<S> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
+            // The agent reports an exit once the container is cleaned up: a stale run's
+            // capacity is free again.
+            if st.release_stale(node_id, &msg.run_id) {
+                return self.settle(st, true).await;
+            }
             return Ok(());
         };
         self.forget_pull(&run.id);
@@ -211,7 +212,10 @@ impl<S: Store> Scheduler<S> {
             ));
         }
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
+        let run_id = run.id.clone();
         st.stage(run);
+        // The node itself reports the end: nothing of the run is left there.
+        st.release_stale(node_id, &run_id);
         self.settle(st, true).await
     }
 
@@ -219,26 +223,25 @@ impl<S: Store> Scheduler<S> {
         if batch.lines.is_empty() {
             return Ok(());
         }
-        let owned = {
-            let st = self.state.lock().await;
-            st.active
-                .get(&batch.run_id)
-                .map(|c| c.node_id.as_deref() == Some(node_id))
-        };
-        let owned = match owned {
-            Some(owned) => owned,
-            // Ended already: accept late re-sends from the node that ran it.
-            None => match self.load_run(&batch.run_id).await {
-                Ok((run, _)) => run.node_id.as_deref() == Some(node_id),
-                Err(SchedulerError::NotFound { .. }) => false,
-                Err(e) => return Err(e),
-            },
-        };
-        if !owned {
-            tracing::warn!(run_id = %batch.run_id, node_id, "dropping logs for a run this node does not hold");
+        // Only lines of a run that has not ended, from the node that holds its lease, are
+        // stored. The agent sends every line of a run before its `RunExited` on one ordered
+        // stream, and the stream is handled in order, so a run that ended by its node's report
+        // already has all its lines: whatever comes later is a re-send of stored lines. A run
+        // that ended otherwise (its node was lost or restarted, it was canceled before it
+        // started) is final: lines its old node still sends were written after that end and
+        // are dropped, as are lines from any node that does not hold the lease. The check, the
+        // redaction and the submission happen under the engine lock, so the lines take their
+        // place in the commit order before any final state staged after the check.
+        let st = self.state.lock().await;
+        let Some(run) = st
+            .active
+            .get(&batch.run_id)
+            .filter(|c| c.node_id.as_deref() == Some(node_id))
+        else {
+            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
             return Ok(());
-        }
-        let secrets = self.secret_values(&batch.run_id).await;
+        };
+        let secrets = secret_values(run);
         let mut txn = Txn::new();
         for mut line in batch.lines {
             if line.seq == 0 {
@@ -262,27 +265,25 @@ impl<S: Store> Scheduler<S> {
                 Expect::Any,
             );
         }
-        self.store.commit(txn).await?;
+        let stored = self.store.submit(txn);
+        drop(st);
+        stored.await?;
         self.notify();
         Ok(())
     }
+}
 
-    /// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
-    pub(super) async fn secret_values(&self, run_id: &str) -> Vec<String> {
-        let st = self.state.lock().await;
-        let Some(run) = st.active.get(run_id) else {
-            return Vec::new();
-        };
-        let mut values: Vec<String> = run
-            .env
-            .iter()
-            .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
-            .map(|e| e.env_val.clone())
-            .collect();
-        // Longest first, so a secret containing another is redacted whole.
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        values
-    }
+/// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
+fn secret_values(run: &Run) -> Vec<String> {
+    let mut values: Vec<String> = run
+        .env
+        .iter()
+        .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
+        .map(|e| e.env_val.clone())
+        .collect();
+    // Longest first, so a secret containing another is redacted whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
 }
 
 /// What a secret value is replaced with in stored log lines.

@@ -172,6 +172,8 @@ async fn drain_returns_once_runs_ended_and_were_acknowledged() {
     );
 
     let agent = agent(state.path(), Some(Duration::from_secs(3)));
+    // A scheduler is there to acknowledge: the drain waits for it.
+    agent.connected.store(true, Ordering::SeqCst);
     assign(&agent, "r1");
     let acker = {
         let agent = agent.clone();
@@ -203,6 +205,25 @@ async fn drain_returns_once_runs_ended_and_were_acknowledged() {
     );
     assert!(agent.runs().is_empty() && agent.outbox().is_empty());
     acker.await.expect("acker");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_scheduler_drain_returns_once_runs_ended_without_waiting_for_acknowledgements() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = agent(state.path(), Some(Duration::from_secs(3)));
+    assign(&agent, "r1");
+    let begin = tokio::time::Instant::now();
+    agent.drain().await;
+    let waited = begin.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(5),
+        "waited for the run, not for acknowledgements nobody sends: {waited:?}"
+    );
+    assert_eq!(exits(&agent).len(), 1, "its exit waits for the next start");
+    assert!(
+        agent.runs().contains_key("r1"),
+        "not acknowledged, so not forgotten"
+    );
 }
 
 #[tokio::test(start_paused = true)]

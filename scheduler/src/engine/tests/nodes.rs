@@ -47,6 +47,9 @@ async fn a_restarted_node_that_lost_its_runs_requeues_or_fails_them() {
         (lost.status, lost.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_restarted"))
     );
+    // The run it reported without a lease holds the node (its size unknown) until it is gone.
+    assert!(rx.try_recv().is_err(), "nothing placed while it still runs");
+    s.heartbeat("fra-1", Heartbeat::default()).await;
     let again = next_assign(&mut rx);
     assert_eq!(
         again.run_id, waiting.id,
@@ -248,5 +251,236 @@ async fn nodes_with_leases_are_lost_if_they_never_come_back_after_a_restart() {
         (run.status, run.error_code.map(ErrorCode::as_str)),
         (RunStatus::Failed, Some("node_lost"))
     );
+    s.assert_index_consistent().await;
+}
+
+/// A node with room for one 1024 MiB run loses its running run to expiry; a second run waits.
+/// Returns the scheduler, the node's recorder, the runner, the lost run's assignment and the
+/// waiting run's id.
+async fn lost_node_with_a_waiting_run(
+) -> (Arc<Scheduler<MemoryStore>>, Rx, String, AssignRun, String) {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    s.create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.expire_nodes(Instant::now() + Duration::from_secs(4))
+        .await
+        .expect("expire");
+    let lost = s.get_run(P, &runner.id, &a.run_id).await.expect("get");
+    assert_eq!(
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
+        (RunStatus::Failed, Some("node_lost"))
+    );
+    let waiting = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert!(node.try_recv().is_err(), "nothing placed on a lost node");
+    s.assert_index_consistent().await;
+    (s, node, runner.id, a, waiting.id)
+}
+
+fn heartbeat_running(ids: &[&str]) -> Heartbeat {
+    Heartbeat {
+        free_memory_mib: 0,
+        running_run_ids: ids.iter().map(|s| s.to_string()).collect(),
+        cached_images: vec![],
+    }
+}
+
+#[tokio::test]
+async fn a_returning_node_takes_no_run_while_its_stale_container_runs() {
+    let (s, mut node, runner, lost, waiting) = lost_node_with_a_waiting_run().await;
+    // Back, still running the revoked run: told to stop it, and nothing new fits meanwhile.
+    s.heartbeat("fra-1", heartbeat_running(&[&lost.run_id]))
+        .await;
+    match node.try_recv().ok() {
+        Some(AgentCommand::StopRun { run_id }) => assert_eq!(run_id, lost.run_id),
+        other => panic!("expected StopRun for the revoked lease, got {other:?}"),
+    }
+    assert!(
+        node.try_recv().is_err(),
+        "no assignment while it still runs"
+    );
+    let w = s.get_run(P, &runner, &waiting).await.expect("get");
+    assert_eq!(
+        (w.status, w.pending_reason.as_deref()),
+        (
+            RunStatus::Pending,
+            Some("no node in fra with 1024 MiB free: 1 full")
+        )
+    );
+    assert_eq!(s.list_nodes().await[0].view.free_memory_mib(), 0);
+    s.assert_index_consistent().await;
+    // Still running at the next heartbeat: still held (and asked again to stop).
+    s.heartbeat("fra-1", heartbeat_running(&[&lost.run_id]))
+        .await;
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    assert!(
+        node.try_recv().is_err(),
+        "no assignment while it still runs"
+    );
+    // Its exit report comes once the container is cleaned up: the waiting run goes there.
+    s.run_exited("fra-1", exited(&lost, 143, ExitReason::Stopped))
+        .await
+        .expect("late exit");
+    assert_eq!(next_assign(&mut node).run_id, waiting);
+    let l = s.get_run(P, &runner, &lost.run_id).await.expect("get");
+    assert_eq!(l.error_code.map(ErrorCode::as_str), Some("node_lost"));
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_that_no_longer_lists_a_stale_run_frees_its_capacity() {
+    let (s, mut node, _runner, lost, waiting) = lost_node_with_a_waiting_run().await;
+    s.heartbeat("fra-1", heartbeat_running(&[&lost.run_id]))
+        .await;
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    assert!(node.try_recv().is_err());
+    s.heartbeat("fra-1", heartbeat_running(&[])).await;
+    assert_eq!(next_assign(&mut node).run_id, waiting);
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_lost_node_that_registers_again_stops_its_stale_runs_before_taking_new_ones() {
+    let (s, _old, _runner, lost, waiting) = lost_node_with_a_waiting_run().await;
+    // A new stream (the old one broke), listing the revoked run and one the scheduler never
+    // heard of (its memory is unknown: the whole node is held).
+    let (link, mut node) = recorder();
+    s.attach_node(
+        register("fra-1", "fra", 4096, &[&lost.run_id, "unknown-run"]),
+        link,
+    )
+    .await
+    .expect("attach");
+    match node.recv().await {
+        Some(AgentCommand::Registered(r)) => {
+            let mut stale = r.stale_run_ids.clone();
+            stale.sort();
+            let mut want = vec![lost.run_id.clone(), "unknown-run".to_owned()];
+            want.sort();
+            assert_eq!(stale, want);
+        }
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    assert!(matches!(
+        node.recv().await,
+        Some(AgentCommand::WarmPins { .. })
+    ));
+    assert!(
+        node.try_recv().is_err(),
+        "no assignment before the stale runs are gone"
+    );
+    s.assert_index_consistent().await;
+    // The revoked run is gone, the unknown one still runs: 4096 MiB, all held.
+    s.heartbeat("fra-1", heartbeat_running(&["unknown-run"]))
+        .await;
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    assert!(
+        node.try_recv().is_err(),
+        "the unknown run holds the whole node"
+    );
+    s.heartbeat("fra-1", heartbeat_running(&[])).await;
+    assert_eq!(next_assign(&mut node).run_id, waiting);
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn lines_of_a_run_whose_node_was_lost_are_not_stored_after_its_end() {
+    let (s, _node, _runner, lost, _waiting) = lost_node_with_a_waiting_run().await;
+    let batch = LogBatch {
+        run_id: lost.run_id.clone(),
+        lines: vec![LogLine {
+            seq: 1,
+            stream: LogStream::Stdout,
+            msg: "written after the node was declared lost".into(),
+            ts_unix_nanos: 5,
+        }],
+    };
+    s.append_logs("fra-1", batch)
+        .await
+        .expect("dropped, not failed");
+    let stored = s
+        .store
+        .list_prefix(&keys::logs_prefix(&lost.run_id))
+        .await
+        .expect("list");
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
+#[tokio::test]
+async fn a_run_canceled_while_assigned_holds_its_node_until_the_node_says_it_is_gone() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    // Room for one standard-s run.
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, first.id);
+    let stopped = s.stop_run(P, &runner.id, &first.id).await.expect("stop");
+    assert_eq!(stopped.status, RunStatus::Canceled);
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    // The agent may have started it already: the next run waits for its word.
+    let second = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert!(
+        node.try_recv().is_err(),
+        "placed while the canceled run may run"
+    );
+    s.assert_index_consistent().await;
+    // It had started and was stopped: its exit report frees the node.
+    s.run_exited("fra-1", exited(&a, 137, ExitReason::Stopped))
+        .await
+        .expect("exit");
+    assert_eq!(next_assign(&mut node).run_id, second.id);
+    let second_a = s.get_run(P, &runner.id, &second.id).await.expect("get");
+    assert_eq!(second_a.node_id.as_deref(), Some("fra-1"));
+    s.assert_index_consistent().await;
+
+    // Canceled before the agent ever had it: the next heartbeat, not listing it, frees it.
+    let third = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    s.stop_run(P, &runner.id, &second.id).await.expect("stop");
+    assert!(matches!(
+        node.try_recv().ok(),
+        Some(AgentCommand::StopRun { .. })
+    ));
+    assert!(node.try_recv().is_err());
+    s.heartbeat("fra-1", Heartbeat::default()).await;
+    assert_eq!(next_assign(&mut node).run_id, third.id);
     s.assert_index_consistent().await;
 }
