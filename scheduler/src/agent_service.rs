@@ -74,6 +74,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         let (queue, mut queued) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let reader_scheduler = self.scheduler.clone();
         let reader_node = node_id.clone();
+        let reader_tx = tx.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -85,7 +86,14 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        // E.g. a message above the size limit: tell the agent why before the
+                        // stream ends, so its log says more than "stream closed".
                         tracing::warn!(node_id = %reader_node, error = %e, "agent stream failed");
+                        let refused = Status::new(
+                            e.code(),
+                            format!("the scheduler could not read a message: {}", e.message()),
+                        );
+                        let _ = reader_tx.send(Err(refused));
                         break;
                     }
                 }

@@ -486,4 +486,5 @@ use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
 pub use reports::{REDACTED, REDACT_MIN_LEN};
+pub use runs::{log_line_cost, LOG_PAGE_MAX_BYTES};
 pub use usage::{UsageGroup, UsageRow};
