@@ -1,0 +1,200 @@
+//! End-to-end: long lines and binary output (issue 10, item 1, "bounded messages everywhere")
+//! against the real scheduler, API, agent and containerd.
+//!
+//! The fault: 100 lines of 64 KiB (or one 10 MB line without a newline) made the agent send one
+//! log batch above gRPC's 4 MiB message limit; the scheduler dropped the stream, the agent
+//! re-registered and re-sent the same batch forever, the node sat `disconnected` with its run
+//! stuck `running`; and `GET …/logs` answered 500 for pages of long lines. Here each run must
+//! end `succeeded` with every byte of its output stored (long lines in pieces of 64 KiB, a
+//! UTF-8 character never cut in two, invalid bytes as U+FFFD), the node must stay `ready` and
+//! registered once, and the logs must page through everything with `limit` 100 and 1000.
+
+mod common;
+
+use anyhow::{ensure, Context, Result};
+use common::{AgentSpec, Fleet};
+use serde_json::{json, Value};
+
+/// The agent's piece size for long lines (`MAX_LINE_BYTES`).
+const PIECE: usize = 64 * 1024;
+
+/// Every line of a run through `GET …/logs?limit=…`, each page answered 200.
+async fn pages(f: &Fleet, runner: &str, run: &str, limit: u32) -> Result<(Vec<Value>, usize)> {
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    let mut count = 0;
+    loop {
+        let v = f
+            .get(&format!(
+                "/v1/runners/{runner}/runs/{run}/logs?after_id={after}&limit={limit}"
+            ))
+            .await?;
+        count += 1;
+        let page = v["logs"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            page.len() <= limit as usize,
+            "a page of {} lines",
+            page.len()
+        );
+        let next = v["next_after_id"].as_u64().context("no next_after_id")?;
+        if let Some(last) = page.last() {
+            ensure!(
+                last["id"].as_u64() == Some(next),
+                "next_after_id is the last id"
+            );
+        }
+        ensure!(
+            !page.is_empty() || v["has_more"] != json!(true),
+            "an empty page with more to come"
+        );
+        after = next;
+        out.extend(page);
+        if v["has_more"] != json!(true) {
+            return Ok((out, count));
+        }
+    }
+}
+
+fn texts(logs: &[Value], stream: &str) -> Vec<String> {
+    logs.iter()
+        .filter(|l| l["stream"] == stream)
+        .filter_map(|l| l["msg"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Runs `command` on the runner, waits for its end and checks what every run here must hold:
+/// `succeeded`, the node still `ready`, and the same lines through pages of 100 and 1,000.
+async fn run_and_read(f: &Fleet, runner: &str, command: &str) -> Result<Vec<Value>> {
+    let node = f.node("fra").to_owned();
+    let run = f.start_run(runner, json!({ "command": command })).await?;
+    let r = f.wait_finished(runner, &run).await?;
+    ensure!(
+        r["status"] == "succeeded",
+        "{command:.60}: {r}\n{}",
+        f.logs()
+    );
+    let view = f.node_view(&node).await?.context("node not listed")?;
+    ensure!(view["status"] == "ready", "node after the run: {view}");
+    let (small, small_pages) = pages(f, runner, &run, 100).await?;
+    let (large, large_pages) = pages(f, runner, &run, 1000).await?;
+    ensure!(small == large, "the same lines whatever the page size");
+    let ids: Vec<u64> = small.iter().filter_map(|l| l["id"].as_u64()).collect();
+    ensure!(
+        ids == (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "ids 1..n in order"
+    );
+    let bytes: usize = small
+        .iter()
+        .map(|l| l["msg"].as_str().map_or(0, str::len))
+        .sum();
+    eprintln!(
+        "{command:.50}: {} lines, {bytes} bytes of text; {small_pages} pages of ≤100, {large_pages} of ≤1000",
+        small.len()
+    );
+    Ok(small)
+}
+
+/// The registrations the agent made so far (one per session).
+fn registrations(f: &Fleet, node: &str) -> usize {
+    std::fs::read_to_string(f.dir.path().join(format!("agent-{node}.log")))
+        .unwrap_or_default()
+        .matches("registered with scheduler")
+        .count()
+}
+
+/// A fleet of one agent and a runner on it.
+async fn fleet() -> Result<(Fleet, String)> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = f
+        .runner(
+            "fra",
+            json!({ "run_command": "true", "timeout_seconds": 60 }),
+        )
+        .await?;
+    Ok((f, runner))
+}
+
+/// The node still serves another run, and it never had to reconnect.
+async fn node_still_serves(f: &Fleet, runner: &str) -> Result<()> {
+    let logs = run_and_read(f, runner, "echo still-works").await?;
+    ensure!(texts(&logs, "stdout") == ["still-works"]);
+    let node = f.node("fra");
+    let sessions = registrations(f, node);
+    ensure!(
+        sessions == 1,
+        "the agent registered {sessions} times\n{}",
+        f.logs()
+    );
+    Ok(())
+}
+
+/// 100 lines of 64 KiB: 6.4 MiB, which a page of 100 lines (and a batch) used to hold at once.
+#[tokio::test]
+async fn a_hundred_lines_of_64_kib_are_stored_and_paged() -> Result<()> {
+    let (f, runner) = fleet().await?;
+    let logs = run_and_read(
+        &f,
+        &runner,
+        "x=$(head -c 65536 /dev/zero | tr '\\0' a); i=0; \
+         while [ $i -lt 100 ]; do echo \"$x\"; i=$((i+1)); done",
+    )
+    .await?;
+    let out = texts(&logs, "stdout");
+    ensure!(out.len() == 100, "{} lines", out.len());
+    ensure!(out
+        .iter()
+        .all(|l| l.len() == PIECE && l.bytes().all(|b| b == b'a')));
+    node_still_serves(&f, &runner).await
+}
+
+/// One 10 MiB line without a newline: 160 pieces, which used to go out as one 10 MB batch that
+/// the scheduler refused, forever.
+#[tokio::test]
+async fn a_10_mib_line_without_a_newline_does_not_wedge_the_node() -> Result<()> {
+    let (f, runner) = fleet().await?;
+    let logs = run_and_read(&f, &runner, "head -c 10485760 /dev/zero | tr '\\0' c").await?;
+    let out = texts(&logs, "stdout");
+    ensure!(out.len() == 160, "{} pieces", out.len());
+    ensure!(out.concat() == "c".repeat(10 << 20));
+    node_still_serves(&f, &runner).await
+}
+
+/// A 1 MiB line, a long line of two-byte characters whose cut would fall inside one, and
+/// binary output.
+#[tokio::test]
+async fn a_1_mib_line_characters_and_binary_output_are_kept() -> Result<()> {
+    let (f, runner) = fleet().await?;
+    let logs = run_and_read(&f, &runner, "head -c 1048576 /dev/zero | tr '\\0' b; echo").await?;
+    let out = texts(&logs, "stdout");
+    ensure!(out.len() == 16 && out.iter().all(|l| l.len() == PIECE));
+    ensure!(out.concat() == "b".repeat(1 << 20));
+
+    let logs = run_and_read(
+        &f,
+        &runner,
+        "s=é; i=0; while [ $i -lt 15 ]; do s=$s$s; i=$((i+1)); done; printf 'a%s\\n' \"$s\"",
+    )
+    .await?;
+    let out = texts(&logs, "stdout");
+    ensure!(
+        out.concat() == format!("a{}", "é".repeat(1 << 15)),
+        "pieces of {:?} bytes",
+        out.iter().map(String::len).collect::<Vec<_>>()
+    );
+
+    // 1 MB of random bytes, then a line with invalid UTF-8 in it.
+    let logs = run_and_read(
+        &f,
+        &runner,
+        "head -c 1000000 /dev/urandom; printf '\\nok\\377\\376end\\n'",
+    )
+    .await?;
+    let out = texts(&logs, "stdout");
+    ensure!(out.len() > 1000, "{} lines of random bytes", out.len());
+    ensure!(
+        out.last().map(String::as_str) == Some("ok\u{fffd}\u{fffd}end"),
+        "last line {:?}",
+        out.last()
+    );
+    node_still_serves(&f, &runner).await
+}
