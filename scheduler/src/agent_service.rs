@@ -93,6 +93,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                             e.code(),
                             format!("the scheduler could not read a message: {}", e.message()),
                         );
+                        reader_scheduler.record_delivery_error(&reader_node, refused.message());
                         let _ = reader_tx.send(Err(refused));
                         break;
                     }
@@ -114,6 +115,10 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                         // message stays unacknowledged.
                         let e = SchedulerError::from(e);
                         tracing::error!(node_id = %node_id, seq, error = %e, "unreadable agent message");
+                        scheduler.record_delivery_error(
+                            &node_id,
+                            &format!("unreadable message {seq}: {e}"),
+                        );
                         let _ = tx.send(Err(e.into()));
                         break;
                     }
@@ -121,9 +126,14 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                 if let Err(e) = handled {
                     // Not acknowledged: end the stream so the agent reconnects and re-sends.
                     tracing::error!(node_id = %node_id, seq, error = %e, "could not handle agent message");
+                    scheduler.record_delivery_error(
+                        &node_id,
+                        &format!("could not handle message {seq}: {e}"),
+                    );
                     break;
                 }
                 if seq > 0 {
+                    scheduler.clear_delivery_error(&node_id);
                     let ack = Ok(pb::SchedulerMessage {
                         body: Some(Command::Ack(pb::Ack { up_to_seq: seq })),
                     });

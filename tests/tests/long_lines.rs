@@ -8,11 +8,14 @@
 //! end `succeeded` with every byte of its output stored (long lines in pieces of 64 KiB, a
 //! UTF-8 character never cut in two, invalid bytes as U+FFFD), the node must stay `ready` and
 //! registered once, and the logs must page through everything with `limit` 100 and 1000.
+//! A hand-made agent that does send a message above the limit (as an older agent did) is told
+//! why by the scheduler, and the node's view shows it as `last_error` until it delivers again.
 
 mod common;
 
-use anyhow::{ensure, Context, Result};
-use common::{AgentSpec, Fleet};
+use anyhow::{bail, ensure, Context, Result};
+use berth_proto::v1 as pb;
+use common::{AgentSpec, Fleet, CLUSTER_TOKEN};
 use serde_json::{json, Value};
 
 /// The agent's piece size for long lines (`MAX_LINE_BYTES`).
@@ -197,4 +200,104 @@ async fn a_1_mib_line_characters_and_binary_output_are_kept() -> Result<()> {
         out.last()
     );
     node_still_serves(&f, &runner).await
+}
+
+/// One session of a hand-made agent: registers as `node_id`, sends `messages`, and returns how
+/// the stream ended: the first error status, or None if the scheduler acknowledged the last one.
+async fn fake_session(
+    f: &Fleet,
+    node_id: &str,
+    messages: Vec<pb::AgentMessage>,
+) -> Result<Option<tonic::Status>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.scheduler_addr))?
+        .connect()
+        .await?;
+    let token: tonic::metadata::MetadataValue<_> = CLUSTER_TOKEN.parse()?;
+    let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+            Ok(req)
+        },
+    );
+    let register = pb::AgentMessage {
+        seq: 0,
+        body: Some(pb::agent_message::Body::Register(pb::Register {
+            node_id: node_id.to_owned(),
+            boot_id: "fake-boot".to_owned(),
+            region: "ams".to_owned(),
+            total_memory_mib: 1024,
+            cpus: 1,
+            max_concurrent_runs: 1,
+            ..Default::default()
+        })),
+    };
+    let last_seq = messages.last().map_or(0, |m| m.seq);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(register).await?;
+    let mut inbound = client.attach(tokio_stream_from(rx)).await?.into_inner();
+    for m in messages {
+        tx.send(m).await?;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let next = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .context("no answer from the scheduler")?;
+        match next {
+            Err(status) => return Ok(Some(status)),
+            Ok(None) => bail!("the stream ended without an error"),
+            Ok(Some(pb::SchedulerMessage {
+                body: Some(pb::scheduler_message::Body::Ack(ack)),
+            })) if ack.up_to_seq >= last_seq => return Ok(None),
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<pb::AgentMessage>,
+) -> impl futures::Stream<Item = pb::AgentMessage> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn log_batch(seq: u64, text_bytes: usize) -> pb::AgentMessage {
+    pb::AgentMessage {
+        seq,
+        body: Some(pb::agent_message::Body::LogBatch(pb::LogBatch {
+            run_id: "no-such-run".to_owned(),
+            lines: vec![pb::LogLine {
+                seq: 1,
+                stream: pb::LogStream::Stdout as i32,
+                msg: "x".repeat(text_bytes),
+                ts_unix_nanos: 1,
+            }],
+        })),
+    }
+}
+
+/// What an older agent did: a message above the scheduler's 4 MiB limit. The scheduler answers
+/// why (not a bare end of stream) and the node's view says so until it delivers again.
+#[tokio::test]
+async fn an_oversized_agent_message_is_refused_with_its_reason_shown_on_the_node() -> Result<()> {
+    let f = Fleet::start(&[]).await?;
+    let node = "fake-old-agent";
+    let ended = fake_session(&f, node, vec![log_batch(1, 5 << 20)]).await?;
+    let status = ended.context("the oversized message was acknowledged")?;
+    ensure!(
+        status.message().contains("could not read a message")
+            && status.message().contains("too large"),
+        "the agent hears why: {status:?}"
+    );
+    let view = f.node_view(node).await?.context("node not listed")?;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    ensure!(error.contains("too large"), "the node shows why: {view}");
+
+    // Once it delivers a report, the error is history.
+    let ended = fake_session(&f, node, vec![log_batch(2, 10)]).await?;
+    ensure!(ended.is_none(), "a small batch is acknowledged: {ended:?}");
+    let view = f.node_view(node).await?.context("node not listed")?;
+    ensure!(view["last_error"].is_null(), "error cleared: {view}");
+    Ok(())
 }
