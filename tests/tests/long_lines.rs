@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use berth_proto::v1 as pb;
 use common::{AgentSpec, Fleet, CLUSTER_TOKEN};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// The agent's piece size for long lines (`MAX_LINE_BYTES`).
 const PIECE: usize = 64 * 1024;
@@ -162,6 +163,52 @@ async fn a_10_mib_line_without_a_newline_does_not_wedge_the_node() -> Result<()>
     node_still_serves(&f, &runner).await
 }
 
+/// Lines numbered while the scheduler was away and re-sent from the line log by a restarted
+/// agent: an older agent re-sent them 256 to a message (here all 160 pieces of a 10 MiB line, one
+/// message of 10 MB), so even an upgraded agent found the node wedged again after a restart.
+#[tokio::test]
+async fn a_restarted_agent_re_sends_a_long_line_in_bounded_messages() -> Result<()> {
+    let (mut f, runner) = fleet().await?;
+    let node = f.node("fra").to_owned();
+    let run = f
+        .start_run(
+            &runner,
+            json!({ "command": "sleep 2; head -c 10485760 /dev/zero | tr '\\0' d; sleep 4" }),
+        )
+        .await?;
+    f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+        .await?;
+    f.kill_scheduler()?;
+    let line_log = f.run_state_dir(&node, &run).join("lines");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&line_log).map_or(0, |m| m.len()) < 10 << 20 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the line log never held the output\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.signal_agent(&node, "KILL")?;
+    f.start_scheduler()?;
+    f.restart_agent(&node)?;
+    f.wait_ready().await?;
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "{r}\n{}", f.logs());
+    let (logs, _) = pages(&f, &runner, &run, 100).await?;
+    let out = texts(&logs, "stdout");
+    ensure!(out.len() == 160, "{} pieces", out.len());
+    ensure!(out.concat() == "d".repeat(10 << 20));
+    let agent_log = std::fs::read_to_string(f.dir.path().join(format!("agent-{node}.log")))?;
+    ensure!(
+        agent_log.contains("re-sending log lines not yet acknowledged"),
+        "the restarted agent re-sent the lines from its line log"
+    );
+    let logs = run_and_read(&f, &runner, "echo still-works").await?;
+    ensure!(texts(&logs, "stdout") == ["still-works"]);
+    Ok(())
+}
+
 /// A 1 MiB line, a long line of two-byte characters whose cut would fall inside one, and
 /// binary output.
 #[tokio::test]
@@ -240,7 +287,7 @@ async fn fake_session(
     for m in messages {
         tx.send(m).await?;
     }
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let next = tokio::time::timeout_at(deadline, inbound.message())
             .await
