@@ -331,6 +331,10 @@ pub struct NodeView {
     pub running_runs: Vec<String>,
     pub cached_images: Vec<String>,
     pub last_heartbeat_age_seconds: f64,
+    /// Why the node's last session with the scheduler ended in an error (e.g. a message the
+    /// scheduler could not read), until the node next delivers a report; null when none.
+    #[schema(required = true)]
+    pub last_error: Option<String>,
 }
 
 pub fn node(n: &pb::Node) -> Result<NodeView, UnknownEnumValue> {
@@ -346,6 +350,7 @@ pub fn node(n: &pb::Node) -> Result<NodeView, UnknownEnumValue> {
         running_runs: n.running_run_ids.clone(),
         cached_images: n.cached_images.clone(),
         last_heartbeat_age_seconds: n.last_heartbeat_age_millis as f64 / 1000.0,
+        last_error: (!n.last_error.is_empty()).then(|| n.last_error.clone()),
     })
 }
 

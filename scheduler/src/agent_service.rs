@@ -74,6 +74,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         let (queue, mut queued) = mpsc::unbounded_channel::<pb::AgentMessage>();
         let reader_scheduler = self.scheduler.clone();
         let reader_node = node_id.clone();
+        let reader_tx = tx.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -85,7 +86,15 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        // E.g. a message above the size limit: tell the agent why before the
+                        // stream ends, so its log says more than "stream closed".
                         tracing::warn!(node_id = %reader_node, error = %e, "agent stream failed");
+                        let refused = Status::new(
+                            e.code(),
+                            format!("the scheduler could not read a message: {}", e.message()),
+                        );
+                        reader_scheduler.record_delivery_error(&reader_node, refused.message());
+                        let _ = reader_tx.send(Err(refused));
                         break;
                     }
                 }
@@ -106,6 +115,10 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                         // message stays unacknowledged.
                         let e = SchedulerError::from(e);
                         tracing::error!(node_id = %node_id, seq, error = %e, "unreadable agent message");
+                        scheduler.record_delivery_error(
+                            &node_id,
+                            &format!("unreadable message {seq}: {e}"),
+                        );
                         let _ = tx.send(Err(e.into()));
                         break;
                     }
@@ -113,9 +126,14 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                 if let Err(e) = handled {
                     // Not acknowledged: end the stream so the agent reconnects and re-sends.
                     tracing::error!(node_id = %node_id, seq, error = %e, "could not handle agent message");
+                    scheduler.record_delivery_error(
+                        &node_id,
+                        &format!("could not handle message {seq}: {e}"),
+                    );
                     break;
                 }
                 if seq > 0 {
+                    scheduler.clear_delivery_error(&node_id);
                     let ack = Ok(pb::SchedulerMessage {
                         body: Some(Command::Ack(pb::Ack { up_to_seq: seq })),
                     });

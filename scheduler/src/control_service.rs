@@ -27,6 +27,18 @@ pub struct ControlApi<S> {
 
 const WATCH_BATCH: usize = 500;
 
+impl<S: Store> ControlApi<S> {
+    /// A node's view, with the error that ended its last agent session if it has not delivered
+    /// a report since.
+    fn node_to_pb(&self, n: NodeInfo) -> pb::Node {
+        let last_error = self
+            .scheduler
+            .delivery_error(&n.view.id)
+            .unwrap_or_default();
+        node_to_pb(n, last_error)
+    }
+}
+
 /// The caller's project, from the metadata the API sets after authenticating the request.
 fn project<T>(r: &Request<T>) -> Result<String, Status> {
     let p = r
@@ -271,7 +283,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         require_admin(&r)?;
         let nodes = self.scheduler.list_nodes().await;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.into_iter().map(node_to_pb).collect(),
+            nodes: nodes.into_iter().map(|n| self.node_to_pb(n)).collect(),
         }))
     }
 
@@ -281,7 +293,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             .scheduler
             .set_draining(&r.into_inner().id, true)
             .await?;
-        Ok(Response::new(node_to_pb(node)))
+        Ok(Response::new(self.node_to_pb(node)))
     }
 
     async fn resume_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
@@ -290,7 +302,7 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             .scheduler
             .set_draining(&r.into_inner().id, false)
             .await?;
-        Ok(Response::new(node_to_pb(node)))
+        Ok(Response::new(self.node_to_pb(node)))
     }
 
     async fn warmup_runner(
@@ -454,8 +466,9 @@ fn registry_to_pb(r: &ContainerRegistry) -> pb::ContainerRegistry {
     }
 }
 
-fn node_to_pb(n: NodeInfo) -> pb::Node {
+fn node_to_pb(n: NodeInfo, last_error: String) -> pb::Node {
     pb::Node {
+        last_error,
         free_memory_mib: n.view.free_memory_mib(),
         id: n.view.id,
         region: n.view.region,

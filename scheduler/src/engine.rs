@@ -14,6 +14,7 @@
 //!   queue positions.
 //! - `nodes`: registration and its lease reconciliation, liveness and expiry, draining, the
 //!   node list.
+//! - `delivery`: the error that ended a node's last agent session, for its view.
 //! - `reports`: what agents report once registered: heartbeats, run starts and exits, logs,
 //!   warmup results.
 //! - `images`: pull progress (memory only) and warm pins.
@@ -91,6 +92,8 @@ pub struct Scheduler<S> {
     /// When each node was last heard from (any message). Kept outside `state` so recording it
     /// never waits for the engine: liveness must not depend on how busy the scheduler is.
     liveness: std::sync::Mutex<HashMap<String, Instant>>,
+    /// The error that ended each node's last session, until it delivers a report again.
+    delivery_errors: std::sync::Mutex<HashMap<String, String>>,
     /// Staged effects of each operation, in flush order (see `dispatch_loop`).
     dispatch: mpsc::UnboundedSender<Dispatch>,
     store_failed: watch::Sender<bool>,
@@ -233,6 +236,7 @@ impl<S: Store> Scheduler<S> {
             state: Mutex::new(state),
             changes,
             liveness: std::sync::Mutex::new(liveness),
+            delivery_errors: std::sync::Mutex::default(),
             dispatch,
             store_failed,
             pulls: std::sync::Mutex::default(),
@@ -485,6 +489,7 @@ async fn committed(
 }
 
 mod api_keys;
+mod delivery;
 mod images;
 mod nodes;
 mod queue;
@@ -502,4 +507,5 @@ use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
 pub use reports::{REDACTED, REDACT_MIN_LEN};
+pub use runs::{log_line_cost, LOG_PAGE_MAX_BYTES};
 pub use usage::{UsageGroup, UsageRow};

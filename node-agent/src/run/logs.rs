@@ -3,9 +3,11 @@
 //!
 //! containerd's shim appends the container's output straight into two regular files in the
 //! run's journal directory (see [`crate::run::journal`]); the [`LogPump`] tails them. Lines are split
-//! on `\n` (the newline is stripped), lines longer than [`MAX_LINE_BYTES`] are split, bytes are
-//! decoded lossily as UTF-8, and a final unterminated line is only taken when the run is over
-//! (until then it may still grow). `seq` starts at 1 and grows across both streams in the order
+//! on `\n` (the newline is stripped), lines longer than [`MAX_LINE_BYTES`] are split into pieces
+//! of at most that size (cut before a UTF-8 character that would straddle the cut), bytes are
+//! decoded lossily as UTF-8 (an invalid byte becomes U+FFFD, so binary output is kept as text of
+//! at most three times its size), and a final unterminated line is only taken when the run is
+//! over (until then it may still grow). `seq` starts at 1 and grows across both streams in the order
 //! the pump sees the lines.
 //!
 //! Every line is appended to the run's line log *before* it enters the outbox, together with
@@ -13,6 +15,13 @@
 //! next `seq` at the right offsets — bytes the old process had read but not yet numbered (a
 //! partial last line included) are simply read again — and re-sends the lines the scheduler has
 //! not acknowledged: no line is lost, renumbered or duplicated.
+//!
+//! ## Message size
+//! Lines go to the outbox in batches of at most [`BATCH_MAX_LINES`] lines and about
+//! [`MAX_MESSAGE_BYTES`] encoded, and the outbox splits whatever is larger, lines re-sent from
+//! the line log after a restart included (an older agent queued them 256 at a time whatever
+//! their size, which could exceed gRPC's 4 MiB and wedge the node). A line is at most
+//! [`MAX_LINE_BYTES`] of output, at most three times that as text: far below one message.
 //!
 //! ## Volume limits and disk use
 //! A run's logging is capped by [`LogLimits`] (bytes and lines per run; a line costs its text
@@ -39,10 +48,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::clock::unix_nanos_now;
-use crate::outbox::SharedOutbox;
+use crate::outbox::{SharedOutbox, MAX_MESSAGE_BYTES};
 use crate::run::journal::{JournalError, LineCursor, LineLog, LineRecord, RunDir};
 
-/// Longest line kept in one piece; longer lines are split into chunks of this size.
+/// Longest line kept in one piece; longer lines are split into pieces of this size. 64 KiB keeps
+/// a piece (at most 192 KiB as text, for binary output) a small part of one message, and the
+/// pieces of a long line (minified JSON, a base64 blob) still join back to the whole.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// A batch is sent once it holds this many lines...
 pub const BATCH_MAX_LINES: usize = 256;
@@ -212,7 +223,7 @@ pub fn split_lines(buf: &[u8], max_line: usize, at_eof: bool) -> Vec<SplitLine> 
             });
             pos += i + 1;
         } else if rest.len() > max_line {
-            let end = pos + max_line;
+            let end = char_cut(buf, pos, pos + max_line);
             let next = if buf[end] == b'\n' { end + 1 } else { end };
             lines.push(SplitLine {
                 start: pos,
@@ -232,6 +243,37 @@ pub fn split_lines(buf: &[u8], max_line: usize, at_eof: bool) -> Vec<SplitLine> 
         }
     }
     lines
+}
+
+/// Where to cut a line that is too long at `end`: there, or a little before when `end` falls
+/// inside a well-formed UTF-8 character, so the character stays whole in the next piece instead
+/// of becoming two replacement characters. Never at or before `start`.
+fn char_cut(buf: &[u8], start: usize, end: usize) -> usize {
+    let is_continuation = |b: u8| b & 0b1100_0000 == 0b1000_0000;
+    let mut lead = end;
+    while lead > start && end - lead < 3 && is_continuation(buf[lead]) {
+        lead -= 1;
+    }
+    if lead == end || lead == start {
+        return end;
+    }
+    let width = match buf[lead] {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => return end,
+    };
+    let char_end = lead + width;
+    // A character the buffer holds only the start of (the rest not yet read) counts as whole.
+    let whole = match buf.get(lead..char_end) {
+        Some(bytes) => std::str::from_utf8(bytes).is_ok(),
+        None => buf[lead + 1..].iter().all(|b| is_continuation(*b)),
+    };
+    if whole && char_end > end {
+        lead
+    } else {
+        end
+    }
 }
 
 /// The tail of one output file: what was numbered (`consumed`) and the bytes read past it.
@@ -493,6 +535,7 @@ async fn tail(
 ) {
     let mut next_seq = cursor.next_seq;
     let mut batch: Vec<LogLine> = Vec::new();
+    let mut batch_bytes = 0usize;
     let mut batch_since: Option<Instant> = None;
     let mut behind = false;
     let flush = |batch: &mut Vec<LogLine>| {
@@ -551,14 +594,17 @@ async fn tail(
             if batch.is_empty() {
                 batch_since = Some(Instant::now());
             }
+            batch_bytes += record.msg.len();
             batch.push(to_log_line(record));
-            if batch.len() >= BATCH_MAX_LINES {
+            if batch.len() >= BATCH_MAX_LINES || batch_bytes >= MAX_MESSAGE_BYTES {
                 flush(&mut batch);
+                batch_bytes = 0;
             }
         }
         let due = batch_since.is_some_and(|t| t.elapsed() >= BATCH_MAX_DELAY);
         if finishing || due {
             flush(&mut batch);
+            batch_bytes = 0;
             batch_since = None;
         }
         if finishing {

@@ -30,7 +30,7 @@ use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
 use crate::image::progress::warmup_report;
-use crate::outbox::SharedOutbox;
+use crate::outbox::{RefusalWatch, SharedOutbox, REFUSALS_BEFORE_DEFUSE};
 use crate::run::journal::Journal;
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 use crate::runtime::{pull_reporting, ContainerRuntime};
@@ -210,8 +210,10 @@ impl<R: ContainerRuntime> Agent<R> {
         };
         let mut drained = std::pin::pin!(drained);
         let mut backoff = reconnect_backoff();
+        let mut refusals = RefusalWatch::default();
         loop {
             let mut registered = false;
+            let front_before = self.outbox.front_seq();
             let attempt = self.connect_once(&mut registered);
             let result = tokio::select! {
                 _ = &mut drained => return,
@@ -219,6 +221,10 @@ impl<R: ContainerRuntime> Agent<R> {
             };
             if registered {
                 backoff = reconnect_backoff();
+                let front_after = self.outbox.front_seq();
+                if refusals.session_ended(front_before, front_after, result.is_err()) {
+                    self.give_up_on_front(&result);
+                }
             }
             let delay = backoff.next().unwrap_or(BACKOFF_MAX);
             match result {
@@ -231,6 +237,22 @@ impl<R: ContainerRuntime> Agent<R> {
                 _ = &mut drained => return,
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// The scheduler keeps ending the session before acknowledging the oldest report: if that is
+    /// a log batch, its lines' text becomes a marker with the reason, so it gets through and the
+    /// loss shows in the run's logs, instead of the same batch being re-sent forever.
+    fn give_up_on_front(&self, result: &Result<(), SessionError>) {
+        let reason = match result {
+            Err(error) => error.to_string(),
+            Ok(()) => "the session kept ending".to_owned(),
+        };
+        let seq = self.outbox.front_seq();
+        if self.outbox.defuse_front(&reason) {
+            tracing::error!(seq, %reason, refusals = REFUSALS_BEFORE_DEFUSE, "the scheduler keeps refusing a log batch; sending its lines as markers instead");
+        } else {
+            tracing::error!(seq, %reason, refusals = REFUSALS_BEFORE_DEFUSE, "the scheduler keeps ending the session before acknowledging the oldest report");
         }
     }
 

@@ -38,6 +38,33 @@ fn long_lines_are_split_at_the_limit() {
     assert_eq!(lines[0].next, 4);
 }
 
+#[test]
+fn a_cut_never_splits_a_well_formed_character() {
+    // A cut after 3 bytes would fall inside "é" (2 bytes) or "€" (3 bytes): it moves before it.
+    assert_eq!(
+        texts("aaé".as_bytes(), 3, true),
+        vec!["aa".as_bytes(), "é".as_bytes()]
+    );
+    assert_eq!(
+        texts("a€".as_bytes(), 3, true),
+        vec!["a".as_bytes(), "€".as_bytes()]
+    );
+    assert_eq!(
+        texts("aé€b".as_bytes(), 3, true),
+        vec!["aé".as_bytes(), "€".as_bytes(), b"b"]
+    );
+    // The start of a character whose rest is not read yet moves to the next piece too.
+    assert_eq!(texts(b"a\xe2\x82", 2, false), vec![&b"a"[..]]);
+    assert_eq!(texts(b"aa\xc3", 2, false), vec![&b"aa"[..]]);
+    // Invalid bytes are cut anywhere: there is no character to keep whole.
+    assert_eq!(
+        texts(b"\xff\xfe\xfd", 2, true),
+        vec![&b"\xff\xfe"[..], b"\xfd"]
+    );
+    // A 4-byte character longer than the whole limit is still cut (never an empty piece).
+    assert_eq!(texts("😀".as_bytes(), 2, true).len(), 2);
+}
+
 fn journal_dir(state: &std::path::Path) -> RunDir {
     Journal::new(state)
         .create(&RunRecord {
@@ -320,4 +347,83 @@ async fn numbered_output_is_freed_on_disk_below_the_limit_too() {
         "{blocks} blocks still allocated"
     );
     pump.finish().await;
+}
+
+fn batch_sizes(outbox: &SharedOutbox) -> Vec<usize> {
+    outbox
+        .snapshot()
+        .iter()
+        .filter(|m| matches!(m.body, Some(Body::LogBatch(_))))
+        .map(prost::Message::encoded_len)
+        .collect()
+}
+
+/// 100 lines of 64 KiB (6.4 MiB) once went out as one batch, above gRPC's 4 MiB: the scheduler
+/// dropped the stream and the agent re-sent the same batch forever.
+#[tokio::test]
+async fn long_lines_go_out_in_messages_within_the_bound() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let dir = journal_dir(state.path());
+    let outbox = SharedOutbox::new();
+    let mut pump =
+        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone()).expect("pump");
+    let line = format!("{}\n", "j".repeat(65_536));
+    append(dir.stdout(), line.repeat(100).as_bytes());
+    // One 1 MiB line without a newline, and binary output (every invalid byte becomes three).
+    append(dir.stderr(), "k".repeat(1 << 20).as_bytes());
+    append(dir.stderr(), &[0xff; 300_000]);
+    pump.finish().await;
+    let sizes = batch_sizes(&outbox);
+    assert!(sizes.iter().all(|n| *n <= MAX_MESSAGE_BYTES), "{sizes:?}");
+    let lines = lines_of(&outbox);
+    let out: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.1 == LogStream::Stdout as i32)
+        .map(|l| l.2.as_str())
+        .collect();
+    assert_eq!(out.len(), 100);
+    assert!(out.iter().all(|l| l.len() == 65_536));
+    let err: String = lines
+        .iter()
+        .filter(|l| l.1 == LogStream::Stderr as i32)
+        .map(|l| l.2.as_str())
+        .collect();
+    assert_eq!(
+        err,
+        format!("{}{}", "k".repeat(1 << 20), "\u{fffd}".repeat(300_000))
+    );
+    let seqs: Vec<u64> = lines.iter().map(|l| l.0).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}
+
+/// A line log that an older agent numbered (and queued 256 lines at a time, whatever their
+/// size) is re-sent after an upgrade in messages within the bound: the wedged node recovers.
+#[tokio::test]
+async fn lines_re_sent_after_a_restart_fit_the_bound_too() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let dir = journal_dir(state.path());
+    let (mut log, _, _) = LineLog::open(&dir.lines()).expect("line log");
+    let records: Vec<LineRecord> = (1..=200u64)
+        .map(|seq| LineRecord {
+            seq,
+            stream: LogStream::Stdout as i32,
+            next: seq * 65_537,
+            ts: 1,
+            msg: "x".repeat(65_536),
+            marker: false,
+        })
+        .collect();
+    log.append(&records).expect("append");
+    append(
+        dir.stdout(),
+        format!("{}\n", "x".repeat(65_536)).repeat(200).as_bytes(),
+    );
+    let outbox = SharedOutbox::new();
+    let mut pump =
+        LogPump::start("r1".into(), &dir, 10, LogLimits::default(), outbox.clone()).expect("pump");
+    pump.finish().await;
+    let sizes = batch_sizes(&outbox);
+    assert!(sizes.iter().all(|n| *n <= MAX_MESSAGE_BYTES), "{sizes:?}");
+    let seqs: Vec<u64> = lines_of(&outbox).iter().map(|l| l.0).collect();
+    assert_eq!(seqs, (11..=200).collect::<Vec<_>>());
 }

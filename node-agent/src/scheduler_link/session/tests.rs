@@ -257,3 +257,130 @@ async fn recovery_releases_networks_of_runs_nobody_knows() {
     assert_eq!(cleaned, vec!["gone-1".to_string(), "gone-2".to_string()]);
     assert!(agent.runs().is_empty(), "nothing re-adopted");
 }
+
+/// A scheduler that ends the session on every log batch that is not made of refusal markers,
+/// and acknowledges everything else.
+struct RefusingScheduler {
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+    delivered: mpsc::UnboundedSender<berth_proto::v1::LogBatch>,
+}
+
+#[tonic::async_trait]
+impl berth_proto::v1::agent_service_server::AgentService for RefusingScheduler {
+    type AttachStream = ReceiverStream<Result<SchedulerMessage, tonic::Status>>;
+
+    async fn attach(
+        &self,
+        request: tonic::Request<tonic::Streaming<AgentMessage>>,
+    ) -> Result<tonic::Response<Self::AttachStream>, tonic::Status> {
+        self.sessions.fetch_add(1, Ordering::SeqCst);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let delivered = self.delivered.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let reply = match message.body {
+                    Some(Body::Register(_)) => {
+                        scheduler_message::Body::Registered(berth_proto::v1::Registered {
+                            heartbeat_interval_seconds: 1,
+                            stale_run_ids: vec![],
+                        })
+                    }
+                    Some(Body::LogBatch(batch)) => {
+                        let defused = batch
+                            .lines
+                            .iter()
+                            .all(|l| l.msg.starts_with(crate::outbox::REFUSED_MARKER_PREFIX));
+                        if !defused {
+                            let _ = tx
+                                .send(Err(tonic::Status::resource_exhausted("batch refused")))
+                                .await;
+                            return;
+                        }
+                        let _ = delivered.send(batch);
+                        scheduler_message::Body::Ack(Ack {
+                            up_to_seq: message.seq,
+                        })
+                    }
+                    _ => continue,
+                };
+                if tx
+                    .send(Ok(SchedulerMessage { body: Some(reply) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// The scheduler keeps ending the session on the same log batch (whatever the reason): after
+/// REFUSALS_BEFORE_DEFUSE sessions the agent sends it with its lines' text replaced by the
+/// reason, instead of re-sending it unchanged forever.
+#[tokio::test]
+async fn a_log_batch_the_scheduler_keeps_refusing_goes_out_as_markers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (delivered_tx, mut delivered) = mpsc::unbounded_channel();
+    let service = RefusingScheduler {
+        sessions: sessions.clone(),
+        delivered: delivered_tx,
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(berth_proto::v1::agent_service_server::AgentServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let base = agent(state.path(), None);
+    let agent = Agent::new(
+        AgentConfig {
+            scheduler_url: format!("http://{addr}"),
+            ..base.config.clone()
+        },
+        Arc::new(SlowPulls {
+            pull_takes: None,
+            networks: vec![],
+            cleaned: Default::default(),
+        }),
+    );
+    agent
+        .outbox()
+        .push(Body::LogBatch(berth_proto::v1::LogBatch {
+            run_id: "r1".to_string(),
+            lines: vec![berth_proto::v1::LogLine {
+                seq: 7,
+                stream: 1,
+                msg: "the batch the scheduler will not take".to_string(),
+                ts_unix_nanos: 1,
+            }],
+        }));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    let batch = tokio::time::timeout(Duration::from_secs(30), delivered.recv())
+        .await
+        .expect("the batch got through in time")
+        .expect("a batch");
+    assert_eq!(batch.lines.len(), 1);
+    assert_eq!(batch.lines[0].seq, 7, "the line keeps its number");
+    let text = &batch.lines[0].msg;
+    assert!(
+        text.starts_with(crate::outbox::REFUSED_MARKER_PREFIX) && text.contains("batch refused"),
+        "the marker gives the reason: {text}"
+    );
+    assert_eq!(
+        sessions.load(Ordering::SeqCst),
+        crate::outbox::REFUSALS_BEFORE_DEFUSE as usize + 1,
+        "refused three times, then delivered"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+}

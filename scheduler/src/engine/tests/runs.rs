@@ -461,3 +461,75 @@ async fn a_restarted_scheduler_still_sends_the_files_of_a_waiting_run() {
     let shown = s.get_run(P, &runner_id, &run_id).await.expect("get");
     assert_eq!(shown.files[0].size_bytes, 5);
 }
+
+/// Pages of long lines stop by bytes as well as by count (the API's gRPC client refused pages of
+/// 100 lines of 64 KiB as too large), always hold at least one line, and page through all.
+#[tokio::test]
+async fn log_pages_are_bounded_by_bytes_and_page_through_everything() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut ams = attach(&s, register("ams-1", "ams", 4096, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    s.create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut ams);
+    s.run_started("ams-1", started(&a)).await.expect("started");
+    let lines: Vec<LogLine> = (1..=300u64)
+        .map(|seq| LogLine {
+            seq,
+            stream: LogStream::Stdout,
+            // Lengths from 1 byte to 100 KiB.
+            msg: "z".repeat(((seq * 7919) % 100_000 + 1) as usize),
+            ts_unix_nanos: 5,
+        })
+        .collect();
+    for chunk in lines.chunks(20) {
+        s.append_logs(
+            "ams-1",
+            LogBatch {
+                run_id: a.run_id.clone(),
+                lines: chunk.to_vec(),
+            },
+        )
+        .await
+        .expect("logs");
+    }
+    for (limit, max_bytes) in [(1000, 300_000), (100, 300_000), (7, 300_000), (1000, 10)] {
+        let mut after = 0;
+        let mut seen = Vec::new();
+        loop {
+            let (page, more) = s
+                .list_logs_within(P, &runner.id, &a.run_id, after, limit, max_bytes)
+                .await
+                .expect("logs");
+            assert!(!page.is_empty() && page.len() <= limit);
+            let bytes: usize = page.iter().map(log_line_cost).sum();
+            assert!(page.len() == 1 || bytes <= max_bytes, "{bytes} bytes");
+            after = page.last().map_or(after, |l| l.id);
+            seen.extend(page.iter().map(|l| l.id));
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            (1..=300).collect::<Vec<_>>(),
+            "limit {limit}, {max_bytes} bytes"
+        );
+    }
+    let (page, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 0, 1000)
+        .await
+        .expect("logs");
+    assert!(more && page.iter().map(log_line_cost).sum::<usize>() <= LOG_PAGE_MAX_BYTES);
+    let (page, more) = s
+        .list_logs(P, &runner.id, &a.run_id, 299, 1000)
+        .await
+        .expect("logs");
+    assert_eq!((page.len(), more), (1, false));
+}
