@@ -6,13 +6,16 @@
 //! - While the scheduler is killed and restarted, every answer is 200 or 503 `unavailable`,
 //!   never 500; the window of 503s is printed (the figure is in docs/BENCHMARKS.md, measured
 //!   with `api-probe watch` on the release fleet).
+//! - A scheduler with an agent attached stops on SIGTERM within its grace (it used to wait for
+//!   the agent's stream forever, until deploy/up.sh's SIGKILL after 10 s), and the agent and the
+//!   API, left running, work with the next scheduler.
 //!
 //! The in-process tier (`api/tests/contract/protection.rs`) covers each limit in detail.
 
 mod common;
 
 use anyhow::{ensure, Context, Result};
-use common::{Fleet, FleetOptions, TOKEN};
+use common::{pid_with_args, AgentSpec, Fleet, FleetOptions, TOKEN};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,5 +164,54 @@ async fn a_scheduler_killed_and_restarted_makes_503s_never_500s() -> Result<()> 
         counts.get(&503).copied().unwrap_or(0) > 0,
         "no 503 seen: {counts:?}"
     );
+    Ok(())
+}
+
+/// Whether `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_with_an_attached_agent_stops_on_sigterm_and_its_clients_carry_on() -> Result<()>
+{
+    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let data_dir = f.dir.path().join("scheduler");
+    let pid = pid_with_args(&["berth-scheduler", &data_dir.to_string_lossy()])
+        .context("the scheduler's pid")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -TERM {pid}");
+    // Its grace is 2 s; before, it never stopped while the agent's stream was open.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !exited(pid) {
+        ensure!(
+            Instant::now() < deadline,
+            "the scheduler did not stop within 8 s of SIGTERM with an agent attached"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.kill_scheduler()?; // reaps it
+    f.start_scheduler()?;
+    // The same API process reaches the new scheduler once it listens (503 until then)…
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.get("/v1/runners").await.is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "the API did not reach the new scheduler"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // …and so does the same agent.
+    f.wait_node_status(&node, "ready", Duration::from_secs(30))
+        .await?;
     Ok(())
 }
