@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Bring up a local Berth fleet and run a demo job on it.
 #
-#   deploy/up.sh
+#   deploy/up.sh                      bring up what is not running, run the demo
+#   deploy/up.sh --restart SERVICE    also restart SERVICE (repeatable): scheduler, api,
+#                                     agent-fra-1, agent-ams-1, or agents (both)
 #
 # Installs the Debian packages (once), builds the release binaries, starts
 # containerd, a plain-HTTP registry with a busybox image, berth-scheduler,
 # berth-api and two node agents (fra-1, ams-1), then runs a demo runner
 # through the REST API and prints its logs. Safe to run again: running pieces
-# are reused, Berth processes are restarted when their binary changed, and
-# the demo runs again.
+# are reused, and only a Berth process that is down, or whose binary or
+# arguments changed, is (re)started; the others keep running (the API and the
+# agents reconnect to a restarted scheduler by themselves). The demo runs again.
+# deploy/restart.sh SERVICE restarts one service without building or the demo.
 #
 # Environment (all optional):
 #   BERTH_DATA_DIR   data, logs and pid files      (default /var/lib/berth/fleet)
@@ -19,6 +23,26 @@ set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RESTART=()
+while (($#)); do
+  case "$1" in
+    --restart)
+      [[ $# -ge 2 ]] || berth_die "--restart needs a service: scheduler, api, agent-fra-1, agent-ams-1, agents"
+      case "$2" in
+        scheduler | api | agent-fra-1 | agent-ams-1) RESTART+=("$2") ;;
+        agents) RESTART+=(agent-fra-1 agent-ams-1) ;;
+        *) berth_die "unknown service: $2 (scheduler, api, agent-fra-1, agent-ams-1, agents)" ;;
+      esac
+      shift 2
+      ;;
+    -h | --help)
+      sed -n '2,21p' "$0"
+      exit 0
+      ;;
+    *) berth_die "unknown argument: $1 (see --help)" ;;
+  esac
+done
 
 DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet}"
 REGISTRY_ADDR=127.0.0.1:5000
@@ -137,14 +161,11 @@ agent_cmd() { # NODE_ID REGION
     --state-dir "$DATA_DIR/agent-$1")
 }
 
-# A new scheduler means everybody reconnects: restart its clients with it.
-if ! proc_current scheduler "${SCHEDULER_CMD[@]}"; then
-  berth_stop_pidfile "$RUN_DIR/api.pid"
-  for a in "${AGENTS[@]}"; do
-    read -r node _ <<<"$a"
-    berth_stop_pidfile "$RUN_DIR/agent-$node.pid"
-  done
-fi
+# Only what is down or changed is (re)started: the API and the agents reconnect to a
+# restarted scheduler on their own (the API answers 503 meanwhile), so they keep running.
+for name in "${RESTART[@]}"; do
+  berth_stop_pidfile "$RUN_DIR/$name.pid"
+done
 
 mkdir -p "$DATA_DIR/scheduler"
 ensure_proc scheduler "${SCHEDULER_CMD[@]}"

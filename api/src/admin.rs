@@ -79,6 +79,8 @@ pub struct ApiKeysResponse {
         (status = 400, description = "Malformed JSON or unknown fields", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 403, description = "A project key on an admin route", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )

@@ -30,7 +30,12 @@ pub struct Caller {
     pub project: String,
     /// Holds the admin token: may manage nodes and API keys.
     pub admin: bool,
+    /// Which credential: the API key's id, or [`ADMIN_KEY`]. Per-key limits count by it.
+    pub key: String,
 }
+
+/// [`Caller::key`] of the admin token.
+pub const ADMIN_KEY: &str = "admin";
 
 tokio::task_local! {
     static CALLER: Caller;
@@ -41,14 +46,21 @@ pub fn current() -> Option<Caller> {
     CALLER.try_with(Caller::clone).ok()
 }
 
-/// `Bearer <token>` → the token.
+/// `Bearer <token>` → the token. The scheme is case-insensitive (RFC 9110 §11.1), so
+/// `bearer` and `BEARER` are accepted too.
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    bearer_token(
+        req.headers()
+            .get(axum::http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?,
+    )
+}
+
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    Some(token.trim())
+        .filter(|_| scheme.eq_ignore_ascii_case("bearer"))
         .filter(|t| !t.is_empty())
 }
 
@@ -62,8 +74,9 @@ pub async fn authenticate(
         Caller {
             project: DEFAULT_PROJECT.to_owned(),
             admin: true,
+            key: ADMIN_KEY.to_owned(),
         }
-    } else if parse_key(token).is_some() {
+    } else if let Some(presented) = parse_key(token) {
         let answer = s
             .control
             .clone()
@@ -75,6 +88,7 @@ pub async fn authenticate(
             Ok(key) => Caller {
                 project: key.into_inner().project,
                 admin: false,
+                key: presented.key_id.to_owned(),
             },
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
                 return Err(ApiError::Unauthorized)
@@ -165,6 +179,7 @@ mod tests {
         let key = Caller {
             project: "alpha".into(),
             admin: false,
+            key: "k1".into(),
         };
         let req = CALLER
             .scope(key, async {
@@ -182,6 +197,7 @@ mod tests {
         let admin = Caller {
             project: DEFAULT_PROJECT.into(),
             admin: true,
+            key: ADMIN_KEY.into(),
         };
         let req = CALLER
             .scope(admin, async {
@@ -192,12 +208,23 @@ mod tests {
         assert!(req.metadata().get(ADMIN_METADATA).is_some());
     }
 
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc "] {
+            assert_eq!(bearer_token(header), Some("abc"), "{header}");
+        }
+        for header in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc"] {
+            assert_eq!(bearer_token(header), None, "{header}");
+        }
+    }
+
     #[tokio::test]
     async fn only_the_admin_passes_require_admin() {
         assert!(matches!(require_admin(), Err(ApiError::Unauthorized)));
         let key = Caller {
             project: "alpha".into(),
             admin: false,
+            key: "k1".into(),
         };
         let r = CALLER.scope(key, async { require_admin() }).await;
         assert!(matches!(r, Err(ApiError::Forbidden(_))));

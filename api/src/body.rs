@@ -74,12 +74,28 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::Malformed {
-                field: "body".to_owned(),
-                message: e.body_text(),
-            })?;
+        let timeout = req.extensions().get::<BodyReadTimeout>().map(|t| t.0);
+        let read = Bytes::from_request(req, state);
+        let read = match timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, read)
+                    .await
+                    .map_err(|_| ApiError::BodyTimeout {
+                        seconds: limit.as_secs(),
+                    })?
+            }
+            None => read.await,
+        };
+        let bytes = read.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::Malformed {
+                    field: "body".to_owned(),
+                    message: e.body_text(),
+                }
+            }
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return if EMPTY_OK {
                 Ok(JsonBody(T::default()))
@@ -98,8 +114,24 @@ where
     }
 }
 
+/// How long a request body may take to arrive, whole; put on each request by [`crate::serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub std::time::Duration);
+
+/// One JSON value, and nothing after it but whitespace.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = parse_value(de)?;
+    de.end().map_err(|e| ApiError::Malformed {
+        field: "body".to_owned(),
+        message: format!("trailing data after the JSON value: {e}"),
+    })?;
+    Ok(value)
+}
+
+fn parse_value<'de, T: DeserializeOwned>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -134,6 +166,15 @@ mod tests {
         );
         assert_eq!(field(r#"{"nme": "x"}"#), "nme");
         assert_eq!(field("{"), "body");
+    }
+
+    #[test]
+    fn trailing_data_after_the_json_value_is_refused() {
+        let ok = r#"{"name": "abc"}"#;
+        assert!(parse::<RunnerInput>(format!("{ok} \n").as_bytes()).is_ok());
+        for bad in [format!("{ok}{ok}"), format!("{ok} x"), format!("{ok}]")] {
+            assert_eq!(field(&bad), "body", "{bad}");
+        }
     }
 
     fn unknown_field<T: serde::de::DeserializeOwned>(body: &str) -> Option<String> {

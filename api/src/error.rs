@@ -29,10 +29,16 @@ pub enum ApiErrorCode {
     NotFound,
     /// 405: the path exists, the method does not.
     MethodNotAllowed,
+    /// 408: the request body did not arrive within the body read timeout.
+    RequestTimeout,
     /// 409: conflicts with the current state.
     Conflict,
+    /// 413: the request body is larger than the route allows.
+    PayloadTooLarge,
     /// 422: validation failed; each error names its field.
     ValidationFailed,
+    /// 429: too many concurrent log streams for this API key.
+    TooManyRequests,
     /// 500.
     Internal,
     /// 503: the scheduler is unavailable.
@@ -61,6 +67,15 @@ pub enum ApiError {
     /// The request conflicts with the current state (a concurrent update, a record in use).
     #[error("{message}")]
     Conflict { field: String, message: String },
+    /// The body did not arrive within the body read timeout (a slow or stalled client).
+    #[error("the request body did not arrive within {seconds} s")]
+    BodyTimeout { seconds: u64 },
+    /// The body is larger than the route's limit.
+    #[error("the request body is larger than this route allows (1 MiB; 2 MiB for one run)")]
+    PayloadTooLarge,
+    /// The caller holds too many of a bounded resource at once (log streams).
+    #[error("{message}")]
+    TooManyRequests { field: String, message: String },
     /// The scheduler is down or restarting.
     #[error("the scheduler is unavailable: {0}")]
     Unavailable(String),
@@ -112,6 +127,21 @@ impl ApiError {
                 ApiErrorCode::Conflict,
                 fe(field, message.clone()),
             ),
+            ApiError::BodyTimeout { .. } => (
+                StatusCode::REQUEST_TIMEOUT,
+                ApiErrorCode::RequestTimeout,
+                fe("body", self.to_string()),
+            ),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ApiErrorCode::PayloadTooLarge,
+                fe("body", self.to_string()),
+            ),
+            ApiError::TooManyRequests { field, message } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                ApiErrorCode::TooManyRequests,
+                fe(field, message.clone()),
+            ),
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ApiErrorCode::Unavailable,
@@ -133,6 +163,16 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut res = (status, axum::Json(ErrorBody { code, errors })).into_response();
+        if matches!(
+            self,
+            ApiError::BodyTimeout { .. } | ApiError::PayloadTooLarge
+        ) {
+            // The rest of the body is not read: the connection cannot carry another request.
+            res.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -196,13 +236,59 @@ impl From<tonic::Status> for ApiError {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 ApiError::Unavailable(message)
             }
+            // The connection to the scheduler broke mid-call (it was killed or restarted):
+            // tonic reports that as `Unknown`; the scheduler itself never answers `Unknown`.
+            Code::Unknown if is_transport_failure(&s) => ApiError::Unavailable(message),
             _ => ApiError::Internal(format!("{:?}: {message}", s.code())),
         }
     }
+}
+
+/// Whether `s` is tonic's report of a broken connection rather than the scheduler's answer:
+/// its source is a transport or HTTP/2 error, or (without a source) its message says so.
+fn is_transport_failure(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    let message = s.message();
+    message.starts_with("transport error")
+        || message.starts_with("h2 protocol error")
+        || message.starts_with("error trying to connect")
+        || message.contains("connection reset")
+        || message.contains("broken pipe")
 }
 
 #[derive(serde::Deserialize)]
 struct FieldErrorIn {
     field: String,
     message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: ApiError) -> StatusCode {
+        e.parts().0
+    }
+
+    #[test]
+    fn a_broken_connection_to_the_scheduler_is_503_not_500() {
+        for message in [
+            "transport error",
+            "h2 protocol error: error reading a body from connection",
+            "error trying to connect: tcp connect error",
+        ] {
+            let e = ApiError::from(tonic::Status::unknown(message));
+            assert_eq!(status_of(e), StatusCode::SERVICE_UNAVAILABLE, "{message}");
+        }
+        let e = ApiError::from(tonic::Status::unknown("a bug in the scheduler"));
+        assert_eq!(status_of(e), StatusCode::INTERNAL_SERVER_ERROR);
+        let e = ApiError::from(tonic::Status::unavailable("connection refused"));
+        assert_eq!(status_of(e), StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

@@ -9,6 +9,9 @@
 //! - [`admin`]: the admin-only routes (API keys).
 //! - [`openapi`]: the document generated from the handlers' annotations, and its own route.
 //! - [`views`]: the public JSON of each record; [`error`]: the one mapping from errors to HTTP.
+//! - [`server`]: the accept loop (hyper, HTTP/1.1) with the limits of [`limits`]: header and
+//!   body read timeouts, a connection cap that closes the longest-idle connection to admit a new
+//!   one, the per-key cap on log streams.
 //! - [`auth`]: authenticates every request (admin token or a project's API key) and names the
 //!   caller's project on every control call.
 //!
@@ -23,9 +26,13 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod handlers;
+pub mod limits;
 pub mod openapi;
 pub mod routes;
+pub mod server;
 pub mod views;
+
+pub use limits::ServeLimits;
 
 pub use routes::{routes, Route, Verb};
 
@@ -46,6 +53,7 @@ pub struct AppState {
     control: ControlServiceClient<InterceptedService<Channel, auth::ClusterToken>>,
     cluster: auth::ClusterToken,
     admin_token: Arc<str>,
+    streams: Arc<limits::StreamGauge>,
 }
 
 impl AppState {
@@ -57,7 +65,14 @@ impl AppState {
             channel,
             cluster,
             admin_token: Arc::from(admin_token),
+            streams: limits::StreamGauge::new(limits::DEFAULT_MAX_STREAMS_PER_KEY),
         }
+    }
+
+    /// At most `max` log streams open at once per API key (the admin token counts as one key).
+    pub fn with_max_streams_per_key(mut self, max: usize) -> AppState {
+        self.streams = limits::StreamGauge::new(max);
+        self
     }
 
     /// The control client for the current request: every call carries the caller's project.
@@ -110,13 +125,21 @@ async fn trace_request(req: Request, next: Next) -> Response {
     res
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` with the default [`ServeLimits`] until `shutdown` resolves.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(state, listener, ServeLimits::default(), shutdown).await
+}
+
+/// Serves the API on `listener` within `limits` until `shutdown` resolves.
+pub async fn serve_with(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    server::run(router(state), listener, limits, shutdown).await
 }

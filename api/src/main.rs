@@ -1,6 +1,7 @@
 use anyhow::Context;
-use berth_api::AppState;
+use berth_api::{limits, AppState, ServeLimits};
 use clap::Parser;
+use std::time::Duration;
 
 /// Berth's public REST API.
 #[derive(Parser, Debug)]
@@ -22,6 +23,40 @@ struct Args {
     /// The scheduler's cluster token (its `--cluster-token`), sent on every call to it.
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// Open connections at most; at the cap a new connection closes the longest-idle one.
+    #[arg(long, env = "BERTH_API_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's line and headers, from connecting or from the
+    /// end of its previous response (so also the idle keep-alive timeout).
+    #[arg(long, env = "BERTH_API_HEADER_READ_TIMEOUT", default_value_t = limits::DEFAULT_HEADER_READ_TIMEOUT.as_secs_f64())]
+    header_read_timeout: f64,
+    /// Seconds a request body has to arrive, whole (408 after).
+    #[arg(long, env = "BERTH_API_BODY_READ_TIMEOUT", default_value_t = limits::DEFAULT_BODY_READ_TIMEOUT.as_secs_f64())]
+    body_read_timeout: f64,
+    /// Log streams (SSE) one API key may hold open at once (429 above).
+    #[arg(long, env = "BERTH_API_MAX_STREAMS_PER_KEY", default_value_t = limits::DEFAULT_MAX_STREAMS_PER_KEY)]
+    max_streams_per_key: usize,
+    /// Seconds shutdown waits for requests in flight (log streams) before closing them.
+    #[arg(long, env = "BERTH_API_SHUTDOWN_GRACE", default_value_t = limits::DEFAULT_SHUTDOWN_GRACE.as_secs_f64())]
+    shutdown_grace: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} must be a positive number of seconds"))
+}
+
+/// Raises the soft limit on open files to the hard one: the connection cap, not the process's
+/// file descriptors, must be what refuses clients. Returns the soft limit now in force.
+fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 #[tokio::main]
@@ -39,12 +74,39 @@ async fn main() -> anyhow::Result<()> {
         .connect_lazy();
     let cluster = berth_api::auth::ClusterToken::new(args.cluster_token.as_deref())
         .context("--cluster-token must be visible ASCII")?;
-    let state = AppState::new(channel, &args.token, cluster);
+    anyhow::ensure!(
+        args.max_connections > 0 && args.max_streams_per_key > 0,
+        "--max-connections and --max-streams-per-key must be positive"
+    );
+    let limits = ServeLimits {
+        max_connections: args.max_connections,
+        header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
+        body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+        shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
+    };
+    if let Some(open_files) = raise_open_files_limit() {
+        // Each connection is one descriptor; keep a margin for the scheduler channel and logs.
+        let room = usize::try_from(open_files.saturating_sub(64)).unwrap_or(usize::MAX);
+        if room < limits.max_connections {
+            tracing::warn!(
+                open_files,
+                max_connections = limits.max_connections,
+                "the open-files limit is below --max-connections: accept will fail before the cap"
+            );
+        }
+    }
+    let state = AppState::new(channel, &args.token, cluster)
+        .with_max_streams_per_key(args.max_streams_per_key);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, scheduler = %args.scheduler, "api listening");
     let shutdown = berth_core::process::shutdown_signal().context("installing signal handlers")?;
-    berth_api::serve(state, listener, shutdown).await?;
+    tracing::info!(
+        ?limits,
+        max_streams_per_key = args.max_streams_per_key,
+        "api limits"
+    );
+    berth_api::serve_with(state, listener, limits, shutdown).await?;
     Ok(())
 }

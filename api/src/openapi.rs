@@ -182,8 +182,11 @@ mod tests {
                 "forbidden",
                 "not_found",
                 "method_not_allowed",
+                "request_timeout",
                 "conflict",
+                "payload_too_large",
                 "validation_failed",
+                "too_many_requests",
                 "internal",
                 "unavailable"
             ])

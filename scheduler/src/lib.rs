@@ -67,6 +67,11 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(());
+    };
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
@@ -80,11 +85,29 @@ pub async fn serve<S: Store>(
             control_service::ControlApi { scheduler },
             gate,
         ))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    // Attached agents hold their streams open for as long as the connection lives, so a
+    // graceful drain would wait for them forever (a restart through deploy/up.sh then waited
+    // 10 s for SIGKILL): calls in flight get SHUTDOWN_GRACE, then the connections are dropped
+    // and the agents reconnect to the next scheduler. Every state change is committed to the
+    // store before it is acknowledged, so nothing acknowledged is lost.
+    tokio::pin!(served);
+    let served = tokio::select! {
+        served = &mut served => served,
+        () = async {
+            let _ = stopping.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "closing the connections still open");
+            Ok(())
+        }
+    };
     expiry.abort();
     served
 }
+
+/// How long shutdown waits for calls in flight before closing connections.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Checks node liveness twice a second.
 async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {

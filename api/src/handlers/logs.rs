@@ -104,6 +104,7 @@ pub struct StreamQuery {
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner or run", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
+        (status = 429, description = "This API key has the most log streams open (`berth-api --max-streams-per-key`)", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )
 )]
@@ -114,6 +115,9 @@ pub async fn stream_logs(
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let (runner_id, run_id) = run_ids(path)?;
+    let caller = crate::auth::current().ok_or(crate::error::ApiError::Unauthorized)?;
+    // Held by the stream until it ends or the client goes away.
+    let permit = s.streams.acquire(&caller.key)?;
     let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let after_id = match parse_after_id("after_id", q.after_id.as_deref())? {
         Some(v) => v,
@@ -128,7 +132,8 @@ pub async fn stream_logs(
         })
         .await?
         .into_inner();
-    let stream = events.map(|item| {
+    let stream = events.map(move |item| {
+        let _held = &permit;
         let event = match item.map(|e| e.event) {
             Ok(Some(pb::watch_logs_event::Event::Log(l))) => match views::log(&l) {
                 Ok(view) => Event::default()

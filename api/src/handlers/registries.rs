@@ -35,6 +35,8 @@ pub struct RegistriesResponse {
         (status = 400, description = "Malformed request: not JSON, wrong types or unknown fields", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )

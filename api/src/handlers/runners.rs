@@ -39,6 +39,8 @@ pub struct RunnersResponse {
         (status = 400, description = "Malformed request: not JSON, wrong types or unknown fields", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )
@@ -127,6 +129,8 @@ pub async fn get_runner(
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )

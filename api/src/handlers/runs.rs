@@ -75,6 +75,8 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )
@@ -131,6 +133,8 @@ pub const BATCH_MAX_RUNS: usize = 1_000;
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body read timeout", body = ErrorBody),
+        (status = 413, description = "The body is larger than the route allows", body = ErrorBody),
         (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
         (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
     )

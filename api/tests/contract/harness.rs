@@ -37,6 +37,15 @@ async fn stopped(rx: oneshot::Receiver<()>) {
 
 impl Api {
     pub async fn start() -> Result<Api> {
+        Api::start_with(berth_api::ServeLimits::default(), None).await
+    }
+
+    /// Like [`Api::start`], the API serving within `limits` and, when given, at most
+    /// `max_streams_per_key` log streams per key.
+    pub async fn start_with(
+        limits: berth_api::ServeLimits,
+        max_streams_per_key: Option<usize>,
+    ) -> Result<Api> {
         let dir = tempfile::tempdir()?;
         let store = EmbeddedStore::open(&dir.path().join("state.redb"))?;
         let secrets = Arc::new(SecretKey::load_or_create(&dir.path().join("secret.key"))?);
@@ -68,10 +77,18 @@ impl Api {
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
         let cluster = berth_api::auth::ClusterToken::new(Some(CLUSTER_TOKEN))?;
-        let state = berth_api::AppState::new(channel, TOKEN, cluster);
+        let mut state = berth_api::AppState::new(channel, TOKEN, cluster);
+        if let Some(max) = max_streams_per_key {
+            state = state.with_max_streams_per_key(max);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let api_url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(berth_api::serve(state, listener, stopped(api_stopped)));
+        tokio::spawn(berth_api::serve_with(
+            state,
+            listener,
+            limits,
+            stopped(api_stopped),
+        ));
 
         Ok(Api {
             api_url,
@@ -81,6 +98,11 @@ impl Api {
             _dir: dir,
             stop: vec![stop_api, stop_scheduler],
         })
+    }
+
+    /// `host:port` of the API, for raw TCP clients.
+    pub fn api_addr(&self) -> &str {
+        self.api_url.trim_start_matches("http://")
     }
 
     /// One request with `token` as the bearer token (`None`: no Authorization header); the

@@ -8,6 +8,7 @@ mod files;
 mod harness;
 mod limits;
 mod openapi;
+mod protection;
 mod registries;
 mod runners;
 mod runs;

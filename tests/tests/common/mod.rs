@@ -96,6 +96,8 @@ pub struct FleetOptions {
     /// Host the scheduler and the API listen on (default 127.0.0.1; clients always connect
     /// through 127.0.0.1).
     pub listen_host: Option<String>,
+    /// Extra `berth-api` flags.
+    pub api_args: Vec<String>,
 }
 
 pub struct Fleet {
@@ -162,20 +164,21 @@ impl Fleet {
         // Restarts reuse this port: the API and the agents know the scheduler by it.
         fleet.scheduler_addr = format!("127.0.0.1:{port}");
         let api_listen = format!("{}:0", fleet.listen_host);
-        let api = fleet.spawn(
-            "api",
-            "berth-api",
-            &[
-                "--listen",
-                &api_listen,
-                "--scheduler",
-                &format!("http://{}", fleet.scheduler_addr),
-                "--token",
-                TOKEN,
-                "--cluster-token",
-                CLUSTER_TOKEN,
-            ],
-        )?;
+        let mut api_args: Vec<String> = [
+            "--listen",
+            &api_listen,
+            "--scheduler",
+            &format!("http://{}", fleet.scheduler_addr),
+            "--token",
+            TOKEN,
+            "--cluster-token",
+            CLUSTER_TOKEN,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        api_args.extend(options.api_args);
+        let api = fleet.spawn_owned("api", "berth-api", &api_args)?;
         fleet.others.push(api);
         let port = bound_port(&fleet.log_path("api"), "api").await?;
         // Clients always connect through 127.0.0.1, whatever host the API listens on.
