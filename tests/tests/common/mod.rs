@@ -96,6 +96,9 @@ pub struct FleetOptions {
     /// Host the scheduler and the API listen on (default 127.0.0.1; clients always connect
     /// through 127.0.0.1).
     pub listen_host: Option<String>,
+    /// The containerd socket the agents use (and the containerd helpers below look at), instead
+    /// of the shared one from `BERTH_CONTAINERD_SOCKET`: for a test that restarts its own.
+    pub containerd_socket: Option<String>,
 }
 
 pub struct Fleet {
@@ -134,7 +137,10 @@ impl Fleet {
 
     /// Like [`Fleet::start`], with [`FleetOptions`].
     pub async fn start_opts(agents: &[AgentSpec], options: FleetOptions) -> Result<Fleet> {
-        let env = env()?;
+        let mut env = env()?;
+        if let Some(socket) = options.containerd_socket {
+            env.containerd_socket = socket;
+        }
         let listen_host = options
             .listen_host
             .unwrap_or_else(|| "127.0.0.1".to_string());
