@@ -3,8 +3,8 @@
 //! a temporary directory) and points its agent at it.
 //!
 //! - Runs going when containerd dies keep running and stay supervised: their lines keep
-//!   arriving, a stop and a timeout still end them with the real outcome, and they are cleaned
-//!   up; a run whose task really went away (its shim killed while containerd was down) ends
+//!   arriving, a stop and a timeout still end them with the real outcome, one that exits by
+//!   itself meanwhile is reported with its real exit code, and all are cleaned up; a run whose task really went away (its shim killed while containerd was down) ends
 //!   `failed` with `task_failed` saying containerd lost it.
 //! - A run submitted while containerd is down is not failed: it waits and runs once containerd
 //!   is back.
@@ -279,6 +279,15 @@ async fn runs_survive_a_containerd_restart_and_a_lost_task_ends_clearly() -> Res
     let (stopped_runner, stopped) = start(&long, &mark_stop).await?;
     let (timed_out_runner, timed_out) = start(&short, &mark_timeout).await?;
     let (_, lost) = start(&long, &mark_lost).await?;
+    // One that ends by itself about 2.4 s after its start: most likely while containerd is down.
+    let ends = f
+        .start_run(
+            &long,
+            json!({"command": format!(
+                "M=ends{tag}; i=0; while [ $i -lt 12 ]; do i=$((i+1)); echo tick$i; sleep 0.2; done; exit 3"
+            )}),
+        )
+        .await?;
     let runner_of = |run: &str| {
         if run == timed_out {
             timed_out_runner.clone()
@@ -324,6 +333,19 @@ async fn runs_survive_a_containerd_restart_and_a_lost_task_ends_clearly() -> Res
         f.logs()
     );
 
+    // The one that ended by itself meanwhile: its real ending, every line.
+    let r = f.wait_finished(&long, &ends).await?;
+    ensure!(
+        r["status"] == "failed" && r["exit_code"] == 3 && r["error_code"].is_null(),
+        "a run that ended by itself: {r}\n{}",
+        f.logs()
+    );
+    let want: Vec<String> = (1..=12).map(|i| format!("tick{i}")).collect();
+    ensure!(
+        msgs(&f.all_logs(&long, &ends).await?, "stdout") == want,
+        "its lines"
+    );
+
     // The others are still supervised: their lines keep coming.
     for run in [&stopped, &timed_out] {
         let r = f.run(&runner_of(run), run).await?;
@@ -349,7 +371,7 @@ async fn runs_survive_a_containerd_restart_and_a_lost_task_ends_clearly() -> Res
         f.logs()
     );
 
-    for run in [&stopped, &timed_out, &lost] {
+    for run in [&stopped, &timed_out, &lost, &ends] {
         f.assert_run_cleaned(&node, run).await?;
     }
     for marker in [&mark_stop, &mark_timeout, &mark_lost] {
