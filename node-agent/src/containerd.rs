@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use berth_proto::v1::RegistryAuth;
 use containerd_client::services::v1::container::Runtime as ContainerRuntimeInfo;
 use containerd_client::services::v1::containers_client::ContainersClient;
@@ -17,6 +18,7 @@ use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, KillRequest,
@@ -37,7 +39,8 @@ use crate::network::cni::RunNetwork;
 use crate::run::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::run::spec::join_network;
 use crate::runtime::{
-    ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal, TaskExit,
+    ContainerRuntime, EngineHealth, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
+    StopSignal, TaskExit,
 };
 
 /// The shim every run uses.
@@ -64,10 +67,179 @@ pub struct ContainerdRuntime {
     network: Option<Arc<dyn RunNetwork>>,
     /// Keeps the images within the disk budget (see `image_cache`); none: images stay.
     cache: Option<Arc<ImageCache<ContainerdImages>>>,
+    /// Whether containerd answers (see [`ContainerdRuntime::spawn_health_probe`]).
+    health: Arc<watch::Sender<EngineHealth>>,
 }
 
 /// Upper bound for attaching a run's network (plugins wait for the xtables lock).
 const NETWORK_ATTACH_LIMIT: Duration = Duration::from_secs(60);
+
+/// How often the health probe asks containerd whether it is there.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+/// A probe that gets no answer within this counts as containerd being unreachable. Generous: a
+/// loaded containerd must not be taken for a dead one.
+const PROBE_LIMIT: Duration = Duration::from_secs(5);
+/// The first and the longest wait between attempts to re-attach to a task's exit after
+/// containerd went away.
+const REATTACH_START: Duration = Duration::from_millis(100);
+const REATTACH_MAX: Duration = Duration::from_secs(2);
+/// How long containerd may stay unreachable before a run's exit watch gives up on the task.
+const REATTACH_LIMIT: Duration = Duration::from_secs(600);
+/// A `Wait` that lasted this long before it broke was attached: the next outage counts anew.
+const ATTACHED_AFTER: Duration = Duration::from_secs(10);
+/// How long a signal is retried while containerd is unreachable.
+const KILL_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// What to do when a call about a task fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskCallFailure {
+    /// containerd went away or cannot be reached (restart, crash): wait for it and ask again.
+    /// The shim outlives containerd and keeps the task and its exit status meanwhile.
+    Retry,
+    /// containerd answers but no longer knows the task, after it was unreachable: the task is
+    /// really gone.
+    Lost,
+    /// Any other answer: the call failed.
+    Failed,
+}
+
+/// Sorts a failed task call by its status code; `after_outage` when an earlier attempt failed
+/// because containerd could not be reached.
+fn classify_task_failure(code: Code, after_outage: bool) -> TaskCallFailure {
+    match code {
+        // Unavailable: no connection; Unknown and Cancelled: the connection broke mid-call.
+        Code::Unavailable | Code::Unknown | Code::Cancelled => TaskCallFailure::Retry,
+        Code::NotFound if after_outage => TaskCallFailure::Lost,
+        _ => TaskCallFailure::Failed,
+    }
+}
+
+fn reattach_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(REATTACH_START)
+        .with_max_delay(REATTACH_MAX)
+        .without_max_times()
+        .build()
+}
+
+fn namespaced<T>(namespace: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(ns) = namespace.parse() {
+        request.metadata_mut().insert("containerd-namespace", ns);
+    }
+    request
+}
+
+/// Whether containerd answers a `Version` call in time.
+async fn probe(channel: Channel) -> bool {
+    let mut client = VersionClient::new(channel);
+    matches!(
+        tokio::time::timeout(PROBE_LIMIT, client.version(Request::new(()))).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Records whether containerd answered; counts the outages and logs the changes.
+fn record_health(health: &watch::Sender<EngineHealth>, reachable: bool) {
+    health.send_if_modified(|h| {
+        if h.reachable == reachable {
+            return false;
+        }
+        h.reachable = reachable;
+        if reachable {
+            tracing::info!(
+                outages = h.outages,
+                "containerd answers again; taking runs again"
+            );
+        } else {
+            h.outages += 1;
+            tracing::warn!(
+                outages = h.outages,
+                "containerd is unreachable; taking no runs until it answers again"
+            );
+        }
+        true
+    });
+}
+
+/// Waits for the exit of task `run_id`, re-attaching after containerd went away (restart,
+/// crash) for as long as [`REATTACH_LIMIT`]: the task is watched again if it still exists, and
+/// its ending is an error naming the loss if containerd came back without it.
+async fn wait_for_exit(
+    mut tasks: TasksClient<Channel>,
+    namespace: String,
+    run_id: String,
+) -> Result<TaskExit, RuntimeError> {
+    let mut backoff = reattach_backoff();
+    let mut outage_since: Option<Instant> = None;
+    loop {
+        let attempt = Instant::now();
+        let status = match tasks
+            .wait(namespaced(
+                &namespace,
+                WaitRequest {
+                    container_id: run_id.clone(),
+                    exec_id: String::new(),
+                },
+            ))
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                if outage_since.is_some() {
+                    tracing::info!(run_id, "re-attached to the task after containerd came back");
+                }
+                return Ok(TaskExit {
+                    exit_status: r.exit_status,
+                    exited_at_unix_nanos: r
+                        .exited_at
+                        .as_ref()
+                        .map(timestamp_nanos)
+                        .unwrap_or_else(unix_nanos_now),
+                });
+            }
+            Err(status) => status,
+        };
+        if attempt.elapsed() >= ATTACHED_AFTER {
+            outage_since = None;
+            backoff = reattach_backoff();
+        }
+        match classify_task_failure(status.code(), outage_since.is_some()) {
+            TaskCallFailure::Retry => {
+                let since = *outage_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REATTACH_LIMIT {
+                    return Err(RuntimeError::Task {
+                        operation: "Tasks.Wait",
+                        message: format!(
+                            "containerd has been unreachable for {} s; giving up on the task: {}",
+                            since.elapsed().as_secs(),
+                            status.message()
+                        ),
+                    });
+                }
+                let delay = backoff.next().unwrap_or(REATTACH_MAX);
+                tracing::warn!(
+                    run_id,
+                    code = ?status.code(),
+                    error = %status.message(),
+                    retry_ms = delay.as_millis() as u64,
+                    "lost the task's exit watch (containerd unreachable?); re-attaching"
+                );
+                tokio::time::sleep(delay).await;
+            }
+            TaskCallFailure::Lost => {
+                return Err(RuntimeError::Task {
+                    operation: "re-attaching to the task after containerd was unreachable",
+                    message: format!(
+                        "containerd lost the task (its shim is gone): {}",
+                        status.message()
+                    ),
+                })
+            }
+            TaskCallFailure::Failed => return Err(task_error("Tasks.Wait")(status)),
+        }
+    }
+}
 
 fn lease_id(run_id: &str) -> String {
     format!("berth-run-{run_id}")
@@ -111,7 +283,22 @@ impl ContainerdRuntime {
             puller,
             network,
             cache: None,
+            health: Arc::new(watch::Sender::new(EngineHealth::default())),
         }
+    }
+
+    /// Asks containerd every [`HEALTH_EVERY`] whether it answers, for [`ContainerRuntime::health`].
+    pub fn spawn_health_probe(&self) {
+        let channel = self.channel.clone();
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEALTH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                record_health(&health, probe(channel.clone()).await);
+            }
+        });
     }
 
     /// The spec the container gets: `spec`, joined to the run's network when runs have one.
@@ -391,31 +578,13 @@ impl ContainerRuntime for ContainerdRuntime {
 
     async fn watch_exit(&self, run_id: &str) -> Result<ExitWatch, RuntimeError> {
         let (tx, rx) = oneshot::channel();
-        let mut tasks = self.tasks();
-        let request = self.request(
-            WaitRequest {
-                container_id: run_id.to_string(),
-                exec_id: String::new(),
-            },
-            None,
+        let wait = wait_for_exit(
+            self.tasks(),
+            self.settings.namespace.clone(),
+            run_id.to_string(),
         );
         tokio::spawn(async move {
-            let result = tasks
-                .wait(request)
-                .await
-                .map(|r| {
-                    let r = r.into_inner();
-                    TaskExit {
-                        exit_status: r.exit_status,
-                        exited_at_unix_nanos: r
-                            .exited_at
-                            .as_ref()
-                            .map(timestamp_nanos)
-                            .unwrap_or_else(unix_nanos_now),
-                    }
-                })
-                .map_err(task_error("Tasks.Wait"));
-            let _ = tx.send(result);
+            let _ = tx.send(wait.await);
         });
         Ok(rx)
     }
@@ -435,20 +604,34 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     async fn kill(&self, run_id: &str, signal: StopSignal, all: bool) -> Result<(), RuntimeError> {
-        let result = self
-            .tasks()
-            .kill(self.request(
-                KillRequest {
-                    container_id: run_id.to_string(),
-                    exec_id: String::new(),
-                    signal: signal.number(),
-                    all,
-                },
-                None,
-            ))
-            .await
-            .map(|_| ());
-        ignore_not_found(result).map_err(task_error("Tasks.Kill"))
+        let mut backoff = reattach_backoff();
+        let first = Instant::now();
+        loop {
+            let result = self
+                .tasks()
+                .kill(self.request(
+                    KillRequest {
+                        container_id: run_id.to_string(),
+                        exec_id: String::new(),
+                        signal: signal.number(),
+                        all,
+                    },
+                    None,
+                ))
+                .await
+                .map(|_| ());
+            let status = match ignore_not_found(result) {
+                Ok(()) => return Ok(()),
+                Err(status) => status,
+            };
+            let retry = classify_task_failure(status.code(), false) == TaskCallFailure::Retry;
+            if !retry || first.elapsed() >= KILL_RETRY_LIMIT {
+                return Err(task_error("Tasks.Kill")(status));
+            }
+            let delay = backoff.next().unwrap_or(REATTACH_MAX);
+            tracing::warn!(run_id, error = %status.message(), retry_ms = delay.as_millis() as u64, "containerd unreachable; retrying the signal");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     fn oom_kills(&self, run_id: &str) -> Option<u64> {
@@ -480,6 +663,16 @@ impl ContainerRuntime for ContainerdRuntime {
         } else {
             tracing::warn!(run_id, ?failures, "cleanup left something behind");
         }
+    }
+
+    async fn check_reachable(&self) -> bool {
+        let reachable = probe(self.channel.clone()).await;
+        record_health(&self.health, reachable);
+        reachable
+    }
+
+    fn health(&self) -> Option<watch::Receiver<EngineHealth>> {
+        Some(self.health.subscribe())
     }
 
     fn watch_pull(&self, image: &str) -> Option<watch::Receiver<PullProgressState>> {
@@ -519,5 +712,51 @@ impl ContainerRuntime for ContainerdRuntime {
             .as_ref()
             .map(|n| n.attached_runs())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_retried_and_a_task_missing_afterwards_is_lost() {
+        for code in [Code::Unavailable, Code::Unknown, Code::Cancelled] {
+            assert_eq!(classify_task_failure(code, false), TaskCallFailure::Retry);
+            assert_eq!(classify_task_failure(code, true), TaskCallFailure::Retry);
+        }
+        assert_eq!(
+            classify_task_failure(Code::NotFound, true),
+            TaskCallFailure::Lost
+        );
+        assert_eq!(
+            classify_task_failure(Code::NotFound, false),
+            TaskCallFailure::Failed,
+            "no outage: a missing task is an ordinary failure"
+        );
+        assert_eq!(
+            classify_task_failure(Code::FailedPrecondition, true),
+            TaskCallFailure::Failed
+        );
+    }
+
+    #[test]
+    fn health_counts_outages_once_each() {
+        let health = watch::Sender::new(EngineHealth::default());
+        let seen = health.subscribe();
+        record_health(&health, true);
+        assert!(!seen.has_changed().unwrap_or(true), "no change, no news");
+        record_health(&health, false);
+        record_health(&health, false);
+        assert_eq!(
+            *health.borrow(),
+            EngineHealth {
+                reachable: false,
+                outages: 1
+            }
+        );
+        record_health(&health, true);
+        record_health(&health, false);
+        assert_eq!(health.borrow().outages, 2);
     }
 }

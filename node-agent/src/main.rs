@@ -291,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_image_cache(image_cache),
     );
+    runtime.spawn_health_probe();
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
     let first_signal =
         berth_core::process::shutdown_signal().context("installing signal handlers")?;

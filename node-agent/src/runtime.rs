@@ -33,6 +33,23 @@ pub struct TaskExit {
 /// Resolves when the task exits.
 pub type ExitWatch = oneshot::Receiver<Result<TaskExit, RuntimeError>>;
 
+/// Whether the container engine answers, and how many times it stopped answering since the
+/// agent started (so a short outage is still seen by someone who looks only afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineHealth {
+    pub reachable: bool,
+    pub outages: u64,
+}
+
+impl Default for EngineHealth {
+    fn default() -> Self {
+        Self {
+            reachable: true,
+            outages: 0,
+        }
+    }
+}
+
 /// Signals the supervisor sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {
@@ -150,6 +167,19 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn list_networks(&self) -> Vec<String> {
         Vec::new()
     }
+
+    // ---- engine health (defaults: an engine that always answers) ----
+
+    /// Asks the engine now whether it answers (and updates [`Self::health`] with the answer).
+    fn check_reachable(&self) -> impl Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
+
+    /// Changes of the engine's reachability; None when this runtime cannot tell.
+    fn health(&self) -> Option<watch::Receiver<EngineHealth>> {
+        None
+    }
+
     // ---- image cache and pull progress (defaults: a runtime without either) ----
 
     /// Changes to the progress of pulls of `image` from now on (see [`crate::image::progress`]);

@@ -312,7 +312,7 @@ async fn run_until_exit<R: ContainerRuntime>(
             outbox.push_ephemeral(format!("run:{run_id}"), Body::PullProgress(report));
         }) => match pulled {
             Ok(image) => image,
-            Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
+            Err(e) => return (start_failed(runtime, e).await, None),
         },
     };
 
@@ -389,7 +389,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         stderr: run_dir.stderr(),
     };
     if let Err(e) = runtime.create(run_id, image, oci_spec, &output).await {
-        return Ending::start_failed(e.error_code(), e.to_string());
+        return start_failed(runtime, e).await;
     }
     let mut pump = match LogPump::start(
         run_id.to_string(),
@@ -449,6 +449,23 @@ async fn start_and_watch<R: ContainerRuntime>(
     note_oom_kill(runtime, run_id, &mut ending);
     drain_output(runtime, run_id, &mut pump).await;
     ending
+}
+
+/// The ending of a run whose pull or creation failed with `error`. When containerd does not
+/// answer, the run is not failed: it is refused like an assignment to a node that shuts down
+/// (`node_draining`), so the scheduler places it again, here once containerd is back or
+/// elsewhere.
+async fn start_failed<R: ContainerRuntime>(runtime: &R, error: RuntimeError) -> Ending {
+    if runtime.check_reachable().await {
+        return Ending::start_failed(error.error_code(), error.to_string());
+    }
+    tracing::warn!(%error, "containerd is unreachable; handing the run back to the scheduler");
+    Ending::start_failed(
+        ErrorCode::NodeDraining,
+        format!(
+            "containerd is unreachable; the node takes no runs until it answers again ({error})"
+        ),
+    )
 }
 
 /// Marks a run that exited non-zero as OOM-killed when the kernel's OOM killer ended one of its

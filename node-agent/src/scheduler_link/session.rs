@@ -9,6 +9,10 @@
 //! With no scheduler connected it waits only for the runs to end (their journals keep the
 //! reports for the next start). Runs still going then stay with containerd; the next agent
 //! start re-adopts them.
+//!
+//! While containerd does not answer, assignments are refused the same way (with a message
+//! saying so), and once it answers again the session registers anew, so that the scheduler,
+//! which took the refusals for a shutdown, takes the node for ready again.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -33,7 +37,7 @@ use crate::image::progress::warmup_report;
 use crate::outbox::{RefusalWatch, SharedOutbox, REFUSALS_BEFORE_DEFUSE};
 use crate::run::journal::Journal;
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
-use crate::runtime::{pull_reporting, ContainerRuntime};
+use crate::runtime::{pull_reporting, ContainerRuntime, EngineHealth};
 
 /// The shortest wait before reconnecting (the first retry after a session that registered).
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -407,6 +411,10 @@ impl<R: ContainerRuntime> Agent<R> {
         for stale in registered_msg.stale_run_ids {
             self.drop_stale_run(stale);
         }
+        // A run refused while containerd was unreachable made the scheduler take this node
+        // for one shutting down; registering again once containerd is back undoes that.
+        let mut health = self.runtime.health();
+        let outages_at_register = health.as_ref().map_or(0, |h| h.borrow().outages);
         let interval = match registered_msg.heartbeat_interval_seconds {
             0 => DEFAULT_HEARTBEAT,
             s => Duration::from_secs(u64::from(s)),
@@ -433,6 +441,12 @@ impl<R: ContainerRuntime> Agent<R> {
                 _ = self.outbox.changed() => {}
                 _ = heartbeat.tick() => {
                     tx.send(self.heartbeat_message()).await.map_err(|_| SessionError::Closed)?;
+                }
+                now = health_changed(&mut health) => {
+                    if now.reachable && now.outages > outages_at_register {
+                        tracing::info!("containerd is back; registering again to take runs");
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -603,6 +617,15 @@ impl<R: ContainerRuntime> Agent<R> {
             }
             return;
         }
+        let unreachable = self.runtime.health().is_some_and(|h| !h.borrow().reachable);
+        if unreachable && !self.runs().contains_key(&run_id) {
+            tracing::warn!(run_id = %run_id, "refusing an assignment: containerd is unreachable");
+            self.outbox.push(Body::RunExited(refused_engine_unreachable(
+                run_id,
+                assign.lease_epoch,
+            )));
+            return;
+        }
         let Some(stop_rx) = self.track(&run_id, spec.memory_mib) else {
             tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
             return;
@@ -655,6 +678,28 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// The next change of the engine's health; never resolves for an engine without one.
+async fn health_changed(health: &mut Option<watch::Receiver<EngineHealth>>) -> EngineHealth {
+    if let Some(h) = health {
+        if h.changed().await.is_ok() {
+            return *h.borrow_and_update();
+        }
+    }
+    std::future::pending().await
+}
+
+/// The report for an assignment that arrives while containerd does not answer: the run never
+/// started here, and `node_draining` makes the scheduler place it again (the agent registers
+/// again once containerd is back, which makes the node take runs again).
+fn refused_engine_unreachable(run_id: String, lease_epoch: u64) -> RunExited {
+    RunExited {
+        error_message:
+            "containerd is unreachable on this node; it takes no runs until containerd answers again"
+                .to_string(),
+        ..refused_while_draining(run_id, lease_epoch)
+    }
 }
 
 fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {

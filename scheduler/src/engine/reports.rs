@@ -201,7 +201,14 @@ impl<S: Store> Scheduler<S> {
                     run.timeout_seconds
                 ));
             }
-            ExitReason::Exited => run.exit(msg.exit_code, at)?,
+            ExitReason::Exited => {
+                run.exit(msg.exit_code, at)?;
+                // The agent lost the task (e.g. containerd came back without it): say so.
+                if let Some(code) = msg.error_code {
+                    run.error_code = Some(code);
+                    run.error_message = Some(msg.error_message.clone());
+                }
+            }
         }
         if msg.oom_killed {
             run.oom_killed = true;

@@ -98,6 +98,9 @@ pub struct FleetOptions {
     pub listen_host: Option<String>,
     /// Extra `berth-api` flags.
     pub api_args: Vec<String>,
+    /// The containerd socket the agents use (and the containerd helpers below look at), instead
+    /// of the shared one from `BERTH_CONTAINERD_SOCKET`: for a test that restarts its own.
+    pub containerd_socket: Option<String>,
 }
 
 pub struct Fleet {
@@ -136,7 +139,10 @@ impl Fleet {
 
     /// Like [`Fleet::start`], with [`FleetOptions`].
     pub async fn start_opts(agents: &[AgentSpec], options: FleetOptions) -> Result<Fleet> {
-        let env = env()?;
+        let mut env = env()?;
+        if let Some(socket) = options.containerd_socket {
+            env.containerd_socket = socket;
+        }
         let listen_host = options
             .listen_host
             .unwrap_or_else(|| "127.0.0.1".to_string());

@@ -154,6 +154,44 @@ async fn an_oom_kill_is_recorded_on_the_run() {
 }
 
 #[tokio::test]
+async fn a_run_whose_task_was_lost_shows_why() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let run = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let lost = RunExited {
+        error_code: Some(ErrorCode::TaskFailed),
+        error_message: "containerd lost the task".to_owned(),
+        ..exited(&a, -1, ExitReason::Exited)
+    };
+    s.run_exited("fra-1", lost).await.expect("exited");
+    let run = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert_eq!(
+        (
+            run.status,
+            run.error_code.map(ErrorCode::as_str),
+            run.error_message.as_deref()
+        ),
+        (
+            RunStatus::Failed,
+            Some("task_failed"),
+            Some("containerd lost the task")
+        )
+    );
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
 async fn a_run_refused_by_a_shutting_down_node_goes_elsewhere() {
     let s = Scheduler::open(MemoryStore::new(), config())
         .await
