@@ -93,7 +93,11 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                             e.code(),
                             format!("the scheduler could not read a message: {}", e.message()),
                         );
-                        reader_scheduler.record_delivery_error(&reader_node, refused.message());
+                        reader_scheduler.record_delivery_error(
+                            &reader_node,
+                            refused.message(),
+                            std::time::Instant::now(),
+                        );
                         let _ = reader_tx.send(Err(refused));
                         break;
                     }
@@ -118,6 +122,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                         scheduler.record_delivery_error(
                             &node_id,
                             &format!("unreadable message {seq}: {e}"),
+                            std::time::Instant::now(),
                         );
                         let _ = tx.send(Err(e.into()));
                         break;
@@ -129,6 +134,7 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     scheduler.record_delivery_error(
                         &node_id,
                         &format!("could not handle message {seq}: {e}"),
+                        std::time::Instant::now(),
                     );
                     break;
                 }

@@ -14,7 +14,8 @@
 //!   queue positions.
 //! - `nodes`: registration and its lease reconciliation, liveness and expiry, draining, the
 //!   node list.
-//! - `delivery`: the error that ended a node's last agent session, for its view.
+//! - `delivery`: the error that ended a node's last agent session, for its view, and since when
+//!   its sessions keep failing (a node that cannot deliver is declared lost).
 //! - `reports`: what agents report once registered: heartbeats, run starts and exits, logs,
 //!   warmup results.
 //! - `images`: pull progress (memory only) and warm pins.
@@ -92,8 +93,9 @@ pub struct Scheduler<S> {
     /// When each node was last heard from (any message). Kept outside `state` so recording it
     /// never waits for the engine: liveness must not depend on how busy the scheduler is.
     liveness: std::sync::Mutex<HashMap<String, Instant>>,
-    /// The error that ended each node's last session, until it delivers a report again.
-    delivery_errors: std::sync::Mutex<HashMap<String, String>>,
+    /// The error that ended each node's last session, until it delivers a report again, and
+    /// since when its sessions keep failing (see `delivery`).
+    delivery_errors: std::sync::Mutex<HashMap<String, delivery::Delivery>>,
     /// Staged effects of each operation, in flush order (see `dispatch_loop`).
     dispatch: mpsc::UnboundedSender<Dispatch>,
     store_failed: watch::Sender<bool>,

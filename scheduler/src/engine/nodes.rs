@@ -1,5 +1,6 @@
 //! Nodes and their liveness: what the engine knows of each node, (re-)registration and its
-//! reconciliation of leases, disconnection, expiry of silent nodes (their leases are revoked),
+//! reconciliation of leases, disconnection, expiry of silent nodes and of nodes whose sessions
+//! keep failing without a report delivered (their leases are revoked),
 //! draining, and the node list the API shows. Every message from a node renews all its leases
 //! ([`Scheduler::touch`]), recorded outside the engine lock.
 
@@ -22,8 +23,12 @@ pub(super) struct Node {
     pub(super) cpus: u32,
     pub(super) max_runs: u32,
     pub(super) connected: bool,
-    /// Missed heartbeats past TTL + grace; its leases were revoked.
+    /// Missed heartbeats past TTL + grace, or its sessions kept failing that long; its leases
+    /// were revoked.
     pub(super) lost: bool,
+    /// Lost because its sessions kept failing without a report delivered (see `delivery`):
+    /// it stays lost while it keeps re-registering, until it delivers again.
+    pub(super) undeliverable: bool,
     /// An operator asked for no new leases (stored, survives restarts).
     pub(super) draining: bool,
     /// The agent is shutting down (it refused a run with `node_draining`); cleared when it
@@ -56,6 +61,7 @@ impl Node {
             max_runs: 0,
             connected: false,
             lost: false,
+            undeliverable: false,
             draining,
             shutting_down: false,
             connection: 0,
@@ -169,6 +175,10 @@ impl<S: Store> Scheduler<S> {
             .as_ref()
             .map(|n| n.stale.clone())
             .unwrap_or_default();
+        let now_instant = Instant::now();
+        // Registering again does not make a node that cannot deliver any less lost.
+        let undeliverable = previous.as_ref().is_some_and(|n| n.undeliverable)
+            && self.failing_too_long(&reg.node_id, now_instant).is_some();
         let node = Node {
             id: reg.node_id.clone(),
             region: reg.region.clone(),
@@ -177,7 +187,8 @@ impl<S: Store> Scheduler<S> {
             cpus: reg.cpus,
             max_runs: reg.max_concurrent_runs.max(1),
             connected: true,
-            lost: false,
+            lost: undeliverable,
+            undeliverable,
             draining,
             shutting_down: false,
             connection,
@@ -191,11 +202,12 @@ impl<S: Store> Scheduler<S> {
         }
         st.nodes.insert(reg.node_id.clone(), node);
         st.sync_node(&reg.node_id);
-        self.touch(&reg.node_id, Instant::now());
+        self.touch(&reg.node_id, now_instant);
+        self.session_started(&reg.node_id, now_instant);
         tracing::info!(
             node_id = %reg.node_id, region = %reg.region, boot_id = %reg.boot_id,
             memory_mib = reg.total_memory_mib, active = reg.active_run_ids.len(), restarted,
-            "node registered"
+            undeliverable, "node registered"
         );
 
         let reported: HashSet<&str> = reg.active_run_ids.iter().map(String::as_str).collect();
@@ -277,25 +289,53 @@ impl<S: Store> Scheduler<S> {
     pub async fn expire_nodes(&self, now: Instant) -> Result<(), SchedulerError> {
         let limit = self.config.node_ttl + self.config.lost_grace;
         let mut st = self.state.lock().await;
-        let expired: Vec<String> = st
+        // A node lost because it could not deliver, whose streak is over: it is back.
+        let recovered: Vec<String> = st
             .nodes
             .values()
-            .filter(|n| {
-                let seen = self.last_seen(&n.id).unwrap_or(now);
-                !n.lost && now.saturating_duration_since(seen) > limit
-            })
+            .filter(|n| n.undeliverable && self.failing_too_long(&n.id, now).is_none())
             .map(|n| n.id.clone())
             .collect();
-        if expired.is_empty() {
-            return Ok(());
-        }
-        let at = now_unix_millis();
-        for node_id in &expired {
+        for node_id in &recovered {
             if let Some(node) = st.nodes.get_mut(node_id) {
-                node.lost = true;
+                node.undeliverable = false;
+                node.lost = !node.connected;
             }
             st.sync_node(node_id);
-            tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost");
+            tracing::info!(node_id = %node_id, "node delivers again");
+        }
+        let mut expired: Vec<(String, Option<Instant>)> = Vec::new();
+        for n in st.nodes.values().filter(|n| !n.lost) {
+            let seen = self.last_seen(&n.id).unwrap_or(now);
+            if now.saturating_duration_since(seen) > limit {
+                expired.push((n.id.clone(), None));
+            } else if let Some(since) = self.failing_too_long(&n.id, now) {
+                // It keeps registering (which renews its liveness) but never delivers.
+                expired.push((n.id.clone(), Some(since)));
+            }
+        }
+        if expired.is_empty() {
+            if recovered.is_empty() {
+                return Ok(());
+            }
+            return self.settle(st, true).await;
+        }
+        let at = now_unix_millis();
+        for (node_id, failing_since) in &expired {
+            if let Some(node) = st.nodes.get_mut(node_id) {
+                node.lost = true;
+                node.undeliverable = failing_since.is_some();
+            }
+            st.sync_node(node_id);
+            match failing_since {
+                None => tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost"),
+                Some(since) => tracing::warn!(
+                    node_id = %node_id,
+                    failing_for = ?now.saturating_duration_since(*since),
+                    last_error = ?self.delivery_error(node_id),
+                    "node lost: its sessions keep failing without a report delivered"
+                ),
+            }
             let leased: Vec<Run> = st
                 .active
                 .values()
@@ -308,11 +348,14 @@ impl<S: Store> Scheduler<S> {
                         "node {node_id} was lost before it started the run"
                     ))?;
                 } else {
+                    let why = if failing_since.is_some() {
+                        "could not deliver its reports"
+                    } else {
+                        "stopped sending heartbeats"
+                    };
                     run.fail(
                         ErrorCode::NodeLost,
-                        &format!(
-                            "node {node_id} stopped sending heartbeats while the run was running"
-                        ),
+                        &format!("node {node_id} {why} while the run was running"),
                         at,
                     )?;
                 }

@@ -484,3 +484,86 @@ async fn a_run_canceled_while_assigned_holds_its_node_until_the_node_says_it_is_
     assert_eq!(next_assign(&mut node).run_id, third.id);
     s.assert_index_consistent().await;
 }
+
+#[tokio::test]
+async fn a_node_whose_sessions_keep_failing_is_lost_until_it_delivers_again() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let secs = Duration::from_secs_f64;
+    let now = Instant::now();
+    let before = now.checked_sub(secs(5.0)).expect("a clock 5 s old");
+    let mut a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let running = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let assigned = next_assign(&mut a);
+    s.run_started("fra-a", started(&assigned))
+        .await
+        .expect("started");
+
+    // Its sessions have kept ending in errors for 5 s (TTL + grace is 3 s), each time it
+    // registered again, so it never went silent.
+    s.record_delivery_error("fra-a", "message too large", before);
+    s.record_delivery_error("fra-a", "message too large", now + secs(0.5));
+    s.touch("fra-a", now + secs(0.9));
+    s.expire_nodes(now + secs(1.0)).await.expect("expire");
+    let nodes = s.list_nodes().await;
+    assert_eq!(nodes[0].view.status, NodeState::Lost, "it cannot deliver");
+    let lost = s.get_run(P, &runner.id, &running.id).await.expect("get");
+    assert_eq!(
+        (lost.status, lost.error_code.map(ErrorCode::as_str)),
+        (RunStatus::Failed, Some("node_lost"))
+    );
+    assert_eq!(
+        s.delivery_error("fra-a").as_deref(),
+        Some("message too large"),
+        "the node still shows why"
+    );
+
+    // Registering again does not make it ready while the streak goes on.
+    let _a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
+    assert_eq!(s.list_nodes().await[0].view.status, NodeState::Lost);
+    s.expire_nodes(now + secs(1.0)).await.expect("expire");
+    assert_eq!(s.list_nodes().await[0].view.status, NodeState::Lost);
+
+    // It delivers a report: it is back.
+    s.clear_delivery_error("fra-a");
+    s.expire_nodes(now + secs(1.0)).await.expect("expire");
+    assert_eq!(s.list_nodes().await[0].view.status, NodeState::Ready);
+    assert_eq!(s.delivery_error("fra-a"), None);
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_healthy_idle_node_is_not_lost_after_one_transient_error() {
+    let s = Scheduler::open(MemoryStore::new(), config_fast_expiry())
+        .await
+        .expect("open");
+    let secs = Duration::from_secs_f64;
+    let t0 = Instant::now();
+    let _first = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    s.record_delivery_error("fra-1", "connection reset", t0);
+    // It registers again and only sends heartbeats (never a report to clear the error).
+    let _second = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    for at in [2.5, 5.0, 10.0] {
+        s.touch("fra-1", t0 + secs(at - 0.1));
+        s.expire_nodes(t0 + secs(at)).await.expect("expire");
+        assert_eq!(
+            s.list_nodes().await[0].view.status,
+            NodeState::Ready,
+            "{at} s after one error, its session up since"
+        );
+    }
+    // A session that lasted past the TTL and then failed starts a new streak.
+    s.record_delivery_error("fra-1", "connection reset", t0 + secs(10.0));
+    s.touch("fra-1", t0 + secs(12.9));
+    s.expire_nodes(t0 + secs(13.0)).await.expect("expire");
+    assert_eq!(s.list_nodes().await[0].view.status, NodeState::Ready);
+    s.assert_index_consistent().await;
+}
