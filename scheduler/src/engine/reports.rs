@@ -45,8 +45,9 @@ impl<S: Store> Scheduler<S> {
             return;
         };
         self.touch(node_id, Instant::now());
-        let was_lost = node.lost;
-        if node.lost {
+        // A node lost because it cannot deliver stays lost until it does (see `delivery`).
+        let was_lost = node.lost && !node.undeliverable;
+        if was_lost {
             node.lost = false;
             tracing::warn!(
                 node_id,

@@ -526,8 +526,10 @@ async fn a_node_whose_sessions_keep_failing_is_lost_until_it_delivers_again() {
         "the node still shows why"
     );
 
-    // Registering again does not make it ready while the streak goes on.
+    // Registering and heartbeating again do not make it ready while the streak goes on.
     let _a = attach(&s, register("fra-a", "fra", 1024, &[])).await;
+    assert_eq!(s.list_nodes().await[0].view.status, NodeState::Lost);
+    s.heartbeat("fra-a", heartbeat_running(&[])).await;
     assert_eq!(s.list_nodes().await[0].view.status, NodeState::Lost);
     s.expire_nodes(now + secs(1.0)).await.expect("expire");
     assert_eq!(s.list_nodes().await[0].view.status, NodeState::Lost);
