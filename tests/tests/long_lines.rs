@@ -10,6 +10,9 @@
 //! registered once, and the logs must page through everything with `limit` 100 and 1000.
 //! A hand-made agent that does send a message above the limit (as an older agent did) is told
 //! why by the scheduler, and the node's view shows it as `last_error` until it delivers again.
+//! One that keeps doing so (registering, heartbeating, then failing, over and over) renews its
+//! liveness each time but never delivers: it is declared `lost` after TTL + grace, its run ends
+//! `node_lost`, and it stays lost while it goes on.
 
 mod common;
 
@@ -346,5 +349,148 @@ async fn an_oversized_agent_message_is_refused_with_its_reason_shown_on_the_node
     ensure!(ended.is_none(), "a small batch is acknowledged: {ended:?}");
     let view = f.node_view(node).await?.context("node not listed")?;
     ensure!(view["last_error"].is_null(), "error cleared: {view}");
+    Ok(())
+}
+
+/// One session of a hand-made agent that holds `run_id`: registers listing it, heartbeats, and,
+/// on its first session, starts the run the scheduler assigns (acknowledged); then sends a
+/// message above the scheduler's limit and returns once the scheduler ends the stream.
+async fn failing_session(f: &Fleet, node_id: &str, run_id: &str, first: bool) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.scheduler_addr))?
+        .connect()
+        .await?;
+    let token: tonic::metadata::MetadataValue<_> = CLUSTER_TOKEN.parse()?;
+    let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+            Ok(req)
+        },
+    );
+    let held = if first {
+        vec![]
+    } else {
+        vec![run_id.to_owned()]
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::AgentMessage {
+        seq: 0,
+        body: Some(pb::agent_message::Body::Register(pb::Register {
+            node_id: node_id.to_owned(),
+            boot_id: "fake-boot".to_owned(),
+            region: "ams".to_owned(),
+            total_memory_mib: 4096,
+            cpus: 2,
+            max_concurrent_runs: 1,
+            active_run_ids: held.clone(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut inbound = client.attach(tokio_stream_from(rx)).await?.into_inner();
+    tx.send(pb::AgentMessage {
+        seq: 0,
+        body: Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {
+            free_memory_mib: 1024,
+            running_run_ids: held,
+            cached_images: vec![],
+        })),
+    })
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    if first {
+        // Take the lease and start the run, so the node holds a running run.
+        loop {
+            let next = tokio::time::timeout_at(deadline, inbound.message())
+                .await
+                .context("no assignment from the scheduler")?;
+            match next? {
+                Some(pb::SchedulerMessage {
+                    body: Some(pb::scheduler_message::Body::AssignRun(a)),
+                }) if a.run_id == run_id => {
+                    tx.send(pb::AgentMessage {
+                        seq: 1,
+                        body: Some(pb::agent_message::Body::RunStarted(pb::RunStarted {
+                            run_id: a.run_id,
+                            lease_epoch: a.lease_epoch,
+                            started_at_unix_nanos: 1,
+                            image_digest: String::new(),
+                        })),
+                    })
+                    .await?;
+                }
+                Some(pb::SchedulerMessage {
+                    body: Some(pb::scheduler_message::Body::Ack(ack)),
+                }) if ack.up_to_seq >= 1 => break,
+                Some(_) => {}
+                None => bail!("the stream ended before the run started"),
+            }
+        }
+    }
+    tx.send(log_batch(2, 5 << 20)).await?;
+    loop {
+        let next = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .context("the scheduler never refused the oversized message")?;
+        match next {
+            Err(_) | Ok(None) => return Ok(()),
+            Ok(Some(pb::SchedulerMessage {
+                body: Some(pb::scheduler_message::Body::Ack(ack)),
+            })) if ack.up_to_seq >= 2 => bail!("the oversized message was acknowledged"),
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// The fault: an agent that re-registers forever without getting a report through renewed its
+/// liveness each time, so its node was never `lost` and its run stayed `running` on it.
+#[tokio::test]
+async fn a_node_that_keeps_failing_to_deliver_is_declared_lost() -> Result<()> {
+    let f = Fleet::start_with(
+        &[],
+        &["--node-ttl-seconds", "1", "--lost-grace-seconds", "1"],
+    )
+    .await?;
+    let node = "fake-failing-agent";
+    let runner = f.runner("ams", json!({})).await?;
+    let run = f
+        .start_run(&runner, json!({ "command": "sleep 600" }))
+        .await?;
+    failing_session(&f, node, &run, true).await?;
+    let r = f.run(&runner, &run).await?;
+    ensure!(r["status"] == "running", "the fake agent started it: {r}");
+
+    // TTL + grace is 2 s; the node is checked twice a second. Give it 15 s of failing sessions.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut sessions = 1;
+    let view = loop {
+        failing_session(&f, node, &run, false).await?;
+        sessions += 1;
+        let view = f.node_view(node).await?.context("node not listed")?;
+        if view["status"] == "lost" {
+            break view;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "after {sessions} failing sessions the node is still not lost: {view}\n{}",
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = view["last_error"].as_str().unwrap_or_default();
+    ensure!(error.contains("too large"), "the node shows why: {view}");
+    let r = f.run(&runner, &run).await?;
+    ensure!(
+        r["status"] == "failed" && r["error_code"] == "node_lost",
+        "its run ended node_lost: {r}"
+    );
+
+    // Registering again does not make it ready while it still cannot deliver.
+    for _ in 0..3 {
+        failing_session(&f, node, &run, false).await?;
+        let view = f.node_view(node).await?.context("node not listed")?;
+        ensure!(view["status"] == "lost", "still lost: {view}");
+    }
     Ok(())
 }
