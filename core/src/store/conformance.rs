@@ -10,6 +10,8 @@ pub async fn run_all<S: Store>(store: &S) {
     transactions_are_atomic(store).await;
     ranges(store).await;
     deletes(store).await;
+    submit_order_is_call_order(store).await;
+    many_small_transactions(store).await;
 }
 
 async fn put_get_and_revisions<S: Store>(s: &S) {
@@ -147,4 +149,56 @@ async fn deletes<S: Store>(s: &S) {
         kv.create_revision, again,
         "a re-created key has a new create revision"
     );
+}
+
+/// Transactions take their place in the commit order when `submit` is called, even if their
+/// futures are awaited in the opposite order.
+async fn submit_order_is_call_order<S: Store>(s: &S) {
+    let pending: Vec<_> = (0u32..20)
+        .map(|i| s.submit(Txn::new().put("so/key", i.to_le_bytes().to_vec(), Expect::Any)))
+        .collect();
+    let mut revisions = Vec::new();
+    for fut in pending.into_iter().rev() {
+        revisions.push(fut.await.expect("submit"));
+    }
+    revisions.reverse();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "writes of one key apply in submit order: {revisions:?}"
+    );
+    let kv = s.get("so/key").await.expect("get").expect("present");
+    assert_eq!(
+        kv.value,
+        19u32.to_le_bytes().to_vec(),
+        "the last submitted write wins"
+    );
+    assert_eq!(kv.mod_revision, revisions[19]);
+}
+
+/// More waiting transactions than one backend request may carry (etcd: 128 operations) all
+/// apply, in order, with their preconditions honoured.
+async fn many_small_transactions<S: Store>(s: &S) {
+    let pending: Vec<_> = (0u32..300)
+        .map(|i| {
+            // Every tenth transaction has a precondition, so conditional and unconditional
+            // ones interleave.
+            let expect = if i % 10 == 0 {
+                Expect::Absent
+            } else {
+                Expect::Any
+            };
+            s.submit(Txn::new().put(format!("mt/{i:04}"), vec![1, 2], expect))
+        })
+        .collect();
+    let mut last = 0;
+    for fut in pending {
+        let rev = fut.await.expect("submit");
+        assert!(rev >= last, "revisions follow submit order");
+        last = rev;
+    }
+    assert_eq!(s.list_prefix("mt/").await.expect("list").len(), 300);
+    let dup = s
+        .commit(Txn::new().put("mt/0010", vec![], Expect::Absent))
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict { .. })));
 }

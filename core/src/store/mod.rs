@@ -3,16 +3,26 @@
 //! Every write is a [`Txn`] of puts and deletes, each with an optional precondition on the key's
 //! current revision; the whole transaction applies or none of it does, and it bumps the store's
 //! single revision counter. Reads are by key or by key range. That is exactly what etcd offers,
-//! so the etcd backend (a later issue) maps one to one; [`EmbeddedStore`] is the single-machine
-//! default and [`MemoryStore`] the fake for unit tests. [`conformance`] holds the tests every
-//! backend must pass.
+//! so [`EtcdStore`] maps one to one (preconditions become etcd `Compare`s in one etcd `Txn`, the
+//! per-key revisions are etcd's `mod_revision`/`create_revision`); [`EmbeddedStore`] is the
+//! single-machine default and [`MemoryStore`] the fake for unit tests. [`conformance`] holds the
+//! tests every backend must pass; the etcd backend's run them against a real `etcd` process.
+//!
+//! Where the backends differ: the embedded store gives every transaction its own revision, while
+//! the etcd store may merge consecutive precondition-free transactions with disjoint keys into
+//! one etcd request that shares a revision. A single transaction must fit one etcd request (128
+//! operations, about 1.5 MiB by etcd's defaults) or the etcd store refuses it with
+//! [`StoreError::Backend`]. A transport error during an etcd commit is a
+//! [`StoreError::Backend`] whose outcome is unknown; reads are retried with backoff instead.
 
 pub mod conformance;
 mod embedded;
+mod etcd;
 mod memory;
 mod sealed;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdConfig, EtcdStore, DEFAULT_PREFIX as ETCD_DEFAULT_PREFIX};
 pub use memory::MemoryStore;
 pub use sealed::SealedStore;
 

@@ -1,0 +1,523 @@
+//! The etcd [`Store`]: the multi-machine backend. Every key lives under a configurable prefix
+//! (`/berth/` by default), the trait's per-key `mod_revision`/`create_revision` are etcd's own,
+//! and the store revision is etcd's cluster revision.
+//!
+//! Each [`Txn`] becomes one etcd `Txn`: its preconditions become `Compare`s, its writes the
+//! success branch, and the failure branch reads back the keys under a precondition so a
+//! [`StoreError::Conflict`] can name the key and the revision found, as the other backends do.
+//!
+//! Writes go through one writer task fed by a channel, so [`Store::submit`] fixes the commit
+//! order when it is called. The task group-commits only what is safe to merge into one etcd
+//! request: consecutive transactions with no preconditions and pairwise disjoint keys, up to
+//! [`EtcdConfig::max_txn_ops`] operations and [`EtcdConfig::max_request_bytes`] bytes per
+//! request. Anything else is committed one transaction per request, in order. Merged
+//! transactions share one etcd revision (a transaction is never split, so each still sees one
+//! revision for all its keys). A single transaction larger than those limits cannot be atomic
+//! in etcd and fails with [`StoreError::Backend`] before anything is sent.
+//!
+//! Failures: the client connects to every endpoint in the list and balances across them. Reads
+//! are idempotent and are retried with exponential backoff on transport errors and on
+//! `Unavailable`/`DeadlineExceeded`, so a member failure is ridden out as long as a quorum
+//! remains. Writes are *not* retried: a transport error during a commit surfaces as
+//! [`StoreError::Backend`] and the outcome is unknown (the write may or may not have applied);
+//! the caller re-reads and decides, exactly as after a [`StoreError::Conflict`].
+
+use super::{check, Expect, KeyValue, Op, Store, StoreError, Txn};
+use backon::{ExponentialBuilder, Retryable};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, SortOrder, SortTarget, TxnOp,
+    TxnOpResponse,
+};
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How to reach etcd and how big one request may be.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://10.0.0.1:2379`; the client balances across them.
+    pub endpoints: Vec<String>,
+    /// Prepended to every key; keeps Berth's keys apart from anything else in the cluster.
+    pub prefix: String,
+    /// The server's `--max-txn-ops` (etcd's default is 128).
+    pub max_txn_ops: usize,
+    /// Bytes of keys and values per request; below etcd's default 1.5 MiB request limit.
+    pub max_request_bytes: usize,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// How many times a read is retried after a transient failure.
+    pub read_retries: usize,
+}
+
+impl EtcdConfig {
+    pub fn new(endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            max_txn_ops: 128,
+            // Leave room under 1.5 MiB for the request's framing and compares.
+            max_request_bytes: 1536 * 1024 - 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            read_retries: 6,
+        }
+    }
+}
+
+pub const DEFAULT_PREFIX: &str = "/berth/";
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    prefix: String,
+    read_retries: usize,
+    writer: mpsc::UnboundedSender<PendingCommit>,
+}
+
+struct PendingCommit {
+    txn: Txn,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Whether a failed call may be repeated: the request never reached a leader or timed out.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
+}
+
+fn read_backoff(retries: usize) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(retries)
+        .with_jitter()
+}
+
+fn revision(r: i64) -> Result<u64, StoreError> {
+    u64::try_from(r).map_err(|_| backend(format!("etcd returned negative revision {r}")))
+}
+
+impl EtcdStore {
+    /// Connects (retrying with backoff while no endpoint answers) and starts the writer task.
+    /// Must be called inside a tokio runtime.
+    pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        if config.endpoints.is_empty() {
+            return Err(backend("no etcd endpoints given"));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(config.request_timeout);
+        let endpoints = config.endpoints.clone();
+        let client = (|| Client::connect(endpoints.clone(), Some(options.clone())))
+            .retry(read_backoff(config.read_retries))
+            .when(transient)
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "etcd connect failed");
+            })
+            .await
+            .map_err(backend)?;
+        let kv = client.kv_client();
+        let (writer, queue) = mpsc::unbounded_channel();
+        let task = WriterTask {
+            kv: kv.clone(),
+            prefix: config.prefix.clone(),
+            max_ops: config.max_txn_ops.max(1),
+            max_bytes: config.max_request_bytes,
+        };
+        tokio::spawn(task.run(queue));
+        Ok(EtcdStore {
+            kv,
+            prefix: config.prefix,
+            read_retries: config.read_retries,
+            writer,
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn decode(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+        let key = kv.key_str().map_err(backend)?;
+        let key = key
+            .strip_prefix(self.prefix.as_str())
+            .ok_or_else(|| backend(format!("etcd returned key {key} outside the prefix")))?;
+        Ok(KeyValue {
+            key: key.to_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: revision(kv.mod_revision())?,
+            create_revision: revision(kv.create_revision())?,
+        })
+    }
+
+    /// One idempotent range read, retried across transient failures.
+    async fn read(
+        &self,
+        key: String,
+        options: Option<GetOptions>,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let response = (|| {
+            let mut kv = self.kv.clone();
+            let key = key.clone();
+            let options = options.clone();
+            async move { kv.get(key, options).await }
+        })
+        .retry(read_backoff(self.read_retries))
+        .when(transient)
+        .notify(|e, after| {
+            tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "etcd read failed");
+        })
+        .await
+        .map_err(backend)?;
+        response.kvs().iter().map(|kv| self.decode(kv)).collect()
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        Ok(self
+            .read(self.full_key(key), None)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if start >= end || limit == 0 {
+            return Ok(vec![]);
+        }
+        // etcd treats 0 as "no limit".
+        let limit = i64::try_from(limit).unwrap_or(0);
+        let options = GetOptions::new()
+            .with_range(self.full_key(end))
+            .with_limit(limit)
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        self.read(self.full_key(start), Some(options)).await
+    }
+
+    fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.writer.send(PendingCommit { txn, reply });
+        async move {
+            queued.map_err(|_| backend("etcd writer task stopped"))?;
+            answer
+                .await
+                .map_err(|_| backend("etcd writer task stopped"))?
+        }
+    }
+}
+
+/// The single writer: owns the commit order.
+struct WriterTask {
+    kv: KvClient,
+    prefix: String,
+    max_ops: usize,
+    max_bytes: usize,
+}
+
+fn op_key(op: &Op) -> &str {
+    let (Op::Put { key, .. } | Op::Delete { key, .. }) = op;
+    key
+}
+
+fn op_expect(op: &Op) -> Expect {
+    let (Op::Put { expect, .. } | Op::Delete { expect, .. }) = op;
+    *expect
+}
+
+fn txn_bytes(txn: &Txn) -> usize {
+    txn.ops
+        .iter()
+        .map(|op| match op {
+            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::Delete { key, .. } => key.len(),
+        })
+        .sum()
+}
+
+fn unconditional(txn: &Txn) -> bool {
+    txn.ops.iter().all(|op| op_expect(op) == Expect::Any)
+}
+
+impl WriterTask {
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+        let mut carried: Option<PendingCommit> = None;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => match queue.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            if let Err(e) = self.fits(&first.txn) {
+                let _ = first.reply.send(Err(e));
+                continue;
+            }
+            if !unconditional(&first.txn) {
+                let result = self.commit_one(&first.txn).await;
+                let _ = first.reply.send(result);
+                continue;
+            }
+            // Gather following unconditional transactions while they merge safely.
+            let mut keys: HashSet<String> = first
+                .txn
+                .ops
+                .iter()
+                .map(|op| op_key(op).to_owned())
+                .collect();
+            let mut ops = first.txn.ops.len();
+            let mut bytes = txn_bytes(&first.txn);
+            let mut group = vec![first];
+            while let Ok(next) = queue.try_recv() {
+                let n = &next.txn;
+                let mergeable = unconditional(n)
+                    && ops + n.ops.len() <= self.max_ops
+                    && bytes + txn_bytes(n) <= self.max_bytes
+                    && n.ops.iter().all(|op| !keys.contains(op_key(op)));
+                if !mergeable {
+                    carried = Some(next);
+                    break;
+                }
+                keys.extend(n.ops.iter().map(|op| op_key(op).to_owned()));
+                ops += n.ops.len();
+                bytes += txn_bytes(n);
+                group.push(next);
+            }
+            let merged = Txn {
+                ops: group.iter().flat_map(|p| p.txn.ops.clone()).collect(),
+            };
+            let result = self.commit_one(&merged).await;
+            for pending in group {
+                let _ = pending.reply.send(match &result {
+                    Ok(rev) => Ok(*rev),
+                    Err(e) => Err(backend(e)),
+                });
+            }
+        }
+    }
+
+    fn fits(&self, txn: &Txn) -> Result<(), StoreError> {
+        if txn.ops.len() > self.max_ops {
+            return Err(backend(format!(
+                "transaction of {} operations exceeds etcd's limit of {} per request",
+                txn.ops.len(),
+                self.max_ops
+            )));
+        }
+        if txn_bytes(txn) > self.max_bytes {
+            return Err(backend(format!(
+                "transaction of {} bytes exceeds the etcd request limit of {} bytes",
+                txn_bytes(txn),
+                self.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends `txn` as one etcd transaction; not retried (see the module doc).
+    async fn commit_one(&self, txn: &Txn) -> Result<u64, StoreError> {
+        let full = |key: &str| format!("{}{key}", self.prefix);
+        let mut compares = Vec::new();
+        let mut checked = Vec::new();
+        for op in &txn.ops {
+            let key = full(op_key(op));
+            match op_expect(op) {
+                Expect::Any => continue,
+                Expect::Absent => compares.push(Compare::version(key.clone(), CompareOp::Equal, 0)),
+                Expect::Revision(r) => {
+                    let r = i64::try_from(r).map_err(backend)?;
+                    compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, r));
+                    // A missing key has mod revision 0; make `Revision(0)` fail on it too.
+                    compares.push(Compare::version(key.clone(), CompareOp::Greater, 0));
+                }
+            }
+            checked.push((op_key(op).to_owned(), op_expect(op), key));
+        }
+        let writes: Vec<TxnOp> = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, .. } => TxnOp::put(full(key), value.clone(), None),
+                Op::Delete { key, .. } => TxnOp::delete(full(key), None),
+            })
+            .collect();
+        let reads: Vec<TxnOp> = checked
+            .iter()
+            .map(|(_, _, key)| TxnOp::get(key.clone(), None))
+            .collect();
+        let request = etcd_client::Txn::new()
+            .when(compares)
+            .and_then(writes)
+            .or_else(reads);
+        let mut kv = self.kv.clone();
+        let response = kv.txn(request).await.map_err(|e| {
+            tracing::warn!(error = %e, "etcd commit failed; its outcome is unknown");
+            backend(e)
+        })?;
+        let rev = revision(
+            response
+                .header()
+                .ok_or_else(|| backend("etcd response without header"))?
+                .revision(),
+        )?;
+        if response.succeeded() {
+            return Ok(rev);
+        }
+        // Name the first precondition that did not hold, from the state etcd compared against.
+        let found = response.op_responses();
+        for ((key, expect, _), answer) in checked.iter().zip(found.iter()) {
+            let current = match answer {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| revision(kv.mod_revision()))
+                    .transpose()?,
+                _ => return Err(backend("etcd answered a read with another operation")),
+            };
+            check(key, *expect, current)?;
+        }
+        Err(backend(
+            "etcd rejected a transaction whose preconditions hold",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EtcdConfig, EtcdStore};
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const ETCD_BIN: &str = "/usr/bin/etcd";
+
+    /// A private single-member etcd on loopback; killed on drop.
+    struct EtcdProcess {
+        child: Child,
+        endpoint: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for EtcdProcess {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+        listener.local_addr().expect("probe address").port()
+    }
+
+    fn spawn_etcd() -> EtcdProcess {
+        let bin = std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| ETCD_BIN.to_owned());
+        assert!(
+            Path::new(&bin).exists(),
+            "{bin} is missing: install Debian's etcd-server (deploy/test.sh does) to run the \
+             etcd store conformance test"
+        );
+        // etcd cannot listen on port 0: probe free ports, and retry if another process takes
+        // one between the probe and etcd's bind.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut child = Command::new(&bin)
+                .arg("--name=berth-test")
+                .arg(format!("--data-dir={}", dir.path().join("data").display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=berth-test={peer_url}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut up = false;
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                    up = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if up {
+                return EtcdProcess {
+                    child,
+                    endpoint,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("etcd did not start on loopback after 5 attempts");
+    }
+
+    /// Waits until the member has a leader and serves a read.
+    async fn healthy(store: &EtcdStore) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            use crate::store::Store;
+            match store.get("health").await {
+                Ok(_) => return,
+                Err(e) if Instant::now() > deadline => panic!("etcd never became healthy: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conforms_against_a_real_etcd() {
+        let etcd = spawn_etcd();
+        let mut config = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+        config.prefix = "/berth-test/".to_owned();
+        let store = EtcdStore::connect(config).await.expect("connect");
+        healthy(&store).await;
+        crate::store::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejects_a_transaction_etcd_cannot_apply_atomically() {
+        use crate::store::{Expect, Store, StoreError, Txn};
+        let etcd = spawn_etcd();
+        let store = EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]))
+            .await
+            .expect("connect");
+        healthy(&store).await;
+        let mut txn = Txn::new();
+        for i in 0..129 {
+            txn = txn.put(format!("big/{i:03}"), vec![], Expect::Any);
+        }
+        let result = store.commit(txn).await;
+        assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+        assert!(
+            store.list_prefix("big/").await.expect("list").is_empty(),
+            "nothing of it was written"
+        );
+    }
+}
