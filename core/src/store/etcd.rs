@@ -408,7 +408,7 @@ mod tests {
 
     const ETCD_BIN: &str = "/usr/bin/etcd";
 
-    /// A private single-member etcd on loopback; killed on drop.
+    /// One private etcd member on loopback; killed on drop.
     struct EtcdProcess {
         child: Child,
         endpoint: String,
@@ -422,58 +422,77 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-        listener.local_addr().expect("probe address").port()
+    /// Probes `n` distinct free loopback ports (all held until every one is chosen).
+    fn free_ports(n: usize) -> Vec<u16> {
+        let listeners: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a probe port"))
+            .collect();
+        listeners
+            .iter()
+            .map(|l| l.local_addr().expect("probe address").port())
+            .collect()
     }
 
     fn spawn_etcd() -> EtcdProcess {
+        spawn_cluster(1).pop().expect("one member")
+    }
+
+    /// Starts an `n`-member etcd cluster on loopback and waits until every member accepts
+    /// client connections.
+    fn spawn_cluster(n: usize) -> Vec<EtcdProcess> {
         let bin = std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| ETCD_BIN.to_owned());
         assert!(
             Path::new(&bin).exists(),
             "{bin} is missing: install Debian's etcd-server (deploy/test.sh does) to run the \
-             etcd store conformance test"
+             etcd store tests"
         );
         // etcd cannot listen on port 0: probe free ports, and retry if another process takes
         // one between the probe and etcd's bind.
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let mut child = Command::new(&bin)
-                .arg("--name=berth-test")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=berth-test={peer_url}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start etcd");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut up = false;
-            while Instant::now() < deadline {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                    up = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if up {
-                return EtcdProcess {
+        'attempt: for _ in 0..5 {
+            let ports = free_ports(2 * n);
+            let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+            let initial_cluster = (0..n)
+                .map(|i| format!("m{i}={}", peer_url(i)))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut members = Vec::new();
+            for i in 0..n {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let endpoint = format!("http://127.0.0.1:{}", ports[2 * i]);
+                let child = Command::new(&bin)
+                    .arg(format!("--name=m{i}"))
+                    .arg(format!("--data-dir={}", dir.path().join("data").display()))
+                    .arg(format!("--listen-client-urls={endpoint}"))
+                    .arg(format!("--advertise-client-urls={endpoint}"))
+                    .arg(format!("--listen-peer-urls={}", peer_url(i)))
+                    .arg(format!("--initial-advertise-peer-urls={}", peer_url(i)))
+                    .arg(format!("--initial-cluster={initial_cluster}"))
+                    .arg("--initial-cluster-state=new")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start etcd");
+                members.push(EtcdProcess {
                     child,
                     endpoint,
                     _dir: dir,
-                };
+                });
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            for (i, member) in members.iter_mut().enumerate() {
+                loop {
+                    if member.child.try_wait().ok().flatten().is_some() || Instant::now() > deadline
+                    {
+                        // Most likely a port was taken meanwhile; drop these and try again.
+                        continue 'attempt;
+                    }
+                    if std::net::TcpStream::connect(("127.0.0.1", ports[2 * i])).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            return members;
         }
         panic!("etcd did not start on loopback after 5 attempts");
     }
@@ -519,5 +538,51 @@ mod tests {
             store.list_prefix("big/").await.expect("list").is_empty(),
             "nothing of it was written"
         );
+    }
+
+    /// Killing the member the client may be talking to: reads ride it out through retries,
+    /// and writes work again once the client has moved to a live member (a write that fails
+    /// meanwhile surfaces as `StoreError::Backend`, never as a wrong answer).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_the_loss_of_one_member() {
+        use crate::store::{Expect, Store, StoreError, Txn};
+        let mut cluster = spawn_cluster(3);
+        let endpoints = cluster.iter().map(|m| m.endpoint.clone()).collect();
+        let store = EtcdStore::connect(EtcdConfig::new(endpoints))
+            .await
+            .expect("connect");
+        healthy(&store).await;
+        let before = store
+            .commit(Txn::new().put("fo/a", b"1".to_vec(), Expect::Absent))
+            .await
+            .expect("write with all members up");
+        drop(cluster.remove(0));
+        let kv = store
+            .get("fo/a")
+            .await
+            .expect("read after losing a member")
+            .expect("present");
+        assert_eq!(kv.mod_revision, before);
+        let mut failures = 0;
+        let after = loop {
+            match store
+                .commit(Txn::new().put("fo/a", b"2".to_vec(), Expect::Revision(before)))
+                .await
+            {
+                Ok(rev) => break rev,
+                Err(StoreError::Backend(e)) if failures < 20 => {
+                    failures += 1;
+                    tracing::info!(error = %e, "write failed while a member is down");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                // A Conflict here would mean an earlier failed attempt did apply: the write's
+                // outcome was unknown, exactly as documented.
+                Err(StoreError::Conflict { found, .. }) => break found.expect("written"),
+                Err(e) => panic!("writes never recovered: {e}"),
+            }
+        };
+        assert!(after > before);
+        let kv = store.get("fo/a").await.expect("read").expect("present");
+        assert_eq!(kv.value, b"2".to_vec());
     }
 }
