@@ -8,6 +8,7 @@ pub async fn run_all<S: Store>(store: &S) {
     put_get_and_revisions(store).await;
     preconditions(store).await;
     transactions_are_atomic(store).await;
+    later_ops_on_a_key_win(store).await;
     ranges(store).await;
     deletes(store).await;
     submit_order_is_call_order(store).await;
@@ -201,4 +202,23 @@ async fn many_small_transactions<S: Store>(s: &S) {
         .commit(Txn::new().put("mt/0010", vec![], Expect::Absent))
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict { .. })));
+}
+
+/// Within one transaction, the last operation on a key decides its state.
+async fn later_ops_on_a_key_win<S: Store>(s: &S) {
+    s.commit(
+        Txn::new()
+            .put("lw/a", b"1".to_vec(), Expect::Absent)
+            .put("lw/a", b"2".to_vec(), Expect::Any)
+            .put("lw/b", b"1".to_vec(), Expect::Any)
+            .delete("lw/b", Expect::Any),
+    )
+    .await
+    .expect("commit");
+    let a = s.get("lw/a").await.expect("get").expect("present");
+    assert_eq!(a.value, b"2".to_vec(), "the later put wins");
+    assert!(
+        s.get("lw/b").await.expect("get").is_none(),
+        "the later delete wins"
+    );
 }

@@ -13,7 +13,10 @@
 //! request. Anything else is committed one transaction per request, in order. Merged
 //! transactions share one etcd revision (a transaction is never split, so each still sees one
 //! revision for all its keys). A single transaction larger than those limits cannot be atomic
-//! in etcd and fails with [`StoreError::Backend`] before anything is sent.
+//! in etcd and fails with [`StoreError::Backend`] before anything is sent. Several writes to one
+//! key inside a transaction are sent as the last of them (etcd refuses duplicates); the one
+//! difference this leaves is that a delete followed by a put keeps the key's old
+//! `create_revision` in etcd.
 //!
 //! Failures: the client connects to every endpoint in the list and balances across them. Reads
 //! are idempotent and are retried with exponential backoff on transport errors and on
@@ -349,9 +352,18 @@ impl WriterTask {
             }
             checked.push((op_key(op).to_owned(), op_expect(op), key));
         }
-        let writes: Vec<TxnOp> = txn
+        // etcd refuses a transaction that writes one key twice; the last write decides the
+        // key's state anyway, so send only that one.
+        let mut seen = HashSet::new();
+        let mut last_writes: Vec<&Op> = txn
             .ops
             .iter()
+            .rev()
+            .filter(|op| seen.insert(op_key(op)))
+            .collect();
+        last_writes.reverse();
+        let writes: Vec<TxnOp> = last_writes
+            .into_iter()
             .map(|op| match op {
                 Op::Put { key, value, .. } => TxnOp::put(full(key), value.clone(), None),
                 Op::Delete { key, .. } => TxnOp::delete(full(key), None),
