@@ -1,7 +1,7 @@
 use anyhow::Context;
 use berth_core::keys;
 use berth_core::secrets::SecretKey;
-use berth_core::store::{EmbeddedStore, SealedStore};
+use berth_core::store::{EmbeddedStore, EtcdConfig, EtcdStore, SealedStore, Store};
 use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
 use berth_scheduler::placement::FitPolicy;
@@ -17,13 +17,17 @@ struct Args {
     /// Address for the agent and control gRPC services.
     #[arg(long, env = "BERTH_SCHEDULER_LISTEN", default_value = "127.0.0.1:7070")]
     grpc_listen: String,
-    /// Where the embedded store lives.
+    /// Where the embedded store lives (and the default secret key file).
     #[arg(
         long,
         env = "BERTH_SCHEDULER_DATA_DIR",
         default_value = "/var/lib/berth/scheduler"
     )]
     data_dir: PathBuf,
+    /// The state store: `embedded` (a file in DATA_DIR, the default) or
+    /// `etcd://host:port,host:port` (an etcd cluster; keys under `/berth/`).
+    #[arg(long, env = "BERTH_STORE", default_value = "embedded", value_parser = parse_store)]
+    store: StoreChoice,
     /// Registry for image names that name none (e.g. `busybox`).
     #[arg(long, env = "BERTH_DEFAULT_REGISTRY", default_value = "docker.io")]
     default_registry: String,
@@ -58,6 +62,34 @@ struct Args {
     cluster_token: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreChoice {
+    Embedded,
+    /// Client URLs of the etcd members.
+    Etcd(Vec<String>),
+}
+
+fn parse_store(s: &str) -> Result<StoreChoice, String> {
+    if s == "embedded" {
+        return Ok(StoreChoice::Embedded);
+    }
+    let Some(hosts) = s.strip_prefix("etcd://") else {
+        return Err(format!(
+            "unknown store {s}; use embedded or etcd://host:port[,host:port...]"
+        ));
+    };
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err("etcd:// needs at least one host:port".to_owned());
+    }
+    Ok(StoreChoice::Etcd(endpoints))
+}
+
 fn parse_policy(s: &str) -> Result<FitPolicy, String> {
     FitPolicy::parse(s)
         .ok_or_else(|| format!("unknown placement policy {s}; use best-fit or spread"))
@@ -67,9 +99,6 @@ fn parse_policy(s: &str) -> Result<FitPolicy, String> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::init_tracing();
     let args = Args::parse();
-    let store_path = args.data_dir.join("state.redb");
-    let store = EmbeddedStore::open(&store_path)
-        .with_context(|| format!("opening the store at {}", store_path.display()))?;
     let catalog = match &args.catalog {
         Some(path) => Catalog::load(path)
             .with_context(|| format!("loading the catalog {}", path.display()))?,
@@ -81,29 +110,49 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.data_dir.join("secret.key"));
     let secrets = Arc::new(SecretKey::load_or_create(&key_path)?);
-    // Runners and runs hold environment values: seal them at rest.
-    let store = SealedStore::new(
-        store,
-        secrets.clone(),
-        &[keys::RUNNERS, keys::RUNS, keys::RUN_FILES],
-    );
     let config = Config {
         fit_policy: args.placement_policy,
         catalog: Arc::new(catalog),
         node_ttl: Duration::from_secs(args.node_ttl_seconds.unwrap_or(3 * heartbeat)),
         lost_grace: Duration::from_secs(args.lost_grace_seconds),
         reserve_after: Duration::from_secs(args.reserve_after_seconds),
-        secrets: Some(secrets),
-        default_registry: args.default_registry,
+        secrets: Some(secrets.clone()),
+        default_registry: args.default_registry.clone(),
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
     };
+    // Runners and runs hold environment values: seal them at rest, whatever the backend.
+    let sealed = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES];
+    match &args.store {
+        StoreChoice::Embedded => {
+            let store_path = args.data_dir.join("state.redb");
+            let store = EmbeddedStore::open(&store_path)
+                .with_context(|| format!("opening the store at {}", store_path.display()))?;
+            let store = SealedStore::new(store, secrets, &sealed);
+            run(store, config, &args, store_path.display().to_string()).await
+        }
+        StoreChoice::Etcd(endpoints) => {
+            let store = EtcdStore::connect(EtcdConfig::new(endpoints.clone()))
+                .await
+                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            let store = SealedStore::new(store, secrets, &sealed);
+            run(store, config, &args, endpoints.join(",")).await
+        }
+    }
+}
+
+async fn run<S: Store>(
+    store: S,
+    config: Config,
+    args: &Args,
+    store_name: String,
+) -> anyhow::Result<()> {
     let scheduler = Scheduler::open(store, config).await?;
     let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
         .await
         .with_context(|| format!("binding {}", args.grpc_listen))?;
-    tracing::info!(addr = %listener.local_addr()?, store = %store_path.display(), "scheduler listening");
+    tracing::info!(addr = %listener.local_addr()?, store = %store_name, "scheduler listening");
     let signal = berth_core::process::shutdown_signal().context("installing signal handlers")?;
     // Fail-stop: after a failed store write memory may be ahead of the store, so stop and let
     // a restart reload the truth.
@@ -137,4 +186,23 @@ async fn main() -> anyhow::Result<()> {
         "a store write failed; stopped so that a restart reloads the state from the store"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_store, StoreChoice};
+
+    #[test]
+    fn store_flag() {
+        assert_eq!(parse_store("embedded"), Ok(StoreChoice::Embedded));
+        assert_eq!(
+            parse_store("etcd://10.0.0.1:2379,10.0.0.2:2379"),
+            Ok(StoreChoice::Etcd(vec![
+                "http://10.0.0.1:2379".to_owned(),
+                "http://10.0.0.2:2379".to_owned()
+            ]))
+        );
+        assert!(parse_store("etcd://").is_err());
+        assert!(parse_store("redis://x").is_err());
+    }
 }
