@@ -530,6 +530,14 @@ mod tests {
         let store = EtcdStore::connect(config).await.expect("connect");
         healthy(&store).await;
         crate::store::conformance::run_all(&store).await;
+        // The scheduler runs etcd under the sealing wrapper: check that pair too, in a fresh
+        // keyspace of the same cluster.
+        let mut config = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+        config.prefix = "/berth-sealed/".to_owned();
+        let inner = EtcdStore::connect(config).await.expect("connect");
+        let key = std::sync::Arc::new(crate::secrets::SecretKey::generate());
+        let sealed = crate::store::SealedStore::new(inner, key, &["pg/", "tx/", "rg/", "so/"]);
+        crate::store::conformance::run_all(&sealed).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
