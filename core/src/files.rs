@@ -6,7 +6,7 @@
 
 use crate::model::RunFile;
 use crate::validate::{
-    file_path_problem, FieldError, FILES_MAX, FILES_MAX_TOTAL_BYTES, FILE_MODE_MAX,
+    claim_path, file_path_problem, FieldError, FILES_MAX, FILES_MAX_TOTAL_BYTES, FILE_MODE_MAX,
 };
 
 /// Everything wrong with `files`, in the order the API's check reports it (per file: path,
@@ -32,18 +32,11 @@ pub fn check_decoded_files(files: &[RunFile]) -> Vec<FieldError> {
             }
             None => true,
         };
-        if path_ok {
-            let p = f.path.as_str();
-            match paths.iter().find(|(_, other)| paths_clash(p, other)) {
-                Some((j, other)) if *other == p => {
-                    push(field("path"), format!("duplicates files[{j}].path"));
-                }
-                Some((j, _)) => push(
-                    field("path"),
-                    format!("conflicts with files[{j}].path: a file cannot also be a directory"),
-                ),
-                None => paths.push((i, p)),
-            }
+        if let Some(problem) = path_ok
+            .then(|| claim_path(&mut paths, i, &f.path))
+            .flatten()
+        {
+            push(field("path"), problem);
         }
         let mode_ok = i64::from(f.mode) <= FILE_MODE_MAX;
         if !mode_ok {
@@ -65,16 +58,6 @@ pub fn check_decoded_files(files: &[RunFile]) -> Vec<FieldError> {
         );
     }
     errors
-}
-
-/// Two normalised paths that cannot both be files: equal, or one a directory of the other.
-// The same rule as `validate`'s (private) `paths_clash`; one copy once validate.rs exports it.
-fn paths_clash(a: &str, b: &str) -> bool {
-    let under = |long: &str, short: &str| {
-        long.strip_prefix(short)
-            .is_some_and(|rest| rest.starts_with('/'))
-    };
-    a == b || under(a, b) || under(b, a)
 }
 
 #[cfg(test)]

@@ -46,17 +46,8 @@ pub(super) fn check_files(c: &mut Collector, files: &[FileInput]) -> Vec<(String
                 None => Some(p),
             },
         };
-        if let Some(p) = path {
-            match paths.iter().find(|(_, other)| paths_clash(p, other)) {
-                Some((j, other)) if *other == p => {
-                    c.push(&field("path"), format!("duplicates files[{j}].path"));
-                }
-                Some((j, _)) => c.push(
-                    &field("path"),
-                    format!("conflicts with files[{j}].path: a file cannot also be a directory"),
-                ),
-                None => paths.push((i, p)),
-            }
+        if let Some(problem) = path.and_then(|p| claim_path(&mut paths, i, p)) {
+            c.push(&field("path"), problem);
         }
         let content = match f.content_base64.as_deref() {
             None => {
@@ -135,6 +126,21 @@ pub fn file_path_problem(p: &str) -> Option<String> {
         return Some(format!("must not be `/{top}` or under it"));
     }
     None
+}
+
+/// Records file `i`'s (valid) path among the earlier files' `paths`, or says why it cannot be
+/// placed beside them: it duplicates one, or one is a directory of the other.
+pub fn claim_path<'a>(paths: &mut Vec<(usize, &'a str)>, i: usize, p: &'a str) -> Option<String> {
+    match paths.iter().find(|(_, other)| paths_clash(p, other)) {
+        Some((j, other)) if *other == p => Some(format!("duplicates files[{j}].path")),
+        Some((j, _)) => Some(format!(
+            "conflicts with files[{j}].path: a file cannot also be a directory"
+        )),
+        None => {
+            paths.push((i, p));
+            None
+        }
+    }
 }
 
 /// Two normalised paths that cannot both be files: equal, or one a directory of the other.

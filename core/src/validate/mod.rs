@@ -27,7 +27,7 @@ mod registry;
 mod run;
 mod runner;
 
-pub use files::{file_path_problem, FileInput};
+pub use files::{claim_path, file_path_problem, FileInput};
 pub use limits::*;
 pub use names::{is_env_key, is_host, is_image_name, is_image_tag};
 pub use registry::{RegistryInput, RegistrySpec};
