@@ -56,7 +56,7 @@ fn unknown_field(message: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Like `axum::Json`, but an empty body (or `null`) is `T::default()` when `EMPTY_OK`, and every failure is
+/// Like `axum::Json`, but an empty body (zero bytes, or `null`) is `T::default()` when `EMPTY_OK`, and every failure is
 /// an [`ApiError::Malformed`] that names the field (its JSON path).
 pub struct JsonBody<T, const EMPTY_OK: bool = false>(pub T);
 
@@ -96,15 +96,16 @@ where
                 }
             }
         })?;
+        // No body at all is "nothing to override" where that is allowed; a body of only
+        // whitespace is not a JSON document, so it is malformed like any other.
+        if EMPTY_OK && bytes.is_empty() {
+            return Ok(JsonBody(T::default()));
+        }
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return if EMPTY_OK {
-                Ok(JsonBody(T::default()))
-            } else {
-                Err(ApiError::Malformed {
-                    field: "body".to_owned(),
-                    message: "a JSON object is required".to_owned(),
-                })
-            };
+            return Err(ApiError::Malformed {
+                field: "body".to_owned(),
+                message: "a JSON object is required".to_owned(),
+            });
         }
         if EMPTY_OK {
             // `null` is the same as no body.

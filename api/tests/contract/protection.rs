@@ -189,6 +189,35 @@ async fn trailing_data_after_the_json_body_is_400() -> Result<()> {
     Ok(())
 }
 
+/// A run's body is optional: no bytes at all start the runner as it is. A body of only
+/// whitespace is not a JSON document, so it is refused like any other malformed body (found by
+/// schemathesis sending `"\r"`).
+#[tokio::test]
+async fn a_run_body_of_only_whitespace_is_400_and_no_body_is_201() -> Result<()> {
+    let f = Api::start().await?;
+    let runner = f.runner("fra", json!({})).await?;
+    for (body, want) in [("\r", 400), (" \n\t", 400), ("", 201), ("null", 201)] {
+        let res = f
+            .http
+            .post(format!("{}/v1/runners/{runner}/runs", f.api_url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let v: Value = res.json().await.unwrap_or(Value::Null);
+        ensure!(status == want, "{body:?}: {status} {v}");
+        if want == 400 {
+            ensure!(
+                v["code"] == "malformed_request" && v["errors"][0]["field"] == "body",
+                "{v}"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_bearer_scheme_is_matched_in_any_case() -> Result<()> {
     let f = Api::start().await?;
