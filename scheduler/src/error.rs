@@ -66,9 +66,13 @@ impl From<SchedulerError> for tonic::Status {
             }
             SchedulerError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
             SchedulerError::Forbidden(_) => tonic::Status::permission_denied(e.to_string()),
-            SchedulerError::Corrupt { .. }
-            | SchedulerError::Store(_)
-            | SchedulerError::Secret(_) => {
+            // The store is down, or this scheduler is no longer the leader: another scheduler
+            // (or this one, restarted) can serve the same call, so clients may retry.
+            SchedulerError::Store(_) => {
+                tracing::warn!(error = %e, "the store refused or failed a call");
+                tonic::Status::unavailable(e.to_string())
+            }
+            SchedulerError::Corrupt { .. } | SchedulerError::Secret(_) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

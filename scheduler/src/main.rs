@@ -1,7 +1,9 @@
 use anyhow::Context;
 use berth_core::keys;
 use berth_core::secrets::SecretKey;
-use berth_core::store::{EmbeddedStore, EtcdConfig, EtcdStore, SealedStore, Store};
+use berth_core::store::{
+    Election, ElectionConfig, EmbeddedStore, EtcdConfig, EtcdStore, Leadership, SealedStore, Store,
+};
 use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
 use berth_scheduler::placement::FitPolicy;
@@ -60,6 +62,10 @@ struct Args {
     /// port is served: only for a port on loopback.
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// With etcd: seconds the leader's lease lives without a keep-alive. A standby takes over
+    /// at most about this long (plus 0.5 s) after the leader dies; etcd refuses less than 2.
+    #[arg(long, env = "BERTH_LEADER_LEASE_SECONDS", default_value_t = 2)]
+    leader_lease_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,16 +136,81 @@ async fn main() -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&store_path)
                 .with_context(|| format!("opening the store at {}", store_path.display()))?;
             let store = SealedStore::new(store, secrets, &sealed);
-            run(store, config, &args, store_path.display().to_string()).await
+            let signal = Box::pin(
+                berth_core::process::shutdown_signal().context("installing signal handlers")?,
+            );
+            run(
+                store,
+                config,
+                &args,
+                store_path.display().to_string(),
+                signal,
+                None,
+            )
+            .await
         }
         StoreChoice::Etcd(endpoints) => {
             let store = EtcdStore::connect(EtcdConfig::new(endpoints.clone()))
                 .await
                 .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+            let mut signal = Box::pin(
+                berth_core::process::shutdown_signal().context("installing signal handlers")?,
+            );
+            let election = Election::start(
+                &store,
+                ElectionConfig {
+                    name: LEADER_ELECTION.to_owned(),
+                    value: args.grpc_listen.clone(),
+                    ttl: Duration::from_secs(args.leader_lease_seconds.max(2)),
+                },
+            )
+            .await
+            .context("joining the leader election")?;
+            // A standby neither listens nor loads state: agents and API replicas find the
+            // leader as the one scheduler address that accepts connections.
+            tracing::info!(addr = %args.grpc_listen, "standby: campaigning for leadership");
+            let leadership = tokio::select! {
+                won = election.campaign() => won,
+                () = &mut signal => {
+                    election.withdraw().await;
+                    return Ok(());
+                }
+            };
+            let leadership = match leadership {
+                Ok(l) => l,
+                Err(e) => {
+                    election.withdraw().await;
+                    return Err(e).context("campaigning for leadership");
+                }
+            };
+            store.set_fence(leadership.fence());
+            tracing::info!(addr = %args.grpc_listen, "elected leader; loading the active state");
             let store = SealedStore::new(store, secrets, &sealed);
-            run(store, config, &args, endpoints.join(",")).await
+            let result = run(
+                store,
+                config,
+                &args,
+                endpoints.join(","),
+                signal,
+                Some(leadership),
+            )
+            .await;
+            // Revoking the lease deletes the leader key too, if it is still there.
+            election.withdraw().await;
+            result
         }
     }
+}
+
+/// The election every scheduler on one etcd keyspace campaigns in (under the store prefix).
+const LEADER_ELECTION: &str = "leader";
+
+/// Why serving stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Signal,
+    StoreFailed,
+    LostLeadership,
 }
 
 async fn run<S: Store>(
@@ -147,25 +218,38 @@ async fn run<S: Store>(
     config: Config,
     args: &Args,
     store_name: String,
+    signal: std::pin::Pin<Box<impl std::future::Future<Output = ()> + Send + 'static>>,
+    leadership: Option<Leadership>,
 ) -> anyhow::Result<()> {
     let scheduler = Scheduler::open(store, config).await?;
     let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
         .await
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(addr = %listener.local_addr()?, store = %store_name, "scheduler listening");
-    let signal = berth_core::process::shutdown_signal().context("installing signal handlers")?;
     // Fail-stop: after a failed store write memory may be ahead of the store, so stop and let
-    // a restart reload the truth.
-    let store_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // a restart reload the truth. Losing leadership stops the same way: every later write
+    // would be refused by the fence anyway.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
     let shutdown = {
-        let (scheduler, store_failed) = (scheduler.clone(), store_failed.clone());
+        let scheduler = scheduler.clone();
         async move {
-            tokio::select! {
-                _ = signal => {}
-                _ = scheduler.store_failed() => {
-                    store_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            let lost = async {
+                match &leadership {
+                    Some(l) => l.lost().await,
+                    None => std::future::pending().await,
                 }
+            };
+            let why = tokio::select! {
+                () = signal => Stop::Signal,
+                () = scheduler.store_failed() => Stop::StoreFailed,
+                () = lost => Stop::LostLeadership,
+            };
+            // Hand over before draining: a standby starts loading while calls in flight
+            // finish (their writes are refused from now on; clients retry on the new leader).
+            if let (Stop::Signal, Some(l)) = (why, &leadership) {
+                l.resign().await;
             }
+            let _ = stopped_tx.send(why);
         }
     };
     match args.cluster_token.as_deref() {
@@ -181,11 +265,16 @@ async fn run<S: Store>(
     }
     let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());
     berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;
-    anyhow::ensure!(
-        !store_failed.load(std::sync::atomic::Ordering::SeqCst),
-        "a store write failed; stopped so that a restart reloads the state from the store"
-    );
-    Ok(())
+    match stopped_rx.await.unwrap_or(Stop::Signal) {
+        Stop::Signal => Ok(()),
+        Stop::StoreFailed => anyhow::bail!(
+            "a store write failed; stopped so that a restart reloads the state from the store"
+        ),
+        Stop::LostLeadership => anyhow::bail!(
+            "lost the leadership (lease expired or unconfirmed); stopped so that a restart \
+             rejoins as a standby"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -71,11 +71,26 @@ pub const DEFAULT_PREFIX: &str = "/berth/";
 
 #[derive(Clone)]
 pub struct EtcdStore {
+    client: Client,
     kv: KvClient,
     prefix: String,
     read_retries: usize,
     writer: mpsc::UnboundedSender<PendingCommit>,
+    fence: SharedFence,
 }
+
+/// The leadership every write must still hold: the election key a leader owns and the etcd
+/// revision that created it. Once set, each etcd transaction also compares the key's
+/// `create_revision`, so after the key is gone (the leader's lease expired, or it resigned) or
+/// was re-created by another leader, no write of this store applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The full etcd key (not under the store's prefix rules; election keys are absolute).
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+}
+
+type SharedFence = std::sync::Arc<std::sync::RwLock<Option<Fence>>>;
 
 struct PendingCommit {
     txn: Txn,
@@ -131,19 +146,43 @@ impl EtcdStore {
             .map_err(backend)?;
         let kv = client.kv_client();
         let (writer, queue) = mpsc::unbounded_channel();
+        let fence = SharedFence::default();
         let task = WriterTask {
             kv: kv.clone(),
             prefix: config.prefix.clone(),
             max_ops: config.max_txn_ops.max(1),
             max_bytes: config.max_request_bytes,
+            fence: fence.clone(),
         };
         tokio::spawn(task.run(queue));
         Ok(EtcdStore {
+            client,
             kv,
             prefix: config.prefix,
             read_retries: config.read_retries,
             writer,
+            fence,
         })
+    }
+
+    /// From now on every write also requires `fence` to hold (see [`Fence`]); writes already
+    /// queued are checked too. A fence is never lifted: a process that loses leadership stops.
+    pub fn set_fence(&self, fence: Fence) {
+        let mut slot = self
+            .fence
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *slot = Some(fence);
+    }
+
+    /// The etcd client this store uses (elections and leases share its connections).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The key prefix every store key is written under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -231,6 +270,7 @@ struct WriterTask {
     prefix: String,
     max_ops: usize,
     max_bytes: usize,
+    fence: SharedFence,
 }
 
 fn op_key(op: &Op) -> &str {
@@ -309,6 +349,7 @@ impl WriterTask {
             for pending in group {
                 let _ = pending.reply.send(match &result {
                     Ok(rev) => Ok(*rev),
+                    Err(StoreError::Fenced(why)) => Err(StoreError::Fenced(why.clone())),
                     Err(e) => Err(backend(e)),
                 });
             }
@@ -369,10 +410,23 @@ impl WriterTask {
                 Op::Delete { key, .. } => TxnOp::delete(full(key), None),
             })
             .collect();
-        let reads: Vec<TxnOp> = checked
+        let mut reads: Vec<TxnOp> = checked
             .iter()
             .map(|(_, _, key)| TxnOp::get(key.clone(), None))
             .collect();
+        let fence = self
+            .fence
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        if let Some(f) = &fence {
+            compares.push(Compare::create_revision(
+                f.key.clone(),
+                CompareOp::Equal,
+                f.create_revision,
+            ));
+            reads.push(TxnOp::get(f.key.clone(), None));
+        }
         let request = etcd_client::Txn::new()
             .when(compares)
             .and_then(writes)
@@ -391,8 +445,30 @@ impl WriterTask {
         if response.succeeded() {
             return Ok(rev);
         }
-        // Name the first precondition that did not hold, from the state etcd compared against.
         let found = response.op_responses();
+        // Leadership first: a deposed leader's conflicts are not worth reporting.
+        if let Some(f) = &fence {
+            let holder = match found.last() {
+                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+                _ => return Err(backend("etcd answered a read with another operation")),
+            };
+            if holder != Some(f.create_revision) {
+                tracing::warn!(
+                    fence_revision = f.create_revision,
+                    holder_revision = ?holder,
+                    "write refused: this scheduler no longer holds the leadership"
+                );
+                return Err(StoreError::Fenced(format!(
+                    "leader key created at revision {} is {}",
+                    f.create_revision,
+                    match holder {
+                        Some(r) => format!("now held at revision {r}"),
+                        None => "gone".to_owned(),
+                    }
+                )));
+            }
+        }
+        // Name the first precondition that did not hold, from the state etcd compared against.
         for ((key, expect, _), answer) in checked.iter().zip(found.iter()) {
             let current = match answer {
                 TxnOpResponse::Get(g) => g
@@ -604,5 +680,78 @@ mod tests {
         assert!(after > before);
         let kv = store.get("fo/a").await.expect("read").expect("present");
         assert_eq!(kv.value, b"2".to_vec());
+    }
+
+    /// Fencing: once another candidate leads, nothing the old leader sends applies — single
+    /// or merged, with or without preconditions — and the old leader learns it lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deposed_leader_cannot_write() {
+        use crate::store::{Election, ElectionConfig, Expect, Store, StoreError, Txn};
+        let etcd = spawn_etcd();
+        let connect = || EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]));
+        let (a, b) = (connect().await.expect("a"), connect().await.expect("b"));
+        healthy(&a).await;
+        let config = |value: &str| ElectionConfig {
+            name: "leader".to_owned(),
+            value: value.to_owned(),
+            ttl: Duration::from_secs(2),
+        };
+        let ea = Election::start(&a, config("a")).await.expect("a joins");
+        let la = ea.campaign().await.expect("a leads");
+        a.set_fence(la.fence());
+        a.commit(Txn::new().put("fx/k", b"a1".to_vec(), Expect::Absent))
+            .await
+            .expect("the leader writes");
+
+        let eb = Election::start(&b, config("b")).await.expect("b joins");
+        let standby = tokio::spawn(async move {
+            let lb = eb.campaign().await;
+            (eb, lb)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!standby.is_finished(), "b must wait while a leads");
+
+        // a's lease ends behind its back (as when it is frozen past its TTL).
+        b.client()
+            .lease_client()
+            .revoke(ea.lease_id())
+            .await
+            .expect("revoke a's lease");
+        let (_eb, lb) = tokio::time::timeout(Duration::from_secs(10), standby)
+            .await
+            .expect("b takes over")
+            .expect("join");
+        let lb = lb.expect("b leads");
+        b.set_fence(lb.fence());
+        let kv = b.get("fx/k").await.expect("read").expect("present");
+        b.commit(Txn::new().put("fx/k", b"b1".to_vec(), Expect::Revision(kv.mod_revision)))
+            .await
+            .expect("the new leader writes");
+
+        // Every kind of write from a is refused as fenced, and changes nothing.
+        let plain = a.submit(Txn::new().put("fx/p1", b"a".to_vec(), Expect::Any));
+        let merged = a.submit(Txn::new().put("fx/p2", b"a".to_vec(), Expect::Any));
+        let guarded = a.submit(Txn::new().delete("fx/k", Expect::Any).put(
+            "fx/p3",
+            b"a".to_vec(),
+            Expect::Absent,
+        ));
+        for (name, result) in [
+            ("plain", plain.await),
+            ("merged", merged.await),
+            ("guarded", guarded.await),
+        ] {
+            assert!(
+                matches!(result, Err(StoreError::Fenced(_))),
+                "{name}: {result:?}"
+            );
+        }
+        let stored = b.list_prefix("fx/").await.expect("list");
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!(stored[0].value, b"b1".to_vec());
+        // a's keep-alive learns the lease is gone.
+        tokio::time::timeout(Duration::from_secs(5), la.lost())
+            .await
+            .expect("a notices it lost the leadership");
     }
 }

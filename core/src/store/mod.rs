@@ -16,13 +16,15 @@
 //! [`StoreError::Backend`] whose outcome is unknown; reads are retried with backoff instead.
 
 pub mod conformance;
+mod election;
 mod embedded;
 mod etcd;
 mod memory;
 mod sealed;
 
+pub use election::{Election, ElectionConfig, Leadership};
 pub use embedded::EmbeddedStore;
-pub use etcd::{EtcdConfig, EtcdStore, DEFAULT_PREFIX as ETCD_DEFAULT_PREFIX};
+pub use etcd::{EtcdConfig, EtcdStore, Fence, DEFAULT_PREFIX as ETCD_DEFAULT_PREFIX};
 pub use memory::MemoryStore;
 pub use sealed::SealedStore;
 
@@ -108,6 +110,10 @@ pub enum StoreError {
     /// The backend failed (disk, network, corruption).
     #[error("store backend failed: {0}")]
     Backend(String),
+    /// The writer no longer holds the leadership its writes are fenced with (etcd): nothing
+    /// was written, and nothing this process writes will be again.
+    #[error("not the leader any more: {0}")]
+    Fenced(String),
 }
 
 /// The interface every state backend implements.
