@@ -34,6 +34,8 @@ pub mod process;
 pub mod secrets;
 pub mod status;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod validate;
 
 pub use model::{Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};

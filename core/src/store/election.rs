@@ -190,9 +190,16 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, alive: watch::Sen
     let mut confirmed = Instant::now();
     loop {
         let mut leases = client.lease_client();
+        // Confirmation counts from when a keep-alive was *sent*: etcd restarts the TTL on
+        // receipt, later, so this process always believes its lease ends before etcd does.
+        let mut sent = Instant::now();
         let opened = tokio::time::timeout(period, leases.keep_alive(lease)).await;
         let (mut keeper, mut stream) = match opened {
             Ok(Ok(pair)) => pair,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) => {
+                tracing::error!(error = %e, lease, "etcd says the lease has expired");
+                break;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, lease, "opening the lease keep-alive failed");
                 if confirmed.elapsed() >= ttl {
@@ -208,8 +215,15 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, alive: watch::Sen
                 continue;
             }
         };
-        // The opening request is a keep-alive too.
+        // Opening sends a keep-alive and reads its answer (a lease etcd no longer has fails
+        // the opening instead).
+        confirmed = sent;
         loop {
+            tokio::time::sleep(period).await;
+            sent = Instant::now();
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
             let deadline = confirmed + ttl;
             let answer = tokio::select! {
                 m = stream.message() => m,
@@ -220,7 +234,7 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, alive: watch::Sen
                 }
             };
             match answer {
-                Ok(Some(r)) if r.ttl() > 0 => confirmed = Instant::now(),
+                Ok(Some(r)) if r.ttl() > 0 => confirmed = sent,
                 Ok(Some(_)) => {
                     tracing::error!(lease, "etcd says the lease has expired");
                     alive.send_replace(false);
@@ -230,10 +244,6 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, alive: watch::Sen
                     tracing::warn!(lease, "the lease keep-alive stream broke; reopening");
                     break;
                 }
-            }
-            tokio::time::sleep(period).await;
-            if keeper.keep_alive().await.is_err() {
-                break;
             }
         }
         if confirmed.elapsed() >= ttl {
