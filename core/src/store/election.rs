@@ -150,6 +150,7 @@ impl Leadership {
         Fence {
             key: self.key.key().to_vec(),
             create_revision: self.key.rev(),
+            lease: self.key.lease(),
         }
     }
 

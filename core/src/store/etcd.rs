@@ -21,15 +21,24 @@
 //! Failures: the client connects to every endpoint in the list and balances across them. Reads
 //! are idempotent and are retried with exponential backoff on transport errors and on
 //! `Unavailable`/`DeadlineExceeded`, so a member failure is ridden out as long as a quorum
-//! remains. Writes are *not* retried: a transport error during a commit surfaces as
+//! remains. Unfenced writes are *not* retried: a transport error during a commit surfaces as
 //! [`StoreError::Backend`] and the outcome is unknown (the write may or may not have applied);
 //! the caller re-reads and decides, exactly as after a [`StoreError::Conflict`].
+//!
+//! Fenced writes (a leader's, after [`EtcdStore::set_fence`]): every request also compares the
+//! leader key's creation revision (a deposed leader's writes fail with [`StoreError::Fenced`])
+//! and compares-and-increments a per-term writer sequence key, `writers/<term>`, on the
+//! leader's lease. After a transport error the task reads that key: moved means applied, not
+//! moved means resend (a late original and the resend cannot both apply: each compares the
+//! sequence). So a leader's write applies exactly once through member failures, and fails only
+//! if etcd stays unreachable for [`EtcdConfig::request_timeout`]. One operation of each
+//! request is the sequence: a transaction may hold `max_txn_ops - 1` operations.
 
 use super::{check, Expect, KeyValue, Op, Store, StoreError, Txn};
 use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, SortOrder, SortTarget, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, PutOptions, SortOrder,
+    SortTarget, TxnOp, TxnOpResponse,
 };
 use std::collections::HashSet;
 use std::future::Future;
@@ -88,6 +97,8 @@ pub struct Fence {
     /// The full etcd key (not under the store's prefix rules; election keys are absolute).
     pub key: Vec<u8>,
     pub create_revision: i64,
+    /// The leader's lease (0: none); the writer sequence key is attached to it.
+    pub lease: i64,
 }
 
 type SharedFence = std::sync::Arc<std::sync::RwLock<Option<Fence>>>;
@@ -150,9 +161,12 @@ impl EtcdStore {
         let task = WriterTask {
             kv: kv.clone(),
             prefix: config.prefix.clone(),
-            max_ops: config.max_txn_ops.max(1),
+            // One operation of each request is the writer sequence (fenced writers).
+            max_ops: config.max_txn_ops.max(2) - 1,
             max_bytes: config.max_request_bytes,
             fence: fence.clone(),
+            seq: None,
+            write_deadline: config.request_timeout,
         };
         tokio::spawn(task.run(queue));
         Ok(EtcdStore {
@@ -271,6 +285,9 @@ struct WriterTask {
     max_ops: usize,
     max_bytes: usize,
     fence: SharedFence,
+    seq: Option<WriterSeq>,
+    /// How long a fenced write keeps trying to learn its outcome while etcd is unreachable.
+    write_deadline: Duration,
 }
 
 fn op_key(op: &Op) -> &str {
@@ -298,7 +315,7 @@ fn unconditional(txn: &Txn) -> bool {
 }
 
 impl WriterTask {
-    async fn run(self, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
         let mut carried: Option<PendingCommit> = None;
         loop {
             let first = match carried.take() {
@@ -374,8 +391,10 @@ impl WriterTask {
         Ok(())
     }
 
-    /// Sends `txn` as one etcd transaction; not retried (see the module doc).
-    async fn commit_one(&self, txn: &Txn) -> Result<u64, StoreError> {
+    /// Sends `txn` as one etcd transaction. Unfenced, it is not retried (see the module doc).
+    /// Fenced, a transport failure is resolved through the writer sequence (see
+    /// [`WriterSeq`]): the write is applied exactly once or reported failed, never unknown.
+    async fn commit_one(&mut self, txn: &Txn) -> Result<u64, StoreError> {
         let full = |key: &str| format!("{}{key}", self.prefix);
         let mut compares = Vec::new();
         let mut checked = Vec::new();
@@ -403,7 +422,7 @@ impl WriterTask {
             .filter(|op| seen.insert(op_key(op)))
             .collect();
         last_writes.reverse();
-        let writes: Vec<TxnOp> = last_writes
+        let mut writes: Vec<TxnOp> = last_writes
             .into_iter()
             .map(|op| match op {
                 Op::Put { key, value, .. } => TxnOp::put(full(key), value.clone(), None),
@@ -426,16 +445,44 @@ impl WriterTask {
                 f.create_revision,
             ));
             reads.push(TxnOp::get(f.key.clone(), None));
+            let seq = self.seq_for(f);
+            compares.push(seq.expect_current());
+            writes.push(seq.put_next());
+            reads.push(TxnOp::get(seq.key.clone(), None));
         }
         let request = etcd_client::Txn::new()
             .when(compares)
             .and_then(writes)
             .or_else(reads);
-        let mut kv = self.kv.clone();
-        let response = kv.txn(request).await.map_err(|e| {
-            tracing::warn!(error = %e, "etcd commit failed; its outcome is unknown");
-            backend(e)
-        })?;
+        let deadline = tokio::time::Instant::now() + self.write_deadline;
+        let response = loop {
+            let mut kv = self.kv.clone();
+            let e = match kv.txn(request.clone()).await {
+                Ok(response) => break response,
+                Err(e) => e,
+            };
+            let Some(seq) = self
+                .seq
+                .as_ref()
+                .filter(|_| fence.is_some() && transient(&e))
+            else {
+                tracing::warn!(error = %e, "etcd commit failed; its outcome is unknown");
+                return Err(backend(e));
+            };
+            tracing::warn!(error = %e, "etcd commit failed; reading the writer sequence");
+            match self.resolve(seq, deadline).await? {
+                Resolved::Applied(rev) => {
+                    self.advance();
+                    return Ok(rev);
+                }
+                Resolved::NotApplied if tokio::time::Instant::now() < deadline => continue,
+                Resolved::NotApplied => {
+                    return Err(backend(
+                        "etcd stayed unreachable; the write was not applied",
+                    ))
+                }
+            }
+        };
         let rev = revision(
             response
                 .header()
@@ -443,15 +490,20 @@ impl WriterTask {
                 .revision(),
         )?;
         if response.succeeded() {
+            if fence.is_some() {
+                self.advance();
+            }
             return Ok(rev);
         }
         let found = response.op_responses();
         // Leadership first: a deposed leader's conflicts are not worth reporting.
         if let Some(f) = &fence {
-            let holder = match found.last() {
-                Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
-                _ => return Err(backend("etcd answered a read with another operation")),
+            let n = found.len();
+            let get = |i: usize| match found.get(i) {
+                Some(TxnOpResponse::Get(g)) => Ok(g.kvs().first().cloned()),
+                _ => Err(backend("etcd answered a read with another operation")),
             };
+            let holder = get(n.wrapping_sub(2))?.map(|kv| kv.create_revision());
             if holder != Some(f.create_revision) {
                 tracing::warn!(
                     fence_revision = f.create_revision,
@@ -466,6 +518,19 @@ impl WriterTask {
                         None => "gone".to_owned(),
                     }
                 )));
+            }
+            // An earlier attempt of this very transaction applied after all (it was still in
+            // flight when the sequence was read): this attempt's compare saw it.
+            if let Some(seq) = &self.seq {
+                let current = get(n - 1)?;
+                if seq.applied_in(current.as_ref()) {
+                    let rev = match current {
+                        Some(kv) => revision(kv.mod_revision())?,
+                        None => rev,
+                    };
+                    self.advance();
+                    return Ok(rev);
+                }
             }
         }
         // Name the first precondition that did not hold, from the state etcd compared against.
@@ -483,6 +548,115 @@ impl WriterTask {
         Err(backend(
             "etcd rejected a transaction whose preconditions hold",
         ))
+    }
+
+    /// The sequence for `fence`'s term (a new leader key starts a new sequence at 0).
+    fn seq_for(&mut self, fence: &Fence) -> WriterSeq {
+        let key = format!("{}writers/{}", self.prefix, fence.create_revision);
+        match &self.seq {
+            Some(seq) if seq.key == key => seq.clone(),
+            _ => {
+                let seq = WriterSeq {
+                    key,
+                    applied: 0,
+                    lease: fence.lease,
+                };
+                self.seq = Some(seq.clone());
+                seq
+            }
+        }
+    }
+
+    fn advance(&mut self) {
+        if let Some(seq) = &mut self.seq {
+            seq.applied += 1;
+        }
+    }
+
+    /// After a transport failure: reads the writer sequence (retrying until `deadline`) to
+    /// learn whether the failed attempt applied.
+    async fn resolve(
+        &self,
+        seq: &WriterSeq,
+        deadline: tokio::time::Instant,
+    ) -> Result<Resolved, StoreError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut kv = self.kv.clone();
+            match kv.get(seq.key.clone(), None).await {
+                Ok(r) => {
+                    let current = r.kvs().first();
+                    if seq.applied_in(current) {
+                        let rev = current.map_or(0, etcd_client::KeyValue::mod_revision);
+                        return Ok(Resolved::Applied(revision(rev)?));
+                    }
+                    if seq.unchanged_in(current) {
+                        return Ok(Resolved::NotApplied);
+                    }
+                    return Err(StoreError::Fenced(format!(
+                        "the writer sequence {} was changed by another writer",
+                        seq.key
+                    )));
+                }
+                Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "etcd unreachable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        }
+    }
+}
+
+enum Resolved {
+    Applied(u64),
+    NotApplied,
+}
+
+/// A fenced writer's count of applied requests, kept in etcd beside the data: every request
+/// compares it and increments it. After a transport error the outcome of a write is unknown;
+/// reading the count tells (applied: it moved; not applied: it did not, and a resend that
+/// races a late original fails its compare, so the write still applies once). The key lives on
+/// the leader's lease and goes with it.
+#[derive(Debug, Clone)]
+struct WriterSeq {
+    key: String,
+    applied: u64,
+    lease: i64,
+}
+
+impl WriterSeq {
+    fn encode(n: u64) -> Vec<u8> {
+        n.to_string().into_bytes()
+    }
+
+    fn expect_current(&self) -> Compare {
+        if self.applied == 0 {
+            Compare::version(self.key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::value(
+                self.key.clone(),
+                CompareOp::Equal,
+                Self::encode(self.applied),
+            )
+        }
+    }
+
+    fn put_next(&self) -> TxnOp {
+        let options = (self.lease != 0).then(|| PutOptions::new().with_lease(self.lease));
+        TxnOp::put(self.key.clone(), Self::encode(self.applied + 1), options)
+    }
+
+    fn applied_in(&self, current: Option<&etcd_client::KeyValue>) -> bool {
+        current.is_some_and(|kv| kv.value() == Self::encode(self.applied + 1).as_slice())
+    }
+
+    fn unchanged_in(&self, current: Option<&etcd_client::KeyValue>) -> bool {
+        match current {
+            None => self.applied == 0,
+            Some(kv) => kv.value() == Self::encode(self.applied).as_slice(),
+        }
     }
 }
 
@@ -753,5 +927,64 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), la.lost())
             .await
             .expect("a notices it lost the leadership");
+    }
+
+    /// A fenced leader writing through the loss of an etcd member: a write whose outcome the
+    /// transport error left unknown is resolved through the writer sequence, so every write
+    /// is applied exactly once (a double apply would fail its `Absent` precondition) and none
+    /// is reported failed while a quorum remains.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fenced_writes_apply_exactly_once_across_a_member_loss() {
+        use crate::store::{Election, ElectionConfig, Expect, Store, Txn};
+        let mut cluster = spawn_cluster(3);
+        let endpoints = cluster.iter().map(|m| m.endpoint.clone()).collect();
+        let store = EtcdStore::connect(EtcdConfig::new(endpoints))
+            .await
+            .expect("connect");
+        healthy(&store).await;
+        let election = Election::start(
+            &store,
+            ElectionConfig {
+                name: "leader".to_owned(),
+                value: "w".to_owned(),
+                ttl: Duration::from_secs(5),
+            },
+        )
+        .await
+        .expect("join");
+        let leadership = election.campaign().await.expect("lead");
+        store.set_fence(leadership.fence());
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for i in 0..300 {
+                    let txn = Txn::new().put(format!("xo/{i:04}"), b"v".to_vec(), Expect::Absent);
+                    // Some transactions without preconditions too, so merging is exercised.
+                    let merged = store.submit(Txn::new().put(
+                        format!("xm/{i:04}"),
+                        b"v".to_vec(),
+                        Expect::Any,
+                    ));
+                    if let Err(e) = store.commit(txn).await {
+                        failures.push(format!("xo/{i:04}: {e}"));
+                    }
+                    if let Err(e) = merged.await {
+                        failures.push(format!("xm/{i:04}: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                failures
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(cluster.remove(0));
+        let failures = tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .expect("the writes finish")
+            .expect("join");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(store.list_prefix("xo/").await.expect("list").len(), 300);
+        assert_eq!(store.list_prefix("xm/").await.expect("list").len(), 300);
     }
 }
