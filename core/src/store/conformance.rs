@@ -13,6 +13,7 @@ pub async fn run_all<S: Store>(store: &S) {
     deletes(store).await;
     submit_order_is_call_order(store).await;
     many_small_transactions(store).await;
+    one_failed_precondition_among_many(store).await;
 }
 
 async fn put_get_and_revisions<S: Store>(s: &S) {
@@ -220,5 +221,34 @@ async fn later_ops_on_a_key_win<S: Store>(s: &S) {
     assert!(
         s.get("lw/b").await.expect("get").is_none(),
         "the later delete wins"
+    );
+}
+
+/// Among many queued transactions (which a backend may send as one request), a precondition
+/// that fails fails only its own transaction; the others apply, in order.
+async fn one_failed_precondition_among_many<S: Store>(s: &S) {
+    s.commit(Txn::new().put("fp/25", b"taken".to_vec(), Expect::Any))
+        .await
+        .expect("put");
+    let pending: Vec<_> = (0u8..50)
+        .map(|i| s.submit(Txn::new().put(format!("fp/{i:02}"), vec![i], Expect::Absent)))
+        .collect();
+    let mut last = 0;
+    for (i, fut) in pending.into_iter().enumerate() {
+        match fut.await {
+            Err(StoreError::Conflict { key, .. }) if i == 25 => assert_eq!(key, "fp/25"),
+            Ok(rev) if i != 25 => {
+                assert!(rev >= last, "revisions follow submit order");
+                last = rev;
+            }
+            other => panic!("transaction {i}: {other:?}"),
+        }
+    }
+    let all = s.list_prefix("fp/").await.expect("list");
+    assert_eq!(all.len(), 50);
+    assert_eq!(
+        all[25].value,
+        b"taken".to_vec(),
+        "the failed one wrote nothing"
     );
 }

@@ -7,16 +7,19 @@
 //! [`StoreError::Conflict`] can name the key and the revision found, as the other backends do.
 //!
 //! Writes go through one writer task fed by a channel, so [`Store::submit`] fixes the commit
-//! order when it is called. The task group-commits only what is safe to merge into one etcd
-//! request: consecutive transactions with no preconditions and pairwise disjoint keys, up to
-//! [`EtcdConfig::max_txn_ops`] operations and [`EtcdConfig::max_request_bytes`] bytes per
-//! request. Anything else is committed one transaction per request, in order. Merged
-//! transactions share one etcd revision (a transaction is never split, so each still sees one
-//! revision for all its keys). A single transaction larger than those limits cannot be atomic
-//! in etcd and fails with [`StoreError::Backend`] before anything is sent. Several writes to one
-//! key inside a transaction are sent as the last of them (etcd refuses duplicates); the one
-//! difference this leaves is that a delete followed by a put keeps the key's old
-//! `create_revision` in etcd.
+//! order when it is called. The task group-commits what is queued behind the transaction it
+//! sends, as one etcd request, while that is safe: up to [`EtcdConfig::max_txn_ops`]
+//! operations and [`EtcdConfig::max_request_bytes`] bytes, with pairwise disjoint keys (so
+//! the revision a write returns is still the revision of the value it wrote, and later
+//! preconditions on it mean what they say). If a merged request fails on a precondition,
+//! nothing of it applied, and its
+//! transactions are sent again one by one, in order, so only those whose own preconditions do
+//! not hold fail. Merged transactions share one etcd revision (a transaction is never split,
+//! so each still sees one revision for all its keys). A single transaction larger than those
+//! limits cannot be atomic in etcd and fails with [`StoreError::Backend`] before anything is
+//! sent. Several writes to one key inside a transaction are sent as the last of them (etcd
+//! refuses duplicates); the one difference this leaves is that a delete followed by a put
+//! keeps the key's old `create_revision` in etcd.
 //!
 //! Failures: the client connects to every endpoint in the list and balances across them. Reads
 //! are idempotent and are retried with exponential backoff on transport errors and on
@@ -310,10 +313,6 @@ fn txn_bytes(txn: &Txn) -> usize {
         .sum()
 }
 
-fn unconditional(txn: &Txn) -> bool {
-    txn.ops.iter().all(|op| op_expect(op) == Expect::Any)
-}
-
 impl WriterTask {
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<PendingCommit>) {
         let mut carried: Option<PendingCommit> = None;
@@ -329,12 +328,9 @@ impl WriterTask {
                 let _ = first.reply.send(Err(e));
                 continue;
             }
-            if !unconditional(&first.txn) {
-                let result = self.commit_one(&first.txn).await;
-                let _ = first.reply.send(result);
-                continue;
-            }
-            // Gather following unconditional transactions while they merge safely.
+            // Gather the transactions queued behind it while they merge safely: within etcd's
+            // limits, and touching no key of the group (each write's revision must stay the
+            // revision of the value it wrote).
             let mut keys: HashSet<String> = first
                 .txn
                 .ops
@@ -346,7 +342,7 @@ impl WriterTask {
             let mut group = vec![first];
             while let Ok(next) = queue.try_recv() {
                 let n = &next.txn;
-                let mergeable = unconditional(n)
+                let mergeable = self.fits(n).is_ok()
                     && ops + n.ops.len() <= self.max_ops
                     && bytes + txn_bytes(n) <= self.max_bytes
                     && n.ops.iter().all(|op| !keys.contains(op_key(op)));
@@ -359,16 +355,34 @@ impl WriterTask {
                 bytes += txn_bytes(n);
                 group.push(next);
             }
+            if group.len() == 1 {
+                for pending in group {
+                    let result = self.commit_one(&pending.txn).await;
+                    let _ = pending.reply.send(result);
+                }
+                continue;
+            }
             let merged = Txn {
                 ops: group.iter().flat_map(|p| p.txn.ops.clone()).collect(),
             };
-            let result = self.commit_one(&merged).await;
-            for pending in group {
-                let _ = pending.reply.send(match &result {
-                    Ok(rev) => Ok(*rev),
-                    Err(StoreError::Fenced(why)) => Err(StoreError::Fenced(why.clone())),
-                    Err(e) => Err(backend(e)),
-                });
+            match self.commit_one(&merged).await {
+                // A precondition of one of them failed, so none applied: apply them one by
+                // one, in order, so only those whose own preconditions fail do fail.
+                Err(StoreError::Conflict { .. }) => {
+                    for pending in group {
+                        let result = self.commit_one(&pending.txn).await;
+                        let _ = pending.reply.send(result);
+                    }
+                }
+                result => {
+                    for pending in group {
+                        let _ = pending.reply.send(match &result {
+                            Ok(rev) => Ok(*rev),
+                            Err(StoreError::Fenced(why)) => Err(StoreError::Fenced(why.clone())),
+                            Err(e) => Err(backend(e)),
+                        });
+                    }
+                }
             }
         }
     }

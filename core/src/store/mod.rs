@@ -9,8 +9,8 @@
 //! tests every backend must pass; the etcd backend's run them against a real `etcd` process.
 //!
 //! Where the backends differ: the embedded store gives every transaction its own revision, while
-//! the etcd store may merge consecutive precondition-free transactions with disjoint keys into
-//! one etcd request that shares a revision. A single transaction must fit one etcd request (128
+//! the etcd store may merge consecutive transactions with disjoint keys into one etcd request
+//! that shares a revision (re-sending them one by one if a precondition fails). A single transaction must fit one etcd request (128
 //! operations, about 1.5 MiB by etcd's defaults) or the etcd store refuses it with
 //! [`StoreError::Backend`]. A transport error during an etcd commit is a
 //! [`StoreError::Backend`] whose outcome is unknown; reads are retried with backoff instead.

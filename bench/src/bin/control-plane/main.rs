@@ -84,6 +84,10 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Run the scheduler on a private etcd cluster of this many members on loopback
+    /// (`--store etcd://...`; it campaigns and leads alone) instead of the embedded store.
+    #[arg(long, default_value_t = 0)]
+    etcd_members: usize,
 }
 
 #[tokio::main]
@@ -96,8 +100,17 @@ async fn main() -> anyhow::Result<()> {
         Some(bin) => bin.clone(),
         None => build_scheduler()?,
     };
+    let etcd = match args.etcd_members {
+        0 => None,
+        n => Some(
+            berth_core::testkit::etcd::EtcdCluster::start(n)
+                .context("starting etcd on loopback")?,
+        ),
+    };
+    let store = etcd.as_ref().map(|e| e.store_url());
     // Dropping `scheduler` kills the process and removes its data directory, on every path.
-    let mut scheduler = SchedulerProcess::spawn(&bin, &args.data_root, &args.scheduler_log)?;
+    let mut scheduler =
+        SchedulerProcess::spawn(&bin, &args.data_root, &args.scheduler_log, store.as_deref())?;
     let observed = Arc::new(Observed::default());
     let outcome = tokio::select! {
         r = tokio::time::timeout(
@@ -359,6 +372,10 @@ async fn run_bench(
         scheduler_cpu_seconds,
         bench_cpu_seconds,
         scheduler_log: args.scheduler_log.clone(),
+        store: match args.etcd_members {
+            0 => "embedded".to_owned(),
+            n => format!("etcd ({n} members)"),
+        },
         duplicate_assignments: duplicates.len(),
         final_status,
     })

@@ -21,6 +21,8 @@ pub(crate) struct Report {
     pub(crate) scheduler_cpu_seconds: f64,
     pub(crate) bench_cpu_seconds: f64,
     pub(crate) scheduler_log: String,
+    /// `embedded` or `etcd (N members)`.
+    pub(crate) store: String,
     pub(crate) duplicate_assignments: usize,
     pub(crate) final_status: BTreeMap<String, usize>,
 }
@@ -74,6 +76,7 @@ impl Report {
             "agents_per_connection": self.agents_per_connection,
             "cpus": cpus,
             "scheduler_log": self.scheduler_log,
+            "store": self.store,
             "runs_per_sec": (rps * 10.0).round() / 10.0,
             "wall_seconds": self.wall.as_secs_f64(),
             "p50_ms": millis(self.to_assign.p50),

@@ -46,6 +46,7 @@ impl SchedulerProcess {
         bin: &Path,
         data_root: &Path,
         log_filter: &str,
+        store: Option<&str>,
     ) -> anyhow::Result<SchedulerProcess> {
         if !bin.is_file() {
             bail!(
@@ -73,6 +74,7 @@ impl SchedulerProcess {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--default-registry", "127.0.0.1:1"])
+            .args(store.map(|s| format!("--store={s}")))
             .env("BERTH_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(log)
