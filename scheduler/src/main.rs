@@ -11,6 +11,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Berth's control plane: places runs on nodes and owns the state.
 #[derive(Parser, Debug)]
@@ -128,78 +129,126 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
     };
-    // Runners and runs hold environment values: seal them at rest, whatever the backend.
-    let sealed = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES];
+    let stop = signal_watch()?;
     match &args.store {
         StoreChoice::Embedded => {
             let store_path = args.data_dir.join("state.redb");
             let store = EmbeddedStore::open(&store_path)
                 .with_context(|| format!("opening the store at {}", store_path.display()))?;
-            let store = SealedStore::new(store, secrets, &sealed);
-            let signal = Box::pin(
-                berth_core::process::shutdown_signal().context("installing signal handlers")?,
-            );
-            run(
-                store,
-                config,
-                &args,
-                store_path.display().to_string(),
-                signal,
-                None,
-            )
-            .await
+            let store = SealedStore::new(store, secrets, &SEALED);
+            let name = store_path.display().to_string();
+            match run(store, config, &args, name, signalled(stop), None).await? {
+                Stop::Signal => Ok(()),
+                Stop::StoreFailed | Stop::LostLeadership => anyhow::bail!(
+                    "a store write failed; stopped so that a restart reloads the state from the store"
+                ),
+            }
         }
         StoreChoice::Etcd(endpoints) => {
-            let store = EtcdStore::connect(EtcdConfig::new(endpoints.clone()))
-                .await
-                .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
-            let mut signal = Box::pin(
-                berth_core::process::shutdown_signal().context("installing signal handlers")?,
-            );
-            let election = Election::start(
-                &store,
-                ElectionConfig {
-                    name: LEADER_ELECTION.to_owned(),
-                    value: args.grpc_listen.clone(),
-                    ttl: Duration::from_secs(args.leader_lease_seconds.max(2)),
-                },
-            )
-            .await
-            .context("joining the leader election")?;
-            // A standby neither listens nor loads state: agents and API replicas find the
-            // leader as the one scheduler address that accepts connections.
-            tracing::info!(addr = %args.grpc_listen, "standby: campaigning for leadership");
-            let leadership = tokio::select! {
-                won = election.campaign() => won,
-                () = &mut signal => {
-                    election.withdraw().await;
+            let mut backoff = MIN_REJOIN_BACKOFF;
+            loop {
+                if *stop.borrow() {
                     return Ok(());
                 }
-            };
-            let leadership = match leadership {
-                Ok(l) => l,
-                Err(e) => {
-                    election.withdraw().await;
-                    return Err(e).context("campaigning for leadership");
+                match term(&args, &config, &secrets, endpoints, stop.clone()).await {
+                    Ok(Stop::Signal) => return Ok(()),
+                    Ok(why) => {
+                        tracing::warn!(?why, "leadership ended; rejoining as a standby");
+                        backoff = MIN_REJOIN_BACKOFF;
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "could not campaign or lead; trying again"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = signalled(stop.clone()) => return Ok(()),
+                        }
+                        backoff = (backoff * 2).min(MAX_REJOIN_BACKOFF);
+                    }
                 }
-            };
-            store.set_fence(leadership.fence());
-            tracing::info!(addr = %args.grpc_listen, "elected leader; loading the active state");
-            let store = SealedStore::new(store, secrets, &sealed);
-            let result = run(
-                store,
-                config,
-                &args,
-                endpoints.join(","),
-                signal,
-                Some(leadership),
-            )
-            .await;
-            // Revoking the lease deletes the leader key too, if it is still there.
-            election.withdraw().await;
-            result
+            }
         }
     }
+}
+
+/// Runners and runs hold environment values: sealed at rest, whatever the backend.
+const SEALED: [&str; 3] = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES];
+const MIN_REJOIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_REJOIN_BACKOFF: Duration = Duration::from_secs(5);
+
+/// SIGTERM/SIGINT as a flag every term can wait on.
+fn signal_watch() -> anyhow::Result<watch::Receiver<bool>> {
+    let signal = berth_core::process::shutdown_signal().context("installing signal handlers")?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        tx.send_replace(true);
+    });
+    Ok(rx)
+}
+
+async fn signalled(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// One term on etcd: campaign as a standby (neither listening nor holding state: agents and
+/// API replicas find the leader as the one scheduler address that accepts connections), then
+/// lead until a signal, a failed write or the end of the lease. Each term has its own store
+/// client, so its fence, writer and sequence are new, and nothing left of an earlier term can
+/// write under this one's fence.
+async fn term(
+    args: &Args,
+    config: &Config,
+    secrets: &Arc<SecretKey>,
+    endpoints: &[String],
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Stop> {
+    let store = EtcdStore::connect(EtcdConfig::new(endpoints.to_vec()))
+        .await
+        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+    let election = Election::start(
+        &store,
+        ElectionConfig {
+            name: LEADER_ELECTION.to_owned(),
+            value: args.grpc_listen.clone(),
+            ttl: Duration::from_secs(args.leader_lease_seconds.max(2)),
+        },
+    )
+    .await
+    .context("joining the leader election")?;
+    tracing::info!(addr = %args.grpc_listen, "standby: campaigning for leadership");
+    let won = tokio::select! {
+        won = election.campaign() => won,
+        () = signalled(stop.clone()) => {
+            election.withdraw().await;
+            return Ok(Stop::Signal);
+        }
+    };
+    let leadership = match won {
+        Ok(l) => l,
+        Err(e) => {
+            election.withdraw().await;
+            return Err(e).context("campaigning for leadership");
+        }
+    };
+    store.set_fence(leadership.fence());
+    tracing::info!(addr = %args.grpc_listen, "elected leader; loading the active state");
+    let store = SealedStore::new(store, secrets.clone(), &SEALED);
+    let result = run(
+        store,
+        config.clone(),
+        args,
+        endpoints.join(","),
+        signalled(stop),
+        Some(leadership),
+    )
+    .await;
+    // Revoking the lease deletes the leader key too, if it is still there.
+    election.withdraw().await;
+    result
 }
 
 /// The election every scheduler on one etcd keyspace campaigns in (under the store prefix).
@@ -218,9 +267,9 @@ async fn run<S: Store>(
     config: Config,
     args: &Args,
     store_name: String,
-    signal: std::pin::Pin<Box<impl std::future::Future<Output = ()> + Send + 'static>>,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
     leadership: Option<Leadership>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stop> {
     let scheduler = Scheduler::open(store, config).await?;
     let listener = tokio::net::TcpListener::bind(&args.grpc_listen)
         .await
@@ -265,16 +314,7 @@ async fn run<S: Store>(
     }
     let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());
     berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;
-    match stopped_rx.await.unwrap_or(Stop::Signal) {
-        Stop::Signal => Ok(()),
-        Stop::StoreFailed => anyhow::bail!(
-            "a store write failed; stopped so that a restart reloads the state from the store"
-        ),
-        Stop::LostLeadership => anyhow::bail!(
-            "lost the leadership (lease expired or unconfirmed); stopped so that a restart \
-             rejoins as a standby"
-        ),
-    }
+    Ok(stopped_rx.await.unwrap_or(Stop::Signal))
 }
 
 #[cfg(test)]
