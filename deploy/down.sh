@@ -3,7 +3,7 @@
 # then containerd (after killing its running tasks) with its shims, and the
 # registry. Idempotent; prints nothing when nothing runs.
 #
-#   deploy/down.sh            stop the fleet (BERTH_DATA_DIR, default /var/lib/berth/fleet)
+#   deploy/down.sh            stop the fleets of up.sh and up.sh --ha (BERTH_DATA_DIR: only that one)
 #   deploy/down.sh --all      also stop a test instance left by deploy/test.sh
 #   deploy/down.sh --purge    stop, then delete the data dir(s) and .berth/env
 set -euo pipefail
@@ -11,7 +11,11 @@ set -euo pipefail
 # shellcheck source=deploy/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-DIRS=("${BERTH_DATA_DIR:-/var/lib/berth/fleet}")
+if [[ -n "${BERTH_DATA_DIR:-}" ]]; then
+  DIRS=("$BERTH_DATA_DIR")
+else
+  DIRS=(/var/lib/berth/fleet /var/lib/berth/fleet-ha)
+fi
 PURGE=0
 for arg in "$@"; do
   case "$arg" in
@@ -28,12 +32,11 @@ done
 stop_instance() {
   local data="$1" f
   [[ -d "$data/run" ]] || return 0
-  # Berth processes first (clients before the scheduler), then infrastructure.
-  berth_stop_pidfile "$data/run/api.pid"
-  for f in "$data"/run/agent-*.pid; do
+  # Berth processes first (clients before the schedulers), then infrastructure (etcd last
+  # of the Berth fleet: a scheduler stopping resigns through it).
+  for f in "$data"/run/api*.pid "$data"/run/agent-*.pid "$data"/run/scheduler*.pid "$data"/run/etcd-*.pid; do
     [[ -e "$f" ]] && berth_stop_pidfile "$f"
   done
-  berth_stop_pidfile "$data/run/scheduler.pid"
   berth_stop_containerd "$data"
   berth_stop_registry "$data"
   berth_stop_registry "$data" private-registry

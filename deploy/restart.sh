@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Restart one service of the fleet deploy/up.sh started, and only it.
 #
-#   deploy/restart.sh SERVICE...     scheduler, api, agent-fra-1, agent-ams-1, or agents
+#   deploy/restart.sh SERVICE...        scheduler, api, agent-fra-1, agent-ams-1, or agents
+#   deploy/restart.sh --ha SERVICE...   in the fleet of up.sh --ha: also scheduler-1/-2,
+#                                       api-1/-2, etcd-1/-2/-3
 #
 # Stops SERVICE (SIGTERM, SIGKILL after 10 s), starts it again with the
 # arguments up.sh gives it, and waits until the fleet answers again. Uses the
@@ -18,8 +20,12 @@ args=()
 for s in "$@"; do
   case "$s" in
     -h | --help)
-      sed -n '2,10p' "$0"
+      sed -n '2,12p' "$0"
       exit 0
+      ;;
+    --ha)
+      args+=(--ha)
+      continue
       ;;
   esac
   args+=(--restart "$s")

@@ -2,8 +2,11 @@
 # Bring up a local Berth fleet and run a demo job on it.
 #
 #   deploy/up.sh                      bring up what is not running, run the demo
+#   deploy/up.sh --ha                 the highly available fleet instead: three etcd members,
+#                                     two schedulers (one leads), two API replicas, two agents
 #   deploy/up.sh --restart SERVICE    also restart SERVICE (repeatable): scheduler, api,
-#                                     agent-fra-1, agent-ams-1, or agents (both)
+#                                     agent-fra-1, agent-ams-1, or agents (both); with --ha
+#                                     also scheduler-1/-2, api-1/-2, etcd-1/-2/-3
 #
 # Installs the Debian packages (once), builds the release binaries, starts
 # containerd, a plain-HTTP registry with a busybox image, berth-scheduler,
@@ -14,8 +17,13 @@
 # agents reconnect to a restarted scheduler by themselves). The demo runs again.
 # deploy/restart.sh SERVICE restarts one service without building or the demo.
 #
+# With --ha the state lives in etcd (members on 127.0.0.1:2379, :22379, :32379), the
+# schedulers listen on 127.0.0.1:7170 and :7171 (only the leader accepts connections), the
+# API replicas on :8180 and :8181, the registry on :5100; data under /var/lib/berth/fleet-ha.
+# It can run beside the single-machine fleet. Kill the leader (deploy/down.sh stops all).
+#
 # Environment (all optional):
-#   BERTH_DATA_DIR   data, logs and pid files      (default /var/lib/berth/fleet)
+#   BERTH_DATA_DIR   data, logs and pid files      (default /var/lib/berth/fleet, or fleet-ha)
 #   BERTH_SKIP_BUILD=1   use the binaries already built
 #   BERTH_SKIP_DEMO=1    bring the fleet up but do not run the demo
 #   RUST_LOG         log filter for the Berth processes (default info)
@@ -25,31 +33,54 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESTART=()
+HA=0
 while (($#)); do
   case "$1" in
+    --ha)
+      HA=1
+      shift
+      ;;
     --restart)
       [[ $# -ge 2 ]] || berth_die "--restart needs a service: scheduler, api, agent-fra-1, agent-ams-1, agents"
       case "$2" in
         scheduler | api | agent-fra-1 | agent-ams-1) RESTART+=("$2") ;;
+        scheduler-[12] | api-[12] | etcd-[123]) RESTART+=("$2") ;;
         agents) RESTART+=(agent-fra-1 agent-ams-1) ;;
-        *) berth_die "unknown service: $2 (scheduler, api, agent-fra-1, agent-ams-1, agents)" ;;
+        *) berth_die "unknown service: $2 (scheduler, api, agent-fra-1, agent-ams-1, agents; with --ha scheduler-N, api-N, etcd-N)" ;;
       esac
       shift 2
       ;;
     -h | --help)
-      sed -n '2,21p' "$0"
+      sed -n '2,29p' "$0"
       exit 0
       ;;
     *) berth_die "unknown argument: $1 (see --help)" ;;
   esac
 done
 
-DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet}"
-REGISTRY_ADDR=127.0.0.1:5000
-SCHEDULER_ADDR=127.0.0.1:7070
-API_ADDR=127.0.0.1:8080
+if ((HA)); then
+  DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet-ha}"
+  REGISTRY_ADDR=127.0.0.1:5100
+  SCHEDULERS=(scheduler-1 scheduler-2)
+  SCHEDULER_ADDRS=(127.0.0.1:7170 127.0.0.1:7171)
+  APIS=(api-1 api-2)
+  API_ADDRS=(127.0.0.1:8180 127.0.0.1:8181)
+  ETCD_CLIENT_PORTS=(2379 22379 32379)
+  ETCD_PEER_PORTS=(2380 22380 32380)
+else
+  DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet}"
+  REGISTRY_ADDR=127.0.0.1:5000
+  SCHEDULERS=(scheduler)
+  SCHEDULER_ADDRS=(127.0.0.1:7070)
+  APIS=(api)
+  API_ADDRS=(127.0.0.1:8080)
+  ETCD_CLIENT_PORTS=()
+fi
+API_ADDR="${API_ADDRS[0]}"
 API_URL="http://$API_ADDR"
-SCHEDULER_URL="http://$SCHEDULER_ADDR"
+# Every scheduler address, comma-separated: the API and the agents follow the leader.
+SCHEDULER_URL="$(printf 'http://%s,' "${SCHEDULER_ADDRS[@]}")"
+SCHEDULER_URL="${SCHEDULER_URL%,}"
 LOG_DIR="$DATA_DIR/logs"
 RUN_DIR="$DATA_DIR/run"
 AGENTS=("fra-1 fra" "ams-1 ams")
@@ -142,14 +173,23 @@ check_alive() {
   berth_pid_alive "$RUN_DIR/$1.pid" || berth_die "$1 exited" "$LOG_DIR/$1.log"
 }
 
-SCHEDULER_CMD=("$BIN_DIR/berth-scheduler"
-  --grpc-listen "$SCHEDULER_ADDR"
-  --data-dir "$DATA_DIR/scheduler"
-  --default-registry "$REGISTRY_ADDR")
-API_CMD=("$BIN_DIR/berth-api"
-  --listen "$API_ADDR"
-  --scheduler "$SCHEDULER_URL"
-  --token "$TOKEN")
+scheduler_cmd() { # INDEX
+  SCHEDULER_CMD=("$BIN_DIR/berth-scheduler"
+    --grpc-listen "${SCHEDULER_ADDRS[$1]}"
+    --data-dir "$DATA_DIR/${SCHEDULERS[$1]}"
+    --default-registry "$REGISTRY_ADDR")
+  if ((HA)); then
+    # One sealing key for both: either may lead and must read what the other sealed.
+    SCHEDULER_CMD+=(--store "etcd://$(printf '127.0.0.1:%s,' "${ETCD_CLIENT_PORTS[@]}" | sed 's/,$//')"
+      --secret-key-file "$DATA_DIR/secret.key")
+  fi
+}
+api_cmd() { # INDEX
+  API_CMD=("$BIN_DIR/berth-api"
+    --listen "${API_ADDRS[$1]}"
+    --scheduler "$SCHEDULER_URL"
+    --token "$TOKEN")
+}
 agent_cmd() { # NODE_ID REGION
   AGENT_CMD=("$BIN_DIR/berth-node-agent"
     --scheduler "$SCHEDULER_URL"
@@ -160,6 +200,19 @@ agent_cmd() { # NODE_ID REGION
     --containerd-socket "$SOCK"
     --state-dir "$DATA_DIR/agent-$1")
 }
+etcd_cmd() { # INDEX
+  local i="$1" cluster="" j
+  for j in "${!ETCD_CLIENT_PORTS[@]}"; do
+    cluster+="etcd-$((j + 1))=http://127.0.0.1:${ETCD_PEER_PORTS[$j]},"
+  done
+  local name="etcd-$((i + 1))" client="http://127.0.0.1:${ETCD_CLIENT_PORTS[$i]}"
+  local peer="http://127.0.0.1:${ETCD_PEER_PORTS[$i]}"
+  # `new` only matters the first time a member starts; with data it rejoins.
+  ETCD_CMD=(/usr/bin/etcd --name "$name" --data-dir "$DATA_DIR/$name"
+    --listen-client-urls "$client" --advertise-client-urls "$client"
+    --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer"
+    --initial-cluster "${cluster%,}" --initial-cluster-state new)
+}
 
 # Only what is down or changed is (re)started: the API and the agents reconnect to a
 # restarted scheduler on their own (the API answers 503 meanwhile), so they keep running.
@@ -167,16 +220,41 @@ for name in "${RESTART[@]}"; do
   berth_stop_pidfile "$RUN_DIR/$name.pid"
 done
 
-mkdir -p "$DATA_DIR/scheduler"
-ensure_proc scheduler "${SCHEDULER_CMD[@]}"
-for ((i = 0; i < 150; i++)); do
-  berth_tcp_open "$SCHEDULER_ADDR" && break
-  check_alive scheduler
-  sleep 0.2
-done
-berth_tcp_open "$SCHEDULER_ADDR" || berth_die "scheduler does not listen on $SCHEDULER_ADDR after 30s" "$LOG_DIR/scheduler.log"
+if ((HA)); then
+  for i in "${!ETCD_CLIENT_PORTS[@]}"; do
+    etcd_cmd "$i"
+    ensure_proc "etcd-$((i + 1))" "${ETCD_CMD[@]}"
+  done
+  for i in "${!ETCD_CLIENT_PORTS[@]}"; do
+    berth_wait_tcp "127.0.0.1:${ETCD_CLIENT_PORTS[$i]}" 30 || berth_die "etcd-$((i + 1)) does not listen" "$LOG_DIR/etcd-$((i + 1)).log"
+  done
+fi
 
-ensure_proc api "${API_CMD[@]}"
+# Some scheduler listens: the only one, or the leader.
+leader_up() {
+  local a
+  for a in "${SCHEDULER_ADDRS[@]}"; do
+    berth_tcp_open "$a" && return 0
+  done
+  return 1
+}
+for i in "${!SCHEDULERS[@]}"; do
+  mkdir -p "$DATA_DIR/${SCHEDULERS[$i]}"
+  scheduler_cmd "$i"
+  ensure_proc "${SCHEDULERS[$i]}" "${SCHEDULER_CMD[@]}"
+  # The first one creates the sealing key (and leads); the second starts once both exist.
+  for ((t = 0; t < 150; t++)); do
+    leader_up && break
+    check_alive "${SCHEDULERS[$i]}"
+    sleep 0.2
+  done
+  leader_up || berth_die "no scheduler listens on ${SCHEDULER_ADDRS[*]} after 30s" "$LOG_DIR/${SCHEDULERS[$i]}.log"
+done
+
+for i in "${!APIS[@]}"; do
+  api_cmd "$i"
+  ensure_proc "${APIS[$i]}" "${API_CMD[@]}"
+done
 for a in "${AGENTS[@]}"; do
   read -r node region <<<"$a"
   mkdir -p "$DATA_DIR/agent-$node"
@@ -207,11 +285,17 @@ api_die() { # MESSAGE [LOG...]
   berth_die "$msg (HTTP $HTTP_CODE: ${BODY:-$(cat "$TMP/curl.err" 2>/dev/null)})" "$@"
 }
 
-ALL_LOGS=("$LOG_DIR/scheduler.log" "$LOG_DIR/api.log")
+API_LOG="$LOG_DIR/${APIS[0]}.log"
+SCHEDULER_LOGS=()
+for name in "${SCHEDULERS[@]}"; do
+  SCHEDULER_LOGS+=("$LOG_DIR/$name.log")
+done
+AGENT_LOGS=()
 for a in "${AGENTS[@]}"; do
   read -r node _ <<<"$a"
-  ALL_LOGS+=("$LOG_DIR/agent-$node.log")
+  AGENT_LOGS+=("$LOG_DIR/agent-$node.log")
 done
+ALL_LOGS=("${SCHEDULER_LOGS[@]}" "$API_LOG" "${AGENT_LOGS[@]}")
 
 # ---------------------------------------------------------------- wait for the fleet
 
@@ -219,11 +303,11 @@ berth_log "waiting for the API on $API_URL"
 for ((i = 0; i < 150; i++)); do
   api GET /v1/runners
   [[ "$HTTP_CODE" == 200 ]] && break
-  [[ "$HTTP_CODE" == 401 || "$HTTP_CODE" == 403 ]] && api_die "the API rejects our token" "$LOG_DIR/api.log"
-  check_alive api
+  [[ "$HTTP_CODE" == 401 || "$HTTP_CODE" == 403 ]] && api_die "the API rejects our token" "$API_LOG"
+  check_alive "${APIS[0]}"
   sleep 0.2
 done
-[[ "$HTTP_CODE" == 200 ]] || api_die "the API did not answer GET /v1/runners with 200 within 30s" "$LOG_DIR/api.log"
+[[ "$HTTP_CODE" == 200 ]] || api_die "the API did not answer GET /v1/runners with 200 within 30s" "$API_LOG"
 
 berth_log "waiting for the nodes to register"
 nodes_ok=0
@@ -246,20 +330,31 @@ for ((i = 0; i < 60; i++)); do
   fi
   sleep 0.5
 done
-((nodes_ok)) || api_die "not all nodes registered within 30s (GET /v1/nodes)" "${ALL_LOGS[@]:2}" "$LOG_DIR/scheduler.log"
-berth_log "fleet is up: scheduler $SCHEDULER_ADDR, API $API_URL, nodes ${AGENTS[*]%% *}"
+((nodes_ok)) || api_die "not all nodes registered within 30s (GET /v1/nodes)" "${AGENT_LOGS[@]}" "${SCHEDULER_LOGS[@]}"
+berth_log "fleet is up: scheduler(s) ${SCHEDULER_ADDRS[*]}, API ${API_ADDRS[*]}, nodes ${AGENTS[*]%% *}"
 
 # ---------------------------------------------------------------- demo
+
+ha_usage() {
+  ((HA)) || return 0
+  cat <<EOF
+  state      etcd $(printf '127.0.0.1:%s ' "${ETCD_CLIENT_PORTS[@]}")(logs etcd-N.log)
+  failover   the leader is the scheduler that accepts connections; kill it and the other
+             takes over (kill -9: within the 2 s lease; deploy/restart.sh scheduler-N: at once):
+             kill -9 \$(cat $RUN_DIR/scheduler-1.pid)   # then GET /v1/nodes on either API
+EOF
+}
 
 print_usage() {
   cat <<EOF
 
 ================================================================ Berth is running
-  API        $API_URL   (admin token in $TOKEN_FILE)
+  API        $(printf 'http://%s ' "${API_ADDRS[@]}")  (admin token in $TOKEN_FILE)
   scheduler  $SCHEDULER_URL   (gRPC)
   registry   http://$REGISTRY_ADDR   (image busybox:latest)
   nodes      fra-1 (region fra), ams-1 (region ams)
-  logs       $LOG_DIR/{scheduler,api,agent-fra-1,agent-ams-1,containerd,registry}.log
+  logs       $LOG_DIR/{$(printf '%s,' "${SCHEDULERS[@]}" "${APIS[@]}")agent-fra-1,agent-ams-1,containerd,registry}.log
+$(ha_usage)
 
   . .berth/env        # sets BERTH_URL, BERTH_TOKEN, BERTH_REGISTRY
 
@@ -307,14 +402,14 @@ else
     RUNNER_ID="$(jq -r '.runner.id // empty' <<<"$BODY")"
   fi
 fi
-[[ -n "$RUNNER_ID" ]] || api_die "could not create the demo runner (POST /v1/runners)" "$LOG_DIR/api.log" "$LOG_DIR/scheduler.log"
+[[ -n "$RUNNER_ID" ]] || api_die "could not create the demo runner (POST /v1/runners)" "$API_LOG" "${SCHEDULER_LOGS[@]}"
 
 api POST "/v1/runners/$RUNNER_ID/runs" '{}'
 RUN_ID=
 if [[ "$HTTP_CODE" == 200 || "$HTTP_CODE" == 201 || "$HTTP_CODE" == 202 ]]; then
   RUN_ID="$(jq -r '.run.id // empty' <<<"$BODY")"
 fi
-[[ -n "$RUN_ID" ]] || api_die "could not start a run (POST /v1/runners/$RUNNER_ID/runs)" "$LOG_DIR/api.log" "$LOG_DIR/scheduler.log"
+[[ -n "$RUN_ID" ]] || api_die "could not start a run (POST /v1/runners/$RUNNER_ID/runs)" "$API_LOG" "${SCHEDULER_LOGS[@]}"
 berth_log "demo: run $RUN_ID of runner $RUNNER_ID started; waiting for it to finish"
 
 RUN_PATH="/v1/runners/$RUNNER_ID/runs/$RUN_ID"
@@ -353,7 +448,7 @@ case "$STATUS" in
     ;;
   failed | canceled | cancelled | timed_out | timedout | error)
     BODY="$RUN_JSON"
-    api_die "the demo run ended with status $STATUS" "${ALL_LOGS[@]:2}"
+    api_die "the demo run ended with status $STATUS" "${AGENT_LOGS[@]}"
     ;;
   *)
     BODY="$RUN_JSON"
