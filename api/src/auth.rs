@@ -46,6 +46,12 @@ pub fn current() -> Option<Caller> {
     CALLER.try_with(Caller::clone).ok()
 }
 
+/// Runs `f` as `caller`: control calls made in it carry the caller, as in the request that
+/// authenticated it. For work that outlives the handler (a log stream re-opening its watch).
+pub async fn as_caller<F: std::future::Future>(caller: Caller, f: F) -> F::Output {
+    CALLER.scope(caller, f).await
+}
+
 /// `Bearer <token>` → the token. The scheme is case-insensitive (RFC 9110 §11.1), so
 /// `bearer` and `BEARER` are accepted too.
 fn bearer(req: &Request) -> Option<&str> {

@@ -246,7 +246,7 @@ impl From<tonic::Status> for ApiError {
 
 /// Whether `s` is tonic's report of a broken connection rather than the scheduler's answer:
 /// its source is a transport or HTTP/2 error, or (without a source) its message says so.
-fn is_transport_failure(s: &tonic::Status) -> bool {
+pub(crate) fn is_transport_failure(s: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(s);
     while let Some(e) = source {
         if e.is::<tonic::transport::Error>() {

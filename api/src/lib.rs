@@ -14,6 +14,8 @@
 //!   one, the per-key cap on log streams.
 //! - [`auth`]: authenticates every request (admin token or a project's API key) and names the
 //!   caller's project on every control call.
+//! - [`scheduler`]: how calls reach whichever scheduler leads (`--scheduler a,b`): which calls
+//!   are reads (sent again after an ambiguous failure) and the failover time budget.
 //!
 //! Dependencies point one way: `routes` → `openapi` → `handlers` → `views`/`body`/`error`.
 //! Nothing below `routes` names it, so the table, the handlers and the document form no cycle.
@@ -29,6 +31,7 @@ pub mod handlers;
 pub mod limits;
 pub mod openapi;
 pub mod routes;
+pub mod scheduler;
 pub mod server;
 pub mod views;
 
@@ -40,26 +43,34 @@ use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
+use berth_core::failover::{FailoverChannel, SchedulerAddrs};
 use berth_proto::v1::control_service_client::ControlServiceClient;
 use std::future::Future;
 use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 #[derive(Clone)]
 pub struct AppState {
-    channel: Channel,
+    channel: FailoverChannel,
     /// Without the caller: only for `AuthenticateApiKey`, which establishes it.
-    control: ControlServiceClient<InterceptedService<Channel, auth::ClusterToken>>,
+    control: ControlServiceClient<InterceptedService<FailoverChannel, auth::ClusterToken>>,
     cluster: auth::ClusterToken,
     admin_token: Arc<str>,
     streams: Arc<limits::StreamGauge>,
 }
 
 impl AppState {
-    /// `admin_token` is the operator's token (`--token`): it manages nodes and API keys and acts
-    /// in project `default`. `cluster` goes on every call to the scheduler.
-    pub fn new(channel: Channel, admin_token: &str, cluster: auth::ClusterToken) -> AppState {
+    /// `schedulers` are every scheduler's address (see [`scheduler`]). `admin_token` is the
+    /// operator's token (`--token`): it manages nodes and API keys and acts in project
+    /// `default`. `cluster` goes on every call to the scheduler. Must be called inside a Tokio
+    /// runtime; nothing connects until the first call, so the API starts (and answers 503) while
+    /// no scheduler is up.
+    pub fn new(
+        schedulers: &SchedulerAddrs,
+        admin_token: &str,
+        cluster: auth::ClusterToken,
+    ) -> AppState {
+        let channel = scheduler::channel(schedulers);
         AppState {
             control: ControlServiceClient::with_interceptor(channel.clone(), cluster.clone()),
             channel,
@@ -78,7 +89,7 @@ impl AppState {
     /// The control client for the current request: every call carries the caller's project.
     fn control(
         &self,
-    ) -> ControlServiceClient<InterceptedService<Channel, auth::CallerInterceptor>> {
+    ) -> ControlServiceClient<InterceptedService<FailoverChannel, auth::CallerInterceptor>> {
         ControlServiceClient::with_interceptor(
             self.channel.clone(),
             auth::CallerInterceptor {

@@ -1,5 +1,6 @@
 use anyhow::Context;
 use berth_api::{limits, AppState, ServeLimits};
+use berth_core::failover::SchedulerAddrs;
 use clap::Parser;
 use std::time::Duration;
 
@@ -9,13 +10,14 @@ use std::time::Duration;
 struct Args {
     #[arg(long, env = "BERTH_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The scheduler's gRPC address.
+    /// The schedulers' gRPC addresses, comma-separated (`http://10.0.0.1:7070,http://10.0.0.2:7070`;
+    /// one is fine). Calls go to the one that answers (the leader) and fail over to the others.
     #[arg(
         long,
         env = "BERTH_SCHEDULER_URL",
         default_value = "http://127.0.0.1:7070"
     )]
-    scheduler: String,
+    scheduler: SchedulerAddrs,
     /// The admin token: manages nodes and API keys (`/v1/admin/api_keys`), and acts in project
     /// `default`. Everyone else sends a project's API key.
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
@@ -67,11 +69,6 @@ async fn main() -> anyhow::Result<()> {
         args.token.len() >= 16,
         "--token must be at least 16 characters"
     );
-    // Lazy: the API starts (and answers 503) while the scheduler is down or restarting.
-    let channel = tonic::transport::Endpoint::from_shared(args.scheduler.clone())
-        .with_context(|| format!("bad scheduler address {}", args.scheduler))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .connect_lazy();
     let cluster = berth_api::auth::ClusterToken::new(args.cluster_token.as_deref())
         .context("--cluster-token must be visible ASCII")?;
     anyhow::ensure!(
@@ -95,7 +92,8 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let state = AppState::new(channel, &args.token, cluster)
+    // Lazy: the API starts (and answers 503) while no scheduler is up.
+    let state = AppState::new(&args.scheduler, &args.token, cluster)
         .with_max_streams_per_key(args.max_streams_per_key);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

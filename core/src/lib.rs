@@ -1,5 +1,6 @@
 //! # Layout
-//! What every Berth process shares, with no I/O of its own except the embedded store:
+//! What every Berth process shares, with no I/O of its own except the embedded store and the
+//! failover client to the schedulers:
 //! - [`status`]: the one run lifecycle enum, [`RunStatus`], and its guarded transitions.
 //! - [`codes`]: the other words the wire carries: run error codes and node states.
 //! - [`defaults`]: each default that more than one process needs, written once.
@@ -18,6 +19,8 @@
 //! - [`keys`]: where each record lives in the store.
 //! - [`agent`]: what node agents report and what the scheduler commands them, as domain types,
 //!   and the [`agent::AgentLink`] trait the scheduler reaches an agent through.
+//! - [`failover`]: how the API and the agents reach whichever of several schedulers leads: the
+//!   address list, the order they are tried in, keepalive, and a transport that fails over.
 //! - [`auth`]: projects, and API keys (their format, hashing and constant-time verification).
 
 pub mod agent;
@@ -26,6 +29,7 @@ pub mod codes;
 pub mod command;
 pub mod convert;
 pub mod defaults;
+pub mod failover;
 pub mod files;
 pub mod keys;
 pub mod model;

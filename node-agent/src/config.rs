@@ -1,5 +1,6 @@
 //! Node settings the agent runs with, after the CLI has filled in defaults.
 
+use berth_core::failover::SchedulerAddrs;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,8 +9,9 @@ use crate::run::logs::LogLimits;
 /// Everything the agent needs to know about its node.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// gRPC endpoint of the scheduler's AgentService, e.g. `http://127.0.0.1:7070`.
-    pub scheduler_url: String,
+    /// Every scheduler's gRPC address (`http://127.0.0.1:7070`, or several when schedulers fail
+    /// over: the agent registers with whichever answers, the leader).
+    pub schedulers: SchedulerAddrs,
     pub node_id: String,
     pub region: String,
     pub total_memory_mib: u64,

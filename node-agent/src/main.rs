@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use berth_core::failover::SchedulerAddrs;
 use berth_node_agent::config::{AgentConfig, Secret};
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
 use berth_node_agent::image::cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
@@ -40,13 +41,15 @@ enum NetworkMode {
 #[derive(Debug, Parser)]
 #[command(name = "berth-node-agent", version)]
 struct Cli {
-    /// gRPC endpoint of the scheduler's AgentService.
+    /// The schedulers' gRPC addresses, comma-separated (`http://10.0.0.1:7070,http://10.0.0.2:7070`;
+    /// one is fine): the agent registers with the one that answers (the leader) and moves to
+    /// the next when it goes away.
     #[arg(
         long,
         env = "BERTH_AGENT_SCHEDULER",
         default_value = "http://127.0.0.1:7070"
     )]
-    scheduler: String,
+    scheduler: SchedulerAddrs,
     /// The scheduler's cluster token (its `--cluster-token`), presented on the session.
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
@@ -223,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let image_cache_bytes = cli.image_cache_bytes;
     let config = AgentConfig {
-        scheduler_url: cli.scheduler,
+        schedulers: cli.scheduler,
         total_memory_mib: cli
             .memory_mib
             .or_else(host_memory_mib)

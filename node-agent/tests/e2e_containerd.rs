@@ -209,7 +209,8 @@ async fn runs_containers_end_to_end() {
     // The real agent.
     let state = tempfile::tempdir().expect("tempdir");
     let config = AgentConfig {
-        scheduler_url: format!("http://{addr}"),
+        schedulers: berth_core::failover::SchedulerAddrs::parse(&format!("http://{addr}"))
+            .expect("url"),
         node_id: "e2e".into(),
         region: "test".into(),
         total_memory_mib: 1024,

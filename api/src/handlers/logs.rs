@@ -11,9 +11,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use berth_core::convert::run_status_from_pb;
 use berth_proto::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
+use std::time::Duration;
 use utoipa::ToSchema;
 
 /// A page of a run's output lines.
@@ -91,7 +92,10 @@ pub struct StreamQuery {
 }
 
 /// Server-Sent Events: one `log` event per line (SSE id = log id), then one `state` event, then
-/// the stream ends. Resumes after `?after_id=` or the `Last-Event-ID` header.
+/// the stream ends. Resumes after `?after_id=` or the `Last-Event-ID` header. When the scheduler
+/// fails over (or restarts) meanwhile, the stream resumes by itself on the one that answers,
+/// after the last id it sent; only if none answers within [`STREAM_RESUME_BUDGET`] does it send
+/// an `error` event and end (the client resumes with `Last-Event-ID`).
 #[utoipa::path(
     get,
     path = "/v1/runners/{id}/runs/{run_id}/logs/stream",
@@ -116,50 +120,187 @@ pub async fn stream_logs(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let (runner_id, run_id) = run_ids(path)?;
     let caller = crate::auth::current().ok_or(crate::error::ApiError::Unauthorized)?;
-    // Held by the stream until it ends or the client goes away.
     let permit = s.streams.acquire(&caller.key)?;
     let from_header = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let after_id = match parse_after_id("after_id", q.after_id.as_deref())? {
         Some(v) => v,
         None => parse_after_id("Last-Event-ID", from_header)?.unwrap_or(0),
     };
-    let events = s
-        .control()
-        .watch_logs(pb::WatchLogsRequest {
-            runner_id,
-            run_id,
-            after_id,
-        })
-        .await?
-        .into_inner();
-    let stream = events.map(move |item| {
-        let _held = &permit;
-        let event = match item.map(|e| e.event) {
-            Ok(Some(pb::watch_logs_event::Event::Log(l))) => match views::log(&l) {
-                Ok(view) => Event::default()
-                    .event("log")
-                    .id(l.id.to_string())
-                    .data(serde_json::to_string(&view).unwrap_or_default()),
-                Err(e) => stream_error(e.to_string()),
-            },
-            Ok(Some(pb::watch_logs_event::Event::State(st))) => {
-                match run_status_from_pb(st.status) {
-                    Ok(status) => Event::default().event("state").data(
-                        serde_json::to_string(&views::RunStateView {
-                            status,
-                            exit_code: st.exit_code,
-                        })
-                        .unwrap_or_default(),
-                    ),
-                    Err(e) => stream_error(e.to_string()),
-                }
-            }
-            Ok(None) => Event::default().comment("empty"),
-            Err(status) => stream_error(status.message().to_owned()),
-        };
-        Ok(event)
+    let request = pb::WatchLogsRequest {
+        runner_id,
+        run_id,
+        after_id,
+    };
+    // Errors before the first event are the request's answer (404, 503, …).
+    let events = s.control().watch_logs(request.clone()).await?.into_inner();
+    let follow = Follow {
+        state: s,
+        caller,
+        request,
+        events: Some(events),
+        lost_since: None,
+        reopened: 0,
+        ended: false,
+        _permit: permit,
+    };
+    let stream = futures::stream::unfold(follow, |mut f| async move {
+        let event = f.next_event().await?;
+        Some((Ok(event), f))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// How long a log stream keeps trying to re-open its watch after losing the scheduler (each try
+/// itself fails over within [`crate::scheduler::FAILOVER_BUDGET`]); then it sends `error`.
+pub const STREAM_RESUME_BUDGET: Duration = Duration::from_secs(30);
+/// The pause between two tries to re-open a watch.
+const STREAM_RESUME_PAUSE: Duration = Duration::from_millis(200);
+
+/// One SSE log stream: forwards the scheduler's watch and, when the scheduler goes away (killed,
+/// stopped, failed over), re-opens the watch on whichever scheduler answers, after the last line
+/// id it sent, so the client sees every line once and the stream ends with the run.
+struct Follow {
+    state: AppState,
+    /// The stream outlives the request's task-local caller: re-opened watches act as this one.
+    caller: crate::auth::Caller,
+    /// `after_id` is the last line id sent.
+    request: pb::WatchLogsRequest,
+    events: Option<tonic::Streaming<pb::WatchLogsEvent>>,
+    /// When the watch was lost, until an event arrives again.
+    lost_since: Option<tokio::time::Instant>,
+    /// Watches opened since then (one that ends at once is not retried in a busy loop).
+    reopened: u32,
+    /// The last event (the run's state, or an error) was sent.
+    ended: bool,
+    /// Held until the stream ends or the client goes away.
+    _permit: crate::limits::StreamPermit,
+}
+
+impl Follow {
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            let Some(events) = self.events.as_mut() else {
+                if let Err(status) = self.reopen().await {
+                    self.ended = true;
+                    return Some(stream_error(status.message().to_owned()));
+                }
+                continue;
+            };
+            let item = match events.message().await {
+                Ok(Some(item)) => item,
+                // The scheduler stopped (its watch ends without the run's state): resume.
+                Ok(None) => {
+                    self.lost("the scheduler ended the watch");
+                    continue;
+                }
+                Err(status) if scheduler_gone(&status) => {
+                    self.lost(status.message());
+                    continue;
+                }
+                Err(status) => {
+                    self.ended = true;
+                    return Some(stream_error(status.message().to_owned()));
+                }
+            };
+            self.lost_since = None;
+            self.reopened = 0;
+            match item.event {
+                Some(pb::watch_logs_event::Event::Log(l)) => {
+                    // A resumed watch starts after the last id sent; never send one twice.
+                    if l.id <= self.request.after_id {
+                        continue;
+                    }
+                    self.request.after_id = l.id;
+                    return Some(match views::log(&l) {
+                        Ok(view) => Event::default()
+                            .event("log")
+                            .id(l.id.to_string())
+                            .data(serde_json::to_string(&view).unwrap_or_default()),
+                        Err(e) => stream_error(e.to_string()),
+                    });
+                }
+                Some(pb::watch_logs_event::Event::State(st)) => {
+                    self.ended = true;
+                    return Some(match run_status_from_pb(st.status) {
+                        Ok(status) => Event::default().event("state").data(
+                            serde_json::to_string(&views::RunStateView {
+                                status,
+                                exit_code: st.exit_code,
+                            })
+                            .unwrap_or_default(),
+                        ),
+                        Err(e) => stream_error(e.to_string()),
+                    });
+                }
+                None => return Some(Event::default().comment("empty")),
+            }
+        }
+    }
+
+    fn lost(&mut self, why: &str) {
+        self.events = None;
+        let since = *self
+            .lost_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        tracing::info!(
+            run_id = %self.request.run_id,
+            after_id = self.request.after_id,
+            lost_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            reason = why,
+            "log stream lost its scheduler; resuming"
+        );
+    }
+
+    /// Re-opens the watch after the last id sent, trying until [`STREAM_RESUME_BUDGET`] has
+    /// passed since the watch was lost.
+    async fn reopen(&mut self) -> Result<(), tonic::Status> {
+        let since = *self
+            .lost_since
+            .get_or_insert_with(tokio::time::Instant::now);
+        loop {
+            if self.reopened > 0 {
+                tokio::time::sleep(STREAM_RESUME_PAUSE).await;
+            }
+            if since.elapsed() >= STREAM_RESUME_BUDGET {
+                return Err(tonic::Status::unavailable(format!(
+                    "no scheduler resumed the log stream within {} s; resume with Last-Event-ID",
+                    STREAM_RESUME_BUDGET.as_secs()
+                )));
+            }
+            self.reopened += 1;
+            let opened = crate::auth::as_caller(
+                self.caller.clone(),
+                self.state.control().watch_logs(self.request.clone()),
+            )
+            .await;
+            match opened {
+                Ok(res) => {
+                    tracing::info!(
+                        run_id = %self.request.run_id,
+                        after_id = self.request.after_id,
+                        "log stream resumed"
+                    );
+                    self.events = Some(res.into_inner());
+                    return Ok(());
+                }
+                Err(status) if scheduler_gone(&status) => {}
+                Err(status) => return Err(status),
+            }
+        }
+    }
+}
+
+/// The watch failed because no scheduler answered (rather than the scheduler refusing it).
+fn scheduler_gone(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => true,
+        Code::Unknown => crate::error::is_transport_failure(status),
+        _ => false,
+    }
 }
 
 /// The stream's `error` event: the client may resume with `Last-Event-ID`.

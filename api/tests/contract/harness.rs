@@ -73,11 +73,10 @@ impl Api {
         ));
 
         let (stop_api, api_stopped) = oneshot::channel();
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{scheduler_addr}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy();
+        let schedulers =
+            berth_core::failover::SchedulerAddrs::parse(&format!("http://{scheduler_addr}"))?;
         let cluster = berth_api::auth::ClusterToken::new(Some(CLUSTER_TOKEN))?;
-        let mut state = berth_api::AppState::new(channel, TOKEN, cluster);
+        let mut state = berth_api::AppState::new(&schedulers, TOKEN, cluster);
         if let Some(max) = max_streams_per_key {
             state = state.with_max_streams_per_key(max);
         }

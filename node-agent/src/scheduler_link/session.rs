@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use backon::{BackoffBuilder as _, ExponentialBuilder};
 use berth_core::codes::ErrorCode;
 use berth_core::convert::error_code_to_pb;
+use berth_core::failover::Rotation;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
     agent_message::Body, scheduler_message, AgentMessage, AssignRun, ExitReason, Heartbeat,
@@ -30,7 +30,6 @@ use berth_proto::v1::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
 use crate::image::progress::warmup_report;
@@ -39,10 +38,10 @@ use crate::run::journal::Journal;
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 use crate::runtime::{pull_reporting, ContainerRuntime, EngineHealth};
 
-/// The shortest wait before reconnecting (the first retry after a session that registered).
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// The longest wait before reconnecting.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The wait before registering again after a session the agent ended itself.
+const SESSION_RESTART: Duration = Duration::from_millis(100);
+/// While no scheduler answers, a warning at most this often (each failed try is logged at debug).
+const OUTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often a draining agent checks whether it is done.
@@ -57,9 +56,6 @@ pub enum SessionError {
         url: String,
         source: tonic::transport::Error,
     },
-    /// the scheduler endpoint URL is not valid
-    #[error("invalid scheduler URL {url:?}")]
-    InvalidUrl { url: String },
     /// the cluster token cannot travel as gRPC metadata
     #[error("the cluster token must be visible ASCII")]
     InvalidClusterToken,
@@ -213,30 +209,44 @@ impl<R: ContainerRuntime> Agent<R> {
             self.drain().await;
         };
         let mut drained = std::pin::pin!(drained);
-        let mut backoff = reconnect_backoff();
+        let schedulers = &self.config.schedulers;
+        let mut rotation = Rotation::new(schedulers.len(), 0);
         let mut refusals = RefusalWatch::default();
+        let mut outage = Outage::default();
         loop {
             let mut registered = false;
             let front_before = self.outbox.front_seq();
-            let attempt = self.connect_once(&mut registered);
+            let url = &schedulers.urls()[rotation.current()];
+            let attempt = self.connect_once(rotation.current(), &mut registered);
             let result = tokio::select! {
                 _ = &mut drained => return,
                 result = attempt => result,
             };
             if registered {
-                backoff = reconnect_backoff();
+                rotation.worked();
+                outage = Outage::default();
                 let front_after = self.outbox.front_seq();
                 if refusals.session_ended(front_before, front_after, result.is_err()) {
                     self.give_up_on_front(&result);
                 }
             }
-            let delay = backoff.next().unwrap_or(BACKOFF_MAX);
-            match result {
-                Ok(()) => tracing::info!("scheduler session ended; reconnecting"),
-                Err(error) => {
-                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "scheduler session failed")
+            let delay = match &result {
+                // Ended on purpose (containerd is back): register again with the same one.
+                Ok(()) => {
+                    tracing::info!(scheduler = %url, "scheduler session ended; registering again");
+                    SESSION_RESTART
                 }
-            }
+                Err(error) => {
+                    let delay = rotation.failed();
+                    let next = &schedulers.urls()[rotation.current()];
+                    if outage.should_warn() {
+                        tracing::warn!(scheduler = %url, next = %next, %error, retry_ms = delay.as_millis() as u64, "scheduler session failed; trying the next scheduler address");
+                    } else {
+                        tracing::debug!(scheduler = %url, next = %next, %error, retry_ms = delay.as_millis() as u64, "scheduler session failed");
+                    }
+                    delay
+                }
+            };
             tokio::select! {
                 _ = &mut drained => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -355,11 +365,10 @@ impl<R: ContainerRuntime> Agent<R> {
         }
     }
 
-    async fn connect_once(&self, registered: &mut bool) -> Result<(), SessionError> {
-        let url = self.config.scheduler_url.clone();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|_| SessionError::InvalidUrl { url: url.clone() })?
-            .connect_timeout(Duration::from_secs(5));
+    /// One session with scheduler `index` of the configured list.
+    async fn connect_once(&self, index: usize, registered: &mut bool) -> Result<(), SessionError> {
+        let endpoint = self.config.schedulers.endpoint(index);
+        let url = endpoint.uri().to_string();
         let channel = endpoint
             .connect()
             .await
@@ -665,19 +674,23 @@ enum DrainState {
     Busy,
 }
 
-/// The report for an assignment that arrives while the agent shuts down: the run never started
-/// here, so the scheduler can place it elsewhere.
-/// The waits between reconnection attempts: doubling from [`BACKOFF_START`], each stretched by a
-/// random share of up to 100 % so that the agents of a fleet that lost the scheduler together do
-/// not all come back at the same moment. The doubling stops at half of [`BACKOFF_MAX`], so even
-/// stretched no wait is longer than the cap; none is shorter than the floor. Never runs out.
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(BACKOFF_START)
-        .with_max_delay(BACKOFF_MAX / 2)
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// How long no scheduler has answered, to log a warning now and then rather than on every try
+/// (a try may come every 200 ms).
+#[derive(Debug, Default)]
+struct Outage {
+    last_warned: Option<std::time::Instant>,
+}
+
+impl Outage {
+    fn should_warn(&mut self) -> bool {
+        let due = self
+            .last_warned
+            .is_none_or(|at| at.elapsed() >= OUTAGE_WARN_EVERY);
+        if due {
+            self.last_warned = Some(std::time::Instant::now());
+        }
+        due
+    }
 }
 
 /// The next change of the engine's health; never resolves for an engine without one.
@@ -702,6 +715,8 @@ fn refused_engine_unreachable(run_id: String, lease_epoch: u64) -> RunExited {
     }
 }
 
+/// The report for an assignment that arrives while the agent shuts down: the run never started
+/// here, so the scheduler can place it elsewhere.
 fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
     RunExited {
         run_id,

@@ -101,6 +101,10 @@ pub struct FleetOptions {
     /// The containerd socket the agents use (and the containerd helpers below look at), instead
     /// of the shared one from `BERTH_CONTAINERD_SOCKET`: for a test that restarts its own.
     pub containerd_socket: Option<String>,
+    /// Reserve a second scheduler address and give the API and the agents both
+    /// (`--scheduler http://first,http://second`); nothing listens on the second until
+    /// [`Fleet::start_standby`], as with a standby that has not won the election.
+    pub standby_scheduler: bool,
 }
 
 pub struct Fleet {
@@ -108,6 +112,12 @@ pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub api_url: String,
     pub scheduler_addr: String,
+    /// The second scheduler address (with [`FleetOptions::standby_scheduler`]).
+    pub standby_addr: Option<String>,
+    /// Holds the second address's port (bound, not listening: connects are refused) until the
+    /// standby takes it, so nothing else is given that port meanwhile.
+    standby_reservation: Option<tokio::net::TcpSocket>,
+    standby: Option<Proc>,
     /// (node id, region)
     pub nodes: Vec<(String, String)>,
     scheduler: Option<Proc>,
@@ -153,6 +163,9 @@ impl Fleet {
             // Both known once the processes have bound port 0 and said which port they got.
             api_url: String::new(),
             scheduler_addr: String::new(),
+            standby_addr: None,
+            standby_reservation: None,
+            standby: None,
             nodes: vec![],
             scheduler: None,
             scheduler_args: options.scheduler_args,
@@ -169,12 +182,22 @@ impl Fleet {
         let port = bound_port(&fleet.log_path("scheduler"), "scheduler").await?;
         // Restarts reuse this port: the API and the agents know the scheduler by it.
         fleet.scheduler_addr = format!("127.0.0.1:{port}");
+        if options.standby_scheduler {
+            // SO_REUSEADDR on both sides lets the standby bind the port while this socket,
+            // which never listens, still holds it.
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind("127.0.0.1:0".parse()?)?;
+            fleet.standby_addr = Some(format!("127.0.0.1:{}", socket.local_addr()?.port()));
+            fleet.standby_reservation = Some(socket);
+        }
+        let schedulers = fleet.scheduler_urls();
         let api_listen = format!("{}:0", fleet.listen_host);
         let mut api_args: Vec<String> = [
             "--listen",
             &api_listen,
             "--scheduler",
-            &format!("http://{}", fleet.scheduler_addr),
+            &schedulers,
             "--token",
             TOKEN,
             "--cluster-token",
@@ -195,7 +218,7 @@ impl Fleet {
             let (mem, max) = (a.memory_mib.to_string(), a.max_runs.to_string());
             let args = [
                 "--scheduler",
-                &format!("http://{}", fleet.scheduler_addr),
+                &schedulers,
                 "--node-id",
                 &node_id,
                 "--region",
@@ -333,15 +356,71 @@ impl Fleet {
         })
     }
 
+    /// What the API and the agents are given as `--scheduler`: the scheduler's URL, then the
+    /// standby's (with [`FleetOptions::standby_scheduler`]).
+    pub fn scheduler_urls(&self) -> String {
+        let mut urls = format!("http://{}", self.scheduler_addr);
+        if let Some(standby) = &self.standby_addr {
+            urls.push_str(&format!(",http://{standby}"));
+        }
+        urls
+    }
+
+    /// The first scheduler's data directory (its embedded store and secret key).
+    pub fn scheduler_data_dir(&self) -> PathBuf {
+        self.dir.path().join("scheduler")
+    }
+
     pub fn start_scheduler(&mut self) -> Result<()> {
-        let data = self.dir.path().join("scheduler");
+        let data = self.scheduler_data_dir();
         // Port 0 on the first start; a restart takes the port the first start was given.
         let port = self.scheduler_addr.rsplit(':').next().unwrap_or("0");
         let port = if port.is_empty() { "0" } else { port };
         let listen = format!("{}:{port}", self.listen_host);
+        let args = self.scheduler_command(&listen, &data);
+        let p = self.spawn_owned("scheduler", "berth-scheduler", &args)?;
+        self.scheduler = Some(p);
+        Ok(())
+    }
+
+    /// Starts a second scheduler on the standby address over `data_dir`, as a takeover would
+    /// (the same embedded store as the first, once the first is dead and its file lock gone; or
+    /// a copy), and waits until it listens. Returns when it listens.
+    pub async fn start_standby(&mut self, data_dir: &Path) -> Result<Instant> {
+        let addr = self
+            .standby_addr
+            .clone()
+            .context("the fleet has no standby address (FleetOptions::standby_scheduler)")?;
+        let args = self.scheduler_command(&addr, data_dir);
+        let p = self.spawn_owned("scheduler-standby", "berth-scheduler", &args)?;
+        self.standby = Some(p);
+        bound_port(&self.log_path("scheduler-standby"), "scheduler").await?;
+        let listening = Instant::now();
+        self.standby_reservation = None;
+        Ok(listening)
+    }
+
+    /// Sends a signal ("STOP", "CONT", "KILL", …) to the first scheduler.
+    pub fn signal_scheduler(&mut self, signal: &str) -> Result<()> {
+        let p = self.scheduler.as_ref().context("no scheduler running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(p.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
+    /// The text a process of the fleet logged so far ("scheduler", "scheduler-standby", "api",
+    /// "agent-<node id>").
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    fn scheduler_command(&self, listen: &str, data: &Path) -> Vec<String> {
         let mut args: Vec<String> = [
             "--grpc-listen",
-            &listen,
+            listen,
             "--data-dir",
             &data.to_string_lossy(),
             "--default-registry",
@@ -355,9 +434,7 @@ impl Fleet {
         .map(|a| a.to_string())
         .collect();
         args.extend(self.scheduler_args.iter().cloned());
-        let p = self.spawn_owned("scheduler", "berth-scheduler", &args)?;
-        self.scheduler = Some(p);
-        Ok(())
+        args
     }
 
     /// SIGKILL, as a crash would.
@@ -789,7 +866,8 @@ impl Drop for Fleet {
             .others
             .iter_mut()
             .chain(agents)
-            .chain(self.scheduler.iter_mut());
+            .chain(self.scheduler.iter_mut())
+            .chain(self.standby.iter_mut());
         for p in procs {
             let _ = p.child.kill();
             let _ = p.child.wait();
@@ -821,18 +899,31 @@ pub async fn read_sse(
     last_event_id: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<SseEvent>> {
+    read_sse_at(
+        fleet.http.clone(),
+        format!("{}{path}", fleet.api_url),
+        last_event_id.map(str::to_owned),
+        timeout,
+    )
+    .await
+}
+
+/// [`read_sse`] without borrowing the fleet, so a stream can stay open while the test stops and
+/// starts the fleet's processes.
+pub async fn read_sse_at(
+    http: reqwest::Client,
+    url: String,
+    last_event_id: Option<String>,
+    timeout: Duration,
+) -> Result<Vec<SseEvent>> {
     use futures::StreamExt;
-    let mut req = fleet
-        .http
-        .get(format!("{}{path}", fleet.api_url))
-        .bearer_auth(TOKEN)
-        .timeout(timeout);
+    let mut req = http.get(&url).bearer_auth(TOKEN).timeout(timeout);
     if let Some(id) = last_event_id {
         req = req.header("Last-Event-ID", id);
     }
     let res = req.send().await?;
     if res.status() != 200 {
-        bail!("SSE {path} answered {}", res.status());
+        bail!("SSE {url} answered {}", res.status());
     }
     let mut body = res.bytes_stream();
     let mut buf = String::new();

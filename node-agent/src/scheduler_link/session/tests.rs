@@ -70,7 +70,7 @@ impl ContainerRuntime for SlowPulls {
 
 fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<SlowPulls>> {
     let config = AgentConfig {
-        scheduler_url: "http://127.0.0.1:1".to_string(),
+        schedulers: berth_core::failover::SchedulerAddrs::parse("http://127.0.0.1:1").expect("url"),
         node_id: "n1".to_string(),
         region: "test".to_string(),
         total_memory_mib: 1024,
@@ -119,28 +119,6 @@ fn exits(agent: &Agent<SlowPulls>) -> Vec<RunExited> {
             _ => None,
         })
         .collect()
-}
-
-#[test]
-fn reconnect_waits_grow_with_jitter_between_the_floor_and_the_cap() {
-    let waits: Vec<Duration> = reconnect_backoff().take(40).collect();
-    assert_eq!(waits.len(), 40, "the backoff never runs out");
-    assert!(
-        waits
-            .iter()
-            .all(|w| *w >= BACKOFF_START && *w <= BACKOFF_MAX),
-        "{waits:?}"
-    );
-    assert!(
-        waits[0] < BACKOFF_START * 2,
-        "starts at the floor: {waits:?}"
-    );
-    assert!(waits[5] >= BACKOFF_MAX / 2, "reaches the cap: {waits:?}");
-    let tail = &waits[10..];
-    assert!(
-        tail.iter().any(|w| w != &tail[0]),
-        "jittered, not one fixed wait: {tail:?}"
-    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -341,7 +319,8 @@ async fn a_log_batch_the_scheduler_keeps_refusing_goes_out_as_markers() {
     let base = agent(state.path(), None);
     let agent = Agent::new(
         AgentConfig {
-            scheduler_url: format!("http://{addr}"),
+            schedulers: berth_core::failover::SchedulerAddrs::parse(&format!("http://{addr}"))
+                .expect("url"),
             ..base.config.clone()
         },
         Arc::new(SlowPulls {
@@ -383,4 +362,104 @@ async fn a_log_batch_the_scheduler_keeps_refusing_goes_out_as_markers() {
     );
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+}
+
+/// Serves [`RefusingScheduler`] (which registers every session) on a loopback port.
+async fn registering_scheduler() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (delivered, _) = mpsc::unbounded_channel();
+    let service = RefusingScheduler {
+        sessions: sessions.clone(),
+        delivered,
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(berth_proto::v1::agent_service_server::AgentServiceServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, sessions)
+}
+
+/// Runs an agent given `schedulers` until it opened a session with the scheduler counting
+/// `sessions`; returns how long that took.
+async fn time_to_attach(
+    schedulers: &str,
+    sessions: &std::sync::atomic::AtomicUsize,
+    within: Duration,
+) -> Duration {
+    let state = tempfile::tempdir().expect("tempdir");
+    let base = agent(state.path(), None);
+    let agent = Agent::new(
+        AgentConfig {
+            schedulers: berth_core::failover::SchedulerAddrs::parse(schedulers).expect("urls"),
+            ..base.config.clone()
+        },
+        Arc::new(SlowPulls {
+            pull_takes: None,
+            networks: vec![],
+            cleaned: Default::default(),
+        }),
+    );
+    let started = std::time::Instant::now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    let attached = async {
+        while sessions.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let took = tokio::time::timeout(within, attached)
+        .await
+        .map(|()| started.elapsed());
+    let _ = stop.send(());
+    running.abort();
+    took.unwrap_or_else(|_| panic!("no session within {within:?}"))
+}
+
+#[tokio::test]
+async fn an_agent_registers_with_the_next_address_when_the_first_refuses() {
+    let refused = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let (url, sessions) = registering_scheduler().await;
+    let took = time_to_attach(
+        &format!("{refused},{url}"),
+        &sessions,
+        Duration::from_secs(5),
+    )
+    .await;
+    eprintln!("registered with the second address after {took:?}");
+}
+
+/// A frozen scheduler (SIGSTOP) accepts connections and answers nothing: the HTTP/2 keepalive
+/// gives it up, well before the 10 s register timeout would.
+#[tokio::test]
+async fn an_agent_leaves_a_frozen_scheduler_for_the_next_address_within_seconds() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let frozen = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let (url, sessions) = registering_scheduler().await;
+    let took = time_to_attach(
+        &format!("{frozen},{url}"),
+        &sessions,
+        Duration::from_secs(8),
+    )
+    .await;
+    eprintln!("left the frozen scheduler after {took:?}");
 }
