@@ -340,7 +340,7 @@ ha_usage() {
   cat <<EOF
   state      etcd $(printf '127.0.0.1:%s ' "${ETCD_CLIENT_PORTS[@]}")(logs etcd-N.log)
   failover   the leader is the scheduler that accepts connections; kill it and the other
-             takes over (kill -9: within the 2 s lease; deploy/restart.sh scheduler-N: at once):
+             takes over (kill -9: within the 3 s lease; deploy/restart.sh scheduler-N: at once):
              kill -9 \$(cat $RUN_DIR/scheduler-1.pid)   # then GET /v1/nodes on either API
 EOF
 }

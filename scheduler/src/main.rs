@@ -64,8 +64,10 @@ struct Args {
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
     /// With etcd: seconds the leader's lease lives without a keep-alive. A standby takes over
-    /// at most about this long (plus 0.5 s) after the leader dies; etcd refuses less than 2.
-    #[arg(long, env = "BERTH_LEADER_LEASE_SECONDS", default_value_t = 2)]
+    /// at most about this long (plus 0.5 s) after the leader dies; the leader gives up when it
+    /// could not renew for this long (so it must outlast an etcd leader election, 1–2 s with
+    /// etcd's defaults). etcd refuses less than 2.
+    #[arg(long, env = "BERTH_LEADER_LEASE_SECONDS", default_value_t = 3)]
     leader_lease_seconds: u64,
 }
 

@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// The schedulers' `--leader-lease-seconds`.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     lease_seconds: u64,
     /// `kill`, `term` or `both`.
     #[arg(long, default_value = "both")]

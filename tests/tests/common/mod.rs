@@ -105,6 +105,9 @@ pub struct FleetOptions {
     /// (`--scheduler http://first,http://second`); nothing listens on the second until
     /// [`Fleet::start_standby`], as with a standby that has not won the election.
     pub standby_scheduler: bool,
+    /// The schedulers' `--store` (e.g. an etcd cluster's `etcd://…`): both schedulers share it
+    /// and one secret key file, campaign for leadership, and only the leader listens.
+    pub store: Option<String>,
 }
 
 pub struct Fleet {
@@ -118,6 +121,7 @@ pub struct Fleet {
     /// standby takes it, so nothing else is given that port meanwhile.
     standby_reservation: Option<tokio::net::TcpSocket>,
     standby: Option<Proc>,
+    store: Option<String>,
     /// (node id, region)
     pub nodes: Vec<(String, String)>,
     scheduler: Option<Proc>,
@@ -166,6 +170,7 @@ impl Fleet {
             standby_addr: None,
             standby_reservation: None,
             standby: None,
+            store: options.store,
             nodes: vec![],
             scheduler: None,
             scheduler_args: options.scheduler_args,
@@ -433,8 +438,117 @@ impl Fleet {
         .iter()
         .map(|a| a.to_string())
         .collect();
+        if let Some(store) = &self.store {
+            let key = self.dir.path().join("secret.key");
+            args.extend([
+                format!("--store={store}"),
+                format!("--secret-key-file={}", key.display()),
+            ]);
+        }
         args.extend(self.scheduler_args.iter().cloned());
         args
+    }
+
+    /// The address of scheduler slot `i`: 0 is the first scheduler, 1 the standby address.
+    pub fn slot_addr(&self, i: usize) -> Option<String> {
+        match i {
+            0 => Some(self.scheduler_addr.clone()),
+            1 => self.standby_addr.clone(),
+            _ => None,
+        }
+    }
+
+    fn slot_proc(&mut self, i: usize) -> Result<&mut Option<Proc>> {
+        match i {
+            0 => Ok(&mut self.scheduler),
+            1 => Ok(&mut self.standby),
+            _ => bail!("no scheduler slot {i}"),
+        }
+    }
+
+    fn slot_name(i: usize) -> &'static str {
+        if i == 0 {
+            "scheduler"
+        } else {
+            "scheduler-standby"
+        }
+    }
+
+    /// The slot whose address accepts connections: the leader (only it listens), if any.
+    pub fn leader_slot(&self) -> Option<usize> {
+        (0..2).find(|&i| {
+            self.slot_addr(i).is_some_and(|a| {
+                a.parse::<std::net::SocketAddr>().is_ok_and(|addr| {
+                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                })
+            })
+        })
+    }
+
+    /// Waits until some slot leads and returns it.
+    pub async fn wait_leader(&self, within: Duration) -> Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(i) = self.leader_slot() {
+                return Ok(i);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no scheduler leads after {within:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts scheduler slot `i` as a candidate for leadership (with [`FleetOptions::store`] on
+    /// etcd) and waits until it campaigns; it listens only once it leads.
+    pub async fn start_candidate(&mut self, i: usize) -> Result<()> {
+        let addr = self.slot_addr(i).context("no such scheduler slot")?;
+        let name = Fleet::slot_name(i);
+        let data = self.dir.path().join(name);
+        let campaigns = || self.log_of(name).matches("standby: campaigning").count();
+        let before = campaigns();
+        let args = self.scheduler_command(&addr, &data);
+        let p = self.spawn_owned(name, "berth-scheduler", &args)?;
+        if let Some(mut old) = self.slot_proc(i)?.replace(p) {
+            let _ = old.child.kill();
+            let _ = old.child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log_of(name).matches("standby: campaigning").count() <= before {
+            ensure!(
+                Instant::now() < deadline,
+                "{name} never campaigned\n{}",
+                self.log_of(name)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Sends a signal ("STOP", "CONT", "KILL", …) to scheduler slot `i`; KILL also reaps it.
+    pub fn signal_slot(&mut self, i: usize, signal: &str) -> Result<()> {
+        let slot = self.slot_proc(i)?;
+        let p = slot.as_mut().context("that scheduler is not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(p.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        if signal == "KILL" {
+            p.child.wait()?;
+            *slot = None;
+        }
+        Ok(())
+    }
+
+    /// Whether scheduler slot `i`'s process still runs.
+    pub fn slot_running(&mut self, i: usize) -> bool {
+        self.slot_proc(i)
+            .ok()
+            .and_then(|s| s.as_mut())
+            .is_some_and(|p| matches!(p.child.try_wait(), Ok(None)))
     }
 
     /// SIGKILL, as a crash would.

@@ -21,10 +21,7 @@ use std::time::Instant;
 pub enum Op {
     /// `POST …/runs` with an idempotency key; `Some(id)` when acknowledged (200/201), `None`
     /// when it failed or its outcome is unknown (503, timeout).
-    Create {
-        key: String,
-        run_id: Option<String>,
-    },
+    Create { key: String, run_id: Option<String> },
     /// `GET …/runs/{id}`: the status, `None` for 404.
     Read {
         run_id: String,
@@ -109,7 +106,10 @@ pub fn check(events: &[Event]) -> Vec<String> {
     for (run, rs) in &reads {
         for (r, status) in rs {
             if status.is_none() {
-                if let Some(ack) = acked_by_run.get(run).and_then(|a| a.iter().find(|a| before(a, r))) {
+                if let Some(ack) = acked_by_run
+                    .get(run)
+                    .and_then(|a| a.iter().find(|a| before(a, r)))
+                {
                     violations.push(format!(
                         "run {run}: a read invoked {:?} after its create was acknowledged found no run",
                         r.invoked.duration_since(ack.answered)
@@ -219,11 +219,17 @@ mod tests {
         let cases: Vec<(&str, Vec<Event>)> = vec![
             (
                 "two runs for one key",
-                vec![c.ev(0, 5, create("k", Some("a"))), c.ev(10, 5, create("k", Some("b")))],
+                vec![
+                    c.ev(0, 5, create("k", Some("a"))),
+                    c.ev(10, 5, create("k", Some("b"))),
+                ],
             ),
             (
                 "lost after ack",
-                vec![c.ev(0, 5, create("k", Some("a"))), c.ev(10, 5, read("a", None))],
+                vec![
+                    c.ev(0, 5, create("k", Some("a"))),
+                    c.ev(10, 5, read("a", None)),
+                ],
             ),
             (
                 "went back",

@@ -1,0 +1,632 @@
+//! The control plane on etcd, end to end (issue #11): a private 3-member etcd cluster on
+//! loopback, two schedulers campaigning on it (only the leader listens), the API and the
+//! agents given both scheduler addresses, real containers.
+//!
+//! - `kill -9` of the leader in the middle of a burst, several rounds in one run: every
+//!   acknowledged run reaches one terminal state, every log line is stored exactly once, and the
+//!   history of what the clients saw is checked against the run model (`ha/history.rs`).
+//! - SIGSTOP of the leader past its lease, the standby takes over, SIGCONT: nothing the old
+//!   leader would write (it would declare the nodes it stopped hearing from lost and fail their
+//!   runs) lands; it steps down.
+//! - etcd outages: one member of three killed mid-burst changes nothing the clients see; all
+//!   members down makes the API answer 503 with a JSON error while a run keeps running on its
+//!   node, and when etcd is back everything catches up with no run or log line lost.
+
+mod common;
+#[path = "ha/history.rs"]
+mod history;
+
+use anyhow::{bail, ensure, Context, Result};
+use berth_core::testkit::etcd::EtcdCluster;
+use berth_core::RunStatus;
+use common::{AgentSpec, Fleet, FleetOptions, TOKEN};
+use history::{History, Op};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fleet on `etcd` with both scheduler slots campaigning (slot 0 leads).
+async fn ha_fleet(etcd: &EtcdCluster, agents: &[AgentSpec]) -> Result<Fleet> {
+    let mut fleet = Fleet::start_opts(
+        agents,
+        FleetOptions {
+            standby_scheduler: true,
+            store: Some(etcd.store_url()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    fleet.start_candidate(1).await?;
+    Ok(fleet)
+}
+
+fn agents(n: usize) -> Vec<AgentSpec> {
+    (0..n)
+        .map(|_| AgentSpec {
+            region: "fra",
+            memory_mib: 16 * 1024,
+            max_runs: 16,
+        })
+        .collect()
+}
+
+fn status_of(v: &Value) -> Option<RunStatus> {
+    serde_json::from_value(v["run"]["status"].clone())
+        .or_else(|_| serde_json::from_value(v["status"].clone()))
+        .ok()
+}
+
+/// What one client does and records: POSTs with idempotency keys (retried through failovers
+/// with the same key) and GETs of runs.
+#[derive(Clone)]
+struct Client {
+    http: reqwest::Client,
+    api: String,
+    runner: String,
+    history: Arc<History>,
+    /// Answers the model does not allow at all (a 500, a 4xx on a valid request).
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Client {
+    fn new(fleet: &Fleet, runner: &str, history: Arc<History>) -> Result<Client> {
+        Ok(Client {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()?,
+            api: fleet.api_url.clone(),
+            runner: runner.to_owned(),
+            history,
+            errors: Arc::default(),
+        })
+    }
+
+    fn error(&self, e: String) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    /// Creates a run, retrying with the same key until acknowledged (or `within` passes).
+    async fn create(&self, key: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let invoked = Instant::now();
+            let res = self
+                .http
+                .post(format!("{}/v1/runners/{}/runs", self.api, self.runner))
+                .bearer_auth(TOKEN)
+                .header("Idempotency-Key", key)
+                .json(&json!({}))
+                .send()
+                .await;
+            let (status, body) = match res {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    (status, r.json::<Value>().await.unwrap_or(Value::Null))
+                }
+                Err(_) => (0, Value::Null),
+            };
+            match status {
+                200 | 201 => {
+                    let id = body["run"]["id"].as_str().map(str::to_owned);
+                    self.history.record(
+                        invoked,
+                        Op::Create {
+                            key: key.to_owned(),
+                            run_id: id.clone(),
+                        },
+                    );
+                    if id.is_none() {
+                        self.error(format!("{key}: {status} without a run id: {body}"));
+                    }
+                    return id;
+                }
+                // The scheduler is failing over (or the request's fate is unknown): retry.
+                0 | 503 | 504 => {
+                    if status == 503 && body["code"] != json!("unavailable") {
+                        self.error(format!("{key}: 503 without the JSON error: {body}"));
+                    }
+                    self.history.record(
+                        invoked,
+                        Op::Create {
+                            key: key.to_owned(),
+                            run_id: None,
+                        },
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => {
+                    self.error(format!("{key}: POST answered {status}: {body}"));
+                    return None;
+                }
+            }
+        }
+        self.error(format!("{key}: not acknowledged within {within:?}"));
+        None
+    }
+
+    /// Reads a run and records what it saw; `None` when the API could not answer (not recorded:
+    /// a failed read observes nothing).
+    async fn read(&self, run_id: &str) -> Option<Option<RunStatus>> {
+        let invoked = Instant::now();
+        let res = self
+            .http
+            .get(format!(
+                "{}/v1/runners/{}/runs/{run_id}",
+                self.api, self.runner
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?;
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        let seen = match status {
+            200 => match status_of(&body) {
+                Some(s) => Some(s),
+                None => {
+                    self.error(format!("{run_id}: no status in {body}"));
+                    return None;
+                }
+            },
+            404 => None,
+            503 | 504 => return None,
+            _ => {
+                self.error(format!("{run_id}: GET answered {status}: {body}"));
+                return None;
+            }
+        };
+        self.history.record(
+            invoked,
+            Op::Read {
+                run_id: run_id.to_owned(),
+                status: seen,
+            },
+        );
+        Some(seen)
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// `n` runs from `concurrency` clients; calls `midway` once `trigger` runs are acknowledged.
+/// Returns the acknowledged run ids.
+async fn burst(
+    client: &Client,
+    tag: &str,
+    n: usize,
+    concurrency: usize,
+    trigger: usize,
+    midway: impl FnOnce() -> Result<()>,
+) -> Result<Vec<String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, acked) = (client.clone(), next.clone(), acked.clone());
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                if let Some(id) = client
+                    .create(&format!("{tag}-{i}"), Duration::from_secs(90))
+                    .await
+                {
+                    acked.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                }
+            }
+        }));
+    }
+    let mut midway = Some(midway);
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let count = acked.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if count >= trigger {
+            if let Some(f) = midway.take() {
+                f()?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        t.await?;
+    }
+    if let Some(f) = midway.take() {
+        f()?;
+    }
+    let ids = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(ids)
+}
+
+/// Reads random acknowledged runs until `stop`, so the history holds reads across the failover.
+fn spawn_reader(
+    client: Client,
+    ids: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 0usize;
+        while !stop.load(Ordering::SeqCst) {
+            let id = {
+                let ids = ids.lock().unwrap_or_else(|p| p.into_inner());
+                (!ids.is_empty()).then(|| ids[i.wrapping_mul(7919) % ids.len()].clone())
+            };
+            if let Some(id) = id {
+                client.read(&id).await;
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Reads every run until all are terminal (recording each read); returns the final statuses.
+async fn settle(
+    client: &Client,
+    ids: &[String],
+    within: Duration,
+) -> Result<BTreeMap<String, RunStatus>> {
+    let deadline = Instant::now() + within;
+    let mut done = BTreeMap::new();
+    loop {
+        for id in ids {
+            if done.contains_key(id) {
+                continue;
+            }
+            if let Some(Some(s)) = client.read(id).await {
+                if s.is_terminal() {
+                    done.insert(id.clone(), s);
+                }
+            }
+        }
+        if done.len() == ids.len() {
+            return Ok(done);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} of {} runs not terminal after {within:?}",
+            ids.len() - done.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every run printed exactly `expected` (stdout), each line once, in order.
+async fn check_logs(
+    fleet: &Fleet,
+    runner: &str,
+    ids: &[String],
+    expected: &[String],
+) -> Result<()> {
+    for id in ids {
+        let logs = fleet.all_logs(runner, id).await?;
+        let lines = common::msgs(&logs, "stdout");
+        ensure!(
+            lines == expected,
+            "run {id}: stored lines {lines:?}, expected {expected:?}"
+        );
+        let ids: BTreeSet<u64> = logs.iter().filter_map(|l| l["id"].as_u64()).collect();
+        ensure!(ids.len() == logs.len(), "run {id}: a line id repeats");
+    }
+    Ok(())
+}
+
+fn check_history(history: &History, client: &Client) -> Result<()> {
+    let events = history.events();
+    let violations = history::check(&events);
+    ensure!(violations.is_empty(), "history violations: {violations:#?}");
+    let unfinished = history::unfinished(&events);
+    ensure!(
+        unfinished.is_empty(),
+        "runs not terminal at the end: {unfinished:?}"
+    );
+    let errors = client.errors();
+    ensure!(errors.is_empty(), "answers outside the model: {errors:#?}");
+    Ok(())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Kill -9 of the leader mid-burst, several rounds; each round's killed scheduler rejoins as
+/// the standby for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()> {
+    let rounds = env_usize("BERTH_HA_ROUNDS", 3);
+    let runs = env_usize("BERTH_HA_RUNS", 300);
+    let etcd = EtcdCluster::start(3)?;
+    let mut fleet = ha_fleet(&etcd, &agents(2)).await?;
+    let runner = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs", "run_command": "echo l1; echo l2; echo l3"}),
+        )
+        .await?;
+    let expected: Vec<String> = ["l1", "l2", "l3"].iter().map(|s| s.to_string()).collect();
+    let history = Arc::new(History::default());
+    let client = Client::new(&fleet, &runner, history.clone())?;
+    let mut takeovers = Vec::new();
+    for round in 0..rounds {
+        let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
+        let standby = 1 - leader;
+        let killed_at = Arc::new(Mutex::new(None));
+        let ids = {
+            let fleet = &mut fleet;
+            let killed_at = killed_at.clone();
+            burst(
+                &client,
+                &format!("r{round}"),
+                runs,
+                32,
+                runs / 3,
+                move || {
+                    *killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    fleet.signal_slot(leader, "KILL")
+                },
+            )
+            .await?
+        };
+        let killed = killed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .context("the leader was never killed")?;
+        let now_leads = fleet.wait_leader(Duration::from_secs(30)).await?;
+        ensure!(
+            now_leads == standby,
+            "slot {now_leads} leads, expected the standby {standby}"
+        );
+        takeovers.push(killed.elapsed());
+        // The killed one rejoins as the next round's standby.
+        fleet.start_candidate(leader).await?;
+        let shared = Arc::new(Mutex::new(ids.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = spawn_reader(client.clone(), shared, stop.clone());
+        let finals = settle(&client, &ids, Duration::from_secs(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        reader.await?;
+        let finals = finals.with_context(|| fleet.logs())?;
+        let failed: Vec<_> = finals
+            .iter()
+            .filter(|(_, s)| **s != RunStatus::Succeeded)
+            .collect();
+        ensure!(
+            failed.is_empty(),
+            "round {round}: runs did not succeed: {failed:?}"
+        );
+        ensure!(
+            ids.len() == runs,
+            "round {round}: {} of {runs} acknowledged",
+            ids.len()
+        );
+        check_logs(&fleet, &runner, &ids, &expected).await?;
+        check_history(&history, &client)?;
+    }
+    eprintln!("kill -9 rounds: {rounds} × {runs} runs; until the standby listened (upper bound, from the kill): {takeovers:?}");
+    Ok(())
+}
+
+/// SIGSTOP the leader for longer than its lease and the nodes' lost timeout, let the standby
+/// take over, SIGCONT: the old leader must commit nothing (it would declare the nodes lost and
+/// fail their runs) and step down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_frozen_past_its_lease_commits_nothing_when_it_resumes() -> Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let mut fleet = ha_fleet(&etcd, &agents(1)).await?;
+    let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
+    let old_log = if leader == 0 {
+        "scheduler"
+    } else {
+        "scheduler-standby"
+    };
+    let runner = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs",
+                   "run_command": "i=1; while [ $i -le 150 ]; do echo n$i; i=$((i+1)); sleep 0.1; done"}),
+        )
+        .await?;
+    let expected: Vec<String> = (1..=150).map(|i| format!("n{i}")).collect();
+    let history = Arc::new(History::default());
+    let client = Client::new(&fleet, &runner, history.clone())?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            client
+                .create(&format!("before-{i}"), Duration::from_secs(30))
+                .await
+                .context("create")?,
+        );
+    }
+    for id in &ids {
+        fleet
+            .wait_for(&runner, id, Duration::from_secs(60), |s| s == "running")
+            .await?;
+    }
+    fleet.signal_slot(leader, "STOP")?;
+    let frozen = Instant::now();
+    // The standby leads once the frozen leader's lease is gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.leader_slot() != Some(1 - leader) {
+        ensure!(
+            Instant::now() < deadline,
+            "the standby never took over\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New runs go to the new leader meanwhile.
+    for i in 0..3 {
+        ids.push(
+            client
+                .create(&format!("during-{i}"), Duration::from_secs(60))
+                .await
+                .context("create")?,
+        );
+    }
+    // Past the node TTL and lost grace (3 s + 4 s) from the frozen leader's point of view.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(frozen.elapsed())).await;
+    fleet.signal_slot(leader, "CONT")?;
+    let resumed = Instant::now();
+    // It steps down: it stops listening and campaigns again.
+    loop {
+        let log = fleet.log_of(old_log);
+        if log.contains("leadership ended; rejoining as a standby")
+            && log.matches("standby: campaigning").count() >= 2
+        {
+            break;
+        }
+        ensure!(
+            resumed.elapsed() < Duration::from_secs(20),
+            "the old leader did not step down\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(
+        fleet.leader_slot() == Some(1 - leader),
+        "the new leader must still lead"
+    );
+    let finals = settle(&client, &ids, Duration::from_secs(120)).await?;
+    let failed: Vec<_> = finals
+        .iter()
+        .filter(|(_, s)| **s != RunStatus::Succeeded)
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "runs did not succeed (a deposed leader's write landed?): {failed:?}\n{}",
+        fleet.logs()
+    );
+    check_logs(&fleet, &runner, &ids, &expected).await?;
+    for (node, _) in &fleet.nodes {
+        let view = fleet.node_view(node).await?.context("node listed")?;
+        ensure!(view["status"] == json!("ready"), "node {node}: {view}");
+    }
+    check_history(&history, &client)?;
+    let old = fleet.log_of(old_log);
+    eprintln!(
+        "frozen leader: refused writes after resuming: {}",
+        old.matches("write refused").count()
+    );
+    Ok(())
+}
+
+/// One etcd member down mid-burst: nothing visible. All down: 503 with a JSON error, the run on
+/// the node keeps running; etcd back: the run finishes with every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_outages_lose_nothing() -> Result<()> {
+    let mut etcd = EtcdCluster::start(3)?;
+    let fleet = ha_fleet(&etcd, &agents(2)).await?;
+    let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
+    let runner = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs", "run_command": "echo l1; echo l2; echo l3"}),
+        )
+        .await?;
+    let history = Arc::new(History::default());
+    let client = Client::new(&fleet, &runner, history.clone())?;
+
+    // One member of three.
+    let mut killed = false;
+    let ids = burst(&client, "member", 150, 16, 50, || {
+        killed = true;
+        etcd.kill(0).map_err(Into::into)
+    })
+    .await?;
+    ensure!(killed);
+    settle(&client, &ids, Duration::from_secs(180)).await?;
+    let expected: Vec<String> = ["l1", "l2", "l3"].iter().map(|s| s.to_string()).collect();
+    check_logs(&fleet, &runner, &ids, &expected).await?;
+    ensure!(
+        fleet.leader_slot() == Some(leader),
+        "losing one etcd member changed the leader\n{}",
+        fleet.logs()
+    );
+    check_history(&history, &client)?;
+    etcd.restart(0)?;
+    etcd.wait_serving(Duration::from_secs(20))?;
+
+    // All of them, while a run is running.
+    let long = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs",
+                   "run_command": "i=1; while [ $i -le 200 ]; do echo n$i; i=$((i+1)); sleep 0.1; done"}),
+        )
+        .await?;
+    let long_client = Client::new(&fleet, &long, history.clone())?;
+    let run = long_client
+        .create("outage", Duration::from_secs(30))
+        .await
+        .context("create")?;
+    fleet
+        .wait_for(&long, &run, Duration::from_secs(60), |s| s == "running")
+        .await?;
+    for i in 0..etcd.len() {
+        etcd.kill(i)?;
+    }
+    // The API answers 503 with the JSON error (no scheduler leads without etcd).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let res = fleet
+            .http
+            .get(format!("{}/v1/runners/{long}/runs/{run}", fleet.api_url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        if status == 503 {
+            ensure!(body["code"] == json!("unavailable"), "{body}");
+            break;
+        }
+        ensure!(status == 200, "GET answered {status}: {body}");
+        ensure!(
+            Instant::now() < deadline,
+            "the API kept answering 200 without etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The run keeps running on its node meanwhile (its container is alive).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let node = &fleet.nodes[0].0;
+    let other = &fleet.nodes[1].0;
+    let containers = [
+        fleet.containers(node).await?,
+        fleet.containers(other).await?,
+    ]
+    .concat();
+    ensure!(
+        containers.iter().any(|c| c.contains(&run)),
+        "the run's container is gone during the outage: {containers:?}"
+    );
+    for i in 0..etcd.len() {
+        etcd.restart(i)?;
+    }
+    etcd.wait_serving(Duration::from_secs(30))?;
+    fleet.wait_leader(Duration::from_secs(60)).await?;
+    let finals = settle(&long_client, std::slice::from_ref(&run), Duration::from_secs(120)).await?;
+    ensure!(finals[&run] == RunStatus::Succeeded, "{finals:?}");
+    let expected: Vec<String> = (1..=200).map(|i| format!("n{i}")).collect();
+    check_logs(&fleet, &long, &[run], &expected).await?;
+    check_history(&history, &long_client)?;
+    if !long_client.errors().is_empty() {
+        bail!("{:?}", long_client.errors());
+    }
+    Ok(())
+}
