@@ -24,6 +24,10 @@
 //! remains. Writes are *not* retried: a transport error during a commit surfaces as
 //! [`StoreError::Backend`] and the outcome is unknown (the write may or may not have applied);
 //! the caller re-reads and decides, exactly as after a [`StoreError::Conflict`].
+//!
+//! Expiring puts attach their key to a lease shared per TTL and time bucket (see `leases`).
+
+mod leases;
 
 use super::{check, Expect, KeyValue, Op, Store, StoreError, Txn};
 use backon::{ExponentialBuilder, Retryable};
@@ -136,6 +140,7 @@ impl EtcdStore {
             prefix: config.prefix.clone(),
             max_ops: config.max_txn_ops.max(1),
             max_bytes: config.max_request_bytes,
+            leases: leases::LeaseCache::new(client.lease_client()),
         };
         tokio::spawn(task.run(queue));
         Ok(EtcdStore {
@@ -231,6 +236,7 @@ struct WriterTask {
     prefix: String,
     max_ops: usize,
     max_bytes: usize,
+    leases: leases::LeaseCache,
 }
 
 fn op_key(op: &Op) -> &str {
@@ -362,10 +368,13 @@ impl WriterTask {
             .filter(|op| seen.insert(op_key(op)))
             .collect();
         last_writes.reverse();
+        let leases = self.leases.for_txn(txn).await?;
         let writes: Vec<TxnOp> = last_writes
             .into_iter()
             .map(|op| match op {
-                Op::Put { key, value, .. } => TxnOp::put(full(key), value.clone(), None),
+                Op::Put {
+                    key, value, ttl, ..
+                } => TxnOp::put(full(key), value.clone(), leases::put_options(&leases, *ttl)),
                 Op::Delete { key, .. } => TxnOp::delete(full(key), None),
             })
             .collect();
@@ -379,6 +388,9 @@ impl WriterTask {
             .or_else(reads);
         let mut kv = self.kv.clone();
         let response = kv.txn(request).await.map_err(|e| {
+            if leases::lease_gone(&e) {
+                self.leases.forget();
+            }
             tracing::warn!(error = %e, "etcd commit failed; its outcome is unknown");
             backend(e)
         })?;
