@@ -7,7 +7,7 @@
 //! written, so each line is stored once. That check and the write are serialised per run (see
 //! [`AppendLocks`]), so two deliveries of one batch cannot both pass it.
 
-use super::Scheduler;
+use super::{Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::agent::LogBatch;
 use berth_core::log_chunks::{self, ReadError, READ_CHUNKS};
@@ -97,47 +97,60 @@ impl<S: Store> Scheduler<S> {
         // already has all its lines: whatever comes later is a re-send of stored lines. A run
         // that ended otherwise (its node was lost or restarted, it was canceled before it
         // started) is final: lines its old node still sends were written after that end and
-        // are dropped, as are lines from any node that does not hold the lease. The check, the
-        // redaction and the submission happen under the engine lock, so the lines take their
-        // place in the commit order before any final state staged after the check.
-        let st = self.state.lock().await;
-        let Some(run) = st
-            .active
-            .get(&batch.run_id)
-            .filter(|c| c.node_id.as_deref() == Some(node_id))
+        // are dropped, as are lines from any node that does not hold the lease. The check and
+        // the submission happen in one hold of the engine lock, so the lines take their place
+        // in the commit order before any final state staged after the check; redaction,
+        // chunking and compression need no engine state and run outside it.
+        let Some(secrets) = self
+            .log_holder(&*self.state.lock().await, &batch, node_id)
+            .map(secret_values)
         else {
-            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
             return Ok(());
         };
-        let secrets = secret_values(run);
         let lines: Vec<LogEntry> = batch
             .lines
-            .into_iter()
-            .map(|mut line| {
+            .iter()
+            .map(|line| {
+                let mut msg = line.msg.clone();
                 for secret in &secrets {
-                    if line.msg.contains(secret.as_str()) {
-                        line.msg = line.msg.replace(secret.as_str(), REDACTED);
+                    if msg.contains(secret.as_str()) {
+                        msg = msg.replace(secret.as_str(), REDACTED);
                     }
                 }
                 LogEntry {
                     id: line.seq,
                     stream: line.stream,
-                    msg: line.msg,
+                    msg,
                     ts_unix_nanos: line.ts_unix_nanos,
                 }
             })
             .collect();
         let chunks = log_chunks::plan(lines, &stored);
-        let commits: Vec<_> = log_chunks::txns(&batch.run_id, chunks, self.config.log_retention)
-            .into_iter()
-            .map(|txn| self.store.submit(txn))
-            .collect();
+        let txns = log_chunks::txns(&batch.run_id, chunks, self.config.log_retention);
+        let st = self.state.lock().await;
+        if self.log_holder(&st, &batch, node_id).is_none() {
+            return Ok(());
+        }
+        let commits: Vec<_> = txns.into_iter().map(|txn| self.store.submit(txn)).collect();
         drop(st);
         for commit in commits {
             commit.await?;
         }
         self.notify();
         Ok(())
+    }
+
+    /// The run `batch` belongs to, if its lines are to be stored: it has not ended and
+    /// `node_id` holds its lease.
+    fn log_holder<'a>(&self, st: &'a State, batch: &LogBatch, node_id: &str) -> Option<&'a Run> {
+        let run = st
+            .active
+            .get(&batch.run_id)
+            .filter(|c| c.node_id.as_deref() == Some(node_id));
+        if run.is_none() {
+            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
+        }
+        run
     }
 
     /// Lines after `after_id`, oldest first, at most `limit` and about [`LOG_PAGE_MAX_BYTES`];
