@@ -11,8 +11,13 @@
 //! are read back in order. Figures: store keys and key+value bytes written per 1,000 lines,
 //! the store file's size, lines/s ingested and read. Layouts alternate over `--rounds`.
 //!
+//! With `--etcd <client URL>` the same runs go to that etcd instead (each layout and round
+//! under a key prefix of its own), and the "file" figure is the growth of etcd's database
+//! size (`etcdctl endpoint status`) over the layout's run.
+//!
 //! ```text
 //! cargo run --release -p berth-bench --bin log-store
+//! cargo run --release -p berth-bench --bin log-store -- --etcd http://127.0.0.1:2379
 //! ```
 #![allow(clippy::print_stdout)]
 
@@ -20,7 +25,7 @@ use anyhow::{bail, Context};
 use berth_core::keys;
 use berth_core::log_chunks;
 use berth_core::model::{LogEntry, LogStream};
-use berth_core::store::{EmbeddedStore, Expect, Store, Txn};
+use berth_core::store::{EmbeddedStore, EtcdConfig, EtcdStore, Expect, Store, Txn};
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +50,9 @@ struct Args {
     /// Where the stores go; a real disk, for the fsync cost to be real.
     #[arg(long, default_value = "/var/tmp")]
     data_root: PathBuf,
+    /// An etcd client URL: measure on that etcd instead of the embedded store.
+    #[arg(long)]
+    etcd: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -119,8 +127,8 @@ fn count(written: &Written, txn: &Txn) {
     }
 }
 
-async fn append(
-    store: &EmbeddedStore,
+async fn append<S: Store>(
+    store: &S,
     layout: Layout,
     run_id: &str,
     lines: Vec<LogEntry>,
@@ -151,7 +159,7 @@ async fn append(
 }
 
 /// Reads a run's lines back in order, as log pages do; returns how many.
-async fn read_all(store: &EmbeddedStore, run_id: &str) -> anyhow::Result<u64> {
+async fn read_all<S: Store>(store: &S, run_id: &str) -> anyhow::Result<u64> {
     let end = keys::prefix_end(&keys::logs_prefix(run_id));
     let mut next = 1u64;
     let mut n = 0;
@@ -173,10 +181,48 @@ async fn read_all(store: &EmbeddedStore, run_id: &str) -> anyhow::Result<u64> {
     }
 }
 
-async fn measure(args: &Args, layout: Layout) -> anyhow::Result<Figures> {
-    let dir = tempfile::tempdir_in(&args.data_root).context("temp dir")?;
-    let path = dir.path().join("state.redb");
-    let store = EmbeddedStore::open(&path)?;
+/// etcd's database size in bytes, as `etcdctl endpoint status` reports it.
+fn etcd_db_size(endpoint: &str) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(["endpoint", "status", "-w", "json"])
+        .output()
+        .context("running etcdctl")?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    status[0]["Status"]["dbSize"]
+        .as_u64()
+        .with_context(|| format!("no dbSize in {status}"))
+}
+
+async fn measure(args: &Args, layout: Layout, round: u32) -> anyhow::Result<Figures> {
+    let Some(endpoint) = &args.etcd else {
+        let dir = tempfile::tempdir_in(&args.data_root).context("temp dir")?;
+        let path = dir.path().join("state.redb");
+        let store = EmbeddedStore::open(&path)?;
+        let mut figures = measure_on(args, layout, store).await?;
+        figures.file_bytes = std::fs::metadata(&path)?.len();
+        return Ok(figures);
+    };
+    let before = etcd_db_size(endpoint)?;
+    let mut config = EtcdConfig::new(vec![endpoint.clone()]);
+    config.prefix = format!(
+        "/berth-bench/{}-{}-{round}/",
+        std::process::id(),
+        layout.name()
+    );
+    let store = EtcdStore::connect(config).await?;
+    let mut figures = measure_on(args, layout, store).await?;
+    figures.file_bytes = etcd_db_size(endpoint)?.saturating_sub(before);
+    Ok(figures)
+}
+
+/// Ingests and reads back on `store`; `file_bytes` is left for the caller.
+async fn measure_on<S: Store + Clone>(
+    args: &Args,
+    layout: Layout,
+    store: S,
+) -> anyhow::Result<Figures> {
     let written = Arc::new(Written::default());
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -209,13 +255,12 @@ async fn measure(args: &Args, layout: Layout) -> anyhow::Result<Figures> {
         bail!("{} read {read} lines of {total}", layout.name());
     }
     drop(store);
-    let file_bytes = std::fs::metadata(&path)?.len();
     let per_1000 = |n: u64| n as f64 * 1000.0 / total as f64;
     Ok(Figures {
         keys_per_1000_lines: per_1000(written.keys.load(Ordering::Relaxed)),
         bytes_per_1000_lines: per_1000(written.bytes.load(Ordering::Relaxed)),
         txns: written.txns.load(Ordering::Relaxed),
-        file_bytes,
+        file_bytes: 0,
         ingest_lines_per_sec: total as f64 / ingest.as_secs_f64(),
         read_lines_per_sec: total as f64 / reading.as_secs_f64(),
     })
@@ -241,7 +286,7 @@ async fn main() -> anyhow::Result<()> {
             [Layout::Chunks, Layout::PerLine]
         };
         for layout in order {
-            let f = measure(&args, layout).await?;
+            let f = measure(&args, layout, round).await?;
             println!(
                 "round {round} {:>8}: {:>7.1} keys and {:>9.0} bytes per 1000 lines, {} txns, file {:.1} MiB, ingest {:>9.0} lines/s, read {:>9.0} lines/s",
                 layout.name(),
@@ -274,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let json = serde_json::json!({
         "benchmark": "log-store",
+        "store": if args.etcd.is_some() { "etcd" } else { "embedded" },
         "runs": args.runs,
         "lines_per_run": args.lines_per_run,
         "batch": args.batch,
