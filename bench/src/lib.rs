@@ -5,6 +5,7 @@
 //! - `control-plane`: the real `berth-scheduler` process, fake agents over real gRPC, runs
 //!   submitted through `ControlService` (one module per part under
 //!   `src/bin/control-plane/`: `scheduler`, `agents`, `submit`, `report`).
+//! - `log-store`: run logs one key per line against compressed chunks, on the embedded store.
 //!
 //! This library holds the pieces that are not specific to one benchmark: latency percentiles
 //! ([`stats`]) and what `/proc` says about a process ([`proc_stats`]).

@@ -28,7 +28,9 @@ pub fn runner_runs_prefix(runner_id: &str) -> String {
     format!("runner_runs/{runner_id}/")
 }
 
-/// Log line `seq` of a run; zero-padded so byte order is numeric order.
+/// The chunk of a run's log lines whose last line is `seq` (see [`crate::log_chunks`]); an older
+/// build stored one line per key under the same name. Zero-padded so byte order is numeric
+/// order: the lines after `S` start in the first chunk at or after `log(run_id, S + 1)`.
 pub fn log(run_id: &str, seq: u64) -> String {
     format!("logs/{run_id}/{seq:020}")
 }

@@ -17,6 +17,8 @@
 //!   embedded backend that is the default on one machine, an in-memory fake, and the conformance
 //!   suite every backend must pass.
 //! - [`keys`]: where each record lives in the store.
+//! - [`log_chunks`]: how a run's log lines are stored: compressed chunks keyed by their last
+//!   line, and which lines of a batch still need storing.
 //! - [`agent`]: what node agents report and what the scheduler commands them, as domain types,
 //!   and the [`agent::AgentLink`] trait the scheduler reaches an agent through.
 //! - [`failover`]: how the API and the agents reach whichever of several schedulers leads: the
@@ -32,6 +34,7 @@ pub mod defaults;
 pub mod failover;
 pub mod files;
 pub mod keys;
+pub mod log_chunks;
 pub mod model;
 pub mod overrides;
 pub mod process;

@@ -9,7 +9,9 @@
 //! `write`, `send_to`, then `flush`/`settle` and the dispatcher, below). Each concern adds its
 //! operations in a child module, as further `impl Scheduler` blocks:
 //! - `runners`: runner CRUD and warmup requests.
-//! - `runs`: creating (idempotent, batched), reading, listing and stopping runs; log pages.
+//! - `runs`: creating (idempotent, batched), reading, listing and stopping runs.
+//! - `logs`: storing reported log lines (redacted, once each, in expiring compressed chunks)
+//!   and reading them back a page at a time.
 //! - `queue`: placing waiting runs (backfill, starvation guard), the spec a node receives,
 //!   queue positions.
 //! - `nodes`: registration and its lease reconciliation, liveness and expiry, draining, the
@@ -65,7 +67,12 @@ pub struct Config {
     pub reserve_after: Duration,
     /// Seals registry passwords at rest; without it, private registries cannot be created.
     pub secrets: Option<Arc<SecretKey>>,
+    /// How long a run's log lines are kept after they are stored; `None`: for ever.
+    pub log_retention: Option<Duration>,
 }
+
+/// The default log retention: a week.
+pub const DEFAULT_LOG_RETENTION: Duration = Duration::from_secs(168 * 3600);
 
 impl Default for Config {
     fn default() -> Self {
@@ -80,6 +87,7 @@ impl Default for Config {
             lost_grace: Duration::from_secs(4),
             reserve_after: Duration::from_secs(60),
             secrets: None,
+            log_retention: Some(DEFAULT_LOG_RETENTION),
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct Scheduler<S> {
     store_failed: watch::Sender<bool>,
     /// Live image-pull progress per run (memory only; see `images`).
     pulls: std::sync::Mutex<HashMap<String, images::PullEntry>>,
+    /// Serialises each run's log appends (see `logs`).
+    log_appends: logs::AppendLocks,
 }
 
 #[derive(Default)]
@@ -242,6 +252,7 @@ impl<S: Store> Scheduler<S> {
             dispatch,
             store_failed,
             pulls: std::sync::Mutex::default(),
+            log_appends: logs::AppendLocks::default(),
         }))
     }
 
@@ -493,6 +504,7 @@ async fn committed(
 mod api_keys;
 mod delivery;
 mod images;
+mod logs;
 mod nodes;
 mod queue;
 mod registries;
@@ -503,11 +515,10 @@ mod runs;
 mod tests;
 mod usage;
 
+pub use logs::{log_line_cost, LOG_PAGE_MAX_BYTES, REDACTED, REDACT_MIN_LEN};
 pub use nodes::NodeInfo;
 use nodes::{Node, NodeRecord};
 use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
-pub use reports::{REDACTED, REDACT_MIN_LEN};
-pub use runs::{log_line_cost, LOG_PAGE_MAX_BYTES};
 pub use usage::{UsageGroup, UsageRow};

@@ -10,7 +10,7 @@
 //! ([`berth_core::agent`], sent through an [`berth_core::agent::AgentLink`]),
 //! [`control_service`] for the API's requests. The engine is a small core
 //! (`engine.rs`: state, store loading, the staged commit-then-dispatch pipeline) with one
-//! child module per concern under `engine/` (runners, runs, queue, nodes, reports, images,
+//! child module per concern under `engine/` (runners, runs, logs, queue, nodes, reports, images,
 //! registries, usage, API keys). `README.md` beside this crate walks the pipeline from queue
 //! to lease.
 

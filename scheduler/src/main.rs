@@ -52,6 +52,9 @@ struct Args {
     /// A run waiting this long gets capacity reserved for it.
     #[arg(long, default_value_t = 60)]
     reserve_after_seconds: u64,
+    /// Hours a run's log lines are kept after they are stored (0: for ever).
+    #[arg(long, env = "BERTH_LOG_RETENTION_HOURS", default_value_t = 168)]
+    log_retention_hours: u64,
     /// The key that seals secrets at rest (created on first start; default: DATA_DIR/secret.key).
     #[arg(long, env = "BERTH_SECRET_KEY_FILE")]
     secret_key_file: Option<PathBuf>,
@@ -125,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
         node_ttl: Duration::from_secs(args.node_ttl_seconds.unwrap_or(3 * heartbeat)),
         lost_grace: Duration::from_secs(args.lost_grace_seconds),
         reserve_after: Duration::from_secs(args.reserve_after_seconds),
+        log_retention: (args.log_retention_hours > 0)
+            .then(|| Duration::from_secs(args.log_retention_hours.saturating_mul(3600))),
         secrets: Some(secrets.clone()),
         default_registry: args.default_registry.clone(),
         stop_grace_seconds: args.stop_grace_seconds,

@@ -1,6 +1,7 @@
 //! The behaviour every [`Store`] backend must show. Each backend's tests call [`run_all`].
 
 use super::{Expect, Store, StoreError, Txn};
+use std::time::{Duration, Instant};
 
 /// Runs every conformance check against an empty store. Panics (it is test code) on the first
 /// deviation, naming it.
@@ -14,6 +15,7 @@ pub async fn run_all<S: Store>(store: &S) {
     submit_order_is_call_order(store).await;
     many_small_transactions(store).await;
     one_failed_precondition_among_many(store).await;
+    expiring_keys(store).await;
 }
 
 async fn put_get_and_revisions<S: Store>(s: &S) {
@@ -251,4 +253,53 @@ async fn one_failed_precondition_among_many<S: Store>(s: &S) {
         b"taken".to_vec(),
         "the failed one wrote nothing"
     );
+}
+
+/// A put with a TTL is visible until the TTL has passed and gone soon after, for reads, ranges
+/// and preconditions alike; a later plain put makes a key permanent again.
+async fn expiring_keys<S: Store>(s: &S) {
+    let ttl = Duration::from_secs(1);
+    let written = Instant::now();
+    s.commit(
+        Txn::new()
+            .put_expiring("ex/a", b"1".to_vec(), Expect::Absent, ttl)
+            .put_expiring("ex/b", b"1".to_vec(), Expect::Absent, ttl)
+            .put("ex/keep", b"k".to_vec(), Expect::Absent),
+    )
+    .await
+    .expect("expiring puts");
+    let a = s
+        .get("ex/a")
+        .await
+        .expect("get")
+        .expect("visible before its TTL");
+    assert_eq!(a.value, b"1".to_vec());
+    assert_eq!(s.list_prefix("ex/").await.expect("list").len(), 3);
+    s.commit(Txn::new().put("ex/b", b"2".to_vec(), Expect::Any))
+        .await
+        .expect("made permanent");
+    // The bound: etcd's lease is TTL + a one-second bucket, and etcd checks leases twice a
+    // second; the other backends hide the key at once.
+    let deadline = written + Duration::from_secs(20);
+    while s.get("ex/a").await.expect("get").is_some() {
+        assert!(Instant::now() < deadline, "ex/a never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        written.elapsed() >= ttl,
+        "a key lives at least its TTL ({:?})",
+        written.elapsed()
+    );
+    let left = s.list_prefix("ex/").await.expect("list");
+    let keys: Vec<&str> = left.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["ex/b", "ex/keep"], "ranges skip expired keys");
+    let first = s.range("ex/", "ex/z", 1).await.expect("range");
+    assert_eq!(first.len(), 1, "the limit counts live keys only");
+    assert_eq!(first[0].key, "ex/b");
+    let again = s
+        .commit(Txn::new().put("ex/a", b"3".to_vec(), Expect::Absent))
+        .await
+        .expect("an expired key is absent for preconditions");
+    let a = s.get("ex/a").await.expect("get").expect("present");
+    assert_eq!((a.value, a.create_revision), (b"3".to_vec(), again));
 }

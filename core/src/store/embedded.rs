@@ -7,17 +7,40 @@
 //! failed precondition skipping only that transaction), and makes them durable with one fsync.
 //! Concurrent writers therefore share the cost of a disk flush instead of queueing for one each;
 //! a lone writer sees the same latency as before.
+//!
+//! Expiring keys: a value with an expiry carries it in its header (flagged in the create
+//! revision's top bit, which a revision never reaches, so values written before expiry existed
+//! read as they are), and an index table lists them by expiry. An expired key is invisible to
+//! reads and preconditions at once; every group commit, and the writer when idle for
+//! [`SWEEP_INTERVAL`], deletes up to [`SWEEP_BATCH`] expired keys.
 
 use super::{check, KeyValue, Op, Store, StoreError, Txn};
 use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Expiring keys by expiry: `{expires_at_unix_millis:020}/{key}`.
+const EXPIRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("expiries");
 const REVISION: &str = "revision";
 /// Each value is stored behind a header of mod revision and create revision.
 const HEADER: usize = 16;
+/// Set in the stored create revision when the header goes on with 8 bytes of expiry (unix ms).
+const EXPIRES_FLAG: u64 = 1 << 63;
+/// The most expired keys one sweep deletes.
+const SWEEP_BATCH: usize = 256;
+/// How often an idle writer looks for expired keys.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+fn now_millis() -> u64 {
+    u64::try_from(crate::now_unix_millis()).unwrap_or(0)
+}
+
+fn expiry_key(at: u64, key: &str) -> String {
+    format!("{at:020}/{key}")
+}
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -54,27 +77,65 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn decode(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
-    if raw.len() < HEADER {
-        return Err(backend(format!("value of {key} is truncated")));
-    }
-    let (head, value) = raw.split_at(HEADER);
-    let mut a = [0u8; 8];
+fn u64_at(raw: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
-    a.copy_from_slice(&head[..8]);
-    b.copy_from_slice(&head[8..]);
-    Ok(KeyValue {
+    b.copy_from_slice(&raw[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// A stored value and its expiry (unix ms), if it has one.
+fn decode(key: &str, raw: &[u8]) -> Result<(KeyValue, Option<u64>), StoreError> {
+    let truncated = || backend(format!("value of {key} is truncated"));
+    if raw.len() < HEADER {
+        return Err(truncated());
+    }
+    let mod_revision = u64_at(raw, 0);
+    let create = u64_at(raw, 8);
+    let (create_revision, expires_at, body) = if create & EXPIRES_FLAG != 0 {
+        if raw.len() < HEADER + 8 {
+            return Err(truncated());
+        }
+        (
+            create & !EXPIRES_FLAG,
+            Some(u64_at(raw, HEADER)),
+            &raw[HEADER + 8..],
+        )
+    } else {
+        (create, None, &raw[HEADER..])
+    };
+    let kv = KeyValue {
         key: key.to_owned(),
-        value: value.to_vec(),
-        mod_revision: u64::from_le_bytes(a),
-        create_revision: u64::from_le_bytes(b),
+        value: body.to_vec(),
+        mod_revision,
+        create_revision,
+    };
+    Ok((kv, expires_at))
+}
+
+/// The key's value unless it has expired by `now`.
+fn decode_live(key: &str, raw: &[u8], now: u64) -> Result<Option<KeyValue>, StoreError> {
+    let (kv, expires_at) = decode(key, raw)?;
+    Ok(match expires_at {
+        Some(at) if at <= now => None,
+        _ => Some(kv),
     })
 }
 
-fn encode(mod_revision: u64, create_revision: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + value.len());
+fn encode(
+    mod_revision: u64,
+    create_revision: u64,
+    expires_at: Option<u64>,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 8 + value.len());
     out.extend_from_slice(&mod_revision.to_le_bytes());
-    out.extend_from_slice(&create_revision.to_le_bytes());
+    match expires_at {
+        Some(at) => {
+            out.extend_from_slice(&(create_revision | EXPIRES_FLAG).to_le_bytes());
+            out.extend_from_slice(&at.to_le_bytes());
+        }
+        None => out.extend_from_slice(&create_revision.to_le_bytes()),
+    }
     out.extend_from_slice(value);
     out
 }
@@ -90,6 +151,7 @@ impl EmbeddedStore {
         {
             tx.open_table(KV).map_err(backend)?;
             tx.open_table(META).map_err(backend)?;
+            tx.open_table(EXPIRIES).map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
         let db = Arc::new(db);
@@ -110,7 +172,10 @@ impl EmbeddedStore {
         let tx = self.db.begin_read().map_err(backend)?;
         let table = tx.open_table(KV).map_err(backend)?;
         let found = table.get(key).map_err(backend)?;
-        found.map(|v| decode(key, v.value())).transpose()
+        match found {
+            Some(v) => decode_live(key, v.value(), now_millis()),
+            None => Ok(None),
+        }
     }
 
     fn range_blocking(
@@ -124,13 +189,16 @@ impl EmbeddedStore {
         }
         let tx = self.db.begin_read().map_err(backend)?;
         let table = tx.open_table(KV).map_err(backend)?;
+        let now = now_millis();
         let mut out = Vec::new();
         for entry in table.range(start..end).map_err(backend)? {
             if out.len() >= limit {
                 break;
             }
             let (k, v) = entry.map_err(backend)?;
-            out.push(decode(k.value(), v.value())?);
+            if let Some(kv) = decode_live(k.value(), v.value(), now)? {
+                out.push(kv);
+            }
         }
         Ok(out)
     }
@@ -148,7 +216,18 @@ impl EmbeddedStore {
 
 /// The writer thread: group commits until every handle to the store is gone.
 fn write_loop(db: &Database, queue: &std::sync::mpsc::Receiver<PendingCommit>) {
-    while let Ok(first) = queue.recv() {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let first = match queue.recv_timeout(SWEEP_INTERVAL) {
+            Ok(first) => first,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = sweep_when_due(db) {
+                    tracing::warn!(error = %e, "deleting expired keys failed");
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match queue.try_recv() {
@@ -174,6 +253,52 @@ fn write_loop(db: &Database, queue: &std::sync::mpsc::Receiver<PendingCommit>) {
     }
 }
 
+/// Deletes a batch of expired keys if there is any (an idle store does not write).
+fn sweep_when_due(db: &Database) -> Result<(), StoreError> {
+    let due = {
+        let tx = db.begin_read().map_err(backend)?;
+        let table = tx.open_table(EXPIRIES).map_err(backend)?;
+        let first = table.first().map_err(backend)?;
+        let end = expiry_key(now_millis().saturating_add(1), "");
+        first.is_some_and(|(k, _)| k.value() < end.as_str())
+    };
+    if due {
+        commit_group(db, Vec::new())?;
+    }
+    Ok(())
+}
+
+/// Deletes up to [`SWEEP_BATCH`] keys whose expiry has passed (a key re-written since with
+/// another expiry, or none, only loses its stale index entry).
+fn sweep(
+    kv: &mut redb::Table<&str, &[u8]>,
+    expiries: &mut redb::Table<&str, &[u8]>,
+) -> Result<(), StoreError> {
+    let now = now_millis();
+    // Every index key of an expiry at or before `now` sorts below this one.
+    let end = expiry_key(now.saturating_add(1), "");
+    let due: Vec<String> = expiries
+        .range(..end.as_str())
+        .map_err(backend)?
+        .take(SWEEP_BATCH)
+        .map(|entry| entry.map(|(k, _)| k.value().to_owned()).map_err(backend))
+        .collect::<Result<_, _>>()?;
+    for index_key in due {
+        expiries.remove(index_key.as_str()).map_err(backend)?;
+        let Some((at, key)) = index_key.split_once('/') else {
+            continue;
+        };
+        let expires_at = match kv.get(key).map_err(backend)? {
+            Some(v) => decode(key, v.value())?.1,
+            None => None,
+        };
+        if expires_at.is_some_and(|e| at.parse() == Ok(e)) {
+            kv.remove(key).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies `txns` in order in one write transaction and commits it once. The outer error means
 /// nothing was committed; the inner results are per transaction (a failed precondition there
 /// leaves that transaction out and the others in).
@@ -183,14 +308,17 @@ fn commit_group(db: &Database, txns: Vec<Txn>) -> Result<Vec<Result<u64, StoreEr
     {
         let mut kv = tx.open_table(KV).map_err(backend)?;
         let mut meta = tx.open_table(META).map_err(backend)?;
+        let mut expiries = tx.open_table(EXPIRIES).map_err(backend)?;
         let mut revision = meta
             .get(REVISION)
             .map_err(backend)?
             .map_or(0, |v| v.value());
+        let now = now_millis();
         for txn in txns {
-            results.push(apply_one(&mut kv, &mut revision, txn)?);
+            results.push(apply_one(&mut kv, &mut expiries, &mut revision, now, txn)?);
         }
         meta.insert(REVISION, revision).map_err(backend)?;
+        sweep(&mut kv, &mut expiries)?;
     }
     tx.commit().map_err(backend)?;
     Ok(results)
@@ -200,14 +328,19 @@ fn commit_group(db: &Database, txns: Vec<Txn>) -> Result<Vec<Result<u64, StoreEr
 /// outer error is a backend failure (the whole group must be abandoned).
 fn apply_one(
     kv: &mut redb::Table<&str, &[u8]>,
+    expiries: &mut redb::Table<&str, &[u8]>,
     revision: &mut u64,
+    now: u64,
     txn: Txn,
 ) -> Result<Result<u64, StoreError>, StoreError> {
     let mut created = Vec::with_capacity(txn.ops.len());
     for op in &txn.ops {
         let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
         let existing = kv.get(key.as_str()).map_err(backend)?;
-        let existing = existing.map(|v| decode(key, v.value())).transpose()?;
+        let existing = match existing {
+            Some(v) => decode_live(key, v.value(), now)?,
+            None => None,
+        };
         if let Err(conflict) = check(key, *expect, existing.as_ref().map(|e| e.mod_revision)) {
             return Ok(Err(conflict));
         }
@@ -219,10 +352,23 @@ fn apply_one(
     let rev = *revision + 1;
     for (op, create) in txn.ops.into_iter().zip(created) {
         match op {
-            Op::Put { key, value, .. } => {
+            Op::Put {
+                key, value, ttl, ..
+            } => {
                 let create = create.unwrap_or(rev);
-                kv.insert(key.as_str(), encode(rev, create, &value).as_slice())
-                    .map_err(backend)?;
+                let expires_at = ttl.map(|ttl| {
+                    now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                });
+                if let Some(at) = expires_at {
+                    expiries
+                        .insert(expiry_key(at, &key).as_str(), [].as_slice())
+                        .map_err(backend)?;
+                }
+                kv.insert(
+                    key.as_str(),
+                    encode(rev, create, expires_at, &value).as_slice(),
+                )
+                .map_err(backend)?;
             }
             Op::Delete { key, .. } => {
                 kv.remove(key.as_str()).map_err(backend)?;

@@ -36,6 +36,10 @@
 //! sequence). So a leader's write applies exactly once through member failures, and fails only
 //! if etcd stays unreachable for [`EtcdConfig::request_timeout`]. One operation of each
 //! request is the sequence: a transaction may hold `max_txn_ops - 1` operations.
+//!
+//! Expiring puts attach their key to a lease shared per TTL and time bucket (see `leases`).
+
+mod leases;
 
 use super::{check, Expect, KeyValue, Op, Store, StoreError, Txn};
 use backon::{ExponentialBuilder, Retryable};
@@ -74,7 +78,8 @@ impl EtcdConfig {
             // Leave room under 1.5 MiB for the request's framing and compares.
             max_request_bytes: 1536 * 1024 - 64 * 1024,
             request_timeout: Duration::from_secs(10),
-            read_retries: 6,
+            // About 10 s of backoff in all: longer than an etcd leader election under load.
+            read_retries: 10,
         }
     }
 }
@@ -170,6 +175,7 @@ impl EtcdStore {
             fence: fence.clone(),
             seq: None,
             write_deadline: config.request_timeout,
+            leases: leases::LeaseCache::new(client.lease_client()),
         };
         tokio::spawn(task.run(queue));
         Ok(EtcdStore {
@@ -291,6 +297,7 @@ struct WriterTask {
     seq: Option<WriterSeq>,
     /// How long a fenced write keeps trying to learn its outcome while etcd is unreachable.
     write_deadline: Duration,
+    leases: leases::LeaseCache,
 }
 
 fn op_key(op: &Op) -> &str {
@@ -436,10 +443,13 @@ impl WriterTask {
             .filter(|op| seen.insert(op_key(op)))
             .collect();
         last_writes.reverse();
+        let leases = self.leases.for_txn(txn).await?;
         let mut writes: Vec<TxnOp> = last_writes
             .into_iter()
             .map(|op| match op {
-                Op::Put { key, value, .. } => TxnOp::put(full(key), value.clone(), None),
+                Op::Put {
+                    key, value, ttl, ..
+                } => TxnOp::put(full(key), value.clone(), leases::put_options(&leases, *ttl)),
                 Op::Delete { key, .. } => TxnOp::delete(full(key), None),
             })
             .collect();
@@ -475,6 +485,9 @@ impl WriterTask {
                 Ok(response) => break response,
                 Err(e) => e,
             };
+            if leases::lease_gone(&e) {
+                self.leases.forget();
+            }
             let Some(seq) = self
                 .seq
                 .as_ref()

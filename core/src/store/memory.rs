@@ -1,9 +1,14 @@
 //! An in-memory [`Store`] for unit tests. Same semantics as the real backends (the conformance
-//! suite runs against it), no durability.
+//! suite runs against it), no durability. An expired key is invisible at once; each commit
+//! deletes up to [`SWEEP_BATCH`] expired keys.
 
 use super::{check, KeyValue, Op, Store, StoreError, Txn};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
+use std::time::Instant;
+
+/// The most expired keys one commit deletes.
+const SWEEP_BATCH: usize = 64;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -13,7 +18,45 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     revision: u64,
-    kv: BTreeMap<String, KeyValue>,
+    kv: BTreeMap<String, Entry>,
+    /// Keys with an expiry, by when it falls.
+    expiring: BTreeSet<(Instant, String)>,
+}
+
+struct Entry {
+    kv: KeyValue,
+    expires_at: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> Option<&KeyValue> {
+        match self.expires_at {
+            Some(at) if at <= now => None,
+            _ => Some(&self.kv),
+        }
+    }
+}
+
+impl Inner {
+    fn live(&self, key: &str, now: Instant) -> Option<&KeyValue> {
+        self.kv.get(key).and_then(|e| e.live(now))
+    }
+
+    /// Deletes up to [`SWEEP_BATCH`] keys whose expiry has passed.
+    fn sweep(&mut self, now: Instant) {
+        for _ in 0..SWEEP_BATCH {
+            let Some((at, key)) = self.expiring.first().cloned() else {
+                return;
+            };
+            if at > now {
+                return;
+            }
+            self.expiring.pop_first();
+            if self.kv.get(&key).and_then(|e| e.expires_at) == Some(at) {
+                self.kv.remove(&key);
+            }
+        }
+    }
 }
 
 impl MemoryStore {
@@ -29,7 +72,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        Ok(self.lock().kv.get(key).cloned())
+        Ok(self.lock().live(key, Instant::now()).cloned())
     }
 
     async fn range(
@@ -42,11 +85,12 @@ impl Store for MemoryStore {
             return Ok(vec![]);
         }
         let inner = self.lock();
+        let now = Instant::now();
         Ok(inner
             .kv
             .range(start.to_owned()..end.to_owned())
+            .filter_map(|(_, e)| e.live(now).cloned())
             .take(limit)
-            .map(|(_, v)| v.clone())
             .collect())
     }
 
@@ -61,9 +105,11 @@ impl Store for MemoryStore {
 impl MemoryStore {
     fn apply(&self, txn: Txn) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+        let now = Instant::now();
+        inner.sweep(now);
         for op in &txn.ops {
             let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
-            check(key, *expect, inner.kv.get(key).map(|kv| kv.mod_revision))?;
+            check(key, *expect, inner.live(key, now).map(|kv| kv.mod_revision))?;
         }
         if txn.ops.is_empty() {
             return Ok(inner.revision);
@@ -72,15 +118,25 @@ impl MemoryStore {
         let rev = inner.revision;
         for op in txn.ops {
             match op {
-                Op::Put { key, value, .. } => {
-                    let create_revision = inner.kv.get(&key).map_or(rev, |kv| kv.create_revision);
+                Op::Put {
+                    key, value, ttl, ..
+                } => {
+                    let create_revision =
+                        inner.live(&key, now).map_or(rev, |kv| kv.create_revision);
+                    let expires_at = ttl.map(|ttl| now + ttl);
+                    if let Some(at) = expires_at {
+                        inner.expiring.insert((at, key.clone()));
+                    }
                     inner.kv.insert(
                         key.clone(),
-                        KeyValue {
-                            key,
-                            value,
-                            mod_revision: rev,
-                            create_revision,
+                        Entry {
+                            kv: KeyValue {
+                                key,
+                                value,
+                                mod_revision: rev,
+                                create_revision,
+                            },
+                            expires_at,
                         },
                     );
                 }

@@ -14,6 +14,16 @@
 //! operations, about 1.5 MiB by etcd's defaults) or the etcd store refuses it with
 //! [`StoreError::Backend`]. A transport error during an etcd commit is a
 //! [`StoreError::Backend`] whose outcome is unknown; reads are retried with backoff instead.
+//!
+//! # Expiring keys
+//! A put may carry a time to live ([`Txn::put_expiring`]): once it has passed, the key is gone
+//! for every read and every precondition (a later `Expect::Absent` on it holds), as if deleted.
+//! The promise is one-sided: a key lives *at least* its TTL after the write and is invisible
+//! soon after it ends, within a bound each backend names. etcd attaches the key to a lease shared
+//! by every expiring put of the same TTL in one time bucket (so the key lives up to a bucket
+//! longer, and etcd deletes it itself); the embedded and memory stores hide an expired key at
+//! once and delete it later, a bounded batch at a time. Another put of the key replaces its
+//! expiry (a put without TTL makes it permanent again).
 
 pub mod conformance;
 mod election;
@@ -29,6 +39,7 @@ pub use memory::MemoryStore;
 pub use sealed::SealedStore;
 
 use std::future::Future;
+use std::time::Duration;
 
 /// One stored key with its value and revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +69,8 @@ pub enum Op {
         key: String,
         value: Vec<u8>,
         expect: Expect,
+        /// Gone this long after the write (see "Expiring keys" above); `None`: permanent.
+        ttl: Option<Duration>,
     },
     Delete {
         key: String,
@@ -81,6 +94,24 @@ impl Txn {
             key: key.into(),
             value,
             expect,
+            ttl: None,
+        });
+        self
+    }
+
+    /// A put of a key that expires `ttl` after this write (see "Expiring keys" above).
+    pub fn put_expiring(
+        mut self,
+        key: impl Into<String>,
+        value: Vec<u8>,
+        expect: Expect,
+        ttl: Duration,
+    ) -> Txn {
+        self.ops.push(Op::Put {
+            key: key.into(),
+            value,
+            expect,
+            ttl: Some(ttl),
         });
         self
     }

@@ -70,12 +70,18 @@ impl<S: Store> Store for SealedStore<S> {
             .ops
             .into_iter()
             .map(|op| match op {
-                Op::Put { key, value, expect } if self.sealed(&key) => {
+                Op::Put {
+                    key,
+                    value,
+                    expect,
+                    ttl,
+                } if self.sealed(&key) => {
                     let plain = String::from_utf8_lossy(&value);
                     Op::Put {
                         value: self.key.seal(&plain).into_bytes(),
                         key,
                         expect,
+                        ttl,
                     }
                 }
                 other => other,
@@ -93,7 +99,7 @@ mod tests {
     #[tokio::test]
     async fn conforms() {
         let key = Arc::new(SecretKey::generate());
-        let store = SealedStore::new(MemoryStore::new(), key, &["pg/", "tx/", "rg/"]);
+        let store = SealedStore::new(MemoryStore::new(), key, &["pg/", "tx/", "rg/", "ex/"]);
         crate::store::conformance::run_all(&store).await;
     }
 

@@ -1,18 +1,16 @@
 //! What agents report after registering ([`AgentReport`]): heartbeats, run starts and exits,
-//! log lines (with secret values redacted), warmup results and pull progress. Every report
+//! log lines (stored by `logs`, with secret values redacted), warmup results and pull progress. Every report
 //! about a run is checked against the run's current lease first: a stale one is ignored or
 //! fenced with a stop.
 
 use super::{committed, encode, stop, Scheduler};
 use crate::error::SchedulerError;
-use berth_core::agent::{
-    AgentReport, ExitReason, Heartbeat, LogBatch, RunExited, RunStarted, WarmupResult,
-};
+use berth_core::agent::{AgentReport, ExitReason, Heartbeat, RunExited, RunStarted, WarmupResult};
 use berth_core::codes::ErrorCode;
-use berth_core::model::{LogEntry, WarmupStatus};
+use berth_core::model::WarmupStatus;
 use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_core::store::{Expect, Store, Txn};
-use berth_core::{keys, now_unix_millis, Run, RunStatus};
+use berth_core::{keys, now_unix_millis, RunStatus};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -226,79 +224,7 @@ impl<S: Store> Scheduler<S> {
         st.release_stale(node_id, &run_id);
         self.settle(st, true).await
     }
-
-    pub async fn append_logs(&self, node_id: &str, batch: LogBatch) -> Result<(), SchedulerError> {
-        if batch.lines.is_empty() {
-            return Ok(());
-        }
-        // Only lines of a run that has not ended, from the node that holds its lease, are
-        // stored. The agent sends every line of a run before its `RunExited` on one ordered
-        // stream, and the stream is handled in order, so a run that ended by its node's report
-        // already has all its lines: whatever comes later is a re-send of stored lines. A run
-        // that ended otherwise (its node was lost or restarted, it was canceled before it
-        // started) is final: lines its old node still sends were written after that end and
-        // are dropped, as are lines from any node that does not hold the lease. The check, the
-        // redaction and the submission happen under the engine lock, so the lines take their
-        // place in the commit order before any final state staged after the check.
-        let st = self.state.lock().await;
-        let Some(run) = st
-            .active
-            .get(&batch.run_id)
-            .filter(|c| c.node_id.as_deref() == Some(node_id))
-        else {
-            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
-            return Ok(());
-        };
-        let secrets = secret_values(run);
-        let mut txn = Txn::new();
-        for mut line in batch.lines {
-            if line.seq == 0 {
-                continue;
-            }
-            for secret in &secrets {
-                if line.msg.contains(secret.as_str()) {
-                    line.msg = line.msg.replace(secret.as_str(), REDACTED);
-                }
-            }
-            let entry = LogEntry {
-                id: line.seq,
-                stream: line.stream,
-                msg: line.msg,
-                ts_unix_nanos: line.ts_unix_nanos,
-            };
-            // Keyed by sequence number: a re-sent line overwrites itself.
-            txn = txn.put(
-                keys::log(&batch.run_id, line.seq),
-                encode(&entry),
-                Expect::Any,
-            );
-        }
-        let stored = self.store.submit(txn);
-        drop(st);
-        stored.await?;
-        self.notify();
-        Ok(())
-    }
 }
-
-/// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
-fn secret_values(run: &Run) -> Vec<String> {
-    let mut values: Vec<String> = run
-        .env
-        .iter()
-        .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
-        .map(|e| e.env_val.clone())
-        .collect();
-    // Longest first, so a secret containing another is redacted whole.
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    values
-}
-
-/// What a secret value is replaced with in stored log lines.
-pub const REDACTED: &str = "[redacted]";
-/// Shorter secret values are not redacted (redacting every `a` would garble the logs and still
-/// leak nothing a 3-character secret protects).
-pub const REDACT_MIN_LEN: usize = 4;
 
 pub(super) fn nanos_to_millis(n: i64) -> i64 {
     if n > 0 {

@@ -1,10 +1,9 @@
 //! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
-//! with their queue position and pull progress, paged listing, stopping, and log pages.
+//! with their queue position and pull progress, paged listing, and stopping.
 
 use super::{committed, decode, encode, new_id, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
-use berth_core::model::LogEntry;
 use berth_core::overrides::{check_batch, RunOverrides};
 use berth_core::store::{Expect, Store};
 use berth_core::validate::ValidationErrors;
@@ -335,83 +334,4 @@ impl<S: Store> Scheduler<S> {
             }
         }
     }
-
-    /// Lines after `after_id`, oldest first, at most `limit` and about [`LOG_PAGE_MAX_BYTES`];
-    /// and whether more follow. The run must be `runner_id`'s and in `project`.
-    pub async fn list_logs(
-        &self,
-        project: &str,
-        runner_id: &str,
-        run_id: &str,
-        after_id: u64,
-        limit: usize,
-    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
-        self.list_logs_within(
-            project,
-            runner_id,
-            run_id,
-            after_id,
-            limit,
-            LOG_PAGE_MAX_BYTES,
-        )
-        .await
-    }
-
-    /// [`Scheduler::list_logs`] with a page of at most `max_bytes` ([`log_line_cost`] each),
-    /// but always at least one line, so paging moves on whatever a line's length. The store is
-    /// read a few lines at a time, so a page of long lines never holds more than it returns.
-    pub async fn list_logs_within(
-        &self,
-        project: &str,
-        runner_id: &str,
-        run_id: &str,
-        after_id: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
-        let (run, _) = self.load_run(run_id).await?;
-        if run.runner_id != runner_id || run.project != project {
-            return Err(SchedulerError::NotFound {
-                kind: "run",
-                id: run_id.to_owned(),
-            });
-        }
-        let end = keys::prefix_end(&keys::logs_prefix(run_id));
-        let mut logs: Vec<LogEntry> = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = after_id.saturating_add(1);
-        loop {
-            let want = limit.saturating_sub(logs.len()).min(LOG_READ_CHUNK) + 1;
-            let kvs = self
-                .store
-                .range(&keys::log(run_id, next), &end, want)
-                .await?;
-            let exhausted = kvs.len() < want;
-            for kv in &kvs {
-                let entry: LogEntry = decode(&kv.key, &kv.value)?;
-                let cost = log_line_cost(&entry);
-                if logs.len() >= limit || (!logs.is_empty() && bytes + cost > max_bytes) {
-                    return Ok((logs, true));
-                }
-                bytes += cost;
-                next = entry.id.saturating_add(1);
-                logs.push(entry);
-            }
-            if exhausted {
-                return Ok((logs, false));
-            }
-        }
-    }
-}
-
-/// The most a page of logs holds, counted by [`log_line_cost`]: a quarter of gRPC's default
-/// 4 MiB message limit, which the API's client of `ListLogs` keeps. A single line is at most
-/// about 1 MiB (the agent's outbox bounds it), so even a page of one line fits.
-pub const LOG_PAGE_MAX_BYTES: usize = 1024 * 1024;
-/// Lines read from the store at a time while filling a page.
-const LOG_READ_CHUNK: usize = 64;
-
-/// What a line costs in a page: its text and room for its id, stream, timestamp and framing.
-pub fn log_line_cost(line: &LogEntry) -> usize {
-    line.msg.len() + 32
 }

@@ -16,6 +16,7 @@ use berth_core::validate::RegistrySpec;
 use berth_core::{EnvVar, RunnerSpec};
 
 mod images;
+mod logs;
 mod nodes;
 mod projects;
 mod queue;

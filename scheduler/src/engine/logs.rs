@@ -1,0 +1,256 @@
+//! Run logs: storing the lines agents report (redacted, each exactly once, in compressed chunks
+//! that expire after the log retention) and reading them back a page at a time.
+//!
+//! Layout in the store: see [`berth_core::log_chunks`]. A re-sent batch (after a reconnect, a
+//! scheduler failover, or an agent restart that re-reads its journal and may cut its batches
+//! differently) is checked against the chunks already stored: only lines no chunk holds are
+//! written, so each line is stored once. That check and the write are serialised per run (see
+//! [`AppendLocks`]), so two deliveries of one batch cannot both pass it.
+
+use super::{Scheduler, State};
+use crate::error::SchedulerError;
+use berth_core::agent::LogBatch;
+use berth_core::log_chunks::{self, ReadError, READ_CHUNKS};
+use berth_core::model::LogEntry;
+use berth_core::store::{KeyValue, Store};
+use berth_core::{keys, Run};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Serialises the appends of each run: one lock per run with an append in progress (the entry
+/// goes with the last holder), so appends of different runs never wait for each other.
+#[derive(Default)]
+pub(super) struct AppendLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+/// Held while one run's append checks and writes; frees the run's entry when it is the last.
+struct AppendGuard<'a> {
+    locks: &'a AppendLocks,
+    run_id: String,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl AppendLocks {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn lock(&self, run_id: &str) -> AppendGuard<'_> {
+        let lock = self.map().entry(run_id.to_owned()).or_default().clone();
+        AppendGuard {
+            locks: self,
+            run_id: run_id.to_owned(),
+            held: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+#[cfg(test)]
+impl AppendLocks {
+    /// Runs with an entry (held or awaited).
+    pub(super) fn in_use(&self) -> usize {
+        self.map().len()
+    }
+}
+
+impl Drop for AppendGuard<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut map = self.locks.map();
+        // Only the map's own reference left: nobody holds or awaits this run's lock.
+        if map
+            .get(&self.run_id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            map.remove(&self.run_id);
+        }
+    }
+}
+
+fn corrupt(kv: &KeyValue, e: log_chunks::ChunkError) -> SchedulerError {
+    SchedulerError::Corrupt {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    }
+}
+
+impl<S: Store> Scheduler<S> {
+    pub async fn append_logs(&self, node_id: &str, batch: LogBatch) -> Result<(), SchedulerError> {
+        let (Some(first), Some(last)) = (
+            batch.lines.iter().map(|l| l.seq).filter(|s| *s > 0).min(),
+            batch.lines.iter().map(|l| l.seq).max(),
+        ) else {
+            return Ok(());
+        };
+        let _serial = self.log_appends.lock(&batch.run_id).await;
+        let stored = log_chunks::stored_spans(&self.store, &batch.run_id, first, last)
+            .await
+            .map_err(|e| match e {
+                ReadError::Store(e) => e.into(),
+                ReadError::Corrupt { key, source } => SchedulerError::Corrupt {
+                    key,
+                    reason: source.to_string(),
+                },
+            })?;
+        // Only lines of a run that has not ended, from the node that holds its lease, are
+        // stored. The agent sends every line of a run before its `RunExited` on one ordered
+        // stream, and the stream is handled in order, so a run that ended by its node's report
+        // already has all its lines: whatever comes later is a re-send of stored lines. A run
+        // that ended otherwise (its node was lost or restarted, it was canceled before it
+        // started) is final: lines its old node still sends were written after that end and
+        // are dropped, as are lines from any node that does not hold the lease. The check and
+        // the submission happen in one hold of the engine lock, so the lines take their place
+        // in the commit order before any final state staged after the check; redaction,
+        // chunking and compression need no engine state and run outside it.
+        let Some(secrets) = self
+            .log_holder(&*self.state.lock().await, &batch, node_id)
+            .map(secret_values)
+        else {
+            return Ok(());
+        };
+        let lines: Vec<LogEntry> = batch
+            .lines
+            .iter()
+            .map(|line| {
+                let mut msg = line.msg.clone();
+                for secret in &secrets {
+                    if msg.contains(secret.as_str()) {
+                        msg = msg.replace(secret.as_str(), REDACTED);
+                    }
+                }
+                LogEntry {
+                    id: line.seq,
+                    stream: line.stream,
+                    msg,
+                    ts_unix_nanos: line.ts_unix_nanos,
+                }
+            })
+            .collect();
+        let chunks = log_chunks::plan(lines, &stored);
+        let txns = log_chunks::txns(&batch.run_id, chunks, self.config.log_retention);
+        let st = self.state.lock().await;
+        if self.log_holder(&st, &batch, node_id).is_none() {
+            return Ok(());
+        }
+        let commits: Vec<_> = txns.into_iter().map(|txn| self.store.submit(txn)).collect();
+        drop(st);
+        for commit in commits {
+            commit.await?;
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// The run `batch` belongs to, if its lines are to be stored: it has not ended and
+    /// `node_id` holds its lease.
+    fn log_holder<'a>(&self, st: &'a State, batch: &LogBatch, node_id: &str) -> Option<&'a Run> {
+        let run = st
+            .active
+            .get(&batch.run_id)
+            .filter(|c| c.node_id.as_deref() == Some(node_id));
+        if run.is_none() {
+            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
+        }
+        run
+    }
+
+    /// Lines after `after_id`, oldest first, at most `limit` and about [`LOG_PAGE_MAX_BYTES`];
+    /// and whether more follow. The run must be `runner_id`'s and in `project`.
+    pub async fn list_logs(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
+        self.list_logs_within(
+            project,
+            runner_id,
+            run_id,
+            after_id,
+            limit,
+            LOG_PAGE_MAX_BYTES,
+        )
+        .await
+    }
+
+    /// [`Scheduler::list_logs`] with a page of at most `max_bytes` ([`log_line_cost`] each),
+    /// but always at least one line, so paging moves on whatever a line's length. The store is
+    /// read a few chunks at a time, so a page of long lines never holds more than it returns.
+    pub async fn list_logs_within(
+        &self,
+        project: &str,
+        runner_id: &str,
+        run_id: &str,
+        after_id: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<LogEntry>, bool), SchedulerError> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.runner_id != runner_id || run.project != project {
+            return Err(SchedulerError::NotFound {
+                kind: "run",
+                id: run_id.to_owned(),
+            });
+        }
+        let end = keys::prefix_end(&keys::logs_prefix(run_id));
+        let mut logs: Vec<LogEntry> = Vec::new();
+        let mut bytes = 0usize;
+        // The chunk holding the line after `after_id` is the first keyed at or after it.
+        let mut next = after_id.saturating_add(1);
+        loop {
+            let kvs = self
+                .store
+                .range(&keys::log(run_id, next), &end, READ_CHUNKS)
+                .await?;
+            for kv in &kvs {
+                for entry in log_chunks::decode(&kv.value).map_err(|e| corrupt(kv, e))? {
+                    if entry.id < next {
+                        continue; // before `after_id`, in the first chunk read
+                    }
+                    let cost = log_line_cost(&entry);
+                    if logs.len() >= limit || (!logs.is_empty() && bytes + cost > max_bytes) {
+                        return Ok((logs, true));
+                    }
+                    bytes += cost;
+                    next = entry.id.saturating_add(1);
+                    logs.push(entry);
+                }
+                let span = log_chunks::span(&kv.value).map_err(|e| corrupt(kv, e))?;
+                next = next.max(span.last.saturating_add(1));
+            }
+            if kvs.len() < READ_CHUNKS {
+                return Ok((logs, false));
+            }
+        }
+    }
+}
+
+/// The most a page of logs holds, counted by [`log_line_cost`]: a quarter of gRPC's default
+/// 4 MiB message limit, which the API's client of `ListLogs` keeps. A single line is at most
+/// about 1 MiB (the agent's outbox bounds it), so even a page of one line fits.
+pub const LOG_PAGE_MAX_BYTES: usize = 1024 * 1024;
+
+/// What a line costs in a page: its text and room for its id, stream, timestamp and framing.
+pub fn log_line_cost(line: &LogEntry) -> usize {
+    line.msg.len() + 32
+}
+
+/// The values of the run's secret variables worth redacting (see `REDACT_MIN_LEN`).
+fn secret_values(run: &Run) -> Vec<String> {
+    let mut values: Vec<String> = run
+        .env
+        .iter()
+        .filter(|e| e.secret && e.env_val.chars().count() >= REDACT_MIN_LEN)
+        .map(|e| e.env_val.clone())
+        .collect();
+    // Longest first, so a secret containing another is redacted whole.
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+}
+
+/// What a secret value is replaced with in stored log lines.
+pub const REDACTED: &str = "[redacted]";
+/// Shorter secret values are not redacted (redacting every `a` would garble the logs and still
+/// leak nothing a 3-character secret protects).
+pub const REDACT_MIN_LEN: usize = 4;
