@@ -8,6 +8,8 @@
 //! store ([`Scheduler::open`]), and the staging pipeline every operation ends with (`stage`,
 //! `write`, `send_to`, then `flush`/`settle` and the dispatcher, below). Each concern adds its
 //! operations in a child module, as further `impl Scheduler` blocks:
+//! - `active`: the store's index of runs that have not ended, kept by `stage` and read by
+//!   `open` (which builds it once for a store that predates it).
 //! - `runners`: runner CRUD and warmup requests.
 //! - `runs`: creating (idempotent, batched), reading, listing and stopping runs; log pages.
 //! - `queue`: placing waiting runs (backfill, starvation guard), the spec a node receives,
@@ -146,25 +148,13 @@ fn new_id() -> String {
 }
 
 impl<S: Store> Scheduler<S> {
-    /// Loads every run that has not ended; they wait for their nodes to re-register.
+    /// Loads the runs that have not ended (through their index, never the whole history:
+    /// see `active`); they wait for their nodes to re-register.
     pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
-        let mut state = State::default();
-        for kv in store.list_prefix(keys::RUNS).await? {
-            let mut run: Run = decode(&kv.key, &kv.value)?;
-            if !run.status.is_terminal() {
-                // The node that runs it needs the files' contents (stored beside the record).
-                if !run.files.is_empty() {
-                    let key = keys::run_files(&run.id);
-                    let value = store.get(&key).await?.map(|kv| kv.value);
-                    run.restore_file_contents(value.as_deref().unwrap_or_default())
-                        .map_err(|e| SchedulerError::Corrupt {
-                            key,
-                            reason: e.to_string(),
-                        })?;
-                }
-                state.active.insert(run.id.clone(), run);
-            }
-        }
+        let mut state = State {
+            active: Self::load_active_runs(&store).await?,
+            ..State::default()
+        };
         for kv in store.list_prefix(keys::REGISTRIES).await? {
             let reg: ContainerRegistry = decode(&kv.key, &kv.value)?;
             let key = config.secrets.as_ref().ok_or_else(|| {
@@ -322,6 +312,7 @@ impl State {
     /// Stages `run`'s new state: memory (the run cache and the index's leases) now, the store
     /// write with the operation's flush.
     fn stage(&mut self, run: Run) {
+        let was_active = self.active.contains_key(&run.id);
         let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
         let after = (!run.status.is_terminal())
             .then(|| run.node_id.clone())
@@ -338,6 +329,7 @@ impl State {
         }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        self.stage_active_index(&run, was_active);
         if run.status.is_terminal() && !run.files.is_empty() {
             // No node needs the files any more: their contents go, their digests stay in the
             // record. (Deleting an absent key is no error, so a run staged twice is fine.)
@@ -490,6 +482,7 @@ async fn committed(
     done.await.unwrap_or_else(|_| Err(store_down()))
 }
 
+mod active;
 mod api_keys;
 mod delivery;
 mod images;

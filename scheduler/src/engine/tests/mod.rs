@@ -15,6 +15,7 @@ use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_core::validate::RegistrySpec;
 use berth_core::{EnvVar, RunnerSpec};
 
+mod active;
 mod images;
 mod nodes;
 mod projects;
