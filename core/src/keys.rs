@@ -74,6 +74,15 @@ pub fn idempotency(runner_id: &str, key_hash: &str) -> String {
     format!("idempotency/{runner_id}/{key_hash}")
 }
 
+pub const IDEMPOTENCY_EXPIRY: &str = "idempotency_expiry/";
+
+/// Expiry index entry of the idempotency key that created run `run_id` (its value names the
+/// key). Run ids are UUIDv7, so this prefix lists keys oldest first and a sweep reads only the
+/// expired ones.
+pub fn idempotency_expiry(run_id: &str) -> String {
+    format!("{IDEMPOTENCY_EXPIRY}{run_id}")
+}
+
 pub const API_KEYS: &str = "apikeys/";
 
 /// An API key's record (its project, name and the hash of its secret), by public key id.

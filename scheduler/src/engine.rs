@@ -10,6 +10,7 @@
 //! operations in a child module, as further `impl Scheduler` blocks:
 //! - `active`: the store's index of runs that have not ended, kept by `stage` and read by
 //!   `open` (which builds it once for a store that predates it).
+//! - `idempotency`: when an idempotency key expires, and the sweep that deletes expired ones.
 //! - `runners`: runner CRUD and warmup requests.
 //! - `runs`: creating (idempotent, batched), reading, listing and stopping runs; log pages.
 //! - `queue`: placing waiting runs (backfill, starvation guard), the spec a node receives,
@@ -42,7 +43,7 @@ use berth_core::model::{Catalog, ContainerRegistry};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::{keys, Run, RunStatus};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -67,6 +68,9 @@ pub struct Config {
     pub reserve_after: Duration,
     /// Seals registry passwords at rest; without it, private registries cannot be created.
     pub secrets: Option<Arc<SecretKey>>,
+    /// How long after its run was created an idempotency key still replays it (see
+    /// `idempotency`).
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for Config {
@@ -82,9 +86,14 @@ impl Default for Config {
             lost_grace: Duration::from_secs(4),
             reserve_after: Duration::from_secs(60),
             secrets: None,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
         }
     }
 }
+
+/// How long an idempotency key replays its run unless configured otherwise: a day covers any
+/// client's retries.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Scheduler<S> {
     store: S,
@@ -125,6 +134,9 @@ struct State {
     /// Idempotency keys used since start, (runner id, key hash) → run id: a retry that races the
     /// first request finds it here even before the first one's write is durable.
     idempotency: HashMap<(String, String), String>,
+    /// The same keys as (run id, runner id, key hash), oldest first, so expired ones are
+    /// dropped from `idempotency` without a scan.
+    idempotency_order: VecDeque<(String, String, String)>,
     /// Every private registry with its password unsealed, by id (loaded at start).
     registries: HashMap<String, RegistryEntry>,
     /// Images each node must keep because a runner's warmup put them there.
@@ -485,6 +497,7 @@ async fn committed(
 mod active;
 mod api_keys;
 mod delivery;
+mod idempotency;
 mod images;
 mod nodes;
 mod queue;

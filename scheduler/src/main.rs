@@ -60,6 +60,9 @@ struct Args {
     /// port is served: only for a port on loopback.
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// Hours an idempotency key replays its run; after that the same key creates a new run.
+    #[arg(long, default_value_t = 24)]
+    idempotency_ttl_hours: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
+        idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
     };
     // Runners and runs hold environment values: seal them at rest, whatever the backend.
     let sealed = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES];
