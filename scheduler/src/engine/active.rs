@@ -36,6 +36,11 @@ impl State {
 }
 
 impl<S: Store> Scheduler<S> {
+    /// How many runs have not ended (what `open` loaded, plus what happened since).
+    pub async fn active_run_count(&self) -> usize {
+        self.state.lock().await.active.len()
+    }
+
     /// Every run that has not ended, by id, with its files' contents restored (the node that
     /// runs it needs them). Reads only the runs the index names; builds the index first if the
     /// store predates it. An entry whose run is gone or has ended (left by a build that did not
