@@ -19,6 +19,8 @@ use std::collections::BTreeMap;
 /// Writes per transaction while building or repairing the index: under etcd's default limit of
 /// 128 operations per request.
 const INDEX_TXN_OPS: usize = 100;
+/// Run records per range request while building the index.
+const BUILD_SCAN_PAGE: usize = 500;
 /// Run records read at once while loading the active runs (a round trip each on etcd).
 const LOAD_CONCURRENCY: usize = 64;
 
@@ -116,11 +118,23 @@ impl<S: Store> Scheduler<S> {
     /// each run that has not ended, then the marker that the index is complete. Safe to repeat
     /// if interrupted (the entries are plain puts and the marker comes last).
     async fn build_active_index(store: &S) -> Result<(), SchedulerError> {
+        // In pages: one range over a long history can exceed a response limit (etcd's client
+        // refuses messages above 4 MiB, about 3,000 sealed run records).
         let mut entries = Vec::new();
-        for kv in store.list_prefix(keys::RUNS).await? {
-            let run: Run = decode(&kv.key, &kv.value)?;
-            if !run.status.is_terminal() {
-                entries.push(keys::active_run(&run.id));
+        let end = keys::prefix_end(keys::RUNS);
+        let mut start = keys::RUNS.to_owned();
+        loop {
+            let page = store.range(&start, &end, BUILD_SCAN_PAGE).await?;
+            for kv in &page {
+                let run: Run = decode(&kv.key, &kv.value)?;
+                if !run.status.is_terminal() {
+                    entries.push(keys::active_run(&run.id));
+                }
+            }
+            match page.last() {
+                // The next key after `last`.
+                Some(last) if page.len() == BUILD_SCAN_PAGE => start = format!("{}\0", last.key),
+                _ => break,
             }
         }
         for chunk in entries.chunks(INDEX_TXN_OPS) {

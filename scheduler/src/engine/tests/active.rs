@@ -288,7 +288,9 @@ async fn open_loads_exactly_the_active_runs_in_the_same_queue_order() {
     assert_eq!(snapshot(&s).await, before, "the same runs, the same queue");
     let reads = reopened.reads();
     assert!(
-        !reads.iter().any(|r| r == &format!("range {}", keys::RUNS)),
+        !reads
+            .iter()
+            .any(|r| r.starts_with(&format!("range {}", keys::RUNS))),
         "open never lists every run: {reads:?}"
     );
     for id in &finished {
@@ -352,7 +354,8 @@ async fn a_store_from_an_older_build_gets_its_index_built_once() {
     let runner = "0190aaaa-0000-7000-8000-000000000000";
     let mut want_active = BTreeSet::new();
     let mut txn = Txn::new();
-    for i in 0..250u32 {
+    // More than one page of the build's scan.
+    for i in 0..1234u32 {
         let id = uuid::Uuid::now_v7().to_string();
         let status = match i % 5 {
             0 => RunStatus::Pending,
@@ -375,7 +378,7 @@ async fn a_store_from_an_older_build_gets_its_index_built_once() {
     let s = Scheduler::open(store.reopened(), config())
         .await
         .expect("open");
-    assert_eq!(want_active.len(), 50);
+    assert_eq!(want_active.len(), 247);
     assert_eq!(assert_index_follows(&s).await, want_active);
     assert!(store
         .get(keys::ACTIVE_RUNS_INDEXED)
@@ -393,7 +396,9 @@ async fn a_store_from_an_older_build_gets_its_index_built_once() {
     assert_eq!(active, want_active);
     let reads = reopened.reads();
     assert!(
-        !reads.iter().any(|r| r == &format!("range {}", keys::RUNS)),
+        !reads
+            .iter()
+            .any(|r| r.starts_with(&format!("range {}", keys::RUNS))),
         "the scan happens once: {reads:?}"
     );
 }
