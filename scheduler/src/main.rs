@@ -61,7 +61,7 @@ struct Args {
     #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
     /// Hours an idempotency key replays its run; after that the same key creates a new run.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = berth_scheduler::engine::DEFAULT_IDEMPOTENCY_TTL.as_secs() / 3600)]
     idempotency_ttl_hours: u64,
 }
 
