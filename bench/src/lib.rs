@@ -6,6 +6,8 @@
 //!   submitted through `ControlService` (one module per part under
 //!   `src/bin/control-plane/`: `scheduler`, `agents`, `submit`, `report`).
 //! - `log-store`: run logs one key per line against compressed chunks, on the embedded store.
+//! - `takeover`: how long `Scheduler::open` (what a new leader does before it serves) takes on
+//!   a store holding 100,000 finished runs, on the embedded store and on a private etcd.
 //!
 //! This library holds the pieces that are not specific to one benchmark: latency percentiles
 //! ([`stats`]) and what `/proc` says about a process ([`proc_stats`]).

@@ -12,6 +12,19 @@ pub fn run(id: &str) -> String {
     format!("{RUNS}{id}")
 }
 
+pub const ACTIVE_RUNS: &str = "active_runs/";
+
+/// Index entry (empty value): run `run_id` has not ended. Written and deleted in the same
+/// transaction as the run record that enters or leaves a non-terminal state, so a scheduler
+/// that starts (or takes over) reads only the runs this prefix names, never the whole history.
+pub fn active_run(run_id: &str) -> String {
+    format!("{ACTIVE_RUNS}{run_id}")
+}
+
+/// Present once [`ACTIVE_RUNS`] names every run that has not ended: a store written before
+/// the index existed has it built once (one scan of [`RUNS`]), then never again.
+pub const ACTIVE_RUNS_INDEXED: &str = "meta/active_runs_indexed";
+
 pub const RUN_FILES: &str = "run_files/";
 
 /// The contents of a run's uploaded files (its record holds only their metadata).
@@ -61,6 +74,15 @@ pub fn registry(id: &str) -> String {
 /// Which run a runner's idempotency key created (the key is hashed: any bytes, fixed length).
 pub fn idempotency(runner_id: &str, key_hash: &str) -> String {
     format!("idempotency/{runner_id}/{key_hash}")
+}
+
+pub const IDEMPOTENCY_EXPIRY: &str = "idempotency_expiry/";
+
+/// Expiry index entry of the idempotency key that created run `run_id` (its value names the
+/// key). Run ids are UUIDv7, so this prefix lists keys oldest first and a sweep reads only the
+/// expired ones.
+pub fn idempotency_expiry(run_id: &str) -> String {
+    format!("{IDEMPOTENCY_EXPIRY}{run_id}")
 }
 
 pub const API_KEYS: &str = "apikeys/";

@@ -8,6 +8,9 @@
 //! store ([`Scheduler::open`]), and the staging pipeline every operation ends with (`stage`,
 //! `write`, `send_to`, then `flush`/`settle` and the dispatcher, below). Each concern adds its
 //! operations in a child module, as further `impl Scheduler` blocks:
+//! - `active`: the store's index of runs that have not ended, kept by `stage` and read by
+//!   `open` (which builds it once for a store that predates it).
+//! - `idempotency`: when an idempotency key expires, and the sweep that deletes expired ones.
 //! - `runners`: runner CRUD and warmup requests.
 //! - `runs`: creating (idempotent, batched), reading, listing and stopping runs.
 //! - `logs`: storing reported log lines (redacted, once each, in expiring compressed chunks)
@@ -42,7 +45,7 @@ use berth_core::model::{Catalog, ContainerRegistry};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::{keys, Run, RunStatus};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -69,6 +72,9 @@ pub struct Config {
     pub secrets: Option<Arc<SecretKey>>,
     /// How long a run's log lines are kept after they are stored; `None`: for ever.
     pub log_retention: Option<Duration>,
+    /// How long after its run was created an idempotency key still replays it (see
+    /// `idempotency`).
+    pub idempotency_ttl: Duration,
 }
 
 /// The default log retention: a week.
@@ -88,9 +94,14 @@ impl Default for Config {
             reserve_after: Duration::from_secs(60),
             secrets: None,
             log_retention: Some(DEFAULT_LOG_RETENTION),
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
         }
     }
 }
+
+/// How long an idempotency key replays its run unless configured otherwise: a day covers any
+/// client's retries.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Scheduler<S> {
     store: S,
@@ -133,6 +144,9 @@ struct State {
     /// Idempotency keys used since start, (runner id, key hash) → run id: a retry that races the
     /// first request finds it here even before the first one's write is durable.
     idempotency: HashMap<(String, String), String>,
+    /// The same keys as (run id, runner id, key hash), oldest first, so expired ones are
+    /// dropped from `idempotency` without a scan.
+    idempotency_order: VecDeque<(String, String, String)>,
     /// Every private registry with its password unsealed, by id (loaded at start).
     registries: HashMap<String, RegistryEntry>,
     /// Images each node must keep because a runner's warmup put them there.
@@ -156,25 +170,13 @@ fn new_id() -> String {
 }
 
 impl<S: Store> Scheduler<S> {
-    /// Loads every run that has not ended; they wait for their nodes to re-register.
+    /// Loads the runs that have not ended (through their index, never the whole history:
+    /// see `active`); they wait for their nodes to re-register.
     pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
-        let mut state = State::default();
-        for kv in store.list_prefix(keys::RUNS).await? {
-            let mut run: Run = decode(&kv.key, &kv.value)?;
-            if !run.status.is_terminal() {
-                // The node that runs it needs the files' contents (stored beside the record).
-                if !run.files.is_empty() {
-                    let key = keys::run_files(&run.id);
-                    let value = store.get(&key).await?.map(|kv| kv.value);
-                    run.restore_file_contents(value.as_deref().unwrap_or_default())
-                        .map_err(|e| SchedulerError::Corrupt {
-                            key,
-                            reason: e.to_string(),
-                        })?;
-                }
-                state.active.insert(run.id.clone(), run);
-            }
-        }
+        let mut state = State {
+            active: Self::load_active_runs(&store).await?,
+            ..State::default()
+        };
         for kv in store.list_prefix(keys::REGISTRIES).await? {
             let reg: ContainerRegistry = decode(&kv.key, &kv.value)?;
             let key = config.secrets.as_ref().ok_or_else(|| {
@@ -333,6 +335,7 @@ impl State {
     /// Stages `run`'s new state: memory (the run cache and the index's leases) now, the store
     /// write with the operation's flush.
     fn stage(&mut self, run: Run) {
+        let was_active = self.active.contains_key(&run.id);
         let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
         let after = (!run.status.is_terminal())
             .then(|| run.node_id.clone())
@@ -349,6 +352,7 @@ impl State {
         }
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        self.stage_active_index(&run, was_active);
         if run.status.is_terminal() && !run.files.is_empty() {
             // No node needs the files any more: their contents go, their digests stay in the
             // record. (Deleting an absent key is no error, so a run staged twice is fine.)
@@ -501,8 +505,10 @@ async fn committed(
     done.await.unwrap_or_else(|_| Err(store_down()))
 }
 
+mod active;
 mod api_keys;
 mod delivery;
+mod idempotency;
 mod images;
 mod logs;
 mod nodes;

@@ -73,6 +73,7 @@ pub async fn serve<S: Store>(
         let _ = stop.send(());
     };
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
+    let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(AgentServiceServer::with_interceptor(
@@ -103,11 +104,27 @@ pub async fn serve<S: Store>(
         }
     };
     expiry.abort();
+    sweep.abort();
     served
 }
 
 /// How long shutdown waits for calls in flight before closing connections.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Deletes expired idempotency keys every few seconds, a bounded number per pass (see
+/// `engine::idempotency`).
+async fn sweep_idempotency_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if let Err(e) = scheduler
+            .sweep_idempotency(berth_core::now_unix_millis())
+            .await
+        {
+            tracing::error!(error = %e, "idempotency key sweep failed");
+        }
+    }
+}
 
 /// Checks node liveness twice a second.
 async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {

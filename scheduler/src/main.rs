@@ -72,6 +72,9 @@ struct Args {
     /// etcd's defaults). etcd refuses less than 2.
     #[arg(long, env = "BERTH_LEADER_LEASE_SECONDS", default_value_t = 3)]
     leader_lease_seconds: u64,
+    /// Hours an idempotency key replays its run; after that the same key creates a new run.
+    #[arg(long, default_value_t = berth_scheduler::engine::DEFAULT_IDEMPOTENCY_TTL.as_secs() / 3600)]
+    idempotency_ttl_hours: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         stop_grace_seconds: args.stop_grace_seconds,
         heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
+        idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
     };
     let stop = signal_watch()?;
     match &args.store {

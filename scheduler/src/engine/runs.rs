@@ -1,7 +1,7 @@
 //! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
 //! with their queue position and pull progress, paged listing, and stopping.
 
-use super::{committed, decode, encode, new_id, stop, Scheduler};
+use super::{committed, decode, encode, idempotency, new_id, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
 use berth_core::overrides::{check_batch, RunOverrides};
@@ -27,7 +27,8 @@ impl<S: Store> Scheduler<S> {
     /// Creates a run. With an idempotency key, a retry (same runner, same key) returns the run
     /// the first call created instead of a new one; the bool says whether it was such a replay.
     /// Keys are scoped per runner, and so per project: the runner is looked up in the caller's
-    /// project before any key is, and a replayed run is read in that project too.
+    /// project before any key is, and a replayed run is read in that project too. A key
+    /// expires `idempotency_ttl` after its run was created: then it creates a new run.
     pub async fn create_run_with_key(
         &self,
         project: &str,
@@ -35,13 +36,38 @@ impl<S: Store> Scheduler<S> {
         overrides: RunOverrides,
         idempotency_key: Option<&str>,
     ) -> Result<(Run, bool), SchedulerError> {
+        self.create_run_with_key_at(
+            project,
+            runner_id,
+            overrides,
+            idempotency_key,
+            now_unix_millis(),
+        )
+        .await
+    }
+
+    /// [`Scheduler::create_run_with_key`] with key expiry judged at `now` (unix millis).
+    pub(super) async fn create_run_with_key_at(
+        &self,
+        project: &str,
+        runner_id: &str,
+        overrides: RunOverrides,
+        idempotency_key: Option<&str>,
+        now: i64,
+    ) -> Result<(Run, bool), SchedulerError> {
+        let ttl = self.config.idempotency_ttl;
         let (runner, _) = self.get_runner(project, runner_id).await?;
         let hash = idempotency_key.map(|k| hex::encode(Sha256::digest(k.as_bytes())));
+        // Whether a stored key is there but expired: the new run's key overwrites it.
+        let mut replaces = false;
         if let Some(hash) = &hash {
             // Committed by an earlier process or request.
             if let Some(kv) = self.store.get(&keys::idempotency(runner_id, hash)).await? {
                 let run_id = String::from_utf8_lossy(&kv.value).into_owned();
-                return Ok((self.get_run(project, runner_id, &run_id).await?, true));
+                if !idempotency::expired(&run_id, now, ttl) {
+                    return Ok((self.get_run(project, runner_id, &run_id).await?, true));
+                }
+                replaces = true;
             }
         }
         let overrides = overrides.validate()?;
@@ -50,21 +76,12 @@ impl<S: Store> Scheduler<S> {
         let (out, done) = {
             let mut st = self.state.lock().await;
             if let Some(hash) = &hash {
-                let first = st
-                    .idempotency
-                    .get(&(runner_id.to_owned(), hash.clone()))
-                    .cloned();
-                if let Some(first) = first {
+                if let Some(first) = st.idempotent_run(runner_id, hash, now, ttl) {
                     drop(st);
                     return Ok((self.get_run(project, runner_id, &first).await?, true));
                 }
-                st.idempotency
-                    .insert((runner_id.to_owned(), hash.clone()), run.id.clone());
-                st.write(
-                    keys::idempotency(runner_id, hash),
-                    run.id.clone().into_bytes(),
-                    Expect::Absent,
-                );
+                st.stage_idempotency_key(runner_id, hash, &run.id, replaces);
+                st.prune_idempotency(now, ttl);
             }
             st.write(keys::run(&run.id), encode(&run), Expect::Absent);
             st.write_file_contents(&run);

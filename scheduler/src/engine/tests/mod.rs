@@ -13,8 +13,10 @@ use berth_core::overrides::RunOverrides;
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, MemoryStore};
 use berth_core::validate::RegistrySpec;
-use berth_core::{EnvVar, RunnerSpec};
+use berth_core::{now_unix_millis, EnvVar, RunnerSpec};
 
+mod active;
+mod idempotency;
 mod images;
 mod logs;
 mod nodes;
