@@ -138,6 +138,13 @@ struct State {
     pending: Txn,
     /// Where each key's put sits in `pending`, so a key written twice is stored once.
     pending_at: HashMap<String, usize>,
+    /// Where each *unit* of `pending` starts (besides 0): the writes that must apply together
+    /// (one run's record with its index entries). `flush` may split `pending` into several
+    /// store transactions when it exceeds the store's limits (etcd: 127 operations), but only
+    /// between units.
+    unit_starts: Vec<usize>,
+    /// Inside `open_unit` … `close_unit`: `stage` does not start a unit of its own.
+    unit_open: bool,
     /// Commands to agents staged by the current operation, sent once `pending` is durable.
     outgoing: Vec<(Link, AgentCommand)>,
     next_connection: u64,
@@ -298,8 +305,19 @@ impl<S: Store> Scheduler<S> {
     fn flush(&self, st: &mut State) -> oneshot::Receiver<Result<(), SchedulerError>> {
         let txn = std::mem::take(&mut st.pending);
         st.pending_at.clear();
+        let units = std::mem::take(&mut st.unit_starts);
+        st.unit_open = false;
         let messages = std::mem::take(&mut st.outgoing);
-        let commit = (!txn.is_empty()).then(|| Box::pin(self.store.submit(txn)) as CommitFuture);
+        // Submitted one after the other now, so they apply in this order.
+        let commit = split_at_units(
+            txn,
+            &units,
+            self.store.max_txn_ops(),
+            self.store.max_txn_bytes(),
+        )
+        .into_iter()
+        .map(|t| Box::pin(self.store.submit(t)) as CommitFuture)
+        .collect();
         let (done, receiver) = oneshot::channel();
         if self
             .dispatch
@@ -335,6 +353,7 @@ impl State {
     /// Stages `run`'s new state: memory (the run cache and the index's leases) now, the store
     /// write with the operation's flush.
     fn stage(&mut self, run: Run) {
+        self.begin_unit();
         let was_active = self.active.contains_key(&run.id);
         let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
         let after = (!run.status.is_terminal())
@@ -388,6 +407,24 @@ impl State {
     /// A key staged again replaces its earlier put's value (one write per key and
     /// operation) and keeps that put's precondition: the store checks every precondition
     /// against the state before the transaction, so the first one is the one that matters.
+    /// Starts a new unit of writes (see `unit_starts`), unless one is held open.
+    fn begin_unit(&mut self) {
+        let at = self.pending.ops.len();
+        if !self.unit_open && at > 0 && self.unit_starts.last() != Some(&at) {
+            self.unit_starts.push(at);
+        }
+    }
+
+    /// Everything staged until `close_unit` is one unit, `stage` calls included.
+    fn open_unit(&mut self) {
+        self.begin_unit();
+        self.unit_open = true;
+    }
+
+    fn close_unit(&mut self) {
+        self.unit_open = false;
+    }
+
     fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
         if let Some(&at) = self.pending_at.get(&key) {
             if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)
@@ -461,9 +498,55 @@ fn stop(run_id: &str) -> AgentCommand {
 type CommitFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, StoreError>> + Send>>;
 
+/// Splits `txn` into transactions of at most `max_ops` operations and `max_bytes` bytes, cutting
+/// only where a unit starts (`unit_starts`, ascending op indices). A unit larger than the limits
+/// stays whole (the store then refuses it). Order is kept.
+fn split_at_units(txn: Txn, unit_starts: &[usize], max_ops: usize, max_bytes: usize) -> Vec<Txn> {
+    if txn.is_empty() {
+        return Vec::new();
+    }
+    let size = |op: &berth_core::store::Op| match op {
+        berth_core::store::Op::Put { key, value, .. } => key.len() + value.len(),
+        berth_core::store::Op::Delete { key, .. } => key.len(),
+    };
+    if txn.ops.len() <= max_ops && txn.ops.iter().map(size).sum::<usize>() <= max_bytes {
+        return vec![txn];
+    }
+    let total = txn.ops.len();
+    let mut bounds: Vec<usize> = unit_starts
+        .iter()
+        .copied()
+        .filter(|&b| b > 0 && b < total)
+        .collect();
+    bounds.push(total);
+    let mut out = Vec::new();
+    let mut current = Txn::new();
+    let mut current_bytes = 0;
+    let mut ops = txn.ops.into_iter();
+    let mut start = 0;
+    for end in bounds {
+        let unit: Vec<_> = ops.by_ref().take(end - start).collect();
+        start = end;
+        let unit_bytes: usize = unit.iter().map(size).sum();
+        let fits =
+            current.ops.len() + unit.len() <= max_ops && current_bytes + unit_bytes <= max_bytes;
+        if !fits && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.ops.extend(unit);
+        current_bytes += unit_bytes;
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 /// One operation's staged effects, in flush order.
 struct Dispatch {
-    commit: Option<CommitFuture>,
+    /// The operation's store transactions (usually one), applied in this order.
+    commit: Vec<CommitFuture>,
     messages: Vec<(Link, AgentCommand)>,
     done: oneshot::Sender<Result<(), SchedulerError>>,
 }
@@ -476,13 +559,18 @@ async fn dispatch_loop(mut queue: mpsc::UnboundedReceiver<Dispatch>, failed: wat
             let _ = d.done.send(Err(store_down()));
             continue;
         }
-        if let Some(commit) = d.commit {
+        let mut failure = None;
+        for commit in d.commit {
             if let Err(e) = commit.await {
-                tracing::error!(error = %e, "store commit failed; the scheduler must restart");
-                failed.send_replace(true);
-                let _ = d.done.send(Err(SchedulerError::Store(e)));
-                continue;
+                failure = Some(e);
+                break;
             }
+        }
+        if let Some(e) = failure {
+            tracing::error!(error = %e, "store commit failed; the scheduler must restart");
+            failed.send_replace(true);
+            let _ = d.done.send(Err(SchedulerError::Store(e)));
+            continue;
         }
         for (link, command) in d.messages {
             // A closed stream: the node learns what it must on re-register.

@@ -91,6 +91,8 @@ pub struct EtcdStore {
     client: Client,
     kv: KvClient,
     prefix: String,
+    max_ops: usize,
+    max_bytes: usize,
     read_retries: usize,
     writer: mpsc::UnboundedSender<PendingCommit>,
     fence: SharedFence,
@@ -181,6 +183,8 @@ impl EtcdStore {
         Ok(EtcdStore {
             client,
             kv,
+            max_ops: config.max_txn_ops.max(2) - 1,
+            max_bytes: config.max_request_bytes,
             prefix: config.prefix,
             read_retries: config.read_retries,
             writer,
@@ -273,6 +277,14 @@ impl Store for EtcdStore {
             .with_limit(limit)
             .with_sort(SortTarget::Key, SortOrder::Ascend);
         self.read(self.full_key(start), Some(options)).await
+    }
+
+    fn max_txn_ops(&self) -> usize {
+        self.max_ops
+    }
+
+    fn max_txn_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {

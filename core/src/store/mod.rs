@@ -170,6 +170,17 @@ pub trait Store: Send + Sync + 'static {
     /// or in another order. The future resolves once `txn` is durable (or has failed).
     fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static;
 
+    /// The most operations one transaction may hold ([`usize::MAX`]: no limit). etcd's
+    /// request limit makes it 127 there; a caller with more writes than that splits them.
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
+
+    /// The most bytes of keys and values one transaction may hold ([`usize::MAX`]: no limit).
+    fn max_txn_bytes(&self) -> usize {
+        usize::MAX
+    }
+
     /// Every key starting with `prefix`.
     fn list_prefix(
         &self,

@@ -65,6 +65,15 @@ impl<S: Store> Store for SealedStore<S> {
         kvs.into_iter().map(|kv| self.open(kv)).collect()
     }
 
+    fn max_txn_ops(&self) -> usize {
+        self.inner.max_txn_ops()
+    }
+
+    /// Sealing grows a value (nonce, tag, encoding): leave half of the inner limit.
+    fn max_txn_bytes(&self) -> usize {
+        self.inner.max_txn_bytes() / 2
+    }
+
     fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {
         let ops = txn
             .ops

@@ -87,8 +87,13 @@ impl<S: Store> Scheduler<S> {
                     }
                     if run.pending_reason.as_deref() != Some(reason.as_str()) {
                         tracing::info!(run_id = %run_id, reason = %reason, "run waits");
-                        run.pending_reason = Some(reason);
-                        st.stage(run);
+                        // Why a run waits is recomputed by every pass (and by a new leader's
+                        // first one): kept in memory only, never a store write per waiting
+                        // run per pass (with 1,000 waiting runs that was one 1,000-record
+                        // transaction each time).
+                        if let Some(live) = st.active.get_mut(&run_id) {
+                            live.pending_reason = Some(reason);
+                        }
                     }
                 }
             }
@@ -157,6 +162,10 @@ impl State {
     /// waiting runs of its region, oldest first.
     pub(super) fn with_queue_position(&self, mut run: Run) -> Run {
         run.queue_position = None;
+        // The live reason it waits (see `schedule`), not the one last stored.
+        if let Some(live) = self.active.get(&run.id).filter(|r| r.status == run.status) {
+            run.pending_reason.clone_from(&live.pending_reason);
+        }
         if is_queued(&run) {
             let ahead = self
                 .queue

@@ -75,8 +75,12 @@ impl<S: Store> Scheduler<S> {
         let run = self.new_run(&runner, &image, overrides)?;
         let (out, done) = {
             let mut st = self.state.lock().await;
+            // The run's record, its files, its index entries and its idempotency key apply
+            // together, however the operation's writes are split.
+            st.open_unit();
             if let Some(hash) = &hash {
                 if let Some(first) = st.idempotent_run(runner_id, hash, now, ttl) {
+                    st.close_unit();
                     drop(st);
                     return Ok((self.get_run(project, runner_id, &first).await?, true));
                 }
@@ -93,6 +97,7 @@ impl<S: Store> Scheduler<S> {
             tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
             let id = run.id.clone();
             st.stage(run);
+            st.close_unit();
             self.schedule(&mut st)?;
             let out = st
                 .active
@@ -196,6 +201,7 @@ impl<S: Store> Scheduler<S> {
         let (out, done) = {
             let mut st = self.state.lock().await;
             for run in runs {
+                st.open_unit();
                 st.write(keys::run(&run.id), encode(&run), Expect::Absent);
                 st.write_file_contents(&run);
                 st.write(
@@ -204,6 +210,7 @@ impl<S: Store> Scheduler<S> {
                     Expect::Absent,
                 );
                 st.stage(run);
+                st.close_unit();
             }
             tracing::info!(runner_id = %runner.id, runs = ids.len(), "batch of runs created");
             self.schedule(&mut st)?;

@@ -18,6 +18,7 @@ use berth_core::{now_unix_millis, EnvVar, RunnerSpec};
 mod active;
 mod idempotency;
 mod images;
+mod limits;
 mod logs;
 mod nodes;
 mod projects;
