@@ -235,7 +235,18 @@ impl EtcdStore {
         key: String,
         options: Option<GetOptions>,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        let response = (|| {
+        let response = self.read_raw(key, options).await.map_err(backend)?;
+        response.kvs().iter().map(|kv| self.decode(kv)).collect()
+    }
+
+    /// One range request, retried across transient failures; the etcd error is kept so a
+    /// caller can tell a response too large for the client.
+    async fn read_raw(
+        &self,
+        key: String,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        (|| {
             let mut kv = self.kv.clone();
             let key = key.clone();
             let options = options.clone();
@@ -247,8 +258,20 @@ impl EtcdStore {
             tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "etcd read failed");
         })
         .await
-        .map_err(backend)?;
-        response.kvs().iter().map(|kv| self.decode(kv)).collect()
+    }
+}
+
+/// Keys per range request at first; halved while a response is too large for the client's
+/// 4 MiB message limit (large values, e.g. log chunks), so a range of any size is read.
+const RANGE_PAGE: usize = 1000;
+
+/// The answer was larger than a gRPC message may be.
+fn too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::OutOfRange || s.message().contains("message length too large")
+        }
+        _ => false,
     }
 }
 
@@ -261,6 +284,9 @@ impl Store for EtcdStore {
             .next())
     }
 
+    /// Read in pages (etcd's response must fit one gRPC message: a single range over 100,000
+    /// runs is ~140 MB), every page at the first page's revision, so the whole range is one
+    /// consistent snapshot, as one request would be.
     async fn range(
         &self,
         start: &str,
@@ -270,13 +296,46 @@ impl Store for EtcdStore {
         if start >= end || limit == 0 {
             return Ok(vec![]);
         }
-        // etcd treats 0 as "no limit".
-        let limit = i64::try_from(limit).unwrap_or(0);
-        let options = GetOptions::new()
-            .with_range(self.full_key(end))
-            .with_limit(limit)
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        self.read(self.full_key(start), Some(options)).await
+        let to = self.full_key(end);
+        let mut from = self.full_key(start);
+        let mut out = Vec::new();
+        let mut page = RANGE_PAGE;
+        let mut at_revision = None;
+        loop {
+            let want = page.min(limit - out.len());
+            let mut options = GetOptions::new()
+                .with_range(to.clone())
+                .with_limit(i64::try_from(want).unwrap_or(i64::MAX))
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            if let Some(rev) = at_revision {
+                options = options.with_revision(rev);
+            }
+            let response = match self.read_raw(from.clone(), Some(options)).await {
+                Ok(r) => r,
+                Err(e) if too_large(&e) && page > 1 => {
+                    page = (page / 2).max(1);
+                    continue;
+                }
+                Err(e) => return Err(backend(e)),
+            };
+            if at_revision.is_none() {
+                at_revision = response.header().map(|h| h.revision());
+            }
+            let kvs = response.kvs();
+            for kv in kvs {
+                out.push(self.decode(kv)?);
+            }
+            let more = response.more() && kvs.len() == want;
+            match kvs.last() {
+                Some(last) if more && out.len() < limit => {
+                    // The next page starts just after the last key read.
+                    let mut next = last.key().to_vec();
+                    next.push(0);
+                    from = String::from_utf8(next).map_err(backend)?;
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     fn max_txn_ops(&self) -> usize {
@@ -1025,5 +1084,43 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(store.list_prefix("xo/").await.expect("list").len(), 300);
         assert_eq!(store.list_prefix("xm/").await.expect("list").len(), 300);
+    }
+
+    /// A range larger than one page, and one whose values add up to more than a gRPC message
+    /// may carry (4 MiB): both read whole, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_ranges_larger_than_one_response() {
+        use crate::store::{Expect, Store, Txn};
+        let etcd = spawn_etcd();
+        let store = EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]))
+            .await
+            .expect("connect");
+        healthy(&store).await;
+        for chunk in 0..25 {
+            let mut txn = Txn::new();
+            for i in 0..100 {
+                txn = txn.put(format!("many/{:05}", chunk * 100 + i), vec![1], Expect::Any);
+            }
+            store.commit(txn).await.expect("write");
+        }
+        let all = store.list_prefix("many/").await.expect("list");
+        assert_eq!(all.len(), 2500);
+        assert!(all.windows(2).all(|w| w[0].key < w[1].key), "in key order");
+        let some = store
+            .range("many/00990", "many/01500", 300)
+            .await
+            .expect("range with a limit");
+        assert_eq!(some.len(), 300);
+        assert_eq!(some[0].key, "many/00990");
+        // 24 values of 300 KiB: about 7 MiB in all.
+        for i in 0..24 {
+            store
+                .commit(Txn::new().put(format!("big/{i:02}"), vec![7; 300 * 1024], Expect::Any))
+                .await
+                .expect("write");
+        }
+        let big = store.list_prefix("big/").await.expect("list big values");
+        assert_eq!(big.len(), 24);
+        assert!(big.iter().all(|kv| kv.value.len() == 300 * 1024));
     }
 }
