@@ -589,7 +589,7 @@ async fn etcd_outages_lose_nothing() -> Result<()> {
         .runner(
             "fra",
             json!({"instance_type": "standard-xs",
-                   "run_command": "i=1; while [ $i -le 200 ]; do echo n$i; i=$((i+1)); sleep 0.1; done"}),
+                   "run_command": "i=1; while [ $i -le 400 ]; do echo n$i; i=$((i+1)); sleep 0.1; done"}),
         )
         .await?;
     let long_client = Client::new(&fleet, &long, history.clone())?;
@@ -626,7 +626,6 @@ async fn etcd_outages_lose_nothing() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The run keeps running on its node meanwhile (its container is alive).
-    tokio::time::sleep(Duration::from_secs(4)).await;
     let node = &fleet.nodes[0].0;
     let other = &fleet.nodes[1].0;
     let containers = [
@@ -650,7 +649,7 @@ async fn etcd_outages_lose_nothing() -> Result<()> {
     )
     .await?;
     ensure!(finals[&run] == RunStatus::Succeeded, "{finals:?}");
-    let expected: Vec<String> = (1..=200).map(|i| format!("n{i}")).collect();
+    let expected: Vec<String> = (1..=400).map(|i| format!("n{i}")).collect();
     check_logs(&fleet, &long, &[run], &expected).await?;
     check_history(&history, &long_client)?;
     if !long_client.errors().is_empty() {

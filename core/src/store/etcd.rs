@@ -122,13 +122,18 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-/// Whether a failed call may be repeated: the request never reached a leader or timed out.
+/// Whether a failed call may be repeated: the request never reached a leader, timed out, or
+/// lost its connection (a member killed mid-request answers `Cancelled`). For a write the
+/// outcome is then unknown, which the writer sequence resolves.
 fn transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => matches!(
             s.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
         ),
         _ => false,
     }

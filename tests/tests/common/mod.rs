@@ -975,6 +975,19 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        // BERTH_TEST_KEEP_LOGS=DIR keeps every process's log for a look after the test.
+        if let Ok(keep) = std::env::var("BERTH_TEST_KEEP_LOGS") {
+            let to = Path::new(&keep).join(self.dir.path().file_name().unwrap_or_default());
+            if std::fs::create_dir_all(&to).is_ok() {
+                if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                    for e in entries.flatten() {
+                        if e.path().extension().is_some_and(|x| x == "log") {
+                            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+                        }
+                    }
+                }
+            }
+        }
         let agents = self.agents.values_mut().map(|(p, _)| p);
         let procs = self
             .others
