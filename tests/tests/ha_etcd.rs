@@ -27,6 +27,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The tests here each run a whole fleet with containers under load and kill or freeze parts of
+/// it on a schedule: one at a time, so that they do not starve each other of the two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fleet on `etcd` with both scheduler slots campaigning (slot 0 leads).
 async fn ha_fleet(etcd: &EtcdCluster, agents: &[AgentSpec]) -> Result<Fleet> {
     let mut fleet = Fleet::start_opts(
@@ -348,6 +352,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// the standby for the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     // The first round is the burst of 1,000 runs; the next ones repeat the failover
     // with smaller bursts.
     let rounds = env_usize("BERTH_HA_ROUNDS", 3);
@@ -449,6 +454,7 @@ async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()
 /// fail their runs) and step down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_frozen_past_its_lease_commits_nothing_when_it_resumes() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let etcd = EtcdCluster::start(3)?;
     let mut fleet = ha_fleet(&etcd, &agents(1)).await?;
     let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
@@ -552,6 +558,7 @@ async fn a_leader_frozen_past_its_lease_commits_nothing_when_it_resumes() -> Res
 /// the node keeps running; etcd back: the run finishes with every line once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_outages_lose_nothing() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let mut etcd = EtcdCluster::start(3)?;
     let fleet = ha_fleet(&etcd, &agents(2)).await?;
     let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
