@@ -41,7 +41,7 @@ pub mod process;
 pub mod secrets;
 pub mod status;
 pub mod store;
-#[cfg(feature = "testkit")]
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod validate;
 

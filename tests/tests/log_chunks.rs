@@ -10,95 +10,20 @@
 
 mod common;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use berth_core::testkit::etcd::EtcdCluster;
 use common::{msgs, read_sse, AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LINES: u64 = 3000;
 const RETENTION_HOURS: u64 = 2;
 
-/// A private single-member etcd on loopback; killed on drop.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Etcd {
-    fn start() -> Result<Etcd> {
-        let bin = std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into());
-        for _ in 0..5 {
-            // etcd cannot listen on port 0: probe two free ports (held until both are chosen).
-            let probes = [
-                TcpListener::bind("127.0.0.1:0")?,
-                TcpListener::bind("127.0.0.1:0")?,
-            ];
-            let client = probes[0].local_addr()?.port();
-            let peer = format!("http://127.0.0.1:{}", probes[1].local_addr()?.port());
-            drop(probes);
-            let dir = tempfile::tempdir()?;
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let child = Command::new(&bin)
-                .arg("--name=logs")
-                .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls={peer}"))
-                .arg(format!("--initial-advertise-peer-urls={peer}"))
-                .arg(format!("--initial-cluster=logs={peer}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {bin} (Debian's etcd-server)"))?;
-            let mut etcd = Etcd {
-                child,
-                endpoint,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && etcd.child.try_wait()?.is_none() {
-                if etcd.ctl(&["endpoint", "health"]).is_ok() {
-                    return Ok(etcd);
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            // Most likely a probed port was taken meanwhile: try others.
-        }
-        bail!("etcd did not start on loopback after 5 attempts")
-    }
-
-    /// Runs `etcdctl` against this member and returns its standard output.
-    fn ctl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint))
-            .args(args)
-            .output()
-            .context("running etcdctl")?;
-        ensure!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?)
-    }
-}
-
 #[tokio::test]
 async fn a_runs_lines_are_a_few_chunks_on_one_expiring_lease_in_etcd() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let store = format!("etcd://{}", etcd.endpoint.trim_start_matches("http://"));
+    let etcd = EtcdCluster::start(1)?;
+    let store = etcd.store_url();
     let retention = RETENTION_HOURS.to_string();
     let f = Fleet::start_with(
         &[AgentSpec::new("fra")],

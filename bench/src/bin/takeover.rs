@@ -25,13 +25,12 @@ use berth_bench::stats::millis;
 use berth_core::model::{EnvVar, Runner, RunnerSpec};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{EmbeddedStore, EtcdConfig, EtcdStore, Expect, SealedStore, Store, Txn};
+use berth_core::testkit::etcd::{EtcdCluster, EtcdOptions};
 use berth_core::{keys, Run, RunStatus};
 use berth_scheduler::engine::{Config, Scheduler};
 use clap::Parser;
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,7 +109,15 @@ async fn main() -> anyhow::Result<()> {
         results.push(measure("embedded", &args, || async { open() }).await?);
     }
     if etcd {
-        let cluster = EtcdCluster::start(&args.etcd_bin, args.etcd_members, &args.data_root)?;
+        let cluster = EtcdCluster::start_with(
+            args.etcd_members,
+            &EtcdOptions {
+                bin: Some(args.etcd_bin.clone()),
+                parent_dir: Some(args.data_root.clone()),
+                extra_args: vec!["--quota-backend-bytes=4294967296".to_owned()],
+            },
+        )
+        .context("starting etcd")?;
         let endpoints = cluster.endpoints();
         let connect = || async {
             let store = EtcdStore::connect(EtcdConfig::new(endpoints.clone())).await?;
@@ -477,73 +484,6 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         queue_position: None,
         files: vec![],
         stop_grace_seconds: Some(10),
-    }
-}
-
-/// A private etcd cluster on free loopback ports (never 2379/2380), killed on drop.
-struct EtcdCluster {
-    members: Vec<(Child, String)>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for (child, _) in &mut self.members {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl EtcdCluster {
-    fn start(bin: &Path, n: usize, data_root: &Path) -> anyhow::Result<EtcdCluster> {
-        if !bin.is_file() {
-            bail!("{} is missing: install Debian's etcd-server", bin.display());
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("berth-bench-takeover-etcd-")
-            .tempdir_in(data_root)?;
-        // etcd cannot listen on port 0: hold probe listeners until every port is chosen.
-        let probes: Vec<TcpListener> = (0..2 * n)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<_, _>>()?;
-        let ports: Vec<u16> = probes
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<Result<_, _>>()?;
-        drop(probes);
-        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-        let initial = (0..n)
-            .map(|i| format!("m{i}={}", peer(i)))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members = Vec::new();
-        for i in 0..n {
-            let client = format!("http://127.0.0.1:{}", ports[2 * i]);
-            let child = Command::new(bin)
-                .arg(format!("--name=m{i}"))
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.path().join(format!("m{i}")).display()
-                ))
-                .arg(format!("--listen-client-urls={client}"))
-                .arg(format!("--advertise-client-urls={client}"))
-                .arg(format!("--listen-peer-urls={}", peer(i)))
-                .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
-                .arg(format!("--initial-cluster={initial}"))
-                .arg("--initial-cluster-state=new")
-                .arg("--quota-backend-bytes=4294967296")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting etcd")?;
-            members.push((child, client));
-        }
-        Ok(EtcdCluster { members, _dir: dir })
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|(_, e)| e.clone()).collect()
     }
 }
 

@@ -766,100 +766,23 @@ impl WriterSeq {
 #[cfg(test)]
 mod tests {
     use super::{EtcdConfig, EtcdStore};
-    use std::net::TcpListener;
-    use std::path::Path;
-    use std::process::{Child, Command, Stdio};
+    use crate::testkit::etcd::EtcdCluster;
     use std::time::{Duration, Instant};
 
-    const ETCD_BIN: &str = "/usr/bin/etcd";
-
-    /// One private etcd member on loopback; killed on drop.
-    struct EtcdProcess {
-        child: Child,
-        endpoint: String,
-        _dir: tempfile::TempDir,
+    /// A private single-member etcd on loopback (all members killed on drop).
+    fn spawn_etcd() -> EtcdCluster {
+        spawn_cluster(1)
     }
 
-    impl Drop for EtcdProcess {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn spawn_cluster(n: usize) -> EtcdCluster {
+        EtcdCluster::start(n).expect(
+            "start etcd on loopback (install Debian's etcd-server to run the etcd store tests; \
+             deploy/test.sh does)",
+        )
     }
 
-    /// Probes `n` distinct free loopback ports (all held until every one is chosen).
-    fn free_ports(n: usize) -> Vec<u16> {
-        let listeners: Vec<TcpListener> = (0..n)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a probe port"))
-            .collect();
-        listeners
-            .iter()
-            .map(|l| l.local_addr().expect("probe address").port())
-            .collect()
-    }
-
-    fn spawn_etcd() -> EtcdProcess {
-        spawn_cluster(1).pop().expect("one member")
-    }
-
-    /// Starts an `n`-member etcd cluster on loopback and waits until every member accepts
-    /// client connections.
-    fn spawn_cluster(n: usize) -> Vec<EtcdProcess> {
-        let bin = std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| ETCD_BIN.to_owned());
-        assert!(
-            Path::new(&bin).exists(),
-            "{bin} is missing: install Debian's etcd-server (deploy/test.sh does) to run the \
-             etcd store tests"
-        );
-        // etcd cannot listen on port 0: probe free ports, and retry if another process takes
-        // one between the probe and etcd's bind.
-        'attempt: for _ in 0..5 {
-            let ports = free_ports(2 * n);
-            let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
-            let initial_cluster = (0..n)
-                .map(|i| format!("m{i}={}", peer_url(i)))
-                .collect::<Vec<_>>()
-                .join(",");
-            let mut members = Vec::new();
-            for i in 0..n {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let endpoint = format!("http://127.0.0.1:{}", ports[2 * i]);
-                let child = Command::new(&bin)
-                    .arg(format!("--name=m{i}"))
-                    .arg(format!("--data-dir={}", dir.path().join("data").display()))
-                    .arg(format!("--listen-client-urls={endpoint}"))
-                    .arg(format!("--advertise-client-urls={endpoint}"))
-                    .arg(format!("--listen-peer-urls={}", peer_url(i)))
-                    .arg(format!("--initial-advertise-peer-urls={}", peer_url(i)))
-                    .arg(format!("--initial-cluster={initial_cluster}"))
-                    .arg("--initial-cluster-state=new")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start etcd");
-                members.push(EtcdProcess {
-                    child,
-                    endpoint,
-                    _dir: dir,
-                });
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            for (i, member) in members.iter_mut().enumerate() {
-                loop {
-                    if member.child.try_wait().ok().flatten().is_some() || Instant::now() > deadline
-                    {
-                        // Most likely a port was taken meanwhile; drop these and try again.
-                        continue 'attempt;
-                    }
-                    if std::net::TcpStream::connect(("127.0.0.1", ports[2 * i])).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-            return members;
-        }
-        panic!("etcd did not start on loopback after 5 attempts");
+    fn endpoint(etcd: &EtcdCluster) -> String {
+        etcd.endpoints().into_iter().next().unwrap_or_default()
     }
 
     /// Waits until the member has a leader and serves a read.
@@ -878,14 +801,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn conforms_against_a_real_etcd() {
         let etcd = spawn_etcd();
-        let mut config = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+        let mut config = EtcdConfig::new(vec![endpoint(&etcd)]);
         config.prefix = "/berth-test/".to_owned();
         let store = EtcdStore::connect(config).await.expect("connect");
         healthy(&store).await;
         crate::store::conformance::run_all(&store).await;
         // The scheduler runs etcd under the sealing wrapper: check that pair too, in a fresh
         // keyspace of the same cluster.
-        let mut config = EtcdConfig::new(vec![etcd.endpoint.clone()]);
+        let mut config = EtcdConfig::new(vec![endpoint(&etcd)]);
         config.prefix = "/berth-sealed/".to_owned();
         let inner = EtcdStore::connect(config).await.expect("connect");
         let key = std::sync::Arc::new(crate::secrets::SecretKey::generate());
@@ -897,7 +820,7 @@ mod tests {
     async fn rejects_a_transaction_etcd_cannot_apply_atomically() {
         use crate::store::{Expect, Store, StoreError, Txn};
         let etcd = spawn_etcd();
-        let store = EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]))
+        let store = EtcdStore::connect(EtcdConfig::new(vec![endpoint(&etcd)]))
             .await
             .expect("connect");
         healthy(&store).await;
@@ -920,7 +843,7 @@ mod tests {
     async fn survives_the_loss_of_one_member() {
         use crate::store::{Expect, Store, StoreError, Txn};
         let mut cluster = spawn_cluster(3);
-        let endpoints = cluster.iter().map(|m| m.endpoint.clone()).collect();
+        let endpoints = cluster.endpoints();
         let store = EtcdStore::connect(EtcdConfig::new(endpoints))
             .await
             .expect("connect");
@@ -929,7 +852,7 @@ mod tests {
             .commit(Txn::new().put("fo/a", b"1".to_vec(), Expect::Absent))
             .await
             .expect("write with all members up");
-        drop(cluster.remove(0));
+        cluster.kill(0).expect("kill a member");
         let kv = store
             .get("fo/a")
             .await
@@ -965,7 +888,7 @@ mod tests {
     async fn a_deposed_leader_cannot_write() {
         use crate::store::{Election, ElectionConfig, Expect, Store, StoreError, Txn};
         let etcd = spawn_etcd();
-        let connect = || EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]));
+        let connect = || EtcdStore::connect(EtcdConfig::new(vec![endpoint(&etcd)]));
         let (a, b) = (connect().await.expect("a"), connect().await.expect("b"));
         healthy(&a).await;
         let config = |value: &str| ElectionConfig {
@@ -1040,7 +963,7 @@ mod tests {
     async fn fenced_writes_apply_exactly_once_across_a_member_loss() {
         use crate::store::{Election, ElectionConfig, Expect, Store, Txn};
         let mut cluster = spawn_cluster(3);
-        let endpoints = cluster.iter().map(|m| m.endpoint.clone()).collect();
+        let endpoints = cluster.endpoints();
         let store = EtcdStore::connect(EtcdConfig::new(endpoints))
             .await
             .expect("connect");
@@ -1081,7 +1004,7 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(cluster.remove(0));
+        cluster.kill(0).expect("kill a member");
         let failures = tokio::time::timeout(Duration::from_secs(60), writer)
             .await
             .expect("the writes finish")
@@ -1097,7 +1020,7 @@ mod tests {
     async fn reads_ranges_larger_than_one_response() {
         use crate::store::{Expect, Store, Txn};
         let etcd = spawn_etcd();
-        let store = EtcdStore::connect(EtcdConfig::new(vec![etcd.endpoint.clone()]))
+        let store = EtcdStore::connect(EtcdConfig::new(vec![endpoint(&etcd)]))
             .await
             .expect("connect");
         healthy(&store).await;

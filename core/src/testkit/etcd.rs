@@ -22,7 +22,20 @@ pub struct EtcdCluster {
     bin: String,
     members: Vec<Member>,
     initial_cluster: String,
+    extra_args: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+/// How [`EtcdCluster::start_with`] starts the members.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// The etcd binary (default: `BERTH_ETCD_BIN`, else `/usr/bin/etcd`).
+    pub bin: Option<PathBuf>,
+    /// Where the members' data directories go (default: the system's temporary directory); a
+    /// real disk for benchmarks.
+    pub parent_dir: Option<PathBuf>,
+    /// More flags for every member (e.g. `--quota-backend-bytes=…`).
+    pub extra_args: Vec<String>,
 }
 
 fn other(message: impl Into<String>) -> io::Error {
@@ -44,7 +57,15 @@ impl EtcdCluster {
     /// Starts `n` members and waits until each accepts client connections (a port taken
     /// between the probe and etcd's bind makes it try again with new ports, up to 5 times).
     pub fn start(n: usize) -> io::Result<EtcdCluster> {
-        let bin = std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| DEFAULT_ETCD_BIN.to_owned());
+        EtcdCluster::start_with(n, &EtcdOptions::default())
+    }
+
+    /// Like [`EtcdCluster::start`], with [`EtcdOptions`].
+    pub fn start_with(n: usize, options: &EtcdOptions) -> io::Result<EtcdCluster> {
+        let bin = match &options.bin {
+            Some(b) => b.display().to_string(),
+            None => std::env::var("BERTH_ETCD_BIN").unwrap_or_else(|_| DEFAULT_ETCD_BIN.to_owned()),
+        };
         if !Path::new(&bin).exists() {
             return Err(other(format!(
                 "{bin} is missing: install Debian's etcd-server (deploy/test.sh does)"
@@ -66,11 +87,18 @@ impl EtcdCluster {
                 .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
                 .collect::<Vec<_>>()
                 .join(",");
+            let dir = match &options.parent_dir {
+                Some(parent) => tempfile::Builder::new()
+                    .prefix("berth-etcd-")
+                    .tempdir_in(parent)?,
+                None => tempfile::Builder::new().prefix("berth-etcd-").tempdir()?,
+            };
             let mut cluster = EtcdCluster {
                 bin: bin.clone(),
                 members,
                 initial_cluster,
-                dir: tempfile::tempdir()?,
+                extra_args: options.extra_args.clone(),
+                dir,
             };
             let started = (0..n).try_for_each(|i| cluster.spawn(i, "new"));
             match started.and_then(|()| cluster.wait_serving(Duration::from_secs(20))) {
@@ -100,6 +128,7 @@ impl EtcdCluster {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster={}", self.initial_cluster))
             .arg(format!("--initial-cluster-state={state}"))
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -128,6 +157,24 @@ impl EtcdCluster {
             }
         }
         Ok(())
+    }
+
+    /// Runs `etcdctl` (Debian's etcd-client) with `args` against the first member; its
+    /// standard output.
+    pub fn ctl(&self, args: &[&str]) -> io::Result<String> {
+        let endpoint = self.endpoints().into_iter().next().unwrap_or_default();
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(other(format!(
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Client URLs, `http://127.0.0.1:PORT`.
