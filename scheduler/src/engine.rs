@@ -509,7 +509,10 @@ fn split_at_units(txn: Txn, unit_starts: &[usize], max_ops: usize, max_bytes: us
         berth_core::store::Op::Put { key, value, .. } => key.len() + value.len(),
         berth_core::store::Op::Delete { key, .. } => key.len(),
     };
-    if txn.ops.len() <= max_ops && txn.ops.iter().map(size).sum::<usize>() <= max_bytes {
+    // The common case (the embedded store has no limits) costs no pass over the writes.
+    let within_bytes =
+        || max_bytes == usize::MAX || txn.ops.iter().map(size).sum::<usize>() <= max_bytes;
+    if txn.ops.len() <= max_ops && within_bytes() {
         return vec![txn];
     }
     let total = txn.ops.len();

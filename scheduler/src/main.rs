@@ -140,6 +140,13 @@ async fn main() -> anyhow::Result<()> {
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
     };
+    // Checked once, before any term: a bad flag must stop the process, not be retried.
+    if let Some(token) = args.cluster_token.as_deref() {
+        anyhow::ensure!(
+            token.len() >= 16,
+            "--cluster-token must be at least 16 characters"
+        );
+    }
     let stop = signal_watch()?;
     match &args.store {
         StoreChoice::Embedded => {
@@ -312,16 +319,11 @@ async fn run<S: Store>(
             let _ = stopped_tx.send(why);
         }
     };
-    match args.cluster_token.as_deref() {
-        Some(token) => anyhow::ensure!(
-            token.len() >= 16,
-            "--cluster-token must be at least 16 characters"
-        ),
-        None if !listener.local_addr()?.ip().is_loopback() => tracing::warn!(
+    if args.cluster_token.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        tracing::warn!(
             addr = %listener.local_addr()?,
             "no --cluster-token: anyone who reaches this port can register as a node or act as the API"
-        ),
-        None => {}
+        );
     }
     let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());
     berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;

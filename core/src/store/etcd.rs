@@ -173,11 +173,12 @@ impl EtcdStore {
         let kv = client.kv_client();
         let (writer, queue) = mpsc::unbounded_channel();
         let fence = SharedFence::default();
+        // One operation of each request is the writer sequence (fenced writers).
+        let max_ops = config.max_txn_ops.max(2) - 1;
         let task = WriterTask {
             kv: kv.clone(),
             prefix: config.prefix.clone(),
-            // One operation of each request is the writer sequence (fenced writers).
-            max_ops: config.max_txn_ops.max(2) - 1,
+            max_ops,
             max_bytes: config.max_request_bytes,
             fence: fence.clone(),
             seq: None,
@@ -188,7 +189,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             client,
             kv,
-            max_ops: config.max_txn_ops.max(2) - 1,
+            max_ops,
             max_bytes: config.max_request_bytes,
             prefix: config.prefix,
             read_retries: config.read_retries,

@@ -88,6 +88,21 @@ struct Proc {
     child: Child,
 }
 
+impl Proc {
+    /// `kill -SIGNAL` ("STOP", "CONT", "KILL", …); a killed process is reaped.
+    fn signal(&mut self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -{signal} failed");
+        if signal == "KILL" {
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+}
+
 /// How a fleet is started, beyond its agents.
 #[derive(Debug, Clone, Default)]
 pub struct FleetOptions {
@@ -261,15 +276,7 @@ impl Fleet {
             .agents
             .get_mut(node_id)
             .with_context(|| format!("no agent {node_id}"))?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(p.child.id().to_string())
-            .status()?;
-        ensure!(status.success(), "kill -{signal} failed");
-        if signal == "KILL" {
-            p.child.wait()?;
-        }
-        Ok(())
+        p.signal(signal)
     }
 
     /// Waits until a node's agent process has exited by itself (e.g. after SIGTERM) and returns
@@ -407,13 +414,7 @@ impl Fleet {
 
     /// Sends a signal ("STOP", "CONT", "KILL", …) to the first scheduler.
     pub fn signal_scheduler(&mut self, signal: &str) -> Result<()> {
-        let p = self.scheduler.as_ref().context("no scheduler running")?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(p.child.id().to_string())
-            .status()?;
-        ensure!(status.success(), "kill -{signal} failed");
-        Ok(())
+        self.signal_slot(0, signal)
     }
 
     /// The text a process of the fleet logged so far ("scheduler", "scheduler-standby", "api",
@@ -530,14 +531,10 @@ impl Fleet {
     /// Sends a signal ("STOP", "CONT", "KILL", …) to scheduler slot `i`; KILL also reaps it.
     pub fn signal_slot(&mut self, i: usize, signal: &str) -> Result<()> {
         let slot = self.slot_proc(i)?;
-        let p = slot.as_mut().context("that scheduler is not running")?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(p.child.id().to_string())
-            .status()?;
-        ensure!(status.success(), "kill -{signal} failed");
+        slot.as_mut()
+            .context("that scheduler is not running")?
+            .signal(signal)?;
         if signal == "KILL" {
-            p.child.wait()?;
             *slot = None;
         }
         Ok(())
