@@ -135,6 +135,9 @@ pub struct Fleet {
     /// Holds the second address's port (bound, not listening: connects are refused) until the
     /// standby takes it, so nothing else is given that port meanwhile.
     standby_reservation: Option<tokio::net::TcpSocket>,
+    /// On etcd, the first scheduler's port, held for the fleet's life: a candidate binds its
+    /// port each time it wins, so port 0 would move it to a new port on its second term.
+    scheduler_reservation: Option<tokio::net::TcpSocket>,
     standby: Option<Proc>,
     store: Option<String>,
     /// (node id, region)
@@ -184,6 +187,7 @@ impl Fleet {
             scheduler_addr: String::new(),
             standby_addr: None,
             standby_reservation: None,
+            scheduler_reservation: None,
             standby: None,
             store: options.store,
             nodes: vec![],
@@ -198,17 +202,18 @@ impl Fleet {
             env,
             dir,
         };
+        if fleet.store.is_some() {
+            let (socket, addr) = reserve_port()?;
+            fleet.scheduler_addr = addr;
+            fleet.scheduler_reservation = Some(socket);
+        }
         fleet.start_scheduler()?;
         let port = bound_port(&fleet.log_path("scheduler"), "scheduler").await?;
         // Restarts reuse this port: the API and the agents know the scheduler by it.
         fleet.scheduler_addr = format!("127.0.0.1:{port}");
         if options.standby_scheduler {
-            // SO_REUSEADDR on both sides lets the standby bind the port while this socket,
-            // which never listens, still holds it.
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.set_reuseaddr(true)?;
-            socket.bind("127.0.0.1:0".parse()?)?;
-            fleet.standby_addr = Some(format!("127.0.0.1:{}", socket.local_addr()?.port()));
+            let (socket, addr) = reserve_port()?;
+            fleet.standby_addr = Some(addr);
             fleet.standby_reservation = Some(socket);
         }
         let schedulers = fleet.scheduler_urls();
@@ -968,6 +973,16 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A loopback port bound (not listening: connects are refused) so nothing else is given it;
+/// SO_REUSEADDR on both sides lets a scheduler bind it while the returned socket holds it.
+fn reserve_port() -> Result<(tokio::net::TcpSocket, String)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let addr = format!("127.0.0.1:{}", socket.local_addr()?.port());
+    Ok((socket, addr))
 }
 
 impl Drop for Fleet {
