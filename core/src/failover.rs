@@ -312,7 +312,12 @@ impl FailoverChannel {
                 Err(e) => Attempt::Ambiguous(e),
             };
             self.failed(i);
-            let retry = read || matches!(outcome, Attempt::NeverSent(_));
+            let retry = read
+                || match &outcome {
+                    Attempt::NeverSent(_) => true,
+                    Attempt::Unavailable(res) => not_served(res),
+                    Attempt::Ambiguous(_) => false,
+                };
             let delay = rotation.failed();
             let now = tokio::time::Instant::now();
             tracing::debug!(
@@ -361,6 +366,14 @@ impl Attempt {
             Attempt::NeverSent(e) | Attempt::Ambiguous(e) => Err(e),
         }
     }
+}
+
+/// Response metadata on an `UNAVAILABLE` answer meaning the scheduler refused the call before
+/// handling it (it cannot confirm its leadership right now): a write may be sent again.
+pub const NOT_SERVED_METADATA: &str = "x-berth-not-served";
+
+fn not_served(res: &http::Response<Body>) -> bool {
+    res.headers().contains_key(NOT_SERVED_METADATA)
 }
 
 /// A trailers-only answer with `grpc-status: 14`: the scheduler refused the call for now.

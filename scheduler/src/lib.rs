@@ -24,21 +24,32 @@ use berth_core::store::Store;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::control_service_server::ControlServiceServer;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Refuses every call that does not present the cluster token, when the scheduler has one:
 /// without it anyone who reaches the port could register as a node (and receive runs, their
-/// secrets and registry credentials) or call the control service as the admin.
+/// secrets and registry credentials) or call the control service as the admin. While paused
+/// (a leader on etcd that cannot confirm its lease, see [`berth_core::store::LeaseState`]) it
+/// refuses every new call as `UNAVAILABLE`, marked as not served so that clients send even a
+/// write again: another scheduler may lead by now, and this one's memory may be stale.
 #[derive(Clone)]
 pub struct ClusterGate {
     token: Option<Arc<str>>,
+    paused: Arc<AtomicBool>,
 }
 
 impl ClusterGate {
     pub fn new(token: Option<&str>) -> ClusterGate {
         ClusterGate {
             token: token.map(Arc::from),
+            paused: Arc::default(),
         }
+    }
+
+    /// Pauses (true) or resumes (false) serving new calls.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
     }
 }
 
@@ -48,13 +59,22 @@ impl tonic::service::Interceptor for ClusterGate {
             .metadata()
             .get(berth_core::auth::CLUSTER_TOKEN_METADATA)
             .map(|v| v.as_bytes());
-        if berth_core::auth::cluster_token_ok(self.token.as_deref(), presented) {
-            Ok(req)
-        } else {
-            Err(tonic::Status::unauthenticated(
+        if !berth_core::auth::cluster_token_ok(self.token.as_deref(), presented) {
+            return Err(tonic::Status::unauthenticated(
                 "missing or wrong cluster token (x-berth-cluster-token)",
-            ))
+            ));
         }
+        if self.paused.load(Ordering::Acquire) {
+            let mut status = tonic::Status::unavailable(
+                "this scheduler cannot confirm its leadership with etcd right now; try again",
+            );
+            status.metadata_mut().insert(
+                berth_core::failover::NOT_SERVED_METADATA,
+                tonic::metadata::MetadataValue::from_static("leadership-unconfirmed"),
+            );
+            return Err(status);
+        }
+        Ok(req)
     }
 }
 
@@ -134,5 +154,39 @@ async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
         if let Err(e) = scheduler.expire_nodes(std::time::Instant::now()).await {
             tracing::error!(error = %e, "node expiry failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterGate;
+    use tonic::service::Interceptor as _;
+
+    fn request(token: &str) -> tonic::Request<()> {
+        let mut req = tonic::Request::new(());
+        if let Ok(v) = token.parse() {
+            req.metadata_mut()
+                .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, v);
+        }
+        req
+    }
+
+    /// Paused, the gate refuses callers with the token as not served (so a client may send a
+    /// write again), and still refuses callers without it as unauthenticated.
+    #[test]
+    fn a_paused_gate_refuses_calls_as_not_served() {
+        let token = "0123456789abcdef";
+        let mut gate = ClusterGate::new(Some(token));
+        assert!(gate.call(request(token)).is_ok());
+        gate.set_paused(true);
+        let refused = gate.call(request(token)).expect_err("paused");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused
+            .metadata()
+            .contains_key(berth_core::failover::NOT_SERVED_METADATA));
+        let stranger = gate.call(request("wrong")).expect_err("no token");
+        assert_eq!(stranger.code(), tonic::Code::Unauthenticated);
+        gate.set_paused(false);
+        assert!(gate.call(request(token)).is_ok());
     }
 }

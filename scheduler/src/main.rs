@@ -2,7 +2,8 @@ use anyhow::Context;
 use berth_core::keys;
 use berth_core::secrets::SecretKey;
 use berth_core::store::{
-    Election, ElectionConfig, EmbeddedStore, EtcdConfig, EtcdStore, Leadership, SealedStore, Store,
+    Election, ElectionConfig, EmbeddedStore, EtcdConfig, EtcdStore, Leadership, LeaseState,
+    SealedStore, Store,
 };
 use berth_core::Catalog;
 use berth_scheduler::engine::{Config, Scheduler};
@@ -296,6 +297,7 @@ async fn run<S: Store>(
     // Fail-stop: after a failed store write memory may be ahead of the store, so stop and let
     // a restart reload the truth. Losing leadership stops the same way: every later write
     // would be refused by the fence anyway.
+    let lease_state = leadership.as_ref().map(Leadership::state);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<Stop>();
     let shutdown = {
         let scheduler = scheduler.clone();
@@ -326,7 +328,22 @@ async fn run<S: Store>(
         );
     }
     let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());
+    // A leader that cannot confirm its lease serves nothing new until it can again.
+    let pausing = lease_state.map(|mut state| {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            loop {
+                gate.set_paused(*state.borrow_and_update() != LeaseState::Confirmed);
+                if state.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
     berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;
+    if let Some(task) = pausing {
+        task.abort();
+    }
     Ok(stopped_rx.await.unwrap_or(Stop::Signal))
 }
 

@@ -72,11 +72,13 @@ fn round_waits_are_jittered_so_a_fleet_does_not_retry_in_step() {
     assert!(tail.iter().any(|w| w != &tail[0]), "{tail:?}");
 }
 
-/// A stand-in for a scheduler: answers every call `OK` and says who it is.
+/// A stand-in for a scheduler: answers every call `OK` (or `UNAVAILABLE`, with `refusal`) and
+/// says who it is.
 #[derive(Clone)]
 struct Fake {
     name: &'static str,
     calls: Arc<AtomicUsize>,
+    refusal: Option<bool>,
 }
 
 impl tonic::server::NamedService for Fake {
@@ -100,7 +102,17 @@ impl tower::Service<http::Request<Body>> for Fake {
             "content-type",
             http::HeaderValue::from_static("application/grpc"),
         );
-        headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        match self.refusal {
+            None => {
+                headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            }
+            Some(not_served) => {
+                headers.insert("grpc-status", http::HeaderValue::from_static("14"));
+                if not_served {
+                    headers.insert(NOT_SERVED_METADATA, http::HeaderValue::from_static("test"));
+                }
+            }
+        }
         headers.insert("x-served-by", http::HeaderValue::from_static(self.name));
         std::future::ready(Ok(res))
     }
@@ -108,6 +120,15 @@ impl tower::Service<http::Request<Body>> for Fake {
 
 /// Serves a [`Fake`] on a loopback port; returns its URL and its call counter.
 async fn serve_fake(name: &'static str) -> (String, Arc<AtomicUsize>) {
+    serve_fake_refusing(name, None).await
+}
+
+/// A [`Fake`] that answers `UNAVAILABLE` when `refusal` is set (marked as not served when it
+/// is `Some(true)`).
+async fn serve_fake_refusing(
+    name: &'static str,
+    refusal: Option<bool>,
+) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -116,6 +137,7 @@ async fn serve_fake(name: &'static str) -> (String, Arc<AtomicUsize>) {
     let fake = Fake {
         name,
         calls: calls.clone(),
+        refusal,
     };
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -231,6 +253,33 @@ async fn a_write_that_may_have_been_received_is_not_sent_again_but_a_read_is() {
     assert_eq!(served_by(&res), "c");
 }
 
+/// A scheduler that refuses a call before handling it (it cannot confirm its leadership) says
+/// so, and only then is a write sent again; a plain `UNAVAILABLE` may have been acted on.
+#[tokio::test]
+async fn a_write_refused_as_not_served_is_sent_again_and_a_plain_unavailable_is_not() {
+    let (paused, paused_calls) = serve_fake_refusing("paused", Some(true)).await;
+    let (b, _) = serve_fake("b").await;
+    let ch = channel(&[paused, b.clone()], Duration::from_secs(5));
+    let res = call(&ch, "Create").await.expect("answered");
+    assert_eq!(served_by(&res), "b");
+    assert_eq!(paused_calls.load(Ordering::SeqCst), 1);
+
+    let (failing, _) = serve_fake_refusing("failing", Some(false)).await;
+    let (c, c_calls) = serve_fake("c").await;
+    let ch = channel(&[failing, c], Duration::from_secs(5));
+    let res = call(&ch, "Create").await.expect("answered");
+    assert_eq!(
+        served_by(&res),
+        "failing",
+        "the UNAVAILABLE answer is returned"
+    );
+    assert_eq!(
+        c_calls.load(Ordering::SeqCst),
+        0,
+        "the write was sent again"
+    );
+}
+
 #[tokio::test]
 async fn a_frozen_scheduler_is_given_up_by_its_keepalive() {
     let (b, _) = serve_fake("b").await;
@@ -286,6 +335,7 @@ async fn a_scheduler_that_starts_listening_later_is_found_within_a_round_backoff
     let fake = Fake {
         name: "late",
         calls: calls.clone(),
+        refusal: None,
     };
     tokio::spawn(
         tonic::transport::Server::builder()

@@ -40,12 +40,15 @@
 //! Expiring puts attach their key to a lease shared per TTL and time bucket (see `leases`).
 
 mod leases;
+mod members;
+
+pub use members::Members;
 
 use super::{check, Expect, KeyValue, Op, Store, StoreError, Txn};
 use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, PutOptions, SortOrder,
-    SortTarget, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
+    TxnOp, TxnOpResponse,
 };
 use std::collections::HashSet;
 use std::future::Future;
@@ -63,8 +66,13 @@ pub struct EtcdConfig {
     pub max_txn_ops: usize,
     /// Bytes of keys and values per request; below etcd's default 1.5 MiB request limit.
     pub max_request_bytes: usize,
-    /// Per-request timeout.
+    /// How long a write is tried in all (across attempts and members) before it fails.
     pub request_timeout: Duration,
+    /// How long one request may wait for its answer before it is given up and retried (a
+    /// write's outcome is then resolved through the writer sequence). A member that stops
+    /// answering — frozen, or cut off — keeps its connection, so the client keeps sending a
+    /// share of the requests to it; this bounds what each of them costs.
+    pub attempt_timeout: Duration,
     /// How many times a read is retried after a transient failure.
     pub read_retries: usize,
 }
@@ -78,6 +86,7 @@ impl EtcdConfig {
             // Leave room under 1.5 MiB for the request's framing and compares.
             max_request_bytes: 1536 * 1024 - 64 * 1024,
             request_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
             // About 10 s of backoff in all: longer than an etcd leader election under load.
             read_retries: 10,
         }
@@ -88,8 +97,7 @@ pub const DEFAULT_PREFIX: &str = "/berth/";
 
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
-    kv: KvClient,
+    members: std::sync::Arc<Members>,
     prefix: String,
     max_ops: usize,
     max_bytes: usize,
@@ -152,43 +160,38 @@ fn revision(r: i64) -> Result<u64, StoreError> {
 }
 
 impl EtcdStore {
-    /// Connects (retrying with backoff while no endpoint answers) and starts the writer task.
-    /// Must be called inside a tokio runtime.
+    /// Prepares one client per member (see [`Members`]; connections open on first use) and
+    /// starts the writer task. Must be called inside a tokio runtime.
     pub async fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
         if config.endpoints.is_empty() {
             return Err(backend("no etcd endpoints given"));
         }
+        let attempt = config.attempt_timeout.min(config.request_timeout);
         let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(config.request_timeout);
-        let endpoints = config.endpoints.clone();
-        let client = (|| Client::connect(endpoints.clone(), Some(options.clone())))
-            .retry(read_backoff(config.read_retries))
-            .when(transient)
-            .notify(|e, after| {
-                tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "etcd connect failed");
-            })
-            .await
-            .map_err(backend)?;
-        let kv = client.kv_client();
+            .with_connect_timeout(attempt)
+            .with_timeout(attempt);
+        let members = std::sync::Arc::new(
+            Members::connect(&config.endpoints, &options)
+                .await
+                .map_err(backend)?,
+        );
         let (writer, queue) = mpsc::unbounded_channel();
         let fence = SharedFence::default();
         // One operation of each request is the writer sequence (fenced writers).
         let max_ops = config.max_txn_ops.max(2) - 1;
         let task = WriterTask {
-            kv: kv.clone(),
+            members: members.clone(),
             prefix: config.prefix.clone(),
             max_ops,
             max_bytes: config.max_request_bytes,
             fence: fence.clone(),
             seq: None,
             write_deadline: config.request_timeout,
-            leases: leases::LeaseCache::new(client.lease_client()),
+            leases: leases::LeaseCache::new(members.clone()),
         };
         tokio::spawn(task.run(queue));
         Ok(EtcdStore {
-            client,
-            kv,
+            members,
             max_ops,
             max_bytes: config.max_request_bytes,
             prefix: config.prefix,
@@ -208,9 +211,14 @@ impl EtcdStore {
         *slot = Some(fence);
     }
 
-    /// The etcd client this store uses (elections and leases share its connections).
+    /// The client of the member this store uses now.
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.members.current().1
+    }
+
+    /// The members' clients, with a cursor of its own (elections share the connections).
+    pub fn members(&self) -> Members {
+        self.members.fork()
     }
 
     /// The key prefix every store key is written under.
@@ -253,10 +261,10 @@ impl EtcdStore {
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
         (|| {
-            let mut kv = self.kv.clone();
-            let key = key.clone();
-            let options = options.clone();
-            async move { kv.get(key, options).await }
+            self.members.call(|client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.kv_client().get(key, options).await }
+            })
         })
         .retry(read_backoff(self.read_retries))
         .when(transient)
@@ -366,7 +374,7 @@ impl Store for EtcdStore {
 
 /// The single writer: owns the commit order.
 struct WriterTask {
-    kv: KvClient,
+    members: std::sync::Arc<Members>,
     prefix: String,
     max_ops: usize,
     max_bytes: usize,
@@ -557,8 +565,11 @@ impl WriterTask {
             .or_else(reads);
         let deadline = tokio::time::Instant::now() + self.write_deadline;
         let response = loop {
-            let mut kv = self.kv.clone();
-            let e = match kv.txn(request.clone()).await {
+            let attempt = self.members.call(|client| {
+                let request = request.clone();
+                async move { client.kv_client().txn(request).await }
+            });
+            let e = match attempt.await {
                 Ok(response) => break response,
                 Err(e) => e,
             };
@@ -686,8 +697,11 @@ impl WriterTask {
     ) -> Result<Resolved, StoreError> {
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut kv = self.kv.clone();
-            match kv.get(seq.key.clone(), None).await {
+            let read = self.members.call(|client| {
+                let key = seq.key.clone();
+                async move { client.kv_client().get(key, None).await }
+            });
+            match read.await {
                 Ok(r) => {
                     let current = r.kvs().first();
                     if seq.applied_in(current) {
@@ -1013,6 +1027,100 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
         assert_eq!(store.list_prefix("xo/").await.expect("list").len(), 300);
         assert_eq!(store.list_prefix("xm/").await.expect("list").len(), 300);
+    }
+
+    /// The etcd member in use freezes (SIGSTOP) mid-writes for longer than the whole write
+    /// timeout: its connection stays open and the lease's keep-alive stream is on it. The Berth
+    /// leader never loses its leadership (the unanswered keep-alive is reopened on another
+    /// member) and every fenced write applies exactly once (the stuck request is given up after
+    /// the attempt timeout, its outcome resolved, and the store moves to another member).
+    /// (A frozen *Raft leader* is another matter: etcd 3.4.23 revokes, on resuming, the leases
+    /// that expired by its own clock while it was frozen, so a freeze longer than the TTL ends
+    /// the leadership there; the fence keeps that safe. See ARCHITECTURE.md.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_keeps_its_leadership_while_an_etcd_member_is_frozen() {
+        use crate::store::{Election, ElectionConfig, Expect, LeaseState, Store, Txn};
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        let cluster = spawn_cluster(3);
+        let store = EtcdStore::connect(EtcdConfig::new(cluster.endpoints()))
+            .await
+            .expect("connect");
+        healthy(&store).await;
+        // A follower: the Raft leader is another matter (below).
+        let frozen = (cluster.raft_leader().expect("a Raft leader") + 1) % 3;
+        // The election's cursor starts at the store's.
+        store.members.use_member(frozen);
+        let election = Election::start(
+            &store,
+            ElectionConfig {
+                name: "leader".to_owned(),
+                value: "w".to_owned(),
+                ttl: Duration::from_secs(3),
+            },
+        )
+        .await
+        .expect("join");
+        let leadership = election.campaign().await.expect("lead");
+        store.set_fence(leadership.fence());
+        let seen = {
+            let mut state = leadership.state();
+            tokio::spawn(async move {
+                let mut seen = vec![*state.borrow_and_update()];
+                while state.changed().await.is_ok() {
+                    seen.push(*state.borrow_and_update());
+                    if seen.last() == Some(&LeaseState::Lost) {
+                        break;
+                    }
+                }
+                seen
+            })
+        };
+        const WRITES: usize = 300;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for i in 0..WRITES {
+                    let key = format!("fz/{i:04}");
+                    let txn = Txn::new().put(key.clone(), b"v".to_vec(), Expect::Absent);
+                    if let Err(e) = store.commit(txn).await {
+                        failures.push(format!("{key}: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                failures
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            store.members.current().0,
+            frozen,
+            "the store uses the member"
+        );
+        cluster
+            .signal(frozen, "STOP")
+            .expect("freeze the member in use");
+        // Longer than EtcdConfig's request timeout (10 s).
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        cluster.signal(frozen, "CONT").expect("thaw it");
+        let failures = tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .expect("the writes finish")
+            .expect("join");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(store.list_prefix("fz/").await.expect("list").len(), WRITES);
+        let mut state = leadership.state();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| *s == LeaseState::Confirmed),
+        )
+        .await
+        .expect("the lease is confirmed again")
+        .expect("state");
+        election.withdraw().await;
+        let seen = seen.await.expect("join");
+        assert!(!seen.contains(&LeaseState::Lost), "{seen:?}");
+        eprintln!("lease states while etcd member {frozen} was frozen: {seen:?}");
     }
 
     /// A range larger than one page, and one whose values add up to more than a gRPC message

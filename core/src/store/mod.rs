@@ -32,7 +32,7 @@ mod etcd;
 mod memory;
 mod sealed;
 
-pub use election::{Election, ElectionConfig, Leadership};
+pub use election::{Election, ElectionConfig, Leadership, LeaseState};
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore, Fence, DEFAULT_PREFIX as ETCD_DEFAULT_PREFIX};
 pub use memory::MemoryStore;

@@ -222,6 +222,53 @@ impl EtcdCluster {
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.members[i].child.as_ref().map(Child::id)
     }
+
+    /// Sends `signal` (a name `kill` knows: `STOP`, `CONT`, …) to member `i`.
+    pub fn signal(&self, i: usize, signal: &str) -> io::Result<()> {
+        let pid = self
+            .pid(i)
+            .ok_or_else(|| other(format!("etcd member {i} is not running")))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            return Err(other(format!("kill -{signal} {pid} failed: {status}")));
+        }
+        Ok(())
+    }
+
+    /// Which member is the Raft leader now, as the running members report it (they agree
+    /// once an election has settled; until then, any one's answer).
+    pub fn raft_leader(&self) -> io::Result<usize> {
+        let endpoints = self.endpoints();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if self.pid(i).is_none() {
+                continue;
+            }
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={endpoint}"))
+                .args(["endpoint", "status", "-w", "json"])
+                .output()?;
+            if !out.status.success() {
+                continue;
+            }
+            let parsed: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| other(e.to_string()))?;
+            let status = &parsed[0]["Status"];
+            let (Some(me), Some(leader)) = (
+                status["header"]["member_id"].as_u64(),
+                status["leader"].as_u64(),
+            ) else {
+                continue;
+            };
+            if me == leader {
+                return Ok(i);
+            }
+        }
+        Err(other("no running etcd member says it leads"))
+    }
 }
 
 impl Drop for EtcdCluster {

@@ -8,8 +8,11 @@
 //! when that is shorter (at least a second), so the slack stays a small part of the retention.
 
 use super::super::{Op, StoreError, Txn};
-use etcd_client::{LeaseClient, PutOptions};
+use super::members::Members;
+use super::transient;
+use etcd_client::PutOptions;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +31,7 @@ pub(super) fn bucket_secs(ttl_secs: u64) -> u64 {
 }
 
 pub(super) struct LeaseCache {
-    client: LeaseClient,
+    members: Arc<Members>,
     /// (TTL seconds, bucket index) → lease id.
     granted: Mutex<HashMap<(u64, u64), i64>>,
 }
@@ -37,9 +40,9 @@ pub(super) struct LeaseCache {
 pub(super) type TxnLeases = HashMap<Duration, i64>;
 
 impl LeaseCache {
-    pub(super) fn new(client: LeaseClient) -> LeaseCache {
+    pub(super) fn new(members: Arc<Members>) -> LeaseCache {
         LeaseCache {
-            client,
+            members,
             granted: Mutex::new(HashMap::new()),
         }
     }
@@ -69,12 +72,22 @@ impl LeaseCache {
             return Ok(*id);
         }
         let lease_ttl = i64::try_from(secs + bucket).unwrap_or(i64::MAX);
-        let granted = self
-            .client
-            .clone()
-            .grant(lease_ttl, None)
-            .await
-            .map_err(|e| StoreError::Backend(format!("granting an etcd lease: {e}")))?;
+        // A grant is a new lease each time, so one lost to a failed member costs nothing but
+        // its TTL: try each member once.
+        let mut tries = self.members.len().max(1);
+        let granted = loop {
+            let grant = self
+                .members
+                .call(|client| async move { client.lease_client().grant(lease_ttl, None).await });
+            match grant.await {
+                Ok(granted) => break granted,
+                Err(e) if transient(&e) && tries > 1 => {
+                    tries -= 1;
+                    tracing::warn!(error = %e, "granting an etcd lease failed; trying the next member");
+                }
+                Err(e) => return Err(StoreError::Backend(format!("granting an etcd lease: {e}"))),
+            }
+        };
         let id = granted.id();
         tracing::debug!(
             lease_id = id,
