@@ -73,6 +73,12 @@ struct Args {
     /// etcd's defaults). etcd refuses less than 2.
     #[arg(long, env = "BERTH_LEADER_LEASE_SECONDS", default_value_t = 3)]
     leader_lease_seconds: u64,
+    /// With etcd: operations per etcd transaction, as the etcd members' `--max-txn-ops` allows
+    /// (etcd's default 128). The writer merges queued writes into requests of up to this many
+    /// operations, so raising both together lets more writes share one raft round trip.
+    #[arg(long, env = "BERTH_ETCD_MAX_TXN_OPS", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(2..=65_536))]
+    etcd_max_txn_ops: u32,
     /// Hours an idempotency key replays its run; after that the same key creates a new run.
     #[arg(long, default_value_t = berth_scheduler::engine::DEFAULT_IDEMPOTENCY_TTL.as_secs() / 3600)]
     idempotency_ttl_hours: u64,
@@ -225,7 +231,11 @@ async fn term(
     endpoints: &[String],
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Stop> {
-    let store = EtcdStore::connect(EtcdConfig::new(endpoints.to_vec()))
+    let etcd = EtcdConfig {
+        max_txn_ops: usize::try_from(args.etcd_max_txn_ops).unwrap_or(128),
+        ..EtcdConfig::new(endpoints.to_vec())
+    };
+    let store = EtcdStore::connect(etcd)
         .await
         .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
     let election = Election::start(

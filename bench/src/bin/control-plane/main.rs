@@ -88,6 +88,10 @@ struct Args {
     /// (`--store etcd://...`; it campaigns and leads alone) instead of the embedded store.
     #[arg(long, default_value_t = 0)]
     etcd_members: usize,
+    /// With --etcd-members: start the members with `--max-txn-ops=N` and the scheduler with
+    /// `--etcd-max-txn-ops=N` (etcd's default is 128).
+    #[arg(long)]
+    etcd_max_txn_ops: Option<u32>,
 }
 
 #[tokio::main]
@@ -103,14 +107,33 @@ async fn main() -> anyhow::Result<()> {
     let etcd = match args.etcd_members {
         0 => None,
         n => Some(
-            berth_core::testkit::etcd::EtcdCluster::start(n)
-                .context("starting etcd on loopback")?,
+            berth_core::testkit::etcd::EtcdCluster::start_with(
+                n,
+                &berth_core::testkit::etcd::EtcdOptions {
+                    extra_args: args
+                        .etcd_max_txn_ops
+                        .map(|ops| format!("--max-txn-ops={ops}"))
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                },
+            )
+            .context("starting etcd on loopback")?,
         ),
     };
     let store = etcd.as_ref().map(|e| e.store_url());
+    let extra: Vec<String> = match (&etcd, args.etcd_max_txn_ops) {
+        (Some(_), Some(ops)) => vec![format!("--etcd-max-txn-ops={ops}")],
+        _ => Vec::new(),
+    };
     // Dropping `scheduler` kills the process and removes its data directory, on every path.
-    let mut scheduler =
-        SchedulerProcess::spawn(&bin, &args.data_root, &args.scheduler_log, store.as_deref())?;
+    let mut scheduler = SchedulerProcess::spawn(
+        &bin,
+        &args.data_root,
+        &args.scheduler_log,
+        store.as_deref(),
+        &extra,
+    )?;
     let observed = Arc::new(Observed::default());
     let outcome = tokio::select! {
         r = tokio::time::timeout(
@@ -374,7 +397,10 @@ async fn run_bench(
         scheduler_log: args.scheduler_log.clone(),
         store: match args.etcd_members {
             0 => "embedded".to_owned(),
-            n => format!("etcd ({n} members)"),
+            n => match args.etcd_max_txn_ops {
+                Some(ops) => format!("etcd ({n} members, max-txn-ops {ops})"),
+                None => format!("etcd ({n} members)"),
+            },
         },
         duplicate_assignments: duplicates.len(),
         final_status,

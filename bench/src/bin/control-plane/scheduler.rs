@@ -47,6 +47,7 @@ impl SchedulerProcess {
         data_root: &Path,
         log_filter: &str,
         store: Option<&str>,
+        extra_args: &[String],
     ) -> anyhow::Result<SchedulerProcess> {
         if !bin.is_file() {
             bail!(
@@ -75,6 +76,7 @@ impl SchedulerProcess {
             .arg(dir.path().join("data"))
             .args(["--default-registry", "127.0.0.1:1"])
             .args(store.map(|s| format!("--store={s}")))
+            .args(extra_args)
             .env("BERTH_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(log)
