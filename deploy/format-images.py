@@ -16,6 +16,11 @@ API and the standard library:
                                the container must see /data/keep, /data/new and /data/dir/y only
   formats/lz4:latest           OCI, a layer with media type .tar+lz4, which the agent refuses
   formats/bad-diff-id:latest   OCI, a second layer whose config diff id is not its tar's digest
+  users/named:latest           busybox with its own /etc/passwd and /etc/group (users app 1000
+                               and svc 1001; app is also in groups extra 2000 and more 2001);
+                               USER app
+  users/group:latest           the same, USER app:svc
+  users/ghost:latest           the same, USER ghost (not in its /etc/passwd)
 
 Usage: format-images.py HOST:PORT   (idempotent: pushing the same content twice is harmless)
 """
@@ -123,10 +128,14 @@ def main(addr):
     layer_tar = gzip.decompress(layer_gz)
     base_diff = config["rootfs"]["diff_ids"][0]
 
-    def image(repo, layers, arch="amd64", docker=False, diff_ids=None):
+    def image(repo, layers, arch="amd64", docker=False, diff_ids=None, user=None):
         """layers: list of (blob bytes, uncompressed tar bytes, media type). Pushes config and
-        layers; returns the manifest body and its media type. `diff_ids` overrides the config's."""
+        layers; returns the manifest body and its media type. `diff_ids` overrides the config's;
+        `user` sets the config's User."""
         cfg = dict(config)
+        if user is not None:
+            cfg["config"] = dict(cfg.get("config") or {})
+            cfg["config"]["User"] = user
         cfg["architecture"] = arch
         cfg["rootfs"] = {"type": "layers", "diff_ids": diff_ids or [sha(t) for _, t, _ in layers]}
         cfg_bytes = json.dumps(cfg, separators=(",", ":")).encode()
@@ -178,6 +187,18 @@ def main(addr):
                         diff_ids=[base_diff, sha(marker + b"not this")])
     reg.put_manifest("formats/bad-diff-id", "latest", body, media)
 
+    accounts = tar_of([
+        ("etc", None),
+        ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                       b"app:x:1000:1000:App:/home/app:/bin/sh\n"
+                       b"svc:x:1001:1001::/srv:/bin/sh\n"),
+        ("etc/group", b"root:x:0:\napp:x:1000:\nsvc:x:1001:\nextra:x:2000:app\nmore:x:2001:svc,app\n"),
+        ("home", None), ("home/app", None)])
+    accounts_layer = (gz(accounts), accounts, OCI_TGZ)
+    for repo, user in (("users/named", "app"), ("users/group", "app:svc"), ("users/ghost", "ghost")):
+        body, media = image(repo, [busybox_gz, accounts_layer], user=user)
+        reg.put_manifest(repo, "latest", body, media)
+
     for repo, docker in (("formats/index", False), ("formats/docker-list", True)):
         entries = []
         for arch in ("arm64", "amd64"):
@@ -189,7 +210,8 @@ def main(addr):
                             "platform": {"architecture": arch, "os": "linux"}})
         list_media = DOCKER_LIST if docker else OCI_INDEX
         reg.put_manifest(repo, "latest", {"schemaVersion": 2, "mediaType": list_media, "manifests": entries}, list_media)
-    print(f"pushed formats/{{uncompressed,docker-v2,layers,zstd,lz4,bad-diff-id,index,docker-list}}:latest to {addr}")
+    print(f"pushed formats/{{uncompressed,docker-v2,layers,zstd,lz4,bad-diff-id,index,docker-list}}:latest "
+          f"and users/{{named,group,ghost}}:latest to {addr}")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,13 @@ pub enum ErrorCode {
     Timeout,
     /// The kernel's OOM killer ended the run at its memory limit.
     OomKilled,
+    /// The image's `USER` names a user or group its own `/etc/passwd` or `/etc/group` does not
+    /// have (or is not `user[:group]`): the run is not started rather than run as root.
+    InvalidUser,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::ImagePullFailed,
         ErrorCode::ContainerCreateFailed,
         ErrorCode::NetworkSetupFailed,
@@ -69,6 +72,7 @@ impl ErrorCode {
         ErrorCode::NodeDraining,
         ErrorCode::Timeout,
         ErrorCode::OomKilled,
+        ErrorCode::InvalidUser,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl ErrorCode {
             ErrorCode::NodeDraining => "node_draining",
             ErrorCode::Timeout => "timeout",
             ErrorCode::OomKilled => "oom_killed",
+            ErrorCode::InvalidUser => "invalid_user",
         }
     }
 }

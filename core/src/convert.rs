@@ -82,6 +82,7 @@ pub fn error_code_to_pb(code: Option<ErrorCode>) -> pb::ErrorCode {
         ErrorCode::NodeDraining => pb::ErrorCode::NodeDraining,
         ErrorCode::Timeout => pb::ErrorCode::Timeout,
         ErrorCode::OomKilled => pb::ErrorCode::OomKilled,
+        ErrorCode::InvalidUser => pb::ErrorCode::InvalidUser,
     }
 }
 
@@ -106,6 +107,7 @@ pub fn error_code_from_pb(value: i32) -> Option<ErrorCode> {
         pb::ErrorCode::NodeDraining => ErrorCode::NodeDraining,
         pb::ErrorCode::Timeout => ErrorCode::Timeout,
         pb::ErrorCode::OomKilled => ErrorCode::OomKilled,
+        pb::ErrorCode::InvalidUser => ErrorCode::InvalidUser,
     })
 }
 

@@ -16,7 +16,9 @@ use containerd_client::services::v1::container::Runtime as ContainerRuntimeInfo;
 use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::services::v1::snapshots::{
+    PrepareSnapshotRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
+};
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{
@@ -38,6 +40,7 @@ use crate::image::store::ContainerdImages;
 use crate::network::cni::RunNetwork;
 use crate::run::cgroup::{read_oom_kills, remove_run_cgroups};
 use crate::run::spec::join_network;
+use crate::run::user::ImageAccounts;
 use crate::runtime::{
     ContainerRuntime, EngineHealth, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
     StopSignal, TaskExit,
@@ -69,7 +72,14 @@ pub struct ContainerdRuntime {
     cache: Option<Arc<ImageCache<ContainerdImages>>>,
     /// Whether containerd answers (see [`ContainerdRuntime::spawn_health_probe`]).
     health: Arc<watch::Sender<EngineHealth>>,
+    /// Each image's `/etc/passwd` and `/etc/group`, by image digest (an image never changes).
+    accounts: Arc<std::sync::Mutex<HashMap<String, ImageAccounts>>>,
 }
+
+/// Images whose accounts are remembered; beyond this the memory starts over.
+const ACCOUNTS_CACHED: usize = 256;
+/// Upper bound for reading an image's accounts (a view, a mount, two small files).
+const ACCOUNTS_LIMIT: Duration = Duration::from_secs(30);
 
 /// Upper bound for attaching a run's network (plugins wait for the xtables lock).
 const NETWORK_ATTACH_LIMIT: Duration = Duration::from_secs(60);
@@ -284,7 +294,94 @@ impl ContainerdRuntime {
             network,
             cache: None,
             health: Arc::new(watch::Sender::new(EngineHealth::default())),
+            accounts: Arc::default(),
         }
+    }
+
+    /// Reads the image's accounts through a read-only view of its top layer, under a lease of
+    /// its own (so containerd's GC leaves the view alone, and takes both if the agent dies
+    /// meanwhile: the lease expires after 5 minutes); both are removed afterwards.
+    async fn read_image_accounts(
+        &self,
+        image: &PreparedImage,
+    ) -> Result<ImageAccounts, RuntimeError> {
+        let failed = |what: &str, message: String| {
+            RuntimeError::Create(format!(
+                "reading the image's /etc/passwd and /etc/group: {what}: {message}"
+            ))
+        };
+        let id = format!("berth-view-{}", uuid::Uuid::new_v4());
+        // Expiring: if this agent dies mid-read, containerd's GC takes the lease and the view.
+        let mut labels = HashMap::new();
+        if let Some(expire) =
+            crate::image::content::rfc3339(std::time::SystemTime::now() + Duration::from_secs(300))
+        {
+            labels.insert("containerd.io/gc.expire".to_string(), expire);
+        }
+        LeasesClient::new(self.channel.clone())
+            .create(self.request(
+                CreateLeaseRequest {
+                    id: id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| failed("Leases.Create", s.message().to_owned()))?;
+        let viewed = SnapshotsClient::new(self.channel.clone())
+            .view(self.request(
+                ViewSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.to_string(),
+                    key: id.clone(),
+                    parent: image.top_chain_id.clone(),
+                    labels: HashMap::new(),
+                },
+                Some(&id),
+            ))
+            .await;
+        let read = match viewed {
+            Ok(view) => {
+                let mounts = view.into_inner().mounts;
+                let scratch = std::env::temp_dir().join("berth-image-views");
+                match tokio::task::spawn_blocking(move || {
+                    crate::image::accounts::read_accounts(&mounts, &scratch)
+                })
+                .await
+                {
+                    Ok(Ok(accounts)) => Ok(accounts),
+                    Ok(Err(e)) => Err(failed("reading the view", e.to_string())),
+                    Err(e) => Err(failed("reading the view", e.to_string())),
+                }
+            }
+            Err(s) => Err(failed("Snapshots.View", s.message().to_owned())),
+        };
+        let removed = SnapshotsClient::new(self.channel.clone())
+            .remove(self.request(
+                RemoveSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.to_string(),
+                    key: id.clone(),
+                },
+                None,
+            ))
+            .await;
+        if let Err(s) = removed {
+            if s.code() != Code::NotFound {
+                tracing::warn!(view = %id, error = %s.message(), "removing an image view failed");
+            }
+        }
+        let deleted = LeasesClient::new(self.channel.clone())
+            .delete(self.request(
+                DeleteLeaseRequest {
+                    id: id.clone(),
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        if let Err(s) = deleted {
+            tracing::warn!(lease = %id, error = %s.message(), "deleting an image view's lease failed");
+        }
+        read
     }
 
     /// Asks containerd every [`HEALTH_EVERY`] whether it answers, for [`ContainerRuntime::health`].
@@ -530,6 +627,31 @@ impl ContainerdRuntime {
 impl ContainerRuntime for ContainerdRuntime {
     fn cached_images(&self) -> Vec<String> {
         self.puller.cached()
+    }
+
+    async fn image_accounts(&self, image: &PreparedImage) -> Result<ImageAccounts, RuntimeError> {
+        let remembered = self
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&image.digest)
+            .cloned();
+        if let Some(accounts) = remembered {
+            return Ok(accounts);
+        }
+        let accounts = tokio::time::timeout(ACCOUNTS_LIMIT, self.read_image_accounts(image))
+            .await
+            .map_err(|_| {
+                RuntimeError::Create(
+                    "reading the image's /etc/passwd and /etc/group timed out".to_owned(),
+                )
+            })??;
+        let mut cache = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= ACCOUNTS_CACHED {
+            cache.clear();
+        }
+        cache.insert(image.digest.clone(), accounts.clone());
+        Ok(accounts)
     }
 
     async fn pull_image(

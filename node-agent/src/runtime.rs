@@ -116,6 +116,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<PreparedImage, RuntimeError>> + Send;
 
+    /// The image's `/etc/passwd` and `/etc/group` (absent ones are `None`), to resolve its
+    /// `USER` (see `run::user`). An engine that cannot look into images answers none: the run
+    /// then starts as a numeric `USER` or root, and a named one fails.
+    fn image_accounts(
+        &self,
+        _image: &PreparedImage,
+    ) -> impl Future<Output = Result<crate::run::user::ImageAccounts, RuntimeError>> + Send {
+        std::future::ready(Ok(crate::run::user::ImageAccounts::default()))
+    }
+
     /// Prepares the rootfs and the run's network, creates the container with `spec` (joined to
     /// that network) and creates (not starts) its task, its stdout and stderr appended to
     /// `output`.

@@ -6,34 +6,10 @@
 mod common;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{msgs, AgentSpec, Fleet};
+use common::{b64, msgs, AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::os::unix::fs::MetadataExt as _;
 use std::time::{Duration, Instant};
-
-/// Standard base64 with padding (what the API takes), written here so the test depends on no
-/// encoder of the code under test.
-fn b64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.len();
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= n {
-                out.push(ABC[((v >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 /// Waits until the run has printed `line` on stdout.
 async fn wait_line(f: &Fleet, runner: &str, run: &str, line: &str) -> Result<Vec<Value>> {

@@ -11,8 +11,10 @@
 //! - [`unpack`]: layers applied into snapshots named by chain ID, diff IDs verified.
 //! - [`progress`]: bytes and layers fetched per pull, shared by every run waiting on it.
 //! - [`cache`]: the LRU policy over `--image-cache-bytes` (pure, behind the `ImageStore` trait).
+//! - [`accounts`]: an image's `/etc/passwd` and `/etc/group`, read through a read-only view.
 //! - [`store`]: the cache's containerd side (`ImageStore` over the image records and content).
 
+pub mod accounts;
 pub mod cache;
 pub mod content;
 pub mod manifest;

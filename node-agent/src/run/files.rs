@@ -60,9 +60,15 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FilesError + '_ {
     }
 }
 
-/// Writes `files` under `run_dir/files/` and returns their mounts, in order. Nothing is created
-/// for a run without files. The directory must not exist yet (the journal directory is new).
-pub fn write_files(run_dir: &Path, files: &[RunFile]) -> Result<Vec<FileMount>, FilesError> {
+/// Writes `files` under `run_dir/files/`, each owned by `owner` (the run's uid and gid, so a
+/// non-root image user can read a 0600 file), and returns their mounts, in order. Nothing is
+/// created for a run without files. The directory must not exist yet (the journal directory
+/// is new).
+pub fn write_files(
+    run_dir: &Path,
+    files: &[RunFile],
+    owner: (u32, u32),
+) -> Result<Vec<FileMount>, FilesError> {
     if files.is_empty() {
         return Ok(Vec::new());
     }
@@ -90,6 +96,8 @@ pub fn write_files(run_dir: &Path, files: &[RunFile]) -> Result<Vec<FileMount>, 
             .open(&source)
             .map_err(io_error(&source))?;
         file.write_all(&f.content).map_err(io_error(&source))?;
+        std::os::unix::fs::fchown(&file, Some(owner.0), Some(owner.1))
+            .map_err(io_error(&source))?;
         // Set after writing: the requested mode may forbid writing (0o444, even 0).
         std::fs::set_permissions(&source, Permissions::from_mode(f.mode & 0o777))
             .map_err(io_error(&source))?;
@@ -151,7 +159,8 @@ mod tests {
             file("/work/a/b/run.sh", b"#!/bin/sh\necho hi\n", 0o755),
             file("/secret", b"", 0),
         ];
-        let mounts = write_files(run_dir.path(), &files).expect("write");
+        // Owned by the run's user (the tests run as root, so any owner can be given).
+        let mounts = write_files(run_dir.path(), &files, (1234, 5678)).expect("write");
         let dir = run_dir.path().join(FILES_DIR);
         assert_eq!(std::fs::metadata(&dir).expect("dir").mode() & 0o777, 0o700);
         for (i, (m, f)) in mounts.iter().zip(&files).enumerate() {
@@ -159,6 +168,7 @@ mod tests {
             assert_eq!(m.destination, PathBuf::from(&f.path));
             let meta = std::fs::metadata(&m.source).expect("file");
             assert_eq!(meta.mode() & 0o7777, f.mode, "{}", f.path);
+            assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "{}", f.path);
             assert_eq!(std::fs::read(&m.source).expect("read"), f.content);
         }
 
@@ -181,10 +191,17 @@ mod tests {
     #[test]
     fn a_run_without_files_gets_no_directory_and_bad_paths_are_refused() {
         let run_dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(write_files(run_dir.path(), &[]).expect("none"), vec![]);
+        assert_eq!(
+            write_files(run_dir.path(), &[], (0, 0)).expect("none"),
+            vec![]
+        );
         assert!(!run_dir.path().join(FILES_DIR).exists());
-        let err = write_files(run_dir.path(), &[file("/a/../../etc/passwd", b"x", 0o644)])
-            .expect_err("refused");
+        let err = write_files(
+            run_dir.path(),
+            &[file("/a/../../etc/passwd", b"x", 0o644)],
+            (0, 0),
+        )
+        .expect_err("refused");
         assert_eq!(err.error_code(), ErrorCode::FilesFailed);
         assert!(!run_dir.path().join(FILES_DIR).exists());
     }

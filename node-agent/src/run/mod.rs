@@ -7,6 +7,7 @@
 //! - [`files`]: a run's uploaded files, bind-mounted read-only.
 //! - [`cgroup`]: a run's OOM-kill counter and the removal of its cgroup directories.
 //! - [`logs`]: output files → numbered log lines, capped per run.
+//! - [`user`]: the image's `USER` resolved against its own `/etc/passwd` and `/etc/group`.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`).
 
 pub mod cgroup;
@@ -16,3 +17,4 @@ pub mod logs;
 pub mod seccomp;
 pub mod spec;
 pub mod supervisor;
+pub mod user;

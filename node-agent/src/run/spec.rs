@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use crate::run::user::ExecUser;
 use berth_core::codes::ErrorCode;
 use berth_proto::v1::RunSpec;
 use oci_spec::runtime::{
@@ -95,25 +96,6 @@ pub fn resolve_env(run_env: &HashMap<String, String>, image_env: &[String]) -> V
     out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// The user to run as. Only numeric `uid[:gid]` is honoured for now (names need the image's
-/// /etc/passwd); anything else runs as root and the caller logs a warning.
-pub fn resolve_user(image_user: Option<&str>) -> (u32, u32, bool) {
-    let Some(user) = image_user.map(str::trim).filter(|u| !u.is_empty()) else {
-        return (0, 0, true);
-    };
-    let (uid, gid) = match user.split_once(':') {
-        Some((u, g)) => (u.parse::<u32>().ok(), g.parse::<u32>().ok()),
-        None => {
-            let uid = user.parse::<u32>().ok();
-            (uid, uid.map(|_| 0))
-        }
-    };
-    match (uid, gid) {
-        (Some(uid), Some(gid)) => (uid, gid, true),
-        _ => (0, 0, false),
-    }
-}
-
 /// The capability set Docker and containerd give containers by default.
 pub fn default_capabilities() -> HashSet<Capability> {
     [
@@ -145,6 +127,8 @@ pub struct SpecInputs<'a> {
     pub cgroup_parent: &'a str,
     /// `pids.max` of the run's cgroup (values below 1 are raised to 1).
     pub pids_limit: i64,
+    /// Who the process runs as (see [`crate::run::user`]).
+    pub user: &'a ExecUser,
 }
 
 /// The cgroups path runc uses for a run: `/<parent>/<run id>`.
@@ -155,17 +139,13 @@ pub fn cgroups_path(cgroup_parent: &str, run_id: &str) -> String {
 /// Builds the complete runtime spec.
 pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     let args = resolve_args(inputs.run, inputs.image)?;
-    let env = resolve_env(
+    let mut env = resolve_env(
         &inputs.run.env,
         inputs.image.env().as_deref().unwrap_or_default(),
     );
-    let (uid, gid, numeric) = resolve_user(inputs.image.user().as_deref());
-    if !numeric {
-        tracing::warn!(
-            run_id = inputs.run_id,
-            user = inputs.image.user().as_deref().unwrap_or_default(),
-            "image USER is not numeric; running as 0:0"
-        );
+    // HOME from the user's passwd entry unless the image or the run sets it (as Docker does).
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", inputs.user.home));
     }
     let cwd = inputs
         .image
@@ -183,8 +163,11 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     process.set_env(Some(env));
     process.set_cwd(PathBuf::from(cwd));
     let mut user = User::default();
-    user.set_uid(uid);
-    user.set_gid(gid);
+    user.set_uid(inputs.user.uid);
+    user.set_gid(inputs.user.gid);
+    if !inputs.user.additional_gids.is_empty() {
+        user.set_additional_gids(Some(inputs.user.additional_gids.clone()));
+    }
     process.set_user(user);
     let caps = default_capabilities();
     let mut capabilities = LinuxCapabilities::default();
@@ -366,11 +349,61 @@ mod tests {
     }
 
     #[test]
-    fn user_resolution() {
-        assert_eq!(resolve_user(None), (0, 0, true));
-        assert_eq!(resolve_user(Some("1000")), (1000, 0, true));
-        assert_eq!(resolve_user(Some("1000:50")), (1000, 50, true));
-        assert_eq!(resolve_user(Some("nobody")), (0, 0, false));
+    fn the_resolved_user_and_its_home_go_into_the_spec() {
+        let run = RunSpec {
+            cmd_set: true,
+            cmd: s(&["true"]),
+            ..Default::default()
+        };
+        let app = ExecUser {
+            uid: 1000,
+            gid: 1001,
+            additional_gids: vec![2000, 2001],
+            home: "/home/app".to_owned(),
+        };
+        let spec = build_spec(&SpecInputs {
+            run_id: "r1",
+            run: &run,
+            image: &ImageRunConfig::default(),
+            cgroup_parent: "berth/n1",
+            pids_limit: 10,
+            user: &app,
+        })
+        .expect("spec");
+        let json = spec_json(&spec);
+        assert_eq!(json["process"]["user"]["uid"], 1000);
+        assert_eq!(json["process"]["user"]["gid"], 1001);
+        assert_eq!(
+            json["process"]["user"]["additionalGids"],
+            serde_json::json!([2000, 2001])
+        );
+        let env = json["process"]["env"].as_array().expect("env");
+        assert!(
+            env.contains(&serde_json::json!("HOME=/home/app")),
+            "{env:?}"
+        );
+        // A HOME the run sets wins.
+        let run = RunSpec {
+            env: HashMap::from([("HOME".to_owned(), "/work".to_owned())]),
+            ..run
+        };
+        let spec = build_spec(&SpecInputs {
+            run_id: "r1",
+            run: &run,
+            image: &ImageRunConfig::default(),
+            cgroup_parent: "berth/n1",
+            pids_limit: 10,
+            user: &app,
+        })
+        .expect("spec");
+        let homes: Vec<_> = spec_json(&spec)["process"]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter(|e| e.as_str().is_some_and(|e| e.starts_with("HOME=")))
+            .cloned()
+            .collect();
+        assert_eq!(homes, vec![serde_json::json!("HOME=/work")]);
     }
 
     #[test]
@@ -389,6 +422,7 @@ mod tests {
             image: &img,
             cgroup_parent: "berth/n1",
             pids_limit: 321,
+            user: &ExecUser::root(),
         })
         .expect("spec");
         let json = serde_json::to_value(&spec).expect("serializes");
@@ -431,6 +465,7 @@ mod tests {
             image: &ImageRunConfig::default(),
             cgroup_parent: "berth/n1",
             pids_limit: 10,
+            user: &ExecUser::root(),
         })
         .expect("spec")
     }

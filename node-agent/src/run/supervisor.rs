@@ -21,6 +21,7 @@ use crate::run::files::{add_mounts, remove_files, write_files};
 use crate::run::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::run::logs::{LogLimits, LogPump};
 use crate::run::spec::{build_spec, SpecInputs};
+use crate::run::user::resolve as resolve_user;
 use crate::runtime::{
     pull_reporting, ContainerRuntime, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
     StopSignal, TaskExit,
@@ -316,12 +317,28 @@ async fn run_until_exit<R: ContainerRuntime>(
         },
     };
 
+    // The image's USER against its own /etc/passwd and /etc/group: a name it does not have
+    // fails the run instead of running it as root.
+    let accounts = match runtime.image_accounts(&image).await {
+        Ok(accounts) => accounts,
+        Err(e) => return (start_failed(runtime, e).await, None),
+    };
+    let user = match resolve_user(image.config.user().as_deref(), &accounts) {
+        Ok(user) => user,
+        Err(e) => {
+            return (
+                Ending::start_failed(ErrorCode::InvalidUser, e.to_string()),
+                None,
+            )
+        }
+    };
     let mut oci_spec = match build_spec(&SpecInputs {
         run_id,
         run: spec,
         image: &image.config,
         cgroup_parent: &settings.cgroup_parent,
         pids_limit: settings.pids_limit,
+        user: &user,
     }) {
         Ok(s) => s,
         Err(e) => return (Ending::start_failed(e.error_code(), e.to_string()), None),
@@ -347,7 +364,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         }
     };
     // The files go in place before the container exists; the spec mounts them read-only.
-    match write_files(&run_dir.dir, &spec.files) {
+    match write_files(&run_dir.dir, &spec.files, (user.uid, user.gid)) {
         Ok(mounts) => add_mounts(&mut oci_spec, &mounts),
         Err(e) => {
             return (

@@ -975,6 +975,30 @@ impl Fleet {
     }
 }
 
+/// Standard base64 with padding (what the API takes), written here so the test depends on no
+/// encoder of the code under test.
+pub fn b64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.len();
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= n {
+                out.push(ABC[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// A loopback port bound (not listening: connects are refused) so nothing else is given it;
 /// SO_REUSEADDR on both sides lets a scheduler bind it while the returned socket holds it.
 fn reserve_port() -> Result<(tokio::net::TcpSocket, String)> {
