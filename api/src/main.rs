@@ -63,6 +63,7 @@ fn raise_open_files_limit() -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    berth_core::process::private_files();
     berth_core::process::init_tracing();
     let args = Args::parse();
     anyhow::ensure!(

@@ -1,4 +1,5 @@
-//! What every Berth binary does at start: structured logging and the shutdown signal.
+//! What every Berth binary does at start: structured logging, private files and the shutdown
+//! signal.
 
 use std::future::Future;
 
@@ -9,6 +10,15 @@ pub fn init_tracing() {
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+/// Makes every file and directory this process creates from now on private to its own user
+/// (umask 077: files 0600, directories 0700 unless a mode is set explicitly), as a systemd unit's
+/// `UMask=0077` would: the store, journals, run output and credentials hold secrets. Call first
+/// thing in `main` (the umask is shared by all of the process's threads and its children).
+pub fn private_files() {
+    use nix::sys::stat::{umask, Mode};
+    umask(Mode::S_IRWXG | Mode::S_IRWXO);
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed now, not on first poll, so a

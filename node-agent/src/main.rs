@@ -206,6 +206,7 @@ fn host_memory_mib() -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    berth_core::process::private_files();
     berth_core::process::init_tracing();
     let cli = Cli::parse();
     let network_mode = cli.network;

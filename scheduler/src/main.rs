@@ -119,6 +119,7 @@ fn parse_policy(s: &str) -> Result<FitPolicy, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    berth_core::process::private_files();
     berth_core::process::init_tracing();
     let args = Args::parse();
     let catalog = match &args.catalog {

@@ -83,3 +83,64 @@ async fn secrets_reach_the_container_and_nowhere_else() -> Result<()> {
     ensure!(!f.logs().contains(SECRET), "secret in a process log");
     Ok(())
 }
+
+/// Every file and directory the scheduler and the agent write — the store, the agent's
+/// journals, a run's output while it runs — is private to the service (no group or other
+/// permission bits): before, they were 0644 in 0755 directories and any local user could read
+/// a run's secret output during the run (issue #12, item 3).
+#[tokio::test]
+async fn files_the_services_write_are_private_to_them() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = f
+        .runner(
+            "fra",
+            json!({
+                "run_command": "echo token=$API_TOKEN; echo started; sleep 1000",
+                "env_variables": [{"env_key": "API_TOKEN", "env_val": SECRET, "secret": true}],
+            }),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    // While the run runs: its journal and output exist.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let logs = f.all_logs(&runner, &run).await?;
+        if logs.iter().any(|l| l["msg"] == "started") {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the run never printed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let agent_dir = f.dir.path().join(format!("agent-{}", f.node("fra")));
+    let mut seen = 0;
+    let mut open = Vec::new();
+    let mut stack = vec![agent_dir.clone(), f.scheduler_data_dir()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).with_context(|| path.display().to_string())?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        seen += 1;
+        if meta.permissions().mode() & 0o077 != 0 {
+            open.push(format!(
+                "{} {:o}",
+                path.display(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    ensure!(seen > 5, "walked too little: {seen} entries");
+    ensure!(open.is_empty(), "readable by others: {open:#?}");
+    f.post(&format!("/v1/runners/{runner}/runs/{run}/stop"), json!({}))
+        .await?;
+    Ok(())
+}
