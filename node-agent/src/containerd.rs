@@ -312,12 +312,7 @@ impl ContainerdRuntime {
         };
         let id = format!("berth-view-{}", uuid::Uuid::new_v4());
         // Expiring: if this agent dies mid-read, containerd's GC takes the lease and the view.
-        let mut labels = HashMap::new();
-        if let Some(expire) =
-            crate::image::content::rfc3339(std::time::SystemTime::now() + Duration::from_secs(300))
-        {
-            labels.insert("containerd.io/gc.expire".to_string(), expire);
-        }
+        let labels = crate::image::content::expiring_lease_labels(Duration::from_secs(300));
         LeasesClient::new(self.channel.clone())
             .create(self.request(
                 CreateLeaseRequest {

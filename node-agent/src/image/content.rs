@@ -68,12 +68,7 @@ impl ContentStore {
     }
     pub(crate) async fn create_lease(&self) -> Result<String, ContentError> {
         let id = format!("berth-pull-{}", uuid::Uuid::new_v4());
-        let expire =
-            std::time::SystemTime::now() + std::time::Duration::from_secs(LEASE_EXPIRY_SECS);
-        let mut labels = HashMap::new();
-        if let Some(expire) = rfc3339(expire) {
-            labels.insert("containerd.io/gc.expire".to_string(), expire);
-        }
+        let labels = expiring_lease_labels(std::time::Duration::from_secs(LEASE_EXPIRY_SECS));
         LeasesClient::new(self.channel.clone())
             .create(self.request(
                 CreateLeaseRequest {
@@ -336,6 +331,16 @@ pub(crate) fn descriptor(media_type: &str, digest: &str, size: u64) -> CtrDescri
         size: i64::try_from(size).unwrap_or(i64::MAX),
         annotations: HashMap::new(),
     }
+}
+
+/// The labels of a lease containerd's GC removes `after` from now (with what it protects),
+/// whether or not the agent lives to delete it.
+pub(crate) fn expiring_lease_labels(after: std::time::Duration) -> HashMap<String, String> {
+    let mut labels = HashMap::new();
+    if let Some(expire) = rfc3339(std::time::SystemTime::now() + after) {
+        labels.insert("containerd.io/gc.expire".to_string(), expire);
+    }
+    labels
 }
 
 /// Formats a time as RFC 3339 UTC in whole seconds (`2024-01-02T03:04:05Z`), as containerd's
