@@ -361,15 +361,7 @@ mod tests {
             additional_gids: vec![2000, 2001],
             home: "/home/app".to_owned(),
         };
-        let spec = build_spec(&SpecInputs {
-            run_id: "r1",
-            run: &run,
-            image: &ImageRunConfig::default(),
-            cgroup_parent: "berth/n1",
-            pids_limit: 10,
-            user: &app,
-        })
-        .expect("spec");
+        let spec = spec_as(&run, &app);
         let json = spec_json(&spec);
         assert_eq!(json["process"]["user"]["uid"], 1000);
         assert_eq!(json["process"]["user"]["gid"], 1001);
@@ -387,15 +379,7 @@ mod tests {
             env: HashMap::from([("HOME".to_owned(), "/work".to_owned())]),
             ..run
         };
-        let spec = build_spec(&SpecInputs {
-            run_id: "r1",
-            run: &run,
-            image: &ImageRunConfig::default(),
-            cgroup_parent: "berth/n1",
-            pids_limit: 10,
-            user: &app,
-        })
-        .expect("spec");
+        let spec = spec_as(&run, &app);
         let homes: Vec<_> = spec_json(&spec)["process"]["env"]
             .as_array()
             .expect("env")
@@ -459,13 +443,18 @@ mod tests {
             cmd: s(&["true"]),
             ..Default::default()
         };
+        spec_as(&run, &ExecUser::root())
+    }
+
+    /// The spec of `run` as `user`, from an image that sets nothing.
+    fn spec_as(run: &RunSpec, user: &ExecUser) -> Spec {
         build_spec(&SpecInputs {
             run_id: "r1",
-            run: &run,
+            run,
             image: &ImageRunConfig::default(),
             cgroup_parent: "berth/n1",
             pids_limit: 10,
-            user: &ExecUser::root(),
+            user,
         })
         .expect("spec")
     }

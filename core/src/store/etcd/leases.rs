@@ -9,7 +9,6 @@
 
 use super::super::{Op, StoreError, Txn};
 use super::members::Members;
-use super::transient;
 use etcd_client::PutOptions;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -74,20 +73,13 @@ impl LeaseCache {
         let lease_ttl = i64::try_from(secs + bucket).unwrap_or(i64::MAX);
         // A grant is a new lease each time, so one lost to a failed member costs nothing but
         // its TTL: try each member once.
-        let mut tries = self.members.len().max(1);
-        let granted = loop {
-            let grant = self
-                .members
-                .call(|client| async move { client.lease_client().grant(lease_ttl, None).await });
-            match grant.await {
-                Ok(granted) => break granted,
-                Err(e) if transient(&e) && tries > 1 => {
-                    tries -= 1;
-                    tracing::warn!(error = %e, "granting an etcd lease failed; trying the next member");
-                }
-                Err(e) => return Err(StoreError::Backend(format!("granting an etcd lease: {e}"))),
-            }
-        };
+        let granted = self
+            .members
+            .call_on_each(
+                |client| async move { client.lease_client().grant(lease_ttl, None).await },
+            )
+            .await
+            .map_err(|e| StoreError::Backend(format!("granting an etcd lease: {e}")))?;
         let id = granted.id();
         tracing::debug!(
             lease_id = id,

@@ -99,6 +99,26 @@ impl Members {
         }
     }
 
+    /// Like [`Members::call`], but a transient failure of any kind (a timeout too) sends the
+    /// call on to the next member, each member once at most: for calls whose repetition is
+    /// harmless even if an attempt did apply (a lease grant: a lost one only expires).
+    pub async fn call_on_each<T, F, Fut>(&self, call: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut tries = self.clients.len().max(1);
+        loop {
+            match self.call(&call).await {
+                Err(e) if transient(&e) && tries > 1 => {
+                    tries -= 1;
+                    tracing::warn!(error = %e, "an etcd call failed; trying the next member");
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// How many members there are.
     pub fn len(&self) -> usize {
         self.clients.len()
