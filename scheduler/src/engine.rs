@@ -45,7 +45,7 @@ use berth_core::model::{Catalog, ContainerRegistry};
 use berth_core::secrets::SecretKey;
 use berth_core::store::{Expect, Store, StoreError, Txn};
 use berth_core::{keys, Run, RunStatus};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -131,9 +131,12 @@ struct State {
     index: FleetIndex,
     /// Runs that have not ended, by id (UUIDv7: iteration order is submission order).
     active: BTreeMap<String, Run>,
-    /// The ids of the runs waiting for placement (a subset of `active`, kept by `stage`), so
+    /// The runs waiting for placement (a subset of `active`, kept by `stage`), per region, so
     /// scheduling and queue positions never scan the runs that are already placed.
-    queue: BTreeSet<String>,
+    queue: waiting::WaitQueue,
+    /// Waiting runs the scheduling passes looked at one by one (tests check passes stop early).
+    #[cfg(test)]
+    pass_visits: usize,
     /// Store writes staged by the current operation, submitted by `flush`.
     pending: Txn,
     /// Where each key's put sits in `pending`, so a key written twice is stored once.
@@ -221,12 +224,9 @@ impl<S: Store> Scheduler<S> {
             }
         }
         state.warm_pins = Self::load_warm_pins(&store).await?;
-        state.queue = state
-            .active
-            .values()
-            .filter(|r| is_queued(r))
-            .map(|r| r.id.clone())
-            .collect();
+        for run in state.active.values().filter(|r| is_queued(r)) {
+            state.queue.insert(run);
+        }
         let ids: Vec<String> = state.nodes.keys().cloned().collect();
         for id in &ids {
             state.sync_node(id);
@@ -378,9 +378,9 @@ impl State {
             self.delete(keys::run_files(&run.id));
         }
         if is_queued(&run) {
-            self.queue.insert(run.id.clone());
+            self.queue.insert(&run);
         } else {
-            self.queue.remove(&run.id);
+            self.queue.remove(&run);
         }
         if run.status.is_terminal() {
             self.active.remove(&run.id);
@@ -465,15 +465,20 @@ impl State {
                 e.1 += 1;
             }
         }
-        let queued: BTreeSet<String> = self
+        let queued: std::collections::BTreeSet<String> = self
             .active
             .values()
             .filter(|r| is_queued(r))
             .map(|r| r.id.clone())
             .collect();
         assert_eq!(
-            self.queue, queued,
+            self.queue.ids(),
+            queued,
             "the queue holds exactly the waiting runs"
+        );
+        assert!(
+            self.queue.sizes_consistent(&self.active),
+            "the queue counts each region's sizes"
         );
         for n in self.nodes.values() {
             let v = self.index.get(&n.id).expect("every node is indexed");
@@ -611,6 +616,7 @@ mod runs;
 #[cfg(test)]
 mod tests;
 mod usage;
+mod waiting;
 
 pub use logs::{log_line_cost, LOG_PAGE_MAX_BYTES, REDACTED, REDACT_MIN_LEN};
 pub use nodes::NodeInfo;

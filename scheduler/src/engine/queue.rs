@@ -9,7 +9,7 @@ use berth_core::agent::{AgentCommand, AssignRun, RunSpec};
 use berth_core::command::EffectiveCommand;
 use berth_core::store::Store;
 use berth_core::{now_unix_millis, Run, RunStatus};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 impl<S: Store> Scheduler<S> {
     /// Places every waiting run that fits, in submission order; a run that does not fit does
@@ -21,47 +21,85 @@ impl<S: Store> Scheduler<S> {
     /// node, so its capacity drains towards the old run while the rest of the region keeps
     /// serving small runs. The choice is made again on every pass.
     pub(super) fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
-        let waiting: Vec<String> = st.queue.iter().cloned().collect();
-        if waiting.is_empty() {
-            return Ok(());
-        }
         // Reservations live for this pass only; clear them whatever happens.
         let mut held: Vec<String> = Vec::new();
-        let placed = self.place_waiting(st, waiting, &mut held);
+        let mut placed = Ok(());
+        // Regions share no capacity: each is placed on its own, oldest run first.
+        for region in st.queue.regions() {
+            placed = self.place_region(st, &region, &mut held);
+            if placed.is_err() {
+                break;
+            }
+        }
         for node in held {
             let _ = st.index.set_reserved_for(&node, None);
         }
         placed
     }
 
-    pub(super) fn place_waiting(
+    /// Places the waiting runs of `region` in submission order; stops as soon as no run left
+    /// can fit (see [`super::waiting`]).
+    fn place_region(
         &self,
         st: &mut State,
-        waiting: Vec<String>,
+        region: &str,
         held: &mut Vec<String>,
     ) -> Result<(), SchedulerError> {
         let now = now_unix_millis();
         let reserve_after =
             i64::try_from(self.config.reserve_after.as_millis()).unwrap_or(i64::MAX);
-        let mut regions_checked: HashSet<String> = HashSet::new();
-        for run_id in waiting {
-            let Some(cached) = st.active.get(&run_id) else {
+        st.queue.start_pass(region);
+        // The smallest size that found no node in this pass: larger ones cannot fit either.
+        let mut blocked: Option<u64> = None;
+        // Why each size waits, valid until the index changes (a placement, a reservation).
+        let mut reasons: HashMap<u64, String> = HashMap::new();
+        let mut after: Option<String> = None;
+        while let Some(run_id) = st.queue.next(region, after.as_deref()) {
+            if blocked.is_some_and(|b| st.queue.smallest(region).is_some_and(|s| s >= b)) {
+                let reasons = st
+                    .queue
+                    .sizes(region)
+                    .into_iter()
+                    .map(|size| {
+                        let reason = reasons
+                            .remove(&size)
+                            .unwrap_or_else(|| unplaceable_reason(st, region, size));
+                        (size, reason)
+                    })
+                    .collect();
+                st.queue.skip_from(region, run_id, reasons);
+                break;
+            }
+            after = Some(run_id.clone());
+            #[cfg(test)]
+            {
+                st.pass_visits += 1;
+            }
+            let Some(waiting) = st.active.get(&run_id) else {
                 continue;
             };
-            let mut run = cached.clone();
+            if let Some(reason) = reasons.get(&waiting.memory_mib) {
+                // Same region, same size, nothing changed since that size found no node.
+                let reason = reason.clone();
+                set_reason(st, &run_id, reason);
+                continue;
+            }
             let demand = Demand {
-                run_id: run.id.clone(),
-                region: run.region.clone(),
-                memory_mib: run.memory_mib,
-                image: run.image.clone(),
-                warm_pin: run.warm_pin.clone(),
+                run_id: run_id.clone(),
+                region: waiting.region.clone(),
+                memory_mib: waiting.memory_mib,
+                image: waiting.image.clone(),
+                warm_pin: waiting.warm_pin.clone(),
             };
+            let created_at = waiting.created_at;
             let chosen = st
                 .index
                 .place(&demand, self.config.fit_policy)
                 .map(|n| n.id.clone());
             match chosen {
                 Ok(node_id) => {
+                    reasons.clear();
+                    let mut run = waiting.clone();
                     let epoch = run.assign(&node_id)?;
                     let spec = self.run_spec(st, &run);
                     // `save` records the lease in the index.
@@ -78,23 +116,20 @@ impl<S: Store> Scheduler<S> {
                 }
                 Err(why) => {
                     let mut reason = why.to_string();
-                    let oldest_in_region = regions_checked.insert(run.region.clone());
-                    if oldest_in_region && now.saturating_sub(run.created_at) >= reserve_after {
-                        if let Some(node) = reserve_for(&mut st.index, &demand) {
-                            reason.push_str(&format!("; node {node} is reserved for this run"));
-                            held.push(node);
-                        }
+                    let oldest_in_region = blocked.is_none();
+                    blocked = Some(blocked.map_or(demand.memory_mib, |b| b.min(demand.memory_mib)));
+                    let mut reserved = None;
+                    if oldest_in_region && now.saturating_sub(created_at) >= reserve_after {
+                        reserved = reserve_for(&mut st.index, &demand);
                     }
-                    if run.pending_reason.as_deref() != Some(reason.as_str()) {
-                        tracing::info!(run_id = %run_id, reason = %reason, "run waits");
-                        // Why a run waits is recomputed by every pass (and by a new leader's
-                        // first one): kept in memory only, never a store write per waiting
-                        // run per pass (with 1,000 waiting runs that was one 1,000-record
-                        // transaction each time).
-                        if let Some(live) = st.active.get_mut(&run_id) {
-                            live.pending_reason = Some(reason);
-                        }
+                    if let Some(node) = reserved {
+                        reasons.clear();
+                        reason.push_str(&format!("; node {node} is reserved for this run"));
+                        held.push(node);
+                    } else {
+                        reasons.insert(demand.memory_mib, reason.clone());
                     }
+                    set_reason(st, &run_id, reason);
                 }
             }
         }
@@ -133,6 +168,38 @@ impl<S: Store> Scheduler<S> {
     }
 }
 
+/// Records why a run waits. Recomputed by every pass (and by a new leader's first one): kept
+/// in memory only, never a store write per waiting run per pass (with 1,000 waiting runs that
+/// was one 1,000-record transaction each time).
+fn set_reason(st: &mut State, run_id: &str, reason: String) {
+    if let Some(live) = st.active.get_mut(run_id) {
+        if live.pending_reason.as_deref() != Some(reason.as_str()) {
+            tracing::info!(run_id = %run_id, reason = %reason, "run waits");
+            live.pending_reason = Some(reason);
+        }
+    }
+}
+
+/// Why a run of `region` needing `memory_mib` finds no node now. Only for a run no node is
+/// reserved for: such a run's answer depends on nothing else about it.
+fn unplaceable_reason(st: &State, region: &str, memory_mib: u64) -> String {
+    let demand = Demand {
+        run_id: String::new(),
+        region: region.to_owned(),
+        memory_mib,
+        image: String::new(),
+        warm_pin: None,
+    };
+    match st
+        .index
+        .place(&demand, crate::placement::FitPolicy::default())
+    {
+        Err(why) => why.to_string(),
+        // Unreachable while the pass's reasoning holds; say something true anyway.
+        Ok(_) => "waiting for placement".to_owned(),
+    }
+}
+
 /// Reserves the ready node of `demand`'s region that is closest to fitting it; returns its id.
 pub(super) fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<String> {
     let node = index
@@ -167,12 +234,13 @@ impl State {
             run.pending_reason.clone_from(&live.pending_reason);
         }
         if is_queued(&run) {
-            let ahead = self
+            if let Some(reason) = self.queue.skipped_reason(&run) {
+                run.pending_reason = Some(reason.to_owned());
+            }
+            run.queue_position = self
                 .queue
-                .range::<String, _>(..run.id.clone())
-                .filter(|id| self.active.get(*id).is_some_and(|r| r.region == run.region))
-                .count();
-            run.queue_position = u32::try_from(ahead + 1).ok();
+                .position(&run)
+                .and_then(|p| u32::try_from(p).ok());
         }
         run
     }

@@ -4,6 +4,7 @@
 
 use super::*;
 use berth_core::store::{KeyValue, Txn};
+use std::collections::BTreeSet;
 use std::sync::Mutex as StdMutex;
 
 /// A shared in-memory store that records every read, so a test can see what `open` touched.

@@ -140,3 +140,90 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     );
     s.assert_index_consistent().await;
 }
+
+#[tokio::test]
+async fn a_pass_stops_at_the_first_run_nothing_can_fit_and_every_skipped_run_says_why() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fra = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (small, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (big, _) = s
+        .create_runner(P, spec("fra", "standard-m"))
+        .await
+        .expect("runner");
+    let running = s
+        .create_run(P, &small.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut fra);
+    assert_eq!(a.run_id, running.id);
+    // Sizes interleaved: the pass stops after the first small run found no node, and the
+    // runs after it (both sizes) are skipped.
+    let mut waiting = Vec::new();
+    for runner in [&big, &small, &big, &small, &big] {
+        let run = s
+            .create_run(P, &runner.id, RunOverrides::default())
+            .await
+            .expect("run");
+        waiting.push((runner.id.clone(), run.id));
+    }
+    // One more waiting run costs a pass two looks (the oldest of each size), not one per run.
+    let visits = s.state.lock().await.pass_visits;
+    let extra = s
+        .create_run(P, &big.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert_eq!(s.state.lock().await.pass_visits - visits, 2);
+    s.stop_run(P, &big.id, &extra.id).await.expect("stop");
+    let full = |mib: u64| format!("no node in fra with {mib} MiB free: 1 full");
+    let expect = [full(2048), full(1024), full(2048), full(1024), full(2048)];
+    for (i, ((runner, run), want)) in waiting.iter().zip(&expect).enumerate() {
+        let run = s.get_run(P, runner, run).await.expect("get");
+        assert_eq!(
+            run.pending_reason.as_deref(),
+            Some(want.as_str()),
+            "run {i}"
+        );
+        assert_eq!(run.queue_position, u32::try_from(i + 1).ok(), "run {i}");
+    }
+    // Another region is placed in the same passes, whatever fra's queue holds.
+    let mut ams = attach(&s, register("ams-1", "ams", 1024, &[])).await;
+    let (ams_runner, _) = s
+        .create_runner(P, spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    let ams_run = s
+        .create_run(P, &ams_runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert_eq!(next_assign(&mut ams).run_id, ams_run.id);
+
+    // Capacity frees: the oldest run that fits (the first small one) takes it, past the big
+    // one that can never fit this node, and the rest move up.
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))
+        .await
+        .expect("exited");
+    assert_eq!(next_assign(&mut fra).run_id, waiting[1].1);
+    let still = [
+        (0, 1, full(2048)),
+        (2, 2, full(2048)),
+        (3, 3, full(1024)),
+        (4, 4, full(2048)),
+    ];
+    for (i, position, want) in still {
+        let (runner, run) = &waiting[i];
+        let run = s.get_run(P, runner, run).await.expect("get");
+        assert_eq!(
+            run.pending_reason.as_deref(),
+            Some(want.as_str()),
+            "run {i}"
+        );
+        assert_eq!(run.queue_position, Some(position), "run {i}");
+    }
+    s.assert_index_consistent().await;
+}
