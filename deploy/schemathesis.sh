@@ -96,8 +96,9 @@ trap stop_fleet EXIT
 berth_spawn "$WORK/run/scheduler.pid" "$WORK/logs/scheduler.log" \
   "$BERTH_BIN_DIR/berth-scheduler" --grpc-listen "$SCHED_ADDR" --data-dir "$WORK/scheduler" \
   --default-registry "$BERTH_TEST_REGISTRY" --heartbeat-interval-seconds 1 --stop-grace-seconds 1
+(umask 077 && printf '%s\n' "$TOKEN" >"$WORK/token")
 berth_spawn "$WORK/run/api.pid" "$WORK/logs/api.log" \
-  "$BERTH_BIN_DIR/berth-api" --listen "$API_ADDR" --scheduler "http://$SCHED_ADDR" --token "$TOKEN"
+  "$BERTH_BIN_DIR/berth-api" --listen "$API_ADDR" --scheduler "http://$SCHED_ADDR" --token-file "$WORK/token"
 # Two run slots and short timeouts: whatever runs the fuzzer creates, at most two containers run.
 berth_spawn "$WORK/run/agent.pid" "$WORK/logs/agent.log" \
   "$BERTH_BIN_DIR/berth-node-agent" --scheduler "http://$SCHED_ADDR" --node-id "$NODE_ID" \

@@ -113,14 +113,14 @@ if [[ ! -s "$TOKEN_FILE" ]]; then
   berth_log "generated a new API token in $TOKEN_FILE"
 fi
 TOKEN="$(tr -d ' \n' <"$TOKEN_FILE")"
-# The scheduler serves only callers presenting the cluster token (the API and the agents); it
-# travels in the environment, not on command lines.
+# The scheduler's control service serves only the API, which presents the cluster token; the
+# agents enroll with registration tokens instead (below). Secrets are passed as files, never on
+# command lines.
 CLUSTER_TOKEN_FILE="$DATA_DIR/cluster.token"
 if [[ ! -s "$CLUSTER_TOKEN_FILE" ]]; then
   (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$CLUSTER_TOKEN_FILE")
 fi
-BERTH_CLUSTER_TOKEN="$(tr -d ' \n' <"$CLUSTER_TOKEN_FILE")"
-export BERTH_CLUSTER_TOKEN
+unset BERTH_CLUSTER_TOKEN BERTH_TOKEN BERTH_REGISTRATION_TOKEN
 
 ENV_DIR="$BERTH_REPO/.berth"
 mkdir -p "$ENV_DIR"
@@ -177,7 +177,8 @@ scheduler_cmd() { # INDEX
   SCHEDULER_CMD=("$BIN_DIR/berth-scheduler"
     --grpc-listen "${SCHEDULER_ADDRS[$1]}"
     --data-dir "$DATA_DIR/${SCHEDULERS[$1]}"
-    --default-registry "$REGISTRY_ADDR")
+    --default-registry "$REGISTRY_ADDR"
+    --cluster-token-file "$CLUSTER_TOKEN_FILE")
   if ((HA)); then
     # One sealing key for both: either may lead and must read what the other sealed.
     # Transactions of up to ETCD_MAX_TXN_OPS operations, as the members allow (see etcd_cmd).
@@ -189,7 +190,8 @@ api_cmd() { # INDEX
   API_CMD=("$BIN_DIR/berth-api"
     --listen "${API_ADDRS[$1]}"
     --scheduler "$SCHEDULER_URL"
-    --token "$TOKEN")
+    --token-file "$TOKEN_FILE"
+    --cluster-token-file "$CLUSTER_TOKEN_FILE")
 }
 agent_cmd() { # NODE_ID REGION
   AGENT_CMD=("$BIN_DIR/berth-node-agent"
@@ -199,7 +201,8 @@ agent_cmd() { # NODE_ID REGION
     --memory-mib 4096
     --cpus 2
     --containerd-socket "$SOCK"
-    --state-dir "$DATA_DIR/agent-$1")
+    --state-dir "$DATA_DIR/agent-$1"
+    --registration-token-file "$DATA_DIR/agent-$1.registration-token")
 }
 etcd_cmd() { # INDEX
   local i="$1" cluster="" j
@@ -260,13 +263,6 @@ for i in "${!APIS[@]}"; do
   api_cmd "$i"
   ensure_proc "${APIS[$i]}" "${API_CMD[@]}"
 done
-for a in "${AGENTS[@]}"; do
-  read -r node region <<<"$a"
-  mkdir -p "$DATA_DIR/agent-$node"
-  agent_cmd "$node" "$region"
-  ensure_proc "agent-$node" "${AGENT_CMD[@]}"
-done
-
 # ---------------------------------------------------------------- REST helpers
 
 # api METHOD PATH [JSON] — sets HTTP_CODE and BODY.
@@ -313,6 +309,25 @@ for ((i = 0; i < 150; i++)); do
   sleep 0.2
 done
 [[ "$HTTP_CODE" == 200 ]] || api_die "the API did not answer GET /v1/runners with 200 within 30s" "$API_LOG"
+
+# Each node enrolls once: a single-use registration token for its region, created through the
+# API as an operator would (berthctl admin nodes token create), exchanged by the agent for its
+# own credential (kept 0600 in its state directory); later starts use the credential.
+for a in "${AGENTS[@]}"; do
+  read -r node region <<<"$a"
+  mkdir -p "$DATA_DIR/agent-$node"
+  token_file="$DATA_DIR/agent-$node.registration-token"
+  if [[ ! -s "$DATA_DIR/agent-$node/node.credential" ]]; then
+    api POST /v1/admin/registration_tokens \
+      "$(jq -nc --arg r "$region" --arg n "$node" '{region: $r, name: $n, single_use: true, expires_in_seconds: 600}')"
+    [[ "$HTTP_CODE" == 201 ]] || api_die "could not create a registration token for $node" "$API_LOG"
+    (umask 077 && jq -r .token <<<"$BODY" >"$token_file")
+    # A node that enrolls again must not find its old agent still connected.
+    berth_stop_pidfile "$RUN_DIR/agent-$node.pid"
+  fi
+  agent_cmd "$node" "$region"
+  ensure_proc "agent-$node" "${AGENT_CMD[@]}"
+done
 
 berth_log "waiting for the nodes to register"
 nodes_ok=0

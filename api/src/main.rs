@@ -1,7 +1,9 @@
 use anyhow::Context;
 use berth_api::{limits, AppState, ServeLimits};
 use berth_core::failover::SchedulerAddrs;
+use berth_core::process::secret_setting;
 use clap::Parser;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Berth's public REST API.
@@ -18,13 +20,15 @@ struct Args {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: SchedulerAddrs,
-    /// The admin token: manages nodes and API keys (`/v1/admin/api_keys`), and acts in project
-    /// `default`. Everyone else sends a project's API key.
-    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
-    token: String,
-    /// The scheduler's cluster token (its `--cluster-token`), sent on every call to it.
-    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
-    cluster_token: Option<String>,
+    /// File holding the admin token (or set `BERTH_TOKEN`; never on a command line): manages
+    /// nodes, registration tokens and API keys, and acts in project `default`. Everyone else
+    /// sends a project's API key.
+    #[arg(long, env = "BERTH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// File holding the scheduler's cluster token, the API's credential on every call to it (or
+    /// set `BERTH_CLUSTER_TOKEN`).
+    #[arg(long, env = "BERTH_CLUSTER_TOKEN_FILE")]
+    cluster_token_file: Option<PathBuf>,
     /// Open connections at most; at the cap a new connection closes the longest-idle one.
     #[arg(long, env = "BERTH_API_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
@@ -66,12 +70,19 @@ async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
     berth_core::process::init_tracing();
     let args = Args::parse();
+    let token = secret_setting("BERTH_TOKEN", "--token-file", args.token_file.as_deref())?
+        .context("the admin token is required: --token-file or BERTH_TOKEN")?;
     anyhow::ensure!(
-        args.token.len() >= 16,
-        "--token must be at least 16 characters"
+        token.len() >= 16,
+        "the admin token must be at least 16 characters"
     );
-    let cluster = berth_api::auth::ClusterToken::new(args.cluster_token.as_deref())
-        .context("--cluster-token must be visible ASCII")?;
+    let cluster_token = secret_setting(
+        "BERTH_CLUSTER_TOKEN",
+        "--cluster-token-file",
+        args.cluster_token_file.as_deref(),
+    )?;
+    let cluster = berth_api::auth::ClusterToken::new(cluster_token.as_deref())
+        .context("the cluster token must be visible ASCII")?;
     anyhow::ensure!(
         args.max_connections > 0 && args.max_streams_per_key > 0,
         "--max-connections and --max-streams-per-key must be positive"
@@ -94,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // Lazy: the API starts (and answers 503) while no scheduler is up.
-    let state = AppState::new(&args.scheduler, &args.token, cluster)
+    let state = AppState::new(&args.scheduler, &token, cluster)
         .with_max_streams_per_key(args.max_streams_per_key);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

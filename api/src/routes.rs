@@ -111,11 +111,27 @@ pub fn routes() -> Vec<Route> {
         route(Get, "/v1/nodes", list_nodes),
         route(Post, "/v1/nodes/{id}/drain", drain_node),
         route(Post, "/v1/nodes/{id}/resume", resume_node),
+        route(Post, "/v1/nodes/{id}/revoke", revoke_node),
         route(Get, "/v1/instance_types", list_instance_types),
         route(Get, "/v1/regions", list_regions),
         route(Get, "/v1/admin/api_keys", admin::list_api_keys),
         route(Post, "/v1/admin/api_keys", admin::create_api_key),
         route(Delete, "/v1/admin/api_keys/{key_id}", admin::revoke_api_key),
+        route(
+            Get,
+            "/v1/admin/registration_tokens",
+            admin::list_registration_tokens,
+        ),
+        route(
+            Post,
+            "/v1/admin/registration_tokens",
+            admin::create_registration_token,
+        ),
+        route(
+            Delete,
+            "/v1/admin/registration_tokens/{token_id}",
+            admin::revoke_registration_token,
+        ),
     ]
 }
 

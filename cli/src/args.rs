@@ -64,6 +64,42 @@ pub enum AdminCommand {
     /// Create, list and revoke projects' API keys
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Enroll and revoke nodes
+    #[command(subcommand)]
+    Nodes(AdminNodesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminNodesCommand {
+    /// Registration tokens: what a new node's agent exchanges for its own credential
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Revoke a node: disconnect it now; runs it had not started are queued again, started
+    /// ones end `node_lost`; its agent cannot come back without a new registration token
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a registration token for a region and print it (the only time it is shown)
+    Create {
+        /// The region the enrolled nodes register in
+        #[arg(long)]
+        region: String,
+        /// A label, e.g. the pool or machine it is for
+        #[arg(long)]
+        name: Option<String>,
+        /// How long it can enroll nodes (default 3600; at most 30 days)
+        #[arg(long, value_name = "SECONDS")]
+        expires_in: Option<u64>,
+        /// Refuse it after it enrolled one node
+        #[arg(long)]
+        single_use: bool,
+    },
+    /// List registration tokens (never their secrets)
+    List,
+    /// Revoke a registration token: no node enrolls with it any more
+    Revoke { token_id: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -219,4 +219,6 @@ pub struct LinkClosed;
 /// commit order.
 pub trait AgentLink: Send + Sync {
     fn send(&self, command: AgentCommand) -> Result<(), LinkClosed>;
+    /// Ends the session at once, telling the agent why (its credential was revoked).
+    fn close(&self, _reason: &str) {}
 }

@@ -122,13 +122,96 @@ fn random_hex(bytes: usize) -> String {
 
 /// A new key from the operating system's random source.
 pub fn generate_key() -> NewKey {
+    generate_with_prefix(KEY_PREFIX)
+}
+
+fn generate_with_prefix(prefix: &str) -> NewKey {
     let key_id = random_hex(KEY_ID_BYTES);
     let secret = random_hex(SECRET_BYTES);
     NewKey {
-        plaintext: format!("{KEY_PREFIX}{key_id}_{secret}"),
+        plaintext: format!("{prefix}{key_id}_{secret}"),
         secret_sha256: hash_secret(&secret),
         key_id,
     }
+}
+
+/// `<prefix><16 hex>_<64 hex>` → its parts.
+fn parse_with_prefix<'a>(token: &'a str, prefix: &str) -> Option<PresentedKey<'a>> {
+    let rest = token.strip_prefix(prefix)?;
+    let (key_id, secret) = rest.split_once('_')?;
+    (is_lower_hex(key_id, KEY_ID_BYTES * 2) && is_lower_hex(secret, SECRET_BYTES * 2))
+        .then_some(PresentedKey { key_id, secret })
+}
+
+/// A registration token: `berthreg_<token id>_<secret>`, the same shape and strength as an API
+/// key. An admin creates it for one region; an agent exchanges it once for a node credential.
+const REGISTRATION_PREFIX: &str = "berthreg_";
+/// A node credential: `berthnode_<credential id>_<secret>`. It speaks as one node only.
+const NODE_CREDENTIAL_PREFIX: &str = "berthnode_";
+
+/// gRPC metadata carrying an agent's node credential on `AgentService.Attach`.
+pub const NODE_CREDENTIAL_METADATA: &str = "x-berth-node-credential";
+
+pub fn generate_registration_token() -> NewKey {
+    generate_with_prefix(REGISTRATION_PREFIX)
+}
+
+pub fn parse_registration_token(token: &str) -> Option<PresentedKey<'_>> {
+    parse_with_prefix(token, REGISTRATION_PREFIX)
+}
+
+pub fn generate_node_credential() -> NewKey {
+    generate_with_prefix(NODE_CREDENTIAL_PREFIX)
+}
+
+pub fn parse_node_credential(token: &str) -> Option<PresentedKey<'_>> {
+    parse_with_prefix(token, NODE_CREDENTIAL_PREFIX)
+}
+
+/// A registration token as the store keeps it (`registration_tokens/<id>`): never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationToken {
+    pub token_id: String,
+    /// The region every node enrolled with it must register in.
+    pub region: String,
+    pub name: String,
+    pub secret_sha256: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// Refused after its first successful use.
+    pub single_use: bool,
+    /// Nodes enrolled with it.
+    pub uses: u64,
+    pub revoked_at: Option<i64>,
+}
+
+impl RegistrationToken {
+    /// Why it cannot enroll a node at `now`, if it cannot.
+    pub fn unusable(&self, now: i64) -> Option<&'static str> {
+        if self.revoked_at.is_some() {
+            Some("the registration token was revoked")
+        } else if now >= self.expires_at {
+            Some("the registration token has expired")
+        } else if self.single_use && self.uses > 0 {
+            Some("the single-use registration token was already used")
+        } else {
+            None
+        }
+    }
+}
+
+/// A node's credential as the store keeps it (`node_credentials/<id>`): bound to one node id
+/// and region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    pub credential_id: String,
+    pub node_id: String,
+    pub region: String,
+    pub secret_sha256: String,
+    /// The registration token it was exchanged for.
+    pub token_id: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
@@ -139,10 +222,7 @@ fn is_lower_hex(s: &str, len: usize) -> bool {
 
 /// `berth_<16 hex>_<64 hex>` → its parts; anything else is not a key.
 pub fn parse_key(token: &str) -> Option<PresentedKey<'_>> {
-    let rest = token.strip_prefix(KEY_PREFIX)?;
-    let (key_id, secret) = rest.split_once('_')?;
-    (is_lower_hex(key_id, KEY_ID_BYTES * 2) && is_lower_hex(secret, SECRET_BYTES * 2))
-        .then_some(PresentedKey { key_id, secret })
+    parse_with_prefix(token, KEY_PREFIX)
 }
 
 /// Whether `key_id` has the shape of a key id (so it can name a store key safely).
@@ -167,6 +247,52 @@ pub fn verify_secret(secret: &str, secret_sha256: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_three_secret_kinds_never_parse_as_one_another() {
+        let key = generate_key();
+        let reg = generate_registration_token();
+        let node = generate_node_credential();
+        assert!(parse_key(&key.plaintext).is_some());
+        assert!(parse_registration_token(&reg.plaintext).is_some());
+        assert!(parse_node_credential(&node.plaintext).is_some());
+        for (text, id) in [
+            (&reg.plaintext, &reg.key_id),
+            (&node.plaintext, &node.key_id),
+        ] {
+            assert!(parse_key(text).is_none(), "{text}");
+            let kind = parse_registration_token(text).or_else(|| parse_node_credential(text));
+            assert_eq!(kind.map(|p| p.key_id), Some(id.as_str()));
+        }
+        assert!(parse_registration_token(&node.plaintext).is_none());
+        assert!(parse_node_credential(&reg.plaintext).is_none());
+        assert!(parse_node_credential(&key.plaintext).is_none());
+        let presented = parse_node_credential(&node.plaintext).map(|p| p.secret);
+        assert!(presented.is_some_and(|s| verify_secret(s, &node.secret_sha256)));
+    }
+
+    #[test]
+    fn a_registration_token_is_unusable_once_revoked_expired_or_used_up() {
+        let mut t = RegistrationToken {
+            token_id: "a".repeat(16),
+            region: "fra".to_owned(),
+            name: String::new(),
+            secret_sha256: String::new(),
+            created_at: 0,
+            expires_at: 1_000,
+            single_use: true,
+            uses: 0,
+            revoked_at: None,
+        };
+        assert_eq!(t.unusable(999), None);
+        assert!(t.unusable(1_000).is_some_and(|w| w.contains("expired")));
+        t.uses = 1;
+        assert!(t.unusable(0).is_some_and(|w| w.contains("already used")));
+        t.single_use = false;
+        assert_eq!(t.unusable(0), None);
+        t.revoked_at = Some(5);
+        assert!(t.unusable(0).is_some_and(|w| w.contains("revoked")));
+    }
 
     #[test]
     fn the_cluster_token_is_required_only_when_set() {

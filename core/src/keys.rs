@@ -85,6 +85,20 @@ pub fn idempotency_expiry(run_id: &str) -> String {
     format!("{IDEMPOTENCY_EXPIRY}{run_id}")
 }
 
+pub const REGISTRATION_TOKENS: &str = "registration_tokens/";
+
+/// A registration token's record (region, expiry, uses, the hash of its secret), by id.
+pub fn registration_token(token_id: &str) -> String {
+    format!("{REGISTRATION_TOKENS}{token_id}")
+}
+
+pub const NODE_CREDENTIALS: &str = "node_credentials/";
+
+/// A node credential's record (node id, region, the hash of its secret), by id.
+pub fn node_credential(credential_id: &str) -> String {
+    format!("{NODE_CREDENTIALS}{credential_id}")
+}
+
 pub const API_KEYS: &str = "apikeys/";
 
 /// An API key's record (its project, name and the hash of its secret), by public key id.

@@ -33,8 +33,8 @@ pub struct AgentConfig {
     /// After SIGTERM, how long to wait for running runs to end (and their reports to be
     /// acknowledged) before exiting anyway; runs still going are re-adopted by the next start.
     pub shutdown_grace: Duration,
-    /// The scheduler's cluster token, presented on the session when set.
-    pub cluster_token: Option<Secret>,
+    /// This node's credential (see `scheduler_link::enroll`), presented on every session.
+    pub credential: Option<Secret>,
 }
 
 /// A string that never shows in logs (`Debug` prints `[redacted]`).

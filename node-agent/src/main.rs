@@ -50,9 +50,15 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: SchedulerAddrs,
-    /// The scheduler's cluster token (its `--cluster-token`), presented on the session.
-    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
-    cluster_token: Option<String>,
+    /// File holding a registration token (an admin creates one per region: `berthctl admin
+    /// nodes token create`), or set `BERTH_REGISTRATION_TOKEN`. Used once, when the node has no
+    /// credential yet: the agent exchanges it for the node's own credential and keeps that in
+    /// `--credential-file`.
+    #[arg(long, env = "BERTH_AGENT_REGISTRATION_TOKEN_FILE")]
+    registration_token_file: Option<PathBuf>,
+    /// Where the node's credential is kept, 0600 (default: `<state dir>/node.credential`).
+    #[arg(long, env = "BERTH_AGENT_CREDENTIAL_FILE")]
+    credential_file: Option<PathBuf>,
     /// This node's ID.
     #[arg(long, env = "BERTH_AGENT_NODE_ID")]
     node_id: String,
@@ -197,6 +203,33 @@ fn bridge_network(cli: &Cli, state_dir: &std::path::Path) -> anyhow::Result<Arc<
     )))
 }
 
+/// The node's credential: from its file, else by enrolling with the registration token (and
+/// then kept in the file); none when neither exists (a scheduler without a cluster token).
+async fn node_credential(cli: &Cli, state_dir: &std::path::Path) -> anyhow::Result<Option<String>> {
+    use berth_node_agent::scheduler_link::enroll;
+    let path = cli
+        .credential_file
+        .clone()
+        .unwrap_or_else(|| state_dir.join("node.credential"));
+    if let Some(credential) = enroll::read_credential(&path)? {
+        tracing::info!(path = %path.display(), "using the node credential");
+        return Ok(Some(credential));
+    }
+    let token = berth_core::process::secret_setting(
+        "BERTH_REGISTRATION_TOKEN",
+        "--registration-token-file",
+        cli.registration_token_file.as_deref(),
+    )?;
+    let Some(token) = token else {
+        tracing::warn!("no node credential and no registration token: registering unauthenticated (only a scheduler without a cluster token accepts that)");
+        return Ok(None);
+    };
+    let credential = enroll::enroll(&cli.scheduler, &token, &cli.node_id, &cli.region).await?;
+    enroll::write_credential(&path, &credential)?;
+    tracing::info!(path = %path.display(), "node credential stored; the registration token is no longer needed");
+    Ok(Some(credential))
+}
+
 fn host_memory_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
@@ -216,6 +249,14 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(format!("/var/lib/berth/agent-{}", cli.node_id)));
     std::fs::create_dir_all(state_dir.join("runs"))
         .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    // Run journals hold secret values and output: this agent's only (a directory an older
+    // build created 0755 is closed too).
+    std::fs::set_permissions(
+        &state_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("making state dir {} private", state_dir.display()))?;
+    let credential = node_credential(&cli, &state_dir).await?;
     let network = match network_mode {
         NetworkMode::Bridge => Some(bridge_network(&cli, &state_dir)?),
         NetworkMode::None => {
@@ -255,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
             max_lines: cli.max_log_lines_per_run,
         },
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
-        cluster_token: cli.cluster_token.map(Secret),
+        credential: credential.map(Secret),
         node_id: cli.node_id,
         region: cli.region,
     };

@@ -51,6 +51,13 @@ type OutStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + S
 impl AgentService for FakeScheduler {
     type AttachStream = OutStream;
 
+    async fn enroll(
+        &self,
+        _: Request<berth_proto::v1::EnrollRequest>,
+    ) -> Result<Response<berth_proto::v1::EnrollResponse>, Status> {
+        Err(Status::unimplemented("this fake does not enroll"))
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<AgentMessage>>,
@@ -224,7 +231,7 @@ async fn runs_containers_end_to_end() {
         pids_limit: berth_node_agent::run::spec::DEFAULT_PIDS_LIMIT,
         log_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
-        cluster_token: None,
+        credential: None,
     };
     let channel = containerd_client::connect(&socket)
         .await

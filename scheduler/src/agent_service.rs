@@ -28,6 +28,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct AgentApi<S> {
     pub scheduler: Arc<Scheduler<S>>,
+    /// Every session must present a node credential (`x-berth-node-credential`). Without it
+    /// (a scheduler with no cluster token, on loopback) a credential is still checked when
+    /// presented, and an agent without one is taken at its word.
+    pub require_credentials: bool,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::SchedulerMessage, Status>> + Send>>;
@@ -45,16 +49,80 @@ impl AgentLink for GrpcLink {
             .send(Ok(command_to_pb(command)))
             .map_err(|_| LinkClosed)
     }
+
+    fn close(&self, reason: &str) {
+        // An error item ends the response stream: the agent sees this status.
+        let _ = self
+            .tx
+            .send(Err(Status::unauthenticated(reason.to_owned())));
+    }
+}
+
+impl<S: Store> AgentApi<S> {
+    /// Which node the session's credential speaks for, if it presents one (checked); refuses a
+    /// session without one when credentials are required.
+    async fn credential_node(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<berth_core::auth::NodeCredential>, Status> {
+        let presented = metadata
+            .get(berth_core::auth::NODE_CREDENTIAL_METADATA)
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        match presented {
+            Some(p) => Ok(Some(self.scheduler.authenticate_node(&p).await?)),
+            None if self.require_credentials => Err(Status::unauthenticated(
+                "this scheduler requires a node credential (x-berth-node-credential): start the \
+                 agent with a registration token (--registration-token-file) to enroll",
+            )),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A session's `Register` must name the node and region its credential was issued for.
+fn check_identity(
+    credential: &berth_core::auth::NodeCredential,
+    register: &Registration,
+) -> Result<(), Status> {
+    if register.node_id != credential.node_id {
+        return Err(Status::permission_denied(format!(
+            "this credential belongs to node {}; it cannot register as {}",
+            credential.node_id, register.node_id
+        )));
+    }
+    if register.region != credential.region {
+        return Err(Status::permission_denied(format!(
+            "node {} was enrolled in region {}; it cannot register in {}",
+            credential.node_id, credential.region, register.region
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
 impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
     type AttachStream = Outbound;
 
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let r = request.into_inner();
+        let (credential, plaintext) = self
+            .scheduler
+            .enroll_node(&r.registration_token, &r.node_id, &r.region)
+            .await?;
+        Ok(Response::new(pb::EnrollResponse {
+            node_credential: plaintext,
+            credential_id: credential.credential_id,
+        }))
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let credential = self.credential_node(request.metadata()).await?;
         let mut inbound = request.into_inner();
         let register = match inbound.message().await?.and_then(|m| m.body) {
             Some(Body::Register(r)) => registration_from_pb(r),
@@ -64,6 +132,9 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                 ))
             }
         };
+        if let Some(credential) = &credential {
+            check_identity(credential, &register)?;
+        }
         let node_id = register.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let link: Link = Arc::new(GrpcLink { tx: tx.clone() });

@@ -305,6 +305,68 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         Ok(Response::new(self.node_to_pb(node)))
     }
 
+    async fn revoke_node(&self, r: Request<pb::NodeRequest>) -> Result<Response<pb::Node>, Status> {
+        require_admin(&r)?;
+        let id = r.into_inner().id;
+        self.scheduler.revoke_node(&id).await?;
+        let node = self
+            .scheduler
+            .list_nodes()
+            .await
+            .into_iter()
+            .find(|n| n.view.id == id);
+        Ok(Response::new(match node {
+            Some(n) => self.node_to_pb(n),
+            // Enrolled, never connected to this scheduler.
+            None => pb::Node {
+                id,
+                status: pb::NodeState::Lost as i32,
+                ..pb::Node::default()
+            },
+        }))
+    }
+
+    async fn create_registration_token(
+        &self,
+        r: Request<pb::CreateRegistrationTokenRequest>,
+    ) -> Result<Response<pb::CreateRegistrationTokenResponse>, Status> {
+        require_admin(&r)?;
+        let r = r.into_inner();
+        let expires_in = (r.expires_in_seconds > 0)
+            .then(|| std::time::Duration::from_secs(r.expires_in_seconds));
+        let (token, plaintext) = self
+            .scheduler
+            .create_registration_token(&r.region, &r.name, expires_in, r.single_use)
+            .await?;
+        Ok(Response::new(pb::CreateRegistrationTokenResponse {
+            registration_token: Some(registration_token_to_pb(&token)),
+            plaintext_token: plaintext,
+        }))
+    }
+
+    async fn list_registration_tokens(
+        &self,
+        r: Request<pb::ListRegistrationTokensRequest>,
+    ) -> Result<Response<pb::ListRegistrationTokensResponse>, Status> {
+        require_admin(&r)?;
+        let tokens = self.scheduler.list_registration_tokens().await?;
+        Ok(Response::new(pb::ListRegistrationTokensResponse {
+            registration_tokens: tokens.iter().map(registration_token_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_registration_token(
+        &self,
+        r: Request<pb::RevokeRegistrationTokenRequest>,
+    ) -> Result<Response<pb::RegistrationToken>, Status> {
+        require_admin(&r)?;
+        let token = self
+            .scheduler
+            .revoke_registration_token(&r.into_inner().token_id)
+            .await?;
+        Ok(Response::new(registration_token_to_pb(&token)))
+    }
+
     async fn warmup_runner(
         &self,
         r: Request<pb::WarmupRunnerRequest>,
@@ -463,6 +525,19 @@ fn registry_to_pb(r: &ContainerRegistry) -> pb::ContainerRegistry {
         host: r.host.clone(),
         username: r.username.clone(),
         created_at_unix_millis: r.created_at,
+    }
+}
+
+fn registration_token_to_pb(t: &auth::RegistrationToken) -> pb::RegistrationToken {
+    pb::RegistrationToken {
+        token_id: t.token_id.clone(),
+        region: t.region.clone(),
+        name: t.name.clone(),
+        created_at_unix_millis: t.created_at,
+        expires_at_unix_millis: t.expires_at,
+        single_use: t.single_use,
+        uses: t.uses,
+        revoked_at_unix_millis: t.revoked_at,
     }
 }
 

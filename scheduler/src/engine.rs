@@ -122,6 +122,8 @@ pub struct Scheduler<S> {
     pulls: std::sync::Mutex<HashMap<String, images::PullEntry>>,
     /// Serialises each run's log appends (see `logs`).
     log_appends: logs::AppendLocks,
+    /// Held by a node enrollment (see `identity`).
+    enrolling: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -262,6 +264,7 @@ impl<S: Store> Scheduler<S> {
             store_failed,
             pulls: std::sync::Mutex::default(),
             log_appends: logs::AppendLocks::default(),
+            enrolling: Mutex::new(()),
         }))
     }
 
@@ -605,6 +608,7 @@ mod active;
 mod api_keys;
 mod delivery;
 mod idempotency;
+mod identity;
 mod images;
 mod logs;
 mod nodes;
@@ -618,6 +622,7 @@ mod tests;
 mod usage;
 mod waiting;
 
+pub use identity::{validate_node_id, DEFAULT_REGISTRATION_TTL, MAX_REGISTRATION_TTL};
 pub use logs::{log_line_cost, LOG_PAGE_MAX_BYTES, REDACTED, REDACT_MIN_LEN};
 pub use nodes::NodeInfo;
 use nodes::{Node, NodeRecord};

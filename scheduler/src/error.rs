@@ -29,6 +29,13 @@ pub enum SchedulerError {
     /// is not told which).
     #[error("invalid API key")]
     Unauthenticated,
+    /// A node credential or registration token is missing, malformed, unknown, revoked,
+    /// expired or used up; says which when the secret matched (never to a wrong secret).
+    #[error("{0}")]
+    NodeUnauthenticated(String),
+    /// A node with this id is connected: a second agent cannot take its id.
+    #[error("{0}")]
+    NodeIdTaken(String),
     /// The caller may not do this (a project key on an admin operation).
     #[error("{0}")]
     Forbidden(String),
@@ -64,7 +71,10 @@ impl From<SchedulerError> for tonic::Status {
             SchedulerError::Protocol(_) | SchedulerError::UnknownEnum(_) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
-            SchedulerError::Unauthenticated => tonic::Status::unauthenticated(e.to_string()),
+            SchedulerError::Unauthenticated | SchedulerError::NodeUnauthenticated(_) => {
+                tonic::Status::unauthenticated(e.to_string())
+            }
+            SchedulerError::NodeIdTaken(_) => tonic::Status::already_exists(e.to_string()),
             SchedulerError::Forbidden(_) => tonic::Status::permission_denied(e.to_string()),
             // The store is down, or this scheduler is no longer the leader: another scheduler
             // (or this one, restarted) can serve the same call, so clients may retry.

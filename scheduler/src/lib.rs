@@ -27,9 +27,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Refuses every call that does not present the cluster token, when the scheduler has one:
-/// without it anyone who reaches the port could register as a node (and receive runs, their
-/// secrets and registry credentials) or call the control service as the admin. While paused
+/// Refuses every control call that does not present the cluster token, when the scheduler has
+/// one: without it anyone who reaches the port could call the control service as the admin.
+/// Only the API holds it; agents present node credentials instead (see `agent_service`). While paused
 /// (a leader on etcd that cannot confirm its lease, see [`berth_core::store::LeaseState`]) it
 /// refuses every new call as `UNAVAILABLE`, marked as not served so that clients send even a
 /// write again: another scheduler may lead by now, and this one's memory may be stale.
@@ -45,6 +45,20 @@ impl ClusterGate {
             token: token.map(Arc::from),
             paused: Arc::default(),
         }
+    }
+
+    /// The gate of `AgentService`: agents authenticate with node credentials, never with the
+    /// cluster token (only the API holds that), so it only pauses with this one.
+    pub fn for_agents(&self) -> ClusterGate {
+        ClusterGate {
+            token: None,
+            paused: self.paused.clone(),
+        }
+    }
+
+    /// Whether callers must present the cluster token (and agents a node credential).
+    pub fn is_closed(&self) -> bool {
+        self.token.is_some()
     }
 
     /// Pauses (true) or resumes (false) serving new calls.
@@ -99,8 +113,9 @@ pub async fn serve<S: Store>(
         .add_service(AgentServiceServer::with_interceptor(
             agent_service::AgentApi {
                 scheduler: scheduler.clone(),
+                require_credentials: gate.is_closed(),
             },
-            gate.clone(),
+            gate.for_agents(),
         ))
         .add_service(ControlServiceServer::with_interceptor(
             control_service::ControlApi { scheduler },

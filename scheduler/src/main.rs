@@ -62,10 +62,15 @@ struct Args {
     /// JSON file with `regions` and `instance_types` (default: the built-in catalog).
     #[arg(long, env = "BERTH_CATALOG")]
     catalog: Option<PathBuf>,
-    /// Shared secret the API and every node agent must present on each gRPC call
-    /// (`x-berth-cluster-token`, at least 16 characters). Without it anyone who reaches the
-    /// port is served: only for a port on loopback.
-    #[arg(long, env = "BERTH_CLUSTER_TOKEN", hide_env_values = true)]
+    /// File holding the cluster token: the API's credential, which it presents on every control
+    /// call (`x-berth-cluster-token`, at least 16 characters); or set `BERTH_CLUSTER_TOKEN`
+    /// (never on a command line). With it, agents must present node credentials (enroll with a
+    /// registration token). Without it anyone who reaches the port is served: only for a port
+    /// on loopback.
+    #[arg(long, env = "BERTH_CLUSTER_TOKEN_FILE")]
+    cluster_token_file: Option<PathBuf>,
+    /// The cluster token, read from the environment or `--cluster-token-file`.
+    #[arg(skip)]
     cluster_token: Option<String>,
     /// With etcd: seconds the leader's lease lives without a keep-alive. A standby takes over
     /// at most about this long (plus 0.5 s) after the leader dies; the leader gives up when it
@@ -121,7 +126,7 @@ fn parse_policy(s: &str) -> Result<FitPolicy, String> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
     berth_core::process::init_tracing();
-    let args = Args::parse();
+    let mut args = Args::parse();
     let catalog = match &args.catalog {
         Some(path) => Catalog::load(path)
             .with_context(|| format!("loading the catalog {}", path.display()))?,
@@ -149,10 +154,15 @@ async fn main() -> anyhow::Result<()> {
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
     };
     // Checked once, before any term: a bad flag must stop the process, not be retried.
+    args.cluster_token = berth_core::process::secret_setting(
+        "BERTH_CLUSTER_TOKEN",
+        "--cluster-token-file",
+        args.cluster_token_file.as_deref(),
+    )?;
     if let Some(token) = args.cluster_token.as_deref() {
         anyhow::ensure!(
             token.len() >= 16,
-            "--cluster-token must be at least 16 characters"
+            "the cluster token must be at least 16 characters"
         );
     }
     let stop = signal_watch()?;
@@ -335,7 +345,7 @@ async fn run<S: Store>(
     if args.cluster_token.is_none() && !listener.local_addr()?.ip().is_loopback() {
         tracing::warn!(
             addr = %listener.local_addr()?,
-            "no --cluster-token: anyone who reaches this port can register as a node or act as the API"
+            "no cluster token: anyone who reaches this port can register as a node or act as the API"
         );
     }
     let gate = berth_scheduler::ClusterGate::new(args.cluster_token.as_deref());

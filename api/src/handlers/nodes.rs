@@ -1,4 +1,4 @@
-//! Nodes (the operator's): list, drain, resume.
+//! Nodes (the operator's): list, drain, resume, revoke.
 
 use super::ApiResult;
 use crate::body::Path;
@@ -99,6 +99,38 @@ pub async fn resume_node(
     let node = s
         .control()
         .resume_node(pb::NodeRequest { id })
+        .await?
+        .into_inner();
+    Ok(Json(NodeResponse {
+        node: views::node(&node)?,
+    }))
+}
+
+/// Revokes the node's credentials: its agent is disconnected at once and cannot come back
+/// without enrolling again; runs it had not started are queued again, started ones end
+/// `failed` with `node_lost`.
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{id}/revoke",
+    tag = "nodes",
+    summary = "Revoke a node: disconnect it and take its runs back",
+    params(("id" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The node, now lost", body = NodeResponse),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A project key: nodes are the operator's", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
+        (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
+    )
+)]
+pub async fn revoke_node(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeResponse>> {
+    let node = s
+        .control()
+        .revoke_node(pb::NodeRequest { id })
         .await?
         .into_inner();
     Ok(Json(NodeResponse {

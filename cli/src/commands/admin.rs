@@ -2,7 +2,7 @@
 //! prints a project's new API key — the only time it is shown anywhere.
 
 use super::{id, CommandError, Ctx};
-use crate::args::{AdminCommand, KeysCommand};
+use crate::args::{AdminCommand, AdminNodesCommand, KeysCommand, TokenCommand};
 use crate::output::{cell, detail, Table};
 use serde_json::{json, Value};
 
@@ -10,7 +10,10 @@ const PATH: &str = "/v1/admin/api_keys";
 const KEY_FIELDS: &[&str] = &["key_id", "project", "name", "created_at", "revoked_at"];
 
 pub async fn execute(ctx: &Ctx, c: AdminCommand) -> Result<u8, CommandError> {
-    let AdminCommand::Keys(c) = c;
+    let c = match c {
+        AdminCommand::Keys(c) => c,
+        AdminCommand::Nodes(c) => return nodes(ctx, c).await,
+    };
     match c {
         KeysCommand::Create { project, name } => {
             let mut body = json!({ "project": project });
@@ -39,6 +42,95 @@ pub async fn execute(ctx: &Ctx, c: AdminCommand) -> Result<u8, CommandError> {
     Ok(0)
 }
 
+const TOKENS: &str = "/v1/admin/registration_tokens";
+const TOKEN_FIELDS: &[&str] = &[
+    "token_id",
+    "region",
+    "name",
+    "single_use",
+    "uses",
+    "created_at",
+    "expires_at",
+    "revoked_at",
+];
+
+async fn nodes(ctx: &Ctx, c: AdminNodesCommand) -> Result<u8, CommandError> {
+    match c {
+        AdminNodesCommand::Token(TokenCommand::Create {
+            region,
+            name,
+            expires_in,
+            single_use,
+        }) => {
+            let mut body = json!({ "region": region, "single_use": single_use });
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(s) = expires_in {
+                body["expires_in_seconds"] = json!(s);
+            }
+            let a = ctx.client.post(TOKENS, Some(&body)).await?;
+            ctx.show(&a, created_token);
+        }
+        AdminNodesCommand::Token(TokenCommand::List) => {
+            let a = ctx.client.get(TOKENS).await?;
+            ctx.show(&a, tokens_table);
+        }
+        AdminNodesCommand::Token(TokenCommand::Revoke { token_id }) => {
+            let a = ctx
+                .client
+                .delete(&format!(
+                    "{TOKENS}/{}",
+                    id("registration token", &token_id)?
+                ))
+                .await?;
+            ctx.show(&a, |v| detail(&v["registration_token"], TOKEN_FIELDS));
+        }
+        AdminNodesCommand::Revoke { id: node } => {
+            let a = ctx
+                .client
+                .post(&format!("/v1/nodes/{}/revoke", id("node", &node)?), None)
+                .await?;
+            ctx.show(&a, |v| detail(&v["node"], crate::output::NODE_FIELDS));
+        }
+    }
+    Ok(0)
+}
+
+/// The new token's record, then the token on a line of its own, then how a node uses it.
+fn created_token(v: &Value) -> String {
+    let token = v["token"].as_str().unwrap_or("-");
+    let region = v["registration_token"]["region"]
+        .as_str()
+        .unwrap_or("REGION");
+    let mut text = detail(&v["registration_token"], TOKEN_FIELDS);
+    text.push_str(&format!(
+        "\nRegistration token (shown only now; Berth keeps only its hash):\n{token}\n\n\
+         On the new node, put it in a file only root can read and start the agent with it:\n\
+         berth-node-agent --scheduler URL --node-id NODE --region {region} \\\n  \
+         --registration-token-file FILE\n\
+         The agent exchanges it once for the node's own credential (kept in its state directory).\n"
+    ));
+    text
+}
+
+fn tokens_table(v: &Value) -> String {
+    let mut t = Table::new(&[
+        "TOKEN ID",
+        "REGION",
+        "NAME",
+        "SINGLE USE",
+        "USES",
+        "CREATED",
+        "EXPIRES",
+        "REVOKED",
+    ]);
+    for k in v["registration_tokens"].as_array().into_iter().flatten() {
+        t.row(TOKEN_FIELDS.iter().map(|f| cell(&k[*f])).collect());
+    }
+    t.render()
+}
+
 /// The new key's record, then the key itself on a line of its own, then how to use it.
 fn created(v: &Value) -> String {
     let key = v["key"].as_str().unwrap_or("-");
@@ -62,6 +154,21 @@ fn keys_table(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_created_registration_token_is_printed_once_with_how_to_use_it() {
+        let token = format!("berthreg_{}_{}", "a".repeat(16), "b".repeat(64));
+        let text = created_token(&json!({
+            "registration_token": {"token_id": "a".repeat(16), "region": "fra", "name": "",
+                "single_use": true, "uses": 0, "created_at": "t", "expires_at": "u",
+                "revoked_at": null},
+            "token": token,
+        }));
+        assert!(text.lines().any(|l| l == token), "{text}");
+        assert_eq!(text.matches(&token).count(), 1, "{text}");
+        assert!(text.contains("--region fra"), "{text}");
+        assert!(text.contains("--registration-token-file"), "{text}");
+    }
 
     #[test]
     fn a_created_key_is_printed_once_on_its_own_line() {

@@ -56,9 +56,9 @@ pub enum SessionError {
         url: String,
         source: tonic::transport::Error,
     },
-    /// the cluster token cannot travel as gRPC metadata
-    #[error("the cluster token must be visible ASCII")]
-    InvalidClusterToken,
+    /// the node credential cannot travel as gRPC metadata
+    #[error("the node credential must be visible ASCII")]
+    InvalidCredential,
     /// the stream failed
     #[error("stream error: {0}")]
     Stream(#[from] tonic::Status),
@@ -373,18 +373,20 @@ impl<R: ContainerRuntime> Agent<R> {
             .connect()
             .await
             .map_err(|source| SessionError::Connect { url, source })?;
-        let token = self
+        let credential = self
             .config
-            .cluster_token
+            .credential
             .as_ref()
             .map(|t| tonic::metadata::MetadataValue::try_from(t.0.as_str()))
             .transpose()
-            .map_err(|_| SessionError::InvalidClusterToken)?;
+            .map_err(|_| SessionError::InvalidCredential)?;
         let mut client =
             AgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                if let Some(token) = &token {
-                    req.metadata_mut()
-                        .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+                if let Some(credential) = &credential {
+                    req.metadata_mut().insert(
+                        berth_core::auth::NODE_CREDENTIAL_METADATA,
+                        credential.clone(),
+                    );
                 }
                 Ok(req)
             });

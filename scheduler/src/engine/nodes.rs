@@ -336,35 +336,12 @@ impl<S: Store> Scheduler<S> {
                     "node lost: its sessions keep failing without a report delivered"
                 ),
             }
-            let leased: Vec<Run> = st
-                .active
-                .values()
-                .filter(|c| c.node_id.as_deref() == Some(node_id.as_str()))
-                .cloned()
-                .collect();
-            for mut run in leased {
-                if run.status == RunStatus::Pending {
-                    run.requeue(&format!(
-                        "node {node_id} was lost before it started the run"
-                    ))?;
-                } else {
-                    let why = if failing_since.is_some() {
-                        "could not deliver its reports"
-                    } else {
-                        "stopped sending heartbeats"
-                    };
-                    run.fail(
-                        ErrorCode::NodeLost,
-                        &format!("node {node_id} {why} while the run was running"),
-                        at,
-                    )?;
-                }
-                tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
-                let (run_id, memory_mib) = (run.id.clone(), run.memory_mib);
-                st.stage(run);
-                // The silent node may still run it: its capacity stays held until it says not.
-                st.hold_stale(node_id, &run_id, memory_mib);
-            }
+            let why = if failing_since.is_some() {
+                "could not deliver its reports"
+            } else {
+                "stopped sending heartbeats"
+            };
+            st.take_leases_back(node_id, "was lost", why, at)?;
         }
         self.settle(st, true).await
     }
@@ -408,6 +385,43 @@ impl<S: Store> Scheduler<S> {
 }
 
 impl State {
+    /// Takes back every lease of a node that is gone (lost, or its credential revoked): runs it
+    /// had not started are queued again ("node X `gone` before it started the run"), started
+    /// ones end `failed` with `node_lost` ("node X `why` while the run was running"). Each
+    /// keeps its memory and slot held on the node (see `Node::stale`) until the node says the
+    /// container is gone.
+    pub(super) fn take_leases_back(
+        &mut self,
+        node_id: &str,
+        gone: &str,
+        why: &str,
+        at: i64,
+    ) -> Result<(), SchedulerError> {
+        let leased: Vec<Run> = self
+            .active
+            .values()
+            .filter(|c| c.node_id.as_deref() == Some(node_id))
+            .cloned()
+            .collect();
+        for mut run in leased {
+            if run.status == RunStatus::Pending {
+                run.requeue(&format!("node {node_id} {gone} before it started the run"))?;
+            } else {
+                run.fail(
+                    ErrorCode::NodeLost,
+                    &format!("node {node_id} {why} while the run was running"),
+                    at,
+                )?;
+            }
+            tracing::warn!(run_id = %run.id, node_id = %node_id, status = %run.status, "lease revoked");
+            let (run_id, memory_mib) = (run.id.clone(), run.memory_mib);
+            self.stage(run);
+            // The node may still run it: its capacity stays held until it says not.
+            self.hold_stale(node_id, &run_id, memory_mib);
+        }
+        Ok(())
+    }
+
     /// Brings the index's view of `node_id` in line with its flags and report, keeping the
     /// memory and slots its leases hold.
     pub(super) fn sync_node(&mut self, node_id: &str) {

@@ -218,19 +218,10 @@ impl Fleet {
         }
         let schedulers = fleet.scheduler_urls();
         let api_listen = format!("{}:0", fleet.listen_host);
-        let mut api_args: Vec<String> = [
-            "--listen",
-            &api_listen,
-            "--scheduler",
-            &schedulers,
-            "--token",
-            TOKEN,
-            "--cluster-token",
-            CLUSTER_TOKEN,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+        let mut api_args: Vec<String> = ["--listen", &api_listen, "--scheduler", &schedulers]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         api_args.extend(options.api_args);
         let api = fleet.spawn_owned("api", "berth-api", &api_args)?;
         fleet.others.push(api);
@@ -240,6 +231,7 @@ impl Fleet {
         for (i, a) in agents.iter().enumerate() {
             let node_id = format!("{tag}-{}{i}", a.region);
             let state_dir = fleet.dir.path().join(format!("agent-{node_id}"));
+            let token_file = fleet.registration_token_file(a.region).await?;
             let (mem, max) = (a.memory_mib.to_string(), a.max_runs.to_string());
             let args = [
                 "--scheduler",
@@ -258,8 +250,8 @@ impl Fleet {
                 &fleet.env.containerd_socket,
                 "--state-dir",
                 &state_dir.to_string_lossy(),
-                "--cluster-token",
-                CLUSTER_TOKEN,
+                "--registration-token-file",
+                &token_file.to_string_lossy(),
             ];
             let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             let p = fleet.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
@@ -268,6 +260,25 @@ impl Fleet {
         }
         fleet.wait_ready().await?;
         Ok(fleet)
+    }
+
+    /// A file holding a registration token for `region` (created through the API, as an
+    /// operator would), for agents to enroll with.
+    pub async fn registration_token_file(&self, region: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("registration-{region}.token"));
+        if !path.exists() {
+            let created = self
+                .post(
+                    "/v1/admin/registration_tokens",
+                    serde_json::json!({"region": region, "name": "e2e"}),
+                )
+                .await?;
+            let token = created["token"]
+                .as_str()
+                .with_context(|| format!("no token in {created}"))?;
+            std::fs::write(&path, token)?;
+        }
+        Ok(path)
     }
 
     fn spawn_owned(&self, name: &str, bin: &str, args: &[String]) -> Result<Proc> {
@@ -357,7 +368,24 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(self.log_path(name))?;
-        let child = Command::new(self.env.bin_dir.join(bin))
+        let mut command = Command::new(self.env.bin_dir.join(bin));
+        // Secrets travel in the environment, never on a command line; only the API and the
+        // schedulers hold the cluster token, only the API the admin token.
+        command
+            .env_remove("BERTH_TOKEN")
+            .env_remove("BERTH_CLUSTER_TOKEN");
+        match bin {
+            "berth-api" => {
+                command
+                    .env("BERTH_TOKEN", TOKEN)
+                    .env("BERTH_CLUSTER_TOKEN", CLUSTER_TOKEN);
+            }
+            "berth-scheduler" => {
+                command.env("BERTH_CLUSTER_TOKEN", CLUSTER_TOKEN);
+            }
+            _ => {}
+        }
+        let child = command
             .args(args)
             .env("BERTH_LOG", "info")
             // Plain log lines: `bound_port` reads `addr=` from them.
@@ -438,8 +466,6 @@ impl Fleet {
             &self.env.registry,
             "--heartbeat-interval-seconds",
             "1",
-            "--cluster-token",
-            CLUSTER_TOKEN,
         ]
         .iter()
         .map(|a| a.to_string())

@@ -84,7 +84,7 @@ fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<Slo
         pids_limit: 1024,
         log_limits: LogLimits::default(),
         shutdown_grace: Duration::from_secs(30),
-        cluster_token: None,
+        credential: None,
     };
     Arc::new(Agent::new(
         config,
@@ -246,6 +246,13 @@ struct RefusingScheduler {
 #[tonic::async_trait]
 impl berth_proto::v1::agent_service_server::AgentService for RefusingScheduler {
     type AttachStream = ReceiverStream<Result<SchedulerMessage, tonic::Status>>;
+
+    async fn enroll(
+        &self,
+        _: tonic::Request<berth_proto::v1::EnrollRequest>,
+    ) -> Result<tonic::Response<berth_proto::v1::EnrollResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("this fake does not enroll"))
+    }
 
     async fn attach(
         &self,
