@@ -2,7 +2,7 @@
 //! CNI plugins and iptables: a run reaches a server on another "host" (a network namespace this
 //! test creates) but no port of its own host — not through the bridge's gateway address, not
 //! through the host's own address — nor another run; it runs with the default capabilities,
-//! no_new_privileges, a seccomp filter, masked and read-only kernel paths; two runs see neither
+//! no_new_privileges, a seccomp allowlist, masked and read-only kernel paths; two runs see neither
 //! each other's processes nor files; and every run's namespace and address are released after it
 //! ends, also when the agent was killed in between.
 //!
@@ -427,6 +427,10 @@ async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<
         unshare -U true 2>/tmp/e; echo unshare-user=$? $(cat /tmp/e); \
         unshare -n true 2>/tmp/e; echo unshare-net=$? $(cat /tmp/e); \
         mkdir -p /mnt/t; mount -t tmpfs none /mnt/t 2>/tmp/e; echo mount=$? $(cat /tmp/e); \
+        linux64 -R true 2>/tmp/e; echo no-aslr=$? $(cat /tmp/e); \
+        linux32 -R true 2>/tmp/e; echo no-aslr-32=$? $(cat /tmp/e); \
+        echo personality-32=$(linux32 cat /proc/self/personality 2>&1); \
+        chroot / true 2>/tmp/e; echo chroot=$? $(cat /tmp/e); \
         echo keys-bytes=$(head -c 4096 /proc/keys 2>/dev/null | wc -c); \
         echo timer-list-bytes=$(head -c 4096 /proc/timer_list 2>/dev/null | wc -c); \
         echo firmware-entries=$(ls /sys/firmware | wc -l); \
@@ -458,8 +462,17 @@ async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<
     for key in ["CapInh", "CapAmb"] {
         ensure!(field(key)? == "0000000000000000", "{key} empty: {out:?}");
     }
-    // A user namespace needs no capability: only the filter refuses it.
-    for key in ["unshare-user", "unshare-net", "mount"] {
+    // A user namespace needs no capability: only the filter refuses it. Nor does turning off
+    // address-space randomisation (`personality(ADDR_NO_RANDOMIZE)`, alone and with
+    // `PER_LINUX32`): a denylist that lets `personality` through allows it, the allowlist's
+    // argument rule does not.
+    for key in [
+        "unshare-user",
+        "unshare-net",
+        "mount",
+        "no-aslr",
+        "no-aslr-32",
+    ] {
         let v = value(key)?;
         ensure!(
             !v.starts_with('0') && v.to_lowercase().contains("not permitted")
@@ -467,6 +480,14 @@ async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<
             "{key} refused: {v}"
         );
     }
+    // Controls: the filter is not just refusing everything near those calls. `personality`
+    // still takes the values it allows, and `chroot` (allowed with the default capabilities,
+    // which keep CAP_SYS_CHROOT) works.
+    ensure!(
+        value("personality-32")? == "00000008",
+        "linux32 runs: {out:?}"
+    );
+    ensure!(value("chroot")? == "0", "chroot allowed: {out:?}");
     // Masked: what the host shows there (the controls), the run does not.
     let host_bytes = |p: &str| std::fs::read(p).map(|b| b.len()).unwrap_or(0);
     let host_entries = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);

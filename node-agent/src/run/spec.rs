@@ -471,7 +471,7 @@ mod tests {
         assert!(json["process"]["capabilities"]["ambient"]
             .as_array()
             .is_some_and(|a| a.is_empty()));
-        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
         assert!(json["linux"]["seccomp"]["syscalls"]
             .as_array()
             .is_some_and(|s| !s.is_empty()));
