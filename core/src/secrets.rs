@@ -1,13 +1,17 @@
 //! Secrets at rest: values such as registry passwords are sealed with ChaCha20-Poly1305 under a
 //! key that lives in a file of its own (created with mode 0600 on first start), never in the
-//! store. A sealed value is `v1:` + base64(nonce ‖ ciphertext ‖ tag).
+//! store. A sealed value is `v2:` + base64(nonce ‖ ciphertext ‖ tag), bound to the key or record
+//! it belongs to (AEAD associated data); older builds wrote `v1:` without it.
 
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng};
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use std::path::Path;
 
-const PREFIX: &str = "v1:";
+/// Sealed by older builds: no associated data.
+const PREFIX_V1: &str = "v1:";
+/// Bound to a context (associated data).
+const PREFIX_V2: &str = "v2:";
 const NONCE_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +23,10 @@ pub enum SecretError {
     },
     #[error("the secret key file {0} does not hold 32 hex-encoded bytes")]
     BadKey(String),
-    #[error("a sealed secret is malformed or was sealed with another key")]
+    #[error("a sealed secret is malformed, was sealed with another key, or belongs elsewhere")]
     Unseal,
+    #[error("sealing a secret failed")]
+    Seal,
 }
 
 /// The key that seals secrets. Its `Debug` output never shows the key.
@@ -73,23 +79,41 @@ impl SecretKey {
         }
     }
 
-    pub fn seal(&self, plaintext: &str) -> String {
+    /// Seals `plaintext` bound to `context` (the store key or record it belongs to, as AEAD
+    /// associated data): `v2:` + base64(nonce ‖ ciphertext ‖ tag). A sealed value copied under
+    /// another context does not open. Fails (never returns something weaker) if encryption
+    /// does.
+    pub fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, SecretError> {
         let cipher = ChaCha20Poly1305::new(&self.0);
         let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
-        // Encryption with a valid key and nonce cannot fail for in-memory buffers.
         let sealed = cipher
-            .encrypt(&nonce, plaintext.as_bytes())
-            .unwrap_or_default();
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: context.as_bytes(),
+                },
+            )
+            .map_err(|_| SecretError::Seal)?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
-        format!(
-            "{PREFIX}{}",
+        Ok(format!(
+            "{PREFIX_V2}{}",
             base64::engine::general_purpose::STANDARD.encode(out)
-        )
+        ))
     }
 
-    pub fn open(&self, sealed: &str) -> Result<String, SecretError> {
-        let body = sealed.strip_prefix(PREFIX).ok_or(SecretError::Unseal)?;
+    /// Opens what [`SecretKey::seal`] sealed for `context`. A `v1:` value (sealed by older
+    /// builds, bound to nothing) still opens, whatever the context: the next write of its
+    /// record seals it as `v2:`.
+    pub fn open(&self, context: &str, sealed: &str) -> Result<Vec<u8>, SecretError> {
+        let (body, aad) = if let Some(body) = sealed.strip_prefix(PREFIX_V2) {
+            (body, context.as_bytes())
+        } else if let Some(body) = sealed.strip_prefix(PREFIX_V1) {
+            (body, &b""[..])
+        } else {
+            return Err(SecretError::Unseal);
+        };
         let raw = base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|_| SecretError::Unseal)?;
@@ -97,11 +121,25 @@ impl SecretKey {
             return Err(SecretError::Unseal);
         }
         let (nonce, ciphertext) = raw.split_at(NONCE_LEN);
-        let cipher = ChaCha20Poly1305::new(&self.0);
-        let plain = cipher
-            .decrypt(Nonce::from_slice(nonce), ciphertext)
-            .map_err(|_| SecretError::Unseal)?;
-        String::from_utf8(plain).map_err(|_| SecretError::Unseal)
+        ChaCha20Poly1305::new(&self.0)
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
+            .map_err(|_| SecretError::Unseal)
+    }
+
+    /// [`SecretKey::open`], for text.
+    pub fn open_text(&self, context: &str, sealed: &str) -> Result<String, SecretError> {
+        String::from_utf8(self.open(context, sealed)?).map_err(|_| SecretError::Unseal)
+    }
+
+    /// Whether `value` has the form of a sealed value (either version).
+    pub fn is_sealed(value: &[u8]) -> bool {
+        value.starts_with(PREFIX_V1.as_bytes()) || value.starts_with(PREFIX_V2.as_bytes())
     }
 }
 
@@ -112,30 +150,58 @@ mod tests {
     #[test]
     fn seal_and_open_round_trip_without_the_plaintext_in_the_sealed_form() {
         let key = SecretKey::generate();
-        let sealed = key.seal("hunter2-very-secret");
-        assert!(sealed.starts_with("v1:"));
+        let sealed = key.seal("runs/a", b"hunter2-very-secret").expect("seal");
+        assert!(sealed.starts_with("v2:"));
         assert!(!sealed.contains("hunter2"));
         assert_ne!(
             sealed,
-            key.seal("hunter2-very-secret"),
+            key.seal("runs/a", b"hunter2-very-secret").expect("seal"),
             "fresh nonce each time"
         );
         assert_eq!(
-            key.open(&sealed).ok().as_deref(),
+            key.open_text("runs/a", &sealed).ok().as_deref(),
             Some("hunter2-very-secret")
         );
     }
 
     #[test]
+    fn a_sealed_value_opens_only_in_its_own_context() {
+        let key = SecretKey::generate();
+        let sealed = key.seal("runs/a", b"secret").expect("seal");
+        assert!(key.open("runs/b", &sealed).is_err(), "moved to another key");
+        assert!(key.open("", &sealed).is_err());
+    }
+
+    #[test]
     fn another_key_or_a_tampered_value_cannot_open_it() {
         let (a, b) = (SecretKey::generate(), SecretKey::generate());
-        let sealed = a.seal("x");
-        assert!(b.open(&sealed).is_err());
+        let sealed = a.seal("k", b"x").expect("seal");
+        assert!(b.open("k", &sealed).is_err());
         let mut tampered = sealed.clone();
         tampered.pop();
         tampered.push(if sealed.ends_with('A') { 'B' } else { 'A' });
-        assert!(a.open(&tampered).is_err());
-        assert!(a.open("plain").is_err());
+        assert!(a.open("k", &tampered).is_err());
+        assert!(a.open("k", "plain").is_err());
+        assert!(!SecretKey::is_sealed(b"plain"));
+        assert!(SecretKey::is_sealed(sealed.as_bytes()));
+    }
+
+    /// What older builds wrote (no associated data) still opens.
+    #[test]
+    fn a_v1_value_still_opens() {
+        let key = SecretKey::generate();
+        let cipher = ChaCha20Poly1305::new(&key.0);
+        let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let mut raw = nonce.to_vec();
+        raw.extend(cipher.encrypt(&nonce, &b"legacy"[..]).expect("encrypt"));
+        let v1 = format!(
+            "v1:{}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        );
+        assert_eq!(
+            key.open_text("anything", &v1).ok().as_deref(),
+            Some("legacy")
+        );
     }
 
     #[test]
@@ -147,8 +213,9 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = SecretKey::load_or_create(&path).expect("load");
+        let sealed = first.seal("ctx", b"same key").expect("seal");
         assert_eq!(
-            again.open(&first.seal("same key")).ok().as_deref(),
+            again.open_text("ctx", &sealed).ok().as_deref(),
             Some("same key")
         );
         std::fs::write(&path, "not hex").expect("write");

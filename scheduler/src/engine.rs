@@ -196,7 +196,7 @@ impl<S: Store> Scheduler<S> {
                     "the store holds registry secrets but no secret key was given".to_owned(),
                 )
             })?;
-            let password = key.open(&reg.password_sealed)?;
+            let password = key.open_text(&kv.key, &reg.password_sealed)?;
             state.registries.insert(
                 reg.id.clone(),
                 RegistryEntry {

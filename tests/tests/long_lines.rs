@@ -18,7 +18,7 @@ mod common;
 
 use anyhow::{bail, ensure, Context, Result};
 use berth_proto::v1 as pb;
-use common::{AgentSpec, Fleet, CLUSTER_TOKEN};
+use common::{AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -262,12 +262,15 @@ async fn fake_session(
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.scheduler_addr))?
         .connect()
         .await?;
-    let token: tonic::metadata::MetadataValue<_> = CLUSTER_TOKEN.parse()?;
+    let credential: tonic::metadata::MetadataValue<_> =
+        f.node_credential(node_id, "ams").await?.parse()?;
     let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
         channel,
         move |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+            req.metadata_mut().insert(
+                berth_core::auth::NODE_CREDENTIAL_METADATA,
+                credential.clone(),
+            );
             Ok(req)
         },
     );
@@ -359,12 +362,15 @@ async fn failing_session(f: &Fleet, node_id: &str, run_id: &str, first: bool) ->
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.scheduler_addr))?
         .connect()
         .await?;
-    let token: tonic::metadata::MetadataValue<_> = CLUSTER_TOKEN.parse()?;
+    let credential: tonic::metadata::MetadataValue<_> =
+        f.node_credential(node_id, "ams").await?.parse()?;
     let mut client = pb::agent_service_client::AgentServiceClient::with_interceptor(
         channel,
         move |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert(berth_core::auth::CLUSTER_TOKEN_METADATA, token.clone());
+            req.metadata_mut().insert(
+                berth_core::auth::NODE_CREDENTIAL_METADATA,
+                credential.clone(),
+            );
             Ok(req)
         },
     );

@@ -144,3 +144,126 @@ async fn files_the_services_write_are_private_to_them() -> Result<()> {
         .await?;
     Ok(())
 }
+
+/// What a run's secrets and the fleet's tokens leave behind (issue #12, item 3): while a run
+/// with a secret runs, no file the scheduler or the agent keeps as state holds it (the agent's
+/// `run.json` seals the environment; only the run's own output files hold what it printed, 0600),
+/// no process's command line holds a token or credential, and a secret that a long line's 64 KiB
+/// cut would have split is still redacted.
+#[tokio::test]
+async fn no_secret_or_token_on_disk_or_on_a_command_line_and_none_split_by_a_cut() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    // 65,531 bytes, then the secret across the 65,536-byte cut, then more: one line.
+    let runner = f
+        .runner(
+            "fra",
+            json!({
+                "run_command": "head -c 65531 /dev/zero | tr '\\0' x; printf '%s' \"$API_TOKEN\"; echo yyyy; echo started; sleep 1000",
+                "env_variables": [{"env_key": "API_TOKEN", "env_val": SECRET, "secret": true}],
+            }),
+        )
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let logs = loop {
+        let logs = f.all_logs(&runner, &run).await?;
+        if logs.iter().any(|l| l["msg"] == "started") {
+            break logs;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the run never printed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let texts: Vec<&str> = logs.iter().filter_map(|l| l["msg"].as_str()).collect();
+    let joined = texts.concat();
+    ensure!(
+        !joined.contains(SECRET),
+        "the secret is in the stored lines"
+    );
+    ensure!(joined.contains("[redacted]yyyy"), "not redacted whole");
+    for t in &texts {
+        for k in 4..SECRET.len() {
+            ensure!(
+                !t.ends_with(&SECRET[..k]) && !t.starts_with(&SECRET[k..]),
+                "a piece holds part of the secret: …{}",
+                &t[t.len().saturating_sub(40)..]
+            );
+        }
+    }
+
+    // State files: neither the secret nor a token in clear, and the journal's spec (base64
+    // protobuf) without it either.
+    let tokens: Vec<String> = [common::TOKEN, common::CLUSTER_TOKEN]
+        .iter()
+        .map(|t| t.to_string())
+        .chain(
+            std::fs::read_dir(f.dir.path())?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".token"))
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .map(|t| t.trim().to_owned()),
+        )
+        .collect();
+    ensure!(tokens.len() >= 3, "no registration token found: {tokens:?}");
+    let agent_dir = f.dir.path().join(format!("agent-{}", f.node("fra")));
+    let credential = std::fs::read_to_string(agent_dir.join("node.credential"))?
+        .trim()
+        .to_owned();
+    let mut stack = vec![agent_dir.clone(), f.scheduler_data_dir()];
+    let mut journals = 0;
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+            continue;
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        // The run's own output, as it printed it, and the line log numbering it.
+        if matches!(name.as_deref(), Some("stdout" | "stderr" | "lines")) {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        ensure!(!has(SECRET), "the secret in clear in {}", path.display());
+        for t in &tokens {
+            ensure!(!has(t), "a token in clear in {}", path.display());
+        }
+        if name.as_deref() == Some("run.json") {
+            journals += 1;
+            let file: serde_json::Value = serde_json::from_slice(&bytes)?;
+            use base64::Engine as _;
+            let spec = base64::engine::general_purpose::STANDARD
+                .decode(file["spec"].as_str().context("spec")?)?;
+            ensure!(
+                !spec.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                "the secret is in the journal's spec"
+            );
+        }
+    }
+    ensure!(journals == 1, "{journals} run journals seen");
+
+    // Command lines are readable by every local user.
+    let mut looked = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        looked += 1;
+        let text = String::from_utf8_lossy(&cmdline);
+        for t in tokens.iter().chain([&credential, &SECRET.to_owned()]) {
+            ensure!(
+                !text.contains(t.as_str()),
+                "a secret on a command line: {}",
+                text.replace('\0', " ")
+            );
+        }
+    }
+    ensure!(looked > 5, "read {looked} command lines");
+    f.post(&format!("/v1/runners/{runner}/runs/{run}/stop"), json!({}))
+        .await?;
+    Ok(())
+}

@@ -8,8 +8,6 @@ use crate::secrets::SecretKey;
 use std::future::Future;
 use std::sync::Arc;
 
-const SEALED_PREFIX: &[u8] = b"v1:";
-
 pub struct SealedStore<S> {
     inner: S,
     key: Arc<SecretKey>,
@@ -29,19 +27,25 @@ impl<S: Store> SealedStore<S> {
         self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
     }
 
+    /// Opens a value under a sealed prefix. Anything else there — plaintext, a value sealed
+    /// for another key — is refused: a value that is not sealed was not written by this
+    /// store, and reading it would let whoever wrote it feed the scheduler records.
     fn open(&self, mut kv: KeyValue) -> Result<KeyValue, StoreError> {
-        // A value written before sealing was turned on is plain JSON (it cannot start with the
-        // sealed form's `v1:`): read it as it is; the next write of the key seals it.
-        if self.sealed(&kv.key) && kv.value.starts_with(SEALED_PREFIX) {
-            let text = std::str::from_utf8(&kv.value).map_err(|_| {
-                StoreError::Backend(format!("sealed value of {} is not text", kv.key))
-            })?;
-            kv.value = self
-                .key
-                .open(text)
-                .map_err(|e| StoreError::Backend(format!("{}: {e}", kv.key)))?
-                .into_bytes();
+        if !self.sealed(&kv.key) {
+            return Ok(kv);
         }
+        if !SecretKey::is_sealed(&kv.value) {
+            return Err(StoreError::Backend(format!(
+                "{} holds a value that is not sealed under a sealed prefix; refusing it",
+                kv.key
+            )));
+        }
+        let text = std::str::from_utf8(&kv.value)
+            .map_err(|_| StoreError::Backend(format!("sealed value of {} is not text", kv.key)))?;
+        kv.value = self
+            .key
+            .open(&kv.key, text)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", kv.key)))?;
         Ok(kv)
     }
 }
@@ -74,29 +78,34 @@ impl<S: Store> Store for SealedStore<S> {
         self.inner.max_txn_bytes() / 2
     }
 
+    /// Seals every put under a sealed prefix, bound to its key. If sealing fails the whole
+    /// transaction fails: nothing is ever stored in clear or empty instead.
     fn submit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send + 'static {
-        let ops = txn
-            .ops
-            .into_iter()
-            .map(|op| match op {
-                Op::Put {
-                    key,
-                    value,
-                    expect,
-                    ttl,
-                } if self.sealed(&key) => {
-                    let plain = String::from_utf8_lossy(&value);
+        let ops: Result<Vec<Op>, StoreError> =
+            txn.ops
+                .into_iter()
+                .map(|op| match op {
                     Op::Put {
-                        value: self.key.seal(&plain).into_bytes(),
                         key,
+                        value,
                         expect,
                         ttl,
+                    } if self.sealed(&key) => {
+                        let sealed = self.key.seal(&key, &value).map_err(|e| {
+                            StoreError::Backend(format!("sealing {key} failed: {e}"))
+                        })?;
+                        Ok(Op::Put {
+                            value: sealed.into_bytes(),
+                            key,
+                            expect,
+                            ttl,
+                        })
                     }
-                }
-                other => other,
-            })
-            .collect();
-        self.inner.submit(Txn { ops })
+                    other => Ok(other),
+                })
+                .collect();
+        let submitted = ops.map(|ops| self.inner.submit(Txn { ops }));
+        async move { submitted?.await }
     }
 }
 
@@ -112,30 +121,46 @@ mod tests {
         crate::store::conformance::run_all(&store).await;
     }
 
+    /// Plaintext under a sealed prefix (written around the store, or by a build without
+    /// sealing), and a sealed value moved to another key, are refused, loudly.
     #[tokio::test]
-    async fn records_written_before_sealing_are_still_read_and_sealed_on_their_next_write() {
+    async fn plaintext_or_a_moved_value_under_a_sealed_prefix_is_refused() {
         let key = Arc::new(SecretKey::generate());
-        let inner = MemoryStore::new();
-        inner
-            .commit(Txn::new().put("runs/old", br#"{"legacy":true}"#.to_vec(), Expect::Absent))
+        let store = SealedStore::new(MemoryStore::new(), key, &["runs/"]);
+        store
+            .inner
+            .commit(Txn::new().put("runs/plain", br#"{"legacy":true}"#.to_vec(), Expect::Absent))
             .await
             .expect("seed");
-        let store = SealedStore::new(inner, key, &["runs/"]);
-        let old = store.get("runs/old").await.expect("get").expect("present");
-        assert_eq!(old.value, br#"{"legacy":true}"#.to_vec());
+        let refused = store.get("runs/plain").await;
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(m)) if m.contains("not sealed")),
+            "{refused:?}"
+        );
+        assert!(
+            store.list_prefix("runs/").await.is_err(),
+            "a range fails too"
+        );
+
         store
-            .commit(Txn::new().put("runs/old", br#"{"legacy":false}"#.to_vec(), Expect::Any))
+            .commit(Txn::new().put("runs/a", b"secret-a".to_vec(), Expect::Absent))
             .await
-            .expect("rewrite");
+            .expect("commit");
         let raw = store
             .inner
-            .get("runs/old")
+            .get("runs/a")
             .await
             .expect("get")
             .expect("present");
-        assert!(raw.value.starts_with(SEALED_PREFIX), "sealed on rewrite");
-        let back = store.get("runs/old").await.expect("get").expect("present");
-        assert_eq!(back.value, br#"{"legacy":false}"#.to_vec());
+        assert!(SecretKey::is_sealed(&raw.value), "sealed underneath");
+        store
+            .inner
+            .commit(Txn::new().put("runs/b", raw.value, Expect::Absent))
+            .await
+            .expect("copy");
+        assert!(store.get("runs/b").await.is_err(), "bound to runs/a");
+        let a = store.get("runs/a").await.expect("get").expect("present");
+        assert_eq!(a.value, b"secret-a".to_vec());
     }
 
     #[tokio::test]

@@ -83,11 +83,20 @@ pub struct RunRecord {
 struct RunRecordFile {
     run_id: String,
     lease_epoch: u64,
-    /// The `RunSpec` protobuf, base64.
+    /// The `RunSpec` protobuf, base64, without its environment.
     spec: String,
+    /// The environment (its values may be secrets), as JSON sealed with the journal key and
+    /// bound to the run id. Absent in journals of older builds, which kept it in `spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    env_sealed: Option<String>,
     image_digest: String,
     started_at_unix_nanos: Option<i64>,
 }
+
+/// The key that seals run environments in `run.json`, in the agent's state directory (0600).
+/// It guards what a copy of the run journals alone would show (a backup, a support bundle);
+/// whoever can read the agent's key can read its runs, like the agent itself.
+const JOURNAL_KEY_FILE: &str = "journal.key";
 
 /// How a run ended, as persisted before cleanup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,9 +253,19 @@ impl LineLog {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
     pub dir: PathBuf,
+    key_file: PathBuf,
 }
 
 impl RunDir {
+    fn key(&self) -> Result<berth_core::secrets::SecretKey, JournalError> {
+        berth_core::secrets::SecretKey::load_or_create(&self.key_file).map_err(|e| {
+            JournalError::Corrupt {
+                path: self.key_file.display().to_string(),
+                message: e.to_string(),
+            }
+        })
+    }
+
     pub fn stdout(&self) -> PathBuf {
         self.dir.join(STDOUT_FILE)
     }
@@ -276,19 +295,37 @@ impl RunDir {
     /// Writes `run.json`, always without registry credentials and without the uploaded files'
     /// content (they live in `files/`, see `crate::run::files`; a re-adopted task has them mounted).
     fn write_record(&self, record: &RunRecord) -> Result<(), JournalError> {
+        let path = self.dir.join(RUN_FILE);
         let spec = RunSpec {
             registry_auth: None,
             files: Vec::new(),
+            env: Default::default(),
             ..record.spec.clone()
+        };
+        let env_sealed = if record.spec.env.is_empty() {
+            None
+        } else {
+            let env = serde_json::to_vec(&record.spec.env).map_err(|e| JournalError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let sealed =
+                self.key()?
+                    .seal(&record.run_id, &env)
+                    .map_err(|e| JournalError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+            Some(sealed)
         };
         let file = RunRecordFile {
             run_id: record.run_id.clone(),
             lease_epoch: record.lease_epoch,
             spec: base64::engine::general_purpose::STANDARD.encode(spec.encode_to_vec()),
+            env_sealed,
             image_digest: record.image_digest.clone(),
             started_at_unix_nanos: record.started_at_unix_nanos,
         };
-        let path = self.dir.join(RUN_FILE);
         let bytes = serde_json::to_vec(&file).map_err(|e| JournalError::Corrupt {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -308,7 +345,15 @@ impl RunDir {
         let spec_bytes = base64::engine::general_purpose::STANDARD
             .decode(file.spec)
             .map_err(|e| corrupt(e.to_string()))?;
-        let spec = RunSpec::decode(spec_bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        let mut spec =
+            RunSpec::decode(spec_bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(sealed) = &file.env_sealed {
+            let env = self
+                .key()?
+                .open(&file.run_id, sealed)
+                .map_err(|e| corrupt(format!("the sealed environment: {e}")))?;
+            spec.env = serde_json::from_slice(&env).map_err(|e| corrupt(e.to_string()))?;
+        }
         Ok(RunRecord {
             run_id: file.run_id,
             lease_epoch: file.lease_epoch,
@@ -365,18 +410,21 @@ impl RunDir {
 #[derive(Debug, Clone)]
 pub struct Journal {
     root: PathBuf,
+    key_file: PathBuf,
 }
 
 impl Journal {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             root: state_dir.join("runs"),
+            key_file: state_dir.join(JOURNAL_KEY_FILE),
         }
     }
 
     pub fn run_dir(&self, run_id: &str) -> RunDir {
         RunDir {
             dir: self.root.join(run_id),
+            key_file: self.key_file.clone(),
         }
     }
 
@@ -471,6 +519,48 @@ mod tests {
             msg: msg.to_string(),
             marker: false,
         }
+    }
+
+    /// The run's environment (secret values among it) is sealed in `run.json`, bound to the
+    /// run: not in clear, not even as the base64 protobuf, and not readable under another run.
+    #[test]
+    fn the_environment_is_sealed_in_the_journal() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::new(state.path());
+        let mut rec = record();
+        rec.spec
+            .env
+            .insert("API_TOKEN".into(), "tok-9f8e7d6c5b4a".into());
+        let dir = journal.create(&rec).expect("create");
+        let raw = std::fs::read(dir.dir.join(RUN_FILE)).expect("read");
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.contains("tok-9f8e7d6c5b4a"), "{text}");
+        let file: RunRecordFile = serde_json::from_slice(&raw).expect("json");
+        let spec = base64::engine::general_purpose::STANDARD
+            .decode(&file.spec)
+            .expect("b64");
+        assert!(
+            !spec.windows(16).any(|w| w == b"tok-9f8e7d6c5b4a"),
+            "not in the encoded spec"
+        );
+        assert_eq!(
+            dir.read_record()
+                .expect("load")
+                .spec
+                .env
+                .get("API_TOKEN")
+                .map(String::as_str),
+            Some("tok-9f8e7d6c5b4a")
+        );
+        // Moved under another run, the sealed environment does not open.
+        let mut moved = file;
+        moved.run_id = "r2".into();
+        std::fs::write(
+            dir.dir.join(RUN_FILE),
+            serde_json::to_vec(&moved).expect("json"),
+        )
+        .expect("write");
+        assert!(dir.read_record().is_err());
     }
 
     #[test]

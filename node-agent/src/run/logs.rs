@@ -40,6 +40,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::v1::{agent_message::Body, LogBatch, LogLine, LogStream};
@@ -208,7 +209,13 @@ pub struct SplitLine {
 /// Splits the complete lines off the front of `buf`. A line is complete when its newline is
 /// there, when it reached `max_line` bytes (the newline right after such a cut belongs to it, so
 /// the cut waits until that byte is known), or, with `at_eof`, when the data ends.
-pub fn split_lines(buf: &[u8], max_line: usize, at_eof: bool) -> Vec<SplitLine> {
+/// A cut never splits one of `keep_whole` (see [`whole`]).
+pub fn split_lines(
+    buf: &[u8],
+    max_line: usize,
+    at_eof: bool,
+    keep_whole: &[whole::Whole],
+) -> Vec<SplitLine> {
     let max_line = max_line.max(1);
     let mut lines = Vec::new();
     let mut pos = 0;
@@ -224,6 +231,7 @@ pub fn split_lines(buf: &[u8], max_line: usize, at_eof: bool) -> Vec<SplitLine> 
             pos += i + 1;
         } else if rest.len() > max_line {
             let end = char_cut(buf, pos, pos + max_line);
+            let end = whole::cut_before(buf, pos, end, keep_whole);
             let next = if buf[end] == b'\n' { end + 1 } else { end };
             lines.push(SplitLine {
                 start: pos,
@@ -287,10 +295,17 @@ struct StreamTail {
     /// Everything before this offset has been punched out (or never needs to be).
     punched: u64,
     pending: Vec<u8>,
+    /// Values a cut never splits (the run's environment values, see [`whole`]).
+    keep_whole: Arc<[whole::Whole]>,
 }
 
 impl StreamTail {
-    fn new(stream: LogStream, path: PathBuf, consumed: u64) -> Self {
+    fn new(
+        stream: LogStream,
+        path: PathBuf,
+        consumed: u64,
+        keep_whole: Arc<[whole::Whole]>,
+    ) -> Self {
         Self {
             stream,
             path,
@@ -299,6 +314,7 @@ impl StreamTail {
             consumed,
             punched: 0,
             pending: Vec::new(),
+            keep_whole,
         }
     }
 
@@ -381,7 +397,7 @@ impl StreamTail {
         budget: &mut LogBudget,
         out: &mut Vec<LineRecord>,
     ) {
-        let lines = split_lines(&self.pending, MAX_LINE_BYTES, at_eof);
+        let lines = split_lines(&self.pending, MAX_LINE_BYTES, at_eof, &self.keep_whole);
         let ts = unix_nanos_now();
         let mut taken = 0;
         for line in &lines {
@@ -452,13 +468,17 @@ impl LogPump {
     /// agent process and perhaps never delivered), and starts tailing the output files from
     /// where that log ends.
     /// `limits` cap what the run may log in all (the lines already in the log included).
-    pub fn start(
+    /// A long line is never cut through one of `env_values` (so a secret reaches the scheduler
+    /// whole, where it is redacted).
+    pub fn start<'a>(
         run_id: String,
         run_dir: &RunDir,
         acked: u64,
         limits: LogLimits,
+        env_values: impl IntoIterator<Item = &'a str>,
         outbox: SharedOutbox,
     ) -> Result<Self, JournalError> {
+        let keep_whole: Arc<[whole::Whole]> = whole::from_values(env_values).into();
         let (line_log, records, cursor) = LineLog::open(&run_dir.lines())?;
         let budget = LogBudget::from_records(limits, &records);
         let unacked: Vec<LogLine> = records
@@ -481,11 +501,13 @@ impl LogPump {
                 LogStream::Stdout,
                 run_dir.stdout(),
                 cursor.offset(LogStream::Stdout),
+                keep_whole.clone(),
             ),
             StreamTail::new(
                 LogStream::Stderr,
                 run_dir.stderr(),
                 cursor.offset(LogStream::Stderr),
+                keep_whole,
             ),
         ];
         let task = tokio::spawn(tail(
@@ -615,3 +637,4 @@ async fn tail(
 
 #[cfg(test)]
 mod tests;
+pub mod whole;

@@ -171,6 +171,7 @@ pub async fn resume<R: ContainerRuntime>(
         &run_dir,
         run_dir.read_acked(),
         log_limits,
+        record.spec.env.values().map(String::as_str),
         outbox.clone(),
     ) {
         Ok(pump) => Some(pump),
@@ -413,6 +414,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         run_dir,
         0,
         settings.log_limits,
+        record.spec.env.values().map(String::as_str),
         outbox.clone(),
     ) {
         Ok(pump) => pump,

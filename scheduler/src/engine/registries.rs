@@ -46,13 +46,15 @@ impl<S: Store> Scheduler<S> {
                 "this scheduler has no secret key to seal passwords with",
             )
         })?;
+        let id = new_id();
         let reg = ContainerRegistry {
-            id: new_id(),
+            // Bound to its record: a sealed password copied into another registry won't open.
+            password_sealed: key.seal(&keys::registry(&id), spec.password.as_bytes())?,
+            id,
             project: project.to_owned(),
             name: spec.name,
             host: spec.host,
             username: spec.username,
-            password_sealed: key.seal(&spec.password),
             created_at: now_unix_millis(),
         };
         let mut st = self.state.lock().await;

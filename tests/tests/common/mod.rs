@@ -281,6 +281,30 @@ impl Fleet {
         Ok(path)
     }
 
+    /// A node credential for a hand-made agent session as `node_id` in `region` (enrolled once
+    /// per fleet and node id, as a real agent does; later calls read it back).
+    pub async fn node_credential(&self, node_id: &str, region: &str) -> Result<String> {
+        let path = self.dir.path().join(format!("fake-{node_id}.credential"));
+        if let Ok(credential) = std::fs::read_to_string(&path) {
+            return Ok(credential);
+        }
+        let token = std::fs::read_to_string(self.registration_token_file(region).await?)?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.scheduler_addr))?
+                .connect()
+                .await?;
+        let enrolled = berth_proto::v1::agent_service_client::AgentServiceClient::new(channel)
+            .enroll(berth_proto::v1::EnrollRequest {
+                registration_token: token.trim().to_owned(),
+                node_id: node_id.to_owned(),
+                region: region.to_owned(),
+            })
+            .await?
+            .into_inner();
+        std::fs::write(&path, &enrolled.node_credential)?;
+        Ok(enrolled.node_credential)
+    }
+
     fn spawn_owned(&self, name: &str, bin: &str, args: &[String]) -> Result<Proc> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn(name, bin, &args)

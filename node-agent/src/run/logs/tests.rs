@@ -3,7 +3,7 @@ use crate::run::journal::{Journal, RunRecord};
 use std::io::Write as _;
 
 fn texts(buf: &[u8], max: usize, at_eof: bool) -> Vec<&[u8]> {
-    split_lines(buf, max, at_eof)
+    split_lines(buf, max, at_eof, &[])
         .into_iter()
         .map(|l| &buf[l.start..l.end])
         .collect()
@@ -14,7 +14,7 @@ fn splits_complete_lines_and_keeps_the_tail_until_eof() {
     let buf = b"hello\nworld\n\nlast";
     assert_eq!(texts(buf, 1024, false), vec![&b"hello"[..], b"world", b""]);
     assert_eq!(
-        split_lines(buf, 1024, false).last().map(|l| l.next),
+        split_lines(buf, 1024, false, &[]).last().map(|l| l.next),
         Some(13)
     );
     assert_eq!(
@@ -33,7 +33,7 @@ fn long_lines_are_split_at_the_limit() {
     assert_eq!(texts(b"abc\nd", 3, true), vec![&b"abc"[..], b"d"]);
     // A cut at the limit waits until the next byte says whether a newline follows.
     assert!(texts(b"abc", 3, false).is_empty());
-    let lines = split_lines(b"abc\n", 3, false);
+    let lines = split_lines(b"abc\n", 3, false, &[]);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0].next, 4);
 }
@@ -104,8 +104,15 @@ async fn pump_numbers_lines_across_streams_and_keeps_them_apart() {
     let state = tempfile::tempdir().expect("tempdir");
     let dir = journal_dir(state.path());
     let outbox = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        [],
+        outbox.clone(),
+    )
+    .expect("pump");
     append(dir.stdout(), b"one\n");
     tokio::time::sleep(POLL_INTERVAL * 3).await;
     append(dir.stderr(), b"two\xff\n");
@@ -127,8 +134,15 @@ async fn batches_cap_at_256_lines() {
     let state = tempfile::tempdir().expect("tempdir");
     let dir = journal_dir(state.path());
     let outbox = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        [],
+        outbox.clone(),
+    )
+    .expect("pump");
     let text: String = (0..600).map(|i| format!("{i}\n")).collect();
     append(dir.stdout(), text.as_bytes());
     pump.finish().await;
@@ -152,8 +166,15 @@ async fn a_new_pump_resumes_after_a_crash_without_loss_or_duplicates() {
     let state = tempfile::tempdir().expect("tempdir");
     let dir = journal_dir(state.path());
     let first = SharedOutbox::new();
-    let pump =
-        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), first.clone()).expect("pump");
+    let pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        [],
+        first.clone(),
+    )
+    .expect("pump");
     append(dir.stdout(), b"out1\nout2\nou");
     append(dir.stderr(), b"err1\n");
     for _ in 0..100 {
@@ -170,8 +191,15 @@ async fn a_new_pump_resumes_after_a_crash_without_loss_or_duplicates() {
     append(dir.stderr(), b"err2");
 
     let second = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 1, LogLimits::default(), second.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        1,
+        LogLimits::default(),
+        [],
+        second.clone(),
+    )
+    .expect("pump");
     pump.finish().await;
     let after = lines_of(&second);
     assert_eq!(
@@ -260,7 +288,7 @@ async fn output_past_the_limit_is_dropped_after_one_marker_and_freed_on_disk() {
         max_bytes: 1000,
         max_lines: 1000,
     };
-    let mut pump = LogPump::start("r1".into(), &dir, 0, limits, outbox.clone()).expect("pump");
+    let mut pump = LogPump::start("r1".into(), &dir, 0, limits, [], outbox.clone()).expect("pump");
     let line = format!("{}\n", "y".repeat(99)); // 100 bytes each
     append(dir.stdout(), line.repeat(5).as_bytes());
     append(dir.stderr(), b"warn\n");
@@ -301,8 +329,15 @@ async fn output_past_the_limit_is_dropped_after_one_marker_and_freed_on_disk() {
     // A restarted agent keeps the run capped and adds no second marker.
     append(dir.stdout(), b"after restart\n");
     let again = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, lines.len() as u64, limits, again.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        lines.len() as u64,
+        limits,
+        [],
+        again.clone(),
+    )
+    .expect("pump");
     pump.finish().await;
     assert!(lines_of(&again).is_empty(), "{:?}", lines_of(&again));
 }
@@ -316,7 +351,7 @@ async fn the_line_limit_caps_short_lines() {
         max_bytes: u64::MAX,
         max_lines: 50,
     };
-    let mut pump = LogPump::start("r1".into(), &dir, 0, limits, outbox.clone()).expect("pump");
+    let mut pump = LogPump::start("r1".into(), &dir, 0, limits, [], outbox.clone()).expect("pump");
     append(dir.stdout(), "y\n".repeat(10_000).as_bytes());
     pump.finish().await;
     let lines = lines_of(&outbox);
@@ -330,8 +365,15 @@ async fn numbered_output_is_freed_on_disk_below_the_limit_too() {
     let state = tempfile::tempdir().expect("tempdir");
     let dir = journal_dir(state.path());
     let outbox = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        [],
+        outbox.clone(),
+    )
+    .expect("pump");
     let text = format!("{}\n", "z".repeat(999)).repeat(3000); // 3 MB, 3000 lines
     append(dir.stdout(), text.as_bytes());
     for _ in 0..200 {
@@ -365,8 +407,15 @@ async fn long_lines_go_out_in_messages_within_the_bound() {
     let state = tempfile::tempdir().expect("tempdir");
     let dir = journal_dir(state.path());
     let outbox = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 0, LogLimits::default(), outbox.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        [],
+        outbox.clone(),
+    )
+    .expect("pump");
     let line = format!("{}\n", "j".repeat(65_536));
     append(dir.stdout(), line.repeat(100).as_bytes());
     // One 1 MiB line without a newline, and binary output (every invalid byte becomes three).
@@ -419,11 +468,55 @@ async fn lines_re_sent_after_a_restart_fit_the_bound_too() {
         format!("{}\n", "x".repeat(65_536)).repeat(200).as_bytes(),
     );
     let outbox = SharedOutbox::new();
-    let mut pump =
-        LogPump::start("r1".into(), &dir, 10, LogLimits::default(), outbox.clone()).expect("pump");
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        10,
+        LogLimits::default(),
+        [],
+        outbox.clone(),
+    )
+    .expect("pump");
     pump.finish().await;
     let sizes = batch_sizes(&outbox);
     assert!(sizes.iter().all(|n| *n <= MAX_MESSAGE_BYTES), "{sizes:?}");
     let seqs: Vec<u64> = lines_of(&outbox).iter().map(|l| l.0).collect();
     assert_eq!(seqs, (11..=200).collect::<Vec<_>>());
+}
+
+/// A secret that a 64 KiB cut would have split reaches the scheduler whole, at the start of the
+/// next piece; the pieces still join back to the line.
+#[tokio::test]
+async fn a_long_line_is_never_cut_through_an_env_value() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let dir = journal_dir(state.path());
+    let outbox = SharedOutbox::new();
+    let secret = "s3cr3t-VALUE-0123456789";
+    let mut pump = LogPump::start(
+        "r1".into(),
+        &dir,
+        0,
+        LogLimits::default(),
+        ["ok", secret],
+        outbox.clone(),
+    )
+    .expect("pump");
+    let mut line = "x".repeat(MAX_LINE_BYTES - 5);
+    line.push_str(secret);
+    line.push_str(&"y".repeat(100));
+    append(dir.stdout(), format!("{line}\n").as_bytes());
+    pump.finish().await;
+    let pieces: Vec<String> = lines_of(&outbox).into_iter().map(|(_, _, m)| m).collect();
+    assert_eq!(
+        pieces.len(),
+        2,
+        "{:?}",
+        pieces.iter().map(String::len).collect::<Vec<_>>()
+    );
+    assert_eq!(pieces[0].len(), MAX_LINE_BYTES - 5);
+    assert!(
+        pieces[1].starts_with(secret),
+        "the secret opens the next piece"
+    );
+    assert_eq!(pieces.concat(), line);
 }
