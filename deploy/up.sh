@@ -79,7 +79,7 @@ fi
 API_ADDR="${API_ADDRS[0]}"
 API_URL="http://$API_ADDR"
 # Every scheduler address, comma-separated: the API and the agents follow the leader.
-SCHEDULER_URL="$(printf 'http://%s,' "${SCHEDULER_ADDRS[@]}")"
+SCHEDULER_URL="$(printf 'https://%s,' "${SCHEDULER_ADDRS[@]}")"
 SCHEDULER_URL="${SCHEDULER_URL%,}"
 LOG_DIR="$DATA_DIR/logs"
 RUN_DIR="$DATA_DIR/run"
@@ -97,7 +97,7 @@ if [[ "${BERTH_SKIP_BUILD:-0}" != 1 ]]; then
   berth_build release
 fi
 BIN_DIR="$(berth_bin_dir release)"
-for b in berth-scheduler berth-api berth-node-agent; do
+for b in berth-scheduler berth-api berth-node-agent berthctl; do
   [[ -x "$BIN_DIR/$b" ]] || berth_die "binary $BIN_DIR/$b not found: did 'cargo build --release --bins' build it?"
 done
 
@@ -121,6 +121,15 @@ if [[ ! -s "$CLUSTER_TOKEN_FILE" ]]; then
   (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$CLUSTER_TOKEN_FILE")
 fi
 unset BERTH_CLUSTER_TOKEN BERTH_TOKEN BERTH_REGISTRATION_TOKEN
+
+# TLS on every gRPC hop: the fleet's own CA and the schedulers' certificate (made once; the
+# API and the agents verify the schedulers against ca.pem).
+TLS_DIR="$DATA_DIR/tls"
+if [[ ! -s "$TLS_DIR/ca.pem" ]]; then
+  "$BIN_DIR/berthctl" admin tls init --dir "$TLS_DIR" --host 127.0.0.1 --host localhost >/dev/null ||
+    berth_die "could not create the fleet's TLS certificates in $TLS_DIR"
+  berth_log "created the fleet's CA and scheduler certificate in $TLS_DIR"
+fi
 
 ENV_DIR="$BERTH_REPO/.berth"
 mkdir -p "$ENV_DIR"
@@ -178,7 +187,8 @@ scheduler_cmd() { # INDEX
     --grpc-listen "${SCHEDULER_ADDRS[$1]}"
     --data-dir "$DATA_DIR/${SCHEDULERS[$1]}"
     --default-registry "$REGISTRY_ADDR"
-    --cluster-token-file "$CLUSTER_TOKEN_FILE")
+    --cluster-token-file "$CLUSTER_TOKEN_FILE"
+    --tls-cert "$TLS_DIR/scheduler.pem" --tls-key "$TLS_DIR/scheduler.key")
   if ((HA)); then
     # One sealing key for both: either may lead and must read what the other sealed.
     # Transactions of up to ETCD_MAX_TXN_OPS operations, as the members allow (see etcd_cmd).
@@ -191,7 +201,8 @@ api_cmd() { # INDEX
     --listen "${API_ADDRS[$1]}"
     --scheduler "$SCHEDULER_URL"
     --token-file "$TOKEN_FILE"
-    --cluster-token-file "$CLUSTER_TOKEN_FILE")
+    --cluster-token-file "$CLUSTER_TOKEN_FILE"
+    --tls-ca "$TLS_DIR/ca.pem")
 }
 agent_cmd() { # NODE_ID REGION
   AGENT_CMD=("$BIN_DIR/berth-node-agent"
@@ -202,7 +213,8 @@ agent_cmd() { # NODE_ID REGION
     --cpus 2
     --containerd-socket "$SOCK"
     --state-dir "$DATA_DIR/agent-$1"
-    --registration-token-file "$DATA_DIR/agent-$1.registration-token")
+    --registration-token-file "$DATA_DIR/agent-$1.registration-token"
+    --tls-ca "$TLS_DIR/ca.pem")
 }
 etcd_cmd() { # INDEX
   local i="$1" cluster="" j

@@ -20,6 +20,10 @@ struct Args {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: SchedulerAddrs,
+    /// The fleet's CA certificate (PEM): `https://` scheduler addresses are verified against it.
+    /// Plaintext `http://` is accepted for loopback addresses only.
+    #[arg(long, env = "BERTH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// File holding the admin token (or set `BERTH_TOKEN`; never on a command line): manages
     /// nodes, registration tokens and API keys, and acts in project `default`. Everyone else
     /// sends a project's API key.
@@ -69,7 +73,14 @@ fn raise_open_files_limit() -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
     berth_core::process::init_tracing();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(ca) = &args.tls_ca {
+        args.scheduler = args
+            .scheduler
+            .clone()
+            .with_ca(berth_core::tls::read_pem(ca)?);
+    }
+    args.scheduler.check_transport()?;
     let token = secret_setting("BERTH_TOKEN", "--token-file", args.token_file.as_deref())?
         .context("the admin token is required: --token-file or BERTH_TOKEN")?;
     anyhow::ensure!(

@@ -67,6 +67,26 @@ pub enum AdminCommand {
     /// Enroll and revoke nodes
     #[command(subcommand)]
     Nodes(AdminNodesCommand),
+    /// The fleet's TLS certificates (offline: needs no API)
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Create the fleet's CA and the schedulers' certificate in a directory: ca.pem for the API
+    /// and agents (--tls-ca), scheduler.pem/.key for the schedulers (--tls-cert/--tls-key)
+    Init {
+        /// Where to write the files (keys 0600)
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A name or IP address clients use to reach a scheduler (repeatable)
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Replace an existing CA (clients must then trust the new ca.pem)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -32,6 +32,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: args::Cli) -> anyhow::Result<u8> {
+    // Offline: making certificates needs no API to talk to.
+    if let args::Command::Admin(args::AdminCommand::Tls(c)) = cli.command {
+        return Ok(commands::admin::tls(c)?);
+    }
     let cwd = std::env::current_dir().unwrap_or_default();
     let config = config::resolve(
         cli.url.as_deref(),

@@ -62,17 +62,20 @@ pub enum AddrsError {
     /// The list names no address.
     #[error("no scheduler address given")]
     Empty,
-    /// One address is not an `http://host:port` URL.
-    #[error("invalid scheduler address {0:?}: expected http://host:port")]
+    /// One address is not an `http(s)://host:port` URL.
+    #[error(
+        "invalid scheduler address {0:?}: expected https://host:port (or http:// on loopback)"
+    )]
     Invalid(String),
     /// The same address twice would only make every round longer.
     #[error("scheduler address {0} is listed twice")]
     Duplicate(String),
 }
 
-/// The scheduler addresses a client was given, in the order given (at least one, no duplicate).
+/// The scheduler addresses a client was given, in the order given (at least one, no duplicate),
+/// and the CA certificate (PEM) that `https://` addresses are verified against.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchedulerAddrs(Vec<String>);
+pub struct SchedulerAddrs(Vec<String>, Option<Arc<[u8]>>);
 
 impl SchedulerAddrs {
     /// A comma-separated list of URLs (`http://a:7070,http://b:7070`); spaces around commas are
@@ -93,7 +96,7 @@ impl SchedulerAddrs {
         if urls.is_empty() {
             return Err(AddrsError::Empty);
         }
-        Ok(SchedulerAddrs(urls))
+        Ok(SchedulerAddrs(urls, None))
     }
 
     pub fn urls(&self) -> &[String] {
@@ -109,18 +112,54 @@ impl SchedulerAddrs {
         self.0.is_empty()
     }
 
-    /// The endpoint of address `i` with the settings every client uses: the connect timeout
-    /// and the HTTP/2 keepalive that notices a frozen scheduler (also while no call is open).
+    /// Trusts the CA certificate `ca_pem` (PEM) for `https://` addresses.
+    pub fn with_ca(mut self, ca_pem: Vec<u8>) -> SchedulerAddrs {
+        self.1 = Some(ca_pem.into());
+        self
+    }
+
+    /// Checks the transport each address will use (see [`crate::tls`]): `https://` needs a CA
+    /// to verify the scheduler with, and plaintext `http://` is for loopback only.
+    pub fn check_transport(&self) -> Result<(), crate::tls::TlsError> {
+        for url in &self.0 {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|_| crate::tls::TlsError::Address(url.clone()))?;
+            match uri.scheme_str() {
+                Some("https") if self.1.is_none() => {
+                    return Err(crate::tls::TlsError::NoCa(url.clone()))
+                }
+                Some("http") if !crate::tls::is_loopback_host(uri.host().unwrap_or_default()) => {
+                    return Err(crate::tls::TlsError::PlaintextBeyondLoopback(url.clone()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoint of address `i` with the settings every client uses: the connect timeout,
+    /// the HTTP/2 keepalive that notices a frozen scheduler (also while no call is open), and
+    /// for `https://` TLS verified against the configured CA (the name checked is the URL's host).
     pub fn endpoint(&self, i: usize) -> Endpoint {
         let url = &self.0[i % self.0.len()];
         // Checked by `parse`: a URI with a scheme and an authority is a valid endpoint.
-        Endpoint::from_shared(url.clone())
+        let endpoint = Endpoint::from_shared(url.clone())
             .unwrap_or_else(|_| Endpoint::from_static("http://127.0.0.1:7070"))
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
+            .keep_alive_while_idle(true);
+        match (url.starts_with("https://"), &self.1) {
+            // Without a usable TLS configuration the endpoint stays without one, and tonic
+            // refuses to connect to an https:// address that way: it fails closed.
+            (true, Some(ca)) => {
+                let tls = crate::tls::client_config(ca);
+                endpoint.clone().tls_config(tls).unwrap_or(endpoint)
+            }
+            _ => endpoint,
+        }
     }
 }
 

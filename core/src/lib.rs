@@ -43,6 +43,7 @@ pub mod status;
 pub mod store;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod tls;
 pub mod validate;
 
 pub use model::{Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};

@@ -50,6 +50,10 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     scheduler: SchedulerAddrs,
+    /// The fleet's CA certificate (PEM): the agent verifies `https://` schedulers against it
+    /// before sending its credential. Plaintext `http://` is accepted for loopback only.
+    #[arg(long, env = "BERTH_AGENT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// File holding a registration token (an admin creates one per region: `berthctl admin
     /// nodes token create`), or set `BERTH_REGISTRATION_TOKEN`. Used once, when the node has no
     /// credential yet: the agent exchanges it for the node's own credential and keeps that in
@@ -241,7 +245,14 @@ fn host_memory_mib() -> Option<u64> {
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
     berth_core::process::init_tracing();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(ca) = &cli.tls_ca {
+        cli.scheduler = cli
+            .scheduler
+            .clone()
+            .with_ca(berth_core::tls::read_pem(ca)?);
+    }
+    cli.scheduler.check_transport()?;
     let network_mode = cli.network;
     let state_dir = cli
         .state_dir

@@ -93,11 +93,22 @@ impl tonic::service::Interceptor for ClusterGate {
 }
 
 /// Serves both services on `listener` until `shutdown` resolves; with `gate` holding a token,
-/// only callers presenting it are served.
+/// only callers presenting it are served. Plaintext: see [`serve_tls`].
 pub async fn serve<S: Store>(
     scheduler: Arc<engine::Scheduler<S>>,
     listener: tokio::net::TcpListener,
     gate: ClusterGate,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    serve_tls(scheduler, listener, gate, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (see [`berth_core::tls`]).
+pub async fn serve_tls<S: Store>(
+    scheduler: Arc<engine::Scheduler<S>>,
+    listener: tokio::net::TcpListener,
+    gate: ClusterGate,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -108,7 +119,11 @@ pub async fn serve<S: Store>(
     };
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let served = server
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(AgentServiceServer::with_interceptor(
             agent_service::AgentApi {

@@ -69,6 +69,13 @@ struct Args {
     /// on loopback.
     #[arg(long, env = "BERTH_CLUSTER_TOKEN_FILE")]
     cluster_token_file: Option<PathBuf>,
+    /// The scheduler's TLS certificate chain (PEM), issued by the fleet's CA (`berthctl admin
+    /// tls init`). Without it the scheduler serves plaintext, on a loopback address only.
+    #[arg(long, env = "BERTH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM, kept 0600).
+    #[arg(long, env = "BERTH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The cluster token, read from the environment or `--cluster-token-file`.
     #[arg(skip)]
     cluster_token: Option<String>,
@@ -164,6 +171,10 @@ async fn main() -> anyhow::Result<()> {
             token.len() >= 16,
             "the cluster token must be at least 16 characters"
         );
+    }
+    // The transport too: a scheduler that may not listen as asked must not campaign first.
+    if let Ok(listen) = args.grpc_listen.parse::<std::net::SocketAddr>() {
+        berth_core::tls::server_choice(&listen, args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     }
     let stop = signal_watch()?;
     match &args.store {
@@ -342,6 +353,12 @@ async fn run<S: Store>(
             let _ = stopped_tx.send(why);
         }
     };
+    let tls = berth_core::tls::server_choice(
+        &listener.local_addr()?,
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+    )?;
+    tracing::info!(tls = tls.is_some(), "transport");
     if args.cluster_token.is_none() && !listener.local_addr()?.ip().is_loopback() {
         tracing::warn!(
             addr = %listener.local_addr()?,
@@ -361,7 +378,7 @@ async fn run<S: Store>(
             }
         })
     });
-    berth_scheduler::serve(scheduler, listener, gate, shutdown).await?;
+    berth_scheduler::serve_tls(scheduler, listener, gate, tls, shutdown).await?;
     if let Some(task) = pausing {
         task.abort();
     }

@@ -351,6 +351,8 @@ async fn a_run_reaches_no_port_of_its_host() -> Result<()> {
         &[AgentSpec::new("fra")],
         FleetOptions {
             listen_host: Some("[::]".to_string()),
+            // Beyond loopback the scheduler serves only over TLS.
+            tls: true,
             ..Default::default()
         },
     )

@@ -13,6 +13,7 @@ pub async fn execute(ctx: &Ctx, c: AdminCommand) -> Result<u8, CommandError> {
     let c = match c {
         AdminCommand::Keys(c) => c,
         AdminCommand::Nodes(c) => return nodes(ctx, c).await,
+        AdminCommand::Tls(c) => return tls(c),
     };
     match c {
         KeysCommand::Create { project, name } => {
@@ -39,6 +40,25 @@ pub async fn execute(ctx: &Ctx, c: AdminCommand) -> Result<u8, CommandError> {
             ctx.show(&a, |v| detail(&v["api_key"], KEY_FIELDS));
         }
     }
+    Ok(0)
+}
+
+/// `admin tls …`: offline (also reached before any API configuration is read, see `main`).
+pub fn tls(c: crate::args::TlsCommand) -> Result<u8, CommandError> {
+    let crate::args::TlsCommand::Init { dir, hosts, force } = c;
+    let written =
+        super::tls::init(&dir, &hosts, force).map_err(|e| CommandError::Input(e.to_string()))?;
+    let mut text: String = written
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    text.push_str(&format!(
+        "\nSchedulers: --tls-cert {0}/scheduler.pem --tls-key {0}/scheduler.key\n\
+         API and agents: --tls-ca {0}/ca.pem, with https:// scheduler URLs naming one of: {1}\n",
+        dir.display(),
+        hosts.join(", ")
+    ));
+    super::out(&text);
     Ok(0)
 }
 

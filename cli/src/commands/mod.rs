@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod follow;
+pub mod tls;
 
 use crate::args::{
     Command, CreateRegistry, CreateRunner, EnvPair, LogsArgs, NodesCommand, RegistriesCommand,

@@ -123,6 +123,10 @@ pub struct FleetOptions {
     /// The schedulers' `--store` (e.g. an etcd cluster's `etcd://…`): both schedulers share it
     /// and one secret key file, campaign for leadership, and only the leader listens.
     pub store: Option<String>,
+    /// TLS on the gRPC hops: a CA and a scheduler certificate (`berthctl admin tls init`), the
+    /// schedulers serve with it, the API and the agents verify it (`https://` URLs). Needed for
+    /// a scheduler that listens beyond loopback.
+    pub tls: bool,
 }
 
 pub struct Fleet {
@@ -144,6 +148,8 @@ pub struct Fleet {
     pub nodes: Vec<(String, String)>,
     scheduler: Option<Proc>,
     scheduler_args: Vec<String>,
+    /// With [`FleetOptions::tls`]: where `ca.pem`, `scheduler.pem` and `scheduler.key` are.
+    pub tls_dir: Option<PathBuf>,
     listen_host: String,
     others: Vec<Proc>,
     /// node id → (its process, the arguments to start it again)
@@ -193,6 +199,7 @@ impl Fleet {
             nodes: vec![],
             scheduler: None,
             scheduler_args: options.scheduler_args,
+            tls_dir: None,
             listen_host,
             others: vec![],
             agents: std::collections::HashMap::new(),
@@ -206,6 +213,11 @@ impl Fleet {
             let (socket, addr) = reserve_port()?;
             fleet.scheduler_addr = addr;
             fleet.scheduler_reservation = Some(socket);
+        }
+        if options.tls {
+            let tls = fleet.dir.path().join("tls");
+            fleet.tls_init(&tls)?;
+            fleet.tls_dir = Some(tls);
         }
         fleet.start_scheduler()?;
         let port = bound_port(&fleet.log_path("scheduler"), "scheduler").await?;
@@ -222,6 +234,7 @@ impl Fleet {
             .iter()
             .map(|a| a.to_string())
             .collect();
+        api_args.extend(fleet.tls_ca_args());
         api_args.extend(options.api_args);
         let api = fleet.spawn_owned("api", "berth-api", &api_args)?;
         fleet.others.push(api);
@@ -253,7 +266,8 @@ impl Fleet {
                 "--registration-token-file",
                 &token_file.to_string_lossy(),
             ];
-            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.extend(fleet.tls_ca_args());
             let p = fleet.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
             fleet.agents.insert(node_id.clone(), (p, args));
             fleet.nodes.push((node_id, a.region.to_owned()));
@@ -289,10 +303,7 @@ impl Fleet {
             return Ok(credential);
         }
         let token = std::fs::read_to_string(self.registration_token_file(region).await?)?;
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.scheduler_addr))?
-                .connect()
-                .await?;
+        let channel = self.scheduler_channel().await?;
         let enrolled = berth_proto::v1::agent_service_client::AgentServiceClient::new(channel)
             .enroll(berth_proto::v1::EnrollRequest {
                 registration_token: token.trim().to_owned(),
@@ -428,11 +439,69 @@ impl Fleet {
     /// What the API and the agents are given as `--scheduler`: the scheduler's URL, then the
     /// standby's (with [`FleetOptions::standby_scheduler`]).
     pub fn scheduler_urls(&self) -> String {
-        let mut urls = format!("http://{}", self.scheduler_addr);
+        let scheme = if self.tls_dir.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut urls = format!("{scheme}://{}", self.scheduler_addr);
         if let Some(standby) = &self.standby_addr {
-            urls.push_str(&format!(",http://{standby}"));
+            urls.push_str(&format!(",{scheme}://{standby}"));
         }
         urls
+    }
+
+    /// `--tls-ca <ca.pem>` for the API and the agents of a TLS fleet; nothing otherwise.
+    pub fn tls_ca_args(&self) -> Vec<String> {
+        match &self.tls_dir {
+            Some(dir) => vec![
+                "--tls-ca".to_owned(),
+                dir.join("ca.pem").to_string_lossy().into_owned(),
+            ],
+            None => vec![],
+        }
+    }
+
+    /// Makes a CA and a scheduler certificate for 127.0.0.1, ::1 and localhost in `dir`, as an
+    /// operator would (`berthctl admin tls init`).
+    pub fn tls_init(&self, dir: &Path) -> Result<()> {
+        let out = Command::new(self.env.bin_dir.join("berthctl"))
+            .args(["admin", "tls", "init", "--dir"])
+            .arg(dir)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--host",
+                "::1",
+                "--host",
+                "localhost",
+            ])
+            .env_remove("BERTH_URL")
+            .env_remove("BERTH_TOKEN")
+            .output()
+            .context("running berthctl admin tls init")?;
+        ensure!(
+            out.status.success(),
+            "berthctl admin tls init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// A channel to the first scheduler, over TLS in a TLS fleet.
+    pub async fn scheduler_channel(&self) -> Result<tonic::transport::Channel> {
+        let url = self
+            .scheduler_urls()
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url)?;
+        if let Some(dir) = &self.tls_dir {
+            let ca = std::fs::read(dir.join("ca.pem"))?;
+            endpoint = endpoint.tls_config(berth_core::tls::client_config(&ca))?;
+        }
+        Ok(endpoint.connect().await?)
     }
 
     /// The first scheduler's data directory (its embedded store and secret key).
@@ -481,6 +550,13 @@ impl Fleet {
     }
 
     fn scheduler_command(&self, listen: &str, data: &Path) -> Vec<String> {
+        let tls: Vec<String> = match &self.tls_dir {
+            Some(dir) => vec![
+                format!("--tls-cert={}", dir.join("scheduler.pem").display()),
+                format!("--tls-key={}", dir.join("scheduler.key").display()),
+            ],
+            None => vec![],
+        };
         let mut args: Vec<String> = [
             "--grpc-listen",
             listen,
@@ -501,6 +577,7 @@ impl Fleet {
                 format!("--secret-key-file={}", key.display()),
             ]);
         }
+        args.extend(tls);
         args.extend(self.scheduler_args.iter().cloned());
         args
     }
