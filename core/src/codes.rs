@@ -52,10 +52,13 @@ pub enum ErrorCode {
     /// The image's `USER` names a user or group its own `/etc/passwd` or `/etc/group` does not
     /// have (or is not `user[:group]`): the run is not started rather than run as root.
     InvalidUser,
+    /// The run wrote more to its own filesystem (its writable layer) than the node allows a
+    /// run (`--max-run-disk-mib`): killed before it could fill the node's disk.
+    DiskLimitExceeded,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::ImagePullFailed,
         ErrorCode::ContainerCreateFailed,
         ErrorCode::NetworkSetupFailed,
@@ -73,6 +76,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::OomKilled,
         ErrorCode::InvalidUser,
+        ErrorCode::DiskLimitExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +98,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::OomKilled => "oom_killed",
             ErrorCode::InvalidUser => "invalid_user",
+            ErrorCode::DiskLimitExceeded => "disk_limit_exceeded",
         }
     }
 }

@@ -83,6 +83,7 @@ pub fn error_code_to_pb(code: Option<ErrorCode>) -> pb::ErrorCode {
         ErrorCode::Timeout => pb::ErrorCode::Timeout,
         ErrorCode::OomKilled => pb::ErrorCode::OomKilled,
         ErrorCode::InvalidUser => pb::ErrorCode::InvalidUser,
+        ErrorCode::DiskLimitExceeded => pb::ErrorCode::DiskLimitExceeded,
     }
 }
 
@@ -108,6 +109,7 @@ pub fn error_code_from_pb(value: i32) -> Option<ErrorCode> {
         pb::ErrorCode::Timeout => ErrorCode::Timeout,
         pb::ErrorCode::OomKilled => ErrorCode::OomKilled,
         pb::ErrorCode::InvalidUser => ErrorCode::InvalidUser,
+        pb::ErrorCode::DiskLimitExceeded => ErrorCode::DiskLimitExceeded,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     /// After SIGTERM, how long to wait for running runs to end (and their reports to be
     /// acknowledged) before exiting anyway; runs still going are re-adopted by the next start.
     pub shutdown_grace: Duration,
+    /// Most bytes one run may write to its own filesystem; None: unbounded.
+    pub max_run_disk_bytes: Option<u64>,
     /// This node's credential (see `scheduler_link::enroll`), presented on every session.
     pub credential: Option<Secret>,
 }

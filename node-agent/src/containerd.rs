@@ -17,7 +17,7 @@ use containerd_client::services::v1::containers_client::ContainersClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    PrepareSnapshotRequest, RemoveSnapshotRequest, ViewSnapshotRequest,
+    PrepareSnapshotRequest, RemoveSnapshotRequest, UsageRequest, ViewSnapshotRequest,
 };
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::version_client::VersionClient;
@@ -60,6 +60,9 @@ pub struct ContainerdSettings {
     pub cgroup_parent: String,
     /// Normally `/sys/fs/cgroup`; tests may point it elsewhere.
     pub cgroup_root: PathBuf,
+    /// Free space kept in reserve on the filesystem of containerd's snapshots: below it the node
+    /// takes no new runs (0: no reserve).
+    pub min_free_disk_bytes: u64,
 }
 
 pub struct ContainerdRuntime {
@@ -148,6 +151,60 @@ async fn probe(channel: Channel) -> bool {
         Ok(Ok(_))
     )
 }
+
+/// Where containerd's snapshotter keeps its snapshots (the runs' writable layers), from its
+/// plugin's exports; None when containerd does not say.
+async fn snapshotter_root(channel: Channel) -> Option<PathBuf> {
+    let mut client =
+        containerd_client::services::v1::introspection_client::IntrospectionClient::new(channel);
+    let request = containerd_client::services::v1::PluginsRequest {
+        filters: vec![format!(
+            "type==io.containerd.snapshotter.v1,id=={SNAPSHOTTER}"
+        )],
+    };
+    let answer = tokio::time::timeout(PROBE_LIMIT, client.plugins(Request::new(request)))
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    answer
+        .plugins
+        .into_iter()
+        .find_map(|p| p.exports.get("root").map(PathBuf::from))
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+}
+
+/// Records whether the snapshots' filesystem is below its reserve; a low spell counts as an
+/// outage (the node registers again once it is over, to take runs again).
+fn record_disk(health: &watch::Sender<EngineHealth>, low: bool, free: u64, reserve: u64) {
+    health.send_if_modified(|h| {
+        if h.disk_low == low {
+            return false;
+        }
+        h.disk_low = low;
+        if low {
+            h.outages += 1;
+            tracing::warn!(
+                free_mib = free / MIB,
+                reserve_mib = reserve / MIB,
+                "low on disk: taking no runs until space is freed"
+            );
+        } else {
+            tracing::info!(
+                free_mib = free / MIB,
+                "disk space is back; taking runs again"
+            );
+        }
+        true
+    });
+}
+
+const MIB: u64 = 1024 * 1024;
 
 /// Records whether containerd answered; counts the outages and logs the changes.
 fn record_health(health: &watch::Sender<EngineHealth>, reachable: bool) {
@@ -383,12 +440,27 @@ impl ContainerdRuntime {
     pub fn spawn_health_probe(&self) {
         let channel = self.channel.clone();
         let health = self.health.clone();
+        let reserve = self.settings.min_free_disk_bytes;
         tokio::spawn(async move {
             let mut every = tokio::time::interval(HEALTH_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut root: Option<PathBuf> = None;
             loop {
                 every.tick().await;
-                record_health(&health, probe(channel.clone()).await);
+                let reachable = probe(channel.clone()).await;
+                record_health(&health, reachable);
+                if reserve == 0 {
+                    continue;
+                }
+                if root.is_none() && reachable {
+                    root = snapshotter_root(channel.clone()).await;
+                    if let Some(r) = &root {
+                        tracing::info!(root = %r.display(), reserve_mib = reserve / MIB, "watching the free space of containerd's snapshots");
+                    }
+                }
+                if let Some(free) = root.as_deref().and_then(free_bytes) {
+                    record_disk(&health, free < reserve, free, reserve);
+                }
             }
         });
     }
@@ -751,6 +823,21 @@ impl ContainerRuntime for ContainerdRuntime {
         }
     }
 
+    /// containerd's `Snapshots.Usage` of the run's active snapshot: the size of its upper
+    /// directory (containerd walks it; bounded by [`PROBE_LIMIT`]).
+    async fn writable_bytes(&self, run_id: &str) -> Option<u64> {
+        let mut client = SnapshotsClient::new(self.channel.clone());
+        let usage = client.usage(self.request(
+            UsageRequest {
+                snapshotter: SNAPSHOTTER.to_string(),
+                key: run_id.to_string(),
+            },
+            None,
+        ));
+        let answer = tokio::time::timeout(PROBE_LIMIT, usage).await.ok()?.ok()?;
+        u64::try_from(answer.into_inner().size).ok()
+    }
+
     fn oom_kills(&self, run_id: &str) -> Option<u64> {
         read_oom_kills(
             &self.settings.cgroup_root,
@@ -869,11 +956,30 @@ mod tests {
             *health.borrow(),
             EngineHealth {
                 reachable: false,
-                outages: 1
+                outages: 1,
+                disk_low: false,
             }
         );
         record_health(&health, true);
         record_health(&health, false);
         assert_eq!(health.borrow().outages, 2);
+    }
+
+    /// A spell of low disk stops the node taking runs and counts as an outage (so the agent
+    /// registers again when it is over); only changes are news.
+    #[test]
+    fn low_disk_stops_taking_runs_and_counts_as_an_outage() {
+        let health = watch::Sender::new(EngineHealth::default());
+        let seen = health.subscribe();
+        record_disk(&health, false, 10 << 30, 1 << 30);
+        assert!(!seen.has_changed().unwrap_or(true), "no change, no news");
+        record_disk(&health, true, 100 << 20, 1 << 30);
+        record_disk(&health, true, 90 << 20, 1 << 30);
+        let now = *health.borrow();
+        assert!(now.disk_low && now.reachable && !now.takes_runs());
+        assert_eq!(now.outages, 1);
+        record_disk(&health, false, 5 << 30, 1 << 30);
+        assert!(health.borrow().takes_runs());
+        assert!(free_bytes(std::path::Path::new("/")).is_some_and(|b| b > 0));
     }
 }

@@ -101,6 +101,14 @@ struct Cli {
         value_delimiter = ','
     )]
     insecure_registries: Vec<String>,
+    /// Most MiB one run may write to its own filesystem (its writable layer, measured every 2 s);
+    /// a run past it is killed with `disk_limit_exceeded`. 0: unbounded.
+    #[arg(long, env = "BERTH_AGENT_MAX_RUN_DISK_MIB", default_value_t = 10 * 1024)]
+    max_run_disk_mib: u64,
+    /// MiB kept free on the filesystem of containerd's snapshots: below it the node takes no new
+    /// runs (the scheduler places them elsewhere) until space is freed. 0: no reserve.
+    #[arg(long, env = "BERTH_AGENT_MIN_FREE_DISK_MIB", default_value_t = 2 * 1024)]
+    min_free_disk_mib: u64,
     /// Most processes (threads included) one run may have (the pids cgroup's pids.max).
     #[arg(long, env = "BERTH_AGENT_PIDS_LIMIT", default_value_t = DEFAULT_PIDS_LIMIT,
           value_parser = clap::value_parser!(i64).range(1..))]
@@ -308,6 +316,8 @@ async fn main() -> anyhow::Result<()> {
         },
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         credential: credential.map(Secret),
+        max_run_disk_bytes: (cli.max_run_disk_mib > 0)
+            .then(|| cli.max_run_disk_mib.saturating_mul(1 << 20)),
         node_id: cli.node_id,
         region: cli.region,
     };
@@ -341,6 +351,7 @@ async fn main() -> anyhow::Result<()> {
                 namespace: config.namespace.clone(),
                 cgroup_parent: config.cgroup_parent.clone(),
                 cgroup_root: PathBuf::from(berth_node_agent::run::cgroup::CGROUP_ROOT),
+                min_free_disk_bytes: cli.min_free_disk_mib.saturating_mul(1 << 20),
             },
             puller,
             network,

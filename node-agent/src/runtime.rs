@@ -38,7 +38,18 @@ pub type ExitWatch = oneshot::Receiver<Result<TaskExit, RuntimeError>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineHealth {
     pub reachable: bool,
+    /// Outages of containerd, and spells of low disk: each one made the node refuse runs.
     pub outages: u64,
+    /// The filesystem containerd keeps the runs' writable layers on has less free space than
+    /// the node keeps in reserve: the node takes no new runs until it has again.
+    pub disk_low: bool,
+}
+
+impl EngineHealth {
+    /// Whether the node can take a new run.
+    pub fn takes_runs(&self) -> bool {
+        self.reachable && !self.disk_low
+    }
 }
 
 impl Default for EngineHealth {
@@ -46,6 +57,7 @@ impl Default for EngineHealth {
         Self {
             reachable: true,
             outages: 0,
+            disk_low: false,
         }
     }
 }
@@ -160,6 +172,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// be known (the run's cgroup is already gone). Ask after the exit and before `delete_task`,
     /// which removes the cgroup.
     fn oom_kills(&self, run_id: &str) -> Option<u64>;
+
+    /// Bytes the run's writable layer (the files it wrote to its own filesystem) holds now;
+    /// None when the engine cannot tell.
+    fn writable_bytes(&self, _run_id: &str) -> impl Future<Output = Option<u64>> + Send {
+        std::future::ready(None)
+    }
 
     /// Deletes the (exited) task. Returns once the shim has finished copying its output.
     fn delete_task(&self, run_id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;

@@ -232,6 +232,7 @@ async fn runs_containers_end_to_end() {
         log_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
         credential: None,
+        max_run_disk_bytes: None,
     };
     let channel = containerd_client::connect(&socket)
         .await
@@ -247,6 +248,7 @@ async fn runs_containers_end_to_end() {
             namespace: NAMESPACE.into(),
             cgroup_parent: CGROUP_PARENT.into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            min_free_disk_bytes: 0,
         },
         puller,
         None,

@@ -49,7 +49,12 @@ pub struct SupervisorSettings {
     /// `pids.max` of every run's cgroup.
     pub pids_limit: i64,
     pub log_limits: LogLimits,
+    /// Most bytes a run may write to its own filesystem (its writable layer); None: unbounded.
+    pub max_disk_bytes: Option<u64>,
 }
+
+/// How often a running run's writable layer is measured against `max_disk_bytes`.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How the run ended, before it becomes a `RunExited`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +155,7 @@ pub async fn supervise<R: ContainerRuntime>(
 /// Returns the outbox sequence number of the `RunExited` report.
 pub async fn resume<R: ContainerRuntime>(
     runtime: Arc<R>,
-    log_limits: LogLimits,
+    settings: SupervisorSettings,
     run_dir: RunDir,
     record: RunRecord,
     recorded_exit: Option<ExitRecord>,
@@ -170,7 +175,7 @@ pub async fn resume<R: ContainerRuntime>(
         run_id.to_string(),
         &run_dir,
         run_dir.read_acked(),
-        log_limits,
+        settings.log_limits,
         record.spec.env.values().map(String::as_str),
         outbox.clone(),
     ) {
@@ -207,6 +212,7 @@ pub async fn resume<R: ContainerRuntime>(
                         run_id,
                         &record.spec,
                         elapsed,
+                        settings.max_disk_bytes,
                         &mut stop,
                         exit_watch,
                     )
@@ -461,6 +467,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         run_id,
         &assignment.spec,
         Duration::ZERO,
+        settings.max_disk_bytes,
         stop,
         exit_watch,
     )
@@ -513,6 +520,7 @@ async fn watch_running<R: ContainerRuntime>(
     run_id: &str,
     spec: &RunSpec,
     elapsed: Duration,
+    max_disk_bytes: Option<u64>,
     stop: &mut watch::Receiver<bool>,
     mut exit_watch: ExitWatch,
 ) -> Ending {
@@ -530,8 +538,27 @@ async fn watch_running<R: ContainerRuntime>(
             None => std::future::pending::<()>().await,
         }
     };
+    // The writable layer, measured every few seconds against the node's per-run limit.
+    let disk_over = async {
+        let Some(limit) = max_disk_bytes else {
+            return std::future::pending::<u64>().await;
+        };
+        let mut every = tokio::time::interval(DISK_CHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if let Some(used) = runtime.writable_bytes(run_id).await.filter(|u| *u > limit) {
+                return used;
+            }
+        }
+    };
     let reason = tokio::select! {
         exit = &mut exit_watch => return exited(exit, ExitReason::Exited, None),
+        used = disk_over => {
+            let limit = max_disk_bytes.unwrap_or_default();
+            tracing::warn!(run_id, used_mib = used >> 20, limit_mib = limit >> 20, "run wrote past the disk limit; killing it");
+            return over_disk_limit(runtime, run_id, used, limit, &mut exit_watch).await;
+        }
         _ = timeout_sleep => {
             tracing::info!(run_id, timeout_seconds = spec.timeout_seconds, "run timed out");
             ExitReason::Timeout
@@ -577,6 +604,38 @@ async fn watch_running<R: ContainerRuntime>(
     };
     let forced_code = (reason == ExitReason::Timeout).then_some(TIMEOUT_EXIT_CODE);
     exited(exit, reason, forced_code)
+}
+
+/// Kills a run that wrote more than `limit` bytes to its writable layer, at once (like the OOM
+/// killer at the memory limit: no grace), and says why.
+async fn over_disk_limit<R: ContainerRuntime>(
+    runtime: &R,
+    run_id: &str,
+    used: u64,
+    limit: u64,
+    exit_watch: &mut ExitWatch,
+) -> Ending {
+    if let Err(error) = runtime.kill(run_id, StopSignal::Kill, true).await {
+        tracing::warn!(run_id, %error, "SIGKILL failed");
+    }
+    let mut ending = match tokio::time::timeout(KILL_WAIT, exit_watch).await {
+        Ok(exit) => exited(exit, ExitReason::Exited, None),
+        Err(_) => Ending {
+            reason: ExitReason::Exited,
+            exit_code: -1,
+            exited_at_unix_nanos: unix_nanos_now(),
+            error_code: None,
+            error_message: String::new(),
+            oom_killed: false,
+        },
+    };
+    ending.error_code = Some(ErrorCode::DiskLimitExceeded);
+    ending.error_message = format!(
+        "the run wrote {} MiB to its filesystem, more than this node allows a run ({} MiB); it was killed",
+        used >> 20,
+        limit >> 20
+    );
+    ending
 }
 
 fn exited(

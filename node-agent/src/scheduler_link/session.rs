@@ -163,7 +163,7 @@ impl<R: ContainerRuntime> Agent<R> {
             adopted.insert(run_id.clone());
             let supervisor = resume(
                 self.runtime.clone(),
-                self.config.log_limits,
+                self.supervisor_settings(),
                 run_dir,
                 record,
                 recorded_exit,
@@ -350,6 +350,15 @@ impl<R: ContainerRuntime> Agent<R> {
         }
     }
 
+    fn supervisor_settings(&self) -> SupervisorSettings {
+        SupervisorSettings {
+            cgroup_parent: self.config.cgroup_parent.clone(),
+            pids_limit: self.config.pids_limit,
+            log_limits: self.config.log_limits,
+            max_disk_bytes: self.config.max_run_disk_bytes,
+        }
+    }
+
     fn heartbeat_message(&self) -> AgentMessage {
         let runs = self.runs();
         let running: Vec<(&String, &RunEntry)> =
@@ -454,7 +463,7 @@ impl<R: ContainerRuntime> Agent<R> {
                     tx.send(self.heartbeat_message()).await.map_err(|_| SessionError::Closed)?;
                 }
                 now = health_changed(&mut health) => {
-                    if now.reachable && now.outages > outages_at_register {
+                    if now.takes_runs() && now.outages > outages_at_register {
                         tracing::info!("containerd is back; registering again to take runs");
                         return Ok(());
                     }
@@ -628,14 +637,19 @@ impl<R: ContainerRuntime> Agent<R> {
             }
             return;
         }
-        let unreachable = self.runtime.health().is_some_and(|h| !h.borrow().reachable);
-        if unreachable && !self.runs().contains_key(&run_id) {
-            tracing::warn!(run_id = %run_id, "refusing an assignment: containerd is unreachable");
-            self.outbox.push(Body::RunExited(refused_engine_unreachable(
-                run_id,
-                assign.lease_epoch,
-            )));
-            return;
+        let health = self.runtime.health().map(|h| *h.borrow());
+        if let Some(h) = health.filter(|h| !h.takes_runs()) {
+            if !self.runs().contains_key(&run_id) {
+                let refusal = if h.reachable {
+                    tracing::warn!(run_id = %run_id, "refusing an assignment: low on disk");
+                    refused_low_disk(run_id, assign.lease_epoch)
+                } else {
+                    tracing::warn!(run_id = %run_id, "refusing an assignment: containerd is unreachable");
+                    refused_engine_unreachable(run_id, assign.lease_epoch)
+                };
+                self.outbox.push(Body::RunExited(refusal));
+                return;
+            }
         }
         let Some(stop_rx) = self.track(&run_id, spec.memory_mib) else {
             tracing::debug!(run_id = %run_id, "duplicate assignment ignored");
@@ -643,11 +657,7 @@ impl<R: ContainerRuntime> Agent<R> {
         };
         self.runtime.hold_image(&run_id, &spec.image);
         tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
-        let settings = SupervisorSettings {
-            cgroup_parent: self.config.cgroup_parent.clone(),
-            pids_limit: self.config.pids_limit,
-            log_limits: self.config.log_limits,
-        };
+        let settings = self.supervisor_settings();
         let assignment = Assignment {
             run_id: run_id.clone(),
             lease_epoch: assign.lease_epoch,
@@ -713,6 +723,17 @@ fn refused_engine_unreachable(run_id: String, lease_epoch: u64) -> RunExited {
         error_message:
             "containerd is unreachable on this node; it takes no runs until containerd answers again"
                 .to_string(),
+        ..refused_while_draining(run_id, lease_epoch)
+    }
+}
+
+/// The report for an assignment that arrives while the disk containerd keeps the runs' files on
+/// is below its reserve: the run never started here, and `node_draining` makes the scheduler
+/// place it elsewhere (the agent registers again once space is back).
+fn refused_low_disk(run_id: String, lease_epoch: u64) -> RunExited {
+    RunExited {
+        error_message: "this node is low on disk; it takes no runs until space is freed"
+            .to_string(),
         ..refused_while_draining(run_id, lease_epoch)
     }
 }

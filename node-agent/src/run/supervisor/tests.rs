@@ -34,6 +34,9 @@ struct Script {
     late_output: Option<&'static str>,
     /// What the run's memory cgroup says about OOM kills (None: the cgroup is gone).
     oom_kills: Option<u64>,
+    /// What the run's writable layer holds, growing by this many bytes per second of its life
+    /// (None: the engine cannot tell).
+    writes_per_second: Option<u64>,
 }
 
 #[derive(Default)]
@@ -237,6 +240,13 @@ impl ContainerRuntime for FakeRuntime {
         self.script.oom_kills
     }
 
+    async fn writable_bytes(&self, _run_id: &str) -> Option<u64> {
+        let rate = self.script.writes_per_second?;
+        let elapsed = tokio::time::Instant::now()
+            .duration_since(*STARTED.get_or_init(tokio::time::Instant::now));
+        Some(rate.saturating_mul(elapsed.as_secs()))
+    }
+
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
         self.record(format!("delete_task {run_id}"));
         if let (Some(late), Some(task)) = (
@@ -276,6 +286,7 @@ fn settings() -> SupervisorSettings {
         cgroup_parent: "berth/test".to_string(),
         pids_limit: 1024,
         log_limits: LogLimits::default(),
+        max_disk_bytes: None,
     }
 }
 
@@ -605,7 +616,7 @@ async fn resume_crashed(
     let (_stop_tx, stop_rx) = watch::channel(false);
     resume(
         runtime.clone(),
-        LogLimits::default(),
+        settings(),
         dir,
         record,
         recorded_exit,
@@ -967,5 +978,59 @@ async fn the_timeout_counts_from_the_process_start_not_the_pull() {
     assert_eq!(
         (exit.reason, exit.exit_code),
         (ExitReason::Exited as i32, 0)
+    );
+}
+
+/// When the fake clock started counting a run's writes (the tests run one writer each).
+static STARTED: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+
+/// A run that writes past the node's per-run disk limit is killed at once (no SIGTERM grace)
+/// and ends `disk_limit_exceeded`, saying how much it wrote; within the limit nothing happens.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_writes_past_the_disk_limit_is_killed_with_a_clear_error() {
+    let _ = STARTED.set(tokio::time::Instant::now());
+    let script = Script {
+        runs_for: None,
+        writes_per_second: Some(100 << 20),
+        ..Default::default()
+    };
+    let runtime = FakeRuntime::new(script);
+    let outbox = SharedOutbox::new();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let (_state, journal) = journal();
+    let settings = SupervisorSettings {
+        max_disk_bytes: Some(450 << 20),
+        ..settings()
+    };
+    supervise(
+        runtime.clone(),
+        settings,
+        journal,
+        assignment(RunSpec::default()),
+        stop_rx,
+        outbox.clone(),
+    )
+    .await;
+    let exit = exit_of(&outbox.snapshot());
+    assert_eq!(exit.exit_code, 137, "{exit:?}");
+    assert_eq!(
+        exit.error_code(),
+        berth_proto::v1::ErrorCode::DiskLimitExceeded
+    );
+    assert!(
+        exit.error_message
+            .contains("more than this node allows a run (450 MiB)"),
+        "{}",
+        exit.error_message
+    );
+    let kills: Vec<String> = runtime
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("kill"))
+        .collect();
+    assert_eq!(
+        kills,
+        ["kill run-1 9 all=true"],
+        "SIGKILL at once, to every process"
     );
 }

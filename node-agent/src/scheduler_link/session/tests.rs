@@ -85,6 +85,7 @@ fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<Slo
         log_limits: LogLimits::default(),
         shutdown_grace: Duration::from_secs(30),
         credential: None,
+        max_run_disk_bytes: None,
     };
     Arc::new(Agent::new(
         config,
