@@ -77,6 +77,19 @@ pub struct ContainerdRuntime {
     health: Arc<watch::Sender<EngineHealth>>,
     /// Each image's `/etc/passwd` and `/etc/group`, by image digest (an image never changes).
     accounts: Arc<std::sync::Mutex<HashMap<String, ImageAccounts>>>,
+    /// containerd's `/tasks/oom` events seen for each container (run) of this namespace (see
+    /// [`ContainerdRuntime::spawn_oom_watch`]).
+    oom_events: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+/// What the run's OOM kills were, from its cgroup's counter (None: the cgroup is gone or says
+/// nothing) and the OOM events containerd published for it: the larger, since either may miss
+/// one (the counter vanishes with the cgroup; an event may be lost while the agent was away).
+pub fn merge_oom_counts(cgroup: Option<u64>, events: u64) -> Option<u64> {
+    match cgroup {
+        Some(count) => Some(count.max(events)),
+        None => (events > 0).then_some(events),
+    }
 }
 
 /// Images whose accounts are remembered; beyond this the memory starts over.
@@ -352,7 +365,45 @@ impl ContainerdRuntime {
             cache: None,
             health: Arc::new(watch::Sender::new(EngineHealth::default())),
             accounts: Arc::default(),
+            oom_events: Arc::default(),
         }
+    }
+
+    /// Follows containerd's `/tasks/oom` events for this namespace for the agent's life (and
+    /// subscribes again after containerd restarts), counting them per container.
+    pub fn spawn_oom_watch(&self) {
+        let channel = self.channel.clone();
+        let namespace = self.settings.namespace.clone();
+        let counts = self.oom_events.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut client = containerd_client::services::v1::events_client::EventsClient::new(
+                    channel.clone(),
+                );
+                let request = containerd_client::services::v1::SubscribeRequest {
+                    filters: vec![format!(r#"topic=="/tasks/oom",namespace=="{namespace}""#)],
+                };
+                if let Ok(answer) = client.subscribe(Request::new(request)).await {
+                    let mut stream = answer.into_inner();
+                    while let Ok(Some(envelope)) = stream.message().await {
+                        let Some(event) = envelope.event else {
+                            continue;
+                        };
+                        let Ok(oom) =
+                            <containerd_client::events::TaskOom as prost::Message>::decode(
+                                event.value.as_slice(),
+                            )
+                        else {
+                            continue;
+                        };
+                        tracing::info!(run_id = %oom.container_id, "containerd reported an OOM kill");
+                        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                        *counts.entry(oom.container_id).or_default() += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     /// Reads the image's accounts through a read-only view of its top layer, under a lease of
@@ -839,11 +890,19 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     fn oom_kills(&self, run_id: &str) -> Option<u64> {
-        read_oom_kills(
+        let cgroup = read_oom_kills(
             &self.settings.cgroup_root,
             &self.settings.cgroup_parent,
             run_id,
-        )
+        );
+        let events = self
+            .oom_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(run_id)
+            .copied()
+            .unwrap_or(0);
+        merge_oom_counts(cgroup, events)
     }
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
@@ -861,6 +920,10 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     async fn cleanup(&self, run_id: &str) {
+        self.oom_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
         let failures = self.remove_everything(run_id).await;
         if failures.is_empty() {
             tracing::debug!(run_id, "run cleaned up");
@@ -963,6 +1026,23 @@ mod tests {
         record_health(&health, true);
         record_health(&health, false);
         assert_eq!(health.borrow().outages, 2);
+    }
+
+    #[test]
+    fn oom_kills_are_the_larger_of_the_cgroup_counter_and_the_events() {
+        assert_eq!(merge_oom_counts(None, 0), None);
+        assert_eq!(
+            merge_oom_counts(None, 1),
+            Some(1),
+            "the cgroup is gone: the event tells"
+        );
+        assert_eq!(merge_oom_counts(Some(0), 0), Some(0));
+        assert_eq!(merge_oom_counts(Some(2), 1), Some(2));
+        assert_eq!(
+            merge_oom_counts(Some(0), 1),
+            Some(1),
+            "the counter missed it"
+        );
     }
 
     /// A spell of low disk stops the node taking runs and counts as an outage (so the agent

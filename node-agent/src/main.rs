@@ -275,6 +275,11 @@ async fn main() -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .with_context(|| format!("making state dir {} private", state_dir.display()))?;
+    // Runs are confined by cgroups: a host without a layout the agent knows cannot take any.
+    let cgroups = berth_node_agent::run::cgroup::detect(std::path::Path::new(
+        berth_node_agent::run::cgroup::CGROUP_ROOT,
+    ))?;
+    tracing::info!(layout = ?cgroups, "cgroups");
     let credential = node_credential(&cli, &state_dir).await?;
     let network = match network_mode {
         NetworkMode::Bridge => Some(bridge_network(&cli, &state_dir)?),
@@ -359,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
         .with_image_cache(image_cache),
     );
     runtime.spawn_health_probe();
+    runtime.spawn_oom_watch();
     // Install the handlers now, not on first poll, so an early SIGTERM is not fatal.
     let first_signal =
         berth_core::process::shutdown_signal().context("installing signal handlers")?;

@@ -157,6 +157,13 @@ async fn a_memory_bomb_is_oom_killed_and_reported_and_the_node_keeps_working() -
         "{r}\n{}",
         f.logs()
     );
+    // Both sources saw it: the cgroup's counter (v1 here) and containerd's OOM event.
+    ensure!(
+        f.log_of(&format!("agent-{node}"))
+            .lines()
+            .any(|l| l.contains("containerd reported an OOM kill") && l.contains(&bomb)),
+        "no OOM event from containerd for {bomb}"
+    );
     let took = r["duration_seconds"].as_u64().unwrap_or(u64::MAX);
     ensure!(took < 60, "killed by the kernel, not by the timeout: {r}");
     let logs = f.all_logs(&bomb_runner, &bomb).await?;
