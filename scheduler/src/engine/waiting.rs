@@ -120,6 +120,10 @@ impl WaitQueue {
         if !q.ids.contains(&run.id) {
             return None;
         }
+        // The run just created is the newest (UUIDv7): no need to count those ahead of it.
+        if q.ids.last() == Some(&run.id) {
+            return Some(q.ids.len());
+        }
         Some(
             q.ids
                 .range::<str, _>((Bound::Unbounded, Bound::Excluded(run.id.as_str())))
