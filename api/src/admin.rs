@@ -18,6 +18,18 @@ use berth_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+/// A key's or token's public id from the path: 404 naming `field` when it cannot be one.
+fn public_id(field: &str, id: String) -> Result<String, ApiError> {
+    if is_key_id(&id) {
+        Ok(id)
+    } else {
+        Err(ApiError::NotFound {
+            field: field.to_owned(),
+            message: format!("no such {field}: {id}"),
+        })
+    }
+}
+
 /// `POST /v1/admin/api_keys` body.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -176,12 +188,7 @@ pub async fn revoke_api_key(
     Path(key_id): Path<String>,
 ) -> Result<Json<ApiKeyResponse>, ApiError> {
     require_admin()?;
-    if !is_key_id(&key_id) {
-        return Err(ApiError::NotFound {
-            field: "key_id".to_owned(),
-            message: format!("no such key_id: {key_id}"),
-        });
-    }
+    let key_id = public_id("key_id", key_id)?;
     let key = s
         .control()
         .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
@@ -372,12 +379,7 @@ pub async fn revoke_registration_token(
     Path(token_id): Path<String>,
 ) -> Result<Json<RegistrationTokenResponse>, ApiError> {
     require_admin()?;
-    if !is_key_id(&token_id) {
-        return Err(ApiError::NotFound {
-            field: "token_id".to_owned(),
-            message: format!("no such token_id: {token_id}"),
-        });
-    }
+    let token_id = public_id("token_id", token_id)?;
     let token = s
         .control()
         .revoke_registration_token(pb::RevokeRegistrationTokenRequest { token_id })

@@ -8,9 +8,8 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{AgentSpec, Fleet, FleetOptions};
+use common::{AgentSpec, Fleet, FleetOptions, Killed};
 use serde_json::json;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,16 +79,7 @@ impl Drop for Sniffer {
     }
 }
 
-/// Kills the process when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// An agent outside the fleet, in `ams`, reaching the scheduler at `scheduler`.
 fn spawn_agent(
     f: &Fleet,
     name: &str,
@@ -97,34 +87,7 @@ fn spawn_agent(
     scheduler: &str,
     extra: &[&str],
 ) -> Result<Killed> {
-    let log = std::fs::File::create(f.dir.path().join(format!("{name}.log")))?;
-    let state = f.dir.path().join(format!("{name}-state"));
-    Ok(Killed(
-        std::process::Command::new(f.env.bin_dir.join("berth-node-agent"))
-            .args([
-                "--scheduler",
-                scheduler,
-                "--node-id",
-                node_id,
-                "--region",
-                "ams",
-                "--memory-mib",
-                "1024",
-                "--cpus",
-                "1",
-                "--network",
-                "none",
-                "--containerd-socket",
-                &f.env.containerd_socket,
-                "--state-dir",
-                &state.to_string_lossy(),
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?,
-    ))
+    f.spawn_loose_agent(name, node_id, "ams", scheduler, extra)
 }
 
 async fn wait_ready(f: &Fleet, node: &str, log: &str) -> Result<()> {

@@ -26,6 +26,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use berth_core::secrets::SecretKey;
 use berth_proto::v1::{ExitReason, LogStream, RunSpec};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -253,17 +254,46 @@ impl LineLog {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
     pub dir: PathBuf,
-    key_file: PathBuf,
+    key: JournalKey,
+}
+
+/// The journal key, read (or created) on first use and kept: every run's `run.json` is sealed
+/// and opened with it.
+#[derive(Debug, Clone)]
+struct JournalKey {
+    file: PathBuf,
+    loaded: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<SecretKey>>>>,
+}
+
+/// Two handles are the same key when they name the same file.
+impl PartialEq for JournalKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.file == other.file
+    }
+}
+
+impl Eq for JournalKey {}
+
+impl JournalKey {
+    fn get(&self) -> Result<std::sync::Arc<SecretKey>, JournalError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = loaded.as_ref() {
+            return Ok(key.clone());
+        }
+        let key = std::sync::Arc::new(SecretKey::load_or_create(&self.file).map_err(|e| {
+            JournalError::Corrupt {
+                path: self.file.display().to_string(),
+                message: e.to_string(),
+            }
+        })?);
+        *loaded = Some(key.clone());
+        Ok(key)
+    }
 }
 
 impl RunDir {
-    fn key(&self) -> Result<berth_core::secrets::SecretKey, JournalError> {
-        berth_core::secrets::SecretKey::load_or_create(&self.key_file).map_err(|e| {
-            JournalError::Corrupt {
-                path: self.key_file.display().to_string(),
-                message: e.to_string(),
-            }
-        })
+    fn key(&self) -> Result<std::sync::Arc<SecretKey>, JournalError> {
+        self.key.get()
     }
 
     pub fn stdout(&self) -> PathBuf {
@@ -410,21 +440,24 @@ impl RunDir {
 #[derive(Debug, Clone)]
 pub struct Journal {
     root: PathBuf,
-    key_file: PathBuf,
+    key: JournalKey,
 }
 
 impl Journal {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             root: state_dir.join("runs"),
-            key_file: state_dir.join(JOURNAL_KEY_FILE),
+            key: JournalKey {
+                file: state_dir.join(JOURNAL_KEY_FILE),
+                loaded: Default::default(),
+            },
         }
     }
 
     pub fn run_dir(&self, run_id: &str) -> RunDir {
         RunDir {
             dir: self.root.join(run_id),
-            key_file: self.key_file.clone(),
+            key: self.key.clone(),
         }
     }
 

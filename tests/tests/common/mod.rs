@@ -129,6 +129,16 @@ pub struct FleetOptions {
     pub tls: bool,
 }
 
+/// A process that is killed when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Fleet {
     pub env: Env,
     pub dir: tempfile::TempDir,
@@ -314,6 +324,42 @@ impl Fleet {
             .into_inner();
         std::fs::write(&path, &enrolled.node_credential)?;
         Ok(enrolled.node_credential)
+    }
+
+    /// Starts an agent outside the fleet's bookkeeping (no network, 1 GiB, one CPU), with its
+    /// state under `<name>-state` and its log in `<name>.log`; killed when the answer drops.
+    pub fn spawn_loose_agent(
+        &self,
+        name: &str,
+        node_id: &str,
+        region: &str,
+        scheduler: &str,
+        extra: &[&str],
+    ) -> Result<Killed> {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
+        let state = self.dir.path().join(format!("{name}-state"));
+        Ok(Killed(
+            Command::new(self.env.bin_dir.join("berth-node-agent"))
+                .args([
+                    "--scheduler",
+                    scheduler,
+                    "--node-id",
+                    node_id,
+                    "--region",
+                    region,
+                ])
+                .args(["--memory-mib", "1024", "--cpus", "1", "--network", "none"])
+                .args(["--containerd-socket", &self.env.containerd_socket])
+                .arg("--state-dir")
+                .arg(&state)
+                .args(extra)
+                .env_remove("BERTH_CLUSTER_TOKEN")
+                .env_remove("BERTH_REGISTRATION_TOKEN")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?,
+        ))
     }
 
     fn spawn_owned(&self, name: &str, bin: &str, args: &[String]) -> Result<Proc> {

@@ -43,7 +43,7 @@ impl Whole {
     /// `end` would split (it runs past `end`, or past the end of `buf`, not yet read).
     fn spanning(&self, buf: &[u8], from: usize, end: usize) -> Option<usize> {
         let len = self.needle.len();
-        if len < 2 || end >= buf.len() + len {
+        if len < 2 {
             return None;
         }
         let lo = (from + 1).max(end.saturating_sub(len - 1));
