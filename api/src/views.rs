@@ -191,6 +191,85 @@ pub struct RunView {
     pub stop_grace_seconds: Option<u32>,
     /// The run's uploaded files: never their content.
     pub files: Vec<RunFileView>,
+    /// When each step of the run's life happened, to the microsecond: where its start time
+    /// went. Steps not reached (or not known, for older runs) are absent.
+    pub timeline: RunTimelineView,
+}
+
+/// Each step of a run's life, RFC 3339 with microseconds. `received` through `task_created`,
+/// `started`, `exited` and `exit_reported` are taken on the node (its clock), the others by
+/// the scheduler.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct RunTimelineView {
+    /// The scheduler accepted the create.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub created_at: Option<String>,
+    /// Placement chose a node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub assigned_at: Option<String>,
+    /// The node received the assignment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub received_at: Option<String>,
+    /// The image was resolved, present and unpacked on the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub image_ready_at: Option<String>,
+    /// The image user was resolved, the spec built, the journal and files written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub prepared_at: Option<String>,
+    /// The run's network namespace was attached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub network_ready_at: Option<String>,
+    /// The snapshot, container and task were created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub task_created_at: Option<String>,
+    /// The process started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub started_at: Option<String>,
+    /// The process exited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub exited_at: Option<String>,
+    /// The node reported the exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub exit_reported_at: Option<String>,
+    /// The scheduler recorded the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub ended_at: Option<String>,
+}
+
+fn micros(us: i64) -> Option<String> {
+    (us > 0)
+        .then(|| timestamp_nanos(i128::from(us) * 1_000))
+        .flatten()
+}
+
+fn timeline(t: Option<&pb::RunTimeline>) -> RunTimelineView {
+    let Some(t) = t else {
+        return RunTimelineView::default();
+    };
+    RunTimelineView {
+        created_at: micros(t.created),
+        assigned_at: micros(t.assigned),
+        received_at: micros(t.received),
+        image_ready_at: micros(t.image_ready),
+        prepared_at: micros(t.prepared),
+        network_ready_at: micros(t.network_ready),
+        task_created_at: micros(t.task_created),
+        started_at: micros(t.started),
+        exited_at: micros(t.exited),
+        exit_reported_at: micros(t.exit_reported),
+        ended_at: micros(t.ended),
+    }
 }
 
 /// An uploaded file as the API shows it.
@@ -274,6 +353,7 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
         image_pull: r.image_pull.as_ref().map(image_pull),
         stop_grace_seconds: r.stop_grace_seconds,
         files: files(&r.files),
+        timeline: timeline(r.timeline.as_ref()),
     })
 }
 

@@ -37,6 +37,7 @@ pub enum AgentReport {
     Logs(LogBatch),
     WarmupResult(WarmupResult),
     PullProgress(PullProgress),
+    RunReleased(RunReleased),
 }
 
 /// The agent is alive; what it runs and caches now.
@@ -56,6 +57,31 @@ pub struct RunStarted {
     pub started_at_unix_nanos: i64,
     /// The digest the image resolved to, when known.
     pub image_digest: Option<String>,
+    /// When each step of the start happened on the node.
+    pub stages: StartStages,
+}
+
+/// The node's side of a run's start, unix nanoseconds by the agent's clock; 0 for a step not
+/// taken or not reported (older agents).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartStages {
+    /// The assignment arrived.
+    pub received_at_unix_nanos: i64,
+    /// The image was resolved, present and unpacked.
+    pub image_ready_at_unix_nanos: i64,
+    /// User resolved, spec built, journal and files written.
+    pub prepared_at_unix_nanos: i64,
+    /// The network namespace was attached.
+    pub network_ready_at_unix_nanos: i64,
+    /// Snapshot, container and task created.
+    pub task_created_at_unix_nanos: i64,
+}
+
+/// A run reported with `cleanup_pending` is cleaned up: its capacity is free again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunReleased {
+    pub run_id: String,
+    pub lease_epoch: u64,
 }
 
 /// Why a run's container ended (or never started).
@@ -89,6 +115,11 @@ pub struct RunExited {
     pub error_code: Option<ErrorCode>,
     pub error_message: String,
     pub oom_killed: bool,
+    /// When the agent sent the report (0: not said).
+    pub reported_at_unix_nanos: i64,
+    /// The container is still being cleaned up: its capacity stays held until
+    /// [`RunReleased`]. False from older agents: already cleaned up.
+    pub cleanup_pending: bool,
 }
 
 /// Lines a run wrote, in order of their sequence numbers.

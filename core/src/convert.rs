@@ -411,7 +411,24 @@ impl From<&Run> for pb::Run {
             files: file_infos_pb(&r.files),
             stop_grace_seconds: r.stop_grace_seconds,
             image_pull: r.image_pull.as_ref().map(pb::ImagePull::from),
+            timeline: (!r.timeline.is_empty()).then(|| timeline_pb(&r.timeline)),
         }
+    }
+}
+
+fn timeline_pb(t: &crate::model::Timeline) -> pb::RunTimeline {
+    pb::RunTimeline {
+        created: t.created,
+        assigned: t.assigned,
+        received: t.received,
+        image_ready: t.image_ready,
+        prepared: t.prepared,
+        network_ready: t.network_ready,
+        task_created: t.task_created,
+        started: t.started,
+        exited: t.exited,
+        exit_reported: t.exit_reported,
+        ended: t.ended,
     }
 }
 

@@ -56,3 +56,11 @@ pub fn now_unix_millis() -> i64 {
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// Microseconds since the Unix epoch (a run's [`model::Timeline`]).
+pub fn now_unix_micros() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}

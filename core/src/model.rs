@@ -164,6 +164,9 @@ pub struct Run {
     /// (None for runs stored before it existed: the scheduler's default).
     #[serde(default)]
     pub stop_grace_seconds: Option<u32>,
+    /// When each step of its life happened (microseconds; see [`Timeline`]).
+    #[serde(default, skip_serializing_if = "Timeline::is_empty")]
+    pub timeline: Timeline,
 }
 
 /// A small file uploaded with a run, placed read-only at `path` inside its container. The run
@@ -266,6 +269,68 @@ impl Run {
             f.content = bytes.into();
         }
         Ok(())
+    }
+}
+
+/// When each step of a run's life happened, in unix microseconds; 0 for a step not reached or
+/// not known (records from before it existed, older agents). The node's steps are by the
+/// node's clock, the others by the scheduler's: on one machine they compare directly, across
+/// machines they are as close as the clocks are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// The scheduler accepted the create.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub created: i64,
+    /// Placement chose a node (the assignment goes out once that is stored).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub assigned: i64,
+    /// The agent received the assignment.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub received: i64,
+    /// The image was resolved, present and unpacked on the node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image_ready: i64,
+    /// User resolved, spec built, journal and files written.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prepared: i64,
+    /// The network namespace was attached.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub network_ready: i64,
+    /// Snapshot, container and task created.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub task_created: i64,
+    /// The process started (containerd's start).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub started: i64,
+    /// The process exited (containerd's exit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub exited: i64,
+    /// The agent reported the exit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub exit_reported: i64,
+    /// The scheduler recorded the end.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ended: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl Timeline {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The node's steps of a start, from its nanosecond stamps.
+    pub fn record_start(&mut self, stages: &crate::agent::StartStages, started_unix_nanos: i64) {
+        let micros = |n: i64| if n > 0 { n / 1_000 } else { 0 };
+        self.received = micros(stages.received_at_unix_nanos);
+        self.image_ready = micros(stages.image_ready_at_unix_nanos);
+        self.prepared = micros(stages.prepared_at_unix_nanos);
+        self.network_ready = micros(stages.network_ready_at_unix_nanos);
+        self.task_created = micros(stages.task_created_at_unix_nanos);
+        self.started = micros(started_unix_nanos);
     }
 }
 
@@ -537,6 +602,7 @@ mod tests {
             queue_position: None,
             files: vec![],
             stop_grace_seconds: None,
+            timeline: Timeline::default(),
         }
     }
 

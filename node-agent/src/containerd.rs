@@ -38,11 +38,11 @@ use crate::image::progress::PullProgressState;
 use crate::image::pull::Puller;
 use crate::image::store::ContainerdImages;
 use crate::network::cni::RunNetwork;
-use crate::run::cgroup::{read_oom_kills, remove_run_cgroups};
+use crate::run::cgroup::Cgroups;
 use crate::run::spec::join_network;
 use crate::run::user::ImageAccounts;
 use crate::runtime::{
-    ContainerRuntime, EngineHealth, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
+    ContainerRuntime, Created, EngineHealth, ExitWatch, OutputFiles, PreparedImage, RuntimeError,
     StopSignal, TaskExit,
 };
 
@@ -58,8 +58,8 @@ pub const RUN_ID_LABEL: &str = "berth.run-id";
 pub struct ContainerdSettings {
     pub namespace: String,
     pub cgroup_parent: String,
-    /// Normally `/sys/fs/cgroup`; tests may point it elsewhere.
-    pub cgroup_root: PathBuf,
+    /// The host's cgroups (normally under `/sys/fs/cgroup`), detected at start.
+    pub cgroups: Cgroups,
     /// Free space kept in reserve on the filesystem of containerd's snapshots: below it the node
     /// takes no new runs (0: no reserve).
     pub min_free_disk_bytes: u64,
@@ -577,11 +577,18 @@ impl ContainerdRuntime {
         image: &PreparedImage,
         spec: &Spec,
         output: &OutputFiles,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Created, RuntimeError> {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
         let spec = &self.networked_spec(run_id, spec).await?;
+        let created = Created {
+            network_ready_at_unix_nanos: if self.network.is_some() {
+                unix_nanos_now()
+            } else {
+                0
+            },
+        };
         let lease = lease_id(run_id);
         LeasesClient::new(self.channel.clone())
             .create(self.request(
@@ -663,7 +670,7 @@ impl ContainerdRuntime {
             ))
             .await
             .map_err(|s| create_err("Tasks.Create", s))?;
-        Ok(())
+        Ok(created)
     }
 
     async fn remove_everything(&self, run_id: &str) -> Vec<String> {
@@ -729,12 +736,19 @@ impl ContainerdRuntime {
             ))
             .await;
         record_cleanup(&mut failures, "Leases.Delete", result);
-        for (path, error) in remove_run_cgroups(
-            &self.settings.cgroup_root,
-            &self.settings.cgroup_parent,
-            run_id,
-        ) {
-            failures.push(format!("removing cgroup {path}: {error}"));
+        let (cgroups, parent, id) = (
+            self.settings.cgroups.clone(),
+            self.settings.cgroup_parent.clone(),
+            run_id.to_string(),
+        );
+        // Blocking: a busy directory is retried with sleeps.
+        match tokio::task::spawn_blocking(move || cgroups.remove(&parent, &id)).await {
+            Ok(removal) => failures.extend(
+                removal
+                    .into_iter()
+                    .map(|error| format!("removing cgroup {error}")),
+            ),
+            Err(error) => failures.push(format!("removing cgroups: {error}")),
         }
         // Last: the task is gone, so nothing uses the namespace any more.
         failures.extend(self.detach_network(run_id).await);
@@ -812,7 +826,7 @@ impl ContainerRuntime for ContainerdRuntime {
         image: &PreparedImage,
         spec: &Spec,
         output: &OutputFiles,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Created, RuntimeError> {
         self.create_inner(run_id, image, spec, output).await
     }
 
@@ -830,6 +844,7 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     async fn start(&self, run_id: &str) -> Result<i64, RuntimeError> {
+        let asked_at = unix_nanos_now();
         self.tasks()
             .start(self.request(
                 StartRequest {
@@ -840,7 +855,7 @@ impl ContainerRuntime for ContainerdRuntime {
             ))
             .await
             .map_err(|s| RuntimeError::Start(s.message().to_string()))?;
-        Ok(unix_nanos_now())
+        Ok(asked_at)
     }
 
     async fn kill(&self, run_id: &str, signal: StopSignal, all: bool) -> Result<(), RuntimeError> {
@@ -890,11 +905,10 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     fn oom_kills(&self, run_id: &str) -> Option<u64> {
-        let cgroup = read_oom_kills(
-            &self.settings.cgroup_root,
-            &self.settings.cgroup_parent,
-            run_id,
-        );
+        let cgroup = self
+            .settings
+            .cgroups
+            .oom_kills(&self.settings.cgroup_parent, run_id);
         let events = self
             .oom_events
             .lock()

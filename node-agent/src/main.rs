@@ -109,6 +109,16 @@ struct Cli {
     /// runs (the scheduler places them elsewhere) until space is freed. 0: no reserve.
     #[arg(long, env = "BERTH_AGENT_MIN_FREE_DISK_MIB", default_value_t = 2 * 1024)]
     min_free_disk_mib: u64,
+    /// Milliseconds for which what an image reference resolved to (digest, unpacked snapshot)
+    /// is reused by the next runs of the same reference and credentials, without asking
+    /// containerd or the registry again. A tag pushed anew reaches this node's runs at most this
+    /// much later. 0: resolve on every run.
+    #[arg(
+        long,
+        env = "BERTH_AGENT_IMAGE_RESOLVE_TTL_MS",
+        default_value_t = 5_000
+    )]
+    image_resolve_ttl_ms: u64,
     /// Most processes (threads included) one run may have (the pids cgroup's pids.max).
     #[arg(long, env = "BERTH_AGENT_PIDS_LIMIT", default_value_t = DEFAULT_PIDS_LIMIT,
           value_parser = clap::value_parser!(i64).range(1..))]
@@ -276,10 +286,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .with_context(|| format!("making state dir {} private", state_dir.display()))?;
     // Runs are confined by cgroups: a host without a layout the agent knows cannot take any.
-    let cgroups = berth_node_agent::run::cgroup::detect(std::path::Path::new(
+    let cgroups = berth_node_agent::run::cgroup::Cgroups::detect(std::path::Path::new(
         berth_node_agent::run::cgroup::CGROUP_ROOT,
     ))?;
-    tracing::info!(layout = ?cgroups, "cgroups");
+    tracing::info!(layout = ?cgroups.layout(), "cgroups");
     let credential = node_credential(&cli, &state_dir).await?;
     let network = match network_mode {
         NetworkMode::Bridge => Some(bridge_network(&cli, &state_dir)?),
@@ -337,11 +347,10 @@ async fn main() -> anyhow::Result<()> {
             )
         })?;
     let registry = RegistryClient::new(config.insecure_registries.clone());
-    let puller = Arc::new(Puller::new(
-        channel.clone(),
-        config.namespace.clone(),
-        registry,
-    ));
+    let puller = Arc::new(
+        Puller::new(channel.clone(), config.namespace.clone(), registry)
+            .with_resolve_ttl(std::time::Duration::from_millis(cli.image_resolve_ttl_ms)),
+    );
     let recalled = puller.recall_cached().await;
     tracing::info!(images = recalled, "images already on this node");
     let image_cache = Arc::new(ImageCache::new(
@@ -355,7 +364,7 @@ async fn main() -> anyhow::Result<()> {
             ContainerdSettings {
                 namespace: config.namespace.clone(),
                 cgroup_parent: config.cgroup_parent.clone(),
-                cgroup_root: PathBuf::from(berth_node_agent::run::cgroup::CGROUP_ROOT),
+                cgroups,
                 min_free_disk_bytes: cli.min_free_disk_mib.saturating_mul(1 << 20),
             },
             puller,

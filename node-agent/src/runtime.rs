@@ -114,6 +114,13 @@ impl RuntimeError {
     }
 }
 
+/// What `create` did on its way, for the run's timeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Created {
+    /// When the run's network was attached, unix nanoseconds; 0 without a network.
+    pub network_ready_at_unix_nanos: i64,
+}
+
 /// What the supervisor needs from the container engine. Every method is keyed by the run ID,
 /// which is also the container ID, snapshot key and FIFO directory name.
 pub trait ContainerRuntime: Send + Sync + 'static {
@@ -147,7 +154,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         image: &PreparedImage,
         spec: &Spec,
         output: &OutputFiles,
-    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<Created, RuntimeError>> + Send;
 
     /// Begins waiting for the task's exit; call before `start`. Also works for a task an earlier
     /// agent process started (re-adoption after a restart); resolves at once if it already
@@ -157,7 +164,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         run_id: &str,
     ) -> impl Future<Output = Result<ExitWatch, RuntimeError>> + Send;
 
-    /// Starts the task; returns the start time in unix nanoseconds.
+    /// Starts the task; returns the start time in unix nanoseconds: the moment the start was
+    /// asked for, before which the process cannot have run (a short process may even have
+    /// exited by the time the call returns; billing counts from here).
     fn start(&self, run_id: &str) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
 
     /// Sends `signal` to the task's init process, or to every process in it when `all`.

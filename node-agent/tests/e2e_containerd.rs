@@ -247,7 +247,10 @@ async fn runs_containers_end_to_end() {
         ContainerdSettings {
             namespace: NAMESPACE.into(),
             cgroup_parent: CGROUP_PARENT.into(),
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroups: berth_node_agent::run::cgroup::Cgroups::detect(std::path::Path::new(
+                berth_node_agent::run::cgroup::CGROUP_ROOT,
+            ))
+            .expect("a cgroup layout the agent knows"),
             min_free_disk_bytes: 0,
         },
         puller,

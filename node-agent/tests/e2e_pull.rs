@@ -255,3 +255,86 @@ async fn a_slow_pull_counts_its_bytes_as_they_arrive() {
         "{last:?}"
     );
 }
+
+/// A TCP proxy to `upstream` that counts the bytes clients send through it (requests).
+async fn counting_proxy(
+    upstream: String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let sent = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match client_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            counter.fetch_add(n, Ordering::SeqCst);
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_resolved_moments_ago_is_not_asked_again_for_the_same_credentials() {
+    use std::sync::atomic::Ordering;
+    let registry = required_env("BERTH_TEST_REGISTRY");
+    let (proxy, sent) = counting_proxy(registry).await;
+    let image = format!("{proxy}/busybox:latest");
+    let puller = fresh_puller("berth-e2e-pull-resolve")
+        .await
+        .with_resolve_ttl(Duration::from_secs(60));
+    let first = puller.pull(&image, None).await.expect("pull");
+    let after_first = sent.load(Ordering::SeqCst);
+    assert!(after_first > 0, "the first pull asks the registry");
+    // Again within the window: the same image, and not a byte to the registry.
+    let again = puller.pull(&image, None).await.expect("pull again");
+    assert_eq!(again, first);
+    assert_eq!(sent.load(Ordering::SeqCst), after_first, "no request");
+    // Other credentials are never answered from what a pull without them found.
+    let auth = RegistryAuth {
+        host: proxy.clone(),
+        username: "someone".into(),
+        password: "else".into(),
+    };
+    let with_auth = puller
+        .pull(&image, Some(&auth))
+        .await
+        .expect("pull with auth");
+    assert_eq!(with_auth.digest, first.digest);
+    let after_auth = sent.load(Ordering::SeqCst);
+    assert!(
+        after_auth > after_first,
+        "other credentials ask the registry"
+    );
+
+    // Without a window (the default), every pull asks.
+    let every_time = fresh_puller("berth-e2e-pull-resolve-0").await;
+    every_time.pull(&image, None).await.expect("pull");
+    let before = sent.load(Ordering::SeqCst);
+    every_time.pull(&image, None).await.expect("pull again");
+    assert!(sent.load(Ordering::SeqCst) > before, "resolved again");
+}

@@ -8,8 +8,8 @@ use crate::engine::{Link, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::agent::{
     AgentCommand, AgentLink, AgentReport, AssignRun, Heartbeat, LinkClosed, LogBatch, LogLine,
-    PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited, RunSpec, RunStarted,
-    Warmup, WarmupResult,
+    PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited, RunReleased, RunSpec,
+    RunStarted, StartStages, Warmup, WarmupResult,
 };
 use berth_core::convert::{
     error_code_from_pb, exit_reason_from_pb, log_stream_from_pb, UnknownEnumValue,
@@ -242,6 +242,16 @@ fn registration_from_pb(r: pb::Register) -> Registration {
     }
 }
 
+fn stages_from_pb(s: pb::StartStages) -> StartStages {
+    StartStages {
+        received_at_unix_nanos: s.received_at_unix_nanos,
+        image_ready_at_unix_nanos: s.image_ready_at_unix_nanos,
+        prepared_at_unix_nanos: s.prepared_at_unix_nanos,
+        network_ready_at_unix_nanos: s.network_ready_at_unix_nanos,
+        task_created_at_unix_nanos: s.task_created_at_unix_nanos,
+    }
+}
+
 /// A report, or `None` for a message that is no report (a second `Register`); an error when a
 /// required field holds no value this scheduler knows.
 fn report_from_pb(body: Body) -> Result<Option<AgentReport>, UnknownEnumValue> {
@@ -257,6 +267,11 @@ fn report_from_pb(body: Body) -> Result<Option<AgentReport>, UnknownEnumValue> {
             lease_epoch: s.lease_epoch,
             started_at_unix_nanos: s.started_at_unix_nanos,
             image_digest: (!s.image_digest.is_empty()).then_some(s.image_digest),
+            stages: s.stages.map(stages_from_pb).unwrap_or_default(),
+        }),
+        Body::RunReleased(r) => AgentReport::RunReleased(RunReleased {
+            run_id: r.run_id,
+            lease_epoch: r.lease_epoch,
         }),
         Body::RunExited(e) => AgentReport::RunExited(RunExited {
             reason: exit_reason_from_pb(e.reason),
@@ -267,6 +282,8 @@ fn report_from_pb(body: Body) -> Result<Option<AgentReport>, UnknownEnumValue> {
             error_code: error_code_from_pb(e.error_code),
             error_message: e.error_message,
             oom_killed: e.oom_killed,
+            reported_at_unix_nanos: e.reported_at_unix_nanos,
+            cleanup_pending: e.cleanup_pending,
         }),
         Body::LogBatch(b) => AgentReport::Logs(LogBatch {
             run_id: b.run_id,

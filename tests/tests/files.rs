@@ -139,12 +139,13 @@ async fn uploaded_files_are_read_only_with_their_mode_and_content_and_go_with_th
         .await?;
     let r = f.wait_finished(&runner, &run).await?;
     ensure!(r["status"] == "canceled", "{r}");
-    // Cleanup comes before the exit report, so the copy is gone by the time the run has ended.
+    // The exit is reported first and the node cleans up right after: the copy goes with the
+    // rest (assert_run_cleaned waits for that), and the files directory is part of it.
+    f.assert_run_cleaned(&node, &run).await?;
     ensure!(
         !host.exists(),
         "uploaded files left on the node after the run"
     );
-    f.assert_run_cleaned(&node, &run).await?;
 
     // Sealed at rest: neither the content nor its base64 is in the store file; nor in any log.
     let store = std::fs::read(f.dir.path().join("scheduler/state.redb")).context("store")?;

@@ -81,21 +81,6 @@ async fn wait_until<F: Fn() -> bool>(what: &str, timeout: Duration, done: F) -> 
     Ok(())
 }
 
-async fn wait_no_containers(f: &Fleet, node: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left = f.containers(node).await?;
-        if left.is_empty() {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "containers left on {node}: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn echo_succeeds(f: &Fleet, region: &str, word: &str) -> Result<()> {
     let runner = f
         .runner(region, json!({"run_command": format!("echo {word}")}))
@@ -169,7 +154,7 @@ async fn a_memory_bomb_is_oom_killed_and_reported_and_the_node_keeps_working() -
     let logs = f.all_logs(&bomb_runner, &bomb).await?;
     ensure!(msgs(&logs, "stdout") == ["growing"], "{logs:?}");
 
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     ensure!(
         !f.cgroup_dir("memory", &node, &bomb).exists(),
         "the run's cgroup is removed"
@@ -243,7 +228,7 @@ async fn a_fork_bomb_stays_inside_its_pids_limit_and_the_node_keeps_serving() ->
         r["status"] == "failed" && r["exit_code"] == 124 && r["error_code"] == "timeout",
         "{r}"
     );
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     wait_until(
         "the bomb's pids cgroup is gone",
         Duration::from_secs(10),
@@ -349,7 +334,7 @@ async fn a_log_flood_is_cut_at_the_cap_with_one_marker_and_nothing_grows() -> Re
         "every kept stdout line is whole"
     );
 
-    wait_no_containers(&f, &node).await?;
+    f.wait_no_containers(&node).await?;
     let run_dir = raw_stdout
         .parent()
         .map(Path::to_path_buf)
@@ -413,10 +398,7 @@ async fn sigterm_drains_the_agent_its_run_finishes_and_it_exits_0() -> Result<()
             || (late_run["status"] == "failed" && late_run["error_code"] == "node_draining"),
         "a run assigned while draining never starts there: {late_run}"
     );
-    ensure!(
-        f.containers(&node).await?.is_empty(),
-        "nothing is left in containerd"
-    );
+    f.wait_no_containers(&node).await?;
     Ok(())
 }
 

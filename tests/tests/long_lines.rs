@@ -422,6 +422,7 @@ async fn failing_session(f: &Fleet, node_id: &str, run_id: &str, first: bool) ->
                             lease_epoch: a.lease_epoch,
                             started_at_unix_nanos: 1,
                             image_digest: String::new(),
+                            stages: None,
                         })),
                     })
                     .await?;

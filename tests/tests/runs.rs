@@ -48,10 +48,69 @@ async fn echo_succeeds_with_stdout_and_stderr_apart_and_in_order() -> Result<()>
         ids == (1..=6).collect::<Vec<u64>>(),
         "ids increase without gaps: {ids:?}"
     );
+    // The exit is reported first, the container cleaned up right after.
+    f.wait_no_containers(f.node("fra")).await?;
+    Ok(())
+}
+
+/// Parses an RFC 3339 timestamp of the API into unix microseconds.
+fn micros(v: &Value) -> Option<i128> {
+    let t =
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some(t.unix_timestamp_nanos() / 1_000)
+}
+
+#[tokio::test]
+async fn the_timeline_shows_each_step_of_a_run_in_order() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let runner = f.runner("fra", json!({"run_command": "echo hi"})).await?;
+    // Pending: only the scheduler's steps so far (or more, if it is quick).
+    let created = f
+        .post(&format!("/v1/runners/{runner}/runs"), json!({}))
+        .await?;
     ensure!(
-        f.containers(f.node("fra")).await?.is_empty(),
-        "the container is cleaned up"
+        created["run"]["timeline"]["created_at"].is_string(),
+        "{created}"
     );
+    let run = created["run"]["id"].as_str().context("id")?.to_owned();
+    let r = f.wait_finished(&runner, &run).await?;
+    ensure!(r["status"] == "succeeded", "{r}\n{}", f.logs());
+    let t = &r["timeline"];
+    let mut steps = vec![
+        "created_at",
+        "assigned_at",
+        "received_at",
+        "image_ready_at",
+        "prepared_at",
+    ];
+    // Only with a network namespace per run (the default fleet has one).
+    if t["network_ready_at"].is_string() {
+        steps.push("network_ready_at");
+    }
+    steps.extend([
+        "task_created_at",
+        "started_at",
+        "exited_at",
+        "exit_reported_at",
+        "ended_at",
+    ]);
+    let mut previous = 0;
+    for step in steps {
+        let at = micros(&t[step]).with_context(|| format!("no {step} in {t}"))?;
+        ensure!(at >= previous, "{step} before the step above it: {t}");
+        previous = at;
+    }
+    // Microseconds, not milliseconds: not every step lands on a whole millisecond.
+    let whole_ms = ["created_at", "received_at", "task_created_at", "started_at"]
+        .iter()
+        .filter_map(|s| micros(&t[*s]))
+        .all(|us| us % 1_000 == 0);
+    ensure!(!whole_ms, "{t}");
+    // The run's started_at is the timeline's start, to the millisecond.
+    let started = micros(&r["started_at"]).context("started_at")?;
+    let tl_started = micros(&t["started_at"]).context("timeline started_at")?;
+    ensure!((tl_started - started).abs() < 1_000, "{r}");
     Ok(())
 }
 
@@ -130,10 +189,8 @@ async fn a_timeout_fails_the_run_with_124() -> Result<()> {
         took <= 5,
         "ended {took} s after start, not within a few seconds"
     );
-    ensure!(
-        f.containers(f.node("fra")).await?.is_empty(),
-        "the container is cleaned up"
-    );
+    // The exit is reported first, the container cleaned up right after.
+    f.wait_no_containers(f.node("fra")).await?;
     Ok(())
 }
 
@@ -167,15 +224,7 @@ async fn stopping_a_running_run_cancels_it_and_leaves_nothing_in_containerd() ->
         "stopping a finished run changes nothing"
     );
     // The agent cleans up right after reporting the exit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !f.containers(&node).await?.is_empty() {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "container left behind: {:?}",
-            f.containers(&node).await?
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    f.wait_no_containers(&node).await?;
     ensure!(
         !f.cgroup_dir("memory", &node, &run).exists(),
         "cgroup directory removed"

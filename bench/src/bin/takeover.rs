@@ -484,6 +484,7 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         queue_position: None,
         files: vec![],
         stop_grace_seconds: Some(10),
+        timeline: Default::default(),
     }
 }
 

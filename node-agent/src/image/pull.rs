@@ -64,6 +64,23 @@ pub struct Puller {
     cached: Mutex<std::collections::BTreeSet<String>>,
     /// Progress of the pull of each image (by containerd name).
     progress: ProgressHub,
+    /// Recent answers to "which image is this reference, with these credentials", reused for
+    /// `resolve_ttl` without asking containerd or the registry again (see [`Self::pull`]).
+    resolved: Mutex<HashMap<ResolveKey, (std::time::Instant, PreparedImage)>>,
+    resolve_ttl: std::time::Duration,
+}
+
+/// A reference (containerd's name for it) and who asks: a hash of the credentials, so an
+/// answer given to one set of credentials is never reused for another (or for none).
+type ResolveKey = (String, Option<[u8; 32]>);
+
+fn credentials_fingerprint(credentials: &Credentials) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(credentials.username.as_bytes());
+    hash.update([0]);
+    hash.update(credentials.password.as_bytes());
+    hash.finalize().into()
 }
 
 impl Puller {
@@ -74,6 +91,28 @@ impl Puller {
             per_image: Mutex::new(HashMap::new()),
             cached: Mutex::default(),
             progress: ProgressHub::default(),
+            resolved: Mutex::default(),
+            resolve_ttl: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Reuses what a reference resolved to (the image's digest, its top snapshot and config)
+    /// for `ttl` after a pull that checked it, per set of credentials: a run in that window
+    /// asks neither containerd nor the registry. Zero (the default) checks on every run.
+    pub fn with_resolve_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.resolve_ttl = ttl;
+        self
+    }
+
+    fn recently_resolved(&self, key: &ResolveKey) -> Option<PreparedImage> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        match resolved.get(key) {
+            Some((at, image)) if at.elapsed() < self.resolve_ttl => Some(image.clone()),
+            Some(_) => {
+                resolved.remove(key);
+                None
+            }
+            None => None,
         }
     }
 
@@ -94,10 +133,14 @@ impl Puller {
         map.entry(name.to_string()).or_default().clone()
     }
 
-    /// The image containerd names `name` is gone: stop reporting every reference to it.
+    /// The image containerd names `name` is gone: stop reporting every reference to it, and
+    /// resolve it afresh next time.
     pub(crate) fn forget(&self, name: &str) {
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         cached.retain(|image| containerd_name(image) != name);
+        drop(cached);
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        resolved.retain(|(resolved_name, _), _| resolved_name != name);
     }
 
     /// The images this process has pulled (or found complete), for image-locality scoring.
@@ -148,15 +191,31 @@ impl Puller {
         let credentials = credentials_for(&reference, auth);
         let gate = self.gate(&name);
         let _guard = gate.lock().await;
+        let key = (
+            containerd_name(&name),
+            credentials.as_ref().map(credentials_fingerprint),
+        );
+        if !self.resolve_ttl.is_zero() {
+            if let Some(image) = self.recently_resolved(&key) {
+                tracing::debug!(image = %name, digest = %image.digest, "image resolved moments ago");
+                return Ok(image);
+            }
+        }
         let started = std::time::Instant::now();
         let result = self
             .pull_locked(&reference, &name, credentials.as_ref())
             .await;
-        if result.is_ok() {
+        if let Ok(prepared) = &result {
             self.cached
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(image.to_string());
+            if !self.resolve_ttl.is_zero() {
+                self.resolved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, (started, prepared.clone()));
+            }
         }
         match &result {
             Ok(prepared) => tracing::info!(

@@ -11,7 +11,9 @@ use berth_core::codes::ErrorCode;
 use berth_core::convert::error_code_to_pb;
 use berth_core::defaults::STOP_GRACE_SECONDS;
 use berth_core::status::TIMEOUT_EXIT_CODE;
-use berth_proto::v1::{agent_message::Body, ExitReason, RunExited, RunSpec, RunStarted};
+use berth_proto::v1::{
+    agent_message::Body, ExitReason, RunExited, RunReleased, RunSpec, RunStarted, StartStages,
+};
 use tokio::sync::watch;
 
 use crate::clock::unix_nanos_now;
@@ -128,6 +130,10 @@ pub async fn supervise<R: ContainerRuntime>(
     mut stop: watch::Receiver<bool>,
     outbox: SharedOutbox,
 ) -> u64 {
+    let mut stages = StartStages {
+        received_at_unix_nanos: unix_nanos_now(),
+        ..StartStages::default()
+    };
     let (ending, run_dir) = run_until_exit(
         &*runtime,
         &settings,
@@ -135,6 +141,7 @@ pub async fn supervise<R: ContainerRuntime>(
         &assignment,
         &mut stop,
         &outbox,
+        &mut stages,
     )
     .await;
     finish(
@@ -169,6 +176,8 @@ pub async fn resume<R: ContainerRuntime>(
             lease_epoch: record.lease_epoch,
             started_at_unix_nanos: started_at,
             image_digest: record.image_digest.clone(),
+            // Not kept across a restart: the scheduler has them from the first report.
+            stages: None,
         }));
     }
     let mut pump = match LogPump::start(
@@ -246,7 +255,9 @@ pub async fn resume<R: ContainerRuntime>(
     .await
 }
 
-/// The common end of every run: record the ending, clean up, queue `RunExited` (last).
+/// The common end of every run: record the ending, queue `RunExited` (every output line is
+/// queued before it), clean up, then queue `RunReleased`, which frees the run's capacity at the
+/// scheduler. Returns the sequence number of `RunReleased`, the run's last report.
 async fn finish<R: ContainerRuntime>(
     runtime: &R,
     run_id: &str,
@@ -261,15 +272,6 @@ async fn finish<R: ContainerRuntime>(
         if let Err(error) = dir.write_exit(&ending.to_record()) {
             tracing::error!(run_id, %error, "recording the run's exit failed");
         }
-    }
-    if tokio::time::timeout(CLEANUP_LIMIT, runtime.cleanup(run_id))
-        .await
-        .is_err()
-    {
-        tracing::error!(run_id, "cleanup did not finish in time");
-    }
-    if let Some(dir) = run_dir {
-        remove_files(run_id, &dir.dir);
     }
     tracing::info!(
         run_id,
@@ -288,6 +290,22 @@ async fn finish<R: ContainerRuntime>(
         error_code: error_code_to_pb(ending.error_code).into(),
         error_message: ending.error_message,
         oom_killed: ending.oom_killed,
+        reported_at_unix_nanos: unix_nanos_now(),
+        cleanup_pending: true,
+    }));
+    if tokio::time::timeout(CLEANUP_LIMIT, runtime.cleanup(run_id))
+        .await
+        .is_err()
+    {
+        tracing::error!(run_id, "cleanup did not finish in time");
+    }
+    if let Some(dir) = run_dir {
+        remove_files(run_id, &dir.dir);
+    }
+    tracing::debug!(run_id, "run cleaned up");
+    outbox.push(Body::RunReleased(RunReleased {
+        run_id: run_id.to_string(),
+        lease_epoch,
     }))
 }
 
@@ -307,6 +325,7 @@ async fn run_until_exit<R: ContainerRuntime>(
     assignment: &Assignment,
     stop: &mut watch::Receiver<bool>,
     outbox: &SharedOutbox,
+    stages: &mut StartStages,
 ) -> (Ending, Option<RunDir>) {
     let run_id = assignment.run_id.as_str();
     let spec = &assignment.spec;
@@ -323,6 +342,7 @@ async fn run_until_exit<R: ContainerRuntime>(
             Err(e) => return (start_failed(runtime, e).await, None),
         },
     };
+    stages.image_ready_at_unix_nanos = unix_nanos_now();
 
     // The image's USER against its own /etc/passwd and /etc/group: a name it does not have
     // fails the run instead of running it as root.
@@ -380,6 +400,7 @@ async fn run_until_exit<R: ContainerRuntime>(
             )
         }
     }
+    stages.prepared_at_unix_nanos = unix_nanos_now();
     let ending = start_and_watch(
         runtime,
         settings,
@@ -390,6 +411,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         &mut record,
         stop,
         outbox,
+        stages,
     )
     .await;
     (ending, Some(run_dir))
@@ -406,14 +428,19 @@ async fn start_and_watch<R: ContainerRuntime>(
     record: &mut RunRecord,
     stop: &mut watch::Receiver<bool>,
     outbox: &SharedOutbox,
+    stages: &mut StartStages,
 ) -> Ending {
     let run_id = assignment.run_id.as_str();
     let output = OutputFiles {
         stdout: run_dir.stdout(),
         stderr: run_dir.stderr(),
     };
-    if let Err(e) = runtime.create(run_id, image, oci_spec, &output).await {
-        return start_failed(runtime, e).await;
+    match runtime.create(run_id, image, oci_spec, &output).await {
+        Ok(created) => {
+            stages.network_ready_at_unix_nanos = created.network_ready_at_unix_nanos;
+            stages.task_created_at_unix_nanos = unix_nanos_now();
+        }
+        Err(e) => return start_failed(runtime, e).await,
     }
     let mut pump = match LogPump::start(
         run_id.to_string(),
@@ -460,6 +487,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         lease_epoch: assignment.lease_epoch,
         started_at_unix_nanos: started_at,
         image_digest: image.digest.clone(),
+        stages: Some(*stages),
     }));
 
     let mut ending = watch_running(

@@ -31,6 +31,7 @@ use berth_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::clock::unix_nanos_now;
 use crate::config::AgentConfig;
 use crate::image::progress::warmup_report;
 use crate::outbox::{RefusalWatch, SharedOutbox, REFUSALS_BEFORE_DEFUSE};
@@ -750,6 +751,9 @@ fn refused_while_draining(run_id: String, lease_epoch: u64) -> RunExited {
         error_code: error_code_to_pb(Some(ErrorCode::NodeDraining)).into(),
         error_message: "the node agent is shutting down and takes no new runs".to_string(),
         oom_killed: false,
+        reported_at_unix_nanos: unix_nanos_now(),
+        // Nothing was created: nothing to clean up.
+        cleanup_pending: false,
     }
 }
 

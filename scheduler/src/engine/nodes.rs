@@ -43,10 +43,13 @@ pub(super) struct Node {
     /// holding their lease), with the memory
     /// each holds (the whole node when the scheduler does not know). They count against the
     /// node's capacity in the index, like leases, until the agent says they are gone: a
-    /// heartbeat or registration that no longer lists them, or their `RunExited` (the agent
-    /// sends it once the container is cleaned up). So a node that comes back is never handed
-    /// more than it can hold while it still kills what it ran before.
+    /// heartbeat or registration that no longer lists them, their `RunExited` (from an agent
+    /// that sends it once the container is cleaned up) or their `RunReleased`. So a node that
+    /// comes back is never handed more than it can hold while it still kills what it ran before.
     pub(super) stale: BTreeMap<String, u64>,
+    /// Of `stale`, the runs whose exit the agent reported before cleaning them up
+    /// (`cleanup_pending`): held like the others, but nothing to stop.
+    pub(super) cleaning: BTreeSet<String>,
 }
 
 impl Node {
@@ -68,6 +71,7 @@ impl Node {
             link: None,
             cached_images: Arc::default(),
             stale: BTreeMap::new(),
+            cleaning: BTreeSet::new(),
         }
     }
 
@@ -171,9 +175,9 @@ impl<S: Store> Scheduler<S> {
             .is_some_and(|n| !n.boot_id.is_empty() && n.boot_id != reg.boot_id);
         let draining = previous.as_ref().is_some_and(|n| n.draining);
         // Still held in the index: carried over, reconciled with the runs reported below.
-        let stale = previous
+        let (stale, cleaning) = previous
             .as_ref()
-            .map(|n| n.stale.clone())
+            .map(|n| (n.stale.clone(), n.cleaning.clone()))
             .unwrap_or_default();
         let now_instant = Instant::now();
         // Registering again does not make a node that cannot deliver any less lost.
@@ -195,6 +199,7 @@ impl<S: Store> Scheduler<S> {
             link: Some(link.clone()),
             cached_images: Arc::new(reg.cached_images.into_iter().collect()),
             stale,
+            cleaning,
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
@@ -464,15 +469,31 @@ impl State {
         self.index_lease(Some(node_id), None, memory_mib);
     }
 
+    /// Holds what `run_id` used on `node_id` while the agent cleans up after its reported exit
+    /// (released by [`Self::release_stale`] on `RunReleased`, or when a heartbeat no longer
+    /// lists it).
+    pub(super) fn hold_while_cleaning(&mut self, node_id: &str, run_id: &str, memory_mib: u64) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        node.cleaning.insert(run_id.to_owned());
+        if node.stale.insert(run_id.to_owned(), memory_mib).is_none() {
+            self.index_lease(Some(node_id), None, memory_mib);
+        }
+    }
+
     /// The node no longer runs `run_id`: what it held is free again. False if nothing was held.
     pub(super) fn release_stale(&mut self, node_id: &str, run_id: &str) -> bool {
-        let Some(memory_mib) = self
-            .nodes
-            .get_mut(node_id)
-            .and_then(|n| n.stale.remove(run_id))
-        else {
+        let Some((memory_mib, cleaning)) = self.nodes.get_mut(node_id).and_then(|n| {
+            let cleaning = n.cleaning.remove(run_id);
+            n.stale.remove(run_id).map(|m| (m, cleaning))
+        }) else {
             return false;
         };
+        if cleaning {
+            self.index_lease(None, Some(node_id), memory_mib);
+            return true;
+        }
         tracing::info!(
             node_id,
             run_id,
@@ -511,6 +532,13 @@ impl State {
             let run = self.active.get(run_id);
             if run.is_some_and(|r| r.node_id.as_deref() == Some(node_id)) {
                 continue;
+            }
+            if self
+                .nodes
+                .get(node_id)
+                .is_some_and(|n| n.cleaning.contains(run_id))
+            {
+                continue; // ended, being cleaned up: held, nothing to stop
             }
             // A run still waiting or placed elsewhere says how much it holds; for one that has
             // ended the scheduler no longer knows, so the whole node is held until it is gone.

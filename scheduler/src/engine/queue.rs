@@ -101,6 +101,7 @@ impl<S: Store> Scheduler<S> {
                     reasons.clear();
                     let mut run = waiting.clone();
                     let epoch = run.assign(&node_id)?;
+                    run.timeline.assigned = berth_core::now_unix_micros();
                     let spec = self.run_spec(st, &run);
                     // `save` records the lease in the index.
                     st.stage(run);

@@ -5,7 +5,9 @@
 
 use super::{committed, encode, stop, Scheduler};
 use crate::error::SchedulerError;
-use berth_core::agent::{AgentReport, ExitReason, Heartbeat, RunExited, RunStarted, WarmupResult};
+use berth_core::agent::{
+    AgentReport, ExitReason, Heartbeat, RunExited, RunReleased, RunStarted, WarmupResult,
+};
 use berth_core::codes::ErrorCode;
 use berth_core::model::WarmupStatus;
 use berth_core::status::TIMEOUT_EXIT_CODE;
@@ -24,6 +26,7 @@ impl<S: Store> Scheduler<S> {
                 Ok(())
             }
             AgentReport::RunStarted(m) => self.run_started(node_id, m).await,
+            AgentReport::RunReleased(m) => self.run_released(node_id, m).await,
             AgentReport::RunExited(m) => self.run_exited(node_id, m).await,
             AgentReport::Logs(batch) => self.append_logs(node_id, batch).await,
             AgentReport::WarmupResult(w) => self.warmup_result(node_id, w).await,
@@ -142,6 +145,8 @@ impl<S: Store> Scheduler<S> {
         self.take_pull_for_start(&mut run);
         let at = nanos_to_millis(msg.started_at_unix_nanos);
         run.start(at, msg.image_digest)?;
+        run.timeline
+            .record_start(&msg.stages, msg.started_at_unix_nanos);
         tracing::info!(run_id = %run.id, node_id, "run started");
         st.stage(run);
         self.settle(st, false).await
@@ -152,9 +157,9 @@ impl<S: Store> Scheduler<S> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
-            // The agent reports an exit once the container is cleaned up: a stale run's
-            // capacity is free again.
-            if st.release_stale(node_id, &msg.run_id) {
+            // An exit reported once the container is cleaned up: a stale run's capacity is
+            // free again. One reported before cleanup (a re-sent report) frees nothing yet.
+            if !msg.cleanup_pending && st.release_stale(node_id, &msg.run_id) {
                 return self.settle(st, true).await;
             }
             return Ok(());
@@ -217,12 +222,35 @@ impl<S: Store> Scheduler<S> {
                 run.memory_mib
             ));
         }
-        tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, "run ended");
-        let run_id = run.id.clone();
+        run.timeline.exited = msg.exited_at_unix_nanos.max(0) / 1_000;
+        run.timeline.exit_reported = msg.reported_at_unix_nanos.max(0) / 1_000;
+        run.timeline.ended = berth_core::now_unix_micros();
+        tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, cleanup_pending = msg.cleanup_pending, "run ended");
+        let (run_id, memory_mib) = (run.id.clone(), run.memory_mib);
         st.stage(run);
+        if msg.cleanup_pending {
+            // Reported before the container is gone: its capacity stays held until the node
+            // says it is cleaned up (RunReleased).
+            st.hold_while_cleaning(node_id, &run_id, memory_mib);
+            return self.settle(st, false).await;
+        }
         // The node itself reports the end: nothing of the run is left there.
         st.release_stale(node_id, &run_id);
         self.settle(st, true).await
+    }
+
+    /// The node cleaned up a run whose exit it reported early: its capacity is free again.
+    pub async fn run_released(
+        &self,
+        node_id: &str,
+        msg: RunReleased,
+    ) -> Result<(), SchedulerError> {
+        let mut st = self.state.lock().await;
+        if st.release_stale(node_id, &msg.run_id) {
+            return self.settle(st, true).await;
+        }
+        tracing::debug!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "release of a run that held nothing");
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 use super::{committed, decode, encode, idempotency, new_id, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
+use berth_core::model::Timeline;
 use berth_core::overrides::{check_batch, RunOverrides};
 use berth_core::store::{Expect, Store};
 use berth_core::validate::ValidationErrors;
@@ -178,6 +179,10 @@ impl<S: Store> Scheduler<S> {
             queue_position: None,
             files,
             stop_grace_seconds: Some(stop_grace_seconds),
+            timeline: Timeline {
+                created: berth_core::now_unix_micros(),
+                ..Timeline::default()
+            },
         })
     }
 

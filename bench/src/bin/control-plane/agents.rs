@@ -164,6 +164,7 @@ pub(crate) async fn fake_agent(
                                 lease_epoch: a.lease_epoch,
                                 started_at_unix_nanos: nanos,
                                 image_digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000".to_owned(),
+                                stages: None,
                             })),
                         })?;
                         seq += 1;
@@ -178,6 +179,9 @@ pub(crate) async fn fake_agent(
                                 error_code: pb::ErrorCode::Unspecified.into(),
                                 error_message: String::new(),
                                 oom_killed: false,
+                                reported_at_unix_nanos: nanos,
+                                // Nothing to clean up: one report frees the capacity.
+                                cleanup_pending: false,
                             })),
                         })?;
                         unacked_exits.push_back((seq, a.run_id));

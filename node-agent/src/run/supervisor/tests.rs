@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 use crate::run::logs::LogLimits;
-use crate::runtime::PreparedImage;
+use crate::runtime::{Created, PreparedImage};
 
 fn append(path: &Path, text: &str) {
     if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(path) {
@@ -159,7 +159,7 @@ impl ContainerRuntime for FakeRuntime {
         _image: &PreparedImage,
         spec: &oci_spec::runtime::Spec,
         output: &OutputFiles,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Created, RuntimeError> {
         let pids = spec
             .linux()
             .as_ref()
@@ -190,7 +190,7 @@ impl ContainerRuntime for FakeRuntime {
                 ..Default::default()
             },
         );
-        Ok(())
+        Ok(Created::default())
     }
 
     async fn watch_exit(&self, run_id: &str) -> Result<ExitWatch, RuntimeError> {

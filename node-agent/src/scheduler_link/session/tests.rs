@@ -1,6 +1,6 @@
 use super::*;
 use crate::run::logs::LogLimits;
-use crate::runtime::{ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
+use crate::runtime::{Created, ExitWatch, OutputFiles, PreparedImage, RuntimeError, StopSignal};
 use berth_proto::v1::{Ack, RegistryAuth, RunSpec};
 
 /// A runtime whose pulls fail after `pull_takes` (or never end): enough to have runs in
@@ -36,7 +36,7 @@ impl ContainerRuntime for SlowPulls {
         _image: &PreparedImage,
         _spec: &oci_spec::runtime::Spec,
         _output: &OutputFiles,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Created, RuntimeError> {
         Err(RuntimeError::Create("not in this test".to_string()))
     }
     async fn watch_exit(&self, _run_id: &str) -> Result<ExitWatch, RuntimeError> {

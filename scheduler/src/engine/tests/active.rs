@@ -346,6 +346,7 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         queue_position: None,
         files: vec![],
         stop_grace_seconds: None,
+        timeline: Default::default(),
     }
 }
 

@@ -5,7 +5,8 @@ use super::*;
 use crate::placement::NodeState;
 use berth_core::agent::{
     AgentCommand, AgentLink, AssignRun, ExitReason, Heartbeat, LinkClosed, LogBatch, LogLine,
-    PullFor, PullProgress, Registration, RunExited, RunStarted, WarmupResult,
+    PullFor, PullProgress, Registration, RunExited, RunReleased, RunStarted, StartStages,
+    WarmupResult,
 };
 use berth_core::codes::ErrorCode;
 use berth_core::model::{ImagePull, LogStream, WarmupStatus};
@@ -117,6 +118,7 @@ fn started(a: &AssignRun) -> RunStarted {
         lease_epoch: a.lease_epoch,
         started_at_unix_nanos: 1_000_000_000,
         image_digest: Some("sha256:abc".into()),
+        stages: StartStages::default(),
     }
 }
 
@@ -130,6 +132,8 @@ fn exited(a: &AssignRun, code: i32, reason: ExitReason) -> RunExited {
         error_code: None,
         error_message: String::new(),
         oom_killed: false,
+        reported_at_unix_nanos: 3_600_000_000,
+        cleanup_pending: false,
     }
 }
 

@@ -569,3 +569,106 @@ async fn a_healthy_idle_node_is_not_lost_after_one_transient_error() {
     assert_eq!(s.list_nodes().await[0].view.status, NodeState::Ready);
     s.assert_index_consistent().await;
 }
+
+#[tokio::test]
+async fn an_exit_reported_before_cleanup_holds_the_capacity_until_the_release() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, first.id);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let waiting = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let early = RunExited {
+        cleanup_pending: true,
+        ..exited(&a, 0, ExitReason::Exited)
+    };
+    s.run_exited("fra-1", early.clone()).await.expect("exit");
+    // The run has ended for its users at once, with its timeline...
+    let ended = s.get_run(P, &runner.id, &a.run_id).await.expect("get");
+    assert_eq!(ended.status, RunStatus::Succeeded);
+    assert_eq!(
+        (ended.timeline.exited, ended.timeline.exit_reported),
+        (3_500_000, 3_600_000)
+    );
+    assert!(ended.timeline.ended > 0 && ended.timeline.created > 0);
+    // ...but its memory is held while the node cleans up: nothing else is placed there, and a
+    // heartbeat that still lists it asks for no stop.
+    assert!(node.try_recv().is_err(), "nothing placed during cleanup");
+    assert_eq!(s.list_nodes().await[0].view.free_memory_mib(), 0);
+    s.heartbeat("fra-1", heartbeat_running(&[&a.run_id])).await;
+    assert!(
+        node.try_recv().is_err(),
+        "no stop for a run being cleaned up"
+    );
+    // A re-sent exit report (after an agent restart) frees nothing either.
+    s.run_exited("fra-1", early).await.expect("again");
+    assert!(node.try_recv().is_err());
+    s.assert_index_consistent().await;
+    // Cleaned up: the waiting run takes its place.
+    s.run_released(
+        "fra-1",
+        RunReleased {
+            run_id: a.run_id.clone(),
+            lease_epoch: a.lease_epoch,
+        },
+    )
+    .await
+    .expect("released");
+    assert_eq!(next_assign(&mut node).run_id, waiting.id);
+    s.assert_index_consistent().await;
+    // A second release holds nothing and changes nothing.
+    s.run_released(
+        "fra-1",
+        RunReleased {
+            run_id: a.run_id.clone(),
+            lease_epoch: a.lease_epoch,
+        },
+    )
+    .await
+    .expect("released twice");
+    s.assert_index_consistent().await;
+}
+
+#[tokio::test]
+async fn a_run_being_cleaned_up_is_released_by_a_heartbeat_that_no_longer_lists_it() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    s.create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    s.run_started("fra-1", started(&a)).await.expect("started");
+    let waiting = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let early = RunExited {
+        cleanup_pending: true,
+        ..exited(&a, 1, ExitReason::Exited)
+    };
+    s.run_exited("fra-1", early).await.expect("exit");
+    assert!(node.try_recv().is_err());
+    // The release was lost with a scheduler restart, say: the agent's list is the truth.
+    s.heartbeat("fra-1", heartbeat_running(&[])).await;
+    assert_eq!(next_assign(&mut node).run_id, waiting.id);
+    s.assert_index_consistent().await;
+}

@@ -1,0 +1,390 @@
+//! `start-latency`: how long a trivial run takes to start and to end through Berth, side by
+//! side in the same run with `ctr run --rm` (and `runc run`) of the same image on the same
+//! containerd, and where Berth's time goes, from the run's own timeline.
+//!
+//! Runs against a fleet that is up (`deploy/up.sh`): creates a runner `echo hi` in `--region`,
+//! runs it once to have the image on the node, then `--runs` times in turn: a Berth run (POST,
+//! then the SSE log stream until its `state` event), a `ctr run --rm` and, with `--runc`, a
+//! `runc run` of a bundle unpacked from the same image. POST → running is the run's timeline
+//! `started_at` less the moment the POST was sent (one machine, one clock); POST → succeeded is
+//! when the client sees the `state` event. Prints a table, the ratios, and one JSON object on
+//! its last line.
+//!
+//! ```text
+//! cargo run --release -p berth-bench --bin start-latency -- --runs 50 --runc
+//! ```
+#![allow(clippy::print_stdout)]
+
+use anyhow::{bail, ensure, Context, Result};
+use berth_bench::stats::{millis, Summary};
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser, Debug)]
+#[command(name = "start-latency")]
+struct Args {
+    /// The API (loopback).
+    #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// A file holding the admin token.
+    #[arg(long, default_value = "/var/lib/berth/fleet/token")]
+    token_file: PathBuf,
+    #[arg(long, default_value = "fra")]
+    region: String,
+    /// The node the region's runs land on: its containerd namespace is `berth-<node>`.
+    #[arg(long, default_value = "fra-1")]
+    node: String,
+    /// The fleet's containerd socket.
+    #[arg(
+        long,
+        default_value = "/var/lib/berth/fleet/containerd/containerd.sock"
+    )]
+    containerd_socket: String,
+    /// The fleet's registry (the image is `<registry>/busybox:latest`).
+    #[arg(long, env = "BERTH_REGISTRY", default_value = "127.0.0.1:5000")]
+    registry: String,
+    /// Measured runs of each kind.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Also time `runc run` of a bundle unpacked from the image (needs skopeo and umoci).
+    #[arg(long)]
+    runc: bool,
+}
+
+/// One Berth run's figures.
+struct BerthSample {
+    to_running: Duration,
+    to_succeeded: Duration,
+    /// Each stage's length, in the order of [`STAGES`].
+    stages: Vec<Duration>,
+}
+
+/// The stages of a run's start and end, each from the timeline step before it (the first from
+/// the moment the POST was sent, the last to the moment the client saw the end).
+const STAGES: [(&str, &str); 12] = [
+    ("api: POST to accepted", "created_at"),
+    ("placement", "assigned_at"),
+    ("commit + dispatch to agent", "received_at"),
+    ("image resolution", "image_ready_at"),
+    ("user, spec, journal, files", "prepared_at"),
+    ("network attach", "network_ready_at"),
+    ("snapshot + container + task create", "task_created_at"),
+    ("to start asked", "started_at"),
+    ("task start + process runs (to its exit)", "exited_at"),
+    ("exit event to report", "exit_reported_at"),
+    ("report to end stored", "ended_at"),
+    ("end stored to client (SSE)", ""),
+];
+
+fn unix_micros(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_micros()).unwrap_or(0))
+}
+
+fn parse_micros(v: &Value) -> Option<i128> {
+    let t =
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some(t.unix_timestamp_nanos() / 1_000)
+}
+
+fn micros_to_duration(us: i128) -> Duration {
+    Duration::from_micros(u64::try_from(us.max(0)).unwrap_or(0))
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        ensure!(status.is_success(), "{path}: HTTP {status}: {text}");
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// One run: POST, follow its log stream to the end, read its timeline.
+    async fn run_once(&self, runner: &str) -> Result<BerthSample> {
+        let sent_at = SystemTime::now();
+        let clock = Instant::now();
+        let created = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/runners/{runner}/runs"),
+                Some(json!({})),
+            )
+            .await?;
+        let run = created["run"]["id"].as_str().context("run id")?.to_owned();
+        let stream = self
+            .http
+            .get(format!(
+                "{}/v1/runners/{runner}/runs/{run}/logs/stream",
+                self.url
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        ensure!(stream.status().is_success(), "stream: {}", stream.status());
+        let mut events = eventsource_stream::Eventsource::eventsource(stream.bytes_stream());
+        let mut end = None;
+        while let Some(event) = events.next().await {
+            let event = event.context("reading the log stream")?;
+            if event.event == "state" {
+                let state: Value = serde_json::from_str(&event.data)?;
+                ensure!(state["status"] == "succeeded", "run {run} ended {state}");
+                end = Some(clock.elapsed());
+                break;
+            }
+        }
+        let to_succeeded = end.context("the log stream ended without the run's state")?;
+        let r = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/runners/{runner}/runs/{run}"),
+                None,
+            )
+            .await?;
+        let t = &r["timeline"];
+        let origin = unix_micros(sent_at);
+        let started = parse_micros(&t["started_at"]).context("no started_at in the timeline")?;
+        let mut stages = Vec::new();
+        let mut previous = origin;
+        for (_, step) in STAGES {
+            let at = if step.is_empty() {
+                origin + i128::try_from(to_succeeded.as_micros()).unwrap_or(0)
+            } else {
+                // A step not taken (no network) takes no time.
+                parse_micros(&t[step]).unwrap_or(previous)
+            };
+            stages.push(micros_to_duration(at - previous));
+            previous = at.max(previous);
+        }
+        Ok(BerthSample {
+            to_running: micros_to_duration(started - origin),
+            to_succeeded,
+            stages,
+        })
+    }
+}
+
+fn timed(cmd: &mut Command) -> Result<Duration> {
+    let clock = Instant::now();
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("spawning")?;
+    let took = clock.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(took)
+}
+
+/// A runc bundle of `image`: copied from the registry to an OCI layout, unpacked, its process
+/// made `echo hi` without a terminal.
+fn runc_bundle(image: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join("layout");
+    let bundle = dir.path().join("bundle");
+    timed(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{image}"),
+        &format!("oci:{}:bench", layout.display()),
+    ]))?;
+    timed(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:bench", layout.display()),
+        &bundle.display().to_string(),
+    ]))?;
+    let config_path = bundle.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
+    config["process"]["args"] = json!(["echo", "hi"]);
+    config["process"]["terminal"] = json!(false);
+    std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
+    Ok((dir, bundle))
+}
+
+fn summary_json(s: &Summary) -> Value {
+    json!({"p50_ms": millis(s.p50), "p99_ms": millis(s.p99), "max_ms": millis(s.max)})
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    if b.is_zero() {
+        return 0.0;
+    }
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.url.starts_with("http://127.0.0.1") || args.url.starts_with("http://localhost"),
+        "--url must be a loopback address"
+    );
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    let api = Api {
+        http: reqwest::Client::new(),
+        url: args.url.trim_end_matches('/').to_owned(),
+        token,
+    };
+    let runner = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/runners",
+            Some(json!({
+                "name": "start-latency-bench",
+                "image_name": "busybox",
+                "image_tag": "latest",
+                "run_command": "echo hi",
+                "region": args.region,
+                "instance_type": "standard-s",
+                "timeout_seconds": 60,
+            })),
+        )
+        .await?;
+    let runner = runner["runner"]["id"]
+        .as_str()
+        .context("runner id")?
+        .to_owned();
+    let image = format!("{}/busybox:latest", args.registry);
+    let namespace = format!("berth-{}", args.node);
+    let ctr = |i: usize| {
+        let mut cmd = Command::new("ctr");
+        cmd.args([
+            "-a",
+            &args.containerd_socket,
+            "-n",
+            &namespace,
+            "run",
+            "--rm",
+            &image,
+            &format!("start-bench-ctr-{}-{i}", std::process::id()),
+            "echo",
+            "hi",
+        ]);
+        cmd
+    };
+    let bundle = if args.runc {
+        Some(runc_bundle(&image)?)
+    } else {
+        None
+    };
+    let runc = |bundle: &PathBuf, i: usize| {
+        let mut cmd = Command::new("runc");
+        cmd.args([
+            "run",
+            "--bundle",
+            &bundle.display().to_string(),
+            &format!("start-bench-runc-{}-{i}", std::process::id()),
+        ]);
+        cmd
+    };
+
+    // Warm: the image on the node (a first Berth run pulls it), caches of every kind.
+    for i in 0..3 {
+        api.run_once(&runner).await.context("warm-up run")?;
+        timed(&mut ctr(1_000_000 + i))?;
+        if let Some((_, b)) = &bundle {
+            timed(&mut runc(b, 1_000_000 + i))?;
+        }
+    }
+
+    let mut berth = Vec::new();
+    let mut ctr_times = Vec::new();
+    let mut runc_times = Vec::new();
+    for i in 0..args.runs {
+        berth.push(api.run_once(&runner).await?);
+        ctr_times.push(timed(&mut ctr(i))?);
+        if let Some((_, b)) = &bundle {
+            runc_times.push(timed(&mut runc(b, i))?);
+        }
+    }
+    let _ = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/runners/{runner}"),
+            None,
+        )
+        .await;
+
+    let to_running = Summary::of(berth.iter().map(|s| s.to_running).collect());
+    let to_succeeded = Summary::of(berth.iter().map(|s| s.to_succeeded).collect());
+    let ctr_s = Summary::of(ctr_times);
+    let runc_s = (!runc_times.is_empty()).then(|| Summary::of(runc_times));
+    println!(
+        "start latency, {} runs of `echo hi` each, busybox from {}",
+        args.runs, args.registry
+    );
+    println!("{:<44} {:>9} {:>9}", "", "p50 ms", "p99 ms");
+    let row = |name: &str, s: &Summary| {
+        println!("{name:<44} {:>9.1} {:>9.1}", millis(s.p50), millis(s.p99));
+    };
+    row("berth POST -> running", &to_running);
+    row("berth POST -> succeeded (seen over SSE)", &to_succeeded);
+    row("ctr run --rm", &ctr_s);
+    if let Some(s) = &runc_s {
+        row("runc run", s);
+    }
+    println!(
+        "ratio berth succeeded / ctr run --rm: p50 {:.2}x, p99 {:.2}x",
+        ratio(to_succeeded.p50, ctr_s.p50),
+        ratio(to_succeeded.p99, ctr_s.p99)
+    );
+    if let Some(s) = &runc_s {
+        println!(
+            "ratio berth succeeded / runc run: p50 {:.2}x",
+            ratio(to_succeeded.p50, s.p50)
+        );
+    }
+    println!("where a Berth run's time goes (p50 of each stage; they need not add up):");
+    let mut stages = serde_json::Map::new();
+    for (k, (name, _)) in STAGES.iter().enumerate() {
+        let s = Summary::of(berth.iter().map(|b| b.stages[k]).collect());
+        println!("  {name:<42} {:>9.2} {:>9.2}", millis(s.p50), millis(s.p99));
+        stages.insert((*name).to_owned(), summary_json(&s));
+    }
+    println!(
+        "{}",
+        json!({
+            "runs": args.runs,
+            "berth_post_to_running": summary_json(&to_running),
+            "berth_post_to_succeeded": summary_json(&to_succeeded),
+            "ctr_run_rm": summary_json(&ctr_s),
+            "runc_run": runc_s.as_ref().map(summary_json),
+            "ratio_succeeded_vs_ctr_p50": ratio(to_succeeded.p50, ctr_s.p50),
+            "ratio_succeeded_vs_ctr_p99": ratio(to_succeeded.p99, ctr_s.p99),
+            "stages": stages,
+        })
+    );
+    Ok(())
+}
