@@ -269,13 +269,19 @@ async fn wait_for_exit(
                 if outage_since.is_some() {
                     tracing::info!(run_id, "re-attached to the task after containerd came back");
                 }
+                let exited_at_unix_nanos = r
+                    .exited_at
+                    .as_ref()
+                    .map(timestamp_nanos)
+                    .unwrap_or_else(unix_nanos_now);
+                tracing::debug!(
+                    run_id,
+                    after_exit_us = (unix_nanos_now() - exited_at_unix_nanos) / 1_000,
+                    "Tasks.Wait returned"
+                );
                 return Ok(TaskExit {
                     exit_status: r.exit_status,
-                    exited_at_unix_nanos: r
-                        .exited_at
-                        .as_ref()
-                        .map(timestamp_nanos)
-                        .unwrap_or_else(unix_nanos_now),
+                    exited_at_unix_nanos,
                 });
             }
             Err(status) => status,
@@ -986,6 +992,12 @@ impl ContainerRuntime for ContainerdRuntime {
             .into_inner()
             .containers;
         Ok(containers.into_iter().map(|c| c.id).collect())
+    }
+
+    fn prepare_ahead(&self) {
+        if let Some(network) = &self.network {
+            network.prepare_ahead();
+        }
     }
 
     fn list_networks(&self) -> Vec<String> {

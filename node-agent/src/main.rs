@@ -20,6 +20,7 @@ use berth_node_agent::network::cni::{
     DEFAULT_NETNS_ROOT, DEFAULT_SUBNET,
 };
 use berth_node_agent::network::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
+use berth_node_agent::network::warm::WarmNetworks;
 use berth_node_agent::run::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
@@ -119,6 +120,10 @@ struct Cli {
         default_value_t = 5_000
     )]
     image_resolve_ttl_ms: u64,
+    /// Run networks kept attached ahead of the runs that take them (each used by one run, then
+    /// destroyed), so a start does not wait for the CNI plugins. 0: each run attaches its own.
+    #[arg(long, env = "BERTH_AGENT_WARM_NETWORKS", default_value_t = 2)]
+    warm_networks: usize,
     /// Most processes (threads included) one run may have (the pids cgroup's pids.max).
     #[arg(long, env = "BERTH_AGENT_PIDS_LIMIT", default_value_t = DEFAULT_PIDS_LIMIT,
           value_parser = clap::value_parser!(i64).range(1..))]
@@ -216,12 +221,17 @@ fn bridge_network(cli: &Cli, state_dir: &std::path::Path) -> anyhow::Result<Arc<
         ?settings,
         "runs get their own network namespace on the bridge"
     );
-    Ok(Arc::new(CniNetwork::new(
+    let network: Arc<dyn RunNetwork> = Arc::new(CniNetwork::new(
         settings,
         ExecPlugins {
             bin_dir: cli.cni_bin_dir.clone(),
         },
         BindMountNamespaces,
+    ));
+    Ok(Arc::new(WarmNetworks::new(
+        network,
+        state_dir.join("network-slots"),
+        cli.warm_networks,
     )))
 }
 

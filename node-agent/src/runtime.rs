@@ -156,6 +156,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         output: &OutputFiles,
     ) -> impl Future<Output = Result<Created, RuntimeError>> + Send;
 
+    /// Begins preparing what later runs will need (networks attached ahead), once the agent
+    /// has swept what an earlier process left. Nothing by default.
+    fn prepare_ahead(&self) {}
+
     /// Begins waiting for the task's exit; call before `start`. Also works for a task an earlier
     /// agent process started (re-adoption after a restart); resolves at once if it already
     /// exited, and with an error if the task is gone.

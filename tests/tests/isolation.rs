@@ -163,16 +163,25 @@ fn host_addresses() -> Result<Vec<Ipv4Addr>> {
 struct RunNetworkTrace {
     netns: PathBuf,
     saved: PathBuf,
+    /// The CNI container id of the run's network: the run's id, or the id of the network
+    /// attached ahead of time that the run took (`network-slots/<run>` in the agent's state).
     run_id: String,
 }
 
 impl RunNetworkTrace {
-    fn new(node: &str, run_id: &str) -> Self {
+    /// The run's network as it is now: build it while the run holds one (a network taken
+    /// from the ready ones is known by its slot only until it is released).
+    fn new(f: &Fleet, node: &str, run_id: &str) -> Self {
         let dir = Path::new(NETNS_ROOT).join(node);
+        let slot =
+            std::fs::read_to_string(f.agent_state_dir(node).join("network-slots").join(run_id))
+                .ok()
+                .map(|s| s.trim().to_owned());
+        let id = slot.unwrap_or_else(|| run_id.to_owned());
         RunNetworkTrace {
-            netns: dir.join(run_id),
-            saved: dir.join(format!("{run_id}.json")),
-            run_id: run_id.to_owned(),
+            netns: dir.join(&id),
+            saved: dir.join(format!("{id}.json")),
+            run_id: id,
         }
     }
 
@@ -588,13 +597,15 @@ async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<
         !pids.is_empty() && pids.len() <= 5,
         "B sees only its own processes: {pids:?}\n{all}"
     );
+    // `a` still runs and holds its network; it goes with the stop. (That every ending, `b`'s
+    // included, releases the network is `every_ending_releases_the_runs_network`.)
+    let node = f.node("fra").to_owned();
+    let a_network = RunNetworkTrace::new(&f, &node, &a);
+    a_network.assert_held()?;
     f.post(&format!("/v1/runners/{runner}/runs/{a}/stop"), json!({}))
         .await?;
     f.wait_finished(&runner, &a).await?;
-    let node = f.node("fra").to_owned();
-    for run in [&a, &b] {
-        RunNetworkTrace::new(&node, run).wait_released(&f).await?;
-    }
+    a_network.wait_released(&f).await?;
     Ok(())
 }
 
@@ -618,12 +629,13 @@ async fn every_ending_releases_the_runs_network() -> Result<()> {
             f.start_run(runner, json!({ "command": command })).await?,
         ));
     }
+    let mut traces = vec![];
     for (runner, run) in &runs {
         f.wait_for(runner, run, Duration::from_secs(30), |s| s != "pending")
             .await?;
-        RunNetworkTrace::new(&node, run)
-            .assert_held()
-            .with_context(|| f.logs())?;
+        let trace = RunNetworkTrace::new(&f, &node, run);
+        trace.assert_held().with_context(|| f.logs())?;
+        traces.push(trace);
     }
     f.post(
         &format!("/v1/runners/{runner}/runs/{}/stop", runs[3].1),
@@ -636,13 +648,13 @@ async fn every_ending_releases_the_runs_network() -> Result<()> {
         ("failed", 124),
         ("canceled", 143),
     ];
-    for ((runner, run), (status, code)) in runs.iter().zip(expected) {
+    for (((runner, run), (status, code)), trace) in runs.iter().zip(expected).zip(&traces) {
         let r = f.wait_finished(runner, run).await?;
         ensure!(r["status"] == status, "{run}: {r}");
         if status != "canceled" {
             ensure!(r["exit_code"] == code, "{run}: {r}");
         }
-        RunNetworkTrace::new(&node, run).wait_released(&f).await?;
+        trace.wait_released(&f).await?;
     }
     Ok(())
 }
@@ -702,10 +714,13 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
         .await?;
     let forgotten = f.start_run(&runner, json!({"command": "sleep 60"})).await?;
     let vanished = f.start_run(&runner, json!({"command": "sleep 60"})).await?;
+    let mut traces = std::collections::HashMap::new();
     for run in [&adopted, &forgotten, &vanished] {
         f.wait_for(&runner, run, Duration::from_secs(30), |s| s == "running")
             .await?;
-        RunNetworkTrace::new(&node, run).assert_held()?;
+        let trace = RunNetworkTrace::new(&f, &node, run);
+        trace.assert_held()?;
+        traces.insert(run.clone(), trace);
     }
     f.signal_agent(&node, "KILL")?;
     // `forgotten` loses its journal: the next agent process finds its container and its
@@ -717,10 +732,10 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
             .with_context(|| format!("removing {}", journal.display()))?;
     }
     remove_container(&f, &node, &vanished).await?;
-    RunNetworkTrace::new(&node, &vanished).assert_held()?;
+    traces[&vanished].assert_held()?;
     f.restart_agent(&node)?;
     for run in [&forgotten, &vanished] {
-        RunNetworkTrace::new(&node, run).wait_released(&f).await?;
+        traces[run].wait_released(&f).await?;
     }
     let r = f.wait_finished(&runner, &adopted).await?;
     ensure!(
@@ -728,12 +743,75 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
         "re-adopted run: {r}\n{}",
         f.logs()
     );
-    RunNetworkTrace::new(&node, &adopted)
-        .wait_released(&f)
-        .await?;
+    traces[&adopted].wait_released(&f).await?;
     for run in [&forgotten, &vanished] {
         let r = f.wait_finished(&runner, run).await?;
         ensure!(r["status"] == "failed", "{run}: {r}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn runs_take_networks_attached_ahead_one_each_and_never_reused() -> Result<()> {
+    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let node = f.node("fra").to_owned();
+    let slots = f.agent_state_dir(&node).join("network-slots");
+    let dir = Path::new(NETNS_ROOT).join(&node);
+    let ready = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("warm-") && !n.ends_with(".json"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The agent attaches networks ahead once it has started.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ready().len() < 2 {
+        ensure!(Instant::now() < deadline, "networks ready: {:?}", ready());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
+    let mut used = vec![];
+    for _ in 0..3 {
+        let run = f
+            .start_run(
+                &runner,
+                json!({"command": "ip -4 -o addr show eth0; sleep 2"}),
+            )
+            .await?;
+        f.wait_for(&runner, &run, Duration::from_secs(30), |s| s == "running")
+            .await?;
+        let slot = std::fs::read_to_string(slots.join(&run))
+            .with_context(|| format!("the run took no ready network\n{}", f.logs()))?;
+        let trace = RunNetworkTrace::new(&f, &node, &run);
+        trace.assert_held()?;
+        let r = f.wait_finished(&runner, &run).await?;
+        ensure!(r["status"] == "succeeded", "{r}");
+        // Its network worked (an address on the bridge) and went with it.
+        let out = msgs(&f.all_logs(&runner, &run).await?, "stdout");
+        ensure!(out.iter().any(|l| l.contains("inet 10.")), "{out:?}");
+        trace.wait_released(&f).await?;
+        ensure!(!slots.join(&run).exists(), "the run's slot record goes too");
+        used.push(slot.trim().to_owned());
+    }
+    let distinct: std::collections::BTreeSet<&String> = used.iter().collect();
+    ensure!(
+        distinct.len() == used.len(),
+        "a network served two runs: {used:?}"
+    );
+    // And the agent keeps some ready for the next runs.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ready().len() < 2 {
+        ensure!(Instant::now() < deadline, "refilled: {:?}", ready());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        ready().iter().all(|s| !used.contains(s)),
+        "a used network is offered again: {:?} vs {used:?}",
+        ready()
+    );
     Ok(())
 }

@@ -8,7 +8,9 @@
 //! `runc run` of a bundle unpacked from the same image. POST → running is the run's timeline
 //! `started_at` less the moment the POST was sent (one machine, one clock); POST → succeeded is
 //! when the client sees the `state` event. Prints a table, the ratios, and one JSON object on
-//! its last line.
+//! its last line. Each measured command starts after `--pause-ms` of quiet, so what the one
+//! before left running in the background (cleanup, networks attached ahead) is not counted
+//! against the next.
 //!
 //! ```text
 //! cargo run --release -p berth-bench --bin start-latency -- --runs 50 --runc
@@ -53,6 +55,10 @@ struct Args {
     /// Also time `runc run` of a bundle unpacked from the image (needs skopeo and umoci).
     #[arg(long)]
     runc: bool,
+    /// A pause before each measured command, so work one leaves behind (the node's cleanup,
+    /// networks attached ahead) does not land on the next one's clock.
+    #[arg(long, default_value_t = 300)]
+    pause_ms: u64,
 }
 
 /// One Berth run's figures.
@@ -164,9 +170,19 @@ impl Api {
                 None,
             )
             .await?;
+        let r = &r["run"];
         let t = &r["timeline"];
         let origin = unix_micros(sent_at);
-        let started = parse_micros(&t["started_at"]).context("no started_at in the timeline")?;
+        // A build without a timeline (the baseline of a before/after run): the run's own
+        // started_at, to the millisecond, and no stages.
+        let Some(started) = parse_micros(&t["started_at"]) else {
+            let started = parse_micros(&r["started_at"]).context("no started_at")?;
+            return Ok(BerthSample {
+                to_running: micros_to_duration(started - origin),
+                to_succeeded,
+                stages: Vec::new(),
+            });
+        };
         let mut stages = Vec::new();
         let mut previous = origin;
         for (_, step) in STAGES {
@@ -322,10 +338,14 @@ async fn main() -> Result<()> {
     let mut berth = Vec::new();
     let mut ctr_times = Vec::new();
     let mut runc_times = Vec::new();
+    let pause = Duration::from_millis(args.pause_ms);
     for i in 0..args.runs {
+        tokio::time::sleep(pause).await;
         berth.push(api.run_once(&runner).await?);
+        tokio::time::sleep(pause).await;
         ctr_times.push(timed(&mut ctr(i))?);
         if let Some((_, b)) = &bundle {
+            tokio::time::sleep(pause).await;
             runc_times.push(timed(&mut runc(b, i))?);
         }
     }
@@ -369,7 +389,12 @@ async fn main() -> Result<()> {
     println!("where a Berth run's time goes (p50 of each stage; they need not add up):");
     let mut stages = serde_json::Map::new();
     for (k, (name, _)) in STAGES.iter().enumerate() {
-        let s = Summary::of(berth.iter().map(|b| b.stages[k]).collect());
+        let s = Summary::of(
+            berth
+                .iter()
+                .filter_map(|b| b.stages.get(k).copied())
+                .collect(),
+        );
         println!("  {name:<42} {:>9.2} {:>9.2}", millis(s.p50), millis(s.p99));
         stages.insert((*name).to_owned(), summary_json(&s));
     }

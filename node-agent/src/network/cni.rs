@@ -157,6 +157,9 @@ pub trait RunNetwork: Send + Sync + 'static {
     fn detach(&self, run_id: &str) -> Result<(), NetworkError>;
     /// Runs that hold a namespace or a saved configuration.
     fn attached_runs(&self) -> Vec<String>;
+    /// Begins preparing networks ahead of the runs that will take them (after the start-up
+    /// sweep of leftovers); a network without a pool does nothing.
+    fn prepare_ahead(&self) {}
 }
 
 /// `ADD` or `DEL`.
@@ -202,7 +205,7 @@ pub trait NamespaceOps: Send + Sync + 'static {
 }
 
 /// A run id usable as a file name and a CNI container id.
-fn check_run_id(run_id: &str) -> Result<(), NetworkError> {
+pub(crate) fn check_run_id(run_id: &str) -> Result<(), NetworkError> {
     let ok = !run_id.is_empty()
         && run_id.len() <= 128
         && run_id

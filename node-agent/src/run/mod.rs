@@ -7,6 +7,8 @@
 //! - [`files`]: a run's uploaded files, bind-mounted read-only.
 //! - [`cgroup`]: a run's OOM-kill counter and the removal of its cgroup directories.
 //! - [`logs`]: output files → numbered log lines, capped per run.
+//! - [`output_closed`]: knowing the shim has written all of a run's output, without deleting
+//!   the task.
 //! - [`user`]: the image's `USER` resolved against its own `/etc/passwd` and `/etc/group`.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`).
 
@@ -14,6 +16,7 @@ pub mod cgroup;
 pub mod files;
 pub mod journal;
 pub mod logs;
+pub mod output_closed;
 pub mod seccomp;
 pub mod spec;
 pub mod supervisor;

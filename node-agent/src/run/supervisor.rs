@@ -22,6 +22,7 @@ use crate::outbox::SharedOutbox;
 use crate::run::files::{add_mounts, remove_files, write_files};
 use crate::run::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::run::logs::{LogLimits, LogPump};
+use crate::run::output_closed::OutputClosed;
 use crate::run::spec::{build_spec, SpecInputs};
 use crate::run::user::resolve as resolve_user;
 use crate::runtime::{
@@ -239,7 +240,7 @@ pub async fn resume<R: ContainerRuntime>(
                 },
             };
             if let Some(pump) = pump.as_mut() {
-                drain_output(&*runtime, run_id, pump).await;
+                drain_output(&*runtime, run_id, pump, None).await;
             }
             ending
         }
@@ -442,6 +443,14 @@ async fn start_and_watch<R: ContainerRuntime>(
         }
         Err(e) => return start_failed(runtime, e).await,
     }
+    // The shim holds the output files open now: its closes will say all output is written.
+    let mut output_closed = match OutputClosed::watch(&output) {
+        Ok(watch) => Some(watch),
+        Err(error) => {
+            tracing::warn!(run_id, %error, "cannot watch the output files; the task is deleted before the exit is reported");
+            None
+        }
+    };
     let mut pump = match LogPump::start(
         run_id.to_string(),
         run_dir,
@@ -501,7 +510,7 @@ async fn start_and_watch<R: ContainerRuntime>(
     )
     .await;
     note_oom_kill(runtime, run_id, &mut ending);
-    drain_output(runtime, run_id, &mut pump).await;
+    drain_output(runtime, run_id, &mut pump, output_closed.as_mut()).await;
     ending
 }
 
@@ -699,13 +708,42 @@ fn exited(
     }
 }
 
-/// Gets every line into the outbox: delete the exited task — the shim finishes copying the
-/// output first — then take what the output files hold, a final unterminated line included.
-async fn drain_output<R: ContainerRuntime>(runtime: &R, run_id: &str, pump: &mut LogPump) {
-    if let Err(error) = runtime.delete_task(run_id).await {
-        tracing::warn!(run_id, %error, "deleting task failed");
+/// How long after the exit the supervisor waits for the shim to close the output files before
+/// it deletes the task instead (which waits for the same copy).
+const OUTPUT_CLOSE_LIMIT: Duration = Duration::from_millis(500);
+
+/// Gets every line into the outbox: once the shim has written all of the output — both files
+/// closed by it ([`OutputClosed`]), else by deleting the exited task, which waits for the copy —
+/// take what the output files hold, a final unterminated line included. A task not deleted here
+/// is deleted by the cleanup.
+async fn drain_output<R: ContainerRuntime>(
+    runtime: &R,
+    run_id: &str,
+    pump: &mut LogPump,
+    output_closed: Option<&mut OutputClosed>,
+) {
+    let begun = std::time::Instant::now();
+    let written = match output_closed {
+        Some(watch) => watch.wait(OUTPUT_CLOSE_LIMIT).await,
+        None => false,
+    };
+    tracing::debug!(
+        run_id,
+        written,
+        waited_us = u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "output closed by the shim"
+    );
+    if !written {
+        if let Err(error) = runtime.delete_task(run_id).await {
+            tracing::warn!(run_id, %error, "deleting task failed");
+        }
     }
     pump.finish().await;
+    tracing::debug!(
+        run_id,
+        took_us = u64::try_from(begun.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "output drained"
+    );
 }
 
 #[cfg(test)]

@@ -205,6 +205,7 @@ impl<R: ContainerRuntime> Agent<R> {
     /// then drains ([`Agent::drain`]) and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         self.recover().await;
+        self.runtime.prepare_ahead();
         let drained = async {
             shutdown.await;
             self.drain().await;

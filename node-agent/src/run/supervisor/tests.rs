@@ -42,6 +42,9 @@ struct Script {
 #[derive(Default)]
 struct FakeTask {
     out: Option<OutputFiles>,
+    /// The output files held open for writing from create until all output is copied, as the
+    /// shim holds them (its closes tell the supervisor the output is complete).
+    writers: Vec<std::fs::File>,
     exit_tx: Option<oneshot::Sender<Result<TaskExit, RuntimeError>>>,
     kill_tx: Option<mpsc::UnboundedSender<StopSignal>>,
     /// A task some earlier agent process started: it is already running.
@@ -74,7 +77,7 @@ impl FakeRuntime {
     /// Plays the script of a started (or adopted) task in the background.
     fn run_task(&self, run_id: &str) {
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
-        let (out, exit_tx) = {
+        let (mut writers, exit_tx) = {
             let mut tasks = self.tasks.lock().expect("lock");
             let task = tasks.get_mut(run_id).expect("created");
             task.kill_tx = Some(kill_tx);
@@ -82,17 +85,33 @@ impl FakeRuntime {
                 .exit_tx
                 .take()
                 .expect("watch_exit must come before start");
-            (task.out.clone().expect("output"), exit_tx)
+            if task.writers.is_empty() {
+                // Adopted: the earlier process's shim has the files open.
+                if let Some(out) = &task.out {
+                    task.writers = [&out.stdout, &out.stderr]
+                        .iter()
+                        .filter_map(|p| std::fs::OpenOptions::new().append(true).open(p).ok())
+                        .collect();
+                }
+            }
+            let writers: Vec<std::fs::File> = task
+                .writers
+                .iter()
+                .filter_map(|w| w.try_clone().ok())
+                .collect();
+            (writers, exit_tx)
         };
         let script = self.script.clone();
         let tasks = self.tasks.clone();
         let id = run_id.to_string();
         tokio::spawn(async move {
-            for line in &script.stdout {
-                append(&out.stdout, &format!("{line}\n"));
-            }
-            for line in &script.stderr {
-                append(&out.stderr, &format!("{line}\n"));
+            if let [stdout, stderr] = &mut writers[..] {
+                for line in &script.stdout {
+                    let _ = stdout.write_all(format!("{line}\n").as_bytes());
+                }
+                for line in &script.stderr {
+                    let _ = stderr.write_all(format!("{line}\n").as_bytes());
+                }
             }
             let run = async {
                 match script.runs_for {
@@ -111,8 +130,13 @@ impl FakeRuntime {
                     },
                 }
             };
-            drop(tasks);
-            let _ = &id;
+            // All output copied: the shim closes the files (unless some comes late).
+            drop(writers);
+            if script.late_output.is_none() {
+                if let Some(task) = tasks.lock().expect("lock").get_mut(&id) {
+                    task.writers.clear();
+                }
+            }
             let _ = exit_tx.send(Ok(TaskExit {
                 exit_status: status,
                 exited_at_unix_nanos: 42,
@@ -183,10 +207,15 @@ impl ContainerRuntime for FakeRuntime {
             }
         }
         assert!(output.stdout.is_file() && output.stderr.is_file());
+        let writers = [&output.stdout, &output.stderr]
+            .iter()
+            .filter_map(|p| std::fs::OpenOptions::new().append(true).open(p).ok())
+            .collect();
         self.tasks.lock().expect("lock").insert(
             run_id.to_string(),
             FakeTask {
                 out: Some(output.clone()),
+                writers,
                 ..Default::default()
             },
         );
@@ -249,13 +278,12 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
         self.record(format!("delete_task {run_id}"));
-        if let (Some(late), Some(task)) = (
-            self.script.late_output,
-            self.tasks.lock().expect("lock").get(run_id),
-        ) {
-            if let Some(out) = &task.out {
-                append(&out.stdout, late);
+        if let Some(task) = self.tasks.lock().expect("lock").get_mut(run_id) {
+            if let (Some(late), Some(stdout)) = (self.script.late_output, task.writers.first_mut())
+            {
+                let _ = stdout.write_all(late.as_bytes());
             }
+            task.writers.clear();
         }
         Ok(())
     }
@@ -345,8 +373,18 @@ async fn normal_exit_reports_logs_then_exit() {
         .expect("RunExited");
     assert_eq!(
         exited_at,
-        messages.len() - 1,
-        "RunExited is the last report"
+        messages.len() - 2,
+        "RunExited is the last report before RunReleased"
+    );
+    assert!(matches!(
+        messages.last().and_then(|m| m.body.as_ref()),
+        Some(Body::RunReleased(_))
+    ));
+    // Reported before the cleanup, the capacity freed after it.
+    let calls = runtime.calls();
+    assert!(
+        !calls.iter().any(|c| c == "delete_task run-1"),
+        "the output was complete without deleting the task first: {calls:?}"
     );
     assert!(started < exited_at);
     let lines: Vec<(u64, i32, String)> = messages
@@ -492,7 +530,8 @@ async fn stop_during_pull_aborts_start() {
     stop_tx.send_replace(true);
     task.await.expect("supervisor finished");
     let messages = outbox.snapshot();
-    assert_eq!(messages.len(), 1, "only RunExited");
+    assert_eq!(messages.len(), 2, "only RunExited and RunReleased");
+    assert!(matches!(messages[1].body, Some(Body::RunReleased(_))));
     let exit = exit_of(&messages);
     assert_eq!(
         (exit.reason, exit.exit_code),
@@ -550,7 +589,7 @@ async fn output_copied_until_task_delete_is_kept() {
     };
     let (runtime, messages) = run(script, RunSpec::default()).await;
     assert!(runtime.calls().iter().any(|c| c == "delete_task run-1"));
-    let last = messages.last().expect("messages");
+    let last = &messages[messages.len() - 2];
     assert!(matches!(last.body, Some(Body::RunExited(_))));
     assert!(messages.iter().any(|m| matches!(&m.body,
         Some(Body::LogBatch(b)) if b.lines.iter().any(|l| l.msg == "late"))));
@@ -815,9 +854,13 @@ async fn an_oom_kill_is_reported_when_the_run_failed() {
     );
     let calls = runtime.calls();
     let asked = calls.iter().position(|c| c == "oom_kills run-1");
-    let deleted = calls.iter().position(|c| c == "delete_task run-1");
+    // The task (and its cgroup) goes with the cleanup here, or earlier when the output had to
+    // be drained by deleting it: the counter is read before either.
+    let gone = calls
+        .iter()
+        .position(|c| c == "delete_task run-1" || c == "cleanup run-1");
     assert!(
-        asked.is_some() && asked < deleted,
+        asked.is_some() && asked < gone,
         "the counter is read before the task (and its cgroup) goes: {calls:?}"
     );
 }

@@ -163,7 +163,7 @@ async fn drain_returns_once_runs_ended_and_were_acknowledged() {
                     .outbox()
                     .snapshot()
                     .into_iter()
-                    .find(|m| matches!(m.body, Some(Body::RunExited(_))))
+                    .find(|m| matches!(m.body, Some(Body::RunReleased(_))))
                 {
                     agent.handle(SchedulerMessage {
                         body: Some(scheduler_message::Body::Ack(Ack {
