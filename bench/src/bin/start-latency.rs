@@ -386,15 +386,21 @@ async fn main() -> Result<()> {
             ratio(to_succeeded.p50, s.p50)
         );
     }
-    println!("where a Berth run's time goes (p50 of each stage; they need not add up):");
+    if berth.iter().all(|b| b.stages.is_empty()) {
+        println!("(this build keeps no run timeline: no per-stage breakdown)");
+    } else {
+        println!("where a Berth run's time goes (p50 of each stage; they need not add up):");
+    }
     let mut stages = serde_json::Map::new();
     for (k, (name, _)) in STAGES.iter().enumerate() {
-        let s = Summary::of(
-            berth
-                .iter()
-                .filter_map(|b| b.stages.get(k).copied())
-                .collect(),
-        );
+        let samples: Vec<Duration> = berth
+            .iter()
+            .filter_map(|b| b.stages.get(k).copied())
+            .collect();
+        if samples.is_empty() {
+            continue;
+        }
+        let s = Summary::of(samples);
         println!("  {name:<42} {:>9.2} {:>9.2}", millis(s.p50), millis(s.p99));
         stages.insert((*name).to_owned(), summary_json(&s));
     }

@@ -22,7 +22,9 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::runtime::OutputFiles;
 
-/// A watch for the writer's close of a run's output files.
+/// A watch for the writer's close of a run's output files. Dropping it closes the inotify
+/// instance, which blocks for the kernel's SRCU grace period (milliseconds): drop it off the
+/// async threads when that matters.
 pub struct OutputClosed {
     inotify: Arc<Inotify>,
     open: HashSet<WatchDescriptor>,

@@ -444,7 +444,7 @@ async fn start_and_watch<R: ContainerRuntime>(
         Err(e) => return start_failed(runtime, e).await,
     }
     // The shim holds the output files open now: its closes will say all output is written.
-    let mut output_closed = match OutputClosed::watch(&output) {
+    let output_closed = match OutputClosed::watch(&output) {
         Ok(watch) => Some(watch),
         Err(error) => {
             tracing::warn!(run_id, %error, "cannot watch the output files; the task is deleted before the exit is reported");
@@ -510,7 +510,7 @@ async fn start_and_watch<R: ContainerRuntime>(
     )
     .await;
     note_oom_kill(runtime, run_id, &mut ending);
-    drain_output(runtime, run_id, &mut pump, output_closed.as_mut()).await;
+    drain_output(runtime, run_id, &mut pump, output_closed).await;
     ending
 }
 
@@ -720,11 +720,17 @@ async fn drain_output<R: ContainerRuntime>(
     runtime: &R,
     run_id: &str,
     pump: &mut LogPump,
-    output_closed: Option<&mut OutputClosed>,
+    output_closed: Option<OutputClosed>,
 ) {
     let begun = std::time::Instant::now();
     let written = match output_closed {
-        Some(watch) => watch.wait(OUTPUT_CLOSE_LIMIT).await,
+        Some(mut watch) => {
+            let written = watch.wait(OUTPUT_CLOSE_LIMIT).await;
+            // Closing an inotify instance waits for the kernel's SRCU grace period (~15 ms
+            // measured here): not on the way to the report.
+            tokio::task::spawn_blocking(move || drop(watch));
+            written
+        }
         None => false,
     };
     tracing::debug!(
