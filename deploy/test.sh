@@ -131,7 +131,8 @@ berth_log "BERTH_BIN_DIR=$BERTH_BIN_DIR"
 # ---------------------------------------------------------------- tests
 berth_log "cargo test --workspace $* (output also in $TEST_LOG)"
 set +e
-cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$TEST_LOG"
 TEST_RC=${PIPESTATUS[0]}
 set -e
 

@@ -1000,6 +1000,12 @@ impl ContainerRuntime for ContainerdRuntime {
         }
     }
 
+    fn release_ahead(&self) {
+        if let Some(network) = &self.network {
+            network.release_ahead();
+        }
+    }
+
     fn list_networks(&self) -> Vec<String> {
         self.network
             .as_ref()

@@ -160,6 +160,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// has swept what an earlier process left. Nothing by default.
     fn prepare_ahead(&self) {}
 
+    /// Releases what was prepared ahead (the agent shuts down). Blocking.
+    fn release_ahead(&self) {}
+
     /// Begins waiting for the task's exit; call before `start`. Also works for a task an earlier
     /// agent process started (re-adoption after a restart); resolves at once if it already
     /// exited, and with an error if the task is gone.

@@ -203,10 +203,11 @@ async fn a_re_adopted_run_keeps_its_files_until_its_end_and_leftovers_go_at_agen
     ensure!(r["status"] == "canceled" && r["exit_code"] == 0, "{r}");
     let logs = f.all_logs(&runner, &run).await?;
     ensure!(msgs(&logs, "stdout") == ["ready", CONFIG], "{logs:?}");
+    // Cleaned up right after the exit is reported (assert_run_cleaned waits for it).
+    f.assert_run_cleaned(&node, &run).await?;
     ensure!(
         !host.exists(),
         "uploaded files left after the re-adopted run ended"
     );
-    f.assert_run_cleaned(&node, &run).await?;
     Ok(())
 }

@@ -160,6 +160,19 @@ fn host_addresses() -> Result<Vec<Ipv4Addr>> {
 
 /// The run's namespace file, its saved CNI configuration, and the host-local entries that name
 /// it.
+/// A fleet whose agents keep networks attached ahead, as deployed agents do (two each), so the
+/// network tests cover runs that take one.
+async fn start_warm(agents: &[AgentSpec]) -> Result<Fleet> {
+    Fleet::start_opts(
+        agents,
+        FleetOptions {
+            warm_networks: 2,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 struct RunNetworkTrace {
     netns: PathBuf,
     saved: PathBuf,
@@ -263,7 +276,7 @@ async fn a_run_reaches_a_server_on_another_host() -> Result<()> {
     let token = format!("hello-from-outside-{}", std::process::id());
     let port = 8080;
     let outside = OutsideHost::start(port, &token)?;
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
     let url = format!("http://{}:{port}/index.html", outside.addr);
     let run = f
@@ -301,7 +314,7 @@ async fn a_run_reaches_no_link_local_address() -> Result<()> {
     let token = format!("metadata-{}", std::process::id());
     let port = 8080;
     let metadata = OutsideHost::start_at("m", base, port, &token)?;
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
     let url = format!("http://{}:{port}/index.html", metadata.addr);
     let run = f
@@ -362,6 +375,7 @@ async fn a_run_reaches_no_port_of_its_host() -> Result<()> {
             listen_host: Some("[::]".to_string()),
             // Beyond loopback the scheduler serves only over TLS.
             tls: true,
+            warm_networks: 2,
             ..Default::default()
         },
     )
@@ -431,7 +445,7 @@ fn default_cap_mask() -> String {
 
 #[tokio::test]
 async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<()> {
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
     let script =
         "grep -E '^(Seccomp|NoNewPrivs|CapEff|CapPrm|CapBnd|CapInh|CapAmb):' /proc/self/status; \
@@ -520,7 +534,7 @@ async fn a_run_is_confined_by_capabilities_seccomp_and_masked_paths() -> Result<
 
 #[tokio::test]
 async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<()> {
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let runner = f.runner("fra", json!({"timeout_seconds": 120})).await?;
     let marker = format!("a-secret-{}", std::process::id());
     // Run A: a file, a web server on port 7777, a sleep with a recognisable argument.
@@ -611,7 +625,7 @@ async fn two_runs_see_neither_each_others_processes_files_nor_ports() -> Result<
 
 #[tokio::test]
 async fn every_ending_releases_the_runs_network() -> Result<()> {
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let node = f.node("fra").to_owned();
     let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
     let short = f.runner("fra", json!({"timeout_seconds": 3})).await?;
@@ -706,7 +720,7 @@ async fn remove_container(f: &Fleet, node: &str, id: &str) -> Result<()> {
 
 #[tokio::test]
 async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Result<()> {
-    let mut f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let mut f = start_warm(&[AgentSpec::new("fra")]).await?;
     let node = f.node("fra").to_owned();
     let runner = f.runner("fra", json!({"timeout_seconds": 60})).await?;
     let adopted = f
@@ -753,7 +767,7 @@ async fn a_restarted_agent_releases_the_networks_of_runs_it_took_over() -> Resul
 
 #[tokio::test]
 async fn runs_take_networks_attached_ahead_one_each_and_never_reused() -> Result<()> {
-    let f = Fleet::start(&[AgentSpec::new("fra")]).await?;
+    let f = start_warm(&[AgentSpec::new("fra")]).await?;
     let node = f.node("fra").to_owned();
     let slots = f.agent_state_dir(&node).join("network-slots");
     let dir = Path::new(NETNS_ROOT).join(&node);

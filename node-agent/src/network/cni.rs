@@ -160,6 +160,8 @@ pub trait RunNetwork: Send + Sync + 'static {
     /// Begins preparing networks ahead of the runs that will take them (after the start-up
     /// sweep of leftovers); a network without a pool does nothing.
     fn prepare_ahead(&self) {}
+    /// Releases what was prepared ahead and prepares nothing more (the agent shuts down).
+    fn release_ahead(&self) {}
 }
 
 /// `ADD` or `DEL`.

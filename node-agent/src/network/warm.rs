@@ -31,6 +31,8 @@ struct Pool {
     target: usize,
     ready: Mutex<VecDeque<(String, NetworkAttachment)>>,
     filling: AtomicBool,
+    /// Set when the agent shuts down: nothing more is attached ahead.
+    closed: AtomicBool,
 }
 
 /// A [`RunNetwork`] that keeps `target` networks attached ahead of the runs that take them.
@@ -47,6 +49,7 @@ impl WarmNetworks {
             target,
             ready: Mutex::new(VecDeque::new()),
             filling: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }))
     }
 
@@ -98,7 +101,10 @@ impl Pool {
 
     /// Attaches until `target` are ready, in a thread of its own, after `delay`.
     fn fill(self: &Arc<Self>, delay: std::time::Duration) {
-        if self.target == 0 || self.filling.swap(true, Ordering::SeqCst) {
+        if self.target == 0
+            || self.closed.load(Ordering::SeqCst)
+            || self.filling.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let pool = self.clone();
@@ -106,9 +112,13 @@ impl Pool {
             .name("warm-networks".into())
             .spawn(move || loop {
                 std::thread::sleep(delay);
-                while pool.ready().len() < pool.target {
+                while pool.ready().len() < pool.target && !pool.closed.load(Ordering::SeqCst) {
                     let slot = format!("{SLOT_PREFIX}{}", uuid::Uuid::new_v4().simple());
                     match pool.inner.attach(&slot) {
+                        // Closed meanwhile: this one goes at once.
+                        Ok(_) if pool.closed.load(Ordering::SeqCst) => {
+                            let _ = pool.inner.detach(&slot);
+                        }
                         Ok(attachment) => pool.ready().push_back((slot, attachment)),
                         Err(error) => {
                             tracing::warn!(%error, "attaching a network ahead of time failed; runs attach their own");
@@ -120,6 +130,7 @@ impl Pool {
                 pool.filling.store(false, Ordering::SeqCst);
                 // A slot taken between the last check and the store above: go on if still ours.
                 if pool.ready().len() >= pool.target
+                    || pool.closed.load(Ordering::SeqCst)
                     || pool.filling.swap(true, Ordering::SeqCst)
                 {
                     return;
@@ -203,6 +214,16 @@ impl RunNetwork for WarmNetworks {
 
     fn prepare_ahead(&self) {
         self.fill();
+    }
+
+    fn release_ahead(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        let ready: Vec<String> = self.0.ready().drain(..).map(|(slot, _)| slot).collect();
+        for slot in ready {
+            if let Err(error) = self.0.inner.detach(&slot) {
+                tracing::warn!(slot, %error, "releasing a network attached ahead failed");
+            }
+        }
     }
 }
 
@@ -319,6 +340,22 @@ mod tests {
         assert!(!inner.attached_runs().contains(&"run-c".to_string()));
         // A bad id is refused before anything is taken.
         assert!(warm.attach("../x").is_err());
+    }
+
+    #[test]
+    fn a_shutdown_releases_the_ready_ones_and_attaches_no_more() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = Arc::new(FakeNetwork::default());
+        let warm = WarmNetworks::new(inner.clone(), dir.path().join("slots"), 2);
+        warm.fill();
+        wait_ready(&warm, 2);
+        warm.release_ahead();
+        assert_eq!(warm.ready(), 0);
+        assert!(inner.attached_runs().is_empty());
+        // A run during the shutdown still gets a network (its own), and nothing is refilled.
+        warm.attach("run-e").expect("attach");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(inner.attached_runs(), ["run-e"]);
     }
 
     #[test]

@@ -208,6 +208,9 @@ impl<R: ContainerRuntime> Agent<R> {
         self.runtime.prepare_ahead();
         let drained = async {
             shutdown.await;
+            // What was prepared for runs that will not come goes first.
+            let runtime = self.runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || runtime.release_ahead()).await;
             self.drain().await;
         };
         let mut drained = std::pin::pin!(drained);

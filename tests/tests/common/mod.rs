@@ -127,6 +127,10 @@ pub struct FleetOptions {
     /// schedulers serve with it, the API and the agents verify it (`https://` URLs). Needed for
     /// a scheduler that listens beyond loopback.
     pub tls: bool,
+    /// Networks the agents keep attached ahead (`--warm-networks`; 0, the default here, so a
+    /// killed test agent leaves none behind). With some, dropping the fleet stops the agents
+    /// with SIGTERM first, which releases them.
+    pub warm_networks: usize,
 }
 
 /// A process that is killed when dropped.
@@ -164,6 +168,8 @@ pub struct Fleet {
     others: Vec<Proc>,
     /// node id → (its process, the arguments to start it again)
     agents: std::collections::HashMap<String, (Proc, Vec<String>)>,
+    /// [`FleetOptions::warm_networks`].
+    warm_networks: usize,
     pub http: reqwest::Client,
 }
 
@@ -213,6 +219,7 @@ impl Fleet {
             listen_host,
             others: vec![],
             agents: std::collections::HashMap::new(),
+            warm_networks: options.warm_networks,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
@@ -278,6 +285,10 @@ impl Fleet {
             ];
             let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             args.extend(fleet.tls_ca_args());
+            args.extend([
+                "--warm-networks".to_owned(),
+                options.warm_networks.to_string(),
+            ]);
             let p = fleet.spawn_owned(&format!("agent-{node_id}"), "berth-node-agent", &args)?;
             fleet.agents.insert(node_id.clone(), (p, args));
             fleet.nodes.push((node_id, a.region.to_owned()));
@@ -1195,6 +1206,40 @@ impl Drop for Fleet {
                         }
                     }
                 }
+            }
+        }
+        if self.warm_networks > 0 {
+            // SIGTERM first: the agents release their networks attached ahead at once (then
+            // drain, which is not waited for). Releasing runs the CNI plugins, which may wait
+            // for the iptables lock while other tests' fleets hold it.
+            for (p, _) in self.agents.values_mut() {
+                let _ = p.signal("TERM");
+            }
+            // Slots runs still hold go with those runs (like a run's own network, they stay
+            // when the agent is killed mid-run); only the ready ones are waited for.
+            let ready_left = |node: &str| {
+                let held: Vec<String> =
+                    std::fs::read_dir(self.agent_state_dir(node).join("network-slots"))
+                        .map(|d| {
+                            d.flatten()
+                                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                                .map(|s| s.trim().to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                std::fs::read_dir(Path::new("/run/berth/netns").join(node))
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| e.file_name().into_string().ok())
+                            .any(|n| {
+                                n.starts_with("warm-") && !held.iter().any(|h| n.starts_with(h))
+                            })
+                    })
+                    .unwrap_or(false)
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && self.nodes.iter().any(|(node, _)| ready_left(node)) {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         let agents = self.agents.values_mut().map(|(p, _)| p);
