@@ -110,6 +110,8 @@ struct RunReport {
     exit: Option<RunExited>,
     /// Set when a log line arrived after RunExited (must never happen).
     line_after_exit: bool,
+    /// RunReleased arrived: the run is cleaned up (it follows RunExited).
+    released: bool,
 }
 
 struct Harness {
@@ -136,6 +138,12 @@ impl Harness {
             Some(Body::RunExited(e)) => {
                 let id = e.run_id.clone();
                 self.reports.entry(id).or_default().exit = Some(e);
+            }
+            Some(Body::RunReleased(r)) => {
+                let report = self.reports.entry(r.run_id).or_default();
+                // Released only after the exit was reported.
+                assert!(report.exit.is_some(), "RunReleased before RunExited");
+                report.released = true;
             }
             _ => {}
         }
@@ -173,6 +181,13 @@ impl Harness {
         self.until(limit, |r| r.get(&id).is_some_and(|r| r.exit.is_some()))
             .await;
         self.reports[run_id].exit.clone().expect("exit")
+    }
+
+    /// Waits for the run's RunReleased: its container, cgroups and files are gone.
+    async fn released(&mut self, run_id: &str, limit: Duration) {
+        let id = run_id.to_string();
+        self.until(limit, |r| r.get(&id).is_some_and(|r| r.released))
+            .await;
     }
 }
 
@@ -365,6 +380,8 @@ async fn runs_containers_end_to_end() {
         (ExitReason::Stopped as i32, 7),
         "{exit:?}"
     );
+    // The exit is reported first; the cleanup follows, then RunReleased.
+    h.released("e2e-stop", Duration::from_secs(20)).await;
     assert!(
         !std::path::Path::new(&limit_file).exists(),
         "cgroup removed"
@@ -383,7 +400,10 @@ async fn runs_containers_end_to_end() {
         "{exit:?}"
     );
 
-    // Nothing of any run is left in containerd.
+    // Nothing of any run is left in containerd once each is released.
+    for run in h.reports.keys().cloned().collect::<Vec<_>>() {
+        h.released(&run, Duration::from_secs(20)).await;
+    }
     let containers = ContainersClient::new(channel.clone())
         .list(ns(Request::new(ListContainersRequest { filters: vec![] })))
         .await
