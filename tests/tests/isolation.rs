@@ -143,10 +143,13 @@ fn host_addresses() -> Result<Vec<Ipv4Addr>> {
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             let dev = *words.get(1)?;
+            // The host ends of the outside hosts the tests of this file start (`b<tag><pid>h`,
+            // any tag: the link-local test's comes and goes while this one runs).
             let test_veth = dev
-                .strip_prefix("bo")
+                .strip_prefix('b')
                 .and_then(|d| d.strip_suffix('h'))
-                .is_some_and(|d| d.chars().all(|c| c.is_ascii_digit()));
+                .and_then(|d| d.strip_prefix(|c: char| c.is_ascii_lowercase()))
+                .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()));
             if dev == "berth0" || test_veth {
                 return None;
             }
