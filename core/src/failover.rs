@@ -50,6 +50,12 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// connection task, not by its request handlers, so a scheduler that is merely busy answers it
 /// in milliseconds; 2 s is far beyond any pause of a live process.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 flow-control windows of every gRPC connection, client and server side. The protocol's
+/// default (64 KiB) makes a sender stop for a window update every 64 KiB: an agent's 1 MiB log
+/// batch waited for sixteen of them, and a run writing fast was stored at a third of the speed
+/// the scheduler can store it. The windows bound what one peer buffers unread.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// The first wait after a whole round of addresses failed; it doubles up to
 /// [`ROUND_BACKOFF_MAX`] (jittered, so a fleet of agents does not come back in step).
 pub const ROUND_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -148,6 +154,8 @@ impl SchedulerAddrs {
             .unwrap_or_else(|_| Endpoint::from_static("http://127.0.0.1:7070"))
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);

@@ -34,8 +34,10 @@ const MAX_DECODED_BYTES: usize = 64 * 1024 * 1024;
 const HEADER: usize = 1 + 8 + 8 + 4 + 4;
 /// seq, stream, timestamp, text length.
 const LINE_HEADER: usize = 8 + 1 + 8 + 4;
-/// Deflate level: 6 is zlib's default balance; logs are text and compress about tenfold.
-const LEVEL: u8 = 6;
+/// Deflate level: 1, the fastest. Chunks are compressed on the path every log line takes, and
+/// level 6 (zlib's default) cost the scheduler more time than anything else while a run wrote
+/// fast; text still shrinks several-fold at level 1 (see `log-store` in docs/BENCHMARKS.md).
+const LEVEL: u8 = 1;
 /// Chunks read from the store at a time (each at most about 256 KiB).
 pub const READ_CHUNKS: usize = 8;
 /// The most chunk puts in one store transaction, and their most bytes: well inside etcd's 128

@@ -19,12 +19,15 @@ use berth_core::store::Store;
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_message::Body;
 use berth_proto::v1::scheduler_message::Body as Command;
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+/// Log batches of one agent staged and not yet durable, at most (see `attach`).
+const MAX_LOG_COMMITS_IN_FLIGHT: usize = 32;
 
 pub struct AgentApi<S> {
     pub scheduler: Arc<Scheduler<S>>,
@@ -177,21 +180,59 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         });
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {
-            while let Some(msg) = queued.recv().await {
+            let scheduler = &scheduler;
+            let node = node_id.as_str();
+            // Log batches are staged in order and their commits awaited in order, while the
+            // next ones are staged: the store's group commit then makes several durable with
+            // one fsync. Any other report waits until every batch before it is durable, so a
+            // run's end is never handled while a line of it could still fail to be stored.
+            let mut committing = futures::stream::FuturesOrdered::new();
+            // Not acknowledged: end the stream so the agent reconnects and re-sends.
+            let failed = |seq: u64, e: SchedulerError| {
+                tracing::error!(node_id = %node, seq, error = %e, "could not handle agent message");
+                scheduler.record_delivery_error(
+                    node,
+                    &format!("could not handle message {seq}: {e}"),
+                    std::time::Instant::now(),
+                );
+            };
+            let ack = |seq: u64| {
+                if seq == 0 {
+                    return true;
+                }
+                scheduler.clear_delivery_error(node);
+                tx.send(Ok(pb::SchedulerMessage {
+                    body: Some(Command::Ack(pb::Ack { up_to_seq: seq })),
+                }))
+                .is_ok()
+            };
+            'session: loop {
+                let msg = tokio::select! {
+                    biased;
+                    Some((seq, done)) = committing.next(), if !committing.is_empty() => {
+                        match done {
+                            Ok(()) if ack(seq) => continue,
+                            Ok(()) => break,
+                            Err(e) => { failed(seq, e); break; }
+                        }
+                    }
+                    msg = queued.recv(), if committing.len() < MAX_LOG_COMMITS_IN_FLIGHT => msg,
+                };
+                let Some(msg) = msg else { break };
                 let seq = msg.seq;
-                let handled = match msg.body.map(report_from_pb).transpose() {
-                    Ok(Some(Some(report))) => scheduler.report(&node_id, report).await,
+                let report = match msg.body.map(report_from_pb).transpose() {
+                    Ok(Some(Some(report))) => Some(report),
                     Ok(_) => {
-                        tracing::warn!(node_id = %node_id, "unexpected message on an attached stream");
-                        Ok(())
+                        tracing::warn!(node_id = %node, "unexpected message on an attached stream");
+                        None
                     }
                     Err(e) => {
                         // A message this scheduler cannot read: the agent hears why, and the
                         // message stays unacknowledged.
                         let e = SchedulerError::from(e);
-                        tracing::error!(node_id = %node_id, seq, error = %e, "unreadable agent message");
+                        tracing::error!(node_id = %node, seq, error = %e, "unreadable agent message");
                         scheduler.record_delivery_error(
-                            &node_id,
+                            node,
                             &format!("unreadable message {seq}: {e}"),
                             std::time::Instant::now(),
                         );
@@ -199,26 +240,39 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                         break;
                     }
                 };
-                if let Err(e) = handled {
-                    // Not acknowledged: end the stream so the agent reconnects and re-sends.
-                    tracing::error!(node_id = %node_id, seq, error = %e, "could not handle agent message");
-                    scheduler.record_delivery_error(
-                        &node_id,
-                        &format!("could not handle message {seq}: {e}"),
-                        std::time::Instant::now(),
-                    );
-                    break;
+                if let Some(AgentReport::Logs(batch)) = report {
+                    match scheduler.stage_logs(node, batch).await {
+                        Ok(commit) => committing.push_back(async move { (seq, commit.await) }),
+                        Err(e) => {
+                            failed(seq, e);
+                            break;
+                        }
+                    }
+                    continue;
                 }
-                if seq > 0 {
-                    scheduler.clear_delivery_error(&node_id);
-                    let ack = Ok(pb::SchedulerMessage {
-                        body: Some(Command::Ack(pb::Ack { up_to_seq: seq })),
-                    });
-                    if tx.send(ack).is_err() {
+                while let Some((seq, done)) = committing.next().await {
+                    // (Every batch ahead of this message must be durable before it is handled.)
+                    match done {
+                        Ok(()) if ack(seq) => {}
+                        Ok(()) => break 'session,
+                        Err(e) => {
+                            failed(seq, e);
+                            break 'session;
+                        }
+                    }
+                }
+                // Acknowledgements are cumulative: none before every batch ahead is durable.
+                if let Some(report) = report {
+                    if let Err(e) = scheduler.report(node, report).await {
+                        failed(seq, e);
                         break;
                     }
                 }
+                if !ack(seq) {
+                    break;
+                }
             }
+            drop(committing);
             scheduler.detach_node(&node_id, connection).await;
         });
         let outbound = UnboundedReceiverStream::new(rx);

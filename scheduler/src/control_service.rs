@@ -25,7 +25,10 @@ pub struct ControlApi<S> {
     pub scheduler: Arc<Scheduler<S>>,
 }
 
-const WATCH_BATCH: usize = 500;
+/// Lines a log watch reads per store read (a page is also bounded by `LOG_PAGE_MAX_BYTES`) and
+/// the events it buffers for a slow client. Several chunks' worth (`log_chunks::MAX_CHUNK_LINES`):
+/// a page smaller than a chunk inflated the same chunk again for every page.
+const WATCH_BATCH: usize = 4096;
 
 impl<S: Store> ControlApi<S> {
     /// A node's view, with the error that ended its last agent session if it has not delivered
@@ -266,7 +269,8 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         self.scheduler
             .get_run(&project, &r.runner_id, &r.run_id)
             .await?;
-        let (tx, rx) = mpsc::channel(WATCH_BATCH);
+        // Buffered for a slow client: pages of up to `LOG_PAGE_MAX_BYTES` when batched.
+        let (tx, rx) = mpsc::channel(if r.batched { 4 } else { WATCH_BATCH });
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {
             if let Err(status) = watch(scheduler, project, r, &tx).await {
@@ -577,11 +581,28 @@ async fn watch<S: Store>(
         let (logs, has_more) = scheduler
             .list_logs(&project, &r.runner_id, &r.run_id, after, WATCH_BATCH)
             .await?;
-        for line in &logs {
-            after = line.id;
-            let event = pb::WatchLogsEvent {
-                event: Some(pb::watch_logs_event::Event::Log(line.into())),
-            };
+        if let Some(last) = logs.last() {
+            after = last.id;
+        }
+        let events: Vec<pb::WatchLogsEvent> = if r.batched {
+            // One message per page: a client catching up does not pay per line.
+            if logs.is_empty() {
+                Vec::new()
+            } else {
+                vec![pb::WatchLogsEvent {
+                    event: Some(pb::watch_logs_event::Event::Logs(pb::LogEntries {
+                        lines: logs.iter().map(Into::into).collect(),
+                    })),
+                }]
+            }
+        } else {
+            logs.iter()
+                .map(|line| pb::WatchLogsEvent {
+                    event: Some(pb::watch_logs_event::Event::Log(line.into())),
+                })
+                .collect()
+        };
+        for event in events {
             if tx.send(Ok(event)).await.is_err() {
                 return Ok(()); // the client went away
             }

@@ -125,6 +125,9 @@ pub async fn serve_tls<S: Store>(
     }
     let served = server
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .initial_stream_window_size(Some(berth_core::failover::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(berth_core::failover::HTTP2_CONNECTION_WINDOW))
+        .tcp_nodelay(true)
         .add_service(AgentServiceServer::with_interceptor(
             agent_service::AgentApi {
                 scheduler: scheduler.clone(),

@@ -5,13 +5,15 @@ use crate::body::{Path, Query};
 use crate::error::ErrorBody;
 use crate::views::{self, LogView};
 use crate::AppState;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::header;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse as _, Response};
 use axum::Json;
 use berth_core::convert::run_status_from_pb;
 use berth_proto::v1 as pb;
-use futures::Stream;
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::time::Duration;
@@ -117,7 +119,7 @@ pub async fn stream_logs(
     path: Path<(String, String)>,
     Query(q): Query<StreamQuery>,
     headers: HeaderMap,
-) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+) -> ApiResult<Response> {
     let (runner_id, run_id) = run_ids(path)?;
     let caller = crate::auth::current().ok_or(crate::error::ApiError::Unauthorized)?;
     let permit = s.streams.acquire(&caller.key)?;
@@ -130,6 +132,7 @@ pub async fn stream_logs(
         runner_id,
         run_id,
         after_id,
+        batched: true,
     };
     // Errors before the first event are the request's answer (404, 503, …).
     let events = s.control().watch_logs(request.clone()).await?.into_inner();
@@ -138,16 +141,87 @@ pub async fn stream_logs(
         caller,
         request,
         events: Some(events),
+        lines: std::collections::VecDeque::new(),
         lost_since: None,
         reopened: 0,
         ended: false,
         _permit: permit,
     };
-    let stream = futures::stream::unfold(follow, |mut f| async move {
+    let events = futures::stream::unfold(follow, |mut f| async move {
         let event = f.next_event().await?;
-        Some((Ok(event), f))
+        Some((event, f))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    // Every event ready at once goes out in one body frame (a client catching up on a run
+    // that logged fast gets thousands per frame, not one write each); a quiet stream gets a
+    // keep-alive comment every `KEEP_ALIVE`.
+    let ready = Box::pin(events.ready_chunks(FRAME_EVENTS));
+    let frames = futures::stream::unfold(ready, |mut ready| async move {
+        let mut frame = Vec::new();
+        // Cancel-safe: what the stream had begun to gather stays in it.
+        match tokio::time::timeout(KEEP_ALIVE, ready.next()).await {
+            Ok(Some(events)) => events.iter().for_each(|e| e.write(&mut frame)),
+            Ok(None) => return None,
+            Err(_) => frame.extend_from_slice(b":\n\n"),
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(frame)), ready))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(frames),
+    )
+        .into_response())
+}
+
+/// The most events one body frame of a log stream holds.
+const FRAME_EVENTS: usize = 4096;
+/// How long a log stream stays silent before it sends a comment (keeps proxies from closing it).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// One Server-Sent Event of a log stream.
+enum SseEvent {
+    /// `event: log`, `id:` the line's id, `data:` the line as JSON.
+    Log(LogView),
+    /// `event: state`, `data:` the run's final state as JSON.
+    State(views::RunStateView),
+    /// `event: error`, `data:` why the stream ends.
+    Error(String),
+    /// A comment line.
+    Comment(&'static str),
+}
+
+impl SseEvent {
+    /// Appends the event in the SSE wire format. JSON holds no raw line break, so `data` is
+    /// always one line.
+    fn write(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        match self {
+            SseEvent::Log(line) => {
+                let _ = write!(out, "event: log\nid: {}\ndata: ", line.id);
+                let _ = serde_json::to_writer(&mut *out, line);
+            }
+            SseEvent::State(state) => {
+                out.extend_from_slice(b"event: state\ndata: ");
+                let _ = serde_json::to_writer(&mut *out, state);
+            }
+            SseEvent::Error(message) => {
+                out.extend_from_slice(b"event: error\ndata: ");
+                let _ = serde_json::to_writer(
+                    &mut *out,
+                    &views::StreamErrorView {
+                        code: "stream_failed".to_owned(),
+                        message: message.clone(),
+                    },
+                );
+            }
+            SseEvent::Comment(text) => {
+                let _ = write!(out, ": {text}");
+            }
+        }
+        out.extend_from_slice(b"\n\n");
+    }
 }
 
 /// How long a log stream keeps trying to re-open its watch after losing the scheduler (each try
@@ -166,6 +240,8 @@ struct Follow {
     /// `after_id` is the last line id sent.
     request: pb::WatchLogsRequest,
     events: Option<tonic::Streaming<pb::WatchLogsEvent>>,
+    /// Lines of a `logs` event not sent yet.
+    lines: std::collections::VecDeque<pb::LogEntry>,
     /// When the watch was lost, until an event arrives again.
     lost_since: Option<tokio::time::Instant>,
     /// Watches opened since then (one that ends at once is not retried in a busy loop).
@@ -177,10 +253,16 @@ struct Follow {
 }
 
 impl Follow {
-    async fn next_event(&mut self) -> Option<Event> {
+    async fn next_event(&mut self) -> Option<SseEvent> {
         loop {
             if self.ended {
                 return None;
+            }
+            if let Some(l) = self.lines.pop_front() {
+                if let Some(event) = self.line_event(&l) {
+                    return Some(event);
+                }
+                continue;
             }
             let Some(events) = self.events.as_mut() else {
                 if let Err(status) = self.reopen().await {
@@ -209,35 +291,39 @@ impl Follow {
             self.reopened = 0;
             match item.event {
                 Some(pb::watch_logs_event::Event::Log(l)) => {
-                    // A resumed watch starts after the last id sent; never send one twice.
-                    if l.id <= self.request.after_id {
-                        continue;
+                    if let Some(event) = self.line_event(&l) {
+                        return Some(event);
                     }
-                    self.request.after_id = l.id;
-                    return Some(match views::log(&l) {
-                        Ok(view) => Event::default()
-                            .event("log")
-                            .id(l.id.to_string())
-                            .data(serde_json::to_string(&view).unwrap_or_default()),
-                        Err(e) => stream_error(e.to_string()),
-                    });
+                }
+                Some(pb::watch_logs_event::Event::Logs(batch)) => {
+                    self.lines.extend(batch.lines);
                 }
                 Some(pb::watch_logs_event::Event::State(st)) => {
                     self.ended = true;
                     return Some(match run_status_from_pb(st.status) {
-                        Ok(status) => Event::default().event("state").data(
-                            serde_json::to_string(&views::RunStateView {
-                                status,
-                                exit_code: st.exit_code,
-                            })
-                            .unwrap_or_default(),
-                        ),
+                        Ok(status) => SseEvent::State(views::RunStateView {
+                            status,
+                            exit_code: st.exit_code,
+                        }),
                         Err(e) => stream_error(e.to_string()),
                     });
                 }
-                None => return Some(Event::default().comment("empty")),
+                None => return Some(SseEvent::Comment("empty")),
             }
         }
+    }
+
+    /// The event for line `l`, unless it was sent already (a resumed watch starts after the
+    /// last id sent; a line is never sent twice).
+    fn line_event(&mut self, l: &pb::LogEntry) -> Option<SseEvent> {
+        if l.id <= self.request.after_id {
+            return None;
+        }
+        self.request.after_id = l.id;
+        Some(match views::log(l) {
+            Ok(view) => SseEvent::Log(view),
+            Err(e) => stream_error(e.to_string()),
+        })
     }
 
     fn lost(&mut self, why: &str) {
@@ -304,12 +390,6 @@ fn scheduler_gone(status: &tonic::Status) -> bool {
 }
 
 /// The stream's `error` event: the client may resume with `Last-Event-ID`.
-fn stream_error(message: String) -> Event {
-    Event::default().event("error").data(
-        serde_json::to_string(&views::StreamErrorView {
-            code: "stream_failed".to_owned(),
-            message,
-        })
-        .unwrap_or_default(),
-    )
+fn stream_error(message: String) -> SseEvent {
+    SseEvent::Error(message)
 }

@@ -12,6 +12,18 @@
 //! before left running in the background (cleanup, networks attached ahead) is not counted
 //! against the next.
 //!
+//! Then, unless `--log-runs 0`, the log path: a runner that writes `--log-mib` MiB of 100-byte
+//! lines to stdout, `--log-runs` times, each side by side with `ctr run --rm` of the same command
+//! writing to files. The command first makes the output in a file inside the container, then
+//! says `start <time>` on stderr and `cat`s it, while a background loop writes `t <time>` to
+//! stderr every 5 ms: so the window measured starts when the output starts, whatever making it
+//! cost, and the stderr lines give the live latency. For each Berth run the client follows the
+//! SSE stream, checks every line arrives once and in order, and takes each `t` line's latency
+//! from being written in the container to being seen by the client. Throughput is bytes over
+//! `start` → the client sees `succeeded` (every line stored and delivered) and, for ctr, over
+//! `start` → `ctr` exits (the output in its files). Also printed: POST → succeeded. The default
+//! 8 MiB (84k lines) fits the agent's default per-run log limits (16 MiB, 100k lines).
+//!
 //! ```text
 //! cargo run --release -p berth-bench --bin start-latency -- --runs 50 --runc
 //! ```
@@ -59,6 +71,35 @@ struct Args {
     /// networks attached ahead) does not land on the next one's clock.
     #[arg(long, default_value_t = 300)]
     pause_ms: u64,
+    /// Runs of the log-throughput phase (0: skip it).
+    #[arg(long, default_value_t = 10)]
+    log_runs: usize,
+    /// MiB each log run writes.
+    #[arg(long, default_value_t = 8)]
+    log_mib: u64,
+}
+
+/// The log writer: `lines` lines of 100 bytes on stdout, timed on stderr (see the module doc).
+fn log_command(lines: u64) -> String {
+    format!(
+        "yes $(printf %099d 0) | head -c {} > /tmp/out; (while :; do echo \"t $EPOCHREALTIME\" >&2; usleep 5000; done) & echo \"start $EPOCHREALTIME\" >&2; cat /tmp/out; kill $!",
+        lines * 100
+    )
+}
+
+/// `$EPOCHREALTIME` (seconds with a fraction) as Unix µs.
+fn epoch_micros(text: &str) -> Result<i128> {
+    let seconds: f64 = text.trim().parse().context("a time line")?;
+    Ok((seconds * 1e6) as i128)
+}
+
+/// One Berth log run's figures.
+struct LogSample {
+    to_succeeded: Duration,
+    /// `start` in the container → the client saw `succeeded`.
+    output_to_succeeded: Duration,
+    /// Each timestamp line: written in the container → seen by the SSE client.
+    line_latencies: Vec<Duration>,
 }
 
 /// One Berth run's figures.
@@ -203,6 +244,123 @@ impl Api {
     }
 }
 
+impl Api {
+    /// One log run: POST, count every line over SSE until the state event, check the count.
+    async fn log_run(&self, runner: &str, expected: u64) -> Result<LogSample> {
+        let clock = Instant::now();
+        let created = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/runners/{runner}/runs"),
+                Some(json!({})),
+            )
+            .await?;
+        let run = created["run"]["id"].as_str().context("run id")?.to_owned();
+        let stream = self
+            .http
+            .get(format!(
+                "{}/v1/runners/{runner}/runs/{run}/logs/stream",
+                self.url
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        ensure!(stream.status().is_success(), "stream: {}", stream.status());
+        // A lean reader (bytes split at blank lines, one borrowed parse per line): a client that
+        // allocated per event would measure itself rather than Berth.
+        #[derive(serde::Deserialize)]
+        struct Line<'a> {
+            id: u64,
+            #[serde(borrow)]
+            msg: std::borrow::Cow<'a, str>,
+        }
+        let mut body = stream.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        #[derive(serde::Deserialize)]
+        struct End {
+            status: String,
+        }
+        let mut lines = 0u64;
+        let mut last_id = 0u64;
+        let mut line_latencies = Vec::new();
+        let mut output_start = None;
+        let mut end = None;
+        'read: while let Some(chunk) = body.next().await {
+            let chunk = chunk.context("reading the log stream")?;
+            let seen = unix_micros(SystemTime::now());
+            buf.extend_from_slice(&chunk);
+            let mut start = 0;
+            while let Some(at) = buf[start..].windows(2).position(|w| w == b"\n\n") {
+                let event = &buf[start..start + at];
+                start += at + 2;
+                let mut kind = "";
+                let mut data: &[u8] = b"";
+                for field in event.split(|b| *b == b'\n') {
+                    if let Some(v) = field.strip_prefix(b"event:") {
+                        kind = if v.trim_ascii() == b"log" {
+                            "log"
+                        } else if v.trim_ascii() == b"state" {
+                            "state"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(v) = field.strip_prefix(b"data:") {
+                        data = v.strip_prefix(b" ").unwrap_or(v);
+                    }
+                }
+                match kind {
+                    "log" => {
+                        let line: Line<'_> = serde_json::from_slice(data)?;
+                        ensure!(
+                            line.id == last_id + 1,
+                            "run {run}: line {} after {last_id}",
+                            line.id
+                        );
+                        last_id = line.id;
+                        if let Some(t) = line.msg.strip_prefix("t ") {
+                            line_latencies.push(micros_to_duration(seen - epoch_micros(t)?));
+                        } else if let Some(t) = line.msg.strip_prefix("start ") {
+                            output_start = Some(epoch_micros(t)?);
+                        } else {
+                            lines += 1;
+                        }
+                    }
+                    "state" => {
+                        let state: End = serde_json::from_slice(data)?;
+                        ensure!(
+                            state.status == "succeeded",
+                            "run {run} ended {}",
+                            state.status
+                        );
+                        end = Some((clock.elapsed(), unix_micros(SystemTime::now())));
+                        break 'read;
+                    }
+                    _ => {}
+                }
+            }
+            buf.drain(..start);
+        }
+        let (to_succeeded, ended) = end.context("the log stream ended without the run's state")?;
+        ensure!(
+            lines == expected,
+            "run {run}: {lines} lines seen, {expected} written"
+        );
+        let start = output_start.context("no start line")?;
+        Ok(LogSample {
+            to_succeeded,
+            output_to_succeeded: micros_to_duration(ended - start),
+            line_latencies,
+        })
+    }
+}
+
+fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    if d.is_zero() {
+        return 0.0;
+    }
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
+}
+
 fn timed(cmd: &mut Command) -> Result<Duration> {
     let clock = Instant::now();
     let out = cmd
@@ -257,7 +415,7 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(
@@ -356,6 +514,11 @@ async fn main() -> Result<()> {
             None,
         )
         .await;
+    let logs = if args.log_runs > 0 {
+        Some(log_phase(&args, &api, &image, &namespace).await?)
+    } else {
+        None
+    };
 
     let to_running = Summary::of(berth.iter().map(|s| s.to_running).collect());
     let to_succeeded = Summary::of(berth.iter().map(|s| s.to_succeeded).collect());
@@ -415,7 +578,134 @@ async fn main() -> Result<()> {
             "ratio_succeeded_vs_ctr_p50": ratio(to_succeeded.p50, ctr_s.p50),
             "ratio_succeeded_vs_ctr_p99": ratio(to_succeeded.p99, ctr_s.p99),
             "stages": stages,
+            "logs": logs,
         })
     );
     Ok(())
+}
+
+/// The log-throughput phase; prints its table and returns its JSON.
+async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Result<Value> {
+    let lines = args.log_mib * 1024 * 1024 / 100;
+    let bytes = lines * 100;
+    let command = log_command(lines);
+    let runner = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/runners",
+            Some(json!({
+                "name": "start-latency-logs",
+                "image_name": "busybox",
+                "image_tag": "latest",
+                "run_command": command,
+                "region": args.region,
+                "instance_type": "standard-s",
+                "timeout_seconds": 120,
+            })),
+        )
+        .await?;
+    let runner = runner["runner"]["id"]
+        .as_str()
+        .context("runner id")?
+        .to_owned();
+    let out = tempfile::NamedTempFile::new()?;
+    let err = tempfile::NamedTempFile::new()?;
+    // `start` → ctr exits, with the output in its files.
+    let ctr = |i: usize| -> Result<Duration> {
+        let (stdout, stderr) = (out.reopen()?, err.reopen()?);
+        stdout.set_len(0)?;
+        stderr.set_len(0)?;
+        let status = Command::new("ctr")
+            .args([
+                "-a",
+                &args.containerd_socket,
+                "-n",
+                namespace,
+                "run",
+                "--rm",
+                image,
+                &format!("start-bench-logs-{}-{i}", std::process::id()),
+                "sh",
+                "-c",
+                &command,
+            ])
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .status()?;
+        let ended = unix_micros(SystemTime::now());
+        ensure!(status.success(), "ctr run (logs) failed: {status}");
+        let len = std::fs::metadata(out.path())?.len();
+        ensure!(len == bytes, "ctr run wrote {len} bytes, not {bytes}");
+        let text = std::fs::read_to_string(err.path())?;
+        let start = text
+            .lines()
+            .find_map(|l| l.strip_prefix("start "))
+            .context("ctr run: no start line")?;
+        Ok(micros_to_duration(ended - epoch_micros(start)?))
+    };
+    api.log_run(&runner, lines)
+        .await
+        .context("log warm-up run")?;
+    let pause = Duration::from_millis(args.pause_ms);
+    let mut samples = Vec::new();
+    let mut ctr_times = Vec::new();
+    for i in 0..args.log_runs {
+        tokio::time::sleep(pause).await;
+        samples.push(api.log_run(&runner, lines).await?);
+        tokio::time::sleep(pause).await;
+        ctr_times.push(ctr(i)?);
+    }
+    let _ = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/runners/{runner}"),
+            None,
+        )
+        .await;
+    let to_succeeded = Summary::of(samples.iter().map(|s| s.to_succeeded).collect());
+    let output = Summary::of(samples.iter().map(|s| s.output_to_succeeded).collect());
+    let latency = Summary::of(
+        samples
+            .iter()
+            .flat_map(|s| s.line_latencies.iter().copied())
+            .collect(),
+    );
+    let ctr_s = Summary::of(ctr_times);
+    println!(
+        "log throughput, {} runs writing {:.1} MiB each ({lines} lines of 100 bytes)",
+        args.log_runs,
+        bytes as f64 / 1048576.0,
+    );
+    println!("{:<52} {:>9} {:>9}", "", "p50 ms", "MiB/s");
+    let row = |name: &str, d: Duration| {
+        println!("{name:<52} {:>9.1} {:>9.1}", millis(d), mib_per_s(bytes, d));
+    };
+    row(
+        "berth output start -> succeeded, every line seen",
+        output.p50,
+    );
+    row("ctr run --rm, output start -> ctr exits (files)", ctr_s.p50);
+    row("berth POST -> succeeded", to_succeeded.p50);
+    println!(
+        "ratio berth / ctr, output start -> end: p50 {:.2}x",
+        ratio(output.p50, ctr_s.p50)
+    );
+    println!(
+        "live SSE line latency (written in the container -> seen by the client), {} lines: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        samples.iter().map(|s| s.line_latencies.len()).sum::<usize>(),
+        millis(latency.p50),
+        millis(latency.p99),
+        millis(latency.max)
+    );
+    Ok(json!({
+        "runs": args.log_runs,
+        "bytes": bytes,
+        "berth_post_to_succeeded": summary_json(&to_succeeded),
+        "berth_output_to_succeeded": summary_json(&output),
+        "ctr_output_to_exit": summary_json(&ctr_s),
+        "berth_mib_per_s_p50": mib_per_s(bytes, output.p50),
+        "ctr_mib_per_s_p50": mib_per_s(bytes, ctr_s.p50),
+        "ratio_berth_vs_ctr_p50": ratio(output.p50, ctr_s.p50),
+        "sse_line_latency": summary_json(&latency),
+    }))
 }

@@ -6,10 +6,11 @@
 //!   image digest and, once the task started, its start time. Written atomically.
 //! - `stdout`, `stderr`: the container's raw output. These are regular files that containerd's
 //!   shim appends to directly, so output is captured even while no agent process is alive.
-//! - `lines`: the line log, one JSON record per numbered log line (`seq`, stream, the offset in
-//!   the raw file just after the line, timestamp, text). A line is appended here *before* it
-//!   enters the outbox, so a restart never numbers a line twice or differently; the raw offsets
-//!   say where to continue splitting.
+//! - `lines`: the line log, one record per numbered log line (`seq`, stream, the offset in the
+//!   raw file just after the line, timestamp, text). A line is appended here *before* it enters
+//!   the outbox, so a restart never numbers a line twice or differently; the raw offsets say where
+//!   to continue splitting. Records are binary and length-prefixed ([`LineLog`]); a log written by
+//!   an older agent holds JSON records, which are still read (and may be followed by binary ones).
 //! - `acked`: the highest line `seq` the scheduler acknowledged (an optimisation: lines above it
 //!   are re-sent after a restart, and the scheduler de-duplicates anyway).
 //! - `exit.json`: how the run ended, written before cleanup, so the `RunExited` survives too.
@@ -181,6 +182,97 @@ pub struct LineLog {
     file: File,
 }
 
+/// The first byte of a binary line-log record (a JSON record, from an older agent, starts with
+/// `{`). Then the payload's length (u32, little-endian) and the payload: seq (u64), stream (i32),
+/// next (u64), ts (i64), marker (one byte, 0 or 1), the text (UTF-8, the rest). Binary because
+/// every byte a run logs passes through here: serialising it as JSON cost the agent more time
+/// than splitting it into lines.
+const BINARY_RECORD: u8 = 0x01;
+const BINARY_HEADER: usize = 1 + 4;
+const BINARY_FIXED: usize = 8 + 4 + 8 + 8 + 1;
+
+fn encode_record(buf: &mut Vec<u8>, line: &LineRecord) {
+    let len = BINARY_FIXED + line.msg.len();
+    buf.push(BINARY_RECORD);
+    // A line is at most a few hundred KiB (`logs::MAX_LINE_BYTES` of output).
+    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    buf.extend_from_slice(&line.seq.to_le_bytes());
+    buf.extend_from_slice(&line.stream.to_le_bytes());
+    buf.extend_from_slice(&line.next.to_le_bytes());
+    buf.extend_from_slice(&line.ts.to_le_bytes());
+    buf.push(u8::from(line.marker));
+    buf.extend_from_slice(line.msg.as_bytes());
+}
+
+fn decode_payload(p: &[u8]) -> Option<LineRecord> {
+    let fixed = p.get(..BINARY_FIXED)?;
+    let u64_at = |at: usize| fixed[at..at + 8].try_into().ok().map(u64::from_le_bytes);
+    let marker = match fixed[28] {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    Some(LineRecord {
+        seq: u64_at(0)?,
+        stream: i32::from_le_bytes(fixed[8..12].try_into().ok()?),
+        next: u64_at(12)?,
+        ts: i64::from_le_bytes(fixed[20..28].try_into().ok()?),
+        marker,
+        msg: std::str::from_utf8(&p[BINARY_FIXED..]).ok()?.to_owned(),
+    })
+}
+
+/// Reads the next record (binary or JSON) and the bytes it took; `None` at the end of the log
+/// or at a torn or unreadable record.
+fn read_record(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<(LineRecord, u64)>> {
+    buf.clear();
+    let first = match reader.fill_buf()?.first() {
+        Some(b) => *b,
+        None => return Ok(None),
+    };
+    if first == BINARY_RECORD {
+        let mut header = [0u8; BINARY_HEADER];
+        if read_full(reader, &mut header)? < BINARY_HEADER {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&header[1..]);
+        let len = u32::from_le_bytes(len) as usize;
+        if !(BINARY_FIXED..=16 * 1024 * 1024).contains(&len) {
+            return Ok(None);
+        }
+        buf.resize(len, 0);
+        if read_full(reader, buf)? < len {
+            return Ok(None);
+        }
+        return Ok(decode_payload(buf).map(|r| (r, (BINARY_HEADER + len) as u64)));
+    }
+    let n = reader.read_until(b'\n', buf)?;
+    if n == 0 || buf.last() != Some(&b'\n') {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<LineRecord>(buf)
+        .ok()
+        .map(|r| (r, n as u64)))
+}
+
+/// Reads until `buf` is full or the input ends; the bytes read.
+fn read_full(reader: &mut impl io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 impl LineLog {
     /// Opens the log, dropping a torn last record (the agent died mid-append), and returns the
     /// complete records with the cursor they imply.
@@ -192,16 +284,10 @@ impl LineLog {
             Ok(file) => {
                 let mut reader = BufReader::new(file);
                 let mut buf = Vec::new();
-                loop {
-                    buf.clear();
-                    let n = reader.read_until(b'\n', &mut buf).map_err(io_error(path))?;
-                    if n == 0 || buf.last() != Some(&b'\n') {
-                        break;
-                    }
-                    let Ok(record) = serde_json::from_slice::<LineRecord>(&buf) else {
-                        break;
-                    };
-                    valid_len += n as u64;
+                while let Some((record, n)) =
+                    read_record(&mut reader, &mut buf).map_err(io_error(path))?
+                {
+                    valid_len += n;
                     cursor.advance(&record);
                     records.push(record);
                 }
@@ -233,18 +319,17 @@ impl LineLog {
         ))
     }
 
-    /// Appends `lines` with one write.
     pub fn append(&mut self, lines: &[LineRecord]) -> Result<(), JournalError> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(lines.len() * 64);
+        let bytes: usize = lines
+            .iter()
+            .map(|l| BINARY_HEADER + BINARY_FIXED + l.msg.len())
+            .sum();
+        let mut buf = Vec::with_capacity(bytes);
         for line in lines {
-            serde_json::to_writer(&mut buf, line).map_err(|e| JournalError::Corrupt {
-                path: self.path.display().to_string(),
-                message: e.to_string(),
-            })?;
-            buf.push(b'\n');
+            encode_record(&mut buf, line);
         }
         self.file.write_all(&buf).map_err(io_error(&self.path))
     }
@@ -716,5 +801,50 @@ mod tests {
         assert_eq!(records[3].msg, "err2");
         assert_eq!(cursor.next_seq, 5);
         assert_eq!(cursor.offset(LogStream::Stderr), 10);
+
+        // Torn inside a binary record: its header only, then half its payload.
+        let whole = std::fs::read(&path).expect("read");
+        let mut more = Vec::new();
+        encode_record(&mut more, &line(5, LogStream::Stdout, 20, "out3 ünïcode"));
+        for cut in [3, more.len() - 4] {
+            std::fs::write(&path, [&whole[..], &more[..cut]].concat()).expect("write");
+            let (_, records, cursor) = LineLog::open(&path).expect("reopen");
+            assert_eq!(records.len(), 4, "cut at {cut}");
+            assert_eq!(cursor.next_seq, 5);
+            assert_eq!(std::fs::read(&path).expect("read"), whole, "cut at {cut}");
+        }
+    }
+
+    /// A run adopted from an older agent has JSON records; the new agent appends binary ones
+    /// after them, and both read back, the marker flag included.
+    #[test]
+    fn line_log_reads_json_records_of_an_older_agent_followed_by_binary_ones() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let path = state.path().join("lines");
+        let old = [
+            line(1, LogStream::Stdout, 5, "out1"),
+            line(2, LogStream::Stderr, 7, "{\"looks\": \"like json\"}"),
+        ];
+        let mut json = Vec::new();
+        for record in &old {
+            serde_json::to_writer(&mut json, record).expect("json");
+            json.push(b'\n');
+        }
+        std::fs::write(&path, json).expect("write");
+        let (mut log, records, _) = LineLog::open(&path).expect("open");
+        assert_eq!(records, old);
+        let mut marker = line(
+            4,
+            LogStream::Stderr,
+            7,
+            "[berth] log limit of 10 lines reached",
+        );
+        marker.marker = true;
+        let new = [line(3, LogStream::Stdout, 9, ""), marker];
+        log.append(&new).expect("append");
+        let (_, records, cursor) = LineLog::open(&path).expect("reopen");
+        assert_eq!(records, [&old[..], &new[..]].concat());
+        assert_eq!(cursor.next_seq, 5);
+        assert_eq!(cursor.offset(LogStream::Stdout), 9);
     }
 }

@@ -17,8 +17,11 @@
 //! not acknowledged: no line is lost, renumbered or duplicated.
 //!
 //! ## Message size
-//! Lines go to the outbox in batches of at most [`BATCH_MAX_LINES`] lines and about
-//! [`MAX_MESSAGE_BYTES`] encoded, and the outbox splits whatever is larger, lines re-sent from
+//! What one poll finds goes to the outbox at the end of that poll (no batching delay: a line
+//! waits at most one [`POLL_INTERVAL`] on the node), in batches of at most [`BATCH_MAX_LINES`]
+//! lines and about [`MAX_MESSAGE_BYTES`] encoded — large batches, because the scheduler handles
+//! a node's messages one after the other and stores each batch in one commit, so a run writing
+//! fast is stored in few commits. The outbox splits whatever is larger, lines re-sent from
 //! the line log after a restart included (an older agent queued them 256 at a time whatever
 //! their size, which could exceed gRPC's 4 MiB and wedge the node). A line is at most
 //! [`MAX_LINE_BYTES`] of output, at most three times that as text: far below one message.
@@ -46,7 +49,6 @@ use std::time::Duration;
 use berth_proto::v1::{agent_message::Body, LogBatch, LogLine, LogStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::clock::unix_nanos_now;
 use crate::outbox::{SharedOutbox, MAX_MESSAGE_BYTES};
@@ -56,10 +58,8 @@ use crate::run::journal::{JournalError, LineCursor, LineLog, LineRecord, RunDir}
 /// a piece (at most 192 KiB as text, for binary output) a small part of one message, and the
 /// pieces of a long line (minified JSON, a base64 blob) still join back to the whole.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
-/// A batch is sent once it holds this many lines...
-pub const BATCH_MAX_LINES: usize = 256;
-/// ...or this long after its first line arrived.
-pub const BATCH_MAX_DELAY: Duration = Duration::from_millis(50);
+/// The most lines in one batch (lines of ~100 bytes fill [`MAX_MESSAGE_BYTES`] at about 8,000).
+pub const BATCH_MAX_LINES: usize = 16_384;
 /// How often the output files are checked for new bytes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes read from an output file at a time.
@@ -558,9 +558,8 @@ async fn tail(
     let mut next_seq = cursor.next_seq;
     let mut batch: Vec<LogLine> = Vec::new();
     let mut batch_bytes = 0usize;
-    let mut batch_since: Option<Instant> = None;
-    let mut behind = false;
-    let flush = |batch: &mut Vec<LogLine>| {
+    let flush = |batch: &mut Vec<LogLine>, batch_bytes: &mut usize| {
+        *batch_bytes = 0;
         if !batch.is_empty() {
             outbox.push(Body::LogBatch(LogBatch {
                 run_id: run_id.clone(),
@@ -568,6 +567,7 @@ async fn tail(
             }));
         }
     };
+    let mut behind = false;
     loop {
         let finishing = if behind {
             // More output is waiting: read on at once, but let other tasks run first.
@@ -613,22 +613,13 @@ async fn tail(
             }
         }
         for record in found {
-            if batch.is_empty() {
-                batch_since = Some(Instant::now());
-            }
             batch_bytes += record.msg.len();
             batch.push(to_log_line(record));
             if batch.len() >= BATCH_MAX_LINES || batch_bytes >= MAX_MESSAGE_BYTES {
-                flush(&mut batch);
-                batch_bytes = 0;
+                flush(&mut batch, &mut batch_bytes);
             }
         }
-        let due = batch_since.is_some_and(|t| t.elapsed() >= BATCH_MAX_DELAY);
-        if finishing || due {
-            flush(&mut batch);
-            batch_bytes = 0;
-            batch_since = None;
-        }
+        flush(&mut batch, &mut batch_bytes);
         if finishing {
             return;
         }

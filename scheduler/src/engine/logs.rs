@@ -10,61 +10,84 @@
 use super::{Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::agent::LogBatch;
-use berth_core::log_chunks::{self, ReadError, READ_CHUNKS};
+use berth_core::log_chunks::{self, ReadError, Span, READ_CHUNKS};
 use berth_core::model::LogEntry;
 use berth_core::store::{KeyValue, Store};
 use berth_core::{keys, Run};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Serialises the appends of each run: one lock per run with an append in progress (the entry
-/// goes with the last holder), so appends of different runs never wait for each other.
+/// Serialises the appends of each run: one entry per run with an append in progress or a
+/// commit on its way (the entry goes with its last user), so appends of different runs never
+/// wait for each other.
 #[derive(Default)]
-pub(super) struct AppendLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+pub(super) struct AppendLocks(std::sync::Mutex<HashMap<String, Arc<RunAppends>>>);
 
-/// Held while one run's append checks and writes; frees the run's entry when it is the last.
-struct AppendGuard<'a> {
+/// One run's appends: the lock held while checking and submitting, and the spans submitted
+/// and not yet durable.
+#[derive(Default)]
+struct RunAppends {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    pending: std::sync::Mutex<Vec<Span>>,
+}
+
+impl RunAppends {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<Span>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A use of one run's entry: while held, the entry stays in the map. Dropping the last use
+/// frees it.
+struct RunUse<'a> {
     locks: &'a AppendLocks,
     run_id: String,
-    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+    entry: Arc<RunAppends>,
 }
 
 impl AppendLocks {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<RunAppends>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn lock(&self, run_id: &str) -> AppendGuard<'_> {
-        let lock = self.map().entry(run_id.to_owned()).or_default().clone();
-        AppendGuard {
+    /// The run's entry, and its lock once it is this caller's turn.
+    async fn lock(&self, run_id: &str) -> (RunUse<'_>, tokio::sync::OwnedMutexGuard<()>) {
+        let entry = self.map().entry(run_id.to_owned()).or_default().clone();
+        let held = entry.lock.clone().lock_owned().await;
+        let user = RunUse {
             locks: self,
             run_id: run_id.to_owned(),
-            held: Some(lock.lock_owned().await),
-        }
+            entry,
+        };
+        (user, held)
     }
 }
 
 #[cfg(test)]
 impl AppendLocks {
-    /// Runs with an entry (held or awaited).
+    /// Runs with an entry (held, awaited or committing).
     pub(super) fn in_use(&self) -> usize {
         self.map().len()
     }
 }
 
-impl Drop for AppendGuard<'_> {
+impl Drop for RunUse<'_> {
     fn drop(&mut self) {
-        self.held.take();
         let mut map = self.locks.map();
-        // Only the map's own reference left: nobody holds or awaits this run's lock.
+        // The map's reference and this one: nobody else holds, awaits or commits for the run.
         if map
             .get(&self.run_id)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.entry) && Arc::strong_count(l) == 2)
         {
             map.remove(&self.run_id);
         }
     }
 }
+
+/// The wait until a staged batch is durable ([`Scheduler::stage_logs`]); resolves to what
+/// [`Scheduler::append_logs`] would have returned.
+pub type LogsCommit<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SchedulerError>> + Send + 'a>>;
 
 fn corrupt(kv: &KeyValue, e: log_chunks::ChunkError) -> SchedulerError {
     SchedulerError::Corrupt {
@@ -74,15 +97,28 @@ fn corrupt(kv: &KeyValue, e: log_chunks::ChunkError) -> SchedulerError {
 }
 
 impl<S: Store> Scheduler<S> {
+    /// Stores `batch`: [`Scheduler::stage_logs`], then waits until it is durable.
     pub async fn append_logs(&self, node_id: &str, batch: LogBatch) -> Result<(), SchedulerError> {
+        self.stage_logs(node_id, batch).await?.await
+    }
+
+    /// Checks which of `batch`'s lines are to be stored and submits them; the returned future
+    /// waits until they are durable. Batches staged one after the other are applied in that
+    /// order; a later batch of the same run counts this one's lines as stored from the moment
+    /// it is staged.
+    pub async fn stage_logs(
+        &self,
+        node_id: &str,
+        mut batch: LogBatch,
+    ) -> Result<LogsCommit<'_>, SchedulerError> {
         let (Some(first), Some(last)) = (
             batch.lines.iter().map(|l| l.seq).filter(|s| *s > 0).min(),
             batch.lines.iter().map(|l| l.seq).max(),
         ) else {
-            return Ok(());
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         };
-        let _serial = self.log_appends.lock(&batch.run_id).await;
-        let stored = log_chunks::stored_spans(&self.store, &batch.run_id, first, last)
+        let (user, serial) = self.log_appends.lock(&batch.run_id).await;
+        let mut stored = log_chunks::stored_spans(&self.store, &batch.run_id, first, last)
             .await
             .map_err(|e| match e {
                 ReadError::Store(e) => e.into(),
@@ -91,6 +127,7 @@ impl<S: Store> Scheduler<S> {
                     reason: source.to_string(),
                 },
             })?;
+        stored.extend(user.entry.pending().iter().copied());
         // Only lines of a run that has not ended, from the node that holds its lease, are
         // stored. The agent sends every line of a run before its `RunExited` on one ordered
         // stream, and the stream is handled in order, so a run that ended by its node's report
@@ -101,17 +138,17 @@ impl<S: Store> Scheduler<S> {
         // the submission happen in one hold of the engine lock, so the lines take their place
         // in the commit order before any final state staged after the check; redaction,
         // chunking and compression need no engine state and run outside it.
+        let count = batch.lines.len();
         let Some(secrets) = self
-            .log_holder(&*self.state.lock().await, &batch, node_id)
+            .log_holder(&*self.state.lock().await, &batch.run_id, count, node_id)
             .map(secret_values)
         else {
-            return Ok(());
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         };
-        let lines: Vec<LogEntry> = batch
-            .lines
-            .iter()
+        let lines: Vec<LogEntry> = std::mem::take(&mut batch.lines)
+            .into_iter()
             .map(|line| {
-                let mut msg = line.msg.clone();
+                let mut msg = line.msg;
                 for secret in &secrets {
                     if msg.contains(secret.as_str()) {
                         msg = msg.replace(secret.as_str(), REDACTED);
@@ -126,29 +163,68 @@ impl<S: Store> Scheduler<S> {
             })
             .collect();
         let chunks = log_chunks::plan(lines, &stored);
+        let spans: Vec<Span> = chunks
+            .iter()
+            .filter_map(|c| {
+                Some(Span {
+                    first: c.first()?.id,
+                    last: c.last()?.id,
+                })
+            })
+            .collect();
         let txns = log_chunks::txns(&batch.run_id, chunks, self.config.log_retention);
         let st = self.state.lock().await;
-        if self.log_holder(&st, &batch, node_id).is_none() {
-            return Ok(());
+        if self
+            .log_holder(&st, &batch.run_id, count, node_id)
+            .is_none()
+        {
+            return Ok(Box::pin(std::future::ready(Ok(()))));
         }
         let commits: Vec<_> = txns.into_iter().map(|txn| self.store.submit(txn)).collect();
         drop(st);
-        for commit in commits {
-            commit.await?;
-        }
-        self.notify();
-        Ok(())
+        user.entry.pending().extend(spans.iter().copied());
+        drop(serial);
+        Ok(Box::pin(async move {
+            let mut result = Ok(());
+            for commit in commits {
+                if let Err(e) = commit.await {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+            // Durable: the store has the spans now. Failed: the agent sends them again (the
+            // session ends), and they must not count as stored.
+            user.entry
+                .pending()
+                .retain(|p| !spans.iter().any(|s| s == p));
+            drop(user);
+            if result.is_ok() {
+                self.notify();
+            }
+            result
+        }))
     }
 
-    /// The run `batch` belongs to, if its lines are to be stored: it has not ended and
+    /// The run `run_id` whose batch of `lines` lines arrived, if its lines are to be stored: it has not ended and
     /// `node_id` holds its lease.
-    fn log_holder<'a>(&self, st: &'a State, batch: &LogBatch, node_id: &str) -> Option<&'a Run> {
+    fn log_holder<'a>(
+        &self,
+        st: &'a State,
+        run_id: &str,
+        lines: usize,
+        node_id: &str,
+    ) -> Option<&'a Run> {
         let run = st
             .active
-            .get(&batch.run_id)
+            .get(run_id)
             .filter(|c| c.node_id.as_deref() == Some(node_id));
         if run.is_none() {
-            tracing::debug!(run_id = %batch.run_id, node_id, lines = batch.lines.len(), "dropping logs for a run that has ended or that this node does not hold");
+            tracing::debug!(
+                run_id,
+                node_id,
+                lines,
+                "dropping logs for a run that has ended or that this node does not hold"
+            );
         }
         run
     }

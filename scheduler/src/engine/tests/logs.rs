@@ -4,7 +4,7 @@
 use super::*;
 use berth_core::log_chunks;
 use berth_core::model::LogEntry;
-use berth_core::store::Txn;
+use berth_core::store::{StoreError, Txn};
 
 fn line(seq: u64, msg: &str) -> LogLine {
     LogLine {
@@ -187,6 +187,123 @@ async fn concurrent_deliveries_of_one_batch_store_it_once() {
         s.log_appends.in_use(),
         0,
         "each run's lock goes with its last append"
+    );
+}
+
+/// A store whose commits, while held, wait unseen by reads until released, then are applied in
+/// the order they were submitted: commits on their way that are not durable yet.
+#[derive(Clone, Default)]
+struct HeldCommits {
+    inner: Arc<MemoryStore>,
+    #[allow(clippy::type_complexity)]
+    held: Arc<
+        std::sync::Mutex<Option<Vec<(Txn, tokio::sync::oneshot::Sender<Result<u64, StoreError>>)>>>,
+    >,
+}
+
+impl HeldCommits {
+    fn hold(&self) {
+        *self.held.lock().expect("lock") = Some(Vec::new());
+    }
+
+    /// Transactions waiting, and their operations.
+    fn waiting(&self) -> Vec<usize> {
+        let held = self.held.lock().expect("lock");
+        held.iter().flatten().map(|(t, _)| t.ops.len()).collect()
+    }
+
+    fn release(&self) {
+        let held = self.held.lock().expect("lock").take();
+        for (txn, done) in held.into_iter().flatten() {
+            let result = futures::FutureExt::now_or_never(self.inner.submit(txn))
+                .expect("the memory store commits at once");
+            let _ = done.send(result);
+        }
+    }
+}
+
+impl Store for HeldCommits {
+    async fn get(&self, key: &str) -> Result<Option<berth_core::store::KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<berth_core::store::KeyValue>, StoreError> {
+        self.inner.range(start, end, limit).await
+    }
+
+    fn submit(
+        &self,
+        txn: Txn,
+    ) -> impl std::future::Future<Output = Result<u64, StoreError>> + Send + 'static {
+        let mut held = self.held.lock().expect("lock");
+        let (waiting, now) = match held.as_mut() {
+            Some(queue) => {
+                let (done, waiting) = tokio::sync::oneshot::channel();
+                queue.push((txn, done));
+                (Some(waiting), None)
+            }
+            None => (None, Some(self.inner.submit(txn))),
+        };
+        async move {
+            match (waiting, now) {
+                (Some(waiting), _) => waiting
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError::Backend("dropped".into()))),
+                (None, Some(now)) => now.await,
+                (None, None) => Err(StoreError::Backend("unreachable".into())),
+            }
+        }
+    }
+}
+
+/// A batch staged but not yet durable counts as stored: the same lines delivered again
+/// meanwhile (an agent session re-sending while the first delivery's commit is on its way) are
+/// not submitted a second time, and once the commits land every line is stored once.
+#[tokio::test]
+async fn lines_on_their_way_to_the_store_count_as_stored() {
+    let store = HeldCommits::default();
+    let (s, _runner, run, _node) = started_run(store.clone(), config()).await;
+    store.hold();
+    let first = s
+        .stage_logs("ams-1", batch(&run, 1..=100))
+        .await
+        .expect("stage");
+    let again = s
+        .stage_logs("ams-1", batch(&run, 50..=150))
+        .await
+        .expect("stage");
+    assert_eq!(
+        store.waiting(),
+        vec![1, 1],
+        "one chunk each: 1..=100, then only 101..=150"
+    );
+    assert!(
+        stored_keys(&s, &run).await.is_empty(),
+        "nothing is durable yet"
+    );
+    store.release();
+    first.await.expect("durable");
+    again.await.expect("durable");
+    let mut stored: Vec<u64> = Vec::new();
+    for kv in stored_keys(&s, &run).await {
+        stored.extend(
+            log_chunks::decode(&kv.value)
+                .expect("decode")
+                .iter()
+                .map(|l| l.id),
+        );
+    }
+    stored.sort_unstable();
+    assert_eq!(stored, (1..=150).collect::<Vec<_>>());
+    assert_eq!(
+        s.log_appends.in_use(),
+        0,
+        "the run's entry goes with its last commit"
     );
 }
 
