@@ -87,6 +87,20 @@ fn log_command(lines: u64) -> String {
     )
 }
 
+/// Blocks of the paced writer, and 100-byte lines per block.
+const PACED_BLOCKS: u64 = 128;
+const PACED_BLOCK_LINES: u64 = 655;
+
+/// The paced writer: 128 blocks of 655 lines of 100 bytes (8 MiB), each followed by a `t <time>`
+/// line on stderr and a 2 ms pause: output that streams for a while instead of all at once, to
+/// measure how long a line takes to reach an SSE client while the run keeps writing.
+fn paced_command() -> String {
+    format!(
+        "yes $(printf %099d 0) | head -c {} > /tmp/b; echo \"start $EPOCHREALTIME\" >&2; n=0; while [ $n -lt {PACED_BLOCKS} ]; do cat /tmp/b; echo \"t $EPOCHREALTIME\" >&2; usleep 2000; n=$((n+1)); done",
+        PACED_BLOCK_LINES * 100
+    )
+}
+
 /// `$EPOCHREALTIME` (seconds with a fraction) as Unix µs.
 fn epoch_micros(text: &str) -> Result<i128> {
     let seconds: f64 = text.trim().parse().context("a time line")?;
@@ -662,6 +676,47 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
             None,
         )
         .await;
+    // The paced writer, Berth only: the line latency while a run keeps writing.
+    let paced_runner = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/runners",
+            Some(json!({
+                "name": "start-latency-paced-logs",
+                "image_name": "busybox",
+                "image_tag": "latest",
+                "run_command": paced_command(),
+                "region": args.region,
+                "instance_type": "standard-s",
+                "timeout_seconds": 120,
+            })),
+        )
+        .await?;
+    let paced_runner = paced_runner["runner"]["id"]
+        .as_str()
+        .context("runner id")?
+        .to_owned();
+    let paced_lines = PACED_BLOCKS * PACED_BLOCK_LINES;
+    let mut paced = Vec::new();
+    for _ in 0..args.log_runs {
+        tokio::time::sleep(pause).await;
+        paced.push(api.log_run(&paced_runner, paced_lines).await?);
+    }
+    let _ = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/runners/{paced_runner}"),
+            None,
+        )
+        .await;
+    let paced_latency = Summary::of(
+        paced
+            .iter()
+            .flat_map(|s| s.line_latencies.iter().copied())
+            .collect(),
+    );
+    let paced_output = Summary::of(paced.iter().map(|s| s.output_to_succeeded).collect());
+    let paced_bytes = paced_lines * 100;
     let to_succeeded = Summary::of(samples.iter().map(|s| s.to_succeeded).collect());
     let output = Summary::of(samples.iter().map(|s| s.output_to_succeeded).collect());
     let latency = Summary::of(
@@ -697,7 +752,20 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         millis(latency.p99),
         millis(latency.max)
     );
+    println!(
+        "paced writer ({:.1} MiB in {} blocks, 2 ms apart): output start -> succeeded p50 {:.1} ms ({:.1} MiB/s); SSE line latency while it writes, {} lines: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        paced_bytes as f64 / 1048576.0,
+        PACED_BLOCKS,
+        millis(paced_output.p50),
+        mib_per_s(paced_bytes, paced_output.p50),
+        paced.iter().map(|s| s.line_latencies.len()).sum::<usize>(),
+        millis(paced_latency.p50),
+        millis(paced_latency.p99),
+        millis(paced_latency.max)
+    );
     Ok(json!({
+        "paced_output_to_succeeded": summary_json(&paced_output),
+        "paced_sse_line_latency": summary_json(&paced_latency),
         "runs": args.log_runs,
         "bytes": bytes,
         "berth_post_to_succeeded": summary_json(&to_succeeded),
