@@ -27,6 +27,9 @@
 #   BERTH_SKIP_BUILD=1   use the binaries already built
 #   BERTH_SKIP_DEMO=1    bring the fleet up but do not run the demo
 #   RUST_LOG         log filter for the Berth processes (default info)
+#   BERTH_AGENT_MEMORY_MIB   memory each agent offers to runs (default 4096); the agents also
+#                    read their other BERTH_AGENT_* settings from the environment (e.g.
+#                    BERTH_AGENT_MAX_RUNS, BERTH_AGENT_SHIM_GROUP_SIZE, BERTH_AGENT_NETWORK)
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -209,7 +212,7 @@ agent_cmd() { # NODE_ID REGION
     --scheduler "$SCHEDULER_URL"
     --node-id "$1"
     --region "$2"
-    --memory-mib 4096
+    --memory-mib "${BERTH_AGENT_MEMORY_MIB:-4096}"
     --cpus 2
     --containerd-socket "$SOCK"
     --state-dir "$DATA_DIR/agent-$1"

@@ -63,6 +63,20 @@ pub struct ContainerdSettings {
     /// Free space kept in reserve on the filesystem of containerd's snapshots: below it the node
     /// takes no new runs (0: no reserve).
     pub min_free_disk_bytes: u64,
+    /// Runs share containerd shims in groups (`--shim-group-size`); None: a shim per run.
+    pub shim_groups: Option<Arc<crate::shim_groups::ShimGroups>>,
+}
+
+/// Calls [`crate::shim_groups::ShimGroups::created`] for a run that joined a group, however
+/// its creation ends.
+struct Joined<'a>(Option<(&'a crate::shim_groups::ShimGroups, &'a str)>);
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        if let Some((groups, run_id)) = self.0 {
+            groups.created(run_id);
+        }
+    }
 }
 
 pub struct ContainerdRuntime {
@@ -587,7 +601,17 @@ impl ContainerdRuntime {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
-        let spec = &self.networked_spec(run_id, spec).await?;
+        let mut spec = self.networked_spec(run_id, spec).await?;
+        let groups = self.settings.shim_groups.as_deref();
+        let _joined = Joined(groups.map(|g| (g, run_id)));
+        if let Some(groups) = groups {
+            let group = groups.join(run_id);
+            tracing::debug!(run_id, group = %group, "run joins a shim group");
+            let mut annotations = spec.annotations().clone().unwrap_or_default();
+            annotations.insert(crate::shim_groups::GROUP_ANNOTATION.to_owned(), group);
+            spec.set_annotations(Some(annotations));
+        }
+        let spec = &spec;
         let created = Created {
             network_ready_at_unix_nanos: if self.network.is_some() {
                 unix_nanos_now()
@@ -679,6 +703,17 @@ impl ContainerdRuntime {
         Ok(created)
     }
 
+    /// Takes the run out of its shim group before its task is deleted, and waits until no run
+    /// that joined the group is still being created (see `shim_groups`).
+    async fn leave_shim_group(&self, run_id: &str) {
+        let Some(groups) = self.settings.shim_groups.as_deref() else {
+            return;
+        };
+        if let Some(group) = groups.leave(run_id) {
+            groups.quiet(&group).await;
+        }
+    }
+
     async fn remove_everything(&self, run_id: &str) -> Vec<String> {
         let mut failures = Vec::new();
         let mut tasks = self.tasks();
@@ -704,6 +739,7 @@ impl ContainerdRuntime {
             ));
             let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
         }
+        self.leave_shim_group(run_id).await;
         let result = tasks
             .delete(self.request(
                 DeleteTaskRequest {
@@ -926,6 +962,7 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
+        self.leave_shim_group(run_id).await;
         let result = self
             .tasks()
             .delete(self.request(

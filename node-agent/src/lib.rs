@@ -9,3 +9,4 @@ pub mod outbox;
 pub mod run;
 pub mod runtime;
 pub mod scheduler_link;
+pub mod shim_groups;

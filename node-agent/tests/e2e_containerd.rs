@@ -267,6 +267,7 @@ async fn runs_containers_end_to_end() {
             ))
             .expect("a cgroup layout the agent knows"),
             min_free_disk_bytes: 0,
+            shim_groups: None,
         },
         puller,
         None,
