@@ -9,8 +9,105 @@
 //! - `takeover`: how long `Scheduler::open` (what a new leader does before it serves) takes on
 //!   a store holding 100,000 finished runs, on the embedded store and on a private etcd.
 //!
+//! - `start-latency`, `density`: against a fleet `deploy/up.sh` brought up, through its REST
+//!   API.
+//!
 //! This library holds the pieces that are not specific to one benchmark: latency percentiles
-//! ([`stats`]) and what `/proc` says about a process ([`proc_stats`]).
+//! ([`stats`]), what `/proc` says about a process ([`proc_stats`]) and a client of the REST
+//! API ([`api`]).
+
+pub mod api {
+    //! A small client of Berth's REST API, for the benchmarks that drive a fleet.
+
+    use anyhow::{ensure, Context as _, Result};
+    use serde_json::Value;
+    use std::path::Path;
+
+    pub struct Api {
+        pub http: reqwest::Client,
+        /// The API's base URL (no trailing slash).
+        pub url: String,
+        pub token: String,
+    }
+
+    impl Api {
+        /// A client of `url` (loopback only) acting with the admin token in `token_file`.
+        pub fn new(url: &str, token_file: &Path) -> Result<Api> {
+            ensure!(
+                url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost"),
+                "--url must be a loopback address"
+            );
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading {}", token_file.display()))?
+                .trim()
+                .to_owned();
+            Ok(Api {
+                http: reqwest::Client::new(),
+                url: url.trim_end_matches('/').to_owned(),
+                token,
+            })
+        }
+
+        /// One request; its JSON answer, or an error with the status and body.
+        pub async fn call(
+            &self,
+            method: reqwest::Method,
+            path: &str,
+            body: Option<Value>,
+        ) -> Result<Value> {
+            let mut req = self
+                .http
+                .request(method, format!("{}{path}", self.url))
+                .bearer_auth(&self.token);
+            if let Some(body) = body {
+                req = req.json(&body);
+            }
+            let resp = req.send().await?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            ensure!(status.is_success(), "{path}: HTTP {status}: {text}");
+            Ok(serde_json::from_str(&text)?)
+        }
+
+        /// Creates a runner; its id.
+        pub async fn create_runner(&self, body: Value) -> Result<String> {
+            let r = self
+                .call(reqwest::Method::POST, "/v1/runners", Some(body))
+                .await?;
+            r["runner"]["id"]
+                .as_str()
+                .map(str::to_owned)
+                .context("runner id")
+        }
+
+        /// POSTs a run of `runner` with `body`; its id.
+        pub async fn start_run(&self, runner: &str, body: Value) -> Result<String> {
+            let r = self
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/runners/{runner}/runs"),
+                    Some(body),
+                )
+                .await?;
+            r["run"]["id"].as_str().map(str::to_owned).context("run id")
+        }
+
+        /// Opens a run's SSE log stream.
+        pub async fn log_stream(&self, runner: &str, run: &str) -> Result<reqwest::Response> {
+            let stream = self
+                .http
+                .get(format!(
+                    "{}/v1/runners/{runner}/runs/{run}/logs/stream",
+                    self.url
+                ))
+                .bearer_auth(&self.token)
+                .send()
+                .await?;
+            ensure!(stream.status().is_success(), "stream: {}", stream.status());
+            Ok(stream)
+        }
+    }
+}
 
 pub mod stats {
     //! Latency summaries.

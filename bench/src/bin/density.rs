@@ -16,6 +16,7 @@
 #![allow(clippy::print_stdout)]
 
 use anyhow::{ensure, Context, Result};
+use berth_bench::api::Api;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
@@ -44,33 +45,12 @@ struct Args {
     timeout_s: u64,
 }
 
-struct Api {
-    http: reqwest::Client,
-    url: String,
-    token: String,
+/// Reading a runner's runs.
+trait RunList {
+    async fn runs(&self, runner: &str) -> Result<Vec<Value>>;
 }
 
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        ensure!(status.is_success(), "{path}: HTTP {status}: {text}");
-        Ok(serde_json::from_str(&text)?)
-    }
-
+impl RunList for Api {
     /// Every run of `runner` (pages of 1,000).
     async fn runs(&self, runner: &str) -> Result<Vec<Value>> {
         let mut all = Vec::new();
@@ -144,49 +124,22 @@ fn parse_micros(v: &Value) -> Option<i128> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(
-        args.url.starts_with("http://127.0.0.1") || args.url.starts_with("http://localhost"),
-        "--url must be a loopback address"
-    );
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading {}", args.token_file.display()))?
-        .trim()
-        .to_owned();
-    let api = Api {
-        http: reqwest::Client::new(),
-        url: args.url.trim_end_matches('/').to_owned(),
-        token,
-    };
+    let api = Api::new(&args.url, &args.token_file)?;
     let namespace = format!("berth-{}", args.node);
     let node_arg = format!("--node-id {}", args.node);
     let runner = api
-        .call(
-            reqwest::Method::POST,
-            "/v1/runners",
-            Some(json!({
-                "name": "density-bench",
-                "image_name": "busybox",
-                "image_tag": "latest",
-                "run_command": "sleep 3600",
-                "region": args.region,
-                "instance_type": "standard-xs",
-                "timeout_seconds": 7200,
-            })),
-        )
+        .create_runner(json!({
+            "name": "density-bench",
+            "image_name": "busybox",
+            "image_tag": "latest",
+            "run_command": "sleep 3600",
+            "region": args.region,
+            "instance_type": "standard-xs",
+            "timeout_seconds": 7200,
+        }))
         .await?;
-    let runner = runner["runner"]["id"]
-        .as_str()
-        .context("runner id")?
-        .to_owned();
     // One run first: the image on the node, and the baseline taken without it.
-    let first = api
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/runners/{runner}/runs"),
-            Some(json!({"command": "true"})),
-        )
-        .await?;
-    let first = first["run"]["id"].as_str().context("run id")?.to_owned();
+    let first = api.start_run(&runner, json!({"command": "true"})).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let r = api
@@ -211,16 +164,7 @@ async fn main() -> Result<()> {
         .map(|_| {
             let api = &api;
             let runner = &runner;
-            async move {
-                let r = api
-                    .call(
-                        reqwest::Method::POST,
-                        &format!("/v1/runners/{runner}/runs"),
-                        Some(json!({})),
-                    )
-                    .await?;
-                r["run"]["id"].as_str().map(str::to_owned).context("run id")
-            }
+            async move { api.start_run(runner, json!({})).await }
         })
         .buffer_unordered(args.concurrency)
         .try_collect()

@@ -30,6 +30,7 @@
 #![allow(clippy::print_stdout)]
 
 use anyhow::{bail, ensure, Context, Result};
+use berth_bench::api::Api;
 use berth_bench::stats::{millis, Summary};
 use clap::Parser;
 use futures::StreamExt;
@@ -157,55 +158,19 @@ fn micros_to_duration(us: i128) -> Duration {
     Duration::from_micros(u64::try_from(us.max(0)).unwrap_or(0))
 }
 
-struct Api {
-    http: reqwest::Client,
-    url: String,
-    token: String,
+/// What a benchmark run reads through the fleet's API.
+trait Runs {
+    async fn run_once(&self, runner: &str) -> Result<BerthSample>;
+    async fn log_run(&self, runner: &str, expected: u64) -> Result<LogSample>;
 }
 
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        ensure!(status.is_success(), "{path}: HTTP {status}: {text}");
-        Ok(serde_json::from_str(&text)?)
-    }
-
+impl Runs for Api {
     /// One run: POST, follow its log stream to the end, read its timeline.
     async fn run_once(&self, runner: &str) -> Result<BerthSample> {
         let sent_at = SystemTime::now();
         let clock = Instant::now();
-        let created = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/v1/runners/{runner}/runs"),
-                Some(json!({})),
-            )
-            .await?;
-        let run = created["run"]["id"].as_str().context("run id")?.to_owned();
-        let stream = self
-            .http
-            .get(format!(
-                "{}/v1/runners/{runner}/runs/{run}/logs/stream",
-                self.url
-            ))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        ensure!(stream.status().is_success(), "stream: {}", stream.status());
+        let run = self.start_run(runner, json!({})).await?;
+        let stream = self.log_stream(runner, &run).await?;
         let mut events = eventsource_stream::Eventsource::eventsource(stream.bytes_stream());
         let mut end = None;
         while let Some(event) = events.next().await {
@@ -256,30 +221,12 @@ impl Api {
             stages,
         })
     }
-}
 
-impl Api {
     /// One log run: POST, count every line over SSE until the state event, check the count.
     async fn log_run(&self, runner: &str, expected: u64) -> Result<LogSample> {
         let clock = Instant::now();
-        let created = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/v1/runners/{runner}/runs"),
-                Some(json!({})),
-            )
-            .await?;
-        let run = created["run"]["id"].as_str().context("run id")?.to_owned();
-        let stream = self
-            .http
-            .get(format!(
-                "{}/v1/runners/{runner}/runs/{run}/logs/stream",
-                self.url
-            ))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
-        ensure!(stream.status().is_success(), "stream: {}", stream.status());
+        let run = self.start_run(runner, json!({})).await?;
+        let stream = self.log_stream(runner, &run).await?;
         // A lean reader (bytes split at blank lines, one borrowed parse per line): a client that
         // allocated per event would measure itself rather than Berth.
         #[derive(serde::Deserialize)]
@@ -432,38 +379,18 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(
-        args.url.starts_with("http://127.0.0.1") || args.url.starts_with("http://localhost"),
-        "--url must be a loopback address"
-    );
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading {}", args.token_file.display()))?
-        .trim()
-        .to_owned();
-    let api = Api {
-        http: reqwest::Client::new(),
-        url: args.url.trim_end_matches('/').to_owned(),
-        token,
-    };
+    let api = Api::new(&args.url, &args.token_file)?;
     let runner = api
-        .call(
-            reqwest::Method::POST,
-            "/v1/runners",
-            Some(json!({
-                "name": "start-latency-bench",
-                "image_name": "busybox",
-                "image_tag": "latest",
-                "run_command": "echo hi",
-                "region": args.region,
-                "instance_type": "standard-s",
-                "timeout_seconds": 60,
-            })),
-        )
+        .create_runner(json!({
+            "name": "start-latency-bench",
+            "image_name": "busybox",
+            "image_tag": "latest",
+            "run_command": "echo hi",
+            "region": args.region,
+            "instance_type": "standard-s",
+            "timeout_seconds": 60,
+        }))
         .await?;
-    let runner = runner["runner"]["id"]
-        .as_str()
-        .context("runner id")?
-        .to_owned();
     let image = format!("{}/busybox:latest", args.registry);
     let namespace = format!("berth-{}", args.node);
     let ctr = |i: usize| {
@@ -604,24 +531,16 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
     let bytes = lines * 100;
     let command = log_command(lines);
     let runner = api
-        .call(
-            reqwest::Method::POST,
-            "/v1/runners",
-            Some(json!({
-                "name": "start-latency-logs",
-                "image_name": "busybox",
-                "image_tag": "latest",
-                "run_command": command,
-                "region": args.region,
-                "instance_type": "standard-s",
-                "timeout_seconds": 120,
-            })),
-        )
+        .create_runner(json!({
+            "name": "start-latency-logs",
+            "image_name": "busybox",
+            "image_tag": "latest",
+            "run_command": command,
+            "region": args.region,
+            "instance_type": "standard-s",
+            "timeout_seconds": 120,
+        }))
         .await?;
-    let runner = runner["runner"]["id"]
-        .as_str()
-        .context("runner id")?
-        .to_owned();
     let out = tempfile::NamedTempFile::new()?;
     let err = tempfile::NamedTempFile::new()?;
     // `start` → ctr exits, with the output in its files.
@@ -678,24 +597,16 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         .await;
     // The paced writer, Berth only: the line latency while a run keeps writing.
     let paced_runner = api
-        .call(
-            reqwest::Method::POST,
-            "/v1/runners",
-            Some(json!({
-                "name": "start-latency-paced-logs",
-                "image_name": "busybox",
-                "image_tag": "latest",
-                "run_command": paced_command(),
-                "region": args.region,
-                "instance_type": "standard-s",
-                "timeout_seconds": 120,
-            })),
-        )
+        .create_runner(json!({
+            "name": "start-latency-paced-logs",
+            "image_name": "busybox",
+            "image_tag": "latest",
+            "run_command": paced_command(),
+            "region": args.region,
+            "instance_type": "standard-s",
+            "timeout_seconds": 120,
+        }))
         .await?;
-    let paced_runner = paced_runner["runner"]["id"]
-        .as_str()
-        .context("runner id")?
-        .to_owned();
     let paced_lines = PACED_BLOCKS * PACED_BLOCK_LINES;
     let mut paced = Vec::new();
     for _ in 0..args.log_runs {

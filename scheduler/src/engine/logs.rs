@@ -118,6 +118,12 @@ impl<S: Store> Scheduler<S> {
             return Ok(Box::pin(std::future::ready(Ok(()))));
         };
         let (user, serial) = self.log_appends.lock(&batch.run_id).await;
+        // The spans on their way are read *before* the store: a commit that lands in between
+        // is then either still listed here or already in the store (its spans leave the list
+        // only once it is durable). Read the other way round, a batch could miss both, store
+        // lines again and overwrite a chunk that ends on the same line with one that holds
+        // fewer lines (chunk writes are unconditional).
+        let on_the_way: Vec<Span> = user.entry.pending().clone();
         let mut stored = log_chunks::stored_spans(&self.store, &batch.run_id, first, last)
             .await
             .map_err(|e| match e {
@@ -127,7 +133,7 @@ impl<S: Store> Scheduler<S> {
                     reason: source.to_string(),
                 },
             })?;
-        stored.extend(user.entry.pending().iter().copied());
+        stored.extend(on_the_way);
         // Only lines of a run that has not ended, from the node that holds its lease, are
         // stored. The agent sends every line of a run before its `RunExited` on one ordered
         // stream, and the stream is handled in order, so a run that ended by its node's report

@@ -73,6 +73,21 @@ async fn stored_keys<S: Store>(s: &Scheduler<S>, run: &str) -> Vec<berth_core::s
         .expect("list")
 }
 
+/// The ids of every line stored for `run`, ascending (a line stored twice is there twice).
+async fn stored_ids<S: Store>(s: &Scheduler<S>, run: &str) -> Vec<u64> {
+    let mut stored: Vec<u64> = Vec::new();
+    for kv in stored_keys(s, run).await {
+        stored.extend(
+            log_chunks::decode(&kv.value)
+                .expect("decode")
+                .iter()
+                .map(|l| l.id),
+        );
+    }
+    stored.sort_unstable();
+    stored
+}
+
 #[tokio::test]
 async fn pages_start_anywhere_inside_a_chunk_and_run_across_chunk_boundaries() {
     let (s, runner, run, _node) = started_run(MemoryStore::new(), config()).await;
@@ -172,16 +187,7 @@ async fn concurrent_deliveries_of_one_batch_store_it_once() {
     for t in tasks {
         t.await.expect("join").expect("append");
     }
-    let mut stored: Vec<u64> = Vec::new();
-    for kv in stored_keys(&s, &run).await {
-        stored.extend(
-            log_chunks::decode(&kv.value)
-                .expect("decode")
-                .iter()
-                .map(|l| l.id),
-        );
-    }
-    stored.sort_unstable();
+    let stored = stored_ids(&s, &run).await;
     assert_eq!(stored, (1..=170).collect::<Vec<_>>());
     assert_eq!(
         s.log_appends.in_use(),
@@ -289,16 +295,7 @@ async fn lines_on_their_way_to_the_store_count_as_stored() {
     store.release();
     first.await.expect("durable");
     again.await.expect("durable");
-    let mut stored: Vec<u64> = Vec::new();
-    for kv in stored_keys(&s, &run).await {
-        stored.extend(
-            log_chunks::decode(&kv.value)
-                .expect("decode")
-                .iter()
-                .map(|l| l.id),
-        );
-    }
-    stored.sort_unstable();
+    let stored = stored_ids(&s, &run).await;
     assert_eq!(stored, (1..=150).collect::<Vec<_>>());
     assert_eq!(
         s.log_appends.in_use(),
