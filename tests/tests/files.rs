@@ -38,7 +38,9 @@ async fn uploaded_files_are_read_only_with_their_mode_and_content_and_go_with_th
     // Bytes that are not text, to compare digests inside and out.
     let blob: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let command = [
-        "cat /etc/berth/config.json; echo",
+        // Reversed: the run's own output is stored as its logs, which are not sealed; the scan
+        // of the store below is about what Berth keeps of the upload itself.
+        "rev /etc/berth/config.json | tr -d '\\n'; echo",
         "/work/a/b/script.sh first-arg",
         "stat -c 'mode %n %a' /etc/berth/config.json /work/a/b/script.sh /data/blob",
         "sha256sum /data/blob",
@@ -64,7 +66,8 @@ async fn uploaded_files_are_read_only_with_their_mode_and_content_and_go_with_th
     let logs = wait_line(&f, &runner, &run, "checks-done").await?;
     let out = msgs(&logs, "stdout");
     let err = msgs(&logs, "stderr");
-    ensure!(out[0] == CONFIG, "exact content: {out:?}");
+    let reversed: String = CONFIG.chars().rev().collect();
+    ensure!(out[0] == reversed, "exact content (reversed): {out:?}");
     ensure!(out[1] == "script ran with first-arg as uid 0", "{out:?}");
     ensure!(
         out[2..5]
