@@ -60,6 +60,19 @@ pub struct ShimGroups {
     created: Notify,
 }
 
+impl Inner {
+    /// Forgets `group` once it has no run and none on its way in: it is retired.
+    fn retire_if_empty(&mut self, group: &str) {
+        if self
+            .groups
+            .get(group)
+            .is_some_and(|g| g.live == 0 && g.creating == 0)
+        {
+            self.groups.remove(group);
+        }
+    }
+}
+
 impl ShimGroups {
     /// Groups of at most `size` runs (at least 1), named `<prefix>-<uuid>`.
     pub fn new(size: usize, prefix: &str) -> Self {
@@ -110,6 +123,7 @@ impl ShimGroups {
             if let Some(g) = inner.groups.get_mut(&group) {
                 g.creating = g.creating.saturating_sub(1);
             }
+            inner.retire_if_empty(&group);
         }
         self.created.notify_waiters();
     }
@@ -119,21 +133,11 @@ impl ShimGroups {
     pub fn leave(&self, run_id: &str) -> Option<String> {
         let mut inner = self.lock();
         let group = inner.of_run.remove(run_id)?;
-        let retire = match inner.groups.get_mut(&group) {
-            Some(g) => {
-                g.live = g.live.saturating_sub(1);
-                g.live == 0 && g.creating == 0
-            }
-            None => false,
-        };
-        if retire {
-            inner.groups.remove(&group);
+        if let Some(g) = inner.groups.get_mut(&group) {
+            g.live = g.live.saturating_sub(1);
         }
-        if inner.open.as_deref() == Some(group.as_str())
-            && inner.groups.get(&group).is_none_or(|g| g.live == 0)
-        {
-            inner.open = None;
-        }
+        // (An open group left empty is not joined again: `join` wants a live run in it.)
+        inner.retire_if_empty(&group);
         Some(group)
     }
 
@@ -143,15 +147,13 @@ impl ShimGroups {
             let notified = self.created.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self
+                .lock()
+                .groups
+                .get(group)
+                .is_none_or(|g| g.creating == 0)
             {
-                let mut inner = self.lock();
-                let creating = inner.groups.get(group).map_or(0, |g| g.creating);
-                if creating == 0 {
-                    if inner.groups.get(group).is_some_and(|g| g.live == 0) {
-                        inner.groups.remove(group);
-                    }
-                    return;
-                }
+                return;
             }
             notified.await;
         }

@@ -206,15 +206,22 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                 }))
                 .is_ok()
             };
+            // A batch's commit ended: acknowledged if durable; false: the session ends.
+            let settle = |(seq, done): (u64, Result<(), SchedulerError>)| match done {
+                Ok(()) => ack(seq),
+                Err(e) => {
+                    failed(seq, e);
+                    false
+                }
+            };
             'session: loop {
                 let msg = tokio::select! {
                     biased;
-                    Some((seq, done)) = committing.next(), if !committing.is_empty() => {
-                        match done {
-                            Ok(()) if ack(seq) => continue,
-                            Ok(()) => break,
-                            Err(e) => { failed(seq, e); break; }
+                    Some(done) = committing.next(), if !committing.is_empty() => {
+                        if settle(done) {
+                            continue;
                         }
+                        break;
                     }
                     msg = queued.recv(), if committing.len() < MAX_LOG_COMMITS_IN_FLIGHT => msg,
                 };
@@ -250,18 +257,13 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     }
                     continue;
                 }
-                while let Some((seq, done)) = committing.next().await {
-                    // (Every batch ahead of this message must be durable before it is handled.)
-                    match done {
-                        Ok(()) if ack(seq) => {}
-                        Ok(()) => break 'session,
-                        Err(e) => {
-                            failed(seq, e);
-                            break 'session;
-                        }
+                // Every batch ahead of this message is durable (and acknowledged: acks are
+                // cumulative) before it is handled.
+                while let Some(done) = committing.next().await {
+                    if !settle(done) {
+                        break 'session;
                     }
                 }
-                // Acknowledgements are cumulative: none before every batch ahead is durable.
                 if let Some(report) = report {
                     if let Err(e) = scheduler.report(node, report).await {
                         failed(seq, e);

@@ -102,6 +102,19 @@ fn paced_command() -> String {
     )
 }
 
+/// A runner of the fleet registry's busybox, `standard-s`.
+fn busybox_runner(name: &str, command: impl Into<String>, region: &str, timeout_s: u64) -> Value {
+    json!({
+        "name": name,
+        "image_name": "busybox",
+        "image_tag": "latest",
+        "run_command": command.into(),
+        "region": region,
+        "instance_type": "standard-s",
+        "timeout_seconds": timeout_s,
+    })
+}
+
 /// `$EPOCHREALTIME` (seconds with a fraction) as Unix µs.
 fn epoch_micros(text: &str) -> Result<i128> {
     let seconds: f64 = text.trim().parse().context("a time line")?;
@@ -381,15 +394,12 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let api = Api::new(&args.url, &args.token_file)?;
     let runner = api
-        .create_runner(json!({
-            "name": "start-latency-bench",
-            "image_name": "busybox",
-            "image_tag": "latest",
-            "run_command": "echo hi",
-            "region": args.region,
-            "instance_type": "standard-s",
-            "timeout_seconds": 60,
-        }))
+        .create_runner(busybox_runner(
+            "start-latency-bench",
+            "echo hi",
+            &args.region,
+            60,
+        ))
         .await?;
     let image = format!("{}/busybox:latest", args.registry);
     let namespace = format!("berth-{}", args.node);
@@ -531,15 +541,12 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
     let bytes = lines * 100;
     let command = log_command(lines);
     let runner = api
-        .create_runner(json!({
-            "name": "start-latency-logs",
-            "image_name": "busybox",
-            "image_tag": "latest",
-            "run_command": command,
-            "region": args.region,
-            "instance_type": "standard-s",
-            "timeout_seconds": 120,
-        }))
+        .create_runner(busybox_runner(
+            "start-latency-logs",
+            command.as_str(),
+            &args.region,
+            120,
+        ))
         .await?;
     let out = tempfile::NamedTempFile::new()?;
     let err = tempfile::NamedTempFile::new()?;
@@ -597,15 +604,12 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         .await;
     // The paced writer, Berth only: the line latency while a run keeps writing.
     let paced_runner = api
-        .create_runner(json!({
-            "name": "start-latency-paced-logs",
-            "image_name": "busybox",
-            "image_tag": "latest",
-            "run_command": paced_command(),
-            "region": args.region,
-            "instance_type": "standard-s",
-            "timeout_seconds": 120,
-        }))
+        .create_runner(busybox_runner(
+            "start-latency-paced-logs",
+            paced_command(),
+            &args.region,
+            120,
+        ))
         .await?;
     let paced_lines = PACED_BLOCKS * PACED_BLOCK_LINES;
     let mut paced = Vec::new();

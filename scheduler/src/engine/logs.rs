@@ -89,6 +89,11 @@ impl Drop for RunUse<'_> {
 pub type LogsCommit<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SchedulerError>> + Send + 'a>>;
 
+/// The commit of a batch with nothing to store.
+fn nothing_to_store() -> LogsCommit<'static> {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 fn corrupt(kv: &KeyValue, e: log_chunks::ChunkError) -> SchedulerError {
     SchedulerError::Corrupt {
         key: kv.key.clone(),
@@ -115,7 +120,7 @@ impl<S: Store> Scheduler<S> {
             batch.lines.iter().map(|l| l.seq).filter(|s| *s > 0).min(),
             batch.lines.iter().map(|l| l.seq).max(),
         ) else {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
+            return Ok(nothing_to_store());
         };
         let (user, serial) = self.log_appends.lock(&batch.run_id).await;
         // The spans on their way are read *before* the store: a commit that lands in between
@@ -149,7 +154,7 @@ impl<S: Store> Scheduler<S> {
             .log_holder(&*self.state.lock().await, &batch.run_id, count, node_id)
             .map(secret_values)
         else {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
+            return Ok(nothing_to_store());
         };
         let lines: Vec<LogEntry> = std::mem::take(&mut batch.lines)
             .into_iter()
@@ -184,7 +189,7 @@ impl<S: Store> Scheduler<S> {
             .log_holder(&st, &batch.run_id, count, node_id)
             .is_none()
         {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
+            return Ok(nothing_to_store());
         }
         let commits: Vec<_> = txns.into_iter().map(|txn| self.store.submit(txn)).collect();
         drop(st);
@@ -211,8 +216,8 @@ impl<S: Store> Scheduler<S> {
         }))
     }
 
-    /// The run `run_id` whose batch of `lines` lines arrived, if its lines are to be stored: it has not ended and
-    /// `node_id` holds its lease.
+    /// The run `run_id` (a batch of `lines` lines arrived for it), if its lines are to be
+    /// stored: it has not ended and `node_id` holds its lease.
     fn log_holder<'a>(
         &self,
         st: &'a State,
