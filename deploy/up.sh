@@ -70,6 +70,10 @@ if ((HA)); then
   API_ADDRS=(127.0.0.1:8180 127.0.0.1:8181)
   ETCD_CLIENT_PORTS=(2379 22379 32379)
   ETCD_PEER_PORTS=(2380 22380 32380)
+  # Prometheus metrics (/metrics, plain HTTP on loopback), one address per process.
+  SCHEDULER_METRICS=(127.0.0.1:9570 127.0.0.1:9571)
+  API_METRICS=(127.0.0.1:9580 127.0.0.1:9581)
+  AGENT_METRICS_BASE=9590
 else
   DATA_DIR="${BERTH_DATA_DIR:-/var/lib/berth/fleet}"
   REGISTRY_ADDR=127.0.0.1:5000
@@ -78,6 +82,9 @@ else
   APIS=(api)
   API_ADDRS=(127.0.0.1:8080)
   ETCD_CLIENT_PORTS=()
+  SCHEDULER_METRICS=(127.0.0.1:9470)
+  API_METRICS=(127.0.0.1:9480)
+  AGENT_METRICS_BASE=9490
 fi
 API_ADDR="${API_ADDRS[0]}"
 API_URL="http://$API_ADDR"
@@ -188,6 +195,7 @@ check_alive() {
 scheduler_cmd() { # INDEX
   SCHEDULER_CMD=("$BIN_DIR/berth-scheduler"
     --grpc-listen "${SCHEDULER_ADDRS[$1]}"
+    --metrics-listen "${SCHEDULER_METRICS[$1]}"
     --data-dir "$DATA_DIR/${SCHEDULERS[$1]}"
     --default-registry "$REGISTRY_ADDR"
     --cluster-token-file "$CLUSTER_TOKEN_FILE"
@@ -202,14 +210,22 @@ scheduler_cmd() { # INDEX
 api_cmd() { # INDEX
   API_CMD=("$BIN_DIR/berth-api"
     --listen "${API_ADDRS[$1]}"
+    --metrics-listen "${API_METRICS[$1]}"
     --scheduler "$SCHEDULER_URL"
     --token-file "$TOKEN_FILE"
     --cluster-token-file "$CLUSTER_TOKEN_FILE"
     --tls-ca "$TLS_DIR/ca.pem")
 }
+agent_metrics() { # NODE_ID: its /metrics address (the agents' order in AGENTS)
+  local i
+  for i in "${!AGENTS[@]}"; do
+    [[ "${AGENTS[$i]%% *}" == "$1" ]] && echo "127.0.0.1:$((AGENT_METRICS_BASE + i))" && return
+  done
+}
 agent_cmd() { # NODE_ID REGION
   AGENT_CMD=("$BIN_DIR/berth-node-agent"
     --scheduler "$SCHEDULER_URL"
+    --metrics-listen "$(agent_metrics "$1")"
     --node-id "$1"
     --region "$2"
     --memory-mib "${BERTH_AGENT_MEMORY_MIB:-4096}"
@@ -366,6 +382,30 @@ for ((i = 0; i < 60; i++)); do
   sleep 0.5
 done
 ((nodes_ok)) || api_die "not all nodes registered within 30s (GET /v1/nodes)" "${AGENT_LOGS[@]}" "${SCHEDULER_LOGS[@]}"
+
+# Every process says it is ready (/readyz on its metrics address: the leading scheduler its
+# store, the APIs a scheduler, the agents their scheduler session and containerd). A standby
+# scheduler is not ready by design (it does not lead), so only one scheduler must be.
+ready_targets=("${API_METRICS[@]}")
+for a in "${AGENTS[@]}"; do ready_targets+=("$(agent_metrics "${a%% *}")"); done
+for target in "${ready_targets[@]}" scheduler; do
+  ready=0
+  for ((i = 0; i < 60; i++)); do
+    if [[ "$target" == scheduler ]]; then
+      for s in "${SCHEDULER_METRICS[@]}"; do
+        curl -fsS -o /dev/null "http://$s/readyz" 2>/dev/null && ready=1
+      done
+    else
+      curl -fsS -o /dev/null "http://$target/readyz" 2>/dev/null && ready=1
+    fi
+    ((ready)) && break
+    sleep 0.5
+  done
+  if ((!ready)); then
+    [[ "$target" == scheduler ]] && target="${SCHEDULER_METRICS[0]}"
+    berth_die "http://$target/readyz is not ready after 30s: $(curl -sS "http://$target/readyz" 2>&1)"
+  fi
+done
 berth_log "fleet is up: scheduler(s) ${SCHEDULER_ADDRS[*]}, API ${API_ADDRS[*]}, nodes ${AGENTS[*]%% *}"
 
 # ---------------------------------------------------------------- demo
@@ -388,6 +428,8 @@ print_usage() {
   scheduler  $SCHEDULER_URL   (gRPC)
   registry   http://$REGISTRY_ADDR   (image busybox:latest)
   nodes      fra-1 (region fra), ams-1 (region ams)
+  metrics    $(printf 'http://%s/metrics ' "${SCHEDULER_METRICS[@]}" "${API_METRICS[@]}" "$(agent_metrics fra-1)" "$(agent_metrics ams-1)")
+             (schedulers, APIs, agents fra-1 and ams-1; see docs/OPERATIONS.md)
   logs       $LOG_DIR/{$(printf '%s,' "${SCHEDULERS[@]}" "${APIS[@]}")agent-fra-1,agent-ams-1,containerd,registry}.log
 $(ha_usage)
 

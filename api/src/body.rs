@@ -107,11 +107,27 @@ where
                 message: "a JSON object is required".to_owned(),
             });
         }
+        require_object(&bytes, EMPTY_OK)?;
         if EMPTY_OK {
             // `null` is the same as no body.
             return parse::<Option<T>>(&bytes).map(|v| JsonBody(v.unwrap_or_default()));
         }
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// Every request body is a JSON object (or `null` where no body is allowed): serde would also
+/// read a struct from an array of its fields in order, so `[]` would be a body whose fields all
+/// have defaults.
+fn require_object(bytes: &[u8], null_ok: bool) -> Result<(), ApiError> {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
+    match start.map(|i| bytes[i]) {
+        Some(b'{') => Ok(()),
+        Some(b'n') if null_ok => Ok(()),
+        _ => Err(ApiError::Malformed {
+            field: "body".to_owned(),
+            message: "a JSON object is required".to_owned(),
+        }),
     }
 }
 
@@ -167,6 +183,16 @@ mod tests {
         );
         assert_eq!(field(r#"{"nme": "x"}"#), "nme");
         assert_eq!(field("{"), "body");
+    }
+
+    #[test]
+    fn a_body_must_be_an_object() {
+        for bad in ["[]", " [0]", "5", "\"x\"", "true"] {
+            assert!(require_object(bad.as_bytes(), true).is_err(), "{bad}");
+        }
+        assert!(require_object(b"null", false).is_err());
+        assert!(require_object(b"null", true).is_ok());
+        assert!(require_object(b" \n{}", false).is_ok());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod scheduler;
@@ -87,7 +88,7 @@ impl AppState {
     }
 
     /// The control client for the current request: every call carries the caller's project.
-    fn control(
+    pub(crate) fn control(
         &self,
     ) -> ControlServiceClient<InterceptedService<FailoverChannel, auth::CallerInterceptor>> {
         ControlServiceClient::with_interceptor(
@@ -124,8 +125,14 @@ pub fn router(state: AppState) -> Router {
 /// One structured log line per request.
 async fn trace_request(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    // The route's template, not the path: ids must not become label values.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned());
     let started = std::time::Instant::now();
     let res = next.run(req).await;
+    metrics::request(&method, route, res.status().as_u16(), started.elapsed());
     tracing::info!(
         %method,
         %path,

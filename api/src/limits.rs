@@ -70,6 +70,7 @@ impl StreamGauge {
             });
         }
         *n += 1;
+        metrics::gauge!(crate::metrics::SSE_STREAMS_OPEN).increment(1.0);
         Ok(StreamPermit {
             gauge: self.clone(),
             key: key.to_owned(),
@@ -91,6 +92,7 @@ pub struct StreamPermit {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::SSE_STREAMS_OPEN).decrement(1.0);
         let mut open = self.gauge.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = open.get_mut(&self.key) {
             *n = n.saturating_sub(1);

@@ -12,6 +12,10 @@ use std::time::Duration;
 struct Args {
     #[arg(long, env = "BERTH_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
+    /// Serve Prometheus metrics on `/metrics` of this address (plain HTTP, no auth: keep it
+    /// on loopback or a private network). Off when not given.
+    #[arg(long, env = "BERTH_API_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The schedulers' gRPC addresses, comma-separated (`http://10.0.0.1:7070,http://10.0.0.2:7070`;
     /// one is fine). Calls go to the one that answers (the leader) and fail over to the others.
     #[arg(
@@ -118,6 +122,13 @@ async fn main() -> anyhow::Result<()> {
     // Lazy: the API starts (and answers 503) while no scheduler is up.
     let state = AppState::new(&args.scheduler, &token, cluster)
         .with_max_streams_per_key(args.max_streams_per_key);
+    berth_core::metrics::serve(
+        args.metrics_listen,
+        None,
+        berth_api::handlers::readiness(state.clone()),
+    )
+    .await?;
+    berth_api::metrics::describe();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

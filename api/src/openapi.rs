@@ -42,6 +42,7 @@ impl Modify for BearerAuth {
     modifiers(&BearerAuth),
     paths(
         crate::handlers::healthz,
+        crate::handlers::readyz,
         openapi_json,
         crate::handlers::list_runners,
         crate::handlers::create_runner,
@@ -76,7 +77,8 @@ impl Modify for BearerAuth {
     ),
     components(schemas(
         ErrorBody, FieldError, RunnerInput, RunInput, crate::handlers::BatchInput, RegistryInput, EnvVar,
-        InstanceType, LogView, RunStateView, StreamErrorView,
+        InstanceType, LogView, RunStateView, StreamErrorView, crate::handlers::WarmupInput,
+        crate::handlers::ReadinessView, crate::handlers::CheckView,
     ))
 )]
 pub struct ApiDoc;

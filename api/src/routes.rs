@@ -81,6 +81,7 @@ pub fn routes() -> Vec<Route> {
     use Verb::*;
     vec![
         public(route(Get, "/healthz", healthz)),
+        public(route(Get, "/readyz", readyz)),
         public(route(Get, "/v1/openapi.json", openapi::openapi_json)),
         route(Get, "/v1/runners", list_runners),
         route(Post, "/v1/runners", create_runner),

@@ -99,6 +99,8 @@ pub struct RunnerView {
     /// The progress of the pending warmup's image pull; `null` when none is going on.
     #[schema(required = true)]
     pub warmup_image_pull: Option<ImagePullView>,
+    /// Ready sandboxes the warm node keeps for the runner (asked by its last warmup; 0: none).
+    pub warm_sandboxes: u32,
     #[schema(required = true, format = DateTime)]
     pub created_at: Option<String>,
     #[schema(required = true, format = DateTime)]
@@ -126,6 +128,7 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         warm_node_id: r.warm_node_id.clone(),
         warmup_error: r.warmup_error.clone(),
         warmup_image_pull: r.warmup_image_pull.as_ref().map(image_pull),
+        warm_sandboxes: r.warm_sandboxes,
         created_at: timestamp_millis(r.created_at_unix_millis),
         updated_at: timestamp_millis(r.updated_at_unix_millis),
     }
@@ -245,6 +248,11 @@ pub struct RunTimelineView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(format = DateTime)]
     pub ended_at: Option<String>,
+    /// The run started in a ready sandbox kept by its runner's warmup: its container and task
+    /// existed before it was assigned (`network_ready_at` and `task_created_at` are when it
+    /// took it). Absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 fn micros(us: i64) -> Option<String> {
@@ -269,6 +277,7 @@ fn timeline(t: Option<&pb::RunTimeline>) -> RunTimelineView {
         exited_at: micros(t.exited),
         exit_reported_at: micros(t.exit_reported),
         ended_at: micros(t.ended),
+        sandbox: t.sandbox,
     }
 }
 

@@ -80,6 +80,12 @@ pub mod api {
                 .context("runner id")
         }
 
+        /// Deletes a runner, best effort (a benchmark's cleanup: its runs are over).
+        pub async fn delete_runner(&self, runner: &str) {
+            let path = format!("/v1/runners/{runner}");
+            let _ = self.call(reqwest::Method::DELETE, &path, None).await;
+        }
+
         /// POSTs a run of `runner` with `body`; its id.
         pub async fn start_run(&self, runner: &str, body: Value) -> Result<String> {
             let r = self

@@ -275,6 +275,10 @@ pub struct LogsArgs {
 pub struct WarmupArgs {
     /// The runner's id
     pub runner: String,
+    /// Ready sandboxes the warm node keeps for the runner (0-16): containers created ahead,
+    /// so a run with no overrides only has to start its process
+    #[arg(long, default_value_t = 0)]
+    pub sandboxes: u32,
     /// Give up waiting after this long
     #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     pub wait_seconds: u64,

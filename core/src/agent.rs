@@ -75,6 +75,8 @@ pub struct StartStages {
     pub network_ready_at_unix_nanos: i64,
     /// Snapshot, container and task created.
     pub task_created_at_unix_nanos: i64,
+    /// The run took a ready sandbox (created before the assignment).
+    pub sandbox: bool,
 }
 
 /// A run reported with `cleanup_pending` is cleaned up: its capacity is free again.
@@ -177,8 +179,21 @@ pub enum AgentCommand {
     StopRun { run_id: String },
     /// Pull a runner's image ahead of its runs.
     Warmup(Warmup),
-    /// The images the node must keep, its whole set (it replaces the previous one).
-    WarmPins { images: Vec<String> },
+    /// The images the node must keep and the sandboxes it keeps ready, its whole set (it
+    /// replaces the previous one).
+    WarmPins {
+        images: Vec<String>,
+        sandboxes: Vec<WarmSandboxes>,
+    },
+}
+
+/// A runner's ready sandboxes on a node: `count` containers created (not started) for a run of
+/// the runner with no overrides, whose spec is `spec`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmSandboxes {
+    pub runner_id: String,
+    pub count: u32,
+    pub spec: RunSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +208,8 @@ pub struct AssignRun {
     pub run_id: String,
     pub lease_epoch: u64,
     pub spec: RunSpec,
+    /// The run's runner (a ready sandbox of that runner may serve it).
+    pub runner_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

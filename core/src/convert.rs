@@ -339,6 +339,7 @@ pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
         warm_node_id: r.warmup.as_ref().map(|w| w.node_id.clone()),
         warmup_error: r.warmup.as_ref().and_then(|w| w.error.clone()),
         warmup_image_pull: None,
+        warm_sandboxes: r.warmup.as_ref().map_or(0, |w| w.sandboxes),
     }
 }
 
@@ -429,6 +430,7 @@ fn timeline_pb(t: &crate::model::Timeline) -> pb::RunTimeline {
         exited: t.exited,
         exit_reported: t.exit_reported,
         ended: t.ended,
+        sandbox: t.sandbox,
     }
 }
 

@@ -35,6 +35,7 @@ pub mod failover;
 pub mod files;
 pub mod keys;
 pub mod log_chunks;
+pub mod metrics;
 pub mod model;
 pub mod overrides;
 pub mod process;

@@ -70,6 +70,14 @@ pub struct Warmup {
     pub image: String,
     pub status: WarmupStatus,
     pub error: Option<String>,
+    /// Ready sandboxes the node keeps for the runner while this warmup stands (issue #13):
+    /// each holds the runner's memory there.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub sandboxes: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// How a runner's last warmup went.
@@ -311,6 +319,10 @@ pub struct Timeline {
     /// The scheduler recorded the end.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ended: i64,
+    /// The run started in a ready sandbox: its container and task were created before it
+    /// was assigned (`network_ready` and `task_created` are when it took the sandbox).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -331,6 +343,7 @@ impl Timeline {
         self.network_ready = micros(stages.network_ready_at_unix_nanos);
         self.task_created = micros(stages.task_created_at_unix_nanos);
         self.started = micros(started_unix_nanos);
+        self.sandbox = stages.sandbox;
     }
 }
 

@@ -37,6 +37,10 @@ pub struct AgentConfig {
     pub max_run_disk_bytes: Option<u64>,
     /// This node's credential (see `scheduler_link::enroll`), presented on every session.
     pub credential: Option<Secret>,
+    /// Most ready sandboxes the node keeps for warmed runners (see `run::sandboxes`); 0: none.
+    pub max_sandboxes: usize,
+    /// An unused sandbox is replaced by a fresh one after this long.
+    pub sandbox_max_idle: Duration,
 }
 
 /// A string that never shows in logs (`Debug` prints `[redacted]`).

@@ -24,7 +24,7 @@ use containerd_client::services::v1::version_client::VersionClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, KillRequest,
-    ListContainersRequest, StartRequest, WaitRequest,
+    ListContainersRequest, ListRequest as ListLeasesRequest, StartRequest, WaitRequest,
 };
 use oci_spec::runtime::Spec;
 use tokio::sync::{oneshot, watch};
@@ -94,6 +94,9 @@ pub struct ContainerdRuntime {
     /// containerd's `/tasks/oom` events seen for each container (run) of this namespace (see
     /// [`ContainerdRuntime::spawn_oom_watch`]).
     oom_events: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// Runs that started in a container of another id (a ready sandbox): run id → container
+    /// id. Every other run's container id is its run id.
+    containers: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// What the run's OOM kills were, from its cgroup's counter (None: the cgroup is gone or says
@@ -341,8 +344,10 @@ async fn wait_for_exit(
     }
 }
 
+const LEASE_PREFIX: &str = "berth-run-";
+
 fn lease_id(run_id: &str) -> String {
-    format!("berth-run-{run_id}")
+    format!("{LEASE_PREFIX}{run_id}")
 }
 
 fn task_error(operation: &'static str) -> impl FnOnce(Status) -> RuntimeError {
@@ -386,7 +391,18 @@ impl ContainerdRuntime {
             health: Arc::new(watch::Sender::new(EngineHealth::default())),
             accounts: Arc::default(),
             oom_events: Arc::default(),
+            containers: std::sync::Mutex::default(),
         }
+    }
+
+    /// The id of the container `run_id` runs in.
+    fn container_of(&self, run_id: &str) -> String {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(run_id)
+            .cloned()
+            .unwrap_or_else(|| run_id.to_owned())
     }
 
     /// Follows containerd's `/tasks/oom` events for this namespace for the agent's life (and
@@ -840,13 +856,18 @@ impl ContainerRuntime for ContainerdRuntime {
         let auth = auth.cloned();
         let cache = self.cache.clone();
         let joined = tokio::spawn(async move {
-            let pulled = puller.pull(&owned, auth.as_ref()).await;
+            let pulled = puller.pull_noting_age(&owned, auth.as_ref()).await;
             if let (Ok(_), Some(cache)) = (&pulled, cache) {
                 // Off the run's path: the run holds the image anyway.
                 let image = owned.clone();
                 tokio::spawn(async move { cache.used(&image).await });
             }
-            pulled
+            if let Ok((_, true)) = &pulled {
+                // Renewed before it expires: the next run does not wait for the registry.
+                let image = owned.clone();
+                tokio::spawn(async move { puller.refresh(&image, auth.as_ref()).await });
+            }
+            pulled.map(|(image, _)| image)
         })
         .await;
         match joined {
@@ -877,7 +898,7 @@ impl ContainerRuntime for ContainerdRuntime {
         let wait = wait_for_exit(
             self.tasks(),
             self.settings.namespace.clone(),
-            run_id.to_string(),
+            self.container_of(run_id),
         );
         tokio::spawn(async move {
             let _ = tx.send(wait.await);
@@ -886,11 +907,12 @@ impl ContainerRuntime for ContainerdRuntime {
     }
 
     async fn start(&self, run_id: &str) -> Result<i64, RuntimeError> {
+        let container_id = self.container_of(run_id);
         let asked_at = unix_nanos_now();
         self.tasks()
             .start(self.request(
                 StartRequest {
-                    container_id: run_id.to_string(),
+                    container_id,
                     exec_id: String::new(),
                 },
                 None,
@@ -903,12 +925,13 @@ impl ContainerRuntime for ContainerdRuntime {
     async fn kill(&self, run_id: &str, signal: StopSignal, all: bool) -> Result<(), RuntimeError> {
         let mut backoff = reattach_backoff();
         let first = Instant::now();
+        let container_id = self.container_of(run_id);
         loop {
             let result = self
                 .tasks()
                 .kill(self.request(
                     KillRequest {
-                        container_id: run_id.to_string(),
+                        container_id: container_id.clone(),
                         exec_id: String::new(),
                         signal: signal.number(),
                         all,
@@ -938,7 +961,7 @@ impl ContainerRuntime for ContainerdRuntime {
         let usage = client.usage(self.request(
             UsageRequest {
                 snapshotter: SNAPSHOTTER.to_string(),
-                key: run_id.to_string(),
+                key: self.container_of(run_id),
             },
             None,
         ));
@@ -946,47 +969,79 @@ impl ContainerRuntime for ContainerdRuntime {
         u64::try_from(answer.into_inner().size).ok()
     }
 
+    async fn ping(&self) -> Result<String, String> {
+        if probe(self.channel.clone()).await {
+            Ok("containerd answers".to_owned())
+        } else {
+            Err(format!(
+                "containerd does not answer a Version call within {} s",
+                PROBE_LIMIT.as_secs()
+            ))
+        }
+    }
+
+    fn usage(&self, run_id: &str) -> Option<crate::run::cgroup::RunUsage> {
+        let container_id = self.container_of(run_id);
+        self.settings
+            .cgroups
+            .usage(&self.settings.cgroup_parent, &container_id)
+    }
+
     fn oom_kills(&self, run_id: &str) -> Option<u64> {
+        let container_id = self.container_of(run_id);
         let cgroup = self
             .settings
             .cgroups
-            .oom_kills(&self.settings.cgroup_parent, run_id);
+            .oom_kills(&self.settings.cgroup_parent, &container_id);
         let events = self
             .oom_events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(run_id)
+            .get(&container_id)
             .copied()
             .unwrap_or(0);
         merge_oom_counts(cgroup, events)
     }
 
     async fn delete_task(&self, run_id: &str) -> Result<(), RuntimeError> {
-        self.leave_shim_group(run_id).await;
+        let container_id = self.container_of(run_id);
+        self.leave_shim_group(&container_id).await;
         let result = self
             .tasks()
-            .delete(self.request(
-                DeleteTaskRequest {
-                    container_id: run_id.to_string(),
-                },
-                None,
-            ))
+            .delete(self.request(DeleteTaskRequest { container_id }, None))
             .await
             .map(|_| ());
         ignore_not_found(result).map_err(task_error("Tasks.Delete"))
     }
 
     async fn cleanup(&self, run_id: &str) {
+        let container_id = self.container_of(run_id);
         self.oom_events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(run_id);
-        let failures = self.remove_everything(run_id).await;
+            .remove(&container_id);
+        let failures = self.remove_everything(&container_id).await;
         if failures.is_empty() {
-            tracing::debug!(run_id, "run cleaned up");
+            tracing::debug!(run_id, container_id, "run cleaned up");
         } else {
-            tracing::warn!(run_id, ?failures, "cleanup left something behind");
+            tracing::warn!(
+                run_id,
+                container_id,
+                ?failures,
+                "cleanup left something behind"
+            );
         }
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_id);
+    }
+
+    fn use_container(&self, run_id: &str, container_id: &str) {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(run_id.to_owned(), container_id.to_owned());
     }
 
     async fn check_reachable(&self) -> bool {
@@ -1028,7 +1083,23 @@ impl ContainerRuntime for ContainerdRuntime {
             .map_err(task_error("Containers.List"))?
             .into_inner()
             .containers;
-        Ok(containers.into_iter().map(|c| c.id).collect())
+        let mut ids: Vec<String> = containers.into_iter().map(|c| c.id).collect();
+        // A lease without a container: the agent died between taking the lease (and preparing
+        // the snapshot) and creating the container — a run, or a sandbox, which has no journal.
+        let leases = LeasesClient::new(self.channel.clone())
+            .list(self.request(ListLeasesRequest { filters: vec![] }, None))
+            .await
+            .map_err(task_error("Leases.List"))?
+            .into_inner()
+            .leases;
+        for lease in leases {
+            if let Some(id) = lease.id.strip_prefix(LEASE_PREFIX) {
+                if !ids.iter().any(|c| c == id) {
+                    ids.push(id.to_owned());
+                }
+            }
+        }
+        Ok(ids)
     }
 
     fn prepare_ahead(&self) {

@@ -4,6 +4,7 @@ pub mod clock;
 pub mod config;
 pub mod containerd;
 pub mod image;
+pub mod metrics;
 pub mod network;
 pub mod outbox;
 pub mod run;

@@ -55,6 +55,10 @@ struct Cli {
     /// before sending its credential. Plaintext `http://` is accepted for loopback only.
     #[arg(long, env = "BERTH_AGENT_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics on `/metrics` of this address (plain HTTP, no auth: keep it
+    /// on loopback or a private network). Off when not given.
+    #[arg(long, env = "BERTH_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// File holding a registration token (an admin creates one per region: `berthctl admin
     /// nodes token create`), or set `BERTH_REGISTRATION_TOKEN`. Used once, when the node has no
     /// credential yet: the agent exchanges it for the node's own credential and keeps that in
@@ -129,6 +133,14 @@ struct Cli {
     /// dies then ends every run of its group. 0: a shim per run.
     #[arg(long, env = "BERTH_AGENT_SHIM_GROUP_SIZE", default_value_t = 0)]
     shim_group_size: usize,
+    /// Most ready sandboxes the node keeps for warmed runners, all runners together (a warmup
+    /// asks for them; each is a container created ahead for one run). 0: none.
+    #[arg(long, env = "BERTH_AGENT_MAX_SANDBOXES", default_value_t = 16)]
+    max_sandboxes: usize,
+    /// An unused ready sandbox is replaced by a fresh one after this many seconds.
+    #[arg(long, env = "BERTH_AGENT_SANDBOX_MAX_IDLE_SECONDS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    sandbox_max_idle_seconds: u64,
     /// Most processes (threads included) one run may have (the pids cgroup's pids.max).
     #[arg(long, env = "BERTH_AGENT_PIDS_LIMIT", default_value_t = DEFAULT_PIDS_LIMIT,
           value_parser = clap::value_parser!(i64).range(1..))]
@@ -348,6 +360,8 @@ async fn main() -> anyhow::Result<()> {
         credential: credential.map(Secret),
         max_run_disk_bytes: (cli.max_run_disk_mib > 0)
             .then(|| cli.max_run_disk_mib.saturating_mul(1 << 20)),
+        max_sandboxes: cli.max_sandboxes,
+        sandbox_max_idle: Duration::from_secs(cli.sandbox_max_idle_seconds),
         node_id: cli.node_id,
         region: cli.region,
     };
@@ -416,6 +430,13 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let agent = Agent::new(config, runtime);
+    berth_core::metrics::serve(
+        cli.metrics_listen,
+        Some(agent.container_metrics()),
+        agent.readiness(),
+    )
+    .await?;
+    berth_node_agent::metrics::describe();
     tokio::select! {
         _ = agent.run(shutdown) => {}
         _ = second_signal => {

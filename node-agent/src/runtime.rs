@@ -122,7 +122,8 @@ pub struct Created {
 }
 
 /// What the supervisor needs from the container engine. Every method is keyed by the run ID,
-/// which is also the container ID, snapshot key and FIFO directory name.
+/// which is also the container ID, snapshot key and FIFO directory name — except for a run
+/// started in a ready sandbox ([`ContainerRuntime::use_container`]).
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Images known to be present and unpacked (reported to the scheduler for placement).
     fn cached_images(&self) -> Vec<String>;
@@ -155,6 +156,11 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         spec: &Spec,
         output: &OutputFiles,
     ) -> impl Future<Output = Result<Created, RuntimeError>> + Send;
+
+    /// From now on `run_id` runs in the existing container `container_id` (a ready sandbox
+    /// created under that id): every call for the run goes to that container, its cleanup
+    /// included. A runtime without sandboxes ignores it.
+    fn use_container(&self, _run_id: &str, _container_id: &str) {}
 
     /// Begins preparing what later runs will need (networks attached ahead), once the agent
     /// has swept what an earlier process left. Nothing by default.
@@ -189,6 +195,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// which removes the cgroup.
     fn oom_kills(&self, run_id: &str) -> Option<u64>;
 
+    /// Whether the runtime answers now (readiness): what it said, or why not.
+    fn ping(&self) -> impl Future<Output = Result<String, String>> + Send {
+        async { Ok("not checked".to_owned()) }
+    }
+
+    /// What the run's container uses now (memory, CPU time), for the metrics; None when it
+    /// cannot be known (no cgroup, or a runtime that does not say).
+    fn usage(&self, _run_id: &str) -> Option<crate::run::cgroup::RunUsage> {
+        None
+    }
+
     /// Bytes the run's writable layer (the files it wrote to its own filesystem) holds now;
     /// None when the engine cannot tell.
     fn writable_bytes(&self, _run_id: &str) -> impl Future<Output = Option<u64>> + Send {
@@ -203,7 +220,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// logged, missing pieces ignored.
     fn cleanup(&self, run_id: &str) -> impl Future<Output = ()> + Send;
 
-    /// IDs of containers in this agent's namespace (left over from an earlier process).
+    /// IDs of containers in this agent's namespace, and of runs or sandboxes that hold a lease
+    /// without a container (left over from an earlier process).
     fn list_containers(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
 
     /// IDs of runs that hold a network namespace or address on this node (left over from an

@@ -171,6 +171,7 @@ impl Harness {
                     run_id: run_id.to_string(),
                     lease_epoch: 1,
                     spec: Some(spec),
+                    runner_id: String::new(),
                 })),
             })
             .expect("scheduler alive");
@@ -247,6 +248,8 @@ async fn runs_containers_end_to_end() {
         log_limits: Default::default(),
         shutdown_grace: Duration::from_secs(5),
         credential: None,
+        max_sandboxes: 0,
+        sandbox_max_idle: Duration::from_secs(600),
         max_run_disk_bytes: None,
     };
     let channel = containerd_client::connect(&socket)

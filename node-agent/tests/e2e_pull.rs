@@ -331,6 +331,39 @@ async fn a_reference_resolved_moments_ago_is_not_asked_again_for_the_same_creden
         "other credentials ask the registry"
     );
 
+    // Past half the window the answer says so; a re-check (one manifest request, off the
+    // run's path) renews it, so a pull after the first window still asks nothing.
+    let renewing = fresh_puller("berth-e2e-pull-resolve-renew")
+        .await
+        .with_resolve_ttl(Duration::from_millis(1_000));
+    let (first, ageing) = renewing.pull_noting_age(&image, None).await.expect("pull");
+    assert!(!ageing, "a fresh answer");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = sent.load(Ordering::SeqCst);
+    let (again, ageing) = renewing.pull_noting_age(&image, None).await.expect("pull");
+    assert_eq!(
+        (again.digest.as_str(), ageing),
+        (first.digest.as_str(), true)
+    );
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        before,
+        "answered from the cache"
+    );
+    let (_, ageing) = renewing.pull_noting_age(&image, None).await.expect("pull");
+    assert!(!ageing, "one re-check at a time");
+    renewing.refresh(&image, None).await;
+    let after_refresh = sent.load(Ordering::SeqCst);
+    assert!(after_refresh > before, "the re-check asks the registry");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let renewed = renewing.pull(&image, None).await.expect("pull");
+    assert_eq!(renewed.digest, first.digest);
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        after_refresh,
+        "renewed: 1.2 s after the first pull, still no request"
+    );
+
     // Without a window (the default), every pull asks.
     let every_time = fresh_puller("berth-e2e-pull-resolve-0").await;
     every_time.pull(&image, None).await.expect("pull");

@@ -305,6 +305,7 @@ fn stages_from_pb(s: pb::StartStages) -> StartStages {
         prepared_at_unix_nanos: s.prepared_at_unix_nanos,
         network_ready_at_unix_nanos: s.network_ready_at_unix_nanos,
         task_created_at_unix_nanos: s.task_created_at_unix_nanos,
+        sandbox: s.sandbox,
     }
 }
 
@@ -404,10 +405,12 @@ fn command_to_pb(command: AgentCommand) -> pb::SchedulerMessage {
             run_id,
             lease_epoch,
             spec,
+            runner_id,
         }) => Command::AssignRun(pb::AssignRun {
             run_id,
             lease_epoch,
             spec: Some(run_spec_to_pb(spec)),
+            runner_id,
         }),
         AgentCommand::StopRun { run_id } => Command::StopRun(pb::StopRun { run_id }),
         AgentCommand::Warmup(Warmup {
@@ -419,7 +422,17 @@ fn command_to_pb(command: AgentCommand) -> pb::SchedulerMessage {
             image,
             registry_auth: registry_auth.map(registry_auth_to_pb),
         }),
-        AgentCommand::WarmPins { images } => Command::WarmPins(pb::WarmPins { images }),
+        AgentCommand::WarmPins { images, sandboxes } => Command::WarmPins(pb::WarmPins {
+            images,
+            sandboxes: sandboxes
+                .into_iter()
+                .map(|s| pb::WarmSandboxes {
+                    runner_id: s.runner_id,
+                    count: s.count,
+                    spec: Some(run_spec_to_pb(s.spec)),
+                })
+                .collect(),
+        }),
     };
     pb::SchedulerMessage { body: Some(body) }
 }
@@ -606,6 +619,7 @@ mod tests {
             run_id: "r".into(),
             lease_epoch: 7,
             spec,
+            runner_id: "rn".into(),
         });
         let Some(Command::AssignRun(a)) = command_to_pb(command).body else {
             panic!("expected AssignRun");

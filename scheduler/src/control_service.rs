@@ -376,9 +376,10 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         r: Request<pb::WarmupRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
         let project = project(&r)?;
+        let r = r.into_inner();
         let (runner, rev) = self
             .scheduler
-            .warmup_runner(&project, &r.into_inner().id)
+            .warmup_runner(&project, &r.id, r.sandboxes)
             .await?;
         Ok(Response::new(runner_to_pb(&runner, rev)))
     }

@@ -225,7 +225,7 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
-        state.warm_pins = Self::load_warm_pins(&store).await?;
+        state.warm_pins = Self::load_warm_pins(&store, &config, &state.registries).await?;
         for run in state.active.values().filter(|r| is_queued(r)) {
             state.queue.insert(run);
         }
@@ -275,6 +275,23 @@ impl<S: Store> Scheduler<S> {
     #[cfg(test)]
     async fn assert_index_consistent(&self) {
         self.state.lock().await.assert_index_consistent();
+    }
+
+    /// Whether the store answers a read now (readiness): a quorum read on etcd.
+    pub async fn probe_store(&self) -> Result<String, String> {
+        match tokio::time::timeout(
+            berth_core::metrics::CHECK_TIMEOUT,
+            self.store.get("/berth/readiness-probe"),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok("the store answers".to_owned()),
+            Ok(Err(e)) => Err(format!("the store failed a read: {e}")),
+            Err(_) => Err(format!(
+                "the store did not answer a read within {} s",
+                berth_core::metrics::CHECK_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -359,6 +376,12 @@ impl State {
         self.begin_unit();
         let was_active = self.active.contains_key(&run.id);
         let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
+        crate::metrics::run_staged(
+            self.active
+                .get(&run.id)
+                .map(|r| (r.status, r.node_id.is_some())),
+            &run,
+        );
         let after = (!run.status.is_terminal())
             .then(|| run.node_id.clone())
             .flatten();
@@ -629,4 +652,5 @@ use nodes::{Node, NodeRecord};
 use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
+pub use runners::MAX_WARM_SANDBOXES;
 pub use usage::{UsageGroup, UsageRow};

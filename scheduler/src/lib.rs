@@ -18,6 +18,7 @@ pub mod agent_service;
 pub mod control_service;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod placement;
 
 use berth_core::store::Store;
@@ -111,7 +112,7 @@ pub async fn serve_tls<S: Store>(
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = incoming(listener);
     let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
@@ -119,6 +120,7 @@ pub async fn serve_tls<S: Store>(
     };
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
+    let sample = tokio::spawn(metrics::sample_forever(scheduler.clone()));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
@@ -127,7 +129,6 @@ pub async fn serve_tls<S: Store>(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .initial_stream_window_size(Some(berth_core::failover::HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(berth_core::failover::HTTP2_CONNECTION_WINDOW))
-        .tcp_nodelay(true)
         .add_service(AgentServiceServer::with_interceptor(
             agent_service::AgentApi {
                 scheduler: scheduler.clone(),
@@ -158,7 +159,16 @@ pub async fn serve_tls<S: Store>(
     };
     expiry.abort();
     sweep.abort();
+    sample.abort();
     served
+}
+
+/// The connections the scheduler serves, each with `TCP_NODELAY`: the server builder's
+/// `tcp_nodelay` applies only to sockets tonic binds itself. With Nagle's algorithm on, a small
+/// frame written shortly after another (a watch's first event after its response headers, an
+/// assignment after an acknowledgement) waited for the peer's delayed ACK, ~40 ms.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// How long shutdown waits for calls in flight before closing connections.
@@ -193,7 +203,25 @@ async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
 #[cfg(test)]
 mod tests {
     use super::ClusterGate;
+    use tokio_stream::StreamExt as _;
     use tonic::service::Interceptor as _;
+
+    /// Every accepted connection has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("getsockopt"));
+    }
 
     fn request(token: &str) -> tonic::Request<()> {
         let mut req = tonic::Request::new(());

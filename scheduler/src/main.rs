@@ -21,6 +21,10 @@ struct Args {
     /// Address for the agent and control gRPC services.
     #[arg(long, env = "BERTH_SCHEDULER_LISTEN", default_value = "127.0.0.1:7070")]
     grpc_listen: String,
+    /// Serve Prometheus metrics on `/metrics` of this address (plain HTTP, no auth: keep it
+    /// on loopback or a private network). Off when not given.
+    #[arg(long, env = "BERTH_SCHEDULER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Where the embedded store lives (and the default secret key file).
     #[arg(
         long,
@@ -176,6 +180,13 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(listen) = args.grpc_listen.parse::<std::net::SocketAddr>() {
         berth_core::tls::server_choice(&listen, args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     }
+    berth_core::metrics::serve(
+        args.metrics_listen,
+        None,
+        berth_scheduler::metrics::readiness(),
+    )
+    .await?;
+    berth_scheduler::metrics::describe();
     let stop = signal_watch()?;
     match &args.store {
         StoreChoice::Embedded => {
@@ -326,6 +337,7 @@ async fn run<S: Store>(
         .await
         .with_context(|| format!("binding {}", args.grpc_listen))?;
     tracing::info!(addr = %listener.local_addr()?, store = %store_name, "scheduler listening");
+    let _serving = berth_scheduler::metrics::serving(scheduler.clone());
     // Fail-stop: after a failed store write memory may be ahead of the store, so stop and let
     // a restart reload the truth. Losing leadership stops the same way: every later write
     // would be refused by the fence anyway.

@@ -62,6 +62,8 @@ pub struct NodeView {
     pub total_memory_mib: u64,
     /// Memory held by runs leased to this node.
     pub reserved_memory_mib: u64,
+    /// Memory held for ready sandboxes of warmed runners (no run's yet).
+    pub sandbox_memory_mib: u64,
     pub max_runs: u32,
     /// Runs leased to this node (assigned or running).
     pub runs: u32,
@@ -75,6 +77,7 @@ impl NodeView {
     pub fn free_memory_mib(&self) -> u64 {
         self.total_memory_mib
             .saturating_sub(self.reserved_memory_mib)
+            .saturating_sub(self.sandbox_memory_mib)
     }
 }
 
@@ -250,6 +253,7 @@ mod tests {
             status: NodeState::Ready,
             total_memory_mib: total,
             reserved_memory_mib: reserved,
+            sandbox_memory_mib: 0,
             max_runs: 8,
             runs: 0,
             cached_images: Arc::default(),
@@ -391,6 +395,7 @@ mod tests {
                         },
                         total_memory_mib: total,
                         reserved_memory_mib: reserved.min(total),
+                        sandbox_memory_mib: 0,
                         max_runs,
                         runs,
                         cached_images: Arc::new(if has_image {

@@ -436,3 +436,45 @@ async fn a_run_submitted_while_containerd_is_down_waits_and_runs_once_it_is_back
     drop(f);
     Ok(())
 }
+
+/// Ready sandboxes (issue #13 item 3) across a containerd kill and restart: the created task's
+/// shim outlives containerd, so a run of the warmed runner afterwards still starts in its
+/// sandbox (or, were it lost, in a container of its own) and succeeds.
+#[tokio::test]
+async fn a_ready_sandbox_serves_a_run_after_containerd_restarts() -> Result<()> {
+    let mut containerd = PrivateContainerd::start().await?;
+    let f = fleet_on(&containerd).await?;
+    let node = f.node("fra").to_owned();
+    let runner = f
+        .runner("fra", json!({"run_command": "echo after"}))
+        .await?;
+    f.post(
+        &format!("/v1/runners/{runner}/warmup"),
+        json!({"sandboxes": 1}),
+    )
+    .await?;
+    let log = format!("agent-{node}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f.log_of(&log).contains("sandbox ready") {
+        ensure!(Instant::now() < deadline, "no sandbox\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    containerd.kill()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    containerd.restart().await?;
+    f.wait_node_status(&node, "ready", Duration::from_secs(30))
+        .await?;
+    let run = f.start_run(&runner, json!({})).await?;
+    let r = f
+        .wait_for(&runner, &run, Duration::from_secs(60), |s| {
+            matches!(s, "succeeded" | "failed" | "canceled")
+        })
+        .await?;
+    ensure!(r["status"] == "succeeded", "{r}\n{}", f.logs());
+    ensure!(
+        r["timeline"]["sandbox"] == true,
+        "the sandbox did not survive the restart: {r}"
+    );
+    ensure!(msgs(&f.all_logs(&runner, &run).await?, "stdout") == ["after"]);
+    Ok(())
+}

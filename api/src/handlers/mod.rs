@@ -7,6 +7,7 @@
 //! document: [`crate::openapi`] is built from these handlers, not the other way round.
 
 mod catalog;
+mod health;
 mod logs;
 mod nodes;
 mod registries;
@@ -15,6 +16,7 @@ mod runs;
 mod usage;
 
 pub use catalog::*;
+pub use health::*;
 pub use logs::*;
 pub use nodes::*;
 pub use registries::*;

@@ -13,7 +13,7 @@ use axum::Json;
 use berth_core::validate::RunnerInput;
 use berth_core::RunnerSpec;
 use berth_proto::v1 as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// `{"runner": …}`
@@ -192,6 +192,18 @@ pub async fn delete_runner(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// What a warmup keeps ready besides the image.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupInput {
+    /// Ready sandboxes the warmed node keeps for the runner (0 to 16, default 0): containers
+    /// created ahead for a run with no overrides, each used by one run and replaced. Each holds
+    /// the runner's memory on that node while the warmup stands.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 16)]
+    pub sandboxes: u32,
+}
+
 /// Starts a warmup and answers at once; the runner's `warmup_status` tells how it goes.
 #[utoipa::path(
     post,
@@ -199,8 +211,10 @@ pub async fn delete_runner(
     tag = "runners",
     summary = "Pull a runner's image onto a node ahead of its runs",
     params(("id" = String, Path, description = "The runner's id")),
+    request_body(content = Option<WarmupInput>, description = "Optional; no body is `{}`"),
     responses(
         (status = 202, description = "Started; `warmup_status` tells how it goes", body = RunnerResponse),
+        (status = 400, description = "Malformed request: not JSON, wrong types or unknown fields", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such runner", body = ErrorBody),
         (status = 409, description = "Conflicts with the current state (a concurrent update, a record in use)", body = ErrorBody),
@@ -211,11 +225,15 @@ pub async fn delete_runner(
 pub async fn warmup_runner(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    JsonBody(input): JsonBody<WarmupInput, true>,
 ) -> ApiResult<impl IntoResponse> {
     check_id("runner_id", &id)?;
     let runner = s
         .control()
-        .warmup_runner(pb::WarmupRunnerRequest { id })
+        .warmup_runner(pb::WarmupRunnerRequest {
+            id,
+            sandboxes: input.sandboxes,
+        })
         .await?
         .into_inner();
     Ok((

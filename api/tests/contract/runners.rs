@@ -144,5 +144,19 @@ async fn bad_input_gets_a_4xx_naming_the_field() -> Result<()> {
         )
         .await?;
     ensure!(status == 404);
+    // A body is an object: serde would read `[]` as a struct of its defaults.
+    for path in [
+        "/v1/runners",
+        "/v1/runners/nonexistent/warmup",
+        "/v1/runners/nonexistent/runs",
+    ] {
+        for body in [json!([]), json!([0]), json!(5)] {
+            let (status, res) = f.request(Method::POST, path, Some(body.clone())).await?;
+            ensure!(
+                status == 400 && res["errors"][0]["field"] == "body",
+                "{path} {body}: {status} {res}"
+            );
+        }
+    }
     Ok(())
 }

@@ -253,13 +253,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let empty_time = stopping.elapsed();
-    let _ = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/runners/{runner}"),
-            None,
-        )
-        .await;
+    api.delete_runner(&runner).await;
 
     let per_run = |kib: u64| kib as f64 / n.max(1) as f64 / 1024.0;
     let shim_pss: u64 = shims.iter().map(|s| s.1).sum();

@@ -78,6 +78,13 @@ struct Args {
     /// MiB each log run writes.
     #[arg(long, default_value_t = 8)]
     log_mib: u64,
+    /// Runs of the warm-sandbox phase (0: skip it): each a run of a runner warmed up with a
+    /// ready sandbox, beside a run of the same command without one.
+    #[arg(long, default_value_t = 50)]
+    warm_runs: usize,
+    /// The pause before each warm run: the node replaces the sandbox the run before used.
+    #[arg(long, default_value_t = 1000)]
+    warm_pause_ms: u64,
 }
 
 /// The log writer: `lines` lines of 100 bytes on stdout, timed on stderr (see the module doc).
@@ -116,6 +123,13 @@ fn busybox_runner(name: &str, command: impl Into<String>, region: &str, timeout_
 }
 
 /// `$EPOCHREALTIME` (seconds with a fraction) as Unix µs.
+/// A log line's `ts` (RFC 3339) in microseconds since the epoch.
+fn rfc3339_micros(text: &str) -> Result<i128> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("a line's ts: {text:?}"))?;
+    Ok(t.unix_timestamp_nanos() / 1000)
+}
+
 fn epoch_micros(text: &str) -> Result<i128> {
     let seconds: f64 = text.trim().parse().context("a time line")?;
     Ok((seconds * 1e6) as i128)
@@ -128,6 +142,10 @@ struct LogSample {
     output_to_succeeded: Duration,
     /// Each timestamp line: written in the container → seen by the SSE client.
     line_latencies: Vec<Duration>,
+    /// Each timestamp line: written in the container → read by the agent (the line's `ts`).
+    read_latencies: Vec<Duration>,
+    /// `start` in the container → the agent read the last line (its `ts`).
+    output_to_last_read: Duration,
 }
 
 /// One Berth run's figures.
@@ -136,6 +154,11 @@ struct BerthSample {
     to_succeeded: Duration,
     /// Each stage's length, in the order of [`STAGES`].
     stages: Vec<Duration>,
+    /// The run started in a ready sandbox (its timeline says so).
+    sandbox: bool,
+    /// POST → the time the process printed first, when its first line is a
+    /// `$EPOCHREALTIME` (the warm phase's command): the process really running.
+    to_process: Option<Duration>,
 }
 
 /// The stages of a run's start and end, each from the timeline step before it (the first from
@@ -186,8 +209,13 @@ impl Runs for Api {
         let stream = self.log_stream(runner, &run).await?;
         let mut events = eventsource_stream::Eventsource::eventsource(stream.bytes_stream());
         let mut end = None;
+        let mut first_line = None;
         while let Some(event) = events.next().await {
             let event = event.context("reading the log stream")?;
+            if event.event == "log" && first_line.is_none() {
+                let line: Value = serde_json::from_str(&event.data)?;
+                first_line = line["msg"].as_str().map(str::to_owned);
+            }
             if event.event == "state" {
                 let state: Value = serde_json::from_str(&event.data)?;
                 ensure!(state["status"] == "succeeded", "run {run} ended {state}");
@@ -206,6 +234,11 @@ impl Runs for Api {
         let r = &r["run"];
         let t = &r["timeline"];
         let origin = unix_micros(sent_at);
+        let sandbox = t["sandbox"] == true;
+        let to_process = first_line
+            .as_deref()
+            .and_then(|l| epoch_micros(l).ok())
+            .map(|at| micros_to_duration(at - origin));
         // A build without a timeline (the baseline of a before/after run): the run's own
         // started_at, to the millisecond, and no stages.
         let Some(started) = parse_micros(&t["started_at"]) else {
@@ -214,6 +247,8 @@ impl Runs for Api {
                 to_running: micros_to_duration(started - origin),
                 to_succeeded,
                 stages: Vec::new(),
+                sandbox,
+                to_process,
             });
         };
         let mut stages = Vec::new();
@@ -232,6 +267,8 @@ impl Runs for Api {
             to_running: micros_to_duration(started - origin),
             to_succeeded,
             stages,
+            sandbox,
+            to_process,
         })
     }
 
@@ -247,6 +284,9 @@ impl Runs for Api {
             id: u64,
             #[serde(borrow)]
             msg: std::borrow::Cow<'a, str>,
+            /// When the agent read the line.
+            #[serde(borrow)]
+            ts: std::borrow::Cow<'a, str>,
         }
         let mut body = stream.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
@@ -257,6 +297,8 @@ impl Runs for Api {
         let mut lines = 0u64;
         let mut last_id = 0u64;
         let mut line_latencies = Vec::new();
+        let mut read_latencies = Vec::new();
+        let mut last_ts = String::new();
         let mut output_start = None;
         let mut end = None;
         'read: while let Some(chunk) = body.next().await {
@@ -291,8 +333,13 @@ impl Runs for Api {
                             line.id
                         );
                         last_id = line.id;
+                        last_ts.clear();
+                        last_ts.push_str(&line.ts);
                         if let Some(t) = line.msg.strip_prefix("t ") {
-                            line_latencies.push(micros_to_duration(seen - epoch_micros(t)?));
+                            let written = epoch_micros(t)?;
+                            line_latencies.push(micros_to_duration(seen - written));
+                            read_latencies
+                                .push(micros_to_duration(rfc3339_micros(&line.ts)? - written));
                         } else if let Some(t) = line.msg.strip_prefix("start ") {
                             output_start = Some(epoch_micros(t)?);
                         } else {
@@ -324,6 +371,8 @@ impl Runs for Api {
             to_succeeded,
             output_to_succeeded: micros_to_duration(ended - start),
             line_latencies,
+            read_latencies,
+            output_to_last_read: micros_to_duration(rfc3339_micros(&last_ts)? - start),
         })
     }
 }
@@ -376,6 +425,26 @@ fn runc_bundle(image: &str) -> Result<(tempfile::TempDir, PathBuf)> {
     config["process"]["terminal"] = json!(false);
     std::fs::write(&config_path, serde_json::to_vec(&config)?)?;
     Ok((dir, bundle))
+}
+
+/// Prints each stage's p50 and p99 over `samples` and returns them as JSON.
+fn stage_table<'a>(
+    samples: impl Iterator<Item = &'a BerthSample> + Clone,
+) -> serde_json::Map<String, Value> {
+    let mut stages = serde_json::Map::new();
+    for (k, (name, _)) in STAGES.iter().enumerate() {
+        let times: Vec<Duration> = samples
+            .clone()
+            .filter_map(|b| b.stages.get(k).copied())
+            .collect();
+        if times.is_empty() {
+            continue;
+        }
+        let s = Summary::of(times);
+        println!("  {name:<42} {:>9.2} {:>9.2}", millis(s.p50), millis(s.p99));
+        stages.insert((*name).to_owned(), summary_json(&s));
+    }
+    stages
 }
 
 fn summary_json(s: &Summary) -> Value {
@@ -458,13 +527,12 @@ async fn main() -> Result<()> {
             runc_times.push(timed(&mut runc(b, i))?);
         }
     }
-    let _ = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/runners/{runner}"),
-            None,
-        )
-        .await;
+    api.delete_runner(&runner).await;
+    let warm = if args.warm_runs > 0 {
+        Some(warm_phase(&args, &api).await?)
+    } else {
+        None
+    };
     let logs = if args.log_runs > 0 {
         Some(log_phase(&args, &api, &image, &namespace).await?)
     } else {
@@ -505,19 +573,7 @@ async fn main() -> Result<()> {
     } else {
         println!("where a Berth run's time goes (p50 of each stage; they need not add up):");
     }
-    let mut stages = serde_json::Map::new();
-    for (k, (name, _)) in STAGES.iter().enumerate() {
-        let samples: Vec<Duration> = berth
-            .iter()
-            .filter_map(|b| b.stages.get(k).copied())
-            .collect();
-        if samples.is_empty() {
-            continue;
-        }
-        let s = Summary::of(samples);
-        println!("  {name:<42} {:>9.2} {:>9.2}", millis(s.p50), millis(s.p99));
-        stages.insert((*name).to_owned(), summary_json(&s));
-    }
+    let stages = stage_table(berth.iter());
     println!(
         "{}",
         json!({
@@ -529,6 +585,7 @@ async fn main() -> Result<()> {
             "ratio_succeeded_vs_ctr_p50": ratio(to_succeeded.p50, ctr_s.p50),
             "ratio_succeeded_vs_ctr_p99": ratio(to_succeeded.p99, ctr_s.p99),
             "stages": stages,
+            "warm": warm,
             "logs": logs,
         })
     );
@@ -595,13 +652,7 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         tokio::time::sleep(pause).await;
         ctr_times.push(ctr(i)?);
     }
-    let _ = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/runners/{runner}"),
-            None,
-        )
-        .await;
+    api.delete_runner(&runner).await;
     // The paced writer, Berth only: the line latency while a run keeps writing.
     let paced_runner = api
         .create_runner(busybox_runner(
@@ -617,13 +668,7 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         tokio::time::sleep(pause).await;
         paced.push(api.log_run(&paced_runner, paced_lines).await?);
     }
-    let _ = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/runners/{paced_runner}"),
-            None,
-        )
-        .await;
+    api.delete_runner(&paced_runner).await;
     let paced_latency = Summary::of(
         paced
             .iter()
@@ -641,6 +686,31 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
             .collect(),
     );
     let ctr_s = Summary::of(ctr_times);
+    let of = |samples: &[LogSample], f: fn(&LogSample) -> Duration| {
+        Summary::of(samples.iter().map(f).collect())
+    };
+    let all = |samples: &[LogSample], f: fn(&LogSample) -> &Vec<Duration>| {
+        Summary::of(samples.iter().flat_map(|s| f(s).iter().copied()).collect())
+    };
+    // Where the time goes: the agent's read of each line (its `ts`) splits a line's way into
+    // capture (written → read by the agent: poll, read, split) and the rest (line log, outbox,
+    // transport, the store's commit, the watch and the SSE delivery).
+    let read_all = of(&samples, |s| s.output_to_last_read);
+    let read_to_end = of(&samples, |s| {
+        s.output_to_succeeded.saturating_sub(s.output_to_last_read)
+    });
+    let paced_read = all(&paced, |s| &s.read_latencies);
+    let paced_rest = Summary::of(
+        paced
+            .iter()
+            .flat_map(|s| {
+                s.line_latencies
+                    .iter()
+                    .zip(&s.read_latencies)
+                    .map(|(seen, read)| seen.saturating_sub(*read))
+            })
+            .collect(),
+    );
     println!(
         "log throughput, {} runs writing {:.1} MiB each ({lines} lines of 100 bytes)",
         args.log_runs,
@@ -678,7 +748,25 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         millis(paced_latency.p99),
         millis(paced_latency.max)
     );
+    println!(
+        "where the burst's time goes: output start -> the agent read the last line p50 {:.1} ms, p99 {:.1} ms; then -> the client saw every line and succeeded p50 {:.1} ms, p99 {:.1} ms",
+        millis(read_all.p50),
+        millis(read_all.p99),
+        millis(read_to_end.p50),
+        millis(read_to_end.p99)
+    );
+    println!(
+        "where a paced line's latency goes: written -> read by the agent p50 {:.1} ms, p99 {:.1} ms; read -> seen by the client p50 {:.1} ms, p99 {:.1} ms",
+        millis(paced_read.p50),
+        millis(paced_read.p99),
+        millis(paced_rest.p50),
+        millis(paced_rest.p99)
+    );
     Ok(json!({
+        "burst_output_to_last_read": summary_json(&read_all),
+        "burst_last_read_to_succeeded": summary_json(&read_to_end),
+        "paced_written_to_read": summary_json(&paced_read),
+        "paced_read_to_seen": summary_json(&paced_rest),
         "paced_output_to_succeeded": summary_json(&paced_output),
         "paced_sse_line_latency": summary_json(&paced_latency),
         "runs": args.log_runs,
@@ -690,5 +778,135 @@ async fn log_phase(args: &Args, api: &Api, image: &str, namespace: &str) -> Resu
         "ctr_mib_per_s_p50": mib_per_s(bytes, ctr_s.p50),
         "ratio_berth_vs_ctr_p50": ratio(output.p50, ctr_s.p50),
         "sse_line_latency": summary_json(&latency),
+    }))
+}
+
+/// Waits until the runner's warmup is ready.
+async fn wait_warm(api: &Api, runner: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = api
+            .call(reqwest::Method::GET, &format!("/v1/runners/{runner}"), None)
+            .await?;
+        match r["runner"]["warmup_status"].as_str() {
+            Some("ready") => return Ok(()),
+            Some("pending") if Instant::now() < deadline => {}
+            _ => bail!("warmup of {runner}: {r}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The warm-sandbox phase: a runner warmed up with one ready sandbox and a runner of the same
+/// command without one, run in turn; prints its table and returns its JSON.
+async fn warm_phase(args: &Args, api: &Api) -> Result<Value> {
+    // The process says when it runs: its first line is its own clock.
+    let command = "echo $EPOCHREALTIME";
+    let warm = api
+        .create_runner(busybox_runner(
+            "start-latency-warm",
+            command,
+            &args.region,
+            60,
+        ))
+        .await?;
+    let cold = api
+        .create_runner(busybox_runner(
+            "start-latency-cold",
+            command,
+            &args.region,
+            60,
+        ))
+        .await?;
+    api.call(
+        reqwest::Method::POST,
+        &format!("/v1/runners/{warm}/warmup"),
+        Some(json!({"sandboxes": 1})),
+    )
+    .await?;
+    wait_warm(api, &warm).await?;
+    api.run_once(&cold).await.context("cold warm-up run")?;
+    let (pause, warm_pause) = (
+        Duration::from_millis(args.pause_ms),
+        Duration::from_millis(args.warm_pause_ms),
+    );
+    let mut warm_samples = Vec::new();
+    let mut cold_samples = Vec::new();
+    for _ in 0..args.warm_runs {
+        tokio::time::sleep(warm_pause).await;
+        warm_samples.push(api.run_once(&warm).await?);
+        tokio::time::sleep(pause).await;
+        cold_samples.push(api.run_once(&cold).await?);
+    }
+    for runner in [&warm, &cold] {
+        api.delete_runner(runner).await;
+    }
+    let in_sandbox: Vec<&BerthSample> = warm_samples.iter().filter(|s| s.sandbox).collect();
+    ensure!(
+        !in_sandbox.is_empty(),
+        "no warm run started in a sandbox: is the node's --max-sandboxes 0?"
+    );
+    let summaries = |samples: &[&BerthSample]| {
+        let of = |f: &dyn Fn(&BerthSample) -> Option<Duration>| {
+            Summary::of(samples.iter().filter_map(|s| f(s)).collect())
+        };
+        (
+            of(&|s| Some(s.to_running)),
+            of(&|s| s.to_process),
+            of(&|s| Some(s.to_succeeded)),
+        )
+    };
+    let (w_running, w_process, w_succeeded) = summaries(&in_sandbox);
+    let cold_refs: Vec<&BerthSample> = cold_samples.iter().collect();
+    let (c_running, c_process, c_succeeded) = summaries(&cold_refs);
+    println!(
+        "warm sandboxes, {} runs of `{command}` in turn with a runner without one ({} of them started in a sandbox)",
+        args.warm_runs,
+        in_sandbox.len()
+    );
+    println!(
+        "{:<46} {:>9} {:>9} {:>9} {:>9}",
+        "", "warm p50", "warm p99", "cold p50", "cold p99"
+    );
+    let row = |name: &str, w: &Summary, c: &Summary| {
+        println!(
+            "{name:<46} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            millis(w.p50),
+            millis(w.p99),
+            millis(c.p50),
+            millis(c.p99)
+        );
+    };
+    row(
+        "POST -> start asked (timeline started_at)",
+        &w_running,
+        &c_running,
+    );
+    row(
+        "POST -> the process prints its clock",
+        &w_process,
+        &c_process,
+    );
+    row(
+        "POST -> succeeded (seen over SSE)",
+        &w_succeeded,
+        &c_succeeded,
+    );
+    println!(
+        "ratio warm / cold, POST -> process runs: p50 {:.2}x",
+        ratio(w_process.p50, c_process.p50)
+    );
+    println!("where a warm run's time goes (p50, p99):");
+    let stages = stage_table(in_sandbox.iter().copied());
+    Ok(json!({
+        "runs": args.warm_runs,
+        "in_sandbox": in_sandbox.len(),
+        "warm_post_to_running": summary_json(&w_running),
+        "warm_post_to_process": summary_json(&w_process),
+        "warm_post_to_succeeded": summary_json(&w_succeeded),
+        "cold_post_to_running": summary_json(&c_running),
+        "cold_post_to_process": summary_json(&c_process),
+        "cold_post_to_succeeded": summary_json(&c_succeeded),
+        "warm_stages": stages,
     }))
 }

@@ -386,7 +386,11 @@ async fn logs(ctx: &Ctx, a: LogsArgs) -> Result<u8, CommandError> {
 
 async fn warmup(ctx: &Ctx, a: WarmupArgs) -> Result<u8, CommandError> {
     let path = format!("/v1/runners/{}", id("runner", &a.runner)?);
-    let mut answer = ctx.client.post(&format!("{path}/warmup"), None).await?;
+    let body = (a.sandboxes > 0).then(|| serde_json::json!({ "sandboxes": a.sandboxes }));
+    let mut answer = ctx
+        .client
+        .post(&format!("{path}/warmup"), body.as_ref())
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(a.wait_seconds);
     let mut said = false;
     loop {
@@ -394,8 +398,12 @@ async fn warmup(ctx: &Ctx, a: WarmupArgs) -> Result<u8, CommandError> {
         match r["warmup_status"].as_str() {
             Some("ready") => {
                 ctx.show(&answer, |_| {
+                    let sandboxes = match r["warm_sandboxes"].as_u64() {
+                        Some(n) if n > 0 => format!(", keeping {n} ready sandbox(es)"),
+                        _ => String::new(),
+                    };
                     format!(
-                        "runner {} is warm on node {}\n",
+                        "runner {} is warm on node {}{sandboxes}\n",
                         a.runner,
                         output::cell(&r["warm_node_id"])
                     )

@@ -68,6 +68,22 @@ pub struct Puller {
     /// `resolve_ttl` without asking containerd or the registry again (see [`Self::pull`]).
     resolved: Mutex<HashMap<ResolveKey, (std::time::Instant, PreparedImage)>>,
     resolve_ttl: std::time::Duration,
+    /// Answers being re-checked in the background (see [`Self::refresh`]).
+    refreshing: Mutex<std::collections::HashSet<ResolveKey>>,
+}
+
+/// The longest a background re-check of a resolved image may take.
+const REFRESH_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The resolve-cache key of `image` asked with `auth`.
+fn resolve_key(image: &str, auth: Option<&RegistryAuth>) -> Option<ResolveKey> {
+    let reference: Reference = image.parse().ok()?;
+    let name = reference.to_string();
+    let credentials = credentials_for(&reference, auth);
+    Some((
+        containerd_name(&name),
+        credentials.as_ref().map(credentials_fingerprint),
+    ))
 }
 
 /// A reference (containerd's name for it) and who asks: a hash of the credentials, so an
@@ -93,6 +109,7 @@ impl Puller {
             progress: ProgressHub::default(),
             resolved: Mutex::default(),
             resolve_ttl: std::time::Duration::ZERO,
+            refreshing: Mutex::default(),
         }
     }
 
@@ -104,10 +121,20 @@ impl Puller {
         self
     }
 
-    fn recently_resolved(&self, key: &ResolveKey) -> Option<PreparedImage> {
+    /// The answer for `key` if it is younger than the TTL, and whether it is past half of it
+    /// with no re-check going on (the caller then starts one, [`Self::refresh`]).
+    fn recently_resolved(&self, key: &ResolveKey) -> Option<(PreparedImage, bool)> {
         let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
         match resolved.get(key) {
-            Some((at, image)) if at.elapsed() < self.resolve_ttl => Some(image.clone()),
+            Some((at, image)) if at.elapsed() < self.resolve_ttl => {
+                let ageing = at.elapsed() >= self.resolve_ttl / 2
+                    && self
+                        .refreshing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone());
+                Some((image.clone(), ageing))
+            }
             Some(_) => {
                 resolved.remove(key);
                 None
@@ -186,6 +213,26 @@ impl Puller {
         image: &str,
         auth: Option<&RegistryAuth>,
     ) -> Result<PreparedImage, PullError> {
+        let (prepared, ageing) = self.pull_noting_age(image, auth).await?;
+        if ageing {
+            // No re-check follows this call: a later one may start it.
+            if let Some(key) = resolve_key(image, auth) {
+                self.refreshing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// [`Self::pull`], also saying whether the answer came from the resolve cache past half of
+    /// its TTL: the caller should then [`Self::refresh`] it off the run's path.
+    pub async fn pull_noting_age(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(PreparedImage, bool), PullError> {
         let reference: Reference = image.parse()?;
         let name = reference.to_string();
         let credentials = credentials_for(&reference, auth);
@@ -196,15 +243,16 @@ impl Puller {
             credentials.as_ref().map(credentials_fingerprint),
         );
         if !self.resolve_ttl.is_zero() {
-            if let Some(image) = self.recently_resolved(&key) {
+            if let Some((image, ageing)) = self.recently_resolved(&key) {
                 tracing::debug!(image = %name, digest = %image.digest, "image resolved moments ago");
-                return Ok(image);
+                return Ok((image, ageing));
             }
         }
         let started = std::time::Instant::now();
         let result = self
             .pull_locked(&reference, &name, credentials.as_ref())
             .await;
+        crate::metrics::image_pull(result.is_ok(), started.elapsed());
         if let Ok(prepared) = &result {
             self.cached
                 .lock()
@@ -226,7 +274,48 @@ impl Puller {
             ),
             Err(error) => tracing::warn!(image = %name, %error, "image pull failed"),
         }
-        result
+        result.map(|image| (image, false))
+    }
+
+    /// Re-checks, off any run's path, what `image` resolved to for `auth` (one manifest GET,
+    /// no containerd call, no pull lock): the same digest renews the answer for another TTL, so
+    /// a steadily used tag is never resolved on a run's path; another digest or a refusal
+    /// forgets it (the next run pulls as usual); an unreachable registry leaves it to expire.
+    pub async fn refresh(&self, image: &str, auth: Option<&RegistryAuth>) {
+        let (Ok(reference), Some(key)) = (image.parse::<Reference>(), resolve_key(image, auth))
+        else {
+            return;
+        };
+        let name = reference.to_string();
+        let credentials = credentials_for(&reference, auth);
+        let started = std::time::Instant::now();
+        // Bounded, so a registry that hangs cannot keep this answer from being re-checked.
+        let fetch = self
+            .registry
+            .fetch_manifest(&reference, credentials.as_ref());
+        if let Ok(answer) = tokio::time::timeout(REFRESH_LIMIT, fetch).await {
+            let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+            match (answer, resolved.get_mut(&key)) {
+                (Ok(top), Some((at, known))) if top.digest == known.digest => {
+                    tracing::debug!(image = %name, digest = %top.digest, "image resolution renewed");
+                    *at = started;
+                }
+                (Err(RegistryError::Unauthorized { .. }) | Ok(_), Some(_)) => {
+                    tracing::info!(image = %name, "the tag moved or access changed; the next run resolves it again");
+                    resolved.remove(&key);
+                }
+                (Err(error), _) => {
+                    tracing::debug!(image = %name, %error, "re-checking the image failed; the answer expires as usual");
+                }
+                (Ok(_), None) => {}
+            }
+        } else {
+            tracing::debug!(image = %name, "re-checking the image took too long; the answer expires as usual");
+        }
+        self.refreshing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
     }
 
     async fn pull_locked(
@@ -338,6 +427,7 @@ impl Puller {
                     bytes.extend_from_slice(chunk.as_ref());
                 }
                 progress.add_bytes(bytes.len() as u64);
+                crate::metrics::image_bytes(bytes.len() as u64);
                 bytes
             }
         };
@@ -373,6 +463,7 @@ impl Puller {
                 .inspect(move |chunk| {
                     if let Ok(chunk) = chunk {
                         counter.add_bytes(chunk.as_ref().len() as u64);
+                        crate::metrics::image_bytes(chunk.as_ref().len() as u64);
                     }
                 });
             self.content

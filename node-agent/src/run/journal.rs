@@ -79,6 +79,9 @@ pub struct RunRecord {
     pub image_digest: String,
     /// containerd start time (unix nanoseconds) once the task was started.
     pub started_at_unix_nanos: Option<i64>,
+    /// The container the run started in when it is not the run's own (a ready sandbox, see
+    /// `run::sandboxes`); None: the container's id is the run id.
+    pub container_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -93,6 +96,8 @@ struct RunRecordFile {
     env_sealed: Option<String>,
     image_digest: String,
     started_at_unix_nanos: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    container_id: Option<String>,
 }
 
 /// The key that seals run environments in `run.json`, in the agent's state directory (0600).
@@ -440,6 +445,7 @@ impl RunDir {
             env_sealed,
             image_digest: record.image_digest.clone(),
             started_at_unix_nanos: record.started_at_unix_nanos,
+            container_id: record.container_id.clone(),
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| JournalError::Corrupt {
             path: path.display().to_string(),
@@ -475,6 +481,7 @@ impl RunDir {
             spec,
             image_digest: file.image_digest,
             started_at_unix_nanos: file.started_at_unix_nanos,
+            container_id: file.container_id,
         })
     }
 
@@ -625,6 +632,7 @@ mod tests {
             },
             image_digest: "sha256:abc".to_string(),
             started_at_unix_nanos: None,
+            container_id: None,
         }
     }
 

@@ -585,7 +585,12 @@ async fn tail(
         for stream in &mut tails {
             behind |= stream.poll(finishing, &mut next_seq, &mut budget, &mut found);
         }
+        crate::metrics::log_lines(
+            found.len() as u64,
+            found.iter().map(|r| r.msg.len() as u64).sum(),
+        );
         if let Some(text) = budget.take_marker() {
+            crate::metrics::log_limit_reached();
             tracing::warn!(run_id = %run_id, logged_bytes = budget.bytes(), "run reached its log limit; dropping further output");
             let [_, stderr] = &tails;
             found.push(LineRecord {

@@ -10,6 +10,7 @@
 //! - [`output_closed`]: knowing the shim has written all of a run's output, without deleting
 //!   the task.
 //! - [`user`]: the image's `USER` resolved against its own `/etc/passwd` and `/etc/group`.
+//! - [`sandboxes`]: containers created ahead for warmed runners, each taken by one run.
 //! - [`journal`]: what survives the agent process per run (`<state dir>/runs/<run id>/`).
 
 pub mod cgroup;
@@ -17,6 +18,7 @@ pub mod files;
 pub mod journal;
 pub mod logs;
 pub mod output_closed;
+pub mod sandboxes;
 pub mod seccomp;
 pub mod spec;
 pub mod supervisor;

@@ -23,6 +23,7 @@ use crate::run::files::{add_mounts, remove_files, write_files};
 use crate::run::journal::{ExitRecord, Journal, RunDir, RunRecord};
 use crate::run::logs::{LogLimits, LogPump};
 use crate::run::output_closed::OutputClosed;
+use crate::run::sandboxes::Sandboxes;
 use crate::run::spec::{build_spec, SpecInputs};
 use crate::run::user::resolve as resolve_user;
 use crate::runtime::{
@@ -43,6 +44,8 @@ pub struct Assignment {
     pub run_id: String,
     pub lease_epoch: u64,
     pub spec: RunSpec,
+    /// The run's runner (empty from a scheduler that does not say).
+    pub runner_id: String,
 }
 
 /// Node-level settings a supervisor needs.
@@ -54,6 +57,8 @@ pub struct SupervisorSettings {
     pub log_limits: LogLimits,
     /// Most bytes a run may write to its own filesystem (its writable layer); None: unbounded.
     pub max_disk_bytes: Option<u64>,
+    /// Ready sandboxes a run of a warmed runner may start in; None: every run creates its own.
+    pub sandboxes: Option<Arc<Sandboxes>>,
 }
 
 /// How often a running run's writable layer is measured against `max_disk_bytes`.
@@ -274,6 +279,7 @@ async fn finish<R: ContainerRuntime>(
             tracing::error!(run_id, %error, "recording the run's exit failed");
         }
     }
+    crate::metrics::run_ended(reason_label(ending.reason), ending.oom_killed);
     tracing::info!(
         run_id,
         reason = ?ending.reason,
@@ -378,6 +384,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         spec: spec.clone(),
         image_digest: image.digest.clone(),
         started_at_unix_nanos: None,
+        container_id: None,
     };
     let run_dir = match journal.create(&record) {
         Ok(dir) => dir,
@@ -436,54 +443,82 @@ async fn start_and_watch<R: ContainerRuntime>(
         stdout: run_dir.stdout(),
         stderr: run_dir.stderr(),
     };
-    match runtime.create(run_id, image, oci_spec, &output).await {
-        Ok(created) => {
-            stages.network_ready_at_unix_nanos = created.network_ready_at_unix_nanos;
-            stages.task_created_at_unix_nanos = unix_nanos_now();
+    // A ready sandbox first; if its task cannot be started (its shim died, say), it is
+    // removed and the run creates its own container after all.
+    let mut may_take = settings.sandboxes.is_some();
+    let (mut pump, output_closed, exit_watch, started_at) = loop {
+        let sandbox = settings
+            .sandboxes
+            .as_ref()
+            .filter(|_| may_take)
+            .and_then(|pool| pool.take(&assignment.runner_id, &image.digest, oci_spec, &output));
+        if let Some(container_id) = sandbox {
+            // The container exists, its process created and waiting: the run is that
+            // container from now on (its cleanup included), and the journal says so at the
+            // start.
+            runtime.use_container(run_id, &container_id);
+            runtime.release_image(&container_id);
+            tracing::info!(run_id, container_id = %container_id, "run takes a ready sandbox");
+            record.container_id = Some(container_id);
+            let now = unix_nanos_now();
+            stages.network_ready_at_unix_nanos = now;
+            stages.task_created_at_unix_nanos = now;
+            stages.sandbox = true;
+        } else {
+            match runtime.create(run_id, image, oci_spec, &output).await {
+                Ok(created) => {
+                    stages.network_ready_at_unix_nanos = created.network_ready_at_unix_nanos;
+                    stages.task_created_at_unix_nanos = unix_nanos_now();
+                }
+                Err(e) => return start_failed(runtime, e).await,
+            }
         }
-        Err(e) => return start_failed(runtime, e).await,
-    }
-    // The shim holds the output files open now: its closes will say all output is written.
-    let output_closed = match OutputClosed::watch(&output) {
-        Ok(watch) => Some(watch),
-        Err(error) => {
-            tracing::warn!(run_id, %error, "cannot watch the output files; the task is deleted before the exit is reported");
-            None
-        }
-    };
-    let mut pump = match LogPump::start(
-        run_id.to_string(),
-        run_dir,
-        0,
-        settings.log_limits,
-        record.spec.env.values().map(String::as_str),
-        outbox.clone(),
-    ) {
-        Ok(pump) => pump,
-        Err(e) => {
-            return Ending::start_failed(
-                ErrorCode::JournalFailed,
-                format!("opening the run's log: {e}"),
-            )
-        }
-    };
+        // The shim holds the output files open now: its closes will say all output is written.
+        let output_closed = match OutputClosed::watch(&output) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::warn!(run_id, %error, "cannot watch the output files; the task is deleted before the exit is reported");
+                None
+            }
+        };
+        let mut pump = match LogPump::start(
+            run_id.to_string(),
+            run_dir,
+            0,
+            settings.log_limits,
+            record.spec.env.values().map(String::as_str),
+            outbox.clone(),
+        ) {
+            Ok(pump) => pump,
+            Err(e) => {
+                return Ending::start_failed(
+                    ErrorCode::JournalFailed,
+                    format!("opening the run's log: {e}"),
+                )
+            }
+        };
 
-    if *stop.borrow() {
-        pump.finish().await;
-        return Ending::stopped_before_start();
-    }
-    let exit_watch = match runtime.watch_exit(run_id).await {
-        Ok(w) => w,
-        Err(e) => {
+        if *stop.borrow() {
             pump.finish().await;
-            return Ending::start_failed(e.error_code(), e.to_string());
+            return Ending::stopped_before_start();
         }
-    };
-    let started_at = match runtime.start(run_id).await {
-        Ok(t) => t,
-        Err(e) => {
-            pump.finish().await;
-            return Ending::start_failed(e.error_code(), e.to_string());
+        let started = match runtime.watch_exit(run_id).await {
+            Ok(exit_watch) => runtime.start(run_id).await.map(|at| (exit_watch, at)),
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok((exit_watch, at)) => break (pump, output_closed, exit_watch, at),
+            Err(e) => {
+                pump.finish().await;
+                let Some(container_id) = record.container_id.take() else {
+                    return Ending::start_failed(e.error_code(), e.to_string());
+                };
+                tracing::warn!(run_id, container_id = %container_id, error = %e, "the sandbox does not start; removing it, the run creates its own container");
+                drop(output_closed);
+                runtime.cleanup(run_id).await;
+                stages.sandbox = false;
+                may_take = false;
+            }
         }
     };
     // From here on a restarted agent re-adopts the task instead of forgetting it.
@@ -498,6 +533,8 @@ async fn start_and_watch<R: ContainerRuntime>(
         image_digest: image.digest.clone(),
         stages: Some(*stages),
     }));
+    let _running =
+        crate::metrics::Running::started(stages.received_at_unix_nanos, started_at, stages.sandbox);
 
     let mut ending = watch_running(
         runtime,
@@ -547,6 +584,17 @@ fn note_oom_kill<R: ContainerRuntime>(runtime: &R, run_id: &str, ending: &mut En
             "the run hit its memory limit and the OOM killer ended it"
         );
         ending.oom_killed = true;
+    }
+}
+
+/// The `reason` label of a run's end.
+fn reason_label(reason: ExitReason) -> &'static str {
+    match reason {
+        ExitReason::Exited => "exited",
+        ExitReason::Timeout => "timeout",
+        ExitReason::Stopped => "stopped",
+        ExitReason::StartFailed => "start_failed",
+        ExitReason::Unspecified => "unspecified",
     }
 }
 

@@ -36,6 +36,7 @@ use crate::config::AgentConfig;
 use crate::image::progress::warmup_report;
 use crate::outbox::{RefusalWatch, SharedOutbox, REFUSALS_BEFORE_DEFUSE};
 use crate::run::journal::Journal;
+use crate::run::sandboxes::{keep_ready, SandboxSettings, Sandboxes};
 use crate::run::supervisor::{resume, supervise, Assignment, SupervisorSettings};
 use crate::runtime::{pull_reporting, ContainerRuntime, EngineHealth};
 
@@ -45,6 +46,8 @@ const SESSION_RESTART: Duration = Duration::from_millis(100);
 const OUTAGE_WARN_EVERY: Duration = Duration::from_secs(10);
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a stopping agent gives its ready sandboxes to go.
+const SANDBOXES_REMOVAL: Duration = Duration::from_secs(30);
 /// How often a draining agent checks whether it is done.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
@@ -91,7 +94,9 @@ pub struct Agent<R: ContainerRuntime> {
     draining: AtomicBool,
     /// Set while a session is registered with the scheduler: only then can reports be
     /// acknowledged, so only then is a draining agent worth waiting for acknowledgements.
-    connected: AtomicBool,
+    connected: Arc<AtomicBool>,
+    /// Ready sandboxes for warmed runners; None with `max_sandboxes` 0 (or no directory).
+    sandboxes: Option<Arc<Sandboxes>>,
 }
 
 /// Clears [`Agent::connected`] however the session ends (error, close, or dropped by shutdown).
@@ -105,7 +110,21 @@ impl Drop for ConnectedGuard<'_> {
 
 impl<R: ContainerRuntime> Agent<R> {
     pub fn new(config: AgentConfig, runtime: Arc<R>) -> Self {
+        if config.max_sandboxes == 0 {
+            // What an earlier process with sandboxes left there (their containers are swept).
+            let _ = std::fs::remove_dir_all(config.state_dir.join("sandboxes"));
+        }
+        let sandboxes = (config.max_sandboxes > 0)
+            .then(|| {
+                let dir = config.state_dir.join("sandboxes");
+                Sandboxes::new(dir, config.max_sandboxes, config.sandbox_max_idle)
+                    .map_err(|error| tracing::error!(%error, "no ready sandboxes: cannot prepare their directory"))
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
         Self {
+            sandboxes,
             journal: Journal::new(&config.state_dir),
             config,
             runtime,
@@ -113,12 +132,59 @@ impl<R: ContainerRuntime> Agent<R> {
             boot_id: uuid::Uuid::new_v4().to_string(),
             runs: Arc::new(Mutex::new(HashMap::new())),
             draining: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
+            connected: Arc::new(AtomicBool::new(false)),
         }
     }
 
     pub fn outbox(&self) -> &SharedOutbox {
         &self.outbox
+    }
+
+    /// The agent's readiness: registered with a scheduler now, and containerd answers.
+    pub fn readiness(&self) -> berth_core::metrics::Readiness {
+        use berth_core::metrics::Check;
+        let connected = self.connected.clone();
+        let runtime = self.runtime.clone();
+        Arc::new(move || {
+            let connected = connected.load(Ordering::SeqCst);
+            let runtime = runtime.clone();
+            Box::pin(async move {
+                let scheduler = if connected {
+                    Ok("registered with a scheduler".to_owned())
+                } else {
+                    Err("not registered with any scheduler".to_owned())
+                };
+                let containerd =
+                    tokio::time::timeout(berth_core::metrics::CHECK_TIMEOUT, runtime.ping())
+                        .await
+                        .unwrap_or_else(|_| Err("containerd did not answer in time".to_owned()));
+                vec![
+                    Check::new("scheduler", scheduler),
+                    Check::new("containerd", containerd),
+                ]
+            })
+        })
+    }
+
+    /// Renders, when scraped, the containers of this agent's runs: memory and CPU time from
+    /// their cgroups (`crate::metrics::render_containers`).
+    pub fn container_metrics(&self) -> berth_core::metrics::Collector {
+        let runs = self.runs.clone();
+        let runtime = self.runtime.clone();
+        Arc::new(move || {
+            let mut ids: Vec<String> = runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            ids.sort();
+            let usage: Vec<_> = ids
+                .into_iter()
+                .filter_map(|id| runtime.usage(&id).map(|u| (id, u)))
+                .collect();
+            crate::metrics::render_containers(&usage)
+        })
     }
 
     fn runs(&self) -> MutexGuard<'_, HashMap<String, RunEntry>> {
@@ -136,6 +202,8 @@ impl<R: ContainerRuntime> Agent<R> {
     pub async fn recover(&self) {
         self.journal.remove_orphans();
         let mut adopted = HashSet::new();
+        // Sandbox containers that journaled runs took (their ids are not the runs').
+        let mut taken = HashSet::new();
         for run_id in self.journal.list() {
             let run_dir = self.journal.run_dir(&run_id);
             let record = match run_dir.read_record() {
@@ -147,6 +215,12 @@ impl<R: ContainerRuntime> Agent<R> {
                     continue;
                 }
             };
+            // A run that took a ready sandbox runs in that container: every call for the run,
+            // its cleanup below included, goes there, and the sweep below leaves it alone.
+            if let Some(container_id) = &record.container_id {
+                self.runtime.use_container(&run_id, container_id);
+                taken.insert(container_id.clone());
+            }
             let recorded_exit = run_dir.read_exit().unwrap_or_else(|error| {
                 tracing::error!(run_id = %run_id, %error, "unreadable exit record; re-adopting the task instead");
                 None
@@ -182,7 +256,10 @@ impl<R: ContainerRuntime> Agent<R> {
         let mut removed = HashSet::new();
         match self.runtime.list_containers().await {
             Ok(ids) => {
-                for id in ids.into_iter().filter(|id| !adopted.contains(id)) {
+                for id in ids
+                    .into_iter()
+                    .filter(|id| !adopted.contains(id) && !taken.contains(id))
+                {
                     tracing::warn!(run_id = %id, "removing container left by an earlier agent process");
                     self.runtime.cleanup(&id).await;
                     self.journal.remove(&id);
@@ -194,7 +271,7 @@ impl<R: ContainerRuntime> Agent<R> {
         // Network namespaces and addresses of runs that are gone (the agent died between
         // attaching the network and creating the container, or during a cleanup).
         for id in self.runtime.list_networks() {
-            if !adopted.contains(&id) && !removed.contains(&id) {
+            if !adopted.contains(&id) && !taken.contains(&id) && !removed.contains(&id) {
                 tracing::warn!(run_id = %id, "releasing the network of a run left by an earlier agent process");
                 self.runtime.cleanup(&id).await;
             }
@@ -206,9 +283,32 @@ impl<R: ContainerRuntime> Agent<R> {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         self.recover().await;
         self.runtime.prepare_ahead();
+        let keeper = self.sandboxes.as_ref().map(|pool| {
+            tokio::spawn(keep_ready(
+                pool.clone(),
+                self.runtime.clone(),
+                SandboxSettings {
+                    cgroup_parent: self.config.cgroup_parent.clone(),
+                    pids_limit: self.config.pids_limit,
+                },
+            ))
+        });
         let drained = async {
             shutdown.await;
-            // What was prepared for runs that will not come goes first.
+            // What was prepared for runs that will not come goes first: the sandboxes (the
+            // keeper removes them; one being created is finished, then removed) and the
+            // networks attached ahead.
+            if let (Some(pool), Some(keeper)) = (&self.sandboxes, keeper) {
+                pool.close();
+                if tokio::time::timeout(SANDBOXES_REMOVAL, keeper)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "ready sandboxes not all removed in time; the next start sweeps them"
+                    );
+                }
+            }
             let runtime = self.runtime.clone();
             let _ = tokio::task::spawn_blocking(move || runtime.release_ahead()).await;
             self.drain().await;
@@ -361,6 +461,7 @@ impl<R: ContainerRuntime> Agent<R> {
             pids_limit: self.config.pids_limit,
             log_limits: self.config.log_limits,
             max_disk_bytes: self.config.max_run_disk_bytes,
+            sandboxes: self.sandboxes.clone(),
         }
     }
 
@@ -489,8 +590,15 @@ impl<R: ContainerRuntime> Agent<R> {
             },
             Some(scheduler_message::Body::Ack(ack)) => self.acknowledged(ack.up_to_seq),
             Some(scheduler_message::Body::WarmPins(pins)) => {
-                tracing::debug!(images = ?pins.images, "warm pins from the scheduler");
+                tracing::debug!(images = ?pins.images, sandboxes = pins.sandboxes.len(), "warm pins from the scheduler");
                 self.runtime.set_warm_pins(&pins.images);
+                if let Some(pool) = &self.sandboxes {
+                    pool.set_wanted(
+                        pins.sandboxes
+                            .into_iter()
+                            .map(|s| (s.runner_id, s.count, s.spec.unwrap_or_default())),
+                    );
+                }
             }
             Some(scheduler_message::Body::Warmup(warmup)) => {
                 let runtime = self.runtime.clone();
@@ -664,6 +772,7 @@ impl<R: ContainerRuntime> Agent<R> {
         tracing::info!(run_id = %run_id, image = %spec.image, lease_epoch = assign.lease_epoch, "run assigned");
         let settings = self.supervisor_settings();
         let assignment = Assignment {
+            runner_id: assign.runner_id,
             run_id: run_id.clone(),
             lease_epoch: assign.lease_epoch,
             spec,

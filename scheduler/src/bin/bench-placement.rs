@@ -177,6 +177,7 @@ impl Sim {
                 status: NodeState::Ready,
                 total_memory_mib: gib * 1024,
                 reserved_memory_mib: 0,
+                sandbox_memory_mib: 0,
                 max_runs,
                 runs: 0,
                 cached_images: Arc::new(cached),

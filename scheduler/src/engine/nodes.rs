@@ -4,7 +4,7 @@
 //! draining, and the node list the API shows. Every message from a node renews all its leases
 //! ([`Scheduler::touch`]), recorded outside the engine lock.
 
-use super::{committed, encode, images, stop, Link, Scheduler, State};
+use super::{committed, encode, stop, Link, Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::{NodeState, NodeView};
 use berth_core::agent::{AgentCommand, Registered, Registration};
@@ -258,7 +258,7 @@ impl<S: Store> Scheduler<S> {
                 .max(1),
             stale_run_ids,
         }));
-        let _ = link.send(images::warm_pins(&st, &reg.node_id));
+        let _ = link.send(self.warm_pins(&st, &reg.node_id));
         // Stops asked for while the node was away.
         for c in st.active.values() {
             if c.stop_requested && c.node_id.as_deref() == Some(reg.node_id.as_str()) {
@@ -331,6 +331,7 @@ impl<S: Store> Scheduler<S> {
                 node.lost = true;
                 node.undeliverable = failing_since.is_some();
             }
+            crate::metrics::node_lost();
             st.sync_node(node_id);
             match failing_since {
                 None => tracing::warn!(node_id = %node_id, silent_for = ?limit, "node lost"),
@@ -349,6 +350,24 @@ impl<S: Store> Scheduler<S> {
             st.take_leases_back(node_id, "was lost", why, at)?;
         }
         self.settle(st, true).await
+    }
+
+    /// Per region, the runs waiting for a node and the runs not yet ended (for the metrics).
+    pub async fn run_counts_by_region(&self) -> Vec<(String, (u64, u64))> {
+        let st = self.state.lock().await;
+        let mut counts: std::collections::BTreeMap<&str, (u64, u64)> =
+            std::collections::BTreeMap::new();
+        for run in st.active.values() {
+            let c = counts.entry(run.region.as_str()).or_default();
+            c.1 += 1;
+            if run.node_id.is_none() {
+                c.0 += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(region, c)| (region.to_owned(), c))
+            .collect()
     }
 
     /// Drain (no new leases; running runs finish) or resume a node.
@@ -443,6 +462,7 @@ impl State {
             status: n.status(),
             total_memory_mib: n.total_memory_mib,
             reserved_memory_mib,
+            sandbox_memory_mib: self.sandbox_memory_mib(node_id),
             max_runs: n.max_runs,
             runs,
             cached_images: n.cached_images.clone(),

@@ -22,10 +22,13 @@ impl<S: Store> Scheduler<S> {
     /// serving small runs. The choice is made again on every pass.
     pub(super) fn schedule(&self, st: &mut State) -> Result<(), SchedulerError> {
         // Reservations live for this pass only; clear them whatever happens.
+        let begun = std::time::Instant::now();
         let mut held: Vec<String> = Vec::new();
         let mut placed = Ok(());
         // Regions share no capacity: each is placed on its own, oldest run first.
-        for region in st.queue.regions() {
+        let regions = st.queue.regions();
+        let waited = !regions.is_empty();
+        for region in regions {
             placed = self.place_region(st, &region, &mut held);
             if placed.is_err() {
                 break;
@@ -33,6 +36,9 @@ impl<S: Store> Scheduler<S> {
         }
         for node in held {
             let _ = st.index.set_reserved_for(&node, None);
+        }
+        if waited {
+            crate::metrics::placement_pass(begun.elapsed());
         }
         placed
     }
@@ -96,6 +102,7 @@ impl<S: Store> Scheduler<S> {
                 .index
                 .place(&demand, self.config.fit_policy)
                 .map(|n| n.id.clone());
+            crate::metrics::placement_attempt(region, chosen.is_ok());
             match chosen {
                 Ok(node_id) => {
                     reasons.clear();
@@ -103,6 +110,7 @@ impl<S: Store> Scheduler<S> {
                     let epoch = run.assign(&node_id)?;
                     run.timeline.assigned = berth_core::now_unix_micros();
                     let spec = self.run_spec(st, &run);
+                    let runner_id = run.runner_id.clone();
                     // `save` records the lease in the index.
                     st.stage(run);
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
@@ -112,6 +120,7 @@ impl<S: Store> Scheduler<S> {
                             run_id,
                             lease_epoch: epoch,
                             spec,
+                            runner_id,
                         }),
                     );
                 }
@@ -209,7 +218,8 @@ pub(super) fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<Str
             v.region == demand.region
                 && v.status == NodeState::Ready
                 && v.reserved_for.is_none()
-                && v.total_memory_mib >= demand.memory_mib
+                // Memory held for ready sandboxes is never freed by runs ending.
+                && v.total_memory_mib.saturating_sub(v.sandbox_memory_mib) >= demand.memory_mib
                 && v.max_runs > 0
         })
         .max_by(|a, b| {

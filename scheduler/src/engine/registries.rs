@@ -152,17 +152,23 @@ impl<S: Store> Scheduler<S> {
 
     /// The full image reference of a runner: its registry's host when it names one.
     pub(super) async fn runner_image(&self, spec: &RunnerSpec) -> String {
-        let host = match &spec.container_registry_id {
-            Some(id) => self
-                .state
-                .lock()
-                .await
-                .registries
-                .get(id)
-                .map(|r| r.auth.host.clone()),
-            None => None,
-        };
-        let registry = host.as_deref().unwrap_or(&self.config.default_registry);
-        image_reference(registry, &spec.image_name, &spec.image_tag)
+        let st = self.state.lock().await;
+        runner_image_in(&self.config, &st.registries, spec)
     }
+}
+
+/// The full image reference of `spec`'s runs: its registry's host (from `registries`) or the
+/// default registry, its image name and tag.
+pub(super) fn runner_image_in(
+    config: &super::Config,
+    registries: &std::collections::HashMap<String, RegistryEntry>,
+    spec: &RunnerSpec,
+) -> String {
+    let host = spec
+        .container_registry_id
+        .as_ref()
+        .and_then(|id| registries.get(id))
+        .map(|r| r.auth.host.as_str());
+    let registry = host.unwrap_or(&config.default_registry);
+    image_reference(registry, &spec.image_name, &spec.image_tag)
 }

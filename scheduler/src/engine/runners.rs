@@ -1,14 +1,18 @@
 //! Runners: their CRUD (runner records are written straight to the store, outside the staged
 //! pipeline), and warmup requests, which pick a node and pin the runner's image there.
 
-use super::{committed, decode, encode, new_id, Scheduler};
+use super::images::{restore_pin, take_pin, Pin};
+use super::{committed, decode, encode, new_id, Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::Demand;
 use berth_core::agent::{self, AgentCommand};
 use berth_core::model::{Warmup, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
-use berth_core::validate::validate_spec;
+use berth_core::validate::{validate_spec, ValidationErrors};
 use berth_core::{keys, now_unix_millis, EnvVar, Runner, RunnerSpec};
+
+/// Most ready sandboxes one warmup may ask a node to keep for a runner.
+pub const MAX_WARM_SANDBOXES: u32 = 16;
 
 impl<S: Store> Scheduler<S> {
     pub async fn create_runner(
@@ -100,6 +104,26 @@ impl<S: Store> Scheduler<S> {
         keep_secret_values(&mut spec.env_variables, &runner.spec.env_variables);
         runner.spec = spec;
         runner.updated_at = now_unix_millis();
+        let memory_mib = self
+            .config
+            .catalog
+            .instance_type(&runner.spec.instance_type)
+            .map_or(0, |t| t.memory_mib);
+        if let Some(w) = runner.warmup.as_mut().filter(|w| w.sandboxes > 0) {
+            let st = self.state.lock().await;
+            let kept = sandboxes_that_fit(&st, &w.node_id, id, memory_mib, w.sandboxes);
+            if kept < w.sandboxes {
+                tracing::warn!(
+                    runner_id = id,
+                    node_id = %w.node_id,
+                    asked = w.sandboxes,
+                    kept,
+                    memory_mib,
+                    "the runner's sandboxes no longer fit its warm node; keeping fewer"
+                );
+                w.sandboxes = kept;
+            }
+        }
         let rev = self
             .store
             .commit(Txn::new().put(
@@ -108,7 +132,30 @@ impl<S: Store> Scheduler<S> {
                 Expect::Revision(revision),
             ))
             .await?;
+        self.refresh_sandboxes(&runner).await?;
         Ok((runner, rev))
+    }
+
+    /// A changed runner's ready sandboxes follow it: the node gets the new spec, replaces the
+    /// sandboxes made for the old one (a run never starts in one whose spec differs from its
+    /// own, see the agent's `run/sandboxes.rs`), and the memory held follows the instance type.
+    async fn refresh_sandboxes(&self, runner: &Runner) -> Result<(), SchedulerError> {
+        let image = self.runner_image(&runner.spec).await;
+        let done = {
+            let mut st = self.state.lock().await;
+            let node = st
+                .warm_pins
+                .iter()
+                .find(|(_, pins)| pins.get(&runner.id).is_some_and(|p| p.sandboxes.is_some()))
+                .map(|(node, _)| node.clone());
+            let (Some(node), Some(w)) = (node, runner.warmup.as_ref()) else {
+                return Ok(());
+            };
+            let pin = Pin::of(&self.config, runner, w, &image);
+            self.set_warm_pin(&mut st, &runner.id, Some((&node, pin)));
+            self.flush(&mut st)
+        };
+        committed(done).await
     }
 
     /// Deletes the runner; its runs stay in the store (and running ones finish).
@@ -132,7 +179,15 @@ impl<S: Store> Scheduler<S> {
         &self,
         project: &str,
         id: &str,
+        sandboxes: u32,
     ) -> Result<(Runner, u64), SchedulerError> {
+        if sandboxes > MAX_WARM_SANDBOXES {
+            return Err(ValidationErrors::single(
+                "sandboxes",
+                format!("at most {MAX_WARM_SANDBOXES} ready sandboxes per runner"),
+            )
+            .into());
+        }
         let (mut runner, revision) = self.get_runner(project, id).await?;
         let memory_mib = self
             .config
@@ -141,6 +196,10 @@ impl<S: Store> Scheduler<S> {
             .map_or(0, |t| t.memory_mib);
         let image = self.runner_image(&runner.spec).await;
         let mut st = self.state.lock().await;
+        // The node is chosen without the runner's current pin: its sandboxes' memory is not
+        // needed twice (it comes back if the warmup cannot be stored). The node hears only the
+        // final set, so sandboxes that stay are not torn down and made again.
+        let previous = take_pin(&mut st, id);
         let registry_auth = runner
             .spec
             .container_registry_id
@@ -149,7 +208,9 @@ impl<S: Store> Scheduler<S> {
         let demand = Demand {
             run_id: String::new(),
             region: runner.spec.region.clone(),
-            memory_mib,
+            // Room for every sandbox asked for and one run beside them: sandboxes that left no
+            // room for the runner's own runs there would defeat themselves.
+            memory_mib: memory_mib.saturating_mul(u64::from(sandboxes) + 1),
             image: image.clone(),
             warm_pin: None,
         };
@@ -163,22 +224,33 @@ impl<S: Store> Scheduler<S> {
                 image: image.clone(),
                 status: WarmupStatus::Pending,
                 error: None,
+                sandboxes,
             },
             Err(why) => Warmup {
                 node_id: String::new(),
                 image: image.clone(),
                 status: WarmupStatus::Failed,
                 error: Some(format!("no node to warm up on: {why}")),
+                sandboxes: 0,
             },
         });
-        let rev = self
+        let stored = self
             .store
             .commit(Txn::new().put(
                 keys::runner(id),
                 encode(&runner),
                 Expect::Revision(revision),
             ))
-            .await?;
+            .await;
+        let rev = match stored {
+            Ok(rev) => rev,
+            Err(e) => {
+                if let Some((node, pin)) = previous {
+                    restore_pin(&mut st, id, node, pin);
+                }
+                return Err(e.into());
+            }
+        };
         if let Ok(node_id) = &chosen {
             tracing::info!(runner_id = id, node_id = %node_id, image = %image, "warmup requested");
             let command = AgentCommand::Warmup(agent::Warmup {
@@ -188,13 +260,42 @@ impl<S: Store> Scheduler<S> {
             });
             st.send_to(node_id, command);
         }
-        let pin = chosen.as_ref().ok().map(|n| (n.as_str(), image.as_str()));
-        self.set_warm_pin(&mut st, id, pin);
+        let pin = match (&chosen, &runner.warmup) {
+            (Ok(node), Some(w)) => Some((node.as_str(), Pin::of(&self.config, &runner, w, &image))),
+            _ => None,
+        };
+        let old_node = previous.map(|(node, _)| node);
+        self.set_warm_pin_telling(&mut st, id, pin, old_node.as_deref());
         let done = self.flush(&mut st);
         drop(st);
         committed(done).await?;
         Ok((runner, rev))
     }
+}
+
+/// A PATCH may give the runner a larger instance type: its sandboxes would then hold more
+/// memory on their node than the warmup found room for. How many of `asked` the node can keep
+/// beside its other pins' sandboxes and one run of the runner (the warmup's rule, against the
+/// node's total memory: runs come and go, and a PATCH must not drop sandboxes because of a
+/// passing burst). The runner's record keeps that count, so a restart holds the same.
+fn sandboxes_that_fit(
+    st: &State,
+    node_id: &str,
+    runner_id: &str,
+    memory_mib: u64,
+    asked: u32,
+) -> u32 {
+    let Some(view) = st.index.get(node_id) else {
+        return asked;
+    };
+    let others: u64 = st.warm_pins.get(node_id).map_or(0, |pins| {
+        pins.iter()
+            .filter(|(id, _)| id.as_str() != runner_id)
+            .map(|(_, p)| p.sandbox_memory_mib())
+            .sum()
+    });
+    let room = view.total_memory_mib.saturating_sub(others) / memory_mib.max(1);
+    u32::try_from(room.saturating_sub(1)).map_or(asked, |fit| fit.min(asked))
 }
 
 /// A PATCH sends the runner's variables back; secret values come back blank (the API never

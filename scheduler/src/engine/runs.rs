@@ -1,7 +1,7 @@
 //! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
 //! with their queue position and pull progress, paged listing, and stopping.
 
-use super::{committed, decode, encode, idempotency, new_id, stop, Scheduler};
+use super::{committed, decode, encode, idempotency, new_id, stop, Config, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
 use berth_core::model::Timeline;
@@ -123,67 +123,7 @@ impl<S: Store> Scheduler<S> {
         image: &str,
         overrides: RunOverrides,
     ) -> Result<Run, SchedulerError> {
-        let itype = self
-            .config
-            .catalog
-            .instance_type(&runner.spec.instance_type)
-            .ok_or_else(|| {
-                ValidationErrors::single(
-                    "instance_type",
-                    "the runner's instance type is no longer in the catalog",
-                )
-            })?;
-        let (input, files) = overrides.into_parts();
-        let stop_grace_seconds = input
-            .stop_grace_seconds
-            .and_then(|g| u32::try_from(g).ok())
-            .or(runner.spec.stop_grace_seconds)
-            .unwrap_or(self.config.stop_grace_seconds);
-        let effective = EffectiveCommand::resolve(&runner.spec, &input);
-        let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
-        for over in input.env_variables.unwrap_or_default() {
-            env.retain(|e| e.env_key != over.env_key);
-            env.push(over);
-        }
-        Ok(Run {
-            id: new_id(),
-            runner_id: runner.id.clone(),
-            project: runner.project.clone(),
-            status: RunStatus::Pending,
-            exit_code: None,
-            command: effective.command,
-            argv: effective.argv,
-            entrypoint: effective.entrypoint,
-            env,
-            image: image.to_owned(),
-            image_digest: None,
-            image_pull: None,
-            region: runner.spec.region.clone(),
-            instance_type: itype.slug.clone(),
-            memory_mib: itype.memory_mib,
-            cpu_millis: itype.cpu_millis,
-            timeout_seconds: runner.spec.timeout_seconds,
-            node_id: None,
-            lease_epoch: 0,
-            created_at: now_unix_millis(),
-            started_at: None,
-            completed_at: None,
-            error_code: None,
-            error_message: None,
-            pending_reason: Some("waiting for placement".to_owned()),
-            stop_requested: false,
-            warm_pin: runner.warm_pin().map(str::to_owned),
-            container_registry_id: runner.spec.container_registry_id.clone(),
-            oom_killed: false,
-            price_nano_usd_per_second: itype.price_nano_usd_per_second(),
-            queue_position: None,
-            files,
-            stop_grace_seconds: Some(stop_grace_seconds),
-            timeline: Timeline {
-                created: berth_core::now_unix_micros(),
-                ..Timeline::default()
-            },
-        })
+        new_run(&self.config, runner, image, overrides)
     }
 
     /// Creates one run per input in a single operation: all are queued, placed in one pass and
@@ -363,4 +303,74 @@ impl<S: Store> Scheduler<S> {
             }
         }
     }
+}
+
+/// One run of `runner` with its (checked) `overrides` applied, ready to queue (also the
+/// template of a warm sandbox: a run with no overrides).
+pub(super) fn new_run(
+    config: &Config,
+    runner: &Runner,
+    image: &str,
+    overrides: RunOverrides,
+) -> Result<Run, SchedulerError> {
+    let itype = config
+        .catalog
+        .instance_type(&runner.spec.instance_type)
+        .ok_or_else(|| {
+            ValidationErrors::single(
+                "instance_type",
+                "the runner's instance type is no longer in the catalog",
+            )
+        })?;
+    let (input, files) = overrides.into_parts();
+    let stop_grace_seconds = input
+        .stop_grace_seconds
+        .and_then(|g| u32::try_from(g).ok())
+        .or(runner.spec.stop_grace_seconds)
+        .unwrap_or(config.stop_grace_seconds);
+    let effective = EffectiveCommand::resolve(&runner.spec, &input);
+    let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
+    for over in input.env_variables.unwrap_or_default() {
+        env.retain(|e| e.env_key != over.env_key);
+        env.push(over);
+    }
+    Ok(Run {
+        id: new_id(),
+        runner_id: runner.id.clone(),
+        project: runner.project.clone(),
+        status: RunStatus::Pending,
+        exit_code: None,
+        command: effective.command,
+        argv: effective.argv,
+        entrypoint: effective.entrypoint,
+        env,
+        image: image.to_owned(),
+        image_digest: None,
+        image_pull: None,
+        region: runner.spec.region.clone(),
+        instance_type: itype.slug.clone(),
+        memory_mib: itype.memory_mib,
+        cpu_millis: itype.cpu_millis,
+        timeout_seconds: runner.spec.timeout_seconds,
+        node_id: None,
+        lease_epoch: 0,
+        created_at: now_unix_millis(),
+        started_at: None,
+        completed_at: None,
+        error_code: None,
+        error_message: None,
+        pending_reason: Some("waiting for placement".to_owned()),
+        stop_requested: false,
+        warm_pin: runner.warm_pin().map(str::to_owned),
+        container_registry_id: runner.spec.container_registry_id.clone(),
+        oom_killed: false,
+        price_nano_usd_per_second: itype.price_nano_usd_per_second(),
+        queue_position: None,
+        files,
+        stop_grace_seconds: Some(stop_grace_seconds),
+        timeline: Timeline {
+            created: berth_core::now_unix_micros(),
+            ..Timeline::default()
+        },
+    })
 }

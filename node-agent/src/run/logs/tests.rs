@@ -73,6 +73,7 @@ fn journal_dir(state: &std::path::Path) -> RunDir {
             spec: Default::default(),
             image_digest: String::new(),
             started_at_unix_nanos: Some(1),
+            container_id: None,
         })
         .expect("journal")
 }

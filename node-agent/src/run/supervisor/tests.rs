@@ -300,6 +300,7 @@ impl ContainerRuntime for FakeRuntime {
 
 fn assignment(spec: RunSpec) -> Assignment {
     Assignment {
+        runner_id: String::new(),
         run_id: "run-1".to_string(),
         lease_epoch: 3,
         spec: RunSpec {
@@ -315,6 +316,7 @@ fn settings() -> SupervisorSettings {
         pids_limit: 1024,
         log_limits: LogLimits::default(),
         max_disk_bytes: None,
+        sandboxes: None,
     }
 }
 
@@ -680,6 +682,7 @@ fn crashed_run(
         spec,
         image_digest: "sha256:fake".to_string(),
         started_at_unix_nanos: None,
+        container_id: None,
     };
     let dir = journal.create(&record).expect("journal");
     let started = unix_nanos_now() - i64::try_from(started_ago.as_nanos()).expect("nanos");
@@ -1043,6 +1046,7 @@ async fn a_run_that_writes_past_the_disk_limit_is_killed_with_a_clear_error() {
     let (_state, journal) = journal();
     let settings = SupervisorSettings {
         max_disk_bytes: Some(450 << 20),
+        sandboxes: None,
         ..settings()
     };
     supervise(

@@ -85,6 +85,8 @@ fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<Slo
         log_limits: LogLimits::default(),
         shutdown_grace: Duration::from_secs(30),
         credential: None,
+        max_sandboxes: 0,
+        sandbox_max_idle: Duration::from_secs(600),
         max_run_disk_bytes: None,
     };
     Arc::new(Agent::new(
@@ -102,6 +104,7 @@ fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
         body: Some(scheduler_message::Body::AssignRun(AssignRun {
             run_id: run_id.to_string(),
             lease_epoch: 2,
+            runner_id: String::new(),
             spec: Some(RunSpec {
                 image: "127.0.0.1:5/busybox:latest".to_string(),
                 ..Default::default()

@@ -165,7 +165,7 @@ fn config_fast_expiry() -> Config {
 
 fn next_pins(rx: &mut Rx) -> Vec<String> {
     match rx.try_recv().ok() {
-        Some(AgentCommand::WarmPins { images }) => images,
+        Some(AgentCommand::WarmPins { images, .. }) => images,
         other => panic!("expected WarmPins, got {other:?}"),
     }
 }

@@ -73,7 +73,7 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     ));
     assert!(not_found(s.stop_run(b, &runner.id, &run.id).await));
     assert!(not_found(s.list_logs(b, &runner.id, &run.id, 0, 10).await));
-    assert!(not_found(s.warmup_runner(b, &runner.id).await));
+    assert!(not_found(s.warmup_runner(b, &runner.id, 0).await));
     assert!(not_found(
         s.create_run(b, &runner.id, RunOverrides::default()).await
     ));
