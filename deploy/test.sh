@@ -57,7 +57,7 @@ summary() {
     done <<<"$FAILED_NAMES"
   fi
   printf '  time     %ss\n' "$((SECONDS - START))"
-  printf '  logs     %s/logs (containerd.log, registry.log, cargo-test.log, schemathesis.log)\n' "$DATA_DIR"
+  printf '  logs     %s/logs (containerd.log, registry.log, cargo-test.log, schemathesis.log, artifacts/screenshots)\n' "$DATA_DIR"
   echo "================================================================"
 }
 
@@ -74,6 +74,8 @@ cleanup() {
   exit "$rc"
 }
 
+# The browser tests (tests/tests/dashboard.rs) drive Debian's Chromium with Selenium.
+BERTH_PACKAGES+=(chromium chromium-driver python3-selenium)
 berth_install_packages
 cd "$BERTH_REPO"
 
@@ -123,7 +125,9 @@ export BERTH_CONTAINERD_SOCKET
 BERTH_TEST_REGISTRY="$REGISTRY_ADDR"
 BERTH_BIN_DIR="$(berth_bin_dir debug)"
 BERTH_TEST_DATA_DIR="$DATA_DIR"
-export BERTH_TEST_REGISTRY BERTH_BIN_DIR BERTH_TEST_DATA_DIR
+# What tests keep for people to look at (the dashboard's screenshots).
+BERTH_ARTIFACTS_DIR="${BERTH_ARTIFACTS_DIR:-$DATA_DIR/logs/artifacts}"
+export BERTH_TEST_REGISTRY BERTH_BIN_DIR BERTH_TEST_DATA_DIR BERTH_ARTIFACTS_DIR
 berth_log "BERTH_CONTAINERD_SOCKET=$BERTH_CONTAINERD_SOCKET"
 berth_log "BERTH_TEST_REGISTRY=$BERTH_TEST_REGISTRY"
 berth_log "BERTH_BIN_DIR=$BERTH_BIN_DIR"

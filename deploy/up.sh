@@ -425,6 +425,7 @@ print_usage() {
 
 ================================================================ Berth is running
   API        $(printf 'http://%s ' "${API_ADDRS[@]}")  (admin token in $TOKEN_FILE)
+  dashboard  $(printf 'http://%s/ui/ ' "${API_ADDRS[@]}")  (log in with the admin token or an API key)
   scheduler  $SCHEDULER_URL   (gRPC)
   registry   http://$REGISTRY_ADDR   (image busybox:latest)
   nodes      fra-1 (region fra), ams-1 (region ams)

@@ -135,7 +135,9 @@ impl ClusterToken {
             .map(ClusterToken)
     }
 
+    /// The token, and the trace the call is part of (when traces are exported).
     fn stamp(&self, req: &mut tonic::Request<()>) {
+        berth_core::telemetry::inject(req.metadata_mut());
         if let Some(token) = &self.0 {
             req.metadata_mut()
                 .insert(CLUSTER_TOKEN_METADATA, token.clone());

@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod dashboard;
 pub mod error;
 pub mod handlers;
 pub mod limits;
@@ -116,7 +117,8 @@ pub fn router(state: AppState) -> Router {
             auth::authenticate,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body::MAX_BODY_BYTES));
-    open.merge(v1)
+    open.merge(dashboard::router())
+        .merge(v1)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
@@ -131,15 +133,36 @@ async fn trace_request(req: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map(|m| m.as_str().to_owned());
     let started = std::time::Instant::now();
-    let res = next.run(req).await;
+    // A span only while traces are exported: it is what carries the trace on to the scheduler
+    // (and continues the caller's, given a `traceparent` header).
+    let span = if berth_core::telemetry::exporting() {
+        let name = format!("{method} {}", route.as_deref().unwrap_or("unmatched"));
+        let span = tracing::info_span!(
+            "request",
+            otel.name = %name,
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = route.as_deref().unwrap_or(""),
+            http.response.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        berth_core::telemetry::follow_headers(&span, req.headers());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("http.response.status_code", res.status().as_u16());
     metrics::request(&method, route, res.status().as_u16(), started.elapsed());
-    tracing::info!(
-        %method,
-        %path,
-        status = res.status().as_u16(),
-        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "request"
-    );
+    span.in_scope(|| {
+        tracing::info!(
+            %method,
+            %path,
+            status = res.status().as_u16(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "request"
+        );
+    });
     res
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "berth-api", version)]
 struct Args {
+    #[command(flatten)]
+    telemetry: berth_core::telemetry::TelemetryArgs,
     #[arg(long, env = "BERTH_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
     /// Serve Prometheus metrics on `/metrics` of this address (plain HTTP, no auth: keep it
@@ -76,8 +78,8 @@ fn raise_open_files_limit() -> Option<u64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
-    berth_core::process::init_tracing();
     let mut args = Args::parse();
+    let _telemetry = args.telemetry.init("berth-api")?;
     if let Some(ca) = &args.tls_ca {
         args.scheduler = args
             .scheduler

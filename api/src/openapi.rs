@@ -50,6 +50,7 @@ impl Modify for BearerAuth {
         crate::handlers::update_runner,
         crate::handlers::delete_runner,
         crate::handlers::list_runs,
+        crate::handlers::list_active_runs,
         crate::handlers::create_run,
         crate::handlers::create_runs,
         crate::handlers::get_run,

@@ -89,6 +89,7 @@ pub fn routes() -> Vec<Route> {
         route(Patch, "/v1/runners/{id}", update_runner),
         route(Delete, "/v1/runners/{id}", delete_runner),
         route(Get, "/v1/runners/{id}/runs", list_runs),
+        route(Get, "/v1/runs", list_active_runs),
         // Uploaded files make a run's body larger than the others.
         body_limit(
             route(Post, "/v1/runners/{id}/runs", create_run),

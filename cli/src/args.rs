@@ -209,16 +209,26 @@ pub struct CreateRunner {
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
-    /// List a runner's runs
+    /// List a runner's runs; without a runner, the runs that have not ended across runners
+    /// (the queue, with positions and reasons, and what runs now)
     List {
-        /// The runner's id
-        runner: String,
-        /// At most this many runs, oldest first (1-1000; default 100)
+        /// The runner's id (omit it to list pending and running runs across runners)
+        runner: Option<String>,
+        /// At most this many runs (1-1000; default 100)
         #[arg(long)]
         limit: Option<u32>,
-        /// Only runs created after this one (a page's `next_after`)
+        /// Only runs after this one in the listing's order (a page's `next_after`)
         #[arg(long, value_name = "RUN_ID")]
         after: Option<String>,
+        /// Newest first (a runner's runs)
+        #[arg(long, conflicts_with = "status")]
+        newest_first: bool,
+        /// Only `pending` or `running` runs, across runners (without RUNNER)
+        #[arg(long, value_parser = ["pending", "running"])]
+        status: Option<String>,
+        /// Only this region's runs (without RUNNER)
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Show one run
     Get(RunRef),

@@ -252,6 +252,35 @@ pub fn runs_table(v: &Value) -> String {
     t.render()
 }
 
+/// Runs that have not ended, across runners: the queue first (by region and position), then
+/// what runs.
+pub fn active_runs_table(v: &Value) -> String {
+    let mut t = Table::new(&[
+        "ID", "RUNNER", "REGION", "STATUS", "POSITION", "NODE", "CREATED", "REASON",
+    ]);
+    let mut runs: Vec<&Value> = items(v, "runs").collect();
+    runs.sort_by_key(|r| {
+        (
+            r["status"].as_str() != Some("pending"),
+            r["region"].as_str().unwrap_or_default().to_owned(),
+            r["queue_position"].as_u64().unwrap_or(u64::MAX),
+        )
+    });
+    for r in runs {
+        t.row(vec![
+            cell(&r["id"]),
+            cell(&r["runner_id"]),
+            cell(&r["region"]),
+            cell(&r["status"]),
+            cell(&r["queue_position"]),
+            cell(&r["node_id"]),
+            cell(&r["created_at"]),
+            cell(&r["pending_reason"]),
+        ]);
+    }
+    t.render()
+}
+
 pub fn nodes_table(v: &Value) -> String {
     let mut t = Table::new(&[
         "ID",

@@ -210,6 +210,8 @@ pub struct AssignRun {
     pub spec: RunSpec,
     /// The run's runner (a ready sandbox of that runner may serve it).
     pub runner_id: String,
+    /// W3C `traceparent` of the run's placement, while traces are exported.
+    pub trace_parent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

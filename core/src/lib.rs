@@ -42,6 +42,7 @@ pub mod process;
 pub mod secrets;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod tls;

@@ -175,6 +175,10 @@ pub struct Run {
     /// When each step of its life happened (microseconds; see [`Timeline`]).
     #[serde(default, skip_serializing_if = "Timeline::is_empty")]
     pub timeline: Timeline,
+    /// The W3C `traceparent` of the call that created it, while traces are exported: its
+    /// placement and its life on a node continue that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 /// A small file uploaded with a run, placed read-only at `path` inside its container. The run
@@ -616,6 +620,7 @@ mod tests {
             files: vec![],
             stop_grace_seconds: None,
             timeline: Timeline::default(),
+            trace_parent: None,
         }
     }
 

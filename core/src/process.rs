@@ -1,16 +1,7 @@
-//! What every Berth binary does at start: structured logging, private files and the shutdown
-//! signal.
+//! What every Berth binary does at start: private files and the shutdown signal (logging and
+//! tracing: [`crate::telemetry`]).
 
 use std::future::Future;
-
-/// Logs through `tracing`, filtered by `BERTH_LOG` (or `RUST_LOG`), `info` by default.
-pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BERTH_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-}
 
 /// Makes every file and directory this process creates from now on private to its own user
 /// (umask 077: files 0600, directories 0700 unless a mode is set explicitly), as a systemd unit's

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use berth_proto::v1::RegistryAuth;
@@ -163,6 +164,11 @@ fn reattach_backoff() -> impl Iterator<Item = Duration> {
         .with_max_delay(REATTACH_MAX)
         .without_max_times()
         .build()
+}
+
+/// The span of a containerd call on a run's path (while traces are exported).
+fn call(rpc: &'static str) -> tracing::Span {
+    berth_core::telemetry::client_call("containerd", rpc)
 }
 
 fn namespaced<T>(namespace: &str, message: T) -> Request<T> {
@@ -592,8 +598,10 @@ impl ContainerdRuntime {
         self
     }
 
+    /// A call in the agent's namespace (and `lease`), part of the current span's trace.
     fn request<T>(&self, message: T, lease: Option<&str>) -> Request<T> {
         let mut request = Request::new(message);
+        berth_core::telemetry::inject(request.metadata_mut());
         if let Ok(ns) = self.settings.namespace.parse() {
             request.metadata_mut().insert("containerd-namespace", ns);
         }
@@ -617,7 +625,10 @@ impl ContainerdRuntime {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
-        let mut spec = self.networked_spec(run_id, spec).await?;
+        let mut spec = self
+            .networked_spec(run_id, spec)
+            .instrument(berth_core::telemetry::step("network attach"))
+            .await?;
         let groups = self.settings.shim_groups.as_deref();
         let _joined = Joined(groups.map(|g| (g, run_id)));
         if let Some(groups) = groups {
@@ -644,6 +655,7 @@ impl ContainerdRuntime {
                 },
                 None,
             ))
+            .instrument(call("Leases.Create"))
             .await
             .or_else(|s| {
                 if s.code() == Code::AlreadyExists {
@@ -663,6 +675,7 @@ impl ContainerdRuntime {
                 },
                 Some(&lease),
             ))
+            .instrument(call("Snapshots.Prepare"))
             .await
             .map_err(|s| create_err("Snapshots.Prepare", s))?
             .into_inner()
@@ -696,6 +709,7 @@ impl ContainerdRuntime {
                 },
                 Some(&lease),
             ))
+            .instrument(call("Containers.Create"))
             .await
             .map_err(|s| create_err("Containers.Create", s))?;
 
@@ -714,6 +728,7 @@ impl ContainerdRuntime {
                 },
                 Some(&lease),
             ))
+            .instrument(call("Tasks.Create"))
             .await
             .map_err(|s| create_err("Tasks.Create", s))?;
         Ok(created)
@@ -917,6 +932,7 @@ impl ContainerRuntime for ContainerdRuntime {
                 },
                 None,
             ))
+            .instrument(call("Tasks.Start"))
             .await
             .map_err(|s| RuntimeError::Start(s.message().to_string()))?;
         Ok(asked_at)

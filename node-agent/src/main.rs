@@ -42,6 +42,8 @@ enum NetworkMode {
 #[derive(Debug, Parser)]
 #[command(name = "berth-node-agent", version)]
 struct Cli {
+    #[command(flatten)]
+    telemetry: berth_core::telemetry::TelemetryArgs,
     /// The schedulers' gRPC addresses, comma-separated (`http://10.0.0.1:7070,http://10.0.0.2:7070`;
     /// one is fine): the agent registers with the one that answers (the leader) and moves to
     /// the next when it goes away.
@@ -289,8 +291,8 @@ fn host_memory_mib() -> Option<u64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
-    berth_core::process::init_tracing();
     let mut cli = Cli::parse();
+    let _telemetry = cli.telemetry.init("berth-node-agent")?;
     if let Some(ca) = &cli.tls_ca {
         cli.scheduler = cli
             .scheduler

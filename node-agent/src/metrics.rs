@@ -14,6 +14,7 @@ pub const OOM_KILLS: &str = "berth_agent_oom_kills_total";
 pub const LOG_LINES: &str = "berth_agent_log_lines_total";
 pub const LOG_BYTES: &str = "berth_agent_log_bytes_total";
 pub const LOG_LIMITS_REACHED: &str = "berth_agent_log_limits_reached_total";
+pub const LOG_DROPPED_BYTES: &str = "berth_agent_log_dropped_bytes_total";
 
 /// HELP lines for every agent metric.
 pub fn describe() {
@@ -55,6 +56,11 @@ pub fn describe() {
         LOG_LIMITS_REACHED,
         "Runs that reached their log limit (their later output is dropped)."
     );
+    describe_counter!(
+        LOG_DROPPED_BYTES,
+        metrics::Unit::Bytes,
+        "Output bytes runs wrote past their log limit (dropped unread, so not counted in lines)."
+    );
     // Series without labels exist from the start (at 0), so rates and alerts see them.
     for name in [
         IMAGE_PULL_BYTES,
@@ -62,6 +68,7 @@ pub fn describe() {
         LOG_LINES,
         LOG_BYTES,
         LOG_LIMITS_REACHED,
+        LOG_DROPPED_BYTES,
     ] {
         counter!(name).increment(0);
     }
@@ -118,6 +125,12 @@ pub fn log_lines(lines: u64, bytes: u64) {
 
 pub fn log_limit_reached() {
     counter!(LOG_LIMITS_REACHED).increment(1);
+}
+
+pub fn log_dropped(bytes: u64) {
+    if bytes > 0 {
+        counter!(LOG_DROPPED_BYTES).increment(bytes);
+    }
 }
 
 pub const CONTAINER_MEMORY_USAGE: &str = "container_memory_usage_bytes";

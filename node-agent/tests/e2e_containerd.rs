@@ -172,6 +172,7 @@ impl Harness {
                     lease_epoch: 1,
                     spec: Some(spec),
                     runner_id: String::new(),
+                    traceparent: String::new(),
                 })),
             })
             .expect("scheduler alive");

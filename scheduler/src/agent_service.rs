@@ -406,11 +406,13 @@ fn command_to_pb(command: AgentCommand) -> pb::SchedulerMessage {
             lease_epoch,
             spec,
             runner_id,
+            trace_parent,
         }) => Command::AssignRun(pb::AssignRun {
             run_id,
             lease_epoch,
             spec: Some(run_spec_to_pb(spec)),
             runner_id,
+            traceparent: trace_parent.unwrap_or_default(),
         }),
         AgentCommand::StopRun { run_id } => Command::StopRun(pb::StopRun { run_id }),
         AgentCommand::Warmup(Warmup {
@@ -620,6 +622,7 @@ mod tests {
             lease_epoch: 7,
             spec,
             runner_id: "rn".into(),
+            trace_parent: None,
         });
         let Some(Command::AssignRun(a)) = command_to_pb(command).body else {
             panic!("expected AssignRun");

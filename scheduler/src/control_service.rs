@@ -13,6 +13,7 @@ use berth_core::convert::{node_state_to_pb, overrides_from_pb, run_status_to_pb,
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
 use berth_core::validate::{RegistryInput, ValidationErrors};
+use berth_core::RunStatus;
 use berth_proto::v1 as pb;
 use futures::Stream;
 use std::pin::Pin;
@@ -223,7 +224,45 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         let after = (!req.after_id.is_empty()).then_some(req.after_id.as_str());
         let (runs, next) = self
             .scheduler
-            .list_runs(&project, &req.runner_id, after, limit)
+            .list_runs(&project, &req.runner_id, after, limit, req.newest_first)
+            .await?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: runs.iter().map(Into::into).collect(),
+            next_after_id: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_active_runs(
+        &self,
+        r: Request<pb::ListActiveRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let project = project(&r)?;
+        // An admin sees every project's queue.
+        let project = require_admin(&r).is_err().then_some(project);
+        let req = r.into_inner();
+        let status = match req.status.as_str() {
+            "" => None,
+            "pending" => Some(RunStatus::Pending),
+            "running" => Some(RunStatus::Running),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "status {other}: only pending or running runs are active"
+                )))
+            }
+        };
+        let limit = match req.limit {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let (runs, next) = self
+            .scheduler
+            .list_active_runs(
+                project.as_deref(),
+                status,
+                (!req.region.is_empty()).then_some(req.region.as_str()),
+                (!req.after_id.is_empty()).then_some(req.after_id.as_str()),
+                limit,
+            )
             .await?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: runs.iter().map(Into::into).collect(),

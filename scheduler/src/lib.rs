@@ -129,6 +129,7 @@ pub async fn serve_tls<S: Store>(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .initial_stream_window_size(Some(berth_core::failover::HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(berth_core::failover::HTTP2_CONNECTION_WINDOW))
+        .trace_fn(rpc_span)
         .add_service(AgentServiceServer::with_interceptor(
             agent_service::AgentApi {
                 scheduler: scheduler.clone(),
@@ -164,6 +165,26 @@ pub async fn serve_tls<S: Store>(
 }
 
 /// The connections the scheduler serves, each with `TCP_NODELAY`: the server builder's
+/// The span of a control call (while traces are exported), continuing the caller's trace from
+/// its `traceparent` metadata: a run created in it records it, and its placement and its life
+/// on a node continue the trace. An agent's session lasts as long as its connection and
+/// carries every run of the node: it has no span of its own (each run has its own trace).
+fn rpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if !berth_core::telemetry::exporting() || path.starts_with("/berth.v1.AgentService/") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        trace_id = tracing::field::Empty,
+    );
+    berth_core::telemetry::follow_headers(&span, req.headers());
+    span
+}
+
 /// `tcp_nodelay` applies only to sockets tonic binds itself. With Nagle's algorithm on, a small
 /// frame written shortly after another (a watch's first event after its response headers, an
 /// assignment after an acknowledgement) waited for the peer's delayed ACK, ~40 ms.

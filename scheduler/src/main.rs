@@ -18,6 +18,8 @@ use tokio::sync::watch;
 #[derive(Parser, Debug)]
 #[command(name = "berth-scheduler", version)]
 struct Args {
+    #[command(flatten)]
+    telemetry: berth_core::telemetry::TelemetryArgs,
     /// Address for the agent and control gRPC services.
     #[arg(long, env = "BERTH_SCHEDULER_LISTEN", default_value = "127.0.0.1:7070")]
     grpc_listen: String,
@@ -136,8 +138,8 @@ fn parse_policy(s: &str) -> Result<FitPolicy, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
-    berth_core::process::init_tracing();
     let mut args = Args::parse();
+    let _telemetry = args.telemetry.init("berth-scheduler")?;
     let catalog = match &args.catalog {
         Some(path) => Catalog::load(path)
             .with_context(|| format!("loading the catalog {}", path.display()))?,

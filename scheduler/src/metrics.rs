@@ -28,6 +28,7 @@ pub const NODE_RUNS: &str = "berth_node_runs";
 pub const NODE_MAX_RUNS: &str = "berth_node_max_runs";
 pub const NODE_HEARTBEAT_AGE: &str = "berth_node_heartbeat_age_seconds";
 pub const NODE_UP: &str = "berth_node_up";
+pub const NODE_DRAINING: &str = "berth_node_draining";
 pub const NODES_LOST: &str = "berth_nodes_lost_total";
 pub const LEASE_EXPIRATIONS: &str = "berth_lease_expirations_total";
 
@@ -83,6 +84,10 @@ pub fn describe() {
     describe_gauge!(
         NODE_UP,
         "1 if the node is ready or draining, 0 if it is lost, by node and region."
+    );
+    describe_gauge!(
+        NODE_DRAINING,
+        "1 if the node takes no new runs (drained by an operator, or shutting down), else 0."
     );
     describe_counter!(
         NODES_LOST,
@@ -173,6 +178,8 @@ pub async fn sample_forever<S: Store>(scheduler: Arc<Scheduler<S>>) {
             gauge!(NODE_HEARTBEAT_AGE, &labels).set(n.last_heartbeat_age.as_secs_f64());
             let up = n.view.status != NodeState::Lost;
             gauge!(NODE_UP, &labels).set(if up { 1.0 } else { 0.0 });
+            let draining = n.view.status == NodeState::Draining;
+            gauge!(NODE_DRAINING, &labels).set(if draining { 1.0 } else { 0.0 });
         }
     }
 }

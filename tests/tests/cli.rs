@@ -225,6 +225,30 @@ async fn ctrl_c_while_a_run_waits_stops_it_and_exits_130() -> Result<()> {
         .find_map(|l| announced_run_id(l))
         .with_context(|| format!("{seen:?}"))?;
 
+    // The queue across runners shows it, with its position and why it waits.
+    let o = run_cli(&f, &["runs", "list", "--status", "pending"]).await?;
+    ensure!(o.code == Some(0), "{o:?}");
+    let row = o
+        .stdout
+        .lines()
+        .find(|l| l.contains(&run))
+        .with_context(|| format!("the waiting run is not listed: {o:?}"))?;
+    ensure!(
+        row.contains("ams") && row.contains("pending") && row.contains(&runner),
+        "{row}"
+    );
+    ensure!(row.contains("no node"), "no reason: {row}");
+    let o = run_cli(&f, &["runs", "list", "--status", "running", "--json"]).await?;
+    let v: Value = serde_json::from_str(&o.stdout)?;
+    ensure!(v["runs"].as_array().is_some_and(Vec::is_empty), "{v}");
+    let o = run_cli(&f, &["runs", "list", "--region", "fra"]).await?;
+    ensure!(o.code == Some(0) && !o.stdout.contains(&run), "{o:?}");
+    let o = run_cli(&f, &["runs", "list", &runner, "--status", "pending"]).await?;
+    ensure!(
+        o.code != Some(0) && o.stderr.contains("omit RUNNER"),
+        "{o:?}"
+    );
+
     let kill = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()?;

@@ -86,8 +86,11 @@ async fn fleet_with_metrics() -> Result<(Fleet, String, [String; 3])> {
     .await?;
     let node = f.node("fra").to_owned();
     // The agents take extra flags only on a restart.
-    f.restart_agent_with(&node, &["--metrics-listen", &agent])
-        .await?;
+    f.restart_agent_with(
+        &node,
+        &["--metrics-listen", &agent, "--max-log-lines-per-run", "50"],
+    )
+    .await?;
     Ok((f, node, [sched, api, agent]))
 }
 
@@ -257,6 +260,28 @@ async fn each_process_serves_metrics_that_follow_the_runs() -> Result<()> {
         )
     })
     .await?;
+
+    // Output past the log limit (50 lines here) is dropped and counted in bytes.
+    let loud = f
+        .start_run(&runner, json!({"command": "seq 1 2000"}))
+        .await?;
+    f.wait_finished(&runner, &loud).await?;
+    eventually(&agent, |t| {
+        expect(t, "berth_agent_log_limits_reached_total", &[], 1.0)?;
+        // 2,000 lines of 1-4 digits and a newline, 50 of them kept: most of 8,893 bytes.
+        at_least(t, "berth_agent_log_dropped_bytes_total", &[], 8000.0)
+    })
+    .await?;
+
+    // A drained node's gauge says so, and goes back on resume.
+    let n = [("node", node.as_str())];
+    eventually(&sched, |t| expect(t, "berth_node_draining", &n, 0.0)).await?;
+    f.post(&format!("/v1/nodes/{node}/drain"), json!({}))
+        .await?;
+    eventually(&sched, |t| expect(t, "berth_node_draining", &n, 1.0)).await?;
+    f.post(&format!("/v1/nodes/{node}/resume"), json!({}))
+        .await?;
+    eventually(&sched, |t| expect(t, "berth_node_draining", &n, 0.0)).await?;
     Ok(())
 }
 

@@ -174,7 +174,7 @@ pub async fn create_runs(
     get,
     path = "/v1/runners/{id}/runs",
     tag = "runs",
-    summary = "A page of a runner's runs, oldest first",
+    summary = "A page of a runner's runs, oldest first (or newest first with `order=desc`)",
     params(("id" = String, Path, description = "The runner's id"), RunsQuery),
     responses(
         (status = 200, description = "The runner's runs after `after`", body = RunsPage),
@@ -192,7 +192,32 @@ pub async fn list_runs(
 ) -> ApiResult<Json<RunsPage>> {
     check_id("runner_id", &runner_id)?;
     let limit = parse_limit(q.limit.as_deref(), RUNS_DEFAULT_LIMIT, RUNS_MAX_LIMIT)?;
-    let after_id = q.after.unwrap_or_default();
+    let after_id = cursor(q.after)?;
+    let newest_first = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(_) => {
+            return Err(ApiError::Invalid(
+                berth_core::validate::ValidationErrors::single("order", "must be asc or desc"),
+            ))
+        }
+    };
+    let list = s
+        .control()
+        .list_runs(pb::ListRunsRequest {
+            runner_id,
+            limit,
+            after_id,
+            newest_first,
+        })
+        .await?
+        .into_inner();
+    page(list)
+}
+
+/// A page cursor from a query: empty, or a run id (a page's `next_after`).
+fn cursor(after: Option<String>) -> ApiResult<String> {
+    let after_id = after.unwrap_or_default();
     if !after_id.is_empty() {
         // A cursor is a run id; anything else cannot be one.
         check_id("after", &after_id).map_err(|_| {
@@ -202,27 +227,96 @@ pub async fn list_runs(
             ))
         })?;
     }
-    let list = s
-        .control()
-        .list_runs(pb::ListRunsRequest {
-            runner_id,
-            limit,
-            after_id,
-        })
-        .await?
-        .into_inner();
+    Ok(after_id)
+}
+
+fn page(list: pb::ListRunsResponse) -> ApiResult<Json<RunsPage>> {
     Ok(Json(RunsPage {
         runs: list.runs.iter().map(views::run).collect::<Result<_, _>>()?,
         next_after: (!list.next_after_id.is_empty()).then_some(list.next_after_id),
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    summary = "Runs that have not ended, across runners: the queue (pending, with position and reason) and what runs now; oldest first. A project key sees its project's, the admin token every project's",
+    params(ActiveRunsQuery),
+    responses(
+        (status = 200, description = "Pending and running runs after `after`", body = RunsPage),
+        (status = 400, description = "Unknown query parameters", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
+        (status = 422, description = "Validation failed; each error names its field", body = ErrorBody),
+        (status = 503, description = "The scheduler is unavailable", body = ErrorBody),
+    )
+)]
+pub async fn list_active_runs(
+    State(s): State<AppState>,
+    Query(q): Query<ActiveRunsQuery>,
+) -> ApiResult<Json<RunsPage>> {
+    let limit = parse_limit(q.limit.as_deref(), RUNS_DEFAULT_LIMIT, RUNS_MAX_LIMIT)?;
+    let after_id = cursor(q.after)?;
+    let status = match q.status.as_deref() {
+        None => String::new(),
+        Some(s @ ("pending" | "running")) => s.to_owned(),
+        Some(_) => {
+            return Err(ApiError::Invalid(
+                berth_core::validate::ValidationErrors::single(
+                    "status",
+                    "must be pending or running (only those runs are active)",
+                ),
+            ))
+        }
+    };
+    let region = q.region.unwrap_or_default();
+    if region.len() > 64 {
+        return Err(ApiError::Invalid(
+            berth_core::validate::ValidationErrors::single(
+                "region",
+                "must be at most 64 characters",
+            ),
+        ));
+    }
+    let list = s
+        .control()
+        .list_active_runs(pb::ListActiveRunsRequest {
+            status,
+            region,
+            limit,
+            after_id,
+        })
+        .await?
+        .into_inner();
+    page(list)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ActiveRunsQuery {
+    /// `pending` or `running`; both when absent.
+    #[param(pattern = "^(pending|running)$")]
+    status: Option<String>,
+    /// Only this region's runs.
+    #[param(max_length = 64)]
+    region: Option<String>,
+    /// Only runs created after this run (the previous page's `next_after`).
+    after: Option<String>,
+    /// 1 to 1,000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct RunsQuery {
-    /// Only runs created after this run (the previous page's `next_after`).
+    /// Only runs after this run in the listing's order (the previous page's `next_after`).
     after: Option<String>,
+    /// `asc` (oldest first, the default) or `desc` (newest first).
+    #[param(pattern = "^(asc|desc)$")]
+    order: Option<String>,
     /// 1 to 1,000 (default 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,

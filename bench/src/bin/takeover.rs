@@ -485,6 +485,7 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         files: vec![],
         stop_grace_seconds: Some(10),
         timeline: Default::default(),
+        trace_parent: None,
     }
 }
 

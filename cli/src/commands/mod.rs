@@ -84,22 +84,65 @@ pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
             runner,
             limit,
             after,
+            newest_first,
+            status,
+            region,
         }) => {
             let mut query = Vec::new();
             if let Some(limit) = limit {
                 query.push(format!("limit={limit}"));
             }
-            if let Some(after) = after {
-                query.push(format!("after={}", id("after", &after)?));
+            if let Some(after) = &after {
+                query.push(format!("after={}", id("after", after)?));
             }
-            let mut path = format!("/v1/runners/{}/runs", id("runner", &runner)?);
-            if !query.is_empty() {
-                path = format!("{path}?{}", query.join("&"));
-            }
+            let (path, again) = match &runner {
+                Some(runner) => {
+                    if status.is_some() || region.is_some() {
+                        return Err(CommandError::Input(
+                            "--status and --region list active runs across runners: omit RUNNER"
+                                .to_owned(),
+                        ));
+                    }
+                    if newest_first {
+                        query.push("order=desc".to_owned());
+                    }
+                    let again = format!(
+                        "berthctl runs list {runner}{}",
+                        if newest_first { " --newest-first" } else { "" }
+                    );
+                    (format!("/v1/runners/{}/runs", id("runner", runner)?), again)
+                }
+                None => {
+                    if newest_first {
+                        return Err(CommandError::Input(
+                            "--newest-first lists a runner's runs: give RUNNER".to_owned(),
+                        ));
+                    }
+                    let mut again = "berthctl runs list".to_owned();
+                    if let Some(status) = &status {
+                        query.push(format!("status={status}"));
+                        again.push_str(&format!(" --status {status}"));
+                    }
+                    if let Some(region) = &region {
+                        query.push(format!("region={}", id("region", region)?));
+                        again.push_str(&format!(" --region {region}"));
+                    }
+                    ("/v1/runs".to_owned(), again)
+                }
+            };
+            let path = if query.is_empty() {
+                path
+            } else {
+                format!("{path}?{}", query.join("&"))
+            };
             let a = ctx.client.get(&path).await?;
-            ctx.show(&a, output::runs_table);
+            if runner.is_some() {
+                ctx.show(&a, output::runs_table);
+            } else {
+                ctx.show(&a, output::active_runs_table);
+            }
             if let (false, Some(next)) = (ctx.json, a.json["next_after"].as_str()) {
-                err_line(&format!("more: berthctl runs list {runner} --after {next}"));
+                err_line(&format!("more: {again} --after {next}"));
             }
             Ok(0)
         }

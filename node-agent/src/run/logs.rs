@@ -420,7 +420,8 @@ impl StreamTail {
         self.consumed += taken as u64;
     }
 
-    /// Past the log limit: forget whatever is buffered and everything written so far.
+    /// Past the log limit: forget whatever is buffered and everything written so far (counted
+    /// as dropped bytes; not read, so not counted in lines).
     fn skip_to_end(&mut self) {
         self.pending.clear();
         let len = self
@@ -429,6 +430,7 @@ impl StreamTail {
             .and_then(|f| f.metadata().ok())
             .map(|m| m.len())
             .unwrap_or(self.consumed);
+        crate::metrics::log_dropped(len.saturating_sub(self.consumed));
         self.consumed = self.consumed.max(len);
     }
 

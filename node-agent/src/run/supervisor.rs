@@ -4,8 +4,10 @@
 //! with cleanup and exactly one `RunExited`, and every log line of the run is queued before that
 //! `RunExited`. [`resume`] is the same ending for a run an earlier agent process left behind.
 
+use berth_core::telemetry::step;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use berth_core::codes::ErrorCode;
 use berth_core::convert::error_code_to_pb;
@@ -46,6 +48,8 @@ pub struct Assignment {
     pub spec: RunSpec,
     /// The run's runner (empty from a scheduler that does not say).
     pub runner_id: String,
+    /// W3C `traceparent` of the run's placement (while traces are exported).
+    pub trace_parent: Option<String>,
 }
 
 /// Node-level settings a supervisor needs.
@@ -140,25 +144,49 @@ pub async fn supervise<R: ContainerRuntime>(
         received_at_unix_nanos: unix_nanos_now(),
         ..StartStages::default()
     };
-    let (ending, run_dir) = run_until_exit(
-        &*runtime,
-        &settings,
-        &journal,
-        &assignment,
-        &mut stop,
-        &outbox,
-        &mut stages,
-    )
-    .await;
-    finish(
-        &*runtime,
-        &assignment.run_id,
-        assignment.lease_epoch,
-        ending,
-        run_dir.as_ref(),
-        &outbox,
-    )
+    let span = run_span(&assignment);
+    async {
+        let (ending, run_dir) = run_until_exit(
+            &*runtime,
+            &settings,
+            &journal,
+            &assignment,
+            &mut stop,
+            &outbox,
+            &mut stages,
+        )
+        .await;
+        finish(
+            &*runtime,
+            &assignment.run_id,
+            assignment.lease_epoch,
+            ending,
+            run_dir.as_ref(),
+            &outbox,
+        )
+        .instrument(step("finish"))
+        .await
+    }
+    .instrument(span)
     .await
+}
+
+/// The span of a run's life on this node, in the trace of its placement (while traces are
+/// exported; none otherwise: its log lines carry the run id anyway).
+fn run_span(assignment: &Assignment) -> tracing::Span {
+    if !berth_core::telemetry::exporting() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "run",
+        otel.name = "run",
+        run_id = %assignment.run_id,
+        runner_id = %assignment.runner_id,
+        lease_epoch = assignment.lease_epoch,
+        trace_id = tracing::field::Empty,
+    );
+    berth_core::telemetry::follow(&span, assignment.trace_parent.as_deref());
+    span
 }
 
 /// Takes over a run an earlier agent process left in `run_dir` (it was killed or crashed):
@@ -344,7 +372,7 @@ async fn run_until_exit<R: ContainerRuntime>(
         pulled = pull_reporting(runtime, &spec.image, spec.registry_auth.as_ref(), |state| {
             let report = run_report(run_id, assignment.lease_epoch, &spec.image, state);
             outbox.push_ephemeral(format!("run:{run_id}"), Body::PullProgress(report));
-        }) => match pulled {
+        }).instrument(step("image")) => match pulled {
             Ok(image) => image,
             Err(e) => return (start_failed(runtime, e).await, None),
         },
@@ -465,7 +493,11 @@ async fn start_and_watch<R: ContainerRuntime>(
             stages.task_created_at_unix_nanos = now;
             stages.sandbox = true;
         } else {
-            match runtime.create(run_id, image, oci_spec, &output).await {
+            match runtime
+                .create(run_id, image, oci_spec, &output)
+                .instrument(step("create"))
+                .await
+            {
                 Ok(created) => {
                     stages.network_ready_at_unix_nanos = created.network_ready_at_unix_nanos;
                     stages.task_created_at_unix_nanos = unix_nanos_now();
@@ -502,10 +534,12 @@ async fn start_and_watch<R: ContainerRuntime>(
             pump.finish().await;
             return Ending::stopped_before_start();
         }
-        let started = match runtime.watch_exit(run_id).await {
-            Ok(exit_watch) => runtime.start(run_id).await.map(|at| (exit_watch, at)),
-            Err(e) => Err(e),
-        };
+        let started = async {
+            let exit_watch = runtime.watch_exit(run_id).await?;
+            runtime.start(run_id).await.map(|at| (exit_watch, at))
+        }
+        .instrument(step("start"))
+        .await;
         match started {
             Ok((exit_watch, at)) => break (pump, output_closed, exit_watch, at),
             Err(e) => {
@@ -545,9 +579,12 @@ async fn start_and_watch<R: ContainerRuntime>(
         stop,
         exit_watch,
     )
+    .instrument(step("running"))
     .await;
     note_oom_kill(runtime, run_id, &mut ending);
-    drain_output(runtime, run_id, &mut pump, output_closed).await;
+    drain_output(runtime, run_id, &mut pump, output_closed)
+        .instrument(step("output"))
+        .await;
     ending
 }
 

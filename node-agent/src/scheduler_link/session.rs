@@ -776,6 +776,7 @@ impl<R: ContainerRuntime> Agent<R> {
             run_id: run_id.clone(),
             lease_epoch: assign.lease_epoch,
             spec,
+            trace_parent: (!assign.traceparent.is_empty()).then_some(assign.traceparent),
         };
         let supervisor = supervise(
             self.runtime.clone(),

@@ -111,6 +111,7 @@ impl<S: Store> Scheduler<S> {
                     run.timeline.assigned = berth_core::now_unix_micros();
                     let spec = self.run_spec(st, &run);
                     let runner_id = run.runner_id.clone();
+                    let trace_parent = placement_trace(&run, &node_id);
                     // `save` records the lease in the index.
                     st.stage(run);
                     tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
@@ -121,6 +122,7 @@ impl<S: Store> Scheduler<S> {
                             lease_epoch: epoch,
                             spec,
                             runner_id,
+                            trace_parent,
                         }),
                     );
                 }
@@ -181,6 +183,25 @@ impl<S: Store> Scheduler<S> {
 /// Records why a run waits. Recomputed by every pass (and by a new leader's first one): kept
 /// in memory only, never a store write per waiting run per pass (with 1,000 waiting runs that
 /// was one 1,000-record transaction each time).
+/// A span for the placement of `run` (assigned to `node_id`) in the trace of the call that
+/// created it, and its `traceparent` for the assignment: the node's spans follow it. None for a
+/// run created while traces were not exported.
+fn placement_trace(run: &Run, node_id: &str) -> Option<String> {
+    let parent = run.trace_parent.as_deref()?;
+    let span = tracing::info_span!(
+        "placement",
+        otel.name = "place run",
+        run_id = %run.id,
+        node_id,
+        region = %run.region,
+        queue_wait_ms = now_unix_millis().saturating_sub(run.created_at),
+        lease_epoch = run.lease_epoch,
+        trace_id = tracing::field::Empty,
+    );
+    berth_core::telemetry::follow(&span, Some(parent));
+    span.in_scope(berth_core::telemetry::traceparent)
+}
+
 fn set_reason(st: &mut State, run_id: &str, reason: String) {
     if let Some(live) = st.active.get_mut(run_id) {
         if live.pending_reason.as_deref() != Some(reason.as_str()) {

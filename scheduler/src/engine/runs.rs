@@ -205,26 +205,77 @@ impl<S: Store> Scheduler<S> {
         Ok(run)
     }
 
-    /// Up to `limit` of the runner's runs created after `after` (a run id; ids order by
-    /// creation), oldest first, and the cursor of the next page when there are more. Only the
-    /// index keys are read before the page is chosen, so a page costs its own runs.
+    /// Up to `limit` of the runs that have not ended (pending and running, or only those of
+    /// `status`), across the runners of `project` (of every project for `None`: an admin), in
+    /// `region` if given, created after `after`, oldest first, with their queue positions and
+    /// live pending reasons; and the cursor of the next page when there are more. Read from
+    /// the active index in memory: it costs the active runs, never the history.
+    pub async fn list_active_runs(
+        &self,
+        project: Option<&str>,
+        status: Option<RunStatus>,
+        region: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
+        let st = self.state.lock().await;
+        let mut runs = Vec::new();
+        let mut next = None;
+        let from = after.map_or(std::ops::Bound::Unbounded, |a| {
+            std::ops::Bound::Excluded(a.to_owned())
+        });
+        for run in st
+            .active
+            .range((from, std::ops::Bound::Unbounded))
+            .map(|(_, run)| run)
+            .filter(|r| project.is_none_or(|p| r.project == p))
+            .filter(|r| status.is_none_or(|s| r.status == s))
+            .filter(|r| region.is_none_or(|g| r.region == g))
+        {
+            if runs.len() == limit {
+                next = runs.last().map(|r: &Run| r.id.clone());
+                break;
+            }
+            runs.push(st.with_queue_position(run.clone()));
+        }
+        drop(st);
+        Ok((
+            runs.into_iter()
+                .map(|r| self.with_pull_progress(r))
+                .collect(),
+            next,
+        ))
+    }
+
+    /// Up to `limit` of the runner's runs after `after` (a run id; ids order by creation) in
+    /// the listing's order (oldest first, or newest first), and the cursor of the next page
+    /// when there are more. Only the index keys are read before the page is chosen, so a page
+    /// costs its own runs.
     pub async fn list_runs(
         &self,
         project: &str,
         runner_id: &str,
         after: Option<&str>,
         limit: usize,
+        newest_first: bool,
     ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
         self.get_runner(project, runner_id).await?;
         let index = self
             .store
             .list_prefix(&keys::runner_runs_prefix(runner_id))
             .await?;
-        let ids: Vec<&str> = index
+        let mut ids: Vec<&str> = index
             .iter()
             .filter_map(|kv| kv.key.rsplit('/').next())
-            .filter(|id| after.is_none_or(|a| *id > a))
+            .filter(|id| match (after, newest_first) {
+                (None, _) => true,
+                (Some(a), false) => *id > a,
+                (Some(a), true) => *id < a,
+            })
             .collect();
+        if newest_first {
+            ids.reverse();
+        }
         let mut runs = Vec::with_capacity(ids.len().min(limit));
         let mut next = None;
         for run_id in ids {
@@ -372,5 +423,7 @@ pub(super) fn new_run(
             created: berth_core::now_unix_micros(),
             ..Timeline::default()
         },
+        // The calling RPC's span (an API request's trace, when traces are exported).
+        trace_parent: berth_core::telemetry::traceparent(),
     })
 }

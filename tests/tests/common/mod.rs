@@ -131,6 +131,8 @@ pub struct FleetOptions {
     /// killed test agent leaves none behind). With some, dropping the fleet stops the agents
     /// with SIGTERM first, which releases them.
     pub warm_networks: usize,
+    /// Environment variables for every process of the fleet (restarts included).
+    pub env: Vec<(String, String)>,
 }
 
 /// A process that is killed when dropped.
@@ -170,6 +172,8 @@ pub struct Fleet {
     agents: std::collections::HashMap<String, (Proc, Vec<String>)>,
     /// [`FleetOptions::warm_networks`].
     warm_networks: usize,
+    /// [`FleetOptions::env`].
+    proc_env: Vec<(String, String)>,
     pub http: reqwest::Client,
 }
 
@@ -220,6 +224,7 @@ impl Fleet {
             others: vec![],
             agents: std::collections::HashMap::new(),
             warm_networks: options.warm_networks,
+            proc_env: options.env,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
@@ -479,6 +484,7 @@ impl Fleet {
         }
         let child = command
             .args(args)
+            .envs(self.proc_env.iter().map(|(k, v)| (k, v)))
             .env("BERTH_LOG", "info")
             // Plain log lines: `bound_port` reads `addr=` from them.
             .env("NO_COLOR", "1")

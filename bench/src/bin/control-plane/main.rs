@@ -309,6 +309,7 @@ async fn run_bench(
         loop {
             let page = control
                 .list_runs(pb::ListRunsRequest {
+                    newest_first: false,
                     runner_id: runner_id.clone(),
                     limit: 1000,
                     after_id,

@@ -307,6 +307,7 @@ fn assignment(spec: RunSpec) -> Assignment {
             image: "127.0.0.1:5055/busybox:latest".to_string(),
             ..spec
         },
+        trace_parent: None,
     }
 }
 

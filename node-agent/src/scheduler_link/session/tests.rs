@@ -105,6 +105,7 @@ fn assign(agent: &Agent<SlowPulls>, run_id: &str) {
             run_id: run_id.to_string(),
             lease_epoch: 2,
             runner_id: String::new(),
+            traceparent: String::new(),
             spec: Some(RunSpec {
                 image: "127.0.0.1:5/busybox:latest".to_string(),
                 ..Default::default()

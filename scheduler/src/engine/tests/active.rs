@@ -347,6 +347,7 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         files: vec![],
         stop_grace_seconds: None,
         timeline: Default::default(),
+        trace_parent: None,
     }
 }
 

@@ -69,7 +69,7 @@ async fn another_projects_records_are_not_found_and_never_listed() {
     assert!(not_found(s.delete_runner(b, &runner.id).await));
     assert!(not_found(s.get_run(b, &runner.id, &run.id).await));
     assert!(not_found(
-        s.list_runs(b, &runner.id, None, usize::MAX).await
+        s.list_runs(b, &runner.id, None, usize::MAX, false).await
     ));
     assert!(not_found(s.stop_run(b, &runner.id, &run.id).await));
     assert!(not_found(s.list_logs(b, &runner.id, &run.id, 0, 10).await));

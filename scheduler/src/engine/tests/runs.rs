@@ -355,7 +355,7 @@ async fn retries_with_one_idempotency_key_create_one_run() {
         "keys are per runner"
     );
     assert_eq!(
-        s.list_runs(P, &runner.id, None, usize::MAX)
+        s.list_runs(P, &runner.id, None, usize::MAX, false)
             .await
             .expect("list")
             .0
