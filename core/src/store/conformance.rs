@@ -129,6 +129,30 @@ async fn ranges<S: Store>(s: &S) {
         s.range("rg/5", "rg/1", 10).await.expect("range").is_empty(),
         "empty when start >= end"
     );
+    let back = s.range_rev("rg/", "rg/010", 2).await.expect("range_rev");
+    let keys: Vec<&str> = back.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["rg/003", "rg/002"],
+        "a reverse range ends exclusive, walks down and honours limit"
+    );
+    let back = s
+        .range_rev("rg/", "rg/\u{10FFFF}", 100)
+        .await
+        .expect("range_rev");
+    let keys: Vec<&str> = back.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["rg/010", "rg/003", "rg/002", "rg/001"],
+        "the whole prefix backwards, nothing outside it"
+    );
+    assert!(
+        s.range_rev("rg/5", "rg/1", 10)
+            .await
+            .expect("range_rev")
+            .is_empty(),
+        "empty when start >= end"
+    );
 }
 
 async fn deletes<S: Store>(s: &S) {

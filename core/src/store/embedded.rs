@@ -183,6 +183,7 @@ impl EmbeddedStore {
         start: &str,
         end: &str,
         limit: usize,
+        descending: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
         if start >= end {
             return Ok(vec![]);
@@ -191,7 +192,13 @@ impl EmbeddedStore {
         let table = tx.open_table(KV).map_err(backend)?;
         let now = now_millis();
         let mut out = Vec::new();
-        for entry in table.range(start..end).map_err(backend)? {
+        let range = table.range(start..end).map_err(backend)?;
+        let entries: Box<dyn Iterator<Item = _>> = if descending {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        for entry in entries {
             if out.len() >= limit {
                 break;
             }
@@ -392,7 +399,18 @@ impl Store for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
         let (start, end) = (start.to_owned(), end.to_owned());
-        self.blocking(move |s| s.range_blocking(&start, &end, limit))
+        self.blocking(move |s| s.range_blocking(&start, &end, limit, false))
+            .await
+    }
+
+    async fn range_rev(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let (start, end) = (start.to_owned(), end.to_owned());
+        self.blocking(move |s| s.range_blocking(&start, &end, limit, true))
             .await
     }
 

@@ -94,6 +94,26 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn range_rev(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if start >= end {
+            return Ok(vec![]);
+        }
+        let inner = self.lock();
+        let now = Instant::now();
+        Ok(inner
+            .kv
+            .range(start.to_owned()..end.to_owned())
+            .rev()
+            .filter_map(|(_, e)| e.live(now).cloned())
+            .take(limit)
+            .collect())
+    }
+
     fn submit(
         &self,
         txn: Txn,

@@ -159,6 +159,23 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send;
 
+    /// Keys in `[start, end)`, descending (the last first), at most `limit` of them. The
+    /// default reads the whole range; backends that can walk backwards override it.
+    fn range_rev(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<KeyValue>, StoreError>> + Send {
+        let (start, end) = (start.to_owned(), end.to_owned());
+        async move {
+            let mut all = self.range(&start, &end, usize::MAX).await?;
+            all.reverse();
+            all.truncate(limit);
+            Ok(all)
+        }
+    }
+
     /// Applies all of `txn` or nothing; returns the new store revision.
     fn commit(&self, txn: Txn) -> impl Future<Output = Result<u64, StoreError>> + Send {
         self.submit(txn)

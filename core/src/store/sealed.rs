@@ -69,6 +69,16 @@ impl<S: Store> Store for SealedStore<S> {
         kvs.into_iter().map(|kv| self.open(kv)).collect()
     }
 
+    async fn range_rev(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let kvs = self.inner.range_rev(start, end, limit).await?;
+        kvs.into_iter().map(|kv| self.open(kv)).collect()
+    }
+
     fn max_txn_ops(&self) -> usize {
         self.inner.max_txn_ops()
     }

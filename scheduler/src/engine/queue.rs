@@ -259,7 +259,17 @@ pub(super) fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<Str
 impl State {
     /// Fills in `queue_position` for a run waiting to be placed: its 1-based place among the
     /// waiting runs of its region, oldest first.
-    pub(super) fn with_queue_position(&self, mut run: Run) -> Run {
+    pub(super) fn with_queue_position(&self, run: Run) -> Run {
+        self.with_queue_position_from(run, None)
+    }
+
+    /// [`State::with_queue_position`], counting on from an earlier waiting run of the same
+    /// region and its position (see `WaitQueue::position_from`).
+    pub(super) fn with_queue_position_from(
+        &self,
+        mut run: Run,
+        from: Option<(&str, usize)>,
+    ) -> Run {
         run.queue_position = None;
         // The live reason it waits (see `schedule`), not the one last stored.
         if let Some(live) = self.active.get(&run.id).filter(|r| r.status == run.status) {
@@ -271,7 +281,7 @@ impl State {
             }
             run.queue_position = self
                 .queue
-                .position(&run)
+                .position_from(&run, from)
                 .and_then(|p| u32::try_from(p).ok());
         }
         run

@@ -10,6 +10,7 @@ use berth_core::store::{Expect, Store};
 use berth_core::validate::ValidationErrors;
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::time::Duration;
 
 impl<S: Store> Scheduler<S> {
@@ -219,8 +220,11 @@ impl<S: Store> Scheduler<S> {
         limit: usize,
     ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
         let st = self.state.lock().await;
-        let mut runs = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         let mut next = None;
+        // Per region, the last waiting run on the page and its position: the next one's is
+        // counted on from there.
+        let mut last: HashMap<String, (String, usize)> = HashMap::new();
         let from = after.map_or(std::ops::Bound::Unbounded, |a| {
             std::ops::Bound::Excluded(a.to_owned())
         });
@@ -236,7 +240,12 @@ impl<S: Store> Scheduler<S> {
                 next = runs.last().map(|r: &Run| r.id.clone());
                 break;
             }
-            runs.push(st.with_queue_position(run.clone()));
+            let from = last.get(&run.region).map(|(id, at)| (id.as_str(), *at));
+            let run = st.with_queue_position_from(run.clone(), from);
+            if let Some(at) = run.queue_position {
+                last.insert(run.region.clone(), (run.id.clone(), at as usize));
+            }
+            runs.push(run);
         }
         drop(st);
         Ok((
@@ -247,10 +256,45 @@ impl<S: Store> Scheduler<S> {
         ))
     }
 
+    /// `runs` (one page, in either order) with what [`Scheduler::get_run`] adds to a pending
+    /// run — its queue position and live reason, its image pull — under one lock, the
+    /// positions counted in one walk per region (`WaitQueue::position_from`).
+    async fn waiting_positions(&self, mut runs: Vec<Run>) -> Vec<Run> {
+        let mut pending: Vec<usize> = (0..runs.len())
+            .filter(|&i| runs[i].status == RunStatus::Pending)
+            .collect();
+        if pending.is_empty() {
+            return runs;
+        }
+        pending.sort_by(|&a, &b| runs[a].id.cmp(&runs[b].id));
+        let st = self.state.lock().await;
+        let mut last: HashMap<String, (String, usize)> = HashMap::new();
+        for i in pending {
+            let run = runs[i].clone();
+            let from = last.get(&run.region).map(|(id, at)| (id.as_str(), *at));
+            let run = st.with_queue_position_from(run, from);
+            if let Some(at) = run.queue_position {
+                last.insert(run.region.clone(), (run.id.clone(), at as usize));
+            }
+            runs[i] = run;
+        }
+        drop(st);
+        runs.into_iter()
+            .map(|r| {
+                if r.status == RunStatus::Pending {
+                    self.with_pull_progress(r)
+                } else {
+                    r
+                }
+            })
+            .collect()
+    }
+
     /// Up to `limit` of the runner's runs after `after` (a run id; ids order by creation) in
     /// the listing's order (oldest first, or newest first), and the cursor of the next page
-    /// when there are more. Only the index keys are read before the page is chosen, so a page
-    /// costs its own runs.
+    /// when there are more. It reads one page of the runner's index (a range, forwards or
+    /// backwards) and then that page's runs: a page costs its own runs, however many the runner
+    /// has.
     pub async fn list_runs(
         &self,
         project: &str,
@@ -260,36 +304,56 @@ impl<S: Store> Scheduler<S> {
         newest_first: bool,
     ) -> Result<(Vec<Run>, Option<String>), SchedulerError> {
         self.get_runner(project, runner_id).await?;
-        let index = self
-            .store
-            .list_prefix(&keys::runner_runs_prefix(runner_id))
-            .await?;
-        let mut ids: Vec<&str> = index
+        // One more than the page: whether there is a next one.
+        let want = limit.saturating_add(1);
+        let prefix = keys::runner_runs_prefix(runner_id);
+        let index = match (after, newest_first) {
+            (None, false) => {
+                self.store
+                    .range(&prefix, &keys::prefix_end(&prefix), want)
+                    .await?
+            }
+            // Just past `after`: the smallest key above it.
+            (Some(a), false) => {
+                let start = format!("{prefix}{a}\u{0}");
+                self.store
+                    .range(&start, &keys::prefix_end(&prefix), want)
+                    .await?
+            }
+            (None, true) => {
+                self.store
+                    .range_rev(&prefix, &keys::prefix_end(&prefix), want)
+                    .await?
+            }
+            (Some(a), true) => {
+                self.store
+                    .range_rev(&prefix, &format!("{prefix}{a}"), want)
+                    .await?
+            }
+        };
+        let ids: Vec<&str> = index
             .iter()
             .filter_map(|kv| kv.key.rsplit('/').next())
-            .filter(|id| match (after, newest_first) {
-                (None, _) => true,
-                (Some(a), false) => *id > a,
-                (Some(a), true) => *id < a,
-            })
             .collect();
-        if newest_first {
-            ids.reverse();
-        }
+        let more = index.len() == want;
         let mut runs = Vec::with_capacity(ids.len().min(limit));
-        let mut next = None;
+        let mut last_seen: Option<&str> = None;
         for run_id in ids {
             if runs.len() == limit {
-                next = runs.last().map(|r: &Run| r.id.clone());
                 break;
             }
-            match self.get_run(project, runner_id, run_id).await {
-                Ok(run) => runs.push(run),
-                Err(SchedulerError::NotFound { .. }) => {}
+            last_seen = Some(run_id);
+            match self.load_run(run_id).await {
+                Ok((run, _)) if run.runner_id == runner_id && run.project == project => {
+                    runs.push(run);
+                }
+                // An index entry whose run is gone is passed over (the page is one shorter).
+                Ok(_) | Err(SchedulerError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok((runs, next))
+        let runs = self.waiting_positions(runs).await;
+        Ok((runs, last_seen.filter(|_| more).map(str::to_owned)))
     }
 
     /// Pending → canceled at once. Running → asks its agent to stop and waits (bounded by

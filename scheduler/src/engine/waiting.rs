@@ -132,6 +132,25 @@ impl WaitQueue {
         )
     }
 
+    /// Like [`WaitQueue::position`], counting on from `from`: an earlier waiting run of the
+    /// same region and its position. A page of runs in id order then costs one walk from the
+    /// queue's head, not one per run.
+    pub(super) fn position_from(&self, run: &Run, from: Option<(&str, usize)>) -> Option<usize> {
+        let Some((prev, at)) = from.filter(|(prev, _)| *prev < run.id.as_str()) else {
+            return self.position(run);
+        };
+        let q = self.regions.get(&run.region)?;
+        if !q.ids.contains(&run.id) {
+            return None;
+        }
+        Some(
+            at + q
+                .ids
+                .range::<str, _>((Bound::Excluded(prev), Bound::Included(run.id.as_str())))
+                .count(),
+        )
+    }
+
     /// Every waiting run id (for consistency checks).
     #[cfg(test)]
     pub(super) fn ids(&self) -> BTreeSet<String> {

@@ -227,3 +227,94 @@ async fn a_pass_stops_at_the_first_run_nothing_can_fit_and_every_skipped_run_say
     }
     s.assert_index_consistent().await;
 }
+
+#[tokio::test]
+async fn active_runs_list_the_queue_per_project_with_the_positions_each_run_has() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let (mine, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (theirs, _) = s
+        .create_runner("beta", spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let (ams, _) = s
+        .create_runner(P, spec("ams", "standard-s"))
+        .await
+        .expect("runner");
+    // Interleaved: beta's runs and ams's stand between P's fra runs.
+    let mut created = vec![];
+    for i in 0..12 {
+        let (project, runner) = match i % 3 {
+            0 => (P, &mine.id),
+            1 => ("beta", &theirs.id),
+            _ => (P, &ams.id),
+        };
+        let run = s
+            .create_run(project, runner, RunOverrides::default())
+            .await
+            .expect("run");
+        created.push((project, run));
+    }
+    s.stop_run(P, &mine.id, &created[3].1.id)
+        .await
+        .expect("stop");
+
+    // Every project's (an admin), in pages of 5: each run's position is the one `get_run` says.
+    let mut all = vec![];
+    let mut after = None;
+    loop {
+        let (page, next) = s
+            .list_active_runs(None, None, None, after.as_deref(), 5)
+            .await
+            .expect("list");
+        all.extend(page);
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 11, "the stopped run has ended");
+    for run in &all {
+        let alone = s
+            .get_run(&run.project, &run.runner_id, &run.id)
+            .await
+            .expect("get");
+        assert_eq!(run.queue_position, alone.queue_position, "{}", run.id);
+        assert!(run.queue_position.is_some());
+    }
+    // fra's queue: P's 0, beta's 1, beta's 4, P's 6, ... (P's 3 was stopped).
+    let (p_fra, _) = s
+        .list_active_runs(Some(P), None, Some("fra"), None, 100)
+        .await
+        .expect("list");
+    let positions: Vec<_> = p_fra.iter().map(|r| r.queue_position).collect();
+    assert_eq!(positions, vec![Some(1), Some(4), Some(6)]);
+    assert!(p_fra.iter().all(|r| r.project == P && r.region == "fra"));
+    let (running, _) = s
+        .list_active_runs(Some(P), Some(RunStatus::Running), None, None, 100)
+        .await
+        .expect("list");
+    assert!(running.is_empty());
+
+    // A runner's runs, newest first, paged with the same cursor.
+    let (newest, next) = s.list_runs(P, &mine.id, None, 2, true).await.expect("list");
+    let ids: Vec<_> = newest.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, vec![created[9].1.id.clone(), created[6].1.id.clone()]);
+    let positions: Vec<_> = newest.iter().map(|r| r.queue_position).collect();
+    assert_eq!(
+        positions,
+        vec![Some(6), Some(4)],
+        "a page's positions, newest first"
+    );
+    let (older, next) = s
+        .list_runs(P, &mine.id, next.as_deref(), 2, true)
+        .await
+        .expect("list");
+    let ids: Vec<_> = older.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, vec![created[3].1.id.clone(), created[0].1.id.clone()]);
+    assert_eq!(next, None);
+}
