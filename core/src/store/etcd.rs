@@ -226,6 +226,62 @@ impl EtcdStore {
         &self.prefix
     }
 
+    /// `[start, end)` in `order`, at most `limit` keys, in pages at one revision: an ascending
+    /// page starts just after the last key the one before read, a descending one ends there.
+    async fn paged_range(
+        &self,
+        start: &str,
+        end: &str,
+        limit: usize,
+        order: SortOrder,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if start >= end || limit == 0 {
+            return Ok(vec![]);
+        }
+        let (mut from, mut to) = (self.full_key(start), self.full_key(end));
+        let mut out = Vec::new();
+        let mut page = RANGE_PAGE;
+        let mut at_revision = None;
+        loop {
+            let want = page.min(limit - out.len());
+            let mut options = GetOptions::new()
+                .with_range(to.clone())
+                .with_limit(i64::try_from(want).unwrap_or(i64::MAX))
+                .with_sort(SortTarget::Key, order);
+            if let Some(rev) = at_revision {
+                options = options.with_revision(rev);
+            }
+            let response = match self.read_raw(from.clone(), Some(options)).await {
+                Ok(r) => r,
+                Err(e) if too_large(&e) && page > 1 => {
+                    page = (page / 2).max(1);
+                    continue;
+                }
+                Err(e) => return Err(backend(e)),
+            };
+            if at_revision.is_none() {
+                at_revision = response.header().map(|h| h.revision());
+            }
+            let kvs = response.kvs();
+            for kv in kvs {
+                out.push(self.decode(kv)?);
+            }
+            let more = response.more() && kvs.len() == want;
+            match kvs.last() {
+                Some(last) if more && out.len() < limit => {
+                    let mut key = last.key().to_vec();
+                    if order == SortOrder::Descend {
+                        to = String::from_utf8(key).map_err(backend)?;
+                    } else {
+                        key.push(0);
+                        from = String::from_utf8(key).map_err(backend)?;
+                    }
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
     fn full_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
@@ -307,100 +363,20 @@ impl Store for EtcdStore {
         end: &str,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if start >= end || limit == 0 {
-            return Ok(vec![]);
-        }
-        let to = self.full_key(end);
-        let mut from = self.full_key(start);
-        let mut out = Vec::new();
-        let mut page = RANGE_PAGE;
-        let mut at_revision = None;
-        loop {
-            let want = page.min(limit - out.len());
-            let mut options = GetOptions::new()
-                .with_range(to.clone())
-                .with_limit(i64::try_from(want).unwrap_or(i64::MAX))
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            if let Some(rev) = at_revision {
-                options = options.with_revision(rev);
-            }
-            let response = match self.read_raw(from.clone(), Some(options)).await {
-                Ok(r) => r,
-                Err(e) if too_large(&e) && page > 1 => {
-                    page = (page / 2).max(1);
-                    continue;
-                }
-                Err(e) => return Err(backend(e)),
-            };
-            if at_revision.is_none() {
-                at_revision = response.header().map(|h| h.revision());
-            }
-            let kvs = response.kvs();
-            for kv in kvs {
-                out.push(self.decode(kv)?);
-            }
-            let more = response.more() && kvs.len() == want;
-            match kvs.last() {
-                Some(last) if more && out.len() < limit => {
-                    // The next page starts just after the last key read.
-                    let mut next = last.key().to_vec();
-                    next.push(0);
-                    from = String::from_utf8(next).map_err(backend)?;
-                }
-                _ => return Ok(out),
-            }
-        }
+        self.paged_range(start, end, limit, SortOrder::Ascend).await
     }
 
-    /// Pages backwards: each page ends (exclusive) at the last key the one before read. etcd
-    /// sorts a descending range on the server before it applies the limit, so a page costs the
-    /// server the keys below the cursor, and the client only the page.
+    /// As [`EtcdStore::range`], backwards. etcd sorts a descending range on the server before
+    /// it applies the limit, so a page costs the server the keys below the cursor, and the
+    /// client only the page.
     async fn range_rev(
         &self,
         start: &str,
         end: &str,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if start >= end || limit == 0 {
-            return Ok(vec![]);
-        }
-        let from = self.full_key(start);
-        let mut to = self.full_key(end);
-        let mut out = Vec::new();
-        let mut page = RANGE_PAGE;
-        let mut at_revision = None;
-        loop {
-            let want = page.min(limit - out.len());
-            let mut options = GetOptions::new()
-                .with_range(to.clone())
-                .with_limit(i64::try_from(want).unwrap_or(i64::MAX))
-                .with_sort(SortTarget::Key, SortOrder::Descend);
-            if let Some(rev) = at_revision {
-                options = options.with_revision(rev);
-            }
-            let response = match self.read_raw(from.clone(), Some(options)).await {
-                Ok(r) => r,
-                Err(e) if too_large(&e) && page > 1 => {
-                    page = (page / 2).max(1);
-                    continue;
-                }
-                Err(e) => return Err(backend(e)),
-            };
-            if at_revision.is_none() {
-                at_revision = response.header().map(|h| h.revision());
-            }
-            let kvs = response.kvs();
-            for kv in kvs {
-                out.push(self.decode(kv)?);
-            }
-            let more = response.more() && kvs.len() == want;
-            match kvs.last() {
-                Some(last) if more && out.len() < limit => {
-                    to = String::from_utf8(last.key().to_vec()).map_err(backend)?;
-                }
-                _ => return Ok(out),
-            }
-        }
+        self.paged_range(start, end, limit, SortOrder::Descend)
+            .await
     }
 
     fn max_txn_ops(&self) -> usize {

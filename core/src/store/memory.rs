@@ -81,17 +81,7 @@ impl Store for MemoryStore {
         end: &str,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if start >= end {
-            return Ok(vec![]);
-        }
-        let inner = self.lock();
-        let now = Instant::now();
-        Ok(inner
-            .kv
-            .range(start.to_owned()..end.to_owned())
-            .filter_map(|(_, e)| e.live(now).cloned())
-            .take(limit)
-            .collect())
+        Ok(self.live_range(start, end, limit, false))
     }
 
     async fn range_rev(
@@ -100,18 +90,7 @@ impl Store for MemoryStore {
         end: &str,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
-        if start >= end {
-            return Ok(vec![]);
-        }
-        let inner = self.lock();
-        let now = Instant::now();
-        Ok(inner
-            .kv
-            .range(start.to_owned()..end.to_owned())
-            .rev()
-            .filter_map(|(_, e)| e.live(now).cloned())
-            .take(limit)
-            .collect())
+        Ok(self.live_range(start, end, limit, true))
     }
 
     fn submit(
@@ -123,6 +102,25 @@ impl Store for MemoryStore {
 }
 
 impl MemoryStore {
+    /// The live keys of `[start, end)`, ascending or descending, at most `limit`.
+    fn live_range(&self, start: &str, end: &str, limit: usize, descending: bool) -> Vec<KeyValue> {
+        if start >= end {
+            return vec![];
+        }
+        let inner = self.lock();
+        let now = Instant::now();
+        let range = inner.kv.range(start.to_owned()..end.to_owned());
+        let entries: Box<dyn Iterator<Item = _>> = if descending {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        entries
+            .filter_map(|(_, e)| e.live(now).cloned())
+            .take(limit)
+            .collect()
+    }
+
     fn apply(&self, txn: Txn) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let now = Instant::now();
