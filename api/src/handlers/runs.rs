@@ -197,9 +197,11 @@ pub async fn list_runs(
         None | Some("asc") => false,
         Some("desc") => true,
         Some(_) => {
-            return Err(ApiError::Invalid(
-                berth_core::validate::ValidationErrors::single("order", "must be asc or desc"),
-            ))
+            return Err(berth_core::validate::ValidationErrors::single(
+                "order",
+                "must be asc or desc",
+            )
+            .into())
         }
     };
     let list = s
@@ -221,7 +223,7 @@ fn cursor(after: Option<String>) -> ApiResult<String> {
     if !after_id.is_empty() {
         // A cursor is a run id; anything else cannot be one.
         check_id("after", &after_id).map_err(|_| {
-            ApiError::Invalid(berth_core::validate::ValidationErrors::single(
+            ApiError::from(berth_core::validate::ValidationErrors::single(
                 "after",
                 "must be a run id (the `next_after` of the previous page)",
             ))
@@ -261,22 +263,20 @@ pub async fn list_active_runs(
         None => String::new(),
         Some(s @ ("pending" | "running")) => s.to_owned(),
         Some(_) => {
-            return Err(ApiError::Invalid(
-                berth_core::validate::ValidationErrors::single(
-                    "status",
-                    "must be pending or running (only those runs are active)",
-                ),
-            ))
+            return Err(berth_core::validate::ValidationErrors::single(
+                "status",
+                "must be pending or running (only those runs are active)",
+            )
+            .into())
         }
     };
     let region = q.region.unwrap_or_default();
     if region.len() > 64 {
-        return Err(ApiError::Invalid(
-            berth_core::validate::ValidationErrors::single(
-                "region",
-                "must be at most 64 characters",
-            ),
-        ));
+        return Err(berth_core::validate::ValidationErrors::single(
+            "region",
+            "must be at most 64 characters",
+        )
+        .into());
     }
     let list = s
         .control()
