@@ -260,6 +260,34 @@ mod tests {
                 u64::try_from(v::TIMEOUT_MAX).ok(),
             ),
             (
+                prop("RunnerInput", "max_concurrent_runs", "minimum"),
+                u64::try_from(v::MAX_CONCURRENT_RUNS_MIN).ok(),
+            ),
+            (
+                prop("RunnerInput", "max_concurrent_runs", "maximum"),
+                u64::try_from(v::MAX_CONCURRENT_RUNS_MAX).ok(),
+            ),
+            (
+                prop("RetryPolicy", "max_attempts", "minimum"),
+                u64::from(berth_core::retry::MAX_ATTEMPTS_MIN).into(),
+            ),
+            (
+                prop("RetryPolicy", "max_attempts", "maximum"),
+                u64::from(berth_core::retry::MAX_ATTEMPTS_MAX).into(),
+            ),
+            (
+                prop("RetryPolicy", "backoff_seconds", "maximum"),
+                u64::from(berth_core::retry::BACKOFF_MAX_SECONDS).into(),
+            ),
+            (
+                prop("RetryPolicy", "backoff_multiplier", "maximum"),
+                u64::from(berth_core::retry::BACKOFF_MULTIPLIER_MAX).into(),
+            ),
+            (
+                prop("RetryPolicy", "exit_codes", "maxItems"),
+                n(berth_core::retry::EXIT_CODES_MAX),
+            ),
+            (
                 prop("RunInput", "command", "maxLength"),
                 n(v::RUN_OVERRIDE_COMMAND_MAX),
             ),

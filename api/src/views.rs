@@ -6,10 +6,11 @@
 
 use berth_core::codes::{ErrorCode, NodeState};
 use berth_core::convert::{
-    error_code_from_pb, log_stream_from_pb, node_state_from_pb, run_status_from_pb,
-    warmup_status_from_pb, UnknownEnumValue,
+    error_code_from_pb, log_stream_from_pb, node_state_from_pb, retry_cause_from_pb,
+    retry_policy_from_pb, run_status_from_pb, warmup_status_from_pb, UnknownEnumValue,
 };
 use berth_core::model::{LogStream, WarmupStatus};
+use berth_core::retry::{RetryCause, RetryPolicy};
 use berth_core::RunStatus;
 use berth_proto::v1 as pb;
 use serde::Serialize;
@@ -87,6 +88,12 @@ pub struct RunnerView {
     /// Seconds between SIGTERM and SIGKILL for this runner's runs; `null`: the scheduler's default.
     #[schema(required = true)]
     pub stop_grace_seconds: Option<u32>,
+    /// The most runs of this runner holding a node at once; `null`: no cap.
+    #[schema(required = true)]
+    pub max_concurrent_runs: Option<u32>,
+    /// How its runs' failed attempts are tried again; `null`: never.
+    #[schema(required = true)]
+    pub retry_policy: Option<RetryPolicy>,
     #[schema(required = true, format = DateTime)]
     pub warmed_at: Option<String>,
     /// `null` before the first warmup.
@@ -123,6 +130,8 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         env_variables: env(&s.env_variables),
         container_registry_id: s.container_registry_id,
         stop_grace_seconds: s.stop_grace_seconds,
+        max_concurrent_runs: s.max_concurrent_runs,
+        retry_policy: s.retry_policy.map(retry_policy_from_pb),
         warmed_at: opt_millis(r.warmed_at_unix_millis),
         warmup_status: warmup_status_from_pb(r.warmup_status),
         warm_node_id: r.warm_node_id.clone(),
@@ -197,6 +206,41 @@ pub struct RunView {
     /// When each step of the run's life happened, to the microsecond: where its start time
     /// went. Steps not reached (or not known, for older runs) are absent.
     pub timeline: RunTimelineView,
+    /// Which attempt this is: 1 for a run created by a trigger, 2 and on for its retries.
+    pub attempt: u32,
+    /// The first attempt, on a retry; `null` on a first run.
+    #[schema(required = true)]
+    pub first_attempt_id: Option<String>,
+    #[schema(required = true)]
+    pub previous_attempt_id: Option<String>,
+    /// The retry that followed this attempt, once it ended and was retried.
+    #[schema(required = true)]
+    pub next_attempt_id: Option<String>,
+    /// How the attempt before this one ended; `null` on a first run.
+    #[schema(required = true)]
+    pub retry_cause: Option<RetryCause>,
+    /// The policy this run's ending is judged by (its own, or its runner's when it was created).
+    #[schema(required = true)]
+    pub retry_policy: Option<RetryPolicy>,
+    /// A retry waiting for its backoff is not placed before this instant.
+    #[schema(required = true, format = DateTime)]
+    pub retry_at: Option<String>,
+    /// Where the chain of attempts that followed this run ended, or stands: on a read of one
+    /// run that was retried (`GET /v1/runners/{id}/runs/{run_id}`); `null` otherwise.
+    #[schema(required = true)]
+    pub final_attempt: Option<FinalAttemptView>,
+}
+
+/// The last attempt of a run's chain of retries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FinalAttemptView {
+    pub id: String,
+    pub attempt: u32,
+    pub status: RunStatus,
+    #[schema(required = true)]
+    pub exit_code: Option<i32>,
+    #[schema(required = true)]
+    pub error_code: Option<ErrorCode>,
 }
 
 /// Each step of a run's life, RFC 3339 with microseconds. `received` through `task_created`,
@@ -363,6 +407,23 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
         stop_grace_seconds: r.stop_grace_seconds,
         files: files(&r.files),
         timeline: timeline(r.timeline.as_ref()),
+        attempt: r.attempt.max(1),
+        first_attempt_id: r.first_attempt_id.clone(),
+        previous_attempt_id: r.previous_attempt_id.clone(),
+        next_attempt_id: r.next_attempt_id.clone(),
+        retry_cause: retry_cause_from_pb(r.retry_cause),
+        retry_policy: r.retry_policy.clone().map(retry_policy_from_pb),
+        retry_at: opt_millis(r.not_before_unix_millis),
+        final_attempt: match &r.final_attempt {
+            Some(f) => Some(FinalAttemptView {
+                id: f.id.clone(),
+                attempt: f.attempt,
+                status: run_status_from_pb(f.status)?,
+                exit_code: f.exit_code,
+                error_code: error_code_from_pb(f.error_code),
+            }),
+            None => None,
+        },
     })
 }
 

@@ -167,6 +167,8 @@ pub enum RunnersCommand {
     List,
     /// Show one runner
     Get { id: String },
+    /// Change a runner (only the settings given)
+    Update(UpdateRunner),
     /// Delete a runner
     Delete { id: String },
 }
@@ -203,8 +205,80 @@ pub struct CreateRunner {
     /// The id of the container registry holding the image
     #[arg(long, value_name = "ID")]
     pub registry: Option<String>,
+    /// The most runs of this runner on nodes at once (1-10000); later runs wait in the queue
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_runs: Option<u32>,
+    #[command(flatten)]
+    pub retry: RetryArgs,
     #[arg(last = true, value_name = "ARGV", hide = true)]
     pub trailing_argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateRunner {
+    /// The runner's id
+    pub id: String,
+    /// IMAGE[:TAG] or IMAGE@sha256:DIGEST
+    #[arg(long, value_parser = parse_image, value_name = "IMAGE[:TAG]")]
+    pub image: Option<Image>,
+    /// A shell command (run with `sh -c`), replacing the runner's command
+    #[arg(long)]
+    pub command: Option<String>,
+    /// The run timeout in seconds
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub timeout: Option<i64>,
+    /// The most runs of this runner on nodes at once (1-10000), or `none` to remove the cap
+    #[arg(long, value_parser = parse_cap, value_name = "N|none")]
+    pub max_concurrent_runs: Option<Cap>,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    /// Remove the runner's retry policy
+    #[arg(long, conflicts_with = "retry_attempts")]
+    pub no_retry: bool,
+}
+
+/// A retry policy (`retry_policy`), given with `--retry-attempts`.
+#[derive(Debug, Args, Default)]
+pub struct RetryArgs {
+    /// Attempts in all, the first included (1-10): failed runs are tried again
+    #[arg(long, value_name = "N")]
+    pub retry_attempts: Option<u32>,
+    /// The endings that retry, comma-separated: exit_code, node_lost, oom_killed,
+    /// image_pull_failed, timeout
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CAUSES",
+        requires = "retry_attempts"
+    )]
+    pub retry_on: Vec<String>,
+    /// Seconds before the second attempt (then doubled each time)
+    #[arg(long, value_name = "SECONDS", requires = "retry_attempts")]
+    pub retry_backoff: Option<u32>,
+    /// Only these exit codes retry (with exit_code in --retry-on), comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CODES",
+        requires = "retry_attempts"
+    )]
+    pub retry_exit_codes: Vec<i32>,
+}
+
+/// A concurrency cap, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Limit(u32),
+    None,
+}
+
+fn parse_cap(s: &str) -> Result<Cap, String> {
+    if s == "none" {
+        return Ok(Cap::None);
+    }
+    s.parse()
+        .map(Cap::Limit)
+        .map_err(|_| format!("`{s}` is neither a number of runs nor `none`"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,6 +336,9 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when this run is stopped or times out (1-300)
     #[arg(long, value_name = "SECONDS")]
     pub stop_grace_seconds: Option<u32>,
+    /// This run's own retry policy, replacing the runner's (`--retry-attempts 1`: never retry)
+    #[command(flatten)]
+    pub retry: RetryArgs,
     /// Wait for the run, stream its logs, and exit with its exit code (Ctrl-C stops the run)
     #[arg(long, short = 'f')]
     pub follow: bool,
@@ -528,6 +605,72 @@ mod tests {
             panic!("not a create");
         };
         assert_eq!(c.trailing_argv, ["echo", "hi"]);
+        Ok(())
+    }
+
+    #[test]
+    fn caps_and_retry_policies_become_their_json() -> Result<(), clap::Error> {
+        use crate::commands::{run_body, runner_body, runner_patch};
+        let create = parse(&[
+            "runners",
+            "create",
+            "--name",
+            "n",
+            "--image",
+            "b",
+            "--max-concurrent-runs",
+            "5",
+            "--retry-attempts",
+            "3",
+            "--retry-on",
+            "exit_code,node_lost",
+            "--retry-backoff",
+            "10",
+            "--retry-exit-codes",
+            "75,76",
+        ])?;
+        let Command::Runners(RunnersCommand::Create(c)) = create.command else {
+            panic!("not a create");
+        };
+        let body = runner_body(&c);
+        assert_eq!(body["max_concurrent_runs"], 5);
+        assert_eq!(
+            body["retry_policy"],
+            serde_json::json!({"max_attempts": 3, "retry_on": ["exit_code", "node_lost"],
+                               "backoff_seconds": 10, "exit_codes": [75, 76]})
+        );
+        let update = |args: &[&str]| -> Result<serde_json::Value, clap::Error> {
+            let all: Vec<&str> = ["runners", "update", "r1"]
+                .iter()
+                .chain(args)
+                .copied()
+                .collect();
+            let Command::Runners(RunnersCommand::Update(u)) = parse(&all)?.command else {
+                panic!("not an update");
+            };
+            Ok(runner_patch(&u))
+        };
+        assert_eq!(
+            update(&["--max-concurrent-runs", "none", "--no-retry"])?,
+            serde_json::json!({"max_concurrent_runs": null, "retry_policy": null})
+        );
+        assert_eq!(
+            update(&["--max-concurrent-runs", "2"])?["max_concurrent_runs"],
+            2
+        );
+        assert!(update(&["--max-concurrent-runs", "many"]).is_err());
+        assert!(
+            update(&["--retry-on", "timeout"]).is_err(),
+            "needs --retry-attempts"
+        );
+        let Command::Run(r) = parse(&["run", "r1", "--retry-attempts", "1"])?.command else {
+            panic!("not a run");
+        };
+        let body = run_body(&r).map_err(|_| clap::Error::new(clap::error::ErrorKind::Io))?;
+        assert_eq!(
+            body["retry_policy"],
+            serde_json::json!({"max_attempts": 1, "retry_on": []})
+        );
         Ok(())
     }
 

@@ -156,6 +156,10 @@ impl Client {
         self.call(reqwest::Method::POST, path, body).await
     }
 
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Answer, ClientError> {
+        self.call(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Answer, ClientError> {
         self.call(reqwest::Method::DELETE, path, None).await
     }

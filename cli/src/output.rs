@@ -158,6 +158,8 @@ pub const RUNNER_FIELDS: &[&str] = &[
     "instance_type",
     "env_variables",
     "container_registry_id",
+    "max_concurrent_runs",
+    "retry_policy",
     "warmup_status",
     "warm_node_id",
     "warmed_at",
@@ -189,6 +191,12 @@ pub const RUN_FIELDS: &[&str] = &[
     "started_at",
     "completed_at",
     "duration_seconds",
+    "attempt",
+    "previous_attempt_id",
+    "next_attempt_id",
+    "retry_cause",
+    "retry_at",
+    "final_attempt",
 ];
 
 pub const NODE_FIELDS: &[&str] = &[

@@ -171,6 +171,8 @@ mod tests {
             env_variables: vec![],
             container_registry_id: None,
             stop_grace_seconds: None,
+            max_concurrent_runs: None,
+            retry_policy: None,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::model::{
     WarmupStatus,
 };
 use crate::overrides::RunOverrides;
+use crate::retry::{RetryCause, RetryPolicy};
 use crate::status::RunStatus;
 use crate::validate::RunInput;
 use berth_proto::v1 as pb;
@@ -227,6 +228,57 @@ pub fn overrides_to_pb(overrides: RunOverrides) -> pb::RunOverrides {
         env_variables: env_to_pb(&input.env_variables.unwrap_or_default()),
         files: files_to_upload_pb(&files),
         stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
+        retry_policy: input.retry_policy.as_ref().map(retry_policy_to_pb),
+    }
+}
+
+pub fn retry_policy_to_pb(p: &RetryPolicy) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts: p.max_attempts,
+        backoff_seconds: p.backoff_seconds,
+        backoff_multiplier: p.backoff_multiplier,
+        max_backoff_seconds: p.max_backoff_seconds,
+        retry_on: p.retry_on.iter().copied().map(retry_cause_to_pb).collect(),
+        exit_codes: p.exit_codes.clone(),
+    }
+}
+
+pub fn retry_cause_to_pb(c: RetryCause) -> i32 {
+    i32::from(match c {
+        RetryCause::ExitCode => pb::RetryCause::ExitCode,
+        RetryCause::NodeLost => pb::RetryCause::NodeLost,
+        RetryCause::OomKilled => pb::RetryCause::OomKilled,
+        RetryCause::ImagePullFailed => pb::RetryCause::ImagePullFailed,
+        RetryCause::Timeout => pb::RetryCause::Timeout,
+    })
+}
+
+/// None for UNSPECIFIED (no cause) and for a value this build does not know.
+pub fn retry_cause_from_pb(v: i32) -> Option<RetryCause> {
+    Some(match pb::RetryCause::try_from(v).ok()? {
+        pb::RetryCause::Unspecified => return None,
+        pb::RetryCause::ExitCode => RetryCause::ExitCode,
+        pb::RetryCause::NodeLost => RetryCause::NodeLost,
+        pb::RetryCause::OomKilled => RetryCause::OomKilled,
+        pb::RetryCause::ImagePullFailed => RetryCause::ImagePullFailed,
+        pb::RetryCause::Timeout => RetryCause::Timeout,
+    })
+}
+
+/// The policy a message carries; a cause value this build does not know is dropped (the API
+/// only sends the ones it parsed).
+pub fn retry_policy_from_pb(p: pb::RetryPolicy) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: p.max_attempts,
+        backoff_seconds: p.backoff_seconds,
+        backoff_multiplier: p.backoff_multiplier,
+        max_backoff_seconds: p.max_backoff_seconds,
+        retry_on: p
+            .retry_on
+            .into_iter()
+            .filter_map(retry_cause_from_pb)
+            .collect(),
+        exit_codes: p.exit_codes,
     }
 }
 
@@ -241,6 +293,7 @@ pub fn overrides_from_pb(o: pb::RunOverrides) -> RunOverrides {
         env_variables: (!o.env_variables.is_empty()).then(|| env_from_pb(o.env_variables)),
         files: None,
         stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
+        retry_policy: o.retry_policy.map(retry_policy_from_pb),
     };
     let files = o
         .files
@@ -298,6 +351,8 @@ impl From<&RunnerSpec> for pb::RunnerSpec {
             env_variables: env_to_pb(&s.env_variables),
             container_registry_id: s.container_registry_id.clone(),
             stop_grace_seconds: s.stop_grace_seconds,
+            max_concurrent_runs: s.max_concurrent_runs,
+            retry_policy: s.retry_policy.as_ref().map(retry_policy_to_pb),
         }
     }
 }
@@ -317,6 +372,8 @@ impl From<pb::RunnerSpec> for RunnerSpec {
             env_variables: env_from_pb(s.env_variables),
             container_registry_id: s.container_registry_id.filter(|id| !id.is_empty()),
             stop_grace_seconds: s.stop_grace_seconds,
+            max_concurrent_runs: s.max_concurrent_runs,
+            retry_policy: s.retry_policy.map(retry_policy_from_pb),
         }
     }
 }
@@ -413,6 +470,20 @@ impl From<&Run> for pb::Run {
             stop_grace_seconds: r.stop_grace_seconds,
             image_pull: r.image_pull.as_ref().map(pb::ImagePull::from),
             timeline: (!r.timeline.is_empty()).then(|| timeline_pb(&r.timeline)),
+            attempt: r.attempt,
+            first_attempt_id: r.first_attempt_id.clone(),
+            previous_attempt_id: r.previous_attempt_id.clone(),
+            next_attempt_id: r.next_attempt_id.clone(),
+            retry_policy: r.retry_policy.as_ref().map(retry_policy_to_pb),
+            not_before_unix_millis: r.not_before,
+            retry_cause: r.retry_cause.map_or(0, retry_cause_to_pb),
+            final_attempt: r.final_attempt.as_ref().map(|f| pb::FinalAttempt {
+                id: f.id.clone(),
+                attempt: f.attempt,
+                status: run_status_to_pb(f.status).into(),
+                exit_code: f.exit_code,
+                error_code: error_code_to_pb(f.error_code).into(),
+            }),
         }
     }
 }

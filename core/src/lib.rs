@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod model;
 pub mod overrides;
 pub mod process;
+pub mod retry;
 pub mod secrets;
 pub mod status;
 pub mod store;

@@ -47,6 +47,13 @@ pub struct RunnerSpec {
     /// Seconds between SIGTERM and SIGKILL on timeout or stop; None: the scheduler's default.
     #[serde(default)]
     pub stop_grace_seconds: Option<u32>,
+    /// The most runs of this runner that may hold a node at once (assigned or running); later
+    /// ones wait in the queue behind them. None: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_runs: Option<u32>,
+    /// How its runs' failed attempts are tried again (a run may bring its own). None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<crate::retry::RetryPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +186,48 @@ pub struct Run {
     /// placement and its life on a node continue that trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// Which attempt of its first run this is (1 for a first run).
+    #[serde(default = "first_attempt", skip_serializing_if = "is_first_attempt")]
+    pub attempt: u32,
+    /// The first attempt's id, on every later attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_attempt_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_attempt_id: Option<String>,
+    /// The attempt that followed this one (set when this one ended and was retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_id: Option<String>,
+    /// The policy its endings are judged by: the run's own, or its runner's when it was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<crate::retry::RetryPolicy>,
+    /// A retry waits for its backoff: not placed before this instant (unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    /// Why this attempt exists: how the one before it ended (None for a first run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_cause: Option<crate::retry::RetryCause>,
+    /// Where its chain of attempts ended, or stands (derived on read of one run, never stored;
+    /// None for a run that was not retried).
+    #[serde(skip)]
+    pub final_attempt: Option<Box<FinalAttempt>>,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+fn is_first_attempt(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The last attempt of a run's chain, as the first (or any earlier) attempt shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalAttempt {
+    pub id: String,
+    pub attempt: u32,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub error_code: Option<ErrorCode>,
 }
 
 /// A small file uploaded with a run, placed read-only at `path` inside its container. The run
@@ -621,6 +670,14 @@ mod tests {
             stop_grace_seconds: None,
             timeline: Timeline::default(),
             trace_parent: None,
+            attempt: 1,
+            first_attempt_id: None,
+            previous_attempt_id: None,
+            next_attempt_id: None,
+            retry_policy: None,
+            not_before: None,
+            retry_cause: None,
+            final_attempt: None,
         }
     }
 

@@ -163,6 +163,11 @@ struct State {
     registries: HashMap<String, RegistryEntry>,
     /// Images each node must keep because a runner's warmup put them there.
     warm_pins: images::WarmPins,
+    /// Runners' concurrency caps and the runs holding their slots (kept by `stage`).
+    caps: caps::RunnerCaps,
+    /// When each queued retry's backoff ends, earliest first (see `retries`); entries of runs
+    /// placed or stopped meanwhile only cause one needless pass.
+    backoffs: std::collections::BTreeSet<(i64, String)>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, SchedulerError> {
@@ -226,8 +231,15 @@ impl<S: Store> Scheduler<S> {
             }
         }
         state.warm_pins = Self::load_warm_pins(&store, &config, &state.registries).await?;
-        for run in state.active.values().filter(|r| is_queued(r)) {
+        let queued: Vec<Run> = state
+            .active
+            .values()
+            .filter(|r| is_queued(r))
+            .cloned()
+            .collect();
+        for run in &queued {
             state.queue.insert(run);
+            state.note_backoff(run);
         }
         let ids: Vec<String> = state.nodes.keys().cloned().collect();
         for id in &ids {
@@ -240,6 +252,15 @@ impl<S: Store> Scheduler<S> {
             .collect();
         for (node, memory_mib) in leases {
             state.index_lease(Some(&node), None, memory_mib);
+        }
+        for run in state.active.values().filter(|r| r.node_id.is_some()) {
+            state.caps.hold(&run.runner_id, false, true);
+        }
+        for kv in store.list_prefix(keys::RUNNERS).await? {
+            let runner: berth_core::Runner = decode(&kv.key, &kv.value)?;
+            if let Some(cap) = runner.spec.max_concurrent_runs {
+                state.caps.set(&runner.id, Some(cap), kv.mod_revision);
+            }
         }
         tracing::info!(
             active_runs = state.active.len(),
@@ -372,7 +393,36 @@ impl State {
 
     /// Stages `run`'s new state: memory (the run cache and the index's leases) now, the store
     /// write with the operation's flush.
-    fn stage(&mut self, run: Run) {
+    fn stage(&mut self, mut run: Run) {
+        // An attempt that ends for a cause its policy retries: the next attempt is stored in
+        // the same unit as the end.
+        let retry = if run.status.is_terminal() && self.active.contains_key(&run.id) {
+            retries::next_attempt(&mut run)
+        } else {
+            None
+        };
+        let own_unit = retry.is_some() && !self.unit_open;
+        if own_unit {
+            self.open_unit();
+        }
+        self.stage_one(run);
+        if let Some(next) = retry {
+            // A new run of the runner: its record is new, and its runner lists it.
+            self.write(keys::run(&next.id), Vec::new(), Expect::Absent);
+            self.write_file_contents(&next);
+            self.write(
+                keys::runner_run(&next.runner_id, &next.id),
+                Vec::new(),
+                Expect::Absent,
+            );
+            self.stage_one(next);
+        }
+        if own_unit {
+            self.close_unit();
+        }
+    }
+
+    fn stage_one(&mut self, run: Run) {
         self.begin_unit();
         let was_active = self.active.contains_key(&run.id);
         let before = self.active.get(&run.id).and_then(|r| r.node_id.clone());
@@ -387,6 +437,8 @@ impl State {
             .flatten();
         if before != after {
             self.index_lease(after.as_deref(), before.as_deref(), run.memory_mib);
+            self.caps
+                .hold(&run.runner_id, before.is_some(), after.is_some());
         }
         if run.status == RunStatus::Canceled && run.started_at.is_none() {
             if let Some(node) = before.as_deref() {
@@ -405,6 +457,7 @@ impl State {
         }
         if is_queued(&run) {
             self.queue.insert(&run);
+            self.note_backoff(&run);
         } else {
             self.queue.remove(&run);
         }
@@ -491,6 +544,15 @@ impl State {
                 e.1 += 1;
             }
         }
+        let mut holding: HashMap<String, u32> = HashMap::new();
+        for c in self.active.values().filter(|c| c.node_id.is_some()) {
+            *holding.entry(c.runner_id.clone()).or_default() += 1;
+        }
+        assert_eq!(
+            &holding,
+            self.caps.all_holding(),
+            "the runs holding each runner's slots"
+        );
         let queued: std::collections::BTreeSet<String> = self
             .active
             .values()
@@ -629,6 +691,7 @@ async fn committed(
 
 mod active;
 mod api_keys;
+mod caps;
 mod delivery;
 mod idempotency;
 mod identity;
@@ -638,6 +701,7 @@ mod nodes;
 mod queue;
 mod registries;
 mod reports;
+mod retries;
 mod runners;
 mod runs;
 #[cfg(test)]

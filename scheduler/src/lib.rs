@@ -120,6 +120,7 @@ pub async fn serve_tls<S: Store>(
     };
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
+    let retries = tokio::spawn(place_due_retries_forever(scheduler.clone()));
     let sample = tokio::spawn(metrics::sample_forever(scheduler.clone()));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -160,6 +161,7 @@ pub async fn serve_tls<S: Store>(
     };
     expiry.abort();
     sweep.abort();
+    retries.abort();
     sample.abort();
     served
 }
@@ -206,6 +208,20 @@ async fn sweep_idempotency_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>
             .await
         {
             tracing::error!(error = %e, "idempotency key sweep failed");
+        }
+    }
+}
+
+/// Places retries whose backoff is over, four times a second (backoffs are whole seconds).
+async fn place_due_retries_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if let Err(e) = scheduler
+            .place_due_retries(berth_core::now_unix_millis())
+            .await
+        {
+            tracing::error!(error = %e, "placing due retries failed");
         }
     }
 }

@@ -459,6 +459,54 @@ async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()
     Ok(())
 }
 
+/// A runner's `max_concurrent_runs` holds across a `kill -9` of the leader mid-burst: the new
+/// leader counts the runs holding slots from the active runs it loads and reads the cap from the
+/// runner, so no more than the cap of its runs ever hold a node, before, during or after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_concurrency_cap_holds_across_a_failover() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    const CAP: usize = 3;
+    let etcd = EtcdCluster::start(3)?;
+    let mut fleet = ha_fleet(&etcd, &agents(2)).await?;
+    let runner = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs", "run_command": "sleep 0.2; echo done",
+                   "max_concurrent_runs": CAP}),
+        )
+        .await?;
+    let history = Arc::new(History::default());
+    let client = Client::new(&fleet, &runner, history.clone())?;
+    let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
+    let ids = {
+        let fleet = &mut fleet;
+        burst(&client, "cap", 150, 16, 50, move || {
+            fleet.signal_slot(leader, "KILL")
+        })
+        .await?
+    };
+    let now_leads = fleet.wait_leader(Duration::from_secs(30)).await?;
+    ensure!(now_leads == 1 - leader, "slot {now_leads} leads");
+    ensure!(ids.len() == 150, "{} of 150 acknowledged", ids.len());
+    let finals = settle(&client, &ids, Duration::from_secs(300))
+        .await
+        .with_context(|| fleet.logs())?;
+    let failed: Vec<_> = finals
+        .iter()
+        .filter(|(_, s)| **s != RunStatus::Succeeded)
+        .collect();
+    ensure!(failed.is_empty(), "runs did not succeed: {failed:?}");
+    let (held, ran) = common::caps::peaks(&fleet, &runner, &ids).await?;
+    eprintln!("cap {CAP} across a failover: at most {held} held a node, {ran} ran at once");
+    ensure!(
+        held <= CAP && ran <= CAP,
+        "held {held}, ran {ran}: over the cap {CAP}"
+    );
+    ensure!(held == CAP, "the cap was never reached ({held})");
+    check_history(&history, &client)?;
+    Ok(())
+}
+
 /// SIGSTOP the leader for longer than its lease and the nodes' lost timeout, let the standby
 /// take over, SIGCONT: the old leader must commit nothing (it would declare the nodes lost and
 /// fail their runs) and step down.

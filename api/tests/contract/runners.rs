@@ -160,3 +160,199 @@ async fn bad_input_gets_a_4xx_naming_the_field() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn max_concurrent_runs_is_set_kept_changed_and_removed() -> Result<()> {
+    let f = Api::start().await?;
+    let body = |cap: serde_json::Value| {
+        json!({
+            "name": "capped", "image_name": "busybox", "image_tag": "latest",
+            "region": "fra", "instance_type": "standard-s", "max_concurrent_runs": cap,
+        })
+    };
+    let (status, created) = f
+        .request(Method::POST, "/v1/runners", Some(body(json!(3))))
+        .await?;
+    ensure!(
+        status == 201 && created["runner"]["max_concurrent_runs"] == 3,
+        "{status} {created}"
+    );
+    let id = created["runner"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let patch = |v: serde_json::Value| {
+        let path = format!("/v1/runners/{id}");
+        let f = &f;
+        async move { f.request(Method::PATCH, &path, Some(v)).await }
+    };
+    let (status, v) = patch(json!({"timeout_seconds": 9})).await?;
+    ensure!(
+        status == 200 && v["runner"]["max_concurrent_runs"] == 3,
+        "absent keeps it: {v}"
+    );
+    let (status, v) = patch(json!({"max_concurrent_runs": 10000})).await?;
+    ensure!(
+        status == 200 && v["runner"]["max_concurrent_runs"] == 10000,
+        "{v}"
+    );
+    let (status, v) = patch(json!({"max_concurrent_runs": null})).await?;
+    ensure!(
+        status == 200 && v["runner"]["max_concurrent_runs"].is_null(),
+        "null removes it: {v}"
+    );
+    let shown = f.get(&format!("/v1/runners/{id}")).await?;
+    ensure!(shown["runner"]["max_concurrent_runs"].is_null(), "{shown}");
+
+    for (bad, status) in [
+        (json!(0), 422),
+        (json!(10001), 422),
+        (json!(-1), 422),
+        (json!(u64::MAX), 400),
+        (json!("3"), 400),
+        (json!(2.5), 400),
+    ] {
+        let (got, v) = patch(json!({ "max_concurrent_runs": bad })).await?;
+        ensure!(
+            got == status && v["errors"][0]["field"] == "max_concurrent_runs",
+            "PATCH {bad}: {got} {v}"
+        );
+        let (got, v) = f
+            .request(Method::POST, "/v1/runners", Some(body(bad.clone())))
+            .await?;
+        ensure!(
+            got == status && v["errors"][0]["field"] == "max_concurrent_runs",
+            "POST {bad}: {got} {v}"
+        );
+    }
+    let (status, created) = f
+        .request(Method::POST, "/v1/runners", Some(body(json!(null))))
+        .await?;
+    ensure!(
+        status == 201 && created["runner"]["max_concurrent_runs"].is_null(),
+        "{created}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_policies_are_checked_shown_and_removed() -> Result<()> {
+    let f = Api::start().await?;
+    let policy = json!({"max_attempts": 3, "backoff_seconds": 5, "retry_on": ["exit_code", "node_lost"],
+                        "exit_codes": [75]});
+    let (status, created) = f
+        .request(
+            Method::POST,
+            "/v1/runners",
+            Some(json!({
+                "name": "retried", "image_name": "busybox", "image_tag": "latest",
+                "region": "fra", "instance_type": "standard-s", "retry_policy": policy,
+            })),
+        )
+        .await?;
+    ensure!(status == 201, "{status} {created}");
+    let shown = &created["runner"]["retry_policy"];
+    ensure!(
+        *shown
+            == json!({"max_attempts": 3, "backoff_seconds": 5, "backoff_multiplier": 2,
+                      "max_backoff_seconds": 3600, "retry_on": ["exit_code", "node_lost"],
+                      "exit_codes": [75]}),
+        "defaults filled in: {shown}"
+    );
+    let id = created["runner"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // A run may bring its own; the run shows the policy it is judged by, and that it is a
+    // first attempt.
+    let (status, run) = f
+        .request(
+            Method::POST,
+            &format!("/v1/runners/{id}/runs"),
+            Some(json!({"retry_policy": {"max_attempts": 2, "retry_on": ["timeout"]}})),
+        )
+        .await?;
+    ensure!(status == 201, "{status} {run}");
+    let r = &run["run"];
+    ensure!(
+        r["attempt"] == 1
+            && r["retry_policy"]["retry_on"] == json!(["timeout"])
+            && r["previous_attempt_id"].is_null()
+            && r["final_attempt"].is_null(),
+        "{r}"
+    );
+    for (body, status, field) in [
+        (json!({"max_attempts": 0}), 422, "retry_policy.max_attempts"),
+        (
+            json!({"max_attempts": 11}),
+            422,
+            "retry_policy.max_attempts",
+        ),
+        (
+            json!({"max_attempts": 2, "backoff_seconds": 3601}),
+            422,
+            "retry_policy.backoff_seconds",
+        ),
+        (
+            json!({"max_attempts": 2, "backoff_multiplier": 0}),
+            422,
+            "retry_policy.backoff_multiplier",
+        ),
+        (
+            json!({"max_attempts": 2, "retry_on": ["exit_code"], "exit_codes": [0]}),
+            422,
+            "retry_policy.exit_codes[0]",
+        ),
+        (
+            json!({"max_attempts": 2, "exit_codes": [3]}),
+            422,
+            "retry_policy.exit_codes",
+        ),
+        (
+            json!({"max_attempts": 2, "retry_on": ["stopped"]}),
+            400,
+            "retry_policy.retry_on[0]",
+        ),
+        (
+            json!({"max_attempts": 2, "tries": 1}),
+            400,
+            "retry_policy.tries",
+        ),
+        (json!({"retry_on": []}), 400, "retry_policy"),
+    ] {
+        let (got, v) = f
+            .request(
+                Method::PATCH,
+                &format!("/v1/runners/{id}"),
+                Some(json!({ "retry_policy": body })),
+            )
+            .await?;
+        ensure!(
+            got == status && v["errors"][0]["field"] == field,
+            "PATCH {body}: {got} {v}"
+        );
+        let (got, v) = f
+            .request(
+                Method::POST,
+                &format!("/v1/runners/{id}/runs"),
+                Some(json!({ "retry_policy": body })),
+            )
+            .await?;
+        ensure!(
+            got == status && v["errors"][0]["field"] == field,
+            "POST run {body}: {got} {v}"
+        );
+    }
+    let (status, v) = f
+        .request(
+            Method::PATCH,
+            &format!("/v1/runners/{id}"),
+            Some(json!({"retry_policy": null})),
+        )
+        .await?;
+    ensure!(
+        status == 200 && v["runner"]["retry_policy"].is_null(),
+        "{status} {v}"
+    );
+    Ok(())
+}

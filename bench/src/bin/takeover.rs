@@ -419,6 +419,8 @@ fn runner() -> Runner {
             env_variables: env(),
             container_registry_id: None,
             stop_grace_seconds: None,
+            max_concurrent_runs: None,
+            retry_policy: None,
         },
         warmed_at: None,
         created_at: berth_core::now_unix_millis(),
@@ -486,6 +488,14 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         stop_grace_seconds: Some(10),
         timeline: Default::default(),
         trace_parent: None,
+        attempt: 1,
+        first_attempt_id: None,
+        previous_attempt_id: None,
+        next_attempt_id: None,
+        retry_policy: None,
+        not_before: None,
+        retry_cause: None,
+        final_attempt: None,
     }
 }
 

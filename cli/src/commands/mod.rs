@@ -7,8 +7,8 @@ pub mod follow;
 pub mod tls;
 
 use crate::args::{
-    Command, CreateRegistry, CreateRunner, EnvPair, LogsArgs, NodesCommand, RegistriesCommand,
-    RunArgs, RunRef, RunnersCommand, RunsCommand, WarmupArgs,
+    Cap, Command, CreateRegistry, CreateRunner, EnvPair, LogsArgs, NodesCommand, RegistriesCommand,
+    RetryArgs, RunArgs, RunRef, RunnersCommand, RunsCommand, UpdateRunner, WarmupArgs,
 };
 use crate::client::{Answer, Client, ClientError};
 use crate::output::{self, detail};
@@ -239,6 +239,57 @@ pub fn runner_body(c: &CreateRunner) -> Value {
     if !c.env.is_empty() {
         b.insert("env_variables".into(), env_json(&c.env));
     }
+    if let Some(n) = c.max_concurrent_runs {
+        b.insert("max_concurrent_runs".into(), json!(n));
+    }
+    if let Some(policy) = retry_policy(&c.retry) {
+        b.insert("retry_policy".into(), policy);
+    }
+    Value::Object(b)
+}
+
+/// The `retry_policy` the flags give, if `--retry-attempts` is one of them.
+pub fn retry_policy(r: &RetryArgs) -> Option<Value> {
+    let attempts = r.retry_attempts?;
+    let mut p = Map::new();
+    p.insert("max_attempts".into(), json!(attempts));
+    p.insert("retry_on".into(), json!(r.retry_on));
+    if let Some(b) = r.retry_backoff {
+        p.insert("backoff_seconds".into(), json!(b));
+    }
+    if !r.retry_exit_codes.is_empty() {
+        p.insert("exit_codes".into(), json!(r.retry_exit_codes));
+    }
+    Some(Value::Object(p))
+}
+
+/// The `PATCH /v1/runners/{id}` body: only the settings given.
+pub fn runner_patch(c: &UpdateRunner) -> Value {
+    let mut b = Map::new();
+    if let Some(image) = &c.image {
+        b.insert("image_name".into(), json!(image.name));
+        b.insert("image_tag".into(), json!(image.tag));
+    }
+    if let Some(cmd) = &c.command {
+        b.insert("run_command".into(), json!(cmd));
+    }
+    if let Some(t) = c.timeout {
+        b.insert("timeout_seconds".into(), json!(t));
+    }
+    match c.max_concurrent_runs {
+        Some(Cap::Limit(n)) => {
+            b.insert("max_concurrent_runs".into(), json!(n));
+        }
+        Some(Cap::None) => {
+            b.insert("max_concurrent_runs".into(), Value::Null);
+        }
+        None => {}
+    }
+    if let Some(policy) = retry_policy(&c.retry) {
+        b.insert("retry_policy".into(), policy);
+    } else if c.no_retry {
+        b.insert("retry_policy".into(), Value::Null);
+    }
     Value::Object(b)
 }
 
@@ -267,6 +318,9 @@ pub fn run_body(a: &RunArgs) -> Result<Value, CommandError> {
     }
     if let Some(grace) = a.stop_grace_seconds {
         b.insert("stop_grace_seconds".into(), json!(grace));
+    }
+    if let Some(policy) = retry_policy(&a.retry) {
+        b.insert("retry_policy".into(), policy);
     }
     if !a.argv.is_empty() {
         b.insert("argv".into(), json!(a.argv));
@@ -300,6 +354,19 @@ async fn runners(ctx: &Ctx, c: RunnersCommand) -> Result<u8, CommandError> {
             let a = ctx
                 .client
                 .get(&format!("/v1/runners/{}", id("runner", &runner)?))
+                .await?;
+            ctx.show(&a, |v| detail(&v["runner"], output::RUNNER_FIELDS));
+        }
+        RunnersCommand::Update(c) => {
+            let body = runner_patch(&c);
+            if body.as_object().is_some_and(Map::is_empty) {
+                return Err(CommandError::Input(
+                    "nothing to change: give at least one setting".to_owned(),
+                ));
+            }
+            let a = ctx
+                .client
+                .patch(&format!("/v1/runners/{}", id("runner", &c.id)?), &body)
                 .await?;
             ctx.show(&a, |v| detail(&v["runner"], output::RUNNER_FIELDS));
         }

@@ -20,6 +20,22 @@ pub(super) fn check_stop_grace(c: &mut Collector, v: Option<i64>) -> Option<u32>
     }
 }
 
+pub(super) fn check_max_concurrent_runs(c: &mut Collector, v: Option<i64>) -> Option<u32> {
+    let v = v?;
+    match u32::try_from(v) {
+        Ok(n) if (MAX_CONCURRENT_RUNS_MIN..=MAX_CONCURRENT_RUNS_MAX).contains(&v) => Some(n),
+        _ => {
+            c.push(
+                "max_concurrent_runs",
+                format!(
+                    "must be between {MAX_CONCURRENT_RUNS_MIN} and {MAX_CONCURRENT_RUNS_MAX}, or null for no cap"
+                ),
+            );
+            None
+        }
+    }
+}
+
 pub(super) fn check_command(c: &mut Collector, field: &str, cmd: &str, max: usize) {
     let len = cmd.chars().count();
     if cmd.trim().is_empty() {

@@ -16,6 +16,9 @@ pub const ENV_VALUE_MAX: usize = 32_768;
 /// Seconds between SIGTERM and SIGKILL a runner or run may ask for (`stop_grace_seconds`).
 pub const STOP_GRACE_MIN: i64 = 1;
 pub const STOP_GRACE_MAX: i64 = 300;
+/// A runner's `max_concurrent_runs`.
+pub const MAX_CONCURRENT_RUNS_MIN: i64 = 1;
+pub const MAX_CONCURRENT_RUNS_MAX: i64 = 10_000;
 /// Uploaded files (`files` of a run): at most this many per run…
 pub const FILES_MAX: usize = 64;
 /// …of at most this many bytes in total, decoded.

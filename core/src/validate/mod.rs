@@ -59,17 +59,17 @@ impl ValidationErrors {
 }
 
 #[derive(Default)]
-struct Collector(Vec<FieldError>);
+pub(crate) struct Collector(Vec<FieldError>);
 
 impl Collector {
-    fn push(&mut self, field: &str, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, field: &str, message: impl Into<String>) {
         self.0.push(FieldError {
             field: field.to_owned(),
             message: message.into(),
         });
     }
 
-    fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, ValidationErrors> {
         if self.0.is_empty() {
             Ok(value)
         } else {

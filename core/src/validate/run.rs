@@ -33,6 +33,8 @@ pub struct RunInput {
     /// Overrides the runner's `stop_grace_seconds` (1 to 300).
     #[schema(minimum = 1, maximum = 300)]
     pub stop_grace_seconds: Option<i64>,
+    /// Replaces the runner's retry policy for this run (`{"max_attempts": 1}`: never retry).
+    pub retry_policy: Option<crate::retry::RetryPolicy>,
 }
 
 impl RunInput {
@@ -71,6 +73,9 @@ impl RunInput {
         }
         if let Some(files) = &self.files {
             check_files(&mut c, files);
+        }
+        if let Some(policy) = &self.retry_policy {
+            policy.check(&mut c, "retry_policy");
         }
         check_stop_grace(&mut c, self.stop_grace_seconds);
         c.finish(self)

@@ -1,7 +1,10 @@
 //! A runner's spec: [`RunnerInput`] as a create (`into_spec`) or a patch (`apply`), and
 //! [`validate_spec`] for specs that arrive complete.
 
-use super::fields::{check_argv, check_command, check_entrypoint, check_env, check_stop_grace};
+use super::fields::{
+    check_argv, check_command, check_entrypoint, check_env, check_max_concurrent_runs,
+    check_stop_grace,
+};
 use super::limits::*;
 use super::names::{is_image_name, is_image_tag};
 use super::{Collector, ValidationErrors};
@@ -49,6 +52,25 @@ pub struct RunnerInput {
     /// scheduler's default.
     #[schema(minimum = 1, maximum = 300)]
     pub stop_grace_seconds: Option<i64>,
+    /// The most runs of this runner holding a node at once (assigned or running), 1 to 10,000;
+    /// later runs wait `pending`, their `pending_reason` naming the cap and their place behind
+    /// it. Absent or `null` on create: no cap; `null` on PATCH removes the cap.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, nullable, minimum = 1, maximum = 10000)]
+    pub max_concurrent_runs: Option<Option<i64>>,
+    /// How failed runs are tried again (see `RetryPolicy`); a run may bring its own. Absent or
+    /// `null` on create: never; `null` on PATCH removes it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<crate::retry::RetryPolicy>, nullable)]
+    pub retry_policy: Option<Option<crate::retry::RetryPolicy>>,
+}
+
+/// A field that may be given as `null` to clear it: `Some(None)` for `null`, `None` (by the
+/// field's default) when absent.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Ok(Some(Option::<T>::deserialize(d)?))
 }
 
 impl RunnerInput {
@@ -75,6 +97,11 @@ impl RunnerInput {
             env_variables: self.env_variables.unwrap_or_default(),
             container_registry_id: self.container_registry_id.filter(|id| !id.is_empty()),
             stop_grace_seconds: check_stop_grace(&mut c, self.stop_grace_seconds),
+            max_concurrent_runs: check_max_concurrent_runs(
+                &mut c,
+                self.max_concurrent_runs.flatten(),
+            ),
+            retry_policy: self.retry_policy.flatten(),
         };
         let timeout = check_timeout(&mut c, self.timeout_seconds);
         let spec = RunnerSpec {
@@ -139,6 +166,12 @@ impl RunnerInput {
         if self.stop_grace_seconds.is_some() {
             next.stop_grace_seconds = check_stop_grace(&mut c, self.stop_grace_seconds);
         }
+        if let Some(cap) = self.max_concurrent_runs {
+            next.max_concurrent_runs = check_max_concurrent_runs(&mut c, cap);
+        }
+        if let Some(policy) = self.retry_policy {
+            next.retry_policy = policy;
+        }
         check_spec(&mut c, &next, &[], catalog);
         c.finish(next)
     }
@@ -154,6 +187,7 @@ pub fn validate_spec(spec: &RunnerSpec, catalog: &Catalog) -> Result<(), Validat
         );
     }
     check_stop_grace(&mut c, spec.stop_grace_seconds.map(i64::from));
+    check_max_concurrent_runs(&mut c, spec.max_concurrent_runs.map(i64::from));
     check_spec(&mut c, spec, &[], catalog);
     c.finish(())
 }
@@ -223,4 +257,7 @@ fn check_spec(c: &mut Collector, s: &RunnerSpec, missing: &[&str], catalog: &Cat
         );
     }
     check_env(c, &s.env_variables);
+    if let Some(policy) = &s.retry_policy {
+        policy.check(c, "retry_policy");
+    }
 }

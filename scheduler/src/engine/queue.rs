@@ -84,6 +84,17 @@ impl<S: Store> Scheduler<S> {
             let Some(waiting) = st.active.get(&run_id) else {
                 continue;
             };
+            if let Some((cap, holding)) = st.caps.full(&waiting.runner_id) {
+                // Its runner is at its cap: it keeps its place in the queue.
+                set_reason(st, &run_id, super::caps::reason(cap, holding));
+                continue;
+            }
+            if let Some(until) = super::retries::in_backoff(waiting, now) {
+                // A retry waiting for its backoff keeps its place too (`place_due_retries`).
+                let reason = super::retries::backoff_reason(waiting, until);
+                set_reason(st, &run_id, reason);
+                continue;
+            }
             if let Some(reason) = reasons.get(&waiting.memory_mib) {
                 // Same region, same size, nothing changed since that size found no node.
                 let reason = reason.clone();
@@ -283,6 +294,14 @@ impl State {
                 .queue
                 .position_from(&run, from)
                 .and_then(|p| u32::try_from(p).ok());
+            // A runner at its cap holds its runs back whatever room the region has.
+            if let Some((cap, holding)) = self.caps.full(&run.runner_id) {
+                let (place, waiting) = self.queue.runner_place(&run);
+                run.pending_reason = Some(super::caps::with_place(cap, holding, place, waiting));
+            }
+            if let Some(until) = super::retries::in_backoff(&run, now_unix_millis()) {
+                run.pending_reason = Some(super::retries::backoff_reason(&run, until));
+            }
         }
         run
     }

@@ -227,12 +227,14 @@ impl<S: Store> Scheduler<S> {
         run.timeline.ended = berth_core::now_unix_micros();
         tracing::info!(run_id = %run.id, node_id, status = %run.status, exit_code = ?run.exit_code, cleanup_pending = msg.cleanup_pending, "run ended");
         let (run_id, memory_mib) = (run.id.clone(), run.memory_mib);
+        let frees_slot = st.caps.capped(&run.runner_id);
         st.stage(run);
         if msg.cleanup_pending {
             // Reported before the container is gone: its capacity stays held until the node
-            // says it is cleaned up (RunReleased).
+            // says it is cleaned up (RunReleased). Its runner's slot is free now, though: a
+            // capped runner's next run may fit elsewhere (or beside it).
             st.hold_while_cleaning(node_id, &run_id, memory_mib);
-            return self.settle(st, false).await;
+            return self.settle(st, frees_slot).await;
         }
         // The node itself reports the end: nothing of the run is left there.
         st.release_stale(node_id, &run_id);

@@ -37,6 +37,9 @@ impl<S: Store> Scheduler<S> {
             .commit(Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent))
             .await?;
         tracing::info!(runner_id = %runner.id, project, name = %runner.spec.name, "runner created");
+        if let Some(cap) = runner.spec.max_concurrent_runs {
+            self.state.lock().await.caps.set(&runner.id, Some(cap), rev);
+        }
         Ok((runner, rev))
     }
 
@@ -132,6 +135,13 @@ impl<S: Store> Scheduler<S> {
                 Expect::Revision(revision),
             ))
             .await?;
+        let mut st = self.state.lock().await;
+        if st.caps.set(id, runner.spec.max_concurrent_runs, rev) {
+            // A raised or removed cap lets waiting runs of the runner out now.
+            self.settle(st, true).await?;
+        } else {
+            drop(st);
+        }
         self.refresh_sandboxes(&runner).await?;
         Ok((runner, rev))
     }
@@ -165,12 +175,11 @@ impl<S: Store> Scheduler<S> {
             .commit(Txn::new().delete(keys::runner(id), Expect::Revision(rev)))
             .await?;
         tracing::info!(runner_id = %id, "runner deleted");
-        let done = {
-            let mut st = self.state.lock().await;
-            self.set_warm_pin(&mut st, id, None);
-            self.flush(&mut st)
-        };
-        committed(done).await
+        let mut st = self.state.lock().await;
+        self.set_warm_pin(&mut st, id, None);
+        // Its waiting runs are no longer held back by its cap.
+        st.caps.forget(id);
+        self.settle(st, true).await
     }
 
     /// Chooses a node in the runner's region with room for its instance type and asks it to

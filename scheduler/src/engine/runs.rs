@@ -199,6 +199,10 @@ impl<S: Store> Scheduler<S> {
                 id: run_id.to_owned(),
             });
         }
+        let mut run = run;
+        if run.next_attempt_id.is_some() {
+            run.final_attempt = self.final_attempt(&run).await?.map(Box::new);
+        }
         if run.status == RunStatus::Pending {
             let run = self.state.lock().await.with_queue_position(run);
             return Ok(self.with_pull_progress(run));
@@ -444,6 +448,12 @@ pub(super) fn new_run(
         .or(runner.spec.stop_grace_seconds)
         .unwrap_or(config.stop_grace_seconds);
     let effective = EffectiveCommand::resolve(&runner.spec, &input);
+    // The run's own policy replaces its runner's whole (`max_attempts: 1`: never retry).
+    let retry_policy = input
+        .retry_policy
+        .clone()
+        .or_else(|| runner.spec.retry_policy.clone())
+        .filter(|p| p.max_attempts > 1);
     let mut env: Vec<EnvVar> = runner.spec.env_variables.clone();
     for over in input.env_variables.unwrap_or_default() {
         env.retain(|e| e.env_key != over.env_key);
@@ -489,5 +499,13 @@ pub(super) fn new_run(
         },
         // The calling RPC's span (an API request's trace, when traces are exported).
         trace_parent: berth_core::telemetry::traceparent(),
+        attempt: 1,
+        first_attempt_id: None,
+        previous_attempt_id: None,
+        next_attempt_id: None,
+        retry_policy,
+        not_before: None,
+        retry_cause: None,
+        final_attempt: None,
     })
 }

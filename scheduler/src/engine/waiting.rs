@@ -17,6 +17,8 @@ use std::ops::Bound;
 #[derive(Default)]
 pub(super) struct WaitQueue {
     regions: BTreeMap<String, RegionQueue>,
+    /// The same run ids per runner, for a run's place behind its runner's cap.
+    runners: HashMap<String, BTreeSet<String>>,
 }
 
 #[derive(Default)]
@@ -42,6 +44,10 @@ impl WaitQueue {
         let q = self.regions.entry(run.region.clone()).or_default();
         if q.ids.insert(run.id.clone()) {
             *q.sizes.entry(run.memory_mib).or_default() += 1;
+            self.runners
+                .entry(run.runner_id.clone())
+                .or_default()
+                .insert(run.id.clone());
         }
     }
 
@@ -55,6 +61,12 @@ impl WaitQueue {
                 *n -= 1;
                 if *n == 0 {
                     q.sizes.remove(&run.memory_mib);
+                }
+            }
+            if let Some(ids) = self.runners.get_mut(&run.runner_id) {
+                ids.remove(&run.id);
+                if ids.is_empty() {
+                    self.runners.remove(&run.runner_id);
                 }
             }
         }
@@ -151,6 +163,17 @@ impl WaitQueue {
         )
     }
 
+    /// `run`'s 1-based place among its runner's waiting runs (all regions), and how many wait.
+    pub(super) fn runner_place(&self, run: &Run) -> (usize, usize) {
+        let Some(ids) = self.runners.get(&run.runner_id) else {
+            return (0, 0);
+        };
+        let before = ids
+            .range::<str, _>((Bound::Unbounded, Bound::Excluded(run.id.as_str())))
+            .count();
+        (before + 1, ids.len())
+    }
+
     /// Every waiting run id (for consistency checks).
     #[cfg(test)]
     pub(super) fn ids(&self) -> BTreeSet<String> {
@@ -162,15 +185,25 @@ impl WaitQueue {
 
     #[cfg(test)]
     pub(super) fn sizes_consistent(&self, runs: &BTreeMap<String, Run>) -> bool {
-        self.regions.iter().all(|(region, q)| {
-            let mut want: BTreeMap<u64, usize> = BTreeMap::new();
-            for id in &q.ids {
-                match runs.get(id) {
-                    Some(r) if &r.region == region => *want.entry(r.memory_mib).or_default() += 1,
-                    _ => return false,
+        let by_runner: usize = self.runners.values().map(BTreeSet::len).sum();
+        let by_region: usize = self.regions.values().map(|q| q.ids.len()).sum();
+        let runners_agree = by_runner == by_region
+            && self.runners.iter().all(|(runner, ids)| {
+                ids.iter()
+                    .all(|id| runs.get(id).is_some_and(|r| &r.runner_id == runner))
+            });
+        runners_agree
+            && self.regions.iter().all(|(region, q)| {
+                let mut want: BTreeMap<u64, usize> = BTreeMap::new();
+                for id in &q.ids {
+                    match runs.get(id) {
+                        Some(r) if &r.region == region => {
+                            *want.entry(r.memory_mib).or_default() += 1
+                        }
+                        _ => return false,
+                    }
                 }
-            }
-            want == q.sizes && !q.ids.is_empty()
-        })
+                want == q.sizes && !q.ids.is_empty()
+            })
     }
 }

@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod caps;
+
 pub const TOKEN: &str = "e2e-test-token-0123456789";
 /// The scheduler's `--cluster-token`; the harness's API and agents present it.
 pub const CLUSTER_TOKEN: &str = "e2e-cluster-token-9876543210";

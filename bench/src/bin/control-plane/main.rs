@@ -242,8 +242,7 @@ async fn run_bench(
                     region: region.to_owned(),
                     instance_type: "standard-s".to_owned(),
                     env_variables: vec![],
-                    container_registry_id: None,
-                    stop_grace_seconds: None,
+                    ..Default::default()
                 }),
             })
             .await

@@ -348,6 +348,14 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         stop_grace_seconds: None,
         timeline: Default::default(),
         trace_parent: None,
+        attempt: 1,
+        first_attempt_id: None,
+        previous_attempt_id: None,
+        next_attempt_id: None,
+        retry_policy: None,
+        not_before: None,
+        retry_cause: None,
+        final_attempt: None,
     }
 }
 

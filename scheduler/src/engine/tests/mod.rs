@@ -17,6 +17,7 @@ use berth_core::validate::RegistrySpec;
 use berth_core::{now_unix_millis, EnvVar, RunnerSpec};
 
 mod active;
+mod caps;
 mod idempotency;
 mod images;
 mod limits;
@@ -25,6 +26,7 @@ mod nodes;
 mod projects;
 mod queue;
 mod registries;
+mod retries;
 mod runs;
 mod usage;
 
@@ -49,6 +51,8 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
         }],
         container_registry_id: None,
         stop_grace_seconds: None,
+        max_concurrent_runs: None,
+        retry_policy: None,
     }
 }
 
