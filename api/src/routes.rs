@@ -105,6 +105,23 @@ pub fn routes() -> Vec<Route> {
             stream_logs,
         ),
         route(Post, "/v1/runners/{id}/warmup", warmup_runner),
+        route(Get, "/v1/runners/{id}/schedules", list_schedules),
+        route(Post, "/v1/runners/{id}/schedules", create_schedule),
+        route(
+            Get,
+            "/v1/runners/{id}/schedules/{schedule_id}",
+            get_schedule,
+        ),
+        route(
+            Patch,
+            "/v1/runners/{id}/schedules/{schedule_id}",
+            update_schedule,
+        ),
+        route(
+            Delete,
+            "/v1/runners/{id}/schedules/{schedule_id}",
+            delete_schedule,
+        ),
         route(Get, "/v1/container_registries", list_registries),
         route(Post, "/v1/container_registries", create_registry),
         route(Get, "/v1/container_registries/{id}", get_registry),

@@ -229,6 +229,12 @@ pub struct RunView {
     /// run that was retried (`GET /v1/runners/{id}/runs/{run_id}`); `null` otherwise.
     #[schema(required = true)]
     pub final_attempt: Option<FinalAttemptView>,
+    /// The schedule whose fire created this run (its retries keep it); `null` otherwise.
+    #[schema(required = true)]
+    pub schedule_id: Option<String>,
+    /// That fire's intended time (before jitter).
+    #[schema(required = true, format = DateTime)]
+    pub scheduled_for: Option<String>,
 }
 
 /// The last attempt of a run's chain of retries.
@@ -424,6 +430,8 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
             }),
             None => None,
         },
+        schedule_id: r.schedule_id.clone(),
+        scheduled_for: opt_millis(r.scheduled_for_unix_millis),
     })
 }
 
@@ -517,4 +525,90 @@ pub struct RunStateView {
 pub struct StreamErrorView {
     pub code: String,
     pub message: String,
+}
+
+/// A schedule as the API shows it (secret env values of its runs' overrides as `null`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleView {
+    pub id: String,
+    pub runner_id: String,
+    pub cron: String,
+    pub timezone: String,
+    /// Overrides each fire's run gets; `null`: none.
+    #[schema(required = true)]
+    pub run: Option<ScheduleRunView>,
+    pub overlap: berth_core::schedule::OverlapPolicy,
+    pub catch_up: berth_core::schedule::CatchUp,
+    pub jitter_seconds: u32,
+    pub paused: bool,
+    /// The next intended fire time (before jitter); `null` while paused or when the
+    /// expression has no future time.
+    #[schema(required = true, format = DateTime)]
+    pub next_fire_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub last_fire_at: Option<String>,
+    #[schema(required = true)]
+    pub last_run_id: Option<String>,
+    /// Fires that created a run…
+    pub fired: u64,
+    /// …and fires that did not (overlap `forbid`, missed while the control plane was down).
+    pub skipped: u64,
+    #[schema(required = true)]
+    pub last_skip_reason: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub created_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub updated_at: Option<String>,
+}
+
+/// The overrides a schedule's runs get.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleRunView {
+    #[schema(required = true)]
+    pub command: Option<String>,
+    #[schema(required = true)]
+    pub argv: Option<Vec<String>>,
+    #[schema(required = true)]
+    pub entrypoint: Option<String>,
+    pub env_variables: Vec<EnvVarView>,
+    #[schema(required = true)]
+    pub stop_grace_seconds: Option<u32>,
+    #[schema(required = true)]
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+pub fn schedule(s: &pb::Schedule) -> ScheduleView {
+    fn word<T: serde::de::DeserializeOwned + Default>(w: &str) -> T {
+        serde_json::from_value(serde_json::Value::String(w.to_owned())).unwrap_or_default()
+    }
+    ScheduleView {
+        id: s.id.clone(),
+        runner_id: s.runner_id.clone(),
+        cron: s.cron.clone(),
+        timezone: s.timezone.clone(),
+        run: s.run.as_ref().map(|r| ScheduleRunView {
+            command: r.command.clone(),
+            argv: r.argv_set.then(|| r.argv.clone()),
+            entrypoint: r.entrypoint.clone(),
+            env_variables: env(&r.env_variables),
+            stop_grace_seconds: r.stop_grace_seconds,
+            retry_policy: r.retry_policy.clone().map(retry_policy_from_pb),
+        }),
+        overlap: word(&s.overlap),
+        catch_up: word(&s.catch_up),
+        jitter_seconds: s.jitter_seconds,
+        paused: s.paused,
+        next_fire_at: if s.paused {
+            None
+        } else {
+            opt_millis(s.next_fire_at_unix_millis)
+        },
+        last_fire_at: opt_millis(s.last_fire_at_unix_millis),
+        last_run_id: s.last_run_id.clone(),
+        fired: s.fired,
+        skipped: s.skipped,
+        last_skip_reason: s.last_skip_reason.clone(),
+        created_at: timestamp_millis(s.created_at_unix_millis),
+        updated_at: timestamp_millis(s.updated_at_unix_millis),
+    }
 }

@@ -42,6 +42,9 @@ pub enum Command {
     Stop(RunRef),
     /// Pull a runner's image onto a node ahead of its runs, and wait for the outcome
     Warmup(WarmupArgs),
+    /// A runner's schedules: cron expressions in a time zone that start its runs
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// List nodes, drain and resume them
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -212,6 +215,49 @@ pub struct CreateRunner {
     pub retry: RetryArgs,
     #[arg(last = true, value_name = "ARGV", hide = true)]
     pub trailing_argv: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// Create a schedule
+    Create(CreateSchedule),
+    /// List a runner's schedules
+    List { runner: String },
+    /// Show one schedule
+    Get { runner: String, id: String },
+    /// Stop a schedule firing (until resumed)
+    Pause { runner: String, id: String },
+    /// Fire again, from the next time on
+    Resume { runner: String, id: String },
+    /// Delete a schedule (its runs stay)
+    Delete { runner: String, id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateSchedule {
+    /// The runner's id
+    pub runner: String,
+    /// A cron expression: 5 fields, or 6 with seconds first (`0 3 * * MON-FRI`)
+    #[arg(long)]
+    pub cron: String,
+    /// The IANA time zone it is read in (default UTC)
+    #[arg(long, value_name = "ZONE")]
+    pub timezone: Option<String>,
+    /// While an earlier run of it has not ended: allow, forbid (skip the fire), replace
+    #[arg(long, value_name = "POLICY")]
+    pub overlap: Option<String>,
+    /// Fires missed while the control plane was down: skip, run_once
+    #[arg(long, value_name = "POLICY")]
+    pub catch_up: Option<String>,
+    /// Up to this many seconds late, to spread schedules sharing a time (0-3600)
+    #[arg(long, value_name = "SECONDS")]
+    pub jitter: Option<u32>,
+    /// A shell command each fire's run gets instead of the runner's
+    #[arg(long)]
+    pub command: Option<String>,
+    /// An environment variable each fire's run gets, KEY=value (repeatable)
+    #[arg(long, short = 'e', value_parser = parse_env, value_name = "KEY=VALUE")]
+    pub env: Vec<EnvPair>,
 }
 
 #[derive(Debug, Args)]
@@ -670,6 +716,44 @@ mod tests {
         assert_eq!(
             body["retry_policy"],
             serde_json::json!({"max_attempts": 1, "retry_on": []})
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_schedule_becomes_its_json() -> Result<(), clap::Error> {
+        let cli = parse(&[
+            "schedules",
+            "create",
+            "r1",
+            "--cron",
+            "0 3 * * MON-FRI",
+            "--timezone",
+            "Europe/Berlin",
+            "--overlap",
+            "forbid",
+            "--catch-up",
+            "run_once",
+            "--jitter",
+            "30",
+            "--command",
+            "echo nightly",
+            "-e",
+            "A=1",
+        ])?;
+        let Command::Schedules(SchedulesCommand::Create(c)) = cli.command else {
+            panic!("not a schedule create");
+        };
+        assert_eq!(
+            crate::commands::schedule_body(&c),
+            serde_json::json!({"cron": "0 3 * * MON-FRI", "timezone": "Europe/Berlin",
+                "overlap": "forbid", "catch_up": "run_once", "jitter_seconds": 30,
+                "run": {"command": "echo nightly",
+                        "env_variables": [{"env_key": "A", "env_val": "1"}]}})
+        );
+        assert!(
+            parse(&["schedules", "pause", "r1"]).is_err(),
+            "needs the schedule id"
         );
         Ok(())
     }

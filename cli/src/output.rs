@@ -199,6 +199,53 @@ pub const RUN_FIELDS: &[&str] = &[
     "final_attempt",
 ];
 
+pub const SCHEDULE_FIELDS: &[&str] = &[
+    "id",
+    "runner_id",
+    "cron",
+    "timezone",
+    "paused",
+    "next_fire_at",
+    "overlap",
+    "catch_up",
+    "jitter_seconds",
+    "run",
+    "fired",
+    "skipped",
+    "last_fire_at",
+    "last_run_id",
+    "last_skip_reason",
+    "created_at",
+    "updated_at",
+];
+
+/// `GET /v1/runners/{id}/schedules` as a table.
+pub fn schedules_table(v: &Value) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "CRON",
+        "TIMEZONE",
+        "PAUSED",
+        "NEXT FIRE",
+        "OVERLAP",
+        "FIRED",
+        "SKIPPED",
+    ]);
+    for s in items(v, "schedules") {
+        t.row(vec![
+            cell(&s["id"]),
+            cell(&s["cron"]),
+            cell(&s["timezone"]),
+            cell(&s["paused"]),
+            cell(&s["next_fire_at"]),
+            cell(&s["overlap"]),
+            cell(&s["fired"]),
+            cell(&s["skipped"]),
+        ]);
+    }
+    t.render()
+}
+
 pub const NODE_FIELDS: &[&str] = &[
     "id",
     "region",

@@ -477,6 +477,8 @@ impl From<&Run> for pb::Run {
             retry_policy: r.retry_policy.as_ref().map(retry_policy_to_pb),
             not_before_unix_millis: r.not_before,
             retry_cause: r.retry_cause.map_or(0, retry_cause_to_pb),
+            schedule_id: r.schedule_id.clone(),
+            scheduled_for_unix_millis: r.scheduled_for,
             final_attempt: r.final_attempt.as_ref().map(|f| pb::FinalAttempt {
                 id: f.id.clone(),
                 attempt: f.attempt,
@@ -524,6 +526,87 @@ impl From<&LogEntry> for pb::LogEntry {
             msg: l.msg.clone(),
             ts_unix_nanos: l.ts_unix_nanos,
         }
+    }
+}
+
+/// A snake_case enum word as the proto carries it (`"forbid"`), or its value from one; an
+/// unknown word is an error naming `field` (the API parsed the word, so only a mismatched
+/// build sends one).
+fn word<T: serde::Serialize>(v: T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn from_word<T: serde::de::DeserializeOwned>(
+    field: &str,
+    w: Option<String>,
+) -> Result<Option<T>, crate::validate::ValidationErrors> {
+    w.map(|w| {
+        serde_json::from_value(serde_json::Value::String(w.clone())).map_err(|_| {
+            crate::validate::ValidationErrors::single(field, format!("unknown value `{w}`"))
+        })
+    })
+    .transpose()
+}
+
+pub fn schedule_input_to_pb(i: &crate::schedule::ScheduleInput) -> pb::ScheduleInput {
+    pb::ScheduleInput {
+        cron: i.cron.clone(),
+        timezone: i.timezone.clone(),
+        run: i
+            .run
+            .clone()
+            .map(|r| overrides_to_pb(RunOverrides::decoded(r, Vec::new()))),
+        overlap: i.overlap.map(word),
+        catch_up: i.catch_up.map(word),
+        jitter_seconds: i.jitter_seconds,
+        paused: i.paused,
+    }
+}
+
+pub fn schedule_input_from_pb(
+    i: pb::ScheduleInput,
+) -> Result<crate::schedule::ScheduleInput, crate::validate::ValidationErrors> {
+    Ok(crate::schedule::ScheduleInput {
+        cron: i.cron,
+        timezone: i.timezone,
+        run: i.run.map(|r| overrides_from_pb(r).into_parts().0),
+        overlap: from_word("overlap", i.overlap)?,
+        catch_up: from_word("catch_up", i.catch_up)?,
+        jitter_seconds: i.jitter_seconds,
+        paused: i.paused,
+    })
+}
+
+/// A schedule as the control service answers it: secret values blanked.
+pub fn schedule_to_pb(s: &crate::schedule::Schedule) -> pb::Schedule {
+    let run = s.run.clone().map(|r| {
+        let mut pb = overrides_to_pb(RunOverrides::decoded(r, Vec::new()));
+        for e in pb.env_variables.iter_mut().filter(|e| e.secret) {
+            e.value.clear();
+        }
+        pb
+    });
+    pb::Schedule {
+        id: s.id.clone(),
+        runner_id: s.runner_id.clone(),
+        cron: s.cron.clone(),
+        timezone: s.timezone.clone(),
+        run,
+        overlap: word(s.overlap),
+        catch_up: word(s.catch_up),
+        jitter_seconds: s.jitter_seconds,
+        paused: s.paused,
+        next_fire_at_unix_millis: s.next_fire_at,
+        last_fire_at_unix_millis: s.last_fire_at,
+        last_run_id: s.last_run_id.clone(),
+        fired: s.fired,
+        skipped: s.skipped,
+        last_skip_reason: s.last_skip_reason.clone(),
+        created_at_unix_millis: s.created_at,
+        updated_at_unix_millis: s.updated_at,
     }
 }
 

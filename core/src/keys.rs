@@ -12,6 +12,13 @@ pub fn run(id: &str) -> String {
     format!("{RUNS}{id}")
 }
 
+pub const SCHEDULES: &str = "schedules/";
+
+/// A schedule (`core::schedule::Schedule`): its overrides may hold secret env values.
+pub fn schedule(id: &str) -> String {
+    format!("{SCHEDULES}{id}")
+}
+
 pub const ACTIVE_RUNS: &str = "active_runs/";
 
 /// Index entry (empty value): run `run_id` has not ended. Written and deleted in the same

@@ -40,6 +40,7 @@ pub mod model;
 pub mod overrides;
 pub mod process;
 pub mod retry;
+pub mod schedule;
 pub mod secrets;
 pub mod status;
 pub mod store;

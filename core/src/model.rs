@@ -206,6 +206,12 @@ pub struct Run {
     /// Why this attempt exists: how the one before it ended (None for a first run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_cause: Option<crate::retry::RetryCause>,
+    /// The schedule whose fire created it, and that fire's intended time (unix ms, before
+    /// jitter). Its retries keep both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<i64>,
     /// Where its chain of attempts ended, or stands (derived on read of one run, never stored;
     /// None for a run that was not retried).
     #[serde(skip)]
@@ -677,6 +683,8 @@ mod tests {
             retry_policy: None,
             not_before: None,
             retry_cause: None,
+            schedule_id: None,
+            scheduled_for: None,
             final_attempt: None,
         }
     }

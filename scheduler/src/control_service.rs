@@ -9,7 +9,10 @@
 use crate::engine::{NodeInfo, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
-use berth_core::convert::{node_state_to_pb, overrides_from_pb, run_status_to_pb, runner_to_pb};
+use berth_core::convert::{
+    node_state_to_pb, overrides_from_pb, run_status_to_pb, runner_to_pb, schedule_input_from_pb,
+    schedule_to_pb,
+};
 use berth_core::model::ContainerRegistry;
 use berth_core::store::Store;
 use berth_core::validate::{RegistryInput, ValidationErrors};
@@ -156,6 +159,75 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
             .delete_runner(&project, &r.into_inner().id)
             .await?;
         Ok(Response::new(pb::DeleteRunnerResponse {}))
+    }
+
+    async fn create_schedule(
+        &self,
+        r: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let project = project(&r)?;
+        let r = r.into_inner();
+        let input =
+            schedule_input_from_pb(r.input.unwrap_or_default()).map_err(SchedulerError::from)?;
+        let s = self
+            .scheduler
+            .create_schedule(&project, &r.runner_id, input)
+            .await?;
+        Ok(Response::new(schedule_to_pb(&s)))
+    }
+
+    async fn get_schedule(
+        &self,
+        r: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let project = project(&r)?;
+        let r = r.into_inner();
+        let s = self
+            .scheduler
+            .get_schedule(&project, &r.runner_id, &r.id)
+            .await?;
+        Ok(Response::new(schedule_to_pb(&s)))
+    }
+
+    async fn list_schedules(
+        &self,
+        r: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let project = project(&r)?;
+        let list = self
+            .scheduler
+            .list_schedules(&project, &r.into_inner().runner_id)
+            .await?;
+        Ok(Response::new(pb::ListSchedulesResponse {
+            schedules: list.iter().map(schedule_to_pb).collect(),
+        }))
+    }
+
+    async fn update_schedule(
+        &self,
+        r: Request<pb::UpdateScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let project = project(&r)?;
+        let r = r.into_inner();
+        let input =
+            schedule_input_from_pb(r.input.unwrap_or_default()).map_err(SchedulerError::from)?;
+        let s = self
+            .scheduler
+            .update_schedule(&project, &r.runner_id, &r.id, input)
+            .await?;
+        Ok(Response::new(schedule_to_pb(&s)))
+    }
+
+    async fn delete_schedule(
+        &self,
+        r: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
+        let project = project(&r)?;
+        let r = r.into_inner();
+        self.scheduler
+            .delete_schedule(&project, &r.runner_id, &r.id)
+            .await?;
+        Ok(Response::new(pb::DeleteScheduleResponse {}))
     }
 
     async fn create_run(

@@ -168,6 +168,8 @@ struct State {
     /// When each queued retry's backoff ends, earliest first (see `retries`); entries of runs
     /// placed or stopped meanwhile only cause one needless pass.
     backoffs: std::collections::BTreeSet<(i64, String)>,
+    /// Every schedule, by id (loaded at `open`; the leader fires them, see `schedules`).
+    schedules: BTreeMap<String, berth_core::schedule::Schedule>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, SchedulerError> {
@@ -192,6 +194,7 @@ impl<S: Store> Scheduler<S> {
     pub async fn open(store: S, config: Config) -> Result<Arc<Self>, SchedulerError> {
         let mut state = State {
             active: Self::load_active_runs(&store).await?,
+            schedules: Self::load_schedules(&store).await?,
             ..State::default()
         };
         for kv in store.list_prefix(keys::REGISTRIES).await? {
@@ -407,15 +410,7 @@ impl State {
         }
         self.stage_one(run);
         if let Some(next) = retry {
-            // A new run of the runner: its record is new, and its runner lists it.
-            self.write(keys::run(&next.id), Vec::new(), Expect::Absent);
-            self.write_file_contents(&next);
-            self.write(
-                keys::runner_run(&next.runner_id, &next.id),
-                Vec::new(),
-                Expect::Absent,
-            );
-            self.stage_one(next);
+            self.stage_new(next);
         }
         if own_unit {
             self.close_unit();
@@ -466,6 +461,19 @@ impl State {
         } else {
             self.active.insert(run.id.clone(), run);
         }
+    }
+
+    /// Stages a run just made (a trigger's, a retry, a schedule's fire): its record (which must
+    /// not exist yet), its files' contents, its runner's index entry, then `stage`.
+    fn stage_new(&mut self, run: Run) {
+        self.write(keys::run(&run.id), Vec::new(), Expect::Absent);
+        self.write_file_contents(&run);
+        self.write(
+            keys::runner_run(&run.runner_id, &run.id),
+            Vec::new(),
+            Expect::Absent,
+        );
+        self.stage_one(run);
     }
 
     /// Stages the contents of a new run's files, stored once beside its record.
@@ -704,6 +712,7 @@ mod reports;
 mod retries;
 mod runners;
 mod runs;
+mod schedules;
 #[cfg(test)]
 mod tests;
 mod usage;
@@ -717,4 +726,5 @@ use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
 pub use runners::MAX_WARM_SANDBOXES;
+pub use schedules::MAX_SCHEDULES_PER_RUNNER;
 pub use usage::{UsageGroup, UsageRow};

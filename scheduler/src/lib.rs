@@ -121,6 +121,7 @@ pub async fn serve_tls<S: Store>(
     let expiry = tokio::spawn(expire_nodes_forever(scheduler.clone()));
     let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
     let retries = tokio::spawn(place_due_retries_forever(scheduler.clone()));
+    let schedules = tokio::spawn(fire_schedules_forever(scheduler.clone()));
     let sample = tokio::spawn(metrics::sample_forever(scheduler.clone()));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -162,6 +163,7 @@ pub async fn serve_tls<S: Store>(
     expiry.abort();
     sweep.abort();
     retries.abort();
+    schedules.abort();
     sample.abort();
     served
 }
@@ -222,6 +224,20 @@ async fn place_due_retries_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>
             .await
         {
             tracing::error!(error = %e, "placing due retries failed");
+        }
+    }
+}
+
+/// Fires due schedules four times a second.
+async fn fire_schedules_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if let Err(e) = scheduler
+            .fire_due_schedules(berth_core::now_unix_millis())
+            .await
+        {
+            tracing::error!(error = %e, "firing schedules failed");
         }
     }
 }

@@ -234,8 +234,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Runners and runs hold environment values: sealed at rest, whatever the backend.
-const SEALED: [&str; 3] = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES];
+/// Runners, runs and schedules hold environment values: sealed at rest, whatever the backend.
+const SEALED: [&str; 4] = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES, keys::SCHEDULES];
 const MIN_REJOIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_REJOIN_BACKOFF: Duration = Duration::from_secs(5);
 

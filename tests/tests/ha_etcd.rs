@@ -507,6 +507,63 @@ async fn the_concurrency_cap_holds_across_a_failover() -> Result<()> {
     Ok(())
 }
 
+/// A schedule's fire happens exactly once across `kill -9` of the leader at fire time: the run
+/// and the schedule's next fire time are one etcd transaction, so the new leader either finds
+/// the fire done or does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedule_fires_exactly_once_across_leader_kills_at_fire_time() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let etcd = EtcdCluster::start(3)?;
+    let mut fleet = ha_fleet(&etcd, &agents(1)).await?;
+    let runner = fleet
+        .runner(
+            "fra",
+            json!({"instance_type": "standard-xs", "run_command": "echo tick"}),
+        )
+        .await?;
+    let s = fleet
+        .post(
+            &format!("/v1/runners/{runner}/schedules"),
+            json!({"cron": "*/2 * * * * *"}),
+        )
+        .await?["schedule"]
+        .clone();
+    let id = s["id"].as_str().context("schedule id")?.to_owned();
+    let path = format!("/v1/runners/{runner}/schedules/{id}");
+    let first = common::instant(&s["next_fire_at"]).context("first fire")?;
+    for offset_ms in [0u64, 150] {
+        let leader = fleet.wait_leader(Duration::from_secs(30)).await?;
+        let next = common::instant(&fleet.get(&path).await?["schedule"]["next_fire_at"])
+            .context("next")?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let wait = u64::try_from((next - now).max(0)).unwrap_or(0);
+        tokio::time::sleep(Duration::from_nanos(wait) + Duration::from_millis(offset_ms)).await;
+        fleet.signal_slot(leader, "KILL")?;
+        let now_leads = fleet.wait_leader(Duration::from_secs(30)).await?;
+        ensure!(now_leads == 1 - leader, "slot {now_leads} leads");
+        fleet.start_candidate(leader).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let (status, v) = fleet
+        .request(reqwest::Method::PATCH, &path, Some(json!({"paused": true})))
+        .await?;
+    ensure!(status == 200, "{status} {v}");
+    let runs = fleet
+        .get(&format!("/v1/runners/{runner}/runs?limit=1000"))
+        .await?["runs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let fires: Vec<i128> = runs
+        .iter()
+        .filter_map(|r| common::instant(&r["scheduled_for"]))
+        .collect();
+    ensure!(fires.len() == runs.len(), "a run without its fire time");
+    let n = common::each_fire_once(first, &fires, 2_000_000_000)?;
+    eprintln!("{n} fires, each once, across 2 leader kills at fire time");
+    Ok(())
+}
+
 /// SIGSTOP the leader for longer than its lease and the nodes' lost timeout, let the standby
 /// take over, SIGCONT: the old leader must commit nothing (it would declare the nodes lost and
 /// fail their runs) and step down.

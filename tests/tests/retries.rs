@@ -7,17 +7,10 @@
 mod common;
 
 use anyhow::{ensure, Context, Result};
+use common::instant as at;
 use common::{AgentSpec, Fleet};
 use serde_json::{json, Value};
 use std::time::Duration;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-
-fn at(v: &Value) -> Option<i128> {
-    OffsetDateTime::parse(v.as_str()?, &Rfc3339)
-        .ok()
-        .map(OffsetDateTime::unix_timestamp_nanos)
-}
 
 /// The chain of attempts from `first`, following `next_attempt_id` until the last has ended.
 async fn chain(f: &Fleet, runner: &str, first: &str, attempts: usize) -> Result<Vec<Value>> {

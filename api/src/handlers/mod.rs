@@ -13,6 +13,7 @@ mod nodes;
 mod registries;
 mod runners;
 mod runs;
+mod schedules;
 mod usage;
 
 pub use catalog::*;
@@ -22,6 +23,7 @@ pub use nodes::*;
 pub use registries::*;
 pub use runners::*;
 pub use runs::*;
+pub use schedules::*;
 pub use usage::*;
 
 use crate::body::Path;

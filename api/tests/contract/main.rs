@@ -12,3 +12,4 @@ mod protection;
 mod registries;
 mod runners;
 mod runs;
+mod schedules;

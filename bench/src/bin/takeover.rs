@@ -495,6 +495,8 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         retry_policy: None,
         not_before: None,
         retry_cause: None,
+        schedule_id: None,
+        scheduled_for: None,
         final_attempt: None,
     }
 }

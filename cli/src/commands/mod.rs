@@ -7,8 +7,9 @@ pub mod follow;
 pub mod tls;
 
 use crate::args::{
-    Cap, Command, CreateRegistry, CreateRunner, EnvPair, LogsArgs, NodesCommand, RegistriesCommand,
-    RetryArgs, RunArgs, RunRef, RunnersCommand, RunsCommand, UpdateRunner, WarmupArgs,
+    Cap, Command, CreateRegistry, CreateRunner, CreateSchedule, EnvPair, LogsArgs, NodesCommand,
+    RegistriesCommand, RetryArgs, RunArgs, RunRef, RunnersCommand, RunsCommand, SchedulesCommand,
+    UpdateRunner, WarmupArgs,
 };
 use crate::client::{Answer, Client, ClientError};
 use crate::output::{self, detail};
@@ -162,6 +163,7 @@ pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
             Ok(0)
         }
         Command::Warmup(a) => warmup(ctx, a).await,
+        Command::Schedules(c) => schedules(ctx, c).await,
         Command::Nodes(c) => nodes(ctx, c).await,
         Command::Registries(c) => registries(ctx, c).await,
         Command::InstanceTypes => {
@@ -375,6 +377,74 @@ async fn runners(ctx: &Ctx, c: RunnersCommand) -> Result<u8, CommandError> {
                 .delete(&format!("/v1/runners/{}", id("runner", &runner)?))
                 .await?;
             ctx.done(&format!("deleted runner {runner}"));
+        }
+    }
+    Ok(0)
+}
+
+/// The `POST /v1/runners/{id}/schedules` body.
+pub fn schedule_body(c: &CreateSchedule) -> Value {
+    let mut b = Map::new();
+    b.insert("cron".into(), json!(c.cron));
+    let words = [
+        ("timezone", &c.timezone),
+        ("overlap", &c.overlap),
+        ("catch_up", &c.catch_up),
+    ];
+    for (k, v) in words {
+        if let Some(v) = v {
+            b.insert(k.into(), json!(v));
+        }
+    }
+    if let Some(j) = c.jitter {
+        b.insert("jitter_seconds".into(), json!(j));
+    }
+    let mut run = Map::new();
+    if let Some(cmd) = &c.command {
+        run.insert("command".into(), json!(cmd));
+    }
+    if !c.env.is_empty() {
+        run.insert("env_variables".into(), env_json(&c.env));
+    }
+    if !run.is_empty() {
+        b.insert("run".into(), Value::Object(run));
+    }
+    Value::Object(b)
+}
+
+async fn schedules(ctx: &Ctx, c: SchedulesCommand) -> Result<u8, CommandError> {
+    let one = |runner: &str, sid: &str| -> Result<String, CommandError> {
+        Ok(format!(
+            "/v1/runners/{}/schedules/{}",
+            id("runner", runner)?,
+            id("schedule", sid)?
+        ))
+    };
+    let show = |a: &Answer| ctx.show(a, |v| detail(&v["schedule"], output::SCHEDULE_FIELDS));
+    match c {
+        SchedulesCommand::Create(c) => {
+            let path = format!("/v1/runners/{}/schedules", id("runner", &c.runner)?);
+            show(&ctx.client.post(&path, Some(&schedule_body(&c))).await?);
+        }
+        SchedulesCommand::List { runner } => {
+            let path = format!("/v1/runners/{}/schedules", id("runner", &runner)?);
+            let a = ctx.client.get(&path).await?;
+            ctx.show(&a, output::schedules_table);
+        }
+        SchedulesCommand::Get { runner, id: sid } => {
+            show(&ctx.client.get(&one(&runner, &sid)?).await?);
+        }
+        SchedulesCommand::Pause { runner, id: sid } => {
+            let body = json!({"paused": true});
+            show(&ctx.client.patch(&one(&runner, &sid)?, &body).await?);
+        }
+        SchedulesCommand::Resume { runner, id: sid } => {
+            let body = json!({"paused": false});
+            show(&ctx.client.patch(&one(&runner, &sid)?, &body).await?);
+        }
+        SchedulesCommand::Delete { runner, id: sid } => {
+            ctx.client.delete(&one(&runner, &sid)?).await?;
+            ctx.done(&format!("deleted schedule {sid}"));
         }
     }
     Ok(0)

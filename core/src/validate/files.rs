@@ -10,7 +10,7 @@ use serde::Deserialize;
 /// trailing slash, no NUL, at most [`FILE_PATH_MAX`] bytes, not `/`, not under `/proc`, `/sys`
 /// or `/dev`, unique within the run); `content_base64` is standard base64 (with padding);
 /// `mode` holds permission bits, 0 to 0o777 (511), default [`FILE_MODE_DEFAULT`] (0o444 = 292).
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileInput {
     /// Absolute, normalised, at most 4,096 bytes; not under `/proc`, `/sys` or `/dev`.

@@ -6,10 +6,11 @@ use super::limits::*;
 use super::{Collector, ValidationErrors};
 use crate::command::CommandOverrides;
 use crate::model::{EnvVar, RunFile};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// `POST /v1/runners/{id}/runs` body: per-run overrides.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+/// `POST /v1/runners/{id}/runs` body: per-run overrides (also stored with a schedule: its
+/// fires' overrides).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInput {
     /// Exec form (no shell): 1 to 200 elements, at most 8,000 characters in total. Mutually

@@ -177,8 +177,9 @@ impl<S: Store> Scheduler<S> {
         tracing::info!(runner_id = %id, "runner deleted");
         let mut st = self.state.lock().await;
         self.set_warm_pin(&mut st, id, None);
-        // Its waiting runs are no longer held back by its cap.
+        // Its waiting runs are no longer held back by its cap; its schedules go with it.
         st.caps.forget(id);
+        Self::drop_schedules_of(&mut st, id);
         self.settle(st, true).await
     }
 

@@ -1,12 +1,12 @@
 //! Runs as the API sees them: creation (one, idempotent, or a batch placed in one pass), reads
 //! with their queue position and pull progress, paged listing, and stopping.
 
-use super::{committed, decode, encode, idempotency, new_id, stop, Config, Scheduler};
+use super::{committed, decode, idempotency, new_id, stop, Config, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
 use berth_core::model::Timeline;
 use berth_core::overrides::{check_batch, RunOverrides};
-use berth_core::store::{Expect, Store};
+use berth_core::store::Store;
 use berth_core::validate::ValidationErrors;
 use berth_core::{keys, now_unix_millis, EnvVar, Run, RunStatus, Runner};
 use sha2::{Digest, Sha256};
@@ -89,16 +89,9 @@ impl<S: Store> Scheduler<S> {
                 st.stage_idempotency_key(runner_id, hash, &run.id, replaces);
                 st.prune_idempotency(now, ttl);
             }
-            st.write(keys::run(&run.id), encode(&run), Expect::Absent);
-            st.write_file_contents(&run);
-            st.write(
-                keys::runner_run(&runner.id, &run.id),
-                vec![],
-                Expect::Absent,
-            );
             tracing::info!(run_id = %run.id, runner_id = %runner.id, region = %run.region, "run created");
             let id = run.id.clone();
-            st.stage(run);
+            st.stage_new(run);
             st.close_unit();
             self.schedule(&mut st)?;
             let out = st
@@ -148,14 +141,7 @@ impl<S: Store> Scheduler<S> {
             let mut st = self.state.lock().await;
             for run in runs {
                 st.open_unit();
-                st.write(keys::run(&run.id), encode(&run), Expect::Absent);
-                st.write_file_contents(&run);
-                st.write(
-                    keys::runner_run(&runner.id, &run.id),
-                    vec![],
-                    Expect::Absent,
-                );
-                st.stage(run);
+                st.stage_new(run);
                 st.close_unit();
             }
             tracing::info!(runner_id = %runner.id, runs = ids.len(), "batch of runs created");
@@ -506,6 +492,8 @@ pub(super) fn new_run(
         retry_policy,
         not_before: None,
         retry_cause: None,
+        schedule_id: None,
+        scheduled_for: None,
         final_attempt: None,
     })
 }

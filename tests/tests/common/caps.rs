@@ -1,18 +1,10 @@
 //! What a runner's `max_concurrent_runs` promises, checked from the runs' own records: never more
 //! than the cap of its runs holding a node at once.
 
-use super::Fleet;
+use super::{instant as at, Fleet};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-
-fn at(v: &Value) -> Option<i128> {
-    OffsetDateTime::parse(v.as_str()?, &Rfc3339)
-        .ok()
-        .map(OffsetDateTime::unix_timestamp_nanos)
-}
 
 /// The most intervals open at one instant (an interval ending when another starts does not
 /// overlap it).

@@ -15,6 +15,31 @@ use std::time::{Duration, Instant};
 
 pub mod caps;
 
+/// An RFC 3339 instant of the API as unix nanoseconds.
+pub fn instant(v: &Value) -> Option<i128> {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(v.as_str()?, &Rfc3339)
+        .ok()
+        .map(time::OffsetDateTime::unix_timestamp_nanos)
+}
+
+/// A schedule's fires (`scheduled_for`, ns) were each made once and none is missing: every time
+/// from `first`, `period_ns` apart, up to the last. Answers how many.
+pub fn each_fire_once(first: i128, fires: &[i128], period_ns: i128) -> Result<usize> {
+    let unique: std::collections::BTreeSet<i128> = fires.iter().copied().collect();
+    ensure!(
+        unique.len() == fires.len(),
+        "a fire happened twice: {fires:?}"
+    );
+    let last = *unique.last().context("no fires")?;
+    let want: std::collections::BTreeSet<i128> = (0..)
+        .map(|i| first + i * period_ns)
+        .take_while(|t| *t <= last)
+        .collect();
+    ensure!(unique == want, "fires {unique:?}, expected {want:?}");
+    Ok(fires.len())
+}
+
 pub const TOKEN: &str = "e2e-test-token-0123456789";
 /// The scheduler's `--cluster-token`; the harness's API and agents present it.
 pub const CLUSTER_TOKEN: &str = "e2e-cluster-token-9876543210";

@@ -355,6 +355,8 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         retry_policy: None,
         not_before: None,
         retry_cause: None,
+        schedule_id: None,
+        scheduled_for: None,
         final_attempt: None,
     }
 }

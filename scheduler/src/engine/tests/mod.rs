@@ -28,6 +28,7 @@ mod queue;
 mod registries;
 mod retries;
 mod runs;
+mod schedules;
 mod usage;
 
 /// The project every test acts in unless it says otherwise.
