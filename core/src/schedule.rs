@@ -225,15 +225,16 @@ impl Schedule {
         now: i64,
     ) -> Result<Schedule, ValidationErrors> {
         let mut c = Collector::default();
-        let cron_expr = input.cron.unwrap_or_else(|| {
-            c.push("cron", "is required");
-            String::new()
-        });
         let timezone = input.timezone.unwrap_or_else(|| "UTC".to_owned());
-        let spec = if cron_expr.is_empty() {
-            None
-        } else {
-            check(&mut c, &cron_expr, &timezone)
+        let (cron_expr, spec) = match input.cron {
+            Some(expr) => {
+                let spec = check(&mut c, &expr, &timezone);
+                (expr, spec)
+            }
+            None => {
+                c.push("cron", "is required");
+                (String::new(), None)
+            }
         };
         let jitter_seconds = check_jitter(&mut c, input.jitter_seconds);
         check_run(&mut c, &input.run);
@@ -462,6 +463,15 @@ mod tests {
         };
         assert!(fields(ok.clone()).is_empty());
         assert_eq!(fields(ScheduleInput::default()), ["cron"]);
+        // Given but empty is no better than absent, and the zone is checked all the same.
+        assert_eq!(
+            fields(ScheduleInput {
+                cron: Some(String::new()),
+                timezone: Some("0".repeat(201)),
+                ..Default::default()
+            }),
+            ["cron", "timezone"]
+        );
         assert_eq!(
             fields(ScheduleInput {
                 cron: Some("every minute".into()),

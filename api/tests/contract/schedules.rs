@@ -107,8 +107,17 @@ async fn schedule_crud_and_checks() -> Result<()> {
             "PATCH {body}: {got} {v}"
         );
     }
-    let (got, v) = f.request(Method::POST, &base, Some(json!({}))).await?;
-    ensure!(got == 422 && v["errors"][0]["field"] == "cron", "{got} {v}");
+    for body in [
+        json!({}),
+        json!({"cron": ""}),
+        json!({"cron": "", "timezone": "0"}),
+    ] {
+        let (got, v) = f.request(Method::POST, &base, Some(body.clone())).await?;
+        ensure!(
+            got == 422 && v["errors"][0]["field"] == "cron",
+            "POST {body}: {got} {v}"
+        );
+    }
     let (status, _) = f.request(Method::DELETE, &path, None).await?;
     ensure!(status == 204);
     let (status, v) = f.request(Method::GET, &path, None).await?;
