@@ -234,6 +234,12 @@ impl<S: Store> Scheduler<S> {
             }
         }
         state.warm_pins = Self::load_warm_pins(&store, &config, &state.registries).await?;
+        for kv in store.list_prefix(keys::RUNNERS).await? {
+            let runner: berth_core::Runner = decode(&kv.key, &kv.value)?;
+            if let Some(cap) = runner.spec.max_concurrent_runs {
+                state.set_cap(&runner.id, Some(cap), kv.mod_revision);
+            }
+        }
         let queued: Vec<Run> = state
             .active
             .values()
@@ -258,12 +264,6 @@ impl<S: Store> Scheduler<S> {
         }
         for run in state.active.values().filter(|r| r.node_id.is_some()) {
             state.caps.hold(&run.runner_id, false, true);
-        }
-        for kv in store.list_prefix(keys::RUNNERS).await? {
-            let runner: berth_core::Runner = decode(&kv.key, &kv.value)?;
-            if let Some(cap) = runner.spec.max_concurrent_runs {
-                state.caps.set(&runner.id, Some(cap), kv.mod_revision);
-            }
         }
         tracing::info!(
             active_runs = state.active.len(),
@@ -557,7 +557,7 @@ impl State {
             *holding.entry(c.runner_id.clone()).or_default() += 1;
         }
         assert_eq!(
-            &holding,
+            holding,
             self.caps.all_holding(),
             "the runs holding each runner's slots"
         );

@@ -55,13 +55,16 @@ impl RunnerCaps {
     /// (`after`).
     pub(super) fn hold(&mut self, runner_id: &str, before: bool, after: bool) {
         match (before, after) {
-            (false, true) => *self.holding.entry(runner_id.to_owned()).or_default() += 1,
+            // No allocation once a runner has an entry (kept at 0: one per runner).
+            (false, true) => match self.holding.get_mut(runner_id) {
+                Some(n) => *n += 1,
+                None => {
+                    self.holding.insert(runner_id.to_owned(), 1);
+                }
+            },
             (true, false) => {
                 if let Some(n) = self.holding.get_mut(runner_id) {
                     *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.holding.remove(runner_id);
-                    }
                 }
             }
             _ => {}
@@ -80,9 +83,34 @@ impl RunnerCaps {
         (holding >= cap).then_some((cap, holding))
     }
 
+    /// Runs holding a node per runner, runners with none left out.
     #[cfg(test)]
-    pub(super) fn all_holding(&self) -> &HashMap<String, u32> {
-        &self.holding
+    pub(super) fn all_holding(&self) -> HashMap<String, u32> {
+        self.holding
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| (r.clone(), *n))
+            .collect()
+    }
+}
+
+impl super::State {
+    /// [`RunnerCaps::set`], and the waiting runs of a capped runner kept apart for their places
+    /// behind the cap (only capped runners pay for that).
+    pub(super) fn set_cap(&mut self, runner_id: &str, cap: Option<u32>, revision: u64) -> bool {
+        let more = self.caps.set(runner_id, cap, revision);
+        if self.caps.capped(runner_id) {
+            self.queue.track_runner(runner_id, self.active.values());
+        } else {
+            self.queue.untrack_runner(runner_id);
+        }
+        more
+    }
+
+    /// The runner is gone: no cap, nothing kept apart.
+    pub(super) fn forget_cap(&mut self, runner_id: &str) {
+        self.caps.forget(runner_id);
+        self.queue.untrack_runner(runner_id);
     }
 }
 
@@ -138,7 +166,10 @@ mod tests {
         assert!(c.set("a", None, 8), "removing the cap may place more");
         assert_eq!(c.full("a"), None);
         c.hold("a", true, false);
-        assert!(c.all_holding().is_empty());
+        assert!(
+            c.all_holding().is_empty(),
+            "a runner with none holding counts none"
+        );
         c.set("b", Some(1), 1);
         c.hold("b", false, true);
         c.forget("b");

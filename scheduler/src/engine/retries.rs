@@ -92,7 +92,9 @@ pub(super) fn in_backoff(run: &Run, now: i64) -> Option<i64> {
 impl State {
     /// Remembers when a queued retry's backoff ends (see `place_due_retries`).
     pub(super) fn note_backoff(&mut self, run: &Run) {
-        if let Some(at) = in_backoff(run, now_unix_millis()) {
+        // Most runs have no backoff: no clock read for them.
+        let Some(at) = run.not_before else { return };
+        if at > now_unix_millis() {
             self.backoffs.insert((at, run.id.clone()));
         }
     }

@@ -38,7 +38,7 @@ impl<S: Store> Scheduler<S> {
             .await?;
         tracing::info!(runner_id = %runner.id, project, name = %runner.spec.name, "runner created");
         if let Some(cap) = runner.spec.max_concurrent_runs {
-            self.state.lock().await.caps.set(&runner.id, Some(cap), rev);
+            self.state.lock().await.set_cap(&runner.id, Some(cap), rev);
         }
         Ok((runner, rev))
     }
@@ -136,7 +136,7 @@ impl<S: Store> Scheduler<S> {
             ))
             .await?;
         let mut st = self.state.lock().await;
-        if st.caps.set(id, runner.spec.max_concurrent_runs, rev) {
+        if st.set_cap(id, runner.spec.max_concurrent_runs, rev) {
             // A raised or removed cap lets waiting runs of the runner out now.
             self.settle(st, true).await?;
         } else {
@@ -178,7 +178,7 @@ impl<S: Store> Scheduler<S> {
         let mut st = self.state.lock().await;
         self.set_warm_pin(&mut st, id, None);
         // Its waiting runs are no longer held back by its cap; its schedules go with it.
-        st.caps.forget(id);
+        st.forget_cap(id);
         Self::drop_schedules_of(&mut st, id);
         self.settle(st, true).await
     }

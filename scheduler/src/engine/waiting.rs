@@ -17,7 +17,8 @@ use std::ops::Bound;
 #[derive(Default)]
 pub(super) struct WaitQueue {
     regions: BTreeMap<String, RegionQueue>,
-    /// The same run ids per runner, for a run's place behind its runner's cap.
+    /// The same run ids per runner, for a run's place behind its runner's cap: kept for runners
+    /// with a cap only (`track_runner`), so runs of uncapped runners cost nothing more here.
     runners: HashMap<String, BTreeSet<String>>,
 }
 
@@ -44,11 +45,33 @@ impl WaitQueue {
         let q = self.regions.entry(run.region.clone()).or_default();
         if q.ids.insert(run.id.clone()) {
             *q.sizes.entry(run.memory_mib).or_default() += 1;
-            self.runners
-                .entry(run.runner_id.clone())
-                .or_default()
-                .insert(run.id.clone());
+            if let Some(ids) = self.runners.get_mut(&run.runner_id) {
+                ids.insert(run.id.clone());
+            }
         }
+    }
+
+    /// Keeps `runner_id`'s waiting runs apart from now on (it has a cap), starting with those of
+    /// `waiting` (every waiting run with its runner).
+    pub(super) fn track_runner<'a>(
+        &mut self,
+        runner_id: &str,
+        waiting: impl Iterator<Item = &'a Run>,
+    ) {
+        if self.runners.contains_key(runner_id) {
+            return;
+        }
+        let ids = waiting
+            .filter(|r| r.runner_id == runner_id)
+            .map(|r| r.id.clone())
+            .filter(|id| self.regions.values().any(|q| q.ids.contains(id)))
+            .collect();
+        self.runners.insert(runner_id.to_owned(), ids);
+    }
+
+    /// `runner_id` has no cap any more.
+    pub(super) fn untrack_runner(&mut self, runner_id: &str) {
+        self.runners.remove(runner_id);
     }
 
     /// Removes a run that no longer waits (absent: no effect).
@@ -65,9 +88,6 @@ impl WaitQueue {
             }
             if let Some(ids) = self.runners.get_mut(&run.runner_id) {
                 ids.remove(&run.id);
-                if ids.is_empty() {
-                    self.runners.remove(&run.runner_id);
-                }
             }
         }
         if q.ids.is_empty() {
@@ -185,13 +205,15 @@ impl WaitQueue {
 
     #[cfg(test)]
     pub(super) fn sizes_consistent(&self, runs: &BTreeMap<String, Run>) -> bool {
-        let by_runner: usize = self.runners.values().map(BTreeSet::len).sum();
-        let by_region: usize = self.regions.values().map(|q| q.ids.len()).sum();
-        let runners_agree = by_runner == by_region
-            && self.runners.iter().all(|(runner, ids)| {
-                ids.iter()
-                    .all(|id| runs.get(id).is_some_and(|r| &r.runner_id == runner))
-            });
+        let queued: BTreeSet<&String> = self.regions.values().flat_map(|q| &q.ids).collect();
+        let runners_agree = self.runners.iter().all(|(runner, ids)| {
+            let want: BTreeSet<&String> = queued
+                .iter()
+                .copied()
+                .filter(|id| runs.get(*id).is_some_and(|r| &r.runner_id == runner))
+                .collect();
+            ids.iter().collect::<BTreeSet<_>>() == want
+        });
         runners_agree
             && self.regions.iter().all(|(region, q)| {
                 let mut want: BTreeMap<u64, usize> = BTreeMap::new();
