@@ -27,6 +27,11 @@
 //! - `registries`: private container registries and image references.
 //! - `usage`: billed usage.
 //! - `api_keys`: API keys.
+//! - `caps`: per-runner concurrency caps (`max_concurrent_runs`): the runs holding each
+//!   runner's slots, kept by `stage`.
+//! - `retries`: retry policies: the next attempt staged with the end of the one before,
+//!   backoffs and the timer that places due ones.
+//! - `schedules`: schedules' CRUD and their fires (one transaction per fire).
 //!
 //! # Staging
 //! Every mutation runs under one async lock, but never waits for the disk there: it changes
