@@ -143,17 +143,7 @@ fn check(c: &mut Collector, expr: &str, timezone: &str) -> Option<CronSpec> {
         c.push("cron", format!("must be 1 to {CRON_MAX} characters"));
         ok = false;
     }
-    let tz = if timezone.chars().count() > CRON_MAX {
-        None
-    } else {
-        chrono_tz::Tz::from_str(timezone).ok()
-    };
-    if tz.is_none() {
-        c.push(
-            "timezone",
-            "must be an IANA time zone such as `UTC` or `Europe/Berlin`",
-        );
-    }
+    let tz = check_zone(c, timezone);
     if !ok {
         return None;
     }
@@ -174,6 +164,21 @@ fn check(c: &mut Collector, expr: &str, timezone: &str) -> Option<CronSpec> {
         }
     };
     Some(CronSpec { schedule, tz: tz? })
+}
+
+fn check_zone(c: &mut Collector, timezone: &str) -> Option<chrono_tz::Tz> {
+    let tz = if timezone.chars().count() > CRON_MAX {
+        None
+    } else {
+        chrono_tz::Tz::from_str(timezone).ok()
+    };
+    if tz.is_none() {
+        c.push(
+            "timezone",
+            "must be an IANA time zone such as `UTC` or `Europe/Berlin`",
+        );
+    }
+    tz
 }
 
 /// Checks a jitter value.
@@ -369,9 +374,27 @@ impl Schedule {
     }
 }
 
-/// Checks a complete input as a create would (the scheduler re-checks what arrives).
+/// Checks a create's body as `Schedule::create` will (the scheduler re-checks what arrives).
 pub fn validate_input(input: &ScheduleInput) -> Result<(), ValidationErrors> {
     Schedule::create(String::new(), "", "", input.clone(), 0).map(|_| ())
+}
+
+/// Checks the fields a PATCH body gives, each as a create would (a zone given alone is checked
+/// as a zone; the whole result is checked again against the stored schedule by `apply`).
+pub fn validate_patch(input: &ScheduleInput) -> Result<(), ValidationErrors> {
+    let mut c = Collector::default();
+    let timezone = input.timezone.as_deref().unwrap_or("UTC");
+    match &input.cron {
+        Some(expr) => {
+            check(&mut c, expr, timezone);
+        }
+        None => {
+            check_zone(&mut c, timezone);
+        }
+    }
+    check_jitter(&mut c, input.jitter_seconds);
+    check_run(&mut c, &input.run);
+    c.finish(())
 }
 
 #[cfg(test)]

@@ -33,18 +33,6 @@ fn ids(Path((runner_id, id)): Path<(String, String)>) -> ApiResult<(String, Stri
     Ok((runner_id, id))
 }
 
-/// Checks the body as the scheduler will (every error naming its field) before sending it.
-fn checked(input: ScheduleInput, create: bool) -> ApiResult<ScheduleInput> {
-    if create {
-        berth_core::schedule::validate_input(&input)?;
-    } else {
-        let mut probe = input.clone();
-        probe.cron = Some(probe.cron.unwrap_or_else(|| "* * * * *".to_owned()));
-        berth_core::schedule::validate_input(&probe)?;
-    }
-    Ok(input)
-}
-
 #[utoipa::path(
     post,
     path = "/v1/runners/{id}/schedules",
@@ -69,7 +57,7 @@ pub async fn create_schedule(
     JsonBody(input): JsonBody<ScheduleInput>,
 ) -> ApiResult<impl IntoResponse> {
     check_id("runner_id", &runner_id)?;
-    let input = checked(input, true)?;
+    berth_core::schedule::validate_input(&input)?;
     let schedule = s
         .control()
         .create_schedule(pb::CreateScheduleRequest {
@@ -174,7 +162,7 @@ pub async fn update_schedule(
     JsonBody(input): JsonBody<ScheduleInput>,
 ) -> ApiResult<Json<ScheduleResponse>> {
     let (runner_id, id) = ids(path)?;
-    let input = checked(input, false)?;
+    berth_core::schedule::validate_patch(&input)?;
     let schedule = s
         .control()
         .update_schedule(pb::UpdateScheduleRequest {

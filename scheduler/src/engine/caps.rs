@@ -100,7 +100,8 @@ impl super::State {
     pub(super) fn set_cap(&mut self, runner_id: &str, cap: Option<u32>, revision: u64) -> bool {
         let more = self.caps.set(runner_id, cap, revision);
         if self.caps.capped(runner_id) {
-            self.queue.track_runner(runner_id, self.active.values());
+            let waiting = self.active.values().filter(|r| super::is_queued(r));
+            self.queue.track_runner(runner_id, waiting);
         } else {
             self.queue.untrack_runner(runner_id);
         }

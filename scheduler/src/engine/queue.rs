@@ -84,14 +84,8 @@ impl<S: Store> Scheduler<S> {
             let Some(waiting) = st.active.get(&run_id) else {
                 continue;
             };
-            if let Some((cap, holding)) = st.caps.full(&waiting.runner_id) {
-                // Its runner is at its cap: it keeps its place in the queue.
-                set_reason(st, &run_id, super::caps::reason(cap, holding));
-                continue;
-            }
-            if let Some(until) = super::retries::in_backoff(waiting, now) {
-                // A retry waiting for its backoff keeps its place too (`place_due_retries`).
-                let reason = super::retries::backoff_reason(waiting, until);
+            if let Some(reason) = st.held_back(waiting, now, false) {
+                // It keeps its place in the queue.
                 set_reason(st, &run_id, reason);
                 continue;
             }
@@ -294,16 +288,29 @@ impl State {
                 .queue
                 .position_from(&run, from)
                 .and_then(|p| u32::try_from(p).ok());
-            // A runner at its cap holds its runs back whatever room the region has.
-            if let Some((cap, holding)) = self.caps.full(&run.runner_id) {
-                let (place, waiting) = self.queue.runner_place(&run);
-                run.pending_reason = Some(super::caps::with_place(cap, holding, place, waiting));
-            }
-            if let Some(until) = super::retries::in_backoff(&run, now_unix_millis()) {
-                run.pending_reason = Some(super::retries::backoff_reason(&run, until));
+            if let Some(reason) = self.held_back(&run, now_unix_millis(), true) {
+                run.pending_reason = Some(reason);
             }
         }
         run
+    }
+}
+
+impl State {
+    /// Why a waiting run may not be placed now whatever room its region has, if it may not:
+    /// its retry's backoff is not over (first: a free slot could not start it either), or its
+    /// runner is at its cap (`place`: with its place among the runner's waiting runs, on read).
+    fn held_back(&self, run: &Run, now: i64, place: bool) -> Option<String> {
+        if let Some(until) = super::retries::in_backoff(run, now) {
+            return Some(super::retries::backoff_reason(run, until));
+        }
+        let (cap, holding) = self.caps.full(&run.runner_id)?;
+        Some(if place {
+            let (at, waiting) = self.queue.runner_place(run);
+            super::caps::with_place(cap, holding, at, waiting)
+        } else {
+            super::caps::reason(cap, holding)
+        })
     }
 }
 

@@ -361,24 +361,11 @@ impl<S: Store> Scheduler<S> {
         let mut changes = self.subscribe();
         let (was_pending, done) = {
             let mut st = self.state.lock().await;
-            let Some(cached) = st.active.get(run_id) else {
+            let Some(cached) = st.active.get(run_id).cloned() else {
                 drop(st);
                 return self.get_run(project, runner_id, run_id).await;
             };
-            let mut run = cached.clone();
-            let node = run.node_id.clone();
-            let was_pending = run.status == RunStatus::Pending;
-            if was_pending {
-                run.cancel(None, now_unix_millis())?;
-                tracing::info!(run_id, "pending run canceled");
-            } else {
-                run.stop_requested = true;
-                tracing::info!(run_id, "stop requested");
-            }
-            st.stage(run);
-            if let Some(node) = node {
-                st.send_to(&node, stop(run_id));
-            }
+            let was_pending = st.stop(cached, now_unix_millis())?;
             if was_pending {
                 self.schedule(&mut st)?;
             }
@@ -496,4 +483,26 @@ pub(super) fn new_run(
         scheduled_for: None,
         final_attempt: None,
     })
+}
+
+impl super::State {
+    /// Stops `run` (not ended): cancels it at once while it is pending, asks its node to stop it
+    /// otherwise (its exit report ends it). Answers whether it was pending.
+    pub(super) fn stop(&mut self, mut run: Run, now: i64) -> Result<bool, SchedulerError> {
+        let node = run.node_id.clone();
+        let was_pending = run.status == RunStatus::Pending;
+        if was_pending {
+            run.cancel(None, now)?;
+            tracing::info!(run_id = %run.id, "pending run canceled");
+        } else {
+            run.stop_requested = true;
+            tracing::info!(run_id = %run.id, "stop requested");
+        }
+        let run_id = run.id.clone();
+        self.stage(run);
+        if let Some(node) = node {
+            self.send_to(&node, stop(&run_id));
+        }
+        Ok(was_pending)
+    }
 }

@@ -11,12 +11,12 @@
 
 use super::registries::runner_image_in;
 use super::runs::new_run;
-use super::{encode, new_id, stop, Scheduler, State};
+use super::{encode, new_id, Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::overrides::RunOverrides;
 use berth_core::schedule::{Fire, OverlapPolicy, Schedule, ScheduleInput};
 use berth_core::store::{Expect, Store};
-use berth_core::{keys, now_unix_millis, Run, RunStatus, Runner};
+use berth_core::{keys, now_unix_millis, Run, Runner};
 use std::collections::BTreeMap;
 
 /// Schedules one runner may have.
@@ -213,7 +213,11 @@ impl<S: Store> Scheduler<S> {
                     }
                     if schedule.overlap == OverlapPolicy::Replace {
                         for run in active {
-                            stop_for_replace(&mut st, run, now);
+                            // As a user's stop: canceled while it waits, stopped on its node.
+                            tracing::info!(run_id = %run.id, "replaced by its schedule's next fire");
+                            if let Err(e) = st.stop(run, now) {
+                                tracing::error!(error = %e, "cannot stop a run to replace it");
+                            }
                         }
                     }
                     let Some(mut run) = runs.next() else { continue };
@@ -254,26 +258,6 @@ fn catch_up_name(s: &Schedule) -> &'static str {
     match s.catch_up {
         berth_core::schedule::CatchUp::Skip => "skip",
         berth_core::schedule::CatchUp::RunOnce => "run_once",
-    }
-}
-
-/// `replace`: a run of the schedule that has not ended is stopped (canceled at once while it
-/// waits; asked to stop on its node otherwise, as a user's stop).
-fn stop_for_replace(st: &mut State, mut run: Run, now: i64) {
-    let node = run.node_id.clone();
-    if run.status == RunStatus::Pending {
-        if let Err(e) = run.cancel(None, now) {
-            tracing::error!(run_id = %run.id, error = %e, "cannot cancel a run to replace it");
-            return;
-        }
-    } else {
-        run.stop_requested = true;
-    }
-    tracing::info!(run_id = %run.id, "stopped: replaced by its schedule's next fire");
-    let run_id = run.id.clone();
-    st.stage(run);
-    if let Some(node) = node {
-        st.send_to(&node, stop(&run_id));
     }
 }
 

@@ -52,7 +52,7 @@ impl WaitQueue {
     }
 
     /// Keeps `runner_id`'s waiting runs apart from now on (it has a cap), starting with those of
-    /// `waiting` (every waiting run with its runner).
+    /// `waiting` (the runs this queue holds).
     pub(super) fn track_runner<'a>(
         &mut self,
         runner_id: &str,
@@ -64,7 +64,6 @@ impl WaitQueue {
         let ids = waiting
             .filter(|r| r.runner_id == runner_id)
             .map(|r| r.id.clone())
-            .filter(|id| self.regions.values().any(|q| q.ids.contains(id)))
             .collect();
         self.runners.insert(runner_id.to_owned(), ids);
     }
