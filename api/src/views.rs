@@ -235,6 +235,28 @@ pub struct RunView {
     /// That fire's intended time (before jitter).
     #[schema(required = true, format = DateTime)]
     pub scheduled_for: Option<String>,
+    /// For a run created with `ephemeral: true`: the one node that may run it (its `node_id`
+    /// once it took the run); `null` otherwise.
+    #[schema(required = true)]
+    pub ephemeral: Option<EphemeralView>,
+    /// What the ephemeral node presents to take the run (`berth-node-agent
+    /// --ephemeral-claim-file`): only in the answer to the `POST` that created it, and only
+    /// once (a replay by idempotency key does not show it again). Keep it secret: with a
+    /// registration token of the run's region it runs the run, secrets included. `null`
+    /// everywhere else.
+    #[schema(required = true)]
+    pub ephemeral_claim: Option<String>,
+}
+
+/// The ephemeral node a run is pinned to.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EphemeralView {
+    /// `eph-<run id>`: the id the node enrolls and registers with.
+    pub node_id: String,
+    /// While the run waits and its node has not connected after this, the run ends `failed`
+    /// with `node_lost`.
+    #[schema(format = DateTime)]
+    pub connect_by: String,
 }
 
 /// The last attempt of a run's chain of retries.
@@ -432,6 +454,11 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
         },
         schedule_id: r.schedule_id.clone(),
         scheduled_for: opt_millis(r.scheduled_for_unix_millis),
+        ephemeral: r.ephemeral.as_ref().map(|e| EphemeralView {
+            node_id: e.node_id.clone(),
+            connect_by: opt_millis(Some(e.connect_by_unix_millis)).unwrap_or_default(),
+        }),
+        ephemeral_claim: r.ephemeral_claim.clone(),
     })
 }
 

@@ -388,6 +388,27 @@ pub struct RunArgs {
     /// Wait for the run, stream its logs, and exit with its exit code (Ctrl-C stops the run)
     #[arg(long, short = 'f')]
     pub follow: bool,
+    /// Run it on this machine, as an ephemeral node of the fleet (e.g. in a CI job): starts
+    /// berth-node-agent in one-shot mode for this run only (this machine's containerd, the
+    /// same isolation), follows it like --follow and exits with its exit code. The agent
+    /// enrolls with BERTH_REGISTRATION_TOKEN (or --registration-token-file), a token of the
+    /// runner's region; its other settings come from its BERTH_AGENT_* environment.
+    #[arg(long, conflicts_with = "retry_attempts")]
+    pub here: bool,
+    /// With --here: the schedulers' gRPC addresses for the agent (default: its
+    /// BERTH_AGENT_SCHEDULER, else http://127.0.0.1:7070)
+    #[arg(long, requires = "here", value_name = "URLS")]
+    pub scheduler: Option<String>,
+    /// With --here: a file holding the registration token the agent enrolls with
+    #[arg(long, requires = "here", value_name = "FILE")]
+    pub registration_token_file: Option<std::path::PathBuf>,
+    /// With --here: where the agent keeps its state for this run (default:
+    /// /var/lib/berth/eph-<run id>; removed once the agent has left)
+    #[arg(long, requires = "here", value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// With --here: the berth-node-agent program (default: the one beside berthctl, else PATH)
+    #[arg(long, requires = "here", value_name = "PATH")]
+    pub agent_bin: Option<std::path::PathBuf>,
     /// The program and its arguments replacing the runner's command
     #[arg(last = true, value_name = "ARGV")]
     pub argv: Vec<String>,

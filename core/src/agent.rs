@@ -26,6 +26,23 @@ pub struct Registration {
     pub active_run_ids: Vec<String>,
     pub agent_version: String,
     pub cached_images: Vec<String>,
+    /// One-shot mode: the node exists for this run only (see `Run::ephemeral`).
+    pub ephemeral: Option<EphemeralClaim>,
+}
+
+/// What a one-shot node presents to take the run it was started for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EphemeralClaim {
+    pub run_id: String,
+    pub claim: String,
+}
+
+impl std::fmt::Debug for EphemeralClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EphemeralClaim")
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything an agent reports on its stream after registering.

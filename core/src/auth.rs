@@ -160,6 +160,25 @@ pub fn parse_registration_token(token: &str) -> Option<PresentedKey<'_>> {
     parse_with_prefix(token, REGISTRATION_PREFIX)
 }
 
+/// An ephemeral run's claim: `berthclaim_<64 hex>` (the whole string is the secret) and its
+/// SHA-256. The run's creator hands it to the node it starts for the run (`berthctl run --here`);
+/// a registration token alone does not let a node take someone's run.
+pub fn generate_ephemeral_claim() -> (String, String) {
+    let plaintext = format!("{EPHEMERAL_CLAIM_PREFIX}{}", random_hex(SECRET_BYTES));
+    let sha256 = hash_secret(&plaintext);
+    (plaintext, sha256)
+}
+
+/// Whether `presented` is a well-formed claim whose SHA-256 is `claim_sha256`.
+pub fn verify_ephemeral_claim(presented: &str, claim_sha256: &str) -> bool {
+    presented
+        .strip_prefix(EPHEMERAL_CLAIM_PREFIX)
+        .is_some_and(|rest| is_lower_hex(rest, SECRET_BYTES * 2))
+        && verify_secret(presented, claim_sha256)
+}
+
+const EPHEMERAL_CLAIM_PREFIX: &str = "berthclaim_";
+
 pub fn generate_node_credential() -> NewKey {
     generate_with_prefix(NODE_CREDENTIAL_PREFIX)
 }

@@ -229,6 +229,7 @@ pub fn overrides_to_pb(overrides: RunOverrides) -> pb::RunOverrides {
         files: files_to_upload_pb(&files),
         stop_grace_seconds: input.stop_grace_seconds.and_then(|g| u32::try_from(g).ok()),
         retry_policy: input.retry_policy.as_ref().map(retry_policy_to_pb),
+        ephemeral: input.ephemeral,
     }
 }
 
@@ -294,6 +295,7 @@ pub fn overrides_from_pb(o: pb::RunOverrides) -> RunOverrides {
         files: None,
         stop_grace_seconds: o.stop_grace_seconds.map(i64::from),
         retry_policy: o.retry_policy.map(retry_policy_from_pb),
+        ephemeral: o.ephemeral,
     };
     let files = o
         .files
@@ -479,6 +481,11 @@ impl From<&Run> for pb::Run {
             retry_cause: r.retry_cause.map_or(0, retry_cause_to_pb),
             schedule_id: r.schedule_id.clone(),
             scheduled_for_unix_millis: r.scheduled_for,
+            ephemeral: r.ephemeral.as_ref().map(|e| pb::EphemeralNode {
+                node_id: e.node_id.clone(),
+                connect_by_unix_millis: e.connect_by,
+            }),
+            ephemeral_claim: r.ephemeral.as_ref().and_then(|e| e.claim.clone()),
             final_attempt: r.final_attempt.as_ref().map(|f| pb::FinalAttempt {
                 id: f.id.clone(),
                 attempt: f.attempt,

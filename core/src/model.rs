@@ -216,6 +216,47 @@ pub struct Run {
     /// None for a run that was not retried).
     #[serde(skip)]
     pub final_attempt: Option<Box<FinalAttempt>>,
+    /// The ephemeral node it is pinned to (`berthctl run --here`), for a run created with
+    /// `ephemeral: true`: that node takes it, no other node does, and that node takes nothing
+    /// else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<Ephemeral>,
+}
+
+/// The one node a run created with `ephemeral: true` may run on: a node started for it (in a
+/// CI job, say) that registers with the run's claim.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ephemeral {
+    /// `eph-<run id>`: the id the node registers (and enrolls) with.
+    pub node_id: String,
+    /// SHA-256 of the claim the node must present (`core::auth::hash_secret`).
+    pub claim_sha256: String,
+    /// Unix milliseconds: while the run waits unassigned and its node is not connected after
+    /// this, the run ends `failed` with `node_lost`.
+    pub connect_by: i64,
+    /// The claim itself: only in the answer to the call that created the run, never stored.
+    #[serde(skip)]
+    pub claim: Option<String>,
+}
+
+impl std::fmt::Debug for Ephemeral {
+    // Never the claim: it lets a node take the run (and its secrets).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ephemeral")
+            .field("node_id", &self.node_id)
+            .field("connect_by", &self.connect_by)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The prefix of every ephemeral node's id; a node of the fleet may not register with it.
+pub const EPHEMERAL_NODE_PREFIX: &str = "eph-";
+
+impl Ephemeral {
+    /// The id of the ephemeral node of run `run_id`.
+    pub fn node_id_for(run_id: &str) -> String {
+        format!("{EPHEMERAL_NODE_PREFIX}{run_id}")
+    }
 }
 
 fn first_attempt() -> u32 {
@@ -686,6 +727,7 @@ mod tests {
             schedule_id: None,
             scheduled_for: None,
             final_attempt: None,
+            ephemeral: None,
         }
     }
 

@@ -73,6 +73,10 @@ pub fn check_batch<T>(
     let mut checked = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         match check(item) {
+            Ok(item) if item.input.ephemeral == Some(true) => errors.push(FieldError {
+                field: format!("runs[{i}].ephemeral"),
+                message: "a batch's runs are placed on the fleet; create an ephemeral run on its own (berthctl run --here)".to_owned(),
+            }),
             Ok(item) => checked.push(item),
             Err(e) => errors.extend(e.0.into_iter().map(|f| FieldError {
                 field: format!("runs[{i}].{}", f.field),

@@ -203,6 +203,12 @@ fn check_run(c: &mut Collector, run: &Option<RunInput>) {
     if run.files.is_some() {
         c.push("run.files", "a schedule's runs cannot carry files");
     }
+    if run.ephemeral == Some(true) {
+        c.push(
+            "run.ephemeral",
+            "a schedule's runs are placed on the fleet; an ephemeral run is created by the job that runs it (berthctl run --here)",
+        );
+    }
     if let Err(e) = run.clone().validate() {
         for f in e.0 {
             c.push(&format!("run.{}", f.field), f.message);

@@ -41,6 +41,15 @@ pub struct AgentConfig {
     pub max_sandboxes: usize,
     /// An unused sandbox is replaced by a fresh one after this long.
     pub sandbox_max_idle: Duration,
+    /// One-shot mode (`berthctl run --here`): the node exists for this run only.
+    pub ephemeral: Option<EphemeralRun>,
+}
+
+/// The run a one-shot node was started for, and the claim that lets it take the run.
+#[derive(Debug, Clone)]
+pub struct EphemeralRun {
+    pub run_id: String,
+    pub claim: Secret,
 }
 
 /// A string that never shows in logs (`Debug` prints `[redacted]`).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use berth_core::failover::SchedulerAddrs;
-use berth_node_agent::config::{AgentConfig, Secret};
+use berth_node_agent::config::{AgentConfig, EphemeralRun, Secret};
 use berth_node_agent::containerd::{ContainerdRuntime, ContainerdSettings};
 use berth_node_agent::image::cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
 use berth_node_agent::image::pull::Puller;
@@ -25,7 +25,7 @@ use berth_node_agent::run::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
 use berth_node_agent::run::spec::DEFAULT_PIDS_LIMIT;
-use berth_node_agent::scheduler_link::session::Agent;
+use berth_node_agent::scheduler_link::session::{Agent, OneShotEnd};
 use clap::{Parser, ValueEnum};
 
 /// How runs are networked.
@@ -185,6 +185,20 @@ struct Cli {
     /// and no warmup pinned are deleted.
     #[arg(long, env = "BERTH_AGENT_IMAGE_CACHE_BYTES", default_value_t = DEFAULT_IMAGE_CACHE_BYTES)]
     image_cache_bytes: u64,
+    /// One-shot mode (what `berthctl run --here` starts): the node exists for this ephemeral
+    /// run only. It registers with the run's claim (`--ephemeral-claim-file`, or
+    /// `BERTH_EPHEMERAL_CLAIM`), takes that run and no other, and exits once the run has ended
+    /// and every report is acknowledged (0), or when the scheduler refuses it (1). `--node-id`
+    /// must be the run's `ephemeral.node_id`.
+    #[arg(long, env = "BERTH_AGENT_EPHEMERAL_RUN_ID")]
+    ephemeral_run_id: Option<String>,
+    /// File holding the ephemeral run's claim (from the answer that created the run).
+    #[arg(
+        long,
+        env = "BERTH_AGENT_EPHEMERAL_CLAIM_FILE",
+        requires = "ephemeral_run_id"
+    )]
+    ephemeral_claim_file: Option<PathBuf>,
 }
 
 /// Writes the runs' resolv.conf (the host's non-loopback nameservers) and returns its path;
@@ -330,7 +344,26 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let image_cache_bytes = cli.image_cache_bytes;
+    let ephemeral = match cli.ephemeral_run_id.clone() {
+        None => None,
+        Some(run_id) => {
+            let claim = berth_core::process::secret_setting(
+                "BERTH_EPHEMERAL_CLAIM",
+                "--ephemeral-claim-file",
+                cli.ephemeral_claim_file.as_deref(),
+            )?
+            .context("--ephemeral-run-id needs the run's claim: --ephemeral-claim-file or BERTH_EPHEMERAL_CLAIM")?;
+            // One run, nothing kept ready for others.
+            cli.max_runs = 1;
+            cli.max_sandboxes = 0;
+            Some(EphemeralRun {
+                run_id,
+                claim: Secret(claim),
+            })
+        }
+    };
     let config = AgentConfig {
+        ephemeral,
         schedulers: cli.scheduler,
         total_memory_mib: cli
             .memory_mib
@@ -432,6 +465,17 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let agent = Agent::new(config, runtime);
+    // A one-shot node shuts down by itself once done (or refused), like on SIGTERM.
+    let one_shot = agent.one_shot_end();
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel::<OneShotEnd>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            end = one_shot => {
+                let _ = end_tx.send(end);
+            }
+        }
+    };
     berth_core::metrics::serve(
         cli.metrics_listen,
         Some(agent.container_metrics()),
@@ -444,6 +488,9 @@ async fn main() -> anyhow::Result<()> {
         _ = second_signal => {
             tracing::warn!("second signal: exiting without waiting for runs; the next start re-adopts them");
         }
+    }
+    if let Ok(OneShotEnd::Refused(why)) = end_rx.await {
+        anyhow::bail!("the scheduler refused this one-shot node: {why}");
     }
     Ok(())
 }

@@ -252,6 +252,7 @@ async fn runs_containers_end_to_end() {
         max_sandboxes: 0,
         sandbox_max_idle: Duration::from_secs(600),
         max_run_disk_bytes: None,
+        ephemeral: None,
     };
     let channel = containerd_client::connect(&socket)
         .await

@@ -7,9 +7,9 @@
 use crate::engine::{Link, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::agent::{
-    AgentCommand, AgentLink, AgentReport, AssignRun, Heartbeat, LinkClosed, LogBatch, LogLine,
-    PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited, RunReleased, RunSpec,
-    RunStarted, StartStages, Warmup, WarmupResult,
+    AgentCommand, AgentLink, AgentReport, AssignRun, EphemeralClaim, Heartbeat, LinkClosed,
+    LogBatch, LogLine, PullFor, PullProgress, Registered, Registration, RegistryAuth, RunExited,
+    RunReleased, RunSpec, RunStarted, StartStages, Warmup, WarmupResult,
 };
 use berth_core::convert::{
     error_code_from_pb, exit_reason_from_pb, log_stream_from_pb, UnknownEnumValue,
@@ -295,6 +295,10 @@ fn registration_from_pb(r: pb::Register) -> Registration {
         active_run_ids: r.active_run_ids,
         agent_version: r.agent_version,
         cached_images: r.cached_images,
+        ephemeral: (!r.ephemeral_run_id.is_empty()).then_some(EphemeralClaim {
+            run_id: r.ephemeral_run_id,
+            claim: r.ephemeral_claim,
+        }),
     }
 }
 

@@ -32,6 +32,8 @@
 //! - `retries`: retry policies: the next attempt staged with the end of the one before,
 //!   backoffs and the timer that places due ones.
 //! - `schedules`: schedules' CRUD and their fires (one transaction per fire).
+//! - `ephemeral`: runs pinned to a one-shot node (`berthctl run --here`): the node's claim,
+//!   their placement on it alone, their end when it never comes or is lost, its removal.
 //!
 //! # Staging
 //! Every mutation runs under one async lock, but never waits for the disk there: it changes
@@ -80,6 +82,8 @@ pub struct Config {
     /// How long after its run was created an idempotency key still replays it (see
     /// `idempotency`).
     pub idempotency_ttl: Duration,
+    /// How long an ephemeral run waits for its node to connect (see `ephemeral`).
+    pub ephemeral_connect_timeout: Duration,
 }
 
 /// The default log retention: a week.
@@ -100,9 +104,14 @@ impl Default for Config {
             secrets: None,
             log_retention: Some(DEFAULT_LOG_RETENTION),
             idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
+            ephemeral_connect_timeout: DEFAULT_EPHEMERAL_CONNECT_TIMEOUT,
         }
     }
 }
+
+/// How long an ephemeral run waits for its node unless configured otherwise: a CI job starts
+/// its node right after creating the run, so minutes are plenty.
+pub const DEFAULT_EPHEMERAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long an idempotency key replays its run unless configured otherwise: a day covers any
 /// client's retries.
@@ -175,6 +184,8 @@ struct State {
     backoffs: std::collections::BTreeSet<(i64, String)>,
     /// Every schedule, by id (loaded at `open`; the leader fires them, see `schedules`).
     schedules: BTreeMap<String, berth_core::schedule::Schedule>,
+    /// Ephemeral runs waiting, unassigned, for their node (see `ephemeral`): never in `queue`.
+    ephemeral_waiting: std::collections::BTreeSet<String>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, SchedulerError> {
@@ -224,10 +235,20 @@ impl<S: Store> Scheduler<S> {
         }
         for kv in store.list_prefix(keys::NODES).await? {
             let rec: NodeRecord = decode(&kv.key, &kv.value)?;
-            state.nodes.insert(
-                rec.id.clone(),
-                Node::placeholder(&rec.id, &rec.region, rec.draining),
-            );
+            if rec
+                .ephemeral_for
+                .as_ref()
+                .is_some_and(|run| !state.active.contains_key(run))
+            {
+                // An ephemeral node whose run has ended: gone for good.
+                store
+                    .commit(Txn::new().delete(kv.key.clone(), Expect::Any))
+                    .await?;
+                continue;
+            }
+            let mut node = Node::placeholder(&rec.id, &rec.region, rec.draining);
+            node.ephemeral_for = rec.ephemeral_for;
+            state.nodes.insert(rec.id.clone(), node);
         }
         // Nodes holding leases must come back within TTL + grace, or they are declared lost.
         for c in state.active.values() {
@@ -254,6 +275,15 @@ impl<S: Store> Scheduler<S> {
         for run in &queued {
             state.queue.insert(run);
             state.note_backoff(run);
+        }
+        let ephemeral: Vec<Run> = state
+            .active
+            .values()
+            .filter(|r| r.ephemeral.is_some())
+            .cloned()
+            .collect();
+        for run in &ephemeral {
+            state.track_ephemeral(run);
         }
         let ids: Vec<String> = state.nodes.keys().cloned().collect();
         for id in &ids {
@@ -461,6 +491,7 @@ impl State {
         } else {
             self.queue.remove(&run);
         }
+        self.track_ephemeral(&run);
         if run.status.is_terminal() {
             self.active.remove(&run.id);
         } else {
@@ -706,6 +737,7 @@ mod active;
 mod api_keys;
 mod caps;
 mod delivery;
+mod ephemeral;
 mod idempotency;
 mod identity;
 mod images;

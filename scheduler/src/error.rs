@@ -25,6 +25,10 @@ pub enum SchedulerError {
     /// The record is still in use (e.g. a registry that runners name).
     #[error("{0}")]
     InUse(String),
+    /// The call cannot be served in the state things are in (e.g. an ephemeral node for a run
+    /// that has ended).
+    #[error("{0}")]
+    Refused(String),
     /// A presented API key is malformed, unknown, revoked, or its secret is wrong (the caller
     /// is not told which).
     #[error("invalid API key")]
@@ -65,9 +69,9 @@ impl From<SchedulerError> for tonic::Status {
                 serde_json::to_string(&v.0).unwrap_or_else(|_| v.to_string()),
             ),
             SchedulerError::Stale(_) => tonic::Status::aborted(e.to_string()),
-            SchedulerError::Transition(_) | SchedulerError::InUse(_) => {
-                tonic::Status::failed_precondition(e.to_string())
-            }
+            SchedulerError::Transition(_)
+            | SchedulerError::InUse(_)
+            | SchedulerError::Refused(_) => tonic::Status::failed_precondition(e.to_string()),
             SchedulerError::Protocol(_) | SchedulerError::UnknownEnum(_) => {
                 tonic::Status::invalid_argument(e.to_string())
             }

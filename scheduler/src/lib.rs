@@ -250,6 +250,12 @@ async fn expire_nodes_forever<S: Store>(scheduler: Arc<engine::Scheduler<S>>) {
         if let Err(e) = scheduler.expire_nodes(std::time::Instant::now()).await {
             tracing::error!(error = %e, "node expiry failed");
         }
+        if let Err(e) = scheduler
+            .expire_ephemeral_runs(berth_core::now_unix_millis())
+            .await
+        {
+            tracing::error!(error = %e, "ending ephemeral runs whose node never came failed");
+        }
     }
 }
 

@@ -100,6 +100,12 @@ struct Args {
     /// Hours an idempotency key replays its run; after that the same key creates a new run.
     #[arg(long, default_value_t = berth_scheduler::engine::DEFAULT_IDEMPOTENCY_TTL.as_secs() / 3600)]
     idempotency_ttl_hours: u64,
+    /// Seconds an ephemeral run (`berthctl run --here`) waits for its node to connect before it
+    /// ends `failed` with `node_lost`.
+    #[arg(long, env = "BERTH_EPHEMERAL_CONNECT_TIMEOUT_SECONDS",
+          default_value_t = berth_scheduler::engine::DEFAULT_EPHEMERAL_CONNECT_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    ephemeral_connect_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_interval: Duration::from_secs(heartbeat),
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
+        ephemeral_connect_timeout: Duration::from_secs(args.ephemeral_connect_timeout_seconds),
     };
     // Checked once, before any term: a bad flag must stop the process, not be retried.
     args.cluster_token = berth_core::process::secret_setting(

@@ -127,13 +127,13 @@ pub enum Filtered {
 }
 
 impl Filtered {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Filtered::OtherRegion => "in another region",
             Filtered::NotReady => "not connected",
             Filtered::Draining => "draining",
             Filtered::Lost => "lost",
-            Filtered::ReservedForOlderRun => "reserved for an older run",
+            Filtered::ReservedForOlderRun => "reserved for another run",
             Filtered::NoFreeSlot => "at max concurrent runs",
             Filtered::NotEnoughMemory => "full",
         }
@@ -174,7 +174,8 @@ impl fmt::Display for Unplaceable {
     }
 }
 
-fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
+/// Whether `node` can take `demand` now, or the first filter that stops it.
+pub fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
     if node.region != demand.region {
         return Err(Filtered::OtherRegion);
     }
@@ -355,7 +356,7 @@ mod tests {
             .map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),
-            Some("no node in fra with 1 MiB free: 1 reserved for an older run")
+            Some("no node in fra with 1 MiB free: 1 reserved for another run")
         );
         let old = Demand {
             run_id: "old".into(),

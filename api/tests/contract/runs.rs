@@ -144,3 +144,68 @@ async fn runs_are_listed_in_pages_oldest_first() -> Result<()> {
     ensure!(status == 200 && ids(&v) == want, "{status} {v}");
     Ok(())
 }
+
+/// `ephemeral: true` answers the run's node and its claim, once: a read shows neither the claim
+/// nor a place in a queue. Batches and schedules refuse it, naming the field.
+#[tokio::test]
+async fn an_ephemeral_run_shows_its_node_and_its_claim_once() -> Result<()> {
+    let f = Api::start().await?;
+    let runner = f.runner("fra", json!({"run_command": "echo here"})).await?;
+    let created = f
+        .post(
+            &format!("/v1/runners/{runner}/runs"),
+            json!({"ephemeral": true}),
+        )
+        .await?;
+    let r = &created["run"];
+    let id = r["id"].as_str().unwrap_or_default();
+    ensure!(
+        r["ephemeral"]["node_id"] == format!("eph-{id}")
+            && r["ephemeral"]["connect_by"].is_string()
+            && r["ephemeral_claim"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("berthclaim_"))
+            && r["retry_policy"].is_null(),
+        "{created}"
+    );
+    let read = f.run(&runner, id).await?;
+    ensure!(
+        read["ephemeral_claim"].is_null()
+            && read["ephemeral"]["node_id"] == r["ephemeral"]["node_id"]
+            && read["queue_position"].is_null()
+            && read["pending_reason"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("waiting for its ephemeral node eph-")),
+        "{read}"
+    );
+    let plain = f.start_run(&runner, json!({})).await?;
+    let plain = f.run(&runner, &plain).await?;
+    ensure!(
+        plain["ephemeral"].is_null() && plain["ephemeral_claim"].is_null(),
+        "{plain}"
+    );
+
+    let (status, v) = f
+        .request(
+            Method::POST,
+            &format!("/v1/runners/{runner}/runs/batch"),
+            Some(json!({"runs": [{}, {"ephemeral": true}]})),
+        )
+        .await?;
+    ensure!(
+        status == 422 && v["errors"][0]["field"] == "runs[1].ephemeral",
+        "{status} {v}"
+    );
+    let (status, v) = f
+        .request(
+            Method::POST,
+            &format!("/v1/runners/{runner}/schedules"),
+            Some(json!({"cron": "* * * * *", "run": {"ephemeral": true}})),
+        )
+        .await?;
+    ensure!(
+        status == 422 && v["errors"][0]["field"] == "run.ephemeral",
+        "{status} {v}"
+    );
+    Ok(())
+}

@@ -498,6 +498,7 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         schedule_id: None,
         scheduled_for: None,
         final_attempt: None,
+        ephemeral: None,
     }
 }
 

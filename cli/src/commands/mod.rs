@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod follow;
+pub mod here;
 pub mod tls;
 
 use crate::args::{
@@ -152,6 +153,7 @@ pub async fn execute(ctx: &Ctx, command: Command) -> Result<u8, CommandError> {
             ctx.show(&a, |v| detail(&v["run"], output::RUN_FIELDS));
             Ok(0)
         }
+        Command::Run(a) if a.here => here::run_here(ctx, a).await,
         Command::Run(a) => run(ctx, a).await,
         Command::Logs(a) => logs(ctx, a).await,
         Command::Stop(r) => {

@@ -36,6 +36,12 @@ pub struct RunInput {
     pub stop_grace_seconds: Option<i64>,
     /// Replaces the runner's retry policy for this run (`{"max_attempts": 1}`: never retry).
     pub retry_policy: Option<crate::retry::RetryPolicy>,
+    /// `true`: the run is for an ephemeral node the caller starts (`berthctl run --here`, e.g.
+    /// inside a CI job). It is never placed on the fleet: it waits, pending, for the node that
+    /// registers with its `ephemeral_claim` (in this call's answer only), which takes this run
+    /// and no other. A run whose node has not connected in time ends `failed` with
+    /// `node_lost`. Not retried. Single runs only (not in a batch or a schedule).
+    pub ephemeral: Option<bool>,
 }
 
 impl RunInput {

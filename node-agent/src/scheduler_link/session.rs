@@ -97,6 +97,19 @@ pub struct Agent<R: ContainerRuntime> {
     connected: Arc<AtomicBool>,
     /// Ready sandboxes for warmed runners; None with `max_sandboxes` 0 (or no directory).
     sandboxes: Option<Arc<Sandboxes>>,
+    /// One-shot mode: whether the node took its run, and how its life ended (see
+    /// [`Agent::one_shot_end`]).
+    took_ephemeral_run: AtomicBool,
+    one_shot: watch::Sender<Option<OneShotEnd>>,
+}
+
+/// How a one-shot node's life ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OneShotEnd {
+    /// It took its run, which ended, and the scheduler has every report.
+    Done,
+    /// The scheduler refused the node (a wrong claim, the run has ended, not enough memory).
+    Refused(String),
 }
 
 /// Clears [`Agent::connected`] however the session ends (error, close, or dropped by shutdown).
@@ -133,6 +146,72 @@ impl<R: ContainerRuntime> Agent<R> {
             runs: Arc::new(Mutex::new(HashMap::new())),
             draining: AtomicBool::new(false),
             connected: Arc::new(AtomicBool::new(false)),
+            took_ephemeral_run: AtomicBool::new(false),
+            one_shot: watch::channel(None).0,
+        }
+    }
+
+    /// One-shot mode: resolves once the node is done (its run ended and every report was
+    /// acknowledged) or the scheduler refused it; the caller then shuts the agent down. Never
+    /// resolves for a node of the fleet.
+    pub fn one_shot_end(&self) -> impl Future<Output = OneShotEnd> + Send + 'static {
+        let mut end = self.one_shot.subscribe();
+        let one_shot = self.config.ephemeral.is_some();
+        async move {
+            if !one_shot {
+                return std::future::pending().await;
+            }
+            let ended = end
+                .wait_for(Option::is_some)
+                .await
+                .map(|end| end.clone().unwrap_or(OneShotEnd::Done));
+            match ended {
+                Ok(end) => end,
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+
+    /// One-shot mode: the node is done once it took its run and nothing is left to report.
+    fn check_one_shot(&self) {
+        if self.config.ephemeral.is_some()
+            && self.took_ephemeral_run.load(Ordering::SeqCst)
+            && self.runs().is_empty()
+            && self.outbox.is_empty()
+        {
+            self.one_shot.send_if_modified(|end| {
+                let first = end.is_none();
+                if first {
+                    tracing::info!("one-shot node: its run ended and was reported; leaving");
+                    *end = Some(OneShotEnd::Done);
+                }
+                first
+            });
+        }
+    }
+
+    /// One-shot mode: a session that the scheduler refused for good ends the node.
+    fn check_refused(&self, result: &Result<(), SessionError>) {
+        let Some(ephemeral) = &self.config.ephemeral else {
+            return;
+        };
+        if let Err(SessionError::Stream(status)) = result {
+            if matches!(
+                status.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::NotFound
+            ) {
+                let why = status.message().to_owned();
+                tracing::error!(run_id = %ephemeral.run_id, reason = %why, "the scheduler refused this one-shot node");
+                self.one_shot.send_if_modified(|end| {
+                    let first = end.is_none();
+                    if first {
+                        *end = Some(OneShotEnd::Refused(why));
+                    }
+                    first
+                });
+            }
         }
     }
 
@@ -235,6 +314,14 @@ impl<R: ContainerRuntime> Agent<R> {
                 continue;
             };
             self.runtime.hold_image(&run_id, &record.spec.image);
+            if self
+                .config
+                .ephemeral
+                .as_ref()
+                .is_some_and(|e| e.run_id == run_id)
+            {
+                self.took_ephemeral_run.store(true, Ordering::SeqCst);
+            }
             adopted.insert(run_id.clone());
             let supervisor = resume(
                 self.runtime.clone(),
@@ -327,6 +414,7 @@ impl<R: ContainerRuntime> Agent<R> {
                 _ = &mut drained => return,
                 result = attempt => result,
             };
+            self.check_refused(&result);
             if registered {
                 rotation.worked();
                 outage = Outage::default();
@@ -451,6 +539,18 @@ impl<R: ContainerRuntime> Agent<R> {
                 active_run_ids,
                 agent_version: concat!("berth-node-agent/", env!("CARGO_PKG_VERSION")).to_string(),
                 cached_images: self.runtime.cached_images(),
+                ephemeral_run_id: self
+                    .config
+                    .ephemeral
+                    .as_ref()
+                    .map(|e| e.run_id.clone())
+                    .unwrap_or_default(),
+                ephemeral_claim: self
+                    .config
+                    .ephemeral
+                    .as_ref()
+                    .map(|e| e.claim.0.clone())
+                    .unwrap_or_default(),
             })),
         }
     }
@@ -561,7 +661,10 @@ impl<R: ContainerRuntime> Agent<R> {
             }
             tokio::select! {
                 message = inbound.message() => match message? {
-                    Some(message) => self.handle(message),
+                    Some(message) => {
+                        self.handle(message);
+                        self.check_one_shot();
+                    }
                     None => return Err(SessionError::Closed),
                 },
                 _ = self.outbox.changed() => {}
@@ -738,6 +841,18 @@ impl<R: ContainerRuntime> Agent<R> {
     fn assign(&self, assign: AssignRun) {
         let run_id = assign.run_id.clone();
         let spec = assign.spec.unwrap_or_default();
+        if let Some(ephemeral) = &self.config.ephemeral {
+            if ephemeral.run_id != run_id {
+                // The scheduler never sends one; refused like a draining node's, it goes back.
+                tracing::warn!(run_id = %run_id, "one-shot node: refusing a run it was not started for");
+                self.outbox.push(Body::RunExited(refused_while_draining(
+                    run_id,
+                    assign.lease_epoch,
+                )));
+                return;
+            }
+            self.took_ephemeral_run.store(true, Ordering::SeqCst);
+        }
         if self.is_draining() {
             if self.runs().contains_key(&run_id) {
                 tracing::debug!(run_id = %run_id, "duplicate assignment ignored");

@@ -50,6 +50,10 @@ pub(super) struct Node {
     /// Of `stale`, the runs whose exit the agent reported before cleaning them up
     /// (`cleanup_pending`): held like the others, but nothing to stop.
     pub(super) cleaning: BTreeSet<String>,
+    /// An ephemeral node (`berthctl run --here`): the one run it exists for. It takes no other
+    /// (the index holds it reserved for that run) and is removed once the run has ended and the
+    /// node has left or is lost.
+    pub(super) ephemeral_for: Option<String>,
 }
 
 impl Node {
@@ -72,6 +76,7 @@ impl Node {
             cached_images: Arc::default(),
             stale: BTreeMap::new(),
             cleaning: BTreeSet::new(),
+            ephemeral_for: None,
         }
     }
 
@@ -92,6 +97,7 @@ impl Node {
             id: self.id.clone(),
             region: self.region.clone(),
             draining: self.draining,
+            ephemeral_for: self.ephemeral_for.clone(),
         }
     }
 }
@@ -102,6 +108,8 @@ pub(super) struct NodeRecord {
     pub(super) id: String,
     pub(super) region: String,
     pub(super) draining: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) ephemeral_for: Option<String>,
 }
 
 /// A node as `ListNodes` shows it.
@@ -166,6 +174,7 @@ impl<S: Store> Scheduler<S> {
                 "register needs node_id and region".to_owned(),
             ));
         }
+        let ephemeral_for = self.check_ephemeral(&reg).await?;
         let mut st = self.state.lock().await;
         st.next_connection += 1;
         let connection = st.next_connection;
@@ -200,6 +209,7 @@ impl<S: Store> Scheduler<S> {
             cached_images: Arc::new(reg.cached_images.into_iter().collect()),
             stale,
             cleaning,
+            ephemeral_for,
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
@@ -278,6 +288,14 @@ impl<S: Store> Scheduler<S> {
                 node.link = None;
                 tracing::warn!(node_id, "node disconnected");
                 st.sync_node(node_id);
+                if st.remove_if_ephemeral_done(node_id) {
+                    let done = self.flush(&mut st);
+                    drop(st);
+                    if let Err(error) = committed(done).await {
+                        tracing::error!(node_id, %error, "removing an ephemeral node failed");
+                    }
+                    self.forget_liveness(node_id);
+                }
             }
         }
     }
@@ -348,6 +366,9 @@ impl<S: Store> Scheduler<S> {
                 "stopped sending heartbeats"
             };
             st.take_leases_back(node_id, "was lost", why, at)?;
+            if st.remove_if_ephemeral_done(node_id) {
+                self.forget_liveness(node_id);
+            }
         }
         self.settle(st, true).await
     }
@@ -428,8 +449,15 @@ impl State {
             .cloned()
             .collect();
         for mut run in leased {
-            if run.status == RunStatus::Pending {
+            // An ephemeral run has no other node to go to.
+            if run.status == RunStatus::Pending && run.ephemeral.is_none() {
                 run.requeue(&format!("node {node_id} {gone} before it started the run"))?;
+            } else if run.status == RunStatus::Pending {
+                run.fail(
+                    ErrorCode::NodeLost,
+                    &format!("its ephemeral node {node_id} {gone} before it started the run"),
+                    at,
+                )?;
             } else {
                 run.fail(
                     ErrorCode::NodeLost,
@@ -466,7 +494,8 @@ impl State {
             max_runs: n.max_runs,
             runs,
             cached_images: n.cached_images.clone(),
-            reserved_for: None,
+            // An ephemeral node is its run's alone.
+            reserved_for: n.ephemeral_for.clone(),
         });
     }
 

@@ -24,11 +24,15 @@ impl<S: Store> Scheduler<S> {
         // Reservations live for this pass only; clear them whatever happens.
         let begun = std::time::Instant::now();
         let mut held: Vec<String> = Vec::new();
-        let mut placed = Ok(());
+        // Ephemeral runs go to their own nodes only, outside the regions' queues.
+        let mut placed = self.place_ephemeral(st);
         // Regions share no capacity: each is placed on its own, oldest run first.
         let regions = st.queue.regions();
         let waited = !regions.is_empty();
         for region in regions {
+            if placed.is_err() {
+                break;
+            }
             placed = self.place_region(st, &region, &mut held);
             if placed.is_err() {
                 break;
@@ -111,25 +115,8 @@ impl<S: Store> Scheduler<S> {
             match chosen {
                 Ok(node_id) => {
                     reasons.clear();
-                    let mut run = waiting.clone();
-                    let epoch = run.assign(&node_id)?;
-                    run.timeline.assigned = berth_core::now_unix_micros();
-                    let spec = self.run_spec(st, &run);
-                    let runner_id = run.runner_id.clone();
-                    let trace_parent = placement_trace(&run, &node_id);
-                    // `save` records the lease in the index.
-                    st.stage(run);
-                    tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
-                    st.send_to(
-                        &node_id,
-                        AgentCommand::AssignRun(AssignRun {
-                            run_id,
-                            lease_epoch: epoch,
-                            spec,
-                            runner_id,
-                            trace_parent,
-                        }),
-                    );
+                    let run = waiting.clone();
+                    self.assign(st, run, &node_id)?;
                 }
                 Err(why) => {
                     let mut reason = why.to_string();
@@ -150,6 +137,35 @@ impl<S: Store> Scheduler<S> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Hands `run` to `node_id` under a new lease: stages the run (which records the lease in
+    /// the index) and the node's `AssignRun`.
+    pub(super) fn assign(
+        &self,
+        st: &mut State,
+        mut run: Run,
+        node_id: &str,
+    ) -> Result<(), SchedulerError> {
+        let epoch = run.assign(node_id)?;
+        run.timeline.assigned = berth_core::now_unix_micros();
+        let spec = self.run_spec(st, &run);
+        let runner_id = run.runner_id.clone();
+        let run_id = run.id.clone();
+        let trace_parent = placement_trace(&run, node_id);
+        st.stage(run);
+        tracing::info!(run_id = %run_id, node_id = %node_id, lease_epoch = epoch, "run assigned");
+        st.send_to(
+            node_id,
+            AgentCommand::AssignRun(AssignRun {
+                run_id,
+                lease_epoch: epoch,
+                spec,
+                runner_id,
+                trace_parent,
+            }),
+        );
         Ok(())
     }
 
@@ -207,7 +223,7 @@ fn placement_trace(run: &Run, node_id: &str) -> Option<String> {
     span.in_scope(berth_core::telemetry::traceparent)
 }
 
-fn set_reason(st: &mut State, run_id: &str, reason: String) {
+pub(super) fn set_reason(st: &mut State, run_id: &str, reason: String) {
     if let Some(live) = st.active.get_mut(run_id) {
         if live.pending_reason.as_deref() != Some(reason.as_str()) {
             tracing::info!(run_id = %run_id, reason = %reason, "run waits");
@@ -314,7 +330,13 @@ impl State {
     }
 }
 
-/// Waiting for placement: pending, on no node, and not being stopped.
+/// Waiting for placement on the fleet: pending, on no node, not being stopped, and not an
+/// ephemeral run (those wait for their own node: see `ephemeral`).
 pub(super) fn is_queued(run: &Run) -> bool {
+    waits_unassigned(run) && run.ephemeral.is_none()
+}
+
+/// Pending, on no node, and not being stopped.
+pub(super) fn waits_unassigned(run: &Run) -> bool {
     run.status == RunStatus::Pending && run.node_id.is_none() && !run.stop_requested
 }

@@ -4,7 +4,7 @@
 use super::{committed, decode, idempotency, new_id, stop, Config, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::command::EffectiveCommand;
-use berth_core::model::Timeline;
+use berth_core::model::{Ephemeral, Timeline};
 use berth_core::overrides::{check_batch, RunOverrides};
 use berth_core::store::Store;
 use berth_core::validate::ValidationErrors;
@@ -74,7 +74,9 @@ impl<S: Store> Scheduler<S> {
         }
         let overrides = overrides.validate()?;
         let image = self.runner_image(&runner.spec).await;
-        let run = self.new_run(&runner, &image, overrides)?;
+        let mut run = self.new_run(&runner, &image, overrides)?;
+        // The claim leaves only in this answer: never in memory's or the store's record.
+        let claim = run.ephemeral.as_mut().and_then(|pin| pin.claim.take());
         let (out, done) = {
             let mut st = self.state.lock().await;
             // The run's record, its files, its index entries and its idempotency key apply
@@ -103,7 +105,12 @@ impl<S: Store> Scheduler<S> {
         committed(done).await?;
         self.notify();
         match out {
-            Some(run) => Ok((run, false)),
+            Some(mut run) => {
+                if let Some(pin) = run.ephemeral.as_mut() {
+                    pin.claim = claim;
+                }
+                Ok((run, false))
+            }
             None => Err(SchedulerError::Protocol(
                 "a new run ended at once".to_owned(),
             )),
@@ -415,6 +422,7 @@ pub(super) fn new_run(
             )
         })?;
     let (input, files) = overrides.into_parts();
+    let ephemeral = input.ephemeral == Some(true);
     let stop_grace_seconds = input
         .stop_grace_seconds
         .and_then(|g| u32::try_from(g).ok())
@@ -432,7 +440,7 @@ pub(super) fn new_run(
         env.retain(|e| e.env_key != over.env_key);
         env.push(over);
     }
-    Ok(Run {
+    let mut run = Run {
         id: new_id(),
         runner_id: runner.id.clone(),
         project: runner.project.clone(),
@@ -482,7 +490,28 @@ pub(super) fn new_run(
         schedule_id: None,
         scheduled_for: None,
         final_attempt: None,
-    })
+        ephemeral: None,
+    };
+    if ephemeral {
+        pin_to_ephemeral_node(&mut run, config);
+    }
+    Ok(run)
+}
+
+/// Pins a new run to its ephemeral node (see `ephemeral`), with a fresh claim.
+fn pin_to_ephemeral_node(run: &mut Run, config: &Config) {
+    let (claim, claim_sha256) = berth_core::auth::generate_ephemeral_claim();
+    let timeout = i64::try_from(config.ephemeral_connect_timeout.as_millis()).unwrap_or(i64::MAX);
+    run.ephemeral = Some(Ephemeral {
+        node_id: Ephemeral::node_id_for(&run.id),
+        claim_sha256,
+        connect_by: run.created_at.saturating_add(timeout),
+        claim: Some(claim),
+    });
+    // No other node may take it, so no retry could run anywhere else either.
+    run.retry_policy = None;
+    run.warm_pin = None;
+    run.pending_reason = Some(super::ephemeral::waiting_reason(run));
 }
 
 impl super::State {

@@ -88,6 +88,7 @@ fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<Slo
         max_sandboxes: 0,
         sandbox_max_idle: Duration::from_secs(600),
         max_run_disk_bytes: None,
+        ephemeral: None,
     };
     Arc::new(Agent::new(
         config,

@@ -358,6 +358,7 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         schedule_id: None,
         scheduled_for: None,
         final_attempt: None,
+        ephemeral: None,
     }
 }
 

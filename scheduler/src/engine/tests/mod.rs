@@ -18,6 +18,7 @@ use berth_core::{now_unix_millis, EnvVar, RunnerSpec};
 
 mod active;
 mod caps;
+mod ephemeral;
 mod idempotency;
 mod images;
 mod limits;
@@ -68,6 +69,7 @@ fn register(node: &str, region: &str, mem: u64, active: &[&str]) -> Registration
         active_run_ids: active.iter().map(|s| s.to_string()).collect(),
         agent_version: "test".into(),
         cached_images: vec![],
+        ephemeral: None,
     }
 }
 

@@ -127,7 +127,7 @@ async fn a_run_that_waited_too_long_gets_capacity_reserved() {
     assert_eq!(small_again.node_id, None);
     assert_eq!(
         small_again.pending_reason.as_deref(),
-        Some("no node in fra with 1024 MiB free: 1 reserved for an older run")
+        Some("no node in fra with 1024 MiB free: 1 reserved for another run")
     );
     s.run_started("fra-1", started(&a)).await.expect("started");
     s.run_exited("fra-1", exited(&a, 0, ExitReason::Exited))

@@ -191,7 +191,7 @@ fn follows_changes() {
     let err = index.place(&d, BF).err().map(|e| e.to_string());
     assert_eq!(
         err.as_deref(),
-        Some("no node in fra with 1024 MiB free: 1 draining, 1 reserved for an older run")
+        Some("no node in fra with 1024 MiB free: 1 draining, 1 reserved for another run")
     );
     let old = Demand {
         run_id: "old".into(),
