@@ -95,7 +95,10 @@ trap stop_fleet EXIT
 
 berth_spawn "$WORK/run/scheduler.pid" "$WORK/logs/scheduler.log" \
   "$BERTH_BIN_DIR/berth-scheduler" --grpc-listen "$SCHED_ADDR" --data-dir "$WORK/scheduler" \
-  --default-registry "$BERTH_TEST_REGISTRY" --heartbeat-interval-seconds 1 --stop-grace-seconds 1
+  --default-registry "$BERTH_TEST_REGISTRY" --heartbeat-interval-seconds 1 --stop-grace-seconds 1 \
+  --webhook-allowed-hosts 127.0.0.1
+# Fuzzed runners get notify_urls of any host: the scheduler refuses every one without a lookup
+# (127.0.0.1 is allowed by name, then refused as a private address), so no traffic leaves.
 (umask 077 && printf '%s\n' "$TOKEN" >"$WORK/token")
 berth_spawn "$WORK/run/api.pid" "$WORK/logs/api.log" \
   "$BERTH_BIN_DIR/berth-api" --listen "$API_ADDR" --scheduler "http://$SCHED_ADDR" --token-file "$WORK/token"

@@ -94,6 +94,11 @@ pub struct RunnerView {
     /// How its runs' failed attempts are tried again; `null`: never.
     #[schema(required = true)]
     pub retry_policy: Option<RetryPolicy>,
+    /// Where a signed event goes when one of its runs ends; `null`: nowhere.
+    #[schema(required = true)]
+    pub notify_url: Option<String>,
+    /// Whether a signing secret is set (the secret itself is never shown).
+    pub notify_secret_set: bool,
     #[schema(required = true, format = DateTime)]
     pub warmed_at: Option<String>,
     /// `null` before the first warmup.
@@ -132,6 +137,8 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         stop_grace_seconds: s.stop_grace_seconds,
         max_concurrent_runs: s.max_concurrent_runs,
         retry_policy: s.retry_policy.map(retry_policy_from_pb),
+        notify_secret_set: s.notify_url.is_some() && s.notify_secret.is_some(),
+        notify_url: s.notify_url,
         warmed_at: opt_millis(r.warmed_at_unix_millis),
         warmup_status: warmup_status_from_pb(r.warmup_status),
         warm_node_id: r.warm_node_id.clone(),
@@ -246,6 +253,39 @@ pub struct RunView {
     /// everywhere else.
     #[schema(required = true)]
     pub ephemeral_claim: Option<String>,
+    /// Its run-ended webhook (when its runner has a `notify_url`): where the delivery stands
+    /// and every attempt. On a read of one ended run; `null` otherwise.
+    #[schema(required = true)]
+    pub notification: Option<NotificationView>,
+}
+
+/// A run-ended webhook's delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationView {
+    pub url: String,
+    /// `pending` (attempts go on), `delivered` (a 2xx answer) or `failed` (every attempt
+    /// failed).
+    pub status: String,
+    pub attempts_made: u32,
+    /// The attempts (at most the first and the latest 11).
+    pub attempts: Vec<NotificationAttemptView>,
+    /// While pending: when the next attempt is made.
+    #[schema(required = true, format = DateTime)]
+    pub next_attempt_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationAttemptView {
+    pub attempt: u32,
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// The receiver's HTTP status; `null` when none came.
+    #[schema(required = true)]
+    pub status_code: Option<u32>,
+    /// What went wrong; `null` for a 2xx answer.
+    #[schema(required = true)]
+    pub error: Option<String>,
+    pub duration_ms: u64,
 }
 
 /// The ephemeral node a run is pinned to.
@@ -459,6 +499,23 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
             connect_by: opt_millis(Some(e.connect_by_unix_millis)).unwrap_or_default(),
         }),
         ephemeral_claim: r.ephemeral_claim.clone(),
+        notification: r.notification.as_ref().map(|n| NotificationView {
+            url: n.url.clone(),
+            status: n.status.clone(),
+            attempts_made: n.attempts_made,
+            attempts: n
+                .attempts
+                .iter()
+                .map(|a| NotificationAttemptView {
+                    attempt: a.attempt,
+                    at: opt_millis(Some(a.at_unix_millis)).unwrap_or_default(),
+                    status_code: a.status_code,
+                    error: a.error.clone(),
+                    duration_ms: a.duration_ms,
+                })
+                .collect(),
+            next_attempt_at: opt_millis(n.next_attempt_at_unix_millis),
+        }),
     })
 }
 

@@ -171,7 +171,7 @@ pub enum RunnersCommand {
     /// Show one runner
     Get { id: String },
     /// Change a runner (only the settings given)
-    Update(UpdateRunner),
+    Update(Box<UpdateRunner>),
     /// Delete a runner
     Delete { id: String },
 }
@@ -213,6 +213,13 @@ pub struct CreateRunner {
     pub max_concurrent_runs: Option<u32>,
     #[command(flatten)]
     pub retry: RetryArgs,
+    /// Where a signed JSON event goes when one of the runner's runs ends (http:// or https://)
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// A file holding the secret that signs those events (16-256 characters; or set
+    /// BERTH_NOTIFY_SECRET); never shown again
+    #[arg(long, value_name = "FILE")]
+    pub notify_secret_file: Option<std::path::PathBuf>,
     #[arg(last = true, value_name = "ARGV", hide = true)]
     pub trailing_argv: Vec<String>,
 }
@@ -281,6 +288,16 @@ pub struct UpdateRunner {
     /// Remove the runner's retry policy
     #[arg(long, conflicts_with = "retry_attempts")]
     pub no_retry: bool,
+    /// Where a signed JSON event goes when one of the runner's runs ends (http:// or https://)
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// A file holding the secret that signs those events (16-256 characters; or set
+    /// BERTH_NOTIFY_SECRET); never shown again
+    #[arg(long, value_name = "FILE")]
+    pub notify_secret_file: Option<std::path::PathBuf>,
+    /// Send no more run-ended events (removes the URL and the secret)
+    #[arg(long, conflicts_with_all = ["notify_url", "notify_secret_file"])]
+    pub no_notify: bool,
 }
 
 /// A retry policy (`retry_policy`), given with `--retry-attempts`.

@@ -160,6 +160,8 @@ pub const RUNNER_FIELDS: &[&str] = &[
     "container_registry_id",
     "max_concurrent_runs",
     "retry_policy",
+    "notify_url",
+    "notify_secret_set",
     "warmup_status",
     "warm_node_id",
     "warmed_at",
@@ -197,6 +199,8 @@ pub const RUN_FIELDS: &[&str] = &[
     "retry_cause",
     "retry_at",
     "final_attempt",
+    "ephemeral",
+    "notification",
 ];
 
 pub const SCHEDULE_FIELDS: &[&str] = &[

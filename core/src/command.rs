@@ -173,6 +173,7 @@ mod tests {
             stop_grace_seconds: None,
             max_concurrent_runs: None,
             retry_policy: None,
+            notify: None,
         }
     }
 

@@ -355,6 +355,8 @@ impl From<&RunnerSpec> for pb::RunnerSpec {
             stop_grace_seconds: s.stop_grace_seconds,
             max_concurrent_runs: s.max_concurrent_runs,
             retry_policy: s.retry_policy.as_ref().map(retry_policy_to_pb),
+            notify_url: s.notify.as_ref().map(|n| n.url.clone()),
+            notify_secret: s.notify.as_ref().map(|n| n.secret.clone()),
         }
     }
 }
@@ -376,6 +378,10 @@ impl From<pb::RunnerSpec> for RunnerSpec {
             stop_grace_seconds: s.stop_grace_seconds,
             max_concurrent_runs: s.max_concurrent_runs,
             retry_policy: s.retry_policy.map(retry_policy_from_pb),
+            notify: s.notify_url.map(|url| crate::webhook::Notify {
+                url,
+                secret: s.notify_secret.unwrap_or_default(),
+            }),
         }
     }
 }
@@ -386,6 +392,10 @@ pub fn runner_to_pb(r: &Runner, revision: u64) -> pb::Runner {
     let mut spec: pb::RunnerSpec = (&r.spec).into();
     for e in spec.env_variables.iter_mut().filter(|e| e.secret) {
         e.value.clear();
+    }
+    if let Some(secret) = spec.notify_secret.as_mut() {
+        // Write-only: present (so the API can say it is set), never its value.
+        secret.clear();
     }
     pb::Runner {
         id: r.id.clone(),
@@ -486,6 +496,23 @@ impl From<&Run> for pb::Run {
                 connect_by_unix_millis: e.connect_by,
             }),
             ephemeral_claim: r.ephemeral.as_ref().and_then(|e| e.claim.clone()),
+            notification: r.notification.as_ref().map(|d| pb::WebhookDelivery {
+                url: d.url.clone(),
+                status: d.status.as_str().to_owned(),
+                attempts: d
+                    .attempts
+                    .iter()
+                    .map(|a| pb::WebhookAttempt {
+                        attempt: a.attempt,
+                        at_unix_millis: a.at,
+                        status_code: a.status_code.map(u32::from),
+                        error: a.error.clone(),
+                        duration_ms: a.duration_ms,
+                    })
+                    .collect(),
+                attempts_made: d.attempts_made,
+                next_attempt_at_unix_millis: d.next_attempt_at,
+            }),
             final_attempt: r.final_attempt.as_ref().map(|f| pb::FinalAttempt {
                 id: f.id.clone(),
                 attempt: f.attempt,

@@ -14,6 +14,20 @@ pub fn run(id: &str) -> String {
 
 pub const SCHEDULES: &str = "schedules/";
 
+/// Run-ended notifications (`core::webhook::Delivery`), sealed: each holds its runner's signing
+/// secret. `webhooks/pending/<run id>` while deliveries go on (what a new leader loads),
+/// `webhooks/done/<run id>` once delivered or given up (read with the run).
+pub const WEBHOOKS: &str = "webhooks/";
+pub const WEBHOOKS_PENDING: &str = "webhooks/pending/";
+
+pub fn webhook_pending(run_id: &str) -> String {
+    format!("{WEBHOOKS_PENDING}{run_id}")
+}
+
+pub fn webhook_done(run_id: &str) -> String {
+    format!("{WEBHOOKS}done/{run_id}")
+}
+
 /// A schedule (`core::schedule::Schedule`): its overrides may hold secret env values.
 pub fn schedule(id: &str) -> String {
     format!("{SCHEDULES}{id}")

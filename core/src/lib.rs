@@ -49,6 +49,7 @@ pub mod telemetry;
 pub mod testkit;
 pub mod tls;
 pub mod validate;
+pub mod webhook;
 
 pub use model::{Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};
 pub use status::{RunStatus, TransitionError};

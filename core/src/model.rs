@@ -54,6 +54,9 @@ pub struct RunnerSpec {
     /// How its runs' failed attempts are tried again (a run may bring its own). None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<crate::retry::RetryPolicy>,
+    /// Where a signed event goes when one of its runs ends (see `core::webhook`). None: nowhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<crate::webhook::Notify>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +224,10 @@ pub struct Run {
     /// else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ephemeral: Option<Ephemeral>,
+    /// The delivery of its run-ended webhook, when its runner notifies (derived on read of one
+    /// ended run from its own record, never stored in the run's).
+    #[serde(skip)]
+    pub notification: Option<Box<crate::webhook::Delivery>>,
 }
 
 /// The one node a run created with `ephemeral: true` may run on: a node started for it (in a
@@ -677,10 +684,10 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn run() -> Run {
+    pub(crate) fn run() -> Run {
         Run {
             id: "r".into(),
             runner_id: "x".into(),
@@ -728,6 +735,7 @@ mod tests {
             scheduled_for: None,
             final_attempt: None,
             ephemeral: None,
+            notification: None,
         }
     }
 

@@ -34,6 +34,7 @@
 //! - `schedules`: schedules' CRUD and their fires (one transaction per fire).
 //! - `ephemeral`: runs pinned to a one-shot node (`berthctl run --here`): the node's claim,
 //!   their placement on it alone, their end when it never comes or is lost, its removal.
+//! - `webhooks`: run-ended notifications: staged with the end, the pending ones, attempts.
 //!
 //! # Staging
 //! Every mutation runs under one async lock, but never waits for the disk there: it changes
@@ -84,6 +85,11 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// How long an ephemeral run waits for its node to connect (see `ephemeral`).
     pub ephemeral_connect_timeout: Duration,
+    /// Whether run-ended webhooks may go to loopback and private addresses (see
+    /// `crate::webhooks`).
+    pub webhook_allow_private_networks: bool,
+    /// The only hosts run-ended webhooks may go to; None: any.
+    pub webhook_allowed_hosts: Option<Vec<String>>,
 }
 
 /// The default log retention: a week.
@@ -105,6 +111,8 @@ impl Default for Config {
             log_retention: Some(DEFAULT_LOG_RETENTION),
             idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
             ephemeral_connect_timeout: DEFAULT_EPHEMERAL_CONNECT_TIMEOUT,
+            webhook_allow_private_networks: false,
+            webhook_allowed_hosts: None,
         }
     }
 }
@@ -184,6 +192,8 @@ struct State {
     backoffs: std::collections::BTreeSet<(i64, String)>,
     /// Every schedule, by id (loaded at `open`; the leader fires them, see `schedules`).
     schedules: BTreeMap<String, berth_core::schedule::Schedule>,
+    /// Runners' notify settings and pending run-ended deliveries (see `webhooks`).
+    webhooks: webhooks::Webhooks,
     /// Ephemeral runs waiting, unassigned, for their node (see `ephemeral`): never in `queue`.
     ephemeral_waiting: std::collections::BTreeSet<String>,
 }
@@ -260,11 +270,13 @@ impl<S: Store> Scheduler<S> {
             }
         }
         state.warm_pins = Self::load_warm_pins(&store, &config, &state.registries).await?;
+        Self::load_webhooks(&store, &mut state.webhooks).await?;
         for kv in store.list_prefix(keys::RUNNERS).await? {
             let runner: berth_core::Runner = decode(&kv.key, &kv.value)?;
             if let Some(cap) = runner.spec.max_concurrent_runs {
                 state.set_cap(&runner.id, Some(cap), kv.mod_revision);
             }
+            state.set_notify(&runner.id, runner.spec.notify.clone(), kv.mod_revision);
         }
         let queued: Vec<Run> = state
             .active
@@ -480,6 +492,9 @@ impl State {
         // The engine is the only writer of run records: no precondition needed.
         self.write(keys::run(&run.id), encode(&run), Expect::Any);
         self.stage_active_index(&run, was_active);
+        if run.status.is_terminal() && was_active {
+            self.notify_end(&run);
+        }
         if run.status.is_terminal() && !run.files.is_empty() {
             // No node needs the files any more: their contents go, their digests stay in the
             // record. (Deleting an absent key is no error, so a run staged twice is fine.)
@@ -754,6 +769,7 @@ mod schedules;
 mod tests;
 mod usage;
 mod waiting;
+mod webhooks;
 
 pub use identity::{validate_node_id, DEFAULT_REGISTRATION_TTL, MAX_REGISTRATION_TTL};
 pub use logs::{log_line_cost, LOG_PAGE_MAX_BYTES, REDACTED, REDACT_MIN_LEN};

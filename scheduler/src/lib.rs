@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod placement;
+pub mod webhooks;
 
 use berth_core::store::Store;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
@@ -122,6 +123,13 @@ pub async fn serve_tls<S: Store>(
     let sweep = tokio::spawn(sweep_idempotency_forever(scheduler.clone()));
     let retries = tokio::spawn(place_due_retries_forever(scheduler.clone()));
     let schedules = tokio::spawn(fire_schedules_forever(scheduler.clone()));
+    let webhooks = tokio::spawn(webhooks::deliver_forever(
+        scheduler.clone(),
+        Arc::new(webhooks::HttpSender {
+            allow_private_networks: scheduler.config().webhook_allow_private_networks,
+            allowed_hosts: scheduler.config().webhook_allowed_hosts.clone(),
+        }),
+    ));
     let sample = tokio::spawn(metrics::sample_forever(scheduler.clone()));
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -164,6 +172,7 @@ pub async fn serve_tls<S: Store>(
     sweep.abort();
     retries.abort();
     schedules.abort();
+    webhooks.abort();
     sample.abort();
     served
 }

@@ -106,6 +106,15 @@ struct Args {
           default_value_t = berth_scheduler::engine::DEFAULT_EPHEMERAL_CONNECT_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     ephemeral_connect_timeout_seconds: u64,
+    /// Let run-ended webhooks (runners' `notify_url`) reach loopback and private addresses.
+    /// Off by default: a project's user could otherwise make the control plane call its own
+    /// network (etcd, the API's admin routes, cloud metadata).
+    #[arg(long, env = "BERTH_WEBHOOK_ALLOW_PRIVATE_NETWORKS")]
+    webhook_allow_private_networks: bool,
+    /// Only these hosts (as written in `notify_url`, comma-separated) receive run-ended
+    /// webhooks; others are refused without a lookup or a connection. Unset: any host.
+    #[arg(long, env = "BERTH_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
+    webhook_allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +181,8 @@ async fn main() -> anyhow::Result<()> {
         stop_wait: Duration::from_secs(u64::from(args.stop_grace_seconds) + 10),
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_hours.saturating_mul(3600)),
         ephemeral_connect_timeout: Duration::from_secs(args.ephemeral_connect_timeout_seconds),
+        webhook_allow_private_networks: args.webhook_allow_private_networks,
+        webhook_allowed_hosts: args.webhook_allowed_hosts.clone(),
     };
     // Checked once, before any term: a bad flag must stop the process, not be retried.
     args.cluster_token = berth_core::process::secret_setting(
@@ -242,7 +253,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Runners, runs and schedules hold environment values: sealed at rest, whatever the backend.
-const SEALED: [&str; 4] = [keys::RUNNERS, keys::RUNS, keys::RUN_FILES, keys::SCHEDULES];
+const SEALED: [&str; 5] = [
+    keys::RUNNERS,
+    keys::RUNS,
+    keys::RUN_FILES,
+    keys::SCHEDULES,
+    keys::WEBHOOKS,
+];
 const MIN_REJOIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_REJOIN_BACKOFF: Duration = Duration::from_secs(5);
 

@@ -356,3 +356,95 @@ async fn retry_policies_are_checked_shown_and_removed() -> Result<()> {
     );
     Ok(())
 }
+
+/// `notify_url` needs a secret when first set; the secret is never shown (only
+/// `notify_secret_set`); a PATCH of the URL alone keeps it; `null` removes both; bad values are
+/// refused naming the field.
+#[tokio::test]
+async fn notify_settings_are_checked_and_the_secret_is_write_only() -> Result<()> {
+    let f = Api::start().await?;
+    let base = json!({"name": "hooked", "image_name": "busybox", "image_tag": "latest",
+                      "region": "fra", "instance_type": "standard-s"});
+    let with = |extra: serde_json::Value| {
+        let mut b = base.clone();
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
+    for (extra, field) in [
+        (
+            json!({"notify_url": "https://hooks.example/x"}),
+            "notify_secret",
+        ),
+        (
+            json!({"notify_url": "ftp://hooks.example/x", "notify_secret": "0123456789abcdef"}),
+            "notify_url",
+        ),
+        (
+            json!({"notify_url": "https://hooks.example/x", "notify_secret": "short"}),
+            "notify_secret",
+        ),
+        (
+            json!({"notify_secret": "0123456789abcdef"}),
+            "notify_secret",
+        ),
+    ] {
+        let (status, v) = f
+            .request(Method::POST, "/v1/runners", Some(with(extra.clone())))
+            .await?;
+        ensure!(
+            status == 422 && v["errors"][0]["field"] == field,
+            "{extra}: {status} {v}"
+        );
+    }
+    let secret = "a-very-secret-signing-key";
+    let (status, created) = f
+        .request(
+            Method::POST,
+            "/v1/runners",
+            Some(with(
+                json!({"notify_url": "https://hooks.example/x", "notify_secret": secret}),
+            )),
+        )
+        .await?;
+    ensure!(status == 201, "{status} {created}");
+    let r = &created["runner"];
+    ensure!(
+        r["notify_url"] == "https://hooks.example/x" && r["notify_secret_set"] == true,
+        "{created}"
+    );
+    ensure!(
+        !created.to_string().contains(secret),
+        "the secret is shown: {created}"
+    );
+    let id = r["id"].as_str().unwrap_or_default().to_owned();
+    let (status, patched) = f
+        .request(
+            Method::PATCH,
+            &format!("/v1/runners/{id}"),
+            Some(json!({"notify_url": "https://hooks.example/y"})),
+        )
+        .await?;
+    ensure!(
+        status == 200
+            && patched["runner"]["notify_url"] == "https://hooks.example/y"
+            && patched["runner"]["notify_secret_set"] == true,
+        "{status} {patched}"
+    );
+    ensure!(!patched.to_string().contains(secret), "{patched}");
+    let (status, removed) = f
+        .request(
+            Method::PATCH,
+            &format!("/v1/runners/{id}"),
+            Some(json!({"notify_url": null})),
+        )
+        .await?;
+    ensure!(
+        status == 200
+            && removed["runner"]["notify_url"].is_null()
+            && removed["runner"]["notify_secret_set"] == false,
+        "{status} {removed}"
+    );
+    Ok(())
+}

@@ -421,6 +421,7 @@ fn runner() -> Runner {
             stop_grace_seconds: None,
             max_concurrent_runs: None,
             retry_policy: None,
+            notify: None,
         },
         warmed_at: None,
         created_at: berth_core::now_unix_millis(),
@@ -499,6 +500,7 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         scheduled_for: None,
         final_attempt: None,
         ephemeral: None,
+        notification: None,
     }
 }
 

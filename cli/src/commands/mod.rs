@@ -249,7 +249,31 @@ pub fn runner_body(c: &CreateRunner) -> Value {
     if let Some(policy) = retry_policy(&c.retry) {
         b.insert("retry_policy".into(), policy);
     }
+    if let Some(url) = &c.notify_url {
+        b.insert("notify_url".into(), json!(url));
+    }
     Value::Object(b)
+}
+
+/// Puts `notify_secret` into a runner body, from `--notify-secret-file` or `BERTH_NOTIFY_SECRET`
+/// (never from the command line, where other users of the machine could read it).
+fn add_notify_secret(body: &mut Value, file: Option<&std::path::Path>) -> Result<(), CommandError> {
+    let inline = std::env::var("BERTH_NOTIFY_SECRET")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let url_given = body.get("notify_url").is_some_and(Value::is_string);
+    let secret = match (file, inline) {
+        (Some(path), _) => Some(std::fs::read_to_string(path).map_err(|e| {
+            CommandError::Input(format!("--notify-secret-file {}: {e}", path.display()))
+        })?),
+        // From the environment only with a URL: an exported variable must not rotate the
+        // secret on every update.
+        (None, inline) => inline.filter(|_| url_given),
+    };
+    if let (Some(secret), Some(b)) = (secret, body.as_object_mut()) {
+        b.insert("notify_secret".into(), json!(secret.trim()));
+    }
+    Ok(())
 }
 
 /// The `retry_policy` the flags give, if `--retry-attempts` is one of them.
@@ -293,6 +317,11 @@ pub fn runner_patch(c: &UpdateRunner) -> Value {
         b.insert("retry_policy".into(), policy);
     } else if c.no_retry {
         b.insert("retry_policy".into(), Value::Null);
+    }
+    if let Some(url) = &c.notify_url {
+        b.insert("notify_url".into(), json!(url));
+    } else if c.no_notify {
+        b.insert("notify_url".into(), Value::Null);
     }
     Value::Object(b)
 }
@@ -344,10 +373,9 @@ pub fn run_body(a: &RunArgs) -> Result<Value, CommandError> {
 async fn runners(ctx: &Ctx, c: RunnersCommand) -> Result<u8, CommandError> {
     match c {
         RunnersCommand::Create(c) => {
-            let a = ctx
-                .client
-                .post("/v1/runners", Some(&runner_body(&c)))
-                .await?;
+            let mut body = runner_body(&c);
+            add_notify_secret(&mut body, c.notify_secret_file.as_deref())?;
+            let a = ctx.client.post("/v1/runners", Some(&body)).await?;
             ctx.show(&a, |v| detail(&v["runner"], output::RUNNER_FIELDS));
         }
         RunnersCommand::List => {
@@ -362,7 +390,8 @@ async fn runners(ctx: &Ctx, c: RunnersCommand) -> Result<u8, CommandError> {
             ctx.show(&a, |v| detail(&v["runner"], output::RUNNER_FIELDS));
         }
         RunnersCommand::Update(c) => {
-            let body = runner_patch(&c);
+            let mut body = runner_patch(&c);
+            add_notify_secret(&mut body, c.notify_secret_file.as_deref())?;
             if body.as_object().is_some_and(Map::is_empty) {
                 return Err(CommandError::Input(
                     "nothing to change: give at least one setting".to_owned(),

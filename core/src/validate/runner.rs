@@ -63,6 +63,18 @@ pub struct RunnerInput {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<crate::retry::RetryPolicy>, nullable)]
     pub retry_policy: Option<Option<crate::retry::RetryPolicy>>,
+    /// Receives a signed JSON event (`POST`, header `Berth-Signature: t=…,v1=…`, an HMAC-SHA256
+    /// of `"<t>.<body>"` with `notify_secret`) when one of this runner's runs ends; retried with
+    /// backoff for about 6 hours until a 2xx answer. An `http://` or `https://` URL, at most
+    /// 2,048 characters. Needs `notify_secret` when first set; `null` on PATCH removes both.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable, max_length = 2048)]
+    pub notify_url: Option<Option<String>>,
+    /// The secret that signs the events, 16 to 256 visible ASCII characters. Write-only: never
+    /// shown (the runner shows `notify_secret_set`). Given alone on PATCH, it replaces the
+    /// secret.
+    #[schema(min_length = 16, max_length = 256)]
+    pub notify_secret: Option<String>,
 }
 
 /// A field that may be given as `null` to clear it: `Some(None)` for `null`, `None` (by the
@@ -102,6 +114,11 @@ impl RunnerInput {
                 self.max_concurrent_runs.flatten(),
             ),
             retry_policy: self.retry_policy.flatten(),
+            notify: None,
+        };
+        let spec = RunnerSpec {
+            notify: check_notify(&mut c, None, self.notify_url, self.notify_secret),
+            ..spec
         };
         let timeout = check_timeout(&mut c, self.timeout_seconds);
         let spec = RunnerSpec {
@@ -172,8 +189,60 @@ impl RunnerInput {
         if let Some(policy) = self.retry_policy {
             next.retry_policy = policy;
         }
+        next.notify = check_notify(
+            &mut c,
+            current.notify.as_ref(),
+            self.notify_url,
+            self.notify_secret,
+        );
         check_spec(&mut c, &next, &[], catalog);
         c.finish(next)
+    }
+}
+
+/// The notify settings after a create (`current` None) or a patch: `notify_url` `null` removes
+/// them, a URL sets it (a secret is needed unless one is kept), a secret alone replaces the
+/// secret. An empty secret in `current` is one the API could not see (it is never shown): the
+/// scheduler keeps the stored one.
+fn check_notify(
+    c: &mut Collector,
+    current: Option<&crate::webhook::Notify>,
+    url: Option<Option<String>>,
+    secret: Option<String>,
+) -> Option<crate::webhook::Notify> {
+    use crate::webhook::{check_secret, check_url, Notify};
+    if let Some(s) = &secret {
+        check_secret(c, "notify_secret", s);
+    }
+    match url {
+        Some(None) => {
+            if secret.is_some() {
+                c.push("notify_secret", "cannot be set while notify_url is removed");
+            }
+            None
+        }
+        Some(Some(url)) => {
+            check_url(c, "notify_url", &url);
+            let secret = secret.or_else(|| current.map(|n| n.secret.clone()));
+            match secret {
+                Some(secret) => Some(Notify { url, secret }),
+                None => {
+                    c.push("notify_secret", "is required with notify_url");
+                    None
+                }
+            }
+        }
+        None => match (current, secret) {
+            (Some(n), Some(secret)) => Some(Notify {
+                url: n.url.clone(),
+                secret,
+            }),
+            (current, None) => current.cloned(),
+            (None, Some(_)) => {
+                c.push("notify_secret", "needs notify_url");
+                None
+            }
+        },
     }
 }
 
@@ -188,6 +257,13 @@ pub fn validate_spec(spec: &RunnerSpec, catalog: &Catalog) -> Result<(), Validat
     }
     check_stop_grace(&mut c, spec.stop_grace_seconds.map(i64::from));
     check_max_concurrent_runs(&mut c, spec.max_concurrent_runs.map(i64::from));
+    if let Some(n) = &spec.notify {
+        crate::webhook::check_url(&mut c, "notify_url", &n.url);
+        // Empty: kept from the stored runner (see `check_notify`).
+        if !n.secret.is_empty() {
+            crate::webhook::check_secret(&mut c, "notify_secret", &n.secret);
+        }
+    }
     check_spec(&mut c, spec, &[], catalog);
     c.finish(())
 }

@@ -21,6 +21,11 @@ impl<S: Store> Scheduler<S> {
         spec: RunnerSpec,
     ) -> Result<(Runner, u64), SchedulerError> {
         validate_spec(&spec, &self.config.catalog)?;
+        if spec.notify.as_ref().is_some_and(|n| n.secret.is_empty()) {
+            return Err(
+                ValidationErrors::single("notify_secret", "is required with notify_url").into(),
+            );
+        }
         self.check_registry(project, &spec).await?;
         let now = now_unix_millis();
         let runner = Runner {
@@ -37,9 +42,12 @@ impl<S: Store> Scheduler<S> {
             .commit(Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent))
             .await?;
         tracing::info!(runner_id = %runner.id, project, name = %runner.spec.name, "runner created");
+        let mut st = self.state.lock().await;
         if let Some(cap) = runner.spec.max_concurrent_runs {
-            self.state.lock().await.set_cap(&runner.id, Some(cap), rev);
+            st.set_cap(&runner.id, Some(cap), rev);
         }
+        st.set_notify(&runner.id, runner.spec.notify.clone(), rev);
+        drop(st);
         Ok((runner, rev))
     }
 
@@ -105,6 +113,19 @@ impl<S: Store> Scheduler<S> {
         self.check_registry(project, &spec).await?;
         let mut spec = spec;
         keep_secret_values(&mut spec.env_variables, &runner.spec.env_variables);
+        if let Some(n) = spec.notify.as_mut().filter(|n| n.secret.is_empty()) {
+            // Write-only: an update that did not give it keeps the stored one.
+            match &runner.spec.notify {
+                Some(stored) => n.secret.clone_from(&stored.secret),
+                None => {
+                    return Err(ValidationErrors::single(
+                        "notify_secret",
+                        "is required with notify_url",
+                    )
+                    .into())
+                }
+            }
+        }
         runner.spec = spec;
         runner.updated_at = now_unix_millis();
         let memory_mib = self
@@ -136,6 +157,7 @@ impl<S: Store> Scheduler<S> {
             ))
             .await?;
         let mut st = self.state.lock().await;
+        st.set_notify(id, runner.spec.notify.clone(), rev);
         if st.set_cap(id, runner.spec.max_concurrent_runs, rev) {
             // A raised or removed cap lets waiting runs of the runner out now.
             self.settle(st, true).await?;
@@ -179,6 +201,7 @@ impl<S: Store> Scheduler<S> {
         self.set_warm_pin(&mut st, id, None);
         // Its waiting runs are no longer held back by its cap; its schedules go with it.
         st.forget_cap(id);
+        st.set_notify(id, None, u64::MAX);
         Self::drop_schedules_of(&mut st, id);
         self.settle(st, true).await
     }

@@ -196,6 +196,9 @@ impl<S: Store> Scheduler<S> {
         if run.next_attempt_id.is_some() {
             run.final_attempt = self.final_attempt(&run).await?.map(Box::new);
         }
+        if run.status.is_terminal() {
+            run.notification = self.webhook_of(&run.id).await?.map(Box::new);
+        }
         if run.status == RunStatus::Pending {
             let run = self.state.lock().await.with_queue_position(run);
             return Ok(self.with_pull_progress(run));
@@ -491,6 +494,7 @@ pub(super) fn new_run(
         scheduled_for: None,
         final_attempt: None,
         ephemeral: None,
+        notification: None,
     };
     if ephemeral {
         pin_to_ephemeral_node(&mut run, config);

@@ -359,6 +359,7 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         scheduled_for: None,
         final_attempt: None,
         ephemeral: None,
+        notification: None,
     }
 }
 

@@ -31,6 +31,7 @@ mod retries;
 mod runs;
 mod schedules;
 mod usage;
+mod webhooks;
 
 /// The project every test acts in unless it says otherwise.
 const P: &str = berth_core::auth::DEFAULT_PROJECT;
@@ -55,6 +56,7 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
         stop_grace_seconds: None,
         max_concurrent_runs: None,
         retry_policy: None,
+        notify: None,
     }
 }
 
