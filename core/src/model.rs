@@ -223,7 +223,7 @@ pub struct Run {
     /// `ephemeral: true`: that node takes it, no other node does, and that node takes nothing
     /// else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ephemeral: Option<Ephemeral>,
+    pub ephemeral: Option<Box<Ephemeral>>,
     /// The delivery of its run-ended webhook, when its runner notifies (derived on read of one
     /// ended run from its own record, never stored in the run's).
     #[serde(skip)]

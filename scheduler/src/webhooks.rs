@@ -129,17 +129,17 @@ impl HttpSender {
         let first = *addrs
             .first()
             .ok_or_else(|| format!("{host} has no address"))?;
-        if !self.allow_private_networks {
-            if let Some(private) = addrs.iter().find(|a| !is_public(a.ip())) {
-                return Err(format!(
-                    "{host} resolves to {}, which is not a public address; the operator allows \
-                     such receivers with --webhook-allow-private-networks",
-                    private.ip()
-                ));
-            }
+        if !self.allow_private_networks && addrs.iter().any(|a| !is_public(a.ip())) {
+            // Which address is not said: users must not map the internal network with it.
+            return Err(format!(
+                "{host} resolves to an address that is not a public address; the operator \
+                     allows such receivers with --webhook-allow-private-networks"
+            ));
         }
         let client = reqwest::Client::builder()
             .resolve(&host, first)
+            // A proxy would resolve the host again itself, past the check above.
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .user_agent(concat!("berth-scheduler/", env!("CARGO_PKG_VERSION")))
@@ -160,8 +160,19 @@ impl HttpSender {
             .await
             .map_err(|e| describe(&e))?;
         let code = answer.status().as_u16();
-        let body = answer.text().await.unwrap_or_default();
-        let body: String = body.chars().take(ERROR_BODY_MAX).collect();
+        // Only the start of the answer: a receiver may send without end.
+        let mut answer = answer;
+        let mut head = Vec::new();
+        while head.len() < ERROR_BODY_MAX {
+            match answer.chunk().await {
+                Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        let body: String = String::from_utf8_lossy(&head)
+            .chars()
+            .take(ERROR_BODY_MAX)
+            .collect();
         Ok((code, body))
     }
 }
@@ -192,11 +203,22 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 198 && (b == 18 || b == 19))
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
+            }
+            let o = v6.octets();
+            // NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16) reach IPv4 addresses.
+            if o[..4] == [0, 0x64, 0xff, 0x9b] {
+                return is_public(IpAddr::V4(std::net::Ipv4Addr::new(
+                    o[12], o[13], o[14], o[15],
+                )));
+            }
+            if o[..2] == [0x20, 0x02] {
+                return is_public(IpAddr::V4(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5])));
             }
             let first = v6.segments()[0];
             !(v6.is_loopback()
@@ -281,10 +303,19 @@ mod tests {
             "::",
             "224.0.0.1",
             "198.18.0.1",
+            "64:ff9b::a00:5",
+            "2002:a00:1::1",
+            "192.0.0.8",
         ] {
             assert!(!is_public(private.parse().expect("ip")), "{private}");
         }
-        for public in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
             assert!(is_public(public.parse().expect("ip")), "{public}");
         }
     }

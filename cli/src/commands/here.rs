@@ -32,7 +32,7 @@ pub async fn run_here(ctx: &Ctx, a: RunArgs) -> Result<u8, CommandError> {
     let field = |name: &str, v: &serde_json::Value| {
         v.as_str()
             .map(str::to_owned)
-            .ok_or_else(|| CommandError::Outcome(format!("no {name} in {}", created.raw)))
+            .ok_or_else(|| CommandError::Outcome(format!("no {name} in the API's answer")))
     };
     let run_id = field("run id", &run["id"])?;
     let region = field("region", &run["region"])?;
@@ -125,7 +125,11 @@ pub async fn run_here(ctx: &Ctx, a: RunArgs) -> Result<u8, CommandError> {
         None => leave(&mut child, false).await,
     };
     if left {
-        let _ = std::fs::remove_dir_all(&dir);
+        // Only what this command put there (the directory itself if that leaves it empty):
+        // --state-dir may name a directory that holds other things.
+        let _ = std::fs::remove_file(&claim_file);
+        let _ = std::fs::remove_dir_all(dir.join("agent"));
+        let _ = std::fs::remove_dir(&dir);
     }
     Ok(code)
 }

@@ -101,6 +101,7 @@ impl<S: Store> Scheduler<S> {
         if st.ephemeral_waiting.is_empty() {
             return Ok(());
         }
+        let now = berth_core::now_unix_millis();
         let waiting: Vec<String> = st.ephemeral_waiting.iter().cloned().collect();
         for run_id in waiting {
             let Some(run) = st.active.get(&run_id) else {
@@ -110,6 +111,11 @@ impl<S: Store> Scheduler<S> {
                 continue;
             };
             let node_id = pin.node_id.clone();
+            if let Some(reason) = st.held_back(run, now, false) {
+                // Its runner's cap counts it like any run.
+                set_reason(st, &run_id, reason);
+                continue;
+            }
             let demand = Demand {
                 run_id: run.id.clone(),
                 region: run.region.clone(),
@@ -145,7 +151,13 @@ impl<S: Store> Scheduler<S> {
             .filter_map(|id| st.active.get(id))
             .filter(|run| {
                 run.ephemeral.as_ref().is_some_and(|pin| {
-                    pin.connect_by < now && !st.nodes.get(&pin.node_id).is_some_and(|n| n.connected)
+                    // A node that is there but cannot take it (drained, shutting down, lost
+                    // with its stream half open) is no better than none.
+                    pin.connect_by < now
+                        && !st
+                            .nodes
+                            .get(&pin.node_id)
+                            .is_some_and(|n| n.status() == crate::placement::NodeState::Ready)
                 })
             })
             .cloned()
@@ -162,14 +174,16 @@ impl<S: Store> Scheduler<S> {
             run.fail(
                 ErrorCode::NodeLost,
                 &format!(
-                    "its ephemeral node {node_id} did not connect within {} s",
+                    "its ephemeral node {node_id} was not connected and ready within {} s",
                     self.config.ephemeral_connect_timeout.as_secs()
                 ),
                 now,
             )?;
             tracing::warn!(run_id = %run.id, node_id = %node_id, "ephemeral run ended: its node never came");
             st.stage(run);
-            st.remove_if_ephemeral_done(&node_id);
+            if st.remove_if_ephemeral_done(&node_id) {
+                self.forget_liveness(&node_id);
+            }
         }
         self.settle(st, false).await
     }

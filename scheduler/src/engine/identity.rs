@@ -321,6 +321,9 @@ impl<S: Store> Scheduler<S> {
         }
         st.sync_node(node_id);
         st.take_leases_back(node_id, "was revoked", "was revoked", now)?;
+        if st.remove_if_ephemeral_done(node_id) {
+            self.forget_liveness(node_id);
+        }
         tracing::warn!(node_id, "node revoked: session closed, leases taken back");
         self.settle(st, true).await
     }

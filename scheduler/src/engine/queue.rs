@@ -316,7 +316,7 @@ impl State {
     /// Why a waiting run may not be placed now whatever room its region has, if it may not:
     /// its retry's backoff is not over (first: a free slot could not start it either), or its
     /// runner is at its cap (`place`: with its place among the runner's waiting runs, on read).
-    fn held_back(&self, run: &Run, now: i64, place: bool) -> Option<String> {
+    pub(super) fn held_back(&self, run: &Run, now: i64, place: bool) -> Option<String> {
         if let Some(until) = super::retries::in_backoff(run, now) {
             return Some(super::retries::backoff_reason(run, until));
         }

@@ -506,12 +506,12 @@ pub(super) fn new_run(
 fn pin_to_ephemeral_node(run: &mut Run, config: &Config) {
     let (claim, claim_sha256) = berth_core::auth::generate_ephemeral_claim();
     let timeout = i64::try_from(config.ephemeral_connect_timeout.as_millis()).unwrap_or(i64::MAX);
-    run.ephemeral = Some(Ephemeral {
+    run.ephemeral = Some(Box::new(Ephemeral {
         node_id: Ephemeral::node_id_for(&run.id),
         claim_sha256,
         connect_by: run.created_at.saturating_add(timeout),
         claim: Some(claim),
-    });
+    }));
     // No other node may take it, so no retry could run anywhere else either.
     run.retry_policy = None;
     run.warm_pin = None;

@@ -22,6 +22,9 @@ use std::collections::{BTreeSet, HashMap};
 pub(super) struct Webhooks {
     /// Runner id → its notify settings and the runner record's revision they come from.
     notify: HashMap<String, (Notify, u64)>,
+    /// Runner id → the revision of its last removal of `notify` (a tombstone: an older answer
+    /// that sets it must not bring it back).
+    removed: HashMap<String, u64>,
     /// Pending deliveries by run id.
     pending: HashMap<String, Delivery>,
     /// (next attempt time, run id) of the pending deliveries not in flight (an attempt being
@@ -33,19 +36,22 @@ impl Webhooks {
     /// A runner's notify settings as of its record's `revision` (an older answer never
     /// overwrites a newer one).
     pub(super) fn set(&mut self, runner_id: &str, notify: Option<Notify>, revision: u64) {
-        if self
+        let newest = self
             .notify
             .get(runner_id)
-            .is_some_and(|(_, r)| *r > revision)
-        {
+            .map(|(_, r)| *r)
+            .max(self.removed.get(runner_id).copied());
+        if newest.is_some_and(|r| r > revision) {
             return;
         }
         match notify {
             Some(n) => {
+                self.removed.remove(runner_id);
                 self.notify.insert(runner_id.to_owned(), (n, revision));
             }
             None => {
                 self.notify.remove(runner_id);
+                self.removed.insert(runner_id.to_owned(), revision);
             }
         }
     }
@@ -156,5 +162,37 @@ impl<S: Store> Scheduler<S> {
             Some(kv) => Ok(Some(decode(&key, &kv.value)?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notify(url: &str) -> Notify {
+        Notify {
+            url: url.to_owned(),
+            secret: "0123456789abcdef".to_owned(),
+        }
+    }
+
+    #[test]
+    fn an_older_answer_never_overwrites_a_newer_one_removal_included() {
+        let mut w = Webhooks::default();
+        w.set("r", Some(notify("http://a.example/")), 10);
+        w.set("r", None, 12);
+        // A PATCH that committed earlier (rev 11) but reached the engine later.
+        w.set("r", Some(notify("http://b.example/")), 11);
+        assert!(!w.notify.contains_key("r"), "the removal at 12 stands");
+        w.set("r", Some(notify("http://c.example/")), 13);
+        assert_eq!(
+            w.notify.get("r").map(|(n, _)| n.url.as_str()),
+            Some("http://c.example/")
+        );
+        w.set("r", Some(notify("http://d.example/")), 9);
+        assert_eq!(
+            w.notify.get("r").map(|(n, _)| n.url.as_str()),
+            Some("http://c.example/")
+        );
     }
 }

@@ -349,3 +349,60 @@ async fn batches_and_schedules_refuse_ephemeral_runs_naming_the_field() {
         other => panic!("expected a field error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn an_ephemeral_run_waits_behind_its_runners_cap() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut fleet = attach(&s, register("fra-1", "fra", 8192, &[])).await;
+    let capped = RunnerSpec {
+        max_concurrent_runs: Some(1),
+        ..spec("fra", "standard-xs")
+    };
+    let (runner, _) = s.create_runner(P, capped).await.expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    assert_eq!(assigned(&mut fleet).len(), 1);
+    let run = s
+        .create_run(P, &runner.id, ephemeral_input())
+        .await
+        .expect("run");
+    let claim = run
+        .ephemeral
+        .as_ref()
+        .and_then(|e| e.claim.clone())
+        .expect("claim");
+    let mut own = attach(&s, one_shot(&run, &claim, 4096)).await;
+    assert!(assigned(&mut own).is_empty(), "the cap holds it back");
+    let read = s.get_run(P, &runner.id, &run.id).await.expect("get");
+    assert!(
+        read.pending_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("max_concurrent_runs is 1")),
+        "{:?}",
+        read.pending_reason
+    );
+    // The slot frees: it goes to its node.
+    s.stop_run(P, &runner.id, &first.id).await.ok();
+    let a = out_of_fleet(&s, &first).await;
+    s.run_exited("fra-1", exited(&a, 143, ExitReason::Exited))
+        .await
+        .expect("exited");
+    let got = assigned(&mut own);
+    assert_eq!(got.len(), 1, "assigned once the slot is free");
+    assert_eq!(got[0].run_id, run.id);
+}
+
+async fn out_of_fleet<S: Store>(s: &Scheduler<S>, run: &Run) -> AssignRun {
+    let live = s.get_run(P, &run.runner_id, &run.id).await.expect("get");
+    AssignRun {
+        run_id: live.id.clone(),
+        lease_epoch: live.lease_epoch,
+        spec: s.run_spec(&*s.state.lock().await, &live),
+        runner_id: live.runner_id.clone(),
+        trace_parent: None,
+    }
+}
