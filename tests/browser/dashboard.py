@@ -167,7 +167,8 @@ def run_checks(page):
     page.wait(lambda d: page.attr("#final", "data-status") == "succeeded", "the final state", 60)
     lines = (page.text("#logs") or "").splitlines()
     check(lines == [f"line {i}" for i in range(1, 6)], f"the run's lines, in order, once each: {lines}")
-    check(text_of(page, "#run-status .status") == "succeeded", "the status after the end")
+    # The status line is read again once the stream ends: it follows within moments.
+    page.wait(lambda d: text_of(page, "#run-status .status") == "succeeded", "the status after the end")
     page.shot("run")
 
     # The runner's recent runs, newest first.
