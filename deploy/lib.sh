@@ -25,13 +25,13 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo"
   PATH="${HOME:-/root}/.cargo/bin:$PATH"
   export PATH
 fi
-
 # Debian packages the scripts and the build need. The node agent runs the CNI plugins of
-# containernetworking-plugins (bridge, host-local, loopback) for each run's network, and
-# iptables for the host isolation rules; the end-to-end tests use iproute2's `ip netns`, and
-# deploy/format-images.py compresses its zstd test image with the `zstd` tool.
+# containernetworking-plugins (bridge, host-local, loopback) for each run's network,
+# iptables for the host isolation rules, and runsc (gVisor) for sandboxed runs; the
+# end-to-end tests use iproute2's `ip netns`, and deploy/format-images.py compresses its
+# zstd test image with the `zstd` tool.
 BERTH_PACKAGES=(
-  containerd runc docker-registry umoci skopeo busybox-static zstd
+  containerd runc runsc docker-registry umoci skopeo busybox-static zstd
   containernetworking-plugins iptables iproute2
   protobuf-compiler libprotobuf-dev etcd-server etcd-client jq curl pkg-config gcc libc6-dev
   ca-certificates apache2-utils python3 python3-venv

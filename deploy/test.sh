@@ -16,7 +16,8 @@
 #   BERTH_CONTAINERD_SOCKET  the test containerd's socket
 #   BERTH_TEST_REGISTRY      127.0.0.1:5001
 #   BERTH_BIN_DIR            <target>/debug (berth-scheduler, berth-api, berth-node-agent)
-# then (for a full run) deploy/schemathesis.sh: schemathesis against a live fleet's
+# then (for a full run) the run-path suites again with BERTH_TEST_ISOLATION=sandbox (gVisor),
+# then deploy/schemathesis.sh: schemathesis against a live fleet's
 # /v1/openapi.json. containerd and the registry are stopped at the end unless
 # BERTH_KEEP_INFRA=1. The exit status is cargo test's, else schemathesis's, or 1 if only the
 # lint failed.
@@ -140,7 +141,24 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$TEST_LOG"
 TEST_RC=${PIPESTATUS[0]}
 set -e
 
-# Add up the "test result:" lines of all test binaries.
+# ---------------------------------------------------------------- the same, sandboxed
+# The run-path suites once more with every runner they create sandboxed (gVisor's runsc, which
+# the agents find on PATH): one suite, both runtimes (issue #16). Full runs only.
+SANDBOX_SUITES=(runs cleanup files isolation limits secrets agent_recovery)
+if (($# == 0)); then
+  args=()
+  for s in "${SANDBOX_SUITES[@]}"; do args+=(--test "$s"); done
+  berth_log "the run-path suites again, sandboxed: BERTH_TEST_ISOLATION=sandbox cargo test -p berth-e2e ${args[*]}"
+  set +e
+  BERTH_TEST_ISOLATION=sandbox cargo test -p berth-e2e --no-fail-fast "${args[@]}" 2>&1 | tee -a "$TEST_LOG"
+  SANDBOX_RC=${PIPESTATUS[0]}
+  set -e
+  if ((SANDBOX_RC != 0 && TEST_RC == 0)); then
+    TEST_RC=$SANDBOX_RC
+  fi
+fi
+
+# Add up the "test result:" lines of all test binaries (the sandboxed pass included).
 read -r PASSED FAILED IGNORED BINARIES < <(awk '
   /^test result:/ {
     for (i = 1; i <= NF; i++) {

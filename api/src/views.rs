@@ -6,10 +6,11 @@
 
 use berth_core::codes::{ErrorCode, NodeState};
 use berth_core::convert::{
-    error_code_from_pb, log_stream_from_pb, node_state_from_pb, retry_cause_from_pb,
-    retry_policy_from_pb, run_status_from_pb, warmup_status_from_pb, UnknownEnumValue,
+    error_code_from_pb, isolation_from_pb, log_stream_from_pb, node_state_from_pb,
+    retry_cause_from_pb, retry_policy_from_pb, run_status_from_pb, warmup_status_from_pb,
+    UnknownEnumValue,
 };
-use berth_core::model::{LogStream, WarmupStatus};
+use berth_core::model::{Isolation, LogStream, WarmupStatus};
 use berth_core::retry::{RetryCause, RetryPolicy};
 use berth_core::RunStatus;
 use berth_proto::v1 as pb;
@@ -99,6 +100,9 @@ pub struct RunnerView {
     pub notify_url: Option<String>,
     /// Whether a signing secret is set (the secret itself is never shown).
     pub notify_secret_set: bool,
+    /// `container` (runc) or `sandbox` (gVisor) for its runs; an instance type may force
+    /// `sandbox` whatever this says (each run shows what it got).
+    pub isolation: Isolation,
     #[schema(required = true, format = DateTime)]
     pub warmed_at: Option<String>,
     /// `null` before the first warmup.
@@ -139,6 +143,7 @@ pub fn runner(r: &pb::Runner) -> RunnerView {
         retry_policy: s.retry_policy.map(retry_policy_from_pb),
         notify_secret_set: s.notify_url.is_some() && s.notify_secret.is_some(),
         notify_url: s.notify_url,
+        isolation: isolation_from_pb(s.isolation),
         warmed_at: opt_millis(r.warmed_at_unix_millis),
         warmup_status: warmup_status_from_pb(r.warmup_status),
         warm_node_id: r.warm_node_id.clone(),
@@ -196,6 +201,13 @@ pub struct RunView {
     pub warm_pin: Option<String>,
     pub stop_requested: bool,
     pub oom_killed: bool,
+    /// How the run is isolated from its node's kernel: `container` (runc) or `sandbox`
+    /// (gVisor).
+    pub isolation: Isolation,
+    /// The OCI runtime that ran it and its version (`runc 1.1.5`, `runsc 0.0~20221219.0`);
+    /// `null` until it starts.
+    #[schema(required = true)]
+    pub runtime: Option<String>,
     pub price_per_second_usd: f64,
     #[schema(required = true)]
     pub billed_seconds: Option<u64>,
@@ -468,6 +480,8 @@ pub fn run(r: &pb::Run) -> Result<RunView, UnknownEnumValue> {
         warm_pin: r.warm_pin.clone(),
         stop_requested: r.stop_requested,
         oom_killed: r.oom_killed,
+        isolation: isolation_from_pb(r.isolation),
+        runtime: r.runtime.clone(),
         price_per_second_usd: nano_usd(r.price_nano_usd_per_second),
         billed_seconds: r.billed_seconds,
         cost_usd: r.cost_nano_usd.map(nano_usd),
@@ -572,6 +586,8 @@ pub struct NodeView {
     /// The ids of the runs the node is running.
     pub running_runs: Vec<String>,
     pub cached_images: Vec<String>,
+    /// The OCI runtimes the node has: `runc`, and `runsc` when it can take sandboxed runs.
+    pub runtimes: Vec<String>,
     pub last_heartbeat_age_seconds: f64,
     /// Why the node's last session with the scheduler ended in an error (e.g. a message the
     /// scheduler could not read), until the node next delivers a report; null when none.
@@ -591,6 +607,7 @@ pub fn node(n: &pb::Node) -> Result<NodeView, UnknownEnumValue> {
         max_concurrent_runs: n.max_concurrent_runs,
         running_runs: n.running_run_ids.clone(),
         cached_images: n.cached_images.clone(),
+        runtimes: n.runtimes.clone(),
         last_heartbeat_age_seconds: n.last_heartbeat_age_millis as f64 / 1000.0,
         last_error: (!n.last_error.is_empty()).then(|| n.last_error.clone()),
     })

@@ -220,6 +220,10 @@ pub struct CreateRunner {
     /// BERTH_NOTIFY_SECRET); never shown again
     #[arg(long, value_name = "FILE")]
     pub notify_secret_file: Option<std::path::PathBuf>,
+    /// How runs are isolated: container (runc, the default) or sandbox (gVisor, for untrusted
+    /// code; only nodes with runsc take them)
+    #[arg(long, value_parser = ["container", "sandbox"], value_name = "container|sandbox")]
+    pub isolation: Option<String>,
     #[arg(last = true, value_name = "ARGV", hide = true)]
     pub trailing_argv: Vec<String>,
 }
@@ -298,6 +302,9 @@ pub struct UpdateRunner {
     /// Send no more run-ended events (removes the URL and the secret)
     #[arg(long, conflicts_with_all = ["notify_url", "notify_secret_file"])]
     pub no_notify: bool,
+    /// How runs are isolated from now on: container (runc) or sandbox (gVisor)
+    #[arg(long, value_parser = ["container", "sandbox"], value_name = "container|sandbox")]
+    pub isolation: Option<String>,
 }
 
 /// A retry policy (`retry_policy`), given with `--retry-attempts`.
@@ -743,6 +750,11 @@ mod tests {
             2
         );
         assert!(update(&["--max-concurrent-runs", "many"]).is_err());
+        assert_eq!(
+            update(&["--isolation", "sandbox"])?,
+            serde_json::json!({"isolation": "sandbox"})
+        );
+        assert!(update(&["--isolation", "vm"]).is_err());
         assert!(
             update(&["--retry-on", "timeout"]).is_err(),
             "needs --retry-attempts"

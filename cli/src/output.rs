@@ -162,6 +162,7 @@ pub const RUNNER_FIELDS: &[&str] = &[
     "retry_policy",
     "notify_url",
     "notify_secret_set",
+    "isolation",
     "warmup_status",
     "warm_node_id",
     "warmed_at",
@@ -201,6 +202,8 @@ pub const RUN_FIELDS: &[&str] = &[
     "final_attempt",
     "ephemeral",
     "notification",
+    "isolation",
+    "runtime",
 ];
 
 pub const SCHEDULE_FIELDS: &[&str] = &[
@@ -261,6 +264,7 @@ pub const NODE_FIELDS: &[&str] = &[
     "max_concurrent_runs",
     "running_runs",
     "cached_images",
+    "runtimes",
     "last_heartbeat_age_seconds",
 ];
 

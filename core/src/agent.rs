@@ -28,6 +28,16 @@ pub struct Registration {
     pub cached_images: Vec<String>,
     /// One-shot mode: the node exists for this run only (see `Run::ephemeral`).
     pub ephemeral: Option<EphemeralClaim>,
+    /// The OCI runtimes the node has and checked (`runc`, `runsc`); empty from an agent that
+    /// does not say: `runc` only.
+    pub runtimes: Vec<String>,
+}
+
+impl Registration {
+    /// Whether the node can run runs of `isolation`.
+    pub fn supports(&self, isolation: crate::model::Isolation) -> bool {
+        isolation.is_container() || self.runtimes.iter().any(|r| r == isolation.runtime())
+    }
 }
 
 /// What a one-shot node presents to take the run it was started for.
@@ -76,6 +86,8 @@ pub struct RunStarted {
     pub image_digest: Option<String>,
     /// When each step of the start happened on the node.
     pub stages: StartStages,
+    /// The OCI runtime (and its version) that runs the process; None from an older agent.
+    pub runtime: Option<String>,
 }
 
 /// The node's side of a run's start, unix nanoseconds by the agent's clock; 0 for a step not
@@ -255,6 +267,8 @@ pub struct RunSpec {
     pub registry_auth: Option<RegistryAuth>,
     /// Files placed in the container, with their contents.
     pub files: Vec<RunFile>,
+    /// runc or gVisor.
+    pub isolation: crate::model::Isolation,
 }
 
 /// Credentials for a private registry, unsealed: they travel only to the node that pulls.

@@ -174,6 +174,7 @@ mod tests {
             max_concurrent_runs: None,
             retry_policy: None,
             notify: None,
+            isolation: Default::default(),
         }
     }
 

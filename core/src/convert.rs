@@ -14,8 +14,8 @@
 use crate::agent::ExitReason;
 use crate::codes::{ErrorCode, NodeState};
 use crate::model::{
-    Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, RunFile, Runner, RunnerSpec,
-    WarmupStatus,
+    Catalog, EnvVar, InstanceType, Isolation, LogEntry, LogStream, Run, RunFile, Runner,
+    RunnerSpec, WarmupStatus,
 };
 use crate::overrides::RunOverrides;
 use crate::retry::{RetryCause, RetryPolicy};
@@ -357,7 +357,24 @@ impl From<&RunnerSpec> for pb::RunnerSpec {
             retry_policy: s.retry_policy.as_ref().map(retry_policy_to_pb),
             notify_url: s.notify.as_ref().map(|n| n.url.clone()),
             notify_secret: s.notify.as_ref().map(|n| n.secret.clone()),
+            isolation: isolation_to_pb(s.isolation).into(),
         }
+    }
+}
+
+pub fn isolation_to_pb(i: Isolation) -> pb::Isolation {
+    match i {
+        Isolation::Container => pb::Isolation::Container,
+        Isolation::Sandbox => pb::Isolation::Sandbox,
+    }
+}
+
+/// An unknown value (a newer peer's) reads as the strongest isolation Berth knows, never a
+/// weaker one.
+pub fn isolation_from_pb(v: i32) -> Isolation {
+    match pb::Isolation::try_from(v) {
+        Ok(pb::Isolation::Container) => Isolation::Container,
+        Ok(pb::Isolation::Sandbox) | Err(_) => Isolation::Sandbox,
     }
 }
 
@@ -382,6 +399,7 @@ impl From<pb::RunnerSpec> for RunnerSpec {
                 url,
                 secret: s.notify_secret.unwrap_or_default(),
             }),
+            isolation: isolation_from_pb(s.isolation),
         }
     }
 }
@@ -424,6 +442,7 @@ impl From<&Catalog> for pb::Catalog {
                     cpu_millis: t.cpu_millis,
                     memory_mib: t.memory_mib,
                     price_per_second_usd: t.price_per_second_usd,
+                    isolation: t.isolation.map(|i| isolation_to_pb(i).into()),
                 })
                 .collect(),
         }
@@ -442,6 +461,7 @@ impl From<pb::Catalog> for Catalog {
                     cpu_millis: t.cpu_millis,
                     memory_mib: t.memory_mib,
                     price_per_second_usd: t.price_per_second_usd,
+                    isolation: t.isolation.map(isolation_from_pb),
                 })
                 .collect(),
         }
@@ -520,6 +540,8 @@ impl From<&Run> for pb::Run {
                 exit_code: f.exit_code,
                 error_code: error_code_to_pb(f.error_code).into(),
             }),
+            isolation: isolation_to_pb(r.isolation).into(),
+            runtime: r.runtime.clone(),
         }
     }
 }

@@ -51,7 +51,9 @@ pub mod tls;
 pub mod validate;
 pub mod webhook;
 
-pub use model::{Catalog, EnvVar, InstanceType, LogEntry, LogStream, Run, Runner, RunnerSpec};
+pub use model::{
+    Catalog, EnvVar, InstanceType, Isolation, LogEntry, LogStream, Run, Runner, RunnerSpec,
+};
 pub use status::{RunStatus, TransitionError};
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in the state.

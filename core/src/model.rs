@@ -57,7 +57,69 @@ pub struct RunnerSpec {
     /// Where a signed event goes when one of its runs ends (see `core::webhook`). None: nowhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<crate::webhook::Notify>,
+    /// How its runs are isolated from the node's kernel (runc, or gVisor's sandbox).
+    #[serde(default, skip_serializing_if = "Isolation::is_container")]
+    pub isolation: Isolation,
 }
+
+/// How a run is kept from the node's kernel (issue #16). Ordered weakest first: the stronger
+/// of two choices is their maximum.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// runc: namespaces, cgroups, a seccomp profile and dropped capabilities, on the node's own
+    /// kernel (a kernel bug reachable by a syscall is a way out).
+    #[default]
+    Container,
+    /// gVisor (`runsc`): the run's syscalls are served by a kernel in user space, itself
+    /// confined by seccomp to a small set of host syscalls; only nodes that have `runsc` take
+    /// such runs.
+    Sandbox,
+}
+
+impl Isolation {
+    pub const ALL: [Isolation; 2] = [Isolation::Container, Isolation::Sandbox];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::Sandbox => "sandbox",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Isolation> {
+        Isolation::ALL.into_iter().find(|i| i.as_str() == s)
+    }
+
+    pub fn is_container(&self) -> bool {
+        *self == Isolation::Container
+    }
+
+    /// The OCI runtime a node runs it with: `runc`, or gVisor's `runsc`.
+    pub fn runtime(self) -> &'static str {
+        match self {
+            Isolation::Container => RUNTIME_RUNC,
+            Isolation::Sandbox => RUNTIME_RUNSC,
+        }
+    }
+}
+
+/// The runtime names nodes advertise (`Register.runtimes`).
+pub const RUNTIME_RUNC: &str = "runc";
+pub const RUNTIME_RUNSC: &str = "runsc";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runner {
@@ -228,6 +290,14 @@ pub struct Run {
     /// ended run from its own record, never stored in the run's).
     #[serde(skip)]
     pub notification: Option<Box<crate::webhook::Delivery>>,
+    /// How it is isolated: its runner's choice, or the sandbox when its instance type forces
+    /// it (fixed when it was created).
+    #[serde(default, skip_serializing_if = "Isolation::is_container")]
+    pub isolation: Isolation,
+    /// The OCI runtime that ran it (`runc 1.1.5`, `runsc 0.0~20221219.0`), as its node
+    /// reported at the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 /// The one node a run created with `ephemeral: true` may run on: a node started for it (in a
@@ -588,6 +658,18 @@ pub struct InstanceType {
     pub cpu_millis: u32,
     pub memory_mib: u64,
     pub price_per_second_usd: f64,
+    /// `sandbox`: every run of this type runs in gVisor's sandbox whatever its runner chose
+    /// (an operator's rule for, say, the types sold for untrusted code). Absent: the runner's
+    /// choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+impl InstanceType {
+    /// The isolation a runner that chose `chosen` gets on this type: the stronger of the two.
+    pub fn isolation_for(&self, chosen: Isolation) -> Isolation {
+        self.isolation.map_or(chosen, |forced| forced.max(chosen))
+    }
 }
 
 /// The regions and instance types runners may name. Loaded from a JSON file given to the
@@ -617,6 +699,7 @@ impl Default for Catalog {
             cpu_millis,
             memory_mib,
             price_per_second_usd: price,
+            isolation: None,
         };
         Catalog {
             regions: ["fra", "ams", "lon", "nyc"].map(String::from).to_vec(),
@@ -736,6 +819,8 @@ pub(crate) mod tests {
             final_attempt: None,
             ephemeral: None,
             notification: None,
+            isolation: Default::default(),
+            runtime: None,
         }
     }
 

@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub sandbox_max_idle: Duration,
     /// One-shot mode (`berthctl run --here`): the node exists for this run only.
     pub ephemeral: Option<EphemeralRun>,
+    /// The OCI runtimes the node has (runc; gVisor for sandboxed runs), checked at start.
+    pub runtimes: crate::oci_runtimes::OciRuntimes,
 }
 
 /// The run a one-shot node was started for, and the claim that lets it take the run.

@@ -51,6 +51,52 @@ use crate::runtime::{
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 /// The Any type URL containerd expects for an OCI runtime spec.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// The type of containerd's runc shim options, as containerd 1.6 registers it.
+pub const RUNC_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.Options";
+
+/// containerd's runc shim options (`containerd.runc.v1.Options`, a public wire format): only the
+/// field Berth sets.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RuncOptions {
+    /// The OCI runtime binary the shim runs instead of `runc`.
+    #[prost(string, tag = "6")]
+    pub binary_name: String,
+}
+
+/// Whether `spec` is a sandboxed run's (see [`crate::run::spec::ISOLATION_ANNOTATION`]).
+pub fn is_sandboxed(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(crate::run::spec::ISOLATION_ANNOTATION))
+        .is_some_and(|v| v == berth_core::Isolation::Sandbox.as_str())
+}
+
+/// Checks that `spec` joins a network namespace of its own by path (the one the agent attached),
+/// not the agent's (the host's): gVisor moves the interfaces of the namespace it joins into the
+/// sandbox.
+pub fn own_network_namespace(spec: &Spec) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|n| {
+            n.iter()
+                .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
+        .and_then(|ns| ns.path().clone())
+        .ok_or("a sandboxed run needs the network namespace the agent attached")?;
+    let ns = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let host = std::fs::metadata("/proc/self/ns/net").map_err(|e| format!("own netns: {e}"))?;
+    if (ns.dev(), ns.ino()) == (host.dev(), host.ino()) {
+        return Err(format!(
+            "{} is the host's network namespace: a sandbox would take its interfaces",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Label put on every container the agent creates.
 pub const RUN_ID_LABEL: &str = "berth.run-id";
 
@@ -66,6 +112,9 @@ pub struct ContainerdSettings {
     pub min_free_disk_bytes: u64,
     /// Runs share containerd shims in groups (`--shim-group-size`); None: a shim per run.
     pub shim_groups: Option<Arc<crate::shim_groups::ShimGroups>>,
+    /// The runsc wrapper sandboxed runs' shims run (see `oci_runtimes`); None: the node has
+    /// no gVisor and refuses them.
+    pub sandbox_binary: Option<std::path::PathBuf>,
 }
 
 /// Calls [`crate::shim_groups::ShimGroups::created`] for a run that joined a group, however
@@ -625,11 +674,34 @@ impl ContainerdRuntime {
         let create_err = |what: &str, status: Status| {
             RuntimeError::Create(format!("{what}: {}", status.message()))
         };
+        // A sandboxed run's shim runs gVisor (the node's runsc wrapper) instead of runc.
+        let runtime_options = if is_sandboxed(spec) {
+            let binary = self.settings.sandbox_binary.as_ref().ok_or_else(|| {
+                RuntimeError::Create("the run is sandboxed and this node has no gVisor".into())
+            })?;
+            Some(prost_types::Any {
+                type_url: RUNC_OPTIONS_TYPE_URL.to_owned(),
+                value: prost::Message::encode_to_vec(&RuncOptions {
+                    binary_name: binary.display().to_string(),
+                }),
+            })
+        } else {
+            None
+        };
         let mut spec = self
             .networked_spec(run_id, spec)
             .instrument(berth_core::telemetry::step("network attach"))
             .await?;
-        let groups = self.settings.shim_groups.as_deref();
+        if runtime_options.is_some() && self.network.is_some() {
+            // gVisor takes over the interfaces of the namespace it joins: never the host's.
+            own_network_namespace(&spec).map_err(RuntimeError::Network)?;
+        }
+        // Each sandbox is its own gVisor kernel: sandboxed runs share no shim.
+        let groups = self
+            .settings
+            .shim_groups
+            .as_deref()
+            .filter(|_| runtime_options.is_none());
         let _joined = Joined(groups.map(|g| (g, run_id)));
         if let Some(groups) = groups {
             let group = groups.join(run_id);
@@ -693,7 +765,7 @@ impl ContainerdRuntime {
                         image: String::new(),
                         runtime: Some(ContainerRuntimeInfo {
                             name: RUNC_RUNTIME.to_string(),
-                            options: None,
+                            options: runtime_options,
                         }),
                         spec: Some(prost_types::Any {
                             type_url: SPEC_TYPE_URL.to_string(),
@@ -1141,6 +1213,56 @@ impl ContainerRuntime for ContainerdRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec_joining(path: Option<&str>) -> Spec {
+        let mut spec = Spec::default();
+        let mut ns = oci_spec::runtime::LinuxNamespace::default();
+        ns.set_typ(oci_spec::runtime::LinuxNamespaceType::Network);
+        ns.set_path(path.map(std::path::PathBuf::from));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_namespaces(Some(vec![ns]));
+        spec.set_linux(Some(linux));
+        spec
+    }
+
+    #[test]
+    fn a_sandbox_joins_only_a_network_namespace_of_its_own() {
+        let host = own_network_namespace(&spec_joining(Some("/proc/self/ns/net")))
+            .expect_err("the host's");
+        assert!(host.contains("host's network namespace"), "{host}");
+        let unnamed = own_network_namespace(&spec_joining(None)).expect_err("no path");
+        assert!(unnamed.contains("needs the network namespace"), "{unnamed}");
+        // Another process's namespace: here pid 1's is the host's too, so make a real one.
+        let mut child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "5"])
+            .spawn()
+            .expect("unshare");
+        let path = format!("/proc/{}/ns/net", child.id());
+        // unshare execs sleep once the namespace exists.
+        let mut own = Err(String::new());
+        for _ in 0..50 {
+            own = own_network_namespace(&spec_joining(Some(&path)));
+            if own.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(own, Ok(()));
+        assert!(is_sandboxed(&{
+            let mut s = Spec::default();
+            s.set_annotations(Some(
+                [(
+                    crate::run::spec::ISOLATION_ANNOTATION.to_owned(),
+                    "sandbox".to_owned(),
+                )]
+                .into(),
+            ));
+            s
+        }));
+        assert!(!is_sandboxed(&Spec::default()));
+    }
 
     #[test]
     fn a_broken_connection_is_retried_and_a_task_missing_afterwards_is_lost() {

@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod image;
 pub mod metrics;
 pub mod network;
+pub mod oci_runtimes;
 pub mod outbox;
 pub mod run;
 pub mod runtime;

@@ -21,6 +21,7 @@ use berth_node_agent::network::cni::{
 };
 use berth_node_agent::network::firewall::{isolate_bridge, ExecIptables, LOCK_FILE, PROC_SYS};
 use berth_node_agent::network::warm::WarmNetworks;
+use berth_node_agent::oci_runtimes::{GvisorOptions, SandboxNetwork, SandboxRuntime};
 use berth_node_agent::run::logs::{
     LogLimits, DEFAULT_MAX_LOG_BYTES_PER_RUN, DEFAULT_MAX_LOG_LINES_PER_RUN,
 };
@@ -192,6 +193,15 @@ struct Cli {
     /// must be the run's `ephemeral.node_id`.
     #[arg(long, env = "BERTH_AGENT_EPHEMERAL_RUN_ID")]
     ephemeral_run_id: Option<String>,
+    /// gVisor for sandboxed runs (`isolation: sandbox`): `auto` uses `runsc` from PATH when it
+    /// is there and runs a sandbox at start, `off` takes no sandboxed runs, an absolute path
+    /// names the runsc binary (which must work, or the agent does not start).
+    #[arg(long, env = "BERTH_AGENT_SANDBOX_RUNTIME", default_value = "auto")]
+    sandbox_runtime: SandboxRuntime,
+    /// gVisor's platform: `ptrace` (works everywhere, slower syscalls) or `kvm` (needs
+    /// /dev/kvm).
+    #[arg(long, env = "BERTH_AGENT_SANDBOX_PLATFORM", default_value = "ptrace")]
+    sandbox_platform: String,
     /// File holding the ephemeral run's claim (from the answer that created the run).
     #[arg(
         long,
@@ -343,6 +353,19 @@ async fn main() -> anyhow::Result<()> {
             None
         }
     };
+    let runtimes = berth_node_agent::oci_runtimes::detect(
+        &cli.sandbox_runtime,
+        &GvisorOptions {
+            platform: cli.sandbox_platform.clone(),
+            network: match network_mode {
+                NetworkMode::Bridge => SandboxNetwork::Namespace,
+                NetworkMode::None => SandboxNetwork::None,
+            },
+            mask_proc_sys_net: false,
+        },
+        &state_dir,
+    )
+    .await?;
     let image_cache_bytes = cli.image_cache_bytes;
     let ephemeral = match cli.ephemeral_run_id.clone() {
         None => None,
@@ -364,6 +387,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = AgentConfig {
         ephemeral,
+        runtimes,
         schedulers: cli.scheduler,
         total_memory_mib: cli
             .memory_mib
@@ -430,6 +454,7 @@ async fn main() -> anyhow::Result<()> {
                 cgroup_parent: config.cgroup_parent.clone(),
                 cgroups,
                 min_free_disk_bytes: cli.min_free_disk_mib.saturating_mul(1 << 20),
+                sandbox_binary: config.runtimes.gvisor.as_ref().map(|g| g.binary.clone()),
                 shim_groups: (cli.shim_group_size > 0).then(|| {
                     std::sync::Arc::new(berth_node_agent::shim_groups::ShimGroups::new(
                         cli.shim_group_size,

@@ -233,6 +233,7 @@ async fn runs_containers_end_to_end() {
     // The real agent.
     let state = tempfile::tempdir().expect("tempdir");
     let config = AgentConfig {
+        runtimes: Default::default(),
         schedulers: berth_core::failover::SchedulerAddrs::parse(&format!("http://{addr}"))
             .expect("url"),
         node_id: "e2e".into(),
@@ -265,6 +266,7 @@ async fn runs_containers_end_to_end() {
     let runtime = Arc::new(ContainerdRuntime::new(
         channel.clone(),
         ContainerdSettings {
+            sandbox_binary: None,
             namespace: NAMESPACE.into(),
             cgroup_parent: CGROUP_PARENT.into(),
             cgroups: berth_node_agent::run::cgroup::Cgroups::detect(std::path::Path::new(

@@ -299,6 +299,7 @@ fn registration_from_pb(r: pb::Register) -> Registration {
             run_id: r.ephemeral_run_id,
             claim: r.ephemeral_claim,
         }),
+        runtimes: r.runtimes,
     }
 }
 
@@ -329,6 +330,7 @@ fn report_from_pb(body: Body) -> Result<Option<AgentReport>, UnknownEnumValue> {
             started_at_unix_nanos: s.started_at_unix_nanos,
             image_digest: (!s.image_digest.is_empty()).then_some(s.image_digest),
             stages: s.stages.map(stages_from_pb).unwrap_or_default(),
+            runtime: (!s.runtime.is_empty()).then_some(s.runtime),
         }),
         Body::RunReleased(r) => AgentReport::RunReleased(RunReleased {
             run_id: r.run_id,
@@ -466,6 +468,7 @@ fn run_spec_to_pb(spec: RunSpec) -> pb::RunSpec {
                 mode: f.mode,
             })
             .collect(),
+        isolation: berth_core::convert::isolation_to_pb(spec.isolation).into(),
     }
 }
 
@@ -620,6 +623,7 @@ mod tests {
                 password: "p".into(),
             }),
             files: vec![RunFile::new("/etc/x".into(), 0o444, b"hi".to_vec())],
+            isolation: berth_core::Isolation::Sandbox,
         };
         let command = AgentCommand::AssignRun(AssignRun {
             run_id: "r".into(),
@@ -645,5 +649,6 @@ mod tests {
                 mode: 0o444,
             }]
         );
+        assert_eq!(spec.isolation, pb::Isolation::Sandbox as i32);
     }
 }

@@ -672,6 +672,7 @@ fn node_to_pb(n: NodeInfo, last_error: String) -> pb::Node {
             .unwrap_or(u64::MAX),
         draining: n.draining,
         cached_images: n.view.cached_images.iter().cloned().collect(),
+        runtimes: n.runtimes,
     }
 }
 

@@ -2,7 +2,8 @@
 //! the reasons no node fits. No I/O, no clock: everything it needs is in its arguments.
 //!
 //! It is a pipeline of small filters, each with a named reason, then a ranking:
-//! region → ready → not reserved for an older run → free slot → free memory; then the warm pin
+//! region → runtime (a sandboxed run needs a node with gVisor) → ready → not reserved for an
+//! older run → free slot → free memory; then the warm pin
 //! first, then nodes that already hold the image, then the fit policy (best fit: the node left
 //! with the least free memory, keeping large holes for large runs; spread: the most free
 //! memory), then node id for determinism.
@@ -71,6 +72,8 @@ pub struct NodeView {
     pub cached_images: Arc<BTreeSet<String>>,
     /// Held for the run with this id, which has waited too long (see the queue policy).
     pub reserved_for: Option<String>,
+    /// The node has gVisor (`runsc`) and can take sandboxed runs.
+    pub sandbox: bool,
 }
 
 impl NodeView {
@@ -91,6 +94,8 @@ pub struct Demand {
     pub image: String,
     /// Preferred node (set by warmup) while it has room.
     pub warm_pin: Option<String>,
+    /// The run is sandboxed (gVisor): only nodes with `sandbox` take it.
+    pub sandbox: bool,
 }
 
 /// How to choose among the nodes that fit.
@@ -118,6 +123,8 @@ impl FitPolicy {
 pub enum Filtered {
     /// in another region (not counted in explanations)
     OtherRegion,
+    /// without gVisor, for a sandboxed run
+    NoSandbox,
     NotReady,
     Draining,
     Lost,
@@ -130,6 +137,7 @@ impl Filtered {
     pub fn label(self) -> &'static str {
         match self {
             Filtered::OtherRegion => "in another region",
+            Filtered::NoSandbox => "without gVisor (runsc)",
             Filtered::NotReady => "not connected",
             Filtered::Draining => "draining",
             Filtered::Lost => "lost",
@@ -159,6 +167,18 @@ impl fmt::Display for Unplaceable {
         if in_region == 0 {
             return write!(f, "no node in {} is registered", self.region);
         }
+        let without = self
+            .filtered
+            .get(&Filtered::NoSandbox)
+            .copied()
+            .unwrap_or(0);
+        if without == in_region {
+            return write!(
+                f,
+                "no node in {} can run sandboxed runs: none of its {without} has gVisor (runsc)",
+                self.region
+            );
+        }
         write!(
             f,
             "no node in {} with {} MiB free: ",
@@ -178,6 +198,9 @@ impl fmt::Display for Unplaceable {
 pub fn filter(demand: &Demand, node: &NodeView) -> Result<(), Filtered> {
     if node.region != demand.region {
         return Err(Filtered::OtherRegion);
+    }
+    if demand.sandbox && !node.sandbox {
+        return Err(Filtered::NoSandbox);
     }
     match node.status {
         NodeState::Ready => {}
@@ -259,6 +282,7 @@ mod tests {
             runs: 0,
             cached_images: Arc::default(),
             reserved_for: None,
+            sandbox: false,
         }
     }
 
@@ -269,6 +293,7 @@ mod tests {
             memory_mib: mem,
             image: "img".into(),
             warm_pin: None,
+            sandbox: false,
         }
     }
 
@@ -366,6 +391,54 @@ mod tests {
     }
 
     #[test]
+    fn a_sandboxed_run_goes_only_to_a_node_with_gvisor() {
+        let mut gvisor = node("gvisor", "fra", 8192, 0);
+        gvisor.sandbox = true;
+        let nodes = [node("tight", "fra", 2048, 0), gvisor.clone()];
+        let sandboxed = Demand {
+            sandbox: true,
+            ..demand("fra", 1024)
+        };
+        assert_eq!(
+            place(&sandboxed, &nodes, BF).map(|n| n.id.as_str()),
+            Ok("gvisor")
+        );
+        // A container run may still go to the node with gVisor (here: the better fit wins).
+        assert_eq!(
+            place(&demand("fra", 1024), &nodes, BF).map(|n| n.id.as_str()),
+            Ok("tight")
+        );
+        // A pin without gVisor is passed over.
+        let pinned = Demand {
+            warm_pin: Some("tight".into()),
+            ..sandboxed.clone()
+        };
+        assert_eq!(
+            place(&pinned, &nodes, BF).map(|n| n.id.as_str()),
+            Ok("gvisor")
+        );
+        // The node with gVisor is full: the reason counts the others apart.
+        gvisor.reserved_memory_mib = 8192;
+        let nodes = [node("tight", "fra", 2048, 0), gvisor];
+        assert_eq!(
+            place(&sandboxed, &nodes, BF)
+                .err()
+                .map(|e| e.to_string())
+                .as_deref(),
+            Some("no node in fra with 1024 MiB free: 1 without gVisor (runsc), 1 full")
+        );
+        // No node of the region has it: the reason says so.
+        let nodes = [node("a", "fra", 2048, 0), node("b", "fra", 4096, 0)];
+        assert_eq!(
+            place(&sandboxed, &nodes, BF)
+                .err()
+                .map(|e| e.to_string())
+                .as_deref(),
+            Some("no node in fra can run sandboxed runs: none of its 2 has gVisor (runsc)")
+        );
+    }
+
+    #[test]
     fn slots_are_respected() {
         let mut n = node("a", "fra", 8192, 0);
         n.max_runs = 2;
@@ -379,12 +452,20 @@ mod tests {
             0u64..8192,
             0u64..8192,
             (0u32..4, 0u32..4),
-            0u8..5,
+            (0u8..5, any::<bool>()),
             any::<bool>(),
             prop::option::weighted(0.1, prop::sample::select(vec!["run", "other"])),
         )
             .prop_map(
-                |(region, total, reserved, (max_runs, runs), status, has_image, reserved_for)| {
+                |(
+                    region,
+                    total,
+                    reserved,
+                    (max_runs, runs),
+                    (status, sandbox),
+                    has_image,
+                    reserved_for,
+                )| {
                     NodeView {
                         id: String::new(),
                         region: region.to_owned(),
@@ -405,6 +486,7 @@ mod tests {
                             BTreeSet::new()
                         }),
                         reserved_for: reserved_for.map(str::to_owned),
+                        sandbox,
                     }
                 },
             )
@@ -422,16 +504,19 @@ mod tests {
 
     proptest! {
         /// Whatever the fleet, a placement never leaves the region, never overcommits memory or
-        /// slots, and never picks a node that is not ready.
+        /// slots, never picks a node that is not ready, and never sends a sandboxed run to a
+        /// node without gVisor.
         #[test]
         fn never_overcommits_or_leaves_the_region(
             nodes in arb_fleet(0..12),
             region in prop::sample::select(vec!["fra", "ams", "lon"]),
             mem in 0u64..8192,
+            sandbox in any::<bool>(),
         ) {
-            let d = demand(region, mem);
+            let d = Demand { sandbox, ..demand(region, mem) };
             match place(&d, &nodes, BF) {
                 Ok(n) => {
+                    prop_assert!(n.sandbox || !sandbox, "a sandboxed run on a node without gVisor");
                     prop_assert_eq!(&n.region, region);
                     prop_assert_eq!(n.status, NodeState::Ready);
                     prop_assert!(n.free_memory_mib() >= mem);

@@ -423,6 +423,7 @@ async fn failing_session(f: &Fleet, node_id: &str, run_id: &str, first: bool) ->
                             started_at_unix_nanos: 1,
                             image_digest: String::new(),
                             stages: None,
+                            runtime: String::new(),
                         })),
                     })
                     .await?;

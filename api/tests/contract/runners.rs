@@ -448,3 +448,60 @@ async fn notify_settings_are_checked_and_the_secret_is_write_only() -> Result<()
     );
     Ok(())
 }
+
+/// `isolation`: `container` by default, `sandbox` on request, changed by a PATCH; anything else
+/// is refused naming the field; a run shows the isolation it was created with and no runtime
+/// until a node starts it.
+#[tokio::test]
+async fn isolation_is_chosen_shown_and_checked() -> Result<()> {
+    let f = Api::start().await?;
+    let base = json!({"name": "sandboxed", "image_name": "busybox", "image_tag": "latest",
+                      "region": "fra", "instance_type": "standard-s"});
+    let (status, plain) = f
+        .request(Method::POST, "/v1/runners", Some(base.clone()))
+        .await?;
+    ensure!(
+        status == 201 && plain["runner"]["isolation"] == "container",
+        "{status} {plain}"
+    );
+    let mut body = base.clone();
+    body["isolation"] = json!("sandbox");
+    let (status, v) = f.request(Method::POST, "/v1/runners", Some(body)).await?;
+    ensure!(
+        status == 201 && v["runner"]["isolation"] == "sandbox",
+        "{status} {v}"
+    );
+    let id = v["runner"]["id"].as_str().unwrap_or_default().to_owned();
+    let (status, run) = f
+        .request(
+            Method::POST,
+            &format!("/v1/runners/{id}/runs"),
+            Some(json!({})),
+        )
+        .await?;
+    ensure!(
+        status == 201 && run["run"]["isolation"] == "sandbox" && run["run"]["runtime"].is_null(),
+        "{status} {run}"
+    );
+    for bad in [json!("vm"), json!(1), json!("Sandbox")] {
+        let mut body = base.clone();
+        body["isolation"] = bad.clone();
+        let (status, v) = f.request(Method::POST, "/v1/runners", Some(body)).await?;
+        ensure!(
+            (400..500).contains(&status) && v.to_string().contains("isolation"),
+            "{bad}: {status} {v}"
+        );
+    }
+    let (status, v) = f
+        .request(
+            Method::PATCH,
+            &format!("/v1/runners/{id}"),
+            Some(json!({"isolation": "container"})),
+        )
+        .await?;
+    ensure!(
+        status == 200 && v["runner"]["isolation"] == "container",
+        "{status} {v}"
+    );
+    Ok(())
+}

@@ -422,6 +422,7 @@ fn runner() -> Runner {
             max_concurrent_runs: None,
             retry_policy: None,
             notify: None,
+            isolation: Default::default(),
         },
         warmed_at: None,
         created_at: berth_core::now_unix_millis(),
@@ -501,6 +502,8 @@ fn run(runner: &Runner, id: String, status: RunStatus, i: usize) -> Run {
         final_attempt: None,
         ephemeral: None,
         notification: None,
+        isolation: Default::default(),
+        runtime: None,
     }
 }
 

@@ -252,6 +252,9 @@ pub fn runner_body(c: &CreateRunner) -> Value {
     if let Some(url) = &c.notify_url {
         b.insert("notify_url".into(), json!(url));
     }
+    if let Some(isolation) = &c.isolation {
+        b.insert("isolation".into(), json!(isolation));
+    }
     Value::Object(b)
 }
 
@@ -317,6 +320,9 @@ pub fn runner_patch(c: &UpdateRunner) -> Value {
         b.insert("retry_policy".into(), policy);
     } else if c.no_retry {
         b.insert("retry_policy".into(), Value::Null);
+    }
+    if let Some(isolation) = &c.isolation {
+        b.insert("isolation".into(), json!(isolation));
     }
     if let Some(url) = &c.notify_url {
         b.insert("notify_url".into(), json!(url));

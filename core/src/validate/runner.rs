@@ -75,6 +75,11 @@ pub struct RunnerInput {
     /// secret.
     #[schema(min_length = 16, max_length = 256)]
     pub notify_secret: Option<String>,
+    /// How the runner's runs are isolated from the node's kernel: `container` (runc; the
+    /// default) or `sandbox` (gVisor: a kernel in user space between the run and the host, for
+    /// code you do not trust; placed only on nodes that have it). An instance type may force
+    /// `sandbox` (`GET /v1/instance_types`); each run shows the isolation and runtime it got.
+    pub isolation: Option<crate::model::Isolation>,
 }
 
 /// A field that may be given as `null` to clear it: `Some(None)` for `null`, `None` (by the
@@ -115,6 +120,7 @@ impl RunnerInput {
             ),
             retry_policy: self.retry_policy.flatten(),
             notify: None,
+            isolation: self.isolation.unwrap_or_default(),
         };
         let spec = RunnerSpec {
             notify: check_notify(&mut c, None, self.notify_url, self.notify_secret),
@@ -188,6 +194,9 @@ impl RunnerInput {
         }
         if let Some(policy) = self.retry_policy {
             next.retry_policy = policy;
+        }
+        if let Some(isolation) = self.isolation {
+            next.isolation = isolation;
         }
         next.notify = check_notify(
             &mut c,

@@ -18,6 +18,11 @@ use crate::image::manifest::ImageRunConfig;
 use crate::network::cni::NetworkAttachment;
 use crate::run::seccomp;
 
+/// The annotation that marks a sandboxed run's container (value `sandbox`): the runtime runs it
+/// with gVisor. Part of the spec, so a ready sandbox (`run::sandboxes`) serves only runs of
+/// the same isolation.
+pub const ISOLATION_ANNOTATION: &str = "berth.isolation";
+
 /// PATH used when neither the image nor the run sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Open-files limit inside containers; must stay below this host's hard limit (20000).
@@ -156,6 +161,16 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
 
     let mut spec = Spec::default();
     spec.set_hostname(Some(inputs.run_id.chars().take(63).collect()));
+    let isolation = berth_core::convert::isolation_from_pb(inputs.run.isolation);
+    if !isolation.is_container() {
+        spec.set_annotations(Some(
+            [(
+                ISOLATION_ANNOTATION.to_owned(),
+                isolation.as_str().to_owned(),
+            )]
+            .into(),
+        ));
+    }
 
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_terminal(Some(false));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use berth_core::codes::ErrorCode;
-use berth_core::convert::error_code_to_pb;
+use berth_core::convert::{error_code_to_pb, isolation_from_pb};
 use berth_core::defaults::STOP_GRACE_SECONDS;
 use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_proto::v1::{
@@ -63,6 +63,8 @@ pub struct SupervisorSettings {
     pub max_disk_bytes: Option<u64>,
     /// Ready sandboxes a run of a warmed runner may start in; None: every run creates its own.
     pub sandboxes: Option<Arc<Sandboxes>>,
+    /// The node's OCI runtimes: which one a run gets, as its start report says.
+    pub runtimes: crate::oci_runtimes::OciRuntimes,
 }
 
 /// How often a running run's writable layer is measured against `max_disk_bytes`.
@@ -212,6 +214,10 @@ pub async fn resume<R: ContainerRuntime>(
             image_digest: record.image_digest.clone(),
             // Not kept across a restart: the scheduler has them from the first report.
             stages: None,
+            runtime: settings
+                .runtimes
+                .describe(isolation_from_pb(record.spec.isolation))
+                .unwrap_or_default(),
         }));
     }
     let mut pump = match LogPump::start(
@@ -364,6 +370,17 @@ async fn run_until_exit<R: ContainerRuntime>(
 ) -> (Ending, Option<RunDir>) {
     let run_id = assignment.run_id.as_str();
     let spec = &assignment.spec;
+    let isolation = isolation_from_pb(spec.isolation);
+    if settings.runtimes.describe(isolation).is_none() {
+        // The scheduler sends sandboxed runs only to nodes that advertise gVisor.
+        return (
+            Ending::start_failed(
+                ErrorCode::ContainerCreateFailed,
+                "the run is sandboxed and this node has no working gVisor (runsc)".to_owned(),
+            ),
+            None,
+        );
+    }
 
     tracing::info!(run_id, image = %spec.image, "pulling image");
     let image = tokio::select! {
@@ -566,6 +583,10 @@ async fn start_and_watch<R: ContainerRuntime>(
         started_at_unix_nanos: started_at,
         image_digest: image.digest.clone(),
         stages: Some(*stages),
+        runtime: settings
+            .runtimes
+            .describe(isolation_from_pb(assignment.spec.isolation))
+            .unwrap_or_default(),
     }));
     let _running =
         crate::metrics::Running::started(stages.received_at_unix_nanos, started_at, stages.sandbox);

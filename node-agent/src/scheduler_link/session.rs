@@ -539,6 +539,7 @@ impl<R: ContainerRuntime> Agent<R> {
                 active_run_ids,
                 agent_version: concat!("berth-node-agent/", env!("CARGO_PKG_VERSION")).to_string(),
                 cached_images: self.runtime.cached_images(),
+                runtimes: self.config.runtimes.names(),
                 ephemeral_run_id: self
                     .config
                     .ephemeral
@@ -562,6 +563,7 @@ impl<R: ContainerRuntime> Agent<R> {
             log_limits: self.config.log_limits,
             max_disk_bytes: self.config.max_run_disk_bytes,
             sandboxes: self.sandboxes.clone(),
+            runtimes: self.config.runtimes.clone(),
         }
     }
 

@@ -182,6 +182,7 @@ impl Sim {
                 runs: 0,
                 cached_images: Arc::new(cached),
                 reserved_for: None,
+                sandbox: false,
             });
             by_id.insert(id.clone(), i);
             ids.push(id);
@@ -206,6 +207,7 @@ impl Sim {
                 memory_mib: 0,
                 image: String::new(),
                 warm_pin: None,
+                sandbox: false,
             },
             tally: Tally::default(),
         }

@@ -122,6 +122,7 @@ impl<S: Store> Scheduler<S> {
                 memory_mib: run.memory_mib,
                 image: run.image.clone(),
                 warm_pin: None,
+                sandbox: run.isolation == berth_core::Isolation::Sandbox,
             };
             let verdict = match st.index.get(&node_id) {
                 Some(view) if st.nodes.get(&node_id).is_some_and(|n| n.connected) => {

@@ -54,6 +54,8 @@ pub(super) struct Node {
     /// (the index holds it reserved for that run) and is removed once the run has ended and the
     /// node has left or is lost.
     pub(super) ephemeral_for: Option<String>,
+    /// The OCI runtimes it registered with (`runc`, `runsc`).
+    pub(super) runtimes: Vec<String>,
 }
 
 impl Node {
@@ -77,6 +79,7 @@ impl Node {
             stale: BTreeMap::new(),
             cleaning: BTreeSet::new(),
             ephemeral_for: None,
+            runtimes: Vec::new(),
         }
     }
 
@@ -116,6 +119,8 @@ pub(super) struct NodeRecord {
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub view: NodeView,
+    /// The OCI runtimes it has.
+    pub runtimes: Vec<String>,
     pub draining: bool,
     pub cpus: u32,
     pub running_run_ids: Vec<String>,
@@ -153,6 +158,7 @@ impl<S: Store> Scheduler<S> {
                     .collect();
                 Some(NodeInfo {
                     view,
+                    runtimes: node.runtimes.clone(),
                     draining: node.draining,
                     cpus: node.cpus,
                     running_run_ids,
@@ -210,6 +216,7 @@ impl<S: Store> Scheduler<S> {
             stale,
             cleaning,
             ephemeral_for,
+            runtimes: reg.runtimes.clone(),
         };
         if previous.as_ref().map(Node::record) != Some(node.record()) {
             let rec = node.record();
@@ -496,6 +503,10 @@ impl State {
             cached_images: n.cached_images.clone(),
             // An ephemeral node is its run's alone.
             reserved_for: n.ephemeral_for.clone(),
+            sandbox: n
+                .runtimes
+                .iter()
+                .any(|r| r == berth_core::model::RUNTIME_RUNSC),
         });
     }
 

@@ -2,13 +2,14 @@
 //! assigned run's node receives, and queue positions. Placement itself is the pure
 //! [`crate::placement`] pipeline; this module feeds it and applies its answers.
 
+use super::waiting::{size, Size};
 use super::{Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::{Demand, FleetIndex, NodeState};
 use berth_core::agent::{AgentCommand, AssignRun, RunSpec};
 use berth_core::command::EffectiveCommand;
 use berth_core::store::Store;
-use berth_core::{now_unix_millis, Run, RunStatus};
+use berth_core::{now_unix_millis, Isolation, Run, RunStatus};
 use std::collections::HashMap;
 
 impl<S: Store> Scheduler<S> {
@@ -59,10 +60,13 @@ impl<S: Store> Scheduler<S> {
         let reserve_after =
             i64::try_from(self.config.reserve_after.as_millis()).unwrap_or(i64::MAX);
         st.queue.start_pass(region);
-        // The smallest size that found no node in this pass: larger ones cannot fit either.
+        // The least memory a container run found no node for in this pass: no run needing as
+        // much or more can fit either (see `waiting`).
         let mut blocked: Option<u64> = None;
+        // Whether a run of this pass found no node (the starvation guard serves the first).
+        let mut failed_before = false;
         // Why each size waits, valid until the index changes (a placement, a reservation).
-        let mut reasons: HashMap<u64, String> = HashMap::new();
+        let mut reasons: HashMap<Size, String> = HashMap::new();
         let mut after: Option<String> = None;
         while let Some(run_id) = st.queue.next(region, after.as_deref()) {
             if blocked.is_some_and(|b| st.queue.smallest(region).is_some_and(|s| s >= b)) {
@@ -93,7 +97,7 @@ impl<S: Store> Scheduler<S> {
                 set_reason(st, &run_id, reason);
                 continue;
             }
-            if let Some(reason) = reasons.get(&waiting.memory_mib) {
+            if let Some(reason) = reasons.get(&size(waiting)) {
                 // Same region, same size, nothing changed since that size found no node.
                 let reason = reason.clone();
                 set_reason(st, &run_id, reason);
@@ -105,6 +109,7 @@ impl<S: Store> Scheduler<S> {
                 memory_mib: waiting.memory_mib,
                 image: waiting.image.clone(),
                 warm_pin: waiting.warm_pin.clone(),
+                sandbox: waiting.isolation == Isolation::Sandbox,
             };
             let created_at = waiting.created_at;
             let chosen = st
@@ -120,8 +125,12 @@ impl<S: Store> Scheduler<S> {
                 }
                 Err(why) => {
                     let mut reason = why.to_string();
-                    let oldest_in_region = blocked.is_none();
-                    blocked = Some(blocked.map_or(demand.memory_mib, |b| b.min(demand.memory_mib)));
+                    let oldest_in_region = !failed_before;
+                    failed_before = true;
+                    if !demand.sandbox {
+                        blocked =
+                            Some(blocked.map_or(demand.memory_mib, |b| b.min(demand.memory_mib)));
+                    }
                     let mut reserved = None;
                     if oldest_in_region && now.saturating_sub(created_at) >= reserve_after {
                         reserved = reserve_for(&mut st.index, &demand);
@@ -131,7 +140,7 @@ impl<S: Store> Scheduler<S> {
                         reason.push_str(&format!("; node {node} is reserved for this run"));
                         held.push(node);
                     } else {
-                        reasons.insert(demand.memory_mib, reason.clone());
+                        reasons.insert((demand.memory_mib, demand.sandbox), reason.clone());
                     }
                     set_reason(st, &run_id, reason);
                 }
@@ -197,6 +206,7 @@ impl<S: Store> Scheduler<S> {
                 .as_ref()
                 .and_then(|id| st.registries.get(id).map(|r| r.auth.clone())),
             files: run.files.clone(),
+            isolation: run.isolation,
         }
     }
 }
@@ -232,15 +242,16 @@ pub(super) fn set_reason(st: &mut State, run_id: &str, reason: String) {
     }
 }
 
-/// Why a run of `region` needing `memory_mib` finds no node now. Only for a run no node is
-/// reserved for: such a run's answer depends on nothing else about it.
-fn unplaceable_reason(st: &State, region: &str, memory_mib: u64) -> String {
+/// Why a run of `region` of `size` finds no node now. Only for a run no node is reserved for:
+/// such a run's answer depends on nothing else about it.
+fn unplaceable_reason(st: &State, region: &str, (memory_mib, sandbox): Size) -> String {
     let demand = Demand {
         run_id: String::new(),
         region: region.to_owned(),
         memory_mib,
         image: String::new(),
         warm_pin: None,
+        sandbox,
     };
     match st
         .index
@@ -258,6 +269,7 @@ pub(super) fn reserve_for(index: &mut FleetIndex, demand: &Demand) -> Option<Str
         .nodes()
         .filter(|v| {
             v.region == demand.region
+                && (v.sandbox || !demand.sandbox)
                 && v.status == NodeState::Ready
                 && v.reserved_for.is_none()
                 // Memory held for ready sandboxes is never freed by runs ending.

@@ -145,9 +145,10 @@ impl<S: Store> Scheduler<S> {
         self.take_pull_for_start(&mut run);
         let at = nanos_to_millis(msg.started_at_unix_nanos);
         run.start(at, msg.image_digest)?;
+        run.runtime = msg.runtime;
         run.timeline
             .record_start(&msg.stages, msg.started_at_unix_nanos);
-        tracing::info!(run_id = %run.id, node_id, "run started");
+        tracing::info!(run_id = %run.id, node_id, runtime = run.runtime.as_deref().unwrap_or(""), "run started");
         st.stage(run);
         self.settle(st, false).await
     }

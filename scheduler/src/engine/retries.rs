@@ -51,6 +51,7 @@ pub(super) fn next_attempt(run: &mut Run) -> Option<Run> {
         not_before: (wait_seconds > 0).then(|| now + i64::from(wait_seconds) * 1000),
         retry_cause: Some(cause),
         final_attempt: None,
+        runtime: None,
         ..run.clone()
     };
     tracing::info!(

@@ -9,12 +9,21 @@ use berth_core::agent::{self, AgentCommand};
 use berth_core::model::{Warmup, WarmupStatus};
 use berth_core::store::{Expect, Store, Txn};
 use berth_core::validate::{validate_spec, ValidationErrors};
-use berth_core::{keys, now_unix_millis, EnvVar, Runner, RunnerSpec};
+use berth_core::{keys, now_unix_millis, EnvVar, Isolation, Runner, RunnerSpec};
 
 /// Most ready sandboxes one warmup may ask a node to keep for a runner.
 pub const MAX_WARM_SANDBOXES: u32 = 16;
 
 impl<S: Store> Scheduler<S> {
+    /// How the runs of a runner with `spec` are isolated: its choice, or the sandbox when its
+    /// instance type forces it.
+    pub(super) fn isolation_of(&self, spec: &RunnerSpec) -> Isolation {
+        self.config
+            .catalog
+            .instance_type(&spec.instance_type)
+            .map_or(spec.isolation, |t| t.isolation_for(spec.isolation))
+    }
+
     pub async fn create_runner(
         &self,
         project: &str,
@@ -133,9 +142,16 @@ impl<S: Store> Scheduler<S> {
             .catalog
             .instance_type(&runner.spec.instance_type)
             .map_or(0, |t| t.memory_mib);
+        let sandboxed = self.isolation_of(&runner.spec) == Isolation::Sandbox;
         if let Some(w) = runner.warmup.as_mut().filter(|w| w.sandboxes > 0) {
             let st = self.state.lock().await;
-            let kept = sandboxes_that_fit(&st, &w.node_id, id, memory_mib, w.sandboxes);
+            // A runner that became sandboxed keeps no ready containers on a node without gVisor.
+            let can_run = !sandboxed || st.index.get(&w.node_id).is_some_and(|n| n.sandbox);
+            let kept = if can_run {
+                sandboxes_that_fit(&st, &w.node_id, id, memory_mib, w.sandboxes)
+            } else {
+                0
+            };
             if kept < w.sandboxes {
                 tracing::warn!(
                     runner_id = id,
@@ -227,6 +243,7 @@ impl<S: Store> Scheduler<S> {
             .catalog
             .instance_type(&runner.spec.instance_type)
             .map_or(0, |t| t.memory_mib);
+        let isolation = self.isolation_of(&runner.spec);
         let image = self.runner_image(&runner.spec).await;
         let mut st = self.state.lock().await;
         // The node is chosen without the runner's current pin: its sandboxes' memory is not
@@ -246,6 +263,7 @@ impl<S: Store> Scheduler<S> {
             memory_mib: memory_mib.saturating_mul(u64::from(sandboxes) + 1),
             image: image.clone(),
             warm_pin: None,
+            sandbox: isolation == Isolation::Sandbox,
         };
         let chosen = st
             .index

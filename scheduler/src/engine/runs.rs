@@ -495,6 +495,8 @@ pub(super) fn new_run(
         final_attempt: None,
         ephemeral: None,
         notification: None,
+        isolation: itype.isolation_for(runner.spec.isolation),
+        runtime: None,
     };
     if ephemeral {
         pin_to_ephemeral_node(&mut run, config);

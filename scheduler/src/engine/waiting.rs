@@ -9,10 +9,23 @@
 //! did not look at are *skipped*, and each waits for the reason placement gives its size at
 //! that moment, kept here per size. Without this, every pass (one per submitted run) walked
 //! every waiting run: with 20,000 waiting that was the whole scheduler's CPU.
+//!
+//! A run's *size* is its memory and whether it is sandboxed ([`Size`]): a sandboxed run that
+//! finds no node says nothing about runs any node may take, so only a container run's failure
+//! blocks the sizes at or above its memory (no node at all has that much free), and reasons
+//! are kept per size.
 
-use berth_core::Run;
+use berth_core::{Isolation, Run};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
+
+/// What placement needs of a waiting run beyond its region: its memory, and whether it is
+/// sandboxed (only nodes with gVisor take it). Orders by memory first.
+pub(super) type Size = (u64, bool);
+
+pub(super) fn size(run: &Run) -> Size {
+    (run.memory_mib, run.isolation == Isolation::Sandbox)
+}
 
 #[derive(Default)]
 pub(super) struct WaitQueue {
@@ -26,8 +39,8 @@ pub(super) struct WaitQueue {
 struct RegionQueue {
     /// Run ids (UUIDv7: ordered by submission).
     ids: BTreeSet<String>,
-    /// How many waiting runs need each memory size.
-    sizes: BTreeMap<u64, usize>,
+    /// How many waiting runs have each size.
+    sizes: BTreeMap<Size, usize>,
     /// What the last pass left unvisited (see the module doc).
     skipped: Option<Skipped>,
 }
@@ -35,8 +48,8 @@ struct RegionQueue {
 struct Skipped {
     /// The first run id the pass did not look at; every later waiting run was skipped too.
     from: String,
-    /// Why a skipped run waits, by the memory it needs.
-    reasons: HashMap<u64, String>,
+    /// Why a skipped run waits, by its size.
+    reasons: HashMap<Size, String>,
 }
 
 impl WaitQueue {
@@ -44,7 +57,7 @@ impl WaitQueue {
     pub(super) fn insert(&mut self, run: &Run) {
         let q = self.regions.entry(run.region.clone()).or_default();
         if q.ids.insert(run.id.clone()) {
-            *q.sizes.entry(run.memory_mib).or_default() += 1;
+            *q.sizes.entry(size(run)).or_default() += 1;
             if let Some(ids) = self.runners.get_mut(&run.runner_id) {
                 ids.insert(run.id.clone());
             }
@@ -79,10 +92,10 @@ impl WaitQueue {
             return;
         };
         if q.ids.remove(&run.id) {
-            if let Some(n) = q.sizes.get_mut(&run.memory_mib) {
+            if let Some(n) = q.sizes.get_mut(&size(run)) {
                 *n -= 1;
                 if *n == 0 {
-                    q.sizes.remove(&run.memory_mib);
+                    q.sizes.remove(&size(run));
                 }
             }
             if let Some(ids) = self.runners.get_mut(&run.runner_id) {
@@ -111,11 +124,11 @@ impl WaitQueue {
 
     /// The smallest memory any waiting run of `region` needs.
     pub(super) fn smallest(&self, region: &str) -> Option<u64> {
-        self.regions.get(region)?.sizes.keys().next().copied()
+        self.regions.get(region)?.sizes.keys().next().map(|s| s.0)
     }
 
-    /// Every memory size waiting in `region`.
-    pub(super) fn sizes(&self, region: &str) -> Vec<u64> {
+    /// Every size waiting in `region`.
+    pub(super) fn sizes(&self, region: &str) -> Vec<Size> {
         self.regions
             .get(region)
             .map(|q| q.sizes.keys().copied().collect())
@@ -130,7 +143,7 @@ impl WaitQueue {
     }
 
     /// The pass over `region` stopped before `from`, with a reason per size.
-    pub(super) fn skip_from(&mut self, region: &str, from: String, reasons: HashMap<u64, String>) {
+    pub(super) fn skip_from(&mut self, region: &str, from: String, reasons: HashMap<Size, String>) {
         if let Some(q) = self.regions.get_mut(region) {
             q.skipped = Some(Skipped { from, reasons });
         }
@@ -142,7 +155,7 @@ impl WaitQueue {
         if run.id < skipped.from {
             return None;
         }
-        skipped.reasons.get(&run.memory_mib).map(String::as_str)
+        skipped.reasons.get(&size(run)).map(String::as_str)
     }
 
     /// `run`'s 1-based place among the waiting runs of its region, if it waits.
@@ -215,12 +228,10 @@ impl WaitQueue {
         });
         runners_agree
             && self.regions.iter().all(|(region, q)| {
-                let mut want: BTreeMap<u64, usize> = BTreeMap::new();
+                let mut want: BTreeMap<Size, usize> = BTreeMap::new();
                 for id in &q.ids {
                     match runs.get(id) {
-                        Some(r) if &r.region == region => {
-                            *want.entry(r.memory_mib).or_default() += 1
-                        }
+                        Some(r) if &r.region == region => *want.entry(size(r)).or_default() += 1,
                         _ => return false,
                     }
                 }

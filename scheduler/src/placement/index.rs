@@ -57,7 +57,7 @@ fn class(node: &NodeView) -> Class {
     }
 }
 
-/// One region's nodes, by class.
+/// One pool's nodes (a region's nodes with gVisor, or those without), by class.
 #[derive(Debug, Default)]
 struct RegionIndex {
     nodes: usize,
@@ -74,6 +74,21 @@ struct RegionIndex {
     open_by_image: Vec<BTreeSet<OpenKey>>,
     /// Run id → the nodes (of any status) reserved for it. Usually empty or tiny.
     reserved_for: BTreeMap<String, BTreeSet<Slot>>,
+}
+
+/// A region's nodes in two pools: `[without gVisor, with gVisor]` (indexed by
+/// `NodeView::sandbox`). A sandboxed run looks only into the second (every node of the first
+/// fails its runtime filter, whatever else holds); any other run looks into both and takes the
+/// better of their answers.
+type Pools = [RegionIndex; 2];
+
+/// The pools a demand may be placed in.
+fn pools_for<'p>(pools: &'p Pools, demand: &Demand) -> &'p [RegionIndex] {
+    if demand.sandbox {
+        &pools[1..]
+    } else {
+        &pools[..]
+    }
 }
 
 impl RegionIndex {
@@ -118,7 +133,7 @@ pub struct FleetIndex {
     by_id: HashMap<Arc<str>, Slot>,
     /// Every id with its label, in id order: where a new id's label comes from.
     labels: BTreeMap<Arc<str>, Label>,
-    regions: BTreeMap<String, RegionIndex>,
+    regions: BTreeMap<String, Pools>,
     image_ids: HashMap<Arc<str>, ImageId>,
     /// Indexed by [`ImageId`]; `None` for ids free to reuse (listed in `free_image_ids`).
     images: Vec<Option<Image>>,
@@ -255,27 +270,28 @@ impl FleetIndex {
                 return Ok(pin);
             }
         }
-        let Some(region) = self.regions.get(demand.region.as_str()) else {
+        let Some(pools) = self.regions.get(demand.region.as_str()) else {
             return Err(self.unplaceable(demand, None));
         };
+        let image = self.image_ids.get(demand.image.as_str()).copied();
         let mut best: Option<&NodeView> = None;
-        for node in self.reserved_for_run(region, demand) {
-            if filter(demand, node).is_ok() {
+        for region in pools_for(pools, demand) {
+            for node in self.reserved_for_run(region, demand) {
+                if filter(demand, node).is_ok() {
+                    best = Some(better(demand, policy, best, node));
+                }
+            }
+            // An open node holding the image outranks every open node that does not, so the
+            // general set is consulted only when no holder fits.
+            let open = image
+                .and_then(|image| region.open_by_image.get(image as usize))
+                .and_then(|holders| pick(holders, demand.memory_mib, policy))
+                .or_else(|| pick(&region.open, demand.memory_mib, policy));
+            if let Some(node) = open.and_then(|&(_, _, slot)| self.view(slot)) {
                 best = Some(better(demand, policy, best, node));
             }
         }
-        // An open node holding the image outranks every open node that does not, so the general
-        // set is consulted only when no holder fits.
-        let open = self
-            .image_ids
-            .get(demand.image.as_str())
-            .and_then(|&image| region.open_by_image.get(image as usize))
-            .and_then(|holders| pick(holders, demand.memory_mib, policy))
-            .or_else(|| pick(&region.open, demand.memory_mib, policy));
-        if let Some(node) = open.and_then(|&(_, _, slot)| self.view(slot)) {
-            best = Some(better(demand, policy, best, node));
-        }
-        best.ok_or_else(|| self.unplaceable(demand, Some(region)))
+        best.ok_or_else(|| self.unplaceable(demand, Some(pools)))
     }
 
     fn reserved_for_run<'s>(
@@ -295,16 +311,19 @@ impl FleetIndex {
     }
 
     /// Every node failed a filter: count them per reason, as the linear scan would.
-    fn unplaceable(&self, demand: &Demand, region: Option<&RegionIndex>) -> Unplaceable {
+    fn unplaceable(&self, demand: &Demand, pools: Option<&Pools>) -> Unplaceable {
         let mut filtered = BTreeMap::new();
         let mut add = |why: Filtered, count: usize| {
             if count > 0 {
                 *filtered.entry(why).or_default() += count;
             }
         };
-        let in_region = region.map_or(0, |r| r.nodes);
+        let in_region = pools.map_or(0, |p| p.iter().map(|r| r.nodes).sum());
         add(Filtered::OtherRegion, self.len().saturating_sub(in_region));
-        if let Some(region) = region {
+        if demand.sandbox {
+            add(Filtered::NoSandbox, pools.map_or(0, |p| p[0].nodes));
+        }
+        for region in pools.map(|p| pools_for(p, demand)).unwrap_or_default() {
             add(Filtered::NotReady, region.not_ready);
             add(Filtered::Draining, region.draining);
             add(Filtered::Lost, region.lost);
@@ -472,12 +491,12 @@ impl FleetIndex {
         };
         let node = &entry.view;
         if !self.regions.contains_key(node.region.as_str()) {
-            self.regions
-                .insert(node.region.clone(), RegionIndex::default());
+            self.regions.insert(node.region.clone(), Pools::default());
         }
-        let Some(region) = self.regions.get_mut(node.region.as_str()) else {
+        let Some(pools) = self.regions.get_mut(node.region.as_str()) else {
             return;
         };
+        let region = &mut pools[usize::from(node.sandbox)];
         region.nodes += 1;
         if let Some(run_id) = &node.reserved_for {
             region
@@ -510,9 +529,10 @@ impl FleetIndex {
             return;
         };
         let node = &entry.view;
-        let Some(region) = self.regions.get_mut(node.region.as_str()) else {
+        let Some(pools) = self.regions.get_mut(node.region.as_str()) else {
             return;
         };
+        let region = &mut pools[usize::from(node.sandbox)];
         region.nodes = region.nodes.saturating_sub(1);
         if let Some(run_id) = &node.reserved_for {
             if let Some(slots) = region.reserved_for.get_mut(run_id.as_str()) {
@@ -534,7 +554,7 @@ impl FleetIndex {
             }
             region.open.remove(&key);
         }
-        if region.nodes == 0 {
+        if pools.iter().all(|r| r.nodes == 0) {
             self.regions.remove(node.region.as_str());
         }
     }

@@ -172,6 +172,20 @@ impl Drop for Killed {
     }
 }
 
+/// The isolation every runner a test creates gets unless the test names one:
+/// `BERTH_TEST_ISOLATION` (`container` or `sandbox`). deploy/test.sh runs the run-path suites
+/// once as they are (runc) and once with `sandbox` (gVisor): one suite, both runtimes.
+pub fn test_isolation() -> Option<String> {
+    std::env::var("BERTH_TEST_ISOLATION")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether this process runs its runners sandboxed (see [`test_isolation`]).
+pub fn sandboxed() -> bool {
+    test_isolation().as_deref() == Some("sandbox")
+}
+
 pub struct Fleet {
     pub env: Env,
     pub dir: tempfile::TempDir,
@@ -927,6 +941,9 @@ impl Fleet {
             "instance_type": "standard-s",
             "timeout_seconds": 120,
         });
+        if let (Some(b), Some(isolation)) = (body.as_object_mut(), test_isolation()) {
+            b.insert("isolation".into(), isolation.into());
+        }
         if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
             for (k, v) in e {
                 b.insert(k.clone(), v.clone());

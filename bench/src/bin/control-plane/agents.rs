@@ -165,6 +165,7 @@ pub(crate) async fn fake_agent(
                                 started_at_unix_nanos: nanos,
                                 image_digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000".to_owned(),
                                 stages: None,
+                                runtime: String::new(),
                             })),
                         })?;
                         seq += 1;

@@ -313,6 +313,7 @@ fn assignment(spec: RunSpec) -> Assignment {
 
 fn settings() -> SupervisorSettings {
     SupervisorSettings {
+        runtimes: Default::default(),
         cgroup_parent: "berth/test".to_string(),
         pids_limit: 1024,
         log_limits: LogLimits::default(),
@@ -940,6 +941,7 @@ async fn the_node_pids_limit_reaches_the_containers_spec() {
     let (_state, journal) = journal();
     let (_stop_tx, stop_rx) = watch::channel(false);
     let settings = SupervisorSettings {
+        runtimes: Default::default(),
         pids_limit: 77,
         ..settings()
     };
@@ -1046,6 +1048,7 @@ async fn a_run_that_writes_past_the_disk_limit_is_killed_with_a_clear_error() {
     let (_stop_tx, stop_rx) = watch::channel(false);
     let (_state, journal) = journal();
     let settings = SupervisorSettings {
+        runtimes: Default::default(),
         max_disk_bytes: Some(450 << 20),
         sandboxes: None,
         ..settings()

@@ -70,6 +70,7 @@ impl ContainerRuntime for SlowPulls {
 
 fn agent(state: &std::path::Path, pull_takes: Option<Duration>) -> Arc<Agent<SlowPulls>> {
     let config = AgentConfig {
+        runtimes: Default::default(),
         schedulers: berth_core::failover::SchedulerAddrs::parse("http://127.0.0.1:1").expect("url"),
         node_id: "n1".to_string(),
         region: "test".to_string(),
@@ -332,6 +333,7 @@ async fn a_log_batch_the_scheduler_keeps_refusing_goes_out_as_markers() {
     let base = agent(state.path(), None);
     let agent = Agent::new(
         AgentConfig {
+            runtimes: Default::default(),
             schedulers: berth_core::failover::SchedulerAddrs::parse(&format!("http://{addr}"))
                 .expect("url"),
             ..base.config.clone()
@@ -408,6 +410,7 @@ async fn time_to_attach(
     let base = agent(state.path(), None);
     let agent = Agent::new(
         AgentConfig {
+            runtimes: Default::default(),
             schedulers: berth_core::failover::SchedulerAddrs::parse(schedulers).expect("urls"),
             ..base.config.clone()
         },

@@ -360,6 +360,8 @@ fn old_record(id: &str, runner_id: &str, status: RunStatus) -> Run {
         final_attempt: None,
         ephemeral: None,
         notification: None,
+        isolation: Default::default(),
+        runtime: None,
     }
 }
 

@@ -21,6 +21,7 @@ mod caps;
 mod ephemeral;
 mod idempotency;
 mod images;
+mod isolation;
 mod limits;
 mod logs;
 mod nodes;
@@ -57,6 +58,7 @@ fn spec(region: &str, itype: &str) -> RunnerSpec {
         max_concurrent_runs: None,
         retry_policy: None,
         notify: None,
+        isolation: Default::default(),
     }
 }
 
@@ -72,6 +74,7 @@ fn register(node: &str, region: &str, mem: u64, active: &[&str]) -> Registration
         agent_version: "test".into(),
         cached_images: vec![],
         ephemeral: None,
+        runtimes: vec!["runc".into()],
     }
 }
 
@@ -128,6 +131,7 @@ fn started(a: &AssignRun) -> RunStarted {
         started_at_unix_nanos: 1_000_000_000,
         image_digest: Some("sha256:abc".into()),
         stages: StartStages::default(),
+        runtime: Some("runc 1.1.5".into()),
     }
 }
 

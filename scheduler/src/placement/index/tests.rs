@@ -14,6 +14,7 @@ fn node(id: &str, region: &str, total: u64, reserved: u64) -> NodeView {
         runs: 0,
         cached_images: Arc::default(),
         reserved_for: None,
+        sandbox: false,
     }
 }
 
@@ -24,6 +25,7 @@ fn demand(region: &str, mem: u64) -> Demand {
         memory_mib: mem,
         image: "img".into(),
         warm_pin: None,
+        sandbox: false,
     }
 }
 
@@ -46,16 +48,17 @@ fn both(
     )
 }
 
-/// One region as recomputed from its nodes: node count, class counters (draining, not ready,
-/// lost, reserved, no slot) and the open nodes by (free memory, id).
+/// One pool (a region's nodes with or without gVisor) as recomputed from its nodes: node count,
+/// class counters (draining, not ready, lost, reserved, no slot) and the open nodes by (free
+/// memory, id).
 type ExpectedRegion<'a> = (usize, [usize; 5], BTreeSet<(u64, &'a str)>);
 
 /// Recomputes every counter and set from the nodes and compares.
 fn assert_consistent(index: &FleetIndex) {
-    let mut expected: BTreeMap<&str, ExpectedRegion> = BTreeMap::new();
+    let mut expected: BTreeMap<(&str, bool), ExpectedRegion> = BTreeMap::new();
     let mut holders: BTreeMap<&str, usize> = BTreeMap::new();
     for n in index.nodes() {
-        let (count, classes, open) = expected.entry(n.region.as_str()).or_default();
+        let (count, classes, open) = expected.entry((n.region.as_str(), n.sandbox)).or_default();
         *count += 1;
         match class(n) {
             Class::Draining => classes[0] += 1,
@@ -97,12 +100,22 @@ fn assert_consistent(index: &FleetIndex) {
             })
             .collect()
     };
+    let mut regions: Vec<&str> = expected.keys().map(|(r, _)| *r).collect();
+    regions.dedup();
     assert_eq!(
         index.regions.keys().map(String::as_str).collect::<Vec<_>>(),
-        expected.keys().copied().collect::<Vec<_>>()
+        regions
     );
-    for (name, (count, classes, open)) in &expected {
-        let r = &index.regions[*name];
+    for (region, pools) in &index.regions {
+        for (sandbox, pool) in [false, true].into_iter().zip(pools) {
+            if !expected.contains_key(&(region.as_str(), sandbox)) {
+                assert_eq!(pool.nodes, 0, "{region} {sandbox}");
+                assert!(pool.open.is_empty() && pool.reserved_for.is_empty());
+            }
+        }
+    }
+    for (&(name, sandbox), (count, classes, open)) in &expected {
+        let r = &index.regions[name][usize::from(sandbox)];
         assert_eq!(r.nodes, *count, "{name}");
         assert_eq!(
             [r.draining, r.not_ready, r.lost, r.ready_reserved, r.no_slot],
@@ -211,6 +224,40 @@ fn follows_changes() {
 }
 
 #[test]
+fn sandboxed_runs_look_only_at_nodes_with_gvisor() {
+    let mut gvisor = node("g", "fra", 8192, 0);
+    gvisor.sandbox = true;
+    let mut index: FleetIndex = [node("a", "fra", 2048, 0), gvisor, node("x", "ams", 8192, 0)]
+        .into_iter()
+        .collect();
+    let sandboxed = Demand {
+        sandbox: true,
+        ..demand("fra", 1024)
+    };
+    let (got, want) = both(&index, &sandboxed, BF);
+    assert_eq!(got, want);
+    assert_eq!(got.as_deref(), Ok("g"));
+    let (got, want) = both(&index, &demand("fra", 1024), BF);
+    assert_eq!(got, want);
+    assert_eq!(got.as_deref(), Ok("a"), "best fit across both pools");
+    assert_eq!(index.reserve("g", 8000), Ok(()));
+    let (got, want) = both(&index, &sandboxed, BF);
+    assert_eq!(got, want);
+    assert_eq!(
+        got.err().map(|e| e.to_string()).as_deref(),
+        Some("no node in fra with 1024 MiB free: 1 without gVisor (runsc), 1 full")
+    );
+    index.remove("g");
+    assert_consistent(&index);
+    let (got, want) = both(&index, &sandboxed, BF);
+    assert_eq!(got, want);
+    assert_eq!(
+        got.err().map(|e| e.to_string()).as_deref(),
+        Some("no node in fra can run sandboxed runs: none of its 1 has gVisor (runsc)")
+    );
+}
+
+#[test]
 fn spread_takes_the_lowest_id_among_the_emptiest() {
     let index: FleetIndex = [
         node("c", "fra", 8192, 0),
@@ -277,9 +324,19 @@ fn arb_node(id: usize) -> impl Strategy<Value = NodeView> {
         arb_status(),
         arb_images(),
         prop::option::weighted(0.15, prop::sample::select(RUNS.to_vec())),
+        any::<bool>(),
     )
         .prop_map(
-            move |(region, total, reserved, (max_runs, runs), status, imgs, reserved_for)| {
+            move |(
+                region,
+                total,
+                reserved,
+                (max_runs, runs),
+                status,
+                imgs,
+                reserved_for,
+                sandbox,
+            )| {
                 NodeView {
                     id: format!("n{id}"),
                     region: region.to_owned(),
@@ -291,6 +348,7 @@ fn arb_node(id: usize) -> impl Strategy<Value = NodeView> {
                     runs,
                     cached_images: images(&imgs),
                     reserved_for: reserved_for.map(str::to_owned),
+                    sandbox,
                 }
             },
         )
@@ -308,6 +366,7 @@ struct DemandSpec {
     pin: Option<usize>,
     image: &'static str,
     policy: FitPolicy,
+    sandbox: bool,
 }
 
 impl DemandSpec {
@@ -318,6 +377,7 @@ impl DemandSpec {
             memory_mib: self.memory_mib,
             image: self.image.to_owned(),
             warm_pin: self.pin.map(|k| format!("n{k}")),
+            sandbox: self.sandbox,
         }
     }
 }
@@ -330,15 +390,19 @@ fn arb_demand() -> impl Strategy<Value = DemandSpec> {
         prop::option::of(0..IDS),
         prop::sample::select(IMAGES.to_vec()),
         prop_oneof![Just(FitPolicy::BestFit), Just(FitPolicy::Spread)],
+        prop::bool::weighted(0.3),
     )
-        .prop_map(|(region, memory_mib, run, pin, image, policy)| DemandSpec {
-            region,
-            memory_mib,
-            run,
-            pin,
-            image,
-            policy,
-        })
+        .prop_map(
+            |(region, memory_mib, run, pin, image, policy, sandbox)| DemandSpec {
+                region,
+                memory_mib,
+                run,
+                pin,
+                image,
+                policy,
+                sandbox,
+            },
+        )
 }
 
 #[derive(Debug, Clone)]
@@ -464,9 +528,11 @@ proptest! {
             for run in RUNS {
                 for mem in [0, 1024, 4096, 8192] {
                     for policy in [FitPolicy::BestFit, FitPolicy::Spread] {
-                        let d = Demand { run_id: run.to_owned(), ..demand(region, mem) };
-                        let (got, want) = both(&index, &d, policy);
-                        prop_assert_eq!(got, want);
+                        for sandbox in [false, true] {
+                            let d = Demand { run_id: run.to_owned(), sandbox, ..demand(region, mem) };
+                            let (got, want) = both(&index, &d, policy);
+                            prop_assert_eq!(got, want);
+                        }
                     }
                 }
             }
