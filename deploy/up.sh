@@ -445,6 +445,11 @@ $(ha_usage)
        \$BERTH_URL/v1/runners/RUNNER_ID/runs | jq .                # -> run.id
   curl -s -H "Authorization: Bearer \$BERTH_TOKEN" \$BERTH_URL/v1/runners/RUNNER_ID/runs/RUN_ID/logs | jq .
 
+  a sandboxed runner (gVisor; both nodes run runsc if it works on this host):
+  $BIN_DIR/berthctl runners create --name untrusted --image busybox --region fra \\
+       --instance-type standard-s --isolation sandbox --command 'uname -r'
+  $BIN_DIR/berthctl nodes list                          # RUNTIMES: runc,runsc
+
   a project's API key (the admin token acts in project "default"):
   $BIN_DIR/berthctl admin keys create --project demo   # prints the key once
 

@@ -353,9 +353,16 @@ pub fn nodes_table(v: &Value) -> String {
         "FREE/TOTAL MiB",
         "CPUS",
         "RUNS",
+        "RUNTIMES",
         "HEARTBEAT",
     ]);
     for n in items(v, "nodes") {
+        let runtimes = n["runtimes"].as_array().map_or("-".to_owned(), |r| {
+            r.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let runs = n["running_runs"].as_array().map_or(0, Vec::len);
         let heartbeat = n["last_heartbeat_age_seconds"]
             .as_f64()
@@ -372,6 +379,7 @@ pub fn nodes_table(v: &Value) -> String {
             ),
             cell(&n["cpus"]),
             format!("{runs}/{}", cell(&n["max_concurrent_runs"])),
+            runtimes,
             heartbeat,
         ]);
     }
@@ -490,12 +498,14 @@ mod tests {
         let nodes = json!({"nodes": [{
             "id": "n1", "region": "fra", "status": "ready", "draining": false,
             "total_memory_mib": 4096, "free_memory_mib": 3072, "cpus": 2,
-            "max_concurrent_runs": 8, "running_runs": ["x"], "last_heartbeat_age_seconds": 0.5
+            "max_concurrent_runs": 8, "running_runs": ["x"], "last_heartbeat_age_seconds": 0.5,
+            "runtimes": ["runc", "runsc"]
         }]});
         let out = nodes_table(&nodes);
         assert!(
-            out.lines().nth(1).is_some_and(|l| l
-                .starts_with("n1  fra     ready   no        3072/4096       2     1/8   0.5s ago")),
+            out.lines().nth(1).is_some_and(|l| l.starts_with(
+                "n1  fra     ready   no        3072/4096       2     1/8   runc,runsc  0.5s ago"
+            )),
             "{out}"
         );
     }
