@@ -12,6 +12,10 @@
 //! before left running in the background (cleanup, networks attached ahead) is not counted
 //! against the next.
 //!
+//! With `--sandbox`, each round also times a sandboxed Berth run of the same command (a runner
+//! with `isolation: sandbox`: gVisor) and `ctr run --rm` through runsc, so gVisor's cost shows
+//! beside runc's in the same rounds.
+//!
 //! Then, unless `--log-runs 0`, the log path: a runner that writes `--log-mib` MiB of 100-byte
 //! lines to stdout, `--log-runs` times, each side by side with `ctr run --rm` of the same command
 //! writing to files. The command first makes the output in a file inside the container, then
@@ -68,6 +72,15 @@ struct Args {
     /// Also time `runc run` of a bundle unpacked from the image (needs skopeo and umoci).
     #[arg(long)]
     runc: bool,
+    /// Also time sandboxed Berth runs (`isolation: sandbox`, gVisor) of the same command in the
+    /// same rounds, and `ctr run --rm` through runsc (`--runsc`).
+    #[arg(long)]
+    sandbox: bool,
+    /// The runsc binary `ctr` runs through (a wrapper of the bench's own adds the node's flags,
+    /// with `--network=none`: ctr gives the container no network namespace of its own, and the
+    /// node's wrapper must never see one without — see ARCHITECTURE "Sandboxed runs").
+    #[arg(long, default_value = "/usr/bin/runsc")]
+    runsc: PathBuf,
     /// A pause before each measured command, so work one leaves behind (the node's cleanup,
     /// networks attached ahead) does not land on the next one's clock.
     #[arg(long, default_value_t = 300)]
@@ -493,6 +506,46 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    // The same runner, sandboxed; and ctr through the node's runsc wrapper (it needs no network
+    // namespace path: ctr gives the container none, the wrapper's netstack takes none).
+    let sandboxed = if args.sandbox {
+        let mut body = busybox_runner("start-latency-bench-sandbox", "echo hi", &args.region, 60);
+        body["isolation"] = json!("sandbox");
+        Some(api.create_runner(body).await?)
+    } else {
+        None
+    };
+    let wrapper_dir = tempfile::tempdir()?;
+    let wrapper = wrapper_dir.path().join("runsc");
+    if args.sandbox {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec '{}' --platform=ptrace --network=none --oci-seccomp \"$@\"\n",
+                args.runsc.display()
+            ),
+        )?;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let ctr_runsc = |i: usize| {
+        let mut cmd = Command::new("ctr");
+        cmd.args([
+            "-a",
+            &args.containerd_socket,
+            "-n",
+            &namespace,
+            "run",
+            "--rm",
+            "--runc-binary",
+            &wrapper.display().to_string(),
+            &image,
+            &format!("start-bench-runsc-{}-{i}", std::process::id()),
+            "echo",
+            "hi",
+        ]);
+        cmd
+    };
     let runc = |bundle: &PathBuf, i: usize| {
         let mut cmd = Command::new("runc");
         cmd.args([
@@ -508,6 +561,9 @@ async fn main() -> Result<()> {
     for i in 0..3 {
         api.run_once(&runner).await.context("warm-up run")?;
         timed(&mut ctr(1_000_000 + i))?;
+        if let Some(s) = &sandboxed {
+            api.run_once(s).await.context("warm-up sandboxed run")?;
+        }
         if let Some((_, b)) = &bundle {
             timed(&mut runc(b, 1_000_000 + i))?;
         }
@@ -516,18 +572,30 @@ async fn main() -> Result<()> {
     let mut berth = Vec::new();
     let mut ctr_times = Vec::new();
     let mut runc_times = Vec::new();
+    let mut sandboxed_berth = Vec::new();
+    let mut ctr_runsc_times = Vec::new();
     let pause = Duration::from_millis(args.pause_ms);
     for i in 0..args.runs {
         tokio::time::sleep(pause).await;
         berth.push(api.run_once(&runner).await?);
         tokio::time::sleep(pause).await;
         ctr_times.push(timed(&mut ctr(i))?);
+        if let Some(s) = &sandboxed {
+            tokio::time::sleep(pause).await;
+            sandboxed_berth.push(api.run_once(s).await?);
+            tokio::time::sleep(pause).await;
+            ctr_runsc_times.push(timed(&mut ctr_runsc(i))?);
+        }
         if let Some((_, b)) = &bundle {
             tokio::time::sleep(pause).await;
             runc_times.push(timed(&mut runc(b, i))?);
         }
     }
     api.delete_runner(&runner).await;
+    if let Some(s) = &sandboxed {
+        api.delete_runner(s).await;
+    }
+    drop(wrapper_dir);
     let warm = if args.warm_runs > 0 {
         Some(warm_phase(&args, &api).await?)
     } else {
@@ -557,6 +625,26 @@ async fn main() -> Result<()> {
     if let Some(s) = &runc_s {
         row("runc run", s);
     }
+    let sandbox = (!sandboxed_berth.is_empty()).then(|| {
+        let succeeded = Summary::of(sandboxed_berth.iter().map(|s| s.to_succeeded).collect());
+        let running = Summary::of(sandboxed_berth.iter().map(|s| s.to_running).collect());
+        let ctr = Summary::of(std::mem::take(&mut ctr_runsc_times));
+        (running, succeeded, ctr)
+    });
+    if let Some((running, succeeded, ctr)) = &sandbox {
+        row("berth sandboxed POST -> running", running);
+        row("berth sandboxed POST -> succeeded", succeeded);
+        row("ctr run --rm --runc-binary <runsc wrapper>", ctr);
+        println!(
+            "ratio berth sandboxed / berth container (succeeded): p50 {:.2}x, p99 {:.2}x",
+            ratio(succeeded.p50, to_succeeded.p50),
+            ratio(succeeded.p99, to_succeeded.p99)
+        );
+        println!(
+            "ratio berth sandboxed / ctr with runsc: p50 {:.2}x",
+            ratio(succeeded.p50, ctr.p50)
+        );
+    }
     println!(
         "ratio berth succeeded / ctr run --rm: p50 {:.2}x, p99 {:.2}x",
         ratio(to_succeeded.p50, ctr_s.p50),
@@ -585,6 +673,11 @@ async fn main() -> Result<()> {
             "ratio_succeeded_vs_ctr_p50": ratio(to_succeeded.p50, ctr_s.p50),
             "ratio_succeeded_vs_ctr_p99": ratio(to_succeeded.p99, ctr_s.p99),
             "stages": stages,
+            "sandboxed": sandbox.as_ref().map(|(running, succeeded, ctr)| json!({
+                "berth_post_to_running": summary_json(running),
+                "berth_post_to_succeeded": summary_json(succeeded),
+                "ctr_run_rm_runsc": summary_json(ctr),
+            })),
             "warm": warm,
             "logs": logs,
         })
