@@ -260,17 +260,17 @@ async fn a_killed_ci_job_ends_the_run_node_lost_and_a_restart_cleans_up() -> Res
         .env_remove("BERTH_CLUSTER_TOKEN")
         .env_remove("BERTH_REGISTRATION_TOKEN")
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // Its log in a file, so that a hang still shows what it did.
+        .stderr(std::fs::File::create(state.join("again.log"))?)
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), again)
-        .await
-        .context("the restarted agent did not leave")??;
-    ensure!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .status();
+    let log = || std::fs::read_to_string(state.join("again.log")).unwrap_or_default();
+    let status = match tokio::time::timeout(Duration::from_secs(60), again).await {
+        Ok(status) => status?,
+        Err(_) => anyhow::bail!("the restarted agent did not leave within 60 s:\n{}", log()),
+    };
+    ensure!(status.success(), "{status:?}\n{}", log());
     f.wait_no_containers(&node).await?;
     let after: Value = f.run(&runner, &run_id).await?;
     ensure!(
