@@ -144,7 +144,7 @@ set -e
 # ---------------------------------------------------------------- the same, sandboxed
 # The run-path suites once more with every runner they create sandboxed (gVisor's runsc, which
 # the agents find on PATH): one suite, both runtimes (issue #16). Full runs only.
-SANDBOX_SUITES=(runs cleanup files isolation limits secrets agent_recovery)
+SANDBOX_SUITES=(runs cleanup files isolation limits secrets agent_recovery network_none)
 if (($# == 0)); then
   args=()
   for s in "${SANDBOX_SUITES[@]}"; do args+=(--test "$s"); done
