@@ -33,13 +33,6 @@ pub struct Registration {
     pub runtimes: Vec<String>,
 }
 
-impl Registration {
-    /// Whether the node can run runs of `isolation`.
-    pub fn supports(&self, isolation: crate::model::Isolation) -> bool {
-        isolation.is_container() || self.runtimes.iter().any(|r| r == isolation.runtime())
-    }
-}
-
 /// What a one-shot node presents to take the run it was started for.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EphemeralClaim {

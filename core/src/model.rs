@@ -91,8 +91,6 @@ pub enum Isolation {
 }
 
 impl Isolation {
-    pub const ALL: [Isolation; 2] = [Isolation::Container, Isolation::Sandbox];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Isolation::Container => "container",
@@ -100,20 +98,8 @@ impl Isolation {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Isolation> {
-        Isolation::ALL.into_iter().find(|i| i.as_str() == s)
-    }
-
     pub fn is_container(&self) -> bool {
         *self == Isolation::Container
-    }
-
-    /// The OCI runtime a node runs it with: `runc`, or gVisor's `runsc`.
-    pub fn runtime(self) -> &'static str {
-        match self {
-            Isolation::Container => RUNTIME_RUNC,
-            Isolation::Sandbox => RUNTIME_RUNSC,
-        }
     }
 }
 

@@ -485,7 +485,8 @@ async fn main() -> Result<()> {
         .await?;
     let image = format!("{}/busybox:latest", args.registry);
     let namespace = format!("berth-{}", args.node);
-    let ctr = |i: usize| {
+    // `ctr run --rm` of `echo hi`, through `runtime` (a runc-compatible binary) when given.
+    let ctr_with = |runtime: Option<&std::path::Path>, kind: &str, i: usize| {
         let mut cmd = Command::new("ctr");
         cmd.args([
             "-a",
@@ -494,20 +495,23 @@ async fn main() -> Result<()> {
             &namespace,
             "run",
             "--rm",
-            &image,
-            &format!("start-bench-ctr-{}-{i}", std::process::id()),
-            "echo",
-            "hi",
         ]);
+        if let Some(runtime) = runtime {
+            cmd.arg("--runc-binary").arg(runtime);
+        }
+        cmd.arg(&image)
+            .arg(format!("start-bench-{kind}-{}-{i}", std::process::id()))
+            .args(["echo", "hi"]);
         cmd
     };
+    let ctr = |i: usize| ctr_with(None, "ctr", i);
     let bundle = if args.runc {
         Some(runc_bundle(&image)?)
     } else {
         None
     };
-    // The same runner, sandboxed; and ctr through the node's runsc wrapper (it needs no network
-    // namespace path: ctr gives the container none, the wrapper's netstack takes none).
+    // The same runner, sandboxed; and ctr through runsc, by a wrapper of the bench's own with
+    // `--network=none` (ctr gives the container no network namespace of its own).
     let sandboxed = if args.sandbox {
         let mut body = busybox_runner("start-latency-bench-sandbox", "echo hi", &args.region, 60);
         body["isolation"] = json!("sandbox");
@@ -528,24 +532,7 @@ async fn main() -> Result<()> {
         )?;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o700))?;
     }
-    let ctr_runsc = |i: usize| {
-        let mut cmd = Command::new("ctr");
-        cmd.args([
-            "-a",
-            &args.containerd_socket,
-            "-n",
-            &namespace,
-            "run",
-            "--rm",
-            "--runc-binary",
-            &wrapper.display().to_string(),
-            &image,
-            &format!("start-bench-runsc-{}-{i}", std::process::id()),
-            "echo",
-            "hi",
-        ]);
-        cmd
-    };
+    let ctr_runsc = |i: usize| ctr_with(Some(&wrapper), "runsc", i);
     let runc = |bundle: &PathBuf, i: usize| {
         let mut cmd = Command::new("runc");
         cmd.args([
