@@ -25,16 +25,20 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo"
   PATH="${HOME:-/root}/.cargo/bin:$PATH"
   export PATH
 fi
+# The fleets these scripts start (up.sh, test.sh) are configured by their command lines alone:
+# a config file of an installed Berth (/etc/berth/<daemon>.toml) must not add settings to them.
+export BERTH_SCHEDULER_CONFIG=/dev/null BERTH_API_CONFIG=/dev/null BERTH_NODE_AGENT_CONFIG=/dev/null
+
 # Debian packages the scripts and the build need. The node agent runs the CNI plugins of
 # containernetworking-plugins (bridge, host-local, loopback) for each run's network,
 # iptables for the host isolation rules, and runsc (gVisor) for sandboxed runs; the
 # end-to-end tests use iproute2's `ip netns`, and deploy/format-images.py compresses its
-# zstd test image with the `zstd` tool.
+# zstd test image with the `zstd` tool; the package checks use systemd's `systemd-analyze`.
 BERTH_PACKAGES=(
   containerd runc runsc docker-registry umoci skopeo busybox-static zstd
   containernetworking-plugins iptables iproute2
   protobuf-compiler libprotobuf-dev etcd-server etcd-client jq curl pkg-config gcc libc6-dev
-  ca-certificates apache2-utils python3 python3-venv
+  ca-certificates apache2-utils python3 python3-venv systemd
 )
 
 BERTH_OCI_PATH_ENV="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

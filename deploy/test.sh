@@ -16,11 +16,13 @@
 #   BERTH_CONTAINERD_SOCKET  the test containerd's socket
 #   BERTH_TEST_REGISTRY      127.0.0.1:5001
 #   BERTH_BIN_DIR            <target>/debug (berth-scheduler, berth-api, berth-node-agent)
+#   BERTH_TEST_PACKAGES      the Debian packages of that build (deploy/package.sh --profile dev,
+#                            checked by deploy/check-packages.sh)
 # then (for a full run) the run-path suites again with BERTH_TEST_ISOLATION=sandbox (gVisor),
 # then deploy/schemathesis.sh: schemathesis against a live fleet's
 # /v1/openapi.json. containerd and the registry are stopped at the end unless
-# BERTH_KEEP_INFRA=1. The exit status is cargo test's, else schemathesis's, or 1 if only the
-# lint failed.
+# BERTH_KEEP_INFRA=1. The exit status is cargo test's, else schemathesis's, else 1 if the
+# package checks or only the lint failed.
 set -euo pipefail
 
 # shellcheck source=deploy/lib.sh
@@ -107,6 +109,27 @@ if ! cargo build --workspace --bins; then
   exit 1
 fi
 record build ok
+
+# ---------------------------------------------------------------- packages
+# The Debian packages (issue #17) from the debug build just made (`deploy/package.sh --profile
+# dev`: the same files, units and maintainer scripts as a release build, without another
+# build), checked without installing them (deploy/check-packages.sh: contents, modes,
+# dependencies, the shipped configs read by their daemons, `systemd-analyze verify` of the
+# units). tests/tests/packages.rs then runs a fleet from them (BERTH_TEST_PACKAGES).
+PKG_RC=0
+PKG_DIR="$DATA_DIR/packages"
+PKG_LOG="$DATA_DIR/logs/packages.log"
+rm -rf "$PKG_DIR"
+berth_log "deploy/package.sh --profile dev, deploy/check-packages.sh (log: $PKG_LOG)"
+if bash "$BERTH_REPO/deploy/package.sh" --profile dev --out "$PKG_DIR" >"$PKG_LOG" 2>&1 &&
+  bash "$BERTH_REPO/deploy/check-packages.sh" "$PKG_DIR" >>"$PKG_LOG" 2>&1; then
+  record packages "ok: $(grep -Eo '[0-9]+ passed, [0-9]+ failed' "$PKG_LOG" | tail -n1)"
+else
+  PKG_RC=1
+  cat "$PKG_LOG"
+  record packages "FAILED: see $PKG_LOG"
+fi
+export BERTH_TEST_PACKAGES="$PKG_DIR"
 
 # ---------------------------------------------------------------- services
 trap cleanup EXIT
@@ -199,5 +222,8 @@ if ((TEST_RC != 0)); then
 fi
 if ((ST_RC != 0)); then
   exit "$ST_RC"
+fi
+if ((PKG_RC != 0)); then
+  exit "$PKG_RC"
 fi
 exit "$LINT_FAILED"

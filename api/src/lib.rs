@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod cli;
 pub mod dashboard;
 pub mod error;
 pub mod handlers;

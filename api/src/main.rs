@@ -1,61 +1,8 @@
 use anyhow::Context;
-use berth_api::{limits, AppState, ServeLimits};
-use berth_core::failover::SchedulerAddrs;
+use berth_api::cli::Args;
+use berth_api::{AppState, ServeLimits};
 use berth_core::process::secret_setting;
-use clap::Parser;
-use std::path::PathBuf;
 use std::time::Duration;
-
-/// Berth's public REST API.
-#[derive(Parser, Debug)]
-#[command(name = "berth-api", version)]
-struct Args {
-    #[command(flatten)]
-    telemetry: berth_core::telemetry::TelemetryArgs,
-    #[arg(long, env = "BERTH_API_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Serve Prometheus metrics on `/metrics` of this address (plain HTTP, no auth: keep it
-    /// on loopback or a private network). Off when not given.
-    #[arg(long, env = "BERTH_API_METRICS_LISTEN")]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// The schedulers' gRPC addresses, comma-separated (`http://10.0.0.1:7070,http://10.0.0.2:7070`;
-    /// one is fine). Calls go to the one that answers (the leader) and fail over to the others.
-    #[arg(
-        long,
-        env = "BERTH_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    scheduler: SchedulerAddrs,
-    /// The fleet's CA certificate (PEM): `https://` scheduler addresses are verified against it.
-    /// Plaintext `http://` is accepted for loopback addresses only.
-    #[arg(long, env = "BERTH_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// File holding the admin token (or set `BERTH_TOKEN`; never on a command line): manages
-    /// nodes, registration tokens and API keys, and acts in project `default`. Everyone else
-    /// sends a project's API key.
-    #[arg(long, env = "BERTH_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// File holding the scheduler's cluster token, the API's credential on every call to it (or
-    /// set `BERTH_CLUSTER_TOKEN`).
-    #[arg(long, env = "BERTH_CLUSTER_TOKEN_FILE")]
-    cluster_token_file: Option<PathBuf>,
-    /// Open connections at most; at the cap a new connection closes the longest-idle one.
-    #[arg(long, env = "BERTH_API_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
-    max_connections: usize,
-    /// Seconds a client has to send a request's line and headers, from connecting or from the
-    /// end of its previous response (so also the idle keep-alive timeout).
-    #[arg(long, env = "BERTH_API_HEADER_READ_TIMEOUT", default_value_t = limits::DEFAULT_HEADER_READ_TIMEOUT.as_secs_f64())]
-    header_read_timeout: f64,
-    /// Seconds a request body has to arrive, whole (408 after).
-    #[arg(long, env = "BERTH_API_BODY_READ_TIMEOUT", default_value_t = limits::DEFAULT_BODY_READ_TIMEOUT.as_secs_f64())]
-    body_read_timeout: f64,
-    /// Log streams (SSE) one API key may hold open at once (429 above).
-    #[arg(long, env = "BERTH_API_MAX_STREAMS_PER_KEY", default_value_t = limits::DEFAULT_MAX_STREAMS_PER_KEY)]
-    max_streams_per_key: usize,
-    /// Seconds shutdown waits for requests in flight (log streams) before closing them.
-    #[arg(long, env = "BERTH_API_SHUTDOWN_GRACE", default_value_t = limits::DEFAULT_SHUTDOWN_GRACE.as_secs_f64())]
-    shutdown_grace: f64,
-}
 
 fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(v)
@@ -78,7 +25,7 @@ fn raise_open_files_limit() -> Option<u64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();
-    let mut args = Args::parse();
+    let mut args = berth_core::config_file::parse::<Args>("api");
     let _telemetry = args.telemetry.init("berth-api")?;
     if let Some(ca) = &args.tls_ca {
         args.scheduler = args

@@ -72,6 +72,7 @@ impl Modify for BearerAuth {
         crate::handlers::drain_node,
         crate::handlers::resume_node,
         crate::handlers::revoke_node,
+        crate::handlers::remove_node,
         crate::handlers::list_instance_types,
         crate::handlers::list_regions,
         crate::admin::create_api_key,

@@ -131,6 +131,7 @@ pub fn routes() -> Vec<Route> {
         route(Post, "/v1/nodes/{id}/drain", drain_node),
         route(Post, "/v1/nodes/{id}/resume", resume_node),
         route(Post, "/v1/nodes/{id}/revoke", revoke_node),
+        route(Delete, "/v1/nodes/{id}", remove_node),
         route(Get, "/v1/instance_types", list_instance_types),
         route(Get, "/v1/regions", list_regions),
         route(Get, "/v1/admin/api_keys", admin::list_api_keys),

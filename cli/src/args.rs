@@ -45,7 +45,7 @@ pub enum Command {
     /// A runner's schedules: cron expressions in a time zone that start its runs
     #[command(subcommand)]
     Schedules(SchedulesCommand),
-    /// List nodes, drain and resume them
+    /// List nodes, drain, resume and remove them
     #[command(subcommand)]
     Nodes(NodesCommand),
     /// Manage private container registries
@@ -470,6 +470,16 @@ pub enum NodesCommand {
     Drain { id: String },
     /// Place runs on a drained node again
     Resume { id: String },
+    /// Remove a node from the fleet: its credentials are revoked, its agent disconnected, its
+    /// record deleted (it is no longer listed). Refused while it is connected and holds runs:
+    /// drain it and wait for them, or --force
+    Remove {
+        id: String,
+        /// Remove it even while it holds runs: runs it had not started are queued again,
+        /// started ones end node_lost
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -268,6 +268,36 @@ pub const NODE_FIELDS: &[&str] = &[
     "last_heartbeat_age_seconds",
 ];
 
+/// What `nodes remove` did, from the node as it was last seen (`{"node": …}`).
+pub fn removed_node(v: &Value) -> String {
+    let n = &v["node"];
+    let mut text = format!(
+        "removed node {} ({}, region {}): its credentials are revoked and it is no longer \
+         listed; it can join again only by enrolling with a new registration token\n",
+        cell(&n["id"]),
+        cell(&n["status"]),
+        cell(&n["region"]),
+    );
+    let runs: Vec<&str> = n["running_runs"]
+        .as_array()
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !runs.is_empty() {
+        text.push_str(&format!(
+            "{} taken back (not started: queued again; started: ended node_lost):\n",
+            if runs.len() == 1 {
+                "its run was".to_owned()
+            } else {
+                format!("its {} runs were", runs.len())
+            }
+        ));
+        for run in runs {
+            text.push_str(&format!("  {run}\n"));
+        }
+    }
+    text
+}
+
 pub const REGISTRY_FIELDS: &[&str] = &["id", "name", "host", "username", "created_at"];
 
 pub fn runners_table(v: &Value) -> String {
@@ -506,6 +536,27 @@ mod tests {
             out.lines().nth(1).is_some_and(|l| l.starts_with(
                 "n1  fra     ready   no        3072/4096       2     1/8   runc,runsc  0.5s ago"
             )),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_removed_node_says_what_happened_to_it_and_its_runs() {
+        let idle = json!({"node": {"id": "fra-2", "region": "fra", "status": "lost",
+                                   "running_runs": []}});
+        assert_eq!(
+            removed_node(&idle),
+            "removed node fra-2 (lost, region fra): its credentials are revoked and it is no \
+             longer listed; it can join again only by enrolling with a new registration token\n"
+        );
+        let forced = json!({"node": {"id": "fra-2", "region": "fra", "status": "ready",
+                                     "running_runs": ["r1", "r2"]}});
+        let out = removed_node(&forced);
+        assert!(
+            out.ends_with(
+                "its 2 runs were taken back (not started: queued again; started: ended \
+                 node_lost):\n  r1\n  r2\n"
+            ),
             "{out}"
         );
     }

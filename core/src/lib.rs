@@ -23,12 +23,15 @@
 //!   and the [`agent::AgentLink`] trait the scheduler reaches an agent through.
 //! - [`failover`]: how the API and the agents reach whichever of several schedulers leads: the
 //!   address list, the order they are tried in, keepalive, and a transport that fails over.
+//! - [`config_file`]: daemon settings from `/etc/berth/<daemon>.toml` under flags and the
+//!   environment, and the reference table of `docs/CONFIG.md`.
 //! - [`auth`]: projects, and API keys (their format, hashing and constant-time verification).
 
 pub mod agent;
 pub mod auth;
 pub mod codes;
 pub mod command;
+pub mod config_file;
 pub mod convert;
 pub mod defaults;
 pub mod failover;

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod containerd;

@@ -58,6 +58,13 @@ impl AgentService for FakeScheduler {
         Err(Status::unimplemented("this fake does not enroll"))
     }
 
+    async fn leave(
+        &self,
+        _: Request<berth_proto::v1::LeaveRequest>,
+    ) -> Result<Response<berth_proto::v1::LeaveResponse>, Status> {
+        Err(Status::unimplemented("this fake does not take leaves"))
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<AgentMessage>>,

@@ -61,6 +61,13 @@ impl AgentLink for GrpcLink {
     }
 }
 
+/// The node credential a call presents (`x-berth-node-credential`), if any.
+fn presented_credential(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(berth_core::auth::NODE_CREDENTIAL_METADATA)
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+}
+
 impl<S: Store> AgentApi<S> {
     /// Which node the session's credential speaks for, if it presents one (checked); refuses a
     /// session without one when credentials are required.
@@ -68,10 +75,7 @@ impl<S: Store> AgentApi<S> {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Option<berth_core::auth::NodeCredential>, Status> {
-        let presented = metadata
-            .get(berth_core::auth::NODE_CREDENTIAL_METADATA)
-            .map(|v| v.to_str().unwrap_or_default().to_owned());
-        match presented {
+        match presented_credential(metadata) {
             Some(p) => Ok(Some(self.scheduler.authenticate_node(&p).await?)),
             None if self.require_credentials => Err(Status::unauthenticated(
                 "this scheduler requires a node credential (x-berth-node-credential): start the \
@@ -121,10 +125,41 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         }))
     }
 
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let presented = presented_credential(request.metadata());
+        let r = request.into_inner();
+        crate::engine::validate_node_id("node_id", &r.node_id).map_err(SchedulerError::from)?;
+        match presented {
+            Some(p) => {
+                self.scheduler
+                    .authenticate_leaving_node(&p, &r.node_id)
+                    .await?
+            }
+            None if self.require_credentials => {
+                return Err(Status::unauthenticated(
+                    "this scheduler requires the node's credential (x-berth-node-credential) \
+                     for it to leave",
+                ))
+            }
+            None => {}
+        }
+        let outcome = self.scheduler.leave_node(&r.node_id, r.remove).await?;
+        Ok(Response::new(pb::LeaveResponse {
+            active_runs: outcome.active_runs,
+            removed: outcome.removed,
+        }))
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        // Taken before the credential is checked: a revocation stored after the check still
+        // keeps this session from registering the node (see `RevocationMark`).
+        let mark = self.scheduler.revocation_mark();
         let credential = self.credential_node(request.metadata()).await?;
         let mut inbound = request.into_inner();
         let register = match inbound.message().await?.and_then(|m| m.body) {
@@ -141,7 +176,14 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
         let node_id = register.node_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let link: Link = Arc::new(GrpcLink { tx: tx.clone() });
-        let connection = self.scheduler.attach_node(register, link).await?;
+        let connection = match credential {
+            Some(_) => {
+                self.scheduler
+                    .attach_node_checked(register, link, mark)
+                    .await?
+            }
+            None => self.scheduler.attach_node(register, link).await?,
+        };
         // The reader records liveness the moment a message arrives, whatever it is and however
         // long the engine takes with the messages before it; the processor handles them in
         // order. A busy scheduler therefore never mistakes a healthy node for a lost one.

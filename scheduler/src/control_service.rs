@@ -6,7 +6,7 @@
 //! refused, never defaulted) and, for nodes and API keys, the admin flag (`x-berth-admin`).
 //! The engine takes the project on every call and answers NOT_FOUND for another project's ids.
 
-use crate::engine::{NodeInfo, Scheduler, UsageGroup};
+use crate::engine::{NodeInfo, Removal, RemovedNode, Scheduler, UsageGroup};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, ApiKey};
 use berth_core::convert::{
@@ -441,6 +441,19 @@ impl<S: Store> pb::control_service_server::ControlService for ControlApi<S> {
         }))
     }
 
+    async fn remove_node(
+        &self,
+        r: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        require_admin(&r)?;
+        let r = r.into_inner();
+        let removed = self
+            .scheduler
+            .remove_node(&r.node_id, Removal::Admin { force: r.force })
+            .await?;
+        Ok(Response::new(removed_node_to_pb(removed)))
+    }
+
     async fn create_registration_token(
         &self,
         r: Request<pb::CreateRegistrationTokenRequest>,
@@ -654,6 +667,21 @@ fn registration_token_to_pb(t: &auth::RegistrationToken) -> pb::RegistrationToke
         single_use: t.single_use,
         uses: t.uses,
         revoked_at_unix_millis: t.revoked_at,
+    }
+}
+
+/// A removed node as it was last seen; one that never connected to this scheduler shows its id,
+/// its region and `disconnected`.
+fn removed_node_to_pb(r: RemovedNode) -> pb::Node {
+    match r.last_seen {
+        Some(n) => node_to_pb(n, r.last_error.unwrap_or_default()),
+        None => pb::Node {
+            id: r.node_id,
+            region: r.region,
+            status: pb::NodeState::Disconnected as i32,
+            last_error: r.last_error.unwrap_or_default(),
+            ..pb::Node::default()
+        },
     }
 }
 

@@ -34,6 +34,8 @@
 //! - `schedules`: schedules' CRUD and their fires (one transaction per fire).
 //! - `ephemeral`: runs pinned to a one-shot node (`berthctl run --here`): the node's claim,
 //!   their placement on it alone, their end when it never comes or is lost, its removal.
+//! - `identity`: registration tokens, node credentials, revoking a node.
+//! - `removal`: removing a node from the fleet, by an operator or by the node itself (`Leave`).
 //! - `webhooks`: run-ended notifications: staged with the end, the pending ones, attempts.
 //!
 //! # Staging
@@ -144,9 +146,19 @@ pub struct Scheduler<S> {
     pulls: std::sync::Mutex<HashMap<String, images::PullEntry>>,
     /// Serialises each run's log appends (see `logs`).
     log_appends: logs::AppendLocks,
-    /// Held by a node enrollment (see `identity`).
+    /// Held by a node enrollment, revocation or removal (see `identity`): a credential is never
+    /// issued for a node id while its credentials are being revoked.
     enrolling: Mutex<()>,
+    /// Counts revocations (a node revoked or removed); see [`RevocationMark`].
+    revocations: std::sync::atomic::AtomicU64,
 }
+
+/// Where the revocation count stood before a session's credential was checked. The check reads
+/// the store; an `Attach` whose check passed just before a revocation was stored must not
+/// register after the revocation closed the node's session (a removed node would come back):
+/// [`Scheduler::attach_node_checked`] refuses a node revoked since its mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevocationMark(u64);
 
 #[derive(Default)]
 struct State {
@@ -172,8 +184,12 @@ struct State {
     unit_starts: Vec<usize>,
     /// Inside `open_unit` … `close_unit`: `stage` does not start a unit of its own.
     unit_open: bool,
-    /// Commands to agents staged by the current operation, sent once `pending` is durable.
-    outgoing: Vec<(Link, AgentCommand)>,
+    /// Commands to agents (and sessions to close) staged by the current operation, sent once
+    /// `pending` is durable.
+    outgoing: Vec<(Link, Outgoing)>,
+    /// For each node revoked or removed since start, the revocation count it was revoked at
+    /// (see [`RevocationMark`]).
+    revoked_at: HashMap<String, u64>,
     next_connection: u64,
     /// Idempotency keys used since start, (runner id, key hash) → run id: a retry that races the
     /// first request finds it here even before the first one's write is durable.
@@ -336,6 +352,7 @@ impl<S: Store> Scheduler<S> {
             pulls: std::sync::Mutex::default(),
             log_appends: logs::AppendLocks::default(),
             enrolling: Mutex::new(()),
+            revocations: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -579,7 +596,18 @@ impl State {
     /// disconnected node learns what it must on re-register instead.
     fn send_to(&mut self, node_id: &str, command: AgentCommand) {
         if let Some(link) = self.nodes.get(node_id).and_then(|n| n.link.clone()) {
-            self.outgoing.push((link, command));
+            self.outgoing.push((link, Outgoing::Command(command)));
+        }
+    }
+
+    /// Stages the end of the node's session, after the messages staged before it (the agent
+    /// hears `reason`); the node is disconnected in memory now.
+    fn close_session(&mut self, node_id: &str, reason: String) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            if let Some(link) = node.link.take() {
+                self.outgoing.push((link, Outgoing::Close(reason)));
+            }
+            node.connected = false;
         }
     }
 
@@ -698,11 +726,21 @@ fn split_at_units(txn: Txn, unit_starts: &[usize], max_ops: usize, max_bytes: us
     out
 }
 
+/// What an operation has for an agent once its writes are durable.
+// Nearly every entry is a command: boxing them would allocate once per message to shrink a
+// short-lived list.
+#[allow(clippy::large_enum_variant)]
+enum Outgoing {
+    Command(AgentCommand),
+    /// Ends the agent's session, telling it why.
+    Close(String),
+}
+
 /// One operation's staged effects, in flush order.
 struct Dispatch {
     /// The operation's store transactions (usually one), applied in this order.
     commit: Vec<CommitFuture>,
-    messages: Vec<(Link, AgentCommand)>,
+    messages: Vec<(Link, Outgoing)>,
     done: oneshot::Sender<Result<(), SchedulerError>>,
 }
 
@@ -727,9 +765,14 @@ async fn dispatch_loop(mut queue: mpsc::UnboundedReceiver<Dispatch>, failed: wat
             let _ = d.done.send(Err(SchedulerError::Store(e)));
             continue;
         }
-        for (link, command) in d.messages {
-            // A closed stream: the node learns what it must on re-register.
-            let _ = link.send(command);
+        for (link, message) in d.messages {
+            match message {
+                // A closed stream: the node learns what it must on re-register.
+                Outgoing::Command(command) => {
+                    let _ = link.send(command);
+                }
+                Outgoing::Close(reason) => link.close(&reason),
+            }
         }
         let _ = d.done.send(Ok(()));
     }
@@ -760,6 +803,7 @@ mod logs;
 mod nodes;
 mod queue;
 mod registries;
+mod removal;
 mod reports;
 mod retries;
 mod runners;
@@ -778,6 +822,7 @@ use nodes::{Node, NodeRecord};
 use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
+pub use removal::{LeaveOutcome, Removal, RemovedNode};
 pub use runners::MAX_WARM_SANDBOXES;
 pub use schedules::MAX_SCHEDULES_PER_RUNNER;
 pub use usage::{UsageGroup, UsageRow};

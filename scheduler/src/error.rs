@@ -4,6 +4,10 @@ use berth_core::store::StoreError;
 use berth_core::validate::ValidationErrors;
 use berth_core::TransitionError;
 
+/// The metadata a refused removal (`FAILED_PRECONDITION`: the node still holds runs) carries
+/// the number of those runs in, as decimal text (`AgentService.Leave` documents it).
+pub const ACTIVE_RUNS_METADATA: &str = "x-berth-active-runs";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// The named record does not exist.
@@ -40,6 +44,9 @@ pub enum SchedulerError {
     /// A node with this id is connected: a second agent cannot take its id.
     #[error("{0}")]
     NodeIdTaken(String),
+    /// The node still holds runs, so it is not removed; `message` says what to do.
+    #[error("{message}")]
+    NodeHoldsRuns { runs: usize, message: String },
     /// The caller may not do this (a project key on an admin operation).
     #[error("{0}")]
     Forbidden(String),
@@ -79,6 +86,14 @@ impl From<SchedulerError> for tonic::Status {
                 tonic::Status::unauthenticated(e.to_string())
             }
             SchedulerError::NodeIdTaken(_) => tonic::Status::already_exists(e.to_string()),
+            SchedulerError::NodeHoldsRuns { runs, .. } => {
+                let mut status = tonic::Status::failed_precondition(e.to_string());
+                status.metadata_mut().insert(
+                    ACTIVE_RUNS_METADATA,
+                    tonic::metadata::MetadataValue::from(*runs),
+                );
+                status
+            }
             SchedulerError::Forbidden(_) => tonic::Status::permission_denied(e.to_string()),
             // The store is down, or this scheduler is no longer the leader: another scheduler
             // (or this one, restarted) can serve the same call, so clients may retry.

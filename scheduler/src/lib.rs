@@ -15,6 +15,7 @@
 //! to lease.
 
 pub mod agent_service;
+pub mod cli;
 pub mod control_service;
 pub mod engine;
 pub mod error;

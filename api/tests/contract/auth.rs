@@ -237,6 +237,12 @@ async fn a_project_key_sees_only_its_projects_records() -> Result<()> {
         (Method::GET, "/v1/nodes".into(), None),
         (Method::POST, "/v1/nodes/some-node/drain".into(), None),
         (Method::POST, "/v1/nodes/some-node/resume".into(), None),
+        (Method::DELETE, "/v1/nodes/some-node".into(), None),
+        (
+            Method::DELETE,
+            "/v1/nodes/some-node?force=true".into(),
+            None,
+        ),
         (Method::GET, "/v1/admin/api_keys".into(), None),
         (
             Method::POST,

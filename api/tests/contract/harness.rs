@@ -24,6 +24,8 @@ pub const CLUSTER_TOKEN: &str = "inproc-cluster-token-9876543210";
 pub struct Api {
     /// `http://127.0.0.1:<port>`, without a trailing slash.
     pub api_url: String,
+    /// The scheduler's gRPC address, `http://127.0.0.1:<port>` (for a fake agent).
+    pub scheduler_url: String,
     pub http: reqwest::Client,
     /// The scheduler's data directory (store and secret key), removed on drop.
     _dir: tempfile::TempDir,
@@ -91,6 +93,7 @@ impl Api {
 
         Ok(Api {
             api_url,
+            scheduler_url: format!("http://{scheduler_addr}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,

@@ -7,6 +7,7 @@ mod auth;
 mod files;
 mod harness;
 mod limits;
+mod nodes;
 mod openapi;
 mod protection;
 mod registries;

@@ -126,10 +126,11 @@ fn created_token(v: &Value) -> String {
     let mut text = detail(&v["registration_token"], TOKEN_FIELDS);
     text.push_str(&format!(
         "\nRegistration token (shown only now; Berth keeps only its hash):\n{token}\n\n\
-         On the new node, put it in a file only root can read and start the agent with it:\n\
-         berth-node-agent --scheduler URL --node-id NODE --region {region} \\\n  \
-         --registration-token-file FILE\n\
-         The agent exchanges it once for the node's own credential (kept in its state directory).\n"
+         On the new node (package berth-node-agent installed), put it in a file only root can\n\
+         read and join:\n\
+         berth-node-agent join --url SCHEDULER_URL --region {region} --token-file FILE\n\
+         (or start the agent with --registration-token-file FILE). The agent exchanges it once\n\
+         for the node's own credential (kept in its state directory).\n"
     ));
     text
 }

@@ -69,6 +69,12 @@ pub async fn run_here(ctx: &Ctx, a: RunArgs) -> Result<u8, CommandError> {
     if let Some(s) = &a.scheduler {
         command.arg("--scheduler").arg(s);
     }
+    // This one-shot node is not the machine's own node: the settings of a joined agent
+    // (/etc/berth/node-agent.toml: its node ID, credential, state) must not leak into it. A
+    // config file of its own may still be named with BERTH_NODE_AGENT_CONFIG.
+    if std::env::var_os("BERTH_NODE_AGENT_CONFIG").is_none() {
+        command.arg("--config").arg("/dev/null");
+    }
     if let Some(t) = &a.registration_token_file {
         command.arg("--registration-token-file").arg(t);
     }

@@ -668,10 +668,25 @@ async fn nodes(ctx: &Ctx, c: NodesCommand) -> Result<u8, CommandError> {
         }
         NodesCommand::Drain { id: n } => format!("/v1/nodes/{}/drain", id("node", &n)?),
         NodesCommand::Resume { id: n } => format!("/v1/nodes/{}/resume", id("node", &n)?),
+        NodesCommand::Remove { id: n, force } => {
+            let a = ctx.client.delete(&remove_path(&n, force)?).await?;
+            ctx.show(&a, output::removed_node);
+            return Ok(0);
+        }
     };
     let a = ctx.client.post(&path, None).await?;
     ctx.show(&a, |v| detail(&v["node"], output::NODE_FIELDS));
     Ok(0)
+}
+
+/// `DELETE /v1/nodes/{id}`, with `force=true` when forced.
+fn remove_path(node: &str, force: bool) -> Result<String, CommandError> {
+    let path = format!("/v1/nodes/{}", id("node", node)?);
+    Ok(if force {
+        format!("{path}?force=true")
+    } else {
+        path
+    })
 }
 
 /// The registry password: stdin with `--password-stdin` (one trailing newline dropped), else the
@@ -852,6 +867,30 @@ mod tests {
             "{missing:?}"
         );
         assert!(registry_password(true, stdin("\n"), None).is_err());
+    }
+
+    #[test]
+    fn nodes_remove_sends_force_only_when_asked() {
+        let path = |args: &[&str]| match cli(args) {
+            Some(Command::Nodes(NodesCommand::Remove { id: n, force })) => {
+                remove_path(&n, force).ok()
+            }
+            _ => None,
+        };
+        assert_eq!(
+            path(&["nodes", "remove", "fra-2"]).as_deref(),
+            Some("/v1/nodes/fra-2")
+        );
+        assert_eq!(
+            path(&["nodes", "remove", "fra-2", "--force"]).as_deref(),
+            Some("/v1/nodes/fra-2?force=true")
+        );
+        assert_eq!(
+            path(&["nodes", "remove", "a?force=true"]),
+            None,
+            "not a node id"
+        );
+        assert!(cli(&["nodes", "remove"]).is_none(), "needs the node");
     }
 
     #[test]

@@ -6,4 +6,5 @@
 //!   recovery; SIGTERM drain. Reports reach it through [`crate::outbox`].
 
 pub mod enroll;
+pub mod leave;
 pub mod session;

@@ -80,6 +80,14 @@ impl<S> Scheduler<S> {
         }
     }
 
+    /// Forgets `node_id`'s sessions (a removed node).
+    pub(super) fn forget_delivery(&self, node_id: &str) {
+        self.delivery_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node_id);
+    }
+
     /// The error that ended `node_id`'s last session, unless it delivered a report since.
     pub fn delivery_error(&self, node_id: &str) -> Option<String> {
         self.delivery_errors

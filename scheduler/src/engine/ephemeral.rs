@@ -28,7 +28,7 @@ use berth_core::agent::Registration;
 use berth_core::codes::ErrorCode;
 use berth_core::model::EPHEMERAL_NODE_PREFIX;
 use berth_core::store::Store;
-use berth_core::{keys, Run};
+use berth_core::Run;
 
 impl<S: Store> Scheduler<S> {
     /// Checks an ephemeral registration against its run (the node's id, the claim, the region,
@@ -224,13 +224,12 @@ impl State {
         if !done {
             return false;
         }
-        if let Some(link) = self.nodes.remove(node_id).and_then(|n| n.link) {
+        if let Some(link) = self.nodes.get_mut(node_id).and_then(|n| n.link.take()) {
             link.close(&format!(
                 "ephemeral node {node_id} was lost and its run has ended"
             ));
         }
-        self.index.remove(node_id);
-        self.delete(keys::node(node_id));
+        self.forget_node(node_id);
         tracing::info!(node_id, "ephemeral node removed: its run has ended");
         true
     }

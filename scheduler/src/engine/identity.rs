@@ -7,9 +7,10 @@
 //! session's `Register` must name that node and region, and the scheduler takes every report on
 //! the session as that node's (reports about runs leased to other nodes are already ignored).
 //! Revoking a node revokes its credentials, closes its session and takes its leases back as for
-//! a lost node. Secrets are random (256 bits): a plain SHA-256 is enough (see `core::auth`).
+//! a lost node; removing it (`removal`) does the same and then forgets it. Secrets are random
+//! (256 bits): a plain SHA-256 is enough (see `core::auth`).
 
-use super::{decode, encode, Scheduler};
+use super::{decode, encode, RevocationMark, Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, NodeCredential, RegistrationToken};
 use berth_core::store::{Expect, Store, Txn};
@@ -157,7 +158,7 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// The credentials ever issued to `node_id`, with their revisions.
-    async fn node_credentials_of(
+    pub(super) async fn node_credentials_of(
         &self,
         node_id: &str,
     ) -> Result<Vec<(NodeCredential, u64)>, SchedulerError> {
@@ -262,9 +263,9 @@ impl<S: Store> Scheduler<S> {
                 .is_some_and(|seen| seen.elapsed() <= self.config.node_ttl)
     }
 
-    /// The credential `presented` is, if it is well formed, known, not revoked and its secret
-    /// matches.
-    pub async fn authenticate_node(
+    /// The credential `presented` is, if it is well formed, known and its secret matches,
+    /// revoked or not.
+    async fn verify_node_credential(
         &self,
         presented: &str,
     ) -> Result<NodeCredential, SchedulerError> {
@@ -276,13 +277,113 @@ impl<S: Store> Scheduler<S> {
         if !auth::verify_secret(p.secret, &credential.secret_sha256) {
             return Err(invalid());
         }
+        Ok(credential)
+    }
+
+    /// The credential `presented` is, if it is well formed, known, not revoked and its secret
+    /// matches.
+    pub async fn authenticate_node(
+        &self,
+        presented: &str,
+    ) -> Result<NodeCredential, SchedulerError> {
+        let credential = self.verify_node_credential(presented).await?;
         if credential.revoked_at.is_some() {
-            return Err(SchedulerError::NodeUnauthenticated(format!(
-                "the credential of node {} was revoked; enroll again with a registration token",
+            return Err(revoked(&credential.node_id));
+        }
+        Ok(credential)
+    }
+
+    /// Checks that `presented` speaks for `node_id`, for a node leaving (`Leave`): another
+    /// node's credential is forbidden. A revoked credential of a node that is no longer in the
+    /// fleet (it was removed, which revoked it) gets `NotFound`, so a repeated leave learns the
+    /// node is gone; one of a node still known is refused as revoked.
+    pub async fn authenticate_leaving_node(
+        &self,
+        presented: &str,
+        node_id: &str,
+    ) -> Result<(), SchedulerError> {
+        let credential = self.verify_node_credential(presented).await?;
+        if credential.node_id != node_id {
+            return Err(SchedulerError::Forbidden(format!(
+                "this credential belongs to node {}; it cannot act for node {node_id}",
                 credential.node_id
             )));
         }
-        Ok(credential)
+        if credential.revoked_at.is_some() {
+            if self.node_is_known(node_id).await? {
+                return Err(revoked(node_id));
+            }
+            return Err(SchedulerError::NotFound {
+                kind: "node",
+                id: node_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the scheduler knows `node_id`: in its node list, or enrolled with a credential
+    /// that is not revoked (a node that never connected to this scheduler).
+    pub(super) async fn node_is_known(&self, node_id: &str) -> Result<bool, SchedulerError> {
+        if self.state.lock().await.nodes.contains_key(node_id) {
+            return Ok(true);
+        }
+        Ok(self
+            .node_credentials_of(node_id)
+            .await?
+            .iter()
+            .any(|(c, _)| c.revoked_at.is_none()))
+    }
+
+    /// Where the revocation count stands: taken before a session's credential is checked, and
+    /// handed to [`Self::attach_node_checked`].
+    pub fn revocation_mark(&self) -> RevocationMark {
+        RevocationMark(self.revocations.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Revokes (stores) those of `credentials` not revoked yet, in one commit. Run before the
+    /// node's session is closed (`cut_off`): an agent must not be able to come back between
+    /// the two steps. The caller holds `enrolling`, so no new credential appears meanwhile.
+    pub(super) async fn store_revocations(
+        &self,
+        credentials: Vec<(NodeCredential, u64)>,
+        now: i64,
+    ) -> Result<(), SchedulerError> {
+        let mut txn = Txn::new();
+        for (mut c, rev) in credentials {
+            if c.revoked_at.is_none() {
+                c.revoked_at = Some(now);
+                tracing::info!(node_id = %c.node_id, credential_id = %c.credential_id, "node credential revoked");
+                txn = txn.put(
+                    keys::node_credential(&c.credential_id),
+                    encode(&c),
+                    Expect::Revision(rev),
+                );
+            }
+        }
+        if !txn.is_empty() {
+            self.store.commit(txn).await?;
+        }
+        Ok(())
+    }
+
+    /// After its credentials were revoked (stored): the node's session, if still open, ends at
+    /// once with `reason` (so nothing more it sends is taken as a live node's), it is marked
+    /// lost, and a session whose credential was checked before now cannot register it again
+    /// (see [`super::RevocationMark`]).
+    pub(super) fn cut_off(&self, st: &mut State, node_id: &str, reason: &str) {
+        let at = self
+            .revocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        st.revoked_at.insert(node_id.to_owned(), at);
+        if let Some(node) = st.nodes.get_mut(node_id) {
+            if let Some(link) = node.link.take() {
+                link.close(reason);
+            }
+            node.connected = false;
+            node.lost = true;
+        }
+        st.sync_node(node_id);
     }
 
     /// Revokes every credential of `node_id`, closes its session and handles it as a lost
@@ -290,6 +391,7 @@ impl<S: Store> Scheduler<S> {
     /// `node_lost`.
     pub async fn revoke_node(&self, node_id: &str) -> Result<(), SchedulerError> {
         let now = now_unix_millis();
+        let _one = self.enrolling.lock().await;
         let credentials = self.node_credentials_of(node_id).await?;
         let known = self.state.lock().await.nodes.contains_key(node_id);
         if credentials.is_empty() && !known {
@@ -298,28 +400,13 @@ impl<S: Store> Scheduler<S> {
                 id: node_id.to_owned(),
             });
         }
-        let mut txn = Txn::new();
-        for (mut c, rev) in credentials {
-            if c.revoked_at.is_none() {
-                c.revoked_at = Some(now);
-                txn = txn.put(
-                    keys::node_credential(&c.credential_id),
-                    encode(&c),
-                    Expect::Revision(rev),
-                );
-            }
-        }
-        // Stored first: the agent must not be able to come back between the two steps.
-        self.store.commit(txn).await?;
+        self.store_revocations(credentials, now).await?;
         let mut st = self.state.lock().await;
-        if let Some(node) = st.nodes.get_mut(node_id) {
-            if let Some(link) = node.link.take() {
-                link.close(&format!("the credential of node {node_id} was revoked"));
-            }
-            node.connected = false;
-            node.lost = true;
-        }
-        st.sync_node(node_id);
+        self.cut_off(
+            &mut st,
+            node_id,
+            &format!("the credential of node {node_id} was revoked"),
+        );
         st.take_leases_back(node_id, "was revoked", "was revoked", now)?;
         if st.remove_if_ephemeral_done(node_id) {
             self.forget_liveness(node_id);
@@ -327,4 +414,11 @@ impl<S: Store> Scheduler<S> {
         tracing::warn!(node_id, "node revoked: session closed, leases taken back");
         self.settle(st, true).await
     }
+}
+
+/// The refusal of a revoked node's credential.
+pub(super) fn revoked(node_id: &str) -> SchedulerError {
+    SchedulerError::NodeUnauthenticated(format!(
+        "the credential of node {node_id} was revoked; enroll again with a registration token"
+    ))
 }

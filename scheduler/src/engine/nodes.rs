@@ -34,6 +34,9 @@ pub(super) struct Node {
     /// The agent is shutting down (it refused a run with `node_draining`); cleared when it
     /// registers again.
     pub(super) shutting_down: bool,
+    /// Being removed (see `removal`): it takes no new run while its credentials are revoked.
+    /// Memory only (a removal that fails clears it; one that succeeds deletes the node).
+    pub(super) removing: bool,
     pub(super) connection: u64,
     /// How to reach the agent while it is connected.
     pub(super) link: Option<Link>,
@@ -73,6 +76,7 @@ impl Node {
             undeliverable: false,
             draining,
             shutting_down: false,
+            removing: false,
             connection: 0,
             link: None,
             cached_images: Arc::default(),
@@ -88,7 +92,7 @@ impl Node {
             NodeState::Lost
         } else if !self.connected {
             NodeState::Disconnected
-        } else if self.draining || self.shutting_down {
+        } else if self.draining || self.shutting_down || self.removing {
             NodeState::Draining
         } else {
             NodeState::Ready
@@ -148,33 +152,51 @@ impl<S: Store> Scheduler<S> {
         views.sort_by(|a, b| a.id.cmp(&b.id));
         views
             .into_iter()
-            .filter_map(|view| {
-                let node = st.nodes.get(&view.id)?;
-                let running_run_ids = st
-                    .active
-                    .values()
-                    .filter(|c| c.node_id.as_deref() == Some(node.id.as_str()))
-                    .map(|c| c.id.clone())
-                    .collect();
-                Some(NodeInfo {
-                    view,
-                    runtimes: node.runtimes.clone(),
-                    draining: node.draining,
-                    cpus: node.cpus,
-                    running_run_ids,
-                    last_heartbeat_age: self
-                        .last_seen(&node.id)
-                        .map(|t| t.elapsed())
-                        .unwrap_or_default(),
-                })
-            })
+            .filter_map(|view| self.node_info(&st, view))
             .collect()
+    }
+
+    /// The node `view` shows, as the node list shows it.
+    pub(super) fn node_info(&self, st: &State, view: NodeView) -> Option<NodeInfo> {
+        let node = st.nodes.get(&view.id)?;
+        Some(NodeInfo {
+            view,
+            runtimes: node.runtimes.clone(),
+            draining: node.draining,
+            cpus: node.cpus,
+            running_run_ids: st.runs_on(&node.id),
+            last_heartbeat_age: self
+                .last_seen(&node.id)
+                .map(|t| t.elapsed())
+                .unwrap_or_default(),
+        })
     }
 
     /// A node (re-)registered on a new stream. Reconciles what it says it is running with what
     /// the scheduler has leased to it, answers `Registered` (then the node's warm pins and the
     /// stops asked for while it was away) on `link` at once, and places waiting runs.
     pub async fn attach_node(&self, reg: Registration, link: Link) -> Result<u64, SchedulerError> {
+        self.attach(reg, link, None).await
+    }
+
+    /// [`Self::attach_node`] for a session whose credential was checked after `checked` was
+    /// taken ([`Self::revocation_mark`]): refused if the node was revoked or removed since, so
+    /// a check that passed just before a revocation was stored cannot bring the node back.
+    pub async fn attach_node_checked(
+        &self,
+        reg: Registration,
+        link: Link,
+        checked: super::RevocationMark,
+    ) -> Result<u64, SchedulerError> {
+        self.attach(reg, link, Some(checked)).await
+    }
+
+    async fn attach(
+        &self,
+        reg: Registration,
+        link: Link,
+        checked: Option<super::RevocationMark>,
+    ) -> Result<u64, SchedulerError> {
         if reg.node_id.is_empty() || reg.region.is_empty() {
             return Err(SchedulerError::Protocol(
                 "register needs node_id and region".to_owned(),
@@ -182,6 +204,11 @@ impl<S: Store> Scheduler<S> {
         }
         let ephemeral_for = self.check_ephemeral(&reg).await?;
         let mut st = self.state.lock().await;
+        if let Some(super::RevocationMark(mark)) = checked {
+            if st.revoked_at.get(&reg.node_id).is_some_and(|&at| at > mark) {
+                return Err(super::identity::revoked(&reg.node_id));
+            }
+        }
         st.next_connection += 1;
         let connection = st.next_connection;
         let previous = st.nodes.remove(&reg.node_id);
@@ -189,6 +216,8 @@ impl<S: Store> Scheduler<S> {
             .as_ref()
             .is_some_and(|n| !n.boot_id.is_empty() && n.boot_id != reg.boot_id);
         let draining = previous.as_ref().is_some_and(|n| n.draining);
+        // A node being removed stays out of placement while it re-registers.
+        let removing = previous.as_ref().is_some_and(|n| n.removing);
         // Still held in the index: carried over, reconciled with the runs reported below.
         let (stale, cleaning) = previous
             .as_ref()
@@ -210,6 +239,7 @@ impl<S: Store> Scheduler<S> {
             undeliverable,
             draining,
             shutting_down: false,
+            removing,
             connection,
             link: Some(link.clone()),
             cached_images: Arc::new(reg.cached_images.into_iter().collect()),
@@ -437,6 +467,15 @@ impl<S: Store> Scheduler<S> {
 }
 
 impl State {
+    /// The runs leased to `node_id` (assigned and not started, or running).
+    pub(super) fn runs_on(&self, node_id: &str) -> Vec<String> {
+        self.active
+            .values()
+            .filter(|c| c.node_id.as_deref() == Some(node_id))
+            .map(|c| c.id.clone())
+            .collect()
+    }
+
     /// Takes back every lease of a node that is gone (lost, or its credential revoked): runs it
     /// had not started are queued again ("node X `gone` before it started the run"), started
     /// ones end `failed` with `node_lost` ("node X `why` while the run was running"). Each

@@ -67,7 +67,7 @@ pub fn env() -> Result<Env> {
 /// The port a child bound, from the line it logs once listening (`<what> listening
 /// addr=HOST:PORT …`; both `berth-scheduler` and `berth-api` log it). The children are started
 /// on port 0, so no port is picked here and released for them to take (which races).
-async fn bound_port(log: &Path, what: &str) -> Result<u16> {
+pub async fn bound_port(log: &Path, what: &str) -> Result<u16> {
     let marker = format!("{what} listening");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -512,6 +512,15 @@ impl Fleet {
         command
             .env_remove("BERTH_TOKEN")
             .env_remove("BERTH_CLUSTER_TOKEN");
+        // Hermetic: no config file of this machine (/etc/berth/<daemon>.toml, e.g. left by a
+        // package install) adds settings to the test's processes; an empty one is named instead.
+        for var in [
+            "BERTH_SCHEDULER_CONFIG",
+            "BERTH_API_CONFIG",
+            "BERTH_NODE_AGENT_CONFIG",
+        ] {
+            command.env(var, "/dev/null");
+        }
         match bin {
             "berth-api" => {
                 command

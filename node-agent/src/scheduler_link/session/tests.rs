@@ -261,6 +261,15 @@ impl berth_proto::v1::agent_service_server::AgentService for RefusingScheduler {
         Err(tonic::Status::unimplemented("this fake does not enroll"))
     }
 
+    async fn leave(
+        &self,
+        _: tonic::Request<berth_proto::v1::LeaveRequest>,
+    ) -> Result<tonic::Response<berth_proto::v1::LeaveResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "this fake does not take leaves",
+        ))
+    }
+
     async fn attach(
         &self,
         request: tonic::Request<tonic::Streaming<AgentMessage>>,

@@ -6,7 +6,7 @@ use super::*;
 use berth_core::agent::EphemeralClaim;
 use berth_core::validate::RunInput;
 
-fn ephemeral_input() -> RunOverrides {
+pub(super) fn ephemeral_input() -> RunOverrides {
     RunOverrides::from_input(RunInput {
         ephemeral: Some(true),
         ..Default::default()
@@ -15,7 +15,7 @@ fn ephemeral_input() -> RunOverrides {
 }
 
 /// The registration of run `run`'s one-shot node, presenting `claim`.
-fn one_shot(run: &Run, claim: &str, mem: u64) -> Registration {
+pub(super) fn one_shot(run: &Run, claim: &str, mem: u64) -> Registration {
     let node_id = run.ephemeral.as_ref().expect("ephemeral").node_id.clone();
     Registration {
         max_concurrent_runs: 1,

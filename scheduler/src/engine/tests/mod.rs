@@ -28,6 +28,7 @@ mod nodes;
 mod projects;
 mod queue;
 mod registries;
+mod removal;
 mod retries;
 mod runs;
 mod schedules;
