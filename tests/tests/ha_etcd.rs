@@ -313,14 +313,24 @@ async fn settle(
         if done.len() == ids.len() {
             return Ok(done);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{} of {} runs not terminal after {within:?}",
-            ids.len() - done.len(),
-            ids.len()
-        );
+        if Instant::now() >= deadline {
+            let mut waiting = Vec::new();
+            for id in ids.iter().filter(|id| !done.contains_key(*id)).take(5) {
+                waiting.push(format!("{id}: {:?}", client.read(id).await));
+            }
+            anyhow::bail!(
+                "{} of {} runs not terminal after {within:?}; some of them: {waiting:?}",
+                ids.len() - done.len(),
+                ids.len()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `e` first (what a truncated CI excerpt shows), then the tails of the fleet's logs.
+fn with_logs(e: anyhow::Error, fleet: &Fleet) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}\n---- the fleet's logs (tails)\n{}", fleet.logs())
 }
 
 /// Every run printed exactly `expected` (stdout), each line once, in order.
@@ -433,10 +443,13 @@ async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()
         let shared = Arc::new(Mutex::new(ids.clone()));
         let stop = Arc::new(AtomicBool::new(false));
         let reader = spawn_reader(client.clone(), shared, stop.clone());
-        let finals = settle(&client, &ids, Duration::from_secs(300)).await;
+        // Real containers, each with its own network: on a loaded 2-core CI machine a run's
+        // whole life can take a few hundred milliseconds, so the bound grows with the burst.
+        let within = Duration::from_secs(300).max(Duration::from_millis(600) * runs as u32);
+        let finals = settle(&client, &ids, within).await;
         stop.store(true, Ordering::SeqCst);
         reader.await?;
-        let finals = finals.with_context(|| fleet.logs())?;
+        let finals = finals.map_err(|e| with_logs(e, &fleet))?;
         let failed: Vec<_> = finals
             .iter()
             .filter(|(_, s)| **s != RunStatus::Succeeded)
@@ -490,7 +503,7 @@ async fn the_concurrency_cap_holds_across_a_failover() -> Result<()> {
     ensure!(ids.len() == 150, "{} of 150 acknowledged", ids.len());
     let finals = settle(&client, &ids, Duration::from_secs(300))
         .await
-        .with_context(|| fleet.logs())?;
+        .map_err(|e| with_logs(e, &fleet))?;
     let failed: Vec<_> = finals
         .iter()
         .filter(|(_, s)| **s != RunStatus::Succeeded)
