@@ -152,6 +152,10 @@ const NODE_CREDENTIAL_PREFIX: &str = "berthnode_";
 /// gRPC metadata carrying an agent's node credential on `AgentService.Attach`.
 pub const NODE_CREDENTIAL_METADATA: &str = "x-berth-node-credential";
 
+/// The metadata in which a refused node removal (`FAILED_PRECONDITION`: the node still holds
+/// runs) carries the number of those runs, as decimal text (`AgentService.Leave` documents it).
+pub const ACTIVE_RUNS_METADATA: &str = "x-berth-active-runs";
+
 pub fn generate_registration_token() -> NewKey {
     generate_with_prefix(REGISTRATION_PREFIX)
 }

@@ -4,9 +4,7 @@ use berth_core::store::StoreError;
 use berth_core::validate::ValidationErrors;
 use berth_core::TransitionError;
 
-/// The metadata a refused removal (`FAILED_PRECONDITION`: the node still holds runs) carries
-/// the number of those runs in, as decimal text (`AgentService.Leave` documents it).
-pub const ACTIVE_RUNS_METADATA: &str = "x-berth-active-runs";
+pub use berth_core::auth::ACTIVE_RUNS_METADATA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {

@@ -9,6 +9,7 @@
 //! draining twice is draining, and a removal that was applied before its answer was lost
 //! answers `NOT_FOUND` the second time, which is taken as removed.
 
+use berth_core::auth::ACTIVE_RUNS_METADATA;
 use berth_core::failover::{Rotation, SchedulerAddrs, NOT_SERVED_METADATA};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::LeaveRequest;
@@ -16,10 +17,6 @@ use std::time::{Duration, Instant};
 
 /// How long a leave looks for a scheduler that answers: a failover takes a few seconds.
 pub const LEAVE_BUDGET: Duration = Duration::from_secs(15);
-
-/// The metadata in which a refused removal carries the number of runs the node still holds
-/// (the scheduler's `ACTIVE_RUNS_METADATA`, documented on `AgentService.Leave`).
-const ACTIVE_RUNS_METADATA: &str = "x-berth-active-runs";
 
 /// What the scheduler said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

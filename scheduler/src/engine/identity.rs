@@ -10,6 +10,7 @@
 //! a lost node; removing it (`removal`) does the same and then forgets it. Secrets are random
 //! (256 bits): a plain SHA-256 is enough (see `core::auth`).
 
+use super::nodes::node_not_found;
 use super::{decode, encode, RevocationMark, Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::auth::{self, NodeCredential, RegistrationToken};
@@ -313,10 +314,7 @@ impl<S: Store> Scheduler<S> {
             if self.node_is_known(node_id).await? {
                 return Err(revoked(node_id));
             }
-            return Err(SchedulerError::NotFound {
-                kind: "node",
-                id: node_id.to_owned(),
-            });
+            return Err(node_not_found(node_id));
         }
         Ok(())
     }
@@ -395,10 +393,7 @@ impl<S: Store> Scheduler<S> {
         let credentials = self.node_credentials_of(node_id).await?;
         let known = self.state.lock().await.nodes.contains_key(node_id);
         if credentials.is_empty() && !known {
-            return Err(SchedulerError::NotFound {
-                kind: "node",
-                id: node_id.to_owned(),
-            });
+            return Err(node_not_found(node_id));
         }
         self.store_revocations(credentials, now).await?;
         let mut st = self.state.lock().await;

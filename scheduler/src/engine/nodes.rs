@@ -439,10 +439,7 @@ impl<S: Store> Scheduler<S> {
             let node = st
                 .nodes
                 .get_mut(node_id)
-                .ok_or_else(|| SchedulerError::NotFound {
-                    kind: "node",
-                    id: node_id.to_owned(),
-                })?;
+                .ok_or_else(|| node_not_found(node_id))?;
             node.draining = draining;
             let rec = node.record();
             st.sync_node(node_id);
@@ -459,10 +456,7 @@ impl<S: Store> Scheduler<S> {
             .await
             .into_iter()
             .find(|n| n.view.id == node_id)
-            .ok_or_else(|| SchedulerError::NotFound {
-                kind: "node",
-                id: node_id.to_owned(),
-            })
+            .ok_or_else(|| node_not_found(node_id))
     }
 }
 
@@ -665,5 +659,13 @@ impl State {
                 tracing::error!(error = %e, "lease taken on a node the index does not know");
             }
         }
+    }
+}
+
+/// The answer for a node the scheduler does not know.
+pub(super) fn node_not_found(node_id: &str) -> SchedulerError {
+    SchedulerError::NotFound {
+        kind: "node",
+        id: node_id.to_owned(),
     }
 }

@@ -28,11 +28,12 @@
 //! run without a lease. Without a cluster token (loopback development) agents need no
 //! credential, so a removed node whose agent still runs registers again at once.
 
-use super::{encode, stop, Scheduler, State};
+use super::nodes::node_not_found;
+use super::{stop, Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::codes::ErrorCode;
 use berth_core::model::WarmupStatus;
-use berth_core::store::{Expect, Store, StoreError, Txn};
+use berth_core::store::Store;
 use berth_core::{keys, now_unix_millis};
 
 /// Who removes a node, which decides when it is refused.
@@ -91,13 +92,6 @@ pub struct LeaveOutcome {
     pub removed: bool,
 }
 
-fn not_found(node_id: &str) -> SchedulerError {
-    SchedulerError::NotFound {
-        kind: "node",
-        id: node_id.to_owned(),
-    }
-}
-
 impl<S: Store> Scheduler<S> {
     /// Removes `node_id` from the fleet (see the module's steps). `NotFound` for a node the
     /// scheduler does not know (nor has a valid credential of): one removed already, say.
@@ -119,7 +113,7 @@ impl<S: Store> Scheduler<S> {
             match st.nodes.get(node_id).map(|n| n.connected) {
                 // Enrolled, never connected to this scheduler: its credentials are all there is.
                 None if enrolled_in.is_some() => {}
-                None => return Err(not_found(node_id)),
+                None => return Err(node_not_found(node_id)),
                 Some(connected) => {
                     let runs = st.runs_on(node_id).len();
                     if let Some(refused) = how.refusal(node_id, connected, runs) {
@@ -251,7 +245,7 @@ impl<S: Store> Scheduler<S> {
                 .len(),
             // Enrolled, never connected here: there is nothing to drain.
             None if self.node_is_known(node_id).await? => 0,
-            None => return Err(not_found(node_id)),
+            None => return Err(node_not_found(node_id)),
         };
         tracing::info!(node_id, active_runs, "node leaving: drained");
         Ok(LeaveOutcome {
@@ -267,35 +261,22 @@ impl<S: Store> Scheduler<S> {
             if runner.warmup.as_ref().is_none_or(|w| w.node_id != node_id) {
                 continue;
             }
-            // A runner changed meanwhile is read again (its record is revision-checked).
-            for _ in 0..5 {
-                let (mut runner, revision) = match self.load_runner(&runner.id).await {
-                    Ok(found) => found,
-                    Err(SchedulerError::NotFound { .. }) => break,
-                    Err(e) => return Err(e),
-                };
-                let Some(w) = runner.warmup.as_mut().filter(|w| w.node_id == node_id) else {
-                    break; // a newer warmup chose another node
-                };
-                w.node_id.clear();
-                w.status = WarmupStatus::Failed;
-                w.error = Some(format!(
-                    "node {node_id} was removed from the fleet; warm the runner up again"
-                ));
-                w.sandboxes = 0;
-                let put = Txn::new().put(
-                    keys::runner(&runner.id),
-                    encode(&runner),
-                    Expect::Revision(revision),
-                );
-                match self.store.commit(put).await {
-                    Ok(_) => {
-                        tracing::info!(runner_id = %runner.id, node_id, "warmup dropped: its node was removed");
-                        break;
-                    }
-                    Err(StoreError::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                }
+            let dropped = self
+                .change_runner(&runner.id, |runner| {
+                    let Some(w) = runner.warmup.as_mut().filter(|w| w.node_id == node_id) else {
+                        return false; // a newer warmup chose another node
+                    };
+                    w.node_id.clear();
+                    w.status = WarmupStatus::Failed;
+                    w.error = Some(format!(
+                        "node {node_id} was removed from the fleet; warm the runner up again"
+                    ));
+                    w.sandboxes = 0;
+                    true
+                })
+                .await?;
+            if dropped {
+                tracing::info!(runner_id = %runner.id, node_id, "warmup dropped: its node was removed");
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! about a run is checked against the run's current lease first: a stale one is ignored or
 //! fenced with a stop.
 
-use super::{committed, encode, stop, Scheduler};
+use super::{committed, stop, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::agent::{
     AgentReport, ExitReason, Heartbeat, RunExited, RunReleased, RunStarted, WarmupResult,
@@ -11,8 +11,8 @@ use berth_core::agent::{
 use berth_core::codes::ErrorCode;
 use berth_core::model::WarmupStatus;
 use berth_core::status::TIMEOUT_EXIT_CODE;
-use berth_core::store::{Expect, Store, Txn};
-use berth_core::{keys, now_unix_millis, RunStatus};
+use berth_core::store::Store;
+use berth_core::{now_unix_millis, RunStatus};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,45 +87,33 @@ impl<S: Store> Scheduler<S> {
         node_id: &str,
         msg: WarmupResult,
     ) -> Result<(), SchedulerError> {
-        for _ in 0..5 {
-            let (mut runner, revision) = match self.load_runner(&msg.runner_id).await {
-                Ok(found) => found,
-                Err(SchedulerError::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let Some(w) = runner
-                .warmup
-                .as_mut()
-                .filter(|w| w.node_id == node_id && w.image == msg.image)
-            else {
-                return Ok(()); // a newer warmup replaced this one
-            };
-            match &msg.outcome {
-                Ok(_digest) => {
-                    w.status = WarmupStatus::Ready;
-                    w.error = None;
-                    runner.warmed_at = Some(now_unix_millis());
+        let written = self
+            .change_runner(&msg.runner_id, |runner| {
+                let Some(w) = runner
+                    .warmup
+                    .as_mut()
+                    .filter(|w| w.node_id == node_id && w.image == msg.image)
+                else {
+                    return false; // a newer warmup replaced this one
+                };
+                match &msg.outcome {
+                    Ok(_digest) => {
+                        w.status = WarmupStatus::Ready;
+                        w.error = None;
+                        runner.warmed_at = Some(now_unix_millis());
+                    }
+                    Err(error) => {
+                        w.status = WarmupStatus::Failed;
+                        w.error = Some(format!("{}: {error}", ErrorCode::ImagePullFailed));
+                    }
                 }
-                Err(error) => {
-                    w.status = WarmupStatus::Failed;
-                    w.error = Some(format!("{}: {error}", ErrorCode::ImagePullFailed));
-                }
-            }
-            let put = Txn::new().put(
-                keys::runner(&runner.id),
-                encode(&runner),
-                Expect::Revision(revision),
-            );
-            match self.store.commit(put).await {
-                Ok(_) => {
-                    tracing::info!(runner_id = %runner.id, node_id, ok = msg.outcome.is_ok(), "warmup finished");
-                    return Ok(());
-                }
-                Err(berth_core::store::StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
+                true
+            })
+            .await?;
+        if written {
+            tracing::info!(runner_id = %msg.runner_id, node_id, ok = msg.outcome.is_ok(), "warmup finished");
         }
-        Err(SchedulerError::Stale(format!("runner {}", msg.runner_id)))
+        Ok(())
     }
 
     pub async fn run_started(&self, node_id: &str, msg: RunStarted) -> Result<(), SchedulerError> {

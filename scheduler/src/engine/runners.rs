@@ -103,6 +103,38 @@ impl<S: Store> Scheduler<S> {
         Ok((decode(&key, &kv.value)?, kv.mod_revision))
     }
 
+    /// Applies `change` to runner `id` and stores it, revision-checked: a runner changed
+    /// meanwhile is read again and `change` applied anew, at most 5 times (then `Stale`).
+    /// `change` answers whether there is anything to write. Ok(false): nothing written (no
+    /// such runner, or `change` declined).
+    pub(super) async fn change_runner(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut Runner) -> bool,
+    ) -> Result<bool, SchedulerError> {
+        for _ in 0..5 {
+            let (mut runner, revision) = match self.load_runner(id).await {
+                Ok(found) => found,
+                Err(SchedulerError::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            if !change(&mut runner) {
+                return Ok(false);
+            }
+            let put = Txn::new().put(
+                keys::runner(id),
+                encode(&runner),
+                Expect::Revision(revision),
+            );
+            match self.store.commit(put).await {
+                Ok(_) => return Ok(true),
+                Err(berth_core::store::StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SchedulerError::Stale(format!("runner {id}")))
+    }
+
     pub(super) async fn all_runners(&self) -> Result<Vec<(Runner, u64)>, SchedulerError> {
         let kvs = self.store.list_prefix(keys::RUNNERS).await?;
         kvs.into_iter()
