@@ -11,10 +11,19 @@ use common::{AgentSpec, Fleet, FleetOptions};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// A loopback port nothing listens on now (the process under test binds it right after).
-fn free_port() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
+/// `N` distinct loopback ports nothing listens on now (the processes under test bind them right
+/// after). All are held until each is chosen, so no port is handed out twice.
+fn free_ports<const N: usize>() -> Result<[String; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("expected {N} ports"))
 }
 
 async fn scrape(addr: &str) -> Result<String> {
@@ -74,7 +83,7 @@ fn at_least(text: &str, name: &str, labels: &[(&str, &str)], want: f64) -> Resul
 /// A fleet of one agent (in fra) whose scheduler, API and agent each serve metrics and health
 /// on an address of their own: the fleet, the node's id, and those addresses.
 async fn fleet_with_metrics() -> Result<(Fleet, String, [String; 3])> {
-    let (sched, api, agent) = (free_port()?, free_port()?, free_port()?);
+    let [sched, api, agent] = free_ports::<3>()?;
     let mut f = Fleet::start_opts(
         &[AgentSpec::new("fra")],
         FleetOptions {

@@ -121,8 +121,15 @@ impl Drop for Scheduler {
     }
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// Distinct free loopback addresses (all held until each is chosen).
+fn free_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?)
 }
 
 fn wait_until(within: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<Duration> {
@@ -186,8 +193,7 @@ fn rounds(
 ) -> anyhow::Result<()> {
     let key = dir.join("secret.key");
     let mut schedulers = Vec::new();
-    for i in 0..2 {
-        let addr = free_addr()?;
+    for (i, addr) in free_addrs(2)?.into_iter().enumerate() {
         let data = dir.join(format!("s{i}"));
         std::fs::create_dir_all(&data)?;
         schedulers.push(Scheduler {

@@ -147,14 +147,25 @@ async fn serve_fake_refusing(
     (url, calls)
 }
 
-/// A loopback port nobody listens on (connect is refused).
+/// `n` distinct loopback ports nobody listens on (connect is refused). All are bound before
+/// any is let go, so the system cannot hand the same port out twice.
+async fn refused_urls(n: usize) -> Vec<String> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+    }
+    held.iter()
+        .map(|l| format!("http://{}", l.local_addr().expect("addr")))
+        .collect()
+}
+
+/// A loopback port nobody listens on.
 async fn refused_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    drop(listener);
-    url
+    refused_urls(1).await.remove(0)
 }
 
 /// A port that accepts connections and then never reads or answers: a frozen process.
@@ -296,10 +307,7 @@ async fn a_frozen_scheduler_is_given_up_by_its_keepalive() {
 
 #[tokio::test]
 async fn with_no_scheduler_up_a_call_fails_once_the_budget_is_spent() {
-    let ch = channel(
-        &[refused_url().await, refused_url().await],
-        Duration::from_millis(400),
-    );
+    let ch = channel(&refused_urls(2).await, Duration::from_millis(400));
     let started = Instant::now();
     let err = tokio::time::timeout(Duration::from_secs(10), call(&ch, "Create"))
         .await
@@ -316,12 +324,9 @@ async fn with_no_scheduler_up_a_call_fails_once_the_budget_is_spent() {
 
 #[tokio::test]
 async fn a_scheduler_that_starts_listening_later_is_found_within_a_round_backoff() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let late = format!("http://{}", listener.local_addr().expect("addr"));
-    drop(listener);
-    let ch = channel(&[refused_url().await, late.clone()], Duration::from_secs(5));
+    let urls = refused_urls(2).await;
+    let late = urls[1].clone();
+    let ch = channel(&urls, Duration::from_secs(5));
     let pending = tokio::spawn({
         let ch = ch.clone();
         async move { call(&ch, "Create").await.map(|r| served_by(&r).to_owned()) }

@@ -279,11 +279,12 @@ mod tests {
             .await
             .expect("bind");
         let dead = closed.local_addr().expect("addr");
-        drop(closed);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let live = listener.local_addr().expect("addr");
+        // Released only now, so the live scheduler cannot have been given the same port.
+        drop(closed);
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(pb::agent_service_server::AgentServiceServer::new(fake))

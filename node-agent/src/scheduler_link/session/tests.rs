@@ -449,13 +449,13 @@ async fn time_to_attach(
 
 #[tokio::test]
 async fn an_agent_registers_with_the_next_address_when_the_first_refuses() {
-    let refused = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let refused = format!("http://{}", closed.local_addr().expect("addr"));
     let (url, sessions) = registering_scheduler().await;
+    // Released only once the live scheduler has its port, so the two cannot be the same.
+    drop(closed);
     let took = time_to_attach(
         &format!("{refused},{url}"),
         &sessions,
