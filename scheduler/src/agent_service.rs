@@ -4,7 +4,7 @@
 //! [`AgentReport`]; each [`AgentCommand`] the engine sends is encoded once, on its way out,
 //! by [`GrpcLink`]. Sequence numbers and their acks are this stream's business only.
 
-use crate::engine::{Link, Scheduler};
+use crate::engine::{Link, RunReport, Scheduler};
 use crate::error::SchedulerError;
 use berth_core::agent::{
     AgentCommand, AgentLink, AgentReport, AssignRun, EphemeralClaim, Heartbeat, LinkClosed,
@@ -28,6 +28,49 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Log batches of one agent staged and not yet durable, at most (see `attach`).
 const MAX_LOG_COMMITS_IN_FLIGHT: usize = 32;
+/// Reports about runs (starts, exits, releases) of one agent handled as one operation, at most.
+const MAX_RUN_REPORT_BATCH: usize = 128;
+
+/// What an agent message says, decoded (`None`: nothing the engine handles).
+type Decoded = Result<Option<AgentReport>, UnknownEnumValue>;
+
+fn decode(msg: pb::AgentMessage) -> (u64, Decoded) {
+    (
+        msg.seq,
+        msg.body
+            .map(report_from_pb)
+            .transpose()
+            .map(Option::flatten),
+    )
+}
+
+/// The run report `first` (message `seq`) with the reports about runs queued right behind it,
+/// up to [`MAX_RUN_REPORT_BATCH`], to be handled as one operation; and the first message of
+/// another kind taken from the queue, if any, to be handled next.
+#[allow(clippy::type_complexity)]
+fn gather_run_reports(
+    seq: u64,
+    first: RunReport,
+    queued: &mut mpsc::UnboundedReceiver<pb::AgentMessage>,
+) -> ((Vec<u64>, Vec<RunReport>), Option<(u64, Decoded)>) {
+    let (mut seqs, mut reports) = (vec![seq], vec![first]);
+    while reports.len() < MAX_RUN_REPORT_BATCH {
+        let Ok(msg) = queued.try_recv() else { break };
+        let next = match decode(msg) {
+            (seq, Ok(Some(report))) => match RunReport::from_report(report) {
+                Ok(report) => {
+                    seqs.push(seq);
+                    reports.push(report);
+                    continue;
+                }
+                Err(other) => (seq, Ok(Some(other))),
+            },
+            other => other,
+        };
+        return ((seqs, reports), Some(next));
+    }
+    ((seqs, reports), None)
+}
 
 pub struct AgentApi<S> {
     pub scheduler: Arc<Scheduler<S>>,
@@ -229,14 +272,14 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
             // one fsync. Any other report waits until every batch before it is durable, so a
             // run's end is never handled while a line of it could still fail to be stored.
             let mut committing = futures::stream::FuturesOrdered::new();
-            // Not acknowledged: end the stream so the agent reconnects and re-sends.
+            // Not acknowledged: end the stream, telling the agent why, so it reconnects and
+            // sends again what was not acknowledged (UNAVAILABLE: a code the agent retries,
+            // whatever the cause; a one-shot node gives up on the codes that refuse it).
             let failed = |seq: u64, e: SchedulerError| {
                 tracing::error!(node_id = %node, seq, error = %e, "could not handle agent message");
-                scheduler.record_delivery_error(
-                    node,
-                    &format!("could not handle message {seq}: {e}"),
-                    std::time::Instant::now(),
-                );
+                let why = format!("could not handle message {seq}: {e}");
+                scheduler.record_delivery_error(node, &why, std::time::Instant::now());
+                let _ = tx.send(Err(Status::unavailable(why)));
             };
             let ack = |seq: u64| {
                 if seq == 0 {
@@ -256,22 +299,30 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                     false
                 }
             };
+            // A message taken from the queue while gathering a batch that is not part of it:
+            // the next one handled.
+            let mut held: Option<(u64, Decoded)> = None;
             'session: loop {
-                let msg = tokio::select! {
-                    biased;
-                    Some(done) = committing.next(), if !committing.is_empty() => {
-                        if settle(done) {
-                            continue;
-                        }
-                        break;
+                let (seq, decoded) = match held.take() {
+                    Some(next) => next,
+                    None => {
+                        let msg = tokio::select! {
+                            biased;
+                            Some(done) = committing.next(), if !committing.is_empty() => {
+                                if settle(done) {
+                                    continue;
+                                }
+                                break;
+                            }
+                            msg = queued.recv(), if committing.len() < MAX_LOG_COMMITS_IN_FLIGHT => msg,
+                        };
+                        let Some(msg) = msg else { break };
+                        decode(msg)
                     }
-                    msg = queued.recv(), if committing.len() < MAX_LOG_COMMITS_IN_FLIGHT => msg,
                 };
-                let Some(msg) = msg else { break };
-                let seq = msg.seq;
-                let report = match msg.body.map(report_from_pb).transpose() {
-                    Ok(Some(Some(report))) => Some(report),
-                    Ok(_) => {
+                let report = match decoded {
+                    Ok(Some(report)) => Some(report),
+                    Ok(None) => {
                         tracing::warn!(node_id = %node, "unexpected message on an attached stream");
                         None
                     }
@@ -306,6 +357,31 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                         break 'session;
                     }
                 }
+                let report = match report.map(RunReport::from_report) {
+                    Some(Ok(first)) => {
+                        let (seqs, reports);
+                        ((seqs, reports), held) = gather_run_reports(seq, first, &mut queued);
+                        match scheduler.run_reports(node, reports).await {
+                            Ok(()) => {
+                                if !ack(seqs.last().copied().unwrap_or(seq)) {
+                                    break;
+                                }
+                            }
+                            Err((handled, e)) => {
+                                if let Some(&last) =
+                                    handled.checked_sub(1).and_then(|i| seqs.get(i))
+                                {
+                                    ack(last);
+                                }
+                                failed(seqs.get(handled).copied().unwrap_or(seq), e);
+                                break;
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Err(other)) => Some(other),
+                    None => None,
+                };
                 if let Some(report) = report {
                     if let Err(e) = scheduler.report(node, report).await {
                         failed(seq, e);

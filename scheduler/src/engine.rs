@@ -823,6 +823,7 @@ use queue::is_queued;
 pub use registries::image_reference;
 use registries::RegistryEntry;
 pub use removal::{LeaveOutcome, Removal, RemovedNode};
+pub use reports::RunReport;
 pub use runners::MAX_WARM_SANDBOXES;
 pub use schedules::MAX_SCHEDULES_PER_RUNNER;
 pub use usage::{UsageGroup, UsageRow};

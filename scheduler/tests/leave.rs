@@ -4,54 +4,20 @@
 //! run has ended, and cannot attach again with its old credential; another node's credential
 //! and no credential are refused; a scheduler without a cluster token takes a leave without one.
 
+mod common;
+
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use berth_core::store::MemoryStore;
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_message::Body;
-use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::scheduler_message::Body as Command;
-use berth_scheduler::engine::{Config, Scheduler};
-use std::sync::Arc;
+use common::{runner_spec, start, Fixture, Session};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 
 const CLUSTER_TOKEN: &str = "leave-test-cluster-token-0123456789";
 
-struct Fixture {
-    scheduler: Arc<Scheduler<MemoryStore>>,
-    url: String,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start(cluster_token: Option<&str>) -> Result<Fixture> {
-    let scheduler = Scheduler::open(MemoryStore::new(), Config::default()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(berth_scheduler::serve(
-        scheduler.clone(),
-        listener,
-        berth_scheduler::ClusterGate::new(cluster_token),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Ok(Fixture {
-        scheduler,
-        url,
-        _stop: stop,
-    })
-}
-
 impl Fixture {
-    async fn client(&self) -> Result<AgentServiceClient<Channel>> {
-        Ok(AgentServiceClient::new(
-            Channel::from_shared(self.url.clone())?.connect().await?,
-        ))
-    }
-
     /// Enrolls `node_id` in fra through `Enroll`; answers its credential.
     async fn enroll(&self, node_id: &str) -> Result<String> {
         let (_, token) = self
@@ -95,109 +61,18 @@ impl Fixture {
     }
 }
 
-/// An agent's session: what it sends, what it hears.
-struct Session {
-    to_scheduler: mpsc::UnboundedSender<pb::AgentMessage>,
-    from_scheduler: tonic::Streaming<pb::SchedulerMessage>,
-}
-
-impl Session {
-    /// Attaches as `node_id` with `credential` and waits for `Registered`.
-    async fn attach(f: &Fixture, credential: &str, node_id: &str) -> Result<Session> {
-        let (to_scheduler, outbound) = mpsc::unbounded_channel();
-        to_scheduler.send(pb::AgentMessage {
-            seq: 0,
-            body: Some(Body::Register(pb::Register {
-                node_id: node_id.to_owned(),
-                boot_id: "boot-1".to_owned(),
-                region: "fra".to_owned(),
-                total_memory_mib: 4096,
-                cpus: 2,
-                max_concurrent_runs: 4,
-                runtimes: vec!["runc".to_owned()],
-                ..Default::default()
-            })),
-        })?;
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
-        request.metadata_mut().insert(
-            berth_core::auth::NODE_CREDENTIAL_METADATA,
-            credential.parse()?,
-        );
-        let from_scheduler = f.client().await?.attach(request).await?.into_inner();
-        let mut session = Session {
-            to_scheduler,
-            from_scheduler,
-        };
-        match session.next().await? {
-            Command::Registered(_) => Ok(session),
-            other => bail!("expected Registered, got {other:?}"),
-        }
-    }
-
-    async fn next(&mut self) -> Result<Command> {
-        let message = tokio::time::timeout(Duration::from_secs(10), self.from_scheduler.message())
-            .await
-            .context("nothing from the scheduler within 10 s")??;
-        message
-            .and_then(|m| m.body)
-            .ok_or_else(|| anyhow!("the session ended"))
-    }
-
-    /// The next message that is not a warm pin set.
-    async fn next_but_pins(&mut self) -> Result<Command> {
-        loop {
-            match self.next().await? {
-                Command::WarmPins(_) => continue,
-                other => return Ok(other),
-            }
-        }
-    }
-
-    /// Sends `body` as message `seq` and waits for its acknowledgement.
-    async fn report(&mut self, seq: u64, body: Body) -> Result<()> {
-        self.to_scheduler.send(pb::AgentMessage {
-            seq,
-            body: Some(body),
-        })?;
-        loop {
-            match self.next_but_pins().await? {
-                Command::Ack(a) if a.up_to_seq >= seq => return Ok(()),
-                Command::Ack(_) => continue,
-                other => bail!("expected the ack of {seq}, got {other:?}"),
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_node_leaves_drained_then_removed_and_cannot_attach_again() -> Result<()> {
     let f = start(Some(CLUSTER_TOKEN)).await?;
     let credential = f.enroll("fra-1").await?;
     let other = f.enroll("fra-2").await?;
-    let mut session = Session::attach(&f, &credential, "fra-1").await?;
+    let mut session = Session::attach(&f, Some(&credential), "fra-1").await?;
 
     let (runner, _) = f
         .scheduler
         .create_runner(
             berth_core::auth::DEFAULT_PROJECT,
-            berth_core::RunnerSpec {
-                name: "leave".into(),
-                image_name: "busybox".into(),
-                image_tag: "latest".into(),
-                run_command: Some("sleep 60".into()),
-                argv: vec![],
-                entrypoint: None,
-                timeout_seconds: 60,
-                region: "fra".into(),
-                instance_type: "standard-s".into(),
-                env_variables: vec![],
-                container_registry_id: None,
-                stop_grace_seconds: None,
-                max_concurrent_runs: None,
-                retry_policy: None,
-                notify: None,
-                isolation: Default::default(),
-            },
+            runner_spec("leave", "sleep 60"),
         )
         .await?;
     f.scheduler
@@ -304,7 +179,7 @@ async fn a_node_leaves_drained_then_removed_and_cannot_attach_again() -> Result<
         closed.code() == tonic::Code::Unauthenticated && closed.message().contains("removed"),
         "{closed:?}"
     );
-    let again = Session::attach(&f, &credential, "fra-1").await;
+    let again = Session::attach(&f, Some(&credential), "fra-1").await;
     let status = again
         .err()
         .and_then(|e| e.downcast::<tonic::Status>().ok())

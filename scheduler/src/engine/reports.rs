@@ -3,7 +3,7 @@
 //! about a run is checked against the run's current lease first: a stale one is ignored or
 //! fenced with a stop.
 
-use super::{committed, stop, Scheduler};
+use super::{committed, stop, Scheduler, State};
 use crate::error::SchedulerError;
 use berth_core::agent::{
     AgentReport, ExitReason, Heartbeat, RunExited, RunReleased, RunStarted, WarmupResult,
@@ -118,17 +118,25 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn run_started(&self, node_id: &str, msg: RunStarted) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
+        let effect = self.apply_started(&mut st, node_id, msg)?;
+        self.finish(st, effect).await
+    }
+
+    fn apply_started(
+        &self,
+        st: &mut State,
+        node_id: &str,
+        msg: RunStarted,
+    ) -> Result<Effect, SchedulerError> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
             tracing::warn!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "stale start report; stopping it");
             st.send_to(node_id, stop(&msg.run_id));
-            let done = self.flush(&mut st);
-            drop(st);
-            return committed(done).await;
+            return Ok(Effect::Store);
         };
         if run.status != RunStatus::Pending {
-            return Ok(()); // a re-sent report
+            return Ok(Effect::Nothing); // a re-sent report
         }
         self.take_pull_for_start(&mut run);
         let at = nanos_to_millis(msg.started_at_unix_nanos);
@@ -138,20 +146,30 @@ impl<S: Store> Scheduler<S> {
             .record_start(&msg.stages, msg.started_at_unix_nanos);
         tracing::info!(run_id = %run.id, node_id, runtime = run.runtime.as_deref().unwrap_or(""), "run started");
         st.stage(run);
-        self.settle(st, false).await
+        Ok(Effect::Store)
     }
 
     pub async fn run_exited(&self, node_id: &str, msg: RunExited) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
+        let effect = self.apply_exited(&mut st, node_id, msg)?;
+        self.finish(st, effect).await
+    }
+
+    fn apply_exited(
+        &self,
+        st: &mut State,
+        node_id: &str,
+        msg: RunExited,
+    ) -> Result<Effect, SchedulerError> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
             // An exit reported once the container is cleaned up: a stale run's capacity is
             // free again. One reported before cleanup (a re-sent report) frees nothing yet.
             if !msg.cleanup_pending && st.release_stale(node_id, &msg.run_id) {
-                return self.settle(st, true).await;
+                return Ok(Effect::StoreAndPlace);
             }
-            return Ok(());
+            return Ok(Effect::Nothing);
         };
         self.forget_pull(&run.id);
         let at = if msg.exited_at_unix_nanos > 0 {
@@ -172,7 +190,7 @@ impl<S: Store> Scheduler<S> {
             st.sync_node(node_id);
             tracing::info!(run_id = %run.id, node_id, "re-queued: the node is shutting down");
             st.stage(run);
-            return self.settle(st, true).await;
+            return Ok(Effect::StoreAndPlace);
         }
         let code = (msg.exit_code >= 0).then_some(msg.exit_code);
         if run.status == RunStatus::Pending && reason != ExitReason::StartFailed {
@@ -223,11 +241,15 @@ impl<S: Store> Scheduler<S> {
             // says it is cleaned up (RunReleased). Its runner's slot is free now, though: a
             // capped runner's next run may fit elsewhere (or beside it).
             st.hold_while_cleaning(node_id, &run_id, memory_mib);
-            return self.settle(st, frees_slot).await;
+            return Ok(if frees_slot {
+                Effect::StoreAndPlace
+            } else {
+                Effect::Store
+            });
         }
         // The node itself reports the end: nothing of the run is left there.
         st.release_stale(node_id, &run_id);
-        self.settle(st, true).await
+        Ok(Effect::StoreAndPlace)
     }
 
     /// The node cleaned up a run whose exit it reported early: its capacity is free again.
@@ -237,11 +259,102 @@ impl<S: Store> Scheduler<S> {
         msg: RunReleased,
     ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        if st.release_stale(node_id, &msg.run_id) {
-            return self.settle(st, true).await;
+        let effect = apply_released(&mut st, node_id, &msg);
+        self.finish(st, effect).await
+    }
+
+    /// Reports about runs that one node sent together (its agent's outbox drains in bursts
+    /// when the scheduler is busy), handled in order under one lock: their writes are stored
+    /// as one operation (a run started and ended in the batch is written once), and what they
+    /// free is placed in one pass. `Err((handled, e))`: the reports before the `handled`-th
+    /// are stored, that one failed with `e` and the ones after it were not looked at.
+    pub async fn run_reports(
+        &self,
+        node_id: &str,
+        reports: Vec<RunReport>,
+    ) -> Result<(), (usize, SchedulerError)> {
+        let mut st = self.state.lock().await;
+        let mut effect = Effect::Nothing;
+        let mut failure = None;
+        let mut handled = 0;
+        for report in reports {
+            let applied = match report {
+                RunReport::Started(m) => self.apply_started(&mut st, node_id, m),
+                RunReport::Exited(m) => self.apply_exited(&mut st, node_id, m),
+                RunReport::Released(m) => Ok(apply_released(&mut st, node_id, &m)),
+            };
+            match applied {
+                Ok(e) => {
+                    effect = effect.max(e);
+                    handled += 1;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
         }
-        tracing::debug!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "release of a run that held nothing");
-        Ok(())
+        // Nothing of the batch counts as handled unless what it staged is stored.
+        self.finish(st, effect).await.map_err(|e| (0, e))?;
+        match failure {
+            Some(e) => Err((handled, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends an operation that applied reports: stores what they staged (placing first if one
+    /// freed capacity) and waits until it is durable.
+    async fn finish(
+        &self,
+        st: tokio::sync::MutexGuard<'_, State>,
+        effect: Effect,
+    ) -> Result<(), SchedulerError> {
+        match effect {
+            Effect::Nothing => Ok(()),
+            Effect::Store => self.settle(st, false).await,
+            Effect::StoreAndPlace => self.settle(st, true).await,
+        }
+    }
+}
+
+/// The node cleaned up a run whose exit it reported early: its capacity is free again.
+fn apply_released(st: &mut State, node_id: &str, msg: &RunReleased) -> Effect {
+    if st.release_stale(node_id, &msg.run_id) {
+        return Effect::StoreAndPlace;
+    }
+    tracing::debug!(run_id = %msg.run_id, node_id, lease_epoch = msg.lease_epoch, "release of a run that held nothing");
+    Effect::Nothing
+}
+
+/// What applying a report left to do; a batch does the most any of its reports needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Effect {
+    /// Nothing staged (a re-sent report).
+    Nothing,
+    /// Store what was staged and send what was queued for agents.
+    Store,
+    /// The same, after a placement pass: capacity (a node's or a capped runner's) was freed.
+    StoreAndPlace,
+}
+
+/// A report about one run, which [`Scheduler::run_reports`] handles in batches.
+#[derive(Debug, Clone)]
+pub enum RunReport {
+    Started(RunStarted),
+    Exited(RunExited),
+    Released(RunReleased),
+}
+
+impl RunReport {
+    /// The report if it is about a run; any other is given back (moved, as the `Ok` is).
+    #[allow(clippy::result_large_err)]
+    pub fn from_report(report: AgentReport) -> Result<RunReport, AgentReport> {
+        match report {
+            AgentReport::RunStarted(m) => Ok(RunReport::Started(m)),
+            AgentReport::RunExited(m) => Ok(RunReport::Exited(m)),
+            AgentReport::RunReleased(m) => Ok(RunReport::Released(m)),
+            other => Err(other),
+        }
     }
 }
 

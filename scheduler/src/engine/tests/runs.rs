@@ -571,3 +571,134 @@ async fn log_pages_are_bounded_by_bytes_and_page_through_everything() {
         .expect("logs");
     assert_eq!((page.len(), more), (1, false));
 }
+
+/// A node's reports that arrive together are one operation: every run they end is stored in
+/// one write, with the placement of what waited for the capacity they free.
+#[tokio::test]
+async fn run_reports_that_arrive_together_are_stored_in_one_write() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    // Room for two runs of 1 GiB.
+    let mut node = attach(&s, register("fra-1", "fra", 2048, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let run = s
+            .create_run(P, &runner.id, RunOverrides::default())
+            .await
+            .expect("run");
+        runs.push(run.id);
+    }
+    let (a1, a2) = (next_assign(&mut node), next_assign(&mut node));
+    assert!(node.try_recv().is_err(), "the third run waits for room");
+    let revision = |id: String| {
+        let s = &s;
+        async move {
+            s.store
+                .get(&keys::run(&id))
+                .await
+                .expect("get")
+                .expect("stored")
+                .mod_revision
+        }
+    };
+    let waiting_before = revision(runs[2].clone()).await;
+
+    s.run_reports(
+        "fra-1",
+        vec![
+            RunReport::Started(started(&a1)),
+            RunReport::Exited(exited(&a1, 0, ExitReason::Exited)),
+            RunReport::Started(started(&a2)),
+            RunReport::Exited(exited(&a2, 3, ExitReason::Exited)),
+        ],
+    )
+    .await
+    .expect("reports");
+
+    let a3 = next_assign(&mut node);
+    assert_eq!(a3.run_id, runs[2], "the freed room went to the waiting run");
+    let ended = revision(a1.run_id.clone()).await;
+    assert!(ended > waiting_before);
+    assert_eq!(
+        revision(a2.run_id.clone()).await,
+        ended,
+        "one write ends both"
+    );
+    assert_eq!(
+        revision(a3.run_id.clone()).await,
+        ended,
+        "and places the waiting run"
+    );
+    let first = s.get_run(P, &runner.id, &a1.run_id).await.expect("get");
+    assert_eq!(
+        (first.status, first.exit_code),
+        (RunStatus::Succeeded, Some(0))
+    );
+    assert_eq!(
+        first.image_digest.as_deref(),
+        Some("sha256:abc"),
+        "its start is kept"
+    );
+    let second = s.get_run(P, &runner.id, &a2.run_id).await.expect("get");
+    assert_eq!(
+        (second.status, second.exit_code),
+        (RunStatus::Failed, Some(3))
+    );
+    s.assert_index_consistent().await;
+}
+
+/// A report in a batch that cannot be applied fails alone: the ones before it are stored (and
+/// may be acknowledged), the ones after it are left for the agent to send again.
+#[tokio::test]
+async fn a_batch_stops_at_a_report_that_fails_and_keeps_what_came_before() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    let mut node = attach(&s, register("fra-1", "fra", 4096, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let first = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let second = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let (a1, a2) = (next_assign(&mut node), next_assign(&mut node));
+    // A start after the run's end is fenced, not an error; an exit that asks the run to
+    // start failed *after* it started is one the lifecycle refuses.
+    s.run_started("fra-1", started(&a2)).await.expect("started");
+    let mut refused = exited(&a2, 0, ExitReason::StartFailed);
+    refused.error_code = Some(ErrorCode::NodeDraining);
+    let outcome = s
+        .run_reports(
+            "fra-1",
+            vec![
+                RunReport::Started(started(&a1)),
+                RunReport::Exited(refused),
+                RunReport::Exited(exited(&a1, 0, ExitReason::Exited)),
+            ],
+        )
+        .await;
+    match outcome {
+        Err((1, e)) => eprintln!("the second report failed: {e}"),
+        other => panic!("expected the second report to fail, got {other:?}"),
+    }
+    let run = s.get_run(P, &runner.id, &first.id).await.expect("get");
+    assert_eq!(run.status, RunStatus::Running, "the first report is stored");
+    let run = s.get_run(P, &runner.id, &second.id).await.expect("get");
+    assert_eq!(
+        run.status,
+        RunStatus::Running,
+        "the failed one changed nothing"
+    );
+    s.assert_index_consistent().await;
+}
