@@ -353,6 +353,15 @@ berth_stop_containerd() {
   fi
 }
 
+# berth_sweep_test_networks — release the run networks (namespaces, masquerading
+# rules, addresses) that earlier test runs' killed agents left behind; see
+# deploy/sweep-test-networks.py. Leaves running tests and deploy/up.sh fleets alone.
+berth_sweep_test_networks() {
+  local out
+  out="$(python3 "$BERTH_REPO/deploy/sweep-test-networks.py" 2>&1)" || berth_warn "sweeping test networks failed: $out"
+  [[ -z "$out" ]] || berth_log "$out"
+}
+
 # ---------------------------------------------------------------- registry
 
 # berth_registry_ping ADDR — true if a registry answers GET /v2/ at ADDR.

@@ -134,6 +134,8 @@ export BERTH_TEST_PACKAGES="$PKG_DIR"
 # ---------------------------------------------------------------- services
 trap cleanup EXIT
 berth_start_containerd "$DATA_DIR" >/dev/null
+# Once containerd has taken down what earlier test runs left running.
+berth_sweep_test_networks
 berth_start_registry "$DATA_DIR" "$REGISTRY_ADDR"
 berth_build_busybox_image "$REGISTRY_ADDR"
 python3 "$BERTH_REPO/deploy/format-images.py" "$REGISTRY_ADDR"

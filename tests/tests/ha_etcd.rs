@@ -16,7 +16,7 @@ mod common;
 #[path = "ha/history.rs"]
 mod history;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use berth_core::testkit::etcd::EtcdCluster;
 use berth_core::RunStatus;
 use common::{AgentSpec, Fleet, FleetOptions, TOKEN};
@@ -329,6 +329,21 @@ async fn settle(
 }
 
 /// `e` first (what a truncated CI excerpt shows), then the tails of the fleet's logs.
+/// Each run's record as the API shows it (status, error code and message, node, attempts):
+/// what a failure message needs to say why a run did not succeed.
+async fn explain(fleet: &Fleet, runner: &str, ids: &[&String]) -> String {
+    let mut out = String::new();
+    for id in ids.iter().take(10) {
+        match fleet.run(runner, id).await {
+            Ok(v) => out.push_str(&format!("\n  {id}: {v}")),
+            Err(e) => out.push_str(&format!("\n  {id}: (not read: {e:#})")),
+        }
+        out.push('\n');
+        out.push_str(&fleet.log_lines_about(id, 20));
+    }
+    out
+}
+
 fn with_logs(e: anyhow::Error, fleet: &Fleet) -> anyhow::Error {
     anyhow::anyhow!("{e:#}\n---- the fleet's logs (tails)\n{}", fleet.logs())
 }
@@ -343,10 +358,13 @@ async fn check_logs(
     for id in ids {
         let logs = fleet.all_logs(runner, id).await?;
         let lines = common::msgs(&logs, "stdout");
-        ensure!(
-            lines == expected,
-            "run {id}: stored lines {lines:?}, expected {expected:?}"
-        );
+        if lines != expected {
+            let run = explain(fleet, runner, &[id]).await;
+            bail!(with_logs(
+                anyhow::anyhow!("run {id}: stored lines {lines:?}, expected {expected:?}{run}"),
+                fleet
+            ));
+        }
         let ids: BTreeSet<u64> = logs.iter().filter_map(|l| l["id"].as_u64()).collect();
         ensure!(ids.len() == logs.len(), "run {id}: a line id repeats");
     }
@@ -453,11 +471,15 @@ async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()
         let failed: Vec<_> = finals
             .iter()
             .filter(|(_, s)| **s != RunStatus::Succeeded)
+            .map(|(id, _)| id)
             .collect();
-        ensure!(
-            failed.is_empty(),
-            "round {round}: runs did not succeed: {failed:?}"
-        );
+        if !failed.is_empty() {
+            let why = explain(&fleet, &runner, &failed).await;
+            bail!(with_logs(
+                anyhow::anyhow!("round {round}: {} runs did not succeed:{why}", failed.len()),
+                &fleet
+            ));
+        }
         ensure!(
             ids.len() == runs,
             "round {round}: {} of {runs} acknowledged",
@@ -507,8 +529,15 @@ async fn the_concurrency_cap_holds_across_a_failover() -> Result<()> {
     let failed: Vec<_> = finals
         .iter()
         .filter(|(_, s)| **s != RunStatus::Succeeded)
+        .map(|(id, _)| id)
         .collect();
-    ensure!(failed.is_empty(), "runs did not succeed: {failed:?}");
+    if !failed.is_empty() {
+        let why = explain(&fleet, &runner, &failed).await;
+        bail!(with_logs(
+            anyhow::anyhow!("{} runs did not succeed:{why}", failed.len()),
+            &fleet
+        ));
+    }
     let (held, ran) = common::caps::peaks(&fleet, &runner, &ids).await?;
     eprintln!("cap {CAP} across a failover: at most {held} held a node, {ran} ran at once");
     ensure!(

@@ -871,6 +871,24 @@ impl Fleet {
     }
 
     /// Every process's log, for failure messages.
+    /// The lines of the fleet's logs that mention `needle` (a run id, say), at most `max` per
+    /// file, each under its file's name.
+    pub fn log_lines_about(&self, needle: &str, max: usize) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    for l in text.lines().filter(|l| l.contains(needle)).take(max) {
+                        out.push_str(&format!("[{}] {l}\n", p.display()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
