@@ -12,7 +12,7 @@ use berth_core::RunStatus;
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_message::Body;
 use berth_proto::v1::scheduler_message::Body as Command;
-use common::{runner_spec, start, Session};
+use common::{register, runner_spec, start, Session};
 
 fn started(a: &pb::AssignRun) -> Body {
     Body::RunStarted(pb::RunStarted {
@@ -109,5 +109,72 @@ async fn a_burst_of_reports_is_acknowledged_up_to_the_one_that_failed() -> Resul
         )
         .await?;
     ensure!(status(a2.run_id.clone()).await? == RunStatus::Succeeded);
+    Ok(())
+}
+
+/// More reports at once than one operation takes (128): a node finishing 300 runs sends 600
+/// reports in one go; every run ends succeeded and the last report is acknowledged.
+#[tokio::test]
+async fn a_burst_larger_than_one_batch_is_handled_whole() -> Result<()> {
+    const RUNS: u64 = 300;
+    let f = start(None).await?;
+    let roomy = pb::Register {
+        total_memory_mib: RUNS * 512,
+        max_concurrent_runs: RUNS as u32,
+        ..register("fra-1")
+    };
+    let mut session = Session::attach_as(&f, None, roomy).await?;
+    let (runner, _) = f
+        .scheduler
+        .create_runner(
+            DEFAULT_PROJECT,
+            berth_core::RunnerSpec {
+                instance_type: "standard-xs".into(),
+                ..runner_spec("burst", "true")
+            },
+        )
+        .await?;
+    let mut assigned = Vec::new();
+    for _ in 0..RUNS {
+        f.scheduler
+            .create_run(DEFAULT_PROJECT, &runner.id, Default::default())
+            .await?;
+        match session.next_but_pins().await? {
+            Command::AssignRun(a) => assigned.push(a),
+            other => bail!("expected an assignment, got {other:?}"),
+        }
+    }
+    let burst = assigned.iter().flat_map(|a| {
+        [
+            started(a),
+            exited(a, pb::ExitReason::Exited, pb::ErrorCode::Unspecified),
+        ]
+    });
+    for (seq, body) in (1..).zip(burst) {
+        session.to_scheduler.send(pb::AgentMessage {
+            seq,
+            body: Some(body),
+        })?;
+    }
+    let last = 2 * RUNS;
+    loop {
+        match session.next_but_pins().await? {
+            Command::Ack(a) if a.up_to_seq >= last => break,
+            Command::Ack(_) => continue,
+            other => bail!("expected acknowledgements, got {other:?}"),
+        }
+    }
+    for a in &assigned {
+        let run = f
+            .scheduler
+            .get_run(DEFAULT_PROJECT, &runner.id, &a.run_id)
+            .await?;
+        ensure!(
+            run.status == RunStatus::Succeeded,
+            "{}: {:?}",
+            a.run_id,
+            run.status
+        );
+    }
     Ok(())
 }

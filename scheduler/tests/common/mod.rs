@@ -71,6 +71,20 @@ pub fn runner_spec(name: &str, command: &str) -> berth_core::RunnerSpec {
     }
 }
 
+/// What a test agent registers with: a node in fra with 4 GiB and 4 run slots.
+pub fn register(node_id: &str) -> pb::Register {
+    pb::Register {
+        node_id: node_id.to_owned(),
+        boot_id: "boot-1".to_owned(),
+        region: "fra".to_owned(),
+        total_memory_mib: 4096,
+        cpus: 2,
+        max_concurrent_runs: 4,
+        runtimes: vec!["runc".to_owned()],
+        ..Default::default()
+    }
+}
+
 /// An agent's session: what it sends, what it hears.
 pub struct Session {
     pub to_scheduler: mpsc::UnboundedSender<pb::AgentMessage>,
@@ -90,20 +104,23 @@ impl Session {
         node_id: &str,
         active_run_ids: Vec<String>,
     ) -> Result<Session> {
+        let register = pb::Register {
+            active_run_ids,
+            ..register(node_id)
+        };
+        Session::attach_as(f, credential, register).await
+    }
+
+    /// `attach`, registering with `register` (e.g. [`register`] with more room).
+    pub async fn attach_as(
+        f: &Fixture,
+        credential: Option<&str>,
+        register: pb::Register,
+    ) -> Result<Session> {
         let (to_scheduler, outbound) = mpsc::unbounded_channel();
         to_scheduler.send(pb::AgentMessage {
             seq: 0,
-            body: Some(Body::Register(pb::Register {
-                node_id: node_id.to_owned(),
-                boot_id: "boot-1".to_owned(),
-                region: "fra".to_owned(),
-                total_memory_mib: 4096,
-                cpus: 2,
-                max_concurrent_runs: 4,
-                runtimes: vec!["runc".to_owned()],
-                active_run_ids,
-                ..Default::default()
-            })),
+            body: Some(Body::Register(register)),
         })?;
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
         if let Some(credential) = credential {
