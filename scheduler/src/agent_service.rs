@@ -367,13 +367,8 @@ impl<S: Store> pb::agent_service_server::AgentService for AgentApi<S> {
                                     break;
                                 }
                             }
-                            Err((handled, e)) => {
-                                if let Some(&last) =
-                                    handled.checked_sub(1).and_then(|i| seqs.get(i))
-                                {
-                                    ack(last);
-                                }
-                                failed(seqs.get(handled).copied().unwrap_or(seq), e);
+                            Err(e) => {
+                                failed(seq, e);
                                 break;
                             }
                         }

@@ -31,6 +31,7 @@ pub const NODE_UP: &str = "berth_node_up";
 pub const NODE_DRAINING: &str = "berth_node_draining";
 pub const NODES_LOST: &str = "berth_nodes_lost_total";
 pub const LEASE_EXPIRATIONS: &str = "berth_lease_expirations_total";
+pub const REPORTS_REFUSED: &str = "berth_agent_reports_refused_total";
 
 /// How often the gauges are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -97,9 +98,15 @@ pub fn describe() {
         LEASE_EXPIRATIONS,
         "Runs ended node_lost: their node's lease expired while they ran."
     );
+    describe_counter!(
+        REPORTS_REFUSED,
+        "Reports about runs that contradicted the run's recorded state (e.g. a start refused \
+         after the run started): acknowledged and dropped, each logged with its run and node."
+    );
     // Series without labels exist from the start (at 0), so rates and alerts see them.
     counter!(NODES_LOST).increment(0);
     counter!(LEASE_EXPIRATIONS).increment(0);
+    counter!(REPORTS_REFUSED).increment(0);
 }
 
 /// Records a run's change as the engine stages it: `before` is its status and node until now
@@ -142,6 +149,10 @@ pub fn placement_pass(took: Duration) {
 
 pub fn node_lost() {
     counter!(NODES_LOST).increment(1);
+}
+
+pub fn report_refused() {
+    counter!(REPORTS_REFUSED).increment(1);
 }
 
 /// Samples the gauges every [`SAMPLE_EVERY`] for as long as the scheduler runs.

@@ -12,7 +12,7 @@ use berth_core::codes::ErrorCode;
 use berth_core::model::WarmupStatus;
 use berth_core::status::TIMEOUT_EXIT_CODE;
 use berth_core::store::Store;
-use berth_core::{now_unix_millis, RunStatus};
+use berth_core::{now_unix_millis, RunStatus, TransitionError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -118,8 +118,31 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn run_started(&self, node_id: &str, msg: RunStarted) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        let effect = self.apply_started(&mut st, node_id, msg)?;
+        let effect = self.apply_report(&mut st, node_id, RunReport::Started(msg));
         self.finish(st, effect).await
+    }
+
+    /// Applies one report about a run. A report the run's lifecycle refuses contradicts what
+    /// the record says (an agent asking to re-queue a run it already reported started, say):
+    /// sending it again cannot change that, and holding it would hold every report the node
+    /// sends after it. It is dropped — logged with its run and node, and counted
+    /// (`berth_agent_reports_refused_total`) — and counts as handled; the record stands.
+    fn apply_report(&self, st: &mut State, node_id: &str, report: RunReport) -> Effect {
+        let (run_id, kind) = match &report {
+            RunReport::Started(m) => (m.run_id.clone(), "run_started"),
+            RunReport::Exited(m) => (m.run_id.clone(), "run_exited"),
+            RunReport::Released(m) => (m.run_id.clone(), "run_released"),
+        };
+        let applied = match report {
+            RunReport::Started(m) => self.apply_started(st, node_id, m),
+            RunReport::Exited(m) => self.apply_exited(st, node_id, m),
+            RunReport::Released(m) => Ok(apply_released(st, node_id, &m)),
+        };
+        applied.unwrap_or_else(|refused| {
+            tracing::warn!(node_id, run_id = %run_id, report = kind, error = %refused, "a report contradicts the run's record; dropped");
+            crate::metrics::report_refused();
+            Effect::Nothing
+        })
     }
 
     fn apply_started(
@@ -127,7 +150,7 @@ impl<S: Store> Scheduler<S> {
         st: &mut State,
         node_id: &str,
         msg: RunStarted,
-    ) -> Result<Effect, SchedulerError> {
+    ) -> Result<Effect, TransitionError> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             // Ended, canceled or re-placed meanwhile: fence the stale lease.
@@ -151,16 +174,18 @@ impl<S: Store> Scheduler<S> {
 
     pub async fn run_exited(&self, node_id: &str, msg: RunExited) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        let effect = self.apply_exited(&mut st, node_id, msg)?;
+        let effect = self.apply_report(&mut st, node_id, RunReport::Exited(msg));
         self.finish(st, effect).await
     }
 
+    /// Only the run's lifecycle can refuse an exit: every change it stages comes after the
+    /// transitions that could fail, so a refused one leaves the state as it was.
     fn apply_exited(
         &self,
         st: &mut State,
         node_id: &str,
         msg: RunExited,
-    ) -> Result<Effect, SchedulerError> {
+    ) -> Result<Effect, TransitionError> {
         let current = st.leased(&msg.run_id, node_id, msg.lease_epoch);
         let Some(mut run) = current else {
             tracing::debug!(run_id = %msg.run_id, node_id, "exit report for a run that already ended");
@@ -266,40 +291,21 @@ impl<S: Store> Scheduler<S> {
     /// Reports about runs that one node sent together (its agent's outbox drains in bursts
     /// when the scheduler is busy), handled in order under one lock: their writes are stored
     /// as one operation (a run started and ended in the batch is written once), and what they
-    /// free is placed in one pass. `Err((handled, e))`: the reports before the `handled`-th
-    /// are stored, that one failed with `e` and the ones after it were not looked at.
+    /// free is placed in one pass. A report the run's lifecycle refuses is dropped (see
+    /// `apply_report`) and the rest of the batch goes on. Ok: every report is handled
+    /// and what they changed is durable; an error: none of them counts as handled.
     pub async fn run_reports(
         &self,
         node_id: &str,
         reports: Vec<RunReport>,
-    ) -> Result<(), (usize, SchedulerError)> {
+    ) -> Result<(), SchedulerError> {
         let mut st = self.state.lock().await;
-        let mut effect = Effect::Nothing;
-        let mut failure = None;
-        let mut handled = 0;
-        for report in reports {
-            let applied = match report {
-                RunReport::Started(m) => self.apply_started(&mut st, node_id, m),
-                RunReport::Exited(m) => self.apply_exited(&mut st, node_id, m),
-                RunReport::Released(m) => Ok(apply_released(&mut st, node_id, &m)),
-            };
-            match applied {
-                Ok(e) => {
-                    effect = effect.max(e);
-                    handled += 1;
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        // Nothing of the batch counts as handled unless what it staged is stored.
-        self.finish(st, effect).await.map_err(|e| (0, e))?;
-        match failure {
-            Some(e) => Err((handled, e)),
-            None => Ok(()),
-        }
+        let effect = reports
+            .into_iter()
+            .map(|report| self.apply_report(&mut st, node_id, report))
+            .max()
+            .unwrap_or(Effect::Nothing);
+        self.finish(st, effect).await
     }
 
     /// Ends an operation that applied reports: stores what they staged (placing first if one

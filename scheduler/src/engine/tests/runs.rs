@@ -655,7 +655,7 @@ async fn run_reports_that_arrive_together_are_stored_in_one_write() {
 /// A report in a batch that cannot be applied fails alone: the ones before it are stored (and
 /// may be acknowledged), the ones after it are left for the agent to send again.
 #[tokio::test]
-async fn a_batch_stops_at_a_report_that_fails_and_keeps_what_came_before() {
+async fn a_report_the_lifecycle_refuses_is_dropped_and_the_batch_goes_on() {
     let s = Scheduler::open(MemoryStore::new(), config())
         .await
         .expect("open");
@@ -673,32 +673,50 @@ async fn a_batch_stops_at_a_report_that_fails_and_keeps_what_came_before() {
         .await
         .expect("run");
     let (a1, a2) = (next_assign(&mut node), next_assign(&mut node));
-    // A start after the run's end is fenced, not an error; an exit that asks the run to
-    // start failed *after* it started is one the lifecycle refuses.
+    // An exit that asks to re-queue the run as refused at its start, *after* it started: the
+    // lifecycle refuses it (running → pending), and no re-send can change that.
     s.run_started("fra-1", started(&a2)).await.expect("started");
     let mut refused = exited(&a2, 0, ExitReason::StartFailed);
     refused.error_code = Some(ErrorCode::NodeDraining);
-    let outcome = s
-        .run_reports(
-            "fra-1",
-            vec![
-                RunReport::Started(started(&a1)),
-                RunReport::Exited(refused),
-                RunReport::Exited(exited(&a1, 0, ExitReason::Exited)),
-            ],
-        )
-        .await;
-    match outcome {
-        Err((1, e)) => eprintln!("the second report failed: {e}"),
-        other => panic!("expected the second report to fail, got {other:?}"),
-    }
+    let before = s.get_run(P, &runner.id, &second.id).await.expect("get");
+    s.run_reports(
+        "fra-1",
+        vec![
+            RunReport::Started(started(&a1)),
+            RunReport::Exited(refused.clone()),
+            RunReport::Exited(exited(&a1, 0, ExitReason::Exited)),
+        ],
+    )
+    .await
+    .expect("a refused report does not fail the batch");
     let run = s.get_run(P, &runner.id, &first.id).await.expect("get");
-    assert_eq!(run.status, RunStatus::Running, "the first report is stored");
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "the reports after the refused one are applied"
+    );
     let run = s.get_run(P, &runner.id, &second.id).await.expect("get");
     assert_eq!(
         run.status,
         RunStatus::Running,
-        "the failed one changed nothing"
+        "the refused one changed nothing"
     );
+    assert_eq!(run.pending_reason, before.pending_reason);
+    assert!(
+        s.list_nodes()
+            .await
+            .iter()
+            .all(|n| n.view.status == NodeState::Ready),
+        "nor did it mark the node as shutting down"
+    );
+    // Alone, it is dropped the same way; the run's real end still completes it.
+    s.run_exited("fra-1", refused)
+        .await
+        .expect("dropped, not failed");
+    s.run_exited("fra-1", exited(&a2, 0, ExitReason::Exited))
+        .await
+        .expect("exit");
+    let run = s.get_run(P, &runner.id, &second.id).await.expect("get");
+    assert_eq!(run.status, RunStatus::Succeeded);
     s.assert_index_consistent().await;
 }
