@@ -103,6 +103,12 @@ impl SecretKey {
         ))
     }
 
+    /// The length of what [`SecretKey::seal`] makes of `plaintext_len` bytes.
+    pub fn sealed_len(plaintext_len: usize) -> usize {
+        // Nonce (12) and tag (16) around the ciphertext, base64 (padded), after the prefix.
+        PREFIX_V2.len() + (plaintext_len + 28).div_ceil(3) * 4
+    }
+
     /// Opens what [`SecretKey::seal`] sealed for `context`. A `v1:` value (sealed by older
     /// builds, bound to nothing) still opens, whatever the context: the next write of its
     /// record seals it as `v2:`.
@@ -146,6 +152,16 @@ impl SecretKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stores count a sealed value at this length against their request limits.
+    #[test]
+    fn sealed_len_is_the_length_seal_makes() {
+        let key = SecretKey::generate();
+        for n in [0, 1, 2, 3, 4, 100, 1000, 4097, 65_536] {
+            let sealed = key.seal("runs/x", &vec![b'a'; n]).expect("seal");
+            assert_eq!(SecretKey::sealed_len(n), sealed.len(), "{n} bytes");
+        }
+    }
 
     #[test]
     fn seal_and_open_round_trip_without_the_plaintext_in_the_sealed_form() {

@@ -11,7 +11,8 @@
 //! - `active`: the store's index of runs that have not ended, kept by `stage` and read by
 //!   `open` (which builds it once for a store that predates it).
 //! - `idempotency`: when an idempotency key expires, and the sweep that deletes expired ones.
-//! - `runners`: runner CRUD and warmup requests.
+//! - `runners`: runner CRUD and warmup requests; `runner_cache`: the runners this term read or
+//!   wrote, so creating a run does not read its runner from the store.
 //! - `runs`: creating (idempotent, batched), reading, listing and stopping runs.
 //! - `logs`: storing reported log lines (redacted, once each, in expiring compressed chunks)
 //!   and reading them back a page at a time.
@@ -151,6 +152,8 @@ pub struct Scheduler<S> {
     enrolling: Mutex<()>,
     /// Counts revocations (a node revoked or removed); see [`RevocationMark`].
     revocations: std::sync::atomic::AtomicU64,
+    /// The runners read or written in this term (see `runner_cache`).
+    runners: runner_cache::RunnerCache,
 }
 
 /// Where the revocation count stood before a session's credential was checked. The check reads
@@ -353,6 +356,7 @@ impl<S: Store> Scheduler<S> {
             log_appends: logs::AppendLocks::default(),
             enrolling: Mutex::new(()),
             revocations: std::sync::atomic::AtomicU64::new(0),
+            runners: runner_cache::RunnerCache::default(),
         }))
     }
 
@@ -422,6 +426,7 @@ impl<S: Store> Scheduler<S> {
             &units,
             self.store.max_txn_ops(),
             self.store.max_txn_bytes(),
+            |op| op.bytes(&self.store),
         )
         .into_iter()
         .map(|t| Box::pin(self.store.submit(t)) as CommitFuture)
@@ -681,17 +686,19 @@ type CommitFuture =
 /// Splits `txn` into transactions of at most `max_ops` operations and `max_bytes` bytes, cutting
 /// only where a unit starts (`unit_starts`, ascending op indices). A unit larger than the limits
 /// stays whole (the store then refuses it). Order is kept.
-fn split_at_units(txn: Txn, unit_starts: &[usize], max_ops: usize, max_bytes: usize) -> Vec<Txn> {
+fn split_at_units(
+    txn: Txn,
+    unit_starts: &[usize],
+    max_ops: usize,
+    max_bytes: usize,
+    size: impl Fn(&berth_core::store::Op) -> usize,
+) -> Vec<Txn> {
     if txn.is_empty() {
         return Vec::new();
     }
-    let size = |op: &berth_core::store::Op| match op {
-        berth_core::store::Op::Put { key, value, .. } => key.len() + value.len(),
-        berth_core::store::Op::Delete { key, .. } => key.len(),
-    };
     // The common case (the embedded store has no limits) costs no pass over the writes.
     let within_bytes =
-        || max_bytes == usize::MAX || txn.ops.iter().map(size).sum::<usize>() <= max_bytes;
+        || max_bytes == usize::MAX || txn.ops.iter().map(&size).sum::<usize>() <= max_bytes;
     if txn.ops.len() <= max_ops && within_bytes() {
         return vec![txn];
     }
@@ -710,7 +717,7 @@ fn split_at_units(txn: Txn, unit_starts: &[usize], max_ops: usize, max_bytes: us
     for end in bounds {
         let unit: Vec<_> = ops.by_ref().take(end - start).collect();
         start = end;
-        let unit_bytes: usize = unit.iter().map(size).sum();
+        let unit_bytes: usize = unit.iter().map(&size).sum();
         let fits =
             current.ops.len() + unit.len() <= max_ops && current_bytes + unit_bytes <= max_bytes;
         if !fits && !current.is_empty() {
@@ -806,6 +813,7 @@ mod registries;
 mod removal;
 mod reports;
 mod retries;
+mod runner_cache;
 mod runners;
 mod runs;
 mod schedules;

@@ -12,6 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// mimalloc instead of the system allocator: every run the scheduler handles allocates its
+/// record, its encodings and its messages several times over, and glibc's malloc/free were a
+/// tenth of the scheduler's CPU under load (docs/BENCHMARKS.md, "A faster allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     berth_core::process::private_files();

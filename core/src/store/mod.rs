@@ -78,6 +78,18 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// [`Store::op_bytes`] of this operation.
+    pub fn bytes(&self, store: &impl Store) -> usize {
+        match self {
+            Op::Put {
+                key, value, expect, ..
+            } => store.op_bytes(key, Some(value.len()), *expect),
+            Op::Delete { key, expect } => store.op_bytes(key, None, *expect),
+        }
+    }
+}
+
 /// An all-or-nothing batch of writes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Txn {
@@ -193,9 +205,19 @@ pub trait Store: Send + Sync + 'static {
         usize::MAX
     }
 
-    /// The most bytes of keys and values one transaction may hold ([`usize::MAX`]: no limit).
+    /// The most bytes one transaction may hold ([`usize::MAX`]: no limit), each operation
+    /// counted by [`Store::op_bytes`].
     fn max_txn_bytes(&self) -> usize {
         usize::MAX
+    }
+
+    /// What one operation counts against [`Store::max_txn_bytes`]: a put of `value_len`
+    /// bytes at `key` (`None`: a delete), under `expect`. Its key and value by default; a
+    /// backend with a request limit counts what the operation adds to its request (framing,
+    /// the precondition's compare and read-back), a wrapper what it does to the value.
+    fn op_bytes(&self, key: &str, value_len: Option<usize>, expect: Expect) -> usize {
+        let _ = expect;
+        key.len() + value_len.unwrap_or(0)
     }
 
     /// Every key starting with `prefix`.

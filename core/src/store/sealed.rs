@@ -83,9 +83,21 @@ impl<S: Store> Store for SealedStore<S> {
         self.inner.max_txn_ops()
     }
 
-    /// Sealing grows a value (nonce, tag, encoding): leave half of the inner limit.
     fn max_txn_bytes(&self) -> usize {
-        self.inner.max_txn_bytes() / 2
+        self.inner.max_txn_bytes()
+    }
+
+    /// A sealed value is larger than the plaintext (nonce, tag, text encoding): counted at the
+    /// size the inner store will see.
+    fn op_bytes(&self, key: &str, value_len: Option<usize>, expect: super::Expect) -> usize {
+        let value_len = value_len.map(|n| {
+            if self.sealed(key) {
+                SecretKey::sealed_len(n)
+            } else {
+                n
+            }
+        });
+        self.inner.op_bytes(key, value_len, expect)
     }
 
     /// Seals every put under a sealed prefix, bound to its key. If sealing fails the whole

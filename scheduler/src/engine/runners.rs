@@ -2,6 +2,7 @@
 //! pipeline), and warmup requests, which pick a node and pin the runner's image there.
 
 use super::images::{restore_pin, take_pin, Pin};
+use super::runner_cache::Cached;
 use super::{committed, decode, encode, new_id, Scheduler, State};
 use crate::error::SchedulerError;
 use crate::placement::Demand;
@@ -47,8 +48,11 @@ impl<S: Store> Scheduler<S> {
             warmup: None,
         };
         let rev = self
-            .store
-            .commit(Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent))
+            .commit_runner(
+                &runner.id,
+                Some(&runner),
+                Txn::new().put(keys::runner(&runner.id), encode(&runner), Expect::Absent),
+            )
             .await?;
         tracing::info!(runner_id = %runner.id, project, name = %runner.spec.name, "runner created");
         let mut st = self.state.lock().await;
@@ -67,17 +71,14 @@ impl<S: Store> Scheduler<S> {
         project: &str,
         id: &str,
     ) -> Result<(Runner, u64), SchedulerError> {
-        let not_found = || SchedulerError::NotFound {
-            kind: "runner",
-            id: id.to_owned(),
-        };
-        let key = keys::runner(id);
-        let kv = self.store.get(&key).await?.ok_or_else(not_found)?;
-        let runner: Runner = decode(&key, &kv.value)?;
+        let (runner, revision) = self.load_runner(id).await?;
         if runner.project != project {
-            return Err(not_found());
+            return Err(SchedulerError::NotFound {
+                kind: "runner",
+                id: id.to_owned(),
+            });
         }
-        Ok((runner, kv.mod_revision))
+        Ok((runner, revision))
     }
 
     pub async fn list_runners(&self, project: &str) -> Result<Vec<(Runner, u64)>, SchedulerError> {
@@ -90,17 +91,40 @@ impl<S: Store> Scheduler<S> {
     }
 
     /// A runner whatever its project (for agents' reports, which name runners by id).
+    /// From this term's cache when it knows the runner (see `runner_cache`), else the store.
     pub(super) async fn load_runner(&self, id: &str) -> Result<(Runner, u64), SchedulerError> {
+        let not_found = || SchedulerError::NotFound {
+            kind: "runner",
+            id: id.to_owned(),
+        };
+        match self.runners.get(id) {
+            Cached::Found(runner, revision) => return Ok((Runner::clone(&runner), revision)),
+            Cached::Deleted => return Err(not_found()),
+            Cached::Unknown => {}
+        }
+        let generation = self.runners.generation();
         let key = keys::runner(id);
-        let kv = self
-            .store
-            .get(&key)
-            .await?
-            .ok_or_else(|| SchedulerError::NotFound {
-                kind: "runner",
-                id: id.to_owned(),
-            })?;
-        Ok((decode(&key, &kv.value)?, kv.mod_revision))
+        let kv = self.store.get(&key).await?.ok_or_else(not_found)?;
+        let runner: Runner = decode(&key, &kv.value)?;
+        self.runners.fill(generation, &runner, kv.mod_revision);
+        Ok((runner, kv.mod_revision))
+    }
+
+    /// Commits `txn`, a write of runner `id` (`runner`: its new record, None: its deletion),
+    /// and tells the cache: what was committed, or, when the write failed, that what it holds
+    /// of the runner may be stale (a conflict means the store has another version).
+    async fn commit_runner(
+        &self,
+        id: &str,
+        runner: Option<&Runner>,
+        txn: Txn,
+    ) -> Result<u64, berth_core::store::StoreError> {
+        let committed = self.store.commit(txn).await;
+        match &committed {
+            Ok(revision) => self.runners.wrote(id, runner, *revision),
+            Err(_) => self.runners.forget(id),
+        }
+        committed
     }
 
     /// Applies `change` to runner `id` and stores it, revision-checked: a runner changed
@@ -126,7 +150,7 @@ impl<S: Store> Scheduler<S> {
                 encode(&runner),
                 Expect::Revision(revision),
             );
-            match self.store.commit(put).await {
+            match self.commit_runner(id, Some(&runner), put).await {
                 Ok(_) => return Ok(true),
                 Err(berth_core::store::StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -197,12 +221,15 @@ impl<S: Store> Scheduler<S> {
             }
         }
         let rev = self
-            .store
-            .commit(Txn::new().put(
-                keys::runner(id),
-                encode(&runner),
-                Expect::Revision(revision),
-            ))
+            .commit_runner(
+                id,
+                Some(&runner),
+                Txn::new().put(
+                    keys::runner(id),
+                    encode(&runner),
+                    Expect::Revision(revision),
+                ),
+            )
             .await?;
         let mut st = self.state.lock().await;
         st.set_notify(id, runner.spec.notify.clone(), rev);
@@ -241,9 +268,12 @@ impl<S: Store> Scheduler<S> {
     /// Deletes the runner; its runs stay in the store (and running ones finish).
     pub async fn delete_runner(&self, project: &str, id: &str) -> Result<(), SchedulerError> {
         let (_, rev) = self.get_runner(project, id).await?;
-        self.store
-            .commit(Txn::new().delete(keys::runner(id), Expect::Revision(rev)))
-            .await?;
+        self.commit_runner(
+            id,
+            None,
+            Txn::new().delete(keys::runner(id), Expect::Revision(rev)),
+        )
+        .await?;
         tracing::info!(runner_id = %id, "runner deleted");
         let mut st = self.state.lock().await;
         self.set_warm_pin(&mut st, id, None);
@@ -318,12 +348,15 @@ impl<S: Store> Scheduler<S> {
             },
         });
         let stored = self
-            .store
-            .commit(Txn::new().put(
-                keys::runner(id),
-                encode(&runner),
-                Expect::Revision(revision),
-            ))
+            .commit_runner(
+                id,
+                Some(&runner),
+                Txn::new().put(
+                    keys::runner(id),
+                    encode(&runner),
+                    Expect::Revision(revision),
+                ),
+            )
             .await;
         let rev = match stored {
             Ok(rev) => rev,

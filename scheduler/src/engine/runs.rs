@@ -73,12 +73,15 @@ impl<S: Store> Scheduler<S> {
             }
         }
         let overrides = overrides.validate()?;
-        let image = self.runner_image(&runner.spec).await;
-        let mut run = self.new_run(&runner, &image, overrides)?;
-        // The claim leaves only in this answer: never in memory's or the store's record.
-        let claim = run.ephemeral.as_mut().and_then(|pin| pin.claim.take());
+        let claim;
         let (out, done) = {
+            // One lock for the whole creation: the image reference needs the registries.
             let mut st = self.state.lock().await;
+            let image =
+                super::registries::runner_image_in(&self.config, &st.registries, &runner.spec);
+            let mut run = self.new_run(&runner, &image, overrides)?;
+            // The claim leaves only in this answer: never in memory's or the store's record.
+            claim = run.ephemeral.as_mut().and_then(|pin| pin.claim.take());
             // The run's record, its files, its index entries and its idempotency key apply
             // together, however the operation's writes are split.
             st.open_unit();

@@ -9,21 +9,21 @@ use std::sync::Mutex as StdMutex;
 
 /// A shared in-memory store that records every read, so a test can see what `open` touched.
 #[derive(Clone, Default)]
-struct Watched {
+pub(super) struct Watched {
     inner: Arc<MemoryStore>,
     reads: Arc<StdMutex<Vec<String>>>,
 }
 
 impl Watched {
     /// The same data, with an empty read log.
-    fn reopened(&self) -> Watched {
+    pub(super) fn reopened(&self) -> Watched {
         Watched {
             inner: self.inner.clone(),
             reads: Arc::default(),
         }
     }
 
-    fn reads(&self) -> Vec<String> {
+    pub(super) fn reads(&self) -> Vec<String> {
         self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

@@ -126,7 +126,9 @@ fn splitting_keeps_units_whole_and_in_order() {
             })
             .collect()
     };
-    let parts = split_at_units(txn.clone(), &[2, 5, 6], 4, usize::MAX);
+    let store = MemoryStore::new();
+    let size = |op: &berth_core::store::Op| op.bytes(&store);
+    let parts = split_at_units(txn.clone(), &[2, 5, 6], 4, usize::MAX, size);
     let got: Vec<Vec<String>> = parts.iter().map(keys).collect();
     assert_eq!(
         got,
@@ -138,15 +140,15 @@ fn splitting_keeps_units_whole_and_in_order() {
     );
     // Within the limits: one transaction, untouched.
     assert_eq!(
-        split_at_units(txn.clone(), &[2, 5, 6], 100, usize::MAX),
+        split_at_units(txn.clone(), &[2, 5, 6], 100, usize::MAX, size),
         vec![txn.clone()]
     );
     // By bytes too (each op 12 bytes): at most 3 ops a part.
-    let parts = split_at_units(txn.clone(), &[1, 2, 3, 4, 5, 6, 7], usize::MAX, 36);
+    let parts = split_at_units(txn.clone(), &[1, 2, 3, 4, 5, 6, 7], usize::MAX, 36, size);
     assert!(parts.iter().all(|p| p.ops.len() <= 3));
     assert_eq!(parts.iter().map(|p| p.ops.len()).sum::<usize>(), 8);
     // A unit larger than the limit stays whole.
-    let parts = split_at_units(txn, &[5], 2, usize::MAX);
+    let parts = split_at_units(txn, &[5], 2, usize::MAX, size);
     assert_eq!(
         parts.iter().map(|p| p.ops.len()).collect::<Vec<_>>(),
         vec![5, 3]

@@ -30,6 +30,7 @@ mod queue;
 mod registries;
 mod removal;
 mod retries;
+mod runner_cache;
 mod runs;
 mod schedules;
 mod usage;
@@ -38,7 +39,7 @@ mod webhooks;
 /// The project every test acts in unless it says otherwise.
 const P: &str = berth_core::auth::DEFAULT_PROJECT;
 
-fn spec(region: &str, itype: &str) -> RunnerSpec {
+pub(super) fn spec(region: &str, itype: &str) -> RunnerSpec {
     RunnerSpec {
         name: "test-runner".into(),
         image_name: "busybox".into(),
