@@ -287,7 +287,10 @@ berth_start_containerd() {
     berth_spawn "$pidfile" "$logfile" containerd --config "$data/containerd/config.toml"
     for ((i = 0; i < 150; i++)); do
       berth_containerd_ping "$sock" && break
-      berth_pid_alive "$pidfile" containerd || berth_die "containerd exited during start-up" "$logfile"
+      # Alive by pid alone: the process was spawned a moment ago, so its pid cannot have been
+      # reused, and while it execs its /proc cmdline can read empty (the name check then failed
+      # and this killed a containerd that was starting normally).
+      berth_pid_alive "$pidfile" || berth_die "containerd exited during start-up" "$logfile"
       sleep 0.2
     done
     berth_containerd_ping "$sock" || berth_die "containerd did not answer on $sock within 30s" "$logfile"
@@ -423,7 +426,7 @@ EOF
   berth_spawn "$pidfile" "$logfile" /usr/bin/docker-registry serve "$conf"
   for ((i = 0; i < 100; i++)); do
     berth_registry_ping "$addr" && break
-    berth_pid_alive "$pidfile" docker-registry || berth_die "registry exited during start-up" "$logfile"
+    berth_pid_alive "$pidfile" || berth_die "registry exited during start-up" "$logfile"
     sleep 0.2
   done
   berth_registry_ping "$addr" || berth_die "registry did not answer on http://$addr/v2/ within 20s" "$logfile"
