@@ -4,7 +4,7 @@
 //! it belongs to (AEAD associated data); older builds wrote `v1:` without it.
 
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use std::path::Path;
 
@@ -13,6 +13,8 @@ const PREFIX_V1: &str = "v1:";
 /// Bound to a context (associated data).
 const PREFIX_V2: &str = "v2:";
 const NONCE_LEN: usize = 12;
+/// Poly1305's tag, after the ciphertext.
+const TAG_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -86,21 +88,19 @@ impl SecretKey {
     pub fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, SecretError> {
         let cipher = ChaCha20Poly1305::new(&self.0);
         let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let sealed = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: context.as_bytes(),
-                },
-            )
+        // Nonce, ciphertext (encrypted in place) and tag in one buffer, then its text form in
+        // one string.
+        let mut raw = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        raw.extend_from_slice(&nonce);
+        raw.extend_from_slice(plaintext);
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce, context.as_bytes(), &mut raw[NONCE_LEN..])
             .map_err(|_| SecretError::Seal)?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        Ok(format!(
-            "{PREFIX_V2}{}",
-            base64::engine::general_purpose::STANDARD.encode(out)
-        ))
+        raw.extend_from_slice(&tag);
+        let mut out = String::with_capacity(Self::sealed_len(plaintext.len()));
+        out.push_str(PREFIX_V2);
+        base64::engine::general_purpose::STANDARD.encode_string(&raw, &mut out);
+        Ok(out)
     }
 
     /// The length of what [`SecretKey::seal`] makes of `plaintext_len` bytes.

@@ -180,6 +180,11 @@ struct State {
     pending: Txn,
     /// Where each key's put sits in `pending`, so a key written twice is stored once.
     pending_at: HashMap<String, usize>,
+    /// Runs staged by the current operation that are still active, by id, with where their
+    /// record's put sits in `pending`: `flush` encodes each once, as it stands then, so a run
+    /// staged several times in one operation (created and placed, started and ended, or placed
+    /// and given a reason) costs one encoding.
+    deferred_runs: HashMap<String, usize>,
     /// Where each *unit* of `pending` starts (besides 0): the writes that must apply together
     /// (one run's record with its index entries). `flush` may split `pending` into several
     /// store transactions when it exceeds the store's limits (etcd: 127 operations), but only
@@ -415,6 +420,7 @@ impl<S: Store> Scheduler<S> {
     /// its messages' place in the send order, are fixed now (under the state lock); the
     /// returned receiver resolves once the write is durable and the messages are sent.
     fn flush(&self, st: &mut State) -> oneshot::Receiver<Result<(), SchedulerError>> {
+        st.encode_deferred_runs();
         let txn = std::mem::take(&mut st.pending);
         st.pending_at.clear();
         let units = std::mem::take(&mut st.unit_starts);
@@ -511,8 +517,17 @@ impl State {
                 self.hold_stale(node, &run.id, run.memory_mib);
             }
         }
-        // The engine is the only writer of run records: no precondition needed.
-        self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        // The engine is the only writer of run records: no precondition needed. A run that
+        // stays active is encoded by `flush`, once, as it stands then (see `deferred_runs`).
+        if run.status.is_terminal() {
+            self.deferred_runs.remove(&run.id);
+            self.write(keys::run(&run.id), encode(&run), Expect::Any);
+        } else {
+            let at = self.write(keys::run(&run.id), Vec::new(), Expect::Any);
+            if !self.deferred_runs.contains_key(&run.id) {
+                self.deferred_runs.insert(run.id.clone(), at);
+            }
+        }
         self.stage_active_index(&run, was_active);
         if run.status.is_terminal() && was_active {
             self.notify_end(&run);
@@ -585,16 +600,35 @@ impl State {
         self.unit_open = false;
     }
 
-    fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) {
+    /// Returns the put's place in `pending`.
+    fn write(&mut self, key: String, value: Vec<u8>, expect: Expect) -> usize {
         if let Some(&at) = self.pending_at.get(&key) {
             if let Some(berth_core::store::Op::Put { value: v, .. }) = self.pending.ops.get_mut(at)
             {
                 *v = value;
-                return;
+                return at;
             }
         }
-        self.pending_at.insert(key.clone(), self.pending.ops.len());
+        let at = self.pending.ops.len();
+        self.pending_at.insert(key.clone(), at);
         self.pending = std::mem::take(&mut self.pending).put(key, value, expect);
+        at
+    }
+
+    /// Encodes the records of the runs staged since the last flush that are still active, each
+    /// as it stands now, into their puts.
+    fn encode_deferred_runs(&mut self) {
+        for (id, at) in self.deferred_runs.drain() {
+            let run = self.active.get(&id);
+            match (run, self.pending.ops.get_mut(at)) {
+                (Some(run), Some(berth_core::store::Op::Put { value, .. })) => {
+                    *value = encode(run);
+                }
+                // `stage_one` keeps every deferred run in `active` (one that ends leaves the
+                // map and this list together), and puts are never removed from `pending`.
+                _ => tracing::error!(run_id = %id, "a staged run record was missing at flush"),
+            }
+        }
     }
 
     /// Stages a message to a connected node, sent once the operation's writes are durable. A

@@ -177,6 +177,19 @@ async fn deletes<S: Store>(s: &S) {
         kv.create_revision, again,
         "a re-created key has a new create revision"
     );
+    // Without a precondition: a present key goes, an absent one is no error, and the
+    // transaction's other writes apply.
+    s.commit(
+        Txn::new()
+            .delete("dl/a", Expect::Any)
+            .delete("dl/never", Expect::Any)
+            .put("dl/b", b"3".to_vec(), Expect::Absent),
+    )
+    .await
+    .expect("unconditional deletes");
+    assert!(s.get("dl/a").await.expect("get").is_none());
+    assert!(s.get("dl/never").await.expect("get").is_none());
+    assert!(s.get("dl/b").await.expect("get").is_some());
 }
 
 /// Transactions take their place in the commit order when `submit` is called, even if their

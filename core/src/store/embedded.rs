@@ -83,33 +83,57 @@ fn u64_at(raw: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// A stored value and its expiry (unix ms), if it has one.
-fn decode(key: &str, raw: &[u8]) -> Result<(KeyValue, Option<u64>), StoreError> {
-    let truncated = || backend(format!("value of {key} is truncated"));
-    if raw.len() < HEADER {
-        return Err(truncated());
-    }
-    let mod_revision = u64_at(raw, 0);
-    let create = u64_at(raw, 8);
-    let (create_revision, expires_at, body) = if create & EXPIRES_FLAG != 0 {
+/// A stored value's header: its revisions and expiry, and where its body starts.
+struct Header {
+    mod_revision: u64,
+    create_revision: u64,
+    expires_at: Option<u64>,
+    body_at: usize,
+}
+
+impl Header {
+    fn read(key: &str, raw: &[u8]) -> Result<Header, StoreError> {
+        let truncated = || backend(format!("value of {key} is truncated"));
+        if raw.len() < HEADER {
+            return Err(truncated());
+        }
+        let mod_revision = u64_at(raw, 0);
+        let create = u64_at(raw, 8);
+        if create & EXPIRES_FLAG == 0 {
+            return Ok(Header {
+                mod_revision,
+                create_revision: create,
+                expires_at: None,
+                body_at: HEADER,
+            });
+        }
         if raw.len() < HEADER + 8 {
             return Err(truncated());
         }
-        (
-            create & !EXPIRES_FLAG,
-            Some(u64_at(raw, HEADER)),
-            &raw[HEADER + 8..],
-        )
-    } else {
-        (create, None, &raw[HEADER..])
-    };
+        Ok(Header {
+            mod_revision,
+            create_revision: create & !EXPIRES_FLAG,
+            expires_at: Some(u64_at(raw, HEADER)),
+            body_at: HEADER + 8,
+        })
+    }
+
+    /// Whether the value has expired by `now`.
+    fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// A stored value and its expiry (unix ms), if it has one.
+fn decode(key: &str, raw: &[u8]) -> Result<(KeyValue, Option<u64>), StoreError> {
+    let header = Header::read(key, raw)?;
     let kv = KeyValue {
         key: key.to_owned(),
-        value: body.to_vec(),
-        mod_revision,
-        create_revision,
+        value: raw[header.body_at..].to_vec(),
+        mod_revision: header.mod_revision,
+        create_revision: header.create_revision,
     };
-    Ok((kv, expires_at))
+    Ok((kv, header.expires_at))
 }
 
 /// The key's value unless it has expired by `now`.
@@ -343,9 +367,14 @@ fn apply_one(
     let mut created = Vec::with_capacity(txn.ops.len());
     for op in &txn.ops {
         let (Op::Put { key, expect, .. } | Op::Delete { key, expect }) = op;
-        let existing = kv.get(key.as_str()).map_err(backend)?;
-        let existing = match existing {
-            Some(v) => decode_live(key, v.value(), now)?,
+        if matches!(op, Op::Delete { .. }) && *expect == super::Expect::Any {
+            // Nothing to check, and a deletion keeps no create revision.
+            created.push(None);
+            continue;
+        }
+        // Only the header is read: the value itself is not copied.
+        let existing = match kv.get(key.as_str()).map_err(backend)? {
+            Some(v) => Some(Header::read(key, v.value())?).filter(|h| !h.expired(now)),
             None => None,
         };
         if let Err(conflict) = check(key, *expect, existing.as_ref().map(|e| e.mod_revision)) {

@@ -29,7 +29,9 @@ impl State {
     /// says whether the run had not ended before this write.
     pub(super) fn stage_active_index(&mut self, run: &Run, was_active: bool) {
         match (was_active, run.status.is_terminal()) {
-            (false, false) => self.write(keys::active_run(&run.id), Vec::new(), Expect::Any),
+            (false, false) => {
+                self.write(keys::active_run(&run.id), Vec::new(), Expect::Any);
+            }
             (true, true) => self.delete(keys::active_run(&run.id)),
             // Still active (its entry stays), or ended already (it has none).
             _ => {}

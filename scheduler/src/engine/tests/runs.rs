@@ -720,3 +720,92 @@ async fn a_report_the_lifecycle_refuses_is_dropped_and_the_batch_goes_on() {
     assert_eq!(run.status, RunStatus::Succeeded);
     s.assert_index_consistent().await;
 }
+
+/// A run staged several times in one operation (created and placed; started; created and
+/// left waiting with a reason) is stored once per operation, as it stands when the operation
+/// is flushed: the stored record is the record in memory, never an earlier stage or an empty
+/// value.
+#[tokio::test]
+async fn a_run_staged_several_times_in_one_operation_is_stored_as_it_stands_at_the_flush() {
+    let s = Scheduler::open(MemoryStore::new(), config())
+        .await
+        .expect("open");
+    // Room for one run of 1 GiB.
+    let mut node = attach(&s, register("fra-1", "fra", 1024, &[])).await;
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let stored = |id: String| {
+        let s = &s;
+        async move {
+            let kv = s
+                .store
+                .get(&keys::run(&id))
+                .await
+                .expect("get")
+                .expect("stored");
+            let run: Run = decode(&kv.key, &kv.value).expect("a whole record");
+            (run, kv.mod_revision)
+        }
+    };
+    let in_memory = |id: String| {
+        let s = &s;
+        async move {
+            s.state
+                .lock()
+                .await
+                .active
+                .get(&id)
+                .cloned()
+                .expect("active")
+        }
+    };
+
+    // Created and placed in one operation.
+    let placed = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let a = next_assign(&mut node);
+    assert_eq!(a.run_id, placed.id);
+    let (record, _) = stored(placed.id.clone()).await;
+    assert_eq!(record.status, RunStatus::Pending);
+    assert_eq!(record.node_id.as_deref(), Some("fra-1"));
+    assert_eq!(record, in_memory(placed.id.clone()).await);
+
+    // Created and left waiting: the reason it waits is in the stored record too.
+    let waiting = s
+        .create_run(P, &runner.id, RunOverrides::default())
+        .await
+        .expect("run");
+    let (record, _) = stored(waiting.id.clone()).await;
+    assert_eq!(record.status, RunStatus::Pending);
+    assert!(record.pending_reason.is_some(), "{record:?}");
+    assert_eq!(record, in_memory(waiting.id.clone()).await);
+
+    // Started: one stage of an active run.
+    s.run_reports("fra-1", vec![RunReport::Started(started(&a))])
+        .await
+        .expect("reports");
+    let (record, _) = stored(placed.id.clone()).await;
+    assert_eq!(record.status, RunStatus::Running);
+    assert_eq!(record, in_memory(placed.id.clone()).await);
+
+    // Ended, which places the waiting run, in one write.
+    s.run_reports(
+        "fra-1",
+        vec![RunReport::Exited(exited(&a, 0, ExitReason::Exited))],
+    )
+    .await
+    .expect("reports");
+    let next = next_assign(&mut node);
+    assert_eq!(next.run_id, waiting.id);
+    let (ended, ended_at) = stored(placed.id.clone()).await;
+    assert_eq!(ended.status, RunStatus::Succeeded);
+    let (record, placed_at) = stored(waiting.id.clone()).await;
+    assert_eq!(placed_at, ended_at, "one write");
+    assert_eq!(record.status, RunStatus::Pending);
+    assert_eq!(record, in_memory(waiting.id.clone()).await);
+    s.assert_index_consistent().await;
+}
