@@ -385,6 +385,28 @@ fn check_history(history: &History, client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Every one of `n` creations acknowledged; if not, the error says what the API answered the
+/// others (the client's record of answers outside the model) and carries the fleet's logs.
+fn check_acknowledged(
+    ids: &[String],
+    n: usize,
+    client: &Client,
+    fleet: &Fleet,
+    what: &str,
+) -> Result<()> {
+    if ids.len() == n {
+        return Ok(());
+    }
+    Err(with_logs(
+        anyhow::anyhow!(
+            "{what}: {} of {n} acknowledged; answers outside the model: {:#?}",
+            ids.len(),
+            client.errors()
+        ),
+        fleet,
+    ))
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -480,11 +502,7 @@ async fn kill_9_of_the_leader_mid_burst_loses_and_doubles_nothing() -> Result<()
                 &fleet
             ));
         }
-        ensure!(
-            ids.len() == runs,
-            "round {round}: {} of {runs} acknowledged",
-            ids.len()
-        );
+        check_acknowledged(&ids, runs, &client, &fleet, &format!("round {round}"))?;
         check_logs(&fleet, &runner, &ids, &expected).await?;
         check_history(&history, &client)?;
     }
@@ -522,7 +540,7 @@ async fn the_concurrency_cap_holds_across_a_failover() -> Result<()> {
     };
     let now_leads = fleet.wait_leader(Duration::from_secs(30)).await?;
     ensure!(now_leads == 1 - leader, "slot {now_leads} leads");
-    ensure!(ids.len() == 150, "{} of 150 acknowledged", ids.len());
+    check_acknowledged(&ids, 150, &client, &fleet, "the burst across the kill")?;
     let finals = settle(&client, &ids, Duration::from_secs(300))
         .await
         .map_err(|e| with_logs(e, &fleet))?;
@@ -754,12 +772,13 @@ async fn etcd_outages_lose_nothing() -> Result<()> {
         Ok(())
     })
     .await?;
-    ensure!(
-        ids.len() == 150,
-        "only {} of 150 runs were acknowledged while etcd member {frozen} was frozen\n{}",
-        ids.len(),
-        fleet.logs()
-    );
+    check_acknowledged(
+        &ids,
+        150,
+        &client,
+        &fleet,
+        &format!("while etcd member {frozen} was frozen"),
+    )?;
     settle(&client, &ids, Duration::from_secs(180)).await?;
     check_logs(&fleet, &runner, &ids, &expected).await?;
     ensure!(

@@ -88,7 +88,12 @@ impl<S: Store> Scheduler<S> {
             if let Some(hash) = &hash {
                 if let Some(first) = st.idempotent_run(runner_id, hash, now, ttl) {
                     st.close_unit();
+                    // The first request's run may still be on its way to the store: flushing
+                    // nothing waits for everything flushed before (operations commit in order),
+                    // so the run is read once it is durable, not answered "not found".
+                    let earlier = self.flush(&mut st);
                     drop(st);
+                    committed(earlier).await?;
                     return Ok((self.get_run(project, runner_id, &first).await?, true));
                 }
                 st.stage_idempotency_key(runner_id, hash, &run.id, replaces);

@@ -164,3 +164,42 @@ async fn one_sweep_is_bounded_and_later_sweeps_finish_the_work() {
     assert_eq!(stored_keys(&s, keys::IDEMPOTENCY_EXPIRY).await, 0);
     assert_eq!(s.sweep_idempotency(later).await.expect("sweep"), 0);
 }
+
+/// Two requests with one key at once (a client that gave up on the first and sent it again): the
+/// second, arriving while the first's run is staged but not yet durable, replays that run once
+/// it is durable. It used to read the run from the store at once and answer "not found".
+#[tokio::test]
+async fn a_replay_of_a_run_still_on_its_way_to_the_store_waits_for_it() {
+    let store = super::logs::HeldCommits::default();
+    let s = Scheduler::open(store.clone(), config())
+        .await
+        .expect("open");
+    let (runner, _) = s
+        .create_runner(P, spec("fra", "standard-s"))
+        .await
+        .expect("runner");
+    let create = || {
+        let (s, id) = (s.clone(), runner.id.clone());
+        tokio::spawn(async move {
+            s.create_run_with_key(P, &id, RunOverrides::default(), Some("k"))
+                .await
+        })
+    };
+    store.hold();
+    let first = create();
+    while store.waiting().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = create();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !second.is_finished(),
+        "the replay answered before the first run was durable: {:?}",
+        second.await
+    );
+    store.release();
+    let (a, a_replayed) = first.await.expect("join").expect("first");
+    let (b, b_replayed) = second.await.expect("join").expect("the replay");
+    assert!(!a_replayed && b_replayed, "the second is the replay");
+    assert_eq!(a.id, b.id, "one run for one key");
+}

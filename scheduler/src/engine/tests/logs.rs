@@ -199,7 +199,7 @@ async fn concurrent_deliveries_of_one_batch_store_it_once() {
 /// A store whose commits, while held, wait unseen by reads until released, then are applied in
 /// the order they were submitted: commits on their way that are not durable yet.
 #[derive(Clone, Default)]
-struct HeldCommits {
+pub(super) struct HeldCommits {
     inner: Arc<MemoryStore>,
     #[allow(clippy::type_complexity)]
     held: Arc<
@@ -208,17 +208,17 @@ struct HeldCommits {
 }
 
 impl HeldCommits {
-    fn hold(&self) {
+    pub(super) fn hold(&self) {
         *self.held.lock().expect("lock") = Some(Vec::new());
     }
 
     /// Transactions waiting, and their operations.
-    fn waiting(&self) -> Vec<usize> {
+    pub(super) fn waiting(&self) -> Vec<usize> {
         let held = self.held.lock().expect("lock");
         held.iter().flatten().map(|(t, _)| t.ops.len()).collect()
     }
 
-    fn release(&self) {
+    pub(super) fn release(&self) {
         let held = self.held.lock().expect("lock").take();
         for (txn, done) in held.into_iter().flatten() {
             let result = futures::FutureExt::now_or_never(self.inner.submit(txn))
