@@ -736,18 +736,10 @@ async fn a_run_staged_several_times_in_one_operation_is_stored_as_it_stands_at_t
         .create_runner(P, spec("fra", "standard-s"))
         .await
         .expect("runner");
+    // The record as stored (decoded whole) and its revision.
     let stored = |id: String| {
         let s = &s;
-        async move {
-            let kv = s
-                .store
-                .get(&keys::run(&id))
-                .await
-                .expect("get")
-                .expect("stored");
-            let run: Run = decode(&kv.key, &kv.value).expect("a whole record");
-            (run, kv.mod_revision)
-        }
+        async move { s.load_run(&id).await.expect("stored, a whole record") }
     };
     let in_memory = |id: String| {
         let s = &s;
